@@ -1,0 +1,349 @@
+"""The audit as stages: prepare -> gradients (per shard) -> curvature -> validation ->
+scores (per shard) -> finalize. Each stage reads and writes the audit folder only, is
+idempotent, and skips finished work, so the same functions run in-process (`run_audit`)
+or as Celery tasks, in any process, after any crash.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+import torch
+
+from . import __version__
+from .batching import partition, rebatch_within
+from .data import Pair, load_batch, read_pairs
+from .errors import ConfigError
+from .gradients import loss_gradient, per_pair_gradients
+from .hessian import DampedInverse, default_damping, eigendecompose, fisher_sum
+from .manifest import Manifest, load_manifest
+from .models import LoadedModel, load_model, restrict_grad_to, select_theta
+from .projection import Projector
+from .scores import misalignment_score, pair_scores, ranking
+from .store import SCORE_FIELDS, AuditStore
+
+RANKED_COLUMNS = ("rank", "id", "image", "caption", "influence", "influence_pos", "influence_neg",
+                  "self_influence", "clip_score", "suspected")
+SUSPECT_Z = 3.5  # robust z-score of the misalignment score above which a pair is flagged
+
+
+@dataclass
+class Plan:
+    """What prepare decided; everything later stages need besides the arrays."""
+
+    manifest: dict
+    batch_size: int
+    n_batches: int
+    shard_batches: int
+    shards: int
+    dim: int
+    pairs_total: int
+    pairs_rejected: int
+    blocks: list[dict] = field(default_factory=list)
+
+    @property
+    def shard_rows(self) -> int:
+        return self.shard_batches * self.batch_size
+
+    def shard_batch_range(self, shard: int) -> range:
+        return range(shard * self.shard_batches, min(self.n_batches, (shard + 1) * self.shard_batches))
+
+
+class ModelCache:
+    """One loaded model (with theta and projector) per checkpoint, reused across shards."""
+
+    def __init__(self) -> None:
+        self._key: tuple | None = None
+        self._value: tuple[LoadedModel, list, Projector] | None = None
+
+    def get(self, manifest: Manifest) -> tuple[LoadedModel, list, Projector]:
+        key = (manifest.model_arch, json.dumps(manifest.model_config, sort_keys=True), manifest.checkpoint,
+               json.dumps(manifest.options.theta), json.dumps(manifest.options.projection, sort_keys=True))
+        if key != self._key:
+            loaded = load_model(manifest.model_arch, manifest.model_config, manifest.checkpoint)
+            theta = select_theta(loaded.model, manifest.options.theta)
+            restrict_grad_to(loaded.model, theta)
+            projector = Projector([n for n, _ in theta], [p.shape for _, p in theta],
+                                  manifest.options.projection_spec())
+            self._key, self._value = key, (loaded, [p for _, p in theta], projector)
+        return self._value
+
+
+# ---------------------------------------------------------------- folder helpers
+
+def _plan_path(audit_dir: Path) -> Path:
+    return Path(audit_dir) / "plan.json"
+
+
+def load_plan(audit_dir: str | Path) -> Plan:
+    return Plan(**json.loads(_plan_path(Path(audit_dir)).read_text()))
+
+
+def open_store(audit_dir: str | Path) -> AuditStore:
+    return AuditStore(str(Path(audit_dir) / "store.zarr"))
+
+
+def load_slots(audit_dir: str | Path) -> list[tuple[int, Pair]]:
+    """(row slot, pair) for every usable pair, in slot order."""
+    out = []
+    with (Path(audit_dir) / "pairs.jsonl").open(encoding="utf-8") as handle:
+        for line in handle:
+            row = json.loads(line)
+            out.append((row["slot"], Pair(row["id"], row["image"], row["caption"])))
+    return out
+
+
+def _manifest_of(plan: Plan) -> Manifest:
+    return load_manifest({k: v for k, v in plan.manifest.items() if k != "options"} |
+                         {"options": plan.manifest["options"]})
+
+
+# ---------------------------------------------------------------- stages
+
+def prepare(manifest: Manifest, audit_dir: str | Path) -> Plan:
+    """Validate rows, fix the partition, lay out slots and shards, preallocate the store."""
+    audit_dir = Path(audit_dir)
+    audit_dir.mkdir(parents=True, exist_ok=True)
+    if _plan_path(audit_dir).exists():
+        return load_plan(audit_dir)
+    o = manifest.options
+    pairs, rejected, all_ids = read_pairs(manifest.train)
+    if not pairs:
+        reasons = sorted({r.reason.split(":")[0] for r in rejected})
+        raise ConfigError("train", f"no usable rows ({len(rejected)} rejected: {'; '.join(reasons)})")
+    by_id = {p.id: p for p in pairs}
+    # The partition is taken over every id the model was trained on; rejected rows then leave their
+    # batches, exactly like the leave-out objective (batching.partition).
+    batches = partition(all_ids, o.batch_size, o.seed)
+    with (audit_dir / "pairs.jsonl").open("w", encoding="utf-8") as handle:
+        for b, batch in enumerate(batches):
+            for position, pair_id in enumerate(batch):
+                if pair_id in by_id:
+                    p = by_id[pair_id]
+                    handle.write(json.dumps({"slot": b * o.batch_size + position, "batch": b, "id": p.id,
+                                             "image": p.image, "caption": p.caption}) + "\n")
+    with (audit_dir / "rejected.csv").open("w", encoding="utf-8", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["row", "id", "reason"])
+        writer.writerows([(r.row, r.id, r.reason) for r in rejected])
+    projector = _shape_projector(manifest)
+    shards = -(-len(batches) // o.shard_batches)
+    plan = Plan(manifest=manifest.to_json(), batch_size=o.batch_size, n_batches=len(batches),
+                shard_batches=o.shard_batches, shards=shards, dim=projector.dim, pairs_total=len(all_ids),
+                pairs_rejected=len(rejected), blocks=[b.__dict__ for b in projector.blocks])
+    open_store(audit_dir).create(rows=shards * plan.shard_rows, dim=plan.dim, shard_rows=plan.shard_rows,
+                                 shards=shards, attrs={"ecif_core": __version__, "torch": torch.__version__,
+                                                       "manifest": manifest.to_json()})
+    _plan_path(audit_dir).write_text(json.dumps(plan.__dict__, indent=1))
+    return plan
+
+
+def _shape_projector(manifest: Manifest) -> Projector:
+    """The projector's layout from parameter shapes alone (meta device: no weights loaded)."""
+    from .models import build_model, resolve_model_config
+
+    with torch.device("meta"):
+        model = build_model(resolve_model_config(manifest.model_arch, manifest.model_config))
+    theta = select_theta(model, manifest.options.theta)
+    return Projector([n for n, _ in theta], [p.shape for _, p in theta], manifest.options.projection_spec())
+
+
+def _batches_of_shard(plan: Plan, slots: list[tuple[int, Pair]], shard: int) -> Iterator[list[tuple[int, Pair]]]:
+    batch_of = {}
+    for slot, pair in slots:
+        batch_of.setdefault(slot // plan.batch_size, []).append((slot, pair))
+    for b in plan.shard_batch_range(shard):
+        if b in batch_of:
+            yield batch_of[b]
+
+
+def shard_gradients(audit_dir: str | Path, shard: int, models: ModelCache | None = None) -> bool:
+    """Per-pair projected g_pos, g_neg for one shard; False when the shard was already done."""
+    plan, store = load_plan(audit_dir), open_store(audit_dir)
+    if store.is_done("gradients", shard):
+        return False
+    manifest = _manifest_of(plan)
+    loaded, params, projector = (models or ModelCache()).get(manifest)
+    o = manifest.options
+    rows = plan.shard_rows
+    start = shard * rows
+    out = {name: np.zeros((rows, plan.dim), np.float32) for name in ("pos", "neg")}
+    terms = {name: np.zeros(rows, np.float32) for name in ("pos_terms", "neg_terms", "clip_score")}
+    shard_pairs = [sp for batch in _batches_of_shard(plan, load_slots(audit_dir), shard) for sp in batch]
+    for r in range(o.partitions):
+        if r == 0:
+            groups = list(_batches_of_shard(plan, load_slots(audit_dir), shard))
+        else:
+            # Extra partitions re-batch the shard's own pairs (see README: "partitions").
+            groups = rebatch_within(shard_pairs, o.batch_size, seed=hash_seed(o.seed, r, shard))
+        for batch in groups:
+            if len(batch) < 2:
+                continue  # a lone pair has no in-batch negatives and a degenerate loss
+            images, tokens = load_batch([p for _, p in batch], loaded.preprocess, loaded.tokenizer)
+            result = per_pair_gradients(loaded.model, params, projector, images, tokens, o.neg_term, o.chunk)
+            local = np.array([slot - start for slot, _ in batch])
+            out["pos"][local] += result.pos.numpy() / o.partitions
+            out["neg"][local] += result.neg.numpy() / o.partitions
+            if r == 0:
+                terms["pos_terms"][local] = result.pos_terms.numpy()
+                terms["neg_terms"][local] = result.neg_terms.numpy()
+                terms["clip_score"][local] = result.clip_score.numpy()
+    store.write_rows("grads", start, out)
+    store.write_rows("terms", start, terms)
+    store.mark_done("gradients", shard)  # last: the completion marker
+    return True
+
+
+def hash_seed(*parts: int) -> int:
+    """A seed derived from several integers, stable across processes (unlike hash())."""
+    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1)[0])
+
+
+def curvature(audit_dir: str | Path) -> None:
+    """Eigendecomposition of sum_n g_pos g_pos^T (full, or per-layer blocks)."""
+    plan, store = load_plan(audit_dir), open_store(audit_dir)
+    if store.has("curvature/eigvals"):
+        return
+    missing = [s for s in range(plan.shards) if not store.is_done("gradients", s)]
+    if missing:
+        raise RuntimeError(f"curvature needs every gradient shard; missing {missing[:10]}")
+    chunks = (torch.from_numpy(store.read_rows("grads/pos", s * plan.shard_rows, (s + 1) * plan.shard_rows))
+              for s in range(plan.shards))
+    fisher = fisher_sum(chunks, plan.dim)
+    manifest = _manifest_of(plan)
+    from .projection import Block
+    blocks = [Block(**b) for b in plan.blocks] if manifest.options.curvature == "blocks" else None
+    eigvals, eigvecs = eigendecompose(fisher, blocks)
+    store.write_array("curvature/eigvecs", eigvecs.numpy())
+    store.write_array("curvature/eigvals", eigvals.numpy(), {"kind": manifest.options.curvature,
+                                                            "mean_eigenvalue": float(eigvals.mean())})
+
+
+def validation(audit_dir: str | Path, models: ModelCache | None = None) -> bool:
+    """Projected gradient of the mean validation loss; False when there is no validation set."""
+    plan, store = load_plan(audit_dir), open_store(audit_dir)
+    manifest = _manifest_of(plan)
+    if manifest.validation is None:
+        return False
+    if store.has("validation/grad"):
+        return True
+    loaded, params, projector = (models or ModelCache()).get(manifest)
+    pairs, rejected, all_ids = read_pairs(manifest.validation)
+    if not pairs:
+        raise ConfigError("validation", f"no usable rows ({len(rejected)} rejected)")
+    by_id = {p.id: p for p in pairs}
+    total, loss, count = torch.zeros(plan.dim, dtype=torch.float64), 0.0, 0
+    for batch_ids in partition(by_id, manifest.options.batch_size, manifest.options.seed):
+        if len(batch_ids) < 2:
+            continue
+        images, tokens = load_batch([by_id[i] for i in batch_ids], loaded.preprocess, loaded.tokenizer)
+        grad, batch_value = loss_gradient(loaded.model, params, projector, images, tokens)
+        total += grad.double()
+        loss += batch_value
+        count += len(batch_ids)
+    store.write_array("validation/grad", (total / count).numpy(), {"pairs": count, "loss": loss / count})
+    return True
+
+
+def inverse_for(plan: Plan, store: AuditStore, damping: float | None = None) -> DampedInverse:
+    """H^-1 with delta (weight decay) + lambda (damping) added now, not at curvature time."""
+    o = _manifest_of(plan).options
+    eigvals = torch.from_numpy(store.read_rows("curvature/eigvals"))
+    eigvecs = torch.from_numpy(store.read_rows("curvature/eigvecs"))
+    lam = damping if damping is not None else (o.damping if o.damping is not None
+                                                else default_damping(eigvals, o.damping_factor))
+    return DampedInverse(eigvals, eigvecs, o.weight_decay + lam)
+
+
+def shard_scores(audit_dir: str | Path, shard: int, damping: float | None = None) -> bool:
+    """IS / IS_pos / IS_neg / self-IS / Gram entries for one shard, into the store."""
+    plan, store = load_plan(audit_dir), open_store(audit_dir)
+    if store.is_done("scores", shard) and damping is None:
+        return False
+    inverse = inverse_for(plan, store, damping)
+    start, stop = shard * plan.shard_rows, (shard + 1) * plan.shard_rows
+    g_pos = torch.from_numpy(store.read_rows("grads/pos", start, stop))
+    g_neg = torch.from_numpy(store.read_rows("grads/neg", start, stop))
+    val = torch.from_numpy(store.read_rows("validation/grad")) if store.has("validation/grad") else None
+    scores = pair_scores(g_pos, g_neg, inverse, val)
+    store.write_rows("scores", start, {name: scores[name].numpy() for name in SCORE_FIELDS})
+    store.mark_done("scores", shard)
+    return True
+
+
+def collect_scores(audit_dir: str | Path) -> tuple[list[Pair], dict[str, np.ndarray]]:
+    """Usable pairs in slot order with their score and term columns."""
+    store = open_store(audit_dir)
+    slots = load_slots(audit_dir)
+    index = np.array([slot for slot, _ in slots])
+    columns = {name: store.read_rows(f"scores/{name}")[index] for name in SCORE_FIELDS}
+    for name in ("pos_terms", "neg_terms", "clip_score"):
+        columns[name] = store.read_rows(f"terms/{name}")[index]
+    return [p for _, p in slots], columns
+
+
+def suspected_flags(misalignment: np.ndarray, z: float = SUSPECT_Z) -> np.ndarray:
+    """Robust outliers of the misalignment score: (s - median) / (1.4826 MAD) > z."""
+    median = np.median(misalignment)
+    mad = 1.4826 * np.median(np.abs(misalignment - median))
+    if mad == 0:
+        return np.zeros_like(misalignment, dtype=bool)
+    return (misalignment - median) / mad > z
+
+
+def finalize(audit_dir: str | Path) -> Path:
+    """Rank every usable pair and write ranked.csv (rank 1 = most likely misaligned)."""
+    plan = load_plan(audit_dir)
+    o = _manifest_of(plan).options
+    pairs, cols = collect_scores(audit_dir)
+    score = misalignment_score({k: torch.from_numpy(v) for k, v in cols.items()}, o.rank_by).numpy()
+    order = ranking(torch.from_numpy(score)).numpy()
+    suspected = suspected_flags(score)
+    path = Path(audit_dir) / "ranked.csv"
+    with path.open("w", encoding="utf-8", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(RANKED_COLUMNS)
+        for rank, i in enumerate(order, start=1):
+            p = pairs[i]
+            writer.writerow([rank, p.id, p.image, p.caption, _fmt(cols["influence"][i]),
+                             _fmt(cols["influence_pos"][i]), _fmt(cols["influence_neg"][i]),
+                             _fmt(cols["self_influence"][i]), _fmt(cols["clip_score"][i]),
+                             "true" if suspected[i] else "false"])
+    return path
+
+
+def _fmt(value: float) -> str:
+    return "" if np.isnan(value) else repr(float(value))
+
+
+# ---------------------------------------------------------------- in-process pipeline
+
+Progress = Callable[[str, int, int], None]
+
+
+def run_audit(manifest: Manifest | str | Path, audit_dir: str | Path, progress: Progress | None = None) -> Path:
+    """All stages in order in this process (the embedded mode); returns ranked.csv."""
+    manifest = manifest if isinstance(manifest, Manifest) else load_manifest(manifest)
+    report = progress or (lambda stage, done, total: None)
+    started = time.perf_counter()
+    models = ModelCache()
+    plan = prepare(manifest, audit_dir)
+    for shard in range(plan.shards):
+        shard_gradients(audit_dir, shard, models)
+        report("gradients", shard + 1, plan.shards)
+    curvature(audit_dir)
+    report("curvature", 1, 1)
+    validation(audit_dir, models)
+    report("validation", 1, 1)
+    for shard in range(plan.shards):
+        shard_scores(audit_dir, shard)
+        report("scores", shard + 1, plan.shards)
+    path = finalize(audit_dir)
+    report("finalize", 1, 1)
+    (Path(audit_dir) / "timing.json").write_text(json.dumps({"audit_seconds": time.perf_counter() - started}))
+    return path

@@ -1,0 +1,127 @@
+"""Pair files (JSONL / CSV with id,image,caption), row validation and batch loading.
+
+Bad rows are recorded with a reason instead of failing the audit. Relative image paths
+resolve against the pair file's folder.
+"""
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator, Sequence
+
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from .errors import ConfigError
+
+MAX_CAPTION_CHARS = 2000
+
+
+@dataclass(frozen=True)
+class Pair:
+    id: str
+    image: str      # resolved path
+    caption: str
+
+
+@dataclass(frozen=True)
+class RejectedRow:
+    row: int        # 1-based data row number in the file
+    id: str
+    reason: str
+
+
+def read_pair_rows(path: str | Path) -> Iterator[tuple[int, dict]]:
+    """(row number, raw row) from a JSONL or CSV pair file, streamed."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError("train", f"pair file not found: {path}")
+    if path.suffix.lower() in (".jsonl", ".json"):
+        with path.open(encoding="utf-8") as handle:
+            for number, line in enumerate(handle, start=1):
+                if line.strip():
+                    try:
+                        yield number, json.loads(line)
+                    except json.JSONDecodeError as exc:
+                        yield number, {"__error__": f"invalid JSON ({exc.msg})"}
+    elif path.suffix.lower() in (".csv", ".tsv"):
+        delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
+        with path.open(encoding="utf-8", newline="") as handle:
+            for number, row in enumerate(csv.DictReader(handle, delimiter=delimiter), start=1):
+                yield number, row
+    else:
+        raise ConfigError("train", f"unsupported pair file type {path.suffix!r} (use .jsonl or .csv)")
+
+
+def read_pairs(path: str | Path, check_images: bool = True) -> tuple[list[Pair], list[RejectedRow], list[str]]:
+    """(usable pairs, rejected rows, every id in the file). Duplicate ids are an error."""
+    base = Path(path).resolve().parent
+    pairs, rejected, all_ids, seen = [], [], [], {}
+    for number, row in read_pair_rows(path):
+        pair_id = str(row.get("id") or "").strip()
+        if not pair_id:
+            pair_id = _stable_id(row)
+        if pair_id in seen:
+            raise ConfigError("train", f"duplicate id {pair_id!r} in rows {seen[pair_id]} and {number}")
+        seen[pair_id] = number
+        all_ids.append(pair_id)
+        reason = row.get("__error__") or _row_problem(row, base, check_images)
+        if reason:
+            rejected.append(RejectedRow(number, pair_id, reason))
+        else:
+            pairs.append(Pair(pair_id, str(_resolve(base, row["image"])), str(row["caption"]).strip()))
+    return pairs, rejected, all_ids
+
+
+def _stable_id(row: dict) -> str:
+    key = f"{row.get('image', '')}\x00{row.get('caption', '')}"
+    return "sha1-" + hashlib.sha1(key.encode()).hexdigest()[:16]
+
+
+def _resolve(base: Path, image: str) -> Path:
+    image = image[len("file://"):] if image.startswith("file://") else image
+    return (base / image).resolve()
+
+
+def _row_problem(row: dict, base: Path, check_images: bool) -> str | None:
+    """Why this row cannot be used, or None."""
+    caption, image = row.get("caption"), row.get("image")
+    if not isinstance(caption, str) or not caption.strip():
+        return "caption is empty or not text"
+    if len(caption) > MAX_CAPTION_CHARS:
+        return f"caption longer than {MAX_CAPTION_CHARS} characters"
+    if not isinstance(image, str) or not image.strip():
+        return "image is empty"
+    path = _resolve(base, image)
+    if not path.is_file():
+        return f"image not found: {path}"
+    if check_images:
+        try:
+            with Image.open(path) as img:
+                img.verify()
+        except (UnidentifiedImageError, OSError, SyntaxError) as exc:
+            return f"image cannot be decoded: {exc}"
+    return None
+
+
+def load_image(path: str) -> Image.Image:
+    with Image.open(path) as img:
+        return img.convert("RGB")
+
+
+def load_batch(pairs: Sequence[Pair], preprocess: Callable, tokenizer: Callable) -> tuple[torch.Tensor, torch.Tensor]:
+    """(images, tokens) tensors for a batch, with the model's own transform and tokenizer."""
+    images = torch.stack([preprocess(load_image(p.image)) for p in pairs])
+    return images, tokenizer([p.caption for p in pairs])
+
+
+def data_hash(pairs: Sequence[Pair]) -> str:
+    """Identity of a training set: ids, captions and image bytes, order independent."""
+    digest = hashlib.sha256()
+    for pair in sorted(pairs, key=lambda p: p.id):
+        digest.update(pair.id.encode() + b"\x00" + pair.caption.encode() + b"\x00")
+        digest.update(hashlib.sha256(Path(pair.image).read_bytes()).digest())
+    return digest.hexdigest()

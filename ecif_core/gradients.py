@@ -1,0 +1,83 @@
+"""Per-pair projected gradients g_pos(n), g_neg(n) of one batch (ECIF_MATH "Influence").
+
+Every Pos(n) and Neg(n) depends on all 2B embeddings of the batch. We take the Jacobian of
+the 2B per-pair terms with respect to the embeddings (cheap, embedding level), then push all
+2B cotangent sets back through the encoders in one batched backward (vmap via
+`is_grads_batched`), chunked to bound memory, and project each gradient as it appears.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from .losses import NegTerm, batch_loss, contrastive_terms, pair_logits
+from .projection import Projector
+
+
+@dataclass
+class BatchGradients:
+    """Projected per-pair gradients and the per-pair numbers that come for free with them."""
+
+    pos: torch.Tensor         # (B, k)  g_pos
+    neg: torch.Tensor         # (B, k)  g_neg
+    pos_terms: torch.Tensor   # (B,)    Pos(n)
+    neg_terms: torch.Tensor   # (B,)    Neg(n)
+    clip_score: torch.Tensor  # (B,)    cosine of the pair's own embeddings
+
+
+def embed(model: torch.nn.Module, images: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(text embeddings u, image embeddings v), unnormalised; normalisation lives in pair_logits."""
+    return model.encode_text(tokens), model.encode_image(images)
+
+
+def temperature_scale(model: torch.nn.Module) -> torch.Tensor:
+    """1/tau = logit_scale.exp(); fixed (not in theta), so detached."""
+    return model.logit_scale.detach().exp()
+
+
+def embedding_cotangents(text_emb: torch.Tensor, image_emb: torch.Tensor, scale: torch.Tensor,
+                         neg_term: NegTerm) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """d[Pos(1..B), Neg(1..B)] / d(u, v): shapes (2B, B, D) each, plus the 2B term values."""
+
+    def terms(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return torch.cat(contrastive_terms(pair_logits(u, v, scale), neg_term))
+
+    u, v = text_emb.detach(), image_emb.detach()
+    jac_u, jac_v = torch.func.jacrev(terms, argnums=(0, 1))(u, v)
+    return jac_u, jac_v, terms(u, v)
+
+
+def per_pair_gradients(model: torch.nn.Module, params: Sequence[torch.nn.Parameter], projector: Projector,
+                       images: torch.Tensor, tokens: torch.Tensor, neg_term: NegTerm = "exact",
+                       chunk: int = 32) -> BatchGradients:
+    """g_pos(n), g_neg(n) for every pair n of one batch, projected to (B, k) each."""
+    text_emb, image_emb = embed(model, images, tokens)
+    scale = temperature_scale(model)
+    jac_u, jac_v, values = embedding_cotangents(text_emb, image_emb, scale, neg_term)
+    rows = jac_u.shape[0]
+    projected = []
+    for start in range(0, rows, chunk):
+        stop = min(rows, start + chunk)
+        grads = torch.autograd.grad((text_emb, image_emb), list(params),
+                                    grad_outputs=(jac_u[start:stop], jac_v[start:stop]),
+                                    is_grads_batched=True, retain_graph=stop < rows, allow_unused=True)
+        grads = [torch.zeros((stop - start, *p.shape)) if g is None else g for g, p in zip(grads, params)]
+        projected.append(projector.project(grads))
+    flat = torch.cat(projected)
+    size = rows // 2
+    with torch.no_grad():
+        clip_score = torch.nn.functional.cosine_similarity(text_emb, image_emb, dim=-1)
+    return BatchGradients(pos=flat[:size], neg=flat[size:], pos_terms=values[:size].detach(),
+                          neg_terms=values[size:].detach(), clip_score=clip_score.detach())
+
+
+def loss_gradient(model: torch.nn.Module, params: Sequence[torch.nn.Parameter], projector: Projector,
+                  images: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """Projected gradient of one batch's contrastive loss (validation and test losses), and the loss."""
+    text_emb, image_emb = embed(model, images, tokens)
+    loss = batch_loss(pair_logits(text_emb, image_emb, temperature_scale(model)))
+    grads = torch.autograd.grad(loss, list(params), allow_unused=True)
+    grads = [torch.zeros_like(p) if g is None else g for g, p in zip(grads, params)]
+    return projector.project([g.unsqueeze(0) for g in grads])[0], float(loss.detach())

@@ -1,0 +1,63 @@
+"""Damped empirical-Fisher curvature in projected space (ECIF_MATH "Curvature in projected space").
+
+H ~ sum_n g_pos(n) g_pos(n)^T + (delta + lambda) I. We store the eigendecomposition of the
+undamped sum and add delta + lambda only when H^-1 is applied, so re-scoring with another
+damping needs no new gradients.
+"""
+from __future__ import annotations
+
+from typing import Iterable, Sequence
+
+import torch
+
+from .projection import Block
+
+
+def fisher_sum(gradient_chunks: Iterable[torch.Tensor], dim: int) -> torch.Tensor:
+    """sum_n g g^T over row chunks (R, k), accumulated in float64."""
+    total = torch.zeros(dim, dim, dtype=torch.float64)
+    for chunk in gradient_chunks:
+        g = chunk.to(torch.float64)
+        total += g.T @ g
+    return total
+
+
+def eigendecompose(fisher: torch.Tensor, blocks: Sequence[Block] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(eigvals, eigvecs) of the Fisher sum; with blocks, of its block-diagonal part (per layer).
+
+    The block option returns a block-diagonal eigenvector matrix, so scoring code is the same.
+    """
+    if blocks is None:
+        eigvals, eigvecs = torch.linalg.eigh(fisher)
+        return eigvals.clamp_min(0.0), eigvecs
+    eigvals = torch.zeros(fisher.shape[0], dtype=fisher.dtype)
+    eigvecs = torch.zeros_like(fisher)
+    for block in blocks:
+        part = slice(block.start, block.stop)
+        vals, vecs = torch.linalg.eigh(fisher[part, part])
+        eigvals[part], eigvecs[part, part] = vals.clamp_min(0.0), vecs
+    return eigvals, eigvecs
+
+
+def default_damping(eigvals: torch.Tensor, factor: float = 0.1) -> float:
+    """lambda = factor x mean eigenvalue (ECIF_MATH default 0.1)."""
+    return float(factor * eigvals.mean())
+
+
+class DampedInverse:
+    """Applies H^-1 = Q diag(1 / (e + delta + lambda)) Q^T, in float64."""
+
+    def __init__(self, eigvals: torch.Tensor, eigvecs: torch.Tensor, shift: float):
+        if shift <= 0 and float(eigvals.min()) <= 0:
+            raise ValueError("the curvature is singular: give a positive damping or weight decay")
+        self.eigvecs = eigvecs.to(torch.float64)
+        self.inv_eigvals = 1.0 / (eigvals.to(torch.float64) + shift)
+        self.shift = shift
+
+    def rotate(self, x: torch.Tensor) -> torch.Tensor:
+        """Q^T x for rows of x (..., k)."""
+        return x.to(torch.float64) @ self.eigvecs
+
+    def apply(self, x: torch.Tensor) -> torch.Tensor:
+        """H^-1 x for rows of x (..., k)."""
+        return (self.rotate(x) * self.inv_eigvals) @ self.eigvecs.T

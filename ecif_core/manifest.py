@@ -1,0 +1,166 @@
+"""The audit manifest: what to audit and how, resolved and validated in one place.
+
+{"model": {"config": "cfg.json" | "arch": "ViT-B-32", "checkpoint": "model.pt"},
+ "train": "train.jsonl", "validation": "val.jsonl" (optional), "options": {...}}
+Relative paths resolve against the manifest's folder; options left out come from the
+checkpoint's sidecar (written by ecif_core.train), then from the defaults below.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError
+from .losses import NEG_TERMS
+from .projection import ProjectionSpec
+from .scores import RANK_BY
+
+SIDECAR_SUFFIX = ".json"
+CURVATURE_KINDS = ("full", "blocks")
+
+
+@dataclass
+class AuditOptions:
+    batch_size: int = 32
+    seed: int = 0
+    neg_term: str = "exact"
+    damping: float | None = None          # lambda; None = damping_factor x mean eigenvalue
+    damping_factor: float = 0.1
+    weight_decay: float = 0.0             # delta of the training objective
+    projection: dict[str, Any] | None = field(default_factory=lambda: {"k_in": 16, "k_out": 16, "seed": 0})
+    theta: list[str] | None = None        # fnmatch patterns; None = default_theta_patterns
+    curvature: str = "full"
+    rank_by: str = "self_influence"
+    partitions: int = 1
+    shard_batches: int = 8
+    chunk: int = 64                       # cotangents per batched backward (memory bound)
+
+    def projection_spec(self) -> ProjectionSpec:
+        if self.projection is None:
+            return ProjectionSpec(None, None, 0)
+        return ProjectionSpec(self.projection.get("k_in"), self.projection.get("k_out"),
+                              int(self.projection.get("seed", 0)))
+
+
+@dataclass
+class Manifest:
+    train: str
+    validation: str | None
+    model_arch: str | None
+    model_config: str | dict | None
+    checkpoint: str | None
+    options: AuditOptions
+
+    def to_json(self) -> dict[str, Any]:
+        return {"train": self.train, "validation": self.validation,
+                "model": {"arch": self.model_arch, "config": self.model_config, "checkpoint": self.checkpoint},
+                "options": asdict(self.options)}
+
+
+_OPTION_TYPES: dict[str, tuple[type, ...]] = {
+    "batch_size": (int,), "seed": (int,), "neg_term": (str,), "damping": (int, float, type(None)),
+    "damping_factor": (int, float), "weight_decay": (int, float), "projection": (dict, type(None)),
+    "theta": (list, type(None)), "curvature": (str,), "rank_by": (str,), "partitions": (int,),
+    "shard_batches": (int,), "chunk": (int,),
+}
+
+
+def read_sidecar(checkpoint: str | Path | None) -> dict[str, Any]:
+    """The training sidecar next to a checkpoint, or {} when there is none."""
+    if checkpoint is None:
+        return {}
+    path = Path(str(checkpoint) + SIDECAR_SUFFIX)
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def load_manifest(source: str | Path | dict, base_dir: str | Path | None = None) -> Manifest:
+    """Parse, resolve paths, fill defaults from the sidecar, validate every option by name."""
+    if isinstance(source, (str, Path)):
+        path = Path(source)
+        if not path.is_file():
+            raise ConfigError("manifest", f"file not found: {path}")
+        try:
+            raw = json.loads(path.read_text())
+        except json.JSONDecodeError as exc:
+            raise ConfigError("manifest", f"not valid JSON ({exc})") from exc
+        base = Path(base_dir) if base_dir else path.resolve().parent
+    else:
+        raw, base = dict(source), Path(base_dir or ".").resolve()
+    if not isinstance(raw, dict):
+        raise ConfigError("manifest", "must be a JSON object")
+    unknown = set(raw) - {"model", "train", "validation", "options"}
+    if unknown:
+        raise ConfigError(sorted(unknown)[0], "unknown manifest field")
+    model = raw.get("model") or {}
+    if not isinstance(model, dict):
+        raise ConfigError("model", "must be an object")
+    unknown = set(model) - {"arch", "config", "checkpoint"}
+    if unknown:
+        raise ConfigError(f"model.{sorted(unknown)[0]}", "unknown model field")
+
+    def resolve(value: Any, name: str, required: bool) -> str | None:
+        if value is None:
+            if required:
+                raise ConfigError(name, "is required")
+            return None
+        if not isinstance(value, str) or not value:
+            raise ConfigError(name, "must be a path string")
+        return str((base / value).resolve())
+
+    checkpoint = resolve(model.get("checkpoint"), "model.checkpoint", False)
+    sidecar = read_sidecar(checkpoint)
+    config = model.get("config")
+    config = resolve(config, "model.config", False) if isinstance(config, str) else config
+    if model.get("arch") is None and config is None:
+        config = sidecar.get("model_config")
+        if config is None:
+            raise ConfigError("model", "give model.arch or model.config (no training sidecar found)")
+    options = _parse_options(raw.get("options") or {}, sidecar)
+    return Manifest(train=resolve(raw.get("train"), "train", True),
+                    validation=resolve(raw.get("validation"), "validation", False),
+                    model_arch=model.get("arch"), model_config=config, checkpoint=checkpoint, options=options)
+
+
+def _parse_options(raw: dict[str, Any], sidecar: dict[str, Any]) -> AuditOptions:
+    if not isinstance(raw, dict):
+        raise ConfigError("options", "must be an object")
+    known = {f.name for f in fields(AuditOptions)}
+    for name in raw:
+        if name not in known:
+            raise ConfigError(f"options.{name}", "unknown option")
+    values = {k: sidecar[k] for k in ("batch_size", "seed", "weight_decay") if k in sidecar}
+    values.update(raw)
+    for name, value in values.items():
+        if isinstance(value, bool) or not isinstance(value, _OPTION_TYPES[name]):
+            raise ConfigError(f"options.{name}", f"wrong type {type(value).__name__}")
+    options = AuditOptions(**values)
+    _check_option_values(options)
+    return options
+
+
+def _check_option_values(o: AuditOptions) -> None:
+    checks = [
+        ("batch_size", o.batch_size >= 2, "must be >= 2"),
+        ("neg_term", o.neg_term in NEG_TERMS, f"must be one of {NEG_TERMS}"),
+        ("damping", o.damping is None or o.damping >= 0, "must be >= 0"),
+        ("damping_factor", o.damping_factor >= 0, "must be >= 0"),
+        ("weight_decay", o.weight_decay >= 0, "must be >= 0"),
+        ("curvature", o.curvature in CURVATURE_KINDS, f"must be one of {CURVATURE_KINDS}"),
+        ("rank_by", o.rank_by in RANK_BY, f"must be one of {RANK_BY}"),
+        ("partitions", o.partitions >= 1, "must be >= 1"),
+        ("shard_batches", o.shard_batches >= 1, "must be >= 1"),
+        ("chunk", o.chunk >= 1, "must be >= 1"),
+    ]
+    for name, ok, message in checks:
+        if not ok:
+            raise ConfigError(f"options.{name}", message)
+    if o.projection is not None:
+        unknown = set(o.projection) - {"k_in", "k_out", "seed"}
+        if unknown:
+            raise ConfigError(f"options.projection.{sorted(unknown)[0]}", "unknown projection option")
+        for key in ("k_in", "k_out"):
+            value = o.projection.get(key)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+                raise ConfigError(f"options.projection.{key}", "must be a positive integer or null")

@@ -1,0 +1,84 @@
+"""The Zarr layout of one audit (ARCHITECTURE "Storage").
+
+Rows are slots: batch b owns rows [b*B, (b+1)*B), and a shard of S batches owns exactly one
+chunk of S*B rows. Different processes writing different shards therefore never share a
+chunk. Slots of pairs that are absent (rejected rows, a short last batch) stay zero.
+Completion is a per-shard uint8 array with one-element chunks, written after the data, so a
+retried shard whose marker is set is skipped and a half-written one is rewritten whole.
+"""
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import numpy as np
+import zarr
+
+STAGE_MARKERS = ("gradients", "scores")
+SCORE_FIELDS = ("influence", "influence_pos", "influence_neg", "self_influence",
+                "gram_pos_pos", "gram_pos_neg", "gram_neg_neg")
+TERM_FIELDS = ("pos_terms", "neg_terms", "clip_score")
+
+
+class AuditStore:
+    """Arrays of one audit under a local path or any fsspec URL."""
+
+    def __init__(self, url: str):
+        self.url = url
+        self.root = zarr.open_group(url, mode="a")
+
+    def create(self, rows: int, dim: int, shard_rows: int, shards: int, attrs: dict[str, Any]) -> None:
+        """Preallocate every per-row array (idempotent: an existing layout is kept if it matches)."""
+        if "grads" in self.root:
+            existing = self.root["grads/pos"]
+            if existing.shape == (rows, dim) and existing.chunks == (shard_rows, dim):
+                return
+            raise ValueError(f"store {self.url} holds another audit layout {existing.shape}")
+        for name in ("grads/pos", "grads/neg"):
+            self.root.create_array(name, shape=(rows, dim), chunks=(shard_rows, dim), dtype="float32",
+                                   fill_value=0.0, compressors=None)
+        for name in TERM_FIELDS:
+            self.root.create_array(f"terms/{name}", shape=(rows,), chunks=(shard_rows,), dtype="float32",
+                                   fill_value=0.0)
+        for name in SCORE_FIELDS:
+            self.root.create_array(f"scores/{name}", shape=(rows,), chunks=(shard_rows,), dtype="float64",
+                                   fill_value=np.nan)
+        for stage in STAGE_MARKERS:
+            self.root.create_array(f"done/{stage}", shape=(shards,), chunks=(1,), dtype="uint8", fill_value=0)
+        self.root.attrs.update({"rows": rows, "dim": dim, "shard_rows": shard_rows, "shards": shards, **attrs})
+
+    @property
+    def attrs(self) -> dict[str, Any]:
+        return dict(self.root.attrs)
+
+    def is_done(self, stage: str, shard: int) -> bool:
+        return bool(self.root[f"done/{stage}"][shard])
+
+    def mark_done(self, stage: str, shard: int) -> None:
+        self.root[f"done/{stage}"][shard] = 1
+
+    def done_count(self, stage: str) -> int:
+        return int(np.asarray(self.root[f"done/{stage}"][:]).sum())
+
+    def write_rows(self, group: str, start: int, values: dict[str, np.ndarray]) -> None:
+        """Write whole shard chunks of several arrays of one group."""
+        for name, value in values.items():
+            self.root[f"{group}/{name}"][start:start + len(value)] = value
+
+    def read_rows(self, path: str, start: int | None = None, stop: int | None = None) -> np.ndarray:
+        return np.asarray(self.root[path][start:stop])
+
+    def write_array(self, path: str, value: np.ndarray, attrs: dict[str, Any] | None = None) -> None:
+        """A small whole array (curvature factors, validation gradient), replaced atomically enough
+        for our use: readers only look after the stage that writes it has finished."""
+        array = self.root.create_array(path, shape=value.shape, dtype=value.dtype, overwrite=True,
+                                       chunks=value.shape if value.ndim else None, compressors=None)
+        array[...] = value
+        if attrs:
+            array.attrs.update(json.loads(json.dumps(attrs)))
+
+    def has(self, path: str) -> bool:
+        return path in self.root
+
+    def array_attrs(self, path: str) -> dict[str, Any]:
+        return dict(self.root[path].attrs)

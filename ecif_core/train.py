@@ -1,0 +1,127 @@
+"""Deterministic fine-tuning on the exact ECIF objective (ECIF_MATH "Setting").
+
+Objective: sum over the fixed seeded partition of L_batch + (delta/2)|theta|^2. Each step
+adds its share (|batch| / N) of the L2 term, so one epoch of steps sums to exactly that
+objective; the L2 is part of the loss rather than AdamW's decoupled decay so the trained
+model is a stationary point of the objective ECIF differentiates. The partition is the
+same every epoch (only the order of batches is reshuffled, which leaves the objective
+unchanged); `exclude` drops ids from their batches without re-partitioning, which is the
+leave-out model of ECIF. Writes a JSON sidecar next to the checkpoint.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+
+from .batching import partition
+from .data import data_hash, load_batch, read_pairs
+from .errors import ConfigError
+from .losses import batch_loss, pair_logits
+from .manifest import SIDECAR_SUFFIX
+from .models import load_model, resolve_model_config
+
+MAX_LOGIT_SCALE = math.log(100.0)
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 10
+    batch_size: int = 32
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    seed: int = 0
+    exclude: Sequence[str] = field(default_factory=tuple)
+    warmup_steps: int = 10
+    checkpoints: int = 0          # also save this many evenly spaced intermediate checkpoints (TracIn)
+
+
+@dataclass
+class TrainResult:
+    checkpoint: Path
+    sidecar: Path
+    epoch_seconds: list[float]
+    final_loss: float
+
+
+def train(data: str | Path, model_config: str | Path | dict, out: str | Path, cfg: TrainConfig,
+          init: str | Path | None = None, progress: Callable[[int, int, float], None] | None = None) -> TrainResult:
+    """Train (or fine-tune from `init`) and write out + out.json; returns timings for benchmarks."""
+    if cfg.epochs < 1 or cfg.batch_size < 2 or cfg.lr <= 0 or cfg.weight_decay < 0:
+        raise ConfigError("train", f"invalid training config {cfg}")
+    torch.manual_seed(cfg.seed)
+    model_cfg = resolve_model_config(config=model_config)
+    loaded = load_model(config=model_cfg, checkpoint=init, seed=cfg.seed)
+    model = loaded.model
+    pairs, rejected, all_ids = read_pairs(data)
+    by_id = {p.id: p for p in pairs}
+    excluded = set(cfg.exclude)
+    batches = [b for b in partition(all_ids, cfg.batch_size, cfg.seed, drop=excluded | {r.id for r in rejected})
+               if len(b) >= 2]
+    n_used = sum(len(b) for b in batches)
+    # Preprocessed tensors stay in memory: the trainer serves demos, benchmarks and retraining.
+    cached = [load_batch([by_id[i] for i in b], loaded.preprocess, loaded.tokenizer) for b in batches]
+    l2_params = [p for name, p in model.named_parameters() if name != "logit_scale"]
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
+    total_steps = cfg.epochs * len(batches)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _lr_factor(s, cfg.warmup_steps, total_steps))
+    order_rng = np.random.Generator(np.random.PCG64(cfg.seed + 1))
+    snapshots = _snapshot_epochs(cfg.epochs, cfg.checkpoints)
+    epoch_seconds, epoch_loss = [], float("nan")
+    model.train()
+    for epoch in range(cfg.epochs):
+        started, epoch_loss = time.perf_counter(), 0.0
+        for b in order_rng.permutation(len(batches)):
+            images, tokens = cached[b]
+            logits = pair_logits(model.encode_text(tokens), model.encode_image(images), model.logit_scale.exp())
+            loss = batch_loss(logits)
+            l2 = sum((p * p).sum() for p in l2_params)
+            objective = loss + 0.5 * cfg.weight_decay * l2 * (len(batches[b]) / n_used)
+            optimizer.zero_grad(set_to_none=True)
+            objective.backward()
+            optimizer.step()
+            schedule.step()
+            with torch.no_grad():
+                model.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
+            epoch_loss += float(loss.detach())
+        epoch_seconds.append(time.perf_counter() - started)
+        if progress:
+            progress(epoch + 1, cfg.epochs, epoch_loss / n_used)
+        if epoch + 1 in snapshots:
+            torch.save(model.state_dict(), _snapshot_path(Path(out), epoch + 1))
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(model.state_dict(), out)
+    sidecar = Path(str(out) + SIDECAR_SUFFIX)
+    sidecar.write_text(json.dumps({
+        "batch_size": cfg.batch_size, "seed": cfg.seed, "weight_decay": cfg.weight_decay, "epochs": cfg.epochs,
+        "lr": cfg.lr, "excluded": sorted(excluded), "pairs_used": n_used, "data": str(Path(data).resolve()),
+        "data_hash": data_hash(pairs), "model_config": model_cfg, "epoch_seconds": epoch_seconds,
+        "final_loss_per_pair": epoch_loss / n_used,
+        "checkpoints": [str(_snapshot_path(out, e)) for e in sorted(snapshots)],
+    }, indent=1))
+    return TrainResult(out, sidecar, epoch_seconds, epoch_loss / n_used)
+
+
+def _lr_factor(step: int, warmup: int, total: int) -> float:
+    """Linear warm-up then cosine decay to zero: ends near a minimum, as influence functions assume."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def _snapshot_epochs(epochs: int, count: int) -> set[int]:
+    if count <= 0:
+        return set()
+    return {max(1, round(epochs * (i + 1) / count)) for i in range(count)}
+
+
+def _snapshot_path(out: Path, epoch: int) -> Path:
+    return out.with_name(f"{out.stem}.epoch{epoch}{out.suffix}")
