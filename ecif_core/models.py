@@ -119,7 +119,10 @@ def load_model(arch: str | None = None, config: str | Path | dict | None = None,
     model = build_model(cfg, seed=seed)
     if checkpoint is not None:
         state = read_state_dict(checkpoint)
-        result = model.load_state_dict(state, strict=False)
+        try:
+            result = model.load_state_dict(state, strict=False)
+        except RuntimeError as exc:  # shape mismatches
+            raise ConfigError("model.checkpoint", f"does not match the model config: {exc}") from exc
         missing = [k for k in result.missing_keys if not k.endswith("attn_mask")]
         if missing or result.unexpected_keys:
             raise ConfigError("model.checkpoint", f"does not match the model config: missing "

@@ -1,0 +1,138 @@
+"""The staged audit: outputs, bad rows, idempotent shards, crash recovery, re-scoring."""
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from ecif_core import audit
+from ecif_core.datasets.digits import build_digits
+from ecif_core.errors import ConfigError
+from ecif_core.manifest import load_manifest
+from ecif_core.train import TrainConfig, train
+from tests.core.helpers import MICRO_CONFIG
+
+OPTIONS = {"projection": {"k_in": 4, "k_out": 4}, "shard_batches": 2}
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory) -> Path:
+    """Digits (64 train pairs, 25% shuffled), a micro CLIP trained 2 epochs, a manifest."""
+    root = tmp_path_factory.mktemp("audit")
+    data = build_digits(root / "data", fraction=0.25, seed=1, n_train=64, n_val=24, n_test=16)
+    (root / "cfg.json").write_text(json.dumps(MICRO_CONFIG))
+    train(data.train, root / "cfg.json", root / "model.pt",
+          TrainConfig(epochs=2, batch_size=8, lr=1e-3, weight_decay=1e-2, seed=1))
+    _write_manifest(root, "manifest.json", OPTIONS)
+    return root
+
+
+def _write_manifest(root: Path, name: str, options: dict, train: str = "data/train.jsonl",
+                    validation: str | None = "data/val.jsonl") -> Path:
+    manifest = {"model": {"config": "cfg.json", "checkpoint": "model.pt"}, "train": train, "options": options}
+    if validation:
+        manifest["validation"] = validation
+    (root / name).write_text(json.dumps(manifest))
+    return root / name
+
+
+def _rows(path: Path) -> list[dict]:
+    with path.open() as handle:
+        return list(csv.DictReader(handle))
+
+
+@pytest.fixture(scope="module")
+def finished(workspace) -> Path:
+    out = workspace / "run"
+    audit.run_audit(workspace / "manifest.json", out)
+    return out
+
+
+def test_ranked_csv_has_every_pair_once_in_rank_order(finished, workspace):
+    rows = _rows(finished / "ranked.csv")
+    assert list(rows[0]) == list(audit.RANKED_COLUMNS)
+    assert [int(r["rank"]) for r in rows] == list(range(1, 65))
+    assert len({r["id"] for r in rows}) == 64
+    self_inf = [float(r["self_influence"]) for r in rows]
+    assert self_inf == sorted(self_inf, reverse=True)  # default rank_by = self_influence
+    assert all(r["influence"] and r["influence_pos"] and r["influence_neg"] for r in rows)
+    for r in rows:
+        assert float(r["influence"]) == pytest.approx(float(r["influence_pos"]) + float(r["influence_neg"]), rel=1e-6, abs=1e-12)
+        assert -1.0 <= float(r["clip_score"]) <= 1.0
+        assert r["suspected"] in ("true", "false")
+
+
+def test_partition_comes_from_the_sidecar(finished):
+    plan = audit.load_plan(finished)
+    assert plan.batch_size == 8 and plan.manifest["options"]["seed"] == 1
+    assert plan.manifest["options"]["weight_decay"] == pytest.approx(1e-2)
+
+
+def test_finished_shards_are_skipped_and_a_half_written_shard_is_redone(finished, workspace, tmp_path):
+    assert audit.shard_gradients(finished, 0) is False  # a redelivered task does nothing
+    copy = tmp_path / "copy"
+    shutil.copytree(finished, copy)
+    store = audit.open_store(copy)
+    rows = audit.load_plan(copy).shard_rows
+    # Simulate a worker killed mid-shard: garbage in the chunk and no completion marker.
+    store.root["done/gradients"][1] = 0
+    store.root["grads/pos"][rows:2 * rows] = np.full((rows, store.attrs["dim"]), 7.0, np.float32)
+    assert audit.shard_gradients(copy, 1) is True
+    np.testing.assert_array_equal(store.read_rows("grads/pos"), audit.open_store(finished).read_rows("grads/pos"))
+
+
+def test_rescoring_with_new_damping_reuses_gradients(finished, tmp_path):
+    copy = tmp_path / "copy"
+    shutil.copytree(finished, copy)
+    before = audit.open_store(copy).read_rows("scores/influence")
+    grads = audit.open_store(copy).read_rows("grads/neg")
+    for shard in range(audit.load_plan(copy).shards):
+        audit.shard_scores(copy, shard, damping=1e3)
+    after = audit.open_store(copy).read_rows("scores/influence")
+    valid = ~np.isnan(before)
+    assert np.abs(after[valid]).sum() < np.abs(before[valid]).sum()
+    np.testing.assert_array_equal(grads, audit.open_store(copy).read_rows("grads/neg"))
+
+
+def test_bad_rows_are_rejected_with_reasons_and_the_rest_is_audited(workspace, tmp_path):
+    lines = (workspace / "data" / "train.jsonl").read_text().splitlines()[:40]
+    (workspace / "data" / "broken.png").write_bytes(b"not a png at all")
+    extra = [{"id": "no-image", "image": "images/missing.png", "caption": "a photo of the digit one"},
+             {"id": "empty-caption", "image": json.loads(lines[0])["image"], "caption": "  "},
+             {"id": "corrupt", "image": "broken.png", "caption": "a photo of the digit two"}]
+    (workspace / "data" / "bad.jsonl").write_text("\n".join(lines + [json.dumps(e) for e in extra]) + "\n{oops\n")
+    manifest = _write_manifest(workspace, "bad.json", OPTIONS, train="data/bad.jsonl", validation=None)
+    ranked = audit.run_audit(manifest, tmp_path / "bad")
+    rejected = {r["id"]: r["reason"] for r in _rows(tmp_path / "bad" / "rejected.csv")}
+    assert rejected["no-image"].startswith("image not found")
+    assert rejected["empty-caption"] == "caption is empty or not text"
+    assert rejected["corrupt"].startswith("image cannot be decoded")
+    assert any("invalid JSON" in reason for reason in rejected.values())
+    rows = _rows(ranked)
+    assert len(rows) == 40 and not set(rejected) & {r["id"] for r in rows}
+    assert all(r["influence"] == "" for r in rows)  # no validation set: self-influence only
+
+
+def test_every_row_rejected_fails_with_the_reason(workspace, tmp_path):
+    (workspace / "data" / "allbad.jsonl").write_text(json.dumps({"id": "x", "image": "nope.png", "caption": "a"}) + "\n")
+    manifest = _write_manifest(workspace, "allbad.json", OPTIONS, train="data/allbad.jsonl", validation=None)
+    with pytest.raises(ConfigError, match="no usable rows.*image not found"):
+        audit.run_audit(manifest, tmp_path / "allbad")
+
+
+@pytest.mark.parametrize("options,field", [({"bogus": 1}, "options.bogus"), ({"batch_size": "32"}, "options.batch_size"),
+                                           ({"neg_term": "published"}, "options.neg_term"),
+                                           ({"projection": {"k": 3}}, "options.projection.k")])
+def test_manifest_errors_name_the_field(workspace, options, field):
+    with pytest.raises(ConfigError) as error:
+        load_manifest(_write_manifest(workspace, "m.json", options))
+    assert error.value.field == field
+
+
+def test_first_order_and_paper_neg_terms_run_and_differ(workspace, tmp_path, finished):
+    exact = {r["id"]: float(r["influence_neg"]) for r in _rows(finished / "ranked.csv")}
+    manifest = _write_manifest(workspace, "fo.json", {**OPTIONS, "neg_term": "first_order"})
+    first_order = {r["id"]: float(r["influence_neg"]) for r in _rows(audit.run_audit(manifest, tmp_path / "fo"))}
+    assert first_order.keys() == exact.keys() and first_order != exact

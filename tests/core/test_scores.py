@@ -1,0 +1,80 @@
+"""IS, self-IS, Gram entries and relative-IS against direct linear algebra (torch.linalg.solve)."""
+import torch
+
+from ecif_core.hessian import DampedInverse, default_damping, eigendecompose, fisher_sum
+from ecif_core.projection import Block
+from ecif_core.scores import misalignment_score, pair_scores, ranking, relative_is
+
+
+def _problem(seed: int = 0, n: int = 30, k: int = 12):
+    g = torch.Generator().manual_seed(seed)
+    g_pos, g_neg = torch.randn(n, k, generator=g, dtype=torch.float64), torch.randn(n, k, generator=g, dtype=torch.float64)
+    return g_pos, g_neg, torch.randn(k, generator=g, dtype=torch.float64)
+
+
+def test_pair_scores_match_direct_solves():
+    g_pos, g_neg, val = _problem()
+    eigvals, eigvecs = eigendecompose(fisher_sum([g_pos], g_pos.shape[1]))
+    shift = 0.7
+    h = g_pos.T @ g_pos + shift * torch.eye(g_pos.shape[1], dtype=torch.float64)
+    scores = pair_scores(g_pos, g_neg, DampedInverse(eigvals, eigvecs, shift), val)
+    d_pos, d_neg = torch.linalg.solve(h, g_pos.T).T, torch.linalg.solve(h, g_neg.T).T
+    torch.testing.assert_close(scores["influence_pos"], d_pos @ val)
+    torch.testing.assert_close(scores["influence_neg"], d_neg @ val)
+    torch.testing.assert_close(scores["influence"], (d_pos + d_neg) @ val)
+    torch.testing.assert_close(scores["self_influence"], (g_pos * (d_pos + d_neg)).sum(1))
+    torch.testing.assert_close(scores["gram_pos_neg"], (d_pos * d_neg).sum(1))
+    torch.testing.assert_close(scores["gram_neg_neg"], (d_neg * d_neg).sum(1))
+
+
+def test_without_validation_influence_is_nan_and_self_influence_ranks():
+    g_pos, g_neg, _ = _problem(1)
+    eigvals, eigvecs = eigendecompose(fisher_sum([g_pos], g_pos.shape[1]))
+    scores = pair_scores(g_pos, g_neg, DampedInverse(eigvals, eigvecs, default_damping(eigvals)), None)
+    assert torch.isnan(scores["influence"]).all()
+    order = ranking(misalignment_score(scores, "self_influence"))
+    assert torch.equal(order, torch.argsort(scores["self_influence"], descending=True, stable=True))
+
+
+def test_relative_is_is_length_of_projection_onto_the_two_directions():
+    g_pos, g_neg, test = _problem(2)
+    eigvals, eigvecs = eigendecompose(fisher_sum([g_pos], g_pos.shape[1]))
+    inverse = DampedInverse(eigvals, eigvecs, 0.3)
+    scores = pair_scores(g_pos, g_neg, inverse, test)
+    got = relative_is(scores["influence_pos"], scores["influence_neg"], scores["gram_pos_pos"],
+                      scores["gram_pos_neg"], scores["gram_neg_neg"])
+    d_pos, d_neg = inverse.apply(g_pos), inverse.apply(g_neg)
+    for n in range(len(g_pos)):
+        basis = torch.stack([d_pos[n], d_neg[n]], dim=1)
+        coef = torch.linalg.lstsq(basis, test.unsqueeze(1)).solution
+        assert abs(float(got[n] - (basis @ coef).norm())) < 1e-8
+
+
+def test_relative_is_parallel_directions_take_the_documented_fallback():
+    direction = torch.tensor([1.0, 2.0, -1.0], dtype=torch.float64)
+    test = torch.tensor([0.5, -1.0, 3.0], dtype=torch.float64)
+    for d_neg in (3.0 * direction, torch.zeros(3, dtype=torch.float64)):  # parallel, and one zero direction
+        a = torch.stack([test @ direction, test @ d_neg]).unsqueeze(1)
+        got = relative_is(a[0], a[1], (direction @ direction).reshape(1), (direction @ d_neg).reshape(1),
+                          (d_neg @ d_neg).reshape(1))
+        expected = abs(float(test @ direction)) / float(direction.norm())
+        assert abs(float(got[0]) - expected) < 1e-12
+
+
+def test_block_curvature_is_block_diagonal():
+    g_pos, _, _ = _problem(3, k=6)
+    fisher = fisher_sum([g_pos], 6)
+    blocks = [Block("a", 0, 2), Block("b", 2, 6)]
+    eigvals, eigvecs = eigendecompose(fisher, blocks)
+    rebuilt = eigvecs @ torch.diag(eigvals) @ eigvecs.T
+    expected = torch.zeros_like(fisher)
+    expected[:2, :2], expected[2:, 2:] = fisher[:2, :2], fisher[2:, 2:]
+    torch.testing.assert_close(rebuilt, expected)
+
+
+def test_damping_is_applied_at_use_time():
+    g_pos, g_neg, val = _problem(4)
+    eigvals, eigvecs = eigendecompose(fisher_sum([g_pos], g_pos.shape[1]))
+    weak = pair_scores(g_pos, g_neg, DampedInverse(eigvals, eigvecs, 0.01), val)["influence"]
+    strong = pair_scores(g_pos, g_neg, DampedInverse(eigvals, eigvecs, 100.0), val)["influence"]
+    assert weak.abs().mean() > strong.abs().mean()
