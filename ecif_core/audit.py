@@ -24,6 +24,7 @@ from .hessian import DampedInverse, default_damping, eigendecompose, fisher_sum
 from .manifest import Manifest, load_manifest
 from .models import LoadedModel, load_model, restrict_grad_to, select_theta
 from .projection import Projector
+from .runtime import flush_denormals
 from .scores import misalignment_score, pair_scores, ranking
 from .store import SCORE_FIELDS, AuditStore
 
@@ -169,18 +170,26 @@ def shard_gradients(audit_dir: str | Path, shard: int, models: ModelCache | None
         return False
     manifest = _manifest_of(plan)
     loaded, params, projector = (models or ModelCache()).get(manifest)
-    o = manifest.options
-    rows = plan.shard_rows
-    start = shard * rows
+    rows, start = plan.shard_rows, shard * plan.shard_rows
     out = {name: np.zeros((rows, plan.dim), np.float32) for name in ("pos", "neg")}
     terms = {name: np.zeros(rows, np.float32) for name in ("pos_terms", "neg_terms", "clip_score")}
-    shard_pairs = [sp for batch in _batches_of_shard(plan, load_slots(audit_dir), shard) for sp in batch]
+    batches = list(_batches_of_shard(plan, load_slots(audit_dir), shard))
+    with flush_denormals():
+        _accumulate_shard(manifest, loaded, params, projector, start, shard, batches, out, terms)
+    store.write_rows("grads", start, out)
+    store.write_rows("terms", start, terms)
+    store.mark_done("gradients", shard)  # last: the completion marker
+    return True
+
+
+def _accumulate_shard(manifest: Manifest, loaded: LoadedModel, params: list, projector: Projector, start: int,
+                      shard: int, batches: list[list[tuple[int, Pair]]], out: dict, terms: dict) -> None:
+    """Fill the shard's rows, averaging over the audit's partitions (r = 0 is the training one)."""
+    o = manifest.options
+    shard_pairs = [slot_pair for batch in batches for slot_pair in batch]
     for r in range(o.partitions):
-        if r == 0:
-            groups = list(_batches_of_shard(plan, load_slots(audit_dir), shard))
-        else:
-            # Extra partitions re-batch the shard's own pairs (see README: "partitions").
-            groups = rebatch_within(shard_pairs, o.batch_size, seed=hash_seed(o.seed, r, shard))
+        # Extra partitions re-batch the shard's own pairs (see README: "partitions").
+        groups = batches if r == 0 else rebatch_within(shard_pairs, o.batch_size, seed=hash_seed(o.seed, r, shard))
         for batch in groups:
             if len(batch) < 2:
                 continue  # a lone pair has no in-batch negatives and a degenerate loss
@@ -193,10 +202,6 @@ def shard_gradients(audit_dir: str | Path, shard: int, models: ModelCache | None
                 terms["pos_terms"][local] = result.pos_terms.numpy()
                 terms["neg_terms"][local] = result.neg_terms.numpy()
                 terms["clip_score"][local] = result.clip_score.numpy()
-    store.write_rows("grads", start, out)
-    store.write_rows("terms", start, terms)
-    store.mark_done("gradients", shard)  # last: the completion marker
-    return True
 
 
 def hash_seed(*parts: int) -> int:
@@ -242,7 +247,8 @@ def validation(audit_dir: str | Path, models: ModelCache | None = None) -> bool:
         if len(batch_ids) < 2:
             continue
         images, tokens = load_batch([by_id[i] for i in batch_ids], loaded.preprocess, loaded.tokenizer)
-        grad, batch_value = loss_gradient(loaded.model, params, projector, images, tokens)
+        with flush_denormals():
+            grad, batch_value = loss_gradient(loaded.model, params, projector, images, tokens)
         total += grad.double()
         loss += batch_value
         count += len(batch_ids)

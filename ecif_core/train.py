@@ -26,6 +26,7 @@ from .errors import ConfigError
 from .losses import batch_loss, pair_logits
 from .manifest import SIDECAR_SUFFIX
 from .models import load_model, resolve_model_config
+from .runtime import flush_denormals
 
 MAX_LOGIT_SCALE = math.log(100.0)
 
@@ -68,13 +69,21 @@ def train(data: str | Path, model_config: str | Path | dict, out: str | Path, cf
     # Preprocessed tensors stay in memory: the trainer serves demos, benchmarks and retraining.
     cached = [load_batch([by_id[i] for i in b], loaded.preprocess, loaded.tokenizer) for b in batches]
     l2_params = [p for name, p in model.named_parameters() if name != "logit_scale"]
+    model.train()
+    with flush_denormals():
+        epoch_seconds, epoch_loss = _run_epochs(model, cfg, batches, cached, n_used, l2_params, out, progress)
+    model.eval()
+    return _save(model, cfg, data, out, pairs, excluded, n_used, model_cfg, epoch_seconds, epoch_loss)
+
+
+def _run_epochs(model, cfg: TrainConfig, batches, cached, n_used: int, l2_params, out, progress):
+    """The optimisation loop; returns (seconds per epoch, summed loss of the last epoch)."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
     total_steps = cfg.epochs * len(batches)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _lr_factor(s, cfg.warmup_steps, total_steps))
     order_rng = np.random.Generator(np.random.PCG64(cfg.seed + 1))
     snapshots = _snapshot_epochs(cfg.epochs, cfg.checkpoints)
     epoch_seconds, epoch_loss = [], float("nan")
-    model.train()
     for epoch in range(cfg.epochs):
         started, epoch_loss = time.perf_counter(), 0.0
         for b in order_rng.permutation(len(batches)):
@@ -95,6 +104,12 @@ def train(data: str | Path, model_config: str | Path | dict, out: str | Path, cf
             progress(epoch + 1, cfg.epochs, epoch_loss / n_used)
         if epoch + 1 in snapshots:
             torch.save(model.state_dict(), _snapshot_path(Path(out), epoch + 1))
+    return epoch_seconds, epoch_loss
+
+
+def _save(model, cfg: TrainConfig, data, out, pairs, excluded, n_used, model_cfg, epoch_seconds, epoch_loss) -> TrainResult:
+    """Checkpoint plus the JSON sidecar the audit reads its defaults from."""
+    snapshots = _snapshot_epochs(cfg.epochs, cfg.checkpoints)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     torch.save(model.state_dict(), out)
