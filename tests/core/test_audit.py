@@ -136,3 +136,30 @@ def test_first_order_and_paper_neg_terms_run_and_differ(workspace, tmp_path, fin
     manifest = _write_manifest(workspace, "fo.json", {**OPTIONS, "neg_term": "first_order"})
     first_order = {r["id"]: float(r["influence_neg"]) for r in _rows(audit.run_audit(manifest, tmp_path / "fo"))}
     assert first_order.keys() == exact.keys() and first_order != exact
+
+
+def test_partitions_average_gradients_over_rebatchings(workspace, tmp_path, finished):
+    """partitions=2: each pair's stored gradient is the mean over the training batch and one re-batching."""
+    import torch
+
+    from ecif_core.batching import rebatch_within
+    from ecif_core.gradients import per_pair_gradients
+    from ecif_core.data import load_batch
+
+    manifest = _write_manifest(workspace, "r2.json", {**OPTIONS, "partitions": 2}, validation=None)
+    audit.run_audit(manifest, tmp_path / "r2")
+    plan = audit.load_plan(tmp_path / "r2")
+    loaded, params, projector = audit.ModelCache().get(load_manifest(manifest))
+    batches = list(audit._batches_of_shard(plan, audit.load_slots(tmp_path / "r2"), 0))
+    members = [sp for b in batches for sp in b]
+    other = rebatch_within(members, plan.batch_size, seed=audit.hash_seed(1, 1, 0))
+    slot, pair = batches[0][0]
+    grads = []
+    for batch in (batches[0], next(b for b in other if (slot, pair) in b)):
+        images, tokens = load_batch([p for _, p in batch], loaded.preprocess, loaded.tokenizer)
+        result = per_pair_gradients(loaded.model, params, projector, images, tokens)
+        grads.append(result.pos[[s for s, _ in batch].index(slot)])
+    stored = torch.from_numpy(audit.open_store(tmp_path / "r2").read_rows("grads/pos", slot, slot + 1)[0])
+    torch.testing.assert_close(stored, (grads[0] + grads[1]) / 2, rtol=1e-4, atol=1e-6)
+    single = torch.from_numpy(audit.open_store(finished).read_rows("grads/pos", slot, slot + 1)[0])
+    assert not torch.allclose(stored, single)
