@@ -25,7 +25,7 @@ from .manifest import Manifest, load_manifest
 from .models import LoadedModel, load_model, restrict_grad_to, select_theta
 from .projection import Projector
 from .runtime import flush_denormals
-from .scores import misalignment_score, pair_scores, ranking
+from .scores import misalignment_score, pair_scores, ranking, relative_is
 from .store import SCORE_FIELDS, AuditStore
 
 RANKED_COLUMNS = ("rank", "id", "image", "caption", "influence", "influence_pos", "influence_neg",
@@ -138,10 +138,18 @@ def prepare(manifest: Manifest, audit_dir: str | Path) -> Plan:
                 shard_batches=o.shard_batches, shards=shards, dim=projector.dim, pairs_total=len(all_ids),
                 pairs_rejected=len(rejected), blocks=[b.__dict__ for b in projector.blocks])
     open_store(audit_dir).create(rows=shards * plan.shard_rows, dim=plan.dim, shard_rows=plan.shard_rows,
-                                 shards=shards, attrs={"ecif_core": __version__, "torch": torch.__version__,
+                                 shards=shards, attrs={"versions": _library_versions(),
                                                        "manifest": manifest.to_json()})
     _plan_path(audit_dir).write_text(json.dumps(plan.__dict__, indent=1))
     return plan
+
+
+def _library_versions() -> dict[str, str]:
+    import open_clip
+    import zarr
+
+    return {"ecif_core": __version__, "torch": torch.__version__, "open_clip": open_clip.__version__,
+            "zarr": zarr.__version__, "numpy": np.__version__}
 
 
 def _shape_projector(manifest: Manifest) -> Projector:
@@ -280,6 +288,25 @@ def shard_scores(audit_dir: str | Path, shard: int, damping: float | None = None
     store.write_rows("scores", start, {name: scores[name].numpy() for name in SCORE_FIELDS})
     store.mark_done("scores", shard)
     return True
+
+
+def trace_relative_is(audit_dir: str | Path, test_grad: torch.Tensor, damping: float | None = None) -> np.ndarray:
+    """relative-IS of every row slot for one test-loss gradient C (projected, shape (k,)).
+
+    A pass over stored numbers only: a = (g_pos . H^-1 C, g_neg . H^-1 C) from the stored
+    gradients and the Gram entries stored at scoring time; no training gradient is recomputed.
+    """
+    plan, store = load_plan(audit_dir), open_store(audit_dir)
+    inverse = inverse_for(plan, store, damping)
+    direction = inverse.apply(test_grad.to(torch.float64))
+    gram = {name: store.read_rows(f"scores/{name}") for name in ("gram_pos_pos", "gram_pos_neg", "gram_neg_neg")}
+    out = np.zeros(plan.shards * plan.shard_rows)
+    for shard in range(plan.shards):
+        start, stop = shard * plan.shard_rows, (shard + 1) * plan.shard_rows
+        a_pos = torch.from_numpy(store.read_rows("grads/pos", start, stop)).double() @ direction
+        a_neg = torch.from_numpy(store.read_rows("grads/neg", start, stop)).double() @ direction
+        out[start:stop] = relative_is(a_pos, a_neg, *(torch.from_numpy(gram[n][start:stop]) for n in gram)).numpy()
+    return out
 
 
 def collect_scores(audit_dir: str | Path) -> tuple[list[Pair], dict[str, np.ndarray]]:

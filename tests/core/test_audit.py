@@ -163,3 +163,19 @@ def test_partitions_average_gradients_over_rebatchings(workspace, tmp_path, fini
     torch.testing.assert_close(stored, (grads[0] + grads[1]) / 2, rtol=1e-4, atol=1e-6)
     single = torch.from_numpy(audit.open_store(finished).read_rows("grads/pos", slot, slot + 1)[0])
     assert not torch.allclose(stored, single)
+
+
+def test_trace_relative_is_matches_direct_projection(finished):
+    """relative-IS from stored numbers equals |projection of C onto span{H^-1 g_pos, H^-1 g_neg}|."""
+    import torch
+
+    plan, store = audit.load_plan(finished), audit.open_store(finished)
+    test_grad = torch.from_numpy(store.read_rows("validation/grad"))
+    got = audit.trace_relative_is(finished, test_grad)
+    inverse = audit.inverse_for(plan, store)
+    for slot, _ in audit.load_slots(finished)[:5]:
+        d_pos = inverse.apply(torch.from_numpy(store.read_rows("grads/pos", slot, slot + 1)))[0]
+        d_neg = inverse.apply(torch.from_numpy(store.read_rows("grads/neg", slot, slot + 1)))[0]
+        basis = torch.stack([d_pos, d_neg], dim=1)
+        coef = torch.linalg.lstsq(basis, test_grad.double().unsqueeze(1)).solution
+        assert got[slot] == pytest.approx(float((basis @ coef).norm()), rel=1e-5)
