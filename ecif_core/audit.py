@@ -67,6 +67,7 @@ class ModelCache:
                json.dumps(manifest.options.theta), json.dumps(manifest.options.projection, sort_keys=True))
         if key != self._key:
             loaded = load_model(manifest.model_arch, manifest.model_config, manifest.checkpoint)
+            loaded.model.to("cuda" if torch.cuda.is_available() else "cpu")
             theta = select_theta(loaded.model, manifest.options.theta)
             restrict_grad_to(loaded.model, theta)
             projector = Projector([n for n, _ in theta], [p.shape for _, p in theta],

@@ -28,8 +28,11 @@ class BatchGradients:
 
 
 def embed(model: torch.nn.Module, images: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(text embeddings u, image embeddings v), unnormalised; normalisation lives in pair_logits."""
-    return model.encode_text(tokens), model.encode_image(images)
+    """(text embeddings u, image embeddings v), unnormalised; normalisation lives in pair_logits.
+
+    Inputs move to the model's device (a GPU worker's model lives on the GPU)."""
+    device = model.logit_scale.device
+    return model.encode_text(tokens.to(device)), model.encode_image(images.to(device))
 
 
 def temperature_scale(model: torch.nn.Module) -> torch.Tensor:
@@ -63,14 +66,15 @@ def per_pair_gradients(model: torch.nn.Module, params: Sequence[torch.nn.Paramet
         grads = torch.autograd.grad((text_emb, image_emb), list(params),
                                     grad_outputs=(jac_u[start:stop], jac_v[start:stop]),
                                     is_grads_batched=True, retain_graph=stop < rows, allow_unused=True)
-        grads = [torch.zeros((stop - start, *p.shape)) if g is None else g for g, p in zip(grads, params)]
+        grads = [torch.zeros((stop - start, *p.shape), device=p.device) if g is None else g for g, p in zip(grads, params)]
         projected.append(projector.project(grads))
-    flat = torch.cat(projected)
+    flat = torch.cat(projected).cpu()
     size = rows // 2
     with torch.no_grad():
         clip_score = torch.nn.functional.cosine_similarity(text_emb, image_emb, dim=-1)
-    return BatchGradients(pos=flat[:size], neg=flat[size:], pos_terms=values[:size].detach(),
-                          neg_terms=values[size:].detach(), clip_score=clip_score.detach())
+    values = values.detach().cpu()
+    return BatchGradients(pos=flat[:size], neg=flat[size:], pos_terms=values[:size], neg_terms=values[size:],
+                          clip_score=clip_score.detach().cpu())
 
 
 def loss_gradient(model: torch.nn.Module, params: Sequence[torch.nn.Parameter], projector: Projector,
@@ -80,4 +84,4 @@ def loss_gradient(model: torch.nn.Module, params: Sequence[torch.nn.Parameter], 
     loss = batch_loss(pair_logits(text_emb, image_emb, temperature_scale(model)))
     grads = torch.autograd.grad(loss, list(params), allow_unused=True)
     grads = [torch.zeros_like(p) if g is None else g for g, p in zip(grads, params)]
-    return projector.project([g.unsqueeze(0) for g in grads])[0], float(loss.detach())
+    return projector.project([g.unsqueeze(0) for g in grads])[0].cpu(), float(loss.detach())

@@ -78,11 +78,10 @@ class Projector:
         parts = []
         for grad, (out_factor, in_factor) in zip(grads, self._factors):
             rows = grad.shape[0]
-            block = grad.reshape(rows, grad.shape[1], -1) if grad.ndim > 2 else grad.reshape(rows, grad.shape[1], -1)
-            block = block.float()
+            block = grad.reshape(rows, grad.shape[1], -1).float()  # (R, d_out, d_in); 1-D params get d_in = 1
             if out_factor is not None:
-                block = torch.matmul(out_factor, block)
+                block = torch.matmul(out_factor.to(block.device), block)
             if in_factor is not None:
-                block = torch.matmul(block, in_factor.T)
+                block = torch.matmul(block, in_factor.to(block.device).T)
             parts.append(block.reshape(rows, -1))
         return torch.cat(parts, dim=1)
