@@ -179,3 +179,30 @@ def test_trace_relative_is_matches_direct_projection(finished):
         basis = torch.stack([d_pos, d_neg], dim=1)
         coef = torch.linalg.lstsq(basis, test_grad.double().unsqueeze(1)).solution
         assert got[slot] == pytest.approx(float((basis @ coef).norm()), rel=1e-5)
+
+
+def _gradients_for(args: tuple[str, list[int]]) -> None:
+    """Worker body for the concurrency test (module level so a spawned process can import it)."""
+    import torch
+
+    torch.set_num_threads(1)
+    audit_dir, shards = args
+    models = audit.ModelCache()
+    for shard in shards:
+        audit.shard_gradients(audit_dir, shard, models)
+
+
+@pytest.mark.slow
+def test_two_processes_writing_different_shards_match_a_sequential_run(workspace, finished, tmp_path):
+    import multiprocessing
+
+    manifest = load_manifest(workspace / "manifest.json")
+    audit.prepare(manifest, tmp_path / "par")
+    shards = audit.load_plan(tmp_path / "par").shards
+    with multiprocessing.get_context("spawn").Pool(2) as pool:
+        pool.map(_gradients_for, [(str(tmp_path / "par"), list(range(0, shards, 2))),
+                                  (str(tmp_path / "par"), list(range(1, shards, 2)))])
+    store = audit.open_store(tmp_path / "par")
+    assert store.done_count("gradients") == shards
+    for name in ("grads/pos", "grads/neg", "terms/clip_score"):
+        np.testing.assert_array_equal(store.read_rows(name), audit.open_store(finished).read_rows(name))
