@@ -29,7 +29,7 @@ class AuditOptions:
     damping: float | None = None          # lambda; None = damping_factor x mean eigenvalue
     damping_factor: float = 0.1
     weight_decay: float = 0.0             # delta of the training objective
-    projection: dict[str, Any] | None = field(default_factory=lambda: {"k_in": 16, "k_out": 16, "seed": 0})
+    projection: dict[str, Any] | None = field(default_factory=lambda: {"k_in": 8, "k_out": 8, "seed": 0})
     theta: list[str] | None = None        # fnmatch patterns; None = default_theta_patterns
     curvature: str = "full"
     rank_by: str = "self_influence"

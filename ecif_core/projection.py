@@ -20,8 +20,8 @@ import torch
 class ProjectionSpec:
     """k_in / k_out per 2-D block (1-D blocks use k_out); None for both = unprojected."""
 
-    k_in: int | None = 16
-    k_out: int | None = 16
+    k_in: int | None = 8
+    k_out: int | None = 8
     seed: int = 0
 
     @property

@@ -21,13 +21,15 @@ def pair_scores(g_pos: torch.Tensor, g_neg: torch.Tensor, inverse: DampedInverse
     """Per-pair influence numbers for rows of (g_pos, g_neg), each (R, k).
 
     Returns influence, influence_pos, influence_neg (NaN without a validation set),
-    self_influence = g_pos^T H^-1 (g_pos + g_neg), and the Gram entries of the two influence
-    directions H^-1 g_pos, H^-1 g_neg that relative-IS needs later.
+    self_influence = g_pos^T H^-1 (g_pos + g_neg), leverage = g_pos^T H^-1 g_pos (in [0, 1)
+    because H contains g_pos g_pos^T), and the Gram entries of the two influence directions
+    H^-1 g_pos, H^-1 g_neg that relative-IS needs later.
     """
     x, y = inverse.rotate(g_pos), inverse.rotate(g_neg)
     w = inverse.inv_eigvals
     out = {
         "self_influence": (x * w * (x + y)).sum(dim=1),
+        "leverage": (x * w * x).sum(dim=1),
         "gram_pos_pos": (x * x * w * w).sum(dim=1),
         "gram_pos_neg": (x * y * w * w).sum(dim=1),
         "gram_neg_neg": (y * y * w * w).sum(dim=1),
@@ -81,6 +83,21 @@ def _rank_average(*columns: torch.Tensor) -> torch.Tensor:
     usable = [c for c in columns if not torch.isnan(c).all()]
     ranks = [torch.argsort(torch.argsort(c)).to(torch.float64) / max(len(c) - 1, 1) for c in usable]
     return torch.stack(ranks).mean(dim=0)
+
+
+def leave_own_out_leverage(leverage: torch.Tensor) -> torch.Tensor:
+    """A / (1 - A) = g^T (H - g g^T)^-1 g (Sherman-Morrison): the pair's self-influence under the
+    curvature of the other pairs. Unlike A it is unbounded, so outliers stand out."""
+    return leverage / (1.0 - leverage).clamp_min(1e-12)
+
+
+def robust_outliers(values: torch.Tensor, z: float) -> torch.Tensor:
+    """(v - median) / (1.4826 MAD) > z; nothing is an outlier when MAD = 0."""
+    median = values.median()
+    mad = 1.4826 * (values - median).abs().median()
+    if float(mad) == 0.0:
+        return torch.zeros_like(values, dtype=torch.bool)
+    return (values - median) / mad > z
 
 
 def ranking(misalignment: torch.Tensor) -> torch.Tensor:

@@ -15,7 +15,7 @@ import numpy as np
 import zarr
 
 STAGE_MARKERS = ("gradients", "scores")
-SCORE_FIELDS = ("influence", "influence_pos", "influence_neg", "self_influence",
+SCORE_FIELDS = ("influence", "influence_pos", "influence_neg", "self_influence", "leverage",
                 "gram_pos_pos", "gram_pos_neg", "gram_neg_neg")
 TERM_FIELDS = ("pos_terms", "neg_terms", "clip_score")
 

@@ -78,3 +78,23 @@ def test_damping_is_applied_at_use_time():
     weak = pair_scores(g_pos, g_neg, DampedInverse(eigvals, eigvecs, 0.01), val)["influence"]
     strong = pair_scores(g_pos, g_neg, DampedInverse(eigvals, eigvecs, 100.0), val)["influence"]
     assert weak.abs().mean() > strong.abs().mean()
+
+
+def test_leverage_and_its_leave_own_out_form_match_direct_solves():
+    from ecif_core.scores import leave_own_out_leverage, robust_outliers
+
+    g_pos, g_neg, _ = _problem(5, n=20, k=8)
+    shift = 0.5
+    eigvals, eigvecs = eigendecompose(fisher_sum([g_pos], 8))
+    scores = pair_scores(g_pos, g_neg, DampedInverse(eigvals, eigvecs, shift), None)
+    h = g_pos.T @ g_pos + shift * torch.eye(8, dtype=torch.float64)
+    for n in range(len(g_pos)):
+        g = g_pos[n]
+        assert abs(float(scores["leverage"][n]) - float(torch.dot(g, torch.linalg.solve(h, g)))) < 1e-10
+        others = h - torch.outer(g, g)  # the curvature without pair n's own term
+        expected = float(torch.dot(g, torch.linalg.solve(others, g)))
+        assert abs(float(leave_own_out_leverage(scores["leverage"][n:n + 1])[0]) - expected) < 1e-8 * max(1, expected)
+    assert ((scores["leverage"] >= 0) & (scores["leverage"] < 1)).all()
+    values = torch.tensor([1.0, 1.1, 0.9, 1.0, 1.05, 0.95, 9.0])
+    assert robust_outliers(values, 3.5).tolist() == [False] * 6 + [True]
+    assert not robust_outliers(torch.ones(5), 3.5).any()
