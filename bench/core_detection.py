@@ -28,12 +28,13 @@ from ecif_core.metrics import detection_report  # noqa: E402
 def run_seed(out: Path, seed: int, epochs: int, options: dict | None) -> dict:
     result = run_demo(out, DemoSettings(seed=seed, epochs=epochs, options=options), say=lambda _: None)
     report = evaluate_ranking(result.ranked_csv, out / "data" / "truth.csv")
+    flags = report.pop("suspected flag")
     pairs, columns = collect_scores(out / "audit")
     truth = read_truth(out / "data" / "truth.csv")
     labels = [int(truth[p.id]) for p in pairs]
     report["own loss Pos(n) (highest first)"] = detection_report(columns["pos_terms"], labels)
     timing = json.loads((out / "audit" / "timing.json").read_text())
-    return {"seed": seed, "report": report, "epoch_seconds": result.epoch_seconds,
+    return {"seed": seed, "report": report, "flags": flags, "epoch_seconds": result.epoch_seconds,
             "train_seconds": result.train_seconds, "audit_seconds": result.audit_seconds, "stages": timing,
             "audit_over_epoch": result.audit_seconds / result.epoch_seconds}
 
@@ -48,6 +49,10 @@ def markdown(runs: list[dict]) -> str:
             spread = f" ± {statistics.stdev(values):.3f}" if len(values) > 1 else ""
             cells.append(f"{statistics.mean(values):.3f}{spread}")
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    lines.append("")
+    lines.append("suspected=true flags: " + "; ".join(
+        f"seed {r['seed']}: {r['flags']['flagged']:.0f} flagged, precision {r['flags']['precision']:.2f}, "
+        f"recall {r['flags']['recall']:.2f}" for r in runs))
     ratios = [r["audit_over_epoch"] for r in runs]
     stages = {k: statistics.mean(r["stages"][k] for r in runs) for k in runs[0]["stages"]}
     lines.append("")

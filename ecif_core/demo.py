@@ -88,4 +88,9 @@ def evaluate_ranking(ranked_csv: Path, truth_csv: Path) -> dict[str, dict[str, f
     if rows and rows[0]["influence"]:
         methods["influence (most negative first)"] = [-float(r["influence"]) for r in rows]
         methods["influence_pos only"] = [-float(r["influence_pos"]) for r in rows]
-    return {name: detection_report(scores, labels) for name, scores in methods.items()}
+    report = {name: detection_report(scores, labels) for name, scores in methods.items()}
+    flagged = [label for row, label in zip(rows, labels) if row["suspected"] == "true"]
+    report["suspected flag"] = {"flagged": float(len(flagged)),
+                                "precision": sum(flagged) / len(flagged) if flagged else float("nan"),
+                                "recall": sum(flagged) / max(1, sum(labels))}
+    return report

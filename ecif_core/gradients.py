@@ -13,6 +13,7 @@ from typing import Sequence
 import torch
 
 from .losses import NegTerm, batch_loss, contrastive_terms, pair_logits
+from .logra import WeightUseRecorder, projected_from_uses
 from .projection import Projector
 
 
@@ -54,20 +55,33 @@ def embedding_cotangents(text_emb: torch.Tensor, image_emb: torch.Tensor, scale:
 
 def per_pair_gradients(model: torch.nn.Module, params: Sequence[torch.nn.Parameter], projector: Projector,
                        images: torch.Tensor, tokens: torch.Tensor, neg_term: NegTerm = "exact",
-                       chunk: int = 32) -> BatchGradients:
-    """g_pos(n), g_neg(n) for every pair n of one batch, projected to (B, k) each."""
-    text_emb, image_emb = embed(model, images, tokens)
+                       chunk: int = 32, method: str = "logra") -> BatchGradients:
+    """g_pos(n), g_neg(n) for every pair n of one batch, projected to (B, k) each.
+
+    method "logra" asks autograd only for the outputs' gradients of the theta layers and projects
+    from (input, output-gradient) factors; "dense" forms every full weight gradient first (the
+    reference the tests compare with; also what parameters not used as linear weights get).
+    """
+    recorder = WeightUseRecorder(params)
+    with recorder:
+        text_emb, image_emb = embed(model, images, tokens)
+    uses = recorder.uses if method == "logra" else []
+    dense = [i for i in range(len(params)) if i not in {u.index for u in uses}]
     scale = temperature_scale(model)
     jac_u, jac_v, values = embedding_cotangents(text_emb, image_emb, scale, neg_term)
     rows = jac_u.shape[0]
     projected = []
     for start in range(0, rows, chunk):
         stop = min(rows, start + chunk)
-        grads = torch.autograd.grad((text_emb, image_emb), list(params),
-                                    grad_outputs=(jac_u[start:stop], jac_v[start:stop]),
+        inputs = [u.output for u in uses] + [params[i] for i in dense]
+        grads = torch.autograd.grad((text_emb, image_emb), inputs, grad_outputs=(jac_u[start:stop], jac_v[start:stop]),
                                     is_grads_batched=True, retain_graph=stop < rows, allow_unused=True)
-        grads = [torch.zeros((stop - start, *p.shape), device=p.device) if g is None else g for g, p in zip(grads, params)]
-        projected.append(projector.project(grads))
+        grads = [torch.zeros((stop - start, *t.shape), device=t.device) if g is None else g
+                 for g, t in zip(grads, inputs)]
+        blocks = projected_from_uses(uses, grads[:len(uses)], projector, stop - start)
+        for i, g in zip(dense, grads[len(uses):]):
+            blocks[i] = projector.project_block(i, g)
+        projected.append(torch.cat([blocks[i] for i in range(len(params))], dim=1))
     flat = torch.cat(projected).cpu()
     size = rows // 2
     with torch.no_grad():

@@ -73,15 +73,20 @@ class Projector:
         in_factor = gaussian_factor(spec.seed, name, "in", k_in, d_in) if k_in < d_in else None
         return out_factor, in_factor, min(k_out, d_out) * min(k_in, d_in)
 
+    def factors(self, index: int, device: torch.device) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """(P_out, P_in) of parameter `index` on `device`; None where that side is not projected."""
+        return tuple(None if f is None else f.to(device) for f in self._factors[index])  # type: ignore[return-value]
+
+    def project_block(self, index: int, grad: torch.Tensor) -> torch.Tensor:
+        """(R, *shape) gradients of parameter `index` -> (R, k_block): P_out G P_in^T, float32."""
+        out_factor, in_factor = self.factors(index, grad.device)
+        block = grad.reshape(grad.shape[0], grad.shape[1], -1).float()  # (R, d_out, d_in); 1-D: d_in = 1
+        if out_factor is not None:
+            block = torch.matmul(out_factor, block)
+        if in_factor is not None:
+            block = torch.matmul(block, in_factor.T)
+        return block.reshape(grad.shape[0], -1)
+
     def project(self, grads: Sequence[torch.Tensor]) -> torch.Tensor:
         """(R, *shape_i) per parameter -> (R, dim), float32."""
-        parts = []
-        for grad, (out_factor, in_factor) in zip(grads, self._factors):
-            rows = grad.shape[0]
-            block = grad.reshape(rows, grad.shape[1], -1).float()  # (R, d_out, d_in); 1-D params get d_in = 1
-            if out_factor is not None:
-                block = torch.matmul(out_factor.to(block.device), block)
-            if in_factor is not None:
-                block = torch.matmul(block, in_factor.to(block.device).T)
-            parts.append(block.reshape(rows, -1))
-        return torch.cat(parts, dim=1)
+        return torch.cat([self.project_block(i, g) for i, g in enumerate(grads)], dim=1)

@@ -55,8 +55,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
     result = run_demo(args.out, settings, progress=_progress_bar())
     print(f"\nranked pairs: {result.ranked_csv}")
     print(f"{'method':<34}{'AUROC':>8}{'AP':>8}{'P@50':>8}")
+    flags = result.report.pop("suspected flag")
     for method, m in result.report.items():
         print(f"{method:<34}{m['auroc']:>8.3f}{m['ap']:>8.3f}{m['p@50']:>8.3f}")
+    print(f"suspected=true: {flags['flagged']:.0f} pairs, precision {flags['precision']:.2f}, "
+          f"recall {flags['recall']:.2f}")
     print(f"train {result.train_seconds:.1f}s ({result.epoch_seconds:.2f}s/epoch), audit {result.audit_seconds:.1f}s "
           f"= {result.audit_seconds / result.epoch_seconds:.1f} epochs")
     return 0

@@ -8,7 +8,7 @@ from services.cli import main
 def test_demo_runs_end_to_end_at_reduced_size(tmp_path, capsys):
     assert main(["demo", "--out", str(tmp_path / "demo"), "--n-train", "96", "--epochs", "2"]) == 0
     out = capsys.readouterr().out
-    assert "clip_score (lowest first)" in out and "AUROC" in out and "epochs" in out
+    assert "clip_score (lowest first)" in out and "AUROC" in out and "epochs" in out and "suspected=true" in out
     with (tmp_path / "demo" / "audit" / "ranked.csv").open() as handle:
         rows = list(csv.DictReader(handle))
     assert len(rows) == 96 and rows[0]["rank"] == "1"

@@ -78,3 +78,22 @@ def test_projection_is_regenerated_identically():
     assert torch.equal(a, gaussian_factor(3, "visual.proj", "in", 4, 10))
     assert not torch.equal(a, gaussian_factor(3, "text_projection", "in", 4, 10))
     assert not torch.equal(a, gaussian_factor(4, "visual.proj", "in", 4, 10))
+
+
+def test_logra_factors_equal_projected_dense_gradients(setup):
+    """The LoGra path (layer inputs x output-gradients) equals projecting full weight gradients."""
+    from ecif_core.logra import WeightUseRecorder
+
+    loaded, theta = setup
+    params = [p for _, p in theta]
+    projector = Projector([n for n, _ in theta], [p.shape for p in params], ProjectionSpec(k_in=3, k_out=5, seed=7))
+    images, tokens = random_batch(loaded, 6, seed=8)
+    logra = per_pair_gradients(loaded.model, params, projector, images, tokens, method="logra", chunk=5)
+    dense = per_pair_gradients(loaded.model, params, projector, images, tokens, method="dense")
+    torch.testing.assert_close(logra.pos, dense.pos, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(logra.neg, dense.neg, rtol=1e-4, atol=1e-6)
+    recorder = WeightUseRecorder(params)
+    with recorder:
+        loaded.model.encode_text(tokens), loaded.model.encode_image(images)
+    recorded = {theta[u.index][0] for u in recorder.uses}
+    assert {"visual.proj", "text_projection"} <= recorded and any("mlp.c_fc" in n for n in recorded)
