@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,16 +17,16 @@ import numpy as np
 import torch
 
 from . import __version__
-from .batching import partition, rebatch_within
-from .data import Pair, load_batch, read_pairs
+from .batching import hash_seed, ids_digest, partition, rebatch_within, training_batches
+from .data import Pair, RejectedRow, load_batch, read_pairs
 from .errors import ConfigError
 from .gradients import loss_gradient, per_pair_gradients
 from .hessian import DampedInverse, default_damping, eigendecompose, fisher_sum
 from .manifest import Manifest, load_manifest
 from .models import LoadedModel, load_model, restrict_grad_to, select_theta
-from .projection import Projector
+from .projection import Block, Projector
 from .runtime import flush_denormals
-from .scores import leave_own_out_leverage, misalignment_score, pair_scores, ranking, relative_is, robust_outliers
+from .scores import misalignment_score, pair_scores, ranking, relative_is, robust_outliers
 from .store import SCORE_FIELDS, AuditStore
 
 RANKED_COLUMNS = ("rank", "id", "image", "caption", "influence", "influence_pos", "influence_neg",
@@ -64,6 +65,7 @@ class ModelCache:
 
     def get(self, manifest: Manifest) -> tuple[LoadedModel, list, Projector]:
         key = (manifest.model_arch, json.dumps(manifest.model_config, sort_keys=True), manifest.checkpoint,
+               _file_identity(manifest.checkpoint),
                json.dumps(manifest.options.theta), json.dumps(manifest.options.projection, sort_keys=True))
         if key != self._key:
             loaded = load_model(manifest.model_arch, manifest.model_config, manifest.checkpoint)
@@ -74,6 +76,14 @@ class ModelCache:
                                   manifest.options.projection_spec())
             self._key, self._value = key, (loaded, [p for _, p in theta], projector)
         return self._value
+
+
+def _file_identity(path: str | None) -> tuple[int, int] | None:
+    """(mtime_ns, size): a checkpoint retrained in place must not be served from the cache."""
+    if path is None or not os.path.exists(path):
+        return None
+    stat = os.stat(path)
+    return stat.st_mtime_ns, stat.st_size
 
 
 # ---------------------------------------------------------------- folder helpers
@@ -101,8 +111,25 @@ def load_slots(audit_dir: str | Path) -> list[tuple[int, Pair]]:
 
 
 def _manifest_of(plan: Plan) -> Manifest:
-    return load_manifest({k: v for k, v in plan.manifest.items() if k != "options"} |
-                         {"options": plan.manifest["options"]})
+    return Manifest.from_json(plan.manifest)
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    """Readers see the old file or the whole new one, never a truncated one."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _first_difference(new: object, old: object, prefix: str = "") -> str | None:
+    """Dotted path of the first differing key between two JSON values."""
+    if isinstance(new, dict) and isinstance(old, dict):
+        for key in sorted(set(new) | set(old)):
+            found = _first_difference(new.get(key), old.get(key), f"{prefix}{key}.")
+            if found:
+                return found
+        return None
+    return None if new == old else prefix.rstrip(".")
 
 
 # ---------------------------------------------------------------- stages
@@ -112,36 +139,46 @@ def prepare(manifest: Manifest, audit_dir: str | Path) -> Plan:
     audit_dir = Path(audit_dir)
     audit_dir.mkdir(parents=True, exist_ok=True)
     if _plan_path(audit_dir).exists():
-        return load_plan(audit_dir)
+        plan = load_plan(audit_dir)
+        changed = _first_difference(json.loads(json.dumps(manifest.to_json())), plan.manifest)
+        if changed:
+            raise ConfigError(changed, f"differs from the audit already in {audit_dir}; use a new --out folder")
+        return plan
     o = manifest.options
     pairs, rejected, all_ids = read_pairs(manifest.train)
-    if not pairs:
+    if manifest.ids_digest and ids_digest(all_ids) != manifest.ids_digest:
+        raise ConfigError("train", "its ids differ from the ones the model was trained on (training sidecar); "
+                          "the audit could not reproduce the training batches")
+    excluded = set(manifest.excluded)
+    rejected += [RejectedRow(0, i, "excluded from training (ecif train --exclude)") for i in sorted(excluded)
+                 if i in set(all_ids)]
+    # Rejected and excluded rows leave their batches, exactly as in training and in the
+    # leave-out objective; every other batch stays as it was (batching.training_batches).
+    batches, alone = training_batches(all_ids, o.batch_size, o.seed, drop={r.id for r in rejected})
+    rejected += [RejectedRow(0, i, "alone in its batch after removals: no in-batch negatives, not trained on")
+                 for i in alone]
+    by_id = {p.id: p for p in pairs if p.id not in excluded and p.id not in set(alone)}
+    if not batches:
         reasons = sorted({r.reason.split(":")[0] for r in rejected})
         raise ConfigError("train", f"no usable rows ({len(rejected)} rejected: {'; '.join(reasons)})")
-    by_id = {p.id: p for p in pairs}
-    # The partition is taken over every id the model was trained on; rejected rows then leave their
-    # batches, exactly like the leave-out objective (batching.partition).
-    batches = partition(all_ids, o.batch_size, o.seed)
     with (audit_dir / "pairs.jsonl").open("w", encoding="utf-8") as handle:
         for b, batch in enumerate(batches):
             for position, pair_id in enumerate(batch):
-                if pair_id in by_id:
-                    p = by_id[pair_id]
-                    handle.write(json.dumps({"slot": b * o.batch_size + position, "batch": b, "id": p.id,
-                                             "image": p.image, "caption": p.caption}) + "\n")
+                p = by_id[pair_id]
+                handle.write(json.dumps({"slot": b * o.batch_size + position, "batch": b, "id": p.id,
+                                         "image": p.image, "caption": p.caption}) + "\n")
     with (audit_dir / "rejected.csv").open("w", encoding="utf-8", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["row", "id", "reason"])
         writer.writerows([(r.row, r.id, r.reason) for r in rejected])
     projector = _shape_projector(manifest)
     shards = -(-len(batches) // o.shard_batches)
-    plan = Plan(manifest=manifest.to_json(), batch_size=o.batch_size, n_batches=len(batches),
-                shard_batches=o.shard_batches, shards=shards, dim=projector.dim, pairs_total=len(all_ids),
-                pairs_rejected=len(rejected), blocks=[b.__dict__ for b in projector.blocks])
+    plan = Plan(manifest=json.loads(json.dumps(manifest.to_json())), batch_size=o.batch_size,
+                n_batches=len(batches), shard_batches=o.shard_batches, shards=shards, dim=projector.dim,
+                pairs_total=len(all_ids), pairs_rejected=len(rejected), blocks=[b.__dict__ for b in projector.blocks])
     open_store(audit_dir).create(rows=shards * plan.shard_rows, dim=plan.dim, shard_rows=plan.shard_rows,
-                                 shards=shards, attrs={"versions": _library_versions(),
-                                                       "manifest": manifest.to_json()})
-    _plan_path(audit_dir).write_text(json.dumps(plan.__dict__, indent=1))
+                                 shards=shards, attrs={"versions": _library_versions(), "manifest": plan.manifest})
+    _write_atomic(_plan_path(audit_dir), json.dumps(plan.__dict__, indent=1))  # last: prepare is done
     return plan
 
 
@@ -213,15 +250,10 @@ def _accumulate_shard(manifest: Manifest, loaded: LoadedModel, params: list, pro
                 terms["clip_score"][local] = result.clip_score.numpy()
 
 
-def hash_seed(*parts: int) -> int:
-    """A seed derived from several integers, stable across processes (unlike hash())."""
-    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1)[0])
-
-
 def curvature(audit_dir: str | Path) -> None:
     """Eigendecomposition of sum_n g_pos g_pos^T (full, or per-layer blocks)."""
     plan, store = load_plan(audit_dir), open_store(audit_dir)
-    if store.has("curvature/eigvals"):
+    if store.is_complete("curvature/eigvals"):
         return
     missing = [s for s in range(plan.shards) if not store.is_done("gradients", s)]
     if missing:
@@ -230,12 +262,12 @@ def curvature(audit_dir: str | Path) -> None:
               for s in range(plan.shards))
     fisher = fisher_sum(chunks, plan.dim)
     manifest = _manifest_of(plan)
-    from .projection import Block
     blocks = [Block(**b) for b in plan.blocks] if manifest.options.curvature == "blocks" else None
     eigvals, eigvecs = eigendecompose(fisher, blocks)
     store.write_array("curvature/eigvecs", eigvecs.numpy())
     store.write_array("curvature/eigvals", eigvals.numpy(), {"kind": manifest.options.curvature,
                                                             "mean_eigenvalue": float(eigvals.mean())})
+    store.mark_complete("curvature/eigvals")  # after both arrays: the stage's completion marker
 
 
 def validation(audit_dir: str | Path, models: ModelCache | None = None) -> bool:
@@ -244,10 +276,10 @@ def validation(audit_dir: str | Path, models: ModelCache | None = None) -> bool:
     manifest = _manifest_of(plan)
     if manifest.validation is None:
         return False
-    if store.has("validation/grad"):
+    if store.is_complete("validation/grad"):
         return True
     loaded, params, projector = (models or ModelCache()).get(manifest)
-    pairs, rejected, all_ids = read_pairs(manifest.validation)
+    pairs, rejected, all_ids = read_pairs(manifest.validation, field="validation")
     if not pairs:
         raise ConfigError("validation", f"no usable rows ({len(rejected)} rejected)")
     by_id = {p.id: p for p in pairs}
@@ -261,12 +293,17 @@ def validation(audit_dir: str | Path, models: ModelCache | None = None) -> bool:
         total += grad.double()
         loss += batch_value
         count += len(batch_ids)
+    if count == 0:
+        raise ConfigError("validation", "no batch holds two usable pairs")
     store.write_array("validation/grad", (total / count).numpy(), {"pairs": count, "loss": loss / count})
+    store.mark_complete("validation/grad")
     return True
 
 
 def inverse_for(plan: Plan, store: AuditStore, damping: float | None = None) -> DampedInverse:
     """H^-1 with delta (weight decay) + lambda (damping) added now, not at curvature time."""
+    if not store.is_complete("curvature/eigvals"):
+        raise RuntimeError("scoring needs the curvature stage first")
     o = _manifest_of(plan).options
     eigvals = torch.from_numpy(store.read_rows("curvature/eigvals"))
     eigvecs = torch.from_numpy(store.read_rows("curvature/eigvecs"))
@@ -276,29 +313,52 @@ def inverse_for(plan: Plan, store: AuditStore, damping: float | None = None) -> 
 
 
 def shard_scores(audit_dir: str | Path, shard: int, damping: float | None = None) -> bool:
-    """IS / IS_pos / IS_neg / self-IS / Gram entries for one shard, into the store."""
+    """IS / IS_pos / IS_neg / self-IS / leverage / Gram entries for one shard, into the store.
+
+    `damping` re-scores with another lambda from the stored gradients; the shift used is recorded
+    per shard so finalize and traces never mix scores of different dampings.
+    """
     plan, store = load_plan(audit_dir), open_store(audit_dir)
     if store.is_done("scores", shard) and damping is None:
         return False
+    manifest = _manifest_of(plan)
+    if manifest.validation is not None and not store.is_complete("validation/grad"):
+        raise RuntimeError("scoring needs the validation stage first")
     inverse = inverse_for(plan, store, damping)
     start, stop = shard * plan.shard_rows, (shard + 1) * plan.shard_rows
     g_pos = torch.from_numpy(store.read_rows("grads/pos", start, stop))
     g_neg = torch.from_numpy(store.read_rows("grads/neg", start, stop))
-    val = torch.from_numpy(store.read_rows("validation/grad")) if store.has("validation/grad") else None
-    scores = pair_scores(g_pos, g_neg, inverse, val)
+    val = torch.from_numpy(store.read_rows("validation/grad")) if manifest.validation is not None else None
+    blocks = [Block(**b) for b in plan.blocks] if manifest.options.curvature == "blocks" else None
+    scores = pair_scores(g_pos, g_neg, inverse, val, blocks)
     store.write_rows("scores", start, {name: scores[name].numpy() for name in SCORE_FIELDS})
+    store.root["done/scores_shift"][shard] = inverse.shift
     store.mark_done("scores", shard)
     return True
 
 
-def trace_relative_is(audit_dir: str | Path, test_grad: torch.Tensor, damping: float | None = None) -> np.ndarray:
+def scored_shift(plan: Plan, store: AuditStore) -> float:
+    """The delta + lambda every scored shard used; refuses missing or mixed shards."""
+    done = store.done_count("scores")
+    if done != plan.shards:
+        raise RuntimeError(f"{plan.shards - done} of {plan.shards} shards are not scored yet")
+    shifts = store.read_rows("done/scores_shift")
+    if not np.allclose(shifts, shifts[0], rtol=1e-12, atol=0):
+        raise RuntimeError(f"shards were scored with different dampings {sorted(set(shifts.tolist()))[:3]}; "
+                           "re-score every shard")
+    return float(shifts[0])
+
+
+def trace_relative_is(audit_dir: str | Path, test_grad: torch.Tensor) -> np.ndarray:
     """relative-IS of every row slot for one test-loss gradient C (projected, shape (k,)).
 
     A pass over stored numbers only: a = (g_pos . H^-1 C, g_neg . H^-1 C) from the stored
-    gradients and the Gram entries stored at scoring time; no training gradient is recomputed.
+    gradients and the Gram entries stored at scoring time, with the damping they were scored
+    with; no training gradient is recomputed.
     """
     plan, store = load_plan(audit_dir), open_store(audit_dir)
-    inverse = inverse_for(plan, store, damping)
+    inverse = DampedInverse(torch.from_numpy(store.read_rows("curvature/eigvals")),
+                            torch.from_numpy(store.read_rows("curvature/eigvecs")), scored_shift(plan, store))
     direction = inverse.apply(test_grad.to(torch.float64))
     gram = {name: store.read_rows(f"scores/{name}") for name in ("gram_pos_pos", "gram_pos_neg", "gram_neg_neg")}
     out = np.zeros(plan.shards * plan.shard_rows)
@@ -321,24 +381,25 @@ def collect_scores(audit_dir: str | Path) -> tuple[list[Pair], dict[str, np.ndar
     return [p for _, p in slots], columns
 
 
-def suspected_flags(leverage: np.ndarray, z: float = SUSPECT_Z) -> np.ndarray:
-    """Pairs whose leave-own-out leverage A/(1-A) is a robust outlier (z > 3.5).
+def suspected_flags(leave_own_out: np.ndarray, z: float = SUSPECT_Z) -> np.ndarray:
+    """Pairs whose leave-own-out leverage g^T (H - g g^T)^-1 g is a robust outlier (z > 3.5).
 
-    Self-influence is bounded (A < 1) and has no upper tail, so outliers are found on the
-    unbounded A/(1-A) instead (bench/RESULTS.md: on the demo, 184 of 1200 flagged, precision
-    0.73, recall 0.56). Flags are pairs to review, not verdicts.
+    Self-influence is bounded (the leverage A = g^T H^-1 g < 1) and has no upper tail, so
+    outliers are found on the unbounded A/(1-A) instead (bench/RESULTS.md gives precision and
+    recall on the benchmark). Flags are pairs to review, not verdicts.
     """
-    return robust_outliers(leave_own_out_leverage(torch.from_numpy(leverage)), z).numpy()
+    return robust_outliers(torch.from_numpy(leave_own_out), z).numpy()
 
 
 def finalize(audit_dir: str | Path) -> Path:
     """Rank every usable pair and write ranked.csv (rank 1 = most likely misaligned)."""
     plan = load_plan(audit_dir)
+    scored_shift(plan, open_store(audit_dir))  # every shard scored, all with one damping
     o = _manifest_of(plan).options
     pairs, cols = collect_scores(audit_dir)
     score = misalignment_score({k: torch.from_numpy(v) for k, v in cols.items()}, o.rank_by).numpy()
     order = ranking(torch.from_numpy(score)).numpy()
-    suspected = suspected_flags(cols["leverage"])
+    suspected = suspected_flags(cols["leave_own_out"])
     path = Path(audit_dir) / "ranked.csv"
     with path.open("w", encoding="utf-8", newline="") as handle:
         writer = csv.writer(handle)

@@ -7,6 +7,7 @@ exactly as the leave-out objective of ECIF assumes.
 """
 from __future__ import annotations
 
+import hashlib
 from typing import Iterable, Sequence
 
 import numpy as np
@@ -24,8 +25,33 @@ def partition(ids: Iterable[str], batch_size: int, seed: int, drop: Iterable[str
     return [b for b in batches if b]
 
 
-def rebatch_within(ids: Sequence[str], batch_size: int, seed: int) -> list[list[str]]:
-    """A further seeded partition of a block of ids (used for the extra partitions r >= 1)."""
+def training_batches(ids: Iterable[str], batch_size: int, seed: int,
+                     drop: Iterable[str] = ()) -> tuple[list[list[str]], list[str]]:
+    """(batches the objective sums over, ids left alone in their batch).
+
+    The one definition shared by the trainer and the audit: a pair alone in its batch after
+    removals has no in-batch negatives and a degenerate loss, so neither trains nor audits it.
+    """
+    batches = partition(ids, batch_size, seed, drop)
+    return [b for b in batches if len(b) >= 2], [b[0] for b in batches if len(b) == 1]
+
+
+def ids_digest(ids: Iterable[str]) -> str:
+    """Identity of an id set: equal digests mean equal partitions for the same (seed, B)."""
+    return hashlib.sha256("\n".join(sorted(set(ids))).encode()).hexdigest()
+
+
+def hash_seed(*parts: int) -> int:
+    """A seed derived from several integers, stable across processes (unlike hash())."""
+    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1)[0])
+
+
+def rebatch_within(ids: Sequence, batch_size: int, seed: int) -> list[list]:
+    """A further seeded partition of a block (the extra partitions r >= 1); a trailing lone
+    item joins the previous batch so nobody is left without in-batch negatives."""
     order = np.random.Generator(np.random.PCG64(seed)).permutation(len(ids))
     shuffled = [ids[i] for i in order]
-    return [shuffled[s:s + batch_size] for s in range(0, len(shuffled), batch_size)]
+    batches = [shuffled[s:s + batch_size] for s in range(0, len(shuffled), batch_size)]
+    if len(batches) > 1 and len(batches[-1]) == 1:
+        batches[-2] += batches.pop()
+    return batches

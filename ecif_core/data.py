@@ -15,7 +15,7 @@ from typing import Callable, Iterator, Sequence
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from .errors import ConfigError
+from .errors import ConfigError, EcifError
 
 MAX_CAPTION_CHARS = 2000
 
@@ -34,41 +34,58 @@ class RejectedRow:
     reason: str
 
 
-def read_pair_rows(path: str | Path) -> Iterator[tuple[int, dict]]:
-    """(row number, raw row) from a JSONL or CSV pair file, streamed."""
+def read_pair_rows(path: str | Path, field: str = "train") -> Iterator[tuple[int, dict]]:
+    """(row number, raw row) from a JSONL or CSV pair file, streamed; unreadable rows carry __error__."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError("train", f"pair file not found: {path}")
+        raise ConfigError(field, f"pair file not found: {path}")
     if path.suffix.lower() in (".jsonl", ".json"):
-        with path.open(encoding="utf-8") as handle:
+        with path.open(encoding="utf-8-sig") as handle:
             for number, line in enumerate(handle, start=1):
                 if line.strip():
-                    try:
-                        yield number, json.loads(line)
-                    except json.JSONDecodeError as exc:
-                        yield number, {"__error__": f"invalid JSON ({exc.msg})"}
+                    yield number, _json_row(line)
     elif path.suffix.lower() in (".csv", ".tsv"):
         delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
-        with path.open(encoding="utf-8", newline="") as handle:
-            for number, row in enumerate(csv.DictReader(handle, delimiter=delimiter), start=1):
+        with path.open(encoding="utf-8-sig", newline="") as handle:  # -sig: files saved by Excel
+            reader = csv.DictReader(handle, delimiter=delimiter)
+            missing = [c for c in ("image", "caption") if c not in (reader.fieldnames or [])]
+            if missing:
+                raise ConfigError(field, f"{path.name}: header lacks column(s) {missing} (need id,image,caption)")
+            for number, row in enumerate(reader, start=1):
                 yield number, row
     else:
-        raise ConfigError("train", f"unsupported pair file type {path.suffix!r} (use .jsonl or .csv)")
+        raise ConfigError(field, f"unsupported pair file type {path.suffix!r} (use .jsonl or .csv)")
 
 
-def read_pairs(path: str | Path, check_images: bool = True) -> tuple[list[Pair], list[RejectedRow], list[str]]:
-    """(usable pairs, rejected rows, every id in the file). Duplicate ids are an error."""
+def _json_row(line: str) -> dict:
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError as exc:
+        return {"__error__": f"invalid JSON ({exc.msg})"}
+    return row if isinstance(row, dict) else {"__error__": "row is not a JSON object"}
+
+
+def read_pairs(path: str | Path, check_images: bool = True,
+               field: str = "train") -> tuple[list[Pair], list[RejectedRow], list[str]]:
+    """(usable pairs, rejected rows, ids of every readable row). Duplicate ids are an error.
+
+    Rows that cannot be parsed at all have no id; they are rejected as "row-<n>" and are not
+    part of the partition (neither training nor the audit can read them).
+    """
     base = Path(path).resolve().parent
     pairs, rejected, all_ids, seen = [], [], [], {}
-    for number, row in read_pair_rows(path):
-        pair_id = str(row.get("id") or "").strip()
-        if not pair_id:
-            pair_id = _stable_id(row)
+    for number, row in read_pair_rows(path, field):
+        if "__error__" in row:
+            rejected.append(RejectedRow(number, f"row-{number}", row["__error__"]))
+            continue
+        raw_id = row.get("id")
+        pair_id = str(raw_id).strip() if raw_id is not None else ""
+        pair_id = pair_id or _stable_id(row)
         if pair_id in seen:
-            raise ConfigError("train", f"duplicate id {pair_id!r} in rows {seen[pair_id]} and {number}")
+            raise ConfigError(field, f"duplicate id {pair_id!r} in rows {seen[pair_id]} and {number}")
         seen[pair_id] = number
         all_ids.append(pair_id)
-        reason = row.get("__error__") or _row_problem(row, base, check_images)
+        reason = _row_problem(row, base, check_images)
         if reason:
             rejected.append(RejectedRow(number, pair_id, reason))
         else:
@@ -99,10 +116,10 @@ def _row_problem(row: dict, base: Path, check_images: bool) -> str | None:
     if not path.is_file():
         return f"image not found: {path}"
     if check_images:
-        try:
+        try:  # a full decode: verify() alone lets truncated files through
             with Image.open(path) as img:
-                img.verify()
-        except (UnidentifiedImageError, OSError, SyntaxError) as exc:
+                img.load()
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
             return f"image cannot be decoded: {exc}"
     return None
 
@@ -114,8 +131,13 @@ def load_image(path: str) -> Image.Image:
 
 def load_batch(pairs: Sequence[Pair], preprocess: Callable, tokenizer: Callable) -> tuple[torch.Tensor, torch.Tensor]:
     """(images, tokens) tensors for a batch, with the model's own transform and tokenizer."""
-    images = torch.stack([preprocess(load_image(p.image)) for p in pairs])
-    return images, tokenizer([p.caption for p in pairs])
+    images = []
+    for pair in pairs:
+        try:
+            images.append(preprocess(load_image(pair.image)))
+        except (OSError, ValueError, SyntaxError) as exc:  # changed on disk after prepare validated it
+            raise EcifError(f"pair {pair.id!r}: image {pair.image} cannot be loaded ({exc})") from exc
+    return torch.stack(images), tokenizer([p.caption for p in pairs])
 
 
 def data_hash(pairs: Sequence[Pair]) -> str:

@@ -50,13 +50,23 @@ class Manifest:
     validation: str | None
     model_arch: str | None
     model_config: str | dict | None
-    checkpoint: str | None
+    checkpoint: str
     options: AuditOptions
+    excluded: list[str] = field(default_factory=list)   # ids the model was trained without (sidecar)
+    ids_digest: str | None = None                        # digest of the training id set (sidecar)
 
     def to_json(self) -> dict[str, Any]:
         return {"train": self.train, "validation": self.validation,
                 "model": {"arch": self.model_arch, "config": self.model_config, "checkpoint": self.checkpoint},
-                "options": asdict(self.options)}
+                "options": asdict(self.options), "excluded": self.excluded, "ids_digest": self.ids_digest}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> "Manifest":
+        """Inverse of to_json for a manifest that was already resolved and validated."""
+        return cls(train=data["train"], validation=data["validation"], model_arch=data["model"]["arch"],
+                   model_config=data["model"]["config"], checkpoint=data["model"]["checkpoint"],
+                   options=AuditOptions(**data["options"]), excluded=list(data.get("excluded", [])),
+                   ids_digest=data.get("ids_digest"))
 
 
 _OPTION_TYPES: dict[str, tuple[type, ...]] = {
@@ -72,7 +82,12 @@ def read_sidecar(checkpoint: str | Path | None) -> dict[str, Any]:
     if checkpoint is None:
         return {}
     path = Path(str(checkpoint) + SIDECAR_SUFFIX)
-    return json.loads(path.read_text()) if path.is_file() else {}
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ConfigError("model.checkpoint", f"training sidecar {path} is not valid JSON ({exc})") from exc
 
 
 def load_manifest(source: str | Path | dict, base_dir: str | Path | None = None) -> Manifest:
@@ -109,8 +124,12 @@ def load_manifest(source: str | Path | dict, base_dir: str | Path | None = None)
             raise ConfigError(name, "must be a path string")
         return str((base / value).resolve())
 
-    checkpoint = resolve(model.get("checkpoint"), "model.checkpoint", False)
+    checkpoint = resolve(model.get("checkpoint"), "model.checkpoint", True)
     sidecar = read_sidecar(checkpoint)
+    if model.get("arch") is not None and model.get("config") is not None:
+        raise ConfigError("model", "give model.arch or model.config, not both")
+    if model.get("arch") is not None and not isinstance(model["arch"], str):
+        raise ConfigError("model.arch", "must be a string")
     config = model.get("config")
     config = resolve(config, "model.config", False) if isinstance(config, str) else config
     if model.get("arch") is None and config is None:
@@ -118,9 +137,12 @@ def load_manifest(source: str | Path | dict, base_dir: str | Path | None = None)
         if config is None:
             raise ConfigError("model", "give model.arch or model.config (no training sidecar found)")
     options = _parse_options(raw.get("options") or {}, sidecar)
-    return Manifest(train=resolve(raw.get("train"), "train", True),
-                    validation=resolve(raw.get("validation"), "validation", False),
-                    model_arch=model.get("arch"), model_config=config, checkpoint=checkpoint, options=options)
+    validation = resolve(raw.get("validation"), "validation", False)
+    if options.rank_by in ("influence", "combined") and validation is None:
+        raise ConfigError("options.rank_by", f"{options.rank_by!r} needs a validation set")
+    return Manifest(train=resolve(raw.get("train"), "train", True), validation=validation,
+                    model_arch=model.get("arch"), model_config=config, checkpoint=checkpoint, options=options,
+                    excluded=list(sidecar.get("excluded", [])), ids_digest=sidecar.get("ids_digest"))
 
 
 def _parse_options(raw: dict[str, Any], sidecar: dict[str, Any]) -> AuditOptions:
@@ -131,6 +153,10 @@ def _parse_options(raw: dict[str, Any], sidecar: dict[str, Any]) -> AuditOptions
         if name not in known:
             raise ConfigError(f"options.{name}", "unknown option")
     values = {k: sidecar[k] for k in ("batch_size", "seed", "weight_decay") if k in sidecar}
+    for name in ("batch_size", "seed"):  # the audit must see the training partition
+        if name in raw and name in sidecar and raw[name] != sidecar[name]:
+            raise ConfigError(f"options.{name}", f"{raw[name]!r} differs from the training sidecar's "
+                              f"{sidecar[name]!r}; the audit must use the partition the model was trained on")
     values.update(raw)
     for name, value in values.items():
         if isinstance(value, bool) or not isinstance(value, _OPTION_TYPES[name]):

@@ -6,23 +6,25 @@ when pair n is removed. Negative = removing n lowers the validation loss = n is 
 """
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, Sequence
 
 import torch
 
 from .hessian import DampedInverse
+from .projection import Block
 
 RankBy = Literal["influence", "self_influence", "combined"]
 RANK_BY: tuple[str, ...] = ("influence", "self_influence", "combined")
 
 
 def pair_scores(g_pos: torch.Tensor, g_neg: torch.Tensor, inverse: DampedInverse,
-                validation_grad: torch.Tensor | None) -> dict[str, torch.Tensor]:
+                validation_grad: torch.Tensor | None, blocks: Sequence[Block] | None = None) -> dict[str, torch.Tensor]:
     """Per-pair influence numbers for rows of (g_pos, g_neg), each (R, k).
 
     Returns influence, influence_pos, influence_neg (NaN without a validation set),
-    self_influence = g_pos^T H^-1 (g_pos + g_neg), leverage = g_pos^T H^-1 g_pos (in [0, 1)
-    because H contains g_pos g_pos^T), and the Gram entries of the two influence directions
+    self_influence = g_pos^T H^-1 (g_pos + g_neg), leverage = g_pos^T H^-1 g_pos, its
+    leave-own-out form g^T (H - g g^T)^-1 g (per curvature block when `blocks` are given, where
+    each block's leverage is in [0, 1)), and the Gram entries of the two influence directions
     H^-1 g_pos, H^-1 g_neg that relative-IS needs later.
     """
     x, y = inverse.rotate(g_pos), inverse.rotate(g_neg)
@@ -30,6 +32,8 @@ def pair_scores(g_pos: torch.Tensor, g_neg: torch.Tensor, inverse: DampedInverse
     out = {
         "self_influence": (x * w * (x + y)).sum(dim=1),
         "leverage": (x * w * x).sum(dim=1),
+        "leave_own_out": sum(leave_own_out_leverage((x[:, b] * w[b] * x[:, b]).sum(dim=1))
+                             for b in _block_slices(blocks, x.shape[1])),
         "gram_pos_pos": (x * x * w * w).sum(dim=1),
         "gram_pos_neg": (x * y * w * w).sum(dim=1),
         "gram_neg_neg": (y * y * w * w).sum(dim=1),
@@ -42,6 +46,11 @@ def pair_scores(g_pos: torch.Tensor, g_neg: torch.Tensor, inverse: DampedInverse
         out["influence_pos"], out["influence_neg"] = x @ direction, y @ direction
         out["influence"] = out["influence_pos"] + out["influence_neg"]
     return out
+
+
+def _block_slices(blocks: Sequence[Block] | None, dim: int) -> list[slice]:
+    """Index ranges of the curvature blocks (block-diagonal eigenvectors keep each block's range)."""
+    return [slice(0, dim)] if blocks is None else [slice(b.start, b.stop) for b in blocks]
 
 
 def relative_is(test_pos: torch.Tensor, test_neg: torch.Tensor, gram_pos_pos: torch.Tensor,

@@ -15,7 +15,7 @@ import numpy as np
 import zarr
 
 STAGE_MARKERS = ("gradients", "scores")
-SCORE_FIELDS = ("influence", "influence_pos", "influence_neg", "self_influence", "leverage",
+SCORE_FIELDS = ("influence", "influence_pos", "influence_neg", "self_influence", "leverage", "leave_own_out",
                 "gram_pos_pos", "gram_pos_neg", "gram_neg_neg")
 TERM_FIELDS = ("pos_terms", "neg_terms", "clip_score")
 
@@ -28,12 +28,9 @@ class AuditStore:
         self.root = zarr.open_group(url, mode="a")
 
     def create(self, rows: int, dim: int, shard_rows: int, shards: int, attrs: dict[str, Any]) -> None:
-        """Preallocate every per-row array (idempotent: an existing layout is kept if it matches)."""
-        if "grads" in self.root:
-            existing = self.root["grads/pos"]
-            if existing.shape == (rows, dim) and existing.chunks == (shard_rows, dim):
-                return
-            raise ValueError(f"store {self.url} holds another audit layout {existing.shape}")
+        """Preallocate every array afresh (prepare calls this only before its plan exists, so
+        whatever a crashed earlier prepare left here is replaced)."""
+        self.root = zarr.open_group(self.url, mode="w")
         for name in ("grads/pos", "grads/neg"):
             self.root.create_array(name, shape=(rows, dim), chunks=(shard_rows, dim), dtype="float32",
                                    fill_value=0.0, compressors=None)
@@ -45,6 +42,8 @@ class AuditStore:
                                    fill_value=np.nan)
         for stage in STAGE_MARKERS:
             self.root.create_array(f"done/{stage}", shape=(shards,), chunks=(1,), dtype="uint8", fill_value=0)
+        # delta + lambda each scores shard used (one chunk per shard, like the markers)
+        self.root.create_array("done/scores_shift", shape=(shards,), chunks=(1,), dtype="float64", fill_value=np.nan)
         self.root.attrs.update({"rows": rows, "dim": dim, "shard_rows": shard_rows, "shards": shards, **attrs})
 
     @property
@@ -77,8 +76,10 @@ class AuditStore:
         if attrs:
             array.attrs.update(json.loads(json.dumps(attrs)))
 
-    def has(self, path: str) -> bool:
-        return path in self.root
+    def mark_complete(self, path: str) -> None:
+        """Set after a whole-array stage wrote its data: its completion marker."""
+        self.root[path].attrs["complete"] = True
 
-    def array_attrs(self, path: str) -> dict[str, Any]:
-        return dict(self.root[path].attrs)
+    def is_complete(self, path: str) -> bool:
+        """True only once mark_complete ran; an array that exists but was cut short is not."""
+        return path in self.root and bool(self.root[path].attrs.get("complete", False))

@@ -20,7 +20,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from .batching import partition
+from .batching import ids_digest, training_batches
 from .data import data_hash, load_batch, read_pairs
 from .errors import ConfigError
 from .losses import batch_loss, pair_logits
@@ -63,9 +63,13 @@ def train(data: str | Path, model_config: str | Path | dict, out: str | Path, cf
     pairs, rejected, all_ids = read_pairs(data)
     by_id = {p.id: p for p in pairs}
     excluded = set(cfg.exclude)
-    batches = [b for b in partition(all_ids, cfg.batch_size, cfg.seed, drop=excluded | {r.id for r in rejected})
-               if len(b) >= 2]
+    unknown = sorted(excluded - set(all_ids))
+    if unknown:
+        raise ConfigError("exclude", f"{len(unknown)} ids are not in {data}: {unknown[:5]}")
+    batches, _alone = training_batches(all_ids, cfg.batch_size, cfg.seed, drop=excluded | {r.id for r in rejected})
     n_used = sum(len(b) for b in batches)
+    if n_used == 0:
+        raise ConfigError("train", f"no batch of {data} holds two usable pairs")
     # Preprocessed tensors stay in memory: the trainer serves demos, benchmarks and retraining.
     cached = [load_batch([by_id[i] for i in b], loaded.preprocess, loaded.tokenizer) for b in batches]
     l2_params = [p for name, p in model.named_parameters() if name != "logit_scale"]
@@ -73,7 +77,7 @@ def train(data: str | Path, model_config: str | Path | dict, out: str | Path, cf
     with flush_denormals():
         epoch_seconds, epoch_loss = _run_epochs(model, cfg, batches, cached, n_used, l2_params, out, progress)
     model.eval()
-    return _save(model, cfg, data, out, pairs, excluded, n_used, model_cfg, epoch_seconds, epoch_loss)
+    return _save(model, cfg, data, out, pairs, all_ids, excluded, n_used, model_cfg, epoch_seconds, epoch_loss)
 
 
 def _run_epochs(model, cfg: TrainConfig, batches, cached, n_used: int, l2_params, out, progress):
@@ -107,7 +111,8 @@ def _run_epochs(model, cfg: TrainConfig, batches, cached, n_used: int, l2_params
     return epoch_seconds, epoch_loss
 
 
-def _save(model, cfg: TrainConfig, data, out, pairs, excluded, n_used, model_cfg, epoch_seconds, epoch_loss) -> TrainResult:
+def _save(model, cfg: TrainConfig, data, out, pairs, all_ids, excluded, n_used, model_cfg, epoch_seconds,
+          epoch_loss) -> TrainResult:
     """Checkpoint plus the JSON sidecar the audit reads its defaults from."""
     snapshots = _snapshot_epochs(cfg.epochs, cfg.checkpoints)
     out = Path(out)
@@ -117,7 +122,7 @@ def _save(model, cfg: TrainConfig, data, out, pairs, excluded, n_used, model_cfg
     sidecar.write_text(json.dumps({
         "batch_size": cfg.batch_size, "seed": cfg.seed, "weight_decay": cfg.weight_decay, "epochs": cfg.epochs,
         "lr": cfg.lr, "excluded": sorted(excluded), "pairs_used": n_used, "data": str(Path(data).resolve()),
-        "data_hash": data_hash(pairs), "model_config": model_cfg, "epoch_seconds": epoch_seconds,
+        "data_hash": data_hash(pairs), "ids_digest": ids_digest(all_ids), "model_config": model_cfg, "epoch_seconds": epoch_seconds,
         "final_loss_per_pair": epoch_loss / n_used,
         "checkpoints": [str(_snapshot_path(out, e)) for e in sorted(snapshots)],
     }, indent=1))

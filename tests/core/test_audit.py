@@ -102,14 +102,21 @@ def test_bad_rows_are_rejected_with_reasons_and_the_rest_is_audited(workspace, t
     extra = [{"id": "no-image", "image": "images/missing.png", "caption": "a photo of the digit one"},
              {"id": "empty-caption", "image": json.loads(lines[0])["image"], "caption": "  "},
              {"id": "corrupt", "image": "broken.png", "caption": "a photo of the digit two"}]
-    (workspace / "data" / "bad.jsonl").write_text("\n".join(lines + [json.dumps(e) for e in extra]) + "\n{oops\n")
-    manifest = _write_manifest(workspace, "bad.json", OPTIONS, train="data/bad.jsonl", validation=None)
-    ranked = audit.run_audit(manifest, tmp_path / "bad")
+    (workspace / "data" / "bad.jsonl").write_text("\n".join(lines + [json.dumps(e) for e in extra])
+                                                  + "\n{oops\n[1, 2]\n")
+    # The model was trained on this very file (the trainer rejects the same rows).
+    train(workspace / "data" / "bad.jsonl", workspace / "cfg.json", workspace / "bad_model.pt",
+          TrainConfig(epochs=1, batch_size=8, lr=1e-3, weight_decay=1e-2, seed=1))
+    manifest = {"model": {"config": "cfg.json", "checkpoint": "bad_model.pt"}, "train": "data/bad.jsonl",
+                "options": OPTIONS}
+    (workspace / "bad.json").write_text(json.dumps(manifest))
+    ranked = audit.run_audit(workspace / "bad.json", tmp_path / "bad")
     rejected = {r["id"]: r["reason"] for r in _rows(tmp_path / "bad" / "rejected.csv")}
     assert rejected["no-image"].startswith("image not found")
     assert rejected["empty-caption"] == "caption is empty or not text"
     assert rejected["corrupt"].startswith("image cannot be decoded")
     assert any("invalid JSON" in reason for reason in rejected.values())
+    assert any(reason == "row is not a JSON object" for reason in rejected.values())
     rows = _rows(ranked)
     assert len(rows) == 40 and not set(rejected) & {r["id"] for r in rows}
     assert all(r["influence"] == "" for r in rows)  # no validation set: self-influence only
@@ -117,7 +124,10 @@ def test_bad_rows_are_rejected_with_reasons_and_the_rest_is_audited(workspace, t
 
 def test_every_row_rejected_fails_with_the_reason(workspace, tmp_path):
     (workspace / "data" / "allbad.jsonl").write_text(json.dumps({"id": "x", "image": "nope.png", "caption": "a"}) + "\n")
-    manifest = _write_manifest(workspace, "allbad.json", OPTIONS, train="data/allbad.jsonl", validation=None)
+    shutil.copy(workspace / "model.pt", workspace / "no_sidecar.pt")  # a checkpoint from elsewhere
+    manifest = workspace / "allbad.json"
+    manifest.write_text(json.dumps({"model": {"config": "cfg.json", "checkpoint": "no_sidecar.pt"},
+                                    "train": "data/allbad.jsonl", "options": {**OPTIONS, "batch_size": 8}}))
     with pytest.raises(ConfigError, match="no usable rows.*image not found"):
         audit.run_audit(manifest, tmp_path / "allbad")
 
@@ -206,3 +216,93 @@ def test_two_processes_writing_different_shards_match_a_sequential_run(workspace
     assert store.done_count("gradients") == shards
     for name in ("grads/pos", "grads/neg", "terms/clip_score"):
         np.testing.assert_array_equal(store.read_rows(name), audit.open_store(finished).read_rows(name))
+
+
+def test_manifest_rules_checkpoint_rank_by_and_sidecar_partition(workspace):
+    base = {"model": {"config": "cfg.json", "checkpoint": "model.pt"}, "train": "data/train.jsonl"}
+    cases = [({**base, "model": {"config": "cfg.json"}}, "model.checkpoint"),
+             ({**base, "options": {"rank_by": "influence"}}, "options.rank_by"),
+             ({**base, "options": {"batch_size": 16}}, "options.batch_size"),
+             ({**base, "model": {**base["model"], "arch": "RN50"}}, "model")]
+    for manifest, field in cases:
+        with pytest.raises(ConfigError) as error:
+            load_manifest(manifest, base_dir=workspace)
+        assert error.value.field == field
+
+
+def test_changed_manifest_on_an_existing_audit_folder_is_refused(workspace, finished, tmp_path):
+    copy = tmp_path / "copy"
+    shutil.copytree(finished, copy)
+    changed = _write_manifest(workspace, "changed.json", {**OPTIONS, "neg_term": "first_order"})
+    with pytest.raises(ConfigError) as error:
+        audit.run_audit(changed, copy)
+    assert error.value.field == "options.neg_term"
+
+
+def test_stages_refuse_incomplete_inputs(workspace, finished, tmp_path):
+    copy = tmp_path / "copy"
+    shutil.copytree(finished, copy)
+    store = audit.open_store(copy)
+    store.root["done/scores"][0] = 0
+    with pytest.raises(RuntimeError, match="not scored"):
+        audit.finalize(copy)
+    audit.shard_scores(copy, 0, damping=5.0)  # one shard re-scored with another damping
+    with pytest.raises(RuntimeError, match="different dampings"):
+        audit.finalize(copy)
+    store.root["validation/grad"].attrs["complete"] = False  # a validation stage cut short
+    with pytest.raises(RuntimeError, match="validation stage"):
+        audit.shard_scores(copy, 1, damping=5.0)
+
+
+def test_audit_uses_the_training_partition_with_excluded_and_lone_pairs(workspace, tmp_path):
+    """Independent check: batches in the audit = seeded partition of every id minus removals."""
+    from ecif_core.batching import partition
+    from ecif_core.data import read_pairs
+
+    _, _, ids = read_pairs(workspace / "data" / "train.jsonl")
+    full = partition(ids, 8, 1)
+    excluded = full[0][:7]  # leaves full[0][7] alone in its batch
+    train(workspace / "data" / "train.jsonl", workspace / "cfg.json", workspace / "excl.pt",
+          TrainConfig(epochs=1, batch_size=8, lr=1e-3, weight_decay=1e-2, seed=1, exclude=excluded))
+    (workspace / "excl.json").write_text(json.dumps({"model": {"config": "cfg.json", "checkpoint": "excl.pt"},
+                                                     "train": "data/train.jsonl", "options": OPTIONS}))
+    ranked = audit.run_audit(workspace / "excl.json", tmp_path / "excl")
+    rejected = {r["id"]: r["reason"] for r in _rows(tmp_path / "excl" / "rejected.csv")}
+    assert all(rejected[i].startswith("excluded from training") for i in excluded)
+    assert rejected[full[0][7]].startswith("alone in its batch")
+    batches = {}
+    for line in (tmp_path / "excl" / "pairs.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        batches.setdefault(row["batch"], []).append(row["id"])
+    assert list(batches.values()) == full[1:]
+    assert len(_rows(ranked)) == 64 - 8
+
+
+def test_ranked_row_matches_independent_recomputation(workspace, finished):
+    """One CSV row's self_influence from scratch: its batch by partition(), its gradients by
+    one-at-a-time autograd, H by a direct solve over all stored g_pos."""
+    import torch
+
+    from ecif_core.batching import partition
+    from ecif_core.data import load_batch, read_pairs
+    from ecif_core.gradients import embed
+    from ecif_core.losses import contrastive_terms, pair_logits
+
+    row = _rows(finished / "ranked.csv")[5]
+    pairs, _, ids = read_pairs(workspace / "data" / "train.jsonl")
+    batch = next(b for b in partition(ids, 8, 1) if row["id"] in b)
+    by_id = {p.id: p for p in pairs}
+    loaded, params, projector = audit.ModelCache().get(load_manifest(workspace / "manifest.json"))
+    images, tokens = load_batch([by_id[i] for i in batch], loaded.preprocess, loaded.tokenizer)
+    u, v = embed(loaded.model, images, tokens)
+    pos, neg = contrastive_terms(pair_logits(u, v, loaded.model.logit_scale.exp().detach()))
+    n = batch.index(row["id"])
+    project = lambda gs: projector.project([g.unsqueeze(0) for g in gs])[0].double()
+    g_pos = project(torch.autograd.grad(pos[n], params, retain_graph=True))
+    g_neg = project(torch.autograd.grad(neg[n], params))
+    store, plan = audit.open_store(finished), audit.load_plan(finished)
+    all_pos = torch.from_numpy(store.read_rows("grads/pos")).double()
+    shift = audit.scored_shift(plan, store)
+    h = all_pos.T @ all_pos + shift * torch.eye(plan.dim, dtype=torch.float64)
+    expected = float(g_pos @ torch.linalg.solve(h, g_pos + g_neg))
+    assert float(row["self_influence"]) == pytest.approx(expected, rel=2e-3)

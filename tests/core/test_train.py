@@ -31,12 +31,17 @@ def test_same_seed_same_weights_and_sidecar(data, tmp_path):
     assert not all(torch.equal(a[k], c[k]) for k in a)
 
 
-def test_exclude_removes_ids_without_repartitioning(data, tmp_path):
+def test_exclude_is_recorded_and_unknown_ids_are_refused(data, tmp_path):
+    """(That the remaining batches are unchanged is checked end to end in test_audit.)"""
+    from ecif_core.errors import ConfigError
+
     pairs, _, ids = read_pairs(data.train)
     dropped = [partition(ids, 8, 4)[0][0], partition(ids, 8, 4)[3][2]]
     result = train(data.train, MICRO_CONFIG, tmp_path / "x.pt", TrainConfig(**{**CFG.__dict__, "exclude": dropped}))
     side = json.loads(result.sidecar.read_text())
     assert side["excluded"] == sorted(dropped) and side["pairs_used"] == 38
+    with pytest.raises(ConfigError, match="exclude"):
+        train(data.train, MICRO_CONFIG, tmp_path / "y.pt", TrainConfig(**{**CFG.__dict__, "exclude": ["typo-id"]}))
 
 
 def test_training_lowers_the_loss(data, tmp_path):

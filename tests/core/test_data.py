@@ -1,0 +1,52 @@
+"""Pair files: bad rows become reasons, ids survive as written, errors name the field."""
+import io
+import json
+
+import pytest
+from PIL import Image
+
+from ecif_core.data import read_pairs
+from ecif_core.errors import ConfigError
+
+
+def _png(path, size=8):
+    Image.new("RGB", (size, size), (120, 30, 200)).save(path)
+
+
+def test_truncated_image_is_rejected_not_fatal(tmp_path):
+    buffer = io.BytesIO()
+    Image.new("RGB", (64, 64), (10, 200, 30)).save(buffer, format="JPEG")
+    (tmp_path / "cut.jpg").write_bytes(buffer.getvalue()[: len(buffer.getvalue()) // 2])
+    _png(tmp_path / "ok.png")
+    rows = [{"id": "cut", "image": "cut.jpg", "caption": "a"}, {"id": "ok", "image": "ok.png", "caption": "b"}]
+    (tmp_path / "p.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    pairs, rejected, ids = read_pairs(tmp_path / "p.jsonl")
+    assert [p.id for p in pairs] == ["ok"] and ids == ["cut", "ok"]
+    assert rejected[0].id == "cut" and rejected[0].reason.startswith("image cannot be decoded")
+
+
+def test_ids_are_kept_as_written_and_malformed_lines_do_not_collide(tmp_path):
+    _png(tmp_path / "a.png")
+    lines = [json.dumps({"id": 0, "image": "a.png", "caption": "zero"}), "{broken", "{also broken", "[1, 2]"]
+    (tmp_path / "p.jsonl").write_text("\n".join(lines) + "\n")
+    pairs, rejected, ids = read_pairs(tmp_path / "p.jsonl")
+    assert ids == ["0"] and pairs[0].id == "0"
+    assert [r.id for r in rejected] == ["row-2", "row-3", "row-4"]
+    assert rejected[2].reason == "row is not a JSON object"
+
+
+def test_csv_from_excel_with_byte_order_mark_keeps_ids(tmp_path):
+    _png(tmp_path / "a.png")
+    (tmp_path / "p.csv").write_bytes("\ufeffid,image,caption,extra\nmy-id,a.png,a caption é,x\n".encode("utf-8"))
+    pairs, rejected, _ = read_pairs(tmp_path / "p.csv")
+    assert pairs[0].id == "my-id" and pairs[0].caption == "a caption é" and not rejected
+
+
+def test_missing_csv_column_and_missing_file_name_the_field(tmp_path):
+    (tmp_path / "p.csv").write_text("id,image\nx,a.png\n")
+    with pytest.raises(ConfigError, match="header lacks column.*caption") as error:
+        read_pairs(tmp_path / "p.csv")
+    assert error.value.field == "train"
+    with pytest.raises(ConfigError) as error:
+        read_pairs(tmp_path / "nope.jsonl", field="validation")
+    assert error.value.field == "validation"
