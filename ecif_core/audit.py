@@ -72,8 +72,7 @@ class ModelCache:
             loaded.model.to("cuda" if torch.cuda.is_available() else "cpu")
             theta = select_theta(loaded.model, manifest.options.theta)
             restrict_grad_to(loaded.model, theta)
-            projector = Projector([n for n, _ in theta], [p.shape for _, p in theta],
-                                  manifest.options.projection_spec())
+            projector = Projector.for_theta(theta, manifest.options.projection_spec())
             self._key, self._value = key, (loaded, [p for _, p in theta], projector)
         return self._value
 
@@ -196,8 +195,7 @@ def _shape_projector(manifest: Manifest) -> Projector:
 
     with torch.device("meta"):
         model = build_model(resolve_model_config(manifest.model_arch, manifest.model_config))
-    theta = select_theta(model, manifest.options.theta)
-    return Projector([n for n, _ in theta], [p.shape for _, p in theta], manifest.options.projection_spec())
+    return Projector.for_theta(select_theta(model, manifest.options.theta), manifest.options.projection_spec())
 
 
 def _batches_of_shard(plan: Plan, slots: list[tuple[int, Pair]], shard: int) -> Iterator[list[tuple[int, Pair]]]:

@@ -45,12 +45,12 @@ def embedding_cotangents(text_emb: torch.Tensor, image_emb: torch.Tensor, scale:
                          neg_term: NegTerm) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """d[Pos(1..B), Neg(1..B)] / d(u, v): shapes (2B, B, D) each, plus the 2B term values."""
 
-    def terms(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        return torch.cat(contrastive_terms(pair_logits(u, v, scale), neg_term))
+    def terms(u: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        values = torch.cat(contrastive_terms(pair_logits(u, v, scale), neg_term))
+        return values, values
 
-    u, v = text_emb.detach(), image_emb.detach()
-    jac_u, jac_v = torch.func.jacrev(terms, argnums=(0, 1))(u, v)
-    return jac_u, jac_v, terms(u, v)
+    (jac_u, jac_v), values = torch.func.jacrev(terms, argnums=(0, 1), has_aux=True)(text_emb.detach(), image_emb.detach())
+    return jac_u, jac_v, values
 
 
 def per_pair_gradients(model: torch.nn.Module, params: Sequence[torch.nn.Parameter], projector: Projector,

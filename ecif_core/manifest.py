@@ -7,12 +7,11 @@ checkpoint's sidecar (written by ecif_core.train), then from the defaults below.
 """
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from .errors import ConfigError
+from .errors import ConfigError, read_json_file
 from .losses import NEG_TERMS
 from .projection import ProjectionSpec
 from .scores import RANK_BY
@@ -82,25 +81,14 @@ def read_sidecar(checkpoint: str | Path | None) -> dict[str, Any]:
     if checkpoint is None:
         return {}
     path = Path(str(checkpoint) + SIDECAR_SUFFIX)
-    if not path.is_file():
-        return {}
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise ConfigError("model.checkpoint", f"training sidecar {path} is not valid JSON ({exc})") from exc
+    return read_json_file(path, "model.checkpoint", "training sidecar") if path.is_file() else {}
 
 
 def load_manifest(source: str | Path | dict, base_dir: str | Path | None = None) -> Manifest:
     """Parse, resolve paths, fill defaults from the sidecar, validate every option by name."""
     if isinstance(source, (str, Path)):
-        path = Path(source)
-        if not path.is_file():
-            raise ConfigError("manifest", f"file not found: {path}")
-        try:
-            raw = json.loads(path.read_text())
-        except json.JSONDecodeError as exc:
-            raise ConfigError("manifest", f"not valid JSON ({exc})") from exc
-        base = Path(base_dir) if base_dir else path.resolve().parent
+        raw = read_json_file(source, "manifest")
+        base = Path(base_dir) if base_dir else Path(source).resolve().parent
     else:
         raw, base = dict(source), Path(base_dir or ".").resolve()
     if not isinstance(raw, dict):

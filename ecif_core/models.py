@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import copy
 import fnmatch
-import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +15,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from .errors import ConfigError, ModelSourceError
+from .errors import ConfigError, ModelSourceError, read_json_file
 
 HUB_PREFIXES = ("hf-hub:", "hf://", "http://", "https://")
 
@@ -40,13 +39,9 @@ def resolve_model_config(arch: str | None = None, config: str | Path | dict | No
         if isinstance(config, dict):
             cfg = copy.deepcopy(config)
         else:
-            path = Path(config)
-            if not path.is_file():
-                raise ConfigError("model.config", f"file not found: {path}")
-            try:
-                cfg = json.loads(path.read_text())
-            except json.JSONDecodeError as exc:
-                raise ConfigError("model.config", f"not valid JSON ({exc})") from exc
+            cfg = read_json_file(config, "model.config")
+            if not isinstance(cfg, dict):
+                raise ConfigError("model.config", "must be a JSON object")
         cfg = cfg.get("model_cfg", cfg)  # open_clip's open_clip_config.json wraps it
     elif arch is not None:
         if arch.startswith(HUB_PREFIXES):

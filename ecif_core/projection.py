@@ -73,6 +73,11 @@ class Projector:
         in_factor = gaussian_factor(spec.seed, name, "in", k_in, d_in) if k_in < d_in else None
         return out_factor, in_factor, min(k_out, d_out) * min(k_in, d_in)
 
+    @classmethod
+    def for_theta(cls, theta: Sequence[tuple[str, torch.nn.Parameter]], spec: ProjectionSpec) -> "Projector":
+        """The projector of a theta list from models.select_theta."""
+        return cls([name for name, _ in theta], [p.shape for _, p in theta], spec)
+
     def factors(self, index: int, device: torch.device) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """(P_out, P_in) of parameter `index` on `device`; None where that side is not projected."""
         return tuple(None if f is None else f.to(device) for f in self._factors[index])  # type: ignore[return-value]

@@ -31,7 +31,7 @@ def _one_at_a_time(loaded, params, images, tokens, neg_term):
 def test_per_pair_gradients_match_autograd(setup, neg_term, chunk):
     loaded, theta = setup
     params = [p for _, p in theta]
-    projector = Projector([n for n, _ in theta], [p.shape for p in params], ProjectionSpec(None, None))
+    projector = Projector.for_theta(theta, ProjectionSpec(None, None))
     images, tokens = random_batch(loaded, 6, seed=2)
     result = per_pair_gradients(loaded.model, params, projector, images, tokens, neg_term, chunk=chunk)
     g_pos, g_neg, pos, neg = _one_at_a_time(loaded, params, images, tokens, neg_term)
@@ -64,7 +64,7 @@ def test_projected_gradient_is_kronecker_projection_of_the_true_one(setup):
 def test_loss_gradient_sums_pos_terms(setup):
     loaded, theta = setup
     params = [p for _, p in theta]
-    projector = Projector([n for n, _ in theta], [p.shape for p in params], ProjectionSpec(None, None))
+    projector = Projector.for_theta(theta, ProjectionSpec(None, None))
     images, tokens = random_batch(loaded, 7, seed=4)
     grad, loss = loss_gradient(loaded.model, params, projector, images, tokens)
     result = per_pair_gradients(loaded.model, params, projector, images, tokens)
@@ -86,7 +86,7 @@ def test_logra_factors_equal_projected_dense_gradients(setup):
 
     loaded, theta = setup
     params = [p for _, p in theta]
-    projector = Projector([n for n, _ in theta], [p.shape for p in params], ProjectionSpec(k_in=3, k_out=5, seed=7))
+    projector = Projector.for_theta(theta, ProjectionSpec(k_in=3, k_out=5, seed=7))
     images, tokens = random_batch(loaded, 6, seed=8)
     logra = per_pair_gradients(loaded.model, params, projector, images, tokens, method="logra", chunk=5)
     dense = per_pair_gradients(loaded.model, params, projector, images, tokens, method="dense")
