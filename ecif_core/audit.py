@@ -47,6 +47,7 @@ class Plan:
     pairs_total: int
     pairs_rejected: int
     blocks: list[dict] = field(default_factory=list)
+    shard_offsets: list[int] = field(default_factory=list)  # byte offset of each shard's first line in pairs.jsonl
 
     @property
     def shard_rows(self) -> int:
@@ -99,12 +100,18 @@ def open_store(audit_dir: str | Path) -> AuditStore:
     return AuditStore(str(Path(audit_dir) / "store.zarr"))
 
 
-def load_slots(audit_dir: str | Path) -> list[tuple[int, Pair]]:
-    """(row slot, pair) for every usable pair, in slot order."""
+def load_slots(audit_dir: str | Path, shard: int | None = None) -> list[tuple[int, Pair]]:
+    """(row slot, pair) for every usable pair in slot order, or for one shard's pairs only
+    (a seek to its recorded offset: a shard task never parses the whole list)."""
+    plan = load_plan(audit_dir) if shard is not None else None
     out = []
-    with (Path(audit_dir) / "pairs.jsonl").open(encoding="utf-8") as handle:
+    with (Path(audit_dir) / "pairs.jsonl").open("rb") as handle:
+        if plan is not None:
+            handle.seek(plan.shard_offsets[shard])
         for line in handle:
             row = json.loads(line)
+            if plan is not None and row["slot"] >= (shard + 1) * plan.shard_rows:
+                break
             out.append((row["slot"], Pair(row["id"], row["image"], row["caption"])))
     return out
 
@@ -160,12 +167,15 @@ def prepare(manifest: Manifest, audit_dir: str | Path) -> Plan:
     if not batches:
         reasons = sorted({r.reason.split(":")[0] for r in rejected})
         raise ConfigError("train", f"no usable rows ({len(rejected)} rejected: {'; '.join(reasons)})")
-    with (audit_dir / "pairs.jsonl").open("w", encoding="utf-8") as handle:
+    shard_offsets = []
+    with (audit_dir / "pairs.jsonl").open("wb") as handle:
         for b, batch in enumerate(batches):
+            if b % o.shard_batches == 0:
+                shard_offsets.append(handle.tell())
             for position, pair_id in enumerate(batch):
                 p = by_id[pair_id]
                 handle.write(json.dumps({"slot": b * o.batch_size + position, "batch": b, "id": p.id,
-                                         "image": p.image, "caption": p.caption}) + "\n")
+                                         "image": p.image, "caption": p.caption}).encode() + b"\n")
     with (audit_dir / "rejected.csv").open("w", encoding="utf-8", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["row", "id", "reason"])
@@ -174,7 +184,8 @@ def prepare(manifest: Manifest, audit_dir: str | Path) -> Plan:
     shards = -(-len(batches) // o.shard_batches)
     plan = Plan(manifest=json.loads(json.dumps(manifest.to_json())), batch_size=o.batch_size,
                 n_batches=len(batches), shard_batches=o.shard_batches, shards=shards, dim=projector.dim,
-                pairs_total=len(all_ids), pairs_rejected=len(rejected), blocks=[b.__dict__ for b in projector.blocks])
+                pairs_total=len(all_ids), pairs_rejected=len(rejected), blocks=[b.__dict__ for b in projector.blocks],
+                shard_offsets=shard_offsets)
     open_store(audit_dir).create(rows=shards * plan.shard_rows, dim=plan.dim, shard_rows=plan.shard_rows,
                                  shards=shards, attrs={"versions": _library_versions(), "manifest": plan.manifest})
     _write_atomic(_plan_path(audit_dir), json.dumps(plan.__dict__, indent=1))  # last: prepare is done
@@ -217,7 +228,7 @@ def shard_gradients(audit_dir: str | Path, shard: int, models: ModelCache | None
     rows, start = plan.shard_rows, shard * plan.shard_rows
     out = {name: np.zeros((rows, plan.dim), np.float32) for name in ("pos", "neg")}
     terms = {name: np.zeros(rows, np.float32) for name in ("pos_terms", "neg_terms", "clip_score")}
-    batches = list(_batches_of_shard(plan, load_slots(audit_dir), shard))
+    batches = list(_batches_of_shard(plan, load_slots(audit_dir, shard), shard))
     with flush_denormals():
         _accumulate_shard(manifest, loaded, params, projector, start, shard, batches, out, terms)
     store.write_rows("grads", start, out)

@@ -153,6 +153,9 @@ def select_theta(model: torch.nn.Module, patterns: Sequence[str] | None = None) 
               if any(fnmatch.fnmatchcase(name, pat) for pat in patterns)]
     if not chosen:
         raise ConfigError("options.theta", f"no parameter matches {patterns}")
+    scalars = [name for name, p in chosen if p.ndim == 0]
+    if scalars:
+        raise ConfigError("options.theta", f"{scalars} are scalars; theta holds weight matrices and vectors")
     return chosen
 
 

@@ -66,6 +66,10 @@ def test_ranked_csv_has_every_pair_once_in_rank_order(finished, workspace):
 
 def test_partition_comes_from_the_sidecar(finished):
     plan = audit.load_plan(finished)
+    # each shard reads only its own lines, and together they are every pair exactly once
+    per_shard = [audit.load_slots(finished, s) for s in range(plan.shards)]
+    assert [sp for part in per_shard for sp in part] == audit.load_slots(finished)
+    assert all(slot // plan.shard_rows == s for s, part in enumerate(per_shard) for slot, _ in part)
     assert plan.batch_size == 8 and plan.manifest["options"]["seed"] == 1
     assert plan.manifest["options"]["weight_decay"] == pytest.approx(1e-2)
 

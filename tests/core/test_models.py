@@ -52,3 +52,5 @@ def test_default_theta_is_last_two_blocks_plus_projections():
     assert all(n.endswith(("weight", "proj", "projection")) for n in names)
     with pytest.raises(ConfigError, match="options.theta"):
         select_theta(micro_model().model, ["nothing.*"])
+    with pytest.raises(ConfigError, match="scalars"):
+        select_theta(micro_model().model, ["logit_scale", "visual.proj"])
