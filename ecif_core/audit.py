@@ -245,9 +245,7 @@ def _accumulate_shard(manifest: Manifest, loaded: LoadedModel, params: list, pro
     for r in range(o.partitions):
         # Extra partitions re-batch the shard's own pairs (see README: "partitions").
         groups = batches if r == 0 else rebatch_within(shard_pairs, o.batch_size, seed=hash_seed(o.seed, r, shard))
-        for batch in groups:
-            if len(batch) < 2:
-                continue  # a lone pair has no in-batch negatives and a degenerate loss
+        for batch in groups:  # every batch holds >= 2 pairs (prepare and rebatch_within ensure it)
             images, tokens = load_batch([p for _, p in batch], loaded.preprocess, loaded.tokenizer)
             result = per_pair_gradients(loaded.model, params, projector, images, tokens, o.neg_term, o.chunk)
             local = np.array([slot - start for slot, _ in batch])

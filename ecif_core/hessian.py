@@ -10,6 +10,7 @@ from typing import Iterable, Sequence
 
 import torch
 
+from .errors import ConfigError
 from .projection import Block
 
 
@@ -49,7 +50,7 @@ class DampedInverse:
 
     def __init__(self, eigvals: torch.Tensor, eigvecs: torch.Tensor, shift: float):
         if shift <= 0 and float(eigvals.min()) <= 0:
-            raise ValueError("the curvature is singular: give a positive damping or weight decay")
+            raise ConfigError("options.damping", "the curvature is singular: give a positive damping or weight decay")
         self.eigvecs = eigvecs.to(torch.float64)
         self.inv_eigvals = 1.0 / (eigvals.to(torch.float64) + shift)
         self.shift = shift
