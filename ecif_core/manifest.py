@@ -113,6 +113,8 @@ def load_manifest(source: str | Path | dict, base_dir: str | Path | None = None)
         return str((base / value).resolve())
 
     checkpoint = resolve(model.get("checkpoint"), "model.checkpoint", True)
+    if not Path(checkpoint).is_file() and "://" not in checkpoint:
+        raise ConfigError("model.checkpoint", f"file not found: {checkpoint}")
     sidecar = read_sidecar(checkpoint)
     if model.get("arch") is not None and model.get("config") is not None:
         raise ConfigError("model", "give model.arch or model.config, not both")

@@ -225,6 +225,7 @@ def test_two_processes_writing_different_shards_match_a_sequential_run(workspace
 def test_manifest_rules_checkpoint_rank_by_and_sidecar_partition(workspace):
     base = {"model": {"config": "cfg.json", "checkpoint": "model.pt"}, "train": "data/train.jsonl"}
     cases = [({**base, "model": {"config": "cfg.json"}}, "model.checkpoint"),
+             ({**base, "model": {"checkpoint": "missing.pt"}}, "model.checkpoint"),
              ({**base, "options": {"rank_by": "influence"}}, "options.rank_by"),
              ({**base, "options": {"batch_size": 16}}, "options.batch_size"),
              ({**base, "model": {**base["model"], "arch": "RN50"}}, "model")]
