@@ -28,7 +28,7 @@ from ecif_core.metrics import detection_report  # noqa: E402
 def run_seed(out: Path, seed: int, epochs: int, options: dict | None) -> dict:
     result = run_demo(out, DemoSettings(seed=seed, epochs=epochs, options=options), say=lambda _: None)
     report = evaluate_ranking(result.ranked_csv, out / "data" / "truth.csv")
-    flags = report.pop("suspected flag")
+    flags = result.flags
     pairs, columns = collect_scores(out / "audit")
     truth = read_truth(out / "data" / "truth.csv")
     labels = [int(truth[p.id]) for p in pairs]

@@ -155,15 +155,15 @@ def prepare(manifest: Manifest, audit_dir: str | Path) -> Plan:
     if manifest.ids_digest and ids_digest(all_ids) != manifest.ids_digest:
         raise ConfigError("train", "its ids differ from the ones the model was trained on (training sidecar); "
                           "the audit could not reproduce the training batches")
-    excluded = set(manifest.excluded)
-    rejected += [RejectedRow(0, i, "excluded from training (ecif train --exclude)") for i in sorted(excluded)
-                 if i in set(all_ids)]
+    excluded = set(manifest.excluded) & set(all_ids)
+    rejected += [RejectedRow(0, i, "excluded from training (ecif train --exclude)") for i in sorted(excluded)]
     # Rejected and excluded rows leave their batches, exactly as in training and in the
     # leave-out objective; every other batch stays as it was (batching.training_batches).
     batches, alone = training_batches(all_ids, o.batch_size, o.seed, drop={r.id for r in rejected})
     rejected += [RejectedRow(0, i, "alone in its batch after removals: no in-batch negatives, not trained on")
                  for i in alone]
-    by_id = {p.id: p for p in pairs if p.id not in excluded and p.id not in set(alone)}
+    unused = excluded | set(alone)
+    by_id = {p.id: p for p in pairs if p.id not in unused}
     if not batches:
         reasons = sorted({r.reason.split(":")[0] for r in rejected})
         raise ConfigError("train", f"no usable rows ({len(rejected)} rejected: {'; '.join(reasons)})")
@@ -309,14 +309,19 @@ def validation(audit_dir: str | Path, models: ModelCache | None = None) -> bool:
 
 def inverse_for(plan: Plan, store: AuditStore, damping: float | None = None) -> DampedInverse:
     """H^-1 with delta (weight decay) + lambda (damping) added now, not at curvature time."""
-    if not store.is_complete("curvature/eigvals"):
-        raise RuntimeError("scoring needs the curvature stage first")
     o = _manifest_of(plan).options
-    eigvals = torch.from_numpy(store.read_rows("curvature/eigvals"))
-    eigvecs = torch.from_numpy(store.read_rows("curvature/eigvecs"))
+    eigvals, eigvecs = _curvature(store)
     lam = damping if damping is not None else (o.damping if o.damping is not None
                                                 else default_damping(eigvals, o.damping_factor))
     return DampedInverse(eigvals, eigvecs, o.weight_decay + lam)
+
+
+def _curvature(store: AuditStore) -> tuple[torch.Tensor, torch.Tensor]:
+    """(eigvals, eigvecs) of the stored Fisher, once the curvature stage has finished."""
+    if not store.is_complete("curvature/eigvals"):
+        raise RuntimeError("scoring needs the curvature stage first")
+    return (torch.from_numpy(store.read_rows("curvature/eigvals")),
+            torch.from_numpy(store.read_rows("curvature/eigvecs")))
 
 
 def shard_scores(audit_dir: str | Path, shard: int, damping: float | None = None) -> bool:
@@ -364,8 +369,7 @@ def trace_relative_is(audit_dir: str | Path, test_grad: torch.Tensor) -> np.ndar
     with; no training gradient is recomputed.
     """
     plan, store = load_plan(audit_dir), open_store(audit_dir)
-    inverse = DampedInverse(torch.from_numpy(store.read_rows("curvature/eigvals")),
-                            torch.from_numpy(store.read_rows("curvature/eigvecs")), scored_shift(plan, store))
+    inverse = DampedInverse(*_curvature(store), scored_shift(plan, store))
     direction = inverse.apply(test_grad.to(torch.float64))
     gram = {name: store.read_rows(f"scores/{name}") for name in ("gram_pos_pos", "gram_pos_neg", "gram_neg_neg")}
     out = np.zeros(plan.shards * plan.shard_rows)

@@ -41,6 +41,7 @@ class DemoSettings:
 class DemoResult:
     ranked_csv: Path
     report: dict[str, dict[str, float]]   # method -> detection metrics
+    flags: dict[str, float]               # the suspected flag: flagged, precision, recall
     train_seconds: float
     epoch_seconds: float
     audit_seconds: float
@@ -68,17 +69,20 @@ def run_demo(out: str | Path, settings: DemoSettings = DemoSettings(),
     started = time.perf_counter()
     ranked = run_audit(out / "manifest.json", out / "audit", progress)
     audit_seconds = time.perf_counter() - started
-    report = evaluate_ranking(ranked, data.truth)
-    return DemoResult(ranked, report, train_seconds, sum(trained.epoch_seconds) / len(trained.epoch_seconds),
-                      audit_seconds)
+    return DemoResult(ranked, evaluate_ranking(ranked, data.truth), evaluate_flags(ranked, data.truth), train_seconds,
+                      sum(trained.epoch_seconds) / len(trained.epoch_seconds), audit_seconds)
+
+
+def _rows_and_labels(ranked_csv: Path, truth_csv: Path) -> tuple[list[dict], list[int]]:
+    truth = read_truth(truth_csv)
+    with Path(ranked_csv).open(encoding="utf-8") as handle:
+        rows = list(csv.DictReader(handle))
+    return rows, [int(truth[r["id"]]) for r in rows]
 
 
 def evaluate_ranking(ranked_csv: Path, truth_csv: Path) -> dict[str, dict[str, float]]:
     """Detection metrics of the audit's ranking and of the columns users compare it with."""
-    truth = read_truth(truth_csv)
-    with ranked_csv.open(encoding="utf-8") as handle:
-        rows = list(csv.DictReader(handle))
-    labels = [int(truth[r["id"]]) for r in rows]
+    rows, labels = _rows_and_labels(ranked_csv, truth_csv)
     n = len(rows)
     methods = {
         "ecif (default ranking)": [float(n - int(r["rank"])) for r in rows],
@@ -88,9 +92,12 @@ def evaluate_ranking(ranked_csv: Path, truth_csv: Path) -> dict[str, dict[str, f
     if rows and rows[0]["influence"]:
         methods["influence (most negative first)"] = [-float(r["influence"]) for r in rows]
         methods["influence_pos only"] = [-float(r["influence_pos"]) for r in rows]
-    report = {name: detection_report(scores, labels) for name, scores in methods.items()}
+    return {name: detection_report(scores, labels) for name, scores in methods.items()}
+
+
+def evaluate_flags(ranked_csv: Path, truth_csv: Path) -> dict[str, float]:
+    """How many pairs suspected=true marks, and their precision and recall against the truth."""
+    rows, labels = _rows_and_labels(ranked_csv, truth_csv)
     flagged = [label for row, label in zip(rows, labels) if row["suspected"] == "true"]
-    report["suspected flag"] = {"flagged": float(len(flagged)),
-                                "precision": sum(flagged) / len(flagged) if flagged else float("nan"),
-                                "recall": sum(flagged) / max(1, sum(labels))}
-    return report
+    return {"flagged": float(len(flagged)), "precision": sum(flagged) / len(flagged) if flagged else float("nan"),
+            "recall": sum(flagged) / max(1, sum(labels))}

@@ -55,7 +55,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     result = run_demo(args.out, settings, progress=_progress_bar())
     print(f"\nranked pairs: {result.ranked_csv}")
     print(f"{'method':<34}{'AUROC':>8}{'AP':>8}{'P@50':>8}")
-    flags = result.report.pop("suspected flag")
+    flags = result.flags
     for method, m in result.report.items():
         print(f"{method:<34}{m['auroc']:>8.3f}{m['ap']:>8.3f}{m['p@50']:>8.3f}")
     print(f"suspected=true: {flags['flagged']:.0f} pairs, precision {flags['precision']:.2f}, "
