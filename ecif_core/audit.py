@@ -48,6 +48,7 @@ class Plan:
     pairs_rejected: int
     blocks: list[dict] = field(default_factory=list)
     shard_offsets: list[int] = field(default_factory=list)  # byte offset of each shard's first line in pairs.jsonl
+    image_roots: list[str] | None = None  # images must lie under these (the service's data roots)
 
     @property
     def shard_rows(self) -> int:
@@ -140,8 +141,11 @@ def _first_difference(new: object, old: object, prefix: str = "") -> str | None:
 
 # ---------------------------------------------------------------- stages
 
-def prepare(manifest: Manifest, audit_dir: str | Path) -> Plan:
-    """Validate rows, fix the partition, lay out slots and shards, preallocate the store."""
+def prepare(manifest: Manifest, audit_dir: str | Path, image_roots: list[Path] | None = None) -> Plan:
+    """Validate rows, fix the partition, lay out slots and shards, preallocate the store.
+
+    `image_roots`: when given, images whose real path is outside them are rejected rows.
+    """
     audit_dir = Path(audit_dir)
     audit_dir.mkdir(parents=True, exist_ok=True)
     if _plan_path(audit_dir).exists():
@@ -151,7 +155,7 @@ def prepare(manifest: Manifest, audit_dir: str | Path) -> Plan:
             raise ConfigError(changed, f"differs from the audit already in {audit_dir}; use a new --out folder")
         return plan
     o = manifest.options
-    pairs, rejected, all_ids = read_pairs(manifest.train)
+    pairs, rejected, all_ids = read_pairs(manifest.train, image_roots=image_roots)
     if manifest.ids_digest and ids_digest(all_ids) != manifest.ids_digest:
         raise ConfigError("train", "its ids differ from the ones the model was trained on (training sidecar); "
                           "the audit could not reproduce the training batches")
@@ -185,7 +189,8 @@ def prepare(manifest: Manifest, audit_dir: str | Path) -> Plan:
     plan = Plan(manifest=json.loads(json.dumps(manifest.to_json())), batch_size=o.batch_size,
                 n_batches=len(batches), shard_batches=o.shard_batches, shards=shards, dim=projector.dim,
                 pairs_total=len(all_ids), pairs_rejected=len(rejected), blocks=[b.__dict__ for b in projector.blocks],
-                shard_offsets=shard_offsets)
+                shard_offsets=shard_offsets,
+                image_roots=None if image_roots is None else [str(r) for r in image_roots])
     open_store(audit_dir).create(rows=shards * plan.shard_rows, dim=plan.dim, shard_rows=plan.shard_rows,
                                  shards=shards, attrs={"versions": _library_versions(), "manifest": plan.manifest})
     _write_atomic(_plan_path(audit_dir), json.dumps(plan.__dict__, indent=1))  # last: prepare is done
@@ -286,7 +291,8 @@ def validation(audit_dir: str | Path, models: ModelCache | None = None) -> bool:
     if store.is_complete("validation/grad"):
         return True
     loaded, params, projector = (models or ModelCache()).get(manifest)
-    pairs, rejected, all_ids = read_pairs(manifest.validation, field="validation")
+    roots = None if plan.image_roots is None else [Path(r) for r in plan.image_roots]
+    pairs, rejected, all_ids = read_pairs(manifest.validation, field="validation", image_roots=roots)
     if not pairs:
         raise ConfigError("validation", f"no usable rows ({len(rejected)} rejected)")
     by_id = {p.id: p for p in pairs}
@@ -383,13 +389,25 @@ def trace_relative_is(audit_dir: str | Path, test_grad: torch.Tensor) -> np.ndar
 
 def collect_scores(audit_dir: str | Path) -> tuple[list[Pair], dict[str, np.ndarray]]:
     """Usable pairs in slot order with their score and term columns."""
+    _, pairs, columns = _scored_columns(audit_dir)
+    return pairs, columns
+
+
+def shard_score_columns(audit_dir: str | Path, shard: int) -> tuple[np.ndarray, list[Pair], dict[str, np.ndarray]]:
+    """(slots, pairs, score and term columns) of one scored shard, for bulk writes elsewhere."""
+    return _scored_columns(audit_dir, shard)
+
+
+def _scored_columns(audit_dir: str | Path, shard: int | None = None) -> tuple[np.ndarray, list[Pair], dict]:
     store = open_store(audit_dir)
-    slots = load_slots(audit_dir)
-    index = np.array([slot for slot, _ in slots])
-    columns = {name: store.read_rows(f"scores/{name}")[index] for name in SCORE_FIELDS}
+    slots = load_slots(audit_dir, shard)
+    index = np.array([slot for slot, _ in slots], dtype=np.int64)
+    start, stop = (None, None) if shard is None else (int(index.min()), int(index.max()) + 1)
+    local = index - (start or 0)
+    columns = {name: store.read_rows(f"scores/{name}", start, stop)[local] for name in SCORE_FIELDS}
     for name in ("pos_terms", "neg_terms", "clip_score"):
-        columns[name] = store.read_rows(f"terms/{name}")[index]
-    return [p for _, p in slots], columns
+        columns[name] = store.read_rows(f"terms/{name}", start, stop)[local]
+    return index, [p for _, p in slots], columns
 
 
 def suspected_flags(leave_own_out: np.ndarray, z: float = SUSPECT_Z) -> np.ndarray:
@@ -402,25 +420,42 @@ def suspected_flags(leave_own_out: np.ndarray, z: float = SUSPECT_Z) -> np.ndarr
     return robust_outliers(torch.from_numpy(leave_own_out), z).numpy()
 
 
-def finalize(audit_dir: str | Path) -> Path:
-    """Rank every usable pair and write ranked.csv (rank 1 = most likely misaligned)."""
+@dataclass
+class Ranking:
+    """The final order: pairs in slot order, their columns, rank order and flags."""
+
+    slots: np.ndarray                  # row slot of each usable pair
+    pairs: list[Pair]
+    columns: dict[str, np.ndarray]
+    order: np.ndarray                  # indices into pairs, most likely misaligned first
+    suspected: np.ndarray              # bool per pair
+
+
+def final_ranking(audit_dir: str | Path) -> Ranking:
+    """Rank every usable pair once all shards are scored with one damping."""
     plan = load_plan(audit_dir)
     scored_shift(plan, open_store(audit_dir))  # every shard scored, all with one damping
     o = _manifest_of(plan).options
-    pairs, cols = collect_scores(audit_dir)
+    slots, pairs, cols = _scored_columns(audit_dir)
     score = misalignment_score({k: torch.from_numpy(v) for k, v in cols.items()}, o.rank_by).numpy()
     order = ranking(torch.from_numpy(score)).numpy()
-    suspected = suspected_flags(cols["leave_own_out"])
+    return Ranking(slots, pairs, cols, order, suspected_flags(cols["leave_own_out"]))
+
+
+def finalize(audit_dir: str | Path) -> Path:
+    """Rank every usable pair and write ranked.csv (rank 1 = most likely misaligned)."""
+    result = final_ranking(audit_dir)
+    cols = result.columns
     path = Path(audit_dir) / "ranked.csv"
     with path.open("w", encoding="utf-8", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(RANKED_COLUMNS)
-        for rank, i in enumerate(order, start=1):
-            p = pairs[i]
+        for rank, i in enumerate(result.order, start=1):
+            p = result.pairs[i]
             writer.writerow([rank, p.id, p.image, p.caption, _fmt(cols["influence"][i]),
                              _fmt(cols["influence_pos"][i]), _fmt(cols["influence_neg"][i]),
                              _fmt(cols["self_influence"][i]), _fmt(cols["clip_score"][i]),
-                             "true" if suspected[i] else "false"])
+                             "true" if result.suspected[i] else "false"])
     return path
 
 

@@ -65,12 +65,13 @@ def _json_row(line: str) -> dict:
     return row if isinstance(row, dict) else {"__error__": "row is not a JSON object"}
 
 
-def read_pairs(path: str | Path, check_images: bool = True,
-               field: str = "train") -> tuple[list[Pair], list[RejectedRow], list[str]]:
+def read_pairs(path: str | Path, check_images: bool = True, field: str = "train",
+               image_roots: Sequence[Path] | None = None) -> tuple[list[Pair], list[RejectedRow], list[str]]:
     """(usable pairs, rejected rows, ids of every readable row). Duplicate ids are an error.
 
     Rows that cannot be parsed at all have no id; they are rejected as "row-<n>" and are not
-    part of the partition (neither training nor the audit can read them).
+    part of the partition (neither training nor the audit can read them). With `image_roots`
+    (the service's data roots), an image whose real path lies outside all of them is rejected.
     """
     base = Path(path).resolve().parent
     pairs, rejected, all_ids, seen = [], [], [], {}
@@ -85,7 +86,7 @@ def read_pairs(path: str | Path, check_images: bool = True,
             raise ConfigError(field, f"duplicate id {pair_id!r} in rows {seen[pair_id]} and {number}")
         seen[pair_id] = number
         all_ids.append(pair_id)
-        reason = _row_problem(row, base, check_images)
+        reason = _row_problem(row, base, check_images, image_roots)
         if reason:
             rejected.append(RejectedRow(number, pair_id, reason))
         else:
@@ -103,7 +104,7 @@ def _resolve(base: Path, image: str) -> Path:
     return (base / image).resolve()
 
 
-def _row_problem(row: dict, base: Path, check_images: bool) -> str | None:
+def _row_problem(row: dict, base: Path, check_images: bool, image_roots: Sequence[Path] | None) -> str | None:
     """Why this row cannot be used, or None."""
     caption, image = row.get("caption"), row.get("image")
     if not isinstance(caption, str) or not caption.strip():
@@ -113,6 +114,8 @@ def _row_problem(row: dict, base: Path, check_images: bool) -> str | None:
     if not isinstance(image, str) or not image.strip():
         return "image is empty"
     path = _resolve(base, image)
+    if image_roots is not None and not any(path.is_relative_to(root) for root in image_roots):
+        return "image outside the data roots"
     if not path.is_file():
         return f"image not found: {path}"
     if check_images:

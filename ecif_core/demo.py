@@ -47,8 +47,14 @@ class DemoResult:
     audit_seconds: float
 
 
+AuditRunner = Callable[[Path, Path, "Progress | None"], Path]
+
+
 def run_demo(out: str | Path, settings: DemoSettings = DemoSettings(),
-             say: Callable[[str], None] = print, progress: Progress | None = None) -> DemoResult:
+             say: Callable[[str], None] = print, progress: Progress | None = None,
+             runner: AuditRunner = run_audit) -> DemoResult:
+    """Build digits, train, audit with `runner(manifest, audit_dir, progress)` (ecif_core's
+    in-process pipeline by default; the CLI passes the service's embedded mode), evaluate."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     say(f"building digits ({settings.fraction:.0%} {settings.corruption} captions) in {out / 'data'}")
@@ -67,7 +73,7 @@ def run_demo(out: str | Path, settings: DemoSettings = DemoSettings(),
     (out / "manifest.json").write_text(json.dumps(manifest, indent=1))
     say("auditing")
     started = time.perf_counter()
-    ranked = run_audit(out / "manifest.json", out / "audit", progress)
+    ranked = runner(out / "manifest.json", out / "audit", progress)
     audit_seconds = time.perf_counter() - started
     return DemoResult(ranked, evaluate_ranking(ranked, data.truth), evaluate_flags(ranked, data.truth), train_seconds,
                       sum(trained.epoch_seconds) / len(trained.epoch_seconds), audit_seconds)

@@ -17,6 +17,7 @@ from .projection import ProjectionSpec
 from .scores import RANK_BY
 
 SIDECAR_SUFFIX = ".json"
+PATH_KEYS = (("train",), ("validation",), ("model", "checkpoint"), ("model", "config"))  # fields holding paths
 CURVATURE_KINDS = ("full", "blocks")
 
 

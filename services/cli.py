@@ -41,9 +41,9 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_audit(args: argparse.Namespace) -> int:
-    from ecif_core.audit import run_audit
+    from .embedded import run_embedded
 
-    ranked = run_audit(args.manifest, args.out, progress=None if args.quiet else _progress_bar())
+    ranked = run_embedded(args.manifest, args.out, progress=None if args.quiet else _progress_bar())
     print(f"wrote {ranked}")
     return 0
 
@@ -52,7 +52,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from ecif_core.demo import DemoSettings, run_demo
 
     settings = DemoSettings(seed=args.seed, epochs=args.epochs, n_train=args.n_train)
-    result = run_demo(args.out, settings, progress=_progress_bar())
+    from .embedded import run_embedded
+
+    result = run_demo(args.out, settings, progress=_progress_bar(), runner=run_embedded)
     print(f"\nranked pairs: {result.ranked_csv}")
     print(f"{'method':<34}{'AUROC':>8}{'AP':>8}{'P@50':>8}")
     flags = result.flags
@@ -63,6 +65,105 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(f"train {result.train_seconds:.1f}s ({result.epoch_seconds:.2f}s/epoch), audit {result.audit_seconds:.1f}s "
           f"= {result.audit_seconds / result.epoch_seconds:.1f} epochs")
     return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from .api.app import create_app
+    from .db.session import upgrade
+    from .settings import get_settings
+
+    settings = get_settings()
+    if settings.database_url.startswith("sqlite"):
+        upgrade(settings.database_url)  # the embedded database migrates itself; Postgres: `ecif db upgrade`
+    uvicorn.run(create_app(settings), host=args.host or settings.host, port=args.port or settings.port,
+                log_level="info")
+    return 0
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    os.environ["ECIF_WORKER_PROCESSES"] = str(args.concurrency)
+    from workers.celery_app import app
+
+    pool = args.pool or ("solo" if args.concurrency == 1 else "prefork")
+    argv = ["worker", "--queues", args.queues, "--concurrency", str(args.concurrency), "--pool", pool,
+            "--loglevel", args.loglevel, "--without-gossip", "--without-mingle"]
+    if args.hostname:
+        argv += ["--hostname", args.hostname]
+    app.worker_main(argv)
+    return 0
+
+
+def cmd_db_upgrade(args: argparse.Namespace) -> int:
+    from .db.session import upgrade
+    from .settings import get_settings
+
+    upgrade(get_settings().database_url, args.revision)
+    print(f"database at {args.revision}")
+    return 0
+
+
+def cmd_keys_create(args: argparse.Namespace) -> int:
+    from .db.session import session_scope
+    from .repository import create_key
+    from .settings import get_settings
+
+    with session_scope(get_settings().database_url) as session:
+        key = create_key(session, args.owner)
+    print(key)  # shown once: only its hash is stored
+    return 0
+
+
+def _client(args: argparse.Namespace):
+    from .client import Client
+    from .settings import get_settings
+
+    settings = get_settings()
+    return Client(args.server or settings.server_url, args.key or settings.api_key)
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    client = _client(args)
+    audit_id = client.submit(args.manifest)
+    print(audit_id)
+    if not args.wait:
+        return 0
+    status = client.wait(audit_id, _status_bar(), poll=args.poll)
+    print(f"{audit_id} {status['status']}" + (f": {status['error']}" if status.get("error") else ""),
+          file=sys.stderr)
+    return 0 if status["status"] == "succeeded" else 1
+
+
+def _status_bar():
+    """One tqdm bar per sharded stage, fed by the status JSON (stage, shards, ETA)."""
+    report = _progress_bar()
+
+    def on_status(status: dict) -> None:
+        stage, total = status["stage"], status["shards_total"] or 0
+        if stage in ("gradients", "scores") and total:
+            report(stage, status["shards_done"], total)
+        elif stage in ("curvature", "validation", "finalize"):
+            report("gradients", total, total) if total else None
+    return on_status
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    import json
+
+    print(json.dumps(_client(args).status(args.audit_id), indent=1))
+    return 0
+
+
+def cmd_results(args: argparse.Namespace) -> int:
+    path = _client(args).results(args.audit_id, args.output, args.limit, args.suspected_only)
+    print(f"wrote {path}")
+    return 0
+
+
+def _client_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--server", help="API address (default ECIF_SERVER_URL or http://127.0.0.1:8000)")
+    p.add_argument("--key", help="API key (default ECIF_API_KEY)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -95,6 +196,51 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, default=30)
     p.add_argument("--n-train", type=int, default=None, help="fewer training pairs (faster)")
     p.set_defaults(run=cmd_demo)
+
+    p = verbs.add_parser("serve", help="run the HTTP API (settings from ECIF_* variables)")
+    p.add_argument("--host")
+    p.add_argument("--port", type=int)
+    p.set_defaults(run=cmd_serve)
+
+    p = verbs.add_parser("worker", help="run a Celery worker for the gpu and/or cpu queues")
+    p.add_argument("--queues", default="gpu,cpu")
+    p.add_argument("--concurrency", type=int, default=1, help="processes (1 = solo pool, in this process)")
+    p.add_argument("--pool", choices=("solo", "prefork", "threads"))
+    p.add_argument("--hostname", help="Celery node name (default celery@HOST)")
+    p.add_argument("--loglevel", default="INFO")
+    p.set_defaults(run=cmd_worker)
+
+    p = verbs.add_parser("db", help="database schema")
+    db_verbs = p.add_subparsers(dest="db_verb", required=True)
+    q = db_verbs.add_parser("upgrade", help="apply the Alembic migrations (ECIF_DATABASE_URL)")
+    q.add_argument("revision", nargs="?", default="head")
+    q.set_defaults(run=cmd_db_upgrade)
+
+    p = verbs.add_parser("keys", help="API keys")
+    key_verbs = p.add_subparsers(dest="keys_verb", required=True)
+    q = key_verbs.add_parser("create", help="create a key for an owner and print it once")
+    q.add_argument("--owner", required=True)
+    q.set_defaults(run=cmd_keys_create)
+
+    p = verbs.add_parser("submit", help="send a manifest to the API")
+    p.add_argument("manifest")
+    p.add_argument("--wait", action="store_true", help="poll with a progress bar until the audit ends")
+    p.add_argument("--poll", type=float, default=1.0, help="seconds between polls")
+    _client_flags(p)
+    p.set_defaults(run=cmd_submit)
+
+    p = verbs.add_parser("status", help="an audit's status JSON")
+    p.add_argument("audit_id")
+    _client_flags(p)
+    p.set_defaults(run=cmd_status)
+
+    p = verbs.add_parser("results", help="download an audit's ranked CSV")
+    p.add_argument("audit_id")
+    p.add_argument("-o", "--output", required=True)
+    p.add_argument("--limit", type=int)
+    p.add_argument("--suspected-only", action="store_true")
+    _client_flags(p)
+    p.set_defaults(run=cmd_results)
     return parser
 
 

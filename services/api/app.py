@@ -1,0 +1,70 @@
+"""The FastAPI application: routers, the one place errors become 4xx responses, task submission."""
+from __future__ import annotations
+
+import logging
+import threading
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+
+from ecif_core.errors import ConfigError, EcifError
+
+from ..settings import Settings, get_settings
+from .routes import audits, health
+
+log = logging.getLogger("ecif.api")
+
+
+class CeleryStarter:
+    """Service mode: the prepare task goes to the broker."""
+
+    def start(self, audit_id: str) -> None:
+        from workers.tasks import CeleryDispatcher
+
+        CeleryDispatcher().send("prepare", audit_id)
+
+
+class InProcessStarter:
+    """Embedded mode (no broker): audits run one after another on a background thread."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self._lock = threading.Lock()
+
+    def start(self, audit_id: str) -> None:
+        threading.Thread(target=self._run, args=(audit_id,), daemon=True, name=f"audit-{audit_id}").start()
+
+    def _run(self, audit_id: str) -> None:
+        from ..pipeline import LocalDispatcher, Pipeline
+
+        with self._lock:
+            dispatcher = LocalDispatcher()
+            pipeline = Pipeline(self.settings.database_url, dispatcher,
+                                image_roots=self.settings.resolved_roots() or None)
+            pipeline.start(audit_id)
+            try:
+                dispatcher.drain(pipeline)
+            except Exception:
+                log.exception("audit %s stopped", audit_id)  # the pipeline recorded it as failed
+
+
+def create_app(settings: Settings | None = None, starter: object | None = None) -> FastAPI:
+    settings = settings or get_settings()
+    app = FastAPI(title="ECIF audit service", version="0.1.0",
+                  description="Find misaligned image-text pairs in CLIP training data with ECIF.")
+    app.state.settings = settings
+    app.state.dispatcher = starter or (CeleryStarter() if settings.broker_url else InProcessStarter(settings))
+    app.include_router(health.router)
+    app.include_router(audits.router)
+
+    @app.exception_handler(ConfigError)
+    async def config_error(_request: Request, exc: ConfigError) -> JSONResponse:
+        return JSONResponse(status_code=422, content={"detail": [
+            {"loc": ["body", *exc.field.split(".")], "msg": exc.message, "type": "value_error"}],
+            "field": exc.field})
+
+    @app.exception_handler(EcifError)
+    async def ecif_error(_request: Request, exc: EcifError) -> JSONResponse:
+        return JSONResponse(status_code=422, content={"detail": str(exc)})
+
+    return app

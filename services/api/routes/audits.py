@@ -1,0 +1,136 @@
+"""/audits: submit, list, poll, download, cancel, delete. Thin: parse, authorise, call, return."""
+from __future__ import annotations
+
+import json
+from typing import Annotated
+
+from fastapi import APIRouter, HTTPException, Query, Request, Response
+from fastapi.responses import StreamingResponse
+from sqlalchemy.orm import Session
+
+from ecif_core.errors import ConfigError
+
+from ... import repository
+from ...db.models import Audit
+from ...manifests import confined_manifest
+from ..deps import OwnerDep, SessionDep, SettingsDep
+from ..schemas import AuditCreated, AuditPage, AuditStatus
+
+router = APIRouter(prefix="/audits", tags=["audits"])
+
+
+@router.post("", status_code=202, response_model=AuditCreated)
+async def submit(request: Request, owner: OwnerDep, session: SessionDep, settings: SettingsDep) -> AuditCreated:
+    """Body: the manifest as JSON, or multipart/form-data with the manifest file in `manifest`."""
+    raw = await _manifest_body(request, settings.max_manifest_bytes)
+    manifest = confined_manifest(raw, settings.resolved_roots())
+    audit = repository.create_audit(session, owner, manifest, settings.store_url)
+    session.commit()  # durable before any worker can pick the audit up
+    request.app.state.dispatcher.start(audit.id)
+    return AuditCreated(id=audit.id, status_url=str(request.url_for("audit_status", audit_id=audit.id)))
+
+
+@router.get("", response_model=AuditPage)
+def list_audits(request: Request, owner: OwnerDep, session: SessionDep,
+                limit: Annotated[int, Query(ge=1, le=200)] = 20,
+                offset: Annotated[int, Query(ge=0)] = 0) -> AuditPage:
+    audits, total = repository.list_audits(session, owner, limit, offset)
+    return AuditPage(items=[_status(request, session, a) for a in audits], total=total, limit=limit, offset=offset)
+
+
+@router.get("/{audit_id}", response_model=AuditStatus, name="audit_status")
+def status(request: Request, audit_id: str, owner: OwnerDep, session: SessionDep) -> AuditStatus:
+    return _status(request, session, _owned(session, owner, audit_id))
+
+
+@router.get("/{audit_id}/results.csv", name="audit_results",
+            responses={200: {"content": {"text/csv": {}}}, 409: {"description": "audit not finished"}})
+def results(audit_id: str, owner: OwnerDep, session: SessionDep, settings: SettingsDep,
+            limit: Annotated[int | None, Query(ge=1)] = None, suspected_only: bool = False) -> StreamingResponse:
+    """Every usable pair, rank 1 = most likely misaligned (columns: README, "ranked.csv")."""
+    audit = _owned(session, owner, audit_id)
+    if audit.status != "succeeded":
+        raise HTTPException(409, f"audit is {audit.status}; results exist once it has succeeded")
+    return _csv(repository.results_csv(settings.database_url, audit.id, limit, suspected_only), "ranked.csv")
+
+
+@router.get("/{audit_id}/rejected.csv", name="audit_rejected", responses={200: {"content": {"text/csv": {}}}})
+def rejected(audit_id: str, owner: OwnerDep, session: SessionDep, settings: SettingsDep) -> StreamingResponse:
+    """Rows that could not be used, with the reason (complete once the prepare stage is done)."""
+    audit = _owned(session, owner, audit_id)
+    return _csv(repository.rejected_csv(settings.database_url, audit.id), "rejected.csv")
+
+
+@router.post("/{audit_id}/cancel", response_model=AuditStatus)
+def cancel(request: Request, audit_id: str, owner: OwnerDep, session: SessionDep) -> AuditStatus:
+    audit = _owned(session, owner, audit_id)
+    repository.cancel_audit(session, audit)
+    session.commit()
+    session.refresh(audit)
+    return _status(request, session, audit)
+
+
+@router.delete("/{audit_id}", status_code=204)
+def delete(audit_id: str, owner: OwnerDep, session: SessionDep, settings: SettingsDep) -> Response:
+    """Removes the audit's rows and its folder (gradients, curvature, scores)."""
+    audit = _owned(session, owner, audit_id)
+    repository.cancel_audit(session, audit)
+    repository.delete_audit(session, audit, settings.store_url)
+    session.commit()
+    return Response(status_code=204)
+
+
+# ------------------------------------------------------------------ helpers
+
+async def _manifest_body(request: Request, limit: int) -> object:
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise HTTPException(413, f"manifest larger than {limit} bytes")
+    body = bytearray()
+    async for chunk in request.stream():  # counted as it arrives: a missing length cannot bypass the limit
+        body.extend(chunk)
+        if len(body) > limit:
+            raise HTTPException(413, f"manifest larger than {limit} bytes")
+    if request.headers.get("content-type", "").startswith("multipart/form-data"):
+        form = await _form_from(request, bytes(body))
+        upload = form.get("manifest")
+        if upload is None or isinstance(upload, str):
+            raise ConfigError("manifest", "multipart body needs a file field named 'manifest'")
+        body = bytearray(await upload.read())
+    try:
+        return json.loads(bytes(body).decode("utf-8-sig"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ConfigError("manifest", f"not valid JSON: {exc}") from None
+
+
+async def _form_from(request: Request, body: bytes):
+    """Parse a multipart body already read (and size-checked) from the stream."""
+    from starlette.requests import Request as StarletteRequest
+
+    async def receive() -> dict:
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    return await StarletteRequest(request.scope, receive).form()
+
+
+def _owned(session: Session, owner: str, audit_id: str) -> Audit:
+    audit = repository.get_audit(session, owner, audit_id)
+    if audit is None:
+        raise HTTPException(404, "no such audit")
+    return audit
+
+
+def _status(request: Request, session: Session, audit: Audit) -> AuditStatus:
+    progress = repository.progress(session, audit)
+    return AuditStatus(id=audit.id, status=audit.status, stage=audit.stage, shards_done=progress["shards_done"],
+                       shards_total=progress["shards_total"], pairs_total=audit.pairs_total,
+                       pairs_rejected=audit.pairs_rejected, damping=audit.damping, created_at=audit.created_at,
+                       started_at=audit.started_at, finished_at=audit.finished_at,
+                       eta_seconds=progress["eta_seconds"], error=audit.error,
+                       results_url=str(request.url_for("audit_results", audit_id=audit.id)),
+                       rejected_url=str(request.url_for("audit_rejected", audit_id=audit.id)))
+
+
+def _csv(lines, filename: str) -> StreamingResponse:
+    return StreamingResponse(lines, media_type="text/csv; charset=utf-8",
+                             headers={"Content-Disposition": f'attachment; filename="{filename}"'})

@@ -1,0 +1,103 @@
+"""/healthz (the process answers), /readyz (database, broker and store reachable), /metrics."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from fastapi import APIRouter, Request, Response
+from fastapi.responses import JSONResponse
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import GaugeMetricFamily, SummaryMetricFamily
+from sqlalchemy import func, select, text
+
+from ...db.models import STATUSES, Audit, Shard
+from ...db.session import session_scope
+from ..deps import SettingsDep
+
+router = APIRouter(tags=["health"])
+QUEUES = ("gpu", "cpu")
+
+
+@router.get("/healthz")
+def healthz() -> dict:
+    return {"status": "ok"}
+
+
+@router.get("/readyz")
+def readyz(settings: SettingsDep) -> JSONResponse:
+    checks = {"database": _check(lambda: _ping_database(settings.database_url)),
+              "broker": _check(lambda: _ping_broker(settings.broker_url)),
+              "store": _check(lambda: _ping_store(settings.store_url))}
+    ready = all(value == "ok" for value in checks.values())
+    return JSONResponse({"status": "ready" if ready else "not ready", "checks": checks},
+                        status_code=200 if ready else 503)
+
+
+@router.get("/metrics")
+def metrics(request: Request, settings: SettingsDep) -> Response:
+    """Read from the database and the broker at scrape time, so every API replica agrees."""
+    registry = CollectorRegistry()
+    registry.register(_Collector(settings.database_url, settings.broker_url))
+    return Response(generate_latest(registry), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+
+class _Collector:
+    def __init__(self, database_url: str, broker_url: str | None) -> None:
+        self.database_url, self.broker_url = database_url, broker_url
+
+    def collect(self):
+        with session_scope(self.database_url) as session:
+            by_status = dict(session.execute(select(Audit.status, func.count()).group_by(Audit.status)).all())
+            durations = session.execute(select(Shard.stage, func.count(), func.sum(Shard.seconds))
+                                        .where(Shard.status == "done").group_by(Shard.stage)).all()
+        audits = GaugeMetricFamily("ecif_audits", "Audits by status", labels=["status"])
+        for status in STATUSES:
+            audits.add_metric([status], by_status.get(status, 0))
+        yield audits
+        shards = SummaryMetricFamily("ecif_shard_seconds", "Wall time of finished shards", labels=["stage"])
+        for stage, count, total in durations:
+            shards.add_metric([stage], count_value=count, sum_value=total or 0.0)
+        yield shards
+        depth = GaugeMetricFamily("ecif_queue_depth", "Tasks waiting in a broker queue", labels=["queue"])
+        if self.broker_url:
+            for queue, length in _queue_depths(self.broker_url).items():
+                depth.add_metric([queue], length)
+        yield depth
+
+
+def _check(probe) -> str:
+    try:
+        probe()
+        return "ok"
+    except Exception as exc:  # a readiness probe reports, it never raises
+        return f"error: {type(exc).__name__}: {exc}"[:300]
+
+
+def _ping_database(url: str) -> None:
+    with session_scope(url) as session:
+        session.execute(text("SELECT 1"))
+
+
+def _ping_broker(url: str | None) -> None:
+    if url is None:
+        return  # embedded mode: tasks run in the API process
+    import redis
+
+    redis.Redis.from_url(url, socket_timeout=2, socket_connect_timeout=2).ping()
+
+
+def _ping_store(store_url: str) -> None:
+    path = Path(store_url)
+    path.mkdir(parents=True, exist_ok=True)
+    if not os.access(path, os.W_OK):
+        raise PermissionError(f"store {store_url} is not writable")
+
+
+def _queue_depths(url: str) -> dict[str, int]:
+    import redis
+
+    try:
+        client = redis.Redis.from_url(url, socket_timeout=2, socket_connect_timeout=2)
+        return {queue: int(client.llen(queue)) for queue in QUEUES}
+    except Exception:
+        return {}

@@ -1,0 +1,83 @@
+"""HTTP client for `ecif submit | status | results` (server URL and key from flags or ECIF_*)."""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Callable
+
+import httpx
+
+from ecif_core.errors import EcifError
+from ecif_core.manifest import PATH_KEYS
+
+FINISHED = ("succeeded", "failed", "cancelled")
+
+
+class ApiError(EcifError):
+    """The server refused a request; the message is its own."""
+
+
+class Client:
+    def __init__(self, server_url: str, api_key: str | None, timeout: float = 30.0) -> None:
+        if not api_key:
+            raise ApiError("no API key: pass --key or set ECIF_API_KEY (ecif keys create --owner NAME)")
+        self.http = httpx.Client(base_url=server_url.rstrip("/"), timeout=timeout,
+                                 headers={"Authorization": f"Bearer {api_key}"})
+
+    def submit(self, manifest_path: str | Path) -> str:
+        response = self.http.post("/audits", json=absolute_paths(manifest_path))
+        return self._json(response)["id"]
+
+    def status(self, audit_id: str) -> dict:
+        return self._json(self.http.get(f"/audits/{audit_id}"))
+
+    def wait(self, audit_id: str, on_status: Callable[[dict], None] | None = None, poll: float = 1.0) -> dict:
+        while True:
+            status = self.status(audit_id)
+            if on_status:
+                on_status(status)
+            if status["status"] in FINISHED:
+                return status
+            time.sleep(poll)
+
+    def results(self, audit_id: str, out: str | Path, limit: int | None = None, suspected_only: bool = False) -> Path:
+        params = {"suspected_only": str(suspected_only).lower(), **({"limit": limit} if limit else {})}
+        with self.http.stream("GET", f"/audits/{audit_id}/results.csv", params=params) as response:
+            if response.status_code != 200:
+                response.read()
+                self._json(response)
+            with Path(out).open("wb") as handle:
+                for chunk in response.iter_bytes():
+                    handle.write(chunk)
+        return Path(out)
+
+    @staticmethod
+    def _json(response: httpx.Response) -> dict:
+        if response.status_code >= 400:
+            try:
+                detail = response.json().get("detail")
+            except ValueError:
+                detail = response.text
+            if isinstance(detail, list) and detail and isinstance(detail[0], dict):
+                detail = "; ".join(f"{'.'.join(map(str, d.get('loc', [])[1:]))}: {d.get('msg')}" for d in detail)
+            raise ApiError(f"server answered {response.status_code}: {detail}")
+        return response.json()
+
+
+def absolute_paths(manifest_path: str | Path) -> dict:
+    """The manifest with its relative paths made absolute against its own folder, as the
+    embedded mode reads them (the server checks them against its data roots)."""
+    path = Path(manifest_path)
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8-sig"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ApiError(f"manifest: cannot read {path}: {exc}") from None
+    base = path.resolve().parent
+    for keys in PATH_KEYS:
+        holder = raw
+        for key in keys[:-1]:
+            holder = holder.get(key) if isinstance(holder, dict) else None
+        if isinstance(holder, dict) and isinstance(holder.get(keys[-1]), str) and "://" not in holder[keys[-1]]:
+            holder[keys[-1]] = str((base / holder[keys[-1]]).resolve())
+    return raw

@@ -1,0 +1,106 @@
+"""SQLAlchemy 2 tables. The schema changes only through a migration under migrations/."""
+from __future__ import annotations
+
+from datetime import datetime, timezone
+
+from sqlalchemy import (JSON, BigInteger, Boolean, DateTime, Float, ForeignKey, Index, Integer, String, Text,
+                        UniqueConstraint)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+STATUSES = ("queued", "running", "succeeded", "failed", "cancelled")
+FINISHED = ("succeeded", "failed", "cancelled")
+STAGES = ("prepare", "gradients", "curvature", "validation", "scores", "finalize", "done")
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class ApiKey(Base):
+    __tablename__ = "api_keys"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    owner: Mapped[str] = mapped_column(String(200), index=True)
+    key_hash: Mapped[str] = mapped_column(String(64), unique=True)   # sha256 hex of the key
+    prefix: Mapped[str] = mapped_column(String(16))                  # first characters, to tell keys apart
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    revoked: Mapped[bool] = mapped_column(Boolean, default=False)
+
+
+class Audit(Base):
+    __tablename__ = "audits"
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    owner: Mapped[str] = mapped_column(String(200), index=True)
+    status: Mapped[str] = mapped_column(String(16), default="queued", index=True)
+    stage: Mapped[str] = mapped_column(String(16), default="prepare")
+    manifest: Mapped[dict] = mapped_column(JSON)                     # resolved, validated manifest
+    audit_dir: Mapped[str] = mapped_column(Text)
+    shards_total: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    pairs_total: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    pairs_rejected: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    damping: Mapped[float | None] = mapped_column(Float, nullable=True)   # delta + lambda the scores used
+    error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, index=True)
+    started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+
+
+class Pair(Base):
+    """Every row of the training file: usable ones with their slot, rejected ones with a reason."""
+
+    __tablename__ = "pairs"
+    __table_args__ = (Index("ix_pairs_audit_slot", "audit_id", "slot"),)
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
+    audit_id: Mapped[str] = mapped_column(ForeignKey("audits.id", ondelete="CASCADE"))
+    pair_id: Mapped[str] = mapped_column(Text)
+    row: Mapped[int | None] = mapped_column(Integer, nullable=True)       # line in the source file (rejected)
+    slot: Mapped[int | None] = mapped_column(BigInteger, nullable=True)   # row of the gradient store
+    image: Mapped[str | None] = mapped_column(Text, nullable=True)
+    caption: Mapped[str | None] = mapped_column(Text, nullable=True)
+    reason: Mapped[str | None] = mapped_column(Text, nullable=True)       # why it was rejected
+
+
+class Shard(Base):
+    """One unit of work of a fanned-out stage; `done` is the durable record a retry checks."""
+
+    __tablename__ = "shards"
+    __table_args__ = (UniqueConstraint("audit_id", "stage", "shard"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    audit_id: Mapped[str] = mapped_column(ForeignKey("audits.id", ondelete="CASCADE"), index=True)
+    stage: Mapped[str] = mapped_column(String(16))
+    shard: Mapped[int] = mapped_column(Integer)
+    status: Mapped[str] = mapped_column(String(16), default="pending")   # pending | running | done
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    worker: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    seconds: Mapped[float | None] = mapped_column(Float, nullable=True)
+
+
+class Score(Base):
+    """Scores of one usable pair; rank and suspected are set by finalize."""
+
+    __tablename__ = "scores"
+    __table_args__ = (Index("ix_scores_audit_rank", "audit_id", "rank"),
+                      UniqueConstraint("audit_id", "slot"))
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
+    audit_id: Mapped[str] = mapped_column(ForeignKey("audits.id", ondelete="CASCADE"))
+    slot: Mapped[int] = mapped_column(BigInteger)
+    shard: Mapped[int] = mapped_column(Integer)
+    pair_id: Mapped[str] = mapped_column(Text)
+    influence: Mapped[float | None] = mapped_column(Float(53), nullable=True)
+    influence_pos: Mapped[float | None] = mapped_column(Float(53), nullable=True)
+    influence_neg: Mapped[float | None] = mapped_column(Float(53), nullable=True)
+    self_influence: Mapped[float] = mapped_column(Float(53))
+    leave_own_out: Mapped[float] = mapped_column(Float(53))
+    clip_score: Mapped[float] = mapped_column(Float(53))
+    rank: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    suspected: Mapped[bool | None] = mapped_column(Boolean, nullable=True)

@@ -1,0 +1,73 @@
+"""The embedded mode: one audit in this process through the same pipeline as the service,
+with a SQLite database and the Zarr store inside the audit folder."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+from sqlalchemy import delete, select
+
+from ecif_core.errors import EcifError
+from ecif_core.manifest import load_manifest
+
+from . import repository
+from .db.models import Audit, Shard
+from .db.session import session_scope, upgrade
+from .pipeline import SHARDED, LocalDispatcher, Pipeline
+
+Progress = Callable[[str, int, int], None]
+LOCAL_OWNER = "local"
+
+
+class AuditFailed(EcifError):
+    """The audit ran and stopped with an error (the message is the one recorded in the database)."""
+
+
+def database_url_for(out: Path) -> str:
+    return f"sqlite:///{(out / 'ecif.db').resolve()}"
+
+
+def run_embedded(manifest_path: str | Path, out: str | Path, progress: Progress | None = None) -> Path:
+    """Run every stage here; writes OUT/ranked.csv and OUT/rejected.csv from the database.
+
+    A second run on the same folder resumes: finished shards are skipped by the store's markers.
+    """
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    manifest = load_manifest(manifest_path)
+    url = database_url_for(out)
+    upgrade(url)
+    with session_scope(url) as session:
+        session.execute(delete(Audit).where(Audit.audit_dir == str(out.resolve())))  # one audit per folder
+        audit_id = repository.create_audit(session, LOCAL_OWNER, manifest, out, audit_dir=out).id
+    dispatcher = LocalDispatcher()
+    pipeline = Pipeline(url, dispatcher)
+    pipeline.start(audit_id)
+    dispatcher.drain(pipeline, _reporter(url, progress) if progress else None)
+    with session_scope(url) as session:
+        audit = session.get(Audit, audit_id)
+        if audit.status != "succeeded":
+            raise AuditFailed(audit.error or f"audit ended {audit.status}")
+    _write(out / "ranked.csv", repository.results_csv(url, audit_id))
+    _write(out / "rejected.csv", repository.rejected_csv(url, audit_id))
+    return out / "ranked.csv"
+
+
+def _reporter(url: str, progress: Progress) -> Callable[[str, str, int | None], None]:
+    def after(stage: str, audit_id: str, shard: int | None) -> None:
+        if stage not in SHARDED:
+            progress(stage, 1, 1)
+            return
+        with session_scope(url) as session:
+            statuses = session.scalars(select(Shard.status).where(Shard.audit_id == audit_id,
+                                                                  Shard.stage == stage)).all()
+        progress(stage, sum(s == "done" for s in statuses), len(statuses))
+    return after
+
+
+def _write(path: Path, lines) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("w", encoding="utf-8", newline="") as handle:
+        for chunk in lines:
+            handle.write(chunk)
+    tmp.replace(path)

@@ -1,0 +1,48 @@
+"""Manifests sent to the API: every path confined to the configured data roots."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from ecif_core.errors import ConfigError
+from ecif_core.manifest import PATH_KEYS, Manifest, load_manifest
+
+
+def confined_manifest(raw: Any, roots: list[Path]) -> Manifest:
+    """Validate a manifest whose relative paths resolve against the first data root.
+
+    Paths are checked before anything is read, with symlinks resolved, so neither `../`,
+    an absolute path elsewhere nor a link pointing out of a root reaches the filesystem.
+    """
+    if not roots:
+        raise ConfigError("manifest", "the server has no data roots configured (ECIF_DATA_ROOTS)")
+    if not isinstance(raw, dict):
+        raise ConfigError("manifest", "must be a JSON object")
+    for path_field in PATH_KEYS:
+        value = _get(raw, path_field)
+        if isinstance(value, str) and value:
+            check_confined(value, roots, ".".join(path_field))
+    return load_manifest(raw, base_dir=roots[0])
+
+
+def check_confined(value: str, roots: list[Path], name: str) -> Path:
+    path = Path(value[len("file://"):] if value.startswith("file://") else value)
+    resolved = (roots[0] / path).resolve()  # absolute paths ignore roots[0]
+    if "://" in value and not value.startswith("file://"):
+        raise ConfigError(name, "only local paths under the data roots are accepted")
+    if not any(resolved.is_relative_to(root) for root in roots):
+        raise ConfigError(name, "path is outside the data roots")
+    sidecar = Path(str(resolved) + ".json")
+    if name == "model.checkpoint" and sidecar.exists() and not any(
+            sidecar.resolve().is_relative_to(root) for root in roots):
+        raise ConfigError(name, "its training sidecar is outside the data roots")
+    return resolved
+
+
+def _get(raw: dict, path: tuple[str, ...]) -> Any:
+    value: Any = raw
+    for key in path:
+        if not isinstance(value, dict):
+            return None
+        value = value.get(key)
+    return value

@@ -1,0 +1,241 @@
+"""One audit as database-tracked stages over the ecif_core stage functions.
+
+The same code runs in the embedded mode (an in-process dispatcher, SQLite) and in the
+service (Celery tasks, Postgres). The database is the source of truth: a stage records
+its shards as done after ecif_core has made the result durable, and the task that
+finishes the last shard of a stage moves the audit on with a compare-and-set on
+`audits.stage`, so exactly one task dispatches the next stage even when tasks are
+delivered twice.
+"""
+from __future__ import annotations
+
+import csv
+import logging
+import os
+import socket
+import time
+from collections import deque
+from pathlib import Path
+from typing import Callable, Protocol
+
+from sqlalchemy import delete, func, insert, select, update
+from sqlalchemy.orm import Session
+
+from ecif_core import audit as core
+from ecif_core.errors import EcifError
+from ecif_core.manifest import Manifest
+
+from .db.models import FINISHED, Audit, Pair, Score, Shard, utcnow
+from .db.session import session_scope
+
+log = logging.getLogger("ecif.pipeline")
+
+SHARDED = ("gradients", "scores")
+NEXT_STAGE = {"prepare": "gradients", "gradients": "curvature", "curvature": "validation",
+              "validation": "scores", "scores": "finalize", "finalize": "done"}
+TASK_NAMES = {"prepare": "ecif.tasks.cpu.prepare", "gradients": "ecif.tasks.gpu.shard_gradients",
+              "curvature": "ecif.tasks.cpu.curvature", "validation": "ecif.tasks.gpu.validation",
+              "scores": "ecif.tasks.cpu.shard_scores", "finalize": "ecif.tasks.cpu.finalize"}
+BULK_ROWS = 5000
+
+
+class Dispatcher(Protocol):
+    """Who runs the next task: Celery in the service, a local queue in the embedded mode."""
+
+    def send(self, stage: str, audit_id: str, shard: int | None = None) -> None: ...
+
+
+class LocalDispatcher:
+    """Runs tasks in this process, in submission order (the embedded mode)."""
+
+    def __init__(self) -> None:
+        self.queue: deque[tuple[str, str, int | None]] = deque()
+
+    def send(self, stage: str, audit_id: str, shard: int | None = None) -> None:
+        self.queue.append((stage, audit_id, shard))
+
+    def drain(self, pipeline: "Pipeline", after_each: Callable[[str, str, int | None], None] | None = None) -> None:
+        while self.queue:
+            stage, audit_id, shard = self.queue.popleft()
+            pipeline.run(stage, audit_id, shard)
+            if after_each:
+                after_each(stage, audit_id, shard)
+
+
+class Pipeline:
+    """Runs one stage (or shard) of an audit and records it; `models` is reused across calls."""
+
+    def __init__(self, database_url: str, dispatcher: Dispatcher, models: core.ModelCache | None = None,
+                 image_roots: list[Path] | None = None) -> None:
+        self.database_url = database_url
+        self.dispatcher = dispatcher
+        self.models = models or core.ModelCache()
+        self.image_roots = image_roots
+        self.worker = f"{socket.gethostname()}:{os.getpid()}"
+
+    # ------------------------------------------------------------ entry points
+
+    def start(self, audit_id: str) -> None:
+        self.dispatcher.send("prepare", audit_id)
+
+    def run(self, stage: str, audit_id: str, shard: int | None = None) -> None:
+        """Run one task. Finished shards and finished or cancelled audits are skipped."""
+        with session_scope(self.database_url) as session:
+            audit = session.get(Audit, audit_id)
+            if audit is None or audit.status in FINISHED:
+                return  # deleted, cancelled or failed meanwhile: nothing to do
+            if stage in SHARDED and self._shard_done(session, audit_id, stage, shard):
+                skip = True
+            else:
+                skip = False
+                if audit.status == "queued":
+                    audit.status, audit.started_at = "running", utcnow()
+                if stage in SHARDED:
+                    session.execute(update(Shard).where(Shard.audit_id == audit_id, Shard.stage == stage,
+                                                        Shard.shard == shard)
+                                    .values(status="running", attempts=Shard.attempts + 1, worker=self.worker,
+                                            started_at=utcnow()))
+            audit_dir = audit.audit_dir
+        if not skip:
+            started = time.perf_counter()
+            try:
+                self._execute(stage, audit_id, audit_dir, shard)
+            except Exception as exc:
+                self._fail(audit_id, stage, shard, exc)
+                if isinstance(exc, EcifError):
+                    return
+                raise
+            if stage in SHARDED:
+                self._shard_finished(audit_id, stage, shard, time.perf_counter() - started)
+        self._advance(audit_id, stage)
+
+    # ------------------------------------------------------------ stages
+
+    def _execute(self, stage: str, audit_id: str, audit_dir: str, shard: int | None) -> None:
+        if stage == "prepare":
+            self._prepare(audit_id, audit_dir)
+        elif stage == "gradients":
+            core.shard_gradients(audit_dir, shard, self.models)
+        elif stage == "curvature":
+            core.curvature(audit_dir)
+        elif stage == "validation":
+            core.validation(audit_dir, self.models)
+        elif stage == "scores":
+            core.shard_scores(audit_dir, shard)
+            self._write_shard_scores(audit_id, audit_dir, shard)
+        elif stage == "finalize":
+            self._finalize(audit_id, audit_dir)
+        else:
+            raise ValueError(f"unknown stage {stage!r}")
+
+    def _prepare(self, audit_id: str, audit_dir: str) -> None:
+        with session_scope(self.database_url) as session:
+            manifest = Manifest.from_json(session.get(Audit, audit_id).manifest)
+        plan = core.prepare(manifest, audit_dir, image_roots=self.image_roots)
+        with session_scope(self.database_url) as session:
+            session.execute(delete(Pair).where(Pair.audit_id == audit_id))
+            session.execute(delete(Shard).where(Shard.audit_id == audit_id))
+            _bulk_insert(session, Pair, _pair_rows(audit_id, audit_dir))
+            session.execute(insert(Shard), [{"audit_id": audit_id, "stage": stage, "shard": s, "status": "pending"}
+                                            for stage in SHARDED for s in range(plan.shards)])
+            session.execute(update(Audit).where(Audit.id == audit_id).values(
+                shards_total=plan.shards, pairs_total=plan.pairs_total, pairs_rejected=plan.pairs_rejected))
+
+    def _write_shard_scores(self, audit_id: str, audit_dir: str, shard: int) -> None:
+        """One bulk insert per shard; a re-run replaces the shard's rows in the same transaction."""
+        slots, pairs, cols = core.shard_score_columns(audit_dir, shard)
+        shift = float(core.open_store(audit_dir).read_rows("done/scores_shift")[shard])
+        rows = [{"audit_id": audit_id, "slot": int(slot), "shard": shard, "pair_id": pair.id,
+                 **{name: _nullable(cols[name][i]) for name in SCORE_COLUMNS}}
+                for i, (slot, pair) in enumerate(zip(slots, pairs))]
+        with session_scope(self.database_url) as session:
+            session.execute(delete(Score).where(Score.audit_id == audit_id, Score.shard == shard))
+            _bulk_insert(session, Score, rows)
+            session.execute(update(Audit).where(Audit.id == audit_id).values(damping=shift))
+
+    def _finalize(self, audit_id: str, audit_dir: str) -> None:
+        result = core.final_ranking(audit_dir)
+        rank_of = {int(result.slots[i]): rank for rank, i in enumerate(result.order, start=1)}
+        suspected = {int(slot): bool(flag) for slot, flag in zip(result.slots, result.suspected)}
+        with session_scope(self.database_url) as session:
+            ids = session.execute(select(Score.id, Score.slot).where(Score.audit_id == audit_id)).all()
+            if len(ids) != len(rank_of):
+                raise RuntimeError(f"{len(ids)} score rows in the database for {len(rank_of)} scored pairs")
+            updates = [{"id": pk, "rank": rank_of[slot], "suspected": suspected[slot]} for pk, slot in ids]
+            for start in range(0, len(updates), BULK_ROWS):
+                session.execute(update(Score), updates[start:start + BULK_ROWS])
+
+    # ------------------------------------------------------------ bookkeeping
+
+    @staticmethod
+    def _shard_done(session: Session, audit_id: str, stage: str, shard: int) -> bool:
+        status = session.scalar(select(Shard.status).where(Shard.audit_id == audit_id, Shard.stage == stage,
+                                                           Shard.shard == shard))
+        return status == "done"
+
+    def _shard_finished(self, audit_id: str, stage: str, shard: int, seconds: float) -> None:
+        with session_scope(self.database_url) as session:
+            session.execute(update(Shard).where(Shard.audit_id == audit_id, Shard.stage == stage, Shard.shard == shard)
+                            .values(status="done", finished_at=utcnow(), seconds=seconds))
+
+    def _advance(self, audit_id: str, stage: str) -> None:
+        """Move the audit past `stage` once all its work is done; dispatch what comes next."""
+        with session_scope(self.database_url) as session:
+            audit = session.get(Audit, audit_id)
+            if audit is None or audit.status in FINISHED:
+                return
+            if stage in SHARDED:
+                done = session.scalar(select(func.count()).select_from(Shard).where(
+                    Shard.audit_id == audit_id, Shard.stage == stage, Shard.status == "done"))
+                if done < (audit.shards_total or 0):
+                    return
+            following = NEXT_STAGE[stage]
+            values = {"stage": following}
+            if following == "done":
+                values.update(status="succeeded", finished_at=utcnow())
+            moved = session.execute(update(Audit).where(Audit.id == audit_id, Audit.stage == stage,
+                                                        Audit.status == "running").values(**values)).rowcount
+            shards = audit.shards_total or 0
+        if moved != 1 or following == "done":
+            return  # another delivery of this task moved it already, or the audit is finished
+        if following in SHARDED:
+            for shard in range(shards):
+                self.dispatcher.send(following, audit_id, shard)
+        else:
+            self.dispatcher.send(following, audit_id)
+
+    def _fail(self, audit_id: str, stage: str, shard: int | None, exc: Exception) -> None:
+        where = stage if shard is None else f"{stage} shard {shard}"
+        message = f"{where}: {exc}" if isinstance(exc, EcifError) else f"{where}: {type(exc).__name__}: {exc}"
+        log.error("audit %s failed in %s", audit_id, message)
+        with session_scope(self.database_url) as session:
+            session.execute(update(Audit).where(Audit.id == audit_id, Audit.status.not_in(FINISHED))
+                            .values(status="failed", error=message[:4000], finished_at=utcnow()))
+
+
+SCORE_COLUMNS = ("influence", "influence_pos", "influence_neg", "self_influence", "leave_own_out", "clip_score")
+
+
+def _nullable(value: float) -> float | None:
+    value = float(value)
+    return None if value != value else value  # NaN (no validation set) -> NULL
+
+
+def _bulk_insert(session: Session, table: type, rows) -> None:
+    batch = []
+    for row in rows:
+        batch.append(row)
+        if len(batch) >= BULK_ROWS:
+            session.execute(insert(table), batch)
+            batch = []
+    if batch:
+        session.execute(insert(table), batch)
+
+
+def _pair_rows(audit_id: str, audit_dir: str):
+    """Usable pairs (slot order) from prepare's pairs.jsonl, then rejected rows from rejected.csv."""
+    for slot, pair in core.load_slots(audit_dir):
+        yield {"audit_id": audit_id, "pair_id": pair.id, "slot": slot, "image": pair.image, "caption": pair.caption}
+    with (Path(audit_dir) / "rejected.csv").open(encoding="utf-8", newline="") as handle:
+        for row in csv.DictReader(handle):
+            yield {"audit_id": audit_id, "pair_id": row["id"], "row": int(row["row"]), "reason": row["reason"]}

@@ -1,0 +1,160 @@
+"""Data access for audits, results and API keys: every query the API and the CLI make."""
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import secrets
+import shutil
+import uuid
+from pathlib import Path
+from typing import Iterator
+
+from sqlalchemy import delete, func, select, update
+from sqlalchemy.orm import Session
+
+from ecif_core.audit import RANKED_COLUMNS
+from ecif_core.manifest import Manifest
+
+from .db.models import FINISHED, ApiKey, Audit, Pair, Score, Shard, utcnow
+from .db.session import session_scope
+
+KEY_PREFIX = "ecif_"
+PAGE_ROWS = 2000
+REJECTED_COLUMNS = ("row", "id", "reason")
+
+
+# ------------------------------------------------------------------ keys
+
+def hash_key(key: str) -> str:
+    """Keys are 256-bit random tokens, so one SHA-256 is enough (no dictionary to guess from)."""
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def create_key(session: Session, owner: str) -> str:
+    key = KEY_PREFIX + secrets.token_urlsafe(32)
+    session.add(ApiKey(owner=owner, key_hash=hash_key(key), prefix=key[:12]))
+    return key
+
+
+def owner_of_key(session: Session, key: str) -> str | None:
+    return session.scalar(select(ApiKey.owner).where(ApiKey.key_hash == hash_key(key), ApiKey.revoked.is_(False)))
+
+
+# ------------------------------------------------------------------ audits
+
+def create_audit(session: Session, owner: str, manifest: Manifest, store_root: str | Path,
+                 audit_dir: str | Path | None = None) -> Audit:
+    audit_id = str(uuid.uuid4())
+    folder = Path(audit_dir) if audit_dir is not None else Path(store_root) / audit_id
+    audit = Audit(id=audit_id, owner=owner, status="queued", stage="prepare",
+                  manifest=manifest.to_json(), audit_dir=str(folder.resolve()))
+    session.add(audit)
+    return audit
+
+
+def get_audit(session: Session, owner: str, audit_id: str) -> Audit | None:
+    """The audit if it belongs to `owner`; another owner's audit is indistinguishable from none."""
+    return session.scalar(select(Audit).where(Audit.id == audit_id, Audit.owner == owner))
+
+
+def list_audits(session: Session, owner: str, limit: int, offset: int) -> tuple[list[Audit], int]:
+    query = select(Audit).where(Audit.owner == owner)
+    total = session.scalar(select(func.count()).select_from(query.subquery()))
+    rows = session.scalars(query.order_by(Audit.created_at.desc(), Audit.id).limit(limit).offset(offset)).all()
+    return list(rows), total
+
+
+def progress(session: Session, audit: Audit) -> dict:
+    """Shards done in the current stage and an ETA from the shard durations measured so far."""
+    rows = session.execute(select(Shard.stage, Shard.status, Shard.seconds).where(Shard.audit_id == audit.id)).all()
+    done = {stage: sum(1 for s, st, _ in rows if s == stage and st == "done") for stage in ("gradients", "scores")}
+    seconds = {stage: [sec for s, st, sec in rows if s == stage and st == "done" and sec is not None]
+               for stage in ("gradients", "scores")}
+    total = audit.shards_total or 0
+    current = audit.stage if audit.stage in done else None
+    if audit.stage in ("curvature", "validation"):
+        shards_done = done["gradients"]
+    elif audit.stage in ("finalize", "done"):
+        shards_done = done["scores"]
+    else:
+        shards_done = done.get(audit.stage, 0)
+    eta = None
+    if audit.status == "running" and seconds["gradients"]:
+        per_grad = sum(seconds["gradients"]) / len(seconds["gradients"])
+        per_score = sum(seconds["scores"]) / len(seconds["scores"]) if seconds["scores"] else 0.0
+        eta = (total - done["gradients"]) * per_grad + (total - done["scores"]) * per_score
+    return {"shards_done": shards_done, "shards_total": total, "stage_shards": current, "eta_seconds": eta}
+
+
+def cancel_audit(session: Session, audit: Audit) -> None:
+    """Stops new shards: every task checks the status before it starts."""
+    if audit.status not in FINISHED:
+        session.execute(update(Audit).where(Audit.id == audit.id, Audit.status.not_in(FINISHED))
+                        .values(status="cancelled", finished_at=utcnow()))
+
+
+def delete_audit(session: Session, audit: Audit, store_root: str | Path | None) -> None:
+    """Rows first (in this transaction), then the audit's folder when it lies in the store."""
+    audit_dir = Path(audit.audit_dir)
+    for table in (Score, Pair, Shard):
+        session.execute(delete(table).where(table.audit_id == audit.id))
+    session.execute(delete(Audit).where(Audit.id == audit.id))
+    session.flush()
+    if store_root is not None and audit_dir.resolve().is_relative_to(Path(store_root).resolve()):
+        shutil.rmtree(audit_dir, ignore_errors=True)
+
+
+# ------------------------------------------------------------------ CSV streams
+
+def results_csv(database_url: str, audit_id: str, limit: int | None = None,
+                suspected_only: bool = False) -> Iterator[str]:
+    """ranked.csv from the database, page by page in rank order (keyset on rank)."""
+    yield _csv_line(RANKED_COLUMNS)
+    last, sent = 0, 0
+    while limit is None or sent < limit:
+        page = PAGE_ROWS if limit is None else min(PAGE_ROWS, limit - sent)
+        query = (select(Score.rank, Score.pair_id, Pair.image, Pair.caption, Score.influence, Score.influence_pos,
+                        Score.influence_neg, Score.self_influence, Score.clip_score, Score.suspected)
+                 .join(Pair, (Pair.audit_id == Score.audit_id) & (Pair.slot == Score.slot))
+                 .where(Score.audit_id == audit_id, Score.rank > last))
+        if suspected_only:
+            query = query.where(Score.suspected.is_(True))
+        with session_scope(database_url) as session:
+            rows = session.execute(query.order_by(Score.rank).limit(page)).all()
+        if not rows:
+            return
+        buffer = io.StringIO()
+        writer = csv.writer(buffer)
+        for row in rows:
+            writer.writerow([row[0], row[1], row[2], row[3], *(_fmt(v) for v in row[4:9]),
+                             "true" if row[9] else "false"])
+        yield buffer.getvalue()
+        last, sent = rows[-1][0], sent + len(rows)
+
+
+def rejected_csv(database_url: str, audit_id: str) -> Iterator[str]:
+    yield _csv_line(REJECTED_COLUMNS)
+    last = 0
+    while True:
+        with session_scope(database_url) as session:
+            rows = session.execute(select(Pair.id, Pair.row, Pair.pair_id, Pair.reason)
+                                   .where(Pair.audit_id == audit_id, Pair.reason.is_not(None), Pair.id > last)
+                                   .order_by(Pair.id).limit(PAGE_ROWS)).all()
+        if not rows:
+            return
+        buffer = io.StringIO()
+        csv.writer(buffer).writerows([(r.row, r.pair_id, r.reason) for r in rows])
+        yield buffer.getvalue()
+        last = rows[-1][0]
+
+
+def _csv_line(values) -> str:
+    buffer = io.StringIO()
+    csv.writer(buffer).writerow(values)
+    return buffer.getvalue()
+
+
+def _fmt(value: float | None) -> str:
+    """The same text ecif_core writes: repr of the float, empty for a missing score."""
+    return "" if value is None else repr(float(value))

@@ -1,0 +1,47 @@
+"""Service settings, read from ECIF_* environment variables (pydantic-settings).
+
+The defaults are the embedded mode: a SQLite file and a local store folder, no broker
+(tasks run in-process). Setting ECIF_BROKER_URL switches submission to Celery workers.
+"""
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Annotated
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="ECIF_", extra="ignore")
+
+    database_url: str = Field("sqlite:///ecif_data/ecif.db", description="SQLAlchemy URL (postgresql+psycopg://...)")
+    broker_url: str | None = Field(None, description="Celery broker (redis://...); unset = run tasks in-process")
+    store_url: str = Field("ecif_data/audits", description="folder holding one audit folder (Zarr store) per audit")
+    data_roots: Annotated[list[Path], NoDecode] = Field(
+        default_factory=list, description="comma-separated folders a manifest may read from (API only)")
+    max_manifest_bytes: int = Field(1_048_576, description="larger manifests are refused with 413")
+    visibility_timeout: int = Field(6 * 3600, description="seconds before an unacknowledged task is redelivered")
+    restore_interval: int = Field(60, description="seconds between sweeps that re-queue tasks of lost workers")
+    task_soft_time_limit: int = Field(3 * 3600, description="seconds a single shard task may run")
+    host: str = "127.0.0.1"
+    port: int = 8000
+    server_url: str = Field("http://127.0.0.1:8000", description="API address used by ecif submit/status/results")
+    api_key: str | None = Field(None, description="key used by ecif submit/status/results")
+
+    @field_validator("data_roots", mode="before")
+    @classmethod
+    def _split_roots(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [part for part in value.split(",") if part.strip()]
+        return value
+
+    def resolved_roots(self) -> list[Path]:
+        """Data roots with symlinks resolved, so a link inside a root cannot point out of it."""
+        return [Path(root).expanduser().resolve() for root in self.data_roots]
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

@@ -1,0 +1,123 @@
+"""The database-tracked pipeline: same numbers as ecif_core, idempotent tasks, one advance per
+stage, cancellation and failures recorded, on the real Postgres server."""
+from __future__ import annotations
+
+import json
+
+from sqlalchemy import func, select
+
+from ecif_core.audit import run_audit
+from ecif_core.manifest import load_manifest
+from services import repository
+from services.db.models import Audit, Pair, Score, Shard
+from services.db.session import session_scope
+from services.pipeline import LocalDispatcher, Pipeline
+from tests.services.conftest import assert_same_ranking, read_csv_rows, write_manifest
+
+
+class RecordingDispatcher:
+    def __init__(self) -> None:
+        self.sent: list[tuple[str, str, int | None]] = []
+
+    def send(self, stage: str, audit_id: str, shard: int | None = None) -> None:
+        self.sent.append((stage, audit_id, shard))
+
+
+def _new_audit(url: str, manifest_path, tmp_path) -> str:
+    with session_scope(url) as session:
+        return repository.create_audit(session, "alice", load_manifest(manifest_path), tmp_path / "store").id
+
+
+def _csv(url: str, audit_id: str) -> list[dict]:
+    return read_csv_rows("".join(repository.results_csv(url, audit_id)))
+
+
+def test_embedded_mode_writes_the_same_csv_as_the_core_pipeline(data_root, embedded_csv, tmp_path):
+    core_csv = run_audit(data_root / "manifest.json", tmp_path / "core")
+    assert embedded_csv.read_text() == core_csv.read_text()  # byte for byte, through SQLite
+    rejected = (embedded_csv.parent / "rejected.csv").read_text().splitlines()
+    assert rejected[0] == "row,id,reason"
+
+
+def test_postgres_pipeline_matches_the_embedded_csv(pg_url, data_root, embedded_csv, tmp_path):
+    audit_id = _new_audit(pg_url, data_root / "manifest.json", tmp_path)
+    dispatcher = LocalDispatcher()
+    pipeline = Pipeline(pg_url, dispatcher)
+    pipeline.start(audit_id)
+    dispatcher.drain(pipeline)
+    with session_scope(pg_url) as session:
+        audit = session.get(Audit, audit_id)
+        assert (audit.status, audit.stage, audit.error) == ("succeeded", "done", None)
+        assert audit.pairs_total == 96 and audit.shards_total == 6 and audit.damping > 0
+        assert audit.started_at <= audit.finished_at
+    assert_same_ranking(_csv(pg_url, audit_id), read_csv_rows(embedded_csv))
+    limited = _csv(pg_url, audit_id)[:5]
+    assert read_csv_rows("".join(repository.results_csv(pg_url, audit_id, limit=5))) == limited
+    flagged = read_csv_rows("".join(repository.results_csv(pg_url, audit_id, suspected_only=True)))
+    assert flagged == [r for r in _csv(pg_url, audit_id) if r["suspected"] == "true"]
+
+
+def test_redelivered_tasks_change_nothing_and_advance_once(pg_url, data_root, tmp_path):
+    audit_id = _new_audit(pg_url, data_root / "manifest.json", tmp_path)
+    dispatcher = RecordingDispatcher()
+    pipeline = Pipeline(pg_url, dispatcher)
+    pipeline.run("prepare", audit_id)
+    pipeline.run("prepare", audit_id)  # a second delivery: pairs are replaced, not doubled
+    gradient_tasks = [s for s in dispatcher.sent if s[0] == "gradients"]
+    assert len(gradient_tasks) == 6
+    with session_scope(pg_url) as session:
+        assert session.scalar(select(func.count()).select_from(Pair).where(Pair.audit_id == audit_id)) == 96
+    for _, _, shard in gradient_tasks:
+        pipeline.run("gradients", audit_id, shard)
+    pipeline.run("gradients", audit_id, 5)  # duplicate of the last shard: no second curvature task
+    assert [s[0] for s in dispatcher.sent].count("curvature") == 1
+    pipeline.run("curvature", audit_id)
+    pipeline.run("validation", audit_id)
+    for shard in range(6):
+        pipeline.run("scores", audit_id, shard)
+    pipeline.run("scores", audit_id, 2)
+    assert [s[0] for s in dispatcher.sent].count("finalize") == 1
+    pipeline.run("finalize", audit_id)
+    pipeline.run("finalize", audit_id)
+    with session_scope(pg_url) as session:
+        attempts = session.execute(select(Shard.stage, Shard.shard, Shard.attempts)
+                                   .where(Shard.audit_id == audit_id)).all()
+        assert all(a == 1 for _, _, a in attempts)  # finished shards were not run again
+        scores = session.scalar(select(func.count()).select_from(Score).where(Score.audit_id == audit_id))
+        ranks = session.scalars(select(Score.rank).where(Score.audit_id == audit_id)).all()
+        assert session.get(Audit, audit_id).status == "succeeded"
+    assert scores == 96 and sorted(ranks) == list(range(1, 97))
+
+
+def test_cancel_stops_new_shards(pg_url, data_root, tmp_path):
+    audit_id = _new_audit(pg_url, data_root / "manifest.json", tmp_path)
+    dispatcher = LocalDispatcher()
+    pipeline = Pipeline(pg_url, dispatcher)
+    pipeline.run("prepare", audit_id)
+    pipeline.run("gradients", audit_id, 0)
+    with session_scope(pg_url) as session:
+        repository.cancel_audit(session, session.get(Audit, audit_id))
+    dispatcher.drain(pipeline)  # the five queued shards see the cancellation and do nothing
+    with session_scope(pg_url) as session:
+        done = session.scalar(select(func.count()).select_from(Shard).where(
+            Shard.audit_id == audit_id, Shard.status == "done"))
+        audit = session.get(Audit, audit_id)
+        assert (audit.status, audit.stage, done) == ("cancelled", "gradients", 1)
+
+
+def test_a_failing_stage_marks_the_audit_failed_with_the_reason(pg_url, data_root, tmp_path):
+    """A training file other than the one the model saw: prepare refuses, the audit records why."""
+    (tmp_path / "other.jsonl").write_text("\n".join(json.dumps({"id": f"x{i}", "image": "missing.png",
+                                                                "caption": "a digit"}) for i in range(8)))
+    manifest = write_manifest(tmp_path / "other-manifest.json", {},
+                              model={"config": str(data_root / "cfg.json"), "checkpoint": str(data_root / "model.pt")},
+                              train=str(tmp_path / "other.jsonl"), validation=None)
+    audit_id = _new_audit(pg_url, manifest, tmp_path)
+    dispatcher = LocalDispatcher()
+    pipeline = Pipeline(pg_url, dispatcher)
+    pipeline.start(audit_id)
+    dispatcher.drain(pipeline)
+    with session_scope(pg_url) as session:
+        audit = session.get(Audit, audit_id)
+        assert audit.status == "failed" and audit.finished_at is not None
+        assert audit.error.startswith("prepare: train: its ids differ from the ones the model was trained on")

@@ -1,0 +1,1 @@
+"""Celery app and tasks: thin wrappers over the stages in services.pipeline."""

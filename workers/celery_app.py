@@ -1,0 +1,35 @@
+"""The Celery app. Settings follow the worker conventions of ../shared/docs/STYLE.md:
+late acknowledgement, re-queue on worker loss, one task prefetched, a visibility timeout
+above the longest shard, tasks routed by name to the `gpu` and `cpu` queues."""
+from __future__ import annotations
+
+from celery import Celery
+
+from services.settings import get_settings
+
+
+def make_app() -> Celery:
+    settings = get_settings()
+    app = Celery("ecif", broker=settings.broker_url or "redis://127.0.0.1:6379/0", include=["workers.tasks"])
+    # A task of a worker that died is re-queued once it is older than visibility_timeout, by a
+    # sweep every restore_interval seconds (throttle 1: every sweep scans).
+    transport = {"visibility_timeout": settings.visibility_timeout,
+                 "unacked_restore_interval": settings.restore_interval, "unacked_restore_throttle": 1}
+    app.conf.update(
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        task_ignore_result=True,  # job state lives in the database, never in a result backend
+        broker_transport_options=transport,
+        result_backend_transport_options=transport,
+        broker_connection_retry_on_startup=True,
+        task_soft_time_limit=settings.task_soft_time_limit,
+        task_routes={"ecif.tasks.gpu.*": {"queue": "gpu"}, "ecif.tasks.cpu.*": {"queue": "cpu"}},
+        task_default_queue="cpu",
+        worker_hijack_root_logger=False,
+        worker_send_task_events=False,
+    )
+    return app
+
+
+app = make_app()

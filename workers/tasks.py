@@ -1,0 +1,76 @@
+"""Celery tasks, one per stage. Each takes JSON primitives and calls services.pipeline.
+
+torch is imported only inside a task (through the pipeline), so a prefork parent never
+touches it before forking; each worker process builds its pipeline, with its model cache,
+once (`worker_process_init`, or lazily in the solo pool) and reuses it across shards.
+"""
+from __future__ import annotations
+
+import os
+
+from celery.signals import worker_process_init
+
+from .celery_app import app
+
+_pipeline = None
+
+
+class CeleryDispatcher:
+    """Sends the next stage's tasks to the broker; routing by name picks the queue."""
+
+    def send(self, stage: str, audit_id: str, shard: int | None = None) -> None:
+        from services.pipeline import TASK_NAMES
+
+        args = [audit_id] if shard is None else [audit_id, shard]
+        app.send_task(TASK_NAMES[stage], args=args)
+
+
+def pipeline():
+    global _pipeline
+    if _pipeline is None:
+        from services.pipeline import Pipeline
+        from services.settings import get_settings
+
+        settings = get_settings()
+        _pipeline = Pipeline(settings.database_url, CeleryDispatcher(), image_roots=settings.resolved_roots() or None)
+    return _pipeline
+
+
+@worker_process_init.connect
+def _init_process(**_kwargs) -> None:
+    """A forked pool process: split the cores between the pool's processes, then build the pipeline."""
+    import torch
+
+    processes = int(os.environ.get("ECIF_WORKER_PROCESSES", "1"))
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, processes)))
+    pipeline()
+
+
+@app.task(name="ecif.tasks.cpu.prepare")
+def prepare(audit_id: str) -> None:
+    pipeline().run("prepare", audit_id)
+
+
+@app.task(name="ecif.tasks.gpu.shard_gradients")
+def shard_gradients(audit_id: str, shard: int) -> None:
+    pipeline().run("gradients", audit_id, shard)
+
+
+@app.task(name="ecif.tasks.cpu.curvature")
+def curvature(audit_id: str) -> None:
+    pipeline().run("curvature", audit_id)
+
+
+@app.task(name="ecif.tasks.gpu.validation")
+def validation(audit_id: str) -> None:
+    pipeline().run("validation", audit_id)
+
+
+@app.task(name="ecif.tasks.cpu.shard_scores")
+def shard_scores(audit_id: str, shard: int) -> None:
+    pipeline().run("scores", audit_id, shard)
+
+
+@app.task(name="ecif.tasks.cpu.finalize")
+def finalize(audit_id: str) -> None:
+    pipeline().run("finalize", audit_id)
