@@ -123,6 +123,8 @@ def load_manifest(source: str | Path | dict, base_dir: str | Path | None = None)
         raise ConfigError("model.arch", "must be a string")
     config = model.get("config")
     config = resolve(config, "model.config", False) if isinstance(config, str) else config
+    if isinstance(config, str) and not Path(config).is_file():
+        raise ConfigError("model.config", f"file not found: {config}")
     if model.get("arch") is None and config is None:
         config = sidecar.get("model_config")
         if config is None:
@@ -131,7 +133,11 @@ def load_manifest(source: str | Path | dict, base_dir: str | Path | None = None)
     validation = resolve(raw.get("validation"), "validation", False)
     if options.rank_by in ("influence", "combined") and validation is None:
         raise ConfigError("options.rank_by", f"{options.rank_by!r} needs a validation set")
-    return Manifest(train=resolve(raw.get("train"), "train", True), validation=validation,
+    train = resolve(raw.get("train"), "train", True)
+    for name, path in (("train", train), ("validation", validation)):
+        if path is not None and not Path(path).is_file():
+            raise ConfigError(name, f"file not found: {path}")
+    return Manifest(train=train, validation=validation,
                     model_arch=model.get("arch"), model_config=config, checkpoint=checkpoint, options=options,
                     excluded=list(sidecar.get("excluded", [])), ids_digest=sidecar.get("ids_digest"))
 

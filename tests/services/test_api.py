@@ -1,0 +1,180 @@
+"""The HTTP API on the real Postgres server: auth and owner isolation, validation errors that
+name the field, data-root confinement, size limit, listing, cancel and delete."""
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+from fastapi.testclient import TestClient
+
+from services import repository
+from services.api.app import create_app
+from services.db.models import Audit, Pair
+from services.db.session import session_scope
+from services.pipeline import LocalDispatcher, Pipeline
+from services.settings import Settings
+from tests.services.conftest import OPTIONS, manifest_json
+
+
+class RecordingStarter:
+    def __init__(self) -> None:
+        self.started: list[str] = []
+
+    def start(self, audit_id: str) -> None:
+        self.started.append(audit_id)
+
+
+@pytest.fixture(scope="module")
+def api(pg_url, data_root, tmp_path_factory):
+    store = tmp_path_factory.mktemp("store")
+    settings = Settings(database_url=pg_url, store_url=str(store), data_roots=[data_root], max_manifest_bytes=4096)
+    starter = RecordingStarter()
+    with TestClient(create_app(settings, starter=starter)) as client:
+        client.starter, client.settings = starter, settings
+        yield client
+
+
+@pytest.fixture(scope="module")
+def keys(pg_url) -> dict[str, dict]:
+    with session_scope(pg_url) as session:
+        alice, bob = repository.create_key(session, "alice"), repository.create_key(session, "bob")
+    return {"alice": {"Authorization": f"Bearer {alice}"}, "bob": {"Authorization": f"Bearer {bob}"}}
+
+
+def _submit(api, headers, body=None) -> dict:
+    response = api.post("/audits", json=manifest_json() if body is None else body, headers=headers)
+    assert response.status_code == 202, response.text
+    return response.json()
+
+
+def test_keys_are_stored_hashed(pg_url, keys):
+    from services.db.models import ApiKey
+    from sqlalchemy import select
+
+    key = keys["alice"]["Authorization"].split()[1]
+    with session_scope(pg_url) as session:
+        stored = session.scalars(select(ApiKey.key_hash)).all()
+    assert key not in stored and repository.hash_key(key) in stored
+
+
+def test_no_key_or_a_wrong_key_is_401(api):
+    assert api.get("/audits").status_code == 401
+    assert api.post("/audits", json=manifest_json()).status_code == 401
+    assert api.get("/audits", headers={"Authorization": "Bearer ecif_wrong"}).status_code == 401
+
+
+def test_submit_poll_and_other_owners_see_404(api, keys):
+    created = _submit(api, keys["alice"])
+    assert created["id"] in api.starter.started
+    assert created["status_url"].endswith(f"/audits/{created['id']}")
+    status = api.get(f"/audits/{created['id']}", headers=keys["alice"]).json()
+    assert status["status"] == "queued" and status["stage"] == "prepare" and status["error"] is None
+    for path in ("", "/results.csv", "/rejected.csv"):
+        assert api.get(f"/audits/{created['id']}{path}", headers=keys["bob"]).status_code == 404
+    assert api.post(f"/audits/{created['id']}/cancel", headers=keys["bob"]).status_code == 404
+    assert api.delete(f"/audits/{created['id']}", headers=keys["bob"]).status_code == 404
+    assert created["id"] not in [a["id"] for a in api.get("/audits", headers=keys["bob"]).json()["items"]]
+    assert api.get(f"/audits/{created['id']}/results.csv", headers=keys["alice"]).status_code == 409
+
+
+def test_listing_is_paginated_newest_first(api, keys, pg_url):
+    with session_scope(pg_url) as session:
+        owner_key = repository.create_key(session, "carol")
+    headers = {"Authorization": f"Bearer {owner_key}"}
+    ids = [_submit(api, headers)["id"] for _ in range(3)]
+    page = api.get("/audits?limit=2", headers=headers).json()
+    assert page["total"] == 3 and [a["id"] for a in page["items"]] == ids[::-1][:2]
+    rest = api.get("/audits?limit=2&offset=2", headers=headers).json()
+    assert [a["id"] for a in rest["items"]] == ids[:1]
+
+
+@pytest.mark.parametrize("body, field", [
+    (manifest_json(options={**OPTIONS, "dampin": 1.0}), "options.dampin"),
+    (manifest_json(options={**OPTIONS, "damping": "high"}), "options.damping"),
+    (manifest_json(train="digits/nope.jsonl"), "train"),
+    ({**manifest_json(), "extra": 1}, "extra"),
+    (manifest_json(model={"config": "cfg.json", "checkpoint": "missing.pt"}), "model.checkpoint"),
+    (manifest_json(model={"config": "nope.json", "checkpoint": "model.pt"}), "model.config"),
+    (manifest_json(options={**OPTIONS, "batch_size": 16}), "options.batch_size"),
+])
+def test_invalid_manifests_are_422_naming_the_field(api, keys, body, field):
+    response = api.post("/audits", json=body, headers=keys["alice"])
+    assert response.status_code == 422, response.text
+    assert response.json()["field"] == field
+    assert response.json()["detail"][0]["loc"] == ["body", *field.split(".")]
+
+
+def test_paths_outside_the_data_roots_are_refused(api, keys, data_root, tmp_path):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "train.jsonl").write_text((data_root / "digits" / "train.jsonl").read_text())
+    link = data_root / "escape"
+    if not link.exists():
+        os.symlink(outside, link)
+    for train in ("../" * 8 + str(outside / "train.jsonl").lstrip("/"), str(outside / "train.jsonl"),
+                  "escape/train.jsonl", "digits/../../outside/train.jsonl", "file://" + str(outside / "train.jsonl")):
+        response = api.post("/audits", json=manifest_json(train=train), headers=keys["alice"])
+        assert response.status_code == 422, train
+        assert response.json()["field"] == "train" and "outside the data roots" in response.text, train
+    response = api.post("/audits", json=manifest_json(model={"config": "cfg.json", "checkpoint": "/etc/passwd"}),
+                        headers=keys["alice"])
+    assert response.status_code == 422 and response.json()["field"] == "model.checkpoint"
+
+
+def test_images_outside_the_data_roots_become_rejected_rows(pg_url, data_root, tmp_path):
+    """Image paths inside a pair file are confined too: such rows are rejected, not read."""
+    rows = [json.loads(line) for line in (data_root / "digits" / "train.jsonl").read_text().splitlines()]
+    rows[0]["image"] = "/etc/hostname"
+    (data_root / "digits" / "escape.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    settings = Settings(database_url=pg_url, store_url=str(tmp_path / "store"), data_roots=[data_root])
+    starter = RecordingStarter()
+    with TestClient(create_app(settings, starter=starter)) as client, session_scope(pg_url) as session:
+        key = repository.create_key(session, "dave")
+        session.commit()
+        audit_id = _submit(client, {"Authorization": f"Bearer {key}"},
+                           manifest_json(train="digits/escape.jsonl", validation=None))["id"]
+    dispatcher = LocalDispatcher()
+    Pipeline(pg_url, dispatcher, image_roots=settings.resolved_roots()).run("prepare", audit_id)
+    with session_scope(pg_url) as session:
+        rejected = session.query(Pair).filter(Pair.audit_id == audit_id, Pair.reason.is_not(None)).all()
+        reasons = {p.pair_id: p.reason for p in rejected}
+    assert reasons[rows[0]["id"]] == "image outside the data roots"
+
+
+def test_manifest_over_the_size_limit_is_413(api, keys):
+    body = manifest_json(options={**OPTIONS, "theta": ["x" * 100] * 60})
+    assert api.post("/audits", json=body, headers=keys["alice"]).status_code == 413
+    raw = json.dumps(body).encode()
+    response = api.post("/audits", content=iter([raw]), headers={**keys["alice"], "content-type": "application/json"})
+    assert response.status_code == 413  # streamed without Content-Length: counted as it arrives
+
+
+def test_uploaded_manifest_file_is_accepted(api, keys):
+    files = {"manifest": ("manifest.json", json.dumps(manifest_json()).encode(), "application/json")}
+    response = api.post("/audits", files=files, headers=keys["alice"])
+    assert response.status_code == 202, response.text
+
+
+def test_cancel_then_delete_removes_rows_and_folder(api, keys, pg_url):
+    audit_id = _submit(api, keys["alice"])["id"]
+    with session_scope(pg_url) as session:
+        audit_dir = session.get(Audit, audit_id).audit_dir
+    os.makedirs(audit_dir)
+    open(os.path.join(audit_dir, "plan.json"), "w").close()
+    cancelled = api.post(f"/audits/{audit_id}/cancel", headers=keys["alice"]).json()
+    assert cancelled["status"] == "cancelled" and cancelled["finished_at"] is not None
+    assert api.delete(f"/audits/{audit_id}", headers=keys["alice"]).status_code == 204
+    assert api.get(f"/audits/{audit_id}", headers=keys["alice"]).status_code == 404
+    assert not os.path.exists(audit_dir)
+    with session_scope(pg_url) as session:
+        assert session.get(Audit, audit_id) is None
+
+
+def test_health_ready_and_metrics(api):
+    assert api.get("/healthz").json() == {"status": "ok"}
+    ready = api.get("/readyz")
+    assert ready.status_code == 200 and ready.json()["checks"]["database"] == "ok"
+    metrics = api.get("/metrics").text
+    assert 'ecif_audits{status="queued"}' in metrics and "ecif_queue_depth" in metrics
+    assert api.get("/openapi.json").json()["paths"]["/audits/{audit_id}/results.csv"]
