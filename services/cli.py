@@ -136,15 +136,21 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
 
 def _status_bar():
-    """One tqdm bar per sharded stage, fed by the status JSON (stage, shards, ETA)."""
+    """The same bars as `ecif audit`, fed by the status JSON (stage, shards done, ETA)."""
     report = _progress_bar()
+    order = ("prepare", "gradients", "curvature", "validation", "scores", "finalize", "done")
+    finished: set[str] = set()
 
     def on_status(status: dict) -> None:
-        stage, total = status["stage"], status["shards_total"] or 0
-        if stage in ("gradients", "scores") and total:
-            report(stage, status["shards_done"], total)
-        elif stage in ("curvature", "validation", "finalize"):
-            report("gradients", total, total) if total else None
+        stage, done, total = status["stage"], status["shards_done"], status["shards_total"] or 0
+        if not total:
+            return
+        for sharded in ("gradients", "scores"):
+            if sharded == stage:
+                report(stage, done, total)
+            elif order.index(stage) > order.index(sharded) and sharded not in finished:
+                finished.add(sharded)
+                report(sharded, total, total)
     return on_status
 
 

@@ -1,0 +1,120 @@
+"""The service end to end: real `ecif serve` and `ecif worker` processes on the real Postgres
+and Redis, a digits audit submitted over HTTP, and a worker killed in the middle of a shard."""
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import httpx
+import pytest
+import redis
+from sqlalchemy import select
+
+from services.db.models import Shard
+from services.db.session import session_scope
+from services.embedded import run_embedded
+from tests.services.conftest import REDIS_URL, assert_same_ranking, manifest_json, read_csv_rows, write_manifest
+from tests.services.processes import Service, service_env
+
+pytestmark = pytest.mark.slow
+
+
+def _redis_db(number: int) -> str:
+    url = REDIS_URL.rsplit("/", 1)[0] + f"/{number}"
+    redis.Redis.from_url(url).flushdb()
+    return url
+
+
+@pytest.fixture(scope="module")
+def service(pg_url, data_root, tmp_path_factory):
+    logs = tmp_path_factory.mktemp("logs")
+    svc = Service(service_env(pg_url, _redis_db(12), tmp_path_factory.mktemp("store"), data_root), logs)
+    try:
+        svc.start_server()
+        svc.start_worker("w1")
+        key = svc.run("keys", "create", "--owner", "itest")
+        assert key.returncode == 0, key.stderr
+        svc.env["ECIF_API_KEY"], svc.env["ECIF_SERVER_URL"] = key.stdout.strip(), svc.url
+        yield svc
+    finally:
+        svc.stop()
+
+
+def test_audit_over_http_matches_the_embedded_mode(service, data_root, embedded_csv, tmp_path):
+    submitted = service.run("submit", str(data_root / "manifest.json"), "--wait", "--poll", "0.3")
+    assert submitted.returncode == 0, submitted.stderr + (service.logs / "w1.log").read_text()[-3000:]
+    audit_id = submitted.stdout.split()[0]
+    assert "gradients" in submitted.stderr  # the progress bar named the stage
+    downloaded = service.run("results", audit_id, "-o", str(tmp_path / "ranked.csv"))
+    assert downloaded.returncode == 0, downloaded.stderr
+    assert_same_ranking(read_csv_rows(tmp_path / "ranked.csv"), read_csv_rows(embedded_csv))
+    status = service.run("status", audit_id)
+    assert '"status": "succeeded"' in status.stdout and '"shards_done": 6' in status.stdout
+    metrics = httpx.get(f"{service.url}/metrics").text
+    assert 'ecif_audits{status="succeeded"}' in metrics and 'ecif_shard_seconds_count{stage="gradients"}' in metrics
+
+
+def test_a_worker_killed_mid_shard_loses_nothing(pg_url, data_root, tmp_path_factory):
+    """SIGKILL during a gradients shard; a new worker picks the task up again (acks_late,
+    visibility timeout) and the CSV equals an uninterrupted run. Finished shards are not redone."""
+    options = {"projection": {"k_in": 4, "k_out": 4}, "shard_batches": 1}
+    manifest = write_manifest(data_root / "kill-manifest.json", options)
+    expected = read_csv_rows(run_embedded(manifest, tmp_path_factory.mktemp("uninterrupted") / "audit"))
+    env = service_env(pg_url, _redis_db(13), tmp_path_factory.mktemp("store"), data_root,
+                      ECIF_VISIBILITY_TIMEOUT="3", ECIF_RESTORE_INTERVAL="1")
+    svc = Service(env, tmp_path_factory.mktemp("kill-logs"))
+    try:
+        svc.start_server()
+        first = svc.start_worker("doomed")
+        key = svc.run("keys", "create", "--owner", "ktest").stdout.strip()
+        headers = {"Authorization": f"Bearer {key}"}
+        response = httpx.post(f"{svc.url}/audits", json=manifest_json(options), headers=headers, timeout=30)
+        assert response.status_code == 202, response.text
+        audit_id = response.json()["id"]
+        killed_shard = _wait_for_running_gradient_shard(pg_url, audit_id)
+        os.killpg(first.pid, signal.SIGKILL)
+        first.wait()
+        assert _shard(pg_url, audit_id, killed_shard).status == "running"  # killed before it finished
+        done_before = {s.shard for s in _shards(pg_url, audit_id) if s.status == "done"}
+        svc.start_worker("rescuer")
+        status = _wait_finished(svc.url, audit_id, headers)
+        assert status["status"] == "succeeded", status
+        csv_text = httpx.get(f"{svc.url}/audits/{audit_id}/results.csv", headers=headers, timeout=30).text
+        assert_same_ranking(read_csv_rows(csv_text), expected)
+        shards = {s.shard: s for s in _shards(pg_url, audit_id)}
+        assert shards[killed_shard].attempts == 2 and shards[killed_shard].worker.split(":")[-1] != str(first.pid)
+        assert all(shards[s].attempts == 1 for s in done_before)  # finished shards were kept, not redone
+    finally:
+        svc.stop()
+
+
+def _shards(url: str, audit_id: str) -> list[Shard]:
+    with session_scope(url) as session:
+        return list(session.scalars(select(Shard).where(Shard.audit_id == audit_id, Shard.stage == "gradients")))
+
+
+def _shard(url: str, audit_id: str, shard: int) -> Shard:
+    return next(s for s in _shards(url, audit_id) if s.shard == shard)
+
+
+def _wait_for_running_gradient_shard(url: str, audit_id: str, timeout: float = 120) -> int:
+    """A shard that is running after at least one other finished (so both kinds are tested)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        shards = _shards(url, audit_id)
+        running = [s.shard for s in shards if s.status == "running"]
+        if running and any(s.status == "done" for s in shards):
+            return running[0]
+        time.sleep(0.02)
+    raise AssertionError("no gradients shard was seen running")
+
+
+def _wait_finished(url: str, audit_id: str, headers: dict, timeout: float = 240) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        status = httpx.get(f"{url}/audits/{audit_id}", headers=headers, timeout=30).json()
+        if status["status"] in ("succeeded", "failed", "cancelled"):
+            return status
+        time.sleep(0.3)
+    raise AssertionError(f"audit did not finish: {status}")
