@@ -20,11 +20,12 @@ class Settings(BaseSettings):
     broker_url: str | None = Field(None, description="Celery broker (redis://...); unset = run tasks in-process")
     store_url: str = Field("ecif_data/audits", description="folder holding one audit folder (Zarr store) per audit")
     data_roots: Annotated[list[Path], NoDecode] = Field(
-        default_factory=list, description="comma-separated folders a manifest may read from (API only)")
+        default_factory=list, description="comma-separated folders manifests and images may be read from (API and workers)")
     max_manifest_bytes: int = Field(1_048_576, description="larger manifests are refused with 413")
     visibility_timeout: int = Field(6 * 3600, description="seconds before an unacknowledged task is redelivered")
     restore_interval: int = Field(60, description="seconds between sweeps that re-queue tasks of lost workers")
     task_soft_time_limit: int = Field(3 * 3600, description="seconds a single shard task may run")
+    torch_threads: int | None = Field(None, description="torch threads per worker process (default: cores / processes)")
     host: str = "127.0.0.1"
     port: int = 8000
     server_url: str = Field("http://127.0.0.1:8000", description="API address used by ecif submit/status/results")

@@ -41,8 +41,10 @@ def _init_process(**_kwargs) -> None:
     """A forked pool process: split the cores between the pool's processes, then build the pipeline."""
     import torch
 
+    from services.settings import get_settings
+
     processes = int(os.environ.get("ECIF_WORKER_PROCESSES", "1"))
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, processes)))
+    torch.set_num_threads(get_settings().torch_threads or max(1, (os.cpu_count() or 1) // max(1, processes)))
     pipeline()
 
 

@@ -178,3 +178,10 @@ def test_health_ready_and_metrics(api):
     metrics = api.get("/metrics").text
     assert 'ecif_audits{status="queued"}' in metrics and "ecif_queue_depth" in metrics
     assert api.get("/openapi.json").json()["paths"]["/audits/{audit_id}/results.csv"]
+
+
+def test_readyz_reports_an_unmigrated_database(tmp_path):
+    settings = Settings(database_url=f"sqlite:///{tmp_path / 'empty.db'}", store_url=str(tmp_path / "store"))
+    with TestClient(create_app(settings, starter=RecordingStarter())) as client:
+        response = client.get("/readyz")
+    assert response.status_code == 503 and "ecif db upgrade" in response.json()["checks"]["database"]

@@ -11,7 +11,7 @@ from prometheus_client.core import GaugeMetricFamily, SummaryMetricFamily
 from sqlalchemy import func, select, text
 
 from ...db.models import STATUSES, Audit, Shard
-from ...db.session import session_scope
+from ...db.session import schema_is_current, session_scope
 from ..deps import SettingsDep
 
 router = APIRouter(tags=["health"])
@@ -76,6 +76,8 @@ def _check(probe) -> str:
 def _ping_database(url: str) -> None:
     with session_scope(url) as session:
         session.execute(text("SELECT 1"))
+    if not schema_is_current(url):
+        raise RuntimeError("schema is not at the newest migration: run `ecif db upgrade`")
 
 
 def _ping_broker(url: str | None) -> None:

@@ -1,0 +1,125 @@
+"""Service vs embedded wall time on the demo audit, and 2 worker processes vs 1.
+
+    python -m bench.service [--workdir bench/out/service] [--scaling-shard-batches 4]
+
+Builds the demo data (digits, 1200 pairs, 20% shuffled captions) and trains the demo's tiny
+CLIP (30 epochs) once in WORKDIR, then, in one run:
+1. the embedded mode (`ecif audit`: SQLite, in-process) on the demo manifest;
+2. the service (a real `ecif serve` + one `ecif worker`, Postgres, Redis) on the same
+   manifest, timed from POST /audits to status succeeded (processes started beforehand);
+3. the same audit with shard_batches=4 (10 shards) on one worker process (solo, 2 torch
+   threads) and on `ecif worker --concurrency 2` (prefork, 1 thread each).
+Needs the local Postgres (database created and dropped here) and Redis (db 14, flushed).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import time
+import uuid
+from pathlib import Path
+
+import httpx
+import psycopg
+import redis
+
+from ecif_core.datasets.digits import build_digits
+from ecif_core.demo import DemoSettings, tiny_model_config
+from ecif_core.train import TrainConfig, train
+from services.db.session import upgrade
+from services.embedded import run_embedded
+from tests.services.processes import Service, service_env
+
+PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/test"
+REDIS_URL = "redis://127.0.0.1:6379/14"
+
+
+def prepare_workdir(workdir: Path) -> Path:
+    """Demo data and model (built once; reused by later runs)."""
+    settings = DemoSettings()
+    if not (workdir / "model.pt").exists():
+        data = build_digits(workdir / "data", corruption=settings.corruption, fraction=settings.fraction,
+                            seed=settings.seed, n_train=settings.n_train)
+        (workdir / "tiny-clip.json").write_text(json.dumps(tiny_model_config(), indent=1))
+        train(data.train, workdir / "tiny-clip.json", workdir / "model.pt",
+              TrainConfig(epochs=settings.epochs, batch_size=settings.batch_size, lr=settings.lr,
+                          weight_decay=settings.weight_decay, seed=settings.seed))
+    return workdir
+
+
+def manifest(workdir: Path, name: str, options: dict) -> Path:
+    path = workdir / name
+    path.write_text(json.dumps({"model": {"config": "tiny-clip.json", "checkpoint": "model.pt"},
+                                "train": "data/train.jsonl", "validation": "data/val.jsonl", "options": options}))
+    return path
+
+
+def timed_service_audit(svc: Service, manifest_path: Path, key: str) -> tuple[float, int]:
+    """Seconds from POST /audits to status succeeded, and the audit's shard count."""
+    headers = {"Authorization": f"Bearer {key}"}
+    body = json.loads(manifest_path.read_text())
+    started = time.perf_counter()
+    audit_id = httpx.post(f"{svc.url}/audits", json=body, headers=headers, timeout=30).json()["id"]
+    while True:
+        status = httpx.get(f"{svc.url}/audits/{audit_id}", headers=headers, timeout=30).json()
+        if status["status"] in ("succeeded", "failed", "cancelled"):
+            break
+        time.sleep(0.1)
+    elapsed = time.perf_counter() - started
+    if status["status"] != "succeeded":
+        raise RuntimeError(status)
+    return elapsed, status["shards_total"]
+
+
+def run_service(workdir: Path, db_url: str, manifests: list[Path], concurrency: int) -> list[tuple[float, int]]:
+    redis.Redis.from_url(REDIS_URL).flushdb()
+    store = workdir / f"store-{uuid.uuid4().hex[:6]}"
+    logs = workdir / "logs"
+    logs.mkdir(exist_ok=True)
+    svc = Service(service_env(db_url, REDIS_URL, store, workdir), logs)
+    try:
+        svc.start_server()
+        svc.start_worker(f"bench{concurrency}", concurrency=concurrency)
+        key = svc.run("keys", "create", "--owner", "bench").stdout.strip()
+        return [timed_service_audit(svc, m, key) for m in manifests]
+    finally:
+        svc.stop()
+        shutil.rmtree(store, ignore_errors=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--workdir", default="bench/out/service")
+    parser.add_argument("--scaling-shard-batches", type=int, default=4)
+    args = parser.parse_args()
+    workdir = prepare_workdir(Path(args.workdir).resolve())
+    demo = manifest(workdir, "demo-manifest.json", {})
+    scaling = manifest(workdir, "scaling-manifest.json", {"shard_batches": args.scaling_shard_batches})
+    name = f"ecif_bench_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    db_url = f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
+    try:
+        upgrade(db_url)
+        shutil.rmtree(workdir / "embedded", ignore_errors=True)
+        started = time.perf_counter()
+        run_embedded(demo, workdir / "embedded")
+        embedded = time.perf_counter() - started
+        (service_demo, _), (one_worker, shards) = run_service(workdir, db_url, [demo, scaling], concurrency=1)
+        ((two_workers, _),) = run_service(workdir, db_url, [scaling], concurrency=2)
+    finally:
+        from services.db.session import get_engine
+
+        get_engine(db_url).dispose()
+        with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    result = {"embedded_s": embedded, "service_s": service_demo, "service_over_embedded": service_demo / embedded,
+              "scaling_shards": shards, "one_worker_s": one_worker, "two_workers_s": two_workers,
+              "speedup_2_over_1": one_worker / two_workers}
+    print(json.dumps(result, indent=1))
+    (workdir / "result.json").write_text(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()
