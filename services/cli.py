@@ -86,7 +86,9 @@ def cmd_worker(args: argparse.Namespace) -> int:
     os.environ["ECIF_WORKER_PROCESSES"] = str(args.concurrency)
     from workers.celery_app import app
 
-    pool = args.pool or ("solo" if args.concurrency == 1 else "prefork")
+    # prefork even for one process: time limits and task_reject_on_worker_lost need a pool
+    # parent that outlives its child; the parent never imports torch (tasks import it lazily).
+    pool = args.pool or "prefork"
     argv = ["worker", "--queues", args.queues, "--concurrency", str(args.concurrency), "--pool", pool,
             "--loglevel", args.loglevel, "--without-gossip", "--without-mingle"]
     if args.hostname:
@@ -210,7 +212,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = verbs.add_parser("worker", help="run a Celery worker for the gpu and/or cpu queues")
     p.add_argument("--queues", default="gpu,cpu")
-    p.add_argument("--concurrency", type=int, default=1, help="processes (1 = solo pool, in this process)")
+    p.add_argument("--concurrency", type=int, default=1, help="worker processes (each loads the model once)")
     p.add_argument("--pool", choices=("solo", "prefork", "threads"))
     p.add_argument("--hostname", help="Celery node name (default celery@HOST)")
     p.add_argument("--loglevel", default="INFO")

@@ -5,7 +5,7 @@ from pathlib import Path
 from typing import Any
 
 from ecif_core.errors import ConfigError
-from ecif_core.manifest import PATH_KEYS, Manifest, load_manifest
+from ecif_core.manifest import PATH_KEYS, Manifest, load_manifest, read_sidecar
 
 
 def confined_manifest(raw: Any, roots: list[Path]) -> Manifest:
@@ -33,9 +33,12 @@ def check_confined(value: str, roots: list[Path], name: str) -> Path:
     if not any(resolved.is_relative_to(root) for root in roots):
         raise ConfigError(name, "path is outside the data roots")
     sidecar = Path(str(resolved) + ".json")
-    if name == "model.checkpoint" and sidecar.exists() and not any(
-            sidecar.resolve().is_relative_to(root) for root in roots):
-        raise ConfigError(name, "its training sidecar is outside the data roots")
+    if name == "model.checkpoint" and sidecar.exists():
+        if not any(sidecar.resolve().is_relative_to(root) for root in roots):
+            raise ConfigError(name, "its training sidecar is outside the data roots")
+        config = read_sidecar(resolved).get("model_config")
+        if isinstance(config, str):  # a config path inside the sidecar is a path like any other
+            check_confined(str(resolved.parent / config), roots, "model.config (training sidecar)")
     return resolved
 
 

@@ -19,13 +19,14 @@ from pathlib import Path
 from typing import Callable, Protocol
 
 from sqlalchemy import delete, func, insert, select, update
+from sqlalchemy.exc import IntegrityError, InterfaceError, OperationalError
 from sqlalchemy.orm import Session
 
 from ecif_core import audit as core
 from ecif_core.errors import EcifError
 from ecif_core.manifest import Manifest
 
-from .db.models import FINISHED, Audit, Pair, Score, Shard, utcnow
+from .db.models import FINISHED, STAGES, Audit, Pair, Score, Shard, utcnow
 from .db.session import session_scope
 
 log = logging.getLogger("ecif.pipeline")
@@ -37,6 +38,7 @@ TASK_NAMES = {"prepare": "ecif.tasks.cpu.prepare", "gradients": "ecif.tasks.gpu.
               "curvature": "ecif.tasks.cpu.curvature", "validation": "ecif.tasks.gpu.validation",
               "scores": "ecif.tasks.cpu.shard_scores", "finalize": "ecif.tasks.cpu.finalize"}
 BULK_ROWS = 5000
+TRANSIENT = (OperationalError, InterfaceError)  # database unreachable: retry the task, keep the audit
 
 
 class Dispatcher(Protocol):
@@ -79,27 +81,18 @@ class Pipeline:
         self.dispatcher.send("prepare", audit_id)
 
     def run(self, stage: str, audit_id: str, shard: int | None = None) -> None:
-        """Run one task. Finished shards and finished or cancelled audits are skipped."""
-        with session_scope(self.database_url) as session:
-            audit = session.get(Audit, audit_id)
-            if audit is None or audit.status in FINISHED:
-                return  # deleted, cancelled or failed meanwhile: nothing to do
-            if stage in SHARDED and self._shard_done(session, audit_id, stage, shard):
-                skip = True
-            else:
-                skip = False
-                if audit.status == "queued":
-                    audit.status, audit.started_at = "running", utcnow()
-                if stage in SHARDED:
-                    session.execute(update(Shard).where(Shard.audit_id == audit_id, Shard.stage == stage,
-                                                        Shard.shard == shard)
-                                    .values(status="running", attempts=Shard.attempts + 1, worker=self.worker,
-                                            started_at=utcnow()))
-            audit_dir = audit.audit_dir
+        """Run one task. Finished shards, stages already passed and finished or cancelled
+        audits are skipped; a skipped duplicate still repairs a lost dispatch (`_advance`)."""
+        claimed = self._claim(stage, audit_id, shard)
+        if claimed is None:
+            return
+        audit_dir, skip = claimed
         if not skip:
             started = time.perf_counter()
             try:
                 self._execute(stage, audit_id, audit_dir, shard)
+            except TRANSIENT:
+                raise  # database or broker unreachable: the task is retried, the audit is not failed
             except Exception as exc:
                 self._fail(audit_id, stage, shard, exc)
                 if isinstance(exc, EcifError):
@@ -108,6 +101,31 @@ class Pipeline:
             if stage in SHARDED:
                 self._shard_finished(audit_id, stage, shard, time.perf_counter() - started)
         self._advance(audit_id, stage)
+
+    def _claim(self, stage: str, audit_id: str, shard: int | None) -> tuple[str, bool] | None:
+        """(audit folder, skip the work?) or None when there is nothing to do at all.
+
+        Status changes are conditional updates, so a cancel committed meanwhile is never
+        overwritten by queued -> running.
+        """
+        with session_scope(self.database_url) as session:
+            audit = session.get(Audit, audit_id)
+            if audit is None or audit.status in FINISHED:
+                return None  # deleted, cancelled or failed meanwhile
+            if stage not in SHARDED:
+                if audit.stage != stage:
+                    # A redelivery of a stage already passed (or not reached): no work, no reset.
+                    return (audit.audit_dir, True) if _index(audit.stage) > _index(stage) else None
+            elif self._shard_done(session, audit_id, stage, shard):
+                return audit.audit_dir, True
+            session.execute(update(Audit).where(Audit.id == audit_id, Audit.status == "queued")
+                            .values(status="running", started_at=utcnow()))
+            if stage in SHARDED:
+                session.execute(update(Shard).where(Shard.audit_id == audit_id, Shard.stage == stage,
+                                                    Shard.shard == shard)
+                                .values(status="running", attempts=Shard.attempts + 1, worker=self.worker,
+                                        started_at=utcnow()))
+            return audit.audit_dir, False
 
     # ------------------------------------------------------------ stages
 
@@ -134,10 +152,12 @@ class Pipeline:
         plan = core.prepare(manifest, audit_dir, image_roots=self.image_roots)
         with session_scope(self.database_url) as session:
             session.execute(delete(Pair).where(Pair.audit_id == audit_id))
-            session.execute(delete(Shard).where(Shard.audit_id == audit_id))
             _bulk_insert(session, Pair, _pair_rows(audit_id, audit_dir))
-            session.execute(insert(Shard), [{"audit_id": audit_id, "stage": stage, "shard": s, "status": "pending"}
-                                            for stage in SHARDED for s in range(plan.shards)])
+            known = set(session.execute(select(Shard.stage, Shard.shard).where(Shard.audit_id == audit_id)).all())
+            missing = [{"audit_id": audit_id, "stage": stage, "shard": s, "status": "pending"}
+                       for stage in SHARDED for s in range(plan.shards) if (stage, s) not in known]
+            if missing:  # a second prepare never resets shards (done ones stay done)
+                session.execute(insert(Shard), missing)
             session.execute(update(Audit).where(Audit.id == audit_id).values(
                 shards_total=plan.shards, pairs_total=plan.pairs_total, pairs_rejected=plan.pairs_rejected))
 
@@ -148,10 +168,19 @@ class Pipeline:
         rows = [{"audit_id": audit_id, "slot": int(slot), "shard": shard, "pair_id": pair.id,
                  **{name: _nullable(cols[name][i]) for name in SCORE_COLUMNS}}
                 for i, (slot, pair) in enumerate(zip(slots, pairs))]
-        with session_scope(self.database_url) as session:
-            session.execute(delete(Score).where(Score.audit_id == audit_id, Score.shard == shard))
-            _bulk_insert(session, Score, rows)
-            session.execute(update(Audit).where(Audit.id == audit_id).values(damping=shift))
+        try:
+            with session_scope(self.database_url) as session:
+                session.execute(delete(Score).where(Score.audit_id == audit_id, Score.shard == shard))
+                _bulk_insert(session, Score, rows)
+                session.execute(update(Audit).where(Audit.id == audit_id).values(damping=shift))
+        except IntegrityError:
+            # A concurrent delivery of this shard committed the same rows first (same store,
+            # same numbers); anything else is a real error.
+            with session_scope(self.database_url) as session:
+                written = session.scalar(select(func.count()).select_from(Score).where(
+                    Score.audit_id == audit_id, Score.shard == shard))
+            if written != len(rows):
+                raise
 
     def _finalize(self, audit_id: str, audit_dir: str) -> None:
         result = core.final_ranking(audit_dir)
@@ -179,7 +208,13 @@ class Pipeline:
                             .values(status="done", finished_at=utcnow(), seconds=seconds))
 
     def _advance(self, audit_id: str, stage: str) -> None:
-        """Move the audit past `stage` once all its work is done; dispatch what comes next."""
+        """Move the audit past `stage` once all its work is done; dispatch what comes next.
+
+        Exactly one task wins the compare-and-set on `audits.stage`. A task that loses it
+        because the stage had already moved on is a redelivery: its first delivery may have
+        died between the commit and the dispatch, so it sends the next stage's unfinished
+        tasks again (every task tolerates duplicates).
+        """
         with session_scope(self.database_url) as session:
             audit = session.get(Audit, audit_id)
             if audit is None or audit.status in FINISHED:
@@ -195,11 +230,14 @@ class Pipeline:
                 values.update(status="succeeded", finished_at=utcnow())
             moved = session.execute(update(Audit).where(Audit.id == audit_id, Audit.stage == stage,
                                                         Audit.status == "running").values(**values)).rowcount
-            shards = audit.shards_total or 0
-        if moved != 1 or following == "done":
-            return  # another delivery of this task moved it already, or the audit is finished
+            if moved != 1 and audit.stage != following:
+                return  # the audit is further on: later tasks own the dispatch
+            pending = [s for (s,) in session.execute(select(Shard.shard).where(
+                Shard.audit_id == audit_id, Shard.stage == following, Shard.status != "done"))]
+        if following == "done":
+            return
         if following in SHARDED:
-            for shard in range(shards):
+            for shard in sorted(pending):
                 self.dispatcher.send(following, audit_id, shard)
         else:
             self.dispatcher.send(following, audit_id)
@@ -211,6 +249,10 @@ class Pipeline:
         with session_scope(self.database_url) as session:
             session.execute(update(Audit).where(Audit.id == audit_id, Audit.status.not_in(FINISHED))
                             .values(status="failed", error=message[:4000], finished_at=utcnow()))
+
+
+def _index(stage: str) -> int:
+    return STAGES.index(stage)
 
 
 SCORE_COLUMNS = ("influence", "influence_pos", "influence_neg", "self_influence", "leave_own_out", "clip_score")

@@ -94,14 +94,20 @@ def cancel_audit(session: Session, audit: Audit) -> None:
                         .values(status="cancelled", finished_at=utcnow()))
 
 
+def fail_audit(session: Session, audit: Audit, message: str) -> None:
+    session.execute(update(Audit).where(Audit.id == audit.id, Audit.status.not_in(FINISHED))
+                    .values(status="failed", error=message[:4000], finished_at=utcnow()))
+
+
 def delete_audit(session: Session, audit: Audit, store_root: str | Path | None) -> None:
-    """Rows first (in this transaction), then the audit's folder when it lies in the store."""
-    audit_dir = Path(audit.audit_dir)
+    """Removes the rows and commits, then the audit's folder if it is one of the store's own
+    (`<store>/<audit id>`): never a folder the store does not own, never the store itself."""
+    audit_dir = Path(audit.audit_dir).resolve()
     for table in (Score, Pair, Shard):
         session.execute(delete(table).where(table.audit_id == audit.id))
     session.execute(delete(Audit).where(Audit.id == audit.id))
-    session.flush()
-    if store_root is not None and audit_dir.resolve().is_relative_to(Path(store_root).resolve()):
+    session.commit()
+    if store_root is not None and audit_dir.parent == Path(store_root).resolve() and audit_dir.name == audit.id:
         shutil.rmtree(audit_dir, ignore_errors=True)
 
 

@@ -24,6 +24,7 @@ def make_app() -> Celery:
         result_backend_transport_options=transport,
         broker_connection_retry_on_startup=True,
         task_soft_time_limit=settings.task_soft_time_limit,
+        task_time_limit=settings.task_soft_time_limit + 300,  # hard stop, still below the visibility timeout
         task_routes={"ecif.tasks.gpu.*": {"queue": "gpu"}, "ecif.tasks.cpu.*": {"queue": "cpu"}},
         task_default_queue="cpu",
         worker_hijack_root_logger=False,

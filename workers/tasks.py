@@ -10,6 +10,8 @@ import logging
 import os
 
 from celery.signals import worker_process_init
+from kombu.exceptions import OperationalError as BrokerUnavailable
+from sqlalchemy.exc import InterfaceError, OperationalError
 
 from .celery_app import app
 
@@ -34,7 +36,8 @@ def pipeline():
         from services.settings import get_settings
 
         settings = get_settings()
-        _pipeline = Pipeline(settings.database_url, CeleryDispatcher(), image_roots=settings.resolved_roots() or None)
+        # No data roots configured means no image may be read (never "any image").
+        _pipeline = Pipeline(settings.database_url, CeleryDispatcher(), image_roots=settings.resolved_roots())
     return _pipeline
 
 
@@ -53,31 +56,36 @@ def _init_process(**_kwargs) -> None:
     pipeline()
 
 
-@app.task(name="ecif.tasks.cpu.prepare")
+# Database or broker briefly unreachable: retry with backoff (tasks are idempotent).
+RETRY = {"autoretry_for": (OperationalError, InterfaceError, BrokerUnavailable), "retry_backoff": True,
+         "retry_backoff_max": 300, "max_retries": 10}
+
+
+@app.task(name="ecif.tasks.cpu.prepare", **RETRY)
 def prepare(audit_id: str) -> None:
     pipeline().run("prepare", audit_id)
 
 
-@app.task(name="ecif.tasks.gpu.shard_gradients")
+@app.task(name="ecif.tasks.gpu.shard_gradients", **RETRY)
 def shard_gradients(audit_id: str, shard: int) -> None:
     pipeline().run("gradients", audit_id, shard)
 
 
-@app.task(name="ecif.tasks.cpu.curvature")
+@app.task(name="ecif.tasks.cpu.curvature", **RETRY)
 def curvature(audit_id: str) -> None:
     pipeline().run("curvature", audit_id)
 
 
-@app.task(name="ecif.tasks.gpu.validation")
+@app.task(name="ecif.tasks.gpu.validation", **RETRY)
 def validation(audit_id: str) -> None:
     pipeline().run("validation", audit_id)
 
 
-@app.task(name="ecif.tasks.cpu.shard_scores")
+@app.task(name="ecif.tasks.cpu.shard_scores", **RETRY)
 def shard_scores(audit_id: str, shard: int) -> None:
     pipeline().run("scores", audit_id, shard)
 
 
-@app.task(name="ecif.tasks.cpu.finalize")
+@app.task(name="ecif.tasks.cpu.finalize", **RETRY)
 def finalize(audit_id: str) -> None:
     pipeline().run("finalize", audit_id)

@@ -39,8 +39,7 @@ class InProcessStarter:
 
         with self._lock:
             dispatcher = LocalDispatcher()
-            pipeline = Pipeline(self.settings.database_url, dispatcher,
-                                image_roots=self.settings.resolved_roots() or None)
+            pipeline = Pipeline(self.settings.database_url, dispatcher, image_roots=self.settings.resolved_roots())
             pipeline.start(audit_id)
             try:
                 dispatcher.drain(pipeline)

@@ -36,3 +36,29 @@ def test_train_then_audit_and_error_names_the_field(tmp_path, capsys):
     (tmp_path / "bad.json").write_text(json.dumps({**manifest, "options": {"damping": "high"}}))
     assert main(["audit", str(tmp_path / "bad.json"), "--out", str(tmp_path / "b")]) == 2
     assert "options.damping" in capsys.readouterr().err
+
+
+def test_client_verbs_need_a_key_and_say_so(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("ECIF_API_KEY", raising=False)
+    from services.settings import get_settings
+
+    get_settings.cache_clear()
+    (tmp_path / "m.json").write_text("{}")
+    assert main(["submit", str(tmp_path / "m.json"), "--server", "http://127.0.0.1:9"]) == 2
+    assert "no API key" in capsys.readouterr().err
+
+
+def test_client_reports_the_servers_error_with_the_field(tmp_path):
+    """The 422 body becomes a one-line error naming the field."""
+    import httpx
+
+    from services.client import ApiError, Client
+
+    body = {"detail": [{"loc": ["body", "options", "damping"], "msg": "wrong type str"}], "field": "options.damping"}
+    response = httpx.Response(422, json=body)
+    try:
+        Client._json(response)
+    except ApiError as exc:
+        assert str(exc) == "server answered 422: options.damping: wrong type str"
+    else:
+        raise AssertionError("a 422 must raise")

@@ -55,14 +55,21 @@ def test_audit_over_http_matches_the_embedded_mode(service, data_root, embedded_
     assert 'ecif_audits{status="succeeded"}' in metrics and 'ecif_shard_seconds_count{stage="gradients"}' in metrics
 
 
-def test_a_worker_killed_mid_shard_loses_nothing(pg_url, data_root, tmp_path_factory):
-    """SIGKILL during a gradients shard; a new worker picks the task up again (acks_late,
-    visibility timeout) and the CSV equals an uninterrupted run. Finished shards are not redone."""
+@pytest.mark.parametrize("victim", ["whole worker", "pool process"])
+def test_a_worker_killed_mid_shard_loses_nothing(pg_url, data_root, tmp_path_factory, victim):
+    """SIGKILL during a gradients shard, and the audit still ends with the CSV of an
+    uninterrupted run; finished shards are kept, not redone.
+
+    "whole worker": the machine is gone (pool parent and child); a new worker gets the task
+    once the visibility timeout passes (3 s here). "pool process": only the process running
+    the shard dies; its parent re-queues the task at once (task_reject_on_worker_lost), with
+    the production visibility timeout.
+    """
     options = {"projection": {"k_in": 4, "k_out": 4}, "shard_batches": 1}
     manifest = write_manifest(data_root / "kill-manifest.json", options)
     expected = read_csv_rows(run_embedded(manifest, tmp_path_factory.mktemp("uninterrupted") / "audit"))
-    env = service_env(pg_url, _redis_db(13), tmp_path_factory.mktemp("store"), data_root,
-                      ECIF_VISIBILITY_TIMEOUT="3", ECIF_RESTORE_INTERVAL="1")
+    timeouts = {"ECIF_VISIBILITY_TIMEOUT": "3", "ECIF_RESTORE_INTERVAL": "1"} if victim == "whole worker" else {}
+    env = service_env(pg_url, _redis_db(13), tmp_path_factory.mktemp("store"), data_root, **timeouts)
     svc = Service(env, tmp_path_factory.mktemp("kill-logs"))
     try:
         svc.start_server()
@@ -72,18 +79,23 @@ def test_a_worker_killed_mid_shard_loses_nothing(pg_url, data_root, tmp_path_fac
         response = httpx.post(f"{svc.url}/audits", json=manifest_json(options), headers=headers, timeout=30)
         assert response.status_code == 202, response.text
         audit_id = response.json()["id"]
-        killed_shard = _wait_for_running_gradient_shard(pg_url, audit_id)
-        os.killpg(first.pid, signal.SIGKILL)
-        first.wait()
-        assert _shard(pg_url, audit_id, killed_shard).status == "running"  # killed before it finished
+        running = _wait_for_running_gradient_shard(pg_url, audit_id)
+        child = int(running.worker.split(":")[-1])
+        if victim == "whole worker":
+            os.killpg(first.pid, signal.SIGKILL)
+            first.wait()
+        else:
+            os.kill(child, signal.SIGKILL)
+        assert _shard(pg_url, audit_id, running.shard).status == "running"  # killed before it finished
         done_before = {s.shard for s in _shards(pg_url, audit_id) if s.status == "done"}
-        svc.start_worker("rescuer")
+        if victim == "whole worker":
+            svc.start_worker("rescuer")
         status = _wait_finished(svc.url, audit_id, headers)
         assert status["status"] == "succeeded", status
         csv_text = httpx.get(f"{svc.url}/audits/{audit_id}/results.csv", headers=headers, timeout=30).text
         assert_same_ranking(read_csv_rows(csv_text), expected)
         shards = {s.shard: s for s in _shards(pg_url, audit_id)}
-        assert shards[killed_shard].attempts == 2 and shards[killed_shard].worker.split(":")[-1] != str(first.pid)
+        assert shards[running.shard].attempts == 2 and shards[running.shard].worker != running.worker
         assert all(shards[s].attempts == 1 for s in done_before)  # finished shards were kept, not redone
     finally:
         svc.stop()
@@ -98,12 +110,12 @@ def _shard(url: str, audit_id: str, shard: int) -> Shard:
     return next(s for s in _shards(url, audit_id) if s.shard == shard)
 
 
-def _wait_for_running_gradient_shard(url: str, audit_id: str, timeout: float = 120) -> int:
+def _wait_for_running_gradient_shard(url: str, audit_id: str, timeout: float = 120) -> Shard:
     """A shard that is running after at least one other finished (so both kinds are tested)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         shards = _shards(url, audit_id)
-        running = [s.shard for s in shards if s.status == "running"]
+        running = [s for s in shards if s.status == "running"]
         if running and any(s.status == "done" for s in shards):
             return running[0]
         time.sleep(0.02)

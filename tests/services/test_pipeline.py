@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from sqlalchemy import func, select
+from sqlalchemy import delete, func, select
 
 from ecif_core.audit import run_audit
 from ecif_core.manifest import load_manifest
@@ -62,21 +62,35 @@ def test_redelivered_tasks_change_nothing_and_advance_once(pg_url, data_root, tm
     dispatcher = RecordingDispatcher()
     pipeline = Pipeline(pg_url, dispatcher)
     pipeline.run("prepare", audit_id)
-    pipeline.run("prepare", audit_id)  # a second delivery: pairs are replaced, not doubled
     gradient_tasks = [s for s in dispatcher.sent if s[0] == "gradients"]
     assert len(gradient_tasks) == 6
+    for _, _, shard in gradient_tasks[:4]:
+        pipeline.run("gradients", audit_id, shard)
+    dispatcher.sent.clear()
+    pipeline.run("prepare", audit_id)  # redelivered after shards finished: nothing is reset or redone
     with session_scope(pg_url) as session:
         assert session.scalar(select(func.count()).select_from(Pair).where(Pair.audit_id == audit_id)) == 96
-    for _, _, shard in gradient_tasks:
+        done = session.scalars(select(Shard.shard).where(Shard.audit_id == audit_id, Shard.stage == "gradients",
+                                                         Shard.status == "done")).all()
+    assert sorted(done) == [0, 1, 2, 3]
+    # ...but it re-sends the unfinished shards, in case its first delivery died before dispatching
+    assert dispatcher.sent == [("gradients", audit_id, 4), ("gradients", audit_id, 5)]
+    dispatcher.sent.clear()
+    for shard in (4, 5):
         pipeline.run("gradients", audit_id, shard)
-    pipeline.run("gradients", audit_id, 5)  # duplicate of the last shard: no second curvature task
-    assert [s[0] for s in dispatcher.sent].count("curvature") == 1
+    assert dispatcher.sent == [("curvature", audit_id, None)]
+    pipeline.run("gradients", audit_id, 5)  # duplicate of the last shard while curvature is pending
+    assert dispatcher.sent == [("curvature", audit_id, None)] * 2  # re-sent; the stage moved once
     pipeline.run("curvature", audit_id)
+    dispatcher.sent.clear()
+    pipeline.run("gradients", audit_id, 5)  # the audit is further on now: nothing to send
+    pipeline.run("curvature", audit_id)  # a duplicate of a finished stage: the next one is re-sent
+    assert dispatcher.sent == [("validation", audit_id, None)]
     pipeline.run("validation", audit_id)
     for shard in range(6):
         pipeline.run("scores", audit_id, shard)
     pipeline.run("scores", audit_id, 2)
-    assert [s[0] for s in dispatcher.sent].count("finalize") == 1
+    assert [s[0] for s in dispatcher.sent].count("finalize") == 2  # once by the last shard, once repaired
     pipeline.run("finalize", audit_id)
     pipeline.run("finalize", audit_id)
     with session_scope(pg_url) as session:
@@ -87,6 +101,49 @@ def test_redelivered_tasks_change_nothing_and_advance_once(pg_url, data_root, tm
         ranks = session.scalars(select(Score.rank).where(Score.audit_id == audit_id)).all()
         assert session.get(Audit, audit_id).status == "succeeded"
     assert scores == 96 and sorted(ranks) == list(range(1, 97))
+
+
+def test_a_cancel_is_never_overwritten_by_the_first_task(pg_url, data_root, tmp_path):
+    audit_id = _new_audit(pg_url, data_root / "manifest.json", tmp_path)
+    with session_scope(pg_url) as session:
+        repository.cancel_audit(session, session.get(Audit, audit_id))
+    dispatcher = RecordingDispatcher()
+    Pipeline(pg_url, dispatcher).run("prepare", audit_id)
+    with session_scope(pg_url) as session:
+        assert session.get(Audit, audit_id).status == "cancelled"
+    assert dispatcher.sent == []
+
+
+def test_a_concurrent_duplicate_of_a_scores_shard_is_not_a_failure(pg_url, data_root, tmp_path):
+    """Two deliveries of one shard writing at once: the loser finds the same rows and goes on."""
+    audit_id = _new_audit(pg_url, data_root / "manifest.json", tmp_path)
+    dispatcher = LocalDispatcher()
+    pipeline = Pipeline(pg_url, dispatcher)
+    pipeline.start(audit_id)
+    dispatcher.drain(pipeline)
+    with session_scope(pg_url) as session:
+        audit_dir = session.get(Audit, audit_id).audit_dir
+        session.execute(delete(Score).where(Score.audit_id == audit_id, Score.shard == 0))
+    from sqlalchemy import event
+
+    from services.db.session import get_engine
+
+    engine = get_engine(pg_url)
+    fired = []
+
+    def race(conn, cursor, statement, *args):
+        if statement.lstrip().upper().startswith("DELETE FROM SCORES") and not fired:
+            fired.append(1)  # the other delivery commits its copy between our DELETE and INSERT
+            pipeline._write_shard_scores(audit_id, audit_dir, 0)
+
+    event.listen(engine, "after_cursor_execute", race)
+    try:
+        pipeline._write_shard_scores(audit_id, audit_dir, 0)
+    finally:
+        event.remove(engine, "after_cursor_execute", race)
+    assert fired
+    with session_scope(pg_url) as session:
+        assert session.scalar(select(func.count()).select_from(Score).where(Score.audit_id == audit_id)) == 96
 
 
 def test_cancel_stops_new_shards(pg_url, data_root, tmp_path):

@@ -5,6 +5,7 @@ import json
 from typing import Annotated
 
 from fastapi import APIRouter, HTTPException, Query, Request, Response
+from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import StreamingResponse
 from sqlalchemy.orm import Session
 
@@ -23,11 +24,22 @@ router = APIRouter(prefix="/audits", tags=["audits"])
 async def submit(request: Request, owner: OwnerDep, session: SessionDep, settings: SettingsDep) -> AuditCreated:
     """Body: the manifest as JSON, or multipart/form-data with the manifest file in `manifest`."""
     raw = await _manifest_body(request, settings.max_manifest_bytes)
+    # Reading files and talking to the database and the broker block: off the event loop.
+    audit_id = await run_in_threadpool(_create_and_queue, request, raw, owner, session, settings)
+    return AuditCreated(id=audit_id, status_url=str(request.url_for("audit_status", audit_id=audit_id)))
+
+
+def _create_and_queue(request: Request, raw: object, owner: str, session: Session, settings) -> str:
     manifest = confined_manifest(raw, settings.resolved_roots())
     audit = repository.create_audit(session, owner, manifest, settings.store_url)
     session.commit()  # durable before any worker can pick the audit up
-    request.app.state.dispatcher.start(audit.id)
-    return AuditCreated(id=audit.id, status_url=str(request.url_for("audit_status", audit_id=audit.id)))
+    try:
+        request.app.state.dispatcher.start(audit.id)
+    except Exception as exc:  # the broker refused: say so now rather than leave it queued forever
+        repository.fail_audit(session, audit, f"could not queue the audit: {type(exc).__name__}: {exc}")
+        session.commit()
+        raise HTTPException(503, "the task broker is unavailable; the audit was not queued") from exc
+    return audit.id
 
 
 @router.get("", response_model=AuditPage)
@@ -76,7 +88,6 @@ def delete(audit_id: str, owner: OwnerDep, session: SessionDep, settings: Settin
     audit = _owned(session, owner, audit_id)
     repository.cancel_audit(session, audit)
     repository.delete_audit(session, audit, settings.store_url)
-    session.commit()
     return Response(status_code=204)
 
 
@@ -101,6 +112,8 @@ async def _manifest_body(request: Request, limit: int) -> object:
         return json.loads(bytes(body).decode("utf-8-sig"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ConfigError("manifest", f"not valid JSON: {exc}") from None
+    except RecursionError:
+        raise ConfigError("manifest", "nested too deeply") from None
 
 
 async def _form_from(request: Request, body: bytes):
