@@ -185,3 +185,26 @@ def test_readyz_reports_an_unmigrated_database(tmp_path):
     with TestClient(create_app(settings, starter=RecordingStarter())) as client:
         response = client.get("/readyz")
     assert response.status_code == 503 and "ecif db upgrade" in response.json()["checks"]["database"]
+
+
+def test_a_sidecar_linked_from_outside_the_roots_is_refused(api, keys, data_root, tmp_path):
+    linked = data_root / "linked"
+    linked.mkdir(exist_ok=True)
+    (linked / "model.pt").write_bytes((data_root / "model.pt").read_bytes())
+    (tmp_path / "sidecar.json").write_text((data_root / "model.pt.json").read_text())
+    if not (linked / "model.pt.json").exists():
+        os.symlink(tmp_path / "sidecar.json", linked / "model.pt.json")
+    response = api.post("/audits", json=manifest_json(model={"config": "cfg.json", "checkpoint": "linked/model.pt"}),
+                        headers=keys["alice"])
+    assert response.status_code == 422 and "sidecar is outside the data roots" in response.text
+
+
+def test_delete_never_removes_a_folder_the_store_does_not_own(api, keys, pg_url, tmp_path):
+    audit_id = _submit(api, keys["alice"])["id"]
+    elsewhere = tmp_path / "user-folder"
+    elsewhere.mkdir()
+    (elsewhere / "keep.txt").write_text("mine")
+    with session_scope(pg_url) as session:
+        session.get(Audit, audit_id).audit_dir = str(elsewhere)
+    assert api.delete(f"/audits/{audit_id}", headers=keys["alice"]).status_code == 204
+    assert (elsewhere / "keep.txt").read_text() == "mine"

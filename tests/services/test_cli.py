@@ -43,9 +43,12 @@ def test_client_verbs_need_a_key_and_say_so(tmp_path, capsys, monkeypatch):
     from services.settings import get_settings
 
     get_settings.cache_clear()
-    (tmp_path / "m.json").write_text("{}")
-    assert main(["submit", str(tmp_path / "m.json"), "--server", "http://127.0.0.1:9"]) == 2
-    assert "no API key" in capsys.readouterr().err
+    try:
+        (tmp_path / "m.json").write_text("{}")
+        assert main(["submit", str(tmp_path / "m.json"), "--server", "http://127.0.0.1:9"]) == 2
+        assert "no API key" in capsys.readouterr().err
+    finally:
+        get_settings.cache_clear()  # no settings read under this test's environment stay cached
 
 
 def test_client_reports_the_servers_error_with_the_field(tmp_path):

@@ -28,6 +28,15 @@ def _new_audit(url: str, manifest_path, tmp_path) -> str:
         return repository.create_audit(session, "alice", load_manifest(manifest_path), tmp_path / "store").id
 
 
+def _run_to_the_end(url: str, audit_id: str) -> Pipeline:
+    """Every task in this process, in dispatch order (the embedded mode's dispatcher)."""
+    dispatcher = LocalDispatcher()
+    pipeline = Pipeline(url, dispatcher)
+    pipeline.start(audit_id)
+    dispatcher.drain(pipeline)
+    return pipeline
+
+
 def _csv(url: str, audit_id: str) -> list[dict]:
     return read_csv_rows("".join(repository.results_csv(url, audit_id)))
 
@@ -41,10 +50,7 @@ def test_embedded_mode_writes_the_same_csv_as_the_core_pipeline(data_root, embed
 
 def test_postgres_pipeline_matches_the_embedded_csv(pg_url, data_root, embedded_csv, tmp_path):
     audit_id = _new_audit(pg_url, data_root / "manifest.json", tmp_path)
-    dispatcher = LocalDispatcher()
-    pipeline = Pipeline(pg_url, dispatcher)
-    pipeline.start(audit_id)
-    dispatcher.drain(pipeline)
+    _run_to_the_end(pg_url, audit_id)
     with session_scope(pg_url) as session:
         audit = session.get(Audit, audit_id)
         assert (audit.status, audit.stage, audit.error) == ("succeeded", "done", None)
@@ -117,10 +123,7 @@ def test_a_cancel_is_never_overwritten_by_the_first_task(pg_url, data_root, tmp_
 def test_a_concurrent_duplicate_of_a_scores_shard_is_not_a_failure(pg_url, data_root, tmp_path):
     """Two deliveries of one shard writing at once: the loser finds the same rows and goes on."""
     audit_id = _new_audit(pg_url, data_root / "manifest.json", tmp_path)
-    dispatcher = LocalDispatcher()
-    pipeline = Pipeline(pg_url, dispatcher)
-    pipeline.start(audit_id)
-    dispatcher.drain(pipeline)
+    pipeline = _run_to_the_end(pg_url, audit_id)
     with session_scope(pg_url) as session:
         audit_dir = session.get(Audit, audit_id).audit_dir
         session.execute(delete(Score).where(Score.audit_id == audit_id, Score.shard == 0))
@@ -170,10 +173,7 @@ def test_a_failing_stage_marks_the_audit_failed_with_the_reason(pg_url, data_roo
                               model={"config": str(data_root / "cfg.json"), "checkpoint": str(data_root / "model.pt")},
                               train=str(tmp_path / "other.jsonl"), validation=None)
     audit_id = _new_audit(pg_url, manifest, tmp_path)
-    dispatcher = LocalDispatcher()
-    pipeline = Pipeline(pg_url, dispatcher)
-    pipeline.start(audit_id)
-    dispatcher.drain(pipeline)
+    _run_to_the_end(pg_url, audit_id)
     with session_scope(pg_url) as session:
         audit = session.get(Audit, audit_id)
         assert audit.status == "failed" and audit.finished_at is not None
