@@ -4,8 +4,9 @@ The same code runs in the embedded mode (an in-process dispatcher, SQLite) and i
 service (Celery tasks, Postgres). The database is the source of truth: a stage records
 its shards as done after ecif_core has made the result durable, and the task that
 finishes the last shard of a stage moves the audit on with a compare-and-set on
-`audits.stage`, so exactly one task dispatches the next stage even when tasks are
-delivered twice.
+`audits.stage`, so the stage moves exactly once even when tasks are delivered twice. A
+redelivered task that finds its stage passed sends the next stage's unfinished tasks again:
+its first delivery may have died between that commit and the dispatch.
 """
 from __future__ import annotations
 
@@ -34,9 +35,6 @@ log = logging.getLogger("ecif.pipeline")
 SHARDED = ("gradients", "scores")
 NEXT_STAGE = {"prepare": "gradients", "gradients": "curvature", "curvature": "validation",
               "validation": "scores", "scores": "finalize", "finalize": "done"}
-TASK_NAMES = {"prepare": "ecif.tasks.cpu.prepare", "gradients": "ecif.tasks.gpu.shard_gradients",
-              "curvature": "ecif.tasks.cpu.curvature", "validation": "ecif.tasks.gpu.validation",
-              "scores": "ecif.tasks.cpu.shard_scores", "finalize": "ecif.tasks.cpu.finalize"}
 BULK_ROWS = 5000
 TRANSIENT = (OperationalError, InterfaceError)  # database unreachable: retry the task, keep the audit
 

@@ -66,13 +66,13 @@ def list_audits(session: Session, owner: str, limit: int, offset: int) -> tuple[
 
 
 def progress(session: Session, audit: Audit) -> dict:
-    """Shards done in the current stage and an ETA from the shard durations measured so far."""
-    rows = session.execute(select(Shard.stage, Shard.status, Shard.seconds).where(Shard.audit_id == audit.id)).all()
-    done = {stage: sum(1 for s, st, _ in rows if s == stage and st == "done") for stage in ("gradients", "scores")}
-    seconds = {stage: [sec for s, st, sec in rows if s == stage and st == "done" and sec is not None]
-               for stage in ("gradients", "scores")}
+    """Shards done in the current sharded stage, and an ETA from the mean duration of the
+    shards finished so far (one aggregate query: status is polled often)."""
+    rows = session.execute(select(Shard.stage, func.count(), func.avg(Shard.seconds))
+                           .where(Shard.audit_id == audit.id, Shard.status == "done").group_by(Shard.stage)).all()
+    done = {"gradients": 0, "scores": 0} | {stage: count for stage, count, _ in rows}
+    mean = {stage: seconds for stage, _, seconds in rows}
     total = audit.shards_total or 0
-    current = audit.stage if audit.stage in done else None
     if audit.stage in ("curvature", "validation"):
         shards_done = done["gradients"]
     elif audit.stage in ("finalize", "done"):
@@ -80,11 +80,9 @@ def progress(session: Session, audit: Audit) -> dict:
     else:
         shards_done = done.get(audit.stage, 0)
     eta = None
-    if audit.status == "running" and seconds["gradients"]:
-        per_grad = sum(seconds["gradients"]) / len(seconds["gradients"])
-        per_score = sum(seconds["scores"]) / len(seconds["scores"]) if seconds["scores"] else 0.0
-        eta = (total - done["gradients"]) * per_grad + (total - done["scores"]) * per_score
-    return {"shards_done": shards_done, "shards_total": total, "stage_shards": current, "eta_seconds": eta}
+    if audit.status == "running" and mean.get("gradients") is not None:
+        eta = (total - done["gradients"]) * mean["gradients"] + (total - done["scores"]) * (mean.get("scores") or 0.0)
+    return {"shards_done": shards_done, "shards_total": total, "eta_seconds": eta}
 
 
 def cancel_audit(session: Session, audit: Audit) -> None:

@@ -19,12 +19,15 @@ _pipeline = None
 log = logging.getLogger("ecif.worker")
 
 
+TASK_NAMES = {"prepare": "ecif.tasks.cpu.prepare", "gradients": "ecif.tasks.gpu.shard_gradients",
+              "curvature": "ecif.tasks.cpu.curvature", "validation": "ecif.tasks.gpu.validation",
+              "scores": "ecif.tasks.cpu.shard_scores", "finalize": "ecif.tasks.cpu.finalize"}
+
+
 class CeleryDispatcher:
     """Sends the next stage's tasks to the broker; routing by name picks the queue."""
 
     def send(self, stage: str, audit_id: str, shard: int | None = None) -> None:
-        from services.pipeline import TASK_NAMES
-
         args = [audit_id] if shard is None else [audit_id, shard]
         app.send_task(TASK_NAMES[stage], args=args)
 

@@ -178,3 +178,18 @@ def test_a_failing_stage_marks_the_audit_failed_with_the_reason(pg_url, data_roo
         audit = session.get(Audit, audit_id)
         assert audit.status == "failed" and audit.finished_at is not None
         assert audit.error.startswith("prepare: train: its ids differ from the ones the model was trained on")
+
+
+def test_progress_counts_the_current_stage_and_estimates_the_rest(pg_url, data_root, tmp_path):
+    audit_id = _new_audit(pg_url, data_root / "manifest.json", tmp_path)
+    pipeline = Pipeline(pg_url, RecordingDispatcher())
+    pipeline.run("prepare", audit_id)
+    for shard in (0, 1):
+        pipeline.run("gradients", audit_id, shard)
+    with session_scope(pg_url) as session:
+        audit = session.get(Audit, audit_id)
+        seconds = session.scalars(select(Shard.seconds).where(Shard.audit_id == audit_id,
+                                                              Shard.status == "done")).all()
+        status = repository.progress(session, audit)
+    assert status["shards_done"] == 2 and status["shards_total"] == 6
+    assert abs(status["eta_seconds"] - 4 * sum(seconds) / 2) < 1e-9  # 4 gradient shards left, no score timing yet
