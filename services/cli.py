@@ -67,6 +67,29 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_trace(args: argparse.Namespace) -> int:
+    """Top-k training pairs by relative-IS for one test example, from a finished audit folder."""
+    import csv
+
+    from ecif_core.trace import TRACE_COLUMNS, examples_from_json, trace, trace_rows
+
+    item = {"image": str(Path(args.image).resolve())}
+    item.update({"caption": args.caption} if args.caption is not None else {"prompts": args.prompt, "label": args.label})
+    (result,) = trace(args.audit_dir, examples_from_json([item]), k=args.k)
+    print(f"test loss {result.test_loss:.4f}; top {len(result.top)} training pairs by relative-IS:")
+    print(f"{'rank':>4}  {'relative_is':>11}  {'influence':>10}  {'pos':>10}  {'neg':>10}  id / caption")
+    for rank, p in enumerate(result.top, start=1):
+        print(f"{rank:>4}  {p.relative_is:>11.4g}  {p.influence:>10.3g}  {p.influence_pos:>10.3g}  "
+              f"{p.influence_neg:>10.3g}  {p.id}  {p.caption[:60]}")
+    if args.output:
+        with open(args.output, "w", encoding="utf-8", newline="") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(TRACE_COLUMNS)
+            writer.writerows(trace_rows([result]))
+        print(f"wrote {args.output}")
+    return 0
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
@@ -204,6 +227,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, default=30)
     p.add_argument("--n-train", type=int, default=None, help="fewer training pairs (faster)")
     p.set_defaults(run=cmd_demo)
+
+    p = verbs.add_parser("trace", help="training pairs behind one test example (relative-IS), from an audit folder")
+    p.add_argument("--audit-dir", required=True, help="folder of a finished `ecif audit`")
+    p.add_argument("--image", required=True)
+    text = p.add_mutually_exclusive_group(required=True)
+    text.add_argument("--caption", help="the test image's caption")
+    text.add_argument("--prompt", action="append", help="a class prompt of a zero-shot task (repeat; with --label)")
+    p.add_argument("--label", type=int, help="index of the true class among the --prompt values")
+    p.add_argument("--k", type=int, default=20)
+    p.add_argument("-o", "--output", help="also write the rows as CSV")
+    p.set_defaults(run=cmd_trace)
 
     p = verbs.add_parser("serve", help="run the HTTP API (settings from ECIF_* variables)")
     p.add_argument("--host")

@@ -65,3 +65,22 @@ def test_client_reports_the_servers_error_with_the_field(tmp_path):
         assert str(exc) == "server answered 422: options.damping: wrong type str"
     else:
         raise AssertionError("a 422 must raise")
+
+
+def test_trace_from_an_embedded_audit_folder(data_root, embedded_csv, tmp_path, capsys):
+    import json
+
+    row = json.loads((data_root / "digits" / "test.jsonl").read_text().splitlines()[0])
+    image = str((data_root / "digits" / row["image"]).resolve())
+    prompts = [arg for i in range(10) for arg in ("--prompt", f"a photo of the digit {i}")]
+    assert main(["trace", "--audit-dir", str(embedded_csv.parent), "--image", image, *prompts, "--label", "3",
+                 "--k", "5", "-o", str(tmp_path / "trace.csv")]) == 0
+    assert "top 5 training pairs by relative-IS" in capsys.readouterr().out
+    with (tmp_path / "trace.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    assert [r["rank"] for r in rows] == ["1", "2", "3", "4", "5"]
+    values = [float(r["relative_is"]) for r in rows]
+    assert values == sorted(values, reverse=True)
+    assert main(["trace", "--audit-dir", str(embedded_csv.parent), "--image", image, "--prompt", "a", "--prompt",
+                 "b", "--label", "7"]) == 2
+    assert "tests[0].label" in capsys.readouterr().err

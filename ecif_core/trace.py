@@ -1,0 +1,157 @@
+"""Trace a test example back to training pairs (ECIF_MATH "Relative-IS").
+
+A test example is an image with its caption, or an image with the class prompts of a
+zero-shot task and the true class. Its test loss is a cross-entropy over texts:
+- zero-shot: -log softmax_j(s * cos(image, prompt_j)) at the true class;
+- caption: the same with the caption as the right text and the captions of the audit's
+  validation set (else of its first training pairs) as the alternatives,
+where s = exp(logit_scale) is the model's own temperature. Only C, the projected gradient of
+that loss, is computed; ranking reads the numbers stored at scoring time.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .audit import ModelCache, _manifest_of, load_plan, load_slots, trace_terms
+from .data import load_image, read_pairs
+from .errors import ConfigError
+from .gradients import embed, temperature_scale
+from .models import LoadedModel
+from .projection import Projector
+from .runtime import flush_denormals
+
+MAX_ALTERNATIVES = 256
+TRACE_COLUMNS = ("test", "rank", "id", "image", "caption", "relative_is", "influence", "influence_pos",
+                 "influence_neg")
+
+
+@dataclass
+class TraceExample:
+    image: str
+    caption: str | None = None
+    prompts: list[str] | None = None
+    label: int | None = None
+
+    def check(self, index: int) -> None:
+        """Exactly one of caption or (prompts, label); names the offending field."""
+        where = f"tests[{index}]"
+        if not isinstance(self.image, str) or not self.image:
+            raise ConfigError(f"{where}.image", "must be a path")
+        if (self.caption is None) == (self.prompts is None):
+            raise ConfigError(where, "give caption, or prompts and label")
+        if self.prompts is not None:
+            if not (isinstance(self.prompts, list) and len(self.prompts) >= 2
+                    and all(isinstance(p, str) and p.strip() for p in self.prompts)):
+                raise ConfigError(f"{where}.prompts", "must be a list of at least two texts")
+            if not isinstance(self.label, int) or isinstance(self.label, bool) or not 0 <= self.label < len(self.prompts):
+                raise ConfigError(f"{where}.label", f"must be an index into prompts (0..{len(self.prompts) - 1})")
+        elif not isinstance(self.caption, str) or not self.caption.strip():
+            raise ConfigError(f"{where}.caption", "must be a non-empty text")
+
+
+@dataclass
+class TracedPair:
+    slot: int
+    id: str
+    image: str
+    caption: str
+    relative_is: float
+    influence: float
+    influence_pos: float
+    influence_neg: float
+
+
+@dataclass
+class Trace:
+    example: TraceExample
+    test_loss: float
+    top: list[TracedPair]
+
+
+def trace_loss_gradient(loaded: LoadedModel, params: Sequence[torch.nn.Parameter], projector: Projector,
+                       example: TraceExample, alternatives: Sequence[str]) -> tuple[torch.Tensor, float]:
+    """Projected gradient C of the example's test loss (module docstring), and the loss."""
+    if example.prompts is not None:
+        texts, target = list(example.prompts), example.label
+    else:
+        texts = [example.caption] + [c for c in dict.fromkeys(alternatives) if c != example.caption]
+        target = 0
+        if len(texts) < 2:
+            raise ConfigError("tests", "a caption needs alternative captions (the audit has none)")
+    image = loaded.preprocess(load_image(example.image)).unsqueeze(0)
+    with flush_denormals():
+        text_emb, image_emb = embed(loaded.model, image, loaded.tokenizer(texts))
+        logits = temperature_scale(loaded.model) * F.normalize(image_emb, dim=-1) @ F.normalize(text_emb, dim=-1).T
+        loss = F.cross_entropy(logits, torch.tensor([target], device=logits.device))
+        grads = torch.autograd.grad(loss, list(params), allow_unused=True)
+    grads = [torch.zeros_like(p) if g is None else g for g, p in zip(grads, params)]
+    return projector.project([g.unsqueeze(0) for g in grads])[0].cpu(), float(loss.detach())
+
+
+def alternative_captions(audit_dir: str | Path) -> list[str]:
+    """Captions to contrast a test caption with: the validation set's, else the first training pairs'."""
+    manifest = _manifest_of(load_plan(audit_dir))
+    if manifest.validation is not None:
+        pairs, _, _ = read_pairs(manifest.validation, check_images=False, field="validation")
+        return [p.caption for p in pairs][:MAX_ALTERNATIVES]
+    return [p.caption for _, p in load_slots(audit_dir)][:MAX_ALTERNATIVES]
+
+
+def trace(audit_dir: str | Path, examples: Sequence[TraceExample], k: int = 20,
+          models: ModelCache | None = None) -> list[Trace]:
+    """Top-k training pairs by relative-IS for each test example."""
+    for index, example in enumerate(examples):
+        example.check(index)
+    if k < 1:
+        raise ConfigError("k", "must be >= 1")
+    manifest = _manifest_of(load_plan(audit_dir))
+    loaded, params, projector = (models or ModelCache()).get(manifest)
+    slots = load_slots(audit_dir)
+    index = np.array([slot for slot, _ in slots], dtype=np.int64)
+    alternatives = alternative_captions(audit_dir) if any(e.prompts is None for e in examples) else []
+    traces = []
+    for example in examples:
+        grad, loss = trace_loss_gradient(loaded, params, projector, example, alternatives)
+        terms = {name: values[index] for name, values in trace_terms(audit_dir, grad).items()}
+        order = np.argsort(-terms["relative_is"], kind="stable")[:k]
+        top = [TracedPair(int(index[i]), slots[i][1].id, slots[i][1].image, slots[i][1].caption,
+                          *(float(terms[name][i]) for name in ("relative_is", "influence", "influence_pos",
+                                                               "influence_neg"))) for i in order]
+        traces.append(Trace(example, loss, top))
+    return traces
+
+
+def examples_from_json(raw: object) -> list[TraceExample]:
+    """[{"image": ..., "caption": ...} | {"image": ..., "prompts": [...], "label": i}, ...]"""
+    if not isinstance(raw, list) or not raw:
+        raise ConfigError("tests", "must be a non-empty list of test examples")
+    out = []
+    for i, item in enumerate(raw):
+        if not isinstance(item, dict):
+            raise ConfigError(f"tests[{i}]", "must be an object")
+        unknown = set(item) - {"image", "caption", "prompts", "label"}
+        if unknown:
+            raise ConfigError(f"tests[{i}].{sorted(unknown)[0]}", "unknown field")
+        example = TraceExample(item.get("image"), item.get("caption"), item.get("prompts"), item.get("label"))
+        example.check(i)
+        out.append(example)
+    return out
+
+
+def trace_rows(traces: Sequence[Trace]) -> list[list]:
+    """Rows of the trace CSV (TRACE_COLUMNS), test examples in order, rank 1 first."""
+    return [[t, rank, p.id, p.image, p.caption, *(repr(v) for v in (p.relative_is, p.influence, p.influence_pos,
+                                                                   p.influence_neg))]
+            for t, trace_ in enumerate(traces) for rank, p in enumerate(trace_.top, start=1)]
+
+
+def dumps(traces: Sequence[Trace]) -> str:
+    return json.dumps([{"example": t.example.__dict__, "test_loss": t.test_loss,
+                        "top": [p.__dict__ for p in t.top]} for t in traces], indent=1)

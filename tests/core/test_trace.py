@@ -1,0 +1,92 @@
+"""Tracing a test example: the test-loss gradient against autograd through open_clip's own
+forward, the top-k order and the signed influence split against direct computations."""
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ecif_core import audit
+from ecif_core.data import load_image
+from ecif_core.datasets.digits import class_prompts, label_of_caption
+from ecif_core.errors import ConfigError
+from ecif_core.trace import TraceExample, alternative_captions, examples_from_json, trace_loss_gradient, trace
+from tests.core.test_audit import finished, workspace  # noqa: F401  (module fixtures)
+
+
+def _test_rows(workspace: Path) -> list[dict]:
+    path = workspace / "data" / "test.jsonl"
+    return [{**row, "image": str((path.parent / row["image"]).resolve())}
+            for row in map(json.loads, path.read_text().splitlines())]
+
+
+def _model(finished: Path):
+    manifest = audit._manifest_of(audit.load_plan(finished))
+    return audit.ModelCache().get(manifest)
+
+
+def test_trace_loss_gradient_matches_autograd_through_the_model_forward(workspace, finished):
+    loaded, params, projector = _model(finished)
+    row = _test_rows(workspace)[0]
+    example = TraceExample(row["image"], prompts=class_prompts(), label=label_of_caption(row["caption"]))
+    grad, loss = trace_loss_gradient(loaded, params, projector, example, [])
+    image = loaded.preprocess(load_image(row["image"])).unsqueeze(0)
+    image_features, text_features, scale = loaded.model(image, loaded.tokenizer(class_prompts()))
+    expected_loss = F.cross_entropy(scale * image_features @ text_features.T, torch.tensor([example.label]))
+    grads = torch.autograd.grad(expected_loss, params, allow_unused=True)
+    grads = [torch.zeros_like(p) if g is None else g for g, p in zip(grads, params)]
+    expected = projector.project([g.unsqueeze(0) for g in grads])[0]
+    assert loss == pytest.approx(float(expected_loss.detach()), rel=1e-5)
+    torch.testing.assert_close(grad, expected, rtol=1e-4, atol=1e-7)
+
+
+def test_a_caption_is_contrasted_with_the_validation_captions(workspace, finished):
+    loaded, params, projector = _model(finished)
+    row = _test_rows(workspace)[1]
+    alternatives = alternative_captions(finished)
+    validation = [json.loads(x)["caption"] for x in (workspace / "data" / "val.jsonl").read_text().splitlines()]
+    assert alternatives == validation
+    _, loss = trace_loss_gradient(loaded, params, projector, TraceExample(row["image"], caption=row["caption"]),
+                                 alternatives)
+    texts = [row["caption"]] + [c for c in dict.fromkeys(validation) if c != row["caption"]]
+    image = loaded.preprocess(load_image(row["image"])).unsqueeze(0)
+    image_features, text_features, scale = loaded.model(image, loaded.tokenizer(texts))
+    expected = F.cross_entropy(scale * image_features @ text_features.T, torch.tensor([0]))
+    assert loss == pytest.approx(float(expected.detach()), rel=1e-5)
+
+
+def test_top_k_is_ordered_by_relative_is_with_the_signed_split(workspace, finished):
+    row = _test_rows(workspace)[2]
+    example = TraceExample(row["image"], prompts=class_prompts(), label=label_of_caption(row["caption"]))
+    (result,) = trace(finished, [example], k=7)
+    loaded, params, projector = _model(finished)
+    grad, _ = trace_loss_gradient(loaded, params, projector, example, [])
+    slots = np.array([slot for slot, _ in audit.load_slots(finished)])
+    relative = audit.trace_relative_is(finished, grad)[slots]
+    assert [p.slot for p in result.top] == list(slots[np.argsort(-relative, kind="stable")[:7]])
+    plan, store = audit.load_plan(finished), audit.open_store(finished)
+    inverse = audit.inverse_for(plan, store)
+    direction = inverse.apply(grad.double())
+    for p in result.top[:3]:
+        g_pos = torch.from_numpy(store.read_rows("grads/pos", p.slot, p.slot + 1))[0].double()
+        g_neg = torch.from_numpy(store.read_rows("grads/neg", p.slot, p.slot + 1))[0].double()
+        assert p.influence_pos == pytest.approx(float(g_pos @ direction), rel=1e-6)
+        assert p.influence_neg == pytest.approx(float(g_neg @ direction), rel=1e-6)
+        assert p.influence == pytest.approx(p.influence_pos + p.influence_neg, rel=1e-9, abs=1e-12)
+
+
+@pytest.mark.parametrize("raw, field", [
+    ([], "tests"),
+    ([{"image": "x.png"}], "tests[0]"),
+    ([{"image": "x.png", "caption": "a", "prompts": ["a", "b"], "label": 0}], "tests[0]"),
+    ([{"image": "x.png", "prompts": ["a"], "label": 0}], "tests[0].prompts"),
+    ([{"image": "x.png", "prompts": ["a", "b"], "label": 2}], "tests[0].label"),
+    ([{"image": "x.png", "caption": " "}], "tests[0].caption"),
+    ([{"image": "x.png", "caption": "a", "k": 3}], "tests[0].k"),
+])
+def test_bad_test_examples_name_the_field(raw, field):
+    with pytest.raises(ConfigError) as error:
+        examples_from_json(raw)
+    assert error.value.field == field
