@@ -10,7 +10,6 @@ that loss, is computed; ranking reads the numbers stored at scoring time.
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -143,15 +142,3 @@ def examples_from_json(raw: object) -> list[TraceExample]:
         example.check(i)
         out.append(example)
     return out
-
-
-def trace_rows(traces: Sequence[Trace]) -> list[list]:
-    """Rows of the trace CSV (TRACE_COLUMNS), test examples in order, rank 1 first."""
-    return [[t, rank, p.id, p.image, p.caption, *(repr(v) for v in (p.relative_is, p.influence, p.influence_pos,
-                                                                   p.influence_neg))]
-            for t, trace_ in enumerate(traces) for rank, p in enumerate(trace_.top, start=1)]
-
-
-def dumps(traces: Sequence[Trace]) -> str:
-    return json.dumps([{"example": t.example.__dict__, "test_loss": t.test_loss,
-                        "top": [p.__dict__ for p in t.top]} for t in traces], indent=1)

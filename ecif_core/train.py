@@ -25,7 +25,7 @@ from .data import data_hash, load_batch, read_pairs
 from .errors import ConfigError
 from .losses import batch_loss, pair_logits
 from .manifest import SIDECAR_SUFFIX
-from .models import load_model, resolve_model_config
+from .models import load_model, resolve_model_config, select_theta
 from .runtime import flush_denormals
 
 MAX_LOGIT_SCALE = math.log(100.0)
@@ -41,6 +41,7 @@ class TrainConfig:
     exclude: Sequence[str] = field(default_factory=tuple)
     warmup_steps: int = 10
     checkpoints: int = 0          # also save this many evenly spaced intermediate checkpoints (TracIn)
+    train_only: Sequence[str] | None = None  # fnmatch patterns of the parameters to train; the rest frozen
 
 
 @dataclass
@@ -72,7 +73,11 @@ def train(data: str | Path, model_config: str | Path | dict, out: str | Path, cf
         raise ConfigError("train", f"no batch of {data} holds two usable pairs")
     # Preprocessed tensors stay in memory: the trainer serves demos, benchmarks and retraining.
     cached = [load_batch([by_id[i] for i in b], loaded.preprocess, loaded.tokenizer) for b in batches]
-    l2_params = [p for name, p in model.named_parameters() if name != "logit_scale"]
+    if cfg.train_only is not None:  # e.g. fine-tune theta alone from `init` (a retraining oracle)
+        trained = {id(p) for _, p in select_theta(model, list(cfg.train_only))}
+        for p in model.parameters():
+            p.requires_grad_(id(p) in trained)
+    l2_params = [p for name, p in model.named_parameters() if name != "logit_scale" and p.requires_grad]
     model.train()
     with flush_denormals():
         epoch_seconds, epoch_loss = _run_epochs(model, cfg, batches, cached, n_used, l2_params, out, progress)
@@ -82,7 +87,7 @@ def train(data: str | Path, model_config: str | Path | dict, out: str | Path, cf
 
 def _run_epochs(model, cfg: TrainConfig, batches, cached, n_used: int, l2_params, out, progress):
     """The optimisation loop; returns (seconds per epoch, summed loss of the last epoch)."""
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=0.0)
     total_steps = cfg.epochs * len(batches)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _lr_factor(s, cfg.warmup_steps, total_steps))
     order_rng = np.random.Generator(np.random.PCG64(cfg.seed + 1))

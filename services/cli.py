@@ -68,24 +68,39 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_trace(args: argparse.Namespace) -> int:
-    """Top-k training pairs by relative-IS for one test example, from a finished audit folder."""
+    """Top-k training pairs by relative-IS for one test example: from an audit folder, or from
+    the service (the worker computes the test-loss gradient)."""
     import csv
 
-    from ecif_core.trace import TRACE_COLUMNS, examples_from_json, trace, trace_rows
+    from ecif_core.errors import ConfigError
+    from ecif_core.trace import TRACE_COLUMNS, examples_from_json, trace
 
+    if (args.audit_id is None) == (args.audit_dir is None):
+        raise ConfigError("trace", "give an AUDIT_ID (service) or --audit-dir (embedded), not both")
     item = {"image": str(Path(args.image).resolve())}
     item.update({"caption": args.caption} if args.caption is not None else {"prompts": args.prompt, "label": args.label})
-    (result,) = trace(args.audit_dir, examples_from_json([item]), k=args.k)
-    print(f"test loss {result.test_loss:.4f}; top {len(result.top)} training pairs by relative-IS:")
+    if args.audit_dir is not None:
+        (result,) = trace(args.audit_dir, examples_from_json([item]), k=args.k)
+        loss, top = result.test_loss, [p.__dict__ for p in result.top]
+    else:
+        client = _client(args)
+        status = client.wait_trace(args.audit_id, client.trace(args.audit_id, [item], args.k))
+        if status["status"] != "succeeded":
+            print(f"ecif: error: trace failed: {status['error']}", file=sys.stderr)
+            return 1
+        loss, top = status["results"][0]["test_loss"], status["results"][0]["top"]
+    print(f"test loss {loss:.4f}; top {len(top)} training pairs by relative-IS:")
     print(f"{'rank':>4}  {'relative_is':>11}  {'influence':>10}  {'pos':>10}  {'neg':>10}  id / caption")
-    for rank, p in enumerate(result.top, start=1):
-        print(f"{rank:>4}  {p.relative_is:>11.4g}  {p.influence:>10.3g}  {p.influence_pos:>10.3g}  "
-              f"{p.influence_neg:>10.3g}  {p.id}  {p.caption[:60]}")
+    for rank, p in enumerate(top, start=1):
+        print(f"{rank:>4}  {p['relative_is']:>11.4g}  {p['influence']:>10.3g}  {p['influence_pos']:>10.3g}  "
+              f"{p['influence_neg']:>10.3g}  {p['id']}  {p['caption'][:60]}")
     if args.output:
         with open(args.output, "w", encoding="utf-8", newline="") as handle:
             writer = csv.writer(handle)
             writer.writerow(TRACE_COLUMNS)
-            writer.writerows(trace_rows([result]))
+            writer.writerows([[0, rank, p["id"], p["image"], p["caption"],
+                               *(repr(p[c]) for c in ("relative_is", "influence", "influence_pos", "influence_neg"))]
+                              for rank, p in enumerate(top, start=1)])
         print(f"wrote {args.output}")
     return 0
 
@@ -228,8 +243,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-train", type=int, default=None, help="fewer training pairs (faster)")
     p.set_defaults(run=cmd_demo)
 
-    p = verbs.add_parser("trace", help="training pairs behind one test example (relative-IS), from an audit folder")
-    p.add_argument("--audit-dir", required=True, help="folder of a finished `ecif audit`")
+    p = verbs.add_parser("trace", help="training pairs behind one test example (relative-IS)")
+    p.add_argument("audit_id", nargs="?", help="a finished audit of the service")
+    p.add_argument("--audit-dir", help="or the folder of a finished `ecif audit` (no server)")
     p.add_argument("--image", required=True)
     text = p.add_mutually_exclusive_group(required=True)
     text.add_argument("--caption", help="the test image's caption")
@@ -237,6 +253,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--label", type=int, help="index of the true class among the --prompt values")
     p.add_argument("--k", type=int, default=20)
     p.add_argument("-o", "--output", help="also write the rows as CSV")
+    _client_flags(p)
     p.set_defaults(run=cmd_trace)
 
     p = verbs.add_parser("serve", help="run the HTTP API (settings from ECIF_* variables)")

@@ -52,6 +52,17 @@ class Client:
                     handle.write(chunk)
         return Path(out)
 
+    def trace(self, audit_id: str, tests: list[dict], k: int) -> str:
+        response = self.http.post(f"/audits/{audit_id}/traces", json={"tests": tests, "k": k})
+        return self._json(response)["trace_id"]
+
+    def wait_trace(self, audit_id: str, trace_id: str, poll: float = 0.5) -> dict:
+        while True:
+            status = self._json(self.http.get(f"/audits/{audit_id}/traces/{trace_id}"))
+            if status["status"] in ("succeeded", "failed"):
+                return status
+            time.sleep(poll)
+
     @staticmethod
     def _json(response: httpx.Response) -> dict:
         if response.status_code >= 400:

@@ -14,6 +14,7 @@ from . import repository
 from .db.models import Audit, Shard
 from .db.session import session_scope, upgrade
 from .pipeline import SHARDED, LocalDispatcher, Pipeline
+from .report import audit_report_html
 
 Progress = Callable[[str, int, int], None]
 LOCAL_OWNER = "local"
@@ -50,6 +51,8 @@ def run_embedded(manifest_path: str | Path, out: str | Path, progress: Progress 
             raise AuditFailed(audit.error or f"audit ended {audit.status}")
     _write(out / "ranked.csv", repository.results_csv(url, audit_id))
     _write(out / "rejected.csv", repository.rejected_csv(url, audit_id))
+    page = audit_report_html(url, audit_id, {"results": "ranked.csv", "rejected": "rejected.csv"})
+    _write(out / "report.html", [page])
     return out / "ranked.csv"
 
 

@@ -279,3 +279,39 @@ def _pair_rows(audit_id: str, audit_dir: str):
     with (Path(audit_dir) / "rejected.csv").open(encoding="utf-8", newline="") as handle:
         for row in csv.DictReader(handle):
             yield {"audit_id": audit_id, "pair_id": row["id"], "row": int(row["row"]), "reason": row["reason"]}
+
+
+def run_trace(database_url: str, trace_id: str, models: core.ModelCache) -> None:
+    """Answer one trace request: the test-loss gradients here, the ranking from stored numbers."""
+    from ecif_core.trace import examples_from_json, trace
+
+    from .db.models import Trace, TracePair
+
+    with session_scope(database_url) as session:
+        row = session.get(Trace, trace_id)
+        if row is None or row.status in ("succeeded", "failed"):
+            return
+        audit = session.get(Audit, row.audit_id)
+        request, audit_dir = row.request, audit.audit_dir
+        row.status = "running"
+    try:
+        traces = trace(audit_dir, examples_from_json(request["tests"]), k=request["k"], models=models)
+    except TRANSIENT:
+        raise
+    except Exception as exc:
+        message = str(exc) if isinstance(exc, EcifError) else f"{type(exc).__name__}: {exc}"
+        with session_scope(database_url) as session:
+            session.execute(update(Trace).where(Trace.id == trace_id).values(
+                status="failed", error=message[:4000], finished_at=utcnow()))
+        if isinstance(exc, EcifError):
+            return
+        raise
+    rows = [{"trace_id": trace_id, "test": t, "rank": rank, "slot": p.slot, "pair_id": p.id,
+             "relative_is": p.relative_is, "influence": p.influence, "influence_pos": p.influence_pos,
+             "influence_neg": p.influence_neg}
+            for t, result in enumerate(traces) for rank, p in enumerate(result.top, start=1)]
+    with session_scope(database_url) as session:
+        session.execute(delete(TracePair).where(TracePair.trace_id == trace_id))  # a redelivery replaces
+        _bulk_insert(session, TracePair, rows)
+        session.execute(update(Trace).where(Trace.id == trace_id).values(
+            status="succeeded", test_losses=[t.test_loss for t in traces], finished_at=utcnow()))

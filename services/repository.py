@@ -16,7 +16,7 @@ from sqlalchemy.orm import Session
 from ecif_core.audit import RANKED_COLUMNS
 from ecif_core.manifest import Manifest
 
-from .db.models import FINISHED, ApiKey, Audit, Pair, Score, Shard, utcnow
+from .db.models import FINISHED, ApiKey, Audit, Pair, Score, Shard, Trace, TracePair, utcnow
 from .db.session import session_scope
 
 KEY_PREFIX = "ecif_"
@@ -101,7 +101,9 @@ def delete_audit(session: Session, audit: Audit, store_root: str | Path | None) 
     """Removes the rows and commits, then the audit's folder if it is one of the store's own
     (`<store>/<audit id>`): never a folder the store does not own, never the store itself."""
     audit_dir = Path(audit.audit_dir).resolve()
-    for table in (Score, Pair, Shard):
+    traces = select(Trace.id).where(Trace.audit_id == audit.id)
+    session.execute(delete(TracePair).where(TracePair.trace_id.in_(traces)))
+    for table in (Trace, Score, Pair, Shard):
         session.execute(delete(table).where(table.audit_id == audit.id))
     session.execute(delete(Audit).where(Audit.id == audit.id))
     session.commit()
@@ -162,3 +164,43 @@ def _csv_line(values) -> str:
 def _fmt(value: float | None) -> str:
     """The same text ecif_core writes: repr of the float, empty for a missing score."""
     return "" if value is None else repr(float(value))
+
+
+# ------------------------------------------------------------------ traces
+
+def create_trace(session: Session, audit: Audit, tests: list[dict], k: int) -> Trace:
+    trace = Trace(id=str(uuid.uuid4()), audit_id=audit.id, owner=audit.owner, status="queued",
+                  request={"tests": tests, "k": k})
+    session.add(trace)
+    return trace
+
+
+def get_trace(session: Session, audit: Audit, trace_id: str) -> Trace | None:
+    return session.scalar(select(Trace).where(Trace.id == trace_id, Trace.audit_id == audit.id))
+
+
+def trace_results(session: Session, trace: Trace) -> list[dict]:
+    """Per test example: the request, its test loss and its top pairs (rank order) with image and caption."""
+    rows = session.execute(select(TracePair, Pair.image, Pair.caption)
+                           .join(Pair, (Pair.audit_id == trace.audit_id) & (Pair.slot == TracePair.slot))
+                           .where(TracePair.trace_id == trace.id).order_by(TracePair.test, TracePair.rank)).all()
+    losses = trace.test_losses or []
+    out = [{"example": example, "test_loss": losses[i] if i < len(losses) else None, "top": []}
+           for i, example in enumerate(trace.request["tests"])]
+    for pair, image, caption in rows:
+        out[pair.test]["top"].append({"rank": pair.rank, "id": pair.pair_id, "image": image, "caption": caption,
+                                      "relative_is": pair.relative_is, "influence": pair.influence,
+                                      "influence_pos": pair.influence_pos, "influence_neg": pair.influence_neg})
+    return out
+
+
+def trace_csv(results: list[dict]) -> Iterator[str]:
+    from ecif_core.trace import TRACE_COLUMNS
+
+    yield _csv_line(TRACE_COLUMNS)
+    for test, result in enumerate(results):
+        buffer = io.StringIO()
+        csv.writer(buffer).writerows([[test, p["rank"], p["id"], p["image"], p["caption"],
+                                       *(repr(p[c]) for c in ("relative_is", "influence", "influence_pos",
+                                                              "influence_neg"))] for p in result["top"]])
+        yield buffer.getvalue()

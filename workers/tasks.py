@@ -92,3 +92,12 @@ def shard_scores(audit_id: str, shard: int) -> None:
 @app.task(name="ecif.tasks.cpu.finalize", **RETRY)
 def finalize(audit_id: str) -> None:
     pipeline().run("finalize", audit_id)
+
+
+@app.task(name="ecif.tasks.gpu.trace", **RETRY)
+def trace(trace_id: str) -> None:
+    """The test-loss gradients need the model: the gpu queue."""
+    from services.pipeline import run_trace
+
+    pipe = pipeline()
+    run_trace(pipe.database_url, trace_id, pipe.models)

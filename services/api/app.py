@@ -10,7 +10,7 @@ from fastapi.responses import JSONResponse
 from ecif_core.errors import ConfigError, EcifError
 
 from ..settings import Settings, get_settings
-from .routes import audits, health
+from .routes import audits, health, traces
 
 log = logging.getLogger("ecif.api")
 
@@ -23,6 +23,11 @@ class CeleryStarter:
 
         CeleryDispatcher().send("prepare", audit_id)
 
+    def start_trace(self, trace_id: str) -> None:
+        from workers.tasks import app
+
+        app.send_task("ecif.tasks.gpu.trace", args=[trace_id])
+
 
 class InProcessStarter:
     """Embedded mode (no broker): audits run one after another on a background thread."""
@@ -33,6 +38,20 @@ class InProcessStarter:
 
     def start(self, audit_id: str) -> None:
         threading.Thread(target=self._run, args=(audit_id,), daemon=True, name=f"audit-{audit_id}").start()
+
+    def start_trace(self, trace_id: str) -> None:
+        threading.Thread(target=self._trace, args=(trace_id,), daemon=True, name=f"trace-{trace_id}").start()
+
+    def _trace(self, trace_id: str) -> None:
+        from ecif_core.audit import ModelCache
+
+        from ..pipeline import run_trace
+
+        with self._lock:
+            try:
+                run_trace(self.settings.database_url, trace_id, ModelCache())
+            except Exception:
+                log.exception("trace %s stopped", trace_id)
 
     def _run(self, audit_id: str) -> None:
         from ..pipeline import LocalDispatcher, Pipeline
@@ -55,6 +74,7 @@ def create_app(settings: Settings | None = None, starter: object | None = None) 
     app.state.dispatcher = starter or (CeleryStarter() if settings.broker_url else InProcessStarter(settings))
     app.include_router(health.router)
     app.include_router(audits.router)
+    app.include_router(traces.router)
 
     @app.exception_handler(ConfigError)
     async def config_error(_request: Request, exc: ConfigError) -> JSONResponse:

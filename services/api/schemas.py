@@ -34,3 +34,28 @@ class AuditPage(BaseModel):
     total: int
     limit: int
     offset: int
+
+
+class TraceRequest(BaseModel):
+    """Test examples: {"image": path, "caption": text} or {"image": path, "prompts": [...], "label": i}."""
+
+    tests: list[dict]
+    k: int = 20
+
+
+class TraceCreated(BaseModel):
+    trace_id: str
+    status_url: str
+
+
+class TraceStatus(BaseModel):
+    id: str
+    audit_id: str
+    status: str                 # queued | running | succeeded | failed
+    created_at: datetime
+    finished_at: datetime | None
+    error: str | None
+    k: int
+    results: list[dict]         # per test example: example, test_loss, top (rank, id, image, caption,
+                                # relative_is, influence, influence_pos, influence_neg)
+    csv_url: str

@@ -104,3 +104,37 @@ class Score(Base):
     clip_score: Mapped[float] = mapped_column(Float(53))
     rank: Mapped[int | None] = mapped_column(Integer, nullable=True)
     suspected: Mapped[bool | None] = mapped_column(Boolean, nullable=True)
+
+
+class Trace(Base):
+    """A trace-back request: test examples of one audit, answered with top-k training pairs."""
+
+    __tablename__ = "traces"
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    audit_id: Mapped[str] = mapped_column(ForeignKey("audits.id", ondelete="CASCADE"), index=True)
+    owner: Mapped[str] = mapped_column(String(200))
+    status: Mapped[str] = mapped_column(String(16), default="queued")   # queued | running | succeeded | failed
+    request: Mapped[dict] = mapped_column(JSON)                         # {"tests": [...], "k": int}
+    test_losses: Mapped[list | None] = mapped_column(JSON, nullable=True)
+    error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+
+
+class TracePair(Base):
+    """One of the top-k training pairs of one test example of a trace."""
+
+    __tablename__ = "trace_pairs"
+    __table_args__ = (Index("ix_trace_pairs_trace_test_rank", "trace_id", "test", "rank"),)
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
+    trace_id: Mapped[str] = mapped_column(ForeignKey("traces.id", ondelete="CASCADE"))
+    test: Mapped[int] = mapped_column(Integer)
+    rank: Mapped[int] = mapped_column(Integer)
+    slot: Mapped[int] = mapped_column(BigInteger)
+    pair_id: Mapped[str] = mapped_column(Text)
+    relative_is: Mapped[float] = mapped_column(Float(53))
+    influence: Mapped[float] = mapped_column(Float(53))
+    influence_pos: Mapped[float] = mapped_column(Float(53))
+    influence_neg: Mapped[float] = mapped_column(Float(53))

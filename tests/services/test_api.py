@@ -8,6 +8,8 @@ import os
 import pytest
 from fastapi.testclient import TestClient
 
+from ecif_core.datasets.digits import class_prompts, label_of_caption
+
 from services import repository
 from services.api.app import create_app
 from services.db.models import Audit, Pair
@@ -20,9 +22,13 @@ from tests.services.conftest import OPTIONS, manifest_json
 class RecordingStarter:
     def __init__(self) -> None:
         self.started: list[str] = []
+        self.traces: list[str] = []
 
     def start(self, audit_id: str) -> None:
         self.started.append(audit_id)
+
+    def start_trace(self, trace_id: str) -> None:
+        self.traces.append(trace_id)
 
 
 @pytest.fixture(scope="module")
@@ -208,3 +214,79 @@ def test_delete_never_removes_a_folder_the_store_does_not_own(api, keys, pg_url,
         session.get(Audit, audit_id).audit_dir = str(elsewhere)
     assert api.delete(f"/audits/{audit_id}", headers=keys["alice"]).status_code == 204
     assert (elsewhere / "keep.txt").read_text() == "mine"
+
+
+@pytest.fixture(scope="module")
+def finished_audit(api, keys, pg_url) -> str:
+    """An audit of alice's, run to the end by the pipeline in this process."""
+    audit_id = _submit(api, keys["alice"])["id"]
+    dispatcher = LocalDispatcher()
+    pipeline = Pipeline(pg_url, dispatcher, image_roots=api.settings.resolved_roots())
+    pipeline.start(audit_id)
+    dispatcher.drain(pipeline)
+    return audit_id
+
+
+def _zero_shot(data_root, index: int = 0) -> dict:
+    row = json.loads((data_root / "digits" / "test.jsonl").read_text().splitlines()[index])
+    return {"image": f"digits/{row['image']}", "prompts": class_prompts(), "label": label_of_caption(row["caption"])}
+
+
+def test_trace_is_queued_computed_and_served(api, keys, pg_url, data_root, finished_audit):
+    from ecif_core.audit import ModelCache
+    from services.pipeline import run_trace
+
+    body = {"tests": [_zero_shot(data_root), {"image": _zero_shot(data_root, 1)["image"], "caption": "a digit"}],
+            "k": 5}
+    response = api.post(f"/audits/{finished_audit}/traces", json=body, headers=keys["alice"])
+    assert response.status_code == 202, response.text
+    trace_id = response.json()["trace_id"]
+    assert api.starter.traces[-1] == trace_id
+    assert api.get(f"/audits/{finished_audit}/traces/{trace_id}", headers=keys["alice"]).json()["status"] == "queued"
+    assert api.get(f"/audits/{finished_audit}/traces/{trace_id}", headers=keys["bob"]).status_code == 404
+    run_trace(pg_url, trace_id, ModelCache())  # what the gpu worker runs
+    status = api.get(f"/audits/{finished_audit}/traces/{trace_id}", headers=keys["alice"]).json()
+    assert status["status"] == "succeeded" and len(status["results"]) == 2
+    for result in status["results"]:
+        top = result["top"]
+        assert [p["rank"] for p in top] == [1, 2, 3, 4, 5] and result["test_loss"] > 0
+        assert [p["relative_is"] for p in top] == sorted((p["relative_is"] for p in top), reverse=True)
+        assert all(abs(p["influence"] - p["influence_pos"] - p["influence_neg"]) < 1e-9 for p in top)
+    csv_text = api.get(f"/audits/{finished_audit}/traces/{trace_id}.csv", headers=keys["alice"]).text
+    lines = csv_text.splitlines()
+    assert lines[0].startswith("test,rank,id,image,caption,relative_is") and len(lines) == 11
+
+
+@pytest.mark.parametrize("test, field", [
+    ({"image": "/etc/hostname", "caption": "x"}, "tests[0].image"),
+    ({"image": "../../x.png", "caption": "x"}, "tests[0].image"),
+    ({"image": "digits/missing.png", "caption": "x"}, "tests[0].image"),
+    ({"image": "digits/x.png", "prompts": ["a", "b"], "label": 5}, "tests[0].label"),
+])
+def test_bad_trace_requests_name_the_field(api, keys, finished_audit, test, field):
+    response = api.post(f"/audits/{finished_audit}/traces", json={"tests": [test]}, headers=keys["alice"])
+    assert response.status_code == 422 and response.json()["field"] == field, response.text
+
+
+def test_traces_need_a_finished_audit(api, keys, data_root):
+    audit_id = _submit(api, keys["alice"])["id"]
+    response = api.post(f"/audits/{audit_id}/traces", json={"tests": [_zero_shot(data_root)]}, headers=keys["alice"])
+    assert response.status_code == 409
+
+
+def test_report_pages_are_served_to_the_owner_only(api, keys, pg_url, data_root, finished_audit):
+    from ecif_core.audit import ModelCache
+    from services.pipeline import run_trace
+
+    page = api.get(f"/audits/{finished_audit}/report", headers=keys["alice"])
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    assert page.text.count("<svg") >= 3 and page.text.count('class="thumb"') >= 50
+    assert 'href="results.csv"' in page.text and "suspect threshold" in page.text
+    assert api.get(f"/audits/{finished_audit}/report", headers=keys["bob"]).status_code == 404
+    unfinished = _submit(api, keys["alice"])["id"]
+    assert api.get(f"/audits/{unfinished}/report", headers=keys["alice"]).status_code == 409
+    trace_id = api.post(f"/audits/{finished_audit}/traces", json={"tests": [_zero_shot(data_root)], "k": 4},
+                        headers=keys["alice"]).json()["trace_id"]
+    run_trace(pg_url, trace_id, ModelCache())
+    trace_page = api.get(f"/audits/{finished_audit}/traces/{trace_id}/report", headers=keys["alice"]).text
+    assert trace_page.count('class="thumb"') == 5 and "relative-IS" in trace_page  # the test image + 4 pairs

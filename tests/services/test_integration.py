@@ -2,6 +2,7 @@
 and Redis, a digits audit submitted over HTTP, and a worker killed in the middle of a shard."""
 from __future__ import annotations
 
+import json
 import os
 import signal
 import time
@@ -11,6 +12,7 @@ import pytest
 import redis
 from sqlalchemy import select
 
+from ecif_core.datasets.digits import class_prompts, label_of_caption
 from services.db.models import Shard
 from services.db.session import session_scope
 from services.embedded import run_embedded
@@ -51,6 +53,15 @@ def test_audit_over_http_matches_the_embedded_mode(service, data_root, embedded_
     assert_same_ranking(read_csv_rows(tmp_path / "ranked.csv"), read_csv_rows(embedded_csv))
     status = service.run("status", audit_id)
     assert '"status": "succeeded"' in status.stdout and '"shards_done": 6' in status.stdout
+    # a trace on the gpu queue: the worker computes the test-loss gradient
+    row = json.loads((data_root / "digits" / "test.jsonl").read_text().splitlines()[0])
+    prompts = [arg for text in class_prompts() for arg in ("--prompt", text)]
+    traced = service.run("trace", audit_id, "--image", str(data_root / "digits" / row["image"]), *prompts,
+                         "--label", str(label_of_caption(row["caption"])), "--k", "5",
+                         "-o", str(tmp_path / "trace.csv"))
+    assert traced.returncode == 0, traced.stderr + (service.logs / "w1.log").read_text()[-3000:]
+    assert "top 5 training pairs by relative-IS" in traced.stdout
+    assert len(read_csv_rows(tmp_path / "trace.csv")) == 5
     metrics = httpx.get(f"{service.url}/metrics").text
     assert 'ecif_audits{status="succeeded"}' in metrics and 'ecif_shard_seconds_count{stage="gradients"}' in metrics
 

@@ -6,7 +6,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, HTTPException, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import StreamingResponse
+from fastapi.responses import HTMLResponse, StreamingResponse
 from sqlalchemy.orm import Session
 
 from ecif_core.errors import ConfigError
@@ -14,6 +14,7 @@ from ecif_core.errors import ConfigError
 from ... import repository
 from ...db.models import Audit
 from ...manifests import confined_manifest
+from ...report import audit_report_html
 from ..deps import OwnerDep, SessionDep, SettingsDep
 from ..schemas import AuditCreated, AuditPage, AuditStatus
 
@@ -64,6 +65,17 @@ def results(audit_id: str, owner: OwnerDep, session: SessionDep, settings: Setti
     if audit.status != "succeeded":
         raise HTTPException(409, f"audit is {audit.status}; results exist once it has succeeded")
     return _csv(repository.results_csv(settings.database_url, audit.id, limit, suspected_only), "ranked.csv")
+
+
+@router.get("/{audit_id}/report", response_class=HTMLResponse, name="audit_report")
+def report(audit_id: str, owner: OwnerDep, session: SessionDep, settings: SettingsDep) -> HTMLResponse:
+    """One self-contained HTML page: summary, plots, top suspects and valuable pairs with thumbnails."""
+    audit = _owned(session, owner, audit_id)
+    if audit.status != "succeeded":
+        raise HTTPException(409, f"audit is {audit.status}; the report exists once it has succeeded")
+    page = audit_report_html(settings.database_url, audit.id, {"results": "results.csv", "rejected": "rejected.csv"},
+                             settings.resolved_roots())
+    return HTMLResponse(page)
 
 
 @router.get("/{audit_id}/rejected.csv", name="audit_rejected", responses={200: {"content": {"text/csv": {}}}})

@@ -1,0 +1,249 @@
+"""The audit report: one self-contained HTML page (inline SVG plots, thumbnails as data URIs),
+so it opens from a file, behind the API's auth, and in clusters without internet access.
+
+Thumbnails are made once per pair and cached in the audit folder (`thumbs/<slot>.png`); only
+images of the audit's usable pairs are read (their paths were confined to the data roots when
+the audit was prepared), and with `data_roots` each path is checked again before it is opened.
+"""
+from __future__ import annotations
+
+import base64
+import html
+import io
+from pathlib import Path
+
+import numpy as np
+from sqlalchemy import select
+
+from ecif_core.audit import SUSPECT_Z
+
+from .db.models import Audit, Pair, Score, Trace
+from .db.session import session_scope
+from .repository import trace_results
+
+THUMB_PX = 96
+TOP_SUSPECTS, TOP_VALUABLE = 50, 20
+IMAGE_CHECK_SCRIPT = """<script>
+// Readers (and the browser test) see at a glance whether every thumbnail decoded.
+window.addEventListener("load", () => {
+  const images = Array.from(document.querySelectorAll("img.thumb"));
+  const loaded = images.filter((img) => img.complete && img.naturalWidth > 0).length;
+  document.body.dataset.thumbnails = images.length;
+  document.body.dataset.thumbnailsLoaded = loaded;
+  const note = document.getElementById("image-status");
+  if (note) note.textContent = loaded === images.length ? "" : `${images.length - loaded} thumbnails failed to load`;
+});
+</script>"""
+STYLE = """<style>
+body{font-family:system-ui,sans-serif;margin:2em;color:#222;max-width:1200px}
+h1{font-size:1.5em} h2{font-size:1.2em;margin-top:2em}
+table.summary td{padding:2px 12px 2px 0} .plots{display:flex;flex-wrap:wrap;gap:1em}
+.grid{display:grid;grid-template-columns:repeat(auto-fill,minmax(210px,1fr));gap:12px}
+.card{border:1px solid #ddd;border-radius:6px;padding:8px;font-size:.85em}
+.card img{width:96px;height:96px;image-rendering:pixelated;display:block;margin-bottom:4px}
+.flag{color:#b00;font-weight:bold} .muted{color:#777}
+</style>"""
+
+
+def audit_report_html(database_url: str, audit_id: str, links: dict[str, str],
+                      data_roots: list[Path] | None = None) -> str:
+    """The report of a finished audit. `links`: {"results": url, "rejected": url}."""
+    with session_scope(database_url) as session:
+        audit = session.get(Audit, audit_id)
+        rows = session.execute(select(Score.slot, Score.pair_id, Pair.image, Pair.caption, Score.influence,
+                                      Score.influence_pos, Score.influence_neg, Score.self_influence,
+                                      Score.leave_own_out, Score.clip_score, Score.rank, Score.suspected)
+                               .join(Pair, (Pair.audit_id == Score.audit_id) & (Pair.slot == Score.slot))
+                               .where(Score.audit_id == audit_id).order_by(Score.rank)).all()
+        meta = {"status": audit.status, "pairs": audit.pairs_total, "rejected": audit.pairs_rejected,
+                "damping": audit.damping, "seconds": _seconds(audit), "dim": _dim(audit.audit_dir),
+                "audit_dir": audit.audit_dir, "rank_by": audit.manifest["options"]["rank_by"]}
+    columns = {name: np.array([np.nan if r[i] is None else r[i] for r in rows], dtype=float)
+               for i, name in enumerate(("slot", "id", "image", "caption", "influence", "influence_pos",
+                                         "influence_neg", "self_influence", "leave_own_out", "clip_score"))
+               if name not in ("id", "image", "caption")}
+    thumbs = _Thumbnails(Path(meta["audit_dir"]), data_roots)
+    has_influence = not np.isnan(columns["influence"]).all()
+    suspects = rows[:TOP_SUSPECTS]
+    valuable = sorted(rows, key=lambda r: -r.influence)[:TOP_VALUABLE] if has_influence else []
+    flagged = sum(1 for r in rows if r.suspected)
+    parts = [f"<h1>ECIF audit {html.escape(audit_id)}</h1>",
+             _summary(meta, len(rows), flagged),
+             f'<p><a href="{html.escape(links["results"])}">ranked.csv</a> · '
+             f'<a href="{html.escape(links["rejected"])}">rejected.csv</a> '
+             '<span id="image-status" class="flag"></span></p>',
+             '<h2>Distributions</h2><div class="plots">',
+             _leverage_histogram(columns["leave_own_out"]),
+             _influence_histogram(columns["influence"]) if has_influence else "",
+             _split_scatter(columns) if has_influence else _self_vs_clip(columns),
+             "</div>",
+             f"<h2>Top {len(suspects)} suspects (ranked by {html.escape(meta['rank_by'])})</h2>",
+             _cards(suspects, thumbs)]
+    if valuable:
+        parts += [f"<h2>Top {len(valuable)} valuable pairs (removing them raises the validation loss most)</h2>",
+                  _cards(valuable, thumbs)]
+    return _page(f"ECIF audit {audit_id}", "".join(parts))
+
+
+def trace_report_html(database_url: str, trace_id: str, data_roots: list[Path] | None = None) -> str:
+    """A trace: each test example beside its top-k training pairs."""
+    with session_scope(database_url) as session:
+        trace = session.get(Trace, trace_id)
+        audit_dir = session.get(Audit, trace.audit_id).audit_dir
+        results = trace_results(session, trace)
+    thumbs = _Thumbnails(Path(audit_dir), data_roots)
+    parts = [f"<h1>Trace {html.escape(trace_id)}</h1>"]
+    for t, result in enumerate(results):
+        example = result["example"]
+        text = example.get("caption") or f"true class: {example['prompts'][example['label']]}"
+        parts.append(f'<h2>Test example {t}</h2><div class="card">{thumbs.tag_for_path(example["image"])}'
+                     f'{html.escape(text)}<br>test loss {result["test_loss"]:.4f}</div>'
+                     f"<h3>Top {len(result['top'])} training pairs by relative-IS</h3><div class=\"grid\">")
+        for p in result["top"]:
+            parts.append(f'<div class="card">{thumbs.tag_for_path(p["image"])}<b>#{p["rank"]}</b> '
+                         f'{html.escape(p["caption"])}<br>relative-IS {p["relative_is"]:.4g}<br>'
+                         f'influence {p["influence"]:.3g} (pos {p["influence_pos"]:.3g}, neg {p["influence_neg"]:.3g})'
+                         f'<br><span class="muted">{html.escape(p["id"])}</span></div>')
+        parts.append("</div>")
+    return _page(f"Trace {trace_id}", "".join(parts))
+
+
+# ------------------------------------------------------------------ pieces
+
+def _page(title: str, body: str) -> str:
+    return (f'<!doctype html><html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
+            f"{STYLE}</head><body>{body}{IMAGE_CHECK_SCRIPT}</body></html>")
+
+
+def _summary(meta: dict, scored: int, flagged: int) -> str:
+    items = [("status", meta["status"]), ("pairs", meta["pairs"]), ("scored", scored),
+             ("rejected", meta["rejected"]), ("suspected", flagged),
+             ("damping (delta + lambda)", f"{meta['damping']:.4g}" if meta["damping"] is not None else "-"),
+             ("projection size k", meta["dim"]),
+             ("run time", f"{meta['seconds']:.1f} s" if meta["seconds"] is not None else "-")]
+    cells = "".join(f"<tr><td>{html.escape(str(k))}</td><td><b>{html.escape(str(v))}</b></td></tr>" for k, v in items)
+    return f'<table class="summary">{cells}</table>'
+
+
+def _cards(rows, thumbs: "_Thumbnails") -> str:
+    cards = []
+    for r in rows:
+        flag = ' <span class="flag">suspected</span>' if r.suspected else ""
+        influence = "" if r.influence is None else f"influence {r.influence:.3g}<br>"
+        cards.append(f'<div class="card">{thumbs.tag(int(r.slot), r.image)}<b>#{r.rank}</b>{flag} '
+                     f"{html.escape(r.caption)}<br>self-influence {r.self_influence:.3g}<br>{influence}"
+                     f'clip score {r.clip_score:.3f}<br><span class="muted">{html.escape(r.pair_id)}</span></div>')
+    return f'<div class="grid">{"".join(cards)}</div>'
+
+
+def _figure():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt, *plt.subplots(figsize=(4.6, 3.2), dpi=100)
+
+
+def _svg(plt, fig) -> str:
+    buffer = io.StringIO()
+    fig.tight_layout()
+    fig.savefig(buffer, format="svg")
+    plt.close(fig)
+    text = buffer.getvalue()
+    return '<figure class="plot">' + text[text.index("<svg"):] + "</figure>"
+
+
+def _leverage_histogram(values: np.ndarray) -> str:
+    """The statistic the suspected flag thresholds, with the threshold (robust z = 3.5)."""
+    plt, fig, ax = _figure()
+    median = np.median(values)
+    threshold = median + SUSPECT_Z * 1.4826 * np.median(np.abs(values - median))
+    ax.hist(values, bins=50, color="#4c72b0")
+    ax.axvline(threshold, color="#c44e52", linestyle="--", label=f"suspect threshold (z = {SUSPECT_Z})")
+    ax.set_yscale("log")
+    ax.set_xlabel("leave-own-out leverage A/(1-A)")
+    ax.set_ylabel("pairs")
+    ax.legend(fontsize=8)
+    return _svg(plt, fig)
+
+
+def _influence_histogram(values: np.ndarray) -> str:
+    plt, fig, ax = _figure()
+    ax.hist(values, bins=50, color="#55a868")
+    ax.axvline(0, color="#333", linewidth=0.8)
+    ax.set_xlabel("influence (negative = harmful)")
+    ax.set_ylabel("pairs")
+    return _svg(plt, fig)
+
+
+def _split_scatter(columns: dict) -> str:
+    plt, fig, ax = _figure()
+    ax.scatter(columns["influence_pos"], columns["influence_neg"], s=6, alpha=0.6, color="#8172b2")
+    ax.axhline(0, color="#333", linewidth=0.6)
+    ax.axvline(0, color="#333", linewidth=0.6)
+    ax.set_xlabel("influence as a positive (IS_pos)")
+    ax.set_ylabel("influence as a negative (IS_neg)")
+    return _svg(plt, fig)
+
+
+def _self_vs_clip(columns: dict) -> str:
+    plt, fig, ax = _figure()
+    ax.scatter(columns["clip_score"], columns["self_influence"], s=6, alpha=0.6, color="#8172b2")
+    ax.set_xlabel("clip score")
+    ax.set_ylabel("self-influence")
+    return _svg(plt, fig)
+
+
+def _seconds(audit: Audit) -> float | None:
+    if audit.started_at is None or audit.finished_at is None:
+        return None
+    return (audit.finished_at - audit.started_at).total_seconds()
+
+
+def _dim(audit_dir: str) -> int | None:
+    from ecif_core.audit import load_plan
+
+    try:
+        return load_plan(audit_dir).dim
+    except FileNotFoundError:
+        return None
+
+
+class _Thumbnails:
+    """PNG thumbnails as data URIs, cached in <audit>/thumbs (made once per image)."""
+
+    def __init__(self, audit_dir: Path, data_roots: list[Path] | None) -> None:
+        self.folder = audit_dir / "thumbs"
+        self.roots = data_roots
+
+    def tag(self, slot: int, image: str) -> str:
+        return self._img(self.folder / f"{slot}.png", image)
+
+    def tag_for_path(self, image: str) -> str:
+        import hashlib
+
+        return self._img(self.folder / f"test-{hashlib.sha1(image.encode()).hexdigest()[:16]}.png", image)
+
+    def _img(self, cached: Path, image: str) -> str:
+        if self.roots is not None and not any(Path(image).resolve().is_relative_to(r) for r in self.roots):
+            return '<div class="muted">(image outside the data roots)</div>'
+        if not cached.exists():
+            try:
+                self._make(cached, image)
+            except OSError:
+                return '<div class="muted">(image unreadable)</div>'
+        data = base64.b64encode(cached.read_bytes()).decode()
+        return f'<img class="thumb" alt="" src="data:image/png;base64,{data}">'
+
+    @staticmethod
+    def _make(cached: Path, image: str) -> None:
+        from PIL import Image
+
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        with Image.open(image) as img:
+            thumb = img.convert("RGB")
+            thumb.thumbnail((THUMB_PX, THUMB_PX))
+            tmp = cached.with_name(cached.name + ".tmp")
+            thumb.save(tmp, format="PNG")
+        tmp.replace(cached)
