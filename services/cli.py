@@ -44,7 +44,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
     from .embedded import run_embedded
 
     ranked = run_embedded(args.manifest, args.out, progress=None if args.quiet else _progress_bar())
-    print(f"wrote {ranked}")
+    print(f"wrote {ranked}, {ranked.parent / 'rejected.csv'} and {ranked.parent / 'report.html'}")
     return 0
 
 
@@ -55,7 +55,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from .embedded import run_embedded
 
     result = run_demo(args.out, settings, progress=_progress_bar(), runner=run_embedded)
-    print(f"\nranked pairs: {result.ranked_csv}")
+    print(f"\nranked pairs: {result.ranked_csv}\nreport: {result.ranked_csv.parent / 'report.html'}")
     print(f"{'method':<34}{'AUROC':>8}{'AP':>8}{'P@50':>8}")
     flags = result.flags
     for method, m in result.report.items():
