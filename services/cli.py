@@ -135,6 +135,21 @@ def cmd_worker(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_reconcile(args: argparse.Namespace) -> int:
+    """Re-send the unfinished tasks of audits with no activity for --stale-after seconds."""
+    from workers.tasks import CeleryDispatcher
+
+    from .reconcile import reconcile
+    from .settings import get_settings
+
+    settings = get_settings()
+    stale_after = settings.visibility_timeout if args.stale_after is None else args.stale_after
+    resumed = reconcile(settings.database_url, CeleryDispatcher().send, stale_after)
+    for audit_id, sent in resumed.items():
+        print(f"{audit_id}: {sent} task(s) sent again")
+    return 0
+
+
 def cmd_db_upgrade(args: argparse.Namespace) -> int:
     from .db.session import upgrade
     from .settings import get_settings
@@ -268,6 +283,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--hostname", help="Celery node name (default celery@HOST)")
     p.add_argument("--loglevel", default="INFO")
     p.set_defaults(run=cmd_worker)
+
+    p = verbs.add_parser("reconcile", help="re-send the work of stalled audits (tasks lost with the broker)")
+    p.add_argument("--stale-after", type=float, help="seconds without activity (default ECIF_VISIBILITY_TIMEOUT)")
+    p.set_defaults(run=cmd_reconcile)
 
     p = verbs.add_parser("db", help="database schema")
     db_verbs = p.add_subparsers(dest="db_verb", required=True)

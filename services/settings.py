@@ -24,6 +24,7 @@ class Settings(BaseSettings):
     max_manifest_bytes: int = Field(1_048_576, description="larger manifests are refused with 413")
     visibility_timeout: int = Field(6 * 3600, description="seconds before an unacknowledged task is redelivered")
     restore_interval: int = Field(60, description="seconds between sweeps that re-queue tasks of lost workers")
+    reconcile_interval: int = Field(300, description="seconds between a worker's checks for stalled audits (0 = off)")
     task_soft_time_limit: int = Field(3 * 3600, description="seconds a single shard task may run")
     torch_threads: int | None = Field(None, description="torch threads per worker process (default: cores / processes)")
     host: str = "127.0.0.1"

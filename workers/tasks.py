@@ -9,7 +9,9 @@ from __future__ import annotations
 import logging
 import os
 
-from celery.signals import worker_process_init
+import threading
+
+from celery.signals import worker_process_init, worker_ready
 from kombu.exceptions import OperationalError as BrokerUnavailable
 from sqlalchemy.exc import InterfaceError, OperationalError
 
@@ -101,3 +103,29 @@ def trace(trace_id: str) -> None:
 
     pipe = pipeline()
     run_trace(pipe.database_url, trace_id, pipe.models)
+
+
+@worker_ready.connect
+def _start_reconciler(**_kwargs) -> None:
+    """Every ECIF_RECONCILE_INTERVAL seconds, re-send the work of audits with no activity for
+    longer than the visibility timeout (tasks lost with the broker); runs in the worker's
+    main process and imports no torch."""
+    from services.reconcile import reconcile
+    from services.settings import get_settings
+
+    settings = get_settings()
+    if settings.reconcile_interval <= 0:
+        return
+    dispatcher = CeleryDispatcher()
+
+    def loop() -> None:
+        stop = threading.Event()
+        while not stop.wait(settings.reconcile_interval):
+            try:
+                resumed = reconcile(settings.database_url, dispatcher.send, settings.visibility_timeout)
+                if resumed:
+                    log.warning("resumed stalled audits: %s", resumed)
+            except Exception:
+                log.exception("reconcile failed; retrying in %d s", settings.reconcile_interval)
+
+    threading.Thread(target=loop, daemon=True, name="ecif-reconcile").start()

@@ -112,6 +112,38 @@ def test_a_worker_killed_mid_shard_loses_nothing(pg_url, data_root, tmp_path_fac
         svc.stop()
 
 
+def test_tasks_lost_with_the_broker_are_resumed_from_the_database(pg_url, data_root, tmp_path_factory):
+    """The queue is wiped mid-audit (a Redis restart without persistence): the audit stalls
+    with shards pending; `ecif reconcile` sends them again and the audit ends as usual."""
+    options = {"projection": {"k_in": 4, "k_out": 4}, "shard_batches": 1}
+    manifest = write_manifest(data_root / "kill-manifest.json", options)
+    expected = read_csv_rows(run_embedded(manifest, tmp_path_factory.mktemp("reference") / "audit"))
+    broker = _redis_db(14)
+    svc = Service(service_env(pg_url, broker, tmp_path_factory.mktemp("store"), data_root),
+                  tmp_path_factory.mktemp("lost-logs"))
+    try:
+        svc.start_server()
+        svc.start_worker("w")
+        key = svc.run("keys", "create", "--owner", "rtest").stdout.strip()
+        headers = {"Authorization": f"Bearer {key}"}
+        audit_id = httpx.post(f"{svc.url}/audits", json=manifest_json(options), headers=headers,
+                              timeout=30).json()["id"]
+        _wait_for_running_gradient_shard(pg_url, audit_id)
+        redis.Redis.from_url(broker).flushdb()  # every queued task is gone
+        time.sleep(8)  # the shard that was running finishes; nothing else arrives
+        assert httpx.get(f"{svc.url}/audits/{audit_id}", headers=headers).json()["status"] == "running"
+        pending = [s.shard for s in _shards(pg_url, audit_id) if s.status != "done"]
+        assert pending, "the audit should be stalled with gradient shards left"
+        resumed = svc.run("reconcile", "--stale-after", "5")
+        assert resumed.returncode == 0 and f"{audit_id}: {len(pending)} task(s) sent again" in resumed.stdout
+        status = _wait_finished(svc.url, audit_id, headers)
+        assert status["status"] == "succeeded", status
+        csv_text = httpx.get(f"{svc.url}/audits/{audit_id}/results.csv", headers=headers, timeout=30).text
+        assert_same_ranking(read_csv_rows(csv_text), expected)
+    finally:
+        svc.stop()
+
+
 def _shards(url: str, audit_id: str) -> list[Shard]:
     with session_scope(url) as session:
         return list(session.scalars(select(Shard).where(Shard.audit_id == audit_id, Shard.stage == "gradients")))
