@@ -1,4 +1,4 @@
-"""Pair files (JSONL / CSV with id,image,caption), row validation and batch loading.
+"""Pair sources (JSONL, CSV, Parquet), row validation and batch loading.
 
 Bad rows are recorded with a reason instead of failing the audit. Relative image paths
 resolve against the pair file's folder.
@@ -34,27 +34,119 @@ class RejectedRow:
     reason: str
 
 
-def read_pair_rows(path: str | Path, field: str = "train") -> Iterator[tuple[int, dict]]:
-    """(row number, raw row) from a JSONL or CSV pair file, streamed; unreadable rows carry __error__."""
-    path = Path(path)
+FORMATS = ("jsonl", "csv", "parquet")
+EXTENSIONS = {".jsonl": "jsonl", ".json": "jsonl", ".csv": "csv", ".tsv": "csv", ".parquet": "parquet"}
+# Column names other tools write (img2dataset / DataComp / LAION parquet, open_clip CSV), tried in order
+IMAGE_KEYS, CAPTION_KEYS, ID_KEYS = ("image", "filepath", "url"), ("caption", "text", "title"), ("id", "key", "uid")
+
+
+@dataclass(frozen=True)
+class Source:
+    """Where pairs come from and which columns hold them (a manifest's `train` / `validation`)."""
+
+    path: str
+    format: str
+    image_key: str | None = None     # None: the first of IMAGE_KEYS the file has
+    caption_key: str | None = None
+    id_key: str | None = None
+    separator: str | None = None     # CSV only; default "," (".tsv": tab)
+
+    def to_json(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if v is not None}
+
+
+def source_of(value: "str | Path | dict | Source", field: str = "train") -> Source:
+    """A Source from a path (format from the extension) or a {"path", "format", ...} object."""
+    if isinstance(value, Source):
+        return value
+    if isinstance(value, (str, Path)):
+        value = {"path": str(value)}
+    if not isinstance(value, dict) or not isinstance(value.get("path"), str) or not value["path"]:
+        raise ConfigError(field, "must be a path or an object with a path")
+    unknown = set(value) - {"path", "format", "image_key", "caption_key", "id_key", "separator"}
+    if unknown:
+        raise ConfigError(f"{field}.{sorted(unknown)[0]}", "unknown source field")
+    fmt = value.get("format") or EXTENSIONS.get(Path(value["path"]).suffix.lower())
+    if fmt not in FORMATS:
+        raise ConfigError(f"{field}.format" if "format" in value else field,
+                          f"unsupported pair file type (give format: one of {FORMATS})")
+    for key in ("image_key", "caption_key", "id_key", "separator"):
+        if value.get(key) is not None and (not isinstance(value[key], str) or not value[key]):
+            raise ConfigError(f"{field}.{key}", "must be a non-empty string")
+    separator = value.get("separator") or ("\t" if Path(value["path"]).suffix.lower() == ".tsv" else None)
+    return Source(value["path"], fmt, value.get("image_key"), value.get("caption_key"), value.get("id_key"),
+                  separator if fmt == "csv" else None)
+
+
+def read_pair_rows(source: "str | Path | dict | Source", field: str = "train") -> Iterator[tuple[int, dict]]:
+    """(row number, row with id/image/caption) from a pair source, streamed (Parquet by row
+    group); unreadable rows carry __error__."""
+    source = source_of(source, field)
+    path = Path(source.path)
     if not path.is_file():
         raise ConfigError(field, f"pair file not found: {path}")
-    if path.suffix.lower() in (".jsonl", ".json"):
-        with path.open(encoding="utf-8-sig") as handle:
-            for number, line in enumerate(handle, start=1):
-                if line.strip():
-                    yield number, _json_row(line)
-    elif path.suffix.lower() in (".csv", ".tsv"):
-        delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
-        with path.open(encoding="utf-8-sig", newline="") as handle:  # -sig: files saved by Excel
-            reader = csv.DictReader(handle, delimiter=delimiter)
-            missing = [c for c in ("image", "caption") if c not in (reader.fieldnames or [])]
-            if missing:
-                raise ConfigError(field, f"{path.name}: header lacks column(s) {missing} (need id,image,caption)")
-            for number, row in enumerate(reader, start=1):
-                yield number, row
+    if source.format == "jsonl":
+        rows = _jsonl_rows(path)
+    elif source.format == "csv":
+        rows = _csv_rows(path, source.separator or ",")
     else:
-        raise ConfigError(field, f"unsupported pair file type {path.suffix!r} (use .jsonl or .csv)")
+        rows = _parquet_rows(path, source, field)
+    keys: tuple[str | None, str | None, str | None] | None = None
+    for number, row in rows:
+        if "__error__" in row:
+            yield number, row
+            continue
+        if keys is None:
+            keys = _columns(row.keys(), source, path, field)
+        yield number, {"id": row.get(keys[0]) if keys[0] else None, "image": row.get(keys[1]),
+                       "caption": row.get(keys[2])}
+
+
+def _columns(names, source: Source, path: Path, field: str) -> tuple[str | None, str, str]:
+    """(id, image, caption) column names: the source's own, else the first known name present."""
+    names = list(names)
+
+    def pick(given: str | None, known: tuple[str, ...], role: str, required: bool) -> str | None:
+        if given is not None:
+            if given not in names:
+                raise ConfigError(f"{field}.{role}_key", f"{path.name} has no column {given!r} (columns: {names[:10]})")
+            return given
+        found = next((k for k in known if k in names), None)
+        if found is None and required:
+            raise ConfigError(field, f"{path.name}: no {role} column (looked for {list(known)}; "
+                              f"set {role}_key; columns: {names[:10]})")
+        return found
+
+    return (pick(source.id_key, ID_KEYS, "id", False), pick(source.image_key, IMAGE_KEYS, "image", True),
+            pick(source.caption_key, CAPTION_KEYS, "caption", True))
+
+
+def _jsonl_rows(path: Path) -> Iterator[tuple[int, dict]]:
+    with path.open(encoding="utf-8-sig") as handle:
+        for number, line in enumerate(handle, start=1):
+            if line.strip():
+                yield number, _json_row(line)
+
+
+def _csv_rows(path: Path, separator: str) -> Iterator[tuple[int, dict]]:
+    with path.open(encoding="utf-8-sig", newline="") as handle:  # -sig: files saved by Excel
+        for number, row in enumerate(csv.DictReader(handle, delimiter=separator), start=1):
+            yield number, row
+
+
+def _parquet_rows(path: Path, source: Source, field: str) -> Iterator[tuple[int, dict]]:
+    """Row groups one at a time, only the needed columns: memory stays bounded by a row group."""
+    import pyarrow.parquet as pq
+
+    parquet = pq.ParquetFile(path)
+    names = parquet.schema_arrow.names
+    id_key, image_key, caption_key = _columns(names, source, path, field)
+    columns = [c for c in (id_key, image_key, caption_key) if c is not None]
+    number = 0
+    for batch in parquet.iter_batches(columns=columns, batch_size=8192):
+        for row in batch.to_pylist():
+            number += 1
+            yield number, row
 
 
 def _json_row(line: str) -> dict:
@@ -65,7 +157,7 @@ def _json_row(line: str) -> dict:
     return row if isinstance(row, dict) else {"__error__": "row is not a JSON object"}
 
 
-def read_pairs(path: str | Path, check_images: bool = True, field: str = "train",
+def read_pairs(path: "str | Path | dict | Source", check_images: bool = True, field: str = "train",
                image_roots: Sequence[Path] | None = None) -> tuple[list[Pair], list[RejectedRow], list[str]]:
     """(usable pairs, rejected rows, ids of every readable row). Duplicate ids are an error.
 
@@ -73,7 +165,7 @@ def read_pairs(path: str | Path, check_images: bool = True, field: str = "train"
     part of the partition (neither training nor the audit can read them). With `image_roots`
     (the service's data roots), an image whose real path lies outside all of them is rejected.
     """
-    base = Path(path).resolve().parent
+    base = Path(source_of(path, field).path).resolve().parent
     pairs, rejected, all_ids, seen = [], [], [], {}
     for number, row in read_pair_rows(path, field):
         if "__error__" in row:

@@ -11,13 +11,15 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from .data import source_of
 from .errors import ConfigError, read_json_file
 from .losses import NEG_TERMS
 from .projection import ProjectionSpec
 from .scores import RANK_BY
 
 SIDECAR_SUFFIX = ".json"
-PATH_KEYS = (("train",), ("validation",), ("model", "checkpoint"), ("model", "config"))  # fields holding paths
+PATH_KEYS = (("train",), ("train", "path"), ("validation",), ("validation", "path"), ("model", "checkpoint"),
+             ("model", "config"))  # fields holding paths (a source object keeps its path under "path")
 CURVATURE_KINDS = ("full", "blocks")
 
 
@@ -46,8 +48,8 @@ class AuditOptions:
 
 @dataclass
 class Manifest:
-    train: str
-    validation: str | None
+    train: str | dict                     # a pair file path, or a source object (data.Source)
+    validation: str | dict | None
     model_arch: str | None
     model_config: str | dict | None
     checkpoint: str
@@ -113,6 +115,13 @@ def load_manifest(source: str | Path | dict, base_dir: str | Path | None = None)
             raise ConfigError(name, "must be a path string")
         return str((base / value).resolve())
 
+    def resolve_source(value: Any, name: str, required: bool) -> str | dict | None:
+        """A path stays a path; a source object gets its path resolved and its fields checked."""
+        if not isinstance(value, dict):
+            return resolve(value, name, required)
+        source = source_of({**value, "path": resolve(value.get("path"), f"{name}.path", True)}, name)
+        return source.to_json()
+
     checkpoint = resolve(model.get("checkpoint"), "model.checkpoint", True)
     if not Path(checkpoint).is_file() and "://" not in checkpoint:
         raise ConfigError("model.checkpoint", f"file not found: {checkpoint}")
@@ -130,11 +139,12 @@ def load_manifest(source: str | Path | dict, base_dir: str | Path | None = None)
         if config is None:
             raise ConfigError("model", "give model.arch or model.config (no training sidecar found)")
     options = _parse_options(raw.get("options") or {}, sidecar)
-    validation = resolve(raw.get("validation"), "validation", False)
+    train = resolve_source(raw.get("train"), "train", True)
+    validation = resolve_source(raw.get("validation"), "validation", False)
     if options.rank_by in ("influence", "combined") and validation is None:
         raise ConfigError("options.rank_by", f"{options.rank_by!r} needs a validation set")
-    train = resolve(raw.get("train"), "train", True)
-    for name, path in (("train", train), ("validation", validation)):
+    for name, source in (("train", train), ("validation", validation)):
+        path = source["path"] if isinstance(source, dict) else source
         if path is not None and not Path(path).is_file():
             raise ConfigError(name, f"file not found: {path}")
     return Manifest(train=train, validation=validation,

@@ -44,7 +44,7 @@ def test_csv_from_excel_with_byte_order_mark_keeps_ids(tmp_path):
 
 def test_missing_csv_column_and_missing_file_name_the_field(tmp_path):
     (tmp_path / "p.csv").write_text("id,image\nx,a.png\n")
-    with pytest.raises(ConfigError, match="header lacks column.*caption") as error:
+    with pytest.raises(ConfigError, match="no caption column") as error:
         read_pairs(tmp_path / "p.csv")
     assert error.value.field == "train"
     with pytest.raises(ConfigError) as error:

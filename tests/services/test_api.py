@@ -290,3 +290,12 @@ def test_report_pages_are_served_to_the_owner_only(api, keys, pg_url, data_root,
     run_trace(pg_url, trace_id, ModelCache())
     trace_page = api.get(f"/audits/{finished_audit}/traces/{trace_id}/report", headers=keys["alice"]).text
     assert trace_page.count('class="thumb"') == 5 and "relative-IS" in trace_page  # the test image + 4 pairs
+
+
+def test_a_source_object_path_is_confined_too(api, keys, tmp_path):
+    body = manifest_json(train={"path": "../../../etc/passwd", "format": "csv"})
+    response = api.post("/audits", json=body, headers=keys["alice"])
+    assert response.status_code == 422 and response.json()["field"] == "train.path"
+    ok = api.post("/audits", json=manifest_json(train={"path": "digits/train.jsonl", "image_key": "image"}),
+                  headers=keys["alice"])
+    assert ok.status_code == 202, ok.text

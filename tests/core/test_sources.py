@@ -1,0 +1,75 @@
+"""Pair sources: JSONL, CSV (open_clip's convention too) and Parquet (img2dataset / DataComp
+columns) give the same audit; column choices and errors name the field."""
+import csv
+import json
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from ecif_core import audit
+from ecif_core.data import read_pairs, source_of
+from ecif_core.errors import ConfigError
+from tests.core.test_audit import OPTIONS, _write_manifest, finished, workspace  # noqa: F401  (fixtures)
+
+
+def _rows(workspace: Path) -> list[dict]:
+    return [json.loads(line) for line in (workspace / "data" / "train.jsonl").read_text().splitlines()]
+
+
+def _write_openclip_tsv(workspace: Path) -> Path:
+    path = workspace / "data" / "train.tsv"
+    with path.open("w", newline="") as handle:
+        writer = csv.writer(handle, delimiter="\t")
+        writer.writerow(["key", "filepath", "title"])
+        writer.writerows([(r["id"], r["image"], r["caption"]) for r in _rows(workspace)])
+    return path
+
+
+def _write_datacomp_parquet(workspace: Path, row_group_size: int = 10) -> Path:
+    rows = _rows(workspace)
+    table = pa.table({"uid": [r["id"] for r in rows], "filepath": [r["image"] for r in rows],
+                      "text": [r["caption"] for r in rows], "extra": list(range(len(rows)))})
+    path = workspace / "data" / "train.parquet"
+    pq.write_table(table, path, row_group_size=row_group_size)
+    return path
+
+
+def test_jsonl_tsv_and_parquet_sources_give_the_same_audit(workspace, finished, tmp_path):
+    _write_openclip_tsv(workspace)
+    _write_datacomp_parquet(workspace)
+    expected = (finished / "ranked.csv").read_text()
+    sources = {"tsv": {"path": "data/train.tsv", "format": "csv", "separator": "\t", "image_key": "filepath",
+                       "caption_key": "title", "id_key": "key"},
+               "parquet": "data/train.parquet"}  # img2dataset/DataComp column names are found by themselves
+    for name, source in sources.items():
+        manifest = _write_manifest(workspace, f"manifest-{name}.json", OPTIONS, train=source)
+        ranked = audit.run_audit(manifest, tmp_path / name)
+        assert ranked.read_text() == expected, name
+
+
+def test_parquet_is_read_by_row_group_with_only_the_needed_columns(workspace):
+    path = _write_datacomp_parquet(workspace, row_group_size=7)
+    assert pq.ParquetFile(path).num_row_groups > 5
+    pairs, rejected, ids = read_pairs(path)
+    assert [p.id for p in pairs] == [r["id"] for r in _rows(workspace)] and not rejected
+
+
+@pytest.mark.parametrize("spec, field, message", [
+    ({"path": "x.parquet", "colour": 1}, "train.colour", "unknown source field"),
+    ({"path": "x.txt"}, "train", "unsupported pair file type"),
+    ({"path": "x.csv", "format": "xml"}, "train.format", "unsupported"),
+    ({"path": "x.csv", "image_key": ""}, "train.image_key", "non-empty"),
+])
+def test_bad_source_objects_name_the_field(spec, field, message):
+    with pytest.raises(ConfigError, match=message) as error:
+        source_of(spec)
+    assert error.value.field == field
+
+
+def test_a_column_that_is_not_there_names_the_key(workspace):
+    path = _write_datacomp_parquet(workspace)
+    with pytest.raises(ConfigError, match="no column 'url'") as error:
+        read_pairs({"path": str(path), "image_key": "url"})
+    assert error.value.field == "train.image_key"
