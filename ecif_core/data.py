@@ -13,11 +13,13 @@ from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .errors import ConfigError, EcifError
 
 MAX_CAPTION_CHARS = 2000
+MAX_IMAGE_BYTES = 64 * 2**20        # a larger file is rejected before it is opened
+MAX_IMAGE_PIXELS = 64_000_000       # decompression bombs: width x height above this is rejected
 
 
 @dataclass(frozen=True)
@@ -211,16 +213,37 @@ def _row_problem(row: dict, base: Path, check_images: bool, image_roots: Sequenc
     if not path.is_file():
         return f"image not found: {path}"
     if check_images:
-        try:  # a full decode: verify() alone lets truncated files through
-            with Image.open(path) as img:
-                img.load()
-        except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
-            return f"image cannot be decoded: {exc}"
+        return _image_problem(path)
+    return None
+
+
+def _image_problem(path: Path) -> str | None:
+    size = path.stat().st_size
+    if size > MAX_IMAGE_BYTES:
+        return f"image file too large ({size} bytes; limit {MAX_IMAGE_BYTES})"
+    try:
+        with Image.open(path) as img:
+            width, height = img.size  # from the header: a bomb is refused before it is decoded
+            if width * height > MAX_IMAGE_PIXELS:
+                return f"image too large ({width}x{height} pixels; limit {MAX_IMAGE_PIXELS})"
+            img.load()  # a full decode: verify() alone lets truncated files through
+    except Image.DecompressionBombError as exc:
+        return f"image too large ({exc})"
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        return f"image cannot be decoded: {exc}"
     return None
 
 
 def load_image(path: str) -> Image.Image:
+    """RGB as the model sees it: EXIF orientation applied, transparency composited on white
+    (as img2dataset does), grayscale / CMYK / palette converted."""
     with Image.open(path) as img:
+        img = ImageOps.exif_transpose(img)
+        if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+            rgba = img.convert("RGBA")
+            background = Image.new("RGB", rgba.size, (255, 255, 255))
+            background.paste(rgba, mask=rgba.getchannel("A"))
+            return background
         return img.convert("RGB")
 
 

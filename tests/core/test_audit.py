@@ -7,7 +7,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from PIL import Image
+
 from ecif_core import audit
+from ecif_core import data as data_module
 from ecif_core.datasets.digits import build_digits
 from ecif_core.errors import ConfigError
 from ecif_core.manifest import load_manifest
@@ -100,12 +103,20 @@ def test_rescoring_with_new_damping_reuses_gradients(finished, tmp_path):
     np.testing.assert_array_equal(grads, audit.open_store(copy).read_rows("grads/neg"))
 
 
-def test_bad_rows_are_rejected_with_reasons_and_the_rest_is_audited(workspace, tmp_path):
+def test_bad_rows_are_rejected_with_reasons_and_the_rest_is_audited(workspace, tmp_path, monkeypatch):
+    monkeypatch.setattr(data_module, "MAX_IMAGE_PIXELS", 250 * 250)
     lines = (workspace / "data" / "train.jsonl").read_text().splitlines()[:40]
     (workspace / "data" / "broken.png").write_bytes(b"not a png at all")
+    good = (workspace / "data" / json.loads(lines[0])["image"]).read_bytes()
+    (workspace / "data" / "cut.png").write_bytes(good[: len(good) // 2])
+    Image.new("L", (300, 300)).save(workspace / "data" / "huge.png")  # over the (lowered) pixel limit
     extra = [{"id": "no-image", "image": "images/missing.png", "caption": "a photo of the digit one"},
              {"id": "empty-caption", "image": json.loads(lines[0])["image"], "caption": "  "},
-             {"id": "corrupt", "image": "broken.png", "caption": "a photo of the digit two"}]
+             {"id": "number-caption", "image": json.loads(lines[0])["image"], "caption": 7},
+             {"id": "long-caption", "image": json.loads(lines[0])["image"], "caption": "seven " * 400},
+             {"id": "corrupt", "image": "broken.png", "caption": "a photo of the digit two"},
+             {"id": "truncated", "image": "cut.png", "caption": "a photo of the digit two"},
+             {"id": "too-large", "image": "huge.png", "caption": "a photo of the digit two"}]
     (workspace / "data" / "bad.jsonl").write_text("\n".join(lines + [json.dumps(e) for e in extra])
                                                   + "\n{oops\n[1, 2]\n")
     # The model was trained on this very file (the trainer rejects the same rows).
@@ -119,6 +130,10 @@ def test_bad_rows_are_rejected_with_reasons_and_the_rest_is_audited(workspace, t
     assert rejected["no-image"].startswith("image not found")
     assert rejected["empty-caption"] == "caption is empty or not text"
     assert rejected["corrupt"].startswith("image cannot be decoded")
+    assert rejected["truncated"].startswith("image cannot be decoded")
+    assert rejected["too-large"] == "image too large (300x300 pixels; limit 62500)"
+    assert rejected["number-caption"] == "caption is empty or not text"
+    assert rejected["long-caption"] == "caption longer than 2000 characters"
     assert any("invalid JSON" in reason for reason in rejected.values())
     assert any(reason == "row is not a JSON object" for reason in rejected.values())
     rows = _rows(ranked)

@@ -50,3 +50,36 @@ def test_missing_csv_column_and_missing_file_name_the_field(tmp_path):
     with pytest.raises(ConfigError) as error:
         read_pairs(tmp_path / "nope.jsonl", field="validation")
     assert error.value.field == "validation"
+
+
+def test_images_are_loaded_upright_and_as_rgb_whatever_their_mode(tmp_path):
+    """EXIF orientation applied; alpha composited on white; palette, grayscale and CMYK to RGB."""
+    from PIL import Image
+
+    from ecif_core.data import load_image
+
+    wide = Image.new("RGB", (4, 2), (200, 0, 0))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: rotate 90 degrees clockwise to display
+    wide.save(tmp_path / "rotated.jpg", exif=exif.tobytes())
+    assert load_image(str(tmp_path / "rotated.jpg")).size == (2, 4)
+    clear = Image.new("RGBA", (2, 2), (0, 0, 0, 0))
+    clear.save(tmp_path / "clear.png")
+    assert load_image(str(tmp_path / "clear.png")).getpixel((0, 0)) == (255, 255, 255)
+    for mode in ("P", "L", "CMYK", "LA"):
+        suffix = "jpg" if mode == "CMYK" else "png"
+        Image.new(mode, (3, 3)).save(tmp_path / f"{mode}.{suffix}")
+        image = load_image(str(tmp_path / f"{mode}.{suffix}"))
+        assert image.mode == "RGB" and image.size == (3, 3), mode
+
+
+def test_an_image_file_over_the_byte_limit_is_rejected_unopened(tmp_path, monkeypatch):
+    from PIL import Image
+
+    from ecif_core import data
+
+    Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
+    (tmp_path / "p.jsonl").write_text('{"id": "a", "image": "a.png", "caption": "x"}\n')
+    monkeypatch.setattr(data, "MAX_IMAGE_BYTES", 10)
+    _, rejected, _ = read_pairs(tmp_path / "p.jsonl")
+    assert rejected[0].reason.startswith("image file too large (") and rejected[0].reason.endswith("limit 10)")
