@@ -188,6 +188,39 @@ def read_pairs(path: "str | Path | dict | Source", check_images: bool = True, fi
     return pairs, rejected, all_ids
 
 
+@dataclass
+class SourceSummary:
+    rows: int
+    usable: int
+    rejected: int
+    reasons: dict[str, int]      # rejection reason (without its details) -> rows
+
+
+def validate_source(source: "str | Path | dict | Source", field: str = "train") -> SourceSummary:
+    """One streaming pass over a source without opening any image: row structure, ids
+    (duplicates are an error naming both rows), captions. Memory: the set of ids only."""
+    base = Path(source_of(source, field).path).resolve().parent
+    seen: dict[str, int] = {}
+    reasons: dict[str, int] = {}
+    rows = usable = 0
+    for number, row in read_pair_rows(source, field):
+        rows += 1
+        reason = row.get("__error__")
+        if reason is None:
+            raw_id = row.get("id")
+            pair_id = (str(raw_id).strip() if raw_id is not None else "") or _stable_id(row)
+            if pair_id in seen:
+                raise ConfigError(field, f"duplicate id {pair_id!r} in rows {seen[pair_id]} and {number}")
+            seen[pair_id] = number
+            reason = _row_problem(row, base, check_images=False, image_roots=None, stat_images=False)
+        if reason is None:
+            usable += 1
+        else:
+            key = reason.split(" (")[0].split(":")[0]
+            reasons[key] = reasons.get(key, 0) + 1
+    return SourceSummary(rows, usable, rows - usable, reasons)
+
+
 def _stable_id(row: dict) -> str:
     key = f"{row.get('image', '')}\x00{row.get('caption', '')}"
     return "sha1-" + hashlib.sha1(key.encode()).hexdigest()[:16]
@@ -198,8 +231,9 @@ def _resolve(base: Path, image: str) -> Path:
     return (base / image).resolve()
 
 
-def _row_problem(row: dict, base: Path, check_images: bool, image_roots: Sequence[Path] | None) -> str | None:
-    """Why this row cannot be used, or None."""
+def _row_problem(row: dict, base: Path, check_images: bool, image_roots: Sequence[Path] | None,
+                 stat_images: bool = True) -> str | None:
+    """Why this row cannot be used, or None (`stat_images=False`: the image file is not touched)."""
     caption, image = row.get("caption"), row.get("image")
     if not isinstance(caption, str) or not caption.strip():
         return "caption is empty or not text"
@@ -207,9 +241,13 @@ def _row_problem(row: dict, base: Path, check_images: bool, image_roots: Sequenc
         return f"caption longer than {MAX_CAPTION_CHARS} characters"
     if not isinstance(image, str) or not image.strip():
         return "image is empty"
+    if not stat_images and image_roots is None:
+        return None  # resolving is a system call per row: skipped when nothing is checked on disk
     path = _resolve(base, image)
     if image_roots is not None and not any(path.is_relative_to(root) for root in image_roots):
         return "image outside the data roots"
+    if not stat_images:
+        return None
     if not path.is_file():
         return f"image not found: {path}"
     if check_images:

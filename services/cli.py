@@ -105,6 +105,22 @@ def cmd_trace(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_validate(args: argparse.Namespace) -> int:
+    """Check a manifest and stream its pair sources without opening images (fast, bounded memory)."""
+    import json
+
+    from ecif_core.data import validate_source
+    from ecif_core.manifest import load_manifest
+
+    manifest = load_manifest(args.manifest)
+    report = {"manifest": "ok"}
+    for name, source in (("train", manifest.train), ("validation", manifest.validation)):
+        if source is not None:
+            report[name] = validate_source(source, name).__dict__
+    print(json.dumps(report, indent=1))
+    return 0
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
@@ -257,6 +273,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, default=30)
     p.add_argument("--n-train", type=int, default=None, help="fewer training pairs (faster)")
     p.set_defaults(run=cmd_demo)
+
+    p = verbs.add_parser("validate", help="check a manifest and its pair sources (no images opened)")
+    p.add_argument("manifest")
+    p.set_defaults(run=cmd_validate)
 
     p = verbs.add_parser("trace", help="training pairs behind one test example (relative-IS)")
     p.add_argument("audit_id", nargs="?", help="a finished audit of the service")

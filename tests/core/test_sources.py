@@ -73,3 +73,26 @@ def test_a_column_that_is_not_there_names_the_key(workspace):
     with pytest.raises(ConfigError, match="no column 'url'") as error:
         read_pairs({"path": str(path), "image_key": "url"})
     assert error.value.field == "train.image_key"
+
+
+@pytest.mark.slow
+def test_validating_a_million_parquet_rows_stays_under_one_gib(tmp_path):
+    from bench.validate_memory import measure
+
+    result = measure(1_000_000, tmp_path)
+    print(result)
+    assert result["rows"] == result["usable"] == 1_000_000
+    assert result["peak_rss_mib"] < 1024
+
+
+def test_validate_counts_rows_and_reasons_and_refuses_duplicate_ids(tmp_path):
+    from ecif_core.data import validate_source
+
+    (tmp_path / "p.jsonl").write_text('{"id": "a", "image": "x.png", "caption": "one"}\n'
+                                      '{"id": "b", "image": "x.png", "caption": ""}\n{oops\n')
+    summary = validate_source(tmp_path / "p.jsonl")
+    assert (summary.rows, summary.usable, summary.rejected) == (3, 1, 2)
+    assert summary.reasons == {"caption is empty or not text": 1, "invalid JSON": 1}
+    (tmp_path / "d.jsonl").write_text('{"id": "a", "image": "x.png", "caption": "one"}\n' * 2)
+    with pytest.raises(ConfigError, match="duplicate id 'a' in rows 1 and 2"):
+        validate_source(tmp_path / "d.jsonl")

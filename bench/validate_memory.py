@@ -1,0 +1,70 @@
+"""Peak memory of validating a manifest whose training source has 1,000,000 Parquet rows.
+
+    python -m bench.validate_memory [--rows 1000000] [--workdir bench/out/validate]
+
+Writes a DataComp-style Parquet file (uid, filepath, text; row groups of 50,000) and a
+manifest next to a tiny model, then runs `ecif validate` in a fresh process and reports its
+peak resident memory (ru_maxrss of the child) and wall time. No image is opened in this pass.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+
+def write_rows(path: Path, rows: int, group: int = 50_000) -> None:
+    writer = None
+    for start in range(0, rows, group):
+        ids = range(start, min(rows, start + group))
+        table = pa.table({"uid": [f"{i:012x}" for i in ids], "filepath": [f"images/{i % 1000}.png" for i in ids],
+                          "text": [f"a photo of the digit {i % 10} number {i}" for i in ids]})
+        writer = writer or pq.ParquetWriter(path, table.schema)
+        writer.write_table(table)
+    writer.close()
+
+
+PEAK_RSS = ("import resource, runpy, sys\n"
+            "sys.argv = ['ecif', 'validate', sys.argv[1]]\n"
+            "try:\n    runpy.run_module('services.cli', run_name='__main__')\n"
+            "finally:\n    print('peak_rss_kib', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr)\n")
+
+
+def measure(rows: int, workdir: Path) -> dict:
+    """Write the source and manifest, validate in a fresh process, return rows, peak RSS, time."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    write_rows(workdir / "train.parquet", rows)
+    from ecif_core.demo import tiny_model_config
+
+    (workdir / "model.pt").write_bytes(b"")  # validate reads no weights; the manifest needs the file
+    (workdir / "cfg.json").write_text(json.dumps(tiny_model_config()))
+    (workdir / "manifest.json").write_text(json.dumps({"model": {"config": "cfg.json", "checkpoint": "model.pt"},
+                                                       "train": "train.parquet"}))
+    started = time.perf_counter()
+    result = subprocess.run([sys.executable, "-c", PEAK_RSS, str(workdir / "manifest.json")],
+                            capture_output=True, text=True)
+    seconds = time.perf_counter() - started
+    if result.returncode != 0:
+        raise RuntimeError(result.stderr[-3000:])
+    peak_kib = int(result.stderr.rsplit("peak_rss_kib", 1)[1].split()[0])
+    summary = json.loads(result.stdout)["train"]
+    return {"rows": summary["rows"], "usable": summary["usable"], "peak_rss_mib": round(peak_kib / 1024, 1),
+            "seconds": round(seconds, 1)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--rows", type=int, default=1_000_000)
+    parser.add_argument("--workdir", default="bench/out/validate")
+    args = parser.parse_args()
+    print(json.dumps(measure(args.rows, Path(args.workdir).resolve()), indent=1))
+
+
+if __name__ == "__main__":
+    main()
