@@ -6,8 +6,12 @@ resolve against the pair file's folder.
 from __future__ import annotations
 
 import csv
+import functools
+import glob
 import hashlib
+import io
 import json
+import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
@@ -36,8 +40,11 @@ class RejectedRow:
     reason: str
 
 
-FORMATS = ("jsonl", "csv", "parquet")
-EXTENSIONS = {".jsonl": "jsonl", ".json": "jsonl", ".csv": "csv", ".tsv": "csv", ".parquet": "parquet"}
+FORMATS = ("jsonl", "csv", "parquet", "webdataset")
+EXTENSIONS = {".jsonl": "jsonl", ".json": "jsonl", ".csv": "csv", ".tsv": "csv", ".parquet": "parquet",
+              ".tar": "webdataset"}
+TAR_MEMBER = "::"                    # an image inside a webdataset shard: "<shard.tar>::<member>"
+WDS_IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 # Column names other tools write (img2dataset / DataComp / LAION parquet, open_clip CSV), tried in order
 IMAGE_KEYS, CAPTION_KEYS, ID_KEYS = ("image", "filepath", "url"), ("caption", "text", "title"), ("id", "key", "uid")
 
@@ -84,6 +91,9 @@ def read_pair_rows(source: "str | Path | dict | Source", field: str = "train") -
     """(row number, row with id/image/caption) from a pair source, streamed (Parquet by row
     group); unreadable rows carry __error__."""
     source = source_of(source, field)
+    if source.format == "webdataset":
+        yield from _webdataset_rows(source, field)
+        return
     path = Path(source.path)
     if not path.is_file():
         raise ConfigError(field, f"pair file not found: {path}")
@@ -121,6 +131,47 @@ def _columns(names, source: Source, path: Path, field: str) -> tuple[str | None,
 
     return (pick(source.id_key, ID_KEYS, "id", False), pick(source.image_key, IMAGE_KEYS, "image", True),
             pick(source.caption_key, CAPTION_KEYS, "caption", True))
+
+
+def shard_paths(pattern: str, field: str = "train") -> list[Path]:
+    """The tar shards of a webdataset source: a path, a brace pattern ({000..009}) or a glob."""
+    from braceexpand import braceexpand
+
+    paths = []
+    for expanded in braceexpand(pattern):
+        matches = sorted(Path(p) for p in glob.glob(expanded)) if glob.has_magic(expanded) else [Path(expanded)]
+        paths += matches
+    missing = [str(p) for p in paths if not p.is_file()]
+    if not paths or missing:
+        raise ConfigError(field, f"webdataset shard(s) not found: {missing[:3] or pattern}")
+    return paths
+
+
+def _webdataset_rows(source: Source, field: str) -> Iterator[tuple[int, dict]]:
+    """img2dataset's layout: members <key>.<ext> grouped by key (the name up to its first dot);
+    the image is the first of jpg/jpeg/png/webp (or `image_key`), the caption `txt` (or
+    `caption_key`), the id the key (or `id_key` of the sample's json)."""
+    image_exts = (source.image_key,) if source.image_key else WDS_IMAGE_EXTENSIONS
+    caption_ext = source.caption_key or "txt"
+    number = 0
+    for shard in shard_paths(source.path, field):
+        shard = shard.resolve()
+        with tarfile.open(shard, "r") as tar:
+            samples: dict[str, dict[str, tarfile.TarInfo]] = {}
+            for member in tar:
+                if member.isfile():
+                    folder, _, name = member.name.rpartition("/")
+                    key, _, ext = name.partition(".")
+                    samples.setdefault(f"{folder}/{key}" if folder else key, {})[ext.lower()] = member
+            for key, members in samples.items():
+                number += 1
+                image = next((members[e] for e in image_exts if e in members), None)
+                caption = members.get(caption_ext)
+                meta = json.loads(tar.extractfile(members["json"]).read()) if "json" in members else {}
+                yield number, {
+                    "id": meta.get(source.id_key) if source.id_key else key.rpartition("/")[2],
+                    "image": f"{shard}{TAR_MEMBER}{image.name}" if image else None,
+                    "caption": tar.extractfile(caption).read().decode("utf-8", "replace") if caption else None}
 
 
 def _jsonl_rows(path: Path) -> Iterator[tuple[int, dict]]:
@@ -167,7 +218,7 @@ def read_pairs(path: "str | Path | dict | Source", check_images: bool = True, fi
     part of the partition (neither training nor the audit can read them). With `image_roots`
     (the service's data roots), an image whose real path lies outside all of them is rejected.
     """
-    base = Path(source_of(path, field).path).resolve().parent
+    base = _base_of(source_of(path, field))
     pairs, rejected, all_ids, seen = [], [], [], {}
     for number, row in read_pair_rows(path, field):
         if "__error__" in row:
@@ -184,7 +235,7 @@ def read_pairs(path: "str | Path | dict | Source", check_images: bool = True, fi
         if reason:
             rejected.append(RejectedRow(number, pair_id, reason))
         else:
-            pairs.append(Pair(pair_id, str(_resolve(base, row["image"])), str(row["caption"]).strip()))
+            pairs.append(Pair(pair_id, _image_ref(base, row["image"]), str(row["caption"]).strip()))
     return pairs, rejected, all_ids
 
 
@@ -199,7 +250,7 @@ class SourceSummary:
 def validate_source(source: "str | Path | dict | Source", field: str = "train") -> SourceSummary:
     """One streaming pass over a source without opening any image: row structure, ids
     (duplicates are an error naming both rows), captions. Memory: the set of ids only."""
-    base = Path(source_of(source, field).path).resolve().parent
+    base = _base_of(source_of(source, field))
     seen: dict[str, int] = {}
     reasons: dict[str, int] = {}
     rows = usable = 0
@@ -226,9 +277,21 @@ def _stable_id(row: dict) -> str:
     return "sha1-" + hashlib.sha1(key.encode()).hexdigest()[:16]
 
 
+def _base_of(source: Source) -> Path:
+    return Path(source.path).resolve().parent
+
+
+def _image_ref(base: Path, image: str) -> str:
+    """The resolved image path, keeping the member of a shard ("<shard.tar>::<member>")."""
+    member = image.split(TAR_MEMBER, 1)[1] if TAR_MEMBER in image else None
+    path = str(_resolve(base, image))
+    return path if member is None else f"{path}{TAR_MEMBER}{member}"
+
+
 def _resolve(base: Path, image: str) -> Path:
+    """The image's file (for an image inside a tar shard: the shard)."""
     image = image[len("file://"):] if image.startswith("file://") else image
-    return (base / image).resolve()
+    return (base / image.split(TAR_MEMBER)[0]).resolve()
 
 
 def _row_problem(row: dict, base: Path, check_images: bool, image_roots: Sequence[Path] | None,
@@ -251,16 +314,16 @@ def _row_problem(row: dict, base: Path, check_images: bool, image_roots: Sequenc
     if not path.is_file():
         return f"image not found: {path}"
     if check_images:
-        return _image_problem(path)
+        return _image_problem(path if TAR_MEMBER not in image else image)
     return None
 
 
-def _image_problem(path: Path) -> str | None:
-    size = path.stat().st_size
+def _image_problem(path: "Path | str") -> str | None:
+    size = _image_size(path)
     if size > MAX_IMAGE_BYTES:
         return f"image file too large ({size} bytes; limit {MAX_IMAGE_BYTES})"
     try:
-        with Image.open(path) as img:
+        with _open_image(path) as img:
             width, height = img.size  # from the header: a bomb is refused before it is decoded
             if width * height > MAX_IMAGE_PIXELS:
                 return f"image too large ({width}x{height} pixels; limit {MAX_IMAGE_PIXELS})"
@@ -272,10 +335,35 @@ def _image_problem(path: Path) -> str | None:
     return None
 
 
+def _image_size(path: "Path | str") -> int:
+    if isinstance(path, str) and TAR_MEMBER in path:
+        shard, member = path.split(TAR_MEMBER, 1)
+        return _tar(shard).getmember(member).size
+    return Path(path).stat().st_size
+
+
+def _open_image(path: "Path | str") -> Image.Image:
+    """A file, or a member of a webdataset shard (read into memory: one image)."""
+    if isinstance(path, str) and TAR_MEMBER in path:
+        shard, member = path.split(TAR_MEMBER, 1)
+        handle = _tar(shard).extractfile(member)
+        if handle is None:
+            raise OSError(f"{member} is not a file in {shard}")
+        return Image.open(io.BytesIO(handle.read()))
+    return Image.open(path)
+
+
+@functools.lru_cache(maxsize=16)
+def _tar(shard: str) -> tarfile.TarFile:
+    """Open shards stay open (per process): a batch reads many members of the same shard."""
+    return tarfile.open(shard, "r")
+
+
 def load_image(path: str) -> Image.Image:
     """RGB as the model sees it: EXIF orientation applied, transparency composited on white
-    (as img2dataset does), grayscale / CMYK / palette converted."""
-    with Image.open(path) as img:
+    (as img2dataset does), grayscale / CMYK / palette converted. `path` may name a member of
+    a webdataset shard ("<shard.tar>::<member>")."""
+    with _open_image(path) as img:
         img = ImageOps.exif_transpose(img)
         if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
             rgba = img.convert("RGBA")

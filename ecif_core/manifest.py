@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from .data import source_of
+from .data import shard_paths, source_of
 from .errors import ConfigError, read_json_file
 from .losses import NEG_TERMS
 from .projection import ProjectionSpec
@@ -144,9 +144,13 @@ def load_manifest(source: str | Path | dict, base_dir: str | Path | None = None)
     if options.rank_by in ("influence", "combined") and validation is None:
         raise ConfigError("options.rank_by", f"{options.rank_by!r} needs a validation set")
     for name, source in (("train", train), ("validation", validation)):
-        path = source["path"] if isinstance(source, dict) else source
-        if path is not None and not Path(path).is_file():
-            raise ConfigError(name, f"file not found: {path}")
+        if source is None:
+            continue
+        parsed = source_of(source, name)
+        if parsed.format == "webdataset":
+            shard_paths(parsed.path, name)  # every shard of the pattern must exist
+        elif not Path(parsed.path).is_file():
+            raise ConfigError(name, f"file not found: {parsed.path}")
     return Manifest(train=train, validation=validation,
                     model_arch=model.get("arch"), model_config=config, checkpoint=checkpoint, options=options,
                     excluded=list(sidecar.get("excluded", [])), ids_digest=sidecar.get("ids_digest"))

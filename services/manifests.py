@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 from pathlib import Path
+
+from braceexpand import braceexpand
 from typing import Any
 
 from ecif_core.errors import ConfigError
@@ -21,7 +23,8 @@ def confined_manifest(raw: Any, roots: list[Path]) -> Manifest:
     for path_field in PATH_KEYS:
         value = _get(raw, path_field)
         if isinstance(value, str) and value:
-            check_confined(value, roots, ".".join(path_field))
+            for expanded in braceexpand(value):  # a webdataset pattern: every shard it names
+                check_confined(expanded, roots, ".".join(path_field))
     return load_manifest(raw, base_dir=roots[0])
 
 

@@ -16,6 +16,7 @@ import numpy as np
 from sqlalchemy import select
 
 from ecif_core.audit import SUSPECT_Z
+from ecif_core.data import TAR_MEMBER, load_image
 
 from .db.models import Audit, Pair, Score, Trace
 from .db.session import session_scope
@@ -226,24 +227,22 @@ class _Thumbnails:
         return self._img(self.folder / f"test-{hashlib.sha1(image.encode()).hexdigest()[:16]}.png", image)
 
     def _img(self, cached: Path, image: str) -> str:
-        if self.roots is not None and not any(Path(image).resolve().is_relative_to(r) for r in self.roots):
+        file = Path(image.split(TAR_MEMBER)[0]).resolve()
+        if self.roots is not None and not any(file.is_relative_to(r) for r in self.roots):
             return '<div class="muted">(image outside the data roots)</div>'
         if not cached.exists():
             try:
                 self._make(cached, image)
-            except OSError:
+            except (OSError, ValueError, SyntaxError):
                 return '<div class="muted">(image unreadable)</div>'
         data = base64.b64encode(cached.read_bytes()).decode()
         return f'<img class="thumb" alt="" src="data:image/png;base64,{data}">'
 
     @staticmethod
     def _make(cached: Path, image: str) -> None:
-        from PIL import Image
-
         cached.parent.mkdir(parents=True, exist_ok=True)
-        with Image.open(image) as img:
-            thumb = img.convert("RGB")
-            thumb.thumbnail((THUMB_PX, THUMB_PX))
-            tmp = cached.with_name(cached.name + ".tmp")
-            thumb.save(tmp, format="PNG")
+        thumb = load_image(image)  # as the model saw it (orientation, alpha); also inside tar shards
+        thumb.thumbnail((THUMB_PX, THUMB_PX))
+        tmp = cached.with_name(cached.name + ".tmp")
+        thumb.save(tmp, format="PNG")
         tmp.replace(cached)

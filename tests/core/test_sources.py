@@ -96,3 +96,57 @@ def test_validate_counts_rows_and_reasons_and_refuses_duplicate_ids(tmp_path):
     (tmp_path / "d.jsonl").write_text('{"id": "a", "image": "x.png", "caption": "one"}\n' * 2)
     with pytest.raises(ConfigError, match="duplicate id 'a' in rows 1 and 2"):
         validate_source(tmp_path / "d.jsonl")
+
+
+def _write_webdataset(workspace: Path, shards: int = 2) -> str:
+    """img2dataset's layout: <key>.png, <key>.txt, <key>.json per sample, samples split over shards."""
+    import io
+    import tarfile
+
+    rows = _rows(workspace)
+    folder = workspace / "data" / "shards"
+    folder.mkdir(exist_ok=True)
+    per_shard = -(-len(rows) // shards)
+    for s in range(shards):
+        with tarfile.open(folder / f"{s:03d}.tar", "w") as tar:
+            for row in rows[s * per_shard:(s + 1) * per_shard]:
+                members = {"png": (workspace / "data" / row["image"]).read_bytes(),
+                           "txt": row["caption"].encode(), "json": json.dumps({"key": row["id"]}).encode()}
+                for ext, payload in members.items():
+                    info = tarfile.TarInfo(f"{row['id']}.{ext}")
+                    info.size = len(payload)
+                    tar.addfile(info, io.BytesIO(payload))
+    return f"data/shards/{{000..{shards - 1:03d}}}.tar"
+
+
+def test_webdataset_shards_give_the_same_audit(workspace, finished, tmp_path):
+    pattern = _write_webdataset(workspace)
+    manifest = _write_manifest(workspace, "manifest-wds.json", OPTIONS, train=pattern)
+    ranked = audit.run_audit(manifest, tmp_path / "wds")
+    got = list(csv.DictReader(ranked.read_text().splitlines()))
+    want = list(csv.DictReader((finished / "ranked.csv").read_text().splitlines()))
+    assert [r["id"] for r in got] == [r["id"] for r in want]
+    for a, b in zip(got, want):
+        assert "::" in a["image"] and a["caption"] == b["caption"]  # the image lives inside its shard
+        for column in ("influence", "influence_pos", "influence_neg", "self_influence", "clip_score"):
+            assert (a[column] == "") == (b[column] == "")
+            if a[column]:
+                assert float(a[column]) == pytest.approx(float(b[column]), rel=1e-6, abs=1e-9)
+
+
+def test_a_bad_member_of_a_shard_is_a_rejected_row(workspace, tmp_path):
+    import io
+    import tarfile
+
+    shard = tmp_path / "one.tar"
+    with tarfile.open(shard, "w") as tar:
+        for name, payload in (("a.png", b"not an image"), ("a.txt", b"a digit"), ("b.txt", b"no image")):
+            info = tarfile.TarInfo(name)
+            info.size = len(payload)
+            tar.addfile(info, io.BytesIO(payload))
+    pairs, rejected, ids = read_pairs(str(shard))
+    assert not pairs and ids == ["a", "b"]
+    reasons = {r.id: r.reason for r in rejected}
+    assert reasons["a"].startswith("image cannot be decoded") and reasons["b"] == "image is empty"
+    with pytest.raises(ConfigError, match="shard"):
+        read_pairs({"path": str(tmp_path / "{0..1}.tar"), "format": "webdataset"})

@@ -299,3 +299,10 @@ def test_a_source_object_path_is_confined_too(api, keys, tmp_path):
     ok = api.post("/audits", json=manifest_json(train={"path": "digits/train.jsonl", "image_key": "image"}),
                   headers=keys["alice"])
     assert ok.status_code == 202, ok.text
+
+
+def test_every_shard_a_webdataset_pattern_names_is_confined(api, keys):
+    body = manifest_json(train={"path": "digits/{000,../../../../etc/x}.tar", "format": "webdataset"})
+    response = api.post("/audits", json=body, headers=keys["alice"])
+    assert response.status_code == 422 and response.json()["field"] == "train.path"
+    assert "outside the data roots" in response.text
