@@ -30,10 +30,13 @@ def write_rows(path: Path, rows: int, group: int = 50_000) -> None:
     writer.close()
 
 
-PEAK_RSS = ("import resource, runpy, sys\n"
+# VmHWM (peak RSS of this process image) rather than ru_maxrss: the latter survives fork and
+# exec, so a child of a large parent would report the parent's size.
+PEAK_RSS = ("import runpy, sys\n"
             "sys.argv = ['ecif', 'validate', sys.argv[1]]\n"
             "try:\n    runpy.run_module('services.cli', run_name='__main__')\n"
-            "finally:\n    print('peak_rss_kib', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr)\n")
+            "finally:\n    hwm = [l for l in open('/proc/self/status') if l.startswith('VmHWM')][0].split()[1]\n"
+            "    print('peak_rss_kib', hwm, file=sys.stderr)\n")
 
 
 def measure(rows: int, workdir: Path) -> dict:
