@@ -142,3 +142,9 @@ def examples_from_json(raw: object) -> list[TraceExample]:
         example.check(i)
         out.append(example)
     return out
+
+
+def trace_row(test: int, rank: int, pair: dict) -> list:
+    """One row of a trace CSV (TRACE_COLUMNS) from a traced pair as a dict."""
+    return [test, rank, pair["id"], pair["image"], pair["caption"],
+            *(repr(pair[c]) for c in ("relative_is", "influence", "influence_pos", "influence_neg"))]

@@ -73,7 +73,7 @@ def cmd_trace(args: argparse.Namespace) -> int:
     import csv
 
     from ecif_core.errors import ConfigError
-    from ecif_core.trace import TRACE_COLUMNS, examples_from_json, trace
+    from ecif_core.trace import TRACE_COLUMNS, examples_from_json, trace, trace_row
 
     if (args.audit_id is None) == (args.audit_dir is None):
         raise ConfigError("trace", "give an AUDIT_ID (service) or --audit-dir (embedded), not both")
@@ -98,9 +98,7 @@ def cmd_trace(args: argparse.Namespace) -> int:
         with open(args.output, "w", encoding="utf-8", newline="") as handle:
             writer = csv.writer(handle)
             writer.writerow(TRACE_COLUMNS)
-            writer.writerows([[0, rank, p["id"], p["image"], p["caption"],
-                               *(repr(p[c]) for c in ("relative_is", "influence", "influence_pos", "influence_neg"))]
-                              for rank, p in enumerate(top, start=1)])
+            writer.writerows([trace_row(0, rank, p) for rank, p in enumerate(top, start=1)])
         print(f"wrote {args.output}")
     return 0
 

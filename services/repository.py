@@ -195,12 +195,10 @@ def trace_results(session: Session, trace: Trace) -> list[dict]:
 
 
 def trace_csv(results: list[dict]) -> Iterator[str]:
-    from ecif_core.trace import TRACE_COLUMNS
+    from ecif_core.trace import TRACE_COLUMNS, trace_row
 
     yield _csv_line(TRACE_COLUMNS)
     for test, result in enumerate(results):
         buffer = io.StringIO()
-        csv.writer(buffer).writerows([[test, p["rank"], p["id"], p["image"], p["caption"],
-                                       *(repr(p[c]) for c in ("relative_is", "influence", "influence_pos",
-                                                              "influence_neg"))] for p in result["top"]])
+        csv.writer(buffer).writerows([trace_row(test, p["rank"], p) for p in result["top"]])
         yield buffer.getvalue()
