@@ -115,10 +115,11 @@ def trace(audit_dir: str | Path, examples: Sequence[TraceExample], k: int = 20,
     slots = load_slots(audit_dir)
     index = np.array([slot for slot, _ in slots], dtype=np.int64)
     alternatives = alternative_captions(audit_dir) if any(e.prompts is None for e in examples) else []
+    grads, losses = zip(*(trace_loss_gradient(loaded, params, projector, e, alternatives) for e in examples))
+    all_terms = trace_terms(audit_dir, torch.stack(grads))  # one pass over the store for every example
     traces = []
-    for example in examples:
-        grad, loss = trace_loss_gradient(loaded, params, projector, example, alternatives)
-        terms = {name: values[index] for name, values in trace_terms(audit_dir, grad).items()}
+    for t, (example, loss) in enumerate(zip(examples, losses)):
+        terms = {name: values[t][index] for name, values in all_terms.items()}
         order = np.argsort(-terms["relative_is"], kind="stable")[:k]
         top = [TracedPair(int(index[i]), slots[i][1].id, slots[i][1].image, slots[i][1].caption,
                           *(float(terms[name][i]) for name in ("relative_is", "influence", "influence_pos",

@@ -11,9 +11,9 @@ from ecif_core.errors import EcifError
 from ecif_core.manifest import load_manifest
 
 from . import repository
-from .db.models import Audit, Shard
+from .db.models import SHARDED, Audit, Shard
 from .db.session import session_scope, upgrade
-from .pipeline import SHARDED, LocalDispatcher, Pipeline
+from .pipeline import LocalDispatcher, Pipeline
 from .report import audit_report_html
 
 Progress = Callable[[str, int, int], None]

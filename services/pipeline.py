@@ -27,12 +27,11 @@ from ecif_core import audit as core
 from ecif_core.errors import EcifError
 from ecif_core.manifest import Manifest
 
-from .db.models import FINISHED, STAGES, Audit, Pair, Score, Shard, utcnow
+from .db.models import FINISHED, SHARDED, STAGES, Audit, Pair, Score, Shard, utcnow
 from .db.session import session_scope
 
 log = logging.getLogger("ecif.pipeline")
 
-SHARDED = ("gradients", "scores")
 NEXT_STAGE = {"prepare": "gradients", "gradients": "curvature", "curvature": "validation",
               "validation": "scores", "scores": "finalize", "finalize": "done"}
 BULK_ROWS = 5000

@@ -14,10 +14,9 @@ from typing import Callable
 
 from sqlalchemy import func, select
 
-from .db.models import Audit, Shard
+from .db.models import SHARDED, Audit, Shard
 from .db.session import session_scope
 
-SHARDED = ("gradients", "scores")
 Send = Callable[[str, str, "int | None"], None]
 
 

@@ -16,7 +16,7 @@ from sqlalchemy.orm import Session
 from ecif_core.audit import RANKED_COLUMNS
 from ecif_core.manifest import Manifest
 
-from .db.models import FINISHED, ApiKey, Audit, Pair, Score, Shard, Trace, TracePair, utcnow
+from .db.models import FINISHED, SHARDED, ApiKey, Audit, Pair, Score, Shard, Trace, TracePair, utcnow
 from .db.session import session_scope
 
 KEY_PREFIX = "ecif_"
@@ -70,7 +70,7 @@ def progress(session: Session, audit: Audit) -> dict:
     shards finished so far (one aggregate query: status is polled often)."""
     rows = session.execute(select(Shard.stage, func.count(), func.avg(Shard.seconds))
                            .where(Shard.audit_id == audit.id, Shard.status == "done").group_by(Shard.stage)).all()
-    done = {"gradients": 0, "scores": 0} | {stage: count for stage, count, _ in rows}
+    done = dict.fromkeys(SHARDED, 0) | {stage: count for stage, count, _ in rows}
     mean = {stage: seconds for stage, _, seconds in rows}
     total = audit.shards_total or 0
     if audit.stage in ("curvature", "validation"):

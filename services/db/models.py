@@ -9,6 +9,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 STATUSES = ("queued", "running", "succeeded", "failed", "cancelled")
 FINISHED = ("succeeded", "failed", "cancelled")
+SHARDED = ("gradients", "scores")  # stages fanned out one task per shard
 STAGES = ("prepare", "gradients", "curvature", "validation", "scores", "finalize", "done")
 
 

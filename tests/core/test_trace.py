@@ -153,3 +153,14 @@ def test_traced_pairs_agree_with_retraining_without_them(tmp_path):
         correlations.append(spearmanr([p.influence for p in result.top], actual).correlation)
     print("spearman per test example", [round(c, 3) for c in correlations])
     assert np.mean(correlations) > 0.5 and min(correlations) > 0.3
+
+
+def test_several_examples_in_one_pass_equal_one_at_a_time(workspace, finished):
+    rows = _test_rows(workspace)[:3]
+    examples = [TraceExample(r["image"], prompts=class_prompts(), label=label_of_caption(r["caption"])) for r in rows]
+    together = trace(finished, examples, k=5)
+    for example, result in zip(examples, together):
+        (alone,) = trace(finished, [example], k=5)
+        assert [p.slot for p in result.top] == [p.slot for p in alone.top]
+        assert [p.relative_is for p in result.top] == pytest.approx([p.relative_is for p in alone.top], rel=1e-12)
+        assert [p.influence for p in result.top] == pytest.approx([p.influence for p in alone.top], rel=1e-12)
