@@ -18,13 +18,14 @@ import torch
 
 from . import __version__
 from .batching import hash_seed, ids_digest, partition, rebatch_within, training_batches
-from .data import Pair, RejectedRow, load_batch, read_pairs
+from .data import ImageAccess, Pair, RejectedRow, load_batch, read_pairs
 from .errors import ConfigError
 from .gradients import loss_gradient, per_pair_gradients
 from .hessian import DampedInverse, default_damping, eigendecompose, fisher_sum
 from .manifest import Manifest, load_manifest
 from .models import LoadedModel, load_model, restrict_grad_to, select_theta
 from .projection import Block, Projector
+from .remote import remote_images_of
 from .runtime import flush_denormals
 from .scores import misalignment_score, pair_scores, ranking, relative_is, robust_outliers
 from .store import SCORE_FIELDS, AuditStore
@@ -88,6 +89,17 @@ def _file_identity(path: str | None) -> tuple[int, int] | None:
 
 
 # ---------------------------------------------------------------- folder helpers
+
+def fetch_dir(audit_dir: str | Path) -> Path:
+    """The audit's copies of its http(s) images (fetched once, by prepare)."""
+    return Path(audit_dir) / "fetched"
+
+
+def image_access(plan: Plan, audit_dir: str | Path) -> ImageAccess:
+    """Data roots and remote-image policy of this audit, for every stage that reads rows."""
+    roots = None if plan.image_roots is None else [Path(r) for r in plan.image_roots]
+    return ImageAccess(roots, remote_images_of(plan.manifest.get("remote_images")), fetch_dir(audit_dir))
+
 
 def _plan_path(audit_dir: Path) -> Path:
     return Path(audit_dir) / "plan.json"
@@ -155,7 +167,8 @@ def prepare(manifest: Manifest, audit_dir: str | Path, image_roots: list[Path] |
             raise ConfigError(changed, f"differs from the audit already in {audit_dir}; use a new --out folder")
         return plan
     o = manifest.options
-    pairs, rejected, all_ids = read_pairs(manifest.train, image_roots=image_roots)
+    access = ImageAccess(image_roots, remote_images_of(manifest.remote_images), fetch_dir(audit_dir))
+    pairs, rejected, all_ids = read_pairs(manifest.train, access=access)
     if manifest.ids_digest and ids_digest(all_ids) != manifest.ids_digest:
         raise ConfigError("train", "its ids differ from the ones the model was trained on (training sidecar); "
                           "the audit could not reproduce the training batches")
@@ -235,7 +248,7 @@ def shard_gradients(audit_dir: str | Path, shard: int, models: ModelCache | None
     terms = {name: np.zeros(rows, np.float32) for name in ("pos_terms", "neg_terms", "clip_score")}
     batches = list(_batches_of_shard(plan, load_slots(audit_dir, shard), shard))
     with flush_denormals():
-        _accumulate_shard(manifest, loaded, params, projector, start, shard, batches, out, terms)
+        _accumulate_shard(manifest, loaded, params, projector, start, shard, batches, out, terms, fetch_dir(audit_dir))
     store.write_rows("grads", start, out)
     store.write_rows("terms", start, terms)
     store.mark_done("gradients", shard)  # last: the completion marker
@@ -243,7 +256,8 @@ def shard_gradients(audit_dir: str | Path, shard: int, models: ModelCache | None
 
 
 def _accumulate_shard(manifest: Manifest, loaded: LoadedModel, params: list, projector: Projector, start: int,
-                      shard: int, batches: list[list[tuple[int, Pair]]], out: dict, terms: dict) -> None:
+                      shard: int, batches: list[list[tuple[int, Pair]]], out: dict, terms: dict,
+                      fetched: Path | None = None) -> None:
     """Fill the shard's rows, averaging over the audit's partitions (r = 0 is the training one)."""
     o = manifest.options
     shard_pairs = [slot_pair for batch in batches for slot_pair in batch]
@@ -251,7 +265,7 @@ def _accumulate_shard(manifest: Manifest, loaded: LoadedModel, params: list, pro
         # Extra partitions re-batch the shard's own pairs (see README: "partitions").
         groups = batches if r == 0 else rebatch_within(shard_pairs, o.batch_size, seed=hash_seed(o.seed, r, shard))
         for batch in groups:  # every batch holds >= 2 pairs (prepare and rebatch_within ensure it)
-            images, tokens = load_batch([p for _, p in batch], loaded.preprocess, loaded.tokenizer)
+            images, tokens = load_batch([p for _, p in batch], loaded.preprocess, loaded.tokenizer, fetched)
             result = per_pair_gradients(loaded.model, params, projector, images, tokens, o.neg_term, o.chunk)
             local = np.array([slot - start for slot, _ in batch])
             out["pos"][local] += result.pos.numpy() / o.partitions
@@ -291,8 +305,8 @@ def validation(audit_dir: str | Path, models: ModelCache | None = None) -> bool:
     if store.is_complete("validation/grad"):
         return True
     loaded, params, projector = (models or ModelCache()).get(manifest)
-    roots = None if plan.image_roots is None else [Path(r) for r in plan.image_roots]
-    pairs, rejected, all_ids = read_pairs(manifest.validation, field="validation", image_roots=roots)
+    access = image_access(plan, audit_dir)
+    pairs, rejected, all_ids = read_pairs(manifest.validation, field="validation", access=access)
     if not pairs:
         raise ConfigError("validation", f"no usable rows ({len(rejected)} rejected)")
     by_id = {p.id: p for p in pairs}
@@ -300,7 +314,7 @@ def validation(audit_dir: str | Path, models: ModelCache | None = None) -> bool:
     for batch_ids in partition(by_id, manifest.options.batch_size, manifest.options.seed):
         if len(batch_ids) < 2:
             continue
-        images, tokens = load_batch([by_id[i] for i in batch_ids], loaded.preprocess, loaded.tokenizer)
+        images, tokens = load_batch([by_id[i] for i in batch_ids], loaded.preprocess, loaded.tokenizer, access.fetch_dir)
         with flush_denormals():
             grad, batch_value = loss_gradient(loaded.model, params, projector, images, tokens)
         total += grad.double()

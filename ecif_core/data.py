@@ -20,6 +20,7 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .errors import ConfigError, EcifError
+from .remote import FetchError, RemoteImages, fetch, fetched_path, is_url
 
 MAX_CAPTION_CHARS = 2000
 MAX_IMAGE_BYTES = 64 * 2**20        # a larger file is rejected before it is opened
@@ -210,14 +211,27 @@ def _json_row(line: str) -> dict:
     return row if isinstance(row, dict) else {"__error__": "row is not a JSON object"}
 
 
+@dataclass(frozen=True)
+class ImageAccess:
+    """Where images may come from: local data roots (None: anywhere) and, when the manifest
+    opts in, http(s) URLs under `remote`, fetched into `fetch_dir` (the audit folder's copy)."""
+
+    roots: Sequence[Path] | None = None
+    remote: RemoteImages | None = None
+    fetch_dir: Path | None = None
+
+
 def read_pairs(path: "str | Path | dict | Source", check_images: bool = True, field: str = "train",
-               image_roots: Sequence[Path] | None = None) -> tuple[list[Pair], list[RejectedRow], list[str]]:
+               image_roots: Sequence[Path] | None = None,
+               access: ImageAccess | None = None) -> tuple[list[Pair], list[RejectedRow], list[str]]:
     """(usable pairs, rejected rows, ids of every readable row). Duplicate ids are an error.
 
     Rows that cannot be parsed at all have no id; they are rejected as "row-<n>" and are not
     part of the partition (neither training nor the audit can read them). With `image_roots`
     (the service's data roots), an image whose real path lies outside all of them is rejected.
+    URL images are fetched (when `check_images`) into `access.fetch_dir`, once.
     """
+    access = access or ImageAccess(roots=image_roots)
     base = _base_of(source_of(path, field))
     pairs, rejected, all_ids, seen = [], [], [], {}
     for number, row in read_pair_rows(path, field):
@@ -231,7 +245,7 @@ def read_pairs(path: "str | Path | dict | Source", check_images: bool = True, fi
             raise ConfigError(field, f"duplicate id {pair_id!r} in rows {seen[pair_id]} and {number}")
         seen[pair_id] = number
         all_ids.append(pair_id)
-        reason = _row_problem(row, base, check_images, image_roots)
+        reason = _row_problem(row, base, check_images, access)
         if reason:
             rejected.append(RejectedRow(number, pair_id, reason))
         else:
@@ -263,7 +277,7 @@ def validate_source(source: "str | Path | dict | Source", field: str = "train") 
             if pair_id in seen:
                 raise ConfigError(field, f"duplicate id {pair_id!r} in rows {seen[pair_id]} and {number}")
             seen[pair_id] = number
-            reason = _row_problem(row, base, check_images=False, image_roots=None, stat_images=False)
+            reason = _row_problem(row, base, check_images=False, access=None, stat_images=False)
         if reason is None:
             usable += 1
         else:
@@ -282,7 +296,9 @@ def _base_of(source: Source) -> Path:
 
 
 def _image_ref(base: Path, image: str) -> str:
-    """The resolved image path, keeping the member of a shard ("<shard.tar>::<member>")."""
+    """The resolved image path, keeping the member of a shard ("<shard.tar>::<member>"); a URL as is."""
+    if is_url(image):
+        return image
     member = image.split(TAR_MEMBER, 1)[1] if TAR_MEMBER in image else None
     path = str(_resolve(base, image))
     return path if member is None else f"{path}{TAR_MEMBER}{member}"
@@ -294,7 +310,7 @@ def _resolve(base: Path, image: str) -> Path:
     return (base / image.split(TAR_MEMBER)[0]).resolve()
 
 
-def _row_problem(row: dict, base: Path, check_images: bool, image_roots: Sequence[Path] | None,
+def _row_problem(row: dict, base: Path, check_images: bool, access: ImageAccess | None,
                  stat_images: bool = True) -> str | None:
     """Why this row cannot be used, or None (`stat_images=False`: the image file is not touched)."""
     caption, image = row.get("caption"), row.get("image")
@@ -304,6 +320,9 @@ def _row_problem(row: dict, base: Path, check_images: bool, image_roots: Sequenc
         return f"caption longer than {MAX_CAPTION_CHARS} characters"
     if not isinstance(image, str) or not image.strip():
         return "image is empty"
+    if is_url(image):
+        return _url_problem(image.strip(), check_images and stat_images, access)
+    image_roots = access.roots if access else None
     if not stat_images and image_roots is None:
         return None  # resolving is a system call per row: skipped when nothing is checked on disk
     path = _resolve(base, image)
@@ -316,6 +335,33 @@ def _row_problem(row: dict, base: Path, check_images: bool, image_roots: Sequenc
     if check_images:
         return _image_problem(path if TAR_MEMBER not in image else image)
     return None
+
+
+def _url_problem(url: str, fetch_now: bool, access: ImageAccess | None) -> str | None:
+    """Policy check; with `fetch_now`, fetch once into the fetch folder and check the bytes."""
+    if access is None or access.remote is None:
+        return "http(s) image URLs need the manifest's remote_images opt-in"
+    problem = access.remote.host_problem(url)
+    if problem or not fetch_now:
+        return problem
+    if access.fetch_dir is None:
+        return "http(s) image URLs are read only by an audit (it keeps a copy in its folder)"
+    local = fetched_path(access.fetch_dir, url)
+    if not local.is_file():
+        try:
+            fetch(url, access.remote, local)
+        except FetchError as exc:
+            return str(exc)
+    return _image_problem(local)
+
+
+def local_image(image: str, fetch_dir: Path | None) -> str:
+    """The file to open for a pair's image: a URL's fetched copy, else the image itself."""
+    if is_url(image):
+        if fetch_dir is None:
+            raise EcifError(f"image {image} is a URL and no fetched copy is available")
+        return str(fetched_path(fetch_dir, image))
+    return image
 
 
 def _image_problem(path: "Path | str") -> str | None:
@@ -373,12 +419,14 @@ def load_image(path: str) -> Image.Image:
         return img.convert("RGB")
 
 
-def load_batch(pairs: Sequence[Pair], preprocess: Callable, tokenizer: Callable) -> tuple[torch.Tensor, torch.Tensor]:
-    """(images, tokens) tensors for a batch, with the model's own transform and tokenizer."""
+def load_batch(pairs: Sequence[Pair], preprocess: Callable, tokenizer: Callable,
+               fetch_dir: Path | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(images, tokens) tensors for a batch, with the model's own transform and tokenizer;
+    URL images come from their copies in `fetch_dir`."""
     images = []
     for pair in pairs:
         try:
-            images.append(preprocess(load_image(pair.image)))
+            images.append(preprocess(load_image(local_image(pair.image, fetch_dir))))
         except (OSError, ValueError, SyntaxError) as exc:  # changed on disk after prepare validated it
             raise EcifError(f"pair {pair.id!r}: image {pair.image} cannot be loaded ({exc})") from exc
     return torch.stack(images), tokenizer([p.caption for p in pairs])

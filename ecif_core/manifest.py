@@ -13,6 +13,7 @@ from typing import Any
 
 from .data import shard_paths, source_of
 from .errors import ConfigError, read_json_file
+from .remote import remote_images_of
 from .losses import NEG_TERMS
 from .projection import ProjectionSpec
 from .scores import RANK_BY
@@ -56,11 +57,15 @@ class Manifest:
     options: AuditOptions
     excluded: list[str] = field(default_factory=list)   # ids the model was trained without (sidecar)
     ids_digest: str | None = None                        # digest of the training id set (sidecar)
+    remote_images: dict | None = None                    # the http(s) opt-in (remote.RemoteImages), or None
 
     def to_json(self) -> dict[str, Any]:
-        return {"train": self.train, "validation": self.validation,
+        data = {"train": self.train, "validation": self.validation,
                 "model": {"arch": self.model_arch, "config": self.model_config, "checkpoint": self.checkpoint},
                 "options": asdict(self.options), "excluded": self.excluded, "ids_digest": self.ids_digest}
+        if self.remote_images is not None:  # absent otherwise: plans written before the opt-in existed still match
+            data["remote_images"] = self.remote_images
+        return data
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> "Manifest":
@@ -68,7 +73,7 @@ class Manifest:
         return cls(train=data["train"], validation=data["validation"], model_arch=data["model"]["arch"],
                    model_config=data["model"]["config"], checkpoint=data["model"]["checkpoint"],
                    options=AuditOptions(**data["options"]), excluded=list(data.get("excluded", [])),
-                   ids_digest=data.get("ids_digest"))
+                   ids_digest=data.get("ids_digest"), remote_images=data.get("remote_images"))
 
 
 _OPTION_TYPES: dict[str, tuple[type, ...]] = {
@@ -96,7 +101,7 @@ def load_manifest(source: str | Path | dict, base_dir: str | Path | None = None)
         raw, base = dict(source), Path(base_dir or ".").resolve()
     if not isinstance(raw, dict):
         raise ConfigError("manifest", "must be a JSON object")
-    unknown = set(raw) - {"model", "train", "validation", "options"}
+    unknown = set(raw) - {"model", "train", "validation", "options", "remote_images"}
     if unknown:
         raise ConfigError(sorted(unknown)[0], "unknown manifest field")
     model = raw.get("model") or {}
@@ -151,9 +156,11 @@ def load_manifest(source: str | Path | dict, base_dir: str | Path | None = None)
             shard_paths(parsed.path, name)  # every shard of the pattern must exist
         elif not Path(parsed.path).is_file():
             raise ConfigError(name, f"file not found: {parsed.path}")
+    remote = remote_images_of(raw.get("remote_images"))
     return Manifest(train=train, validation=validation,
                     model_arch=model.get("arch"), model_config=config, checkpoint=checkpoint, options=options,
-                    excluded=list(sidecar.get("excluded", [])), ids_digest=sidecar.get("ids_digest"))
+                    excluded=list(sidecar.get("excluded", [])), ids_digest=sidecar.get("ids_digest"),
+                    remote_images=remote.to_json() if remote else None)
 
 
 def _parse_options(raw: dict[str, Any], sidecar: dict[str, Any]) -> AuditOptions:

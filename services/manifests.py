@@ -3,29 +3,45 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from typing import Any, Sequence
+
 from braceexpand import braceexpand
-from typing import Any
 
 from ecif_core.errors import ConfigError
 from ecif_core.manifest import PATH_KEYS, Manifest, load_manifest, read_sidecar
 
 
-def confined_manifest(raw: Any, roots: list[Path]) -> Manifest:
+def confined_manifest(raw: Any, roots: list[Path], remote_hosts: Sequence[str] = ()) -> Manifest:
     """Validate a manifest whose relative paths resolve against the first data root.
 
     Paths are checked before anything is read, with symlinks resolved, so neither `../`,
     an absolute path elsewhere nor a link pointing out of a root reaches the filesystem.
+    A manifest's remote_images hosts must be among the server's `remote_hosts`.
     """
     if not roots:
         raise ConfigError("manifest", "the server has no data roots configured (ECIF_DATA_ROOTS)")
     if not isinstance(raw, dict):
         raise ConfigError("manifest", "must be a JSON object")
+    _check_remote_hosts(raw.get("remote_images"), remote_hosts)
     for path_field in PATH_KEYS:
         value = _get(raw, path_field)
         if isinstance(value, str) and value:
             for expanded in braceexpand(value):  # a webdataset pattern: every shard it names
                 check_confined(expanded, roots, ".".join(path_field))
     return load_manifest(raw, base_dir=roots[0])
+
+
+def _check_remote_hosts(remote: Any, allowed: Sequence[str]) -> None:
+    if remote is None:
+        return
+    hosts = remote.get("allowed_hosts") if isinstance(remote, dict) else None
+    if not allowed:
+        raise ConfigError("remote_images", "this server does not fetch http(s) images (ECIF_REMOTE_IMAGE_HOSTS is empty)")
+    allowed_set = {h.strip().lower() for h in allowed}
+    for host in hosts if isinstance(hosts, list) else []:
+        if not isinstance(host, str) or host.strip().lower() not in allowed_set:
+            raise ConfigError("remote_images.allowed_hosts", f"host {host!r} is not allowed by this server "
+                              "(ECIF_REMOTE_IMAGE_HOSTS)")
 
 
 def check_confined(value: str, roots: list[Path], name: str) -> Path:

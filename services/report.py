@@ -16,7 +16,8 @@ import numpy as np
 from sqlalchemy import select
 
 from ecif_core.audit import SUSPECT_Z
-from ecif_core.data import TAR_MEMBER, load_image
+from ecif_core.data import TAR_MEMBER, load_image, local_image
+from ecif_core.remote import is_url
 
 from .db.models import Audit, Pair, Score, Trace
 from .db.session import session_scope
@@ -215,8 +216,11 @@ class _Thumbnails:
     """PNG thumbnails as data URIs, cached in <audit>/thumbs (made once per image)."""
 
     def __init__(self, audit_dir: Path, data_roots: list[Path] | None) -> None:
+        from ecif_core.audit import fetch_dir
+
         self.folder = audit_dir / "thumbs"
         self.roots = data_roots
+        self.fetched = fetch_dir(audit_dir)
 
     def tag(self, slot: int, image: str) -> str:
         return self._img(self.folder / f"{slot}.png", image)
@@ -227,8 +231,11 @@ class _Thumbnails:
         return self._img(self.folder / f"test-{hashlib.sha1(image.encode()).hexdigest()[:16]}.png", image)
 
     def _img(self, cached: Path, image: str) -> str:
+        if is_url(image):  # the copy prepare fetched into the audit folder, never the network
+            image = local_image(image, self.fetched)
         file = Path(image.split(TAR_MEMBER)[0]).resolve()
-        if self.roots is not None and not any(file.is_relative_to(r) for r in self.roots):
+        if self.roots is not None and not file.is_relative_to(self.fetched.resolve()) \
+                and not any(file.is_relative_to(r) for r in self.roots):
             return '<div class="muted">(image outside the data roots)</div>'
         if not cached.exists():
             try:

@@ -21,6 +21,9 @@ class Settings(BaseSettings):
     store_url: str = Field("ecif_data/audits", description="folder holding one audit folder (Zarr store) per audit")
     data_roots: Annotated[list[Path], NoDecode] = Field(
         default_factory=list, description="comma-separated folders manifests and images may be read from (API and workers)")
+    remote_image_hosts: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="comma-separated hosts a manifest's remote_images may name (empty: "
+        "http(s) images are refused); an allowlist so manifests cannot make the service fetch internal hosts")
     max_manifest_bytes: int = Field(1_048_576, description="larger manifests are refused with 413")
     visibility_timeout: int = Field(6 * 3600, description="seconds before an unacknowledged task is redelivered")
     restore_interval: int = Field(60, description="seconds between sweeps that re-queue tasks of lost workers")
@@ -32,7 +35,7 @@ class Settings(BaseSettings):
     server_url: str = Field("http://127.0.0.1:8000", description="API address used by ecif submit/status/results")
     api_key: str | None = Field(None, description="key used by ecif submit/status/results")
 
-    @field_validator("data_roots", mode="before")
+    @field_validator("data_roots", "remote_image_hosts", mode="before")
     @classmethod
     def _split_roots(cls, value: object) -> object:
         if isinstance(value, str):

@@ -306,3 +306,17 @@ def test_every_shard_a_webdataset_pattern_names_is_confined(api, keys):
     response = api.post("/audits", json=body, headers=keys["alice"])
     assert response.status_code == 422 and response.json()["field"] == "train.path"
     assert "outside the data roots" in response.text
+
+
+def test_remote_images_need_hosts_the_server_allows(api, keys, pg_url, data_root, tmp_path_factory):
+    remote = {"remote_images": {"allowed_hosts": ["169.254.169.254"]}}
+    response = api.post("/audits", json={**manifest_json(), **remote}, headers=keys["alice"])
+    assert response.status_code == 422 and response.json()["field"] == "remote_images"  # the server allows none
+    settings = Settings(database_url=pg_url, store_url=str(tmp_path_factory.mktemp("store")), data_roots=[data_root],
+                        remote_image_hosts="images.example.org, 127.0.0.1")
+    with TestClient(create_app(settings, starter=RecordingStarter())) as client:
+        response = client.post("/audits", json={**manifest_json(), **remote}, headers=keys["alice"])
+        assert response.status_code == 422 and response.json()["field"] == "remote_images.allowed_hosts"
+        assert "169.254.169.254" in response.text
+        allowed = {"remote_images": {"allowed_hosts": ["images.example.org"], "timeout_s": 5}}
+        assert client.post("/audits", json={**manifest_json(), **allowed}, headers=keys["alice"]).status_code == 202

@@ -31,7 +31,7 @@ async def submit(request: Request, owner: OwnerDep, session: SessionDep, setting
 
 
 def _create_and_queue(request: Request, raw: object, owner: str, session: Session, settings) -> str:
-    manifest = confined_manifest(raw, settings.resolved_roots())
+    manifest = confined_manifest(raw, settings.resolved_roots(), settings.remote_image_hosts)
     audit = repository.create_audit(session, owner, manifest, settings.store_url)
     session.commit()  # durable before any worker can pick the audit up
     try:
