@@ -22,6 +22,7 @@ from .data import ImageAccess, Pair, RejectedRow, load_batch, read_pairs
 from .errors import ConfigError
 from .gradients import loss_gradient, per_pair_gradients
 from .hessian import DampedInverse, default_damping, eigendecompose, fisher_sum
+from .lora import ADAPTER_WEIGHTS, inject_adapter
 from .manifest import Manifest, load_manifest
 from .models import LoadedModel, load_model, restrict_grad_to, select_theta
 from .projection import Block, Projector
@@ -67,11 +68,12 @@ class ModelCache:
         self._value: tuple[LoadedModel, list, Projector] | None = None
 
     def get(self, manifest: Manifest) -> tuple[LoadedModel, list, Projector]:
+        adapter_weights = None if manifest.adapter is None else os.path.join(manifest.adapter, ADAPTER_WEIGHTS)
         key = (manifest.model_arch, json.dumps(manifest.model_config, sort_keys=True), manifest.checkpoint,
-               _file_identity(manifest.checkpoint),
+               _file_identity(manifest.checkpoint), manifest.adapter, _file_identity(adapter_weights),
                json.dumps(manifest.options.theta), json.dumps(manifest.options.projection, sort_keys=True))
         if key != self._key:
-            loaded = load_model(manifest.model_arch, manifest.model_config, manifest.checkpoint)
+            loaded = load_model(manifest.model_arch, manifest.model_config, manifest.checkpoint, adapter=manifest.adapter)
             loaded.model.to("cuda" if torch.cuda.is_available() else "cpu")
             theta = select_theta(loaded.model, manifest.options.theta)
             restrict_grad_to(loaded.model, theta)
@@ -224,6 +226,8 @@ def _shape_projector(manifest: Manifest) -> Projector:
 
     with torch.device("meta"):
         model = build_model(resolve_model_config(manifest.model_arch, manifest.model_config))
+        if manifest.adapter is not None:
+            model = inject_adapter(model, manifest.adapter)
     return Projector.for_theta(select_theta(model, manifest.options.theta), manifest.options.projection_spec())
 
 

@@ -391,12 +391,19 @@ def _image_size(path: "Path | str") -> int:
 def _open_image(path: "Path | str") -> Image.Image:
     """A file, or a member of a webdataset shard (read into memory: one image)."""
     if isinstance(path, str) and TAR_MEMBER in path:
-        shard, member = path.split(TAR_MEMBER, 1)
+        return Image.open(io.BytesIO(image_bytes(path)))
+    return Image.open(path)
+
+
+def image_bytes(image: str) -> bytes:
+    """The stored bytes of an image file or of a member of a webdataset shard."""
+    if TAR_MEMBER in image:
+        shard, member = image.split(TAR_MEMBER, 1)
         handle = _tar(shard).extractfile(member)
         if handle is None:
             raise OSError(f"{member} is not a file in {shard}")
-        return Image.open(io.BytesIO(handle.read()))
-    return Image.open(path)
+        return handle.read()
+    return Path(image).read_bytes()
 
 
 @functools.lru_cache(maxsize=16)
@@ -437,5 +444,5 @@ def data_hash(pairs: Sequence[Pair]) -> str:
     digest = hashlib.sha256()
     for pair in sorted(pairs, key=lambda p: p.id):
         digest.update(pair.id.encode() + b"\x00" + pair.caption.encode() + b"\x00")
-        digest.update(hashlib.sha256(Path(pair.image).read_bytes()).digest())
+        digest.update(hashlib.sha256(image_bytes(pair.image)).digest())
     return digest.hexdigest()

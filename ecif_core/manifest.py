@@ -20,7 +20,7 @@ from .scores import RANK_BY
 
 SIDECAR_SUFFIX = ".json"
 PATH_KEYS = (("train",), ("train", "path"), ("validation",), ("validation", "path"), ("model", "checkpoint"),
-             ("model", "config"))  # fields holding paths (a source object keeps its path under "path")
+             ("model", "config"), ("model", "adapter"))  # fields holding paths (a source object keeps its path under "path")
 CURVATURE_KINDS = ("full", "blocks")
 
 
@@ -58,6 +58,7 @@ class Manifest:
     excluded: list[str] = field(default_factory=list)   # ids the model was trained without (sidecar)
     ids_digest: str | None = None                        # digest of the training id set (sidecar)
     remote_images: dict | None = None                    # the http(s) opt-in (remote.RemoteImages), or None
+    adapter: str | None = None                           # a peft LoRA folder on top of the checkpoint
 
     def to_json(self) -> dict[str, Any]:
         data = {"train": self.train, "validation": self.validation,
@@ -65,6 +66,8 @@ class Manifest:
                 "options": asdict(self.options), "excluded": self.excluded, "ids_digest": self.ids_digest}
         if self.remote_images is not None:  # absent otherwise: plans written before the opt-in existed still match
             data["remote_images"] = self.remote_images
+        if self.adapter is not None:
+            data["model"]["adapter"] = self.adapter
         return data
 
     @classmethod
@@ -73,7 +76,8 @@ class Manifest:
         return cls(train=data["train"], validation=data["validation"], model_arch=data["model"]["arch"],
                    model_config=data["model"]["config"], checkpoint=data["model"]["checkpoint"],
                    options=AuditOptions(**data["options"]), excluded=list(data.get("excluded", [])),
-                   ids_digest=data.get("ids_digest"), remote_images=data.get("remote_images"))
+                   ids_digest=data.get("ids_digest"), remote_images=data.get("remote_images"),
+                   adapter=data["model"].get("adapter"))
 
 
 _OPTION_TYPES: dict[str, tuple[type, ...]] = {
@@ -84,8 +88,14 @@ _OPTION_TYPES: dict[str, tuple[type, ...]] = {
 }
 
 
-def read_sidecar(checkpoint: str | Path | None) -> dict[str, Any]:
-    """The training sidecar next to a checkpoint, or {} when there is none."""
+def read_sidecar(checkpoint: str | Path | None, adapter: str | Path | None = None) -> dict[str, Any]:
+    """The training sidecar next to a checkpoint (inside the adapter folder for a LoRA
+    fine-tune: that training is the one audited), or {} when there is none."""
+    if adapter is not None:
+        from .lora import TRAINING_SIDECAR
+
+        path = Path(adapter) / TRAINING_SIDECAR
+        return read_json_file(path, "model.adapter", "training sidecar") if path.is_file() else {}
     if checkpoint is None:
         return {}
     path = Path(str(checkpoint) + SIDECAR_SUFFIX)
@@ -107,7 +117,7 @@ def load_manifest(source: str | Path | dict, base_dir: str | Path | None = None)
     model = raw.get("model") or {}
     if not isinstance(model, dict):
         raise ConfigError("model", "must be an object")
-    unknown = set(model) - {"arch", "config", "checkpoint"}
+    unknown = set(model) - {"arch", "config", "checkpoint", "adapter"}
     if unknown:
         raise ConfigError(f"model.{sorted(unknown)[0]}", "unknown model field")
 
@@ -130,7 +140,12 @@ def load_manifest(source: str | Path | dict, base_dir: str | Path | None = None)
     checkpoint = resolve(model.get("checkpoint"), "model.checkpoint", True)
     if not Path(checkpoint).is_file() and "://" not in checkpoint:
         raise ConfigError("model.checkpoint", f"file not found: {checkpoint}")
-    sidecar = read_sidecar(checkpoint)
+    adapter = resolve(model.get("adapter"), "model.adapter", False)
+    if adapter is not None:
+        from .lora import check_adapter_folder
+
+        check_adapter_folder(adapter)
+    sidecar = read_sidecar(checkpoint, adapter)
     if model.get("arch") is not None and model.get("config") is not None:
         raise ConfigError("model", "give model.arch or model.config, not both")
     if model.get("arch") is not None and not isinstance(model["arch"], str):
@@ -160,7 +175,7 @@ def load_manifest(source: str | Path | dict, base_dir: str | Path | None = None)
     return Manifest(train=train, validation=validation,
                     model_arch=model.get("arch"), model_config=config, checkpoint=checkpoint, options=options,
                     excluded=list(sidecar.get("excluded", [])), ids_digest=sidecar.get("ids_digest"),
-                    remote_images=remote.to_json() if remote else None)
+                    remote_images=remote.to_json() if remote else None, adapter=adapter)
 
 
 def _parse_options(raw: dict[str, Any], sidecar: dict[str, Any]) -> AuditOptions:

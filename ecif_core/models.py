@@ -106,8 +106,10 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
 
 
 def load_model(arch: str | None = None, config: str | Path | dict | None = None,
-               checkpoint: str | Path | None = None, seed: int | None = None) -> LoadedModel:
-    """Model + tokenizer + eval preprocess from local files (the single entry point)."""
+               checkpoint: str | Path | None = None, seed: int | None = None,
+               adapter: str | Path | None = None) -> LoadedModel:
+    """Model + tokenizer + eval preprocess from local files (the single entry point);
+    `adapter`: a peft LoRA folder applied on top of the checkpoint."""
     import open_clip
 
     cfg = resolve_model_config(arch, config)
@@ -122,6 +124,10 @@ def load_model(arch: str | None = None, config: str | Path | dict | None = None,
         if missing or result.unexpected_keys:
             raise ConfigError("model.checkpoint", f"does not match the model config: missing "
                               f"{missing[:5]}, unexpected {result.unexpected_keys[:5]}")
+    if adapter is not None:
+        from .lora import load_adapter
+
+        model = load_adapter(model, adapter)
     model.eval()
     tokenizer = open_clip.SimpleTokenizer(context_length=cfg["text_cfg"].get("context_length", 77))
     image_size = cfg["vision_cfg"].get("image_size", 224)
@@ -133,8 +139,13 @@ def load_model(arch: str | None = None, config: str | Path | dict | None = None,
 
 
 def default_theta_patterns(model: torch.nn.Module, last_blocks: int = 2) -> list[str]:
-    """Linear-layer weights of the last `last_blocks` residual blocks of each tower + both projections."""
+    """Linear-layer weights of the last `last_blocks` residual blocks of each tower + both
+    projections; for a LoRA fine-tune, the adapter weights (what the fine-tune changed)."""
     names = [name for name, _ in model.named_parameters()]
+    if any(".lora_A." in name for name in names):
+        from .lora import LORA_THETA_PATTERNS
+
+        return list(LORA_THETA_PATTERNS)
     patterns: list[str] = []
     for tower in ("visual.transformer.resblocks", "transformer.resblocks"):
         prefix = re.escape(tower) + r"\.(\d+)\."

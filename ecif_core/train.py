@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -21,7 +21,8 @@ import numpy as np
 import torch
 
 from .batching import ids_digest, training_batches
-from .data import data_hash, load_batch, read_pairs
+from .data import data_hash, load_batch, read_pairs, source_of
+from .lora import LORA_THETA_PATTERNS, TRAINING_SIDECAR, add_lora, save_adapter
 from .errors import ConfigError
 from .losses import batch_loss, pair_logits
 from .manifest import SIDECAR_SUFFIX
@@ -42,6 +43,8 @@ class TrainConfig:
     warmup_steps: int = 10
     checkpoints: int = 0          # also save this many evenly spaced intermediate checkpoints (TracIn)
     train_only: Sequence[str] | None = None  # fnmatch patterns of the parameters to train; the rest frozen
+    lora_rank: int | None = None  # train peft LoRA adapters of this rank on `init` (out is then an adapter folder)
+    lora_alpha: float | None = None  # LoRA scaling alpha / rank; default alpha = rank
 
 
 @dataclass
@@ -57,10 +60,15 @@ def train(data: str | Path, model_config: str | Path | dict, out: str | Path, cf
     """Train (or fine-tune from `init`) and write out + out.json; returns timings for benchmarks."""
     if cfg.epochs < 1 or cfg.batch_size < 2 or cfg.lr <= 0 or cfg.weight_decay < 0:
         raise ConfigError("train", f"invalid training config {cfg}")
+    if cfg.lora_rank is not None and init is None:
+        raise ConfigError("lora_rank", "a LoRA fine-tune needs the base checkpoint (init)")
     torch.manual_seed(cfg.seed)
     model_cfg = resolve_model_config(config=model_config)
     loaded = load_model(config=model_cfg, checkpoint=init, seed=cfg.seed)
     model = loaded.model
+    if cfg.lora_rank is not None:
+        model = add_lora(model, cfg.lora_rank, cfg.lora_alpha)
+        cfg = replace(cfg, train_only=cfg.train_only or list(LORA_THETA_PATTERNS))
     pairs, rejected, all_ids = read_pairs(data)
     by_id = {p.id: p for p in pairs}
     excluded = set(cfg.exclude)
@@ -82,7 +90,7 @@ def train(data: str | Path, model_config: str | Path | dict, out: str | Path, cf
     with flush_denormals():
         epoch_seconds, epoch_loss = _run_epochs(model, cfg, batches, cached, n_used, l2_params, out, progress)
     model.eval()
-    return _save(model, cfg, data, out, pairs, all_ids, excluded, n_used, model_cfg, epoch_seconds, epoch_loss)
+    return _save(model, cfg, data, out, pairs, all_ids, excluded, n_used, model_cfg, epoch_seconds, epoch_loss, init)
 
 
 def _run_epochs(model, cfg: TrainConfig, batches, cached, n_used: int, l2_params, out, progress):
@@ -112,24 +120,36 @@ def _run_epochs(model, cfg: TrainConfig, batches, cached, n_used: int, l2_params
         if progress:
             progress(epoch + 1, cfg.epochs, epoch_loss / n_used)
         if epoch + 1 in snapshots:
-            torch.save(model.state_dict(), _snapshot_path(Path(out), epoch + 1))
+            _write_weights(model, _snapshot_path(Path(out), epoch + 1), cfg)
     return epoch_seconds, epoch_loss
 
 
+def _write_weights(model: torch.nn.Module, path: Path, cfg: TrainConfig) -> None:
+    """A full state dict, or for a LoRA fine-tune the adapter folder (peft's format)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if cfg.lora_rank is not None:
+        save_adapter(model, path)
+    else:
+        torch.save(model.state_dict(), path)
+
+
 def _save(model, cfg: TrainConfig, data, out, pairs, all_ids, excluded, n_used, model_cfg, epoch_seconds,
-          epoch_loss) -> TrainResult:
-    """Checkpoint plus the JSON sidecar the audit reads its defaults from."""
+          epoch_loss, init) -> TrainResult:
+    """Checkpoint (or adapter folder) plus the JSON sidecar the audit reads its defaults from."""
     snapshots = _snapshot_epochs(cfg.epochs, cfg.checkpoints)
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(model.state_dict(), out)
-    sidecar = Path(str(out) + SIDECAR_SUFFIX)
+    _write_weights(model, out, cfg)
+    sidecar = out / TRAINING_SIDECAR if cfg.lora_rank is not None else Path(str(out) + SIDECAR_SUFFIX)
+    source = source_of(data).to_json()
+    source["path"] = source["path"] if source["format"] == "webdataset" else str(Path(source["path"]).resolve())
     sidecar.write_text(json.dumps({
         "batch_size": cfg.batch_size, "seed": cfg.seed, "weight_decay": cfg.weight_decay, "epochs": cfg.epochs,
-        "lr": cfg.lr, "excluded": sorted(excluded), "pairs_used": n_used, "data": str(Path(data).resolve()),
+        "lr": cfg.lr, "excluded": sorted(excluded), "pairs_used": n_used, "data": source,
         "data_hash": data_hash(pairs), "ids_digest": ids_digest(all_ids), "model_config": model_cfg, "epoch_seconds": epoch_seconds,
         "final_loss_per_pair": epoch_loss / n_used,
         "checkpoints": [str(_snapshot_path(out, e)) for e in sorted(snapshots)],
+        "base_checkpoint": None if init is None else str(Path(init).resolve()),
+        "lora": None if cfg.lora_rank is None else {"rank": cfg.lora_rank, "alpha": cfg.lora_alpha or cfg.lora_rank},
     }, indent=1))
     return TrainResult(out, sidecar, epoch_seconds, epoch_loss / n_used)
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from pathlib import Path
@@ -30,10 +31,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     from ecif_core.train import TrainConfig, train
 
     exclude = Path(args.exclude).read_text().split() if args.exclude else ()
-    result = train(args.data, args.model_config, args.out,
+    data = json.loads(args.data) if args.data.lstrip().startswith("{") else args.data
+    result = train(data, args.model_config, args.out,
                    TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                                weight_decay=args.weight_decay, seed=args.seed, exclude=exclude,
-                               checkpoints=args.checkpoints),
+                               checkpoints=args.checkpoints, lora_rank=args.lora_rank, lora_alpha=args.lora_alpha),
                    init=args.init,
                    progress=lambda e, n, loss: print(f"epoch {e}/{n} loss/pair {loss:.4f}", file=sys.stderr))
     print(f"wrote {result.checkpoint} and {result.sidecar}")
@@ -246,9 +248,13 @@ def build_parser() -> argparse.ArgumentParser:
     verbs = parser.add_subparsers(dest="verb", required=True)
 
     p = verbs.add_parser("train", help="deterministic fine-tuning on the ECIF objective")
-    p.add_argument("--data", required=True, help="pair file (JSONL or CSV: id,image,caption)")
+    p.add_argument("--data", required=True, help="pair source: a JSONL / CSV / TSV / Parquet file or .tar shard, "
+                   "or a source object as JSON, e.g. '{\"path\": \"x.tsv\", \"image_key\": \"filepath\"}'")
     p.add_argument("--model-config", required=True, help="open_clip model config JSON")
-    p.add_argument("--init", help="checkpoint to start from")
+    p.add_argument("--init", help="checkpoint to start from (the base model of a LoRA fine-tune)")
+    p.add_argument("--lora-rank", type=int, help="train peft LoRA adapters of this rank on --init; "
+                   "--out is then an adapter folder (audit it with model.adapter)")
+    p.add_argument("--lora-alpha", type=float, help="LoRA alpha (scaling alpha/rank; default = rank)")
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=1e-3)
