@@ -8,6 +8,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import sqlite3
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,7 +19,7 @@ import torch
 
 from . import __version__
 from .batching import hash_seed, ids_digest, partition, rebatch_within, training_batches
-from .data import ImageAccess, Pair, RejectedRow, load_batch, read_pairs
+from .data import ImageAccess, Pair, RejectedRow, iter_pairs, load_batch, read_pairs
 from .errors import ConfigError
 from .gradients import loss_gradient, per_pair_gradients
 from .hessian import DampedInverse, default_damping, eigendecompose, fisher_sum
@@ -170,31 +171,31 @@ def prepare(manifest: Manifest, audit_dir: str | Path, image_roots: list[Path] |
         return plan
     o = manifest.options
     access = ImageAccess(image_roots, remote_images_of(manifest.remote_images), fetch_dir(audit_dir))
-    pairs, rejected, all_ids = read_pairs(manifest.train, access=access)
-    if manifest.ids_digest and ids_digest(all_ids) != manifest.ids_digest:
-        raise ConfigError("train", "its ids differ from the ones the model was trained on (training sidecar); "
-                          "the audit could not reproduce the training batches")
-    excluded = set(manifest.excluded) & set(all_ids)
-    rejected += [RejectedRow(0, i, "excluded from training (ecif train --exclude)") for i in sorted(excluded)]
-    # Rejected and excluded rows leave their batches, exactly as in training and in the
-    # leave-out objective; every other batch stays as it was (batching.training_batches).
-    batches, alone = training_batches(all_ids, o.batch_size, o.seed, drop={r.id for r in rejected})
-    rejected += [RejectedRow(0, i, "alone in its batch after removals: no in-batch negatives, not trained on")
-                 for i in alone]
-    unused = excluded | set(alone)
-    by_id = {p.id: p for p in pairs if p.id not in unused}
-    if not batches:
-        reasons = sorted({r.reason.split(":")[0] for r in rejected})
-        raise ConfigError("train", f"no usable rows ({len(rejected)} rejected: {'; '.join(reasons)})")
-    shard_offsets = []
-    with (audit_dir / "pairs.jsonl").open("wb") as handle:
-        for b, batch in enumerate(batches):
-            if b % o.shard_batches == 0:
-                shard_offsets.append(handle.tell())
-            for position, pair_id in enumerate(batch):
-                p = by_id[pair_id]
-                handle.write(json.dumps({"slot": b * o.batch_size + position, "batch": b, "id": p.id,
-                                         "image": p.image, "caption": p.caption}).encode() + b"\n")
+    with _PairIndex(audit_dir / "prepare.sqlite") as index:
+        rejected, all_ids = index.fill(iter_pairs(manifest.train, access=access))
+        if manifest.ids_digest and ids_digest(all_ids) != manifest.ids_digest:
+            raise ConfigError("train", "its ids differ from the ones the model was trained on (training sidecar); "
+                              "the audit could not reproduce the training batches")
+        excluded = set(manifest.excluded) & set(all_ids)
+        rejected += [RejectedRow(0, i, "excluded from training (ecif train --exclude)") for i in sorted(excluded)]
+        # Rejected and excluded rows leave their batches, exactly as in training and in the
+        # leave-out objective; every other batch stays as it was (batching.training_batches).
+        batches, alone = training_batches(all_ids, o.batch_size, o.seed, drop={r.id for r in rejected})
+        del all_ids[:]  # only their count is needed from here on
+        rejected += [RejectedRow(0, i, "alone in its batch after removals: no in-batch negatives, not trained on")
+                     for i in alone]
+        if not batches:
+            reasons = sorted({r.reason.split(":")[0] for r in rejected})
+            raise ConfigError("train", f"no usable rows ({len(rejected)} rejected: {'; '.join(reasons)})")
+        pairs_total = index.readable
+        shard_offsets = []
+        with (audit_dir / "pairs.jsonl").open("wb") as handle:
+            for b, batch in enumerate(batches):
+                if b % o.shard_batches == 0:
+                    shard_offsets.append(handle.tell())
+                for position, p in enumerate(index.lookup(batch)):
+                    handle.write(json.dumps({"slot": b * o.batch_size + position, "batch": b, "id": p.id,
+                                             "image": p.image, "caption": p.caption}).encode() + b"\n")
     with (audit_dir / "rejected.csv").open("w", encoding="utf-8", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["row", "id", "reason"])
@@ -203,13 +204,56 @@ def prepare(manifest: Manifest, audit_dir: str | Path, image_roots: list[Path] |
     shards = -(-len(batches) // o.shard_batches)
     plan = Plan(manifest=json.loads(json.dumps(manifest.to_json())), batch_size=o.batch_size,
                 n_batches=len(batches), shard_batches=o.shard_batches, shards=shards, dim=projector.dim,
-                pairs_total=len(all_ids), pairs_rejected=len(rejected), blocks=[b.__dict__ for b in projector.blocks],
+                pairs_total=pairs_total, pairs_rejected=len(rejected), blocks=[b.__dict__ for b in projector.blocks],
                 shard_offsets=shard_offsets,
                 image_roots=None if image_roots is None else [str(r) for r in image_roots])
     open_store(audit_dir).create(rows=shards * plan.shard_rows, dim=plan.dim, shard_rows=plan.shard_rows,
                                  shards=shards, attrs={"versions": _library_versions(), "manifest": plan.manifest})
     _write_atomic(_plan_path(audit_dir), json.dumps(plan.__dict__, indent=1))  # last: prepare is done
     return plan
+
+
+class _PairIndex:
+    """Usable pairs of the training source on disk (SQLite), so prepare can write them in
+    slot order without holding the dataset in memory; removed when prepare ends."""
+
+    def __init__(self, path: Path) -> None:
+        path.unlink(missing_ok=True)
+        self.path, self.readable = path, 0
+        self.db = sqlite3.connect(path)
+        self.db.execute("PRAGMA journal_mode=OFF")
+        self.db.execute("PRAGMA synchronous=OFF")
+        self.db.execute("CREATE TABLE pairs (id TEXT PRIMARY KEY, image TEXT, caption TEXT)")
+
+    def __enter__(self) -> "_PairIndex":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.db.close()
+        self.path.unlink(missing_ok=True)
+
+    def fill(self, items: Iterator["Pair | RejectedRow"]) -> tuple[list[RejectedRow], list[str]]:
+        """Store usable pairs; return the rejected rows and the ids of every readable row."""
+        rejected, ids, chunk = [], [], []
+        for item in items:
+            if isinstance(item, Pair):
+                chunk.append((item.id, item.image, item.caption))
+                if len(chunk) >= 10_000:
+                    self.db.executemany("INSERT INTO pairs VALUES (?, ?, ?)", chunk)
+                    chunk = []
+            else:
+                rejected.append(item)
+            if not (isinstance(item, RejectedRow) and item.unreadable):
+                ids.append(item.id)
+        self.db.executemany("INSERT INTO pairs VALUES (?, ?, ?)", chunk)
+        self.readable = len(ids)
+        return rejected, ids
+
+    def lookup(self, ids: list[str]) -> list[Pair]:
+        """The pairs of `ids`, in that order."""
+        marks = ",".join("?" * len(ids))
+        found = {r[0]: Pair(*r) for r in self.db.execute(f"SELECT id, image, caption FROM pairs WHERE id IN ({marks})", ids)}
+        return [found[i] for i in ids]
 
 
 def _library_versions() -> dict[str, str]:

@@ -39,6 +39,7 @@ class RejectedRow:
     row: int        # 1-based data row number in the file
     id: str
     reason: str
+    unreadable: bool = False  # the row itself could not be parsed: it has no id of its own
 
 
 FORMATS = ("jsonl", "csv", "parquet", "webdataset")
@@ -224,19 +225,33 @@ class ImageAccess:
 def read_pairs(path: "str | Path | dict | Source", check_images: bool = True, field: str = "train",
                image_roots: Sequence[Path] | None = None,
                access: ImageAccess | None = None) -> tuple[list[Pair], list[RejectedRow], list[str]]:
-    """(usable pairs, rejected rows, ids of every readable row). Duplicate ids are an error.
+    """(usable pairs, rejected rows, ids of every readable row), in memory: see iter_pairs."""
+    pairs, rejected, all_ids = [], [], []
+    for item in iter_pairs(path, check_images, field, access or ImageAccess(roots=image_roots)):
+        if isinstance(item, Pair):
+            pairs.append(item)
+        else:
+            rejected.append(item)
+        if not (isinstance(item, RejectedRow) and item.unreadable):
+            all_ids.append(item.id)
+    return pairs, rejected, all_ids
 
-    Rows that cannot be parsed at all have no id; they are rejected as "row-<n>" and are not
-    part of the partition (neither training nor the audit can read them). With `image_roots`
-    (the service's data roots), an image whose real path lies outside all of them is rejected.
-    URL images are fetched (when `check_images`) into `access.fetch_dir`, once.
+
+def iter_pairs(path: "str | Path | dict | Source", check_images: bool = True, field: str = "train",
+               access: ImageAccess | None = None) -> Iterator["Pair | RejectedRow"]:
+    """Each row as a usable Pair or a RejectedRow, streamed. Duplicate ids are an error.
+
+    Rows that cannot be parsed at all have no id; they are rejected as "row-<n>" (unreadable)
+    and are not part of the partition (neither training nor the audit can read them). With
+    `access.roots` (the service's data roots), an image whose real path lies outside all of
+    them is rejected. URL images are fetched (when `check_images`) into `access.fetch_dir`,
+    once. Memory: the set of ids seen.
     """
-    access = access or ImageAccess(roots=image_roots)
     base = _base_of(source_of(path, field))
-    pairs, rejected, all_ids, seen = [], [], [], {}
+    seen: dict[str, int] = {}
     for number, row in read_pair_rows(path, field):
         if "__error__" in row:
-            rejected.append(RejectedRow(number, f"row-{number}", row["__error__"]))
+            yield RejectedRow(number, f"row-{number}", row["__error__"], unreadable=True)
             continue
         raw_id = row.get("id")
         pair_id = str(raw_id).strip() if raw_id is not None else ""
@@ -244,13 +259,11 @@ def read_pairs(path: "str | Path | dict | Source", check_images: bool = True, fi
         if pair_id in seen:
             raise ConfigError(field, f"duplicate id {pair_id!r} in rows {seen[pair_id]} and {number}")
         seen[pair_id] = number
-        all_ids.append(pair_id)
         reason = _row_problem(row, base, check_images, access)
         if reason:
-            rejected.append(RejectedRow(number, pair_id, reason))
+            yield RejectedRow(number, pair_id, reason)
         else:
-            pairs.append(Pair(pair_id, _image_ref(base, row["image"]), str(row["caption"]).strip()))
-    return pairs, rejected, all_ids
+            yield Pair(pair_id, _image_ref(base, row["image"]), str(row["caption"]).strip())
 
 
 @dataclass

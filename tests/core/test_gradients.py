@@ -90,8 +90,10 @@ def test_logra_factors_equal_projected_dense_gradients(setup):
     images, tokens = random_batch(loaded, 6, seed=8)
     logra = per_pair_gradients(loaded.model, params, projector, images, tokens, method="logra", chunk=5)
     dense = per_pair_gradients(loaded.model, params, projector, images, tokens, method="dense")
-    torch.testing.assert_close(logra.pos, dense.pos, rtol=1e-4, atol=1e-6)
-    torch.testing.assert_close(logra.neg, dense.neg, rtol=1e-4, atol=1e-6)
+    # float32 sums in another order: entries near zero differ by ~1e-6 on some CPUs, so the
+    # absolute tolerance is 1e-5 of the largest entry (the relative one stays 1e-4).
+    for ours, reference in ((logra.pos, dense.pos), (logra.neg, dense.neg)):
+        torch.testing.assert_close(ours, reference, rtol=1e-4, atol=1e-5 * float(reference.abs().max()))
     recorder = WeightUseRecorder(params)
     with recorder:
         loaded.model.encode_text(tokens), loaded.model.encode_image(images)
