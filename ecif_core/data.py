@@ -11,6 +11,7 @@ import glob
 import hashlib
 import io
 import json
+import os
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,7 +56,7 @@ IMAGE_KEYS, CAPTION_KEYS, ID_KEYS = ("image", "filepath", "url"), ("caption", "t
 class Source:
     """Where pairs come from and which columns hold them (a manifest's `train` / `validation`)."""
 
-    path: str
+    path: str | list[str]            # a list only for webdataset: shards, each a path or pattern
     format: str
     image_key: str | None = None     # None: the first of IMAGE_KEYS the file has
     caption_key: str | None = None
@@ -72,20 +73,25 @@ def source_of(value: "str | Path | dict | Source", field: str = "train") -> Sour
         return value
     if isinstance(value, (str, Path)):
         value = {"path": str(value)}
-    if not isinstance(value, dict) or not isinstance(value.get("path"), str) or not value["path"]:
-        raise ConfigError(field, "must be a path or an object with a path")
+    path = value.get("path") if isinstance(value, dict) else None
+    is_list = isinstance(path, list) and bool(path) and all(isinstance(p, str) and p for p in path)
+    if not (isinstance(path, str) and path) and not is_list:
+        raise ConfigError(field, "must be a path or an object with a path (a list of shards for webdataset)")
     unknown = set(value) - {"path", "format", "image_key", "caption_key", "id_key", "separator"}
     if unknown:
         raise ConfigError(f"{field}.{sorted(unknown)[0]}", "unknown source field")
-    fmt = value.get("format") or EXTENSIONS.get(Path(value["path"]).suffix.lower())
+    first = path[0] if is_list else path
+    fmt = value.get("format") or EXTENSIONS.get(Path(first).suffix.lower())
+    if is_list and fmt != "webdataset":
+        raise ConfigError(f"{field}.path", "a list of paths is for webdataset shards only")
     if fmt not in FORMATS:
         raise ConfigError(f"{field}.format" if "format" in value else field,
                           f"unsupported pair file type (give format: one of {FORMATS})")
     for key in ("image_key", "caption_key", "id_key", "separator"):
         if value.get(key) is not None and (not isinstance(value[key], str) or not value[key]):
             raise ConfigError(f"{field}.{key}", "must be a non-empty string")
-    separator = value.get("separator") or ("\t" if Path(value["path"]).suffix.lower() == ".tsv" else None)
-    return Source(value["path"], fmt, value.get("image_key"), value.get("caption_key"), value.get("id_key"),
+    separator = value.get("separator") or ("\t" if Path(first).suffix.lower() == ".tsv" else None)
+    return Source(list(path) if is_list else path, fmt, value.get("image_key"), value.get("caption_key"), value.get("id_key"),
                   separator if fmt == "csv" else None)
 
 
@@ -135,12 +141,13 @@ def _columns(names, source: Source, path: Path, field: str) -> tuple[str | None,
             pick(source.caption_key, CAPTION_KEYS, "caption", True))
 
 
-def shard_paths(pattern: str, field: str = "train") -> list[Path]:
-    """The tar shards of a webdataset source: a path, a brace pattern ({000..009}) or a glob."""
+def shard_paths(pattern: str | list[str], field: str = "train") -> list[Path]:
+    """The tar shards of a webdataset source: a path, a brace pattern ({000..009}), a glob,
+    or a list of those."""
     from braceexpand import braceexpand
 
     paths = []
-    for expanded in braceexpand(pattern):
+    for expanded in (e for p in ([pattern] if isinstance(pattern, str) else pattern) for e in braceexpand(p)):
         matches = sorted(Path(p) for p in glob.glob(expanded)) if glob.has_magic(expanded) else [Path(expanded)]
         paths += matches
     missing = [str(p) for p in paths if not p.is_file()]
@@ -305,7 +312,7 @@ def _stable_id(row: dict) -> str:
 
 
 def _base_of(source: Source) -> Path:
-    return Path(source.path).resolve().parent
+    return Path(source.path if isinstance(source.path, str) else source.path[0]).resolve().parent
 
 
 def _image_ref(base: Path, image: str) -> str:
@@ -397,7 +404,7 @@ def _image_problem(path: "Path | str") -> str | None:
 def _image_size(path: "Path | str") -> int:
     if isinstance(path, str) and TAR_MEMBER in path:
         shard, member = path.split(TAR_MEMBER, 1)
-        return _tar(shard).getmember(member).size
+        return _open_shard(shard).getmember(member).size
     return Path(path).stat().st_size
 
 
@@ -412,15 +419,21 @@ def image_bytes(image: str) -> bytes:
     """The stored bytes of an image file or of a member of a webdataset shard."""
     if TAR_MEMBER in image:
         shard, member = image.split(TAR_MEMBER, 1)
-        handle = _tar(shard).extractfile(member)
+        handle = _open_shard(shard).extractfile(member)
         if handle is None:
             raise OSError(f"{member} is not a file in {shard}")
         return handle.read()
     return Path(image).read_bytes()
 
 
+def _open_shard(shard: str) -> tarfile.TarFile:
+    """An open shard, reopened when the file was replaced (keyed by its mtime and size)."""
+    stat = os.stat(shard)
+    return _tar(shard, stat.st_mtime_ns, stat.st_size)
+
+
 @functools.lru_cache(maxsize=16)
-def _tar(shard: str) -> tarfile.TarFile:
+def _tar(shard: str, _mtime_ns: int, _size: int) -> tarfile.TarFile:
     """Open shards stay open (per process): a batch reads many members of the same shard."""
     return tarfile.open(shard, "r")
 

@@ -134,7 +134,10 @@ def load_manifest(source: str | Path | dict, base_dir: str | Path | None = None)
         """A path stays a path; a source object gets its path resolved and its fields checked."""
         if not isinstance(value, dict):
             return resolve(value, name, required)
-        source = source_of({**value, "path": resolve(value.get("path"), f"{name}.path", True)}, name)
+        path = value.get("path")
+        resolved = ([resolve(p, f"{name}.path", True) for p in path] if isinstance(path, list) and path
+                    else resolve(path, f"{name}.path", True))
+        source = source_of({**value, "path": resolved}, name)
         return source.to_json()
 
     checkpoint = resolve(model.get("checkpoint"), "model.checkpoint", True)

@@ -25,9 +25,10 @@ def confined_manifest(raw: Any, roots: list[Path], remote_hosts: Sequence[str] =
     _check_remote_hosts(raw.get("remote_images"), remote_hosts)
     for path_field in PATH_KEYS:
         value = _get(raw, path_field)
-        if isinstance(value, str) and value:
-            for expanded in braceexpand(value):  # a webdataset pattern: every shard it names
-                check_confined(expanded, roots, ".".join(path_field))
+        for item in value if isinstance(value, list) else [value]:  # a list of webdataset shards
+            if isinstance(item, str) and item:
+                for expanded in braceexpand(item):  # a webdataset pattern: every shard it names
+                    check_confined(expanded, roots, ".".join(path_field))
     return load_manifest(raw, base_dir=roots[0])
 
 

@@ -150,3 +150,22 @@ def test_a_bad_member_of_a_shard_is_a_rejected_row(workspace, tmp_path):
     assert reasons["a"].startswith("image cannot be decoded") and reasons["b"] == "image is empty"
     with pytest.raises(ConfigError, match="shard"):
         read_pairs({"path": str(tmp_path / "{0..1}.tar"), "format": "webdataset"})
+
+
+def test_a_list_of_shards_reads_like_the_pattern_and_trains_like_the_jsonl(workspace, tmp_path):
+    from ecif_core.data import data_hash
+    from ecif_core.manifest import load_manifest
+
+    pattern = _write_webdataset(workspace, shards=3)
+    listed = [f"data/shards/{s:03d}.tar" for s in range(3)]
+    manifest = load_manifest({"model": {"config": "cfg.json", "checkpoint": "model.pt"},
+                              "train": {"path": listed, "format": "webdataset"}}, base_dir=workspace)
+    assert manifest.train["path"] == [str(workspace / p) for p in listed]
+    from_list, _, _ = read_pairs(manifest.train)
+    from_pattern, _, _ = read_pairs(str(workspace / pattern))
+    from_jsonl, _, _ = read_pairs(workspace / "data" / "train.jsonl")
+    assert from_list == from_pattern and [p.id for p in from_list] == [p.id for p in from_jsonl]
+    assert data_hash(from_list) == data_hash(from_jsonl)  # the same bytes, read from inside the shards
+    with pytest.raises(ConfigError, match="webdataset shards only") as error:
+        source_of({"path": ["a.jsonl", "b.jsonl"]})
+    assert error.value.field == "train.path"

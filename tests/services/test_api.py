@@ -123,6 +123,9 @@ def test_paths_outside_the_data_roots_are_refused(api, keys, data_root, tmp_path
         response = api.post("/audits", json=manifest_json(train=train), headers=keys["alice"])
         assert response.status_code == 422, train
         assert response.json()["field"] == "train" and "outside the data roots" in response.text, train
+    shards = {"path": ["digits/a.tar", str(outside / "b.tar")], "format": "webdataset"}  # one shard outside
+    response = api.post("/audits", json=manifest_json(train=shards), headers=keys["alice"])
+    assert response.status_code == 422 and response.json()["field"] == "train.path", response.text
     response = api.post("/audits", json=manifest_json(model={"config": "cfg.json", "checkpoint": "/etc/passwd"}),
                         headers=keys["alice"])
     assert response.status_code == 422 and response.json()["field"] == "model.checkpoint"
