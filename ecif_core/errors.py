@@ -16,6 +16,9 @@ class ConfigError(EcifError, ValueError):
         self.message = message
         super().__init__(f"{field}: {message}")
 
+    def __reduce__(self):  # picklable across processes (a worker pool re-raises it in the parent)
+        return (type(self), (self.field, self.message))
+
 
 class ModelSourceError(ConfigError):
     """The model cannot be built from local files alone (ecif_core never downloads weights)."""
