@@ -97,9 +97,9 @@ def _run_epochs(model, cfg: TrainConfig, batches, cached, n_used: int, l2_params
     """The optimisation loop; returns (seconds per epoch, summed loss of the last epoch)."""
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=0.0)
     total_steps = cfg.epochs * len(batches)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _lr_factor(s, cfg.warmup_steps, total_steps))
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg.warmup_steps, total_steps))
     order_rng = np.random.Generator(np.random.PCG64(cfg.seed + 1))
-    snapshots = _snapshot_epochs(cfg.epochs, cfg.checkpoints)
+    snapshots = snapshot_epochs(cfg.epochs, cfg.checkpoints)
     epoch_seconds, epoch_loss = [], float("nan")
     for epoch in range(cfg.epochs):
         started, epoch_loss = time.perf_counter(), 0.0
@@ -136,7 +136,7 @@ def _write_weights(model: torch.nn.Module, path: Path, cfg: TrainConfig) -> None
 def _save(model, cfg: TrainConfig, data, out, pairs, all_ids, excluded, n_used, model_cfg, epoch_seconds,
           epoch_loss, init) -> TrainResult:
     """Checkpoint (or adapter folder) plus the JSON sidecar the audit reads its defaults from."""
-    snapshots = _snapshot_epochs(cfg.epochs, cfg.checkpoints)
+    snapshots = snapshot_epochs(cfg.epochs, cfg.checkpoints)
     out = Path(out)
     _write_weights(model, out, cfg)
     sidecar = out / TRAINING_SIDECAR if cfg.lora_rank is not None else Path(str(out) + SIDECAR_SUFFIX)
@@ -154,7 +154,7 @@ def _save(model, cfg: TrainConfig, data, out, pairs, all_ids, excluded, n_used, 
     return TrainResult(out, sidecar, epoch_seconds, epoch_loss / n_used)
 
 
-def _lr_factor(step: int, warmup: int, total: int) -> float:
+def lr_factor(step: int, warmup: int, total: int) -> float:
     """Linear warm-up then cosine decay to zero: ends near a minimum, as influence functions assume."""
     if step < warmup:
         return (step + 1) / warmup
@@ -162,7 +162,7 @@ def _lr_factor(step: int, warmup: int, total: int) -> float:
     return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
-def _snapshot_epochs(epochs: int, count: int) -> set[int]:
+def snapshot_epochs(epochs: int, count: int) -> set[int]:
     if count <= 0:
         return set()
     return {max(1, round(epochs * (i + 1) / count)) for i in range(count)}

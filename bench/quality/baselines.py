@@ -20,7 +20,7 @@ from ecif_core.gradients import embed, loss_gradient, per_pair_gradients, temper
 from ecif_core.models import load_model, restrict_grad_to, select_theta
 from ecif_core.projection import ProjectionSpec, Projector
 from ecif_core.runtime import flush_denormals
-from ecif_core.train import _lr_factor, _snapshot_epochs  # the trainer's own schedule and snapshot epochs
+from ecif_core.train import lr_factor, snapshot_epochs  # the trainer's own schedule and snapshot epochs
 
 from .tensors import Batch
 
@@ -61,9 +61,9 @@ def checkpoint_weights(epochs: int, count: int, steps_per_epoch: int, lr: float,
     the summed step size of the visits to one pair that checkpoint c stands for (one visit per epoch)."""
     total = epochs * steps_per_epoch
     weights, previous = [], 0
-    for epoch in sorted(_snapshot_epochs(epochs, count)):
+    for epoch in sorted(snapshot_epochs(epochs, count)):
         steps = range(previous * steps_per_epoch, epoch * steps_per_epoch)
-        weights.append(sum(lr * _lr_factor(s, warmup, total) for s in steps) / steps_per_epoch)
+        weights.append(sum(lr * lr_factor(s, warmup, total) for s in steps) / steps_per_epoch)
         previous = epoch
     return weights
 
