@@ -1,0 +1,192 @@
+"""The model edit (ecif_core.edit) against independent computations: dense Hessians and Newton's step
+through open_clip's real forward (torch.func.functional_call), and retraining to convergence."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ecif_core.edit import (EditSettings, LeaveOutObjective, TrainingBatch, apply_delta, conjugate_gradient,
+                            edit_parameters)
+from ecif_core.errors import ConfigError
+from ecif_core.losses import batch_loss, pair_logits
+from ecif_core.models import restrict_grad_to, select_theta
+
+from .helpers import micro_model, random_batch
+
+WEIGHT_DECAY = 0.5
+PROJECTIONS = ["visual.proj", "text_projection"]
+
+
+class Problem:
+    """A micro open_clip model in float64, 3 batches of 5 pairs; theta = the two projections (256 numbers).
+
+    The L2 term is anchored at the initial theta, (delta/2)|theta - theta_0|^2 (L2-SP): the cosine logits
+    make the loss invariant to the projections' scale, so an L2 towards 0 has no minimiser. Its Hessian is
+    delta I either way, which is all the edit uses of it (the removal gradient holds no L2 term).
+    """
+
+    def __init__(self, theta_patterns: list[str] = PROJECTIONS):
+        loaded = micro_model(0)
+        self.model = loaded.model.double()
+        self.theta = select_theta(self.model, theta_patterns)
+        restrict_grad_to(self.model, self.theta)
+        self.inputs = []
+        for seed in range(3):
+            images, tokens = random_batch(loaded, 5, seed=seed)
+            self.inputs.append((images.double(), tokens))
+        self.names = [name for name, _ in self.theta]
+        self.shapes = [p.shape for _, p in self.theta]
+        with torch.no_grad():  # projections 10x their init scale: the cosine's curvature ~ 1/|W|^2 stays moderate
+            for _, p in self.theta:
+                p.mul_(10.0)
+        self.anchor = self.flat_theta()
+        with torch.no_grad():
+            saved = self.model.visual.proj, self.model.text_projection
+            self.model.visual.proj, self.model.text_projection = None, None
+            self.features = [(self.model.encode_image(i), self.model.encode_text(t)) for i, t in self.inputs]
+            self.model.visual.proj, self.model.text_projection = saved
+
+    def batches(self, removed: dict[int, list[int]]) -> list[TrainingBatch]:
+        out = []
+        for index, (images, tokens) in enumerate(self.inputs):
+            mask = torch.zeros(images.shape[0], dtype=torch.bool)
+            mask[removed.get(index, [])] = True
+            out.append(TrainingBatch(images, tokens, mask))
+        return out
+
+    def flat_theta(self) -> torch.Tensor:
+        return torch.cat([p.detach().reshape(-1) for _, p in self.theta]).clone()
+
+    def set_theta(self, flat: torch.Tensor) -> None:
+        start = 0
+        with torch.no_grad():
+            for (_, p), shape in zip(self.theta, self.shapes):
+                p.copy_(flat[start:start + p.numel()].reshape(shape))
+                start += p.numel()
+
+    def objective(self, flat: torch.Tensor, removed: dict[int, list[int]], forward: bool = False) -> torch.Tensor:
+        """J_E(theta) written independently of ecif_core.edit, pairs of `removed` dropped from their batches.
+
+        forward=True runs open_clip's own forward with theta substituted (torch.func.functional_call);
+        otherwise u = f_txt W_txt, v = f_img W_img on the towers' outputs (the same function, cheaper)."""
+        params, start = {}, 0
+        for name, shape in zip(self.names, self.shapes):
+            size = int(torch.tensor(shape).prod())
+            params[name] = flat[start:start + size].reshape(shape)
+            start += size
+        total = 0.5 * WEIGHT_DECAY * ((flat - self.anchor) ** 2).sum()
+        for index, (images, tokens) in enumerate(self.inputs):
+            keep = [i for i in range(images.shape[0]) if i not in removed.get(index, [])]
+            if forward:
+                image_emb, text_emb, _ = torch.func.functional_call(self.model, params, (images[keep], tokens[keep]))
+            else:
+                image_feat, text_feat = self.features[index]
+                image_emb = image_feat[keep] @ params["visual.proj"]
+                text_emb = text_feat[keep] @ params["text_projection"]
+            total = total + batch_loss(pair_logits(text_emb, image_emb, self.model.logit_scale.detach().exp()))
+        return total
+
+    def minimise(self, removed: dict[int, list[int]], start: torch.Tensor) -> torch.Tensor:
+        """Newton with dense Hessians (shifted while indefinite) to a gradient norm of 1e-11: the retraining oracle."""
+        theta = start.clone()
+        fn = lambda t: self.objective(t, removed)  # noqa: E731
+        for _ in range(200):
+            grad = torch.func.grad(fn)(theta)
+            if float(grad.norm()) < 1e-11:
+                return theta
+            hess = torch.func.hessian(fn)(theta)
+            shift = max(0.0, 1e-3 - float(torch.linalg.eigvalsh(hess)[0]))
+            step = torch.linalg.solve(hess + shift * torch.eye(len(theta), dtype=theta.dtype), grad)
+            size = 1.0  # line search only far from the optimum (near it, rounding decides the comparison)
+            while float(grad.norm()) > 1e-6 and float(fn(theta - size * step)) > float(fn(theta)) and size > 1e-8:
+                size /= 2
+            theta = theta - size * step
+        raise AssertionError(f"Newton did not converge (|grad| = {float(grad.norm()):.2e})")
+
+
+@pytest.fixture(scope="module")
+def trained() -> tuple[Problem, torch.Tensor]:
+    problem = Problem()
+    theta_hat = problem.minimise({}, problem.flat_theta())
+    problem.set_theta(theta_hat)
+    return problem, theta_hat
+
+
+def _edit(problem: Problem, removed: dict[int, list[int]], **settings) -> torch.Tensor:
+    objective = LeaveOutObjective(problem.model, problem.theta, problem.batches(removed), WEIGHT_DECAY)
+    result = edit_parameters(objective, EditSettings(damping=0.0, tolerance=1e-13, max_iterations=500, **settings))
+    assert not result.negative_curvature
+    return torch.cat([result.delta[name].reshape(-1) for name in problem.names])
+
+
+@pytest.mark.parametrize("removed", [{1: [2]}, {0: [0]}, {2: [1, 3]}, {0: [4], 2: [0, 2]}],
+                         ids=["single", "single-other-batch", "group-sharing-a-batch", "group-over-batches"])
+def test_edit_is_newtons_step_of_the_leave_out_objective(trained, removed) -> None:
+    problem, theta_hat = trained
+    fn = lambda t: problem.objective(t, removed)  # noqa: E731
+    hess = torch.func.hessian(fn)(theta_hat)
+    assert float(torch.linalg.eigvalsh(hess).min()) > 0  # the leave-out objective is convex here
+    newton = -torch.linalg.solve(hess, torch.func.grad(fn)(theta_hat))
+    delta = _edit(problem, removed)
+    assert float((delta - newton).norm() / newton.norm()) < 1e-6
+
+
+def test_edit_tracks_retraining_and_beats_no_edit(trained) -> None:
+    problem, theta_hat = trained
+    for removed in ({1: [2]}, {2: [1, 3]}):
+        retrained = problem.minimise(removed, theta_hat)
+        actual = retrained - theta_hat
+        delta = _edit(problem, removed)
+        # second-order accurate: far closer to the retrained optimum than the unedited model
+        assert float((delta - actual).norm()) < 0.1 * float(actual.norm())
+        assert float(torch.nn.functional.cosine_similarity(delta, actual, dim=0)) > 0.99
+
+
+def test_group_in_one_batch_is_not_the_sum_of_singles(trained) -> None:
+    problem, _ = trained
+    together = _edit(problem, {2: [1, 3]})
+    apart = _edit(problem, {2: [1]}) + _edit(problem, {2: [3]})
+    assert float((together - apart).norm()) > 1e-3 * float(together.norm())
+
+
+def test_hessian_vector_products_equal_the_dense_hessian_on_the_projections() -> None:
+    problem = Problem()
+    removed = {0: [1], 2: [0, 4]}
+    theta = problem.flat_theta()
+    hess = torch.autograd.functional.hessian(lambda t: problem.objective(t, removed, forward=True), theta)
+    vector = torch.randn(len(theta), generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    for cache in (True, False):
+        objective = LeaveOutObjective(problem.model, problem.theta, problem.batches(removed), WEIGHT_DECAY,
+                                      use_feature_cache=cache)
+        assert objective.uses_feature_cache is cache
+        torch.testing.assert_close(objective.hessian_vector_product(vector), hess @ vector, rtol=1e-9, atol=1e-9)
+        full = torch.func.grad(lambda t: problem.objective(t, {}, forward=True))(theta)
+        leave_out = torch.func.grad(lambda t: problem.objective(t, removed, forward=True))(theta)
+        torch.testing.assert_close(objective.removal_gradient()[0], full - leave_out, rtol=1e-9, atol=1e-9)
+
+
+def test_conjugate_gradient_matches_a_dense_solve_and_stops_at_negative_curvature() -> None:
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randn(30, 30, generator=gen, dtype=torch.float64)
+    spd = a @ a.T + 0.5 * torch.eye(30, dtype=torch.float64)
+    b = torch.randn(30, generator=gen, dtype=torch.float64)
+    result = conjugate_gradient(lambda x: spd @ x, b, 1e-12, 200)
+    torch.testing.assert_close(result.solution, torch.linalg.solve(spd, b), rtol=1e-8, atol=1e-10)
+    assert not result.negative_curvature
+    indefinite = torch.diag(torch.tensor([1.0, -1.0], dtype=torch.float64))
+    stopped = conjugate_gradient(lambda x: indefinite @ x, torch.tensor([1.0, 1.0], dtype=torch.float64), 1e-12, 10)
+    assert stopped.negative_curvature
+
+
+def test_apply_delta_round_trip_and_bad_settings(trained) -> None:
+    problem, theta_hat = trained
+    delta = {name: torch.ones_like(p) for name, p in problem.theta}
+    apply_delta(problem.theta, delta)
+    assert torch.allclose(problem.flat_theta(), theta_hat + 1)
+    apply_delta(problem.theta, delta, sign=-1.0)
+    assert torch.allclose(problem.flat_theta(), theta_hat)
+    with pytest.raises(ConfigError, match="edit.tolerance"):
+        EditSettings(tolerance=0).validate()
+    with pytest.raises(ConfigError, match="remove"):
+        edit_parameters(LeaveOutObjective(problem.model, problem.theta, problem.batches({}), WEIGHT_DECAY),
+                        EditSettings())
