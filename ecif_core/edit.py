@@ -184,7 +184,8 @@ class LeaveOutObjective:
             keep = ~b.removed
             if int(keep.sum()) < 2:
                 continue
-            u, v = self._embeddings(index)
+            with _twice_differentiable_attention():
+                u, v = self._embeddings(index)
             loss = batch_loss(pair_logits(u[keep], v[keep], self.scale))
             grads = torch.autograd.grad(loss, self.params, create_graph=True, allow_unused=True)
             dot = sum((g * t).sum() for g, t in zip(grads, tangent) if g is not None)
@@ -208,6 +209,14 @@ class LeaveOutObjective:
                     u, v = embed(self.model, b.images, b.tokens)
                 value += float(batch_loss(pair_logits(u[keep], v[keep], self.scale)))
         return value
+
+
+def _twice_differentiable_attention() -> contextlib.AbstractContextManager:
+    """The math kernel of scaled_dot_product_attention: the fused (flash / efficient) kernels have no
+    double backward, which Hessian-vector products need."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel(SDPBackend.MATH)
 
 
 def _is_head_only(model: torch.nn.Module, theta: Sequence[tuple[str, torch.nn.Parameter]]) -> bool:

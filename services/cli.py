@@ -105,6 +105,54 @@ def cmd_trace(args: argparse.Namespace) -> int:
     return 0
 
 
+def _edit_settings(args: argparse.Namespace):
+    from ecif_core.edit import EditSettings
+
+    return EditSettings(damping=args.damping, damping_factor=args.damping_factor,
+                        max_iterations=args.max_iterations, tolerance=args.tolerance)
+
+
+def cmd_preview(args: argparse.Namespace) -> int:
+    """Predicted effect of removing a set of pairs, from an audit folder or the service."""
+    if args.audit_dir:
+        from ecif_core.edit_audit import preview
+
+        result = preview(args.audit_dir, args.remove, base_dir=Path.cwd())
+    else:
+        result = _client(args).preview(_need_audit_id(args), args.remove)
+    print(json.dumps(result, indent=1))
+    return 0
+
+
+def cmd_edit(args: argparse.Namespace) -> int:
+    """The model without a set of pairs (no retraining): a checkpoint plus its sidecars in --out."""
+    if args.audit_dir:
+        from ecif_core.edit_audit import edit_audit
+
+        record = edit_audit(args.audit_dir, args.remove, args.out, _edit_settings(args), theta=args.theta,
+                            base_dir=Path.cwd())
+        print(json.dumps({k: record[k] for k in ("remove", "checkpoint", "result", "validation")}, indent=1))
+        return 0
+    client = _client(args)
+    edit = client.create_edit(_need_audit_id(args), {"remove": args.remove, "damping": args.damping,
+                                                     "damping_factor": args.damping_factor,
+                                                     "max_iterations": args.max_iterations,
+                                                     "tolerance": args.tolerance, "theta": args.theta})
+    status = client.wait_edit(edit["status_url"])
+    if status["status"] != "succeeded":
+        print(f"edit {status['status']}: {status.get('error')}", file=sys.stderr)
+        return 1
+    target = client.download_edit(status["checkpoint_url"], Path(args.out))
+    print(json.dumps({**status, "downloaded": str(target)}, indent=1))
+    return 0
+
+
+def _need_audit_id(args: argparse.Namespace) -> str:
+    if not args.audit_id:
+        raise SystemExit("give an AUDIT_ID (service) or --audit-dir DIR (a finished `ecif audit`)")
+    return args.audit_id
+
+
 def cmd_validate(args: argparse.Namespace) -> int:
     """Check a manifest and stream its pair sources without opening images (fast, bounded memory)."""
     import json
@@ -294,6 +342,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", help="also write the rows as CSV")
     _client_flags(p)
     p.set_defaults(run=cmd_trace)
+
+    removal_help = ("pairs to remove: suspected, top:Q:COLUMN, bottom:Q:COLUMN, random:Q[:SEED] or ids:FILE "
+                    "(Q a fraction with a decimal point or a count)")
+    p = verbs.add_parser("preview", help="predicted effect of removing pairs (stored numbers, instant)")
+    p.add_argument("audit_id", nargs="?", help="a finished audit of the service")
+    p.add_argument("--audit-dir", help="or the folder of a finished `ecif audit` (no server)")
+    p.add_argument("--remove", required=True, help=removal_help)
+    _client_flags(p)
+    p.set_defaults(run=cmd_preview)
+
+    p = verbs.add_parser("edit", help="the model without a set of pairs, without retraining (ECIF model edit)")
+    p.add_argument("audit_id", nargs="?", help="a finished audit of the service")
+    p.add_argument("--audit-dir", help="or the folder of a finished `ecif audit` (no server)")
+    p.add_argument("--remove", required=True, help=removal_help)
+    p.add_argument("--out", required=True, help="folder for the edited checkpoint, its sidecars and edit.json")
+    p.add_argument("--damping", type=float, default=None, help="lambda; default damping-factor x curvature along "
+                   "the removal gradient")
+    p.add_argument("--damping-factor", type=float, default=0.01)
+    p.add_argument("--max-iterations", type=int, default=50, help="conjugate-gradient iterations (one "
+                   "Hessian-vector pass over the training pairs each)")
+    p.add_argument("--tolerance", type=float, default=1e-4, help="relative residual at which CG stops")
+    p.add_argument("--theta", action="append", help="parameters to edit (fnmatch; repeat); default the audit's theta")
+    _client_flags(p)
+    p.set_defaults(run=cmd_edit)
 
     p = verbs.add_parser("serve", help="run the HTTP API (settings from ECIF_* variables)")
     p.add_argument("--host")

@@ -1,0 +1,201 @@
+"""Removal preview and model edit of a finished audit: what dropping a set of pairs would do, and the
+model without them (ecif_core.edit), written as a checkpoint in the input's own format.
+
+The preview reads stored numbers only (instant): the sum over the set of the per-pair influence
+(IS, IS_pos, IS_neg). Pairs of the set that share a batch interact (ECIF_MATH "Group E"), which the
+sum ignores; the preview says how many do. The edit recomputes the exact group gradients in
+parameter space and reports the group-form, first-order prediction next to the validation loss the
+edited model actually has.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .audit import final_ranking, image_access, load_plan, load_slots, open_store
+from .batching import partition
+from .data import load_batch, read_pairs
+from .edit import EditSettings, LeaveOutObjective, TrainingBatch, apply_delta, edit_parameters
+from .errors import ConfigError
+from .losses import batch_loss, pair_logits
+from .gradients import embed, temperature_scale
+from .lora import TRAINING_SIDECAR, save_adapter
+from .manifest import SIDECAR_SUFFIX, Manifest, read_sidecar
+from .models import load_model, restrict_grad_to, select_theta
+from .removal import RemovalSet, select
+from .runtime import flush_denormals
+
+EDIT_SIDECAR = "edit.json"
+REMOVED_IDS = "removed_ids.txt"
+
+
+def removal_set(audit_dir: str | Path, spec: str, base_dir: str | Path | None = None) -> RemovalSet:
+    """The pairs `spec` names among the audit's ranked pairs (see ecif_core.removal)."""
+    ranking = final_ranking(audit_dir)
+    columns = dict(ranking.columns)
+    rank = np.empty(len(ranking.pairs))
+    rank[ranking.order] = np.arange(1, len(ranking.pairs) + 1)
+    columns["rank"] = rank
+    return select(spec, [p.id for p in ranking.pairs], columns, ranking.suspected, base_dir)
+
+
+def preview(audit_dir: str | Path, spec: str, base_dir: str | Path | None = None) -> dict:
+    """Predicted change of the mean validation loss if the set is removed, from stored numbers (sum form)."""
+    ranking = final_ranking(audit_dir)
+    chosen = removal_set(audit_dir, spec, base_dir)
+    wanted = set(chosen.ids)
+    index = np.array([i for i, p in enumerate(ranking.pairs) if p.id in wanted], dtype=np.int64)
+    plan = load_plan(audit_dir)
+    batch_of = ranking.slots[index] // plan.batch_size
+    _, per_batch = np.unique(batch_of, return_counts=True)
+    cols = ranking.columns
+    has_validation = not np.isnan(cols["influence"]).all()
+    store = open_store(audit_dir)
+    validation_loss = (float(store.root["validation/grad"].attrs["loss"])
+                       if has_validation and store.is_complete("validation/grad") else None)
+
+    def total(name: str) -> float | None:
+        return float(cols[name][index].sum()) if has_validation else None
+
+    return {"remove": chosen.spec, "pairs": len(index), "fraction": len(index) / len(ranking.pairs),
+            "suspected_in_set": int(ranking.suspected[index].sum()),
+            "batches_touched": int(len(per_batch)), "pairs_sharing_a_batch": int(per_batch[per_batch > 1].sum()),
+            "validation_loss": validation_loss, "predicted_validation_change": total("influence"),
+            "predicted_validation_change_pos": total("influence_pos"),
+            "predicted_validation_change_neg": total("influence_neg"),
+            "form": "sum of per-pair influence (stored); pairs sharing a batch are not grouped"}
+
+
+def training_batches_of(audit_dir: str | Path, removed: set[str], preprocess, tokenizer) -> list[TrainingBatch]:
+    """The audit's fixed partition (its row slots) as tensors, with the removed pairs marked."""
+    plan = load_plan(audit_dir)
+    fetched = image_access(plan, audit_dir).fetch_dir
+    grouped: dict[int, list] = {}
+    for slot, pair in load_slots(audit_dir):
+        grouped.setdefault(slot // plan.batch_size, []).append(pair)
+    out = []
+    for b in sorted(grouped):
+        pairs = grouped[b]
+        images, tokens = load_batch(pairs, preprocess, tokenizer, fetched)
+        out.append(TrainingBatch(images, tokens, torch.tensor([p.id in removed for p in pairs])))
+    return out
+
+
+def _validation_batches(audit_dir: str | Path, manifest: Manifest, preprocess, tokenizer) -> list[tuple]:
+    """The validation partition the audit used (same batch size and seed), batches of >= 2 pairs."""
+    access = image_access(load_plan(audit_dir), audit_dir)
+    pairs, _, _ = read_pairs(manifest.validation, field="validation", access=access)
+    by_id = {p.id: p for p in pairs}
+    return [load_batch([by_id[i] for i in ids], preprocess, tokenizer, access.fetch_dir)
+            for ids in partition(by_id, manifest.options.batch_size, manifest.options.seed) if len(ids) >= 2]
+
+
+def validation_loss(model: torch.nn.Module, batches: list[tuple], params: list | None = None
+                    ) -> tuple[float, list[torch.Tensor] | None]:
+    """Mean contrastive loss per validation pair (the audit's L'), and its gradient in `params` when given."""
+    total, count = 0.0, 0
+    grads = None if params is None else [torch.zeros_like(p, dtype=torch.float64) for p in params]
+    scale = temperature_scale(model)
+    for images, tokens in batches:
+        with torch.set_grad_enabled(params is not None):
+            text, image = embed(model, images, tokens)
+            loss = batch_loss(pair_logits(text, image, scale))
+        if params is not None:
+            for g, part in zip(grads, torch.autograd.grad(loss, params, allow_unused=True)):
+                if part is not None:
+                    g += part.double()
+        total, count = total + float(loss.detach()), count + images.shape[0]
+    if count == 0:
+        raise ConfigError("validation", "no batch holds two usable pairs")
+    return total / count, None if grads is None else [g / count for g in grads]
+
+
+def edit_audit(audit_dir: str | Path, spec: str, out: str | Path, settings: EditSettings | None = None,
+               theta: list[str] | None = None, base_dir: str | Path | None = None) -> dict:
+    """Write the model without the pairs `spec` names into `out`; returns the edit's record (edit.json).
+
+    `theta`: fnmatch patterns of the parameters to edit (default: the audit's theta). The audit is
+    only read, never changed.
+    """
+    settings = (settings or EditSettings()).validate()
+    started = time.perf_counter()
+    audit_dir, out = Path(audit_dir), Path(out)
+    plan = load_plan(audit_dir)
+    manifest = Manifest.from_json(plan.manifest)
+    chosen = removal_set(audit_dir, spec, base_dir)
+    loaded = load_model(manifest.model_arch, manifest.model_config, manifest.checkpoint, adapter=manifest.adapter)
+    model = loaded.model.to("cuda" if torch.cuda.is_available() else "cpu")
+    params = select_theta(model, theta or manifest.options.theta)
+    restrict_grad_to(model, params)
+    seconds = {}
+    with flush_denormals():
+        batches = training_batches_of(audit_dir, set(chosen.ids), loaded.preprocess, loaded.tokenizer)
+        objective = LeaveOutObjective(model, params, batches, manifest.options.weight_decay)
+        seconds["load"] = time.perf_counter() - started
+        result = edit_parameters(objective, settings)
+        record_validation = None
+        if manifest.validation is not None:
+            val = _validation_batches(audit_dir, manifest, loaded.preprocess, loaded.tokenizer)
+            before, grads = validation_loss(model, val, [p for _, p in params])
+            predicted = float(sum((g * result.delta[name].double()).sum() for g, (name, _) in zip(grads, params)))
+            apply_delta(params, result.delta)
+            after, _ = validation_loss(model, val)
+            record_validation = {"loss_before": before, "loss_after": after, "actual_change": after - before,
+                                 "predicted_change": predicted, "form": "group (exact Pos(E) + Neg(E)), first order"}
+        else:
+            apply_delta(params, result.delta)
+    seconds.update(result.seconds)
+    seconds["total"] = time.perf_counter() - started
+    record = {
+        "audit": str(audit_dir.resolve()), "remove": {"spec": chosen.spec, "pairs": len(chosen.ids), "ids": REMOVED_IDS},
+        "base": {"arch": manifest.model_arch, "config": manifest.model_config, "checkpoint": manifest.checkpoint,
+                 "adapter": manifest.adapter},
+        "method": {"curvature": "exact Hessian of the objective without the set (Hessian-vector products)",
+                   "solver": "truncated conjugate gradients", "weight_decay": manifest.options.weight_decay,
+                   "theta": [name for name, _ in params], "feature_cache": objective.uses_feature_cache,
+                   **asdict(settings)},
+        "result": {**result.summary(), "seconds": seconds},
+        "validation": record_validation,
+    }
+    _write_edited_model(model.to("cpu"), manifest, chosen, out, record)
+    return record
+
+
+def _write_edited_model(model: torch.nn.Module, manifest: Manifest, chosen: RemovalSet, out: Path, record: dict) -> None:
+    """The checkpoint in the input's format, its training sidecar (the removed pairs excluded, so
+    `ecif audit` of the edited model sees the batches it stands for), the edit record and the ids."""
+    out.mkdir(parents=True, exist_ok=True)
+    sidecar = read_sidecar(manifest.checkpoint, manifest.adapter)
+    o = manifest.options
+    sidecar.update({"batch_size": o.batch_size, "seed": o.seed, "weight_decay": o.weight_decay,
+                    "excluded": sorted(set(sidecar.get("excluded", [])) | set(chosen.ids) | set(manifest.excluded)),
+                    "edited_from": manifest.adapter or manifest.checkpoint})
+    if manifest.ids_digest and "ids_digest" not in sidecar:
+        sidecar["ids_digest"] = manifest.ids_digest
+    if manifest.adapter is not None:
+        folder = out / "adapter"
+        if folder.exists():
+            shutil.rmtree(folder)
+        save_adapter(model, folder)
+        (folder / TRAINING_SIDECAR).write_text(json.dumps(sidecar, indent=1))
+        record["checkpoint"] = {"adapter": str(folder), "base_checkpoint": manifest.checkpoint}
+    else:
+        state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+        if manifest.checkpoint.endswith(".safetensors"):
+            from safetensors.torch import save_file
+
+            path = out / "model.safetensors"
+            save_file(state, str(path))
+        else:
+            path = out / "model.pt"
+            torch.save(state, path)
+        Path(str(path) + SIDECAR_SUFFIX).write_text(json.dumps(sidecar, indent=1))
+        record["checkpoint"] = {"checkpoint": str(path)}
+    (out / REMOVED_IDS).write_text("".join(f"{i}\n" for i in chosen.ids), encoding="utf-8")
+    (out / EDIT_SIDECAR).write_text(json.dumps(record, indent=1))
