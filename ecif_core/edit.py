@@ -49,7 +49,7 @@ class EditSettings:
                   ("tolerance", 0 < self.tolerance < 1, "must be in (0, 1)")]
         for name, ok, message in checks:
             if not ok:
-                raise ConfigError(f"edit.{name}", message)
+                raise ConfigError(name, message)
         return self
 
 

@@ -63,6 +63,31 @@ class Client:
                 return status
             time.sleep(poll)
 
+    def preview(self, audit_id: str, remove: str) -> dict:
+        return self._json(self.http.get(f"/audits/{audit_id}/preview", params={"remove": remove}))
+
+    def create_edit(self, audit_id: str, body: dict) -> dict:
+        return self._json(self.http.post(f"/audits/{audit_id}/edits", json={k: v for k, v in body.items() if v is not None}))
+
+    def wait_edit(self, status_url: str, poll: float = 0.5) -> dict:
+        while True:
+            status = self._json(self.http.get(status_url))
+            if status["status"] in ("succeeded", "failed"):
+                return status
+            time.sleep(poll)
+
+    def download_edit(self, checkpoint_url: str, out: Path) -> Path:
+        """Unpack the edit (checkpoint, its sidecars, edit.json) into folder `out`."""
+        import io
+        import zipfile
+
+        response = self.http.get(checkpoint_url)
+        if response.status_code != 200:
+            self._json(response)
+        out.mkdir(parents=True, exist_ok=True)
+        zipfile.ZipFile(io.BytesIO(response.content)).extractall(out)
+        return out
+
     @staticmethod
     def _json(response: httpx.Response) -> dict:
         if response.status_code >= 400:

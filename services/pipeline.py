@@ -314,3 +314,35 @@ def run_trace(database_url: str, trace_id: str, models: core.ModelCache) -> None
         _bulk_insert(session, TracePair, rows)
         session.execute(update(Trace).where(Trace.id == trace_id).values(
             status="succeeded", test_losses=[t.test_loss for t in traces], finished_at=utcnow()))
+
+
+def run_edit(database_url: str, edit_id: str) -> None:
+    """Write one requested model edit (ecif_core.edit_audit) into the edit's folder; the audit is only read."""
+    from ecif_core.edit import EditSettings
+    from ecif_core.edit_audit import edit_audit
+
+    from .db.models import Edit
+
+    with session_scope(database_url) as session:
+        row = session.get(Edit, edit_id)
+        if row is None or row.status in ("succeeded", "failed"):
+            return
+        audit_dir, request, edit_dir = session.get(Audit, row.audit_id).audit_dir, row.request, row.edit_dir
+        row.status = "running"
+    try:
+        settings = EditSettings(**{k: request[k] for k in ("damping", "damping_factor", "max_iterations", "tolerance")})
+        record = edit_audit(audit_dir, request["remove"], edit_dir, settings, theta=request.get("theta"),
+                            base_dir=edit_dir)
+    except TRANSIENT:
+        raise
+    except Exception as exc:
+        message = str(exc) if isinstance(exc, EcifError) else f"{type(exc).__name__}: {exc}"
+        with session_scope(database_url) as session:
+            session.execute(update(Edit).where(Edit.id == edit_id).values(
+                status="failed", error=message[:4000], finished_at=utcnow()))
+        if isinstance(exc, EcifError):
+            return
+        raise
+    with session_scope(database_url) as session:
+        session.execute(update(Edit).where(Edit.id == edit_id).values(
+            status="succeeded", result=record, finished_at=utcnow()))

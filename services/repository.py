@@ -16,7 +16,7 @@ from sqlalchemy.orm import Session
 from ecif_core.audit import RANKED_COLUMNS
 from ecif_core.manifest import Manifest
 
-from .db.models import FINISHED, SHARDED, ApiKey, Audit, Pair, Score, Shard, Trace, TracePair, utcnow
+from .db.models import FINISHED, SHARDED, ApiKey, Audit, Edit, Pair, Score, Shard, Trace, TracePair, utcnow
 from .db.session import session_scope
 
 KEY_PREFIX = "ecif_"
@@ -103,7 +103,7 @@ def delete_audit(session: Session, audit: Audit, store_root: str | Path | None) 
     audit_dir = Path(audit.audit_dir).resolve()
     traces = select(Trace.id).where(Trace.audit_id == audit.id)
     session.execute(delete(TracePair).where(TracePair.trace_id.in_(traces)))
-    for table in (Trace, Score, Pair, Shard):
+    for table in (Edit, Trace, Score, Pair, Shard):
         session.execute(delete(table).where(table.audit_id == audit.id))
     session.execute(delete(Audit).where(Audit.id == audit.id))
     session.commit()
@@ -202,3 +202,19 @@ def trace_csv(results: list[dict]) -> Iterator[str]:
         buffer = io.StringIO()
         csv.writer(buffer).writerows([trace_row(test, p["rank"], p) for p in result["top"]])
         yield buffer.getvalue()
+
+
+# ------------------------------------------------------------------ edits
+
+def create_edit(session: Session, audit: Audit, request: dict) -> Edit:
+    """An edit's folder lives in its audit's folder (`edits/<id>`): deleted with the audit, never
+    mixed with the audit's own files."""
+    edit_id = str(uuid.uuid4())
+    edit = Edit(id=edit_id, audit_id=audit.id, owner=audit.owner, status="queued", request=request,
+                edit_dir=str(Path(audit.audit_dir) / "edits" / edit_id))
+    session.add(edit)
+    return edit
+
+
+def get_edit(session: Session, audit: Audit, edit_id: str) -> Edit | None:
+    return session.scalar(select(Edit).where(Edit.id == edit_id, Edit.audit_id == audit.id))

@@ -105,6 +105,14 @@ def trace(trace_id: str) -> None:
     run_trace(pipe.database_url, trace_id, pipe.models)
 
 
+@app.task(name="ecif.tasks.gpu.edit", **RETRY)
+def edit(edit_id: str) -> None:
+    """Hessian-vector products over the training pairs need the model: the gpu queue."""
+    from services.pipeline import run_edit
+
+    run_edit(pipeline().database_url, edit_id)
+
+
 @worker_ready.connect
 def _start_reconciler(**_kwargs) -> None:
     """Every ECIF_RECONCILE_INTERVAL seconds, re-send the work of audits with no activity for

@@ -10,7 +10,7 @@ from fastapi.responses import JSONResponse
 from ecif_core.errors import ConfigError, EcifError
 
 from ..settings import Settings, get_settings
-from .routes import audits, health, traces
+from .routes import audits, edits, health, traces
 
 log = logging.getLogger("ecif.api")
 
@@ -28,6 +28,11 @@ class CeleryStarter:
 
         app.send_task("ecif.tasks.gpu.trace", args=[trace_id])
 
+    def start_edit(self, edit_id: str) -> None:
+        from workers.tasks import app
+
+        app.send_task("ecif.tasks.gpu.edit", args=[edit_id])
+
 
 class InProcessStarter:
     """Embedded mode (no broker): audits run one after another on a background thread."""
@@ -41,6 +46,18 @@ class InProcessStarter:
 
     def start_trace(self, trace_id: str) -> None:
         threading.Thread(target=self._trace, args=(trace_id,), daemon=True, name=f"trace-{trace_id}").start()
+
+    def start_edit(self, edit_id: str) -> None:
+        threading.Thread(target=self._edit, args=(edit_id,), daemon=True, name=f"edit-{edit_id}").start()
+
+    def _edit(self, edit_id: str) -> None:
+        from ..pipeline import run_edit
+
+        with self._lock:
+            try:
+                run_edit(self.settings.database_url, edit_id)
+            except Exception:
+                log.exception("edit %s stopped", edit_id)
 
     def _trace(self, trace_id: str) -> None:
         from ecif_core.audit import ModelCache
@@ -75,6 +92,7 @@ def create_app(settings: Settings | None = None, starter: object | None = None) 
     app.include_router(health.router)
     app.include_router(audits.router)
     app.include_router(traces.router)
+    app.include_router(edits.router)
 
     @app.exception_handler(ConfigError)
     async def config_error(_request: Request, exc: ConfigError) -> JSONResponse:

@@ -59,3 +59,32 @@ class TraceStatus(BaseModel):
     results: list[dict]         # per test example: example, test_loss, top (rank, id, image, caption,
                                 # relative_is, influence, influence_pos, influence_neg)
     csv_url: str
+
+
+class EditRequest(BaseModel):
+    """Which pairs to remove (a spec, or the ids themselves) and how to solve for the edit."""
+
+    remove: str | None = None   # suspected | top:Q:COLUMN | bottom:Q:COLUMN | random:Q[:SEED]
+    ids: list[str] | None = None  # or the pairs' ids
+    damping: float | None = None
+    damping_factor: float = 0.01
+    max_iterations: int = 50
+    tolerance: float = 1e-4
+    theta: list[str] | None = None
+
+
+class EditCreated(BaseModel):
+    edit_id: str
+    status_url: str
+
+
+class EditStatus(BaseModel):
+    id: str
+    audit_id: str
+    status: str                 # queued | running | succeeded | failed
+    request: dict
+    created_at: datetime
+    finished_at: datetime | None
+    error: str | None
+    result: dict | None         # the edit record: removal set, method, CG result, validation loss before/after
+    checkpoint_url: str

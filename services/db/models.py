@@ -139,3 +139,20 @@ class TracePair(Base):
     influence: Mapped[float] = mapped_column(Float(53))
     influence_pos: Mapped[float] = mapped_column(Float(53))
     influence_neg: Mapped[float] = mapped_column(Float(53))
+
+
+class Edit(Base):
+    """A model edit of a finished audit: the model without a set of pairs, written to `edit_dir`."""
+
+    __tablename__ = "edits"
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    audit_id: Mapped[str] = mapped_column(ForeignKey("audits.id", ondelete="CASCADE"), index=True)
+    owner: Mapped[str] = mapped_column(String(200))
+    status: Mapped[str] = mapped_column(String(16), default="queued")   # queued | running | succeeded | failed
+    request: Mapped[dict] = mapped_column(JSON)                         # {"remove": spec, settings, "theta"}
+    edit_dir: Mapped[str] = mapped_column(Text)
+    result: Mapped[dict | None] = mapped_column(JSON, nullable=True)    # the edit record (edit.json)
+    error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)

@@ -185,7 +185,7 @@ def test_apply_delta_round_trip_and_bad_settings(trained) -> None:
     assert torch.allclose(problem.flat_theta(), theta_hat + 1)
     apply_delta(problem.theta, delta, sign=-1.0)
     assert torch.allclose(problem.flat_theta(), theta_hat)
-    with pytest.raises(ConfigError, match="edit.tolerance"):
+    with pytest.raises(ConfigError, match="tolerance"):
         EditSettings(tolerance=0).validate()
     with pytest.raises(ConfigError, match="remove"):
         edit_parameters(LeaveOutObjective(problem.model, problem.theta, problem.batches({}), WEIGHT_DECAY),

@@ -23,12 +23,16 @@ class RecordingStarter:
     def __init__(self) -> None:
         self.started: list[str] = []
         self.traces: list[str] = []
+        self.edits: list[str] = []
 
     def start(self, audit_id: str) -> None:
         self.started.append(audit_id)
 
     def start_trace(self, trace_id: str) -> None:
         self.traces.append(trace_id)
+
+    def start_edit(self, edit_id: str) -> None:
+        self.edits.append(edit_id)
 
 
 @pytest.fixture(scope="module")
@@ -323,3 +327,79 @@ def test_remote_images_need_hosts_the_server_allows(api, keys, pg_url, data_root
         assert "169.254.169.254" in response.text
         allowed = {"remote_images": {"allowed_hosts": ["images.example.org"], "timeout_s": 5}}
         assert client.post("/audits", json={**manifest_json(), **allowed}, headers=keys["alice"]).status_code == 202
+
+
+def _audit_files(audit_dir) -> dict:
+    """The audit's own files (not its edits/ folder) with their contents' hashes."""
+    import hashlib
+    from pathlib import Path
+
+    root = Path(audit_dir)
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*"))
+            if p.is_file() and "edits" not in p.relative_to(root).parts}
+
+
+def test_removal_preview_is_served_to_the_owner(api, keys, finished_audit):
+    response = api.get(f"/audits/{finished_audit}/preview", params={"remove": "top:0.1:influence"},
+                       headers=keys["alice"])
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["pairs"] == round(0.1 * 96) and body["predicted_validation_change"] < 0
+    assert api.get(f"/audits/{finished_audit}/preview", params={"remove": "suspected"},
+                   headers=keys["bob"]).status_code == 404
+    bad = api.get(f"/audits/{finished_audit}/preview", params={"remove": "top:2.5:influence"}, headers=keys["alice"])
+    assert bad.status_code == 422 and bad.json()["field"] == "remove"
+    paths = api.get(f"/audits/{finished_audit}/preview", params={"remove": "ids:/etc/passwd"}, headers=keys["alice"])
+    assert paths.status_code == 422 and "list" in paths.text
+
+
+def test_edit_is_queued_computed_and_downloaded(api, keys, pg_url, finished_audit, tmp_path):
+    import io
+    import zipfile
+
+    import torch
+
+    from services.pipeline import run_edit
+
+    with session_scope(pg_url) as session:
+        audit_dir = session.get(Audit, finished_audit).audit_dir
+    before = _audit_files(audit_dir)
+    response = api.post(f"/audits/{finished_audit}/edits", json={"remove": "top:8:self_influence", "max_iterations": 4},
+                        headers=keys["alice"])
+    assert response.status_code == 202, response.text
+    edit_id = response.json()["edit_id"]
+    assert api.starter.edits[-1] == edit_id
+    status_url = f"/audits/{finished_audit}/edits/{edit_id}"
+    assert api.get(status_url, headers=keys["alice"]).json()["status"] == "queued"
+    assert api.get(status_url, headers=keys["bob"]).status_code == 404
+    assert api.get(f"{status_url}/checkpoint", headers=keys["alice"]).status_code == 409
+    run_edit(pg_url, edit_id)  # what the gpu worker runs
+    status = api.get(status_url, headers=keys["alice"]).json()
+    assert status["status"] == "succeeded", status["error"]
+    assert status["result"]["remove"]["pairs"] == 8 and status["result"]["result"]["cg_iterations"] >= 1
+    download = api.get(f"{status_url}/checkpoint", headers=keys["alice"])
+    assert download.status_code == 200 and download.headers["content-type"] == "application/zip"
+    archive = zipfile.ZipFile(io.BytesIO(download.content))
+    assert {"model.pt", "model.pt.json", "edit.json", "removed_ids.txt"} <= set(archive.namelist())
+    state = torch.load(io.BytesIO(archive.read("model.pt")), weights_only=True)
+    assert "visual.proj" in state
+    assert len(archive.read("removed_ids.txt").split()) == 8
+    assert _audit_files(audit_dir) == before  # an edit never modifies the audit
+    assert api.get(f"{status_url}/checkpoint", headers=keys["bob"]).status_code == 404
+
+
+def test_edit_by_ids_and_bad_edit_requests_name_the_field(api, keys, pg_url, finished_audit, data_root):
+    with session_scope(pg_url) as session:
+        some_id = session.query(Pair.pair_id).filter(Pair.audit_id == finished_audit, Pair.slot.isnot(None)).first()[0]
+    ok = api.post(f"/audits/{finished_audit}/edits", json={"ids": [some_id]}, headers=keys["alice"])
+    assert ok.status_code == 202, ok.text
+    for body, field in [({"ids": ["no-such-pair"]}, "ids"), ({"remove": "suspected", "ids": [some_id]}, "remove"),
+                        ({}, "remove"), ({"remove": "top:0.1:nope"}, "remove"),
+                        ({"remove": "random:0.1", "max_iterations": 0}, "max_iterations"),
+                        ({"remove": "random:0.1", "tolerance": 0}, "tolerance"),
+                        ({"remove": "random:0.1", "damping": -1}, "damping"),
+                        ({"remove": "ids:/etc/passwd"}, "remove")]:
+        response = api.post(f"/audits/{finished_audit}/edits", json=body, headers=keys["alice"])
+        assert response.status_code == 422 and response.json()["field"] == field, (body, response.text)
+    unfinished = _submit(api, keys["alice"])["id"]
+    assert api.post(f"/audits/{unfinished}/edits", json={"remove": "suspected"}, headers=keys["alice"]).status_code == 409

@@ -1,0 +1,115 @@
+"""/audits/{id}/preview and /audits/{id}/edits: what removing pairs would do, and the model without them."""
+from __future__ import annotations
+
+import io
+import math
+import shutil
+import zipfile
+from pathlib import Path
+from typing import Annotated
+
+from fastapi import APIRouter, HTTPException, Query, Request
+from fastapi.responses import StreamingResponse
+
+from ecif_core.edit import EditSettings
+from ecif_core.edit_audit import preview, removal_set
+from ecif_core.errors import ConfigError
+
+from ... import repository
+from ..deps import OwnerDep, SessionDep
+from ..schemas import EditCreated, EditRequest, EditStatus
+from .audits import _owned
+
+router = APIRouter(prefix="/audits/{audit_id}", tags=["edits"])
+MAX_ITERATIONS, MAX_IDS, MAX_THETA_PATTERNS = 500, 1_000_000, 64
+REQUEST_IDS = "request_ids.txt"
+
+
+def _finished(session, owner: str, audit_id: str):
+    audit = _owned(session, owner, audit_id)
+    if audit.status != "succeeded":
+        raise HTTPException(409, f"audit is {audit.status}; previews and edits need a finished audit")
+    return audit
+
+
+def _server_spec(spec: str | None) -> str:
+    if spec is not None and spec.strip().startswith("ids:"):
+        raise ConfigError("remove", "the service takes ids as a list in `ids`, not a file path")
+    return spec
+
+
+@router.get("/preview", name="audit_preview")
+def removal_preview(audit_id: str, owner: OwnerDep, session: SessionDep,
+                    remove: Annotated[str, Query(max_length=200)]) -> dict:
+    """Predicted change of the validation loss if the pairs `remove` names were dropped (stored numbers)."""
+    audit = _finished(session, owner, audit_id)
+    return preview(audit.audit_dir, _server_spec(remove))
+
+
+@router.post("/edits", status_code=202, response_model=EditCreated)
+def create(request: Request, audit_id: str, body: EditRequest, owner: OwnerDep, session: SessionDep) -> EditCreated:
+    audit = _finished(session, owner, audit_id)
+    if (body.remove is None) == (body.ids is None):
+        raise ConfigError("remove", "give exactly one of `remove` (a spec) and `ids` (a list)")
+    if body.ids is not None and not 1 <= len(body.ids) <= MAX_IDS:
+        raise ConfigError("ids", f"give between 1 and {MAX_IDS} ids")
+    if not 1 <= body.max_iterations <= MAX_ITERATIONS:
+        raise ConfigError("max_iterations", f"must be between 1 and {MAX_ITERATIONS}")
+    if body.theta is not None and not 1 <= len(body.theta) <= MAX_THETA_PATTERNS:
+        raise ConfigError("theta", f"give between 1 and {MAX_THETA_PATTERNS} patterns")
+    for name in ("damping", "damping_factor", "tolerance"):
+        value = getattr(body, name)
+        if value is not None and not math.isfinite(value):
+            raise ConfigError(name, "must be a finite number")
+    settings = EditSettings(damping=body.damping, damping_factor=body.damping_factor,
+                            max_iterations=body.max_iterations, tolerance=body.tolerance).validate()
+    edit = repository.create_edit(session, audit, {})
+    spec, folder = _server_spec(body.remove), Path(edit.edit_dir)
+    if body.ids is not None:
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / REQUEST_IDS).write_text("".join(f"{i}\n" for i in body.ids), encoding="utf-8")
+        spec = f"ids:{REQUEST_IDS}"
+    try:
+        chosen = removal_set(audit.audit_dir, spec, base_dir=folder)  # a bad spec is a 422 before queueing
+    except ConfigError as exc:
+        shutil.rmtree(folder, ignore_errors=True)
+        raise ConfigError("ids", exc.message) if body.ids is not None else exc
+    edit.request = {"remove": spec, "pairs": len(chosen.ids), "theta": body.theta,
+                    **{k: getattr(settings, k) for k in ("damping", "damping_factor", "max_iterations", "tolerance")}}
+    session.commit()
+    request.app.state.dispatcher.start_edit(edit.id)
+    return EditCreated(edit_id=edit.id, status_url=str(request.url_for("edit_status", audit_id=audit_id,
+                                                                       edit_id=edit.id)))
+
+
+@router.get("/edits/{edit_id}", response_model=EditStatus, name="edit_status")
+def status(request: Request, audit_id: str, edit_id: str, owner: OwnerDep, session: SessionDep) -> EditStatus:
+    edit = _owned_edit(session, owner, audit_id, edit_id)
+    return EditStatus(id=edit.id, audit_id=audit_id, status=edit.status, request=edit.request,
+                      created_at=edit.created_at, finished_at=edit.finished_at, error=edit.error, result=edit.result,
+                      checkpoint_url=str(request.url_for("edit_checkpoint", audit_id=audit_id, edit_id=edit.id)))
+
+
+@router.get("/edits/{edit_id}/checkpoint", name="edit_checkpoint",
+            responses={200: {"content": {"application/zip": {}}}, 409: {"description": "edit not finished"}})
+def checkpoint(audit_id: str, edit_id: str, owner: OwnerDep, session: SessionDep) -> StreamingResponse:
+    """A zip of what the edit wrote: the checkpoint in the input's format (`model.pt` / `model.safetensors`
+    with its training sidecar, or `adapter/` for a LoRA audit), `edit.json` and `removed_ids.txt`."""
+    edit = _owned_edit(session, owner, audit_id, edit_id)
+    if edit.status != "succeeded":
+        raise HTTPException(409, f"edit is {edit.status}")
+    folder = Path(edit.edit_dir)
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
+        for path in sorted(p for p in folder.rglob("*") if p.is_file() and p.name != REQUEST_IDS):
+            archive.write(path, arcname=str(path.relative_to(folder)))
+    buffer.seek(0)
+    return StreamingResponse(buffer, media_type="application/zip",
+                             headers={"Content-Disposition": f'attachment; filename="edit-{edit_id}.zip"'})
+
+
+def _owned_edit(session, owner: str, audit_id: str, edit_id: str):
+    edit = repository.get_edit(session, _owned(session, owner, audit_id), edit_id)
+    if edit is None:
+        raise HTTPException(404, "no such edit")
+    return edit
