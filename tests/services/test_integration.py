@@ -64,6 +64,19 @@ def test_audit_over_http_matches_the_embedded_mode(service, data_root, embedded_
     assert len(read_csv_rows(tmp_path / "trace.csv")) == 5
     metrics = httpx.get(f"{service.url}/metrics").text
     assert 'ecif_audits{status="succeeded"}' in metrics and 'ecif_shard_seconds_count{stage="gradients"}' in metrics
+    # a removal preview, then a model edit on the gpu queue, downloaded as a checkpoint that loads
+    previewed = service.run("preview", audit_id, "--remove", "top:0.1:influence")
+    assert previewed.returncode == 0 and json.loads(previewed.stdout)["predicted_validation_change"] < 0
+    edited = service.run("edit", audit_id, "--remove", "top:0.1:influence", "--max-iterations", "3",
+                         "--out", str(tmp_path / "edited"))
+    assert edited.returncode == 0, edited.stderr + (service.logs / "w1.log").read_text()[-3000:]
+    import torch
+    from open_clip.model import CLIP
+
+    config = json.loads((data_root / "cfg.json").read_text())
+    CLIP(**config).load_state_dict(torch.load(tmp_path / "edited" / "model.pt", weights_only=True), strict=True)
+    record = json.loads((tmp_path / "edited" / "edit.json").read_text())
+    assert record["remove"]["pairs"] == 10 and json.loads(edited.stdout)["status"] == "succeeded"
 
 
 @pytest.mark.parametrize("victim", ["whole worker", "pool process"])
