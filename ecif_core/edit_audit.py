@@ -139,6 +139,9 @@ def edit_audit(audit_dir: str | Path, spec: str, out: str | Path, settings: Edit
         objective = LeaveOutObjective(model, params, batches, manifest.options.weight_decay)
         seconds["load"] = time.perf_counter() - started
         result = edit_parameters(objective, settings)
+        started_check = time.perf_counter()
+        stationarity = float(objective.full_objective_gradient().norm()) / max(result.removal_gradient_norm, 1e-300)
+        seconds["stationarity_check"] = time.perf_counter() - started_check
         record_validation = None
         if manifest.validation is not None:
             val = _validation_batches(audit_dir, manifest, loaded.preprocess, loaded.tokenizer)
@@ -160,7 +163,9 @@ def edit_audit(audit_dir: str | Path, spec: str, out: str | Path, settings: Edit
                    "solver": "truncated conjugate gradients", "weight_decay": manifest.options.weight_decay,
                    "theta": [name for name, _ in params], "feature_cache": objective.uses_feature_cache,
                    **asdict(settings)},
-        "result": {**result.summary(), "seconds": seconds},
+        "result": {**result.summary(), "seconds": seconds,
+                   # |grad J(theta_hat)| / |grad(Pos(E) + Neg(E))|: the edit assumes a trained optimum (~0)
+                   "stationarity": stationarity},
         "validation": record_validation,
     }
     _write_edited_model(model.to("cpu"), manifest, chosen, out, record)

@@ -359,7 +359,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="folder for the edited checkpoint, its sidecars and edit.json")
     p.add_argument("--damping", type=float, default=None, help="lambda; default damping-factor x curvature along "
                    "the removal gradient")
-    p.add_argument("--damping-factor", type=float, default=0.01)
+    p.add_argument("--damping-factor", type=float, default=0.1)
     p.add_argument("--max-iterations", type=int, default=50, help="conjugate-gradient iterations (one "
                    "Hessian-vector pass over the training pairs each)")
     p.add_argument("--tolerance", type=float, default=1e-4, help="relative residual at which CG stops")

@@ -67,7 +67,7 @@ class EditRequest(BaseModel):
     remove: str | None = None   # suspected | top:Q:COLUMN | bottom:Q:COLUMN | random:Q[:SEED]
     ids: list[str] | None = None  # or the pairs' ids
     damping: float | None = None
-    damping_factor: float = 0.01
+    damping_factor: float = 0.1
     max_iterations: int = 50
     tolerance: float = 1e-4
     theta: list[str] | None = None

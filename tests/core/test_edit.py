@@ -190,3 +190,19 @@ def test_apply_delta_round_trip_and_bad_settings(trained) -> None:
     with pytest.raises(ConfigError, match="remove"):
         edit_parameters(LeaveOutObjective(problem.model, problem.theta, problem.batches({}), WEIGHT_DECAY),
                         EditSettings())
+
+
+def test_negative_curvature_raises_the_damping_until_cg_succeeds() -> None:
+    """Untrained projections: the leave-out objective is indefinite (eigenvalues down to about -3)."""
+    problem = Problem()
+    objective = LeaveOutObjective(problem.model, problem.theta, problem.batches({1: [2]}), WEIGHT_DECAY)
+    undamped = conjugate_gradient(lambda x: objective.hessian_vector_product(x), objective.removal_gradient()[0],
+                                  1e-10, 300)
+    assert undamped.negative_curvature
+    result = edit_parameters(objective, EditSettings(damping=0.0, tolerance=1e-8, max_iterations=300))
+    assert not result.negative_curvature and result.damping > 0 and result.dampings_tried[0] == 0.0
+    assert len(result.dampings_tried) >= 2
+    gradient = torch.func.grad(lambda t: problem.objective(t, {}, forward=True))(problem.flat_theta())
+    # the test objective anchors its L2 at theta_0; the trainer's (and the diagnostic's) pulls towards 0
+    torch.testing.assert_close(objective.full_objective_gradient(), gradient + WEIGHT_DECAY * problem.anchor,
+                               rtol=1e-9, atol=1e-9)
