@@ -326,3 +326,43 @@ def test_ranked_row_matches_independent_recomputation(workspace, finished):
     h = all_pos.T @ all_pos + shift * torch.eye(plan.dim, dtype=torch.float64)
     expected = float(g_pos @ torch.linalg.solve(h, g_pos + g_neg))
     assert float(row["self_influence"]) == pytest.approx(expected, rel=2e-3)
+
+
+def test_curvature_from_shard_partial_sums_equals_the_all_rows_sum(finished, tmp_path):
+    """Each gradients shard stores sum g_pos g_pos^T of its rows; their total is the Fisher of
+    all N rows, and the curvature stage never needs the rows (they are zeroed here)."""
+    import torch
+
+    from ecif_core.hessian import eigendecompose, fisher_sum
+
+    plan, store = audit.load_plan(finished), audit.open_store(finished)
+    assert plan.shards > 1
+    all_rows = torch.from_numpy(store.read_rows("grads/pos")).double()
+    expected = all_rows.T @ all_rows
+    torch.testing.assert_close(audit.fisher_from_partials(store, plan.shards), expected, rtol=1e-10, atol=1e-12)
+    for shard in range(plan.shards):  # each partial is its own shard's rows only
+        rows = torch.from_numpy(store.read_rows("grads/pos", shard * plan.shard_rows, (shard + 1) * plan.shard_rows))
+        torch.testing.assert_close(torch.from_numpy(store.read_rows("fisher/partial", shard, shard + 1)[0]),
+                                   fisher_sum([rows], plan.dim))
+    copy = tmp_path / "copy"
+    shutil.copytree(finished, copy)
+    copied = audit.open_store(copy)
+    del copied.root["curvature"]
+    copied.root["grads/pos"][:] = 0.0  # the stage must not read the rows
+    audit.curvature(copy)
+    eigvals, _ = eigendecompose(expected)
+    np.testing.assert_allclose(copied.read_rows("curvature/eigvals"), eigvals.numpy(), rtol=1e-8, atol=1e-10)
+    np.testing.assert_allclose(copied.read_rows("curvature/eigvals"), store.read_rows("curvature/eigvals"),
+                               rtol=1e-8, atol=1e-10)
+
+
+def test_curvature_of_a_store_without_partial_sums_reads_the_rows(finished, tmp_path):
+    """Audit folders made before the partial sums existed still get the same curvature."""
+    copy = tmp_path / "old"
+    shutil.copytree(finished, copy)
+    store = audit.open_store(copy)
+    del store.root["curvature"]
+    del store.root["fisher"]
+    audit.curvature(copy)
+    np.testing.assert_allclose(store.read_rows("curvature/eigvals"), audit.open_store(finished).read_rows(
+        "curvature/eigvals"), rtol=1e-8, atol=1e-10)
