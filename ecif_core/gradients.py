@@ -1,19 +1,30 @@
 """Per-pair projected gradients g_pos(n), g_neg(n) of one batch (ECIF_MATH "Influence").
 
 Every Pos(n) and Neg(n) depends on all 2B embeddings of the batch. We take the Jacobian of
-the 2B per-pair terms with respect to the embeddings (cheap, embedding level), then push all
-2B cotangent sets back through the encoders in one batched backward (vmap via
-`is_grads_batched`), chunked to bound memory, and project each gradient as it appears.
+the 2B per-pair terms with respect to the embeddings (cheap, embedding level), then either
+
+- "per_pair": push all 2B cotangent sets back through the encoders in batched backwards (vmap
+  via `is_grads_batched`), chunked to bound memory, and project each gradient as it appears:
+  2B backward passes over the batch, so the cost per pair grows with B; or
+- "per_item": the encoders embed each item independently, so item j's projected Jacobian
+  M_j (D x k: row d is the projected gradient of its embedding coordinate d) comes from D
+  backward passes with one-hot cotangents, kept apart per item by the LoGra factors (inputs
+  and output-gradients are per item and token). Then g(n) = sum_j c_j(n)^T M_j, a small
+  contraction with the embedding-level cotangents c(n). D backward passes per batch: the cost
+  per pair no longer depends on B.
+
+`choose_method` (the cost model) takes "per_item" when D < 2B and every theta weight has
+LoGra factors; both give the same numbers to float tolerance (tests/core/test_gradients.py).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Literal, Sequence
 
 import torch
 
 from .losses import NegTerm, batch_loss, contrastive_terms, pair_logits
-from .logra import WeightUseRecorder, projected_from_uses
+from .logra import Use, WeightUseRecorder, project_side, projected_from_uses
 from .projection import Projector
 
 
@@ -53,28 +64,72 @@ def embedding_cotangents(text_emb: torch.Tensor, image_emb: torch.Tensor, scale:
     return jac_u, jac_v, values
 
 
+Method = Literal["auto", "per_item", "per_pair", "logra", "dense"]
+
+
+def choose_method(batch_size: int, embed_dim: int, factored: bool) -> str:
+    """The cost model: backward passes per batch are D (per item) against 2B (per pair).
+
+    Per item needs every theta weight to have LoGra factors (dense gradients sum over items);
+    at D = 2B the per-pair path is kept (no contraction step, no per-item factors)."""
+    return "per_item" if factored and embed_dim < 2 * batch_size else "per_pair"
+
+
 def per_pair_gradients(model: torch.nn.Module, params: Sequence[torch.nn.Parameter], projector: Projector,
                        images: torch.Tensor, tokens: torch.Tensor, neg_term: NegTerm = "exact",
-                       chunk: int = 32, method: str = "logra") -> BatchGradients:
+                       chunk: int = 32, method: Method = "auto") -> BatchGradients:
     """g_pos(n), g_neg(n) for every pair n of one batch, projected to (B, k) each.
 
-    method "logra" asks autograd only for the outputs' gradients of the theta layers and projects
-    from (input, output-gradient) factors; "dense" forms every full weight gradient first (the
-    reference the tests compare with; also what parameters not used as linear weights get).
+    method "auto" picks by `choose_method`; "per_item" and "per_pair" (= "logra") force a path;
+    "dense" forms every full weight gradient first on the per-pair path (the reference the tests
+    compare with; also what parameters not used as linear weights get). `chunk` = cotangents
+    per batched backward (embedding coordinates on the per-item path, pair terms otherwise).
     """
+    device = model.logit_scale.device
     recorder = WeightUseRecorder(params)
     with recorder:
-        text_emb, image_emb = embed(model, images, tokens)
-    uses = recorder.uses if method == "logra" else []
-    dense = [i for i in range(len(params)) if i not in {u.index for u in uses}]
+        text_emb = model.encode_text(tokens.to(device))
+        text_uses = len(recorder.uses)
+        image_emb = model.encode_image(images.to(device))
+    size, dim = text_emb.shape
+    factored = method != "dense" and _per_item_ready(recorder.uses, len(params), size)
+    if method == "auto":
+        method = choose_method(size, dim, factored)
+    if method == "per_item" and not factored:
+        raise ValueError("per_item needs LoGra factors for every theta weight, batch-first")
     scale = temperature_scale(model)
     jac_u, jac_v, values = embedding_cotangents(text_emb, image_emb, scale, neg_term)
+    if method == "per_item":
+        flat = per_item_gradients(recorder.uses, text_uses, text_emb, image_emb, jac_u, jac_v, projector, chunk)
+    else:
+        uses = recorder.uses if method in ("per_pair", "logra") else []
+        flat = _per_pair(uses, params, projector, text_emb, image_emb, jac_u, jac_v, chunk)
+    flat = flat.cpu()
+    with torch.no_grad():
+        clip_score = torch.nn.functional.cosine_similarity(text_emb, image_emb, dim=-1)
+    values = values.detach().cpu()
+    return BatchGradients(pos=flat[:size], neg=flat[size:], pos_terms=values[:size], neg_terms=values[size:],
+                          clip_score=clip_score.detach().cpu())
+
+
+def _per_item_ready(uses: Sequence[Use], n_params: int, items: int) -> bool:
+    """Every theta weight is used as a recorded linear / matmul, with the item index first."""
+    return ({u.index for u in uses} == set(range(n_params))
+            and all(u.inputs.shape[0] == items and u.output.shape[0] == items for u in uses))
+
+
+def _per_pair(uses: Sequence[Use], params: Sequence[torch.nn.Parameter], projector: Projector,
+              text_emb: torch.Tensor, image_emb: torch.Tensor, jac_u: torch.Tensor, jac_v: torch.Tensor,
+              chunk: int) -> torch.Tensor:
+    """2B cotangent sets through the encoders, `chunk` per batched backward -> (2B, k)."""
+    dense = [i for i in range(len(params)) if i not in {u.index for u in uses}]
     rows = jac_u.shape[0]
     projected = []
     for start in range(0, rows, chunk):
         stop = min(rows, start + chunk)
         inputs = [u.output for u in uses] + [params[i] for i in dense]
-        grads = torch.autograd.grad((text_emb, image_emb), inputs, grad_outputs=(jac_u[start:stop], jac_v[start:stop]),
+        towers = _towers(text_emb, image_emb, jac_u[start:stop], jac_v[start:stop])
+        grads = torch.autograd.grad(towers[0], inputs, grad_outputs=towers[1],
                                     is_grads_batched=True, retain_graph=stop < rows, allow_unused=True)
         grads = [torch.zeros((stop - start, *t.shape), device=t.device) if g is None else g
                  for g, t in zip(grads, inputs)]
@@ -82,13 +137,58 @@ def per_pair_gradients(model: torch.nn.Module, params: Sequence[torch.nn.Paramet
         for i, g in zip(dense, grads[len(uses):]):
             blocks[i] = projector.project_block(i, g)
         projected.append(torch.cat([blocks[i] for i in range(len(params))], dim=1))
-    flat = torch.cat(projected).cpu()
-    size = rows // 2
-    with torch.no_grad():
-        clip_score = torch.nn.functional.cosine_similarity(text_emb, image_emb, dim=-1)
-    values = values.detach().cpu()
-    return BatchGradients(pos=flat[:size], neg=flat[size:], pos_terms=values[:size], neg_terms=values[size:],
-                          clip_score=clip_score.detach().cpu())
+    return torch.cat(projected)
+
+
+def per_item_gradients(uses: Sequence[Use], text_uses: int, text_emb: torch.Tensor, image_emb: torch.Tensor,
+                       jac_u: torch.Tensor, jac_v: torch.Tensor, projector: Projector, chunk: int) -> torch.Tensor:
+    """(2B, k) per-pair gradients from per-item projected Jacobians (module docstring).
+
+    uses[:text_uses] belong to the text tower (their output-gradients come from text_emb only),
+    the rest to the image tower. One-hot cotangents on embedding coordinates [r0, r1) go to every
+    item of both towers at once; each use's output-gradient then holds, per item j and
+    coordinate r, d emb_j[r] / d y_j, which the LoGra factors turn into M_j[r] (k_block), and
+    g(n) += sum_{j, r} c_j(n)[r] M_j[r] with c = jac_u (text uses) or jac_v (image uses).
+    """
+    items, dim = text_emb.shape
+    out = torch.zeros(jac_u.shape[0], projector.dim, device=text_emb.device, dtype=torch.float32)
+    eye = torch.eye(dim, device=text_emb.device, dtype=text_emb.dtype)
+    for r0 in range(0, dim, chunk):
+        r1 = min(dim, r0 + chunk)
+        cotangent = eye[r0:r1].unsqueeze(1).expand(r1 - r0, items, dim).contiguous()
+        towers = _towers(text_emb, image_emb, cotangent, cotangent)
+        grads = torch.autograd.grad(towers[0], [u.output for u in uses], grad_outputs=towers[1],
+                                    is_grads_batched=True, retain_graph=r1 < dim, allow_unused=True)
+        for position, (use, dy) in enumerate(zip(uses, grads)):
+            if dy is None:
+                continue
+            jacobian = item_jacobian_block(use, dy, projector)                   # (R, items, k_block)
+            c = (jac_u if position < text_uses else jac_v)[:, :, r0:r1]          # (2B, items, R)
+            block = projector.blocks[use.index]
+            out[:, block.start:block.stop] += torch.einsum("njr,rjk->nk", c.to(jacobian.dtype), jacobian)
+    return out
+
+
+def _towers(text_emb: torch.Tensor, image_emb: torch.Tensor, text_cot: torch.Tensor,
+            image_cot: torch.Tensor) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
+    """(outputs, cotangents) of the towers that hold theta (a theta in one tower leaves the other
+    embedding without a graph)."""
+    pairs = [(e, c) for e, c in ((text_emb, text_cot), (image_emb, image_cot)) if e.requires_grad]
+    return tuple(e for e, _ in pairs), tuple(c for _, c in pairs)
+
+
+def item_jacobian_block(use: Use, dy: torch.Tensor, projector: Projector) -> torch.Tensor:
+    """(R, items, k_block): per item, the projected weight gradient of R output cotangents, summed
+    over that item's tokens only (ECIF_MATH: sum_m (P_out dy_m)(P_in x_m)^T per item)."""
+    p_out, p_in = projector.factors(use.index, dy.device)
+    rows, items = dy.shape[0], dy.shape[1]
+    x = use.inputs.detach().reshape(items, -1, use.inputs.shape[-1])
+    dy = dy.reshape(rows, items, -1, dy.shape[-1])
+    if use.kind == "linear":   # W: (d_out, d_in)
+        block = torch.einsum("rjto,jti->rjoi", project_side(dy, p_out), project_side(x, p_in))
+    else:                      # W: (d_in, d_out) as stored
+        block = torch.einsum("jto,rjti->rjoi", project_side(x, p_out), project_side(dy, p_in))
+    return block.reshape(rows, items, -1)
 
 
 def loss_gradient(model: torch.nn.Module, params: Sequence[torch.nn.Parameter], projector: Projector,

@@ -27,17 +27,22 @@ def _one_at_a_time(loaded, params, images, tokens, neg_term):
     return g_pos, g_neg, pos.detach(), neg.detach()
 
 
-@pytest.mark.parametrize("neg_term,chunk", [("exact", 64), ("exact", 3), ("first_order", 5)])
-def test_per_pair_gradients_match_autograd(setup, neg_term, chunk):
+@pytest.mark.parametrize("neg_term,chunk,method", [("exact", 64, "per_pair"), ("exact", 3, "per_pair"),
+                                                   ("first_order", 5, "per_pair"), ("exact", 64, "per_item"),
+                                                   ("exact", 3, "per_item"), ("first_order", 5, "per_item")])
+def test_per_pair_gradients_match_autograd(setup, neg_term, chunk, method):
     loaded, theta = setup
     params = [p for _, p in theta]
     projector = Projector.for_theta(theta, ProjectionSpec(None, None))
     images, tokens = random_batch(loaded, 6, seed=2)
-    result = per_pair_gradients(loaded.model, params, projector, images, tokens, neg_term, chunk=chunk)
+    result = per_pair_gradients(loaded.model, params, projector, images, tokens, neg_term, chunk=chunk, method=method)
     g_pos, g_neg, pos, neg = _one_at_a_time(loaded, params, images, tokens, neg_term)
     assert result.pos.shape == g_pos.shape == (6, projector.dim)
-    torch.testing.assert_close(result.pos, g_pos, rtol=1e-4, atol=1e-6)
-    torch.testing.assert_close(result.neg, g_neg, rtol=1e-4, atol=1e-6)
+    # The per-item path sums in another order; float32 autograd itself is 1.3e-5 away from the
+    # float64 values here (largest entry ~40), so 1e-6 would only hold for an identical order.
+    atol = 1e-6 if method == "per_pair" else 1e-5
+    torch.testing.assert_close(result.pos, g_pos, rtol=1e-4, atol=atol)
+    torch.testing.assert_close(result.neg, g_neg, rtol=1e-4, atol=atol)
     torch.testing.assert_close(result.pos_terms, pos)
     torch.testing.assert_close(result.neg_terms, neg)
 
@@ -99,3 +104,88 @@ def test_logra_factors_equal_projected_dense_gradients(setup):
         loaded.model.encode_text(tokens), loaded.model.encode_image(images)
     recorded = {theta[u.index][0] for u in recorder.uses}
     assert {"visual.proj", "text_projection"} <= recorded and any("mlp.c_fc" in n for n in recorded)
+    # the default theta never takes the dense path: attention in/out projections have factors too
+    assert recorded == {name for name, _ in theta}
+
+
+def test_per_item_path_equals_per_pair_path_with_projection(setup):
+    """The B-independent path (per-item projected Jacobians contracted with the cotangents)
+    gives the per-pair path's numbers with a real projection, for both neg terms."""
+    loaded, theta = setup
+    params = [p for _, p in theta]
+    projector = Projector.for_theta(theta, ProjectionSpec(k_in=3, k_out=5, seed=7))
+    images, tokens = random_batch(loaded, 7, seed=9)
+    for neg_term in ("exact", "paper"):
+        item = per_pair_gradients(loaded.model, params, projector, images, tokens, neg_term, chunk=3, method="per_item")
+        pair = per_pair_gradients(loaded.model, params, projector, images, tokens, neg_term, chunk=4, method="per_pair")
+        for ours, reference in ((item.pos, pair.pos), (item.neg, pair.neg)):
+            torch.testing.assert_close(ours, reference, rtol=1e-4, atol=1e-5 * float(reference.abs().max()))
+
+
+def test_cost_model_picks_per_item_only_when_embedding_is_smaller_than_2b(setup, monkeypatch):
+    """D < 2B and factored -> per item (D backwards); otherwise per pair (2B backwards). The
+    auto choice is the one actually run, and the backward count follows it."""
+    from ecif_core import gradients
+    from ecif_core.gradients import choose_method
+
+    assert choose_method(32, 32, True) == "per_item"        # tiny CLIP at B = 32: 32 < 64
+    assert choose_method(16, 32, True) == "per_pair"        # D = 2B: per pair
+    assert choose_method(256, 512, True) == "per_pair"      # ViT-B-32 at B = 256
+    assert choose_method(512, 512, True) == "per_item"
+    assert choose_method(512, 32, False) == "per_pair"      # a dense theta weight: no per-item factors
+    loaded, theta = setup
+    params = [p for _, p in theta]
+    projector = Projector.for_theta(theta, ProjectionSpec(k_in=3, k_out=5, seed=7))
+    ran, calls = [], []
+    real_per_item, real_grad = gradients.per_item_gradients, torch.autograd.grad
+    monkeypatch.setattr(gradients, "per_item_gradients", lambda *a, **k: ran.append(1) or real_per_item(*a, **k))
+    monkeypatch.setattr(torch.autograd, "grad",  # count the batched backwards through the encoders
+                        lambda *a, **k: (k.get("is_grads_batched") and calls.append(1)) or real_grad(*a, **k))
+    embed_dim = loaded.model.text_projection.shape[1]      # 8
+    images, tokens = random_batch(loaded, 6, seed=4)       # 2B = 12 > 8
+    per_pair_gradients(loaded.model, params, projector, images, tokens, chunk=1)
+    assert ran == [1] and len(calls) == embed_dim
+    ran.clear(), calls.clear()
+    images, tokens = random_batch(loaded, 3, seed=4)       # 2B = 6 < 8
+    per_pair_gradients(loaded.model, params, projector, images, tokens, chunk=1)
+    assert ran == [] and len(calls) == 6
+
+
+def test_theta_with_a_dense_weight_falls_back_to_the_per_pair_path(setup):
+    """A theta parameter without LoGra factors (a LayerNorm weight) makes per item impossible:
+    auto runs per pair and still matches autograd; forcing per item is refused."""
+    loaded, _ = setup
+    theta = select_theta(loaded.model, ["visual.proj", "visual.ln_post.weight"])
+    restrict_grad_to(loaded.model, theta)
+    try:
+        params = [p for _, p in theta]
+        projector = Projector.for_theta(theta, ProjectionSpec(None, None))
+        images, tokens = random_batch(loaded, 6, seed=5)
+        result = per_pair_gradients(loaded.model, params, projector, images, tokens, chunk=4)
+        g_pos, g_neg, _, _ = _one_at_a_time(loaded, params, images, tokens, "exact")
+        torch.testing.assert_close(result.pos, g_pos, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(result.neg, g_neg, rtol=1e-4, atol=1e-5)
+        with pytest.raises(ValueError, match="per_item"):
+            per_pair_gradients(loaded.model, params, projector, images, tokens, method="per_item")
+    finally:
+        restrict_grad_to(loaded.model, select_theta(loaded.model))
+
+
+def test_recorded_attention_equals_nn_multihead_attention():
+    """The recorder's explicit attention (float, bool and causal masks) is nn.MultiheadAttention."""
+    from ecif_core.logra import WeightUseRecorder
+
+    torch.manual_seed(0)
+    mha = torch.nn.MultiheadAttention(12, 3, batch_first=True)
+    x = torch.randn(4, 5, 12)
+    float_mask = torch.full((5, 5), float("-inf")).triu(1)
+    bool_mask = torch.rand(5, 5) > 0.6
+    bool_mask.fill_diagonal_(False)
+    for kwargs in ({}, {"attn_mask": float_mask}, {"attn_mask": bool_mask},
+                   {"attn_mask": float_mask, "is_causal": True}):
+        expected = mha(x, x, x, need_weights=False, **kwargs)[0]
+        recorder = WeightUseRecorder([mha.in_proj_weight, mha.out_proj.weight])
+        with recorder:
+            got = mha(x, x, x, need_weights=False, **kwargs)[0]
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+        assert [u.index for u in recorder.uses] == [0, 1] and recorder.uses[0].inputs.shape == (4, 5, 12)
