@@ -151,7 +151,7 @@ def per_item_gradients(uses: Sequence[Use], text_uses: int, text_emb: torch.Tens
     g(n) += sum_{j, r} c_j(n)[r] M_j[r] with c = jac_u (text uses) or jac_v (image uses).
     """
     items, dim = text_emb.shape
-    out = torch.zeros(jac_u.shape[0], projector.dim, device=text_emb.device, dtype=torch.float32)
+    out = torch.zeros(jac_u.shape[0], projector.dim, device=text_emb.device, dtype=text_emb.dtype)
     eye = torch.eye(dim, device=text_emb.device, dtype=text_emb.dtype)
     for r0 in range(0, dim, chunk):
         r1 = min(dim, r0 + chunk)

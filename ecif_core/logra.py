@@ -13,7 +13,8 @@ TorchFunctionMode sees only the outer call. When its in/out projection weights a
 the recorder runs that call itself as two explicit linears around scaled_dot_product_attention
 (self-attention without dropout, key padding or extra biases: what open_clip builds; anything
 else runs unchanged and falls back to dense gradients), so both weights get factors too.
-Recorded inputs and outputs are batch-first (item index first), which is what per-item
+It also writes attention and gelu with plain ops (see _attend). Recorded inputs and outputs
+are batch-first (item index first), which is what per-item
 projected Jacobians (gradients.per_item_gradients) rely on.
 """
 from __future__ import annotations
@@ -57,6 +58,8 @@ class WeightUseRecorder(TorchFunctionMode):
             decomposed = self._attention(args, kwargs)
             if decomposed is not None:
                 return decomposed
+        if func is F.gelu and kwargs.get("approximate", args[1] if len(args) > 1 else "none") == "none":
+            return _gelu(args[0])
         out = func(*args, **kwargs)
         if func in _LINEAR:
             weight = args[1] if len(args) > 1 else kwargs.get("weight")
@@ -97,7 +100,7 @@ class WeightUseRecorder(TorchFunctionMode):
             if mask.dim() == 3:
                 mask = mask.reshape(items, heads, *mask.shape[1:])
             mask = mask.to(q.dtype)
-        attended = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
+        attended = _attend(q, k, v, mask, causal)
         attended = attended.transpose(1, 2).reshape(items, length, width)
         out = self._linear(attended, out_w, a["out_proj_bias"])
         return out.transpose(0, 1), None
@@ -110,6 +113,27 @@ class WeightUseRecorder(TorchFunctionMode):
 
 
 _MHA_SIGNATURE = inspect.signature(F.multi_head_attention_forward)
+
+
+# The batched backwards (vmap over cotangents) have no batching rule for the fused CPU attention
+# and gelu backward kernels and fall back to a loop over cotangents, which took about half of a
+# tiny-CLIP gradients shard. Inside the recorded forward both are written with plain ops.
+
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, causal: bool) -> torch.Tensor:
+    """softmax(q k^T / sqrt(d) + mask) v, as scaled_dot_product_attention computes it."""
+    scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)
+    if causal:
+        length = scores.shape[-1]
+        mask = torch.ones(length, length, dtype=torch.bool, device=q.device).triu(1)
+        scores = scores.masked_fill(mask, float("-inf"))
+    elif mask is not None:
+        scores = scores + mask
+    return torch.softmax(scores, dim=-1) @ v
+
+
+def _gelu(x: torch.Tensor) -> torch.Tensor:
+    """Exact (erf) gelu, nn.GELU's default."""
+    return x * 0.5 * (1.0 + torch.erf(x * 0.7071067811865476))
 
 
 def projected_from_uses(uses: Sequence[Use], output_grads: Sequence[torch.Tensor], projector: Projector,
