@@ -25,6 +25,7 @@ from .gradients import loss_gradient, per_pair_gradients
 from .hessian import DampedInverse, default_damping, eigendecompose, fisher_sum
 from .lora import ADAPTER_WEIGHTS, inject_adapter
 from .manifest import Manifest, load_manifest
+from .memory import parse_bytes
 from .models import LoadedModel, load_model, restrict_grad_to, select_theta
 from .projection import Block, Projector
 from .remote import remote_images_of
@@ -316,7 +317,8 @@ def _accumulate_shard(manifest: Manifest, loaded: LoadedModel, params: list, pro
         groups = batches if r == 0 else rebatch_within(shard_pairs, o.batch_size, seed=hash_seed(o.seed, r, shard))
         for batch in groups:  # every batch holds >= 2 pairs (prepare and rebatch_within ensure it)
             images, tokens = load_batch([p for _, p in batch], loaded.preprocess, loaded.tokenizer, fetched)
-            result = per_pair_gradients(loaded.model, params, projector, images, tokens, o.neg_term, o.chunk)
+            result = per_pair_gradients(loaded.model, params, projector, images, tokens, o.neg_term, o.chunk,
+                                        memory_limit=parse_bytes(o.memory_limit))
             local = np.array([slot - start for slot, _ in batch])
             out["pos"][local] += result.pos.numpy() / o.partitions
             out["neg"][local] += result.neg.numpy() / o.partitions

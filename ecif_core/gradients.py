@@ -77,39 +77,79 @@ def choose_method(batch_size: int, embed_dim: int, factored: bool) -> str:
 
 def per_pair_gradients(model: torch.nn.Module, params: Sequence[torch.nn.Parameter], projector: Projector,
                        images: torch.Tensor, tokens: torch.Tensor, neg_term: NegTerm = "exact",
-                       chunk: int = 32, method: Method = "auto") -> BatchGradients:
+                       chunk: int = 32, method: Method = "auto", items: int | None = None,
+                       memory_limit: int | None = None) -> BatchGradients:
     """g_pos(n), g_neg(n) for every pair n of one batch, projected to (B, k) each.
 
     method "auto" picks by `choose_method`; "per_item" and "per_pair" (= "logra") force a path;
     "dense" forms every full weight gradient first on the per-pair path (the reference the tests
     compare with; also what parameters not used as linear weights get). `chunk` = cotangents
     per batched backward (embedding coordinates on the per-item path, pair terms otherwise).
+    `items` = items per forward/backward: both paths are sums over items, so the batch can be
+    taken in slices after one no-grad forward of the whole batch gave the cotangents; the
+    memory of a backward is then set by chunk x items, not by B. `memory_limit` (bytes) picks
+    items and chunk (memory.plan_chunks) instead.
     """
     device = model.logit_scale.device
-    recorder = WeightUseRecorder(params)
-    with recorder:
-        text_emb = model.encode_text(tokens.to(device))
-        text_uses = len(recorder.uses)
-        image_emb = model.encode_image(images.to(device))
-    size, dim = text_emb.shape
-    factored = method != "dense" and _per_item_ready(recorder.uses, len(params), size)
-    if method == "auto":
-        method = choose_method(size, dim, factored)
-    if method == "per_item" and not factored:
-        raise ValueError("per_item needs LoGra factors for every theta weight, batch-first")
-    scale = temperature_scale(model)
-    jac_u, jac_v, values = embedding_cotangents(text_emb, image_emb, scale, neg_term)
-    if method == "per_item":
-        flat = per_item_gradients(recorder.uses, text_uses, text_emb, image_emb, jac_u, jac_v, projector, chunk)
+    size = len(tokens)
+    if memory_limit is not None:
+        from .memory import plan_for_batch
+
+        items, chunk = plan_for_batch(model, params, images, tokens, chunk, memory_limit)
+    if items is None or items >= size:
+        recorder = WeightUseRecorder(params)
+        with recorder:
+            text_emb = model.encode_text(tokens.to(device))
+            text_uses = len(recorder.uses)
+            image_emb = model.encode_image(images.to(device))
+        jac_u, jac_v, values = embedding_cotangents(text_emb, image_emb, temperature_scale(model), neg_term)
+        method = _resolve(method, recorder.uses, len(params), size, text_emb.shape[1])
+        flat = _gradients_of_slice(method, recorder.uses, text_uses, params, projector, text_emb, image_emb,
+                                   jac_u, jac_v, chunk)
     else:
-        uses = recorder.uses if method in ("per_pair", "logra") else []
-        flat = _per_pair(uses, params, projector, text_emb, image_emb, jac_u, jac_v, chunk)
+        with torch.no_grad():
+            text_emb, image_emb = embed(model, images, tokens)
+        jac_u, jac_v, values = embedding_cotangents(text_emb, image_emb, temperature_scale(model), neg_term)
+        flat = None
+        for a in range(0, size, items):
+            b = min(size, a + items)
+            recorder = WeightUseRecorder(params)
+            with recorder:
+                part_u = model.encode_text(tokens[a:b].to(device))
+                text_uses = len(recorder.uses)
+                part_v = model.encode_image(images[a:b].to(device))
+            if a == 0:  # one decision per batch, on the whole batch's B
+                method = _resolve(method, recorder.uses, len(params), size, text_emb.shape[1], b - a)
+            part = _gradients_of_slice(method, recorder.uses, text_uses, params, projector, part_u, part_v,
+                                       jac_u[:, a:b], jac_v[:, a:b], chunk)
+            flat = part if flat is None else flat.add_(part)
+            del recorder, part_u, part_v
     flat = flat.cpu()
     with torch.no_grad():
         clip_score = torch.nn.functional.cosine_similarity(text_emb, image_emb, dim=-1)
     values = values.detach().cpu()
     return BatchGradients(pos=flat[:size], neg=flat[size:], pos_terms=values[:size], neg_terms=values[size:],
                           clip_score=clip_score.detach().cpu())
+
+
+def _resolve(method: str, uses: Sequence[Use], n_params: int, size: int, dim: int, items: int | None = None) -> str:
+    """The path to run: the cost model for "auto", checked for "per_item"."""
+    factored = method != "dense" and _per_item_ready(uses, n_params, size if items is None else items)
+    if method == "auto":
+        return choose_method(size, dim, factored)
+    if method == "per_item" and not factored:
+        raise ValueError("per_item needs LoGra factors for every theta weight, batch-first")
+    return method
+
+
+def _gradients_of_slice(method: str, uses: Sequence[Use], text_uses: int, params: Sequence[torch.nn.Parameter],
+                        projector: Projector, text_emb: torch.Tensor, image_emb: torch.Tensor, jac_u: torch.Tensor,
+                        jac_v: torch.Tensor, chunk: int) -> torch.Tensor:
+    """(2B, k): the contribution of the items whose embeddings are given (all, or a slice)."""
+    if method == "per_item":
+        return per_item_gradients(uses, text_uses, text_emb, image_emb, jac_u, jac_v, projector, chunk)
+    return _per_pair(uses if method in ("per_pair", "logra") else [], params, projector, text_emb, image_emb,
+                     jac_u, jac_v, chunk)
 
 
 def _per_item_ready(uses: Sequence[Use], n_params: int, items: int) -> bool:

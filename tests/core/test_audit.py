@@ -153,7 +153,9 @@ def test_every_row_rejected_fails_with_the_reason(workspace, tmp_path):
 
 @pytest.mark.parametrize("options,field", [({"bogus": 1}, "options.bogus"), ({"batch_size": "32"}, "options.batch_size"),
                                            ({"neg_term": "published"}, "options.neg_term"),
-                                           ({"projection": {"k": 3}}, "options.projection.k")])
+                                           ({"projection": {"k": 3}}, "options.projection.k"),
+                                           ({"memory_limit": "lots"}, "options.memory_limit"),
+                                           ({"memory_limit": 0}, "options.memory_limit")])
 def test_manifest_errors_name_the_field(workspace, options, field):
     with pytest.raises(ConfigError) as error:
         load_manifest(_write_manifest(workspace, "m.json", options))
