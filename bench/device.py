@@ -72,6 +72,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--budget-s", type=float, default=380.0, help="seconds for the whole script")
     parser.add_argument("--memory-limit", default="60GB")
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--parts", default="equality,vit_projections,vit_default")
     args = parser.parse_args(argv)
     started = time.perf_counter()
     out, work = Path(args.out), Path(args.work)
@@ -94,12 +95,16 @@ def main(argv: list[str] | None = None) -> dict:
         print(name, json.dumps(result[name])[:3000], flush=True)
         save()
 
-    part("equality", lambda: equality(work, 32 if args.quick else 128, args.device))
+    parts = args.parts.split(",")
+    if "equality" in parts:
+        part("equality", lambda: equality(work, 32 if args.quick else 128, args.device))
     projections = {"projections": ["visual.proj", "text_projection"]}
-    part("vit_projections", lambda: scale.vit_part(work, [args.batch], 1, device, projections, args.pairs,
-                                                   epoch_batches=min(8, args.pairs // args.batch))[0])
+    if "vit_projections" in parts:
+        part("vit_projections", lambda: scale.vit_part(work, [args.batch], 1, device, projections, args.pairs,
+                                                       epoch_batches=min(8, args.pairs // args.batch))[0])
     deadline = started + args.budget_s
-    part("vit_default", lambda: vit_default(work, args, device, deadline))
+    if "vit_default" in parts:
+        part("vit_default", lambda: vit_default(work, args, device, deadline))
     return result
 
 

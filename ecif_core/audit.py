@@ -29,7 +29,7 @@ from .memory import parse_bytes
 from .models import LoadedModel, load_model, restrict_grad_to, select_theta
 from .projection import Block, Projector
 from .remote import remote_images_of
-from .runtime import flush_denormals
+from .runtime import exact_float32, flush_denormals
 from .scores import misalignment_score, pair_scores, ranking, relative_is, robust_outliers
 from .store import SCORE_FIELDS, AuditStore
 
@@ -76,6 +76,7 @@ class ModelCache:
                json.dumps(manifest.options.theta), json.dumps(manifest.options.projection, sort_keys=True))
         if key != self._key:
             loaded = load_model(manifest.model_arch, manifest.model_config, manifest.checkpoint, adapter=manifest.adapter)
+            exact_float32()
             loaded.model.to("cuda" if torch.cuda.is_available() else "cpu")
             theta = select_theta(loaded.model, manifest.options.theta)
             restrict_grad_to(loaded.model, theta)

@@ -49,3 +49,13 @@ def set_threads(threads: int | None, processes: int = 1) -> int:
     if wanted != torch.get_num_threads():
         torch.set_num_threads(wanted)
     return wanted
+
+
+def exact_float32() -> None:
+    """No TF32 on CUDA: the audit must give the CPU's numbers (1e-4). cuDNN convolutions (the ViT
+    patch embedding) use TF32 by default, which moved a CUDA audit's scores by up to 8e-4
+    relative on an H100 (bench/RESULTS.md, "GPU")."""
+    import torch
+
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False

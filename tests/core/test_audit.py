@@ -368,3 +368,13 @@ def test_curvature_of_a_store_without_partial_sums_reads_the_rows(finished, tmp_
     audit.curvature(copy)
     np.testing.assert_allclose(store.read_rows("curvature/eigvals"), audit.open_store(finished).read_rows(
         "curvature/eigvals"), rtol=1e-8, atol=1e-10)
+
+
+def test_model_cache_turns_tf32_off(workspace):
+    """CUDA audits must match CPU ones to 1e-4: cuDNN's default TF32 convolutions did not."""
+    import torch
+
+    torch.backends.cudnn.allow_tf32 = True
+    torch.backends.cuda.matmul.allow_tf32 = True
+    audit.ModelCache().get(load_manifest(workspace / "manifest.json"))
+    assert not torch.backends.cudnn.allow_tf32 and not torch.backends.cuda.matmul.allow_tf32
