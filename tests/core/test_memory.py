@@ -71,3 +71,25 @@ def test_parse_bytes():
     assert parse_bytes(None) is None and parse_bytes("1.5g") == 3 << 29
     with pytest.raises(ConfigError, match="memory_limit"):
         parse_bytes("lots")
+
+
+def test_cpu_slices_bound_the_backward_width(setup, monkeypatch):
+    """On CPU a batch runs in slices of about CPU_ROWS / min(chunk, passes) items (cache-sized
+    backwards), with the same numbers as one slice."""
+    from ecif_core import gradients
+    from ecif_core.gradients import CPU_ROWS, cpu_items, embedding_dim
+
+    assert cpu_items(128, 32, 64) == CPU_ROWS // 32           # per item: D passes
+    assert cpu_items(16, 512, 64) == CPU_ROWS // 32           # per pair: 2B passes
+    assert cpu_items(256, 512, 8) == CPU_ROWS // 8            # chunk narrower than the passes
+    loaded, params, projector = setup
+    assert embedding_dim(loaded.model) == 8
+    images, tokens = random_batch(loaded, 6, seed=8)
+    whole = per_pair_gradients(loaded.model, params, projector, images, tokens, chunk=4, items=6)
+    monkeypatch.setattr(gradients, "CPU_ROWS", 8)             # 8 // min(4, 8) = 2 items per slice
+    forwards = []
+    real = loaded.model.encode_text
+    monkeypatch.setattr(loaded.model, "encode_text", lambda t: forwards.append(len(t)) or real(t))
+    sliced = per_pair_gradients(loaded.model, params, projector, images, tokens, chunk=4)
+    assert forwards == [6, 2, 2, 2]                           # one no-grad forward, then 3 slices
+    torch.testing.assert_close(sliced.pos, whole.pos, rtol=1e-4, atol=1e-5 * float(whole.pos.abs().max()))
