@@ -146,7 +146,10 @@ def per_pair_gradients(model: torch.nn.Module, params: Sequence[torch.nn.Paramet
 
         items, chunk = plan_for_batch(model, params, images, tokens, chunk, memory_limit)
     elif items is None and device.type == "cpu":
-        items = cpu_items(size, embedding_dim(model), chunk)
+        from .memory import item_bytes
+
+        per_item, dim = item_bytes(model, params, images[:1], tokens[:1])
+        items = cpu_items(size, dim, chunk, per_item)
     if items is None or items >= size:
         recorder = WeightUseRecorder(params)
         with recorder:
@@ -183,25 +186,17 @@ def per_pair_gradients(model: torch.nn.Module, params: Sequence[torch.nn.Paramet
                           clip_score=clip_score.detach().cpu())
 
 
-CPU_ROWS = 1024  # cotangent x item rows per batched backward on CPU
+CPU_SLICE_BYTES = 256 << 20  # theta-layer activations x cotangents per batched backward on CPU
 
 
-def cpu_items(batch: int, dim: int | None, chunk: int) -> int | None:
-    """Items per slice on CPU: about CPU_ROWS cotangent x item rows per backward. Larger backwards
-    leave the cache: the tiny CLIP's per-item path took 46 ms per pair at B = 128 in one slice
-    and 18 ms in slices of 32 (CPU, one thread), for one extra no-grad forward."""
-    if dim is None:
-        return None
+def cpu_items(batch: int, dim: int, chunk: int, per_item: int) -> int:
+    """Items per slice on CPU, so that items x min(chunk, passes) x A stays near CPU_SLICE_BYTES
+    (A = one item's theta-layer activations, memory.item_bytes). Wider backwards leave the
+    cache and hold more memory: the tiny CLIP's per-item path took 46 ms per pair at B = 128 in
+    one slice and 18 ms in slices of 32 (one thread); ViT-B-32 (A = 9.5 MiB) gets one item per
+    slice, which keeps B = 256 near 3 GB. Each slice costs one recorded forward of its items."""
     passes = dim if dim < 2 * batch else 2 * batch
-    return max(1, CPU_ROWS // min(chunk, passes))
-
-
-def embedding_dim(model: torch.nn.Module) -> int | None:
-    """D, the embedding size of an open_clip CLIP (None when it cannot be read)."""
-    projection = getattr(model, "text_projection", None)
-    if isinstance(projection, torch.Tensor):
-        return int(projection.shape[-1])
-    return getattr(projection, "out_features", None)
+    return max(1, CPU_SLICE_BYTES // (per_item * min(chunk, passes)))
 
 
 def _resolve(method: str, uses: Sequence[Use], n_params: int, size: int, dim: int, items: int | None = None) -> str:

@@ -7,9 +7,10 @@ Model of the peak, per batch of B items with embedding size D (float32, bytes):
   + forward             items x A x FORWARD
   + backward            items x chunk x A x BACKWARD
 where A = bytes of one item's recorded theta-layer inputs and outputs (measured by one probe
-forward of a single item). FORWARD and BACKWARD were fitted on this project's CPU runs of the
-tiny model and ViT-B-32 (bench/RESULTS.md, "Scale"): other saved tensors (attention scores,
-layer norms, gelu) and the batched backward's temporaries are a few times A.
+forward of a single item; 265 KiB for the tiny CLIP, 9.5 MiB for ViT-B-32 with the default
+theta). BACKWARD: ViT-B-32 at B = 256 used about 1.2 A per item x cotangent on an H100 (12.8 GB
+peak for 16 items x 64 cotangents) and about 1.6 A on CPU; 2 leaves a margin
+(bench/RESULTS.md, "Scale").
 """
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ from .errors import ConfigError
 from .logra import WeightUseRecorder
 
 FORWARD = 3.0
-BACKWARD = 4.0
+BACKWARD = 2.0
 _UNITS = {"": 1, "b": 1, "k": 1 << 10, "kb": 1 << 10, "m": 1 << 20, "mb": 1 << 20, "g": 1 << 30, "gb": 1 << 30,
           "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30}
 

@@ -74,22 +74,23 @@ def test_parse_bytes():
 
 
 def test_cpu_slices_bound_the_backward_width(setup, monkeypatch):
-    """On CPU a batch runs in slices of about CPU_ROWS / min(chunk, passes) items (cache-sized
-    backwards), with the same numbers as one slice."""
+    """On CPU a batch runs in slices of about CPU_SLICE_BYTES / (A x min(chunk, passes)) items
+    (cache-sized backwards, one item for ViT-B-32), with the same numbers as one slice."""
     from ecif_core import gradients
-    from ecif_core.gradients import CPU_ROWS, cpu_items, embedding_dim
+    from ecif_core.gradients import CPU_SLICE_BYTES, cpu_items
 
-    assert cpu_items(128, 32, 64) == CPU_ROWS // 32           # per item: D passes
-    assert cpu_items(16, 512, 64) == CPU_ROWS // 32           # per pair: 2B passes
-    assert cpu_items(256, 512, 8) == CPU_ROWS // 8            # chunk narrower than the passes
+    assert cpu_items(128, 32, 64, 1 << 10) == CPU_SLICE_BYTES // (32 << 10)   # per item: D passes
+    assert cpu_items(16, 512, 64, 1 << 10) == CPU_SLICE_BYTES // (32 << 10)   # per pair: 2B passes
+    assert cpu_items(256, 512, 8, 1 << 10) == CPU_SLICE_BYTES // (8 << 10)    # chunk narrower than passes
+    assert cpu_items(256, 512, 64, int(9.5 * 2**20)) == 1                     # ViT-B-32
     loaded, params, projector = setup
-    assert embedding_dim(loaded.model) == 8
     images, tokens = random_batch(loaded, 6, seed=8)
+    per_item, _ = item_bytes(loaded.model, params, images[:1], tokens[:1])
     whole = per_pair_gradients(loaded.model, params, projector, images, tokens, chunk=4, items=6)
-    monkeypatch.setattr(gradients, "CPU_ROWS", 8)             # 8 // min(4, 8) = 2 items per slice
+    monkeypatch.setattr(gradients, "CPU_SLICE_BYTES", 2 * 4 * per_item)     # 2 items x 4 cotangents
     forwards = []
     real = loaded.model.encode_text
     monkeypatch.setattr(loaded.model, "encode_text", lambda t: forwards.append(len(t)) or real(t))
     sliced = per_pair_gradients(loaded.model, params, projector, images, tokens, chunk=4)
-    assert forwards == [6, 2, 2, 2]                           # one no-grad forward, then 3 slices
+    assert forwards == [1, 6, 2, 2, 2]                     # probe, one no-grad forward, then 3 slices
     torch.testing.assert_close(sliced.pos, whole.pos, rtol=1e-4, atol=1e-5 * float(whole.pos.abs().max()))
