@@ -278,7 +278,7 @@ def probe_part(out: Path, batch: int, backwards: int, memory_limit: str | None, 
     try:
         with meter.stage("gradients"):
             per_pair_gradients(loaded.model, [p for _, p in theta], projector, images, tokens, chunk=chunk,
-                               memory_limit=parse_bytes(memory_limit))
+                               memory_limit=parse_bytes(memory_limit or None))
     except _Stop:
         pass
     finally:
