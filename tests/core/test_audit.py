@@ -378,3 +378,21 @@ def test_model_cache_turns_tf32_off(workspace):
     torch.backends.cuda.matmul.allow_tf32 = True
     audit.ModelCache().get(load_manifest(workspace / "manifest.json"))
     assert not torch.backends.cudnn.allow_tf32 and not torch.backends.cuda.matmul.allow_tf32
+
+
+def test_memory_limit_option_reaches_the_gradients_stage(workspace, finished, tmp_path, monkeypatch):
+    """options.memory_limit goes to per_pair_gradients, which then runs the batches in the planned
+    slices; the stored gradients are those of the audit without it."""
+    from ecif_core import memory
+
+    calls = []
+    monkeypatch.setattr(memory, "plan_chunks", lambda limit, *rest: calls.append(limit) or (3, 4))
+    manifest = _write_manifest(workspace, "m-memory.json", {**OPTIONS, "memory_limit": "3GB"})
+    out = tmp_path / "memory"
+    audit.prepare(load_manifest(manifest), out)
+    audit.shard_gradients(out, 0)
+    assert calls and set(calls) == {3 << 30}
+    rows = audit.load_plan(out).shard_rows
+    ours = audit.open_store(out).read_rows("grads/pos", 0, rows)
+    reference = audit.open_store(finished).read_rows("grads/pos", 0, rows)
+    np.testing.assert_allclose(ours, reference, rtol=1e-4, atol=1e-5 * float(np.abs(reference).max()))
