@@ -150,6 +150,8 @@ def per_pair_gradients(model: torch.nn.Module, params: Sequence[torch.nn.Paramet
 
         per_item, dim = item_bytes(model, params, images[:1], tokens[:1])
         items = cpu_items(size, dim, chunk, per_item)
+    if items is not None and items < size:  # equal slices (30 + 2 items would waste the second)
+        items = -(-size // -(-size // items))
     if items is None or items >= size:
         recorder = WeightUseRecorder(params)
         with recorder:

@@ -94,3 +94,13 @@ def test_cpu_slices_bound_the_backward_width(setup, monkeypatch):
     sliced = per_pair_gradients(loaded.model, params, projector, images, tokens, chunk=4)
     assert forwards == [1, 6, 2, 2, 2]                     # probe, one no-grad forward, then 3 slices
     torch.testing.assert_close(sliced.pos, whole.pos, rtol=1e-4, atol=1e-5 * float(whole.pos.abs().max()))
+
+
+def test_slices_are_balanced(setup, monkeypatch):
+    loaded, params, projector = setup
+    images, tokens = random_batch(loaded, 6, seed=9)
+    forwards = []
+    real = loaded.model.encode_text
+    monkeypatch.setattr(loaded.model, "encode_text", lambda t: forwards.append(len(t)) or real(t))
+    per_pair_gradients(loaded.model, params, projector, images, tokens, chunk=4, items=5)
+    assert forwards == [6, 3, 3]  # not 5 + 1
