@@ -25,10 +25,11 @@ from .gradients import loss_gradient, per_pair_gradients
 from .hessian import DampedInverse, default_damping, eigendecompose, fisher_sum
 from .lora import ADAPTER_WEIGHTS, inject_adapter
 from .manifest import Manifest, load_manifest
+from .memory import parse_bytes
 from .models import LoadedModel, load_model, restrict_grad_to, select_theta
 from .projection import Block, Projector
 from .remote import remote_images_of
-from .runtime import flush_denormals
+from .runtime import exact_float32, flush_denormals
 from .scores import misalignment_score, pair_scores, ranking, relative_is, robust_outliers
 from .store import SCORE_FIELDS, AuditStore
 
@@ -75,6 +76,7 @@ class ModelCache:
                json.dumps(manifest.options.theta), json.dumps(manifest.options.projection, sort_keys=True))
         if key != self._key:
             loaded = load_model(manifest.model_arch, manifest.model_config, manifest.checkpoint, adapter=manifest.adapter)
+            exact_float32()
             loaded.model.to("cuda" if torch.cuda.is_available() else "cpu")
             theta = select_theta(loaded.model, manifest.options.theta)
             restrict_grad_to(loaded.model, theta)
@@ -299,6 +301,8 @@ def shard_gradients(audit_dir: str | Path, shard: int, models: ModelCache | None
         _accumulate_shard(manifest, loaded, params, projector, start, shard, batches, out, terms, fetch_dir(audit_dir))
     store.write_rows("grads", start, out)
     store.write_rows("terms", start, terms)
+    if store.has("fisher/partial"):
+        store.root["fisher/partial"][shard] = fisher_sum([torch.from_numpy(out["pos"])], plan.dim).numpy()
     store.mark_done("gradients", shard)  # last: the completion marker
     return True
 
@@ -314,7 +318,8 @@ def _accumulate_shard(manifest: Manifest, loaded: LoadedModel, params: list, pro
         groups = batches if r == 0 else rebatch_within(shard_pairs, o.batch_size, seed=hash_seed(o.seed, r, shard))
         for batch in groups:  # every batch holds >= 2 pairs (prepare and rebatch_within ensure it)
             images, tokens = load_batch([p for _, p in batch], loaded.preprocess, loaded.tokenizer, fetched)
-            result = per_pair_gradients(loaded.model, params, projector, images, tokens, o.neg_term, o.chunk)
+            result = per_pair_gradients(loaded.model, params, projector, images, tokens, o.neg_term, o.chunk,
+                                        memory_limit=parse_bytes(o.memory_limit))
             local = np.array([slot - start for slot, _ in batch])
             out["pos"][local] += result.pos.numpy() / o.partitions
             out["neg"][local] += result.neg.numpy() / o.partitions
@@ -325,16 +330,20 @@ def _accumulate_shard(manifest: Manifest, loaded: LoadedModel, params: list, pro
 
 
 def curvature(audit_dir: str | Path) -> None:
-    """Eigendecomposition of sum_n g_pos g_pos^T (full, or per-layer blocks)."""
+    """Eigendecomposition of sum_n g_pos g_pos^T (full, or per-layer blocks).
+
+    The sum is the total of the gradients shards' k x k partial sums, read one shard at a time,
+    so this task's memory and reads do not grow with N (stores made before the partial sums
+    existed are summed from their gradient rows instead)."""
     plan, store = load_plan(audit_dir), open_store(audit_dir)
     if store.is_complete("curvature/eigvals"):
         return
     missing = [s for s in range(plan.shards) if not store.is_done("gradients", s)]
     if missing:
         raise RuntimeError(f"curvature needs every gradient shard; missing {missing[:10]}")
-    chunks = (torch.from_numpy(store.read_rows("grads/pos", s * plan.shard_rows, (s + 1) * plan.shard_rows))
-              for s in range(plan.shards))
-    fisher = fisher_sum(chunks, plan.dim)
+    fisher = fisher_from_partials(store, plan.shards) if store.has("fisher/partial") else fisher_sum(
+        (torch.from_numpy(store.read_rows("grads/pos", s * plan.shard_rows, (s + 1) * plan.shard_rows))
+         for s in range(plan.shards)), plan.dim)
     manifest = _manifest_of(plan)
     blocks = [Block(**b) for b in plan.blocks] if manifest.options.curvature == "blocks" else None
     eigvals, eigvecs = eigendecompose(fisher, blocks)
@@ -342,6 +351,15 @@ def curvature(audit_dir: str | Path) -> None:
     store.write_array("curvature/eigvals", eigvals.numpy(), {"kind": manifest.options.curvature,
                                                             "mean_eigenvalue": float(eigvals.mean())})
     store.mark_complete("curvature/eigvals")  # after both arrays: the stage's completion marker
+
+
+def fisher_from_partials(store: AuditStore, shards: int) -> torch.Tensor:
+    """sum over shards of the stored k x k partial sums, one shard in memory at a time."""
+    total = None
+    for s in range(shards):
+        part = torch.from_numpy(store.read_rows("fisher/partial", s, s + 1)[0])
+        total = part.clone() if total is None else total.add_(part)
+    return total
 
 
 def validation(audit_dir: str | Path, models: ModelCache | None = None) -> bool:

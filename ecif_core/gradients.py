@@ -1,19 +1,30 @@
 """Per-pair projected gradients g_pos(n), g_neg(n) of one batch (ECIF_MATH "Influence").
 
 Every Pos(n) and Neg(n) depends on all 2B embeddings of the batch. We take the Jacobian of
-the 2B per-pair terms with respect to the embeddings (cheap, embedding level), then push all
-2B cotangent sets back through the encoders in one batched backward (vmap via
-`is_grads_batched`), chunked to bound memory, and project each gradient as it appears.
+the 2B per-pair terms with respect to the embeddings (cheap, embedding level), then either
+
+- "per_pair": push all 2B cotangent sets back through the encoders in batched backwards (vmap
+  via `is_grads_batched`), chunked to bound memory, and project each gradient as it appears:
+  2B backward passes over the batch, so the cost per pair grows with B; or
+- "per_item": the encoders embed each item independently, so item j's projected Jacobian
+  M_j (D x k: row d is the projected gradient of its embedding coordinate d) comes from D
+  backward passes with one-hot cotangents, kept apart per item by the LoGra factors (inputs
+  and output-gradients are per item and token). Then g(n) = sum_j c_j(n)^T M_j, a small
+  contraction with the embedding-level cotangents c(n). D backward passes per batch: the cost
+  per pair no longer depends on B.
+
+`choose_method` (the cost model) takes "per_item" when D < 2B and every theta weight has
+LoGra factors; both give the same numbers to float tolerance (tests/core/test_gradients.py).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Literal, Sequence
 
 import torch
 
-from .losses import NegTerm, batch_loss, contrastive_terms, pair_logits
-from .logra import WeightUseRecorder, projected_from_uses
+from .losses import NegTerm, batch_loss, contrastive_terms, log_one_minus_softmax, pair_logits
+from .logra import Use, WeightUseRecorder, project_side, projected_from_uses
 from .projection import Projector
 
 
@@ -42,39 +53,192 @@ def temperature_scale(model: torch.nn.Module) -> torch.Tensor:
 
 
 def embedding_cotangents(text_emb: torch.Tensor, image_emb: torch.Tensor, scale: torch.Tensor,
-                         neg_term: NegTerm) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """d[Pos(1..B), Neg(1..B)] / d(u, v): shapes (2B, B, D) each, plus the 2B term values."""
+                         neg_term: NegTerm, rows: int = 32) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """d[Pos(1..B), Neg(1..B)] / d(u, v): shapes (2B, B, D) each, plus the 2B term values.
 
-    def terms(u: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        values = torch.cat(contrastive_terms(pair_logits(u, v, scale), neg_term))
-        return values, values
+    Closed form (ECIF_MATH "A pair's two roles"), `rows` outputs at a time. With G = d term / dS
+    (B x B), the chain through S = s u^ v^T gives d/du_i = (1/|u_i|) (I - u^_i u^_i^T) s G[i] V^ and
+    d/dv_j = (1/|v_j|) (I - v^_j v^_j^T) s G[:, j]^T U^. G of Pos(n) is (p_n. - e_n) on row n plus
+    (q_.n - e_n) on column n. Every Neg form is sum_{k != n} f(p_kn) + f(q_nk), and
+    d p_kn / dS_kj = p_kn (d_jn - p_kj), so G[k, j] = A_kn (d_jn - p_kj) + C_nj (d_kn - q_kj) with
+    A = p f'(p): p / (1 - p) (exact, from log-probabilities), p (first_order), -1/p (paper).
+    jacrev of the terms gives the same numbers (tested) but costs O(B^3) vmapped temporaries.
+    """
+    u, v = text_emb.detach(), image_emb.detach()
+    size = u.shape[0]
+    u_norm, v_norm = u.norm(dim=1, keepdim=True), v.norm(dim=1, keepdim=True)
+    u_hat, v_hat = u / u_norm, v / v_norm
+    logits = scale * (u_hat @ v_hat.T)
+    pos, neg = contrastive_terms(logits, neg_term)
+    log_p, log_q = torch.log_softmax(logits, dim=1), torch.log_softmax(logits, dim=0)
+    p, q = log_p.exp(), log_q.exp()
+    off = ~torch.eye(size, dtype=torch.bool, device=u.device)
+    one_minus_p, one_minus_q = log_one_minus_softmax(logits, 1).exp(), log_one_minus_softmax(logits, 0).exp()
+    a_rows = torch.where(off, _neg_coefficient(logits, log_p, 1, neg_term), torch.zeros_like(p))  # A[k, n]
+    c_cols = torch.where(off, _neg_coefficient(logits, log_q, 0, neg_term), torch.zeros_like(q))  # C[n, k]
+    jac_u = torch.empty(2 * size, size, u.shape[1], dtype=u.dtype, device=u.device)
+    jac_v = torch.empty_like(jac_u)
+    eye = torch.eye(size, dtype=u.dtype, device=u.device)
+    for start in range(0, 2 * size, rows):
+        stop = min(2 * size, start + rows)
+        g = torch.zeros(stop - start, size, size, dtype=u.dtype, device=u.device)
+        for o in range(start, stop):
+            n = o % size
+            if o < size:   # Pos(n)
+                g[o - start, n, :] += p[n] - eye[n]
+                g[o - start, :, n] += q[:, n] - eye[n]
+            else:          # Neg(n); A (1 - p) on column n directly (A - A p cancels when p ~ 1)
+                part_p, part_q = -a_rows[:, n, None] * p, -c_cols[n, None, :] * q
+                part_p[:, n] = a_rows[:, n] * one_minus_p[:, n]
+                part_q[n, :] = c_cols[n] * one_minus_q[n]
+                g[o - start] = part_p + part_q
+        jac_u[start:stop] = _through_normalisation(scale * (g @ v_hat), u_hat, u_norm)
+        jac_v[start:stop] = _through_normalisation(scale * (g.transpose(1, 2) @ u_hat), v_hat, v_norm)
+    return jac_u, jac_v, torch.cat([pos, neg]).detach()
 
-    (jac_u, jac_v), values = torch.func.jacrev(terms, argnums=(0, 1), has_aux=True)(text_emb.detach(), image_emb.detach())
-    return jac_u, jac_v, values
+
+def _neg_coefficient(logits: torch.Tensor, log_prob: torch.Tensor, dim: int, neg_term: NegTerm) -> torch.Tensor:
+    """p f'(p) for the Neg form's f, elementwise on a softmax along `dim` (see embedding_cotangents)."""
+    if neg_term == "exact":    # f = -log(1 - p): p / (1 - p), from log-probabilities (finite for p near 1)
+        return torch.exp(log_prob - log_one_minus_softmax(logits, dim))
+    if neg_term == "first_order":
+        return log_prob.exp()
+    if neg_term == "paper":    # f = 1/p
+        return -torch.exp(-log_prob)
+    raise ValueError(f"neg_term must be one of exact, first_order, paper, got {neg_term!r}")
+
+
+def _through_normalisation(grad_hat: torch.Tensor, unit: torch.Tensor, norm: torch.Tensor) -> torch.Tensor:
+    """d/dx from d/dx^ for x^ = x / |x|: (I - x^ x^T) g / |x|, rows of (R, B, D)."""
+    return (grad_hat - (grad_hat * unit).sum(-1, keepdim=True) * unit) / norm
+
+
+Method = Literal["auto", "per_item", "per_pair", "logra", "dense"]
+
+
+def choose_method(batch_size: int, embed_dim: int, factored: bool) -> str:
+    """The cost model: backward passes per batch are D (per item) against 2B (per pair).
+
+    Per item needs every theta weight to have LoGra factors (dense gradients sum over items);
+    at D = 2B the per-pair path is kept (no contraction step, no per-item factors)."""
+    return "per_item" if factored and embed_dim < 2 * batch_size else "per_pair"
 
 
 def per_pair_gradients(model: torch.nn.Module, params: Sequence[torch.nn.Parameter], projector: Projector,
                        images: torch.Tensor, tokens: torch.Tensor, neg_term: NegTerm = "exact",
-                       chunk: int = 32, method: str = "logra") -> BatchGradients:
+                       chunk: int = 32, method: Method = "auto", items: int | None = None,
+                       memory_limit: int | None = None) -> BatchGradients:
     """g_pos(n), g_neg(n) for every pair n of one batch, projected to (B, k) each.
 
-    method "logra" asks autograd only for the outputs' gradients of the theta layers and projects
-    from (input, output-gradient) factors; "dense" forms every full weight gradient first (the
-    reference the tests compare with; also what parameters not used as linear weights get).
+    method "auto" picks by `choose_method`; "per_item" and "per_pair" (= "logra") force a path;
+    "dense" forms every full weight gradient first on the per-pair path (the reference the tests
+    compare with; also what parameters not used as linear weights get). `chunk` = cotangents
+    per batched backward (embedding coordinates on the per-item path, pair terms otherwise).
+    `items` = items per forward/backward: both paths are sums over items, so the batch can be
+    taken in slices after one no-grad forward of the whole batch gave the cotangents; the
+    memory of a backward is then set by chunk x items, not by B. `memory_limit` (bytes) picks
+    items and chunk (memory.plan_chunks) instead.
     """
-    recorder = WeightUseRecorder(params)
-    with recorder:
-        text_emb, image_emb = embed(model, images, tokens)
-    uses = recorder.uses if method == "logra" else []
+    device = model.logit_scale.device
+    size = len(tokens)
+    if memory_limit is not None:
+        from .memory import plan_for_batch
+
+        items, chunk = plan_for_batch(model, params, images, tokens, chunk, memory_limit)
+    elif items is None and device.type == "cpu":
+        from .memory import item_bytes
+
+        per_item, dim = item_bytes(model, params, images[:1], tokens[:1])
+        items = cpu_items(size, dim, chunk, per_item)
+    if items is not None and items < size:  # equal slices (30 + 2 items would waste the second)
+        items = -(-size // -(-size // items))
+    if items is None or items >= size:
+        recorder = WeightUseRecorder(params)
+        with recorder:
+            text_emb = model.encode_text(tokens.to(device))
+            text_uses = len(recorder.uses)
+            image_emb = model.encode_image(images.to(device))
+        jac_u, jac_v, values = embedding_cotangents(text_emb, image_emb, temperature_scale(model), neg_term)
+        method = _resolve(method, recorder.uses, len(params), size, text_emb.shape[1])
+        flat = _gradients_of_slice(method, recorder.uses, text_uses, params, projector, text_emb, image_emb,
+                                   jac_u, jac_v, chunk)
+    else:
+        with torch.no_grad():
+            text_emb, image_emb = embed(model, images, tokens)
+        jac_u, jac_v, values = embedding_cotangents(text_emb, image_emb, temperature_scale(model), neg_term)
+        flat = None
+        for a in range(0, size, items):
+            b = min(size, a + items)
+            recorder = WeightUseRecorder(params)
+            with recorder:
+                part_u = model.encode_text(tokens[a:b].to(device))
+                text_uses = len(recorder.uses)
+                part_v = model.encode_image(images[a:b].to(device))
+            if a == 0:  # one decision per batch, on the whole batch's B
+                method = _resolve(method, recorder.uses, len(params), size, text_emb.shape[1], b - a)
+            part = _gradients_of_slice(method, recorder.uses, text_uses, params, projector, part_u, part_v,
+                                       jac_u[:, a:b], jac_v[:, a:b], chunk)
+            flat = part if flat is None else flat.add_(part)
+            del recorder, part_u, part_v
+    flat = flat.cpu()
+    with torch.no_grad():
+        clip_score = torch.nn.functional.cosine_similarity(text_emb, image_emb, dim=-1)
+    values = values.detach().cpu()
+    return BatchGradients(pos=flat[:size], neg=flat[size:], pos_terms=values[:size], neg_terms=values[size:],
+                          clip_score=clip_score.detach().cpu())
+
+
+CPU_SLICE_BYTES = 256 << 20  # theta-layer activations x cotangents per batched backward on CPU
+
+
+def cpu_items(batch: int, dim: int, chunk: int, per_item: int) -> int:
+    """Items per slice on CPU, so that items x min(chunk, passes) x A stays near CPU_SLICE_BYTES
+    (A = one item's theta-layer activations, memory.item_bytes). Wider backwards leave the
+    cache and hold more memory: the tiny CLIP's per-item path took 46 ms per pair at B = 128 in
+    one slice and 18 ms in slices of 32 (one thread); ViT-B-32 (A = 9.5 MiB) gets one item per
+    slice, which keeps B = 256 near 3 GB. Each slice costs one recorded forward of its items."""
+    passes = dim if dim < 2 * batch else 2 * batch
+    return max(1, CPU_SLICE_BYTES // (per_item * min(chunk, passes)))
+
+
+def _resolve(method: str, uses: Sequence[Use], n_params: int, size: int, dim: int, items: int | None = None) -> str:
+    """The path to run: the cost model for "auto", checked for "per_item"."""
+    factored = method != "dense" and _per_item_ready(uses, n_params, size if items is None else items)
+    if method == "auto":
+        return choose_method(size, dim, factored)
+    if method == "per_item" and not factored:
+        raise ValueError("per_item needs LoGra factors for every theta weight, batch-first")
+    return method
+
+
+def _gradients_of_slice(method: str, uses: Sequence[Use], text_uses: int, params: Sequence[torch.nn.Parameter],
+                        projector: Projector, text_emb: torch.Tensor, image_emb: torch.Tensor, jac_u: torch.Tensor,
+                        jac_v: torch.Tensor, chunk: int) -> torch.Tensor:
+    """(2B, k): the contribution of the items whose embeddings are given (all, or a slice)."""
+    if method == "per_item":
+        return per_item_gradients(uses, text_uses, text_emb, image_emb, jac_u, jac_v, projector, chunk)
+    return _per_pair(uses if method in ("per_pair", "logra") else [], params, projector, text_emb, image_emb,
+                     jac_u, jac_v, chunk)
+
+
+def _per_item_ready(uses: Sequence[Use], n_params: int, items: int) -> bool:
+    """Every theta weight is used as a recorded linear / matmul, with the item index first."""
+    return ({u.index for u in uses} == set(range(n_params))
+            and all(u.inputs.shape[0] == items and u.output.shape[0] == items for u in uses))
+
+
+def _per_pair(uses: Sequence[Use], params: Sequence[torch.nn.Parameter], projector: Projector,
+              text_emb: torch.Tensor, image_emb: torch.Tensor, jac_u: torch.Tensor, jac_v: torch.Tensor,
+              chunk: int) -> torch.Tensor:
+    """2B cotangent sets through the encoders, `chunk` per batched backward -> (2B, k)."""
     dense = [i for i in range(len(params)) if i not in {u.index for u in uses}]
-    scale = temperature_scale(model)
-    jac_u, jac_v, values = embedding_cotangents(text_emb, image_emb, scale, neg_term)
     rows = jac_u.shape[0]
     projected = []
     for start in range(0, rows, chunk):
         stop = min(rows, start + chunk)
         inputs = [u.output for u in uses] + [params[i] for i in dense]
-        grads = torch.autograd.grad((text_emb, image_emb), inputs, grad_outputs=(jac_u[start:stop], jac_v[start:stop]),
+        towers = _towers(text_emb, image_emb, jac_u[start:stop], jac_v[start:stop])
+        grads = torch.autograd.grad(towers[0], inputs, grad_outputs=towers[1],
                                     is_grads_batched=True, retain_graph=stop < rows, allow_unused=True)
         grads = [torch.zeros((stop - start, *t.shape), device=t.device) if g is None else g
                  for g, t in zip(grads, inputs)]
@@ -82,13 +246,58 @@ def per_pair_gradients(model: torch.nn.Module, params: Sequence[torch.nn.Paramet
         for i, g in zip(dense, grads[len(uses):]):
             blocks[i] = projector.project_block(i, g)
         projected.append(torch.cat([blocks[i] for i in range(len(params))], dim=1))
-    flat = torch.cat(projected).cpu()
-    size = rows // 2
-    with torch.no_grad():
-        clip_score = torch.nn.functional.cosine_similarity(text_emb, image_emb, dim=-1)
-    values = values.detach().cpu()
-    return BatchGradients(pos=flat[:size], neg=flat[size:], pos_terms=values[:size], neg_terms=values[size:],
-                          clip_score=clip_score.detach().cpu())
+    return torch.cat(projected)
+
+
+def per_item_gradients(uses: Sequence[Use], text_uses: int, text_emb: torch.Tensor, image_emb: torch.Tensor,
+                       jac_u: torch.Tensor, jac_v: torch.Tensor, projector: Projector, chunk: int) -> torch.Tensor:
+    """(2B, k) per-pair gradients from per-item projected Jacobians (module docstring).
+
+    uses[:text_uses] belong to the text tower (their output-gradients come from text_emb only),
+    the rest to the image tower. One-hot cotangents on embedding coordinates [r0, r1) go to every
+    item of both towers at once; each use's output-gradient then holds, per item j and
+    coordinate r, d emb_j[r] / d y_j, which the LoGra factors turn into M_j[r] (k_block), and
+    g(n) += sum_{j, r} c_j(n)[r] M_j[r] with c = jac_u (text uses) or jac_v (image uses).
+    """
+    items, dim = text_emb.shape
+    out = torch.zeros(jac_u.shape[0], projector.dim, device=text_emb.device, dtype=text_emb.dtype)
+    eye = torch.eye(dim, device=text_emb.device, dtype=text_emb.dtype)
+    for r0 in range(0, dim, chunk):
+        r1 = min(dim, r0 + chunk)
+        cotangent = eye[r0:r1].unsqueeze(1).expand(r1 - r0, items, dim).contiguous()
+        towers = _towers(text_emb, image_emb, cotangent, cotangent)
+        grads = torch.autograd.grad(towers[0], [u.output for u in uses], grad_outputs=towers[1],
+                                    is_grads_batched=True, retain_graph=r1 < dim, allow_unused=True)
+        for position, (use, dy) in enumerate(zip(uses, grads)):
+            if dy is None:
+                continue
+            jacobian = item_jacobian_block(use, dy, projector)                   # (R, items, k_block)
+            c = (jac_u if position < text_uses else jac_v)[:, :, r0:r1]          # (2B, items, R)
+            block = projector.blocks[use.index]
+            out[:, block.start:block.stop] += torch.einsum("njr,rjk->nk", c.to(jacobian.dtype), jacobian)
+    return out
+
+
+def _towers(text_emb: torch.Tensor, image_emb: torch.Tensor, text_cot: torch.Tensor,
+            image_cot: torch.Tensor) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
+    """(outputs, cotangents) of the towers that hold theta (a theta in one tower leaves the other
+    embedding without a graph)."""
+    pairs = [(e, c) for e, c in ((text_emb, text_cot), (image_emb, image_cot)) if e.requires_grad]
+    return tuple(e for e, _ in pairs), tuple(c for _, c in pairs)
+
+
+def item_jacobian_block(use: Use, dy: torch.Tensor, projector: Projector) -> torch.Tensor:
+    """(R, items, k_block): per item, the projected weight gradient of R output cotangents, summed
+    over that item's tokens only (ECIF_MATH: sum_m (P_out dy_m)(P_in x_m)^T per item)."""
+    p_out, p_in = projector.factors(use.index, dy.device)
+    rows, items = dy.shape[0], dy.shape[1]
+    x = use.inputs.detach().reshape(items, -1, use.inputs.shape[-1])
+    dy = dy.reshape(rows, items, -1, dy.shape[-1])
+    if use.kind == "linear":   # W: (d_out, d_in)
+        block = torch.einsum("rjto,jti->rjoi", project_side(dy, p_out), project_side(x, p_in))
+    else:                      # W: (d_in, d_out) as stored
+        block = torch.einsum("jto,rjti->rjoi", project_side(x, p_out), project_side(dy, p_in))
+    return block.reshape(rows, items, -1)
 
 
 def loss_gradient(model: torch.nn.Module, params: Sequence[torch.nn.Parameter], projector: Projector,

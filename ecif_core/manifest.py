@@ -15,6 +15,7 @@ from .data import shard_paths, source_of
 from .errors import ConfigError, read_json_file
 from .remote import remote_images_of
 from .losses import NEG_TERMS
+from .memory import parse_bytes
 from .projection import ProjectionSpec
 from .scores import RANK_BY
 
@@ -39,6 +40,7 @@ class AuditOptions:
     partitions: int = 1
     shard_batches: int = 8
     chunk: int = 64                       # cotangents per batched backward (memory bound)
+    memory_limit: int | str | None = None  # bytes or "8GB": picks chunk and items per backward (memory.py)
 
     def projection_spec(self) -> ProjectionSpec:
         if self.projection is None:
@@ -84,7 +86,7 @@ _OPTION_TYPES: dict[str, tuple[type, ...]] = {
     "batch_size": (int,), "seed": (int,), "neg_term": (str,), "damping": (int, float, type(None)),
     "damping_factor": (int, float), "weight_decay": (int, float), "projection": (dict, type(None)),
     "theta": (list, type(None)), "curvature": (str,), "rank_by": (str,), "partitions": (int,),
-    "shard_batches": (int,), "chunk": (int,),
+    "shard_batches": (int,), "chunk": (int,), "memory_limit": (int, str, type(None)),
 }
 
 
@@ -218,6 +220,8 @@ def _check_option_values(o: AuditOptions) -> None:
     for name, ok, message in checks:
         if not ok:
             raise ConfigError(f"options.{name}", message)
+    if o.memory_limit is not None and (parse_bytes(o.memory_limit) or 0) <= 0:
+        raise ConfigError("options.memory_limit", "must be a positive size")
     if o.projection is not None:
         unknown = set(o.projection) - {"k_in", "k_out", "seed"}
         if unknown:

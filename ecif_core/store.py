@@ -5,6 +5,8 @@ chunk of S*B rows. Different processes writing different shards therefore never 
 chunk. Slots of pairs that are absent (rejected rows, a short last batch) stay zero.
 Completion is a per-shard uint8 array with one-element chunks, written after the data, so a
 retried shard whose marker is set is skipped and a half-written one is rewritten whole.
+Each gradients shard also writes its k x k partial Fisher sum (`fisher/partial`, one chunk per
+shard, float64), so the curvature stage adds S small matrices and never reads the N x k rows.
 """
 from __future__ import annotations
 
@@ -40,6 +42,9 @@ class AuditStore:
         for name in SCORE_FIELDS:
             self.root.create_array(f"scores/{name}", shape=(rows,), chunks=(shard_rows,), dtype="float64",
                                    fill_value=np.nan)
+        # sum over the shard's rows of g_pos g_pos^T (k x k float64 per shard: k^2 x 8 bytes)
+        self.root.create_array("fisher/partial", shape=(shards, dim, dim), chunks=(1, dim, dim), dtype="float64",
+                               fill_value=0.0, compressors=None)
         for stage in STAGE_MARKERS:
             self.root.create_array(f"done/{stage}", shape=(shards,), chunks=(1,), dtype="uint8", fill_value=0)
         # delta + lambda each scores shard used (one chunk per shard, like the markers)
@@ -63,6 +68,10 @@ class AuditStore:
         """Write whole shard chunks of several arrays of one group."""
         for name, value in values.items():
             self.root[f"{group}/{name}"][start:start + len(value)] = value
+
+    def has(self, path: str) -> bool:
+        """True when the array exists (stores made before an array was added lack it)."""
+        return path in self.root
 
     def read_rows(self, path: str, start: int | None = None, stop: int | None = None) -> np.ndarray:
         return np.asarray(self.root[path][start:stop])

@@ -415,7 +415,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--suspected-only", action="store_true")
     _client_flags(p)
     p.set_defaults(run=cmd_results)
+    _add_threads_flag(parser)
     return parser
+
+
+TORCH_VERBS = ("train", "audit", "demo", "trace", "serve")  # verbs that run torch in this process
+
+
+def _add_threads_flag(parser: argparse.ArgumentParser) -> None:
+    """`--threads N` on every command (and nested ones, e.g. `db upgrade`)."""
+    for action in parser._subparsers._group_actions if parser._subparsers else ():
+        for sub in action.choices.values():
+            if sub._subparsers is not None:
+                _add_threads_flag(sub)
+            else:
+                sub.add_argument("--threads", type=int, default=None,
+                                 help="torch threads (default: all cores for this process; for `worker`, "
+                                      "cores / --concurrency per process); also sets ECIF_TORCH_THREADS")
+
+
+def apply_threads(args: argparse.Namespace) -> int | None:
+    """Export --threads as ECIF_TORCH_THREADS (workers and in-process audits read it) and set
+    torch's threads for the verbs that compute here; returns the threads set, if any."""
+    threads = getattr(args, "threads", None)
+    if threads is not None:
+        os.environ["ECIF_TORCH_THREADS"] = str(threads)
+    if args.verb in TORCH_VERBS:  # client verbs never import torch
+        from ecif_core.runtime import set_threads
+
+        env = os.environ.get("ECIF_TORCH_THREADS")
+        return set_threads(threads if threads is not None else (int(env) if env else None))
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -423,6 +453,7 @@ def main(argv: list[str] | None = None) -> int:
 
     args = build_parser().parse_args(argv)
     try:
+        apply_threads(args)
         return args.run(args)
     except EcifError as exc:
         print(f"ecif: error: {exc}", file=sys.stderr)

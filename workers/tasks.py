@@ -49,14 +49,11 @@ def pipeline():
 @worker_process_init.connect
 def _init_process(**_kwargs) -> None:
     """A forked pool process: split the cores between the pool's processes, then build the pipeline."""
-    import torch
-
+    from ecif_core.runtime import set_threads
     from services.settings import get_settings
 
     processes = int(os.environ.get("ECIF_WORKER_PROCESSES", "1"))
-    threads = get_settings().torch_threads or max(1, torch.get_num_threads() // max(1, processes))
-    if threads != torch.get_num_threads():  # setting it even to the same value slowed shards by 25% here
-        torch.set_num_threads(threads)
+    threads = set_threads(get_settings().torch_threads, processes)  # None: cores / processes
     log.info("worker process %d: %d torch threads", os.getpid(), threads)
     pipeline()
 

@@ -153,7 +153,9 @@ def test_every_row_rejected_fails_with_the_reason(workspace, tmp_path):
 
 @pytest.mark.parametrize("options,field", [({"bogus": 1}, "options.bogus"), ({"batch_size": "32"}, "options.batch_size"),
                                            ({"neg_term": "published"}, "options.neg_term"),
-                                           ({"projection": {"k": 3}}, "options.projection.k")])
+                                           ({"projection": {"k": 3}}, "options.projection.k"),
+                                           ({"memory_limit": "lots"}, "options.memory_limit"),
+                                           ({"memory_limit": 0}, "options.memory_limit")])
 def test_manifest_errors_name_the_field(workspace, options, field):
     with pytest.raises(ConfigError) as error:
         load_manifest(_write_manifest(workspace, "m.json", options))
@@ -326,3 +328,71 @@ def test_ranked_row_matches_independent_recomputation(workspace, finished):
     h = all_pos.T @ all_pos + shift * torch.eye(plan.dim, dtype=torch.float64)
     expected = float(g_pos @ torch.linalg.solve(h, g_pos + g_neg))
     assert float(row["self_influence"]) == pytest.approx(expected, rel=2e-3)
+
+
+def test_curvature_from_shard_partial_sums_equals_the_all_rows_sum(finished, tmp_path):
+    """Each gradients shard stores sum g_pos g_pos^T of its rows; their total is the Fisher of
+    all N rows, and the curvature stage never needs the rows (they are zeroed here)."""
+    import torch
+
+    from ecif_core.hessian import eigendecompose, fisher_sum
+
+    plan, store = audit.load_plan(finished), audit.open_store(finished)
+    assert plan.shards > 1
+    all_rows = torch.from_numpy(store.read_rows("grads/pos")).double()
+    expected = all_rows.T @ all_rows
+    torch.testing.assert_close(audit.fisher_from_partials(store, plan.shards), expected, rtol=1e-10, atol=1e-12)
+    for shard in range(plan.shards):  # each partial is its own shard's rows only
+        rows = torch.from_numpy(store.read_rows("grads/pos", shard * plan.shard_rows, (shard + 1) * plan.shard_rows))
+        torch.testing.assert_close(torch.from_numpy(store.read_rows("fisher/partial", shard, shard + 1)[0]),
+                                   fisher_sum([rows], plan.dim))
+    copy = tmp_path / "copy"
+    shutil.copytree(finished, copy)
+    copied = audit.open_store(copy)
+    del copied.root["curvature"]
+    copied.root["grads/pos"][:] = 0.0  # the stage must not read the rows
+    audit.curvature(copy)
+    eigvals, _ = eigendecompose(expected)
+    np.testing.assert_allclose(copied.read_rows("curvature/eigvals"), eigvals.numpy(), rtol=1e-8, atol=1e-10)
+    np.testing.assert_allclose(copied.read_rows("curvature/eigvals"), store.read_rows("curvature/eigvals"),
+                               rtol=1e-8, atol=1e-10)
+
+
+def test_curvature_of_a_store_without_partial_sums_reads_the_rows(finished, tmp_path):
+    """Audit folders made before the partial sums existed still get the same curvature."""
+    copy = tmp_path / "old"
+    shutil.copytree(finished, copy)
+    store = audit.open_store(copy)
+    del store.root["curvature"]
+    del store.root["fisher"]
+    audit.curvature(copy)
+    np.testing.assert_allclose(store.read_rows("curvature/eigvals"), audit.open_store(finished).read_rows(
+        "curvature/eigvals"), rtol=1e-8, atol=1e-10)
+
+
+def test_model_cache_turns_tf32_off(workspace):
+    """CUDA audits must match CPU ones to 1e-4: cuDNN's default TF32 convolutions did not."""
+    import torch
+
+    torch.backends.cudnn.allow_tf32 = True
+    torch.backends.cuda.matmul.allow_tf32 = True
+    audit.ModelCache().get(load_manifest(workspace / "manifest.json"))
+    assert not torch.backends.cudnn.allow_tf32 and not torch.backends.cuda.matmul.allow_tf32
+
+
+def test_memory_limit_option_reaches_the_gradients_stage(workspace, finished, tmp_path, monkeypatch):
+    """options.memory_limit goes to per_pair_gradients, which then runs the batches in the planned
+    slices; the stored gradients are those of the audit without it."""
+    from ecif_core import memory
+
+    calls = []
+    monkeypatch.setattr(memory, "plan_chunks", lambda limit, *rest: calls.append(limit) or (3, 4))
+    manifest = _write_manifest(workspace, "m-memory.json", {**OPTIONS, "memory_limit": "3GB"})
+    out = tmp_path / "memory"
+    audit.prepare(load_manifest(manifest), out)
+    audit.shard_gradients(out, 0)
+    assert calls and set(calls) == {3 << 30}
+    rows = audit.load_plan(out).shard_rows
+    ours = audit.open_store(out).read_rows("grads/pos", 0, rows)
+    reference = audit.open_store(finished).read_rows("grads/pos", 0, rows)
+    np.testing.assert_allclose(ours, reference, rtol=1e-4, atol=1e-5 * float(np.abs(reference).max()))

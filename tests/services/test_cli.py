@@ -84,3 +84,35 @@ def test_trace_from_an_embedded_audit_folder(data_root, embedded_csv, tmp_path, 
     assert main(["trace", "--audit-dir", str(embedded_csv.parent), "--image", image, "--prompt", "a", "--prompt",
                  "b", "--label", "7"]) == 2
     assert "tests[0].label" in capsys.readouterr().err
+
+
+def test_threads_flag_on_every_verb_sets_torch_threads_and_the_worker_variable(monkeypatch):
+    import argparse
+
+    import torch
+
+    from ecif_core.runtime import available_cores
+    from services.cli import apply_threads, build_parser
+
+    parser = build_parser()
+    verbs = [a for a in parser._subparsers._group_actions][0].choices
+    for name, sub in verbs.items():  # every leaf command takes --threads
+        leaves = [sub] if sub._subparsers is None else list(sub._subparsers._group_actions[0].choices.values())
+        for leaf in leaves:
+            assert any("--threads" in a.option_strings for a in leaf._actions), name
+    before = torch.get_num_threads()
+    monkeypatch.delenv("ECIF_TORCH_THREADS", raising=False)
+    try:
+        args = parser.parse_args(["audit", "m.json", "--out", "x", "--threads", "1"])
+        assert apply_threads(args) == 1 and torch.get_num_threads() == 1
+        assert __import__("os").environ["ECIF_TORCH_THREADS"] == "1"
+        monkeypatch.delenv("ECIF_TORCH_THREADS")
+        # default for one process: all cores it may use, not torch's own guess
+        assert apply_threads(parser.parse_args(["train", "--data", "d", "--model-config", "c", "--out", "o"])) \
+            == available_cores() == torch.get_num_threads()
+        # a worker only exports the variable; its processes split it (workers.tasks)
+        assert apply_threads(parser.parse_args(["worker", "--threads", "3"])) is None
+        assert __import__("os").environ["ECIF_TORCH_THREADS"] == "3"
+        assert isinstance(parser.parse_args(["db", "upgrade", "--threads", "2"]), argparse.Namespace)
+    finally:
+        torch.set_num_threads(before)

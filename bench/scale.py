@@ -1,0 +1,386 @@
+"""Audit cost and memory at scale: audit / training-epoch ratios, peak memory per stage, and the
+curvature and scoring stages at N = 1k..100k pairs.
+
+    python -m bench.scale [--parts tiny,vit,probe,store] [--out bench/out/scale] [--quick]
+
+- tiny: digits (1200 pairs), the tiny CLIP trained one epoch at B = 32, 128, 256 (the epoch is
+  timed), then audited with the default theta; ratio = audit seconds / epoch seconds.
+- vit: ViT-B-32 (random init, 224 px, a seeded local checkpoint), synthetic pairs, a few
+  batches at each B in --vit-batch-sizes; default theta and theta = the two projections. The
+  training epoch is the same objective's loop (AdamW, every weight) on the same device, with
+  preprocessed tensors in memory as `ecif train` keeps them; the audit also decodes its images.
+- probe: ViT-B-32 at B = --probe-batch, default theta, per_pair_gradients under memory_limit,
+  stopped after --probe-backwards batched backwards (the later ones repeat the same shapes):
+  the peak memory of the gradients stage without running all of it.
+- store: synthetic audit stores of N random pairs (k = the tiny CLIP's default-theta size)
+  with their shard partial sums; the curvature and scoring stages are timed with peak memory.
+
+Peak memory is the process's resident set (sampled every 5 ms) on CPU and
+torch.cuda.max_memory_allocated on a GPU. Results: OUT/results.json (and printed).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import threading
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from ecif_core import audit
+from ecif_core.runtime import set_threads
+
+
+class Meter:
+    """Wall time and peak memory of named stages."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.stages: dict[str, dict[str, float]] = {}
+
+    @contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        peak = [_rss()]
+        stop = threading.Event()
+
+        def sample() -> None:
+            while not stop.wait(0.005):
+                peak[0] = max(peak[0], _rss())
+
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            if self.device.type == "cuda":
+                torch.cuda.synchronize()
+            seconds = time.perf_counter() - started
+            stop.set()
+            sampler.join()
+            entry = self.stages.setdefault(name, {"s": 0.0, "peak_rss_gb": 0.0})
+            entry["s"] += seconds
+            entry["peak_rss_gb"] = max(entry["peak_rss_gb"], max(peak[0], _rss()) / 2**30)
+            if self.device.type == "cuda":
+                entry["peak_gpu_gb"] = max(entry.get("peak_gpu_gb", 0.0), torch.cuda.max_memory_allocated() / 2**30)
+
+
+def _rss() -> int:
+    with open("/proc/self/statm") as handle:
+        return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def staged_audit(manifest: Path, out: Path, meter: Meter, deadline: float | None = None) -> Path | int:
+    """The stages of run_audit, each under the meter (gradients and scores summed over shards).
+
+    With a `deadline` (perf_counter seconds) the gradients stage stops after the first shard that
+    ends past it and the number of finished shards is returned instead of ranked.csv."""
+    models = audit.ModelCache()
+    with meter.stage("prepare"):
+        plan = audit.prepare(audit.load_manifest(manifest), out)
+    for shard in range(plan.shards):
+        with meter.stage("gradients"):
+            audit.shard_gradients(out, shard, models)
+        if deadline is not None and time.perf_counter() > deadline and shard + 1 < plan.shards:
+            return shard + 1
+    with meter.stage("curvature"):
+        audit.curvature(out)
+    with meter.stage("validation"):
+        audit.validation(out, models)
+    for shard in range(plan.shards):
+        with meter.stage("scores"):
+            audit.shard_scores(out, shard)
+    with meter.stage("finalize"):
+        return audit.finalize(out)
+
+
+def training_epoch_seconds(model: torch.nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]],
+                           device: torch.device, epochs: int = 1) -> float:
+    """Seconds of one epoch of the training objective (as ecif_core.train: AdamW on every weight,
+    contrastive loss), preprocessed batches in memory; the fastest of `epochs`."""
+    from ecif_core.losses import batch_loss, pair_logits
+
+    model = model.to(device).train()
+    for p in model.parameters():
+        p.requires_grad_(True)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
+    best = float("inf")
+    for _ in range(epochs):
+        _sync(device)
+        started = time.perf_counter()
+        for images, tokens in batches:
+            logits = pair_logits(model.encode_text(tokens.to(device)), model.encode_image(images.to(device)),
+                                 model.logit_scale.exp())
+            optimizer.zero_grad(set_to_none=True)
+            batch_loss(logits).backward()
+            optimizer.step()
+        _sync(device)
+        best = min(best, time.perf_counter() - started)
+    model.eval()
+    return best
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+# ---------------------------------------------------------------- parts
+
+def tiny_part(out: Path, batch_sizes: list[int], n_train: int, device: torch.device) -> list[dict]:
+    from ecif_core.datasets.digits import build_digits
+    from ecif_core.demo import tiny_model_config
+    from ecif_core.gradients import choose_method
+    from ecif_core.train import TrainConfig, train
+
+    data = build_digits(out / "digits", fraction=0.2, seed=0, n_train=n_train, n_val=60, n_test=20)
+    (out / "tiny.json").write_text(json.dumps(tiny_model_config()))
+    rows = []
+    for batch in batch_sizes:
+        model = out / f"tiny-b{batch}.pt"
+        trained = train(data.train, out / "tiny.json", model, TrainConfig(epochs=2, batch_size=batch, lr=1e-3, seed=0))
+        epoch = min(trained.epoch_seconds)
+        manifest = out / f"tiny-b{batch}.manifest.json"
+        manifest.write_text(json.dumps({"model": {"config": "tiny.json", "checkpoint": model.name},
+                                        "train": str(data.train), "options": {}}))
+        meter = Meter(device)
+        folder = out / f"tiny-b{batch}-audit"
+        _fresh(folder)
+        staged_audit(manifest, folder, meter)
+        total = sum(s["s"] for s in meter.stages.values())
+        embed_dim = tiny_model_config()["embed_dim"]
+        rows.append({"model": "tiny", "B": batch, "pairs": n_train, "path": choose_method(batch, embed_dim, True),
+                     "epoch_s": epoch, "audit_s": total, "audit_per_epoch": total / epoch, "stages": meter.stages})
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def vit_checkpoint(out: Path) -> Path:
+    """A seeded random-init ViT-B-32 state dict (nothing can be downloaded)."""
+    from ecif_core.models import build_model, resolve_model_config
+
+    path = out / "vit-b-32-random.pt"
+    if not path.exists():
+        torch.save(build_model(resolve_model_config("ViT-B-32"), seed=0).state_dict(), path)
+    return path
+
+
+def synthetic_pairs(out: Path, n: int, size: int = 32, seed: int = 0) -> Path:
+    """n pairs of random small PNG images (the model's transform resizes them) and captions."""
+    from PIL import Image
+
+    path = out / f"pairs-{n}.jsonl"
+    if path.exists():
+        return path
+    rng = np.random.default_rng(seed)
+    words = "cat dog car tree house boat bird plane red green blue small large photo of a the".split()
+    images = out / "images"
+    images.mkdir(parents=True, exist_ok=True)
+    palette = [rng.integers(0, 255, (size, size, 3), dtype=np.uint8) for _ in range(64)]
+    for i in range(64):
+        Image.fromarray(palette[i]).save(images / f"{i}.png")
+    with path.open("w") as handle:
+        for i in range(n):
+            caption = " ".join(rng.choice(words, size=6))
+            handle.write(json.dumps({"id": f"p{i}", "image": f"images/{i % 64}.png", "caption": caption}) + "\n")
+    return path
+
+
+def vit_part(out: Path, batch_sizes: list[int], batches: int, device: torch.device, thetas: dict,
+             pairs_total: int | None = None, epoch_batches: int | None = None,
+             memory_limit: str | None = None) -> list[dict]:
+    from ecif_core.data import load_batch, read_pairs
+    from ecif_core.gradients import choose_method
+    from ecif_core.models import load_model
+
+    checkpoint = vit_checkpoint(out)
+    rows = []
+    for batch in batch_sizes:
+        n = pairs_total or batch * batches
+        data = synthetic_pairs(out, n)
+        loaded = load_model("ViT-B-32", checkpoint=checkpoint)
+        pairs, _, _ = read_pairs(data)
+        timed = pairs[:batch * (epoch_batches or batches)]
+        cached = [load_batch(timed[i:i + batch], loaded.preprocess, loaded.tokenizer)
+                  for i in range(0, len(timed), batch)]
+        epoch = training_epoch_seconds(loaded.model, cached, device, epochs=2) * n / len(timed)
+        del loaded, cached
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        for label, theta in thetas.items():
+            options = {"batch_size": batch, "shard_batches": 8}
+            if theta is not None:
+                options["theta"] = theta
+            if memory_limit:
+                options["memory_limit"] = memory_limit
+            manifest = out / f"vit-b{batch}-{label}.manifest.json"
+            manifest.write_text(json.dumps({"model": {"arch": "ViT-B-32", "checkpoint": checkpoint.name},
+                                            "train": data.name, "options": options}))
+            folder = out / f"vit-b{batch}-{label}-audit"
+            _fresh(folder)
+            meter = Meter(device)
+            staged_audit(manifest, folder, meter)
+            total = sum(s["s"] for s in meter.stages.values())
+            grad_s = meter.stages["gradients"]["s"]
+            rows.append({"model": "ViT-B-32", "theta": label, "B": batch, "pairs": n,
+                         "path": choose_method(batch, 512, True), "epoch_s": epoch, "audit_s": total,
+                         "audit_per_epoch": total / epoch, "gradients_pairs_per_s": n / grad_s,
+                         "audit_pairs_per_s": n / total, "stages": meter.stages})
+            print(json.dumps(rows[-1]), flush=True)
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    return rows
+
+
+class _Stop(Exception):
+    pass
+
+
+def probe_part(out: Path, batch: int, backwards: int, memory_limit: str | None, device: torch.device,
+               chunk: int = 64) -> dict:
+    """Peak memory of the ViT-B-32 gradients stage at batch B, stopped after a few backwards."""
+    from ecif_core.data import load_batch, read_pairs
+    from ecif_core.gradients import per_pair_gradients
+    from ecif_core.memory import parse_bytes
+    from ecif_core.models import load_model, restrict_grad_to, select_theta
+    from ecif_core.projection import Projector, ProjectionSpec
+    from ecif_core import memory
+
+    loaded = load_model("ViT-B-32", checkpoint=vit_checkpoint(out))
+    loaded.model.to(device)
+    theta = select_theta(loaded.model)
+    restrict_grad_to(loaded.model, theta)
+    projector = Projector.for_theta(theta, ProjectionSpec(8, 8, 0))
+    pairs, _, _ = read_pairs(synthetic_pairs(out, batch))
+    images, tokens = load_batch(pairs[:batch], loaded.preprocess, loaded.tokenizer)
+    plans, calls = [], [0]
+    real_plan, real_grad = memory.plan_chunks, torch.autograd.grad
+    memory.plan_chunks = lambda *a: plans.append(real_plan(*a)) or plans[-1]
+
+    def counted(*args, **kwargs):
+        if kwargs.get("is_grads_batched"):
+            calls[0] += 1
+            if calls[0] > backwards:
+                raise _Stop
+        return real_grad(*args, **kwargs)
+
+    torch.autograd.grad = counted
+    meter = Meter(device)
+    started = time.perf_counter()
+    try:
+        with meter.stage("gradients"):
+            per_pair_gradients(loaded.model, [p for _, p in theta], projector, images, tokens, chunk=chunk,
+                               memory_limit=parse_bytes(memory_limit or None))
+    except _Stop:
+        pass
+    finally:
+        torch.autograd.grad, memory.plan_chunks = real_grad, real_plan
+    row = {"model": "ViT-B-32", "B": batch, "memory_limit": memory_limit, "plan_items_chunk": plans[:1],
+           "backwards_run": min(calls[0], backwards), "seconds": time.perf_counter() - started, **meter.stages["gradients"]}
+    print(json.dumps(row), flush=True)
+    return row
+
+
+def store_part(out: Path, sizes: list[int], dim: int, shard_rows: int) -> list[dict]:
+    """Curvature and scoring of synthetic stores of N pairs (random gradients, real partial sums)."""
+    from ecif_core.hessian import fisher_sum
+    from ecif_core.manifest import AuditOptions
+
+    rows = []
+    for n in sizes:
+        folder = out / f"store-{n}"
+        _fresh(folder)
+        folder.mkdir(parents=True)
+        shards = -(-n // shard_rows)
+        store = audit.open_store(folder)
+        store.create(rows=shards * shard_rows, dim=dim, shard_rows=shard_rows, shards=shards, attrs={})
+        rng = np.random.default_rng(0)
+        for shard in range(shards):
+            grads = {name: rng.standard_normal((shard_rows, dim), dtype=np.float32) * 1e-2 for name in ("pos", "neg")}
+            store.write_rows("grads", shard * shard_rows, grads)
+            store.root["fisher/partial"][shard] = fisher_sum([torch.from_numpy(grads["pos"])], dim).numpy()
+            store.mark_done("gradients", shard)
+        manifest = {"train": "x", "validation": None, "model": {"arch": "x", "config": None, "checkpoint": "x"},
+                    "options": AuditOptions().__dict__, "excluded": [], "ids_digest": None}
+        plan = {"manifest": manifest, "batch_size": 32, "n_batches": shards * shard_rows // 32,
+                "shard_batches": shard_rows // 32, "shards": shards, "dim": dim, "pairs_total": n,
+                "pairs_rejected": 0, "blocks": [{"name": "all", "start": 0, "stop": dim}], "shard_offsets": []}
+        (folder / "plan.json").write_text(json.dumps(plan))
+        meter = Meter(torch.device("cpu"))
+        with meter.stage("curvature"):
+            audit.curvature(folder)
+        for shard in range(shards):
+            with meter.stage("scores"):
+                audit.shard_scores(folder, shard)
+        rows.append({"pairs": n, "k": dim, "shards": shards, "stages": meter.stages})
+        print(json.dumps(rows[-1]), flush=True)
+        _fresh(folder)
+    return rows
+
+
+def _fresh(folder: Path) -> None:
+    import shutil
+
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--parts", default="tiny,vit,probe,store")
+    parser.add_argument("--out", default="bench/out/scale")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--tiny-batch-sizes", default="32,128,256")
+    parser.add_argument("--tiny-pairs", type=int, default=1200)
+    parser.add_argument("--vit-batch-sizes", default="32")
+    parser.add_argument("--vit-batches", type=int, default=2, help="batches per B (pairs = B x this)")
+    parser.add_argument("--vit-pairs", type=int, default=None, help="pairs per ViT audit (overrides --vit-batches)")
+    parser.add_argument("--vit-epoch-batches", type=int, default=None, help="batches timed for the epoch figure")
+    parser.add_argument("--vit-thetas", default="default,projections")
+    parser.add_argument("--memory-limit", default=None, help="the audits' memory_limit option")
+    parser.add_argument("--probe-batch", type=int, default=256)
+    parser.add_argument("--probe-backwards", type=int, default=3)
+    parser.add_argument("--probe-memory-limit", default="6GB")
+    parser.add_argument("--store-sizes", default="1000,10000,100000")
+    parser.add_argument("--store-dim", type=int, default=1152)
+    parser.add_argument("--store-shard-rows", type=int, default=2048)
+    parser.add_argument("--quick", action="store_true", help="a reduced run (tests, a CPU rehearsal)")
+    args = parser.parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    threads = set_threads(args.threads)
+    if args.quick:
+        args.tiny_batch_sizes, args.tiny_pairs, args.vit_batches = "8,16", 64, 1
+        args.store_sizes, args.store_dim, args.store_shard_rows = "500,2000", 64, 256
+        args.probe_batch, args.probe_backwards = 8, 1
+    device = torch.device(args.device)
+    out = Path(args.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    parts = args.parts.split(",")
+    ints = lambda text: [int(x) for x in text.split(",") if x]
+    thetas = {"default": None, "projections": ["visual.proj", "text_projection"]}
+    result: dict = {"device": str(device), "torch": torch.__version__, "threads": threads,
+                    "gpu": torch.cuda.get_device_name() if device.type == "cuda" else None}
+    if "tiny" in parts:
+        result["tiny"] = tiny_part(out, ints(args.tiny_batch_sizes), args.tiny_pairs, device)
+    if "vit" in parts:
+        result["vit"] = vit_part(out, ints(args.vit_batch_sizes), args.vit_batches, device,
+                                 {k: thetas[k] for k in args.vit_thetas.split(",")}, args.vit_pairs,
+                                 args.vit_epoch_batches, args.memory_limit)
+    if "probe" in parts:
+        result["probe"] = probe_part(out, args.probe_batch, args.probe_backwards, args.probe_memory_limit, device)
+    if "store" in parts:
+        result["store"] = store_part(out, ints(args.store_sizes), args.store_dim, args.store_shard_rows)
+    (out / "results.json").write_text(json.dumps(result, indent=1))
+    return result
+
+
+if __name__ == "__main__":
+    main()

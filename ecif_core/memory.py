@@ -1,0 +1,99 @@
+"""Picking `chunk` (cotangents per batched backward) and `items` (items per forward) for a
+memory budget, so the gradients stage's peak is set by the budget and the model, not by B or N.
+
+Model of the peak, per batch of B items with embedding size D (float32, bytes):
+    resident (the model, libraries, already allocated)
+  + cotangents          2 x 2B x B x D x 4      (d[Pos, Neg] / d(u, v); the one term in B^2)
+  + forward             items x A x FORWARD
+  + backward            items x chunk x A x BACKWARD
+where A = bytes of one item's recorded theta-layer inputs and outputs (measured by one probe
+forward of a single item; 265 KiB for the tiny CLIP, 9.5 MiB for ViT-B-32 with the default
+theta). BACKWARD: ViT-B-32 at B = 256 used about 1.2 A per item x cotangent on an H100 (12.8 GB
+peak for 16 items x 64 cotangents) and about 1.6 A on CPU; 2 leaves a margin
+(bench/RESULTS.md, "Scale").
+"""
+from __future__ import annotations
+
+import os
+import re
+from typing import Sequence
+
+import torch
+
+from .errors import ConfigError
+from .logra import WeightUseRecorder
+
+FORWARD = 3.0
+BACKWARD = 2.0
+_UNITS = {"": 1, "b": 1, "k": 1 << 10, "kb": 1 << 10, "m": 1 << 20, "mb": 1 << 20, "g": 1 << 30, "gb": 1 << 30,
+          "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30}
+
+
+def parse_bytes(value: int | float | str | None, field: str = "options.memory_limit") -> int | None:
+    """8589934592, "8GB", "8 GiB", "512MB" -> bytes (binary units); None stays None."""
+    if value is None:
+        return None
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return int(value)
+    match = re.fullmatch(r"\s*([0-9.]+)\s*([a-zA-Z]*)\s*", str(value))
+    if not match or match.group(2).lower() not in _UNITS:
+        raise ConfigError(field, f"a size in bytes or like \"8GB\", got {value!r}")
+    return int(float(match.group(1)) * _UNITS[match.group(2).lower()])
+
+
+def resident_bytes(device: torch.device) -> int:
+    """What this process already holds on `device` (RSS on CPU, allocated memory on CUDA)."""
+    if device.type == "cuda":
+        return torch.cuda.memory_allocated(device)
+    try:
+        with open("/proc/self/statm") as handle:
+            return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:  # not Linux: assume nothing is held yet
+        return 0
+
+
+def item_bytes(model: torch.nn.Module, params: Sequence[torch.nn.Parameter], image: torch.Tensor,
+               token: torch.Tensor) -> tuple[int, int]:
+    """(A, D): bytes of one item's recorded theta-layer inputs and outputs (both towers), and
+    the embedding size."""
+    device = model.logit_scale.device
+    recorder = WeightUseRecorder(params)
+    with recorder:
+        embedding = model.encode_text(token.to(device))
+        model.encode_image(image.to(device))
+    seen, total = set(), 0
+    for use in recorder.uses:
+        for t in (use.inputs, use.output):
+            if id(t) not in seen:
+                seen.add(id(t))
+                total += t.numel() * t.element_size()
+    return max(total, 1), int(embedding.shape[-1])
+
+
+def plan_chunks(memory_limit: int, resident: int, batch: int, dim: int, per_item: int, chunk: int,
+                passes: int) -> tuple[int, int]:
+    """(items, chunk) that fit the budget: all B items and the user's chunk if they fit, else
+    fewer items per forward first (it costs one extra no-grad forward), then a smaller chunk.
+    `passes`: backward passes per batch (D per item, 2B per pair); chunk never exceeds it."""
+    chunk = max(1, min(chunk, passes))
+    free = memory_limit - resident - 2 * (2 * batch) * batch * dim * 4
+    if free <= 0:
+        raise ConfigError("options.memory_limit", f"{memory_limit} bytes leave nothing for the backward: the model "
+                          f"and the batch's cotangents already take {memory_limit - free}")
+    items = int(free // (per_item * (FORWARD + chunk * BACKWARD)))
+    if items >= 1:
+        return min(items, batch), chunk
+    chunk = int((free / per_item - FORWARD) // BACKWARD)
+    return 1, max(1, chunk)
+
+
+def plan_for_batch(model: torch.nn.Module, params: Sequence[torch.nn.Parameter], images: torch.Tensor,
+                   tokens: torch.Tensor, chunk: int, memory_limit: int) -> tuple[int, int]:
+    """plan_chunks for this batch and model (one probe forward of a single item)."""
+    from .gradients import choose_method
+
+    device = model.logit_scale.device
+    per_item, dim = item_bytes(model, params, images[:1], tokens[:1])
+    batch = len(tokens)
+    passes = dim if choose_method(batch, dim, True) == "per_item" else 2 * batch
+    return plan_chunks(memory_limit, resident_bytes(device), batch, dim, per_item, chunk, passes)

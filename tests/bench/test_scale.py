@@ -1,0 +1,18 @@
+"""bench.scale at reduced size: the store part's stages run and report time and memory."""
+import torch
+
+from bench import scale
+
+
+def test_quick_store_part_reports_curvature_and_scores(tmp_path):
+    before = torch.get_num_threads()
+    try:
+        result = scale.main(["--quick", "--parts", "store", "--out", str(tmp_path), "--threads", str(before)])
+    finally:
+        torch.set_num_threads(before) if torch.get_num_threads() != before else None
+    rows = result["store"]
+    assert [r["pairs"] for r in rows] == [500, 2000]
+    for row in rows:
+        for stage in ("curvature", "scores"):
+            assert row["stages"][stage]["s"] > 0 and 0 < row["stages"][stage]["peak_rss_gb"] < 64
+    assert (tmp_path / "results.json").exists()
