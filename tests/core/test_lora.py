@@ -117,3 +117,32 @@ def test_lora_training_needs_a_base_checkpoint(workspace, tmp_path):
     with pytest.raises(ConfigError, match="base checkpoint") as error:
         train(workspace / "data" / "train.jsonl", MICRO_CONFIG, tmp_path / "x", TrainConfig(lora_rank=2))
     assert error.value.field == "lora_rank"
+
+
+def test_an_edit_of_a_lora_audit_writes_an_adapter_that_peft_and_the_audit_load(workspace, adapter, tmp_path):
+    from safetensors.torch import load_file
+
+    from ecif_core.edit import EditSettings
+    from ecif_core.edit_audit import edit_audit
+
+    manifest = {"model": {"config": "cfg.json", "checkpoint": "model.pt", "adapter": "lora"},
+                "train": "data/train.jsonl", "validation": "data/val.jsonl", "options": OPTIONS}
+    (workspace / "manifest-lora-edit.json").write_text(json.dumps(manifest))
+    audit.run_audit(workspace / "manifest-lora-edit.json", tmp_path / "audit")
+    record = edit_audit(tmp_path / "audit", "top:6:self_influence", tmp_path / "edited", EditSettings(max_iterations=5))
+    folder = tmp_path / "edited" / "adapter"
+    assert record["checkpoint"]["adapter"] == str(folder)
+    assert all(".lora_" in name for name in record["method"]["theta"])
+    before, after = load_file(str(adapter / ADAPTER_WEIGHTS)), load_file(str(folder / ADAPTER_WEIGHTS))
+    assert before.keys() == after.keys() and any(not torch.equal(before[k], after[k]) for k in before)
+    sidecar = json.loads((folder / TRAINING_SIDECAR).read_text())
+    removed = (tmp_path / "edited" / "removed_ids.txt").read_text().split()
+    assert len(removed) == 6 and set(removed) <= set(sidecar["excluded"])
+    # the edited adapter on the same base is what the record's validation loss was measured on
+    reloaded = load_model(config=MICRO_CONFIG, checkpoint=workspace / "model.pt", adapter=folder)
+    from ecif_core.edit_audit import _validation_batches, validation_loss
+    from ecif_core.manifest import Manifest
+
+    plan_manifest = Manifest.from_json(audit.load_plan(tmp_path / "audit").manifest)
+    val = _validation_batches(tmp_path / "audit", plan_manifest, reloaded.preprocess, reloaded.tokenizer)
+    assert validation_loss(reloaded.model, val)[0] == pytest.approx(record["validation"]["loss_after"], rel=1e-5)
