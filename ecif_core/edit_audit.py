@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .audit import final_ranking, image_access, load_plan, load_slots, open_store
+from .audit import Ranking, final_ranking, image_access, load_plan, load_slots, open_store
 from .batching import partition
 from .data import load_batch, read_pairs
 from .edit import EditSettings, LeaveOutObjective, TrainingBatch, apply_delta, edit_parameters
@@ -35,9 +35,10 @@ EDIT_SIDECAR = "edit.json"
 REMOVED_IDS = "removed_ids.txt"
 
 
-def removal_set(audit_dir: str | Path, spec: str, base_dir: str | Path | None = None) -> RemovalSet:
+def removal_set(audit_dir: str | Path, spec: str, base_dir: str | Path | None = None,
+                ranking: Ranking | None = None) -> RemovalSet:
     """The pairs `spec` names among the audit's ranked pairs (see ecif_core.removal)."""
-    ranking = final_ranking(audit_dir)
+    ranking = ranking or final_ranking(audit_dir)
     columns = dict(ranking.columns)
     rank = np.empty(len(ranking.pairs))
     rank[ranking.order] = np.arange(1, len(ranking.pairs) + 1)
@@ -45,10 +46,12 @@ def removal_set(audit_dir: str | Path, spec: str, base_dir: str | Path | None = 
     return select(spec, [p.id for p in ranking.pairs], columns, ranking.suspected, base_dir)
 
 
-def preview(audit_dir: str | Path, spec: str, base_dir: str | Path | None = None) -> dict:
-    """Predicted change of the mean validation loss if the set is removed, from stored numbers (sum form)."""
-    ranking = final_ranking(audit_dir)
-    chosen = removal_set(audit_dir, spec, base_dir)
+def preview(audit_dir: str | Path, spec: str, base_dir: str | Path | None = None,
+            ranking: Ranking | None = None) -> dict:
+    """Predicted change of the mean validation loss if the set is removed, from stored numbers (sum form).
+    `ranking`: the audit's final_ranking when the caller previews several sets."""
+    ranking = ranking or final_ranking(audit_dir)
+    chosen = removal_set(audit_dir, spec, base_dir, ranking)
     wanted = set(chosen.ids)
     index = np.array([i for i, p in enumerate(ranking.pairs) if p.id in wanted], dtype=np.int64)
     plan = load_plan(audit_dir)

@@ -79,6 +79,7 @@ def audit_report_html(database_url: str, audit_id: str, links: dict[str, str],
              _influence_histogram(columns["influence"]) if has_influence else "",
              _split_scatter(columns) if has_influence else _self_vs_clip(columns),
              "</div>",
+             _removal_previews(meta["audit_dir"]) if has_influence else "",
              f"<h2>Top {len(suspects)} suspects (ranked by {html.escape(meta['rank_by'])})</h2>",
              _cards(suspects, thumbs)]
     if valuable:
@@ -125,6 +126,34 @@ def _summary(meta: dict, scored: int, flagged: int) -> str:
              ("run time", f"{meta['seconds']:.1f} s" if meta["seconds"] is not None else "-")]
     cells = "".join(f"<tr><td>{html.escape(str(k))}</td><td><b>{html.escape(str(v))}</b></td></tr>" for k, v in items)
     return f'<table class="summary">{cells}</table>'
+
+
+PREVIEW_SETS = (("suspected", "the flagged pairs"), ("top:0.05:rank", "top 5% of the ranking"),
+                ("top:0.1:rank", "top 10% of the ranking"), ("random:0.1:0", "a random 10% (baseline)"))
+
+
+def _removal_previews(audit_dir: str) -> str:
+    """What removing a few natural sets would do to the validation loss (stored numbers, sum form)."""
+    from ecif_core.audit import final_ranking
+    from ecif_core.edit_audit import preview
+    from ecif_core.errors import ConfigError
+
+    ranking = final_ranking(audit_dir)
+    rows = []
+    for spec, label in PREVIEW_SETS:
+        try:
+            p = preview(audit_dir, spec, ranking=ranking)
+        except ConfigError:  # e.g. nothing flagged
+            continue
+        rows.append(f"<tr><td>{html.escape(label)}</td><td><code>{html.escape(spec)}</code></td><td>{p['pairs']}</td>"
+                    f"<td>{p['suspected_in_set']}</td><td>{p['predicted_validation_change']:+.4g}</td></tr>")
+    if not rows:
+        return ""
+    return ('<h2>Removal preview</h2><p class="muted">Predicted change of the mean validation loss per pair '
+            "(nats) if the set were removed; negative = removing it helps. From stored numbers (sum of per-pair "
+            "influence); <code>ecif edit --remove SPEC</code> writes the model without the set.</p>"
+            '<table class="summary"><tr><td>set</td><td>spec</td><td>pairs</td><td>flagged</td>'
+            f'<td>predicted change</td></tr>{"".join(rows)}</table>')
 
 
 def _cards(rows, thumbs: "_Thumbnails") -> str:

@@ -289,6 +289,7 @@ def test_report_pages_are_served_to_the_owner_only(api, keys, pg_url, data_root,
     assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
     assert page.text.count("<svg") >= 3 and page.text.count('class="thumb"') >= 50
     assert 'href="results.csv"' in page.text and "suspect threshold" in page.text
+    assert "Removal preview" in page.text and "random:0.1:0" in page.text
     assert api.get(f"/audits/{finished_audit}/report", headers=keys["bob"]).status_code == 404
     unfinished = _submit(api, keys["alice"])["id"]
     assert api.get(f"/audits/{unfinished}/report", headers=keys["alice"]).status_code == 409
