@@ -223,9 +223,11 @@ def _is_head_only(model: torch.nn.Module, theta: Sequence[tuple[str, torch.nn.Pa
 
 
 @contextlib.contextmanager
-def _without_projections(model: torch.nn.Module) -> Iterator[None]:
+def without_projections(model: torch.nn.Module) -> Iterator[None]:
     """encode_image / encode_text return the projections' inputs while inside (open_clip skips a None)."""
     saved = model.visual.proj, model.text_projection
+    if not all(isinstance(p, torch.nn.Parameter) for p in saved):
+        raise TypeError("needs both projections as x @ W parameters (open_clip's default CLIP)")
     model.visual.proj, model.text_projection = None, None
     try:
         yield
@@ -237,7 +239,7 @@ def _without_projections(model: torch.nn.Module) -> Iterator[None]:
 def _tower_features(model: torch.nn.Module, batches: Sequence[TrainingBatch]) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """(image features, text features) of every batch, before the projections."""
     out = []
-    with _without_projections(model):
+    with without_projections(model):
         for b in batches:
             text, image = embed(model, b.images, b.tokens)
             out.append((image.detach(), text.detach()))

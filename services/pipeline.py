@@ -10,6 +10,7 @@ its first delivery may have died between that commit and the dispatch.
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import logging
 import os
@@ -17,7 +18,7 @@ import socket
 import time
 from collections import deque
 from pathlib import Path
-from typing import Callable, Protocol
+from typing import Callable, Iterator, Protocol
 
 from sqlalchemy import delete, func, insert, select, update
 from sqlalchemy.exc import IntegrityError, InterfaceError, OperationalError
@@ -280,6 +281,33 @@ def _pair_rows(audit_id: str, audit_dir: str):
             yield {"audit_id": audit_id, "pair_id": row["id"], "row": int(row["row"]), "reason": row["reason"]}
 
 
+class _Failed:
+    def __init__(self) -> None:
+        self.value = False
+
+    def __bool__(self) -> bool:
+        return self.value
+
+
+@contextlib.contextmanager
+def _request_failures(database_url: str, table, row_id: str) -> Iterator[_Failed]:
+    """A trace or edit that fails is recorded as failed; our own errors (bad input) end there,
+    anything else is re-raised for the worker's log; database outages are retried, not recorded."""
+    failed = _Failed()
+    try:
+        yield failed
+    except TRANSIENT:
+        raise
+    except Exception as exc:
+        message = str(exc) if isinstance(exc, EcifError) else f"{type(exc).__name__}: {exc}"
+        with session_scope(database_url) as session:
+            session.execute(update(table).where(table.id == row_id).values(
+                status="failed", error=message[:4000], finished_at=utcnow()))
+        failed.value = True
+        if not isinstance(exc, EcifError):
+            raise
+
+
 def run_trace(database_url: str, trace_id: str, models: core.ModelCache) -> None:
     """Answer one trace request: the test-loss gradients here, the ranking from stored numbers."""
     from ecif_core.trace import examples_from_json, trace
@@ -293,18 +321,10 @@ def run_trace(database_url: str, trace_id: str, models: core.ModelCache) -> None
         audit = session.get(Audit, row.audit_id)
         request, audit_dir = row.request, audit.audit_dir
         row.status = "running"
-    try:
+    with _request_failures(database_url, Trace, trace_id) as failed:
         traces = trace(audit_dir, examples_from_json(request["tests"]), k=request["k"], models=models)
-    except TRANSIENT:
-        raise
-    except Exception as exc:
-        message = str(exc) if isinstance(exc, EcifError) else f"{type(exc).__name__}: {exc}"
-        with session_scope(database_url) as session:
-            session.execute(update(Trace).where(Trace.id == trace_id).values(
-                status="failed", error=message[:4000], finished_at=utcnow()))
-        if isinstance(exc, EcifError):
-            return
-        raise
+    if failed:
+        return
     rows = [{"trace_id": trace_id, "test": t, "rank": rank, "slot": p.slot, "pair_id": p.id,
              "relative_is": p.relative_is, "influence": p.influence, "influence_pos": p.influence_pos,
              "influence_neg": p.influence_neg}
@@ -329,20 +349,12 @@ def run_edit(database_url: str, edit_id: str) -> None:
             return
         audit_dir, request, edit_dir = session.get(Audit, row.audit_id).audit_dir, row.request, row.edit_dir
         row.status = "running"
-    try:
+    with _request_failures(database_url, Edit, edit_id) as failed:
         settings = EditSettings(**{k: request[k] for k in ("damping", "damping_factor", "max_iterations", "tolerance")})
         record = edit_audit(audit_dir, request["remove"], edit_dir, settings, theta=request.get("theta"),
                             base_dir=edit_dir)
-    except TRANSIENT:
-        raise
-    except Exception as exc:
-        message = str(exc) if isinstance(exc, EcifError) else f"{type(exc).__name__}: {exc}"
-        with session_scope(database_url) as session:
-            session.execute(update(Edit).where(Edit.id == edit_id).values(
-                status="failed", error=message[:4000], finished_at=utcnow()))
-        if isinstance(exc, EcifError):
-            return
-        raise
+    if failed:
+        return
     with session_scope(database_url) as session:
         session.execute(update(Edit).where(Edit.id == edit_id).values(
             status="succeeded", result=record, finished_at=utcnow()))

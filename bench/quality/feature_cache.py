@@ -18,12 +18,12 @@ the fidelity it is used to measure.
 """
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import torch
 
+from ecif_core.edit import without_projections
 from ecif_core.gradients import embed
 from ecif_core.losses import group_terms, pair_logits
 from ecif_core.runtime import flush_denormals
@@ -31,19 +31,6 @@ from ecif_core.runtime import flush_denormals
 from .tensors import Batch
 
 PROJECTIONS = ("visual.proj", "text_projection")
-
-
-@contextlib.contextmanager
-def without_projections(model: torch.nn.Module) -> Iterator[None]:
-    """encode_image / encode_text return the projection inputs while inside."""
-    saved = model.visual.proj, model.text_projection
-    if not all(isinstance(p, torch.nn.Parameter) for p in saved):
-        raise TypeError("the oracle needs both projections as x @ W parameters (open_clip's default CLIP)")
-    model.visual.proj, model.text_projection = None, None
-    try:
-        yield
-    finally:
-        model.visual.proj, model.text_projection = saved
 
 
 @torch.no_grad()
