@@ -22,8 +22,11 @@ from tests.services.processes import Service, service_env
 pytestmark = pytest.mark.slow
 
 
-def _redis_db(number: int) -> str:
-    url = REDIS_URL.rsplit("/", 1)[0] + f"/{number}"
+def _redis_db(offset: int) -> str:
+    """The test Redis database plus `offset` (ECIF_TEST_REDIS=.../5 gives 6, 7, 8: concurrent
+    runs on one server pick bases that do not overlap)."""
+    base, number = REDIS_URL.rsplit("/", 1)
+    url = f"{base}/{int(number) + offset}"
     redis.Redis.from_url(url).flushdb()
     return url
 
@@ -31,7 +34,7 @@ def _redis_db(number: int) -> str:
 @pytest.fixture(scope="module")
 def service(pg_url, data_root, tmp_path_factory):
     logs = tmp_path_factory.mktemp("logs")
-    svc = Service(service_env(pg_url, _redis_db(12), tmp_path_factory.mktemp("store"), data_root), logs)
+    svc = Service(service_env(pg_url, _redis_db(1), tmp_path_factory.mktemp("store"), data_root), logs)
     try:
         svc.start_server()
         svc.start_worker("w1")
@@ -80,7 +83,7 @@ def test_a_worker_killed_mid_shard_loses_nothing(pg_url, data_root, tmp_path_fac
     manifest = write_manifest(data_root / "kill-manifest.json", options)
     expected = read_csv_rows(run_embedded(manifest, tmp_path_factory.mktemp("uninterrupted") / "audit"))
     timeouts = {"ECIF_VISIBILITY_TIMEOUT": "3", "ECIF_RESTORE_INTERVAL": "1"} if victim == "whole worker" else {}
-    env = service_env(pg_url, _redis_db(13), tmp_path_factory.mktemp("store"), data_root, **timeouts)
+    env = service_env(pg_url, _redis_db(2), tmp_path_factory.mktemp("store"), data_root, **timeouts)
     svc = Service(env, tmp_path_factory.mktemp("kill-logs"))
     try:
         svc.start_server()
@@ -118,7 +121,7 @@ def test_tasks_lost_with_the_broker_are_resumed_from_the_database(pg_url, data_r
     options = {"projection": {"k_in": 4, "k_out": 4}, "shard_batches": 1}
     manifest = write_manifest(data_root / "kill-manifest.json", options)
     expected = read_csv_rows(run_embedded(manifest, tmp_path_factory.mktemp("reference") / "audit"))
-    broker = _redis_db(14)
+    broker = _redis_db(3)
     svc = Service(service_env(pg_url, broker, tmp_path_factory.mktemp("store"), data_root),
                   tmp_path_factory.mktemp("lost-logs"))
     try:
