@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Callable, Protocol
 
 from sqlalchemy import delete, func, insert, select, update
-from sqlalchemy.exc import IntegrityError, InterfaceError, OperationalError
+from sqlalchemy.exc import IntegrityError, InterfaceError, OperationalError, StatementError
 from sqlalchemy.orm import Session
 
 from ecif_core import audit as core
@@ -241,11 +241,26 @@ class Pipeline:
 
     def _fail(self, audit_id: str, stage: str, shard: int | None, exc: Exception) -> None:
         where = stage if shard is None else f"{stage} shard {shard}"
-        message = f"{where}: {exc}" if isinstance(exc, EcifError) else f"{where}: {type(exc).__name__}: {exc}"
-        log.error("audit %s failed in %s", audit_id, message)
+        message = f"{where}: {error_text(exc)}"
+        log.error("audit %s failed in %s", audit_id, message, exc_info=not isinstance(exc, EcifError))
         with session_scope(self.database_url) as session:
             session.execute(update(Audit).where(Audit.id == audit_id, Audit.status.not_in(FINISHED))
-                            .values(status="failed", error=message[:4000], finished_at=utcnow()))
+                            .values(status="failed", error=message, finished_at=utcnow()))
+
+
+def error_text(exc: BaseException, limit: int = 4000) -> str:
+    """What a user may read of a failure: our own errors as they are; a database error as its
+    driver's first line only (SQLAlchemy's text carries the statement and the row data, which
+    stay in the worker log); never a NUL or a lone surrogate (Postgres refuses both)."""
+    if isinstance(exc, StatementError) and exc.orig is not None:
+        first = (str(exc.orig).strip().splitlines() or [""])[0]
+        text = f"database error {type(exc.orig).__name__}: {first} (details in the worker log)"
+    elif isinstance(exc, EcifError):
+        text = str(exc)
+    else:
+        text = f"{type(exc).__name__}: {exc}"
+    text = text.encode("utf-8", "backslashreplace").decode("utf-8").replace("\x00", "\\x00")
+    return text[:limit]
 
 
 def _index(stage: str) -> int:
@@ -298,10 +313,9 @@ def run_trace(database_url: str, trace_id: str, models: core.ModelCache) -> None
     except TRANSIENT:
         raise
     except Exception as exc:
-        message = str(exc) if isinstance(exc, EcifError) else f"{type(exc).__name__}: {exc}"
         with session_scope(database_url) as session:
             session.execute(update(Trace).where(Trace.id == trace_id).values(
-                status="failed", error=message[:4000], finished_at=utcnow()))
+                status="failed", error=error_text(exc), finished_at=utcnow()))
         if isinstance(exc, EcifError):
             return
         raise
