@@ -25,6 +25,8 @@ class Settings(BaseSettings):
         default_factory=list, description="comma-separated hosts a manifest's remote_images may name (empty: "
         "http(s) images are refused); an allowlist so manifests cannot make the service fetch internal hosts")
     max_manifest_bytes: int = Field(1_048_576, description="larger manifests are refused with 413")
+    max_shards: int = Field(100_000, description="shards one webdataset source may name (brace patterns are "
+                            "counted before they are expanded); more -> 422")
     visibility_timeout: int = Field(6 * 3600, description="seconds before an unacknowledged task is redelivered")
     restore_interval: int = Field(60, description="seconds between sweeps that re-queue tasks of lost workers")
     reconcile_interval: int = Field(300, description="seconds between a worker's checks for stalled audits (0 = off)")

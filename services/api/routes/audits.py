@@ -19,6 +19,8 @@ from ..deps import OwnerDep, SessionDep, SettingsDep
 from ..schemas import AuditCreated, AuditPage, AuditStatus
 
 router = APIRouter(prefix="/audits", tags=["audits"])
+MAX_OFFSET = 1_000_000_000     # beyond any owner's audits; a larger one overflowed Postgres' bigint
+MAX_ROWS = 2**31 - 1           # results.csv?limit= (a row count; the table's ranks are int4)
 
 
 @router.post("", status_code=202, response_model=AuditCreated)
@@ -31,7 +33,7 @@ async def submit(request: Request, owner: OwnerDep, session: SessionDep, setting
 
 
 def _create_and_queue(request: Request, raw: object, owner: str, session: Session, settings) -> str:
-    manifest = confined_manifest(raw, settings.resolved_roots(), settings.remote_image_hosts)
+    manifest = confined_manifest(raw, settings.resolved_roots(), settings.remote_image_hosts, settings.max_shards)
     audit = repository.create_audit(session, owner, manifest, settings.store_url)
     session.commit()  # durable before any worker can pick the audit up
     try:
@@ -46,7 +48,7 @@ def _create_and_queue(request: Request, raw: object, owner: str, session: Sessio
 @router.get("", response_model=AuditPage)
 def list_audits(request: Request, owner: OwnerDep, session: SessionDep,
                 limit: Annotated[int, Query(ge=1, le=200)] = 20,
-                offset: Annotated[int, Query(ge=0)] = 0) -> AuditPage:
+                offset: Annotated[int, Query(ge=0, le=MAX_OFFSET)] = 0) -> AuditPage:
     audits, total = repository.list_audits(session, owner, limit, offset)
     return AuditPage(items=[_status(request, session, a) for a in audits], total=total, limit=limit, offset=offset)
 
@@ -59,7 +61,8 @@ def status(request: Request, audit_id: str, owner: OwnerDep, session: SessionDep
 @router.get("/{audit_id}/results.csv", name="audit_results",
             responses={200: {"content": {"text/csv": {}}}, 409: {"description": "audit not finished"}})
 def results(audit_id: str, owner: OwnerDep, session: SessionDep, settings: SettingsDep,
-            limit: Annotated[int | None, Query(ge=1)] = None, suspected_only: bool = False) -> StreamingResponse:
+            limit: Annotated[int | None, Query(ge=1, le=MAX_ROWS)] = None,
+            suspected_only: bool = False) -> StreamingResponse:
     """Every usable pair, rank 1 = most likely misaligned (columns: README, "ranked.csv")."""
     audit = _owned(session, owner, audit_id)
     if audit.status != "succeeded":

@@ -8,6 +8,7 @@ from fastapi.responses import HTMLResponse, StreamingResponse
 
 from ecif_core.errors import ConfigError
 from ecif_core.trace import examples_from_json
+from ecif_core.values import check_json_values
 
 from ... import repository
 from ...manifests import check_confined
@@ -30,6 +31,7 @@ def create(request: Request, audit_id: str, body: TraceRequest, owner: OwnerDep,
         raise ConfigError("k", f"must be between 1 and {MAX_K}")
     if len(body.tests) > MAX_TESTS:
         raise ConfigError("tests", f"at most {MAX_TESTS} test examples per trace")
+    check_json_values(body.tests, "tests")  # NUL, lone surrogates, non-finite numbers
     examples_from_json(body.tests)  # field-by-field validation before anything is queued
     roots = settings.resolved_roots()
     if not roots:
