@@ -152,15 +152,17 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
 
 def cmd_reconcile(args: argparse.Namespace) -> int:
-    """Re-send the unfinished tasks of audits with no activity for --stale-after seconds."""
+    """Send again the tasks neither beating nor queued for --stale-after seconds (workers do it
+    by themselves every ECIF_RECONCILE_INTERVAL seconds)."""
     from workers.tasks import CeleryDispatcher
 
+    from .liveness import queued_tasks
     from .reconcile import reconcile
     from .settings import get_settings
 
     settings = get_settings()
-    stale_after = settings.visibility_timeout if args.stale_after is None else args.stale_after
-    resumed = reconcile(settings.database_url, CeleryDispatcher().send, stale_after)
+    stale_after = settings.stall_threshold() if args.stale_after is None else args.stale_after
+    resumed = reconcile(settings.database_url, CeleryDispatcher().send, stale_after, queued_tasks(settings.broker_url))
     for audit_id, sent in resumed.items():
         print(f"{audit_id}: {sent} task(s) sent again")
     return 0
@@ -308,8 +310,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--loglevel", default="INFO")
     p.set_defaults(run=cmd_worker)
 
-    p = verbs.add_parser("reconcile", help="re-send the work of stalled audits (tasks lost with the broker)")
-    p.add_argument("--stale-after", type=float, help="seconds without activity (default ECIF_VISIBILITY_TIMEOUT)")
+    p = verbs.add_parser("reconcile", help="send lost tasks again (workers do it by themselves)")
+    p.add_argument("--stale-after", type=float, help="seconds neither beating nor queued (default ECIF_STALL_AFTER)")
     p.set_defaults(run=cmd_reconcile)
 
     p = verbs.add_parser("db", help="database schema")

@@ -29,6 +29,7 @@ from ecif_core.manifest import Manifest
 
 from .db.models import FINISHED, SHARDED, STAGES, Audit, Pair, Score, Shard, utcnow
 from .db.session import session_scope
+from .liveness import Heartbeat, mark_dispatched
 
 log = logging.getLogger("ecif.pipeline")
 
@@ -65,16 +66,19 @@ class Pipeline:
     """Runs one stage (or shard) of an audit and records it; `models` is reused across calls."""
 
     def __init__(self, database_url: str, dispatcher: Dispatcher, models: core.ModelCache | None = None,
-                 image_roots: list[Path] | None = None) -> None:
+                 image_roots: list[Path] | None = None, heartbeat_interval: float = 0) -> None:
         self.database_url = database_url
         self.dispatcher = dispatcher
         self.models = models or core.ModelCache()
         self.image_roots = image_roots
+        self.heartbeat_interval = heartbeat_interval  # seconds between a running task's beats (0: none)
         self.worker = f"{socket.gethostname()}:{os.getpid()}"
 
     # ------------------------------------------------------------ entry points
 
     def start(self, audit_id: str) -> None:
+        with session_scope(self.database_url) as session:
+            mark_dispatched(session, "prepare", audit_id)
         self.dispatcher.send("prepare", audit_id)
 
     def run(self, stage: str, audit_id: str, shard: int | None = None) -> None:
@@ -87,7 +91,8 @@ class Pipeline:
         if not skip:
             started = time.perf_counter()
             try:
-                self._execute(stage, audit_id, audit_dir, shard)
+                with Heartbeat(self.database_url, audit_id, stage, shard, self.heartbeat_interval):
+                    self._execute(stage, audit_id, audit_dir, shard)
             except TRANSIENT:
                 raise  # database or broker unreachable: the task is retried, the audit is not failed
             except Exception as exc:
@@ -121,7 +126,9 @@ class Pipeline:
                 session.execute(update(Shard).where(Shard.audit_id == audit_id, Shard.stage == stage,
                                                     Shard.shard == shard)
                                 .values(status="running", attempts=Shard.attempts + 1, worker=self.worker,
-                                        started_at=utcnow()))
+                                        started_at=utcnow(), heartbeat_at=utcnow()))
+            else:
+                session.execute(update(Audit).where(Audit.id == audit_id).values(heartbeat_at=utcnow()))
             return audit.audit_dir, False
 
     # ------------------------------------------------------------ stages
@@ -231,6 +238,8 @@ class Pipeline:
                 return  # the audit is further on: later tasks own the dispatch
             pending = [s for (s,) in session.execute(select(Shard.shard).where(
                 Shard.audit_id == audit_id, Shard.stage == following, Shard.status != "done"))]
+            if following != "done":
+                mark_dispatched(session, following, audit_id, pending)
         if following == "done":
             return
         if following in SHARDED:

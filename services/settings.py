@@ -29,7 +29,10 @@ class Settings(BaseSettings):
                             "counted before they are expanded); more -> 422")
     visibility_timeout: int = Field(6 * 3600, description="seconds before an unacknowledged task is redelivered")
     restore_interval: int = Field(60, description="seconds between sweeps that re-queue tasks of lost workers")
-    reconcile_interval: int = Field(300, description="seconds between a worker's checks for stalled audits (0 = off)")
+    reconcile_interval: int = Field(30, description="seconds between a worker's checks for lost tasks (0 = off)")
+    heartbeat_interval: float = Field(15, description="seconds between the beats a running task writes to the database")
+    stall_after: float = Field(60, description="seconds a task may be neither beating nor queued before it is "
+                               "sent again (at least 4 heartbeat intervals are used)")
     task_soft_time_limit: int = Field(3 * 3600, description="seconds a single shard task may run")
     torch_threads: int | None = Field(None, description="torch threads per worker process (default: cores / processes)")
     host: str = "127.0.0.1"
@@ -43,6 +46,10 @@ class Settings(BaseSettings):
         if isinstance(value, str):
             return [part.strip() for part in value.split(",") if part.strip()]
         return value
+
+    def stall_threshold(self) -> float:
+        """Seconds without a heartbeat or a queued task after which work counts as lost."""
+        return max(self.stall_after, 4 * self.heartbeat_interval)
 
     def resolved_roots(self) -> list[Path]:
         """Data roots with symlinks resolved, so a link inside a root cannot point out of it."""

@@ -13,7 +13,7 @@ class AuditCreated(BaseModel):
 
 class AuditStatus(BaseModel):
     id: str
-    status: str                 # queued | running | succeeded | failed | cancelled
+    status: str                 # queued | running | stalled | succeeded | failed | cancelled
     stage: str                  # prepare | gradients | curvature | validation | scores | finalize | done
     shards_done: int            # shards finished in the current sharded stage (gradients, then scores)
     shards_total: int
@@ -23,7 +23,8 @@ class AuditStatus(BaseModel):
     created_at: datetime
     started_at: datetime | None
     finished_at: datetime | None
-    eta_seconds: float | None
+    eta_seconds: float | None   # null while stalled
+    stall_reason: str | None = None  # why the audit is stalled (no task beating or queued for ECIF_STALL_AFTER s)
     error: str | None
     results_url: str
     rejected_url: str

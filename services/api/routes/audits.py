@@ -149,12 +149,13 @@ def _owned(session: Session, owner: str, audit_id: str) -> Audit:
 
 
 def _status(request: Request, session: Session, audit: Audit) -> AuditStatus:
-    progress = repository.progress(session, audit)
-    return AuditStatus(id=audit.id, status=audit.status, stage=audit.stage, shards_done=progress["shards_done"],
+    progress = repository.progress(session, audit, request.app.state.settings.stall_threshold())
+    status = "stalled" if progress["stall_reason"] else audit.status
+    return AuditStatus(id=audit.id, status=status, stage=audit.stage, shards_done=progress["shards_done"],
                        shards_total=progress["shards_total"], pairs_total=audit.pairs_total,
                        pairs_rejected=audit.pairs_rejected, damping=audit.damping, created_at=audit.created_at,
                        started_at=audit.started_at, finished_at=audit.finished_at,
-                       eta_seconds=progress["eta_seconds"], error=audit.error,
+                       eta_seconds=progress["eta_seconds"], stall_reason=progress["stall_reason"], error=audit.error,
                        results_url=str(request.url_for("audit_results", audit_id=audit.id)),
                        rejected_url=str(request.url_for("audit_rejected", audit_id=audit.id)))
 
