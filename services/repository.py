@@ -38,6 +38,21 @@ def create_key(session: Session, owner: str) -> str:
     return key
 
 
+def list_keys(session: Session, owner: str | None = None) -> list[ApiKey]:
+    query = select(ApiKey).order_by(ApiKey.id)
+    return list(session.scalars(query if owner is None else query.where(ApiKey.owner == owner)))
+
+
+def revoke_key(session: Session, key_or_id: str) -> ApiKey | None:
+    """Mark a key revoked, found by its id or by the key itself; None when there is none."""
+    key = session.get(ApiKey, int(key_or_id)) if key_or_id.isdigit() else None
+    if key is None:
+        key = session.scalar(select(ApiKey).where(ApiKey.key_hash == hash_key(key_or_id)))
+    if key is not None:
+        key.revoked = True
+    return key
+
+
 def owner_of_key(session: Session, key: str) -> str | None:
     return session.scalar(select(ApiKey.owner).where(ApiKey.key_hash == hash_key(key), ApiKey.revoked.is_(False)))
 

@@ -35,6 +35,8 @@ class Settings(BaseSettings):
                                "sent again (at least 4 heartbeat intervals are used)")
     task_soft_time_limit: int = Field(3 * 3600, description="seconds a single shard task may run")
     torch_threads: int | None = Field(None, description="torch threads per worker process (default: cores / processes)")
+    metrics_token: str | None = Field(None, description="bearer token for /metrics with every owner's counts "
+                                      "(unset: /metrics needs an API key and counts that owner's audits only)")
     host: str = "127.0.0.1"
     port: int = 8000
     server_url: str = Field("http://127.0.0.1:8000", description="API address used by ecif submit/status/results")

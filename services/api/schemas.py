@@ -2,8 +2,32 @@
 from __future__ import annotations
 
 from datetime import datetime
+from typing import Any
 
 from pydantic import BaseModel
+
+
+class ErrorResponse(BaseModel):
+    """Every 4xx/5xx answer: `detail` (a message, or FastAPI's list of {loc, msg, type}) and, for
+    an invalid manifest or request, `field` naming the offending field."""
+
+    detail: Any
+    field: str | None = None
+
+
+ERROR_DESCRIPTIONS = {
+    401: "missing or invalid API key (`Authorization: Bearer <key>`)",
+    404: "no such audit or trace (another owner's is answered the same)",
+    409: "not finished yet (results, reports and traces exist once the audit has succeeded)",
+    413: "manifest larger than ECIF_MAX_MANIFEST_BYTES",
+    422: "invalid manifest, request or query; `field` names the offending field",
+    503: "the task broker is unavailable; nothing was queued",
+}
+
+
+def errors(*codes: int) -> dict[int, dict]:
+    """OpenAPI `responses` entries for these error codes."""
+    return {code: {"model": ErrorResponse, "description": ERROR_DESCRIPTIONS[code]} for code in codes}
 
 
 class AuditCreated(BaseModel):

@@ -184,9 +184,36 @@ def test_health_ready_and_metrics(api):
     assert api.get("/healthz").json() == {"status": "ok"}
     ready = api.get("/readyz")
     assert ready.status_code == 200 and ready.json()["checks"]["database"] == "ok"
-    metrics = api.get("/metrics").text
-    assert 'ecif_audits{status="queued"}' in metrics and "ecif_queue_depth" in metrics
     assert api.get("/openapi.json").json()["paths"]["/audits/{audit_id}/results.csv"]
+
+
+def test_metrics_need_a_key_and_count_only_that_owners_audits(api, keys, pg_url, data_root):
+    assert api.get("/metrics").status_code == 401
+    assert api.get("/metrics", headers={"Authorization": "Bearer ecif_wrong"}).status_code == 401
+    with session_scope(pg_url) as session:
+        dave = repository.create_key(session, "dave-metrics")
+    mine = api.get("/metrics", headers={"Authorization": f"Bearer {dave}"})
+    assert mine.status_code == 200 and 'ecif_audits{status="queued"} 0.0' in mine.text  # no audits of his
+    _submit(api, {"Authorization": f"Bearer {dave}"})
+    mine = api.get("/metrics", headers={"Authorization": f"Bearer {dave}"}).text
+    assert 'ecif_audits{status="queued"} 1.0' in mine and "ecif_queue_depth" in mine
+    settings = api.settings.model_copy(update={"metrics_token": "scrape-secret"})
+    with TestClient(create_app(settings, starter=RecordingStarter())) as client:
+        everyone = client.get("/metrics", headers={"Authorization": "Bearer scrape-secret"})
+        assert everyone.status_code == 200
+        queued = float(everyone.text.split('ecif_audits{status="queued"} ')[1].split()[0])
+        assert queued > 1  # alice's audits too
+        assert client.get("/metrics", headers={"Authorization": "Bearer scrape-secreT"}).status_code == 401
+
+
+def test_openapi_documents_the_error_responses_and_the_manifest_body(api):
+    paths = api.get("/openapi.json").json()["paths"]
+    submit = paths["/audits"]["post"]
+    assert {"401", "413", "422", "503"} <= set(submit["responses"])
+    assert "application/json" in submit["requestBody"]["content"]
+    assert "multipart/form-data" in submit["requestBody"]["content"]
+    assert {"401", "404", "409"} <= set(paths["/audits/{audit_id}/results.csv"]["get"]["responses"])
+    assert "401" in paths["/metrics"]["get"]["responses"]
 
 
 def test_readyz_reports_an_unmigrated_database(tmp_path):

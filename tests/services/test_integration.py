@@ -65,7 +65,8 @@ def test_audit_over_http_matches_the_embedded_mode(service, data_root, embedded_
     assert traced.returncode == 0, traced.stderr + (service.logs / "w1.log").read_text()[-3000:]
     assert "top 5 training pairs by relative-IS" in traced.stdout
     assert len(read_csv_rows(tmp_path / "trace.csv")) == 5
-    metrics = httpx.get(f"{service.url}/metrics").text
+    assert httpx.get(f"{service.url}/metrics").status_code == 401
+    metrics = httpx.get(f"{service.url}/metrics", headers={"Authorization": f"Bearer {service.env['ECIF_API_KEY']}"}).text
     assert 'ecif_audits{status="succeeded"}' in metrics and 'ecif_shard_seconds_count{stage="gradients"}' in metrics
 
 

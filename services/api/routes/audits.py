@@ -16,14 +16,16 @@ from ...db.models import Audit
 from ...manifests import confined_manifest
 from ...report import audit_report_html
 from ..deps import OwnerDep, SessionDep, SettingsDep
-from ..schemas import AuditCreated, AuditPage, AuditStatus
+from ..schemas import AuditCreated, AuditPage, AuditStatus, errors
+from ..openapi import MANIFEST_BODY
 
-router = APIRouter(prefix="/audits", tags=["audits"])
+router = APIRouter(prefix="/audits", tags=["audits"], responses=errors(401))
 MAX_OFFSET = 1_000_000_000     # beyond any owner's audits; a larger one overflowed Postgres' bigint
 MAX_ROWS = 2**31 - 1           # results.csv?limit= (a row count; the table's ranks are int4)
 
 
-@router.post("", status_code=202, response_model=AuditCreated)
+@router.post("", status_code=202, response_model=AuditCreated, responses=errors(413, 422, 503),
+             openapi_extra={"requestBody": MANIFEST_BODY})
 async def submit(request: Request, owner: OwnerDep, session: SessionDep, settings: SettingsDep) -> AuditCreated:
     """Body: the manifest as JSON, or multipart/form-data with the manifest file in `manifest`."""
     raw = await _manifest_body(request, settings.max_manifest_bytes)
@@ -45,7 +47,7 @@ def _create_and_queue(request: Request, raw: object, owner: str, session: Sessio
     return audit.id
 
 
-@router.get("", response_model=AuditPage)
+@router.get("", response_model=AuditPage, responses=errors(422))
 def list_audits(request: Request, owner: OwnerDep, session: SessionDep,
                 limit: Annotated[int, Query(ge=1, le=200)] = 20,
                 offset: Annotated[int, Query(ge=0, le=MAX_OFFSET)] = 0) -> AuditPage:
@@ -53,13 +55,13 @@ def list_audits(request: Request, owner: OwnerDep, session: SessionDep,
     return AuditPage(items=[_status(request, session, a) for a in audits], total=total, limit=limit, offset=offset)
 
 
-@router.get("/{audit_id}", response_model=AuditStatus, name="audit_status")
+@router.get("/{audit_id}", response_model=AuditStatus, name="audit_status", responses=errors(404))
 def status(request: Request, audit_id: str, owner: OwnerDep, session: SessionDep) -> AuditStatus:
     return _status(request, session, _owned(session, owner, audit_id))
 
 
 @router.get("/{audit_id}/results.csv", name="audit_results",
-            responses={200: {"content": {"text/csv": {}}}, 409: {"description": "audit not finished"}})
+            responses={200: {"content": {"text/csv": {}}}, **errors(404, 409, 422)})
 def results(audit_id: str, owner: OwnerDep, session: SessionDep, settings: SettingsDep,
             limit: Annotated[int | None, Query(ge=1, le=MAX_ROWS)] = None,
             suspected_only: bool = False) -> StreamingResponse:
@@ -70,7 +72,7 @@ def results(audit_id: str, owner: OwnerDep, session: SessionDep, settings: Setti
     return _csv(repository.results_csv(settings.database_url, audit.id, limit, suspected_only), "ranked.csv")
 
 
-@router.get("/{audit_id}/report", response_class=HTMLResponse, name="audit_report")
+@router.get("/{audit_id}/report", response_class=HTMLResponse, name="audit_report", responses=errors(404, 409))
 def report(audit_id: str, owner: OwnerDep, session: SessionDep, settings: SettingsDep) -> HTMLResponse:
     """One self-contained HTML page: summary, plots, top suspects and valuable pairs with thumbnails."""
     audit = _owned(session, owner, audit_id)
@@ -81,14 +83,15 @@ def report(audit_id: str, owner: OwnerDep, session: SessionDep, settings: Settin
     return HTMLResponse(page)
 
 
-@router.get("/{audit_id}/rejected.csv", name="audit_rejected", responses={200: {"content": {"text/csv": {}}}})
+@router.get("/{audit_id}/rejected.csv", name="audit_rejected",
+            responses={200: {"content": {"text/csv": {}}}, **errors(404)})
 def rejected(audit_id: str, owner: OwnerDep, session: SessionDep, settings: SettingsDep) -> StreamingResponse:
     """Rows that could not be used, with the reason (complete once the prepare stage is done)."""
     audit = _owned(session, owner, audit_id)
     return _csv(repository.rejected_csv(settings.database_url, audit.id), "rejected.csv")
 
 
-@router.post("/{audit_id}/cancel", response_model=AuditStatus)
+@router.post("/{audit_id}/cancel", response_model=AuditStatus, responses=errors(404))
 def cancel(request: Request, audit_id: str, owner: OwnerDep, session: SessionDep) -> AuditStatus:
     audit = _owned(session, owner, audit_id)
     repository.cancel_audit(session, audit)
@@ -97,7 +100,7 @@ def cancel(request: Request, audit_id: str, owner: OwnerDep, session: SessionDep
     return _status(request, session, audit)
 
 
-@router.delete("/{audit_id}", status_code=204)
+@router.delete("/{audit_id}", status_code=204, responses=errors(404))
 def delete(audit_id: str, owner: OwnerDep, session: SessionDep, settings: SettingsDep) -> Response:
     """Removes the audit's rows and its folder (gradients, curvature, scores)."""
     audit = _owned(session, owner, audit_id)
