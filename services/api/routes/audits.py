@@ -7,6 +7,7 @@ from typing import Annotated
 from fastapi import APIRouter, HTTPException, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import HTMLResponse, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from sqlalchemy.orm import Session
 
 from ecif_core.errors import ConfigError
@@ -121,7 +122,10 @@ async def _manifest_body(request: Request, limit: int) -> object:
         if len(body) > limit:
             raise HTTPException(413, f"manifest larger than {limit} bytes")
     if request.headers.get("content-type", "").startswith("multipart/form-data"):
-        form = await _form_from(request, bytes(body))
+        try:
+            form = await _form_from(request, bytes(body))
+        except StarletteHTTPException as exc:  # malformed multipart: the manifest's fault, named as such
+            raise ConfigError("manifest", f"multipart body cannot be parsed ({exc.detail})") from None
         upload = form.get("manifest")
         if upload is None or isinstance(upload, str):
             raise ConfigError("manifest", "multipart body needs a file field named 'manifest'")
