@@ -60,7 +60,8 @@ class InProcessStarter:
 
         with self._lock:
             dispatcher = LocalDispatcher()
-            pipeline = Pipeline(self.settings.database_url, dispatcher, image_roots=self.settings.resolved_roots())
+            pipeline = Pipeline(self.settings.database_url, dispatcher, image_roots=self.settings.resolved_roots(),
+                                heartbeat_interval=self.settings.heartbeat_interval)  # status tells running from stalled
             pipeline.start(audit_id)
             try:
                 dispatcher.drain(pipeline)
