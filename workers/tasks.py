@@ -112,7 +112,7 @@ def _start_reconciler(**_kwargs) -> None:
     nor waiting in a queue for ECIF_STALL_AFTER seconds (a killed worker's, or tasks lost with
     the broker); runs in the worker's main process and imports no torch."""
     from services.liveness import queued_tasks
-    from services.reconcile import reconcile
+    from services.reconcile import find_stalls, reconcile
     from services.settings import get_settings
 
     settings = get_settings()
@@ -124,7 +124,9 @@ def _start_reconciler(**_kwargs) -> None:
         stop = threading.Event()
         while not stop.wait(settings.reconcile_interval):
             try:
-                queued = queued_tasks(settings.broker_url)
+                if not find_stalls(settings.database_url, settings.stall_threshold()):
+                    continue  # nothing idle that long: the queues need not be read
+                queued = queued_tasks(settings.broker_url)  # reads the whole queue lists
                 if queued is None:
                     continue  # the broker cannot be read: nothing can be told lost
                 resumed = reconcile(settings.database_url, dispatcher.send, settings.stall_threshold(), queued)
