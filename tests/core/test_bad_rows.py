@@ -37,3 +37,21 @@ def test_each_known_row_fault_is_a_rejected_row(tmp_path):
                        "row-6": "caption is not valid Unicode (a lone surrogate or undecodable bytes)",
                        "row-8": "not valid UTF-8 (byte 0)"}
     assert [item.id for item in items if isinstance(item, Pair)] == ["ok"]
+
+
+def test_a_bad_webdataset_sample_is_a_rejected_row_not_a_failed_shard(tmp_path):
+    buffer = io.BytesIO()
+    Image.new("RGB", (4, 4)).save(buffer, format="PNG")
+    members = {"a.png": buffer.getvalue(), "a.txt": b"fine", "b.png": buffer.getvalue(), "b.txt": b"ok",
+               "b.json": b"{not json", "c.png": b"not an image", "c.txt": b"\xff\xfe caption",
+               "d.png": buffer.getvalue(), "d.txt": b"list", "d.json": b"[1]"}
+    with tarfile.open(tmp_path / "s.tar", "w") as tar:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    items = list(iter_pairs(str(tmp_path / "s.tar"), access=ImageAccess(roots=[tmp_path.resolve()])))
+    assert [type(i).__name__ for i in items] == ["Pair", "RejectedRow", "RejectedRow", "RejectedRow"]
+    b, c, d = (i.reason for i in items[1:])
+    assert b.startswith("sample 'b' unreadable (JSONDecodeError") and "not a JSON object" in d
+    assert c.startswith("image cannot be decoded")  # its undecodable caption bytes were replaced, not fatal
