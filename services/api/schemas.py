@@ -25,9 +25,16 @@ ERROR_DESCRIPTIONS = {
 }
 
 
+_ERROR_SCHEMA = {"type": "object", "required": ["detail"], "title": "ErrorResponse",
+                 "properties": {"detail": {"description": "a message, or a list of {loc, msg, type}"},
+                                "field": {"anyOf": [{"type": "string"}, {"type": "null"}]}}}
+
+
 def errors(*codes: int) -> dict[int, dict]:
-    """OpenAPI `responses` entries for these error codes."""
-    return {code: {"model": ErrorResponse, "description": ERROR_DESCRIPTIONS[code]} for code in codes}
+    """OpenAPI `responses` entries for these error codes: always JSON (a `model` would be
+    documented in the route's own media type, text/html for the report pages)."""
+    return {code: {"description": ERROR_DESCRIPTIONS[code], "content": {"application/json": {"schema": _ERROR_SCHEMA}}}
+            for code in codes}
 
 
 class AuditCreated(BaseModel):

@@ -84,3 +84,33 @@ def test_no_operation_answers_5xx_or_an_undocumented_status(pg_url, data_root, t
     print(f"\nschemathesis: {sent} requests, statuses {dict(sorted(statuses.items()))}, {server_errors} 5xx")
     assert not failures, "\n".join(failures[:10])
     assert server_errors == 0 and sent >= 300
+
+
+def test_schemathesis_cli_against_a_real_server(pg_url, data_root, tmp_path_factory):
+    """The same property from outside: `st run` (examples, coverage, fuzzing and stateful
+    phases) against a real `ecif serve` on Postgres and Redis (no worker: audits stay queued)."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from tests.services.processes import Service, service_env
+    from tests.services.test_integration import _redis_db
+
+    work = tmp_path_factory.mktemp("st")
+    svc = Service(service_env(pg_url, _redis_db(4), work / "store", data_root), work)
+    try:
+        svc.start_server()
+        key = svc.run("keys", "create", "--owner", "st-cli").stdout.strip()
+        report = work / "report.json"
+        run = subprocess.run([str(Path(sys.executable).parent / "st"), "run", f"{svc.url}/openapi.json",
+                              "-H", f"Authorization: Bearer {key}", "--checks",
+                              "not_a_server_error,status_code_conformance,content_type_conformance",
+                              "-n", "20", "--seed", "1", "--report-json-path", str(report)],
+                             cwd=work, capture_output=True, text=True, timeout=600)
+        cases = json.loads(report.read_text())["test_cases"]
+        print(f"\nst run against ecif serve: {cases['generated']} test cases, {cases['with_failures']} with failures")
+        assert run.returncode == 0, run.stdout[-3000:]
+        assert cases["with_failures"] == 0 and cases["errored"] == 0 and cases["generated"] >= 500
+    finally:
+        svc.stop()
