@@ -2,18 +2,8 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any
 
 from pydantic import BaseModel
-
-
-class ErrorResponse(BaseModel):
-    """Every 4xx/5xx answer: `detail` (a message, or FastAPI's list of {loc, msg, type}) and, for
-    an invalid manifest or request, `field` naming the offending field."""
-
-    detail: Any
-    field: str | None = None
-
 
 ERROR_DESCRIPTIONS = {
     401: "missing or invalid API key (`Authorization: Bearer <key>`)",
@@ -25,6 +15,8 @@ ERROR_DESCRIPTIONS = {
 }
 
 
+# Every error answer: `detail` (a message, or FastAPI's list of {loc, msg, type}) and, for an
+# invalid manifest or request, `field` naming the offending field.
 _ERROR_SCHEMA = {"type": "object", "required": ["detail"], "title": "ErrorResponse",
                  "properties": {"detail": {"description": "a message, or a list of {loc, msg, type}"},
                                 "field": {"anyOf": [{"type": "string"}, {"type": "null"}]}}}
