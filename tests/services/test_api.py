@@ -417,3 +417,12 @@ def test_offset_and_limit_bounds_are_422(api, keys):
     audit_id = _submit(api, keys["alice"])["id"]
     response = api.get(f"/audits/{audit_id}/results.csv?limit=100000000000000000000", headers=keys["alice"])
     assert response.status_code == 422
+
+
+def test_ids_no_audit_can_have_are_404_without_reaching_the_database(api, keys):
+    for path in ("/audits/%00", "/audits/a%00b/results.csv", "/audits/%ED%A0%80/report", "/audits/" + "a" * 5000):
+        assert api.get(path, headers=keys["alice"]).status_code == 404, path
+    audit_id = _submit(api, keys["alice"])["id"]
+    assert api.get(f"/audits/{audit_id}/traces/%00", headers=keys["alice"]).status_code == 404
+    assert api.post("/audits/%00/cancel", headers=keys["alice"]).status_code == 404
+    assert api.delete("/audits/%00", headers=keys["alice"]).status_code == 404

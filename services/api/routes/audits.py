@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import uuid
 from typing import Annotated
 
 from fastapi import APIRouter, HTTPException, Query, Request, Response
@@ -148,8 +149,17 @@ async def _form_from(request: Request, body: bytes):
     return await StarletteRequest(request.scope, receive).form()
 
 
+def is_id(value: str) -> bool:
+    """Audit and trace ids are UUIDs; anything else (a NUL, which Postgres refuses, included)
+    names no audit and never reaches the database."""
+    try:
+        return str(uuid.UUID(value)) == value
+    except ValueError:
+        return False
+
+
 def _owned(session: Session, owner: str, audit_id: str) -> Audit:
-    audit = repository.get_audit(session, owner, audit_id)
+    audit = repository.get_audit(session, owner, audit_id) if is_id(audit_id) else None
     if audit is None:
         raise HTTPException(404, "no such audit")
     return audit
