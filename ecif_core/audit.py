@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from . import __version__
+from .confine import confined
 from .batching import hash_seed, ids_digest, partition, rebatch_within, training_batches
 from .data import ImageAccess, Pair, RejectedRow, iter_pairs, load_batch, read_pairs
 from .errors import ConfigError
@@ -69,13 +70,16 @@ class ModelCache:
         self._key: tuple | None = None
         self._value: tuple[LoadedModel, list, Projector] | None = None
 
-    def get(self, manifest: Manifest) -> tuple[LoadedModel, list, Projector]:
-        adapter_weights = None if manifest.adapter is None else os.path.join(manifest.adapter, ADAPTER_WEIGHTS)
-        key = (manifest.model_arch, json.dumps(manifest.model_config, sort_keys=True), manifest.checkpoint,
-               _file_identity(manifest.checkpoint), manifest.adapter, _file_identity(adapter_weights),
+    def get(self, manifest: Manifest, roots: list[Path] | None = None) -> tuple[LoadedModel, list, Projector]:
+        """The model of `manifest`; with `roots`, its files are confined now (by real path),
+        also when the cached copy is reused (a swapped file is refused, not served)."""
+        files = model_files(manifest, roots)
+        adapter_weights = None if files.adapter is None else os.path.join(files.adapter, ADAPTER_WEIGHTS)
+        key = (manifest.model_arch, json.dumps(manifest.model_config, sort_keys=True), files.checkpoint,
+               _file_identity(files.checkpoint), files.adapter, _file_identity(adapter_weights),
                json.dumps(manifest.options.theta), json.dumps(manifest.options.projection, sort_keys=True))
         if key != self._key:
-            loaded = load_model(manifest.model_arch, manifest.model_config, manifest.checkpoint, adapter=manifest.adapter)
+            loaded = load_model(manifest.model_arch, files.config, files.checkpoint, adapter=files.adapter)
             exact_float32()
             loaded.model.to("cuda" if torch.cuda.is_available() else "cpu")
             theta = select_theta(loaded.model, manifest.options.theta)
@@ -83,6 +87,36 @@ class ModelCache:
             projector = Projector.for_theta(theta, manifest.options.projection_spec())
             self._key, self._value = key, (loaded, [p for _, p in theta], projector)
         return self._value
+
+
+@dataclass(frozen=True)
+class ModelFiles:
+    """The real paths of a manifest's model files, checked against the data roots."""
+
+    checkpoint: str
+    config: str | dict | None
+    adapter: str | None
+
+
+def model_files(manifest: Manifest, roots: list[Path] | None) -> ModelFiles:
+    """Checkpoint, config file and adapter folder (and its two files) by real path, each
+    confined to `roots` at this moment (None: no roots, as in the embedded mode)."""
+    checkpoint = str(confined(manifest.checkpoint, roots, "model.checkpoint"))
+    config = manifest.model_config
+    if isinstance(config, str):
+        config = str(confined(config, roots, "model.config"))
+    adapter = None
+    if manifest.adapter is not None:
+        from .lora import ADAPTER_CONFIG
+
+        adapter = str(confined(manifest.adapter, roots, "model.adapter"))
+        for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS):
+            confined(os.path.join(adapter, name), roots, "model.adapter")
+    return ModelFiles(checkpoint, config, adapter)
+
+
+def _roots_of(plan: "Plan") -> list[Path] | None:
+    return None if plan.image_roots is None else [Path(r) for r in plan.image_roots]
 
 
 def _file_identity(path: str | None) -> tuple[int, int] | None:
@@ -102,8 +136,7 @@ def fetch_dir(audit_dir: str | Path) -> Path:
 
 def image_access(plan: Plan, audit_dir: str | Path) -> ImageAccess:
     """Data roots and remote-image policy of this audit, for every stage that reads rows."""
-    roots = None if plan.image_roots is None else [Path(r) for r in plan.image_roots]
-    return ImageAccess(roots, remote_images_of(plan.manifest.get("remote_images")), fetch_dir(audit_dir))
+    return ImageAccess(_roots_of(plan), remote_images_of(plan.manifest.get("remote_images")), fetch_dir(audit_dir))
 
 
 def _plan_path(audit_dir: Path) -> Path:
@@ -202,7 +235,7 @@ def prepare(manifest: Manifest, audit_dir: str | Path, image_roots: list[Path] |
         writer = csv.writer(handle)
         writer.writerow(["row", "id", "reason"])
         writer.writerows([(r.row, r.id, r.reason) for r in rejected])
-    projector = _shape_projector(manifest)
+    projector = _shape_projector(manifest, image_roots)
     shards = -(-len(batches) // o.shard_batches)
     plan = Plan(manifest=json.loads(json.dumps(manifest.to_json())), batch_size=o.batch_size,
                 n_batches=len(batches), shard_batches=o.shard_batches, shards=shards, dim=projector.dim,
@@ -266,14 +299,16 @@ def _library_versions() -> dict[str, str]:
             "zarr": zarr.__version__, "numpy": np.__version__}
 
 
-def _shape_projector(manifest: Manifest) -> Projector:
-    """The projector's layout from parameter shapes alone (meta device: no weights loaded)."""
+def _shape_projector(manifest: Manifest, roots: list[Path] | None = None) -> Projector:
+    """The projector's layout from parameter shapes alone (meta device: no weights loaded);
+    the config and adapter files are confined to `roots` when read."""
     from .models import build_model, resolve_model_config
 
+    files = model_files(manifest, roots)
     with torch.device("meta"):
-        model = build_model(resolve_model_config(manifest.model_arch, manifest.model_config))
-        if manifest.adapter is not None:
-            model = inject_adapter(model, manifest.adapter)
+        model = build_model(resolve_model_config(manifest.model_arch, files.config))
+        if files.adapter is not None:
+            model = inject_adapter(model, files.adapter)
     return Projector.for_theta(select_theta(model, manifest.options.theta), manifest.options.projection_spec())
 
 
@@ -292,13 +327,14 @@ def shard_gradients(audit_dir: str | Path, shard: int, models: ModelCache | None
     if store.is_done("gradients", shard):
         return False
     manifest = _manifest_of(plan)
-    loaded, params, projector = (models or ModelCache()).get(manifest)
+    loaded, params, projector = (models or ModelCache()).get(manifest, _roots_of(plan))
     rows, start = plan.shard_rows, shard * plan.shard_rows
     out = {name: np.zeros((rows, plan.dim), np.float32) for name in ("pos", "neg")}
     terms = {name: np.zeros(rows, np.float32) for name in ("pos_terms", "neg_terms", "clip_score")}
     batches = list(_batches_of_shard(plan, load_slots(audit_dir, shard), shard))
     with flush_denormals():
-        _accumulate_shard(manifest, loaded, params, projector, start, shard, batches, out, terms, fetch_dir(audit_dir))
+        _accumulate_shard(manifest, loaded, params, projector, start, shard, batches, out, terms, fetch_dir(audit_dir),
+                          _roots_of(plan))
     store.write_rows("grads", start, out)
     store.write_rows("terms", start, terms)
     if store.has("fisher/partial"):
@@ -309,7 +345,7 @@ def shard_gradients(audit_dir: str | Path, shard: int, models: ModelCache | None
 
 def _accumulate_shard(manifest: Manifest, loaded: LoadedModel, params: list, projector: Projector, start: int,
                       shard: int, batches: list[list[tuple[int, Pair]]], out: dict, terms: dict,
-                      fetched: Path | None = None) -> None:
+                      fetched: Path | None = None, roots: list[Path] | None = None) -> None:
     """Fill the shard's rows, averaging over the audit's partitions (r = 0 is the training one)."""
     o = manifest.options
     shard_pairs = [slot_pair for batch in batches for slot_pair in batch]
@@ -317,7 +353,7 @@ def _accumulate_shard(manifest: Manifest, loaded: LoadedModel, params: list, pro
         # Extra partitions re-batch the shard's own pairs (see README: "partitions").
         groups = batches if r == 0 else rebatch_within(shard_pairs, o.batch_size, seed=hash_seed(o.seed, r, shard))
         for batch in groups:  # every batch holds >= 2 pairs (prepare and rebatch_within ensure it)
-            images, tokens = load_batch([p for _, p in batch], loaded.preprocess, loaded.tokenizer, fetched)
+            images, tokens = load_batch([p for _, p in batch], loaded.preprocess, loaded.tokenizer, fetched, roots)
             result = per_pair_gradients(loaded.model, params, projector, images, tokens, o.neg_term, o.chunk,
                                         memory_limit=parse_bytes(o.memory_limit))
             local = np.array([slot - start for slot, _ in batch])
@@ -370,7 +406,7 @@ def validation(audit_dir: str | Path, models: ModelCache | None = None) -> bool:
         return False
     if store.is_complete("validation/grad"):
         return True
-    loaded, params, projector = (models or ModelCache()).get(manifest)
+    loaded, params, projector = (models or ModelCache()).get(manifest, _roots_of(plan))
     access = image_access(plan, audit_dir)
     pairs, rejected, all_ids = read_pairs(manifest.validation, field="validation", access=access)
     if not pairs:
@@ -380,7 +416,8 @@ def validation(audit_dir: str | Path, models: ModelCache | None = None) -> bool:
     for batch_ids in partition(by_id, manifest.options.batch_size, manifest.options.seed):
         if len(batch_ids) < 2:
             continue
-        images, tokens = load_batch([by_id[i] for i in batch_ids], loaded.preprocess, loaded.tokenizer, access.fetch_dir)
+        images, tokens = load_batch([by_id[i] for i in batch_ids], loaded.preprocess, loaded.tokenizer, access.fetch_dir,
+                                    access.roots)
         with flush_denormals():
             grad, batch_value = loss_gradient(loaded.model, params, projector, images, tokens)
         total += grad.double()

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .audit import Ranking, final_ranking, image_access, load_plan, load_slots, open_store
+from .audit import Ranking, final_ranking, image_access, model_files, load_plan, load_slots, open_store
 from .batching import partition
 from .data import load_batch, read_pairs
 from .edit import EditSettings, LeaveOutObjective, TrainingBatch, apply_delta, edit_parameters
@@ -77,15 +77,15 @@ def preview(audit_dir: str | Path, spec: str, base_dir: str | Path | None = None
 
 def training_batches_of(audit_dir: str | Path, removed: set[str], preprocess, tokenizer) -> list[TrainingBatch]:
     """The audit's fixed partition (its row slots) as tensors, with the removed pairs marked."""
-    plan = load_plan(audit_dir)
-    fetched = image_access(plan, audit_dir).fetch_dir
+    access = image_access(load_plan(audit_dir), audit_dir)
+    batch_size = load_plan(audit_dir).batch_size
     grouped: dict[int, list] = {}
     for slot, pair in load_slots(audit_dir):
-        grouped.setdefault(slot // plan.batch_size, []).append(pair)
+        grouped.setdefault(slot // batch_size, []).append(pair)
     out = []
     for b in sorted(grouped):
         pairs = grouped[b]
-        images, tokens = load_batch(pairs, preprocess, tokenizer, fetched)
+        images, tokens = load_batch(pairs, preprocess, tokenizer, access.fetch_dir, access.roots)
         out.append(TrainingBatch(images, tokens, torch.tensor([p.id in removed for p in pairs])))
     return out
 
@@ -95,7 +95,7 @@ def _validation_batches(audit_dir: str | Path, manifest: Manifest, preprocess, t
     access = image_access(load_plan(audit_dir), audit_dir)
     pairs, _, _ = read_pairs(manifest.validation, field="validation", access=access)
     by_id = {p.id: p for p in pairs}
-    return [load_batch([by_id[i] for i in ids], preprocess, tokenizer, access.fetch_dir)
+    return [load_batch([by_id[i] for i in ids], preprocess, tokenizer, access.fetch_dir, access.roots)
             for ids in partition(by_id, manifest.options.batch_size, manifest.options.seed) if len(ids) >= 2]
 
 
@@ -132,7 +132,8 @@ def edit_audit(audit_dir: str | Path, spec: str, out: str | Path, settings: Edit
     plan = load_plan(audit_dir)
     manifest = Manifest.from_json(plan.manifest)
     chosen = removal_set(audit_dir, spec, base_dir)
-    loaded = load_model(manifest.model_arch, manifest.model_config, manifest.checkpoint, adapter=manifest.adapter)
+    files = model_files(manifest, None if plan.image_roots is None else [Path(r) for r in plan.image_roots])
+    loaded = load_model(manifest.model_arch, files.config, files.checkpoint, adapter=files.adapter)
     model = loaded.model.to("cuda" if torch.cuda.is_available() else "cpu")
     params = select_theta(model, theta or manifest.options.theta)
     restrict_grad_to(model, params)

@@ -11,8 +11,9 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from .data import shard_paths, source_of
+from .data import MAX_SHARDS, shard_paths, source_of
 from .errors import ConfigError, read_json_file
+from .values import check_json_values
 from .remote import remote_images_of
 from .losses import NEG_TERMS
 from .memory import parse_bytes
@@ -23,6 +24,12 @@ SIDECAR_SUFFIX = ".json"
 PATH_KEYS = (("train",), ("train", "path"), ("validation",), ("validation", "path"), ("model", "checkpoint"),
              ("model", "config"), ("model", "adapter"))  # fields holding paths (a source object keeps its path under "path")
 CURVATURE_KINDS = ("full", "blocks")
+# Upper bounds (README, options table): each bounds the memory or time one request can ask for.
+BOUNDS: dict[str, tuple[float, float]] = {
+    "batch_size": (2, 65536), "seed": (0, 2**63 - 1), "partitions": (1, 64), "shard_batches": (1, 100_000),
+    "chunk": (1, 65536), "damping": (0, 1e12), "damping_factor": (0, 1e12), "weight_decay": (0, 1e12)}
+MAX_PROJECTION_K = 1024
+MAX_THETA_PATTERNS, MAX_PATTERN_CHARS = 256, 512
 
 
 @dataclass
@@ -104,8 +111,10 @@ def read_sidecar(checkpoint: str | Path | None, adapter: str | Path | None = Non
     return read_json_file(path, "model.checkpoint", "training sidecar") if path.is_file() else {}
 
 
-def load_manifest(source: str | Path | dict, base_dir: str | Path | None = None) -> Manifest:
-    """Parse, resolve paths, fill defaults from the sidecar, validate every option by name."""
+def load_manifest(source: str | Path | dict, base_dir: str | Path | None = None,
+                  max_shards: int = MAX_SHARDS) -> Manifest:
+    """Parse, resolve paths, fill defaults from the sidecar, validate every option by name;
+    a webdataset pattern may name at most `max_shards` shards (counted before expansion)."""
     if isinstance(source, (str, Path)):
         raw = read_json_file(source, "manifest")
         base = Path(base_dir) if base_dir else Path(source).resolve().parent
@@ -113,6 +122,7 @@ def load_manifest(source: str | Path | dict, base_dir: str | Path | None = None)
         raw, base = dict(source), Path(base_dir or ".").resolve()
     if not isinstance(raw, dict):
         raise ConfigError("manifest", "must be a JSON object")
+    check_json_values(raw, "")  # NUL, lone surrogates, Infinity / NaN anywhere: named, before use
     unknown = set(raw) - {"model", "train", "validation", "options", "remote_images"}
     if unknown:
         raise ConfigError(sorted(unknown)[0], "unknown manifest field")
@@ -163,7 +173,7 @@ def load_manifest(source: str | Path | dict, base_dir: str | Path | None = None)
         config = sidecar.get("model_config")
         if config is None:
             raise ConfigError("model", "give model.arch or model.config (no training sidecar found)")
-    options = _parse_options(raw.get("options") or {}, sidecar)
+    options = _parse_options({} if raw.get("options") is None else raw["options"], sidecar)
     train = resolve_source(raw.get("train"), "train", True)
     validation = resolve_source(raw.get("validation"), "validation", False)
     if options.rank_by in ("influence", "combined") and validation is None:
@@ -173,7 +183,7 @@ def load_manifest(source: str | Path | dict, base_dir: str | Path | None = None)
             continue
         parsed = source_of(source, name)
         if parsed.format == "webdataset":
-            shard_paths(parsed.path, name)  # every shard of the pattern must exist
+            shard_paths(parsed.path, name, max_shards)  # every shard of the pattern must exist
         elif not Path(parsed.path).is_file():
             raise ConfigError(name, f"file not found: {parsed.path}")
     remote = remote_images_of(raw.get("remote_images"))
@@ -205,28 +215,35 @@ def _parse_options(raw: dict[str, Any], sidecar: dict[str, Any]) -> AuditOptions
 
 
 def _check_option_values(o: AuditOptions) -> None:
+    for name, (low, high) in BOUNDS.items():
+        value = getattr(o, name)
+        if value is not None and not low <= value <= high:
+            raise ConfigError(f"options.{name}", f"must be between {low:g} and {high:g}")
     checks = [
-        ("batch_size", o.batch_size >= 2, "must be >= 2"),
         ("neg_term", o.neg_term in NEG_TERMS, f"must be one of {NEG_TERMS}"),
-        ("damping", o.damping is None or o.damping >= 0, "must be >= 0"),
-        ("damping_factor", o.damping_factor >= 0, "must be >= 0"),
-        ("weight_decay", o.weight_decay >= 0, "must be >= 0"),
         ("curvature", o.curvature in CURVATURE_KINDS, f"must be one of {CURVATURE_KINDS}"),
         ("rank_by", o.rank_by in RANK_BY, f"must be one of {RANK_BY}"),
-        ("partitions", o.partitions >= 1, "must be >= 1"),
-        ("shard_batches", o.shard_batches >= 1, "must be >= 1"),
-        ("chunk", o.chunk >= 1, "must be >= 1"),
     ]
     for name, ok, message in checks:
         if not ok:
             raise ConfigError(f"options.{name}", message)
     if o.memory_limit is not None and (parse_bytes(o.memory_limit) or 0) <= 0:
         raise ConfigError("options.memory_limit", "must be a positive size")
+    if o.theta is not None:
+        if not o.theta or len(o.theta) > MAX_THETA_PATTERNS:
+            raise ConfigError("options.theta", f"must be null or a list of 1 to {MAX_THETA_PATTERNS} patterns")
+        for i, pattern in enumerate(o.theta):
+            if not isinstance(pattern, str) or not pattern or len(pattern) > MAX_PATTERN_CHARS:
+                raise ConfigError(f"options.theta[{i}]", f"must be a pattern of 1 to {MAX_PATTERN_CHARS} characters")
     if o.projection is not None:
         unknown = set(o.projection) - {"k_in", "k_out", "seed"}
         if unknown:
             raise ConfigError(f"options.projection.{sorted(unknown)[0]}", "unknown projection option")
         for key in ("k_in", "k_out"):
             value = o.projection.get(key)
-            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
-                raise ConfigError(f"options.projection.{key}", "must be a positive integer or null")
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool)
+                                      or not 1 <= value <= MAX_PROJECTION_K):
+                raise ConfigError(f"options.projection.{key}", f"must be an integer from 1 to {MAX_PROJECTION_K}, or null")
+        seed = o.projection.get("seed", 0)
+        if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed <= 2**63 - 1:
+            raise ConfigError("options.projection.seed", "must be an integer from 0 to 2^63-1")

@@ -86,23 +86,78 @@ def build_model(cfg: dict[str, Any], seed: int | None = None) -> torch.nn.Module
     return model_class(**cfg)
 
 
-def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """A checkpoint's state dict, unwrapped from {"state_dict": ...} / {"model": ...} and "module."."""
+def read_state_dict(path: str | Path, mmap: bool = False) -> dict[str, torch.Tensor]:
+    """A checkpoint's state dict, unwrapped from {"state_dict": ...} / {"model": ...} and "module.".
+
+    `mmap`: map the file instead of reading it (tensors are read only when touched), so the
+    keys and shapes can be checked without loading the weights. A file that is not a state
+    dict is a ConfigError in our words: torch's own text advises `weights_only=False`, which
+    would run the file's pickled code, and is never shown.
+    """
     path = Path(path)
     if not path.is_file():
         raise ConfigError("model.checkpoint", f"file not found: {path}")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
 
-        state = load_file(str(path))
-    else:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+            state = load_file(str(path))
+        else:
+            state = _torch_load(path, mmap)
+    except ConfigError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - unpickling, zip and format errors of a corrupt or hostile file
+        raise ConfigError("model.checkpoint", f"{path.name} cannot be read as a state dict (a PyTorch "
+                          f"checkpoint of tensors, or .safetensors): {type(exc).__name__}") from None
     for key in ("state_dict", "model", "model_state_dict"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
     if not isinstance(state, dict):
         raise ConfigError("model.checkpoint", f"{path} does not hold a state dict")
     return {re.sub(r"^(module\.|_orig_mod\.)+", "", k): v for k, v in state.items()}
+
+
+def _torch_load(path: Path, mmap: bool) -> object:
+    """torch.load with weights_only (never arbitrary pickled code); a file in torch's legacy
+    (non-zip) format cannot be mapped and is read instead."""
+    if mmap:
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as exc:
+            if "zipfile" not in str(exc) and "mmap" not in str(exc):
+                raise
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def checkpoint_shapes(path: str | Path) -> dict[str, tuple[int, ...]]:
+    """Parameter name -> shape of a checkpoint, from its header (safetensors) or a mapped file
+    (PyTorch): the weights themselves are not read."""
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(path), "pt", device="cpu") as handle:
+                shapes = {k: tuple(handle.get_slice(k).get_shape()) for k in handle.keys()}
+        except Exception as exc:  # noqa: BLE001 - a corrupt header
+            raise ConfigError("model.checkpoint", f"{path.name} cannot be read as .safetensors: "
+                              f"{type(exc).__name__}") from None
+        return {re.sub(r"^(module\.|_orig_mod\.)+", "", k): v for k, v in shapes.items()}
+    state = read_state_dict(path, mmap=True)
+    return {k: tuple(v.shape) for k, v in state.items() if isinstance(v, torch.Tensor)}
+
+
+def check_checkpoint(model: torch.nn.Module, shapes: dict[str, tuple[int, ...]]) -> None:
+    """The checkpoint's keys and shapes match the model's (the check load_model's strict load makes)."""
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    missing = [k for k in expected if k not in shapes and not k.endswith("attn_mask")]
+    unexpected = [k for k in shapes if k not in expected]
+    if missing or unexpected:
+        raise ConfigError("model.checkpoint", f"does not match the model config: missing {missing[:5]}, "
+                          f"unexpected {unexpected[:5]}")
+    wrong = [f"{k} {shapes[k]} (model: {expected[k]})" for k in shapes if shapes[k] != expected[k]]
+    if wrong:
+        raise ConfigError("model.checkpoint", f"does not match the model config: shapes {wrong[:3]}")
 
 
 def load_model(arch: str | None = None, config: str | Path | dict | None = None,

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .audit import ModelCache, _manifest_of, load_plan, load_slots, trace_terms
+from .audit import ModelCache, _manifest_of, _roots_of, load_plan, load_slots, trace_terms
 from .data import load_image, read_pairs
 from .errors import ConfigError
 from .gradients import embed, temperature_scale
@@ -75,7 +75,8 @@ class Trace:
 
 
 def trace_loss_gradient(loaded: LoadedModel, params: Sequence[torch.nn.Parameter], projector: Projector,
-                       example: TraceExample, alternatives: Sequence[str]) -> tuple[torch.Tensor, float]:
+                       example: TraceExample, alternatives: Sequence[str],
+                       roots: Sequence[Path] | None = None) -> tuple[torch.Tensor, float]:
     """Projected gradient C of the example's test loss (module docstring), and the loss."""
     if example.prompts is not None:
         texts, target = list(example.prompts), example.label
@@ -84,7 +85,7 @@ def trace_loss_gradient(loaded: LoadedModel, params: Sequence[torch.nn.Parameter
         target = 0
         if len(texts) < 2:
             raise ConfigError("tests", "a caption needs alternative captions (the audit has none)")
-    image = loaded.preprocess(load_image(example.image)).unsqueeze(0)
+    image = loaded.preprocess(load_image(example.image, roots)).unsqueeze(0)  # confined when opened
     with flush_denormals():
         text_emb, image_emb = embed(loaded.model, image, loaded.tokenizer(texts))
         logits = temperature_scale(loaded.model) * F.normalize(image_emb, dim=-1) @ F.normalize(text_emb, dim=-1).T
@@ -98,7 +99,8 @@ def alternative_captions(audit_dir: str | Path) -> list[str]:
     """Captions to contrast a test caption with: the validation set's, else the first training pairs'."""
     manifest = _manifest_of(load_plan(audit_dir))
     if manifest.validation is not None:
-        pairs, _, _ = read_pairs(manifest.validation, check_images=False, field="validation")
+        pairs, _, _ = read_pairs(manifest.validation, check_images=False, field="validation",
+                                 image_roots=_roots_of(load_plan(audit_dir)))
         return [p.caption for p in pairs][:MAX_ALTERNATIVES]
     return [p.caption for _, p in load_slots(audit_dir)][:MAX_ALTERNATIVES]
 
@@ -110,12 +112,13 @@ def trace(audit_dir: str | Path, examples: Sequence[TraceExample], k: int = 20,
         example.check(index)
     if k < 1:
         raise ConfigError("k", "must be >= 1")
-    manifest = _manifest_of(load_plan(audit_dir))
-    loaded, params, projector = (models or ModelCache()).get(manifest)
+    plan = load_plan(audit_dir)
+    manifest, roots = _manifest_of(plan), _roots_of(plan)
+    loaded, params, projector = (models or ModelCache()).get(manifest, roots)
     slots = load_slots(audit_dir)
     index = np.array([slot for slot, _ in slots], dtype=np.int64)
     alternatives = alternative_captions(audit_dir) if any(e.prompts is None for e in examples) else []
-    grads, losses = zip(*(trace_loss_gradient(loaded, params, projector, e, alternatives) for e in examples))
+    grads, losses = zip(*(trace_loss_gradient(loaded, params, projector, e, alternatives, roots) for e in examples))
     all_terms = trace_terms(audit_dir, torch.stack(grads))  # one pass over the store for every example
     traces = []
     for t, (example, loss) in enumerate(zip(examples, losses)):

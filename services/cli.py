@@ -200,26 +200,68 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
 
 def cmd_reconcile(args: argparse.Namespace) -> int:
-    """Re-send the unfinished tasks of audits with no activity for --stale-after seconds."""
+    """Send again the tasks neither beating nor queued for --stale-after seconds (workers do it
+    by themselves every ECIF_RECONCILE_INTERVAL seconds)."""
     from workers.tasks import CeleryDispatcher
 
+    from .liveness import queued_tasks
     from .reconcile import reconcile
     from .settings import get_settings
 
     settings = get_settings()
-    stale_after = settings.visibility_timeout if args.stale_after is None else args.stale_after
-    resumed = reconcile(settings.database_url, CeleryDispatcher().send, stale_after)
+    stale_after = settings.stall_threshold() if args.stale_after is None else args.stale_after
+    resumed = reconcile(settings.database_url, CeleryDispatcher().send, stale_after, queued_tasks(settings.broker_url))
     for audit_id, sent in resumed.items():
         print(f"{audit_id}: {sent} task(s) sent again")
     return 0
 
 
 def cmd_db_upgrade(args: argparse.Namespace) -> int:
-    from .db.session import upgrade
+    """Migrate; a database that does not exist is created with --create, else named with
+    what to do (never a traceback)."""
+    from .db.session import DatabaseMissing, create_database, upgrade
     from .settings import get_settings
 
-    upgrade(get_settings().database_url, args.revision)
+    url = get_settings().database_url
+    try:
+        if args.create:
+            created = create_database(url)
+            if created:
+                print(f"created database {created}")
+        upgrade(url, args.revision)
+    except DatabaseMissing as exc:
+        print(f"ecif db upgrade: {exc}", file=sys.stderr)
+        return 2
     print(f"database at {args.revision}")
+    return 0
+
+
+def cmd_keys_list(args: argparse.Namespace) -> int:
+    """One line per key: id, owner, prefix (the key's first characters), created, revoked."""
+    from .db.session import session_scope
+    from .repository import list_keys
+    from .settings import get_settings
+
+    with session_scope(get_settings().database_url) as session:
+        keys = list_keys(session, args.owner)
+    print("id\towner\tprefix\tcreated_at\trevoked")
+    for key in keys:
+        print(f"{key.id}\t{key.owner}\t{key.prefix}\t{key.created_at.isoformat()}\t{str(key.revoked).lower()}")
+    return 0
+
+
+def cmd_keys_revoke(args: argparse.Namespace) -> int:
+    """Revoke by id (from `keys list`) or by the key itself; its requests are 401 from now on."""
+    from .db.session import session_scope
+    from .repository import revoke_key
+    from .settings import get_settings
+
+    with session_scope(get_settings().database_url) as session:
+        revoked = revoke_key(session, args.key)
+    if revoked is None:
+        print(f"ecif keys revoke: no key {args.key!r} (give an id from `ecif keys list` or the key)", file=sys.stderr)
+        return 1
+    print(f"revoked key {revoked.id} of {revoked.owner} ({revoked.prefix}...)")
     return 0
 
 
@@ -380,14 +422,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--loglevel", default="INFO")
     p.set_defaults(run=cmd_worker)
 
-    p = verbs.add_parser("reconcile", help="re-send the work of stalled audits (tasks lost with the broker)")
-    p.add_argument("--stale-after", type=float, help="seconds without activity (default ECIF_VISIBILITY_TIMEOUT)")
+    p = verbs.add_parser("reconcile", help="send lost tasks again (workers do it by themselves)")
+    p.add_argument("--stale-after", type=float, help="seconds neither beating nor queued (default ECIF_STALL_AFTER)")
     p.set_defaults(run=cmd_reconcile)
 
     p = verbs.add_parser("db", help="database schema")
     db_verbs = p.add_subparsers(dest="db_verb", required=True)
     q = db_verbs.add_parser("upgrade", help="apply the Alembic migrations (ECIF_DATABASE_URL)")
     q.add_argument("revision", nargs="?", default="head")
+    q.add_argument("--create", action="store_true", help="create the database (or the SQLite file's folder) first")
     q.set_defaults(run=cmd_db_upgrade)
 
     p = verbs.add_parser("keys", help="API keys")
@@ -395,6 +438,12 @@ def build_parser() -> argparse.ArgumentParser:
     q = key_verbs.add_parser("create", help="create a key for an owner and print it once")
     q.add_argument("--owner", required=True)
     q.set_defaults(run=cmd_keys_create)
+    q = key_verbs.add_parser("list", help="list keys (id, owner, prefix, created, revoked); never the keys")
+    q.add_argument("--owner")
+    q.set_defaults(run=cmd_keys_list)
+    q = key_verbs.add_parser("revoke", help="revoke a key by its id or the key itself")
+    q.add_argument("key", help="an id from `ecif keys list`, or the key")
+    q.set_defaults(run=cmd_keys_revoke)
 
     p = verbs.add_parser("submit", help="send a manifest to the API")
     p.add_argument("manifest")

@@ -1,35 +1,53 @@
 """Manifests sent to the API: every path confined to the configured data roots."""
 from __future__ import annotations
 
+import os
+import stat
 from pathlib import Path
 
 from typing import Any, Sequence
 
 from braceexpand import braceexpand
 
+from ecif_core.data import MAX_SHARDS, check_shard_count
 from ecif_core.errors import ConfigError
 from ecif_core.manifest import PATH_KEYS, Manifest, load_manifest, read_sidecar
+from ecif_core.model_check import check_model_spec
+from ecif_core.values import check_json_values
 
 
-def confined_manifest(raw: Any, roots: list[Path], remote_hosts: Sequence[str] = ()) -> Manifest:
+def confined_manifest(raw: Any, roots: list[Path], remote_hosts: Sequence[str] = (),
+                      max_shards: int = MAX_SHARDS) -> Manifest:
     """Validate a manifest whose relative paths resolve against the first data root.
 
     Paths are checked before anything is read, with symlinks resolved, so neither `../`,
-    an absolute path elsewhere nor a link pointing out of a root reaches the filesystem.
+    an absolute path elsewhere nor a link pointing out of a root reaches the filesystem
+    (the workers check them again when they open them). Brace patterns are counted before
+    they are expanded (at most `max_shards`). The model is checked without loading it
+    (config, architecture, checkpoint keys and shapes, adapter, gradient size), so a model
+    that cannot be audited is a 422 now rather than a failed audit later.
     A manifest's remote_images hosts must be among the server's `remote_hosts`.
     """
     if not roots:
         raise ConfigError("manifest", "the server has no data roots configured (ECIF_DATA_ROOTS)")
     if not isinstance(raw, dict):
         raise ConfigError("manifest", "must be a JSON object")
+    check_json_values(raw, "")
     _check_remote_hosts(raw.get("remote_images"), remote_hosts)
     for path_field in PATH_KEYS:
         value = _get(raw, path_field)
-        for item in value if isinstance(value, list) else [value]:  # a list of webdataset shards
-            if isinstance(item, str) and item:
-                for expanded in braceexpand(item):  # a webdataset pattern: every shard it names
-                    check_confined(expanded, roots, ".".join(path_field))
-    return load_manifest(raw, base_dir=roots[0])
+        items = [i for i in (value if isinstance(value, list) else [value]) if isinstance(i, str) and i]
+        name = ".".join(path_field)
+        check_shard_count(items, name, max_shards)
+        resolver = _Resolver(roots[0])  # 100k shards in one folder: the folder is resolved once
+        for item in items:  # a list of webdataset shards
+            for expanded in braceexpand(item):  # a webdataset pattern: every shard it names
+                _confined_real(expanded, roots, name, resolver)
+        if name == "model.checkpoint" and items:
+            check_confined(items[0], roots, name)  # and its training sidecar
+    manifest = load_manifest(raw, base_dir=roots[0], max_shards=max_shards)
+    check_model_spec(manifest)
+    return manifest
 
 
 def _check_remote_hosts(remote: Any, allowed: Sequence[str]) -> None:
@@ -45,13 +63,51 @@ def _check_remote_hosts(remote: Any, allowed: Sequence[str]) -> None:
                               "(ECIF_REMOTE_IMAGE_HOSTS)")
 
 
-def check_confined(value: str, roots: list[Path], name: str) -> Path:
-    path = Path(value[len("file://"):] if value.startswith("file://") else value)
-    resolved = (roots[0] / path).resolve()  # absolute paths ignore roots[0]
+class _Resolver:
+    """Real paths of many files in few folders: each folder is resolved once, and each file
+    costs one lstat (a file that is a symlink is resolved in full)."""
+
+    def __init__(self, base: Path) -> None:
+        self.base = str(base)
+        self.folders: dict[str, str] = {}
+
+    def real(self, value: str) -> str:
+        joined = os.path.join(self.base, value)  # an absolute value ignores the base
+        folder, name = os.path.split(joined)
+        if name in ("", ".", ".."):
+            return os.path.realpath(joined)
+        real_folder = self.folders.get(folder)
+        if real_folder is None:
+            real_folder = self.folders[folder] = os.path.realpath(folder)
+        full = os.path.join(real_folder, name)
+        try:
+            link = stat.S_ISLNK(os.lstat(full).st_mode)
+        except OSError:
+            link = False  # not there (yet): checked by name, refused later as missing
+        return os.path.realpath(full) if link else full
+
+
+def _under(real: str, roots: list[Path]) -> bool:
+    return any(real == str(root) or real.startswith(str(root).rstrip(os.sep) + os.sep) for root in roots)
+
+
+def _confined_real(value: str, roots: list[Path], name: str, resolver: _Resolver) -> str:
     if "://" in value and not value.startswith("file://"):
         raise ConfigError(name, "only local paths under the data roots are accepted")
-    if not any(resolved.is_relative_to(root) for root in roots):
+    path = value[len("file://"):] if value.startswith("file://") else value
+    try:
+        real = resolver.real(path)
+    except (ValueError, UnicodeError):
+        raise ConfigError(name, "not a usable file name") from None
+    if not _under(real, roots):
         raise ConfigError(name, "path is outside the data roots")
+    return real
+
+
+def check_confined(value: str, roots: list[Path], name: str) -> Path:
+    """The real path of `value` (relative ones against the first root), refused unless it is
+    under a root; a checkpoint's training sidecar (and a config it names) are checked too."""
+    resolved = Path(_confined_real(value, roots, name, _Resolver(roots[0])))
     sidecar = Path(str(resolved) + ".json")
     if name == "model.checkpoint" and sidecar.exists():
         if not any(sidecar.resolve().is_relative_to(root) for root in roots):

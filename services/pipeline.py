@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Callable, Iterator, Protocol
 
 from sqlalchemy import delete, func, insert, select, update
-from sqlalchemy.exc import IntegrityError, InterfaceError, OperationalError
+from sqlalchemy.exc import IntegrityError, InterfaceError, OperationalError, StatementError
 from sqlalchemy.orm import Session
 
 from ecif_core import audit as core
@@ -30,6 +30,7 @@ from ecif_core.manifest import Manifest
 
 from .db.models import FINISHED, SHARDED, STAGES, Audit, Pair, Score, Shard, utcnow
 from .db.session import session_scope
+from .liveness import Heartbeat, mark_dispatched
 
 log = logging.getLogger("ecif.pipeline")
 
@@ -66,16 +67,19 @@ class Pipeline:
     """Runs one stage (or shard) of an audit and records it; `models` is reused across calls."""
 
     def __init__(self, database_url: str, dispatcher: Dispatcher, models: core.ModelCache | None = None,
-                 image_roots: list[Path] | None = None) -> None:
+                 image_roots: list[Path] | None = None, heartbeat_interval: float = 0) -> None:
         self.database_url = database_url
         self.dispatcher = dispatcher
         self.models = models or core.ModelCache()
         self.image_roots = image_roots
+        self.heartbeat_interval = heartbeat_interval  # seconds between a running task's beats (0: none)
         self.worker = f"{socket.gethostname()}:{os.getpid()}"
 
     # ------------------------------------------------------------ entry points
 
     def start(self, audit_id: str) -> None:
+        with session_scope(self.database_url) as session:
+            mark_dispatched(session, "prepare", audit_id)
         self.dispatcher.send("prepare", audit_id)
 
     def run(self, stage: str, audit_id: str, shard: int | None = None) -> None:
@@ -88,7 +92,8 @@ class Pipeline:
         if not skip:
             started = time.perf_counter()
             try:
-                self._execute(stage, audit_id, audit_dir, shard)
+                with Heartbeat(self.database_url, audit_id, stage, shard, self.heartbeat_interval):
+                    self._execute(stage, audit_id, audit_dir, shard)
             except TRANSIENT:
                 raise  # database or broker unreachable: the task is retried, the audit is not failed
             except Exception as exc:
@@ -122,7 +127,9 @@ class Pipeline:
                 session.execute(update(Shard).where(Shard.audit_id == audit_id, Shard.stage == stage,
                                                     Shard.shard == shard)
                                 .values(status="running", attempts=Shard.attempts + 1, worker=self.worker,
-                                        started_at=utcnow()))
+                                        started_at=utcnow(), heartbeat_at=utcnow()))
+            else:
+                session.execute(update(Audit).where(Audit.id == audit_id).values(heartbeat_at=utcnow()))
             return audit.audit_dir, False
 
     # ------------------------------------------------------------ stages
@@ -232,6 +239,8 @@ class Pipeline:
                 return  # the audit is further on: later tasks own the dispatch
             pending = [s for (s,) in session.execute(select(Shard.shard).where(
                 Shard.audit_id == audit_id, Shard.stage == following, Shard.status != "done"))]
+            if following != "done":
+                mark_dispatched(session, following, audit_id, pending)
         if following == "done":
             return
         if following in SHARDED:
@@ -242,11 +251,26 @@ class Pipeline:
 
     def _fail(self, audit_id: str, stage: str, shard: int | None, exc: Exception) -> None:
         where = stage if shard is None else f"{stage} shard {shard}"
-        message = f"{where}: {exc}" if isinstance(exc, EcifError) else f"{where}: {type(exc).__name__}: {exc}"
-        log.error("audit %s failed in %s", audit_id, message)
+        message = f"{where}: {error_text(exc)}"
+        log.error("audit %s failed in %s", audit_id, message, exc_info=not isinstance(exc, EcifError))
         with session_scope(self.database_url) as session:
             session.execute(update(Audit).where(Audit.id == audit_id, Audit.status.not_in(FINISHED))
-                            .values(status="failed", error=message[:4000], finished_at=utcnow()))
+                            .values(status="failed", error=message, finished_at=utcnow()))
+
+
+def error_text(exc: BaseException, limit: int = 4000) -> str:
+    """What a user may read of a failure: our own errors as they are; a database error as its
+    driver's first line only (SQLAlchemy's text carries the statement and the row data, which
+    stay in the worker log); never a NUL or a lone surrogate (Postgres refuses both)."""
+    if isinstance(exc, StatementError) and exc.orig is not None:
+        first = (str(exc.orig).strip().splitlines() or [""])[0]
+        text = f"database error {type(exc.orig).__name__}: {first} (details in the worker log)"
+    elif isinstance(exc, EcifError):
+        text = str(exc)
+    else:
+        text = f"{type(exc).__name__}: {exc}"
+    text = text.encode("utf-8", "backslashreplace").decode("utf-8").replace("\x00", "\\x00")
+    return text[:limit]
 
 
 def _index(stage: str) -> int:
@@ -299,10 +323,9 @@ def _request_failures(database_url: str, table, row_id: str) -> Iterator[_Failed
     except TRANSIENT:
         raise
     except Exception as exc:
-        message = str(exc) if isinstance(exc, EcifError) else f"{type(exc).__name__}: {exc}"
         with session_scope(database_url) as session:
             session.execute(update(table).where(table.id == row_id).values(
-                status="failed", error=message[:4000], finished_at=utcnow()))
+                status="failed", error=error_text(exc), finished_at=utcnow()))
         failed.value = True
         if not isinstance(exc, EcifError):
             raise

@@ -1,58 +1,157 @@
-"""Re-send the work of audits that stopped moving: the broker is not the source of truth.
+"""Find lost tasks and send them again: the broker is not the source of truth.
 
-Tasks live in Redis only until a worker takes them; a Redis restart without persistence, or a
-flushed queue, loses them, and nothing would run those shards again. The database still says
-what is left, so an audit with no activity for longer than the longest shard may take is
-resumed by sending its unfinished tasks again (every task tolerates duplicates).
+A task is lost when its worker was killed (it stops beating) or the broker forgot it (a Redis
+restart without persistence): it is then neither beating nor waiting in a queue. After
+`stale_after` seconds like that (ECIF_STALL_AFTER, at least 4 heartbeat intervals), every
+worker's reconciler sends it again; the dispatch time is set with a compare-and-set, so two
+reconcilers never both send it, and a task waiting in a queue is never sent twice. Every
+task tolerates duplicates, so a task wrongly thought lost costs a skipped duplicate only.
 
 Imports only the database layer (no torch): it runs in a prefork worker's parent process.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from typing import Callable
 
-from sqlalchemy import func, select
+from sqlalchemy import or_, select, update
 
 from .db.models import SHARDED, Audit, Shard
 from .db.session import session_scope
+from .liveness import Task, now as utc_now
 
 Send = Callable[[str, str, "int | None"], None]
 
 
-def stalled_audits(database_url: str, stale_after: float) -> list[str]:
-    """Queued or running audits whose last recorded activity is older than `stale_after` seconds."""
-    cutoff = datetime.now(timezone.utc) - timedelta(seconds=stale_after)
+@dataclass
+class Stall:
+    audit_id: str
+    stage: str
+    shards: list[int | None]     # shards to send again (None: the stage's one task)
+    idle_seconds: float
+    reason: str
+
+
+def find_stalls(database_url: str, stale_after: float, queued: set[Task] | None = None,
+                now: datetime | None = None) -> list[Stall]:
+    """Lost work of every queued or running audit (`queued`: tasks waiting in the broker;
+    None: not known, nothing counts as waiting)."""
+    now = now or utc_now()
     with session_scope(database_url) as session:
-        last_shard = (select(Shard.audit_id, func.max(func.coalesce(Shard.finished_at, Shard.started_at)).label("at"))
-                      .group_by(Shard.audit_id).subquery())
-        rows = session.execute(select(Audit.id, Audit.created_at, Audit.started_at, last_shard.c.at)
-                               .outerjoin(last_shard, last_shard.c.audit_id == Audit.id)
-                               .where(Audit.status.in_(("queued", "running")))).all()
-    return [audit_id for audit_id, *times in rows
-            if max(_aware(t) for t in times if t is not None) < cutoff]
+        audits = session.scalars(select(Audit).where(Audit.status.in_(("queued", "running")))).all()
+        shards = session.scalars(select(Shard).where(Shard.audit_id.in_([a.id for a in audits]))).all()
+        by_audit: dict[str, list[Shard]] = {}
+        for shard in shards:
+            by_audit.setdefault(shard.audit_id, []).append(shard)
+        found = [audit_stall(a, by_audit.get(a.id, []), stale_after, queued, now) for a in audits]
+    return [s for s in found if s is not None]
+
+
+def audit_stall(audit: Audit, shards: list[Shard], stale_after: float, queued: set[Task] | None,
+                now: datetime) -> Stall | None:
+    """The audit's lost work, or None (also used by the status endpoint, without `queued`)."""
+    stage = audit.stage
+    if stage == "done":
+        return None
+    waiting = queued or set()
+    base = [audit.created_at, audit.started_at, audit.dispatched_at, audit.heartbeat_at]
+    if stage in SHARDED:
+        current = [s for s in shards if s.stage == stage]
+        todo = [s for s in current if s.status != "done"]
+        if not todo and current:  # every shard done, the stage never moved: its last task died between
+            idle = _idle(now, base + [s.finished_at for s in current])
+            if idle > stale_after and (stage, audit.id, current[0].shard) not in waiting:
+                return Stall(audit.id, stage, [current[0].shard], idle,
+                             f"every {stage} shard is done but the stage did not move on for {idle:.0f} s")
+            return None
+        lost, idle_max = [], 0.0
+        for shard in todo:
+            if (stage, audit.id, shard.shard) in waiting:
+                continue
+            idle = _idle(now, base[:2] + [shard.started_at, shard.heartbeat_at, shard.dispatched_at])
+            if idle > stale_after:
+                lost.append(shard.shard)
+                idle_max = max(idle_max, idle)
+        if lost:
+            return Stall(audit.id, stage, sorted(lost), idle_max,
+                         f"{len(lost)} {stage} shard(s) neither beating nor queued for "
+                         f"{idle_max:.0f} s")
+        return None
+    if (stage, audit.id, None) in waiting:
+        return None
+    previous = [s.finished_at for s in shards]  # the stage began when the last shard finished
+    idle = _idle(now, base + previous)
+    if idle > stale_after:
+        return Stall(audit.id, stage, [None], idle,
+                     f"the {stage} task is neither beating nor queued for {idle:.0f} s")
+    return None
+
+
+def reconcile(database_url: str, send: Send, stale_after: float, queued: set[Task] | None = None,
+              now: datetime | None = None) -> dict[str, int]:
+    """Send every lost task again; {audit id: tasks sent}."""
+    now = now or utc_now()
+    sent: dict[str, int] = {}
+    for stall in find_stalls(database_url, stale_after, queued, now):
+        count = 0
+        for shard in stall.shards:
+            if _claim_dispatch(database_url, stall, shard, now - timedelta(seconds=stale_after), now):
+                send(stall.stage, stall.audit_id, shard)
+                count += 1
+        if count:
+            sent[stall.audit_id] = count
+    return sent
+
+
+def _claim_dispatch(database_url: str, stall: Stall, shard: int | None, cutoff: datetime, now: datetime) -> bool:
+    """Compare-and-set of the dispatch time: only one reconciler sends a lost task again."""
+    with session_scope(database_url) as session:
+        if stall.stage in SHARDED:
+            where = (Shard.audit_id == stall.audit_id, Shard.stage == stall.stage, Shard.shard == shard)
+            if shard is not None and session.scalar(select(Shard.status).where(*where)) == "done":
+                # the advance repair: the audit's own dispatch time guards it
+                return _claim_audit(session, stall, cutoff, now)
+            return session.execute(update(Shard).where(*where, or_(Shard.dispatched_at.is_(None),
+                                                                   Shard.dispatched_at < cutoff))
+                                   .values(dispatched_at=now)).rowcount == 1
+        return _claim_audit(session, stall, cutoff, now)
+
+
+def _claim_audit(session, stall: Stall, cutoff: datetime, now: datetime) -> bool:
+    return session.execute(update(Audit).where(Audit.id == stall.audit_id, Audit.stage == stall.stage,
+                                               or_(Audit.dispatched_at.is_(None), Audit.dispatched_at < cutoff))
+                           .values(dispatched_at=now)).rowcount == 1
+
+
+def stalled_audits(database_url: str, stale_after: float) -> list[str]:
+    """Ids of queued or running audits with lost work (nothing known to be queued)."""
+    return [s.audit_id for s in find_stalls(database_url, stale_after)]
 
 
 def resume(database_url: str, audit_id: str, send: Send) -> int:
-    """Send the current stage's unfinished tasks again; returns how many were sent."""
+    """Send the current stage's unfinished tasks again, whatever their state; returns how many."""
+    from .liveness import mark_dispatched
+
     with session_scope(database_url) as session:
         audit = session.get(Audit, audit_id)
         if audit is None or audit.status not in ("queued", "running") or audit.stage == "done":
             return 0
         stage = audit.stage
-        pending = session.scalars(select(Shard.shard).where(Shard.audit_id == audit_id, Shard.stage == stage,
-                                                            Shard.status != "done")).all()
+        pending = sorted(session.scalars(select(Shard.shard).where(Shard.audit_id == audit_id, Shard.stage == stage,
+                                                                   Shard.status != "done")).all())
+        mark_dispatched(session, stage, audit_id, pending if stage in SHARDED else None)
     if stage in SHARDED:
-        for shard in sorted(pending):
+        for shard in pending:
             send(stage, audit_id, shard)
         return len(pending)
     send(stage, audit_id, None)
     return 1
 
 
-def reconcile(database_url: str, send: Send, stale_after: float) -> dict[str, int]:
-    """Resume every stalled audit; {audit id: tasks sent}."""
-    return {audit_id: resume(database_url, audit_id, send) for audit_id in stalled_audits(database_url, stale_after)}
+def _idle(now: datetime, moments: list[datetime | None]) -> float:
+    known = [_aware(m) for m in moments if m is not None]
+    return (now - max(known)).total_seconds() if known else float("inf")
 
 
 def _aware(moment: datetime) -> datetime:

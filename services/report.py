@@ -267,17 +267,17 @@ class _Thumbnails:
                 and not any(file.is_relative_to(r) for r in self.roots):
             return '<div class="muted">(image outside the data roots)</div>'
         if not cached.exists():
-            try:
-                self._make(cached, image)
-            except (OSError, ValueError, SyntaxError):
+            try:  # confined again when opened: the file may have been swapped since the check above
+                self._make(cached, image, None if file.is_relative_to(self.fetched.resolve()) else self.roots)
+            except (OSError, ValueError, SyntaxError, KeyError):
                 return '<div class="muted">(image unreadable)</div>'
         data = base64.b64encode(cached.read_bytes()).decode()
         return f'<img class="thumb" alt="" src="data:image/png;base64,{data}">'
 
     @staticmethod
-    def _make(cached: Path, image: str) -> None:
+    def _make(cached: Path, image: str, roots: list[Path] | None) -> None:
         cached.parent.mkdir(parents=True, exist_ok=True)
-        thumb = load_image(image)  # as the model saw it (orientation, alpha); also inside tar shards
+        thumb = load_image(image, roots)  # as the model saw it (orientation, alpha); also inside tar shards
         thumb.thumbnail((THUMB_PX, THUMB_PX))
         tmp = cached.with_name(cached.name + ".tmp")
         thumb.save(tmp, format="PNG")

@@ -7,6 +7,7 @@ import io
 import secrets
 import shutil
 import uuid
+from datetime import timezone
 from pathlib import Path
 from typing import Iterator
 
@@ -34,6 +35,21 @@ def hash_key(key: str) -> str:
 def create_key(session: Session, owner: str) -> str:
     key = KEY_PREFIX + secrets.token_urlsafe(32)
     session.add(ApiKey(owner=owner, key_hash=hash_key(key), prefix=key[:12]))
+    return key
+
+
+def list_keys(session: Session, owner: str | None = None) -> list[ApiKey]:
+    query = select(ApiKey).order_by(ApiKey.id)
+    return list(session.scalars(query if owner is None else query.where(ApiKey.owner == owner)))
+
+
+def revoke_key(session: Session, key_or_id: str) -> ApiKey | None:
+    """Mark a key revoked, found by its id or by the key itself; None when there is none."""
+    key = session.get(ApiKey, int(key_or_id)) if key_or_id.isdigit() else None
+    if key is None:
+        key = session.scalar(select(ApiKey).where(ApiKey.key_hash == hash_key(key_or_id)))
+    if key is not None:
+        key.revoked = True
     return key
 
 
@@ -65,9 +81,10 @@ def list_audits(session: Session, owner: str, limit: int, offset: int) -> tuple[
     return list(rows), total
 
 
-def progress(session: Session, audit: Audit) -> dict:
+def progress(session: Session, audit: Audit, stall_after: float | None = None) -> dict:
     """Shards done in the current sharded stage, and an ETA from the mean duration of the
-    shards finished so far (one aggregate query: status is polled often)."""
+    shards finished so far (one aggregate query: status is polled often); with `stall_after`,
+    why the audit is stalled (no task beating or sent for that long), which replaces the ETA."""
     rows = session.execute(select(Shard.stage, func.count(), func.avg(Shard.seconds))
                            .where(Shard.audit_id == audit.id, Shard.status == "done").group_by(Shard.stage)).all()
     done = dict.fromkeys(SHARDED, 0) | {stage: count for stage, count, _ in rows}
@@ -82,7 +99,25 @@ def progress(session: Session, audit: Audit) -> dict:
     eta = None
     if audit.status == "running" and mean.get("gradients") is not None:
         eta = (total - done["gradients"]) * mean["gradients"] + (total - done["scores"]) * (mean.get("scores") or 0.0)
-    return {"shards_done": shards_done, "shards_total": total, "eta_seconds": eta}
+    reason = None
+    if stall_after is not None and audit.status in ("queued", "running"):
+        idle = _idle_seconds(session, audit)
+        if idle > stall_after:
+            reason = (f"no task of this audit has run, finished or been sent for {idle:.0f} s (stage {audit.stage}): "
+                      "no worker is taking its tasks, or they were lost; workers send lost tasks again by themselves")
+    return {"shards_done": shards_done, "shards_total": total, "eta_seconds": None if reason else eta,
+            "stall_reason": reason}
+
+
+def _idle_seconds(session: Session, audit: Audit) -> float:
+    """Seconds since anything happened to the audit: a task sent, beating, started or finished."""
+    latest = session.execute(select(func.max(Shard.heartbeat_at), func.max(Shard.dispatched_at),
+                                    func.max(Shard.started_at), func.max(Shard.finished_at))
+                             .where(Shard.audit_id == audit.id)).one()
+    moments = [m for m in (audit.created_at, audit.started_at, audit.dispatched_at, audit.heartbeat_at, *latest)
+               if m is not None]
+    newest = max(m if m.tzinfo is not None else m.replace(tzinfo=timezone.utc) for m in moments)
+    return (utcnow() - newest).total_seconds()
 
 
 def cancel_audit(session: Session, audit: Audit) -> None:

@@ -25,11 +25,18 @@ class Settings(BaseSettings):
         default_factory=list, description="comma-separated hosts a manifest's remote_images may name (empty: "
         "http(s) images are refused); an allowlist so manifests cannot make the service fetch internal hosts")
     max_manifest_bytes: int = Field(1_048_576, description="larger manifests are refused with 413")
+    max_shards: int = Field(100_000, description="shards one webdataset source may name (brace patterns are "
+                            "counted before they are expanded); more -> 422")
     visibility_timeout: int = Field(6 * 3600, description="seconds before an unacknowledged task is redelivered")
     restore_interval: int = Field(60, description="seconds between sweeps that re-queue tasks of lost workers")
-    reconcile_interval: int = Field(300, description="seconds between a worker's checks for stalled audits (0 = off)")
+    reconcile_interval: int = Field(30, description="seconds between a worker's checks for lost tasks (0 = off)")
+    heartbeat_interval: float = Field(15, description="seconds between the beats a running task writes to the database")
+    stall_after: float = Field(60, description="seconds a task may be neither beating nor queued before it is "
+                               "sent again (at least 4 heartbeat intervals are used)")
     task_soft_time_limit: int = Field(3 * 3600, description="seconds a single shard task may run")
     torch_threads: int | None = Field(None, description="torch threads per worker process (default: cores / processes)")
+    metrics_token: str | None = Field(None, description="bearer token for /metrics with every owner's counts "
+                                      "(unset: /metrics needs an API key and counts that owner's audits only)")
     host: str = "127.0.0.1"
     port: int = 8000
     server_url: str = Field("http://127.0.0.1:8000", description="API address used by ecif submit/status/results")
@@ -41,6 +48,10 @@ class Settings(BaseSettings):
         if isinstance(value, str):
             return [part.strip() for part in value.split(",") if part.strip()]
         return value
+
+    def stall_threshold(self) -> float:
+        """Seconds without a heartbeat or a queued task after which work counts as lost."""
+        return max(self.stall_after, 4 * self.heartbeat_interval)
 
     def resolved_roots(self) -> list[Path]:
         """Data roots with symlinks resolved, so a link inside a root cannot point out of it."""

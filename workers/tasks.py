@@ -42,7 +42,8 @@ def pipeline():
 
         settings = get_settings()
         # No data roots configured means no image may be read (never "any image").
-        _pipeline = Pipeline(settings.database_url, CeleryDispatcher(), image_roots=settings.resolved_roots())
+        _pipeline = Pipeline(settings.database_url, CeleryDispatcher(), image_roots=settings.resolved_roots(),
+                             heartbeat_interval=settings.heartbeat_interval)
     return _pipeline
 
 
@@ -112,10 +113,11 @@ def edit(edit_id: str) -> None:
 
 @worker_ready.connect
 def _start_reconciler(**_kwargs) -> None:
-    """Every ECIF_RECONCILE_INTERVAL seconds, re-send the work of audits with no activity for
-    longer than the visibility timeout (tasks lost with the broker); runs in the worker's
-    main process and imports no torch."""
-    from services.reconcile import reconcile
+    """Every ECIF_RECONCILE_INTERVAL seconds, send again the tasks that are neither beating
+    nor waiting in a queue for ECIF_STALL_AFTER seconds (a killed worker's, or tasks lost with
+    the broker); runs in the worker's main process and imports no torch."""
+    from services.liveness import queued_tasks
+    from services.reconcile import find_stalls, reconcile
     from services.settings import get_settings
 
     settings = get_settings()
@@ -127,9 +129,14 @@ def _start_reconciler(**_kwargs) -> None:
         stop = threading.Event()
         while not stop.wait(settings.reconcile_interval):
             try:
-                resumed = reconcile(settings.database_url, dispatcher.send, settings.visibility_timeout)
+                if not find_stalls(settings.database_url, settings.stall_threshold()):
+                    continue  # nothing idle that long: the queues need not be read
+                queued = queued_tasks(settings.broker_url)  # reads the whole queue lists
+                if queued is None:
+                    continue  # the broker cannot be read: nothing can be told lost
+                resumed = reconcile(settings.database_url, dispatcher.send, settings.stall_threshold(), queued)
                 if resumed:
-                    log.warning("resumed stalled audits: %s", resumed)
+                    log.warning("sent lost tasks again: %s", resumed)
             except Exception:
                 log.exception("reconcile failed; retrying in %d s", settings.reconcile_interval)
 

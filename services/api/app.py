@@ -5,7 +5,9 @@ import logging
 import threading
 
 from fastapi import FastAPI, Request
+from fastapi.exception_handlers import http_exception_handler
 from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ecif_core.errors import ConfigError, EcifError
 
@@ -75,7 +77,8 @@ class InProcessStarter:
 
         with self._lock:
             dispatcher = LocalDispatcher()
-            pipeline = Pipeline(self.settings.database_url, dispatcher, image_roots=self.settings.resolved_roots())
+            pipeline = Pipeline(self.settings.database_url, dispatcher, image_roots=self.settings.resolved_roots(),
+                                heartbeat_interval=self.settings.heartbeat_interval)  # status tells running from stalled
             pipeline.start(audit_id)
             try:
                 dispatcher.drain(pipeline)
@@ -99,6 +102,14 @@ def create_app(settings: Settings | None = None, starter: object | None = None) 
         return JSONResponse(status_code=422, content={"detail": [
             {"loc": ["body", *exc.field.split(".")], "msg": exc.message, "type": "value_error"}],
             "field": exc.field})
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        """A body the framework cannot parse (its 400) is an invalid request like any other: 422."""
+        if exc.status_code == 400:
+            return JSONResponse(status_code=422, content={"detail": [
+                {"loc": ["body"], "msg": str(exc.detail), "type": "value_error"}], "field": "body"})
+        return await http_exception_handler(request, exc)
 
     @app.exception_handler(EcifError)
     async def ecif_error(_request: Request, exc: EcifError) -> JSONResponse:

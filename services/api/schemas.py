@@ -3,7 +3,32 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from pydantic import BaseModel
+from typing import Annotated
+
+from pydantic import BaseModel, Field
+
+ERROR_DESCRIPTIONS = {
+    401: "missing or invalid API key (`Authorization: Bearer <key>`)",
+    404: "no such audit or trace (another owner's is answered the same)",
+    409: "not finished yet (results, reports and traces exist once the audit has succeeded)",
+    413: "manifest larger than ECIF_MAX_MANIFEST_BYTES",
+    422: "invalid manifest, request or query; `field` names the offending field",
+    503: "the task broker is unavailable; nothing was queued",
+}
+
+
+# Every error answer: `detail` (a message, or FastAPI's list of {loc, msg, type}) and, for an
+# invalid manifest or request, `field` naming the offending field.
+_ERROR_SCHEMA = {"type": "object", "required": ["detail"], "title": "ErrorResponse",
+                 "properties": {"detail": {"description": "a message, or a list of {loc, msg, type}"},
+                                "field": {"anyOf": [{"type": "string"}, {"type": "null"}]}}}
+
+
+def errors(*codes: int) -> dict[int, dict]:
+    """OpenAPI `responses` entries for these error codes: always JSON (a `model` would be
+    documented in the route's own media type, text/html for the report pages)."""
+    return {code: {"description": ERROR_DESCRIPTIONS[code], "content": {"application/json": {"schema": _ERROR_SCHEMA}}}
+            for code in codes}
 
 
 class AuditCreated(BaseModel):
@@ -13,7 +38,7 @@ class AuditCreated(BaseModel):
 
 class AuditStatus(BaseModel):
     id: str
-    status: str                 # queued | running | succeeded | failed | cancelled
+    status: str                 # queued | running | stalled | succeeded | failed | cancelled
     stage: str                  # prepare | gradients | curvature | validation | scores | finalize | done
     shards_done: int            # shards finished in the current sharded stage (gradients, then scores)
     shards_total: int
@@ -23,7 +48,8 @@ class AuditStatus(BaseModel):
     created_at: datetime
     started_at: datetime | None
     finished_at: datetime | None
-    eta_seconds: float | None
+    eta_seconds: float | None   # null while stalled
+    stall_reason: str | None = None  # why the audit is stalled (no task beating or queued for ECIF_STALL_AFTER s)
     error: str | None
     results_url: str
     rejected_url: str
@@ -64,8 +90,8 @@ class TraceStatus(BaseModel):
 class EditRequest(BaseModel):
     """Which pairs to remove (a spec, or the ids themselves) and how to solve for the edit."""
 
-    remove: str | None = None   # suspected | top:Q:COLUMN | bottom:Q:COLUMN | random:Q[:SEED]
-    ids: list[str] | None = None  # or the pairs' ids
+    remove: str | None = Field(None, max_length=200)  # suspected | top:Q:COLUMN | bottom:Q:COLUMN | random:Q[:SEED]
+    ids: list[Annotated[str, Field(max_length=4096)]] | None = None  # or the pairs' ids
     damping: float | None = None
     damping_factor: float = 0.1
     max_iterations: int = 50

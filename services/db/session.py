@@ -6,7 +6,8 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Iterator
 
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Engine, create_engine, event, make_url, text
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 MIGRATIONS = Path(__file__).resolve().parents[2] / "migrations"
@@ -51,6 +52,10 @@ def session_scope(url: str) -> Iterator[Session]:
         session.close()
 
 
+class DatabaseMissing(Exception):
+    """The database named by the URL does not exist, or cannot be reached; says what to do."""
+
+
 def upgrade(url: str, revision: str = "head") -> None:
     """Bring the schema to `revision` with the project's Alembic migrations."""
     from alembic import command
@@ -59,9 +64,54 @@ def upgrade(url: str, revision: str = "head") -> None:
     config = Config()
     config.set_main_option("script_location", str(MIGRATIONS))
     config.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
-    with get_engine(url).begin() as connection:
+    try:
+        connection = get_engine(url).connect()
+    except OperationalError as exc:
+        raise DatabaseMissing(_missing_message(url, exc)) from None
+    with connection, connection.begin():
         config.attributes["connection"] = connection
         command.upgrade(config, revision)
+
+
+def _missing_message(url: str, exc: OperationalError) -> str:
+    parsed = make_url(url)
+    first = (str(exc.orig).strip().splitlines() or [""])[0] if exc.orig is not None else str(exc)
+    if parsed.get_backend_name() == "sqlite":
+        folder = Path(parsed.database or ".").parent
+        return (f"cannot open the SQLite database {parsed.database} ({first}); create its folder {folder} "
+                "or run `ecif db upgrade --create`")
+    if "does not exist" in first:
+        return (f"database {parsed.database!r} does not exist on {parsed.host}:{parsed.port or 5432} ({first}); "
+                f"create it (`createdb -h {parsed.host} -U {parsed.username} {parsed.database}`) "
+                "or run `ecif db upgrade --create`")
+    return f"cannot connect to the database at {parsed.host}:{parsed.port or 5432} ({first}); check ECIF_DATABASE_URL"
+
+
+def create_database(url: str) -> str | None:
+    """Create the URL's database (Postgres: CREATE DATABASE through the `postgres` database;
+    SQLite: the file's folder) when it is missing; returns its name if it was created."""
+    parsed = make_url(url)
+    if parsed.get_backend_name() == "sqlite":
+        if parsed.database and parsed.database != ":memory:":
+            folder = Path(parsed.database).parent
+            if not folder.exists():
+                folder.mkdir(parents=True)
+                return str(folder)
+        return None
+    admin = create_engine(parsed.set(database="postgres"), isolation_level="AUTOCOMMIT")
+    try:
+        with admin.connect() as connection:
+            exists = connection.execute(text("SELECT 1 FROM pg_database WHERE datname = :name"),
+                                        {"name": parsed.database}).scalar()
+            if exists:
+                return None
+            quoted = connection.dialect.identifier_preparer.quote_identifier(parsed.database)
+            connection.execute(text(f"CREATE DATABASE {quoted}"))
+            return parsed.database
+    except OperationalError as exc:
+        raise DatabaseMissing(_missing_message(url, exc)) from None
+    finally:
+        admin.dispose()
 
 
 def schema_is_current(url: str) -> bool:

@@ -83,3 +83,28 @@ def test_an_image_file_over_the_byte_limit_is_rejected_unopened(tmp_path, monkey
     monkeypatch.setattr(data, "MAX_IMAGE_BYTES", 10)
     _, rejected, _ = read_pairs(tmp_path / "p.jsonl")
     assert rejected[0].reason.startswith("image file too large (") and rejected[0].reason.endswith("limit 10)")
+
+
+def test_brace_patterns_are_counted_as_braceexpand_expands_them():
+    import random
+
+    from braceexpand import braceexpand
+
+    from ecif_core.data import check_shard_count, count_expansions
+
+    cases = ["x{00..09}.tar", "{a,b}{1..3}", "{a,{b,c}}d", "{a{1,2}}", "{}", "{1..10..3}", "{z..a..2}", "{a..Z}",
+             "\\{a,b\\}", "{a,b\\,c}", "{-3..3}", "{,}", "a{b,c{d,e}f}g", "{3..1..2}", "{007..9}"]
+    rng = random.Random(0)
+    cases += ["".join(rng.choice("{},.1a2z") for _ in range(rng.randint(1, 10))) for _ in range(3000)]
+    for case in cases:
+        try:
+            expected = len(list(braceexpand(case)))
+        except Exception:  # noqa: BLE001 - unbalanced: refused by check_shard_count below
+            with pytest.raises(ConfigError, match="unbalanced"):
+                check_shard_count([case], "train")
+            continue
+        assert count_expansions(case) >= expected, case  # never under: the limit holds
+        if "}{" not in case.replace("{}", ""):
+            assert count_expansions(case) == expected, case
+    with pytest.raises(ConfigError, match="limit 100000"):
+        check_shard_count(["d/x{1..100000000000000}.tar"], "train")

@@ -188,9 +188,36 @@ def test_health_ready_and_metrics(api):
     assert api.get("/healthz").json() == {"status": "ok"}
     ready = api.get("/readyz")
     assert ready.status_code == 200 and ready.json()["checks"]["database"] == "ok"
-    metrics = api.get("/metrics").text
-    assert 'ecif_audits{status="queued"}' in metrics and "ecif_queue_depth" in metrics
     assert api.get("/openapi.json").json()["paths"]["/audits/{audit_id}/results.csv"]
+
+
+def test_metrics_need_a_key_and_count_only_that_owners_audits(api, keys, pg_url, data_root):
+    assert api.get("/metrics").status_code == 401
+    assert api.get("/metrics", headers={"Authorization": "Bearer ecif_wrong"}).status_code == 401
+    with session_scope(pg_url) as session:
+        dave = repository.create_key(session, "dave-metrics")
+    mine = api.get("/metrics", headers={"Authorization": f"Bearer {dave}"})
+    assert mine.status_code == 200 and 'ecif_audits{status="queued"} 0.0' in mine.text  # no audits of his
+    _submit(api, {"Authorization": f"Bearer {dave}"})
+    mine = api.get("/metrics", headers={"Authorization": f"Bearer {dave}"}).text
+    assert 'ecif_audits{status="queued"} 1.0' in mine and "ecif_queue_depth" in mine
+    settings = api.settings.model_copy(update={"metrics_token": "scrape-secret"})
+    with TestClient(create_app(settings, starter=RecordingStarter())) as client:
+        everyone = client.get("/metrics", headers={"Authorization": "Bearer scrape-secret"})
+        assert everyone.status_code == 200
+        queued = float(everyone.text.split('ecif_audits{status="queued"} ')[1].split()[0])
+        assert queued > 1  # alice's audits too
+        assert client.get("/metrics", headers={"Authorization": "Bearer scrape-secreT"}).status_code == 401
+
+
+def test_openapi_documents_the_error_responses_and_the_manifest_body(api):
+    paths = api.get("/openapi.json").json()["paths"]
+    submit = paths["/audits"]["post"]
+    assert {"401", "413", "422", "503"} <= set(submit["responses"])
+    assert "application/json" in submit["requestBody"]["content"]
+    assert "multipart/form-data" in submit["requestBody"]["content"]
+    assert {"401", "404", "409"} <= set(paths["/audits/{audit_id}/results.csv"]["get"]["responses"])
+    assert "401" in paths["/metrics"]["get"]["responses"]
 
 
 def test_readyz_reports_an_unmigrated_database(tmp_path):
@@ -404,3 +431,79 @@ def test_edit_by_ids_and_bad_edit_requests_name_the_field(api, keys, pg_url, fin
         assert response.status_code == 422 and response.json()["field"] == field, (body, response.text)
     unfinished = _submit(api, keys["alice"])["id"]
     assert api.post(f"/audits/{unfinished}/edits", json={"remove": "suspected"}, headers=keys["alice"]).status_code == 409
+
+
+# ------------------------------------------------------------------ faults that were 500s or silently accepted
+
+@pytest.fixture(scope="module")
+def bad_checkpoints(data_root):
+    """A corrupt file and a pickle that needs more than tensors, inside the data root."""
+    import argparse
+
+    import torch
+
+    (data_root / "corrupt.pt").write_bytes(b"PK\x03\x04 not really a zip")
+    torch.save({"state_dict": {"x": torch.zeros(1)}, "args": argparse.Namespace(lr=1)}, data_root / "pickled.pt")
+    return data_root
+
+
+@pytest.mark.parametrize("body, field", [
+    (manifest_json(train="digits/\x00train.jsonl"), "train"),
+    (manifest_json(train={"path": "digits/train.jsonl", "caption_key": "cap\ud800"}), "train.caption_key"),
+    (manifest_json(model={"config": "cfg\ud800.json", "checkpoint": "model.pt"}), "model.config"),
+    ({**manifest_json(), "options": {**OPTIONS, "damping": float("inf")}}, "options.damping"),
+    ({**manifest_json(), "options": {**OPTIONS, "damping_factor": float("nan")}}, "options.damping_factor"),
+    ({**manifest_json(), "options": []}, "options"),
+    ({**manifest_json(), "options": "fast"}, "options"),
+    (manifest_json(options={**OPTIONS, "chunk": 10**9}), "options.chunk"),
+    (manifest_json(options={**OPTIONS, "shard_batches": 10**9}), "options.shard_batches"),
+    (manifest_json(options={**OPTIONS, "partitions": 1000}), "options.partitions"),
+    (manifest_json(options={**OPTIONS, "damping": 1e300}), "options.damping"),
+    (manifest_json(options={**OPTIONS, "projection": {"k_in": 10**6, "k_out": 4}}), "options.projection.k_in"),
+    (manifest_json(options={**OPTIONS, "projection": {"k_in": 4, "k_out": 4, "seed": -1}}), "options.projection.seed"),
+    (manifest_json(options={**OPTIONS, "projection": None, "theta": ["*.weight"]}), "options.projection"),
+    (manifest_json(options={**OPTIONS, "theta": [1]}), "options.theta[0]"),
+    (manifest_json(options={**OPTIONS, "theta": []}), "options.theta"),
+    (manifest_json(train={"path": "digits/x{1..100000000}.tar", "format": "webdataset"}), "train.path"),
+    (manifest_json(train={"path": "digits/x{1..3.tar", "format": "webdataset"}), "train.path"),
+    (manifest_json(model={"arch": "hf-hub:laion/CLIP-ViT-B-32", "checkpoint": "model.pt"}), "model.arch"),
+    (manifest_json(model={"arch": "NoSuchArch", "checkpoint": "model.pt"}), "model.arch"),
+    (manifest_json(model={"arch": "ViT-B-32", "checkpoint": "model.pt"}), "model.checkpoint"),
+    (manifest_json(model={"config": "cfg.json", "checkpoint": "corrupt.pt"}), "model.checkpoint"),
+    (manifest_json(model={"config": "cfg.json", "checkpoint": "pickled.pt"}), "model.checkpoint"),
+])
+def test_faults_that_were_500s_or_accepted_are_422_naming_the_field(api, keys, bad_checkpoints, body, field):
+    response = api.post("/audits", content=json.dumps(body), headers={**keys["alice"], "Content-Type": "application/json"})
+    assert response.status_code == 422, response.text
+    assert response.json()["field"] == field, response.text
+    assert "weights_only" not in response.text
+
+
+def test_a_huge_brace_pattern_is_refused_before_it_is_expanded(api, keys):
+    """The issue's 50-byte manifest: 100k shards took 10.8 s of API CPU before its 422."""
+    import time
+
+    for count, limit in ((100_000_000, 0.5), (100_000, 10.0)):
+        body = manifest_json(train=f"digits/x{{1..{count}}}.tar")
+        started = time.process_time()
+        response = api.post("/audits", json=body, headers=keys["alice"])
+        spent = time.process_time() - started
+        assert response.status_code == 422 and response.json()["field"] == "train", response.text
+        assert spent < limit, (count, spent)
+
+
+def test_offset_and_limit_bounds_are_422(api, keys):
+    for query in ("offset=10000000000000000000", "offset=1000000001", "offset=-1", "limit=0", "limit=201"):
+        assert api.get(f"/audits?{query}", headers=keys["alice"]).status_code == 422, query
+    audit_id = _submit(api, keys["alice"])["id"]
+    response = api.get(f"/audits/{audit_id}/results.csv?limit=100000000000000000000", headers=keys["alice"])
+    assert response.status_code == 422
+
+
+def test_ids_no_audit_can_have_are_404_without_reaching_the_database(api, keys):
+    for path in ("/audits/%00", "/audits/a%00b/results.csv", "/audits/%ED%A0%80/report", "/audits/" + "a" * 5000):
+        assert api.get(path, headers=keys["alice"]).status_code == 404, path
+    audit_id = _submit(api, keys["alice"])["id"]
+    assert api.get(f"/audits/{audit_id}/traces/%00", headers=keys["alice"]).status_code == 404
+    assert api.post("/audits/%00/cancel", headers=keys["alice"]).status_code == 404
+    assert api.delete("/audits/%00", headers=keys["alice"]).status_code == 404

@@ -116,3 +116,65 @@ def test_threads_flag_on_every_verb_sets_torch_threads_and_the_worker_variable(m
         assert isinstance(parser.parse_args(["db", "upgrade", "--threads", "2"]), argparse.Namespace)
     finally:
         torch.set_num_threads(before)
+
+
+def _with_database(monkeypatch, url: str) -> None:
+    from services.settings import get_settings
+
+    monkeypatch.setenv("ECIF_DATABASE_URL", url)
+    get_settings.cache_clear()
+
+
+def test_keys_list_and_revoke(pg_url, monkeypatch, capsys):
+    from fastapi.testclient import TestClient
+
+    from services.api.app import create_app
+    from services.settings import Settings, get_settings
+
+    _with_database(monkeypatch, pg_url)
+    try:
+        assert main(["keys", "create", "--owner", "carol-cli"]) == 0
+        key = capsys.readouterr().out.strip()
+        assert main(["keys", "list", "--owner", "carol-cli"]) == 0
+        listed = capsys.readouterr().out.splitlines()
+        assert listed[0] == "id\towner\tprefix\tcreated_at\trevoked" and len(listed) == 2
+        key_id, owner, prefix, _, revoked = listed[1].split("\t")
+        assert (owner, prefix, revoked) == ("carol-cli", key[:12], "false") and key not in listed[1]
+        headers = {"Authorization": f"Bearer {key}"}
+        with TestClient(create_app(Settings(database_url=pg_url), starter=object())) as client:
+            assert client.get("/audits", headers=headers).status_code == 200
+            assert main(["keys", "revoke", key_id]) == 0
+            assert f"revoked key {key_id} of carol-cli" in capsys.readouterr().out
+            assert client.get("/audits", headers=headers).status_code == 401
+        assert main(["keys", "list", "--owner", "carol-cli"]) == 0
+        assert capsys.readouterr().out.splitlines()[1].endswith("\ttrue")
+        assert main(["keys", "revoke", "999999999"]) == 1 and "no key" in capsys.readouterr().err
+    finally:
+        get_settings.cache_clear()
+
+
+def test_db_upgrade_of_a_missing_database_says_what_to_do_or_creates_it(pg_url, monkeypatch, capsys):
+    import uuid
+
+    import psycopg
+
+    from services.settings import get_settings
+    from tests.services.conftest import PG_ADMIN
+
+    name = f"ecif_missing_{uuid.uuid4().hex[:8]}"
+    _with_database(monkeypatch, pg_url.rsplit("/", 1)[0] + f"/{name}")
+    try:
+        assert main(["db", "upgrade"]) == 2
+        err = capsys.readouterr().err
+        assert f"database '{name}' does not exist" in err and "--create" in err and "Traceback" not in err
+        assert main(["db", "upgrade", "--create"]) == 0
+        assert f"created database {name}" in capsys.readouterr().out
+        assert main(["db", "upgrade", "--create"]) == 0  # exists now: nothing created, still at head
+        assert "created" not in capsys.readouterr().out
+    finally:
+        get_settings.cache_clear()
+        from services.db.session import get_engine
+
+        get_engine(pg_url.rsplit("/", 1)[0] + f"/{name}").dispose()
+        with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')

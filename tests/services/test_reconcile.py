@@ -29,3 +29,110 @@ def test_resume_sends_the_unfinished_shards_of_the_current_stage(pg_url, data_ro
     with session_scope(pg_url) as session:
         session.get(Audit, audit_id).status = "cancelled"
     assert audit_id not in reconcile(pg_url, RecordingDispatcher().send, stale_after=0)
+
+
+# ------------------------------------------------------------------ liveness: heartbeats, queues, no double sends
+
+from datetime import timedelta  # noqa: E402
+
+from sqlalchemy import select, update  # noqa: E402
+
+from services import repository  # noqa: E402
+from services.db.models import Shard, utcnow  # noqa: E402
+from services.liveness import Heartbeat, queued_tasks  # noqa: E402
+
+
+def _prepared(pg_url, data_root, tmp_path) -> tuple[str, Pipeline]:
+    audit_id = _new_audit(pg_url, data_root / "manifest.json", tmp_path)
+    pipeline = Pipeline(pg_url, RecordingDispatcher())
+    pipeline.run("prepare", audit_id)
+    return audit_id, pipeline
+
+
+def _age(pg_url, audit_id, seconds: float) -> None:
+    """Move every recorded moment of the audit `seconds` into the past."""
+    with session_scope(pg_url) as session:
+        for table in (Audit, Shard):
+            key = table.id if table is Audit else table.audit_id
+            for column in ("created_at", "started_at", "heartbeat_at", "dispatched_at", "finished_at"):
+                if hasattr(table, column):
+                    attr = getattr(table, column)
+                    session.execute(update(table).where(key == audit_id, attr.is_not(None))
+                                    .values({column: attr - timedelta(seconds=seconds)}))
+
+
+def test_a_killed_shard_is_sent_again_once_and_a_queued_one_never(pg_url, data_root, tmp_path):
+    audit_id, pipeline = _prepared(pg_url, data_root, tmp_path)
+    pipeline.run("gradients", audit_id, 0)
+    with session_scope(pg_url) as session:  # shard 1 "running" on a worker that was then killed
+        session.execute(update(Shard).where(Shard.audit_id == audit_id, Shard.stage == "gradients", Shard.shard == 1)
+                        .values(status="running", started_at=utcnow(), heartbeat_at=utcnow()))
+    queued = {("gradients", audit_id, s) for s in (2, 3, 4, 5)}  # the others wait in the broker
+    sent = RecordingDispatcher()
+    assert audit_id not in reconcile(pg_url, sent.send, 60, queued)  # beating recently: alive
+    _age(pg_url, audit_id, 61)
+    assert reconcile(pg_url, sent.send, 60, queued)[audit_id] == 1
+    assert [s for s in sent.sent if s[1] == audit_id] == [("gradients", audit_id, 1)]
+    for _ in range(3):  # the reconciler runs again (every worker, every 30 s): nothing is sent twice
+        assert audit_id not in reconcile(pg_url, sent.send, 60, queued | {("gradients", audit_id, 1)})
+        assert audit_id not in reconcile(pg_url, sent.send, 60, queued)  # just sent: not lost yet
+    assert len([s for s in sent.sent if s[1] == audit_id]) == 1
+    # the broker forgets everything (a Redis restart): all five are sent again, once
+    _age(pg_url, audit_id, 61)
+    assert reconcile(pg_url, sent.send, 60, set())[audit_id] == 5
+    assert audit_id not in reconcile(pg_url, sent.send, 60, set())
+
+
+def test_a_stage_that_did_not_move_on_and_a_lost_unsharded_task_are_sent_again(pg_url, data_root, tmp_path):
+    audit_id, pipeline = _prepared(pg_url, data_root, tmp_path)
+    for shard in range(6):
+        pipeline.run("gradients", audit_id, shard)
+    with session_scope(pg_url) as session:  # the last task died between its commit and the advance
+        session.execute(update(Audit).where(Audit.id == audit_id).values(stage="gradients"))
+    _age(pg_url, audit_id, 61)
+    sent = RecordingDispatcher()
+    assert reconcile(pg_url, sent.send, 60, set())[audit_id] == 1
+    stage, _, shard = sent.sent[0]
+    pipeline.run(stage, audit_id, shard)  # a duplicate of a done shard: it moves the stage on
+    with session_scope(pg_url) as session:
+        assert session.get(Audit, audit_id).stage == "curvature"
+    _age(pg_url, audit_id, 61)  # the curvature task is lost too
+    sent = RecordingDispatcher()
+    assert reconcile(pg_url, sent.send, 60, {("curvature", "another audit", None)})[audit_id] == 1
+    assert sent.sent == [("curvature", audit_id, None)]
+    assert audit_id not in reconcile(pg_url, sent.send, 60, {("curvature", audit_id, None)})
+
+
+def test_a_running_task_beats_and_status_reports_a_stall_instead_of_an_eta(pg_url, data_root, tmp_path):
+    audit_id, pipeline = _prepared(pg_url, data_root, tmp_path)
+    _age(pg_url, audit_id, 120)
+    import time
+
+    with Heartbeat(pg_url, audit_id, "gradients", 0, interval=0.1):
+        time.sleep(0.5)
+    with session_scope(pg_url) as session:
+        beat = session.scalar(select(Shard.heartbeat_at).where(Shard.audit_id == audit_id, Shard.shard == 0,
+                                                               Shard.stage == "gradients"))
+        assert (utcnow() - beat).total_seconds() < 5
+        audit = session.get(Audit, audit_id)
+        assert repository.progress(session, audit, 60)["stall_reason"] is None  # the beat counts as activity
+    _age(pg_url, audit_id, 120)
+    with session_scope(pg_url) as session:
+        status = repository.progress(session, session.get(Audit, audit_id), 60)
+    assert status["eta_seconds"] is None and "for 1" in status["stall_reason"]
+
+
+def test_queued_tasks_are_read_from_the_redis_queues(redis_url):
+    from celery import Celery
+
+    import redis
+
+    app = Celery("probe", broker=redis_url)
+    app.conf.task_routes = {"ecif.tasks.gpu.*": {"queue": "gpu"}, "ecif.tasks.cpu.*": {"queue": "cpu"}}
+    redis.Redis.from_url(redis_url).flushdb()
+    app.send_task("ecif.tasks.gpu.shard_gradients", args=["audit-a", 3])
+    app.send_task("ecif.tasks.cpu.curvature", args=["audit-b"])
+    app.send_task("ecif.tasks.gpu.trace", args=["trace-c"])
+    assert queued_tasks(redis_url) == {("gradients", "audit-a", 3), ("curvature", "audit-b", None)}
+    assert queued_tasks("redis://127.0.0.1:1/0") is None  # unreachable: unknown, not empty
+    redis.Redis.from_url(redis_url).flushdb()

@@ -2,11 +2,13 @@
 from __future__ import annotations
 
 import json
+import uuid
 from typing import Annotated
 
 from fastapi import APIRouter, HTTPException, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import HTMLResponse, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from sqlalchemy.orm import Session
 
 from ecif_core.errors import ConfigError
@@ -16,12 +18,16 @@ from ...db.models import Audit
 from ...manifests import confined_manifest
 from ...report import audit_report_html
 from ..deps import OwnerDep, SessionDep, SettingsDep
-from ..schemas import AuditCreated, AuditPage, AuditStatus
+from ..schemas import AuditCreated, AuditPage, AuditStatus, errors
+from ..openapi import MANIFEST_BODY
 
-router = APIRouter(prefix="/audits", tags=["audits"])
+router = APIRouter(prefix="/audits", tags=["audits"], responses=errors(401))
+MAX_OFFSET = 1_000_000_000     # beyond any owner's audits; a larger one overflowed Postgres' bigint
+MAX_ROWS = 2**31 - 1           # results.csv?limit= (a row count; the table's ranks are int4)
 
 
-@router.post("", status_code=202, response_model=AuditCreated)
+@router.post("", status_code=202, response_model=AuditCreated, responses=errors(413, 422, 503),
+             openapi_extra={"requestBody": MANIFEST_BODY})
 async def submit(request: Request, owner: OwnerDep, session: SessionDep, settings: SettingsDep) -> AuditCreated:
     """Body: the manifest as JSON, or multipart/form-data with the manifest file in `manifest`."""
     raw = await _manifest_body(request, settings.max_manifest_bytes)
@@ -31,7 +37,7 @@ async def submit(request: Request, owner: OwnerDep, session: SessionDep, setting
 
 
 def _create_and_queue(request: Request, raw: object, owner: str, session: Session, settings) -> str:
-    manifest = confined_manifest(raw, settings.resolved_roots(), settings.remote_image_hosts)
+    manifest = confined_manifest(raw, settings.resolved_roots(), settings.remote_image_hosts, settings.max_shards)
     audit = repository.create_audit(session, owner, manifest, settings.store_url)
     session.commit()  # durable before any worker can pick the audit up
     try:
@@ -43,23 +49,24 @@ def _create_and_queue(request: Request, raw: object, owner: str, session: Sessio
     return audit.id
 
 
-@router.get("", response_model=AuditPage)
+@router.get("", response_model=AuditPage, responses=errors(422))
 def list_audits(request: Request, owner: OwnerDep, session: SessionDep,
                 limit: Annotated[int, Query(ge=1, le=200)] = 20,
-                offset: Annotated[int, Query(ge=0)] = 0) -> AuditPage:
+                offset: Annotated[int, Query(ge=0, le=MAX_OFFSET)] = 0) -> AuditPage:
     audits, total = repository.list_audits(session, owner, limit, offset)
     return AuditPage(items=[_status(request, session, a) for a in audits], total=total, limit=limit, offset=offset)
 
 
-@router.get("/{audit_id}", response_model=AuditStatus, name="audit_status")
+@router.get("/{audit_id}", response_model=AuditStatus, name="audit_status", responses=errors(404))
 def status(request: Request, audit_id: str, owner: OwnerDep, session: SessionDep) -> AuditStatus:
     return _status(request, session, _owned(session, owner, audit_id))
 
 
 @router.get("/{audit_id}/results.csv", name="audit_results",
-            responses={200: {"content": {"text/csv": {}}}, 409: {"description": "audit not finished"}})
+            responses={200: {"content": {"text/csv": {}}}, **errors(404, 409, 422)})
 def results(audit_id: str, owner: OwnerDep, session: SessionDep, settings: SettingsDep,
-            limit: Annotated[int | None, Query(ge=1)] = None, suspected_only: bool = False) -> StreamingResponse:
+            limit: Annotated[int | None, Query(ge=1, le=MAX_ROWS)] = None,
+            suspected_only: bool = False) -> StreamingResponse:
     """Every usable pair, rank 1 = most likely misaligned (columns: README, "ranked.csv")."""
     audit = _owned(session, owner, audit_id)
     if audit.status != "succeeded":
@@ -67,7 +74,7 @@ def results(audit_id: str, owner: OwnerDep, session: SessionDep, settings: Setti
     return _csv(repository.results_csv(settings.database_url, audit.id, limit, suspected_only), "ranked.csv")
 
 
-@router.get("/{audit_id}/report", response_class=HTMLResponse, name="audit_report")
+@router.get("/{audit_id}/report", response_class=HTMLResponse, name="audit_report", responses=errors(404, 409))
 def report(audit_id: str, owner: OwnerDep, session: SessionDep, settings: SettingsDep) -> HTMLResponse:
     """One self-contained HTML page: summary, plots, top suspects and valuable pairs with thumbnails."""
     audit = _owned(session, owner, audit_id)
@@ -78,14 +85,15 @@ def report(audit_id: str, owner: OwnerDep, session: SessionDep, settings: Settin
     return HTMLResponse(page)
 
 
-@router.get("/{audit_id}/rejected.csv", name="audit_rejected", responses={200: {"content": {"text/csv": {}}}})
+@router.get("/{audit_id}/rejected.csv", name="audit_rejected",
+            responses={200: {"content": {"text/csv": {}}}, **errors(404)})
 def rejected(audit_id: str, owner: OwnerDep, session: SessionDep, settings: SettingsDep) -> StreamingResponse:
     """Rows that could not be used, with the reason (complete once the prepare stage is done)."""
     audit = _owned(session, owner, audit_id)
     return _csv(repository.rejected_csv(settings.database_url, audit.id), "rejected.csv")
 
 
-@router.post("/{audit_id}/cancel", response_model=AuditStatus)
+@router.post("/{audit_id}/cancel", response_model=AuditStatus, responses=errors(404))
 def cancel(request: Request, audit_id: str, owner: OwnerDep, session: SessionDep) -> AuditStatus:
     audit = _owned(session, owner, audit_id)
     repository.cancel_audit(session, audit)
@@ -94,7 +102,7 @@ def cancel(request: Request, audit_id: str, owner: OwnerDep, session: SessionDep
     return _status(request, session, audit)
 
 
-@router.delete("/{audit_id}", status_code=204)
+@router.delete("/{audit_id}", status_code=204, responses=errors(404))
 def delete(audit_id: str, owner: OwnerDep, session: SessionDep, settings: SettingsDep) -> Response:
     """Removes the audit's rows and its folder (gradients, curvature, scores)."""
     audit = _owned(session, owner, audit_id)
@@ -115,7 +123,10 @@ async def _manifest_body(request: Request, limit: int) -> object:
         if len(body) > limit:
             raise HTTPException(413, f"manifest larger than {limit} bytes")
     if request.headers.get("content-type", "").startswith("multipart/form-data"):
-        form = await _form_from(request, bytes(body))
+        try:
+            form = await _form_from(request, bytes(body))
+        except StarletteHTTPException as exc:  # malformed multipart: the manifest's fault, named as such
+            raise ConfigError("manifest", f"multipart body cannot be parsed ({exc.detail})") from None
         upload = form.get("manifest")
         if upload is None or isinstance(upload, str):
             raise ConfigError("manifest", "multipart body needs a file field named 'manifest'")
@@ -138,20 +149,30 @@ async def _form_from(request: Request, body: bytes):
     return await StarletteRequest(request.scope, receive).form()
 
 
+def is_id(value: str) -> bool:
+    """Audit and trace ids are UUIDs; anything else (a NUL, which Postgres refuses, included)
+    names no audit and never reaches the database."""
+    try:
+        return str(uuid.UUID(value)) == value
+    except ValueError:
+        return False
+
+
 def _owned(session: Session, owner: str, audit_id: str) -> Audit:
-    audit = repository.get_audit(session, owner, audit_id)
+    audit = repository.get_audit(session, owner, audit_id) if is_id(audit_id) else None
     if audit is None:
         raise HTTPException(404, "no such audit")
     return audit
 
 
 def _status(request: Request, session: Session, audit: Audit) -> AuditStatus:
-    progress = repository.progress(session, audit)
-    return AuditStatus(id=audit.id, status=audit.status, stage=audit.stage, shards_done=progress["shards_done"],
+    progress = repository.progress(session, audit, request.app.state.settings.stall_threshold())
+    status = "stalled" if progress["stall_reason"] else audit.status
+    return AuditStatus(id=audit.id, status=status, stage=audit.stage, shards_done=progress["shards_done"],
                        shards_total=progress["shards_total"], pairs_total=audit.pairs_total,
                        pairs_rejected=audit.pairs_rejected, damping=audit.damping, created_at=audit.created_at,
                        started_at=audit.started_at, finished_at=audit.finished_at,
-                       eta_seconds=progress["eta_seconds"], error=audit.error,
+                       eta_seconds=progress["eta_seconds"], stall_reason=progress["stall_reason"], error=audit.error,
                        results_url=str(request.url_for("audit_results", audit_id=audit.id)),
                        rejected_url=str(request.url_for("audit_rejected", audit_id=audit.id)))
 

@@ -14,13 +14,14 @@ from fastapi.responses import StreamingResponse
 from ecif_core.edit import EditSettings
 from ecif_core.edit_audit import preview, removal_set
 from ecif_core.errors import ConfigError
+from ecif_core.values import check_json_values
 
 from ... import repository
 from ..deps import OwnerDep, SessionDep
-from ..schemas import EditCreated, EditRequest, EditStatus
-from .audits import _owned
+from ..schemas import EditCreated, EditRequest, EditStatus, errors
+from .audits import _owned, is_id
 
-router = APIRouter(prefix="/audits/{audit_id}", tags=["edits"])
+router = APIRouter(prefix="/audits/{audit_id}", tags=["edits"], responses=errors(401, 404))
 MAX_ITERATIONS, MAX_IDS, MAX_THETA_PATTERNS = 500, 1_000_000, 64
 REQUEST_IDS = "request_ids.txt"
 
@@ -38,17 +39,19 @@ def _server_spec(spec: str | None) -> str:
     return spec
 
 
-@router.get("/preview", name="audit_preview")
+@router.get("/preview", name="audit_preview", responses=errors(409, 422))
 def removal_preview(audit_id: str, owner: OwnerDep, session: SessionDep,
                     remove: Annotated[str, Query(max_length=200)]) -> dict:
     """Predicted change of the validation loss if the pairs `remove` names were dropped (stored numbers)."""
     audit = _finished(session, owner, audit_id)
+    check_json_values(remove, "remove")
     return preview(audit.audit_dir, _server_spec(remove))
 
 
-@router.post("/edits", status_code=202, response_model=EditCreated)
+@router.post("/edits", status_code=202, response_model=EditCreated, responses=errors(409, 422))
 def create(request: Request, audit_id: str, body: EditRequest, owner: OwnerDep, session: SessionDep) -> EditCreated:
     audit = _finished(session, owner, audit_id)
+    check_json_values(body.model_dump(), "")  # NUL, lone surrogates, non-finite numbers
     if (body.remove is None) == (body.ids is None):
         raise ConfigError("remove", "give exactly one of `remove` (a spec) and `ids` (a list)")
     if body.ids is not None and not 1 <= len(body.ids) <= MAX_IDS:
@@ -91,7 +94,7 @@ def status(request: Request, audit_id: str, edit_id: str, owner: OwnerDep, sessi
 
 
 @router.get("/edits/{edit_id}/checkpoint", name="edit_checkpoint",
-            responses={200: {"content": {"application/zip": {}}}, 409: {"description": "edit not finished"}})
+            responses={200: {"content": {"application/zip": {}}}, **errors(409)})
 def checkpoint(audit_id: str, edit_id: str, owner: OwnerDep, session: SessionDep) -> StreamingResponse:
     """A zip of what the edit wrote: the checkpoint in the input's format (`model.pt` / `model.safetensors`
     with its training sidecar, or `adapter/` for a LoRA audit), `edit.json` and `removed_ids.txt`."""
@@ -109,7 +112,8 @@ def checkpoint(audit_id: str, edit_id: str, owner: OwnerDep, session: SessionDep
 
 
 def _owned_edit(session, owner: str, audit_id: str, edit_id: str):
-    edit = repository.get_edit(session, _owned(session, owner, audit_id), edit_id)
+    audit = _owned(session, owner, audit_id)
+    edit = repository.get_edit(session, audit, edit_id) if is_id(edit_id) else None
     if edit is None:
         raise HTTPException(404, "no such edit")
     return edit

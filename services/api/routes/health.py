@@ -4,7 +4,11 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from fastapi import APIRouter, Request, Response
+import hmac
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, HTTPException, Request, Response
+from fastapi.security import HTTPAuthorizationCredentials
 from fastapi.responses import JSONResponse
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import GaugeMetricFamily, SummaryMetricFamily
@@ -12,7 +16,9 @@ from sqlalchemy import func, select, text
 
 from ...db.models import STATUSES, Audit, Shard
 from ...db.session import schema_is_current, session_scope
-from ..deps import SettingsDep
+from ...repository import owner_of_key
+from ..deps import SettingsDep, _bearer
+from ..schemas import errors
 
 router = APIRouter(tags=["health"])
 QUEUES = ("gpu", "cpu")
@@ -23,7 +29,8 @@ def healthz() -> dict:
     return {"status": "ok"}
 
 
-@router.get("/readyz")
+@router.get("/readyz", responses={503: {"description": "database (not at the newest migration), broker or store "
+                                                    "unreachable; `checks` says which"}})
 def readyz(settings: SettingsDep) -> JSONResponse:
     checks = {"database": _check(lambda: _ping_database(settings.database_url)),
               "broker": _check(lambda: _ping_broker(settings.broker_url)),
@@ -33,22 +40,35 @@ def readyz(settings: SettingsDep) -> JSONResponse:
                         status_code=200 if ready else 503)
 
 
-@router.get("/metrics")
-def metrics(request: Request, settings: SettingsDep) -> Response:
-    """Read from the database and the broker at scrape time, so every API replica agrees."""
+@router.get("/metrics", responses={200: {"content": {"text/plain": {}}}, **errors(401)})
+def metrics(request: Request, settings: SettingsDep,
+            credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]) -> Response:
+    """Prometheus text, read from the database and the broker at scrape time (every API replica
+    agrees). `Authorization: Bearer <ECIF_METRICS_TOKEN>`: every owner's counts; an API key:
+    that owner's audits only; nothing else: 401."""
+    token = credentials.credentials if credentials else None
+    owner = None
+    if not (token and settings.metrics_token and hmac.compare_digest(token, settings.metrics_token)):
+        with session_scope(settings.database_url) as session:
+            owner = owner_of_key(session, token) if token else None
+        if owner is None:
+            raise HTTPException(401, "missing or invalid API key (or ECIF_METRICS_TOKEN)",
+                                headers={"WWW-Authenticate": "Bearer"})
     registry = CollectorRegistry()
-    registry.register(_Collector(settings.database_url, settings.broker_url))
+    registry.register(_Collector(settings.database_url, settings.broker_url, owner))
     return Response(generate_latest(registry), media_type="text/plain; version=0.0.4; charset=utf-8")
 
 
 class _Collector:
-    def __init__(self, database_url: str, broker_url: str | None) -> None:
-        self.database_url, self.broker_url = database_url, broker_url
+    def __init__(self, database_url: str, broker_url: str | None, owner: str | None) -> None:
+        self.database_url, self.broker_url, self.owner = database_url, broker_url, owner
 
     def collect(self):
+        mine = (lambda query: query) if self.owner is None else (lambda query: query.where(Audit.owner == self.owner))
         with session_scope(self.database_url) as session:
-            by_status = dict(session.execute(select(Audit.status, func.count()).group_by(Audit.status)).all())
-            durations = session.execute(select(Shard.stage, func.count(), func.sum(Shard.seconds))
+            by_status = dict(session.execute(mine(select(Audit.status, func.count())).group_by(Audit.status)).all())
+            durations = session.execute(mine(select(Shard.stage, func.count(), func.sum(Shard.seconds))
+                                             .join(Audit, Audit.id == Shard.audit_id))
                                         .where(Shard.status == "done").group_by(Shard.stage)).all()
         audits = GaugeMetricFamily("ecif_audits", "Audits by status", labels=["status"])
         for status in STATUSES:

@@ -8,19 +8,20 @@ from fastapi.responses import HTMLResponse, StreamingResponse
 
 from ecif_core.errors import ConfigError
 from ecif_core.trace import examples_from_json
+from ecif_core.values import check_json_values
 
 from ... import repository
 from ...manifests import check_confined
 from ...report import trace_report_html
 from ..deps import OwnerDep, SessionDep, SettingsDep
-from ..schemas import TraceCreated, TraceRequest, TraceStatus
-from .audits import _csv, _owned
+from ..schemas import TraceCreated, TraceRequest, TraceStatus, errors
+from .audits import _csv, _owned, is_id
 
-router = APIRouter(prefix="/audits/{audit_id}/traces", tags=["traces"])
+router = APIRouter(prefix="/audits/{audit_id}/traces", tags=["traces"], responses=errors(401, 404))
 MAX_TESTS, MAX_K = 64, 1000
 
 
-@router.post("", status_code=202, response_model=TraceCreated)
+@router.post("", status_code=202, response_model=TraceCreated, responses=errors(409, 422))
 def create(request: Request, audit_id: str, body: TraceRequest, owner: OwnerDep, session: SessionDep,
            settings: SettingsDep) -> TraceCreated:
     audit = _owned(session, owner, audit_id)
@@ -30,6 +31,7 @@ def create(request: Request, audit_id: str, body: TraceRequest, owner: OwnerDep,
         raise ConfigError("k", f"must be between 1 and {MAX_K}")
     if len(body.tests) > MAX_TESTS:
         raise ConfigError("tests", f"at most {MAX_TESTS} test examples per trace")
+    check_json_values(body.tests, "tests")  # NUL, lone surrogates, non-finite numbers
     examples_from_json(body.tests)  # field-by-field validation before anything is queued
     roots = settings.resolved_roots()
     if not roots:
@@ -46,7 +48,7 @@ def create(request: Request, audit_id: str, body: TraceRequest, owner: OwnerDep,
                                                                           trace_id=trace.id)))
 
 
-@router.get("/{trace_id}.csv", name="trace_csv", responses={200: {"content": {"text/csv": {}}}})
+@router.get("/{trace_id}.csv", name="trace_csv", responses={200: {"content": {"text/csv": {}}}, **errors(409)})
 def trace_csv(audit_id: str, trace_id: str, owner: OwnerDep, session: SessionDep) -> StreamingResponse:
     trace = _owned_trace(session, owner, audit_id, trace_id)
     if trace.status != "succeeded":
@@ -54,7 +56,7 @@ def trace_csv(audit_id: str, trace_id: str, owner: OwnerDep, session: SessionDep
     return _csv(repository.trace_csv(repository.trace_results(session, trace)), f"trace-{trace_id}.csv")
 
 
-@router.get("/{trace_id}/report", response_class=HTMLResponse, name="trace_report")
+@router.get("/{trace_id}/report", response_class=HTMLResponse, name="trace_report", responses=errors(409))
 def trace_report(audit_id: str, trace_id: str, owner: OwnerDep, session: SessionDep,
                  settings: SettingsDep) -> HTMLResponse:
     """The test examples beside their top-k training pairs."""
@@ -74,7 +76,8 @@ def status(request: Request, audit_id: str, trace_id: str, owner: OwnerDep, sess
 
 
 def _owned_trace(session, owner: str, audit_id: str, trace_id: str):
-    trace = repository.get_trace(session, _owned(session, owner, audit_id), trace_id)
+    audit = _owned(session, owner, audit_id)
+    trace = repository.get_trace(session, audit, trace_id) if is_id(trace_id) else None
     if trace is None:
         raise HTTPException(404, "no such trace")
     return trace
