@@ -101,7 +101,11 @@ def test_threads_flag_on_every_verb_sets_torch_threads_and_the_worker_variable(m
         for leaf in leaves:
             assert any("--threads" in a.option_strings for a in leaf._actions), name
     before = torch.get_num_threads()
-    monkeypatch.delenv("ECIF_TORCH_THREADS", raising=False)
+    # setenv first so that monkeypatch records the variable's original state and restores it: the
+    # apply_threads calls below write os.environ directly, and a leftover ECIF_TORCH_THREADS would
+    # change the thread count (and the last bits of every score) of every later audit and worker
+    monkeypatch.setenv("ECIF_TORCH_THREADS", "1")
+    monkeypatch.delenv("ECIF_TORCH_THREADS")
     try:
         args = parser.parse_args(["audit", "m.json", "--out", "x", "--threads", "1"])
         assert apply_threads(args) == 1 and torch.get_num_threads() == 1
