@@ -20,7 +20,7 @@ import torch
 
 from .audit import Ranking, final_ranking, image_access, model_files, load_plan, load_slots, open_store
 from .batching import partition
-from .data import load_batch, read_pairs
+from .data import load_batch, load_image, read_pairs
 from .edit import EditSettings, LeaveOutObjective, TrainingBatch, apply_delta, edit_parameters
 from .errors import ConfigError
 from .losses import batch_loss, pair_logits
@@ -30,6 +30,7 @@ from .manifest import SIDECAR_SUFFIX, Manifest, read_sidecar
 from .models import load_model, restrict_grad_to, select_theta
 from .removal import RemovalSet, select
 from .runtime import flush_denormals
+from .trace import TraceExample, examples_from_json
 
 EDIT_SIDECAR = "edit.json"
 REMOVED_IDS = "removed_ids.txt"
@@ -119,12 +120,39 @@ def validation_loss(model: torch.nn.Module, batches: list[tuple], params: list |
     return total / count, None if grads is None else [g / count for g in grads]
 
 
+def zero_shot_examples(raw: object) -> list[TraceExample]:
+    """Zero-shot examples for an edit: [{"image": path, "prompts": [...], "label": i}, ...] (the
+    traces' format, prompts required); errors name `zero_shot[i]`."""
+    try:
+        examples = examples_from_json(raw)
+    except ConfigError as exc:
+        raise ConfigError(exc.field.replace("tests", "zero_shot", 1), exc.message) from None
+    for i, example in enumerate(examples):
+        if example.prompts is None:
+            raise ConfigError(f"zero_shot[{i}]", "needs prompts and label")
+    return examples
+
+
+@torch.no_grad()
+def zero_shot_accuracy(loaded, examples: list[TraceExample], roots: list[Path] | None) -> float:
+    """Share of examples whose image is closest (cosine) to the prompt of its label."""
+    correct = 0
+    with flush_denormals():
+        for example in examples:
+            image = loaded.preprocess(load_image(example.image, roots)).unsqueeze(0)  # confined when opened
+            text, image_emb = embed(loaded.model, image, loaded.tokenizer(example.prompts))
+            scores = torch.nn.functional.normalize(image_emb, dim=-1) @ torch.nn.functional.normalize(text, dim=-1).T
+            correct += int(int(scores.argmax()) == example.label)
+    return correct / len(examples)
+
+
 def edit_audit(audit_dir: str | Path, spec: str, out: str | Path, settings: EditSettings | None = None,
-               theta: list[str] | None = None, base_dir: str | Path | None = None) -> dict:
+               theta: list[str] | None = None, base_dir: str | Path | None = None,
+               zero_shot: list[TraceExample] | None = None) -> dict:
     """Write the model without the pairs `spec` names into `out`; returns the edit's record (edit.json).
 
-    `theta`: fnmatch patterns of the parameters to edit (default: the audit's theta). The audit is
-    only read, never changed.
+    `theta`: fnmatch patterns of the parameters to edit (default: the audit's theta). `zero_shot`:
+    examples whose accuracy is measured before and after the edit. The audit is only read, never changed.
     """
     settings = (settings or EditSettings()).validate()
     started = time.perf_counter()
@@ -132,11 +160,13 @@ def edit_audit(audit_dir: str | Path, spec: str, out: str | Path, settings: Edit
     plan = load_plan(audit_dir)
     manifest = Manifest.from_json(plan.manifest)
     chosen = removal_set(audit_dir, spec, base_dir)
-    files = model_files(manifest, None if plan.image_roots is None else [Path(r) for r in plan.image_roots])
+    roots = None if plan.image_roots is None else [Path(r) for r in plan.image_roots]
+    files = model_files(manifest, roots)
     loaded = load_model(manifest.model_arch, files.config, files.checkpoint, adapter=files.adapter)
     model = loaded.model.to("cuda" if torch.cuda.is_available() else "cpu")
     params = select_theta(model, theta or manifest.options.theta)
     restrict_grad_to(model, params)
+    accuracy_before = zero_shot_accuracy(loaded, zero_shot, roots) if zero_shot else None
     seconds = {}
     with flush_denormals():
         batches = training_batches_of(audit_dir, set(chosen.ids), loaded.preprocess, loaded.tokenizer)
@@ -157,6 +187,10 @@ def edit_audit(audit_dir: str | Path, spec: str, out: str | Path, settings: Edit
                                  "predicted_change": predicted, "form": "group (exact Pos(E) + Neg(E)), first order"}
         else:
             apply_delta(params, result.delta)
+    record_zero_shot = None
+    if zero_shot:
+        record_zero_shot = {"examples": len(zero_shot), "accuracy_before": accuracy_before,
+                            "accuracy_after": zero_shot_accuracy(loaded, zero_shot, roots)}
     seconds.update(result.seconds)
     seconds["total"] = time.perf_counter() - started
     record = {
@@ -171,6 +205,7 @@ def edit_audit(audit_dir: str | Path, spec: str, out: str | Path, settings: Edit
                    # |grad J(theta_hat)| / |grad(Pos(E) + Neg(E))|: the edit assumes a trained optimum (~0)
                    "stationarity": stationarity},
         "validation": record_validation,
+        "zero_shot": record_zero_shot,
     }
     _write_edited_model(model.to("cpu"), manifest, chosen, out, record)
     return record

@@ -129,15 +129,20 @@ def cmd_edit(args: argparse.Namespace) -> int:
     if args.audit_dir:
         from ecif_core.edit_audit import edit_audit
 
+        from ecif_core.edit_audit import zero_shot_examples
+
+        zero_shot = zero_shot_examples(_zero_shot_file(args.zero_shot)) if args.zero_shot else None
         record = edit_audit(args.audit_dir, args.remove, args.out, _edit_settings(args), theta=args.theta,
-                            base_dir=Path.cwd())
-        print(json.dumps({k: record[k] for k in ("remove", "checkpoint", "result", "validation")}, indent=1))
+                            base_dir=Path.cwd(), zero_shot=zero_shot)
+        print(json.dumps({k: record[k] for k in ("remove", "checkpoint", "result", "validation", "zero_shot")},
+                         indent=1))
         return 0
     client = _client(args)
     edit = client.create_edit(_need_audit_id(args), {"remove": args.remove, "damping": args.damping,
                                                      "damping_factor": args.damping_factor,
                                                      "max_iterations": args.max_iterations,
-                                                     "tolerance": args.tolerance, "theta": args.theta})
+                                                     "tolerance": args.tolerance, "theta": args.theta,
+                                                     "zero_shot": _zero_shot_file(args.zero_shot)})
     status = client.wait_edit(edit["status_url"])
     if status["status"] != "succeeded":
         print(f"edit {status['status']}: {status.get('error')}", file=sys.stderr)
@@ -145,6 +150,23 @@ def cmd_edit(args: argparse.Namespace) -> int:
     target = client.download_edit(status["checkpoint_url"], Path(args.out))
     print(json.dumps({**status, "downloaded": str(target)}, indent=1))
     return 0
+
+
+def _read_json(path: str, field: str) -> object:
+    from ecif_core.errors import read_json_file
+
+    return read_json_file(path, field)
+
+
+def _zero_shot_file(path: str | None) -> list | None:
+    """The examples with their image paths made absolute against the file's folder (a server
+    checks them against its data roots)."""
+    if path is None:
+        return None
+    raw = _read_json(path, "zero_shot")
+    base = Path(path).resolve().parent
+    return [{**e, "image": str((base / e["image"]).resolve())} if isinstance(e, dict) and isinstance(e.get("image"), str)
+            else e for e in raw] if isinstance(raw, list) else raw
 
 
 def _need_audit_id(args: argparse.Namespace) -> str:
@@ -406,6 +428,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "Hessian-vector pass over the training pairs each)")
     p.add_argument("--tolerance", type=float, default=1e-4, help="relative residual at which CG stops")
     p.add_argument("--theta", action="append", help="parameters to edit (fnmatch; repeat); default the audit's theta")
+    p.add_argument("--zero-shot", help="JSON list of {image, prompts, label}: zero-shot accuracy before and after "
+                   "the edit goes into edit.json")
     _client_flags(p)
     p.set_defaults(run=cmd_edit)
 

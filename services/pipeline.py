@@ -362,7 +362,7 @@ def run_trace(database_url: str, trace_id: str, models: core.ModelCache) -> None
 def run_edit(database_url: str, edit_id: str) -> None:
     """Write one requested model edit (ecif_core.edit_audit) into the edit's folder; the audit is only read."""
     from ecif_core.edit import EditSettings
-    from ecif_core.edit_audit import edit_audit
+    from ecif_core.edit_audit import edit_audit, zero_shot_examples
 
     from .db.models import Edit
 
@@ -374,8 +374,9 @@ def run_edit(database_url: str, edit_id: str) -> None:
         row.status = "running"
     with _request_failures(database_url, Edit, edit_id) as failed:
         settings = EditSettings(**{k: request[k] for k in ("damping", "damping_factor", "max_iterations", "tolerance")})
+        zero_shot = zero_shot_examples(request["zero_shot"]) if request.get("zero_shot") else None
         record = edit_audit(audit_dir, request["remove"], edit_dir, settings, theta=request.get("theta"),
-                            base_dir=edit_dir)
+                            base_dir=edit_dir, zero_shot=zero_shot)
     if failed:
         return
     with session_scope(database_url) as session:

@@ -97,6 +97,7 @@ class EditRequest(BaseModel):
     max_iterations: int = 50
     tolerance: float = 1e-4
     theta: list[str] | None = None
+    zero_shot: list[dict] | None = None  # [{"image": path, "prompts": [...], "label": i}]: accuracy before / after
 
 
 class EditCreated(BaseModel):

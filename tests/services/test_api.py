@@ -381,7 +381,7 @@ def test_removal_preview_is_served_to_the_owner(api, keys, finished_audit):
     assert paths.status_code == 422 and "list" in paths.text
 
 
-def test_edit_is_queued_computed_and_downloaded(api, keys, pg_url, finished_audit, tmp_path):
+def test_edit_is_queued_computed_and_downloaded(api, keys, pg_url, finished_audit, data_root, tmp_path):
     import io
     import zipfile
 
@@ -392,8 +392,9 @@ def test_edit_is_queued_computed_and_downloaded(api, keys, pg_url, finished_audi
     with session_scope(pg_url) as session:
         audit_dir = session.get(Audit, finished_audit).audit_dir
     before = _audit_files(audit_dir)
-    response = api.post(f"/audits/{finished_audit}/edits", json={"remove": "top:8:self_influence", "max_iterations": 4},
-                        headers=keys["alice"])
+    zero_shot = [{**_zero_shot(data_root, i)} for i in range(4)]
+    response = api.post(f"/audits/{finished_audit}/edits", json={"remove": "top:8:self_influence", "max_iterations": 4,
+                                                                  "zero_shot": zero_shot}, headers=keys["alice"])
     assert response.status_code == 202, response.text
     edit_id = response.json()["edit_id"]
     assert api.starter.edits[-1] == edit_id
@@ -405,6 +406,7 @@ def test_edit_is_queued_computed_and_downloaded(api, keys, pg_url, finished_audi
     status = api.get(status_url, headers=keys["alice"]).json()
     assert status["status"] == "succeeded", status["error"]
     assert status["result"]["remove"]["pairs"] == 8 and status["result"]["result"]["cg_iterations"] >= 1
+    assert status["result"]["zero_shot"]["examples"] == 4 and 0 <= status["result"]["zero_shot"]["accuracy_after"] <= 1
     download = api.get(f"{status_url}/checkpoint", headers=keys["alice"])
     assert download.status_code == 200 and download.headers["content-type"] == "application/zip"
     archive = zipfile.ZipFile(io.BytesIO(download.content))
@@ -426,7 +428,13 @@ def test_edit_by_ids_and_bad_edit_requests_name_the_field(api, keys, pg_url, fin
                         ({"remove": "random:0.1", "max_iterations": 0}, "max_iterations"),
                         ({"remove": "random:0.1", "tolerance": 0}, "tolerance"),
                         ({"remove": "random:0.1", "damping": -1}, "damping"),
-                        ({"remove": "ids:/etc/passwd"}, "remove")]:
+                        ({"remove": "ids:/etc/passwd"}, "remove"),
+                        ({"remove": "suspected", "zero_shot": [{"image": "/etc/hostname", "prompts": ["a", "b"],
+                                                                "label": 0}]}, "zero_shot[0].image"),
+                        ({"remove": "suspected", "zero_shot": [{"image": "digits/x.png", "caption": "a"}]},
+                         "zero_shot[0]"),
+                        ({"remove": "suspected", "zero_shot": [{"image": "digits/x.png", "prompts": ["a", "b"],
+                                                                "label": 7}]}, "zero_shot[0].label")]:
         response = api.post(f"/audits/{finished_audit}/edits", json=body, headers=keys["alice"])
         assert response.status_code == 422 and response.json()["field"] == field, (body, response.text)
     unfinished = _submit(api, keys["alice"])["id"]

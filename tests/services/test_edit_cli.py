@@ -42,8 +42,14 @@ def test_edit_writes_a_checkpoint_that_loads_and_audits_again(data_root, embedde
     audit = embedded_csv.parent
     before = _digest(audit)
     out = tmp_path / "edited"
+    from ecif_core.datasets.digits import class_prompts, label_of_caption
+
+    rows = [json.loads(line) for line in (data_root / "digits" / "test.jsonl").read_text().splitlines()[:12]]
+    zero_shot = [{"image": f"digits/{r['image']}", "prompts": class_prompts(), "label": label_of_caption(r["caption"])}
+                 for r in rows]
+    (data_root / "zero_shot.json").write_text(json.dumps(zero_shot))  # image paths relative to this file
     assert main(["edit", "--audit-dir", str(audit), "--remove", "top:0.1:self_influence", "--out", str(out),
-                 "--max-iterations", "8"]) == 0
+                 "--max-iterations", "8", "--zero-shot", str(data_root / "zero_shot.json")]) == 0
     record = json.loads((out / "edit.json").read_text())
     assert _digest(audit) == before  # an edit never modifies the audit
     removed = (out / "removed_ids.txt").read_text().split()
@@ -71,6 +77,22 @@ def test_edit_writes_a_checkpoint_that_loads_and_audits_again(data_root, embedde
     reloaded = load_model(config=config, checkpoint=out / "model.pt")
     val = _validation_batches(audit, manifest_of_audit, reloaded.preprocess, reloaded.tokenizer)
     assert validation_loss(reloaded.model, val)[0] == pytest.approx(validation["loss_after"], rel=1e-5)
+    # zero-shot accuracy before / after, recomputed through open_clip's own forward (CLIP.forward)
+    original_model = load_model(config=config, checkpoint=data_root / "model.pt")
+
+    def accuracy(loaded) -> float:
+        from ecif_core.data import load_image
+
+        hits = 0
+        with torch.no_grad():
+            for example in zero_shot:
+                image = loaded.preprocess(load_image(str(data_root / example["image"]))).unsqueeze(0)
+                image_features, text_features, _ = loaded.model(image, loaded.tokenizer(example["prompts"]))
+                hits += int(int((image_features @ text_features.T).argmax()) == example["label"])
+        return hits / len(zero_shot)
+
+    assert record["zero_shot"] == {"examples": 12, "accuracy_before": accuracy(original_model),
+                                   "accuracy_after": accuracy(reloaded)}
 
     # the edited model audits; its sidecar excludes the removed pairs, which the audit lists
     manifest = {"model": {"config": str(data_root / "cfg.json"), "checkpoint": str(out / "model.pt")},

@@ -12,17 +12,18 @@ from fastapi import APIRouter, HTTPException, Query, Request
 from fastapi.responses import StreamingResponse
 
 from ecif_core.edit import EditSettings
-from ecif_core.edit_audit import preview, removal_set
+from ecif_core.edit_audit import preview, removal_set, zero_shot_examples
 from ecif_core.errors import ConfigError
 from ecif_core.values import check_json_values
 
 from ... import repository
-from ..deps import OwnerDep, SessionDep
+from ...manifests import check_confined
+from ..deps import OwnerDep, SessionDep, SettingsDep
 from ..schemas import EditCreated, EditRequest, EditStatus, errors
 from .audits import _owned, is_id
 
 router = APIRouter(prefix="/audits/{audit_id}", tags=["edits"], responses=errors(401, 404))
-MAX_ITERATIONS, MAX_IDS, MAX_THETA_PATTERNS = 500, 1_000_000, 64
+MAX_ITERATIONS, MAX_IDS, MAX_THETA_PATTERNS, MAX_ZERO_SHOT = 500, 1_000_000, 64, 10_000
 REQUEST_IDS = "request_ids.txt"
 
 
@@ -49,7 +50,8 @@ def removal_preview(audit_id: str, owner: OwnerDep, session: SessionDep,
 
 
 @router.post("/edits", status_code=202, response_model=EditCreated, responses=errors(409, 422))
-def create(request: Request, audit_id: str, body: EditRequest, owner: OwnerDep, session: SessionDep) -> EditCreated:
+def create(request: Request, audit_id: str, body: EditRequest, owner: OwnerDep, session: SessionDep,
+           settings_: SettingsDep) -> EditCreated:
     audit = _finished(session, owner, audit_id)
     check_json_values(body.model_dump(), "")  # NUL, lone surrogates, non-finite numbers
     if (body.remove is None) == (body.ids is None):
@@ -64,6 +66,7 @@ def create(request: Request, audit_id: str, body: EditRequest, owner: OwnerDep, 
         value = getattr(body, name)
         if value is not None and not math.isfinite(value):
             raise ConfigError(name, "must be a finite number")
+    zero_shot = _confined_zero_shot(body.zero_shot, settings_.resolved_roots())
     settings = EditSettings(damping=body.damping, damping_factor=body.damping_factor,
                             max_iterations=body.max_iterations, tolerance=body.tolerance).validate()
     edit = repository.create_edit(session, audit, {})
@@ -77,7 +80,7 @@ def create(request: Request, audit_id: str, body: EditRequest, owner: OwnerDep, 
     except ConfigError as exc:
         shutil.rmtree(folder, ignore_errors=True)
         raise ConfigError("ids", exc.message) if body.ids is not None else exc
-    edit.request = {"remove": spec, "pairs": len(chosen.ids), "theta": body.theta,
+    edit.request = {"remove": spec, "pairs": len(chosen.ids), "theta": body.theta, "zero_shot": zero_shot,
                     **{k: getattr(settings, k) for k in ("damping", "damping_factor", "max_iterations", "tolerance")}}
     session.commit()
     request.app.state.dispatcher.start_edit(edit.id)
@@ -109,6 +112,25 @@ def checkpoint(audit_id: str, edit_id: str, owner: OwnerDep, session: SessionDep
     buffer.seek(0)
     return StreamingResponse(buffer, media_type="application/zip",
                              headers={"Content-Disposition": f'attachment; filename="edit-{edit_id}.zip"'})
+
+
+def _confined_zero_shot(raw: list[dict] | None, roots) -> list[dict] | None:
+    """Zero-shot examples checked field by field, their images confined to the data roots now
+    (and again when the worker opens them)."""
+    if raw is None:
+        return None
+    if not 1 <= len(raw) <= MAX_ZERO_SHOT:
+        raise ConfigError("zero_shot", f"give between 1 and {MAX_ZERO_SHOT} examples")
+    zero_shot_examples(raw)
+    if not roots:
+        raise ConfigError("zero_shot", "the server has no data roots configured (ECIF_DATA_ROOTS)")
+    out = []
+    for i, example in enumerate(raw):
+        image = check_confined(example["image"], roots, f"zero_shot[{i}].image")
+        if not Path(image).is_file():
+            raise ConfigError(f"zero_shot[{i}].image", "file not found")
+        out.append({**example, "image": str(image)})
+    return out
 
 
 def _owned_edit(session, owner: str, audit_id: str, edit_id: str):
