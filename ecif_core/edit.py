@@ -135,7 +135,6 @@ class LeaveOutObjective:
         self.model, self.theta, self.batches, self.weight_decay = model, list(theta), list(batches), weight_decay
         self.params = [p for _, p in self.theta]
         self.scale = temperature_scale(model)
-        self.dtype = self.params[0].dtype
         head_only = _is_head_only(model, self.theta)
         if use_feature_cache and not head_only:
             raise ConfigError("edit.theta", f"the feature cache needs theta within {HEAD_PARAMETERS}")

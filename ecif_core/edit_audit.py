@@ -78,11 +78,11 @@ def preview(audit_dir: str | Path, spec: str, base_dir: str | Path | None = None
 
 def training_batches_of(audit_dir: str | Path, removed: set[str], preprocess, tokenizer) -> list[TrainingBatch]:
     """The audit's fixed partition (its row slots) as tensors, with the removed pairs marked."""
-    access = image_access(load_plan(audit_dir), audit_dir)
-    batch_size = load_plan(audit_dir).batch_size
+    plan = load_plan(audit_dir)
+    access = image_access(plan, audit_dir)
     grouped: dict[int, list] = {}
     for slot, pair in load_slots(audit_dir):
-        grouped.setdefault(slot // batch_size, []).append(pair)
+        grouped.setdefault(slot // plan.batch_size, []).append(pair)
     out = []
     for b in sorted(grouped):
         pairs = grouped[b]

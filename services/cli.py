@@ -152,18 +152,14 @@ def cmd_edit(args: argparse.Namespace) -> int:
     return 0
 
 
-def _read_json(path: str, field: str) -> object:
-    from ecif_core.errors import read_json_file
-
-    return read_json_file(path, field)
-
-
 def _zero_shot_file(path: str | None) -> list | None:
     """The examples with their image paths made absolute against the file's folder (a server
     checks them against its data roots)."""
     if path is None:
         return None
-    raw = _read_json(path, "zero_shot")
+    from ecif_core.errors import read_json_file
+
+    raw = read_json_file(path, "zero_shot")
     base = Path(path).resolve().parent
     return [{**e, "image": str((base / e["image"]).resolve())} if isinstance(e, dict) and isinstance(e.get("image"), str)
             else e for e in raw] if isinstance(raw, list) else raw
