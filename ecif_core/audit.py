@@ -20,9 +20,11 @@ import torch
 from . import __version__
 from .confine import confined
 from .batching import hash_seed, ids_digest, partition, rebatch_within, training_batches
-from .data import ImageAccess, Pair, RejectedRow, iter_pairs, load_batch, read_pairs
+from .data import (ImageAccess, Pair, RejectedRow, batch_tensors, iter_pairs, load_batch, load_batch_images,
+                   read_pairs)
 from .errors import ConfigError
-from .gradients import loss_gradient, per_pair_gradients
+from .evidence import CORRUPTIONS, corrupted_captions, separation
+from .gradients import per_pair_gradients
 from .hessian import DampedInverse, default_damping, eigendecompose, fisher_sum
 from .lora import ADAPTER_WEIGHTS, inject_adapter
 from .manifest import Manifest, load_manifest
@@ -31,11 +33,11 @@ from .models import LoadedModel, load_model, restrict_grad_to, select_theta
 from .projection import Block, Projector
 from .remote import remote_images_of
 from .runtime import exact_float32, flush_denormals
-from .scores import misalignment_score, pair_scores, ranking, relative_is, robust_outliers
-from .store import SCORE_FIELDS, AuditStore
+from .ranked import RANKED_COLUMNS, csv_row
+from .reference import reference_scores
+from .scores import RANK_BY, misalignment_score, pair_scores, ranking, relative_is, robust_outliers
+from .store import GRADIENT_FIELDS, SCORE_FIELDS, TERM_FIELDS, AuditStore
 
-RANKED_COLUMNS = ("rank", "id", "image", "caption", "influence", "influence_pos", "influence_neg",
-                  "self_influence", "clip_score", "suspected")
 SUSPECT_Z = 3.5  # robust z-score of the leave-own-out leverage above which a pair is flagged
 
 
@@ -54,6 +56,7 @@ class Plan:
     blocks: list[dict] = field(default_factory=list)
     shard_offsets: list[int] = field(default_factory=list)  # byte offset of each shard's first line in pairs.jsonl
     image_roots: list[str] | None = None  # images must lie under these (the service's data roots)
+    pairs_usable: int | None = None  # pairs that are in a training batch (scored); None in plans made before it
 
     @property
     def shard_rows(self) -> int:
@@ -86,6 +89,34 @@ class ModelCache:
             restrict_grad_to(loaded.model, theta)
             projector = Projector.for_theta(theta, manifest.options.projection_spec())
             self._key, self._value = key, (loaded, [p for _, p in theta], projector)
+        return self._value
+
+
+class ReferenceCache:
+    """The audit's reference model (no theta: forward passes only), reused across shards."""
+
+    def __init__(self) -> None:
+        self._key: tuple | None = None
+        self._value: LoadedModel | None = None
+
+    def get(self, reference: dict, roots: list[Path] | None = None) -> LoadedModel:
+        checkpoint = str(confined(reference["checkpoint"], roots, "reference.checkpoint"))
+        config = reference.get("config")
+        if isinstance(config, str):
+            config = str(confined(config, roots, "reference.config"))
+        adapter = reference.get("adapter")
+        if adapter is not None:
+            adapter = str(confined(adapter, roots, "reference.adapter"))
+            confined(os.path.join(adapter, ADAPTER_WEIGHTS), roots, "reference.adapter")
+        key = (reference.get("arch"), json.dumps(config, sort_keys=True), checkpoint, _file_identity(checkpoint),
+               adapter)
+        if key != self._key:
+            loaded = load_model(reference.get("arch"), config, checkpoint, adapter=adapter)
+            exact_float32()
+            loaded.model.to("cuda" if torch.cuda.is_available() else "cpu")
+            for parameter in loaded.model.parameters():
+                parameter.requires_grad_(False)
+            self._key, self._value = key, loaded
         return self._value
 
 
@@ -241,7 +272,8 @@ def prepare(manifest: Manifest, audit_dir: str | Path, image_roots: list[Path] |
                 n_batches=len(batches), shard_batches=o.shard_batches, shards=shards, dim=projector.dim,
                 pairs_total=pairs_total, pairs_rejected=len(rejected), blocks=[b.__dict__ for b in projector.blocks],
                 shard_offsets=shard_offsets,
-                image_roots=None if image_roots is None else [str(r) for r in image_roots])
+                image_roots=None if image_roots is None else [str(r) for r in image_roots],
+                pairs_usable=sum(len(b) for b in batches))
     open_store(audit_dir).create(rows=shards * plan.shard_rows, dim=plan.dim, shard_rows=plan.shard_rows,
                                  shards=shards, attrs={"versions": _library_versions(), "manifest": plan.manifest})
     _write_atomic(_plan_path(audit_dir), json.dumps(plan.__dict__, indent=1))  # last: prepare is done
@@ -321,20 +353,28 @@ def _batches_of_shard(plan: Plan, slots: list[tuple[int, Pair]], shard: int) -> 
             yield batch_of[b]
 
 
-def shard_gradients(audit_dir: str | Path, shard: int, models: ModelCache | None = None) -> bool:
-    """Per-pair projected g_pos, g_neg for one shard; False when the shard was already done."""
+def shard_gradients(audit_dir: str | Path, shard: int, models: ModelCache | None = None,
+                    references: ReferenceCache | None = None) -> bool:
+    """Per-pair projected g_pos, g_neg, C_n and the pair's terms (with its reference-model scores)
+    for one shard; False when the shard was already done."""
     plan, store = load_plan(audit_dir), open_store(audit_dir)
     if store.is_done("gradients", shard):
         return False
     manifest = _manifest_of(plan)
     loaded, params, projector = (models or ModelCache()).get(manifest, _roots_of(plan))
+    reference = None if manifest.reference is None else (references or ReferenceCache()).get(
+        manifest.reference, _roots_of(plan))
     rows, start = plan.shard_rows, shard * plan.shard_rows
-    out = {name: np.zeros((rows, plan.dim), np.float32) for name in ("pos", "neg")}
-    terms = {name: np.zeros(rows, np.float32) for name in ("pos_terms", "neg_terms", "clip_score")}
+    grads = [name for name in GRADIENT_FIELDS if store.has(f"grads/{name}")]  # stores made before C_n lack grads/clip
+    out = {name: np.zeros((rows, plan.dim), np.float32) for name in grads}
+    terms = {name: np.zeros(rows, np.float32) for name in TERM_FIELDS if store.has(f"terms/{name}")}
+    for name in ("reference_clip_score", "reference_negclip"):
+        if name in terms:
+            terms[name][:] = np.nan  # no reference: empty in ranked.csv
     batches = list(_batches_of_shard(plan, load_slots(audit_dir, shard), shard))
     with flush_denormals():
         _accumulate_shard(manifest, loaded, params, projector, start, shard, batches, out, terms, fetch_dir(audit_dir),
-                          _roots_of(plan))
+                          _roots_of(plan), reference)
     store.write_rows("grads", start, out)
     store.write_rows("terms", start, terms)
     if store.has("fisher/partial"):
@@ -345,7 +385,8 @@ def shard_gradients(audit_dir: str | Path, shard: int, models: ModelCache | None
 
 def _accumulate_shard(manifest: Manifest, loaded: LoadedModel, params: list, projector: Projector, start: int,
                       shard: int, batches: list[list[tuple[int, Pair]]], out: dict, terms: dict,
-                      fetched: Path | None = None, roots: list[Path] | None = None) -> None:
+                      fetched: Path | None = None, roots: list[Path] | None = None,
+                      reference: LoadedModel | None = None) -> None:
     """Fill the shard's rows, averaging over the audit's partitions (r = 0 is the training one)."""
     o = manifest.options
     shard_pairs = [slot_pair for batch in batches for slot_pair in batch]
@@ -353,16 +394,24 @@ def _accumulate_shard(manifest: Manifest, loaded: LoadedModel, params: list, pro
         # Extra partitions re-batch the shard's own pairs (see README: "partitions").
         groups = batches if r == 0 else rebatch_within(shard_pairs, o.batch_size, seed=hash_seed(o.seed, r, shard))
         for batch in groups:  # every batch holds >= 2 pairs (prepare and rebatch_within ensure it)
-            images, tokens = load_batch([p for _, p in batch], loaded.preprocess, loaded.tokenizer, fetched, roots)
+            pairs = [p for _, p in batch]
+            decoded = load_batch_images(pairs, fetched, roots)
+            images, tokens = batch_tensors(pairs, decoded, loaded.preprocess, loaded.tokenizer)
             result = per_pair_gradients(loaded.model, params, projector, images, tokens, o.neg_term, o.chunk,
                                         memory_limit=parse_bytes(o.memory_limit))
             local = np.array([slot - start for slot, _ in batch])
-            out["pos"][local] += result.pos.numpy() / o.partitions
-            out["neg"][local] += result.neg.numpy() / o.partitions
+            for name, values in (("pos", result.pos), ("neg", result.neg), ("clip", result.clip)):
+                if name in out:
+                    out[name][local] += values.numpy() / o.partitions
             if r == 0:
                 terms["pos_terms"][local] = result.pos_terms.numpy()
                 terms["neg_terms"][local] = result.neg_terms.numpy()
                 terms["clip_score"][local] = result.clip_score.numpy()
+                if reference is not None and "reference_clip_score" in terms:
+                    cos, negclip = reference_scores(reference.model, *batch_tensors(
+                        pairs, decoded, reference.preprocess, reference.tokenizer))
+                    terms["reference_clip_score"][local] = cos.numpy()
+                    terms["reference_negclip"][local] = negclip.numpy()
 
 
 def curvature(audit_dir: str | Path) -> None:
@@ -398,36 +447,70 @@ def fisher_from_partials(store: AuditStore, shards: int) -> torch.Tensor:
     return total
 
 
-def validation(audit_dir: str | Path, models: ModelCache | None = None) -> bool:
-    """Projected gradient of the mean validation loss; False when there is no validation set."""
+def validation(audit_dir: str | Path, models: ModelCache | None = None,
+               references: ReferenceCache | None = None) -> bool:
+    """Projected gradient of the mean validation loss, one gradient per validation pair (its own
+    loss Pos(i) in its validation batch: they sum to the batch loss), and the evidence of how well
+    the CLIP scores separate validation pairs from corrupted copies (evidence.py); False when there
+    is no validation set."""
     plan, store = load_plan(audit_dir), open_store(audit_dir)
     manifest = _manifest_of(plan)
     if manifest.validation is None:
         return False
     if store.is_complete("validation/grad"):
         return True
+    o = manifest.options
     loaded, params, projector = (models or ModelCache()).get(manifest, _roots_of(plan))
+    reference = None if manifest.reference is None else (references or ReferenceCache()).get(
+        manifest.reference, _roots_of(plan))
     access = image_access(plan, audit_dir)
     pairs, rejected, all_ids = read_pairs(manifest.validation, field="validation", access=access)
     if not pairs:
         raise ConfigError("validation", f"no usable rows ({len(rejected)} rejected)")
     by_id = {p.id: p for p in pairs}
-    total, loss, count = torch.zeros(plan.dim, dtype=torch.float64), 0.0, 0
-    for batch_ids in partition(by_id, manifest.options.batch_size, manifest.options.seed):
+    examples, loss, count = [], 0.0, 0
+    cosines: dict[str, dict[str, list[np.ndarray]]] = {}
+    for number, batch_ids in enumerate(partition(by_id, o.batch_size, o.seed)):
         if len(batch_ids) < 2:
             continue
-        images, tokens = load_batch([by_id[i] for i in batch_ids], loaded.preprocess, loaded.tokenizer, access.fetch_dir,
-                                    access.roots)
+        batch = [by_id[i] for i in batch_ids]
+        decoded = load_batch_images(batch, access.fetch_dir, access.roots)
+        images, tokens = batch_tensors(batch, decoded, loaded.preprocess, loaded.tokenizer)
         with flush_denormals():
-            grad, batch_value = loss_gradient(loaded.model, params, projector, images, tokens)
-        total += grad.double()
-        loss += batch_value
-        count += len(batch_ids)
+            result = per_pair_gradients(loaded.model, params, projector, images, tokens, o.neg_term, o.chunk,
+                                        memory_limit=parse_bytes(o.memory_limit))
+        examples.append(result.pos)
+        loss += float(result.pos_terms.double().sum())
+        count += len(batch)
+        corrupted = corrupted_captions([p.caption for p in batch], hash_seed(o.seed, number))
+        _collect_cosines(cosines, "clip_score", loaded, images, batch, corrupted)
+        if reference is not None:
+            ref_images, _ = batch_tensors(batch, decoded, reference.preprocess, reference.tokenizer)
+            _collect_cosines(cosines, "reference_clip_score", reference, ref_images, batch, corrupted)
     if count == 0:
         raise ConfigError("validation", "no batch holds two usable pairs")
-    store.write_array("validation/grad", (total / count).numpy(), {"pairs": count, "loss": loss / count})
+    per_example = torch.cat(examples)
+    evidence = {name: separation(np.concatenate(parts["clean"]),
+                                 {c: np.concatenate(parts[c]) for c in CORRUPTIONS})
+                for name, parts in cosines.items()}
+    store.write_array("validation/examples", per_example.numpy())
+    store.write_array("validation/grad", (per_example.double().sum(0) / count).numpy(),
+                      {"pairs": count, "loss": loss / count, "evidence": evidence})
     store.mark_complete("validation/grad")
     return True
+
+
+@torch.no_grad()
+def _collect_cosines(into: dict, name: str, loaded: LoadedModel, images: torch.Tensor, batch: list[Pair],
+                     corrupted: dict[str, list[str]]) -> None:
+    """Cosines of the clean validation pairs and of their corrupted copies under one model."""
+    device = loaded.model.logit_scale.device
+    with flush_denormals():
+        image = torch.nn.functional.normalize(loaded.model.encode_image(images.to(device)).double(), dim=-1)
+        for kind, captions in (("clean", [p.caption for p in batch]), *corrupted.items()):
+            text = loaded.model.encode_text(loaded.tokenizer(captions).to(device))
+            cos = (torch.nn.functional.normalize(text.double(), dim=-1) * image).sum(-1)
+            into.setdefault(name, {}).setdefault(kind, []).append(cos.cpu().numpy())
 
 
 def inverse_for(plan: Plan, store: AuditStore, damping: float | None = None) -> DampedInverse:
@@ -464,9 +547,14 @@ def shard_scores(audit_dir: str | Path, shard: int, damping: float | None = None
     g_pos = torch.from_numpy(store.read_rows("grads/pos", start, stop))
     g_neg = torch.from_numpy(store.read_rows("grads/neg", start, stop))
     val = torch.from_numpy(store.read_rows("validation/grad")) if manifest.validation is not None else None
+    examples = (torch.from_numpy(store.read_rows("validation/examples"))
+                if manifest.validation is not None and store.has("validation/examples") else None)
+    g_clip = torch.from_numpy(store.read_rows("grads/clip", start, stop)) if store.has("grads/clip") else None
     blocks = [Block(**b) for b in plan.blocks] if manifest.options.curvature == "blocks" else None
-    scores = pair_scores(g_pos, g_neg, inverse, val, blocks)
-    store.write_rows("scores", start, {name: scores[name].numpy() for name in SCORE_FIELDS})
+    scores = pair_scores(g_pos, g_neg, inverse, val, blocks, g_clip=g_clip, validation_examples=examples,
+                         pairs=plan.pairs_usable)
+    store.write_rows("scores", start, {name: scores[name].numpy() for name in SCORE_FIELDS
+                                       if store.has(f"scores/{name}")})
     store.root["done/scores_shift"][shard] = inverse.shift
     store.mark_done("scores", shard)
     return True
@@ -532,9 +620,13 @@ def _scored_columns(audit_dir: str | Path, shard: int | None = None) -> tuple[np
     index = np.array([slot for slot, _ in slots], dtype=np.int64)
     start, stop = (None, None) if shard is None else (int(index.min()), int(index.max()) + 1)
     local = index - (start or 0)
-    columns = {name: store.read_rows(f"scores/{name}", start, stop)[local] for name in SCORE_FIELDS}
-    for name in ("pos_terms", "neg_terms", "clip_score"):
-        columns[name] = store.read_rows(f"terms/{name}", start, stop)[local]
+    columns = {}
+    for group, names in (("scores", SCORE_FIELDS), ("terms", TERM_FIELDS)):
+        for name in names:
+            columns[name] = (store.read_rows(f"{group}/{name}", start, stop)[local] if store.has(f"{group}/{name}")
+                             else np.full(len(index), np.nan))  # a store made before the column existed
+    # ECIF_MATH, Algorithm 3: the pair's predicted cosine under the model trained without it
+    columns["clip_score_loo"] = columns["clip_score"].astype(np.float64) - columns["self_influence_clip"]
     return index, [p for _, p in slots], columns
 
 
@@ -580,15 +672,23 @@ def finalize(audit_dir: str | Path) -> Path:
         writer.writerow(RANKED_COLUMNS)
         for rank, i in enumerate(result.order, start=1):
             p = result.pairs[i]
-            writer.writerow([rank, p.id, p.image, p.caption, _fmt(cols["influence"][i]),
-                             _fmt(cols["influence_pos"][i]), _fmt(cols["influence_neg"][i]),
-                             _fmt(cols["self_influence"][i]), _fmt(cols["clip_score"][i]),
-                             "true" if result.suspected[i] else "false"])
+            writer.writerow(csv_row(rank, p.id, p.image, p.caption, {name: values[i] for name, values in cols.items()},
+                                    bool(result.suspected[i])))
     return path
 
 
-def _fmt(value: float) -> str:
-    return "" if np.isnan(value) else repr(float(value))
+def misalignment_columns(audit_dir: str | Path) -> tuple[list[str], dict[str, np.ndarray]]:
+    """Pair ids (slot order) and, for every ranking rule this audit can use, its score (higher =
+    more likely misaligned): re-ranking a finished audit costs no gradient (benchmarks, what-ifs)."""
+    _, pairs, cols = _scored_columns(audit_dir)
+    scores = {k: torch.from_numpy(np.asarray(v, dtype=np.float64)) for k, v in cols.items()}
+    out = {}
+    for rule in RANK_BY:
+        try:
+            out[rule] = misalignment_score(scores, rule).numpy()
+        except ValueError:  # needs a validation set or a reference this audit lacks
+            continue
+    return [p.id for p in pairs], out
 
 
 # ---------------------------------------------------------------- in-process pipeline
@@ -603,7 +703,7 @@ def run_audit(manifest: Manifest | str | Path, audit_dir: str | Path, progress: 
     """
     manifest = manifest if isinstance(manifest, Manifest) else load_manifest(manifest)
     report = progress or (lambda stage, done, total: None)
-    models, timing = ModelCache(), {}
+    models, references, timing = ModelCache(), ReferenceCache(), {}
 
     def timed(stage: str, fn: Callable[[], object]) -> object:
         started = time.perf_counter()
@@ -613,11 +713,11 @@ def run_audit(manifest: Manifest | str | Path, audit_dir: str | Path, progress: 
 
     plan = timed("prepare", lambda: prepare(manifest, audit_dir))
     for shard in range(plan.shards):
-        timed("gradients", lambda: shard_gradients(audit_dir, shard, models))
+        timed("gradients", lambda: shard_gradients(audit_dir, shard, models, references))
         report("gradients", shard + 1, plan.shards)
     timed("curvature", lambda: curvature(audit_dir))
     report("curvature", 1, 1)
-    timed("validation", lambda: validation(audit_dir, models))
+    timed("validation", lambda: validation(audit_dir, models, references))
     report("validation", 1, 1)
     for shard in range(plan.shards):
         timed("scores", lambda: shard_scores(audit_dir, shard))

@@ -644,18 +644,29 @@ def load_batch(pairs: Sequence[Pair], preprocess: Callable, tokenizer: Callable,
     """(images, tokens) tensors for a batch, with the model's own transform and tokenizer;
     URL images come from their copies in `fetch_dir`; local ones are confined to `roots`
     again now (a file swapped for a symlink after prepare is refused, never read)."""
+    return batch_tensors(pairs, load_batch_images(pairs, fetch_dir, roots), preprocess, tokenizer)
+
+
+def load_batch_images(pairs: Sequence[Pair], fetch_dir: Path | None = None,
+                      roots: Sequence[Path] | None = None) -> list[Image.Image]:
+    """The batch's decoded images, once, so two models (audited and reference) share one read."""
     images = []
     for pair in pairs:
         try:
-            image = (load_image(local_image(pair.image, fetch_dir)) if is_url(pair.image)
-                     else load_image(pair.image, roots))
-            images.append(preprocess(image))
+            images.append(load_image(local_image(pair.image, fetch_dir)) if is_url(pair.image)
+                          else load_image(pair.image, roots))
         except OutsideRoots as exc:
             raise EcifError(f"pair {pair.id!r}: image {pair.image} is outside the data roots now "
                             f"(changed after prepare; not read): {exc.message}") from None
         except (OSError, ValueError, SyntaxError, KeyError) as exc:  # changed on disk after prepare validated it
             raise EcifError(f"pair {pair.id!r}: image {pair.image} cannot be loaded ({exc})") from exc
-    return torch.stack(images), tokenizer([p.caption for p in pairs])
+    return images
+
+
+def batch_tensors(pairs: Sequence[Pair], images: Sequence[Image.Image], preprocess: Callable,
+                  tokenizer: Callable) -> tuple[torch.Tensor, torch.Tensor]:
+    """(images, tokens) for one model: its own transform and tokenizer."""
+    return torch.stack([preprocess(image) for image in images]), tokenizer([p.caption for p in pairs])
 
 
 def data_hash(pairs: Sequence[Pair]) -> str:

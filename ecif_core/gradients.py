@@ -1,11 +1,12 @@
 """Per-pair projected gradients g_pos(n), g_neg(n) of one batch (ECIF_MATH "Influence").
 
 Every Pos(n) and Neg(n) depends on all 2B embeddings of the batch. We take the Jacobian of
-the 2B per-pair terms with respect to the embeddings (cheap, embedding level), then either
+the 2B per-pair terms with respect to the embeddings (cheap, embedding level), plus the B
+cotangents of each pair's own 1 - cos(u_n, v_n) (the Algorithm 3 test gradient C_n), then either
 
-- "per_pair": push all 2B cotangent sets back through the encoders in batched backwards (vmap
+- "per_pair": push all 3B cotangent sets back through the encoders in batched backwards (vmap
   via `is_grads_batched`), chunked to bound memory, and project each gradient as it appears:
-  2B backward passes over the batch, so the cost per pair grows with B; or
+  3B backward passes over the batch, so the cost per pair grows with B; or
 - "per_item": the encoders embed each item independently, so item j's projected Jacobian
   M_j (D x k: row d is the projected gradient of its embedding coordinate d) comes from D
   backward passes with one-hot cotangents, kept apart per item by the LoGra factors (inputs
@@ -13,7 +14,7 @@ the 2B per-pair terms with respect to the embeddings (cheap, embedding level), t
   contraction with the embedding-level cotangents c(n). D backward passes per batch: the cost
   per pair no longer depends on B.
 
-`choose_method` (the cost model) takes "per_item" when D < 2B and every theta weight has
+`choose_method` (the cost model) takes "per_item" when D < 3B and every theta weight has
 LoGra factors; both give the same numbers to float tolerance (tests/core/test_gradients.py).
 """
 from __future__ import annotations
@@ -24,6 +25,7 @@ from typing import Literal, Sequence
 import torch
 
 from .losses import NegTerm, batch_loss, contrastive_terms, log_one_minus_softmax, pair_logits
+from .memory import TERMS_PER_PAIR
 from .logra import Use, WeightUseRecorder, project_side, projected_from_uses
 from .projection import Projector
 
@@ -37,6 +39,7 @@ class BatchGradients:
     pos_terms: torch.Tensor   # (B,)    Pos(n)
     neg_terms: torch.Tensor   # (B,)    Neg(n)
     clip_score: torch.Tensor  # (B,)    cosine of the pair's own embeddings
+    clip: torch.Tensor        # (B, k)  C_n = grad [1 - cos(u_n, v_n)] (ECIF_MATH, the seed's Algorithm 3)
 
 
 def embed(model: torch.nn.Module, images: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -97,6 +100,26 @@ def embedding_cotangents(text_emb: torch.Tensor, image_emb: torch.Tensor, scale:
     return jac_u, jac_v, torch.cat([pos, neg]).detach()
 
 
+def clip_cotangents(text_emb: torch.Tensor, image_emb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """d[1 - cos(u_n, v_n)] / d(u, v) for n = 1..B: shapes (B, B, D), non-zero on item n only.
+
+    d cos / du = (1/|u|) (I - u^ u^T) v^ (and symmetrically for v): the test gradient C_n of the
+    seed's Algorithm 3 involves the pair's own two items, no batch coupling (ECIF_MATH)."""
+    u, v = text_emb.detach(), image_emb.detach()
+    u_norm, v_norm = u.norm(dim=1, keepdim=True), v.norm(dim=1, keepdim=True)
+    u_hat, v_hat = u / u_norm, v / v_norm
+    d_u = -_through_normalisation(v_hat, u_hat, u_norm)
+    d_v = -_through_normalisation(u_hat, v_hat, v_norm)
+    size = u.shape[0]
+    jac_u = torch.zeros(size, size, u.shape[1], dtype=u.dtype, device=u.device)
+    jac_v = torch.zeros_like(jac_u)
+    index = torch.arange(size, device=u.device)
+    jac_u[index, index], jac_v[index, index] = d_u, d_v
+    return jac_u, jac_v
+
+
+
+
 def _neg_coefficient(logits: torch.Tensor, log_prob: torch.Tensor, dim: int, neg_term: NegTerm) -> torch.Tensor:
     """p f'(p) for the Neg form's f, elementwise on a softmax along `dim` (see embedding_cotangents)."""
     if neg_term == "exact":    # f = -log(1 - p): p / (1 - p), from log-probabilities (finite for p near 1)
@@ -116,12 +139,13 @@ def _through_normalisation(grad_hat: torch.Tensor, unit: torch.Tensor, norm: tor
 Method = Literal["auto", "per_item", "per_pair", "logra", "dense"]
 
 
-def choose_method(batch_size: int, embed_dim: int, factored: bool) -> str:
-    """The cost model: backward passes per batch are D (per item) against 2B (per pair).
+def choose_method(batch_size: int, embed_dim: int, factored: bool, terms: int = TERMS_PER_PAIR) -> str:
+    """The cost model: backward passes per batch are D (per item) against terms x B (per pair:
+    one cotangent set per gradient wanted, g_pos, g_neg and C_n).
 
     Per item needs every theta weight to have LoGra factors (dense gradients sum over items);
-    at D = 2B the per-pair path is kept (no contraction step, no per-item factors)."""
-    return "per_item" if factored and embed_dim < 2 * batch_size else "per_pair"
+    at D = terms x B the per-pair path is kept (no contraction step, no per-item factors)."""
+    return "per_item" if factored and embed_dim < terms * batch_size else "per_pair"
 
 
 def per_pair_gradients(model: torch.nn.Module, params: Sequence[torch.nn.Parameter], projector: Projector,
@@ -158,14 +182,14 @@ def per_pair_gradients(model: torch.nn.Module, params: Sequence[torch.nn.Paramet
             text_emb = model.encode_text(tokens.to(device))
             text_uses = len(recorder.uses)
             image_emb = model.encode_image(images.to(device))
-        jac_u, jac_v, values = embedding_cotangents(text_emb, image_emb, temperature_scale(model), neg_term)
+        jac_u, jac_v, values = _all_cotangents(text_emb, image_emb, temperature_scale(model), neg_term)
         method = _resolve(method, recorder.uses, len(params), size, text_emb.shape[1])
         flat = _gradients_of_slice(method, recorder.uses, text_uses, params, projector, text_emb, image_emb,
                                    jac_u, jac_v, chunk)
     else:
         with torch.no_grad():
             text_emb, image_emb = embed(model, images, tokens)
-        jac_u, jac_v, values = embedding_cotangents(text_emb, image_emb, temperature_scale(model), neg_term)
+        jac_u, jac_v, values = _all_cotangents(text_emb, image_emb, temperature_scale(model), neg_term)
         flat = None
         for a in range(0, size, items):
             b = min(size, a + items)
@@ -184,8 +208,16 @@ def per_pair_gradients(model: torch.nn.Module, params: Sequence[torch.nn.Paramet
     with torch.no_grad():
         clip_score = torch.nn.functional.cosine_similarity(text_emb, image_emb, dim=-1)
     values = values.detach().cpu()
-    return BatchGradients(pos=flat[:size], neg=flat[size:], pos_terms=values[:size], neg_terms=values[size:],
-                          clip_score=clip_score.detach().cpu())
+    return BatchGradients(pos=flat[:size], neg=flat[size:2 * size], pos_terms=values[:size], neg_terms=values[size:],
+                          clip_score=clip_score.detach().cpu(), clip=flat[2 * size:])
+
+
+def _all_cotangents(text_emb: torch.Tensor, image_emb: torch.Tensor, scale: torch.Tensor,
+                    neg_term: NegTerm) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The 3B cotangent sets of one batch: Pos(1..B), Neg(1..B), then 1 - cos(u_n, v_n)."""
+    jac_u, jac_v, values = embedding_cotangents(text_emb, image_emb, scale, neg_term)
+    clip_u, clip_v = clip_cotangents(text_emb, image_emb)
+    return torch.cat([jac_u, clip_u]), torch.cat([jac_v, clip_v]), values
 
 
 CPU_SLICE_BYTES = 256 << 20  # theta-layer activations x cotangents per batched backward on CPU
@@ -197,7 +229,7 @@ def cpu_items(batch: int, dim: int, chunk: int, per_item: int) -> int:
     cache and hold more memory: the tiny CLIP's per-item path took 46 ms per pair at B = 128 in
     one slice and 18 ms in slices of 32 (one thread); ViT-B-32 (A = 9.5 MiB) gets one item per
     slice, which keeps B = 256 near 3 GB. Each slice costs one recorded forward of its items."""
-    passes = dim if dim < 2 * batch else 2 * batch
+    passes = dim if dim < TERMS_PER_PAIR * batch else TERMS_PER_PAIR * batch
     return max(1, CPU_SLICE_BYTES // (per_item * min(chunk, passes)))
 
 
@@ -214,7 +246,7 @@ def _resolve(method: str, uses: Sequence[Use], n_params: int, size: int, dim: in
 def _gradients_of_slice(method: str, uses: Sequence[Use], text_uses: int, params: Sequence[torch.nn.Parameter],
                         projector: Projector, text_emb: torch.Tensor, image_emb: torch.Tensor, jac_u: torch.Tensor,
                         jac_v: torch.Tensor, chunk: int) -> torch.Tensor:
-    """(2B, k): the contribution of the items whose embeddings are given (all, or a slice)."""
+    """(3B, k): the contribution of the items whose embeddings are given (all, or a slice)."""
     if method == "per_item":
         return per_item_gradients(uses, text_uses, text_emb, image_emb, jac_u, jac_v, projector, chunk)
     return _per_pair(uses if method in ("per_pair", "logra") else [], params, projector, text_emb, image_emb,
@@ -230,7 +262,7 @@ def _per_item_ready(uses: Sequence[Use], n_params: int, items: int) -> bool:
 def _per_pair(uses: Sequence[Use], params: Sequence[torch.nn.Parameter], projector: Projector,
               text_emb: torch.Tensor, image_emb: torch.Tensor, jac_u: torch.Tensor, jac_v: torch.Tensor,
               chunk: int) -> torch.Tensor:
-    """2B cotangent sets through the encoders, `chunk` per batched backward -> (2B, k)."""
+    """3B cotangent sets through the encoders, `chunk` per batched backward -> (3B, k)."""
     dense = [i for i in range(len(params)) if i not in {u.index for u in uses}]
     rows = jac_u.shape[0]
     projected = []
@@ -251,7 +283,7 @@ def _per_pair(uses: Sequence[Use], params: Sequence[torch.nn.Parameter], project
 
 def per_item_gradients(uses: Sequence[Use], text_uses: int, text_emb: torch.Tensor, image_emb: torch.Tensor,
                        jac_u: torch.Tensor, jac_v: torch.Tensor, projector: Projector, chunk: int) -> torch.Tensor:
-    """(2B, k) per-pair gradients from per-item projected Jacobians (module docstring).
+    """(3B, k) per-pair gradients from per-item projected Jacobians (module docstring).
 
     uses[:text_uses] belong to the text tower (their output-gradients come from text_emb only),
     the rest to the image tower. One-hot cotangents on embedding coordinates [r0, r1) go to every
@@ -272,7 +304,7 @@ def per_item_gradients(uses: Sequence[Use], text_uses: int, text_emb: torch.Tens
             if dy is None:
                 continue
             jacobian = item_jacobian_block(use, dy, projector)                   # (R, items, k_block)
-            c = (jac_u if position < text_uses else jac_v)[:, :, r0:r1]          # (2B, items, R)
+            c = (jac_u if position < text_uses else jac_v)[:, :, r0:r1]          # (3B, items, R)
             block = projector.blocks[use.index]
             out[:, block.start:block.stop] += torch.einsum("njr,rjk->nk", c.to(jacobian.dtype), jacobian)
     return out

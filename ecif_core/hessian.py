@@ -52,6 +52,7 @@ class DampedInverse:
         if shift <= 0 and float(eigvals.min()) <= 0:
             raise ConfigError("options.damping", "the curvature is singular: give a positive damping or weight decay")
         self.eigvecs = eigvecs.to(torch.float64)
+        self.eigvals = eigvals.to(torch.float64)  # of the undamped Fisher sum
         self.inv_eigvals = 1.0 / (eigvals.to(torch.float64) + shift)
         self.shift = shift
 

@@ -22,7 +22,8 @@ from .scores import RANK_BY
 
 SIDECAR_SUFFIX = ".json"
 PATH_KEYS = (("train",), ("train", "path"), ("validation",), ("validation", "path"), ("model", "checkpoint"),
-             ("model", "config"), ("model", "adapter"))  # fields holding paths (a source object keeps its path under "path")
+             ("model", "config"), ("model", "adapter"), ("reference", "checkpoint"), ("reference", "config"),
+             ("reference", "adapter"))  # fields holding paths (a source object keeps its path under "path")
 CURVATURE_KINDS = ("full", "blocks")
 # Upper bounds (README, options table): each bounds the memory or time one request can ask for.
 BOUNDS: dict[str, tuple[float, float]] = {
@@ -68,6 +69,7 @@ class Manifest:
     ids_digest: str | None = None                        # digest of the training id set (sidecar)
     remote_images: dict | None = None                    # the http(s) opt-in (remote.RemoteImages), or None
     adapter: str | None = None                           # a peft LoRA folder on top of the checkpoint
+    reference: dict | None = None                        # {arch, config, checkpoint, adapter}: the reference model
 
     def to_json(self) -> dict[str, Any]:
         data = {"train": self.train, "validation": self.validation,
@@ -77,6 +79,8 @@ class Manifest:
             data["remote_images"] = self.remote_images
         if self.adapter is not None:
             data["model"]["adapter"] = self.adapter
+        if self.reference is not None:  # absent otherwise: plans written before references existed still match
+            data["reference"] = self.reference
         return data
 
     @classmethod
@@ -86,7 +90,7 @@ class Manifest:
                    model_config=data["model"]["config"], checkpoint=data["model"]["checkpoint"],
                    options=AuditOptions(**data["options"]), excluded=list(data.get("excluded", [])),
                    ids_digest=data.get("ids_digest"), remote_images=data.get("remote_images"),
-                   adapter=data["model"].get("adapter"))
+                   adapter=data["model"].get("adapter"), reference=data.get("reference"))
 
 
 _OPTION_TYPES: dict[str, tuple[type, ...]] = {
@@ -123,7 +127,7 @@ def load_manifest(source: str | Path | dict, base_dir: str | Path | None = None,
     if not isinstance(raw, dict):
         raise ConfigError("manifest", "must be a JSON object")
     check_json_values(raw, "")  # NUL, lone surrogates, Infinity / NaN anywhere: named, before use
-    unknown = set(raw) - {"model", "train", "validation", "options", "remote_images"}
+    unknown = set(raw) - {"model", "train", "validation", "options", "remote_images", "reference"}
     if unknown:
         raise ConfigError(sorted(unknown)[0], "unknown manifest field")
     model = raw.get("model") or {}
@@ -176,7 +180,7 @@ def load_manifest(source: str | Path | dict, base_dir: str | Path | None = None,
     options = _parse_options({} if raw.get("options") is None else raw["options"], sidecar)
     train = resolve_source(raw.get("train"), "train", True)
     validation = resolve_source(raw.get("validation"), "validation", False)
-    if options.rank_by in ("influence", "combined") and validation is None:
+    if options.rank_by in ("influence", "influence_per_example", "combined") and validation is None:
         raise ConfigError("options.rank_by", f"{options.rank_by!r} needs a validation set")
     for name, source in (("train", train), ("validation", validation)):
         if source is None:
@@ -187,10 +191,56 @@ def load_manifest(source: str | Path | dict, base_dir: str | Path | None = None,
         elif not Path(parsed.path).is_file():
             raise ConfigError(name, f"file not found: {parsed.path}")
     remote = remote_images_of(raw.get("remote_images"))
+    sidecar_dir = Path(adapter) if adapter is not None else Path(checkpoint).parent
+    reference = _reference(raw, sidecar, sidecar_dir, config, model.get("arch"), resolve)
+    if options.rank_by in ("reference_clip_score", "reference_negclip") and reference is None:
+        raise ConfigError("options.rank_by", f"{options.rank_by!r} needs a reference model (manifest field "
+                          "reference, or a checkpoint fine-tuned with ecif train --init)")
     return Manifest(train=train, validation=validation,
                     model_arch=model.get("arch"), model_config=config, checkpoint=checkpoint, options=options,
                     excluded=list(sidecar.get("excluded", [])), ids_digest=sidecar.get("ids_digest"),
-                    remote_images=remote.to_json() if remote else None, adapter=adapter)
+                    remote_images=remote.to_json() if remote else None, adapter=adapter, reference=reference)
+
+
+def _reference(raw: dict[str, Any], sidecar: dict[str, Any], sidecar_dir: Path, config: Any, arch: str | None,
+               resolve: Any) -> dict[str, Any] | None:
+    """The reference model whose CLIP scores go next to the audit's (the model before fine-tuning).
+
+    `"reference": {...}` has the shape of `model` (its architecture may differ from the audited
+    one); left out, it is the checkpoint the audited model was fine-tuned from (the training
+    sidecar's base_checkpoint) with the audited model's architecture, when that file still exists;
+    `"reference": null` turns it off."""
+    if "reference" in raw:
+        given = raw["reference"]
+        if given is None:
+            return None
+        if not isinstance(given, dict):
+            raise ConfigError("reference", "must be an object like model, or null")
+        unknown = set(given) - {"arch", "config", "checkpoint", "adapter"}
+        if unknown:
+            raise ConfigError(f"reference.{sorted(unknown)[0]}", "unknown reference field")
+        if (given.get("arch") is None) == (given.get("config") is None):
+            raise ConfigError("reference", "give reference.arch or reference.config (one of them)")
+        if given.get("arch") is not None and not isinstance(given["arch"], str):
+            raise ConfigError("reference.arch", "must be a string")
+        checkpoint = resolve(given.get("checkpoint"), "reference.checkpoint", True)
+        if not Path(checkpoint).is_file():
+            raise ConfigError("reference.checkpoint", f"file not found: {checkpoint}")
+        ref_config = given.get("config")
+        if isinstance(ref_config, str):
+            ref_config = resolve(ref_config, "reference.config", True)
+            if not Path(ref_config).is_file():
+                raise ConfigError("reference.config", f"file not found: {ref_config}")
+        adapter = resolve(given.get("adapter"), "reference.adapter", False)
+        if adapter is not None:
+            from .lora import check_adapter_folder
+
+            check_adapter_folder(adapter)
+        return {"arch": given.get("arch"), "config": ref_config, "checkpoint": checkpoint, "adapter": adapter}
+    base = sidecar.get("base_checkpoint")
+    if not isinstance(base, str) or not (sidecar_dir / base).is_file():  # relative to the sidecar (or absolute)
+        return None
+    return {"arch": arch, "config": config, "checkpoint": str((sidecar_dir / base).resolve()), "adapter": None}
 
 
 def _parse_options(raw: dict[str, Any], sidecar: dict[str, Any]) -> AuditOptions:

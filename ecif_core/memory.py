@@ -3,7 +3,7 @@ memory budget, so the gradients stage's peak is set by the budget and the model,
 
 Model of the peak, per batch of B items with embedding size D (float32, bytes):
     resident (the model, libraries, already allocated)
-  + cotangents          2 x 2B x B x D x 4      (d[Pos, Neg] / d(u, v); the one term in B^2)
+  + cotangents          2 x 3B x B x D x 4      (d[Pos, Neg, 1 - cos] / d(u, v); the one term in B^2)
   + forward             items x A x FORWARD
   + backward            items x chunk x A x BACKWARD
 where A = bytes of one item's recorded theta-layer inputs and outputs (measured by one probe
@@ -22,6 +22,8 @@ import torch
 
 from .errors import ConfigError
 from .logra import WeightUseRecorder
+
+TERMS_PER_PAIR = 3  # cotangent sets per pair: Pos(n), Neg(n), 1 - cos(u_n, v_n) (gradients.TERMS_PER_PAIR)
 
 FORWARD = 3.0
 BACKWARD = 2.0
@@ -74,9 +76,9 @@ def plan_chunks(memory_limit: int, resident: int, batch: int, dim: int, per_item
                 passes: int) -> tuple[int, int]:
     """(items, chunk) that fit the budget: all B items and the user's chunk if they fit, else
     fewer items per forward first (it costs one extra no-grad forward), then a smaller chunk.
-    `passes`: backward passes per batch (D per item, 2B per pair); chunk never exceeds it."""
+    `passes`: backward passes per batch (D per item, 3B per pair); chunk never exceeds it."""
     chunk = max(1, min(chunk, passes))
-    free = memory_limit - resident - 2 * (2 * batch) * batch * dim * 4
+    free = memory_limit - resident - 2 * (TERMS_PER_PAIR * batch) * batch * dim * 4
     if free <= 0:
         raise ConfigError("options.memory_limit", f"{memory_limit} bytes leave nothing for the backward: the model "
                           f"and the batch's cotangents already take {memory_limit - free}")
@@ -95,5 +97,5 @@ def plan_for_batch(model: torch.nn.Module, params: Sequence[torch.nn.Parameter],
     device = model.logit_scale.device
     per_item, dim = item_bytes(model, params, images[:1], tokens[:1])
     batch = len(tokens)
-    passes = dim if choose_method(batch, dim, True) == "per_item" else 2 * batch
+    passes = dim if choose_method(batch, dim, True) == "per_item" else TERMS_PER_PAIR * batch
     return plan_chunks(memory_limit, resident_bytes(device), batch, dim, per_item, chunk, passes)

@@ -19,11 +19,10 @@ from typing import Sequence
 import numpy as np
 
 from .errors import ConfigError
+from .scores import SUSPICION_SIGN
 
 FIELD = "remove"
-# +1: a larger value is more suspicious; -1: a smaller one is (ecif_core.scores sign conventions).
-SUSPICION_SIGN: dict[str, int] = {"self_influence": 1, "influence": -1, "influence_pos": -1, "influence_neg": -1,
-                                  "clip_score": -1, "rank": -1}
+
 
 
 @dataclass(frozen=True)

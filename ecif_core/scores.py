@@ -13,24 +13,43 @@ import torch
 from .hessian import DampedInverse
 from .projection import Block
 
-RankBy = Literal["influence", "self_influence", "combined"]
-RANK_BY: tuple[str, ...] = ("influence", "self_influence", "combined")
+# +1: a larger value is more suspicious; -1: a smaller one is. One table for every ranked.csv
+# column a ranking, a removal spec or a benchmark orients (sign conventions in the module docstring).
+SUSPICION_SIGN: dict[str, int] = {
+    "self_influence": 1, "self_influence_clip": 1, "leave_own_out": 1,
+    "influence": -1, "influence_pos": -1, "influence_neg": -1, "influence_per_example": -1,
+    "clip_score": -1, "clip_score_loo": -1, "reference_clip_score": -1, "reference_negclip": -1, "rank": -1}
+# Rankings by one column; what each needs besides the training gradients.
+SINGLE_RANKINGS: dict[str, str | None] = {
+    "self_influence": None, "self_influence_clip": None, "clip_score": None, "clip_score_loo": None,
+    "influence": "validation", "influence_per_example": "validation",
+    "reference_clip_score": "reference", "reference_negclip": "reference"}
+RANK_BY: tuple[str, ...] = (*SINGLE_RANKINGS, "combined")
+RankBy = str
 
 
 def pair_scores(g_pos: torch.Tensor, g_neg: torch.Tensor, inverse: DampedInverse,
-                validation_grad: torch.Tensor | None, blocks: Sequence[Block] | None = None) -> dict[str, torch.Tensor]:
+                validation_grad: torch.Tensor | None, blocks: Sequence[Block] | None = None,
+                g_clip: torch.Tensor | None = None, validation_examples: torch.Tensor | None = None,
+                pairs: int | None = None) -> dict[str, torch.Tensor]:
     """Per-pair influence numbers for rows of (g_pos, g_neg), each (R, k).
 
     Returns influence, influence_pos, influence_neg (NaN without a validation set),
     self_influence = g_pos^T H^-1 (g_pos + g_neg), leverage = g_pos^T H^-1 g_pos, its
     leave-own-out form g^T (H - g g^T)^-1 g (per curvature block when `blocks` are given, where
     each block's leverage is in [0, 1)), and the Gram entries of the two influence directions
-    H^-1 g_pos, H^-1 g_neg that relative-IS needs later.
+    H^-1 g_pos, H^-1 g_neg that relative-IS needs later. With `g_clip` (rows C_n, the gradient of
+    1 - cos(u_n, v_n)): self_influence_clip = C_n^T H^-1 (g_pos + g_neg), the predicted drop of the
+    pair's cosine when it is removed (the seed's Algorithm 3). With `validation_examples` (m, k),
+    one gradient per validation pair, and `pairs` (the number of training pairs): the per-example
+    aggregates of `per_example_influence`.
     """
     x, y = inverse.rotate(g_pos), inverse.rotate(g_neg)
     w = inverse.inv_eigvals
+    nan = torch.full((g_pos.shape[0],), float("nan"), dtype=torch.float64)
     out = {
         "self_influence": (x * w * (x + y)).sum(dim=1),
+        "self_influence_clip": nan.clone() if g_clip is None else (inverse.rotate(g_clip) * w * (x + y)).sum(dim=1),
         "leverage": (x * w * x).sum(dim=1),
         "leave_own_out": sum(leave_own_out_leverage((x[:, b] * w[b] * x[:, b]).sum(dim=1))
                              for b in _block_slices(blocks, x.shape[1])),
@@ -39,13 +58,39 @@ def pair_scores(g_pos: torch.Tensor, g_neg: torch.Tensor, inverse: DampedInverse
         "gram_neg_neg": (y * y * w * w).sum(dim=1),
     }
     if validation_grad is None:
-        nan = torch.full((g_pos.shape[0],), float("nan"), dtype=torch.float64)
         out.update(influence=nan, influence_pos=nan.clone(), influence_neg=nan.clone())
     else:
         direction = inverse.rotate(validation_grad) * w
         out["influence_pos"], out["influence_neg"] = x @ direction, y @ direction
         out["influence"] = out["influence_pos"] + out["influence_neg"]
+    if validation_examples is None or pairs is None:
+        out.update({name: nan.clone() for name in PER_EXAMPLE_FIELDS})
+    else:
+        out.update(per_example_influence(x + y, inverse, validation_examples, pairs))
     return out
+
+
+PER_EXAMPLE_FIELDS = ("influence_per_example", "influence_per_example_mean", "influence_per_example_min")
+
+
+def per_example_influence(rotated: torch.Tensor, inverse: DampedInverse, examples: torch.Tensor,
+                          pairs: int) -> dict[str, torch.Tensor]:
+    """Influence on each validation pair's own loss, standardised per validation pair, aggregated.
+
+    The summed validation gradient cancels class-specific harm (a pair that hurts one class and
+    helps another nets zero); one influence per validation example keeps it. a_ni = v_i^T H^-1 g(n)
+    is divided by its spread over the training set, s_i = sqrt(d_i^T F d_i / N) with d_i = H^-1 v_i
+    and F the stored Fisher sum (the root-mean-square of d_i^T g_pos over the N training pairs), so
+    every validation pair weighs the same whatever its loss scale, and the statistic is local to a
+    shard (no pass over all rows). Negative = removing n lowers that example's loss (harmful).
+    - influence_per_example: mean over examples of min(z_ni, 0), the harmful parts only (default);
+    - influence_per_example_mean: mean of z_ni; influence_per_example_min: min over examples.
+    `rotated`: Q^T (g_pos + g_neg) per training pair (R, k)."""
+    directions = inverse.rotate(examples) * inverse.inv_eigvals          # (m, k) rotated H^-1 v_i
+    spread = ((directions * directions * inverse.eigvals).sum(dim=1) / max(pairs, 1)).sqrt()
+    z = (rotated @ directions.T) / spread.clamp_min(1e-300)               # (R, m)
+    return {"influence_per_example": z.clamp_max(0).mean(dim=1), "influence_per_example_mean": z.mean(dim=1),
+            "influence_per_example_min": z.min(dim=1).values}
 
 
 def _block_slices(blocks: Sequence[Block] | None, dim: int) -> list[slice]:
@@ -76,12 +121,11 @@ def relative_is(test_pos: torch.Tensor, test_neg: torch.Tensor, gram_pos_pos: to
 
 def misalignment_score(scores: dict[str, torch.Tensor], rank_by: RankBy) -> torch.Tensor:
     """Higher = more likely misaligned, for the chosen ranking rule."""
-    if rank_by == "influence":
-        if torch.isnan(scores["influence"]).all():
-            raise ValueError("rank_by='influence' needs a validation set")
-        return -scores["influence"]
-    if rank_by == "self_influence":
-        return scores["self_influence"]
+    if rank_by in SINGLE_RANKINGS:
+        column = scores[rank_by].to(torch.float64)
+        if torch.isnan(column).all():
+            raise ValueError(f"rank_by={rank_by!r} needs a {SINGLE_RANKINGS[rank_by]} (the column is empty)")
+        return SUSPICION_SIGN[rank_by] * column
     if rank_by == "combined":
         return _rank_average(scores["self_influence"], -scores["influence"])
     raise ValueError(f"rank_by must be one of {RANK_BY}, got {rank_by!r}")

@@ -18,8 +18,11 @@ import zarr
 
 STAGE_MARKERS = ("gradients", "scores")
 SCORE_FIELDS = ("influence", "influence_pos", "influence_neg", "self_influence", "leverage", "leave_own_out",
-                "gram_pos_pos", "gram_pos_neg", "gram_neg_neg")
-TERM_FIELDS = ("pos_terms", "neg_terms", "clip_score")
+                "gram_pos_pos", "gram_pos_neg", "gram_neg_neg", "self_influence_clip", "influence_per_example",
+                "influence_per_example_mean", "influence_per_example_min")
+# Per-pair numbers of the gradients stage; the reference_* ones are NaN when the audit has no reference model.
+TERM_FIELDS = ("pos_terms", "neg_terms", "clip_score", "reference_clip_score", "reference_negclip")
+GRADIENT_FIELDS = ("pos", "neg", "clip")  # g_pos, g_neg and the Algorithm 3 test gradient C_n
 
 
 class AuditStore:
@@ -33,8 +36,8 @@ class AuditStore:
         """Preallocate every array afresh (prepare calls this only before its plan exists, so
         whatever a crashed earlier prepare left here is replaced)."""
         self.root = zarr.open_group(self.url, mode="w")
-        for name in ("grads/pos", "grads/neg"):
-            self.root.create_array(name, shape=(rows, dim), chunks=(shard_rows, dim), dtype="float32",
+        for name in GRADIENT_FIELDS:
+            self.root.create_array(f"grads/{name}", shape=(rows, dim), chunks=(shard_rows, dim), dtype="float32",
                                    fill_value=0.0, compressors=None)
         for name in TERM_FIELDS:
             self.root.create_array(f"terms/{name}", shape=(rows,), chunks=(shard_rows,), dtype="float32",

@@ -27,6 +27,7 @@ from sqlalchemy.orm import Session
 from ecif_core import audit as core
 from ecif_core.errors import EcifError
 from ecif_core.manifest import Manifest
+from ecif_core.ranked import VALUE_COLUMNS
 
 from .db.models import FINISHED, SHARDED, STAGES, Audit, Pair, Score, Shard, utcnow
 from .db.session import session_scope
@@ -71,6 +72,7 @@ class Pipeline:
         self.database_url = database_url
         self.dispatcher = dispatcher
         self.models = models or core.ModelCache()
+        self.references = core.ReferenceCache()
         self.image_roots = image_roots
         self.heartbeat_interval = heartbeat_interval  # seconds between a running task's beats (0: none)
         self.worker = f"{socket.gethostname()}:{os.getpid()}"
@@ -138,11 +140,11 @@ class Pipeline:
         if stage == "prepare":
             self._prepare(audit_id, audit_dir)
         elif stage == "gradients":
-            core.shard_gradients(audit_dir, shard, self.models)
+            core.shard_gradients(audit_dir, shard, self.models, self.references)
         elif stage == "curvature":
             core.curvature(audit_dir)
         elif stage == "validation":
-            core.validation(audit_dir, self.models)
+            core.validation(audit_dir, self.models, self.references)
         elif stage == "scores":
             core.shard_scores(audit_dir, shard)
             self._write_shard_scores(audit_id, audit_dir, shard)
@@ -277,7 +279,7 @@ def _index(stage: str) -> int:
     return STAGES.index(stage)
 
 
-SCORE_COLUMNS = ("influence", "influence_pos", "influence_neg", "self_influence", "leave_own_out", "clip_score")
+SCORE_COLUMNS = VALUE_COLUMNS  # every number column of ranked.csv is a column of the scores table
 
 
 def _nullable(value: float) -> float | None:

@@ -14,7 +14,7 @@ from typing import Iterator
 from sqlalchemy import delete, func, select, update
 from sqlalchemy.orm import Session
 
-from ecif_core.audit import RANKED_COLUMNS
+from ecif_core.ranked import RANKED_COLUMNS, VALUE_COLUMNS, csv_row
 from ecif_core.manifest import Manifest
 
 from .db.models import FINISHED, SHARDED, ApiKey, Audit, Edit, Pair, Score, Shard, Trace, TracePair, utcnow
@@ -155,8 +155,8 @@ def results_csv(database_url: str, audit_id: str, limit: int | None = None,
     last, sent = 0, 0
     while limit is None or sent < limit:
         page = PAGE_ROWS if limit is None else min(PAGE_ROWS, limit - sent)
-        query = (select(Score.rank, Score.pair_id, Pair.image, Pair.caption, Score.influence, Score.influence_pos,
-                        Score.influence_neg, Score.self_influence, Score.clip_score, Score.suspected)
+        query = (select(Score.rank, Score.pair_id, Pair.image, Pair.caption, Score.suspected,
+                        *(getattr(Score, name) for name in VALUE_COLUMNS))
                  .join(Pair, (Pair.audit_id == Score.audit_id) & (Pair.slot == Score.slot))
                  .where(Score.audit_id == audit_id, Score.rank > last))
         if suspected_only:
@@ -168,8 +168,7 @@ def results_csv(database_url: str, audit_id: str, limit: int | None = None,
         buffer = io.StringIO()
         writer = csv.writer(buffer)
         for row in rows:
-            writer.writerow([row[0], row[1], row[2], row[3], *(_fmt(v) for v in row[4:9]),
-                             "true" if row[9] else "false"])
+            writer.writerow(csv_row(row[0], row[1], row[2], row[3], dict(zip(VALUE_COLUMNS, row[5:])), bool(row[4])))
         yield buffer.getvalue()
         last, sent = rows[-1][0], sent + len(rows)
 
@@ -194,11 +193,6 @@ def _csv_line(values) -> str:
     buffer = io.StringIO()
     csv.writer(buffer).writerow(values)
     return buffer.getvalue()
-
-
-def _fmt(value: float | None) -> str:
-    """The same text ecif_core writes: repr of the float, empty for a missing score."""
-    return "" if value is None else repr(float(value))
 
 
 # ------------------------------------------------------------------ traces

@@ -109,6 +109,12 @@ class Score(Base):
     self_influence: Mapped[float] = mapped_column(Float(53))
     leave_own_out: Mapped[float] = mapped_column(Float(53))
     clip_score: Mapped[float] = mapped_column(Float(53))
+    # NULL when the audit has no validation set / reference model (or for rows of older audits)
+    influence_per_example: Mapped[float | None] = mapped_column(Float(53), nullable=True)
+    self_influence_clip: Mapped[float | None] = mapped_column(Float(53), nullable=True)
+    clip_score_loo: Mapped[float | None] = mapped_column(Float(53), nullable=True)
+    reference_clip_score: Mapped[float | None] = mapped_column(Float(53), nullable=True)
+    reference_negclip: Mapped[float | None] = mapped_column(Float(53), nullable=True)
     rank: Mapped[int | None] = mapped_column(Integer, nullable=True)
     suspected: Mapped[bool | None] = mapped_column(Boolean, nullable=True)
 

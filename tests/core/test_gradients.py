@@ -47,6 +47,15 @@ def test_per_pair_gradients_match_autograd(setup, neg_term, chunk, method):
     torch.testing.assert_close(result.neg, g_neg, rtol=1e-4, atol=atol)
     torch.testing.assert_close(result.pos_terms, pos)
     torch.testing.assert_close(result.neg_terms, neg)
+    torch.testing.assert_close(result.clip, _clip_one_at_a_time(loaded, params, images, tokens), rtol=1e-4, atol=atol)
+
+
+def _clip_one_at_a_time(loaded, params, images, tokens):
+    """Reference C_n = grad [1 - cos(u_n, v_n)], one autograd call per pair."""
+    u, v = embed(loaded.model, images, tokens)
+    cos = torch.nn.functional.cosine_similarity(u, v, dim=-1)
+    flat = lambda gs: torch.cat([g.reshape(-1) for g in gs])
+    return torch.stack([flat(torch.autograd.grad(1 - cos[n], params, retain_graph=True)) for n in range(len(cos))])
 
 
 def test_projected_gradient_is_kronecker_projection_of_the_true_one(setup):
@@ -136,16 +145,17 @@ def test_per_item_path_equals_per_pair_path_with_projection(setup):
             torch.testing.assert_close(ours, reference, rtol=1e-4, atol=1e-5 * float(reference.abs().max()))
 
 
-def test_cost_model_picks_per_item_only_when_embedding_is_smaller_than_2b(setup, monkeypatch):
-    """D < 2B and factored -> per item (D backwards); otherwise per pair (2B backwards). The
+def test_cost_model_picks_per_item_only_when_embedding_is_smaller_than_3b(setup, monkeypatch):
+    """D < 3B and factored -> per item (D backwards); otherwise per pair (3B backwards). The
     auto choice is the one actually run, and the backward count follows it."""
     from ecif_core import gradients
     from ecif_core.gradients import choose_method
 
-    assert choose_method(32, 32, True) == "per_item"        # tiny CLIP at B = 32: 32 < 64
-    assert choose_method(16, 32, True) == "per_pair"        # D = 2B: per pair
-    assert choose_method(256, 512, True) == "per_pair"      # ViT-B-32 at B = 256
-    assert choose_method(512, 512, True) == "per_item"
+    assert choose_method(32, 32, True) == "per_item"        # tiny CLIP at B = 32: 32 < 96
+    assert choose_method(16, 32, True) == "per_item"        # 32 < 48
+    assert choose_method(10, 32, True) == "per_pair"        # 32 > 30 = 3B: per pair
+    assert choose_method(256, 512, True) == "per_item"      # ViT-B-32 at B = 256: 512 < 768
+    assert choose_method(128, 512, True) == "per_pair"      # 512 > 384
     assert choose_method(512, 32, False) == "per_pair"      # a dense theta weight: no per-item factors
     loaded, theta = setup
     params = [p for _, p in theta]
@@ -156,11 +166,11 @@ def test_cost_model_picks_per_item_only_when_embedding_is_smaller_than_2b(setup,
     monkeypatch.setattr(torch.autograd, "grad",  # count the batched backwards through the encoders
                         lambda *a, **k: (k.get("is_grads_batched") and calls.append(1)) or real_grad(*a, **k))
     embed_dim = loaded.model.text_projection.shape[1]      # 8
-    images, tokens = random_batch(loaded, 6, seed=4)       # 2B = 12 > 8
+    images, tokens = random_batch(loaded, 6, seed=4)       # 3B = 18 > 8
     per_pair_gradients(loaded.model, params, projector, images, tokens, chunk=1)
     assert ran == [1] and len(calls) == embed_dim
     ran.clear(), calls.clear()
-    images, tokens = random_batch(loaded, 3, seed=4)       # 2B = 6 < 8
+    images, tokens = random_batch(loaded, 2, seed=4)       # 3B = 6 < 8
     per_pair_gradients(loaded.model, params, projector, images, tokens, chunk=1)
     assert ran == [] and len(calls) == 6
 

@@ -34,7 +34,7 @@ def test_item_slices_sum_to_the_whole_batch(setup, method):
 
 def test_plan_chunks_shrinks_items_first_then_chunk():
     a, batch, dim = 1000, 32, 8
-    cot = 2 * 2 * batch * batch * dim * 4
+    cot = 2 * 3 * batch * batch * dim * 4  # d[Pos, Neg, 1 - cos] / d(u, v)
     roomy = 10 * cot + 100 * a * (FORWARD + 16 * BACKWARD)
     assert plan_chunks(roomy, 0, batch, dim, a, 16, 64) == (32, 16)          # everything fits
     assert plan_chunks(roomy, 0, batch, dim, a, 99, 12) == (32, 12)          # chunk <= passes
@@ -55,7 +55,7 @@ def test_memory_limit_runs_in_slices_with_the_same_numbers(setup, monkeypatch):
     per_item, dim = item_bytes(loaded.model, params, images[:1], tokens[:1])
     assert per_item > 0 and dim == 8
     monkeypatch.setattr(memory, "resident_bytes", lambda device: 0)
-    limit = 2 * 12 * 6 * dim * 4 + int(2 * per_item * (FORWARD + 2 * BACKWARD))  # 2 items, chunk 2
+    limit = 2 * 18 * 6 * dim * 4 + int(2 * per_item * (FORWARD + 2 * BACKWARD))  # 3B = 18 cotangent sets; 2 items, chunk 2
     seen = []
     real = memory.plan_chunks
     monkeypatch.setattr(memory, "plan_chunks", lambda *a: seen.append(real(*a)) or seen[-1])
@@ -80,7 +80,7 @@ def test_cpu_slices_bound_the_backward_width(setup, monkeypatch):
     from ecif_core.gradients import CPU_SLICE_BYTES, cpu_items
 
     assert cpu_items(128, 32, 64, 1 << 10) == CPU_SLICE_BYTES // (32 << 10)   # per item: D passes
-    assert cpu_items(16, 512, 64, 1 << 10) == CPU_SLICE_BYTES // (32 << 10)   # per pair: 2B passes
+    assert cpu_items(16, 512, 64, 1 << 10) == CPU_SLICE_BYTES // (48 << 10)   # per pair: 3B passes
     assert cpu_items(256, 512, 8, 1 << 10) == CPU_SLICE_BYTES // (8 << 10)    # chunk narrower than passes
     assert cpu_items(256, 512, 64, int(9.5 * 2**20)) == 1                     # ViT-B-32
     loaded, params, projector = setup

@@ -1,0 +1,29 @@
+"""reference scores, the Algorithm 3 self-influence and per-example validation influence per pair
+
+Revision ID: 0005
+Revises: 0004
+Create Date: 2026-11-26 12:00:00
+"""
+from alembic import op
+import sqlalchemy as sa
+
+
+revision = '0005'
+down_revision = '0004'
+branch_labels = None
+depends_on = None
+
+COLUMNS = ('influence_per_example', 'self_influence_clip', 'clip_score_loo', 'reference_clip_score',
+           'reference_negclip')
+
+
+def upgrade() -> None:
+    with op.batch_alter_table('scores') as batch:
+        for name in COLUMNS:
+            batch.add_column(sa.Column(name, sa.Float(precision=53), nullable=True))
+
+
+def downgrade() -> None:
+    with op.batch_alter_table('scores') as batch:
+        for name in reversed(COLUMNS):
+            batch.drop_column(name)
