@@ -98,3 +98,44 @@ def test_leverage_and_its_leave_own_out_form_match_direct_solves():
     values = torch.tensor([1.0, 1.1, 0.9, 1.0, 1.05, 0.95, 9.0])
     assert robust_outliers(values, 3.5).tolist() == [False] * 6 + [True]
     assert not robust_outliers(torch.ones(5), 3.5).any()
+
+
+def test_self_influence_clip_and_per_example_influence_match_direct_solves():
+    """self_influence_clip = C^T H^-1 (g_pos + g_neg); per-example influence: z_ni = v_i^T H^-1 g(n) / s_i,
+    s_i^2 = (H^-1 v_i)^T F (H^-1 v_i) / N, aggregated as mean(min(z, 0)), mean(z) and min(z)."""
+    g_pos, g_neg, _ = _problem(4)
+    gen = torch.Generator().manual_seed(9)
+    g_clip = torch.randn(g_pos.shape, generator=gen, dtype=torch.float64)
+    examples = torch.randn(7, g_pos.shape[1], generator=gen, dtype=torch.float64)
+    fisher = g_pos.T @ g_pos
+    eigvals, eigvecs = eigendecompose(fisher)
+    shift = 0.3
+    h = fisher + shift * torch.eye(g_pos.shape[1], dtype=torch.float64)
+    scores = pair_scores(g_pos, g_neg, DampedInverse(eigvals, eigvecs, shift), examples.mean(0), g_clip=g_clip,
+                         validation_examples=examples, pairs=len(g_pos))
+    g = g_pos + g_neg
+    torch.testing.assert_close(scores["self_influence_clip"], (g_clip * torch.linalg.solve(h, g.T).T).sum(1))
+    d = torch.linalg.solve(h, examples.T).T                               # (m, k) H^-1 v_i
+    spread = ((d @ fisher) * d).sum(1).div(len(g_pos)).sqrt()
+    z = (g @ d.T) / spread
+    torch.testing.assert_close(scores["influence_per_example"], z.clamp_max(0).mean(1))
+    torch.testing.assert_close(scores["influence_per_example_mean"], z.mean(1))
+    torch.testing.assert_close(scores["influence_per_example_min"], z.min(1).values)
+    # without validation examples or C: NaN, never zeros that would rank
+    bare = pair_scores(g_pos, g_neg, DampedInverse(eigvals, eigvecs, shift), None)
+    assert torch.isnan(bare["self_influence_clip"]).all() and torch.isnan(bare["influence_per_example"]).all()
+
+
+def test_every_ranking_rule_is_oriented_by_the_suspicion_table():
+    """A single-column rule ranks by sign x column: high self-influence first, low cosine first, the most
+    negative influence first. Flipping a sign in SUSPICION_SIGN (or in misalignment_score) fails here."""
+    from ecif_core.scores import SINGLE_RANKINGS, SUSPICION_SIGN
+
+    expected = {"self_influence": 1, "self_influence_clip": 1, "influence": -1, "influence_per_example": -1,
+                "clip_score": -1, "clip_score_loo": -1, "reference_clip_score": -1, "reference_negclip": -1}
+    assert {name: SUSPICION_SIGN[name] for name in SINGLE_RANKINGS} == expected
+    columns = {name: torch.tensor([0.1, 0.5, -0.2], dtype=torch.float64) for name in SINGLE_RANKINGS}
+    columns["influence_pos"] = columns["influence_neg"] = columns["influence"]
+    for name, sign in expected.items():
+        first = int(ranking(misalignment_score(columns, name))[0])
+        assert first == (1 if sign > 0 else 2), name

@@ -1,0 +1,129 @@
+"""The reference model: its scores per pair, the default from the training sidecar, and the
+validation evidence (evidence.py), each against an independent computation."""
+import csv
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from ecif_core import audit
+from ecif_core.datasets.digits import build_digits
+from ecif_core.errors import ConfigError
+from ecif_core.evidence import corrupted_captions, separation
+from ecif_core.manifest import load_manifest
+from ecif_core.reference import reference_scores
+from ecif_core.train import TrainConfig, train
+from tests.core.helpers import MICRO_CONFIG, micro_model, random_batch
+
+OPTIONS = {"projection": {"k_in": 4, "k_out": 4}, "shard_batches": 2}
+
+
+def test_reference_scores_match_a_loop_over_the_negclip_definition():
+    loaded = micro_model(seed=3)
+    images, tokens = random_batch(loaded, 5, seed=1)
+    cos, negclip = reference_scores(loaded.model, images, tokens)
+    with torch.no_grad():
+        u = loaded.model.encode_text(tokens).double()
+        v = loaded.model.encode_image(images).double()
+    tau = 1.0 / float(loaded.model.logit_scale.detach().exp())
+    sim = [[float(torch.nn.functional.cosine_similarity(v[i], u[k], dim=0)) for k in range(5)] for i in range(5)]
+    for i in range(5):
+        row = math.log(sum(math.exp(sim[i][k] / tau) for k in range(5)))
+        col = math.log(sum(math.exp(sim[k][i] / tau) for k in range(5)))
+        assert float(cos[i]) == pytest.approx(sim[i][i], abs=1e-6)
+        assert float(negclip[i]) == pytest.approx(sim[i][i] - tau / 2 * (row + col), abs=1e-6)
+
+
+def test_corrupted_captions_change_every_caption_the_documented_way():
+    captions = ["a red circle", "a blue square", "a green star", "a red square"]
+    out = corrupted_captions(captions, seed=0)
+    assert out["shuffle"] == captions[1:] + captions[:1]
+    for original, swapped, donor in zip(captions, out["word_swap"], captions[1:] + captions[:1]):
+        before, after = original.split(), swapped.split()
+        assert len(before) == len(after)
+        changed = [(a, b) for a, b in zip(before, after) if a != b]
+        assert len(changed) == 1 and changed[0][1] in donor.split()
+    assert corrupted_captions(captions, seed=0) == out
+
+
+def test_separation_is_the_auroc_of_low_cosine():
+    clean = np.array([0.9, 0.8, 0.7])
+    result = separation(clean, {"shuffle": np.array([0.1, 0.2, 0.95]), "word_swap": np.array([0.95, 0.85, 0.75])})
+    assert result["shuffle"] == pytest.approx(6 / 9)   # 0.1 and 0.2 below all clean; 0.95 above all
+    assert result["word_swap"] == pytest.approx(3 / 9)   # 0.85 below 0.9; 0.75 below 0.9 and 0.8
+    assert result["mean"] == pytest.approx(0.5)
+
+
+@pytest.fixture(scope="module")
+def finetuned(tmp_path_factory) -> Path:
+    """A micro CLIP pretrained on digits, then fine-tuned from it (the sidecar records the base)."""
+    root = tmp_path_factory.mktemp("reference")
+    data = build_digits(root / "data", fraction=0.25, seed=2, n_train=48, n_val=16, n_test=8)
+    (root / "cfg.json").write_text(json.dumps(MICRO_CONFIG))
+    train(data.train, root / "cfg.json", root / "base.pt", TrainConfig(epochs=2, batch_size=8, lr=1e-3, seed=1))
+    train(data.train, root / "cfg.json", root / "tuned.pt", TrainConfig(epochs=1, batch_size=8, lr=1e-3, seed=2),
+          init=root / "base.pt")
+    return root
+
+
+def _manifest(root: Path, **extra) -> dict:
+    return {"model": {"config": "cfg.json", "checkpoint": "tuned.pt"}, "train": "data/train.jsonl",
+            "validation": "data/val.jsonl", "options": OPTIONS, **extra}
+
+
+def test_the_base_checkpoint_is_the_default_reference_and_null_turns_it_off(finetuned):
+    manifest = load_manifest(_manifest(finetuned), base_dir=finetuned)
+    assert manifest.reference["checkpoint"] == str((finetuned / "base.pt").resolve())
+    assert load_manifest(_manifest(finetuned, reference=None), base_dir=finetuned).reference is None
+    with pytest.raises(ConfigError, match="reference.checkpoint"):
+        load_manifest(_manifest(finetuned, reference={"config": "cfg.json", "checkpoint": "missing.pt"}),
+                      base_dir=finetuned)
+    with pytest.raises(ConfigError, match="options.rank_by"):
+        load_manifest(_manifest(finetuned, reference=None, options={**OPTIONS, "rank_by": "reference_clip_score"}),
+                      base_dir=finetuned)
+
+
+def test_audit_writes_reference_columns_equal_to_the_base_models_scores(finetuned):
+    out = finetuned / "run"
+    audit.run_audit(load_manifest(_manifest(finetuned), base_dir=finetuned), out)
+    with (out / "ranked.csv").open() as handle:
+        rows = {r["id"]: r for r in csv.DictReader(handle)}
+    # independent: the base model's scores of each training batch, from pairs.jsonl's batch numbers
+    base = audit.load_model(None, str(finetuned / "cfg.json"), str(finetuned / "base.pt"))
+    batches: dict[int, list] = {}
+    for line in (out / "pairs.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        batches.setdefault(row["batch"], []).append(row)
+    for members in batches.values():
+        pairs = [audit.Pair(r["id"], r["image"], r["caption"]) for r in members]
+        images, tokens = audit.load_batch(pairs, base.preprocess, base.tokenizer)
+        cos, negclip = reference_scores(base.model, images, tokens)
+        for r, c, n in zip(members, cos, negclip):
+            assert float(rows[r["id"]]["reference_clip_score"]) == pytest.approx(float(c), abs=1e-6)
+            assert float(rows[r["id"]]["reference_negclip"]) == pytest.approx(float(n), abs=1e-6)
+    evidence = audit.open_store(out).root["validation/grad"].attrs["evidence"]
+    assert set(evidence) == {"clip_score", "reference_clip_score"}
+    assert all(0 <= evidence[m][c] <= 1 for m in evidence for c in ("shuffle", "word_swap", "mean"))
+    some = next(iter(rows.values()))
+    loo = float(some["clip_score"]) - float(some["self_influence_clip"])
+    assert float(some["clip_score_loo"]) == pytest.approx(loo, rel=1e-6)
+    assert some["influence_per_example"] != ""
+
+
+def test_a_reference_of_another_architecture_is_allowed_and_no_reference_leaves_the_columns_empty(finetuned):
+    other = dict(MICRO_CONFIG, embed_dim=MICRO_CONFIG["embed_dim"] * 2)
+    (finetuned / "other.json").write_text(json.dumps(other))
+    train(finetuned / "data/train.jsonl", finetuned / "other.json", finetuned / "other.pt",
+          TrainConfig(epochs=1, batch_size=8, lr=1e-3, seed=3))
+    out = finetuned / "run_other"
+    audit.run_audit(load_manifest(_manifest(finetuned, reference={"config": "other.json", "checkpoint": "other.pt"}),
+                                  base_dir=finetuned), out)
+    with (out / "ranked.csv").open() as handle:
+        assert all(r["reference_clip_score"] != "" for r in csv.DictReader(handle))
+    out = finetuned / "run_none"
+    audit.run_audit(load_manifest(_manifest(finetuned, reference=None), base_dir=finetuned), out)
+    with (out / "ranked.csv").open() as handle:
+        assert all(r["reference_clip_score"] == "" == r["reference_negclip"] for r in csv.DictReader(handle))
