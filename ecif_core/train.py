@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -53,11 +54,52 @@ class TrainResult:
     sidecar: Path
     epoch_seconds: list[float]
     final_loss: float
+    validation: list[dict] = field(default_factory=list)  # per epoch: loss and retrieval accuracy (with validation)
+
+
+@dataclass
+class ValidationSet:
+    """Preprocessed clean validation pairs, scored after every epoch to show the model learns."""
+
+    batches: list[tuple[torch.Tensor, torch.Tensor]]
+    pairs: int
+
+    @torch.no_grad()
+    def measure(self, model: torch.nn.Module) -> dict[str, float]:
+        """Mean contrastive loss per pair over the validation batches, and image-to-text retrieval
+        accuracy over the whole set (the share of images whose own caption is the nearest of all)."""
+        was_training = model.training
+        model.eval()
+        loss, texts, images = 0.0, [], []
+        for image_batch, tokens in self.batches:
+            u, v = model.encode_text(tokens), model.encode_image(image_batch)
+            loss += float(batch_loss(pair_logits(u, v, model.logit_scale.exp())))
+            texts.append(torch.nn.functional.normalize(u, dim=-1))
+            images.append(torch.nn.functional.normalize(v, dim=-1))
+        similarity = torch.cat(images) @ torch.cat(texts).T
+        hits = (similarity.argmax(dim=1) == torch.arange(len(similarity))).double().mean()
+        model.train(was_training)
+        return {"loss": loss / self.pairs, "image_to_text_accuracy": float(hits)}
+
+
+def load_validation(data: str | Path | dict, loaded, batch_size: int, seed: int) -> ValidationSet:
+    """The validation source in batches of the training batch size (its own seeded partition)."""
+    pairs, _rejected, ids = read_pairs(data, field="validation")
+    by_id = {p.id: p for p in pairs}
+    batches, _alone = training_batches(ids, batch_size, seed, drop=set(ids) - set(by_id))
+    if not batches:
+        raise ConfigError("validation", f"no batch of {data} holds two usable pairs")
+    tensors = [load_batch([by_id[i] for i in b], loaded.preprocess, loaded.tokenizer) for b in batches]
+    return ValidationSet(tensors, sum(len(b) for b in batches))
 
 
 def train(data: str | Path, model_config: str | Path | dict, out: str | Path, cfg: TrainConfig,
-          init: str | Path | None = None, progress: Callable[[int, int, float], None] | None = None) -> TrainResult:
-    """Train (or fine-tune from `init`) and write out + out.json; returns timings for benchmarks."""
+          init: str | Path | None = None, progress: Callable[..., None] | None = None,
+          validation: str | Path | dict | None = None) -> TrainResult:
+    """Train (or fine-tune from `init`) and write out + out.json; returns timings for benchmarks.
+
+    `progress(epoch, epochs, loss_per_pair, metrics)`: metrics is the epoch's validation loss and
+    retrieval accuracy ({} without `validation`); the same numbers go to the sidecar."""
     if cfg.epochs < 1 or cfg.batch_size < 2 or cfg.lr <= 0 or cfg.weight_decay < 0:
         raise ConfigError("train", f"invalid training config {cfg}")
     if cfg.lora_rank is not None and init is None:
@@ -86,21 +128,26 @@ def train(data: str | Path, model_config: str | Path | dict, out: str | Path, cf
         for p in model.parameters():
             p.requires_grad_(id(p) in trained)
     l2_params = [p for name, p in model.named_parameters() if name != "logit_scale" and p.requires_grad]
+    held_out = None if validation is None else load_validation(validation, loaded, cfg.batch_size, cfg.seed)
     model.train()
     with flush_denormals():
-        epoch_seconds, epoch_loss = _run_epochs(model, cfg, batches, cached, n_used, l2_params, out, progress)
+        epoch_seconds, epoch_loss, history = _run_epochs(model, cfg, batches, cached, n_used, l2_params, out, progress,
+                                                         held_out)
     model.eval()
-    return _save(model, cfg, data, out, pairs, all_ids, excluded, n_used, model_cfg, epoch_seconds, epoch_loss, init)
+    return _save(model, cfg, data, out, pairs, all_ids, excluded, n_used, model_cfg, epoch_seconds, epoch_loss, init,
+                 history)
 
 
-def _run_epochs(model, cfg: TrainConfig, batches, cached, n_used: int, l2_params, out, progress):
-    """The optimisation loop; returns (seconds per epoch, summed loss of the last epoch)."""
+def _run_epochs(model, cfg: TrainConfig, batches, cached, n_used: int, l2_params, out, progress,
+                held_out: ValidationSet | None = None):
+    """The optimisation loop; returns (seconds per epoch, summed loss of the last epoch, validation
+    metrics per epoch)."""
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=0.0)
     total_steps = cfg.epochs * len(batches)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg.warmup_steps, total_steps))
     order_rng = np.random.Generator(np.random.PCG64(cfg.seed + 1))
     snapshots = snapshot_epochs(cfg.epochs, cfg.checkpoints)
-    epoch_seconds, epoch_loss = [], float("nan")
+    epoch_seconds, epoch_loss, history = [], float("nan"), []
     for epoch in range(cfg.epochs):
         started, epoch_loss = time.perf_counter(), 0.0
         for b in order_rng.permutation(len(batches)):
@@ -117,11 +164,14 @@ def _run_epochs(model, cfg: TrainConfig, batches, cached, n_used: int, l2_params
                 model.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
             epoch_loss += float(loss.detach())
         epoch_seconds.append(time.perf_counter() - started)
+        metrics = {} if held_out is None else held_out.measure(model)
+        if metrics:
+            history.append({"epoch": epoch + 1, **metrics})
         if progress:
-            progress(epoch + 1, cfg.epochs, epoch_loss / n_used)
+            progress(epoch + 1, cfg.epochs, epoch_loss / n_used, metrics)
         if epoch + 1 in snapshots:
             _write_weights(model, _snapshot_path(Path(out), epoch + 1), cfg)
-    return epoch_seconds, epoch_loss
+    return epoch_seconds, epoch_loss, history
 
 
 def _write_weights(model: torch.nn.Module, path: Path, cfg: TrainConfig) -> None:
@@ -134,24 +184,34 @@ def _write_weights(model: torch.nn.Module, path: Path, cfg: TrainConfig) -> None
 
 
 def _save(model, cfg: TrainConfig, data, out, pairs, all_ids, excluded, n_used, model_cfg, epoch_seconds,
-          epoch_loss, init) -> TrainResult:
-    """Checkpoint (or adapter folder) plus the JSON sidecar the audit reads its defaults from."""
+          epoch_loss, init, history) -> TrainResult:
+    """Checkpoint (or adapter folder) plus the JSON sidecar the audit reads its defaults from.
+
+    Paths in the sidecar are relative to the sidecar's folder, so a model folder can be moved or
+    mounted elsewhere (a worker's data root) with its sidecar still valid."""
     snapshots = snapshot_epochs(cfg.epochs, cfg.checkpoints)
     out = Path(out)
     _write_weights(model, out, cfg)
     sidecar = out / TRAINING_SIDECAR if cfg.lora_rank is not None else Path(str(out) + SIDECAR_SUFFIX)
+    home = sidecar.parent.resolve()
     source = source_of(data).to_json()
-    source["path"] = source["path"] if source["format"] == "webdataset" else str(Path(source["path"]).resolve())
+    source["path"] = source["path"] if source["format"] == "webdataset" else _relative(source["path"], home)
     sidecar.write_text(json.dumps({
         "batch_size": cfg.batch_size, "seed": cfg.seed, "weight_decay": cfg.weight_decay, "epochs": cfg.epochs,
         "lr": cfg.lr, "excluded": sorted(excluded), "pairs_used": n_used, "data": source,
         "data_hash": data_hash(pairs), "ids_digest": ids_digest(all_ids), "model_config": model_cfg, "epoch_seconds": epoch_seconds,
         "final_loss_per_pair": epoch_loss / n_used,
-        "checkpoints": [str(_snapshot_path(out, e)) for e in sorted(snapshots)],
-        "base_checkpoint": None if init is None else str(Path(init).resolve()),
+        "checkpoints": [_relative(_snapshot_path(out, e), home) for e in sorted(snapshots)],
+        "base_checkpoint": None if init is None else _relative(init, home),
         "lora": None if cfg.lora_rank is None else {"rank": cfg.lora_rank, "alpha": cfg.lora_alpha or cfg.lora_rank},
+        "validation": history,
     }, indent=1))
-    return TrainResult(out, sidecar, epoch_seconds, epoch_loss / n_used)
+    return TrainResult(out, sidecar, epoch_seconds, epoch_loss / n_used, history)
+
+
+def _relative(path: str | Path, home: Path) -> str:
+    """`path` relative to the sidecar's folder (resolved first)."""
+    return os.path.relpath(Path(path).resolve(), home)
 
 
 def lr_factor(step: int, warmup: int, total: int) -> float:

@@ -27,6 +27,14 @@ def _progress_bar():
     return report
 
 
+def _print_epoch(epoch: int, epochs: int, loss: float, metrics: dict[str, float]) -> None:
+    line = f"epoch {epoch}/{epochs} loss/pair {loss:.4f}"
+    if metrics:
+        line += (f"  validation loss/pair {metrics['loss']:.4f}  image-to-text accuracy "
+                 f"{metrics['image_to_text_accuracy']:.3f}")
+    print(line, file=sys.stderr)
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from ecif_core.train import TrainConfig, train
 
@@ -36,8 +44,7 @@ def cmd_train(args: argparse.Namespace) -> int:
                    TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                                weight_decay=args.weight_decay, seed=args.seed, exclude=exclude,
                                checkpoints=args.checkpoints, lora_rank=args.lora_rank, lora_alpha=args.lora_alpha),
-                   init=args.init,
-                   progress=lambda e, n, loss: print(f"epoch {e}/{n} loss/pair {loss:.4f}", file=sys.stderr))
+                   init=args.init, validation=args.validation, progress=_print_epoch)
     print(f"wrote {result.checkpoint} and {result.sidecar}")
     return 0
 
@@ -370,6 +377,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--exclude", help="file of ids to leave out (whitespace separated)")
     p.add_argument("--checkpoints", type=int, default=0, help="also save N intermediate checkpoints")
+    p.add_argument("--validation", help="clean pairs scored after every epoch (validation loss and image-to-text "
+                   "retrieval accuracy, printed and stored in the sidecar): shows the model learned")
     p.add_argument("--out", required=True)
     p.set_defaults(run=cmd_train)
 

@@ -54,7 +54,8 @@ def audit_report_html(database_url: str, audit_id: str, links: dict[str, str],
         audit = session.get(Audit, audit_id)
         rows = session.execute(select(Score.slot, Score.pair_id, Pair.image, Pair.caption, Score.influence,
                                       Score.influence_pos, Score.influence_neg, Score.self_influence,
-                                      Score.leave_own_out, Score.clip_score, Score.rank, Score.suspected)
+                                      Score.leave_own_out, Score.clip_score, Score.rank, Score.suspected,
+                                      Score.reference_clip_score)
                                .join(Pair, (Pair.audit_id == Score.audit_id) & (Pair.slot == Score.slot))
                                .where(Score.audit_id == audit_id).order_by(Score.rank)).all()
         meta = {"status": audit.status, "pairs": audit.pairs_total, "rejected": audit.pairs_rejected,
@@ -161,9 +162,11 @@ def _cards(rows, thumbs: "_Thumbnails") -> str:
     for r in rows:
         flag = ' <span class="flag">suspected</span>' if r.suspected else ""
         influence = "" if r.influence is None else f"influence {r.influence:.3g}<br>"
+        reference = ("" if r.reference_clip_score is None
+                     else f"<br>reference clip score {r.reference_clip_score:.3f}")
         cards.append(f'<div class="card">{thumbs.tag(int(r.slot), r.image)}<b>#{r.rank}</b>{flag} '
                      f"{html.escape(r.caption)}<br>self-influence {r.self_influence:.3g}<br>{influence}"
-                     f'clip score {r.clip_score:.3f}<br><span class="muted">{html.escape(r.pair_id)}</span></div>')
+                     f'clip score {r.clip_score:.3f}{reference}<br><span class="muted">{html.escape(r.pair_id)}</span></div>')
     return f'<div class="grid">{"".join(cards)}</div>'
 
 

@@ -95,8 +95,9 @@ def audit(run: Run, name: str, options: dict[str, Any], checkpoint: Path | None 
 
 
 def snapshot_checkpoints(run: Run) -> list[Path]:
-    """The intermediate checkpoints the trainer saved (the sidecar lists them, last = final epoch)."""
-    return [Path(p) for p in run.sidecar.get("checkpoints", [])]
+    """The intermediate checkpoints the trainer saved (the sidecar lists them relative to its folder,
+    last = final epoch)."""
+    return [run.checkpoint.parent / p for p in run.sidecar.get("checkpoints", [])]
 
 
 def existing_run(runs_dir: Path, corruption: str, fraction: float, seed: int) -> Run:

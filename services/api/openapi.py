@@ -6,6 +6,8 @@ your own model", is the reference; the server validates every field and answers 
 """
 from __future__ import annotations
 
+from ecif_core.scores import RANK_BY
+
 _PATH = {"type": "string", "minLength": 1, "description": "relative to the first data root, or absolute under a root"}
 _SOURCE = {"oneOf": [_PATH, {
     "type": "object", "required": ["path"], "additionalProperties": False,
@@ -30,7 +32,7 @@ _OPTIONS = {
         "theta": {"type": ["array", "null"], "items": {"type": "string", "minLength": 1, "maxLength": 512},
                   "minItems": 1, "maxItems": 256},
         "curvature": {"enum": ["full", "blocks"]},
-        "rank_by": {"enum": ["self_influence", "influence", "combined"]},
+        "rank_by": {"enum": list(RANK_BY)},
         "partitions": {"type": "integer", "minimum": 1, "maximum": 64},
         "shard_batches": {"type": "integer", "minimum": 1, "maximum": 100000},
         "chunk": {"type": "integer", "minimum": 1, "maximum": 65536}}}
@@ -40,6 +42,11 @@ MANIFEST_SCHEMA = {
         "model": {"type": "object", "required": ["checkpoint"], "additionalProperties": False, "properties": {
             "arch": {"type": "string", "description": "an open_clip architecture name (never a hub name)"},
             "config": {"oneOf": [_PATH, {"type": "object"}]}, "checkpoint": _PATH, "adapter": _PATH}},
+        "reference": {"oneOf": [{"type": "null"}, {
+            "type": "object", "required": ["checkpoint"], "additionalProperties": False,
+            "description": "the model before fine-tuning (default: the training sidecar's base checkpoint)",
+            "properties": {"arch": {"type": "string"}, "config": {"oneOf": [_PATH, {"type": "object"}]},
+                           "checkpoint": _PATH, "adapter": _PATH}}]},
         "train": _SOURCE, "validation": {"oneOf": [_SOURCE, {"type": "null"}]}, "options": {"oneOf": [_OPTIONS, {"type": "null"}]},
         "remote_images": {"type": "object", "properties": {
             "allowed_hosts": {"type": "array", "items": {"type": "string"}},

@@ -48,3 +48,51 @@ def test_training_lowers_the_loss(data, tmp_path):
     short = train(data.train, MICRO_CONFIG, tmp_path / "s.pt", TrainConfig(**{**CFG.__dict__, "epochs": 1, "lr": 1e-6}))
     longer = train(data.train, MICRO_CONFIG, tmp_path / "l.pt", TrainConfig(**{**CFG.__dict__, "epochs": 6, "lr": 3e-3}))
     assert longer.final_loss < short.final_loss
+
+
+def test_validation_metrics_per_epoch_match_an_independent_computation(data, tmp_path):
+    """--validation: per epoch the mean contrastive loss of the validation batches and image-to-text
+    retrieval accuracy, printed through progress and stored in the sidecar; the last epoch's
+    numbers equal a recomputation with the saved model."""
+    from ecif_core.batching import training_batches
+    from ecif_core.data import load_batch
+    from ecif_core.losses import batch_loss, pair_logits
+    from ecif_core.models import load_model
+
+    seen = []
+    result = train(data.train, MICRO_CONFIG, tmp_path / "v.pt", CFG, validation=data.val,
+                   progress=lambda e, n, loss, metrics: seen.append((e, metrics)))
+    side = json.loads(result.sidecar.read_text())
+    assert [h["epoch"] for h in side["validation"]] == [1, 2] == [e for e, _ in seen]
+    assert seen[-1][1] == {k: side["validation"][-1][k] for k in ("loss", "image_to_text_accuracy")}
+    loaded = load_model(config=MICRO_CONFIG, checkpoint=result.checkpoint)
+    pairs, _, ids = read_pairs(data.val)
+    by_id = {p.id: p for p in pairs}
+    batches, _ = training_batches(ids, CFG.batch_size, CFG.seed)
+    loss, texts, images = 0.0, [], []
+    with torch.no_grad():
+        for batch in batches:
+            im, tok = load_batch([by_id[i] for i in batch], loaded.preprocess, loaded.tokenizer)
+            u, v = loaded.model.encode_text(tok), loaded.model.encode_image(im)
+            loss += float(batch_loss(pair_logits(u, v, loaded.model.logit_scale.exp())))
+            texts += list(torch.nn.functional.normalize(u, dim=-1))
+            images += list(torch.nn.functional.normalize(v, dim=-1))
+    sims = torch.stack(images) @ torch.stack(texts).T
+    accuracy = sum(int(sims[i].argmax()) == i for i in range(len(sims))) / len(sims)
+    assert side["validation"][-1]["loss"] == pytest.approx(loss / len(ids), rel=1e-5)
+    assert side["validation"][-1]["image_to_text_accuracy"] == pytest.approx(accuracy)
+
+
+def test_sidecar_paths_are_relative_so_a_moved_model_folder_keeps_its_reference(data, tmp_path):
+    from ecif_core.manifest import load_manifest
+
+    folder = tmp_path / "models"
+    train(data.train, MICRO_CONFIG, folder / "base.pt", CFG)
+    result = train(data.train, MICRO_CONFIG, folder / "tuned.pt", TrainConfig(**{**CFG.__dict__, "checkpoints": 2}),
+                   init=folder / "base.pt")
+    side = json.loads(result.sidecar.read_text())
+    assert side["base_checkpoint"] == "base.pt" and side["checkpoints"] == ["tuned.epoch1.pt", "tuned.epoch2.pt"]
+    moved = tmp_path / "moved"
+    folder.rename(moved)
+    manifest = load_manifest({"model": {"checkpoint": str(moved / "tuned.pt")}, "train": str(data.train)})
+    assert manifest.reference["checkpoint"] == str((moved / "base.pt").resolve())
