@@ -60,13 +60,13 @@ def test_validation_metrics_per_epoch_match_an_independent_computation(data, tmp
     from ecif_core.models import load_model
 
     seen = []
-    result = train(data.train, MICRO_CONFIG, tmp_path / "v.pt", CFG, validation=data.val,
+    result = train(data.train, MICRO_CONFIG, tmp_path / "v.pt", CFG, validation=data.validation,
                    progress=lambda e, n, loss, metrics: seen.append((e, metrics)))
     side = json.loads(result.sidecar.read_text())
     assert [h["epoch"] for h in side["validation"]] == [1, 2] == [e for e, _ in seen]
     assert seen[-1][1] == {k: side["validation"][-1][k] for k in ("loss", "image_to_text_accuracy")}
     loaded = load_model(config=MICRO_CONFIG, checkpoint=result.checkpoint)
-    pairs, _, ids = read_pairs(data.val)
+    pairs, _, ids = read_pairs(data.validation)
     by_id = {p.id: p for p in pairs}
     batches, _ = training_batches(ids, CFG.batch_size, CFG.seed)
     loss, texts, images = 0.0, [], []
