@@ -96,3 +96,26 @@ def test_sidecar_paths_are_relative_so_a_moved_model_folder_keeps_its_reference(
     folder.rename(moved)
     manifest = load_manifest({"model": {"checkpoint": str(moved / "tuned.pt")}, "train": str(data.train)})
     assert manifest.reference["checkpoint"] == str((moved / "base.pt").resolve())
+
+
+def test_the_l2_term_is_part_of_the_objective_the_trainer_steps_on(data, tmp_path):
+    """The trained model must be a stationary point of loss + (delta/2)|theta|^2 (what ECIF
+    differentiates), so the L2 term is in the loss, not AdamW's decoupled decay. With one batch and
+    one step, Adam's first update is lr x sign(gradient) per entry; with a huge delta the L2 term
+    dominates the gradient, so every weight larger than the step moves towards zero. Dropping the
+    L2 term (or passing it to AdamW as decoupled decay with its lr factor) fails here."""
+    from ecif_core.models import load_model
+
+    init = train(data.train, MICRO_CONFIG, tmp_path / "init.pt", TrainConfig(epochs=1, batch_size=40, lr=1e-6, seed=4))
+    cfg = TrainConfig(epochs=1, batch_size=40, lr=1e-4, weight_decay=1e9, seed=4, warmup_steps=1)
+    stepped = train(data.train, MICRO_CONFIG, tmp_path / "step.pt", cfg, init=init.checkpoint)
+    before = dict(load_model(config=MICRO_CONFIG, checkpoint=init.checkpoint).model.named_parameters())
+    after = dict(load_model(config=MICRO_CONFIG, checkpoint=stepped.checkpoint).model.named_parameters())
+    moved = total = 0
+    for name, value in before.items():
+        if name == "logit_scale":  # the temperature is not in the L2 term
+            continue
+        big = value.abs() > 2e-4
+        total += int(big.sum())
+        moved += int((after[name].abs() < value.abs())[big].sum())
+    assert total > 100 and moved == total
