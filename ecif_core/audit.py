@@ -36,6 +36,7 @@ from .runtime import exact_float32, flush_denormals
 from .ranked import RANKED_COLUMNS, csv_row
 from .reference import reference_scores
 from .scores import RANK_BY, misalignment_score, pair_scores, ranking, relative_is, robust_outliers
+from .stages import BY_NAME, STAGES
 from .store import GRADIENT_FIELDS, SCORE_FIELDS, TERM_FIELDS, AuditStore
 
 SUSPECT_Z = 3.5  # robust z-score of the leave-own-out leverage above which a pair is flagged
@@ -696,6 +697,21 @@ def misalignment_columns(audit_dir: str | Path) -> tuple[list[str], dict[str, np
 Progress = Callable[[str, int, int], None]
 
 
+def run_stage(stage: str, audit_dir: str | Path, shard: int | None = None, *, manifest: Manifest | None = None,
+              image_roots: list[Path] | None = None, models: ModelCache | None = None,
+              references: ReferenceCache | None = None) -> object:
+    """Run one stage (one shard of a sharded stage) of the table in stages.py, by name; the same
+    call for the embedded loop and the service's workers. `manifest` and `image_roots` are
+    prepare's inputs; the model caches are reused by the stages that load the model."""
+    spec = BY_NAME[stage]
+    function = globals()[spec.function]
+    if stage == "prepare":
+        return function(manifest, audit_dir, image_roots)
+    args = (audit_dir, shard) if spec.sharded else (audit_dir,)
+    kwargs = {"models": models, "references": references} if spec.queue == "gpu" else {}
+    return function(*args, **kwargs)
+
+
 def run_audit(manifest: Manifest | str | Path, audit_dir: str | Path, progress: Progress | None = None) -> Path:
     """All stages in order in this process (the embedded mode); returns ranked.csv.
 
@@ -704,26 +720,15 @@ def run_audit(manifest: Manifest | str | Path, audit_dir: str | Path, progress: 
     manifest = manifest if isinstance(manifest, Manifest) else load_manifest(manifest)
     report = progress or (lambda stage, done, total: None)
     models, references, timing = ModelCache(), ReferenceCache(), {}
-
-    def timed(stage: str, fn: Callable[[], object]) -> object:
-        started = time.perf_counter()
-        result = fn()
-        timing[stage] = timing.get(stage, 0.0) + time.perf_counter() - started
-        return result
-
-    plan = timed("prepare", lambda: prepare(manifest, audit_dir))
-    for shard in range(plan.shards):
-        timed("gradients", lambda: shard_gradients(audit_dir, shard, models, references))
-        report("gradients", shard + 1, plan.shards)
-    timed("curvature", lambda: curvature(audit_dir))
-    report("curvature", 1, 1)
-    timed("validation", lambda: validation(audit_dir, models, references))
-    report("validation", 1, 1)
-    for shard in range(plan.shards):
-        timed("scores", lambda: shard_scores(audit_dir, shard))
-        report("scores", shard + 1, plan.shards)
-    path = timed("finalize", lambda: finalize(audit_dir))
-    report("finalize", 1, 1)
+    shards = 1
+    for spec in STAGES:
+        for shard in range(shards) if spec.sharded else [None]:
+            started = time.perf_counter()
+            result = run_stage(spec.name, audit_dir, shard, manifest=manifest, models=models, references=references)
+            timing[spec.name] = timing.get(spec.name, 0.0) + time.perf_counter() - started
+            if spec.name == "prepare":
+                shards = result.shards
+            report(spec.name, 1 if shard is None else shard + 1, 1 if shard is None else shards)
     timing["total"] = sum(timing.values())
     (Path(audit_dir) / "timing.json").write_text(json.dumps(timing, indent=1))
-    return path
+    return Path(audit_dir) / "ranked.csv"

@@ -324,17 +324,18 @@ def cmd_submit(args: argparse.Namespace) -> int:
 def _status_bar():
     """The same bars as `ecif audit`, fed by the status JSON (stage, shards done, ETA)."""
     report = _progress_bar()
-    order = ("prepare", "gradients", "curvature", "validation", "scores", "finalize", "done")
+    from ecif_core.stages import SHARDED, position
+
     finished: set[str] = set()
 
     def on_status(status: dict) -> None:
         stage, done, total = status["stage"], status["shards_done"], status["shards_total"] or 0
         if not total:
             return
-        for sharded in ("gradients", "scores"):
+        for sharded in SHARDED:
             if sharded == stage:
                 report(stage, done, total)
-            elif order.index(stage) > order.index(sharded) and sharded not in finished:
+            elif position(stage) > position(sharded) and sharded not in finished:
                 finished.add(sharded)
                 report(sharded, total, total)
     return on_status

@@ -18,15 +18,14 @@ from typing import Iterable
 
 from sqlalchemy import update
 
+from ecif_core.stages import TASK_STAGES
+
 from .db.models import SHARDED, Audit, Shard
 from .db.session import session_scope
 
 log = logging.getLogger("ecif.liveness")
 
 QUEUES = ("gpu", "cpu")
-TASK_STAGES = {"ecif.tasks.cpu.prepare": "prepare", "ecif.tasks.gpu.shard_gradients": "gradients",
-               "ecif.tasks.cpu.curvature": "curvature", "ecif.tasks.gpu.validation": "validation",
-               "ecif.tasks.cpu.shard_scores": "scores", "ecif.tasks.cpu.finalize": "finalize"}
 Task = tuple[str, str, "int | None"]  # (stage, audit id, shard)
 
 

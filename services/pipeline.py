@@ -29,14 +29,14 @@ from ecif_core.errors import EcifError
 from ecif_core.manifest import Manifest
 from ecif_core.ranked import VALUE_COLUMNS
 
-from .db.models import FINISHED, SHARDED, STAGES, Audit, Pair, Score, Shard, utcnow
+from ecif_core.stages import DONE, FIRST, next_stage, position
+
+from .db.models import FINISHED, SHARDED, Audit, Pair, Score, Shard, utcnow
 from .db.session import session_scope
 from .liveness import Heartbeat, mark_dispatched
 
 log = logging.getLogger("ecif.pipeline")
 
-NEXT_STAGE = {"prepare": "gradients", "gradients": "curvature", "curvature": "validation",
-              "validation": "scores", "scores": "finalize", "finalize": "done"}
 BULK_ROWS = 5000
 TRANSIENT = (OperationalError, InterfaceError)  # database unreachable: retry the task, keep the audit
 
@@ -81,8 +81,8 @@ class Pipeline:
 
     def start(self, audit_id: str) -> None:
         with session_scope(self.database_url) as session:
-            mark_dispatched(session, "prepare", audit_id)
-        self.dispatcher.send("prepare", audit_id)
+            mark_dispatched(session, FIRST, audit_id)
+        self.dispatcher.send(FIRST, audit_id)
 
     def run(self, stage: str, audit_id: str, shard: int | None = None) -> None:
         """Run one task. Finished shards, stages already passed and finished or cancelled
@@ -137,26 +137,20 @@ class Pipeline:
     # ------------------------------------------------------------ stages
 
     def _execute(self, stage: str, audit_id: str, audit_dir: str, shard: int | None) -> None:
-        if stage == "prepare":
-            self._prepare(audit_id, audit_dir)
-        elif stage == "gradients":
-            core.shard_gradients(audit_dir, shard, self.models, self.references)
-        elif stage == "curvature":
-            core.curvature(audit_dir)
-        elif stage == "validation":
-            core.validation(audit_dir, self.models, self.references)
-        elif stage == "scores":
-            core.shard_scores(audit_dir, shard)
-            self._write_shard_scores(audit_id, audit_dir, shard)
-        elif stage == "finalize":
-            self._finalize(audit_id, audit_dir)
-        else:
-            raise ValueError(f"unknown stage {stage!r}")
+        """The stage's ecif_core function (stages.py), then what the service records of it."""
+        manifest = None
+        if stage == FIRST:
+            with session_scope(self.database_url) as session:
+                manifest = Manifest.from_json(session.get(Audit, audit_id).manifest)
+        result = core.run_stage(stage, audit_dir, shard, manifest=manifest, image_roots=self.image_roots,
+                                models=self.models, references=self.references)
+        record = {"prepare": lambda: self._prepare(audit_id, audit_dir, result),
+                  "scores": lambda: self._write_shard_scores(audit_id, audit_dir, shard),
+                  "finalize": lambda: self._finalize(audit_id, audit_dir)}.get(stage)
+        if record is not None:
+            record()
 
-    def _prepare(self, audit_id: str, audit_dir: str) -> None:
-        with session_scope(self.database_url) as session:
-            manifest = Manifest.from_json(session.get(Audit, audit_id).manifest)
-        plan = core.prepare(manifest, audit_dir, image_roots=self.image_roots)
+    def _prepare(self, audit_id: str, audit_dir: str, plan: core.Plan) -> None:
         with session_scope(self.database_url) as session:
             session.execute(delete(Pair).where(Pair.audit_id == audit_id))
             _bulk_insert(session, Pair, _pair_rows(audit_id, audit_dir))
@@ -231,9 +225,9 @@ class Pipeline:
                     Shard.audit_id == audit_id, Shard.stage == stage, Shard.status == "done"))
                 if done < (audit.shards_total or 0):
                     return
-            following = NEXT_STAGE[stage]
+            following = next_stage(stage)
             values = {"stage": following}
-            if following == "done":
+            if following == DONE:
                 values.update(status="succeeded", finished_at=utcnow())
             moved = session.execute(update(Audit).where(Audit.id == audit_id, Audit.stage == stage,
                                                         Audit.status == "running").values(**values)).rowcount
@@ -241,9 +235,9 @@ class Pipeline:
                 return  # the audit is further on: later tasks own the dispatch
             pending = [s for (s,) in session.execute(select(Shard.shard).where(
                 Shard.audit_id == audit_id, Shard.stage == following, Shard.status != "done"))]
-            if following != "done":
+            if following != DONE:
                 mark_dispatched(session, following, audit_id, pending)
-        if following == "done":
+        if following == DONE:
             return
         if following in SHARDED:
             for shard in sorted(pending):
@@ -276,7 +270,7 @@ def error_text(exc: BaseException, limit: int = 4000) -> str:
 
 
 def _index(stage: str) -> int:
-    return STAGES.index(stage)
+    return position(stage)
 
 
 SCORE_COLUMNS = VALUE_COLUMNS  # every number column of ranked.csv is a column of the scores table

@@ -14,6 +14,7 @@ from typing import Iterator
 from sqlalchemy import delete, func, select, update
 from sqlalchemy.orm import Session
 
+from ecif_core.stages import FIRST
 from ecif_core.ranked import RANKED_COLUMNS, VALUE_COLUMNS, csv_row
 from ecif_core.manifest import Manifest
 
@@ -63,7 +64,7 @@ def create_audit(session: Session, owner: str, manifest: Manifest, store_root: s
                  audit_dir: str | Path | None = None) -> Audit:
     audit_id = str(uuid.uuid4())
     folder = Path(audit_dir) if audit_dir is not None else Path(store_root) / audit_id
-    audit = Audit(id=audit_id, owner=owner, status="queued", stage="prepare",
+    audit = Audit(id=audit_id, owner=owner, status="queued", stage=FIRST,
                   manifest=manifest.to_json(), audit_dir=str(folder.resolve()))
     session.add(audit)
     return audit

@@ -15,15 +15,12 @@ from celery.signals import worker_process_init, worker_ready
 from kombu.exceptions import OperationalError as BrokerUnavailable
 from sqlalchemy.exc import InterfaceError, OperationalError
 
+from ecif_core.stages import BY_NAME, STAGES, Stage
+
 from .celery_app import app
 
 _pipeline = None
 log = logging.getLogger("ecif.worker")
-
-
-TASK_NAMES = {"prepare": "ecif.tasks.cpu.prepare", "gradients": "ecif.tasks.gpu.shard_gradients",
-              "curvature": "ecif.tasks.cpu.curvature", "validation": "ecif.tasks.gpu.validation",
-              "scores": "ecif.tasks.cpu.shard_scores", "finalize": "ecif.tasks.cpu.finalize"}
 
 
 class CeleryDispatcher:
@@ -31,7 +28,7 @@ class CeleryDispatcher:
 
     def send(self, stage: str, audit_id: str, shard: int | None = None) -> None:
         args = [audit_id] if shard is None else [audit_id, shard]
-        app.send_task(TASK_NAMES[stage], args=args)
+        app.send_task(BY_NAME[stage].task, args=args)
 
 
 def pipeline():
@@ -64,34 +61,20 @@ RETRY = {"autoretry_for": (OperationalError, InterfaceError, BrokerUnavailable),
          "retry_backoff_max": 300, "max_retries": 10}
 
 
-@app.task(name="ecif.tasks.cpu.prepare", **RETRY)
-def prepare(audit_id: str) -> None:
-    pipeline().run("prepare", audit_id)
+def _stage_task(stage: Stage):
+    """The Celery task of one stage: (audit_id) or (audit_id, shard), run by the pipeline."""
+    if stage.sharded:
+        def run(audit_id: str, shard: int) -> None:
+            pipeline().run(stage.name, audit_id, shard)
+    else:
+        def run(audit_id: str) -> None:
+            pipeline().run(stage.name, audit_id)
+    run.__name__ = run.__qualname__ = stage.task.rsplit(".", 1)[-1]
+    run.__doc__ = f"Stage {stage.name!r} of an audit (ecif_core.stages)."
+    return app.task(name=stage.task, **RETRY)(run)
 
 
-@app.task(name="ecif.tasks.gpu.shard_gradients", **RETRY)
-def shard_gradients(audit_id: str, shard: int) -> None:
-    pipeline().run("gradients", audit_id, shard)
-
-
-@app.task(name="ecif.tasks.cpu.curvature", **RETRY)
-def curvature(audit_id: str) -> None:
-    pipeline().run("curvature", audit_id)
-
-
-@app.task(name="ecif.tasks.gpu.validation", **RETRY)
-def validation(audit_id: str) -> None:
-    pipeline().run("validation", audit_id)
-
-
-@app.task(name="ecif.tasks.cpu.shard_scores", **RETRY)
-def shard_scores(audit_id: str, shard: int) -> None:
-    pipeline().run("scores", audit_id, shard)
-
-
-@app.task(name="ecif.tasks.cpu.finalize", **RETRY)
-def finalize(audit_id: str) -> None:
-    pipeline().run("finalize", audit_id)
+STAGE_TASKS = {stage.name: _stage_task(stage) for stage in STAGES}  # one task per row of the stage table
 
 
 @app.task(name="ecif.tasks.gpu.trace", **RETRY)

@@ -21,9 +21,10 @@ class CeleryStarter:
     """Service mode: the prepare task goes to the broker."""
 
     def start(self, audit_id: str) -> None:
+        from ecif_core.stages import FIRST
         from workers.tasks import CeleryDispatcher
 
-        CeleryDispatcher().send("prepare", audit_id)
+        CeleryDispatcher().send(FIRST, audit_id)
 
     def start_trace(self, trace_id: str) -> None:
         from workers.tasks import app

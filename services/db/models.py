@@ -9,8 +9,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 STATUSES = ("queued", "running", "succeeded", "failed", "cancelled")
 FINISHED = ("succeeded", "failed", "cancelled")
-SHARDED = ("gradients", "scores")  # stages fanned out one task per shard
-STAGES = ("prepare", "gradients", "curvature", "validation", "scores", "finalize", "done")
+from ecif_core.stages import SHARDED, STAGE_NAMES as STAGES  # noqa: E402  (the one stage table)
 
 
 def utcnow() -> datetime:
@@ -38,7 +37,7 @@ class Audit(Base):
     id: Mapped[str] = mapped_column(String(36), primary_key=True)
     owner: Mapped[str] = mapped_column(String(200), index=True)
     status: Mapped[str] = mapped_column(String(16), default="queued", index=True)
-    stage: Mapped[str] = mapped_column(String(16), default="prepare")
+    stage: Mapped[str] = mapped_column(String(16), default=STAGES[0])
     manifest: Mapped[dict] = mapped_column(JSON)                     # resolved, validated manifest
     audit_dir: Mapped[str] = mapped_column(Text)
     shards_total: Mapped[int | None] = mapped_column(Integer, nullable=True)
