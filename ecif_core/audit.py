@@ -23,6 +23,7 @@ from .batching import hash_seed, ids_digest, partition, rebatch_within, training
 from .data import (ImageAccess, Pair, RejectedRow, batch_tensors, iter_pairs, load_batch, load_batch_images,
                    read_pairs)
 from .errors import ConfigError
+from .folder import AuditFolder
 from .evidence import CORRUPTIONS, corrupted_captions, separation
 from .gradients import per_pair_gradients
 from .hessian import DampedInverse, default_damping, eigendecompose, fisher_sum
@@ -163,7 +164,7 @@ def _file_identity(path: str | None) -> tuple[int, int] | None:
 
 def fetch_dir(audit_dir: str | Path) -> Path:
     """The audit's copies of its http(s) images (fetched once, by prepare)."""
-    return Path(audit_dir) / "fetched"
+    return AuditFolder(audit_dir).fetched
 
 
 def image_access(plan: Plan, audit_dir: str | Path) -> ImageAccess:
@@ -172,7 +173,7 @@ def image_access(plan: Plan, audit_dir: str | Path) -> ImageAccess:
 
 
 def _plan_path(audit_dir: Path) -> Path:
-    return Path(audit_dir) / "plan.json"
+    return AuditFolder(audit_dir).plan
 
 
 def load_plan(audit_dir: str | Path) -> Plan:
@@ -180,7 +181,7 @@ def load_plan(audit_dir: str | Path) -> Plan:
 
 
 def open_store(audit_dir: str | Path) -> AuditStore:
-    return AuditStore(str(Path(audit_dir) / "store.zarr"))
+    return AuditStore(AuditFolder(audit_dir).store)
 
 
 def load_slots(audit_dir: str | Path, shard: int | None = None) -> list[tuple[int, Pair]]:
@@ -188,7 +189,7 @@ def load_slots(audit_dir: str | Path, shard: int | None = None) -> list[tuple[in
     (a seek to its recorded offset: a shard task never parses the whole list)."""
     plan = load_plan(audit_dir) if shard is not None else None
     out = []
-    with (Path(audit_dir) / "pairs.jsonl").open("rb") as handle:
+    with AuditFolder(audit_dir).pairs.open("rb") as handle:
         if plan is not None:
             handle.seek(plan.shard_offsets[shard])
         for line in handle:
@@ -238,7 +239,7 @@ def prepare(manifest: Manifest, audit_dir: str | Path, image_roots: list[Path] |
         return plan
     o = manifest.options
     access = ImageAccess(image_roots, remote_images_of(manifest.remote_images), fetch_dir(audit_dir))
-    with _PairIndex(audit_dir / "prepare.sqlite") as index:
+    with _PairIndex(AuditFolder(audit_dir).prepare_index) as index:
         rejected, all_ids = index.fill(iter_pairs(manifest.train, access=access))
         if manifest.ids_digest and ids_digest(all_ids) != manifest.ids_digest:
             raise ConfigError("train", "its ids differ from the ones the model was trained on (training sidecar); "
@@ -256,14 +257,14 @@ def prepare(manifest: Manifest, audit_dir: str | Path, image_roots: list[Path] |
             raise ConfigError("train", f"no usable rows ({len(rejected)} rejected: {'; '.join(reasons)})")
         pairs_total = index.readable
         shard_offsets = []
-        with (audit_dir / "pairs.jsonl").open("wb") as handle:
+        with AuditFolder(audit_dir).pairs.open("wb") as handle:
             for b, batch in enumerate(batches):
                 if b % o.shard_batches == 0:
                     shard_offsets.append(handle.tell())
                 for position, p in enumerate(index.lookup(batch)):
                     handle.write(json.dumps({"slot": b * o.batch_size + position, "batch": b, "id": p.id,
                                              "image": p.image, "caption": p.caption}).encode() + b"\n")
-    with (audit_dir / "rejected.csv").open("w", encoding="utf-8", newline="") as handle:
+    with AuditFolder(audit_dir).rejected.open("w", encoding="utf-8", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["row", "id", "reason"])
         writer.writerows([(r.row, r.id, r.reason) for r in rejected])
@@ -667,7 +668,7 @@ def finalize(audit_dir: str | Path) -> Path:
     """Rank every usable pair and write ranked.csv (rank 1 = most likely misaligned)."""
     result = final_ranking(audit_dir)
     cols = result.columns
-    path = Path(audit_dir) / "ranked.csv"
+    path = AuditFolder(audit_dir).ranked
     with path.open("w", encoding="utf-8", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(RANKED_COLUMNS)
@@ -730,5 +731,5 @@ def run_audit(manifest: Manifest | str | Path, audit_dir: str | Path, progress: 
                 shards = result.shards
             report(spec.name, 1 if shard is None else shard + 1, 1 if shard is None else shards)
     timing["total"] = sum(timing.values())
-    (Path(audit_dir) / "timing.json").write_text(json.dumps(timing, indent=1))
-    return Path(audit_dir) / "ranked.csv"
+    AuditFolder(audit_dir).timing.write_text(json.dumps(timing, indent=1))
+    return AuditFolder(audit_dir).ranked

@@ -7,6 +7,7 @@ from typing import Callable
 
 from sqlalchemy import delete, select
 
+from ecif_core.folder import AuditFolder
 from ecif_core.errors import EcifError
 from ecif_core.manifest import load_manifest
 
@@ -49,11 +50,12 @@ def run_embedded(manifest_path: str | Path, out: str | Path, progress: Progress 
         audit = session.get(Audit, audit_id)
         if audit.status != "succeeded":
             raise AuditFailed(audit.error or f"audit ended {audit.status}")
-    _write(out / "ranked.csv", repository.results_csv(url, audit_id))
-    _write(out / "rejected.csv", repository.rejected_csv(url, audit_id))
-    page = audit_report_html(url, audit_id, {"results": "ranked.csv", "rejected": "rejected.csv"})
-    _write(out / "report.html", [page])
-    return out / "ranked.csv"
+    folder = AuditFolder(out)
+    _write(folder.ranked, repository.results_csv(url, audit_id))
+    _write(folder.rejected, repository.rejected_csv(url, audit_id))
+    page = audit_report_html(url, audit_id, {"results": folder.ranked.name, "rejected": folder.rejected.name})
+    _write(folder.report, [page])
+    return folder.ranked
 
 
 def _reporter(url: str, progress: Progress) -> Callable[[str, str, int | None], None]:

@@ -24,6 +24,7 @@ from sqlalchemy import delete, func, insert, select, update
 from sqlalchemy.exc import IntegrityError, InterfaceError, OperationalError, StatementError
 from sqlalchemy.orm import Session
 
+from ecif_core.folder import AuditFolder
 from ecif_core import audit as core
 from ecif_core.errors import EcifError
 from ecif_core.manifest import Manifest
@@ -296,7 +297,7 @@ def _pair_rows(audit_id: str, audit_dir: str):
     """Usable pairs (slot order) from prepare's pairs.jsonl, then rejected rows from rejected.csv."""
     for slot, pair in core.load_slots(audit_dir):
         yield {"audit_id": audit_id, "pair_id": pair.id, "slot": slot, "image": pair.image, "caption": pair.caption}
-    with (Path(audit_dir) / "rejected.csv").open(encoding="utf-8", newline="") as handle:
+    with AuditFolder(audit_dir).rejected.open(encoding="utf-8", newline="") as handle:
         for row in csv.DictReader(handle):
             yield {"audit_id": audit_id, "pair_id": row["id"], "row": int(row["row"]), "reason": row["reason"]}
 

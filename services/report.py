@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 from sqlalchemy import select
 
+from ecif_core.folder import AuditFolder
 from ecif_core.audit import SUSPECT_Z
 from ecif_core.data import TAR_MEMBER, load_image, local_image
 from ecif_core.remote import is_url
@@ -250,7 +251,7 @@ class _Thumbnails:
     def __init__(self, audit_dir: Path, data_roots: list[Path] | None) -> None:
         from ecif_core.audit import fetch_dir
 
-        self.folder = audit_dir / "thumbs"
+        self.folder = AuditFolder(audit_dir).thumbnails
         self.roots = data_roots
         self.fetched = fetch_dir(audit_dir)
 

@@ -14,6 +14,7 @@ from typing import Iterator
 from sqlalchemy import delete, func, select, update
 from sqlalchemy.orm import Session
 
+from ecif_core.folder import AuditFolder
 from ecif_core.stages import FIRST
 from ecif_core.ranked import RANKED_COLUMNS, VALUE_COLUMNS, csv_row
 from ecif_core.manifest import Manifest
@@ -241,7 +242,7 @@ def create_edit(session: Session, audit: Audit, request: dict) -> Edit:
     mixed with the audit's own files."""
     edit_id = str(uuid.uuid4())
     edit = Edit(id=edit_id, audit_id=audit.id, owner=audit.owner, status="queued", request=request,
-                edit_dir=str(Path(audit.audit_dir) / "edits" / edit_id))
+                edit_dir=str(AuditFolder(audit.audit_dir).edit(edit_id)))
     session.add(edit)
     return edit
 
