@@ -177,5 +177,5 @@ def test_quick_run_end_to_end(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
     # A changed setting makes the cell stale (its cache key differs), so it would be recomputed.
     assert cells.cached_result(quick(["same_domain"]), out, spec) is not None
     changed = quick(["same_domain"])
-    changed.epochs += 1
+    changed.epochs = {**changed.epochs, "same_domain": changed.epochs["same_domain"] + 1}
     assert cells.cached_result(changed, out, spec) is None

@@ -66,7 +66,7 @@ def ensure_base(settings: FinetuneSettings, out: Path, say: Callable[[str], None
     started = time.perf_counter()
     result = train(train_split.path, config, checkpoint,
                    TrainConfig(epochs=settings.base_epochs, batch_size=settings.batch_size, lr=settings.base_lr,
-                               weight_decay=settings.weight_decay, seed=settings.base_seed))
+                               weight_decay=settings.base_weight_decay, seed=settings.base_seed))
     seconds = time.perf_counter() - started
     loaded = load_model(config=config, checkpoint=checkpoint)
     retrieval = {name: retrieval_accuracy(loaded, split, VOCABULARIES[name]) for name, split in tests.items()}

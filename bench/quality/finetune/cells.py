@@ -106,8 +106,9 @@ def build_data(folder: Path, settings: FinetuneSettings, spec: CellSpec) -> Cell
 
 def train_config(settings: FinetuneSettings, spec: CellSpec, checkpoints: int) -> TrainConfig:
     lora = spec.tuning == "lora"
-    return TrainConfig(epochs=settings.epochs, batch_size=settings.batch_size,
-                       lr=settings.lora_lr if lora else settings.lr, weight_decay=settings.weight_decay, seed=spec.seed,
+    return TrainConfig(epochs=settings.epochs[spec.regime], batch_size=settings.batch_size,
+                       lr=(settings.lora_lr if lora else settings.lr)[spec.regime], weight_decay=settings.weight_decay,
+                       seed=spec.seed,
                        checkpoints=checkpoints, lora_rank=settings.lora_rank if lora else None)
 
 
@@ -226,7 +227,7 @@ def _baselines(settings: FinetuneSettings, spec: CellSpec, data: CellData, confi
         reference, train_batches, settings.batch_size, settings.neg_clip_repeats, spec.seed))
     raw["own_loss"] = timed("own_loss", lambda: baselines.own_loss(loaded, train_batches))
     snapshots = [Path(p) for p in _sidecar(model_path, spec.tuning == "lora")["checkpoints"]]
-    weights = checkpoint_weights(settings.epochs, settings.checkpoints, len(train_batches), cfg.lr, cfg.warmup_steps)
+    weights = checkpoint_weights(cfg.epochs, settings.checkpoints, len(train_batches), cfg.lr, cfg.warmup_steps)
     influence, self_influence = timed("self_tracin", lambda: baselines.tracin(
         [lambda p=p: load(p) for p in snapshots], weights, list(settings.tracin_theta), train_batches, val_batches))
     raw["self_tracin"], raw["tracin"] = self_influence, influence

@@ -62,7 +62,10 @@ def parse_args(argv: list[str]) -> tuple[FinetuneSettings, argparse.Namespace]:
         if name == "regimes":
             continue
         flag = "--" + name.replace("_", "-")
-        if isinstance(value, list):
+        if isinstance(value, dict):
+            parser.add_argument(flag, type=json.loads, default=argparse.SUPPRESS, metavar="JSON",
+                                help="per regime, e.g. '{\"same_domain\": 3, \"domain_shift\": 8}'")
+        elif isinstance(value, list):
             item = type(value[0]) if value else str
             parser.add_argument(flag, type=item, nargs="*", default=argparse.SUPPRESS)
         else:
