@@ -46,11 +46,12 @@ def corrupt(items: Sequence[Item], vocab: Vocabulary, kind: str, fraction: float
     details = [""] * n
     mapping: dict[str, str] = {}
     if kind == "shuffle":
+        clean = list(captions)  # the source is always a clean caption (never one corrupted a moment ago)
         chosen = rng.choice(n, size=n_bad, replace=False)
         for i in chosen:
             others = [j for j in range(n) if items[j].label != items[i].label]
             j = int(rng.choice(others))
-            captions[i], details[i] = captions[j], f"caption of {j}"
+            captions[i], details[i] = clean[j], f"caption of {j}"
     elif kind == "attribute":
         chosen = rng.choice(n, size=n_bad, replace=False)
         for i in chosen:
