@@ -3,6 +3,7 @@
     python -m bench.quality                      # full run (about 19 min on 2 cores, 2 worker processes)
     python -m bench.quality --quick              # reduced version of each experiment (about 20 s)
     python -m bench.quality --resume             # reuse finished detection runs of the same settings
+    python -m bench.quality --regime all         # the fine-tuning benchmark instead (bench/quality/finetune)
 
 Independent runs go to `--workers` processes with `--threads` torch threads each (see pipeline).
 """
@@ -71,6 +72,11 @@ def _item_type(name: str) -> Callable[[str], Any]:
 
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else list(argv)
+    if any(a == "--regime" or a.startswith("--regime=") for a in argv):  # the fine-tuning benchmark
+        from .finetune.runner import main as finetune_main
+
+        finetune_main(argv)
+        return
     settings, args = parse_args(argv)
     out = Path(args.out).resolve()  # manifests hold absolute paths (relative ones resolve against the manifest)
     out.mkdir(parents=True, exist_ok=True)
