@@ -659,7 +659,8 @@ def final_ranking(audit_dir: str | Path) -> Ranking:
     scored_shift(plan, open_store(audit_dir))  # every shard scored, all with one damping
     o = _manifest_of(plan).options
     slots, pairs, cols = _scored_columns(audit_dir)
-    score = misalignment_score({k: torch.from_numpy(v) for k, v in cols.items()}, o.rank_by).numpy()
+    score = misalignment_score({k: torch.from_numpy(np.asarray(v, dtype=np.float64)) for k, v in cols.items()},
+                               o.rank_by, audit_evidence(audit_dir)).numpy()
     order = ranking(torch.from_numpy(score)).numpy()
     return Ranking(slots, pairs, cols, order, suspected_flags(cols["leave_own_out"]))
 
@@ -679,15 +680,25 @@ def finalize(audit_dir: str | Path) -> Path:
     return path
 
 
+def audit_evidence(audit_dir: str | Path) -> dict[str, dict[str, float]] | None:
+    """How well each model's CLIP score separated clean from corrupted validation pairs (validation
+    stage, evidence.py); None without a validation set."""
+    store = open_store(audit_dir)
+    if not store.is_complete("validation/grad"):
+        return None
+    return store.root["validation/grad"].attrs.get("evidence")
+
+
 def misalignment_columns(audit_dir: str | Path) -> tuple[list[str], dict[str, np.ndarray]]:
     """Pair ids (slot order) and, for every ranking rule this audit can use, its score (higher =
     more likely misaligned): re-ranking a finished audit costs no gradient (benchmarks, what-ifs)."""
     _, pairs, cols = _scored_columns(audit_dir)
     scores = {k: torch.from_numpy(np.asarray(v, dtype=np.float64)) for k, v in cols.items()}
+    evidence = audit_evidence(audit_dir)
     out = {}
     for rule in RANK_BY:
         try:
-            out[rule] = misalignment_score(scores, rule).numpy()
+            out[rule] = misalignment_score(scores, rule, evidence).numpy()
         except ValueError:  # needs a validation set or a reference this audit lacks
             continue
     return [p.id for p in pairs], out

@@ -24,7 +24,18 @@ SINGLE_RANKINGS: dict[str, str | None] = {
     "self_influence": None, "self_influence_clip": None, "clip_score": None, "clip_score_loo": None,
     "influence": "validation", "influence_per_example": "validation",
     "reference_clip_score": "reference", "reference_negclip": "reference"}
-RANK_BY: tuple[str, ...] = (*SINGLE_RANKINGS, "combined")
+# Evidence-weighted rankings: the audited model's own evidence (an in-sample ECIF score) and the
+# reference model's CLIP score, each weighted by how well its model's cosine separates clean
+# validation pairs from corrupted copies (evidence.py). (audited column, weight power, combination)
+EVIDENCE_RULES: dict[str, tuple[str, float, str]] = {
+    "evidence": ("self_influence", 1.0, "rank"),
+    "evidence_loo": ("clip_score_loo", 1.0, "rank"),
+    "evidence_clip": ("self_influence_clip", 1.0, "rank"),
+    "evidence_sq": ("self_influence", 2.0, "rank"),
+    "evidence_z": ("self_influence", 1.0, "z"),
+    "evidence_loo_z": ("clip_score_loo", 1.0, "z"),
+}
+RANK_BY: tuple[str, ...] = (*SINGLE_RANKINGS, "combined", *EVIDENCE_RULES)
 RankBy = str
 
 
@@ -119,8 +130,12 @@ def relative_is(test_pos: torch.Tensor, test_neg: torch.Tensor, gram_pos_pos: to
     return torch.where(regular, quad.clamp_min(0).sqrt(), fallback)
 
 
-def misalignment_score(scores: dict[str, torch.Tensor], rank_by: RankBy) -> torch.Tensor:
-    """Higher = more likely misaligned, for the chosen ranking rule."""
+def misalignment_score(scores: dict[str, torch.Tensor], rank_by: RankBy,
+                       evidence: dict[str, dict[str, float]] | None = None) -> torch.Tensor:
+    """Higher = more likely misaligned, for the chosen ranking rule. `evidence`: the validation
+    stage's AUROC per model ({"clip_score": {"mean": ...}, "reference_clip_score": {...}})."""
+    if rank_by in EVIDENCE_RULES:
+        return evidence_weighted(scores, *EVIDENCE_RULES[rank_by], evidence)
     if rank_by in SINGLE_RANKINGS:
         column = scores[rank_by].to(torch.float64)
         if torch.isnan(column).all():
@@ -129,6 +144,48 @@ def misalignment_score(scores: dict[str, torch.Tensor], rank_by: RankBy) -> torc
     if rank_by == "combined":
         return _rank_average(scores["self_influence"], -scores["influence"])
     raise ValueError(f"rank_by must be one of {RANK_BY}, got {rank_by!r}")
+
+
+def evidence_weight(auroc: float | None, power: float = 1.0) -> float:
+    """(2 AUROC - 1)^power clipped at 0: 0 for a model at chance on this domain, 1 for a perfect one."""
+    if auroc is None or auroc != auroc:
+        return 1.0  # no validation set: no evidence either way, equal weights
+    return max(0.0, 2.0 * auroc - 1.0) ** power
+
+
+def evidence_weighted(scores: dict[str, torch.Tensor], audited: str, power: float, how: str,
+                      evidence: dict[str, dict[str, float]] | None) -> torch.Tensor:
+    """Weighted mean of the normalised ranks (or robust z-scores) of the audited model's `audited`
+    column and the reference's CLIP score, weighted by each model's evidence on this data. Without a
+    reference it is the audited column alone (same order as ranking by it)."""
+    evidence = evidence or {}
+    parts = [(SUSPICION_SIGN[audited] * scores[audited].to(torch.float64),
+              evidence_weight(evidence.get("clip_score", {}).get("mean"), power))]
+    reference = scores.get("reference_clip_score")
+    if reference is not None and not torch.isnan(reference).all():
+        parts.append((-reference.to(torch.float64),
+                      evidence_weight(evidence.get("reference_clip_score", {}).get("mean"), power)))
+    total = sum(w for _, w in parts)
+    if total == 0:  # both at chance: nothing to weigh by, equal weights
+        parts, total = [(c, 1.0) for c, _ in parts], float(len(parts))
+    normalise = _normalised_rank if how == "rank" else _robust_z
+    return sum(w * normalise(c) for c, w in parts) / total
+
+
+def _normalised_rank(column: torch.Tensor) -> torch.Tensor:
+    """Rank in [0, 1] (NaN lowest)."""
+    column = torch.nan_to_num(column, nan=-float("inf"))
+    return torch.argsort(torch.argsort(column, stable=True)).to(torch.float64) / max(len(column) - 1, 1)
+
+
+def _robust_z(column: torch.Tensor) -> torch.Tensor:
+    """(x - median) / (1.4826 MAD), NaN lowest; a column with MAD 0 contributes its ranks instead."""
+    finite = column[~torch.isnan(column)]
+    median = finite.median()
+    mad = 1.4826 * (finite - median).abs().median()
+    if float(mad) == 0.0:
+        return _normalised_rank(column)
+    return torch.nan_to_num((column - median) / mad, nan=float(((finite - median) / mad).min()))
 
 
 def _rank_average(*columns: torch.Tensor) -> torch.Tensor:

@@ -205,6 +205,12 @@ def _sidecar(model_path: Path, lora: bool) -> dict:
     return json.loads(path.read_text())
 
 
+def _snapshots(model_path: Path, lora: bool) -> list[Path]:
+    """The trainer's intermediate checkpoints; the sidecar lists them relative to its own folder."""
+    home = model_path if lora else model_path.parent
+    return [home / p for p in _sidecar(model_path, lora)["checkpoints"]]
+
+
 def _baselines(settings: FinetuneSettings, spec: CellSpec, data: CellData, config: Path, base: Path,
                model_path: Path, cfg: TrainConfig, loaded: LoadedModel, reference: LoadedModel,
                load: Callable[[Path], LoadedModel], timings: dict[str, float]) -> dict[str, Any]:
@@ -226,7 +232,7 @@ def _baselines(settings: FinetuneSettings, spec: CellSpec, data: CellData, confi
     raw["neg_clip_loss_reference"] = timed("neg_clip_loss_reference", lambda: baselines.reference_neg_clip_loss(
         reference, train_batches, settings.batch_size, settings.neg_clip_repeats, spec.seed))
     raw["own_loss"] = timed("own_loss", lambda: baselines.own_loss(loaded, train_batches))
-    snapshots = [Path(p) for p in _sidecar(model_path, spec.tuning == "lora")["checkpoints"]]
+    snapshots = _snapshots(model_path, spec.tuning == "lora")
     weights = checkpoint_weights(cfg.epochs, settings.checkpoints, len(train_batches), cfg.lr, cfg.warmup_steps)
     influence, self_influence = timed("self_tracin", lambda: baselines.tracin(
         [lambda p=p: load(p) for p in snapshots], weights, list(settings.tracin_theta), train_batches, val_batches))
@@ -242,8 +248,7 @@ def _baselines(settings: FinetuneSettings, spec: CellSpec, data: CellData, confi
 
 def _cleanup_snapshots(model_path: Path, lora: bool) -> None:
     """Delete the intermediate checkpoints (TracIn has used them); the final model stays for the audit."""
-    for snapshot in _sidecar(model_path, lora)["checkpoints"]:
-        path = Path(snapshot)
+    for path in _snapshots(model_path, lora):
         if path.resolve() == model_path.resolve():
             continue
         if path.is_dir():

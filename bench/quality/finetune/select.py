@@ -1,0 +1,68 @@
+"""Choose the default ranking on the development seeds: every candidate rule, re-ranked from the
+cells' finished audits (no gradient recomputed), scored against the truth; the test seeds are not read.
+
+    python -m bench.quality.finetune.select --out /work/bench-out/finetune [--split dev]
+
+Candidates are the product's own ranking rules (`ecif_core.audit.misalignment_columns`, which include
+the evidence-weighted ones) and, for comparison, the benchmark's baselines from each cell's scores.npz.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+from ecif_core.audit import misalignment_columns
+
+from .evaluate import detection, truth_labels
+from .scores import aligned
+
+
+def cell_candidates(folder: Path) -> tuple[list[str], dict[str, np.ndarray]]:
+    """(ids, {candidate: score}) of one finished cell: the product's rules and the saved baselines."""
+    ids, rules = misalignment_columns(folder / "audit")
+    saved = np.load(folder / "scores.npz")
+    saved_ids = [str(i) for i in saved["ids"]]
+    out = {f"rank_by:{name}": values for name, values in rules.items()}
+    for key in saved.files:
+        if key.startswith("baseline__"):
+            out[key.replace("__", ":")] = aligned(saved[key], saved_ids, ids)
+    return ids, out
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench.quality.finetune.select", description=__doc__)
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--split", default="dev", choices=["dev", "test"])
+    args = parser.parse_args(argv)
+    table: dict[tuple, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+    for record_path in sorted((Path(args.out) / "cells").glob("*.json")):
+        record = json.loads(record_path.read_text())
+        spec = record["spec"]
+        if spec["split"] != args.split:
+            continue
+        folder = record_path.with_suffix("")
+        ids, candidates = cell_candidates(folder)
+        labels = truth_labels(folder / "truth.csv", ids)
+        metrics = detection(candidates, labels, [])
+        group = (spec["regime"], spec["corruption"], spec["tuning"], spec["fraction"])
+        for name, m in metrics.items():
+            table[group][name].append(m["auroc"])
+    overall: dict[str, list[float]] = defaultdict(list)
+    for group, scores in sorted(table.items()):
+        print(" ".join(map(str, group)))
+        for name, values in sorted(scores.items(), key=lambda kv: -np.mean(kv[1]))[:14]:
+            print(f"   {name:48s} {np.mean(values):.3f} ({len(values)})")
+        best_baseline = max(np.mean(v) for n, v in scores.items() if n.startswith("baseline:"))
+        for name, values in scores.items():
+            overall[name].append(np.mean(values) - best_baseline)
+    print("mean margin over the best baseline of each group (min):")
+    for name, margins in sorted(overall.items(), key=lambda kv: -np.mean(kv[1]))[:20]:
+        print(f"   {name:48s} {np.mean(margins):+.3f} (min {np.min(margins):+.3f})")
+
+
+if __name__ == "__main__":
+    main()
