@@ -111,9 +111,6 @@ def write_outputs(results: dict[str, Any], out: Path) -> None:
 def run(settings: FinetuneSettings, out: Path, workers: int, threads: int = 1, command: str = "",
         tables_only: bool = False, log: Callable[[str], None] = say) -> dict[str, Any]:
     """Base, then every unfinished cell; returns the results (also written to OUT)."""
-    from .base import ensure_base
-    from .cells import cached_result, cell_specs
-
     out = Path(out).resolve()  # manifests hold absolute paths
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
@@ -123,7 +120,23 @@ def run(settings: FinetuneSettings, out: Path, workers: int, threads: int = 1, c
         results = collect(settings, out, base_record, command, started, {}, workers, threads)
         write_outputs(results, out)
         return results
-    _worker_init(threads) if workers <= 1 else None
+    import torch
+
+    restore_threads = torch.get_num_threads()
+    try:
+        if workers <= 1:
+            _worker_init(threads)
+        return _run_grid(settings, out, workers, threads, command, log, started)
+    finally:
+        if torch.get_num_threads() != restore_threads:  # in-process: leave the caller's setting as it was
+            torch.set_num_threads(restore_threads)
+
+
+def _run_grid(settings: FinetuneSettings, out: Path, workers: int, threads: int, command: str,
+              log: Callable[[str], None], started: float) -> dict[str, Any]:
+    from .base import ensure_base
+    from .cells import cached_result, cell_specs
+
     base = ensure_base(settings, out, log)
     specs = cell_specs(settings)
     pending = [s for s in specs if cached_result(settings, out, s) is None]

@@ -1,9 +1,10 @@
 """Sizes, the grid of cells and the `--quick` preset of the fine-tuning benchmark.
 
 Sizes: the full grid is 96 cells (24 of them with 5-fold cross-fitting). Measured with 2 single-thread
-workers on the shared 2-core machine: a same-domain cell about 70 s, a domain-shift cell about 85 s, a
-cross-fit adds 5 fine-tunes; the grid takes about 85-90 minutes. The audit (product defaults) and the
-baselines alone cost about 50 s per cell, so a 45-minute grid would need about 350 fine-tuning pairs.
+workers on the 2-core machine while it was otherwise idle: a cell without cross-fitting 30-50 s (fine-tune
+4-26 s, audit 13-21 s, baselines about 6 s), cross-fitting 19-97 s more; about 47 minutes for the grid.
+Under another user's test load the same cells took about twice as long. The base (3000 pairs x 40 epochs)
+is pretrained once, about 8-13 minutes, and cached.
 """
 from __future__ import annotations
 
