@@ -37,8 +37,12 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.quality.finetune.select", description=__doc__)
     parser.add_argument("--out", required=True)
     parser.add_argument("--split", default="dev", choices=["dev", "test"])
+    parser.add_argument("--flag-rules", nargs="*", default=["evidence_z", "evidence_loo_z"],
+                        help="z-scaled rules whose threshold the suspected flag could use")
+    parser.add_argument("--thresholds", nargs="*", type=float, default=[1.5, 2.0, 2.5, 3.0, 3.5])
     args = parser.parse_args(argv)
     table: dict[tuple, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+    flags: dict[tuple, list[tuple[float, float, float]]] = defaultdict(list)
     for record_path in sorted((Path(args.out) / "cells").glob("*.json")):
         record = json.loads(record_path.read_text())
         spec = record["spec"]
@@ -51,6 +55,14 @@ def main(argv: list[str] | None = None) -> None:
         group = (spec["regime"], spec["corruption"], spec["tuning"], spec["fraction"])
         for name, m in metrics.items():
             table[group][name].append(m["auroc"])
+        for name in args.flag_rules:
+            values = candidates.get(f"rank_by:{name}")
+            if values is None:
+                continue
+            for z in args.thresholds:
+                flagged = values > z
+                precision = float(labels[flagged].mean()) if flagged.any() else float("nan")
+                flags[(group, name, z)].append((float(flagged.mean()), precision, float(labels[flagged].sum() / max(labels.sum(), 1))))
     overall: dict[str, list[float]] = defaultdict(list)
     for group, scores in sorted(table.items()):
         print(" ".join(map(str, group)))
@@ -59,6 +71,10 @@ def main(argv: list[str] | None = None) -> None:
         best_baseline = max(np.mean(v) for n, v in scores.items() if n.startswith("baseline:"))
         for name, values in scores.items():
             overall[name].append(np.mean(values) - best_baseline)
+    print("flag: (flagged fraction, precision, recall) mean over seeds")
+    for (group, name, z), values in sorted(flags.items()):
+        frac, prec, rec = (np.nanmean([v[i] for v in values]) for i in range(3))
+        print(f"   {' '.join(map(str, group)):40s} {name:16s} z>{z:<4} flagged {frac:.3f} precision {prec:.3f} recall {rec:.3f}")
     print("mean margin over the best baseline of each group (min):")
     for name, margins in sorted(overall.items(), key=lambda kv: -np.mean(kv[1]))[:20]:
         print(f"   {name:48s} {np.mean(margins):+.3f} (min {np.min(margins):+.3f})")
