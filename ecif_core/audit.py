@@ -20,7 +20,8 @@ import torch
 from . import __version__
 from .confine import confined
 from .batching import hash_seed, ids_digest, partition, rebatch_within, training_batches
-from .data import ImageAccess, Pair, RejectedRow, iter_pairs, load_batch, read_pairs
+from .images import ImageAccess, load_batch
+from .sources import Pair, RejectedRow, iter_pairs, partition_id, read_pairs
 from .errors import ConfigError
 from .gradients import loss_gradient, per_pair_gradients
 from .hessian import DampedInverse, default_damping, eigendecompose, fisher_sum
@@ -278,8 +279,8 @@ class _PairIndex:
                     chunk = []
             else:
                 rejected.append(item)
-            if not (isinstance(item, RejectedRow) and item.unreadable):
-                ids.append(item.id)
+            if (pair_id := partition_id(item)) is not None:
+                ids.append(pair_id)
         self.db.executemany("INSERT INTO pairs VALUES (?, ?, ?)", chunk)
         self.readable = len(ids)
         return rejected, ids

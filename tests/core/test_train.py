@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from ecif_core.batching import partition
-from ecif_core.data import read_pairs
+from ecif_core.sources import read_pairs
 from ecif_core.datasets.digits import build_digits
 from ecif_core.train import TrainConfig, train
 from tests.core.helpers import MICRO_CONFIG

@@ -17,7 +17,8 @@ from sqlalchemy import func, insert, select
 from sqlalchemy.exc import DataError
 from sqlalchemy.orm import Session
 
-from ecif_core.data import ImageAccess, Pair as UsablePair, iter_pairs
+from ecif_core.images import ImageAccess
+from ecif_core.sources import Pair as UsablePair, iter_pairs
 from ecif_core.manifest import load_manifest
 from services import repository
 from services.db.models import Audit, Pair, Score
