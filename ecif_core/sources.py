@@ -114,7 +114,10 @@ def read_pair_rows(source: "str | Path | dict | Source", field: str = "train",
             continue
         if keys is None:
             keys = _columns(row.keys(), source, path, field)
-        yield number, {"id": row.get(keys[0]) if keys[0] else None, "image": row.get(keys[1]),
+        id_key = keys[0]
+        if source.format == "jsonl" and source.id_key is None:  # each line is an object of its own:
+            id_key = next((k for k in ID_KEYS if k in row), None)  # an id-less first row leaves the rest theirs
+        yield number, {"id": row.get(id_key) if id_key else None, "image": row.get(keys[1]),
                        "caption": row.get(keys[2])}
 
 

@@ -35,6 +35,17 @@ def test_ids_are_kept_as_written_and_malformed_lines_do_not_collide(tmp_path):
     assert rejected[2].reason == "row is not a JSON object"
 
 
+def test_a_jsonl_row_keeps_its_id_when_the_first_row_has_none(tmp_path):
+    """Each JSONL line is an object of its own: an id-less first row (a stable hash) does not
+    take the ids of the rows after it (two of which would then hash alike: a duplicate)."""
+    _png(tmp_path / "a.png")
+    rows = [{"image": "a.png", "caption": "no id"}, {"id": "x", "image": "a.png", "caption": "same"},
+            {"id": "y", "image": "a.png", "caption": "same"}]
+    (tmp_path / "p.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    pairs, rejected, ids = read_pairs(tmp_path / "p.jsonl")
+    assert ids[1:] == ["x", "y"] and ids[0].startswith("sha1-") and not rejected
+
+
 def test_csv_from_excel_with_byte_order_mark_keeps_ids(tmp_path):
     _png(tmp_path / "a.png")
     (tmp_path / "p.csv").write_bytes("\ufeffid,image,caption,extra\nmy-id,a.png,a caption é,x\n".encode("utf-8"))
