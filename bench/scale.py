@@ -197,7 +197,8 @@ def synthetic_pairs(out: Path, n: int, size: int = 32, seed: int = 0) -> Path:
 def vit_part(out: Path, batch_sizes: list[int], batches: int, device: torch.device, thetas: dict,
              pairs_total: int | None = None, epoch_batches: int | None = None,
              memory_limit: str | None = None) -> list[dict]:
-    from ecif_core.data import load_batch, read_pairs
+    from ecif_core.images import load_batch
+    from ecif_core.sources import read_pairs
     from ecif_core.gradients import choose_method
     from ecif_core.models import load_model
 
@@ -247,7 +248,8 @@ class _Stop(Exception):
 def probe_part(out: Path, batch: int, backwards: int, memory_limit: str | None, device: torch.device,
                chunk: int = 64) -> dict:
     """Peak memory of the ViT-B-32 gradients stage at batch B, stopped after a few backwards."""
-    from ecif_core.data import load_batch, read_pairs
+    from ecif_core.images import load_batch
+    from ecif_core.sources import read_pairs
     from ecif_core.gradients import per_pair_gradients
     from ecif_core.memory import parse_bytes
     from ecif_core.models import load_model, restrict_grad_to, select_theta

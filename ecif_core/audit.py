@@ -20,8 +20,8 @@ import torch
 from . import __version__
 from .confine import confined
 from .batching import hash_seed, ids_digest, partition, rebatch_within, training_batches
-from .data import (ImageAccess, Pair, RejectedRow, batch_tensors, iter_pairs, load_batch, load_batch_images,
-                   read_pairs)
+from .images import ImageAccess, batch_tensors, load_batch, load_batch_images
+from .sources import Pair, RejectedRow, iter_pairs, partition_id, read_pairs
 from .errors import ConfigError
 from .folder import AuditFolder
 from .evidence import CORRUPTIONS, corrupted_captions, separation
@@ -312,8 +312,8 @@ class _PairIndex:
                     chunk = []
             else:
                 rejected.append(item)
-            if not (isinstance(item, RejectedRow) and item.unreadable):
-                ids.append(item.id)
+            if (pair_id := partition_id(item)) is not None:
+                ids.append(pair_id)
         self.db.executemany("INSERT INTO pairs VALUES (?, ?, ?)", chunk)
         self.readable = len(ids)
         return rejected, ids

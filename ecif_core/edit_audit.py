@@ -20,7 +20,8 @@ import torch
 
 from .audit import Ranking, final_ranking, image_access, model_files, load_plan, load_slots, open_store
 from .batching import partition
-from .data import load_batch, load_image, read_pairs
+from .images import load_batch, load_image
+from .sources import read_pairs
 from .edit import EditSettings, LeaveOutObjective, TrainingBatch, apply_delta, edit_parameters
 from .errors import ConfigError
 from .losses import batch_loss, pair_logits

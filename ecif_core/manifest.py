@@ -7,11 +7,13 @@ checkpoint's sidecar (written by ecif_core.train), then from the defaults below.
 """
 from __future__ import annotations
 
+import copy
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterator
 
-from .data import MAX_SHARDS, shard_paths, source_of
+from .shards import MAX_SHARDS, shard_paths
+from .sources import source_of
 from .errors import ConfigError, read_json_file
 from .values import check_json_values
 from .remote import remote_images_of
@@ -21,9 +23,10 @@ from .projection import ProjectionSpec
 from .scores import RANK_BY
 
 SIDECAR_SUFFIX = ".json"
+# Fields holding paths: a source object keeps its path under "path" (for webdataset, a list of shards).
 PATH_KEYS = (("train",), ("train", "path"), ("validation",), ("validation", "path"), ("model", "checkpoint"),
              ("model", "config"), ("model", "adapter"), ("reference", "checkpoint"), ("reference", "config"),
-             ("reference", "adapter"))  # fields holding paths (a source object keeps its path under "path")
+             ("reference", "adapter"))
 CURVATURE_KINDS = ("full", "blocks")
 # Upper bounds (README, options table): each bounds the memory or time one request can ask for.
 BOUNDS: dict[str, tuple[float, float]] = {
@@ -93,6 +96,38 @@ class Manifest:
                    adapter=data["model"].get("adapter"), reference=data.get("reference"))
 
 
+def manifest_paths(raw: Any) -> Iterator[tuple[str, str]]:
+    """(field, path) for every path in a raw manifest, in PATH_KEYS order: each pair file,
+    each shard of a webdataset list (named by the list's field), checkpoint, config, adapter.
+    Values that are not non-empty strings are left to the manifest's own checks."""
+    for name, holder, key in _path_slots(raw):
+        yield name, holder[key]
+
+
+def with_paths(raw: Any, change: Callable[[str, str], str]) -> dict:
+    """A copy of a raw manifest with every path replaced by change(field, path)."""
+    raw = copy.deepcopy(raw)
+    for name, holder, key in _path_slots(raw):
+        holder[key] = change(name, holder[key])
+    return raw
+
+
+def _path_slots(raw: Any) -> Iterator[tuple[str, dict | list, str | int]]:
+    """(field, container, key) of every path string: the one walk over PATH_KEYS."""
+    for keys in PATH_KEYS:
+        holder = raw
+        for key in keys[:-1]:
+            holder = holder.get(key) if isinstance(holder, dict) else None
+        if not isinstance(holder, dict):
+            continue
+        value = holder.get(keys[-1])
+        slots = ([(value, i, item) for i, item in enumerate(value)] if isinstance(value, list)
+                 else [(holder, keys[-1], value)])
+        for container, key, item in slots:
+            if isinstance(item, str) and item:
+                yield ".".join(keys), container, key
+
+
 _OPTION_TYPES: dict[str, tuple[type, ...]] = {
     "batch_size": (int,), "seed": (int,), "neg_term": (str,), "damping": (int, float, type(None)),
     "damping_factor": (int, float), "weight_decay": (int, float), "projection": (dict, type(None)),
@@ -137,29 +172,32 @@ def load_manifest(source: str | Path | dict, base_dir: str | Path | None = None,
     if unknown:
         raise ConfigError(f"model.{sorted(unknown)[0]}", "unknown model field")
 
-    def resolve(value: Any, name: str, required: bool) -> str | None:
+    raw = with_paths(raw, lambda _, path: str((base / path).resolve()))
+    model = raw.get("model") or {}
+
+    def checked(value: Any, name: str, required: bool) -> str | None:
+        """A path field's value (already made absolute by with_paths), checked for its type."""
         if value is None:
             if required:
                 raise ConfigError(name, "is required")
             return None
         if not isinstance(value, str) or not value:
             raise ConfigError(name, "must be a path string")
-        return str((base / value).resolve())
+        return value
 
-    def resolve_source(value: Any, name: str, required: bool) -> str | dict | None:
-        """A path stays a path; a source object gets its path resolved and its fields checked."""
+    def checked_source(value: Any, name: str, required: bool) -> str | dict | None:
+        """A path stays a path; a source object gets its path (each shard of a list) and its fields checked."""
         if not isinstance(value, dict):
-            return resolve(value, name, required)
+            return checked(value, name, required)
         path = value.get("path")
-        resolved = ([resolve(p, f"{name}.path", True) for p in path] if isinstance(path, list) and path
-                    else resolve(path, f"{name}.path", True))
-        source = source_of({**value, "path": resolved}, name)
-        return source.to_json()
+        for item in path if isinstance(path, list) and path else [path]:
+            checked(item, f"{name}.path", True)
+        return source_of(value, name).to_json()
 
-    checkpoint = resolve(model.get("checkpoint"), "model.checkpoint", True)
+    checkpoint = checked(model.get("checkpoint"), "model.checkpoint", True)
     if not Path(checkpoint).is_file() and "://" not in checkpoint:
         raise ConfigError("model.checkpoint", f"file not found: {checkpoint}")
-    adapter = resolve(model.get("adapter"), "model.adapter", False)
+    adapter = checked(model.get("adapter"), "model.adapter", False)
     if adapter is not None:
         from .lora import check_adapter_folder
 
@@ -170,7 +208,7 @@ def load_manifest(source: str | Path | dict, base_dir: str | Path | None = None,
     if model.get("arch") is not None and not isinstance(model["arch"], str):
         raise ConfigError("model.arch", "must be a string")
     config = model.get("config")
-    config = resolve(config, "model.config", False) if isinstance(config, str) else config
+    config = checked(config, "model.config", False) if isinstance(config, str) else config
     if isinstance(config, str) and not Path(config).is_file():
         raise ConfigError("model.config", f"file not found: {config}")
     if model.get("arch") is None and config is None:
@@ -178,8 +216,8 @@ def load_manifest(source: str | Path | dict, base_dir: str | Path | None = None,
         if config is None:
             raise ConfigError("model", "give model.arch or model.config (no training sidecar found)")
     options = _parse_options({} if raw.get("options") is None else raw["options"], sidecar)
-    train = resolve_source(raw.get("train"), "train", True)
-    validation = resolve_source(raw.get("validation"), "validation", False)
+    train = checked_source(raw.get("train"), "train", True)
+    validation = checked_source(raw.get("validation"), "validation", False)
     if options.rank_by in ("influence", "influence_per_example", "combined") and validation is None:
         raise ConfigError("options.rank_by", f"{options.rank_by!r} needs a validation set")
     for name, source in (("train", train), ("validation", validation)):
@@ -192,7 +230,7 @@ def load_manifest(source: str | Path | dict, base_dir: str | Path | None = None,
             raise ConfigError(name, f"file not found: {parsed.path}")
     remote = remote_images_of(raw.get("remote_images"))
     sidecar_dir = Path(adapter) if adapter is not None else Path(checkpoint).parent
-    reference = _reference(raw, sidecar, sidecar_dir, config, model.get("arch"), resolve)
+    reference = _reference(raw, sidecar, sidecar_dir, config, model.get("arch"), checked)
     if options.rank_by in ("reference_clip_score", "reference_negclip") and reference is None:
         raise ConfigError("options.rank_by", f"{options.rank_by!r} needs a reference model (manifest field "
                           "reference, or a checkpoint fine-tuned with ecif train --init)")

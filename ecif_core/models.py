@@ -1,23 +1,31 @@
 """Build open_clip models from local files only, and choose theta (the influence parameters).
 
-One entry point, `load_model`, mirrors open_clip's factory but never touches a model hub:
-an architecture name resolves to open_clip's bundled JSON config, a config file is read as
-is, and weights come only from a local checkpoint path.
+One entry point, `load_model`, goes through open_clip's own factory and never touches a model
+hub: the config (an architecture's bundled JSON, or a local file or dict) is handed to
+`create_model_and_transforms` and `get_tokenizer` as a 'local-dir:' folder, and the weights of
+a local checkpoint go through `open_clip.load_checkpoint` (its unwrapping of training
+checkpoints, conversions of other formats and position-embedding resize), checked first
+from the file's header so that a checkpoint that does not fit is refused in our words.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import fnmatch
+import json
+import logging
 import re
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
 from .errors import ConfigError, ModelSourceError, read_json_file
 
 HUB_PREFIXES = ("hf-hub:", "hf://", "http://", "https://")
+LOCAL_DIR_PREFIX = "local-dir:"   # open_clip's name for a local model folder: a path, given as model.config here
 
 
 @dataclass
@@ -42,12 +50,19 @@ def resolve_model_config(arch: str | None = None, config: str | Path | dict | No
             cfg = read_json_file(config, "model.config")
             if not isinstance(cfg, dict):
                 raise ConfigError("model.config", "must be a JSON object")
-        cfg = cfg.get("model_cfg", cfg)  # open_clip's open_clip_config.json wraps it
+        if isinstance(cfg.get("model_cfg"), dict):  # open_clip's open_clip_config.json wraps it
+            outer = cfg
+            cfg = outer["model_cfg"]
+            if isinstance(outer.get("preprocess_cfg"), dict) and outer["preprocess_cfg"]:
+                cfg["preprocess_cfg"] = {**outer["preprocess_cfg"], **cfg.get("preprocess_cfg", {})}
     elif arch is not None:
         if arch.startswith(HUB_PREFIXES):
             raise ModelSourceError(
                 "model.arch", f"{arch!r} needs a download; give an architecture name or model.config "
                 "plus a local model.checkpoint")
+        if arch.startswith(LOCAL_DIR_PREFIX):
+            raise ConfigError("model.arch", "a local model folder is given as model.config (its "
+                              "open_clip_config.json) plus model.checkpoint")
         cfg = open_clip.get_model_config(arch)
         if cfg is None:
             raise ConfigError("model.arch", f"unknown open_clip architecture {arch!r}; "
@@ -73,82 +88,154 @@ def _reject_hub_towers(cfg: dict[str, Any]) -> None:
                                    "tokenizers need a hub download; use open_clip's built-in text tower")
 
 
-def build_model(cfg: dict[str, Any], seed: int | None = None) -> torch.nn.Module:
-    """An open_clip CLIP with random init (seeded when `seed` is given)."""
-    from open_clip.model import CLIP, CustomTextCLIP
+@contextlib.contextmanager
+def _open_clip_name(cfg: dict[str, Any]) -> Iterator[str]:
+    """The name under which open_clip's factory reads `cfg` and nothing else: a 'local-dir:'
+    folder holding it as open_clip_config.json (no weights in it: they are loaded apart)."""
+    model_cfg = copy.deepcopy(cfg)
+    preprocess_cfg = model_cfg.pop("preprocess_cfg", None) or {}
+    with tempfile.TemporaryDirectory(prefix="ecif-model-") as folder:
+        document = {"model_cfg": model_cfg, "preprocess_cfg": preprocess_cfg}
+        (Path(folder) / "open_clip_config.json").write_text(json.dumps(document), encoding="utf-8")
+        with _quiet_open_clip():
+            yield LOCAL_DIR_PREFIX + folder
 
-    cfg = copy.deepcopy(cfg)
-    cfg.pop("preprocess_cfg", None)
-    custom_text = cfg.pop("custom_text", False)
+
+class _FactoryNotices(logging.Filter):
+    """open_clip's factory warns that a model built without weights is initialised randomly:
+    here that is the intent (the weights are loaded next, the init is seeded for training, or
+    only shapes are built on the meta device)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        from_factory = Path(record.pathname).parent.name == "open_clip" and record.module == "factory"
+        return not (from_factory and record.levelno < logging.ERROR)
+
+
+@contextlib.contextmanager
+def _quiet_open_clip() -> Iterator[None]:
+    """open_clip logs with the module-level `logging.info` / `warning`, which would configure the
+    root logger (basicConfig) of a process that has not: a NullHandler held meanwhile leaves an
+    application's logging as it was, and the factory's random-init notices are dropped."""
+    root, notices = logging.getLogger(), _FactoryNotices()
+    placeholder = None if root.handlers else logging.NullHandler()
+    root.addFilter(notices)
+    if placeholder is not None:
+        root.addHandler(placeholder)
+    try:
+        yield
+    finally:
+        root.removeFilter(notices)
+        if placeholder is not None:
+            root.removeHandler(placeholder)
+
+
+def _create(name: str, seed: int | None, transforms: bool) -> tuple[torch.nn.Module, Callable | None]:
+    """open_clip's factory on the current default device (the meta device: shapes only), never
+    loading tower weights of its own; random init, seeded when `seed` is given."""
+    import open_clip
+
     if seed is not None:
         torch.manual_seed(seed)
-    model_class = CustomTextCLIP if custom_text else CLIP
-    return model_class(**cfg)
+    options = {"device": torch.get_default_device(), "pretrained_image": False, "pretrained_text": False}
+    if not transforms:
+        return open_clip.create_model(name, **options), None
+    model, _, preprocess = open_clip.create_model_and_transforms(name, **options)
+    return model, preprocess
 
 
-def read_state_dict(path: str | Path, mmap: bool = False) -> dict[str, torch.Tensor]:
-    """A checkpoint's state dict, unwrapped from {"state_dict": ...} / {"model": ...} and "module.".
+def build_model(cfg: dict[str, Any], seed: int | None = None) -> torch.nn.Module:
+    """An open_clip model from open_clip's factory with random init (seeded when `seed` is given)."""
+    with _open_clip_name(cfg) as name:
+        return _create(name, seed, transforms=False)[0]
 
-    `mmap`: map the file instead of reading it (tensors are read only when touched), so the
-    keys and shapes can be checked without loading the weights. A file that is not a state
-    dict is a ConfigError in our words: torch's own text advises `weights_only=False`, which
-    would run the file's pickled code, and is never shown.
+
+def load_model(arch: str | None = None, config: str | Path | dict | None = None,
+               checkpoint: str | Path | None = None, seed: int | None = None,
+               adapter: str | Path | None = None) -> LoadedModel:
+    """Model + tokenizer + eval preprocess from local files (the single entry point), all three
+    as open_clip's factory makes them; `adapter`: a peft LoRA folder applied on top of the checkpoint."""
+    import open_clip
+
+    cfg = resolve_model_config(arch, config)
+    with _open_clip_name(cfg) as name:
+        model, preprocess = _create(name, seed, transforms=True)
+        tokenizer = open_clip.get_tokenizer(name)
+    if checkpoint is not None:
+        load_weights(model, checkpoint)
+    if adapter is not None:
+        from .lora import load_adapter
+
+        model = load_adapter(model, adapter)
+    model.eval()
+    return LoadedModel(model=model, tokenizer=tokenizer, preprocess=preprocess, config=cfg, arch=arch)
+
+
+def load_weights(model: torch.nn.Module, path: str | Path) -> None:
+    """A local checkpoint's weights into `model` through open_clip's own `load_checkpoint`.
+
+    The file is checked first from its header (checkpoint_shapes, check_checkpoint): a file
+    that is not a state dict, or whose keys or shapes do not fit even after open_clip's
+    conversions, is a ConfigError in our words (torch's own text advises `weights_only=False`,
+    which would run the file's pickled code, and is never shown).
     """
+    import open_clip
+
+    path = Path(path)
+    check_checkpoint(model, checkpoint_shapes(path))
+    try:
+        with _quiet_open_clip():
+            result = open_clip.load_checkpoint(model, str(path), strict=False, weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - a file changed since its header was read, or a conversion failing
+        raise ConfigError("model.checkpoint", f"{path.name} cannot be loaded into the model "
+                          f"({type(exc).__name__})") from None
+    missing = [k for k in result.missing_keys if not k.endswith("attn_mask")]
+    if missing or result.unexpected_keys:
+        raise ConfigError("model.checkpoint", f"does not match the model config: missing "
+                          f"{missing[:5]}, unexpected {result.unexpected_keys[:5]}")
+
+
+def checkpoint_shapes(path: str | Path) -> dict[str, tuple[int, ...]]:
+    """Parameter name -> shape of a checkpoint, from its header (safetensors) or a mapped file
+    (PyTorch): the weights themselves are not read. Unwrapped as open_clip's `load_state_dict`
+    does: a training checkpoint's "state_dict", then a "module." prefix (DistributedDataParallel)."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError("model.checkpoint", f"file not found: {path}")
     try:
         if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
+            from safetensors import safe_open
 
-            state = load_file(str(path))
+            with safe_open(str(path), "pt", device="cpu") as handle:
+                state: object = {k: torch.empty(handle.get_slice(k).get_shape(), device="meta") for k in handle.keys()}
         else:
-            state = _torch_load(path, mmap)
-    except ConfigError:
-        raise
+            state = _torch_load_mapped(path)
     except Exception as exc:  # noqa: BLE001 - unpickling, zip and format errors of a corrupt or hostile file
         raise ConfigError("model.checkpoint", f"{path.name} cannot be read as a state dict (a PyTorch "
                           f"checkpoint of tensors, or .safetensors): {type(exc).__name__}") from None
-    for key in ("state_dict", "model", "model_state_dict"):
-        if isinstance(state, dict) and isinstance(state.get(key), dict):
-            state = state[key]
-    if not isinstance(state, dict):
-        raise ConfigError("model.checkpoint", f"{path} does not hold a state dict")
-    return {re.sub(r"^(module\.|_orig_mod\.)+", "", k): v for k, v in state.items()}
-
-
-def _torch_load(path: Path, mmap: bool) -> object:
-    """torch.load with weights_only (never arbitrary pickled code); a file in torch's legacy
-    (non-zip) format cannot be mapped and is read instead."""
-    if mmap:
-        try:
-            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError as exc:
-            if "zipfile" not in str(exc) and "mmap" not in str(exc):
-                raise
-    return torch.load(path, map_location="cpu", weights_only=True)
-
-
-def checkpoint_shapes(path: str | Path) -> dict[str, tuple[int, ...]]:
-    """Parameter name -> shape of a checkpoint, from its header (safetensors) or a mapped file
-    (PyTorch): the weights themselves are not read."""
-    path = Path(path)
-    if path.suffix == ".safetensors":
-        from safetensors import safe_open
-
-        try:
-            with safe_open(str(path), "pt", device="cpu") as handle:
-                shapes = {k: tuple(handle.get_slice(k).get_shape()) for k in handle.keys()}
-        except Exception as exc:  # noqa: BLE001 - a corrupt header
-            raise ConfigError("model.checkpoint", f"{path.name} cannot be read as .safetensors: "
-                              f"{type(exc).__name__}") from None
-        return {re.sub(r"^(module\.|_orig_mod\.)+", "", k): v for k, v in shapes.items()}
-    state = read_state_dict(path, mmap=True)
+    if isinstance(state, dict) and "state_dict" in state:
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not state:
+        raise ConfigError("model.checkpoint", f"{path.name} does not hold a state dict")
+    if str(next(iter(state))).startswith("module"):
+        state = {k[len("module."):]: v for k, v in state.items()}
     return {k: tuple(v.shape) for k, v in state.items() if isinstance(v, torch.Tensor)}
 
 
+def _torch_load_mapped(path: Path) -> object:
+    """torch.load with weights_only (never arbitrary pickled code), memory-mapped; a file in
+    torch's legacy (non-zip) format cannot be mapped and is read instead."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError as exc:
+        if "zipfile" not in str(exc) and "mmap" not in str(exc):
+            raise
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
 def check_checkpoint(model: torch.nn.Module, shapes: dict[str, tuple[int, ...]]) -> None:
-    """The checkpoint's keys and shapes match the model's (the check load_model's strict load makes)."""
+    """The checkpoint's keys and shapes, as open_clip's load_checkpoint would convert them,
+    match the model's (the check a strict load makes, without reading a weight)."""
+    shapes = _converted_shapes(model, shapes)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     missing = [k for k in expected if k not in shapes and not k.endswith("attn_mask")]
     unexpected = [k for k in shapes if k not in expected]
@@ -160,37 +247,41 @@ def check_checkpoint(model: torch.nn.Module, shapes: dict[str, tuple[int, ...]])
         raise ConfigError("model.checkpoint", f"does not match the model config: shapes {wrong[:3]}")
 
 
-def load_model(arch: str | None = None, config: str | Path | dict | None = None,
-               checkpoint: str | Path | None = None, seed: int | None = None,
-               adapter: str | Path | None = None) -> LoadedModel:
-    """Model + tokenizer + eval preprocess from local files (the single entry point);
-    `adapter`: a peft LoRA folder applied on top of the checkpoint."""
-    import open_clip
+def _converted_shapes(model: torch.nn.Module, shapes: dict[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
+    """The shapes open_clip's load_checkpoint would load into `model`: the same conversion
+    steps, in its order (other formats' keys, the old text-tower layout, a scalar logit scale
+    or bias, the position embeddings resized to the model's grid and context), run on meta
+    tensors, so no weight is read. A step that fails (a width that no resize can change)
+    leaves its tensors as they were, and the comparison with the model names them."""
+    from open_clip.convert import convert_state_dict
+    from open_clip.model import convert_to_custom_text_state_dict, resize_pos_embed, resize_text_pos_embed
 
-    cfg = resolve_model_config(arch, config)
-    model = build_model(cfg, seed=seed)
-    if checkpoint is not None:
-        state = read_state_dict(checkpoint)
+    def custom_text(state: dict) -> dict:
+        if "positional_embedding" in state and not hasattr(model, "positional_embedding"):
+            return convert_to_custom_text_state_dict(state)
+        return state
+
+    def logit_shapes(state: dict) -> dict:
+        for key in ("logit_scale", "logit_bias"):
+            own = getattr(model, key, None)
+            if key in state and own is not None and own.ndim != state[key].ndim:
+                state[key] = state[key].reshape(own.shape)
+        if "logit_bias" not in state and getattr(model, "logit_bias", None) is not None:
+            state["logit_bias"] = torch.empty_like(state["logit_scale"])  # open_clip adds zeros
+        return state
+
+    def in_place(resize: Callable[[dict, torch.nn.Module], None]) -> Callable[[dict], dict]:
+        return lambda state: resize(state, model) or state
+
+    state = {k: torch.empty(shape, device="meta") for k, shape in shapes.items()}
+    for step in (lambda s: convert_state_dict(model, s), custom_text, logit_shapes,
+                 in_place(resize_pos_embed), in_place(resize_text_pos_embed)):
         try:
-            result = model.load_state_dict(state, strict=False)
-        except RuntimeError as exc:  # shape mismatches
-            raise ConfigError("model.checkpoint", f"does not match the model config: {exc}") from exc
-        missing = [k for k in result.missing_keys if not k.endswith("attn_mask")]
-        if missing or result.unexpected_keys:
-            raise ConfigError("model.checkpoint", f"does not match the model config: missing "
-                              f"{missing[:5]}, unexpected {result.unexpected_keys[:5]}")
-    if adapter is not None:
-        from .lora import load_adapter
-
-        model = load_adapter(model, adapter)
-    model.eval()
-    tokenizer = open_clip.SimpleTokenizer(context_length=cfg["text_cfg"].get("context_length", 77))
-    image_size = cfg["vision_cfg"].get("image_size", 224)
-    pp = cfg.get("preprocess_cfg", {})
-    preprocess = open_clip.image_transform(image_size, is_train=False, mean=pp.get("mean"), std=pp.get("std"),
-                                           resize_mode=pp.get("resize_mode"),
-                                           interpolation=pp.get("interpolation"))
-    return LoadedModel(model=model, tokenizer=tokenizer, preprocess=preprocess, config=cfg, arch=arch)
+            with _quiet_open_clip():
+                state = step(dict(state))
+        except Exception:  # noqa: BLE001 - open_clip's loader fails on it too; reported below by key
+            continue
+    return {k: tuple(v.shape) for k, v in state.items()}
 
 
 def default_theta_patterns(model: torch.nn.Module, last_blocks: int = 2) -> list[str]:

@@ -19,7 +19,8 @@ import torch
 import torch.nn.functional as F
 
 from .audit import ModelCache, _manifest_of, _roots_of, load_plan, load_slots, trace_terms
-from .data import load_image, read_pairs
+from .images import load_image
+from .sources import read_pairs
 from .errors import ConfigError
 from .gradients import embed, temperature_scale
 from .models import LoadedModel

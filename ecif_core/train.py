@@ -22,7 +22,8 @@ import numpy as np
 import torch
 
 from .batching import ids_digest, training_batches
-from .data import data_hash, load_batch, read_pairs, source_of
+from .images import load_batch
+from .sources import data_hash, read_pairs, source_of
 from .lora import LORA_THETA_PATTERNS, TRAINING_SIDECAR, add_lora, save_adapter
 from .errors import ConfigError
 from .losses import batch_loss, pair_logits

@@ -182,7 +182,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
     """Check a manifest and stream its pair sources without opening images (fast, bounded memory)."""
     import json
 
-    from ecif_core.data import validate_source
+    from ecif_core.sources import validate_source
     from ecif_core.manifest import load_manifest
 
     manifest = load_manifest(args.manifest)

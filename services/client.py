@@ -9,7 +9,7 @@ from typing import Callable
 import httpx
 
 from ecif_core.errors import EcifError
-from ecif_core.manifest import PATH_KEYS
+from ecif_core.manifest import with_paths
 
 FINISHED = ("succeeded", "failed", "cancelled")
 
@@ -110,10 +110,5 @@ def absolute_paths(manifest_path: str | Path) -> dict:
     except (OSError, json.JSONDecodeError) as exc:
         raise ApiError(f"manifest: cannot read {path}: {exc}") from None
     base = path.resolve().parent
-    for keys in PATH_KEYS:
-        holder = raw
-        for key in keys[:-1]:
-            holder = holder.get(key) if isinstance(holder, dict) else None
-        if isinstance(holder, dict) and isinstance(holder.get(keys[-1]), str) and "://" not in holder[keys[-1]]:
-            holder[keys[-1]] = str((base / holder[keys[-1]]).resolve())
+    raw = with_paths(raw, lambda _, value: value if "://" in value else str((base / value).resolve()))
     return raw

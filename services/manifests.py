@@ -9,9 +9,9 @@ from typing import Any, Sequence
 
 from braceexpand import braceexpand
 
-from ecif_core.data import MAX_SHARDS, check_shard_count
+from ecif_core.shards import MAX_SHARDS, check_shard_count
 from ecif_core.errors import ConfigError
-from ecif_core.manifest import PATH_KEYS, Manifest, load_manifest, read_sidecar
+from ecif_core.manifest import Manifest, load_manifest, manifest_paths, read_sidecar
 from ecif_core.model_check import check_model_spec
 from ecif_core.values import check_json_values
 
@@ -34,16 +34,16 @@ def confined_manifest(raw: Any, roots: list[Path], remote_hosts: Sequence[str] =
         raise ConfigError("manifest", "must be a JSON object")
     check_json_values(raw, "")
     _check_remote_hosts(raw.get("remote_images"), remote_hosts)
-    for path_field in PATH_KEYS:
-        value = _get(raw, path_field)
-        items = [i for i in (value if isinstance(value, list) else [value]) if isinstance(i, str) and i]
-        name = ".".join(path_field)
+    by_field: dict[str, list[str]] = {}
+    for name, path in manifest_paths(raw):
+        by_field.setdefault(name, []).append(path)
+    resolver = _Resolver(roots[0])  # 100k shards in one folder: the folder is resolved once
+    for name, items in by_field.items():
         check_shard_count(items, name, max_shards)
-        resolver = _Resolver(roots[0])  # 100k shards in one folder: the folder is resolved once
         for item in items:  # a list of webdataset shards
             for expanded in braceexpand(item):  # a webdataset pattern: every shard it names
                 _confined_real(expanded, roots, name, resolver)
-        if name == "model.checkpoint" and items:
+        if name == "model.checkpoint":
             check_confined(items[0], roots, name)  # and its training sidecar
     manifest = load_manifest(raw, base_dir=roots[0], max_shards=max_shards)
     check_model_spec(manifest)
@@ -116,12 +116,3 @@ def check_confined(value: str, roots: list[Path], name: str) -> Path:
         if isinstance(config, str):  # a config path inside the sidecar is a path like any other
             check_confined(str(resolved.parent / config), roots, "model.config (training sidecar)")
     return resolved
-
-
-def _get(raw: dict, path: tuple[str, ...]) -> Any:
-    value: Any = raw
-    for key in path:
-        if not isinstance(value, dict):
-            return None
-        value = value.get(key)
-    return value

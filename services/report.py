@@ -17,7 +17,7 @@ from sqlalchemy import select
 
 from ecif_core.folder import AuditFolder
 from ecif_core.audit import SUSPECT_Z
-from ecif_core.data import TAR_MEMBER, load_image, local_image
+from ecif_core.images import TAR_MEMBER, load_image, local_image
 from ecif_core.remote import is_url
 
 from .db.models import Audit, Pair, Score, Trace

@@ -13,7 +13,8 @@ from typing import Sequence
 import torch
 
 from ecif_core.batching import partition, training_batches
-from ecif_core.data import Pair, load_batch, read_pairs
+from ecif_core.images import load_batch
+from ecif_core.sources import Pair, read_pairs
 from ecif_core.models import LoadedModel
 
 

@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from ecif_core import audit
-from ecif_core import data as data_module
+from ecif_core import images as images_module
 from ecif_core.datasets.digits import build_digits
 from ecif_core.errors import ConfigError
 from ecif_core.manifest import load_manifest
@@ -104,7 +104,7 @@ def test_rescoring_with_new_damping_reuses_gradients(finished, tmp_path):
 
 
 def test_bad_rows_are_rejected_with_reasons_and_the_rest_is_audited(workspace, tmp_path, monkeypatch):
-    monkeypatch.setattr(data_module, "MAX_IMAGE_PIXELS", 250 * 250)
+    monkeypatch.setattr(images_module, "MAX_IMAGE_PIXELS", 250 * 250)
     lines = (workspace / "data" / "train.jsonl").read_text().splitlines()[:40]
     (workspace / "data" / "broken.png").write_bytes(b"not a png at all")
     good = (workspace / "data" / json.loads(lines[0])["image"]).read_bytes()
@@ -175,7 +175,7 @@ def test_partitions_average_gradients_over_rebatchings(workspace, tmp_path, fini
 
     from ecif_core.batching import rebatch_within
     from ecif_core.gradients import per_pair_gradients
-    from ecif_core.data import load_batch
+    from ecif_core.images import load_batch
 
     manifest = _write_manifest(workspace, "r2.json", {**OPTIONS, "partitions": 2}, validation=None)
     audit.run_audit(manifest, tmp_path / "r2")
@@ -279,7 +279,7 @@ def test_stages_refuse_incomplete_inputs(workspace, finished, tmp_path):
 def test_audit_uses_the_training_partition_with_excluded_and_lone_pairs(workspace, tmp_path):
     """Independent check: batches in the audit = seeded partition of every id minus removals."""
     from ecif_core.batching import partition
-    from ecif_core.data import read_pairs
+    from ecif_core.sources import read_pairs
 
     _, _, ids = read_pairs(workspace / "data" / "train.jsonl")
     full = partition(ids, 8, 1)
@@ -306,7 +306,8 @@ def test_ranked_row_matches_independent_recomputation(workspace, finished):
     import torch
 
     from ecif_core.batching import partition
-    from ecif_core.data import load_batch, read_pairs
+    from ecif_core.images import load_batch
+    from ecif_core.sources import read_pairs
     from ecif_core.gradients import embed
     from ecif_core.losses import contrastive_terms, pair_logits
 

@@ -12,7 +12,8 @@ import torch
 from PIL import Image
 
 from ecif_core.confine import OutsideRoots, confined
-from ecif_core.data import ImageAccess, Pair, image_bytes, iter_pairs, load_batch
+from ecif_core.images import ImageAccess, image_bytes, load_batch
+from ecif_core.sources import Pair, iter_pairs
 from ecif_core.errors import EcifError
 
 

@@ -5,7 +5,7 @@ import json
 import pytest
 from PIL import Image
 
-from ecif_core.data import read_pairs
+from ecif_core.sources import read_pairs
 from ecif_core.errors import ConfigError
 
 
@@ -35,6 +35,17 @@ def test_ids_are_kept_as_written_and_malformed_lines_do_not_collide(tmp_path):
     assert rejected[2].reason == "row is not a JSON object"
 
 
+def test_a_jsonl_row_keeps_its_id_when_the_first_row_has_none(tmp_path):
+    """Each JSONL line is an object of its own: an id-less first row (a stable hash) does not
+    take the ids of the rows after it (two of which would then hash alike: a duplicate)."""
+    _png(tmp_path / "a.png")
+    rows = [{"image": "a.png", "caption": "no id"}, {"id": "x", "image": "a.png", "caption": "same"},
+            {"id": "y", "image": "a.png", "caption": "same"}]
+    (tmp_path / "p.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    pairs, rejected, ids = read_pairs(tmp_path / "p.jsonl")
+    assert ids[1:] == ["x", "y"] and ids[0].startswith("sha1-") and not rejected
+
+
 def test_csv_from_excel_with_byte_order_mark_keeps_ids(tmp_path):
     _png(tmp_path / "a.png")
     (tmp_path / "p.csv").write_bytes("\ufeffid,image,caption,extra\nmy-id,a.png,a caption é,x\n".encode("utf-8"))
@@ -56,7 +67,7 @@ def test_images_are_loaded_upright_and_as_rgb_whatever_their_mode(tmp_path):
     """EXIF orientation applied; alpha composited on white; palette, grayscale and CMYK to RGB."""
     from PIL import Image
 
-    from ecif_core.data import load_image
+    from ecif_core.images import load_image
 
     wide = Image.new("RGB", (4, 2), (200, 0, 0))
     exif = Image.Exif()
@@ -76,11 +87,11 @@ def test_images_are_loaded_upright_and_as_rgb_whatever_their_mode(tmp_path):
 def test_an_image_file_over_the_byte_limit_is_rejected_unopened(tmp_path, monkeypatch):
     from PIL import Image
 
-    from ecif_core import data
+    from ecif_core import images
 
     Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
     (tmp_path / "p.jsonl").write_text('{"id": "a", "image": "a.png", "caption": "x"}\n')
-    monkeypatch.setattr(data, "MAX_IMAGE_BYTES", 10)
+    monkeypatch.setattr(images, "MAX_IMAGE_BYTES", 10)
     _, rejected, _ = read_pairs(tmp_path / "p.jsonl")
     assert rejected[0].reason.startswith("image file too large (") and rejected[0].reason.endswith("limit 10)")
 
@@ -90,7 +101,7 @@ def test_brace_patterns_are_counted_as_braceexpand_expands_them():
 
     from braceexpand import braceexpand
 
-    from ecif_core.data import check_shard_count, count_expansions
+    from ecif_core.shards import check_shard_count, count_expansions
 
     cases = ["x{00..09}.tar", "{a,b}{1..3}", "{a,{b,c}}d", "{a{1,2}}", "{}", "{1..10..3}", "{z..a..2}", "{a..Z}",
              "\\{a,b\\}", "{a,b\\,c}", "{-3..3}", "{,}", "a{b,c{d,e}f}g", "{3..1..2}", "{007..9}"]

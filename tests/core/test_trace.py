@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from ecif_core import audit
-from ecif_core.data import load_image
+from ecif_core.images import load_image
 from ecif_core.datasets.digits import class_prompts, label_of_caption
 from ecif_core.errors import ConfigError
 from ecif_core.trace import TraceExample, alternative_captions, examples_from_json, trace_loss_gradient, trace

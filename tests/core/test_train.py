@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from ecif_core.batching import partition
-from ecif_core.data import read_pairs
+from ecif_core.sources import read_pairs
 from ecif_core.datasets.digits import build_digits
 from ecif_core.train import TrainConfig, train
 from tests.core.helpers import MICRO_CONFIG
@@ -55,7 +55,7 @@ def test_validation_metrics_per_epoch_match_an_independent_computation(data, tmp
     retrieval accuracy, printed through progress and stored in the sidecar; the last epoch's
     numbers equal a recomputation with the saved model."""
     from ecif_core.batching import training_batches
-    from ecif_core.data import load_batch
+    from ecif_core.images import load_batch
     from ecif_core.losses import batch_loss, pair_logits
     from ecif_core.models import load_model
 

@@ -67,6 +67,28 @@ def test_client_reports_the_servers_error_with_the_field(tmp_path):
         raise AssertionError("a 422 must raise")
 
 
+def test_submit_makes_every_manifest_path_absolute_each_shard_of_a_list_too(tmp_path):
+    """The server resolves relative paths against its first data root, not the manifest's
+    folder: a shard list sent with relative entries named other files (or none)."""
+    from services.client import absolute_paths
+
+    folder = tmp_path / "project"
+    folder.mkdir()
+    manifest = {"model": {"config": "cfg.json", "checkpoint": "models/model.pt", "adapter": "lora"},
+                "train": {"path": ["shards/000.tar", "shards/{001..002}.tar", "/data/elsewhere.tar"],
+                          "format": "webdataset"},
+                "validation": {"path": "val.tsv", "separator": "\t"},
+                "options": {"theta": ["visual.proj"]}, "remote_images": {"allowed_hosts": ["a.org"]}}
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    sent = absolute_paths(folder / "manifest.json")
+    assert sent["train"] == {"path": [str(folder / "shards/000.tar"), str(folder / "shards/{001..002}.tar"),
+                                      "/data/elsewhere.tar"], "format": "webdataset"}
+    assert sent["validation"] == {"path": str(folder / "val.tsv"), "separator": "\t"}
+    assert sent["model"] == {"config": str(folder / "cfg.json"), "checkpoint": str(folder / "models/model.pt"),
+                             "adapter": str(folder / "lora")}
+    assert {k: sent[k] for k in ("options", "remote_images")} == {k: manifest[k] for k in ("options", "remote_images")}
+
+
 def test_trace_from_an_embedded_audit_folder(data_root, embedded_csv, tmp_path, capsys):
     import json
 

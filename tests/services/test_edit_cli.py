@@ -81,7 +81,7 @@ def test_edit_writes_a_checkpoint_that_loads_and_audits_again(data_root, embedde
     original_model = load_model(config=config, checkpoint=data_root / "model.pt")
 
     def accuracy(loaded) -> float:
-        from ecif_core.data import load_image
+        from ecif_core.images import load_image
 
         hits = 0
         with torch.no_grad():

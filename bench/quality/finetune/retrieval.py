@@ -10,7 +10,8 @@ from typing import Sequence
 
 import torch
 
-from ecif_core.data import read_pairs, load_batch
+from ecif_core.images import load_batch
+from ecif_core.sources import read_pairs
 from ecif_core.models import LoadedModel
 from ecif_core.runtime import flush_denormals
 
