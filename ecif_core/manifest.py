@@ -20,7 +20,7 @@ from .remote import remote_images_of
 from .losses import NEG_TERMS
 from .memory import parse_bytes
 from .projection import ProjectionSpec
-from .scores import RANK_BY
+from .scores import DEFAULT_RANK_BY, RANK_BY
 
 SIDECAR_SUFFIX = ".json"
 # Fields holding paths: a source object keeps its path under "path" (for webdataset, a list of shards).
@@ -47,7 +47,7 @@ class AuditOptions:
     projection: dict[str, Any] | None = field(default_factory=lambda: {"k_in": 8, "k_out": 8, "seed": 0})
     theta: list[str] | None = None        # fnmatch patterns; None = default_theta_patterns
     curvature: str = "full"
-    rank_by: str = "self_influence"
+    rank_by: str = DEFAULT_RANK_BY
     partitions: int = 1
     shard_batches: int = 8
     chunk: int = 64                       # cotangents per batched backward (memory bound)

@@ -16,7 +16,7 @@ from .projection import Block
 # +1: a larger value is more suspicious; -1: a smaller one is. One table for every ranked.csv
 # column a ranking, a removal spec or a benchmark orients (sign conventions in the module docstring).
 SUSPICION_SIGN: dict[str, int] = {
-    "self_influence": 1, "self_influence_clip": 1, "leave_own_out": 1,
+    "suspicion": 1, "self_influence": 1, "self_influence_clip": 1, "leave_own_out": 1,
     "influence": -1, "influence_pos": -1, "influence_neg": -1, "influence_per_example": -1,
     "clip_score": -1, "clip_score_loo": -1, "reference_clip_score": -1, "reference_negclip": -1, "rank": -1}
 # Rankings by one column; what each needs besides the training gradients.
@@ -24,18 +24,14 @@ SINGLE_RANKINGS: dict[str, str | None] = {
     "self_influence": None, "self_influence_clip": None, "clip_score": None, "clip_score_loo": None,
     "influence": "validation", "influence_per_example": "validation",
     "reference_clip_score": "reference", "reference_negclip": "reference"}
-# Evidence-weighted rankings: the audited model's own evidence (an in-sample ECIF score) and the
-# reference model's CLIP score, each weighted by how well its model's cosine separates clean
-# validation pairs from corrupted copies (evidence.py). (audited column, weight power, combination)
-EVIDENCE_RULES: dict[str, tuple[str, float, str]] = {
-    "evidence": ("self_influence", 1.0, "rank"),
-    "evidence_loo": ("clip_score_loo", 1.0, "rank"),
-    "evidence_clip": ("self_influence_clip", 1.0, "rank"),
-    "evidence_sq": ("self_influence", 2.0, "rank"),
-    "evidence_z": ("self_influence", 1.0, "z"),
-    "evidence_loo_z": ("clip_score_loo", 1.0, "z"),
-}
-RANK_BY: tuple[str, ...] = (*SINGLE_RANKINGS, "combined", *EVIDENCE_RULES)
+# The default ranking (chosen on the fine-tuning benchmark's development seeds, bench/RESULTS.md):
+# the robust z-score of the audited model's leave-own-out CLIP score (clip_score_loo, ECIF's
+# Algorithm 3) and of the reference model's CLIP score, averaged with weights 2 AUROC - 1 from the
+# validation evidence (evidence.py). It is also the statistic the `suspected` flag thresholds.
+EVIDENCE_RULE = ("clip_score_loo", 1.0, "z")  # (audited column, weight power, scale)
+RANK_BY: tuple[str, ...] = ("evidence", *SINGLE_RANKINGS, "combined")
+DEFAULT_RANK_BY = "evidence"
+SUSPECT_Z = 3.0  # suspected = evidence score above this (precision on the benchmark: README, "suspected")
 RankBy = str
 
 
@@ -134,8 +130,8 @@ def misalignment_score(scores: dict[str, torch.Tensor], rank_by: RankBy,
                        evidence: dict[str, dict[str, float]] | None = None) -> torch.Tensor:
     """Higher = more likely misaligned, for the chosen ranking rule. `evidence`: the validation
     stage's AUROC per model ({"clip_score": {"mean": ...}, "reference_clip_score": {...}})."""
-    if rank_by in EVIDENCE_RULES:
-        return evidence_weighted(scores, *EVIDENCE_RULES[rank_by], evidence)
+    if rank_by == "evidence":
+        return evidence_weighted(scores, *EVIDENCE_RULE, evidence)
     if rank_by in SINGLE_RANKINGS:
         column = scores[rank_by].to(torch.float64)
         if torch.isnan(column).all():
@@ -181,8 +177,8 @@ def _normalised_rank(column: torch.Tensor) -> torch.Tensor:
 def _robust_z(column: torch.Tensor) -> torch.Tensor:
     """(x - median) / (1.4826 MAD), NaN lowest; a column with MAD 0 contributes its ranks instead."""
     finite = column[~torch.isnan(column)]
-    median = finite.median()
-    mad = 1.4826 * (finite - median).abs().median()
+    median = torch.quantile(finite, 0.5)                    # the midpoint of the middle two for even counts
+    mad = 1.4826 * torch.quantile((finite - median).abs(), 0.5)
     if float(mad) == 0.0:
         return _normalised_rank(column)
     return torch.nan_to_num((column - median) / mad, nan=float(((finite - median) / mad).min()))

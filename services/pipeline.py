@@ -188,11 +188,13 @@ class Pipeline:
         result = core.final_ranking(audit_dir)
         rank_of = {int(result.slots[i]): rank for rank, i in enumerate(result.order, start=1)}
         suspected = {int(slot): bool(flag) for slot, flag in zip(result.slots, result.suspected)}
+        suspicion = {int(slot): _nullable(value) for slot, value in zip(result.slots, result.columns["suspicion"])}
         with session_scope(self.database_url) as session:
             ids = session.execute(select(Score.id, Score.slot).where(Score.audit_id == audit_id)).all()
             if len(ids) != len(rank_of):
                 raise RuntimeError(f"{len(ids)} score rows in the database for {len(rank_of)} scored pairs")
-            updates = [{"id": pk, "rank": rank_of[slot], "suspected": suspected[slot]} for pk, slot in ids]
+            updates = [{"id": pk, "rank": rank_of[slot], "suspected": suspected[slot], "suspicion": suspicion[slot]}
+                       for pk, slot in ids]
             for start in range(0, len(updates), BULK_ROWS):
                 session.execute(update(Score), updates[start:start + BULK_ROWS])
 
@@ -274,7 +276,9 @@ def _index(stage: str) -> int:
     return position(stage)
 
 
-SCORE_COLUMNS = VALUE_COLUMNS  # every number column of ranked.csv is a column of the scores table
+# Every number column of ranked.csv is a column of the scores table; a shard writes all but the
+# suspicion, which needs every shard (robust z over all pairs) and is set by finalize with the rank.
+SCORE_COLUMNS = tuple(name for name in VALUE_COLUMNS if name != "suspicion")
 
 
 def _nullable(value: float) -> float | None:

@@ -16,7 +16,7 @@ import numpy as np
 from sqlalchemy import select
 
 from ecif_core.folder import AuditFolder
-from ecif_core.audit import SUSPECT_Z
+from ecif_core.scores import SUSPECT_Z
 from ecif_core.images import TAR_MEMBER, load_image, local_image
 from ecif_core.remote import is_url
 
@@ -55,7 +55,7 @@ def audit_report_html(database_url: str, audit_id: str, links: dict[str, str],
         audit = session.get(Audit, audit_id)
         rows = session.execute(select(Score.slot, Score.pair_id, Pair.image, Pair.caption, Score.influence,
                                       Score.influence_pos, Score.influence_neg, Score.self_influence,
-                                      Score.leave_own_out, Score.clip_score, Score.rank, Score.suspected,
+                                      Score.suspicion, Score.clip_score, Score.rank, Score.suspected,
                                       Score.reference_clip_score)
                                .join(Pair, (Pair.audit_id == Score.audit_id) & (Pair.slot == Score.slot))
                                .where(Score.audit_id == audit_id).order_by(Score.rank)).all()
@@ -64,7 +64,7 @@ def audit_report_html(database_url: str, audit_id: str, links: dict[str, str],
                 "audit_dir": audit.audit_dir, "rank_by": audit.manifest["options"]["rank_by"]}
     columns = {name: np.array([np.nan if r[i] is None else r[i] for r in rows], dtype=float)
                for i, name in enumerate(("slot", "id", "image", "caption", "influence", "influence_pos",
-                                         "influence_neg", "self_influence", "leave_own_out", "clip_score"))
+                                         "influence_neg", "self_influence", "suspicion", "clip_score"))
                if name not in ("id", "image", "caption")}
     thumbs = _Thumbnails(Path(meta["audit_dir"]), data_roots)
     has_influence = not np.isnan(columns["influence"]).all()
@@ -77,7 +77,7 @@ def audit_report_html(database_url: str, audit_id: str, links: dict[str, str],
              f'<a href="{html.escape(links["rejected"])}">rejected.csv</a> '
              '<span id="image-status" class="flag"></span></p>',
              '<h2>Distributions</h2><div class="plots">',
-             _leverage_histogram(columns["leave_own_out"]),
+             _suspicion_histogram(columns["suspicion"]),
              _influence_histogram(columns["influence"]) if has_influence else "",
              _split_scatter(columns) if has_influence else _self_vs_clip(columns),
              "</div>",
@@ -189,15 +189,13 @@ def _svg(plt, fig) -> str:
     return '<figure class="plot">' + text[text.index("<svg"):] + "</figure>"
 
 
-def _leverage_histogram(values: np.ndarray) -> str:
-    """The statistic the suspected flag thresholds, with the threshold (robust z = 3.5)."""
+def _suspicion_histogram(values: np.ndarray) -> str:
+    """The statistic the suspected flag thresholds (the evidence-weighted robust z), with the threshold."""
     plt, fig, ax = _figure()
-    median = np.median(values)
-    threshold = median + SUSPECT_Z * 1.4826 * np.median(np.abs(values - median))
-    ax.hist(values, bins=50, color="#4c72b0")
-    ax.axvline(threshold, color="#c44e52", linestyle="--", label=f"suspect threshold (z = {SUSPECT_Z})")
+    ax.hist(values[np.isfinite(values)], bins=50, color="#4c72b0")
+    ax.axvline(SUSPECT_Z, color="#c44e52", linestyle="--", label=f"suspect threshold (suspicion > {SUSPECT_Z})")
     ax.set_yscale("log")
-    ax.set_xlabel("leave-own-out leverage A/(1-A)")
+    ax.set_xlabel("suspicion (evidence-weighted robust z-score)")
     ax.set_ylabel("pairs")
     ax.legend(fontsize=8)
     return _svg(plt, fig)

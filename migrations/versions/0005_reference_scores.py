@@ -1,4 +1,4 @@
-"""reference scores, the Algorithm 3 self-influence and per-example validation influence per pair
+"""the suspicion statistic, reference scores, the Algorithm 3 self-influence and per-example validation influence per pair
 
 Revision ID: 0005
 Revises: 0004
@@ -13,7 +13,7 @@ down_revision = '0004'
 branch_labels = None
 depends_on = None
 
-COLUMNS = ('influence_per_example', 'self_influence_clip', 'clip_score_loo', 'reference_clip_score',
+COLUMNS = ('suspicion', 'influence_per_example', 'self_influence_clip', 'clip_score_loo', 'reference_clip_score',
            'reference_negclip')
 
 

@@ -109,6 +109,7 @@ class Score(Base):
     leave_own_out: Mapped[float] = mapped_column(Float(53))
     clip_score: Mapped[float] = mapped_column(Float(53))
     # NULL when the audit has no validation set / reference model (or for rows of older audits)
+    suspicion: Mapped[float | None] = mapped_column(Float(53), nullable=True)   # set by finalize, as rank
     influence_per_example: Mapped[float | None] = mapped_column(Float(53), nullable=True)
     self_influence_clip: Mapped[float | None] = mapped_column(Float(53), nullable=True)
     clip_score_loo: Mapped[float | None] = mapped_column(Float(53), nullable=True)

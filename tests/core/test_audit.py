@@ -58,8 +58,14 @@ def test_ranked_csv_has_every_pair_once_in_rank_order(finished, workspace):
     assert list(rows[0]) == list(audit.RANKED_COLUMNS)
     assert [int(r["rank"]) for r in rows] == list(range(1, 65))
     assert len({r["id"] for r in rows}) == 64
-    self_inf = [float(r["self_influence"]) for r in rows]
-    assert self_inf == sorted(self_inf, reverse=True)  # default rank_by = self_influence
+    suspicion = [float(r["suspicion"]) for r in rows]
+    assert suspicion == sorted(suspicion, reverse=True)  # default rank_by = evidence, whose score is the suspicion
+    # No reference model here (trained from scratch): suspicion = robust z of -clip_score_loo, recomputed
+    loo = np.array([float(r["clip_score_loo"]) for r in rows])
+    median = np.median(-loo)
+    expected = (-loo - median) / (1.4826 * np.median(np.abs(-loo - median)))
+    np.testing.assert_allclose(suspicion, expected, rtol=1e-9, atol=1e-9)
+    assert [r["suspected"] == "true" for r in rows] == [z > 3.0 for z in suspicion]  # the flag's statistic
     assert all(r["influence"] and r["influence_pos"] and r["influence_neg"] for r in rows)
     for r in rows:
         assert float(r["influence"]) == pytest.approx(float(r["influence_pos"]) + float(r["influence_neg"]), rel=1e-6, abs=1e-12)

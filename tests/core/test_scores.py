@@ -1,4 +1,5 @@
 """IS, self-IS, Gram entries and relative-IS against direct linear algebra (torch.linalg.solve)."""
+import numpy as np
 import torch
 
 from ecif_core.hessian import DampedInverse, default_damping, eigendecompose, fisher_sum
@@ -139,3 +140,28 @@ def test_every_ranking_rule_is_oriented_by_the_suspicion_table():
     for name, sign in expected.items():
         first = int(ranking(misalignment_score(columns, name))[0])
         assert first == (1 if sign > 0 else 2), name
+
+
+def test_evidence_ranking_is_the_evidence_weighted_mean_of_robust_z_scores():
+    """The default rule: z(-clip_score_loo) weighted by 2 AUROC_audited - 1 and z(-reference_clip_score)
+    by 2 AUROC_reference - 1 (robust z = (x - median) / 1.4826 MAD); without a reference, the audited part
+    alone; a model at chance gets weight 0. Swapping the column, the sign or the weights fails here."""
+    from ecif_core.scores import DEFAULT_RANK_BY, EVIDENCE_RULE
+
+    gen = torch.Generator().manual_seed(3)
+    loo = torch.rand(40, generator=gen, dtype=torch.float64)
+    ref = torch.rand(40, generator=gen, dtype=torch.float64)
+    cols = {"clip_score_loo": loo, "reference_clip_score": ref}
+    evidence = {"clip_score": {"mean": 0.8}, "reference_clip_score": {"mean": 0.95}}
+
+    def z(x):  # numpy's median (the midpoint of the middle two of 40 values), independent of torch's
+        med = float(np.median(x.numpy()))
+        return (x - med) / (1.4826 * float(np.median((x - med).abs().numpy())))
+
+    expected = (0.6 * z(-loo) + 0.9 * z(-ref)) / 1.5
+    assert DEFAULT_RANK_BY == "evidence" and EVIDENCE_RULE == ("clip_score_loo", 1.0, "z")
+    torch.testing.assert_close(misalignment_score(cols, "evidence", evidence), expected)
+    blind = {"clip_score": {"mean": 0.8}, "reference_clip_score": {"mean": 0.45}}   # below chance: weight 0
+    torch.testing.assert_close(misalignment_score(cols, "evidence", blind), z(-loo))
+    alone = {"clip_score_loo": loo, "reference_clip_score": torch.full_like(ref, float("nan"))}
+    torch.testing.assert_close(misalignment_score(alone, "evidence", evidence), z(-loo))

@@ -3,8 +3,9 @@ cells' finished audits (no gradient recomputed), scored against the truth; the t
 
     python -m bench.quality.finetune.select --out /work/bench-out/finetune [--split dev]
 
-Candidates are the product's own ranking rules (`ecif_core.audit.misalignment_columns`, which include
-the evidence-weighted ones) and, for comparison, the benchmark's baselines from each cell's scores.npz.
+Candidates are the product's own ranking rules (`ecif_core.audit.misalignment_columns`), the
+evidence-weighted variants below (the default, `evidence`, is the one chosen here: clip_score_loo with
+z-scores and weights 2 AUROC - 1) and, for comparison, the benchmark's baselines from each cell's scores.npz.
 """
 from __future__ import annotations
 
@@ -15,18 +16,40 @@ from pathlib import Path
 
 import numpy as np
 
-from ecif_core.audit import misalignment_columns
+import torch
+
+from ecif_core.audit import audit_evidence, collect_scores, misalignment_columns
+from ecif_core.scores import evidence_weighted
 
 from .evaluate import detection, truth_labels
 from .scores import aligned
 
 
+# Variants the default was chosen from: (audited column, weight power, "rank" or "z").
+VARIANTS: dict[str, tuple[str, float, str]] = {
+    "evidence_self_rank": ("self_influence", 1.0, "rank"),
+    "evidence_self_rank_sq": ("self_influence", 2.0, "rank"),
+    "evidence_self_z": ("self_influence", 1.0, "z"),
+    "evidence_clip_rank": ("self_influence_clip", 1.0, "rank"),
+    "evidence_loo_rank": ("clip_score_loo", 1.0, "rank"),
+    "evidence_loo_z": ("clip_score_loo", 1.0, "z"),
+    "evidence_loo_z_sq": ("clip_score_loo", 2.0, "z"),
+}
+
+
 def cell_candidates(folder: Path) -> tuple[list[str], dict[str, np.ndarray]]:
-    """(ids, {candidate: score}) of one finished cell: the product's rules and the saved baselines."""
+    """(ids, {candidate: score}) of one finished cell: the product's rules, the variants and the
+    saved baselines."""
     ids, rules = misalignment_columns(folder / "audit")
     saved = np.load(folder / "scores.npz")
     saved_ids = [str(i) for i in saved["ids"]]
     out = {f"rank_by:{name}": values for name, values in rules.items()}
+    pairs, columns = collect_scores(folder / "audit")
+    assert [p.id for p in pairs] == list(ids)
+    tensors = {k: torch.from_numpy(np.asarray(v, dtype=np.float64)) for k, v in columns.items()}
+    evidence = audit_evidence(folder / "audit")
+    for name, rule in VARIANTS.items():
+        out[f"variant:{name}"] = evidence_weighted(tensors, *rule, evidence).numpy()
     for key in saved.files:
         if key.startswith("baseline__"):
             out[key.replace("__", ":")] = aligned(saved[key], saved_ids, ids)
@@ -37,7 +60,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.quality.finetune.select", description=__doc__)
     parser.add_argument("--out", required=True)
     parser.add_argument("--split", default="dev", choices=["dev", "test"])
-    parser.add_argument("--flag-rules", nargs="*", default=["evidence_z", "evidence_loo_z"],
+    parser.add_argument("--flag-rules", nargs="*", default=["evidence"],
                         help="z-scaled rules whose threshold the suspected flag could use")
     parser.add_argument("--thresholds", nargs="*", type=float, default=[1.5, 2.0, 2.5, 3.0, 3.5])
     args = parser.parse_args(argv)
