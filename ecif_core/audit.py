@@ -254,7 +254,8 @@ def prepare(manifest: Manifest, audit_dir: str | Path, image_roots: list[Path] |
         if not batches:
             reasons = sorted({r.reason.split(":")[0] for r in rejected})
             raise ConfigError("train", f"no usable rows ({len(rejected)} rejected: {'; '.join(reasons)})")
-        pairs_total = index.readable
+        # every data row of the source, readable or not: pairs_total - pairs_rejected = pairs scored
+        pairs_total = index.readable + sum(1 for r in rejected if r.unreadable)
         shard_offsets = []
         with AuditFolder(audit_dir).pairs.open("wb") as handle:
             for b, batch in enumerate(batches):

@@ -32,7 +32,7 @@ from ecif_core.ranked import VALUE_COLUMNS
 
 from ecif_core.stages import DONE, FIRST, next_stage, position
 
-from .db.models import FINISHED, SHARDED, Audit, Pair, Score, Shard, utcnow
+from .db.models import FINISHED, SHARDED, Audit, PairRow, Score, Shard, utcnow
 from .db.session import session_scope
 from .liveness import Heartbeat, mark_dispatched
 
@@ -153,8 +153,8 @@ class Pipeline:
 
     def _prepare(self, audit_id: str, audit_dir: str, plan: core.Plan) -> None:
         with session_scope(self.database_url) as session:
-            session.execute(delete(Pair).where(Pair.audit_id == audit_id))
-            _bulk_insert(session, Pair, _pair_rows(audit_id, audit_dir))
+            session.execute(delete(PairRow).where(PairRow.audit_id == audit_id))
+            _bulk_insert(session, PairRow, _pair_rows(audit_id, audit_dir))
             known = set(session.execute(select(Shard.stage, Shard.shard).where(Shard.audit_id == audit_id)).all())
             missing = [{"audit_id": audit_id, "stage": stage, "shard": s, "status": "pending"}
                        for stage in SHARDED for s in range(plan.shards) if (stage, s) not in known]
@@ -174,7 +174,7 @@ class Pipeline:
             with session_scope(self.database_url) as session:
                 session.execute(delete(Score).where(Score.audit_id == audit_id, Score.shard == shard))
                 _bulk_insert(session, Score, rows)
-                session.execute(update(Audit).where(Audit.id == audit_id).values(damping=shift))
+                session.execute(update(Audit).where(Audit.id == audit_id).values(curvature_shift=shift))
         except IntegrityError:
             # A concurrent delivery of this shard committed the same rows first (same store,
             # same numbers); anything else is a real error.

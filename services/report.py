@@ -20,7 +20,7 @@ from ecif_core.scores import SUSPECT_Z
 from ecif_core.images import TAR_MEMBER, load_image, local_image
 from ecif_core.remote import is_url
 
-from .db.models import Audit, Pair, Score, Trace
+from .db.models import Audit, PairRow, Score, Trace
 from .db.session import session_scope
 from .repository import trace_results
 
@@ -53,14 +53,14 @@ def audit_report_html(database_url: str, audit_id: str, links: dict[str, str],
     """The report of a finished audit. `links`: {"results": url, "rejected": url}."""
     with session_scope(database_url) as session:
         audit = session.get(Audit, audit_id)
-        rows = session.execute(select(Score.slot, Score.pair_id, Pair.image, Pair.caption, Score.influence,
+        rows = session.execute(select(Score.slot, Score.pair_id, PairRow.image, PairRow.caption, Score.influence,
                                       Score.influence_pos, Score.influence_neg, Score.self_influence,
                                       Score.suspicion, Score.clip_score, Score.rank, Score.suspected,
                                       Score.reference_clip_score)
-                               .join(Pair, (Pair.audit_id == Score.audit_id) & (Pair.slot == Score.slot))
+                               .join(PairRow, (PairRow.audit_id == Score.audit_id) & (PairRow.slot == Score.slot))
                                .where(Score.audit_id == audit_id).order_by(Score.rank)).all()
         meta = {"status": audit.status, "pairs": audit.pairs_total, "rejected": audit.pairs_rejected,
-                "damping": audit.damping, "seconds": _seconds(audit), "dim": _dim(audit.audit_dir),
+                "curvature_shift": audit.curvature_shift, "seconds": _seconds(audit), "dim": _dim(audit.audit_dir),
                 "audit_dir": audit.audit_dir, "rank_by": audit.manifest["options"]["rank_by"]}
     columns = {name: np.array([np.nan if r[i] is None else r[i] for r in rows], dtype=float)
                for i, name in enumerate(("slot", "id", "image", "caption", "influence", "influence_pos",
@@ -123,7 +123,8 @@ def _page(title: str, body: str) -> str:
 def _summary(meta: dict, scored: int, flagged: int) -> str:
     items = [("status", meta["status"]), ("pairs", meta["pairs"]), ("scored", scored),
              ("rejected", meta["rejected"]), ("suspected", flagged),
-             ("damping (delta + lambda)", f"{meta['damping']:.4g}" if meta["damping"] is not None else "-"),
+             ("curvature shift (weight decay + damping)",
+              f"{meta['curvature_shift']:.4g}" if meta["curvature_shift"] is not None else "-"),
              ("projection size k", meta["dim"]),
              ("run time", f"{meta['seconds']:.1f} s" if meta["seconds"] is not None else "-")]
     cells = "".join(f"<tr><td>{html.escape(str(k))}</td><td><b>{html.escape(str(v))}</b></td></tr>" for k, v in items)

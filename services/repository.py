@@ -19,7 +19,7 @@ from ecif_core.stages import FIRST
 from ecif_core.ranked import RANKED_COLUMNS, VALUE_COLUMNS, csv_row
 from ecif_core.manifest import Manifest
 
-from .db.models import FINISHED, SHARDED, ApiKey, Audit, Edit, Pair, Score, Shard, Trace, TracePair, utcnow
+from .db.models import FINISHED, SHARDED, ApiKey, Audit, Edit, PairRow, Score, Shard, Trace, TracePair, utcnow
 from .db.session import session_scope
 
 KEY_PREFIX = "ecif_"
@@ -140,7 +140,7 @@ def delete_audit(session: Session, audit: Audit, store_root: str | Path | None) 
     audit_dir = Path(audit.audit_dir).resolve()
     traces = select(Trace.id).where(Trace.audit_id == audit.id)
     session.execute(delete(TracePair).where(TracePair.trace_id.in_(traces)))
-    for table in (Edit, Trace, Score, Pair, Shard):
+    for table in (Edit, Trace, Score, PairRow, Shard):
         session.execute(delete(table).where(table.audit_id == audit.id))
     session.execute(delete(Audit).where(Audit.id == audit.id))
     session.commit()
@@ -157,9 +157,9 @@ def results_csv(database_url: str, audit_id: str, limit: int | None = None,
     last, sent = 0, 0
     while limit is None or sent < limit:
         page = PAGE_ROWS if limit is None else min(PAGE_ROWS, limit - sent)
-        query = (select(Score.rank, Score.pair_id, Pair.image, Pair.caption, Score.suspected,
+        query = (select(Score.rank, Score.pair_id, PairRow.image, PairRow.caption, Score.suspected,
                         *(getattr(Score, name) for name in VALUE_COLUMNS))
-                 .join(Pair, (Pair.audit_id == Score.audit_id) & (Pair.slot == Score.slot))
+                 .join(PairRow, (PairRow.audit_id == Score.audit_id) & (PairRow.slot == Score.slot))
                  .where(Score.audit_id == audit_id, Score.rank > last))
         if suspected_only:
             query = query.where(Score.suspected.is_(True))
@@ -180,9 +180,9 @@ def rejected_csv(database_url: str, audit_id: str) -> Iterator[str]:
     last = 0
     while True:
         with session_scope(database_url) as session:
-            rows = session.execute(select(Pair.id, Pair.row, Pair.pair_id, Pair.reason)
-                                   .where(Pair.audit_id == audit_id, Pair.reason.is_not(None), Pair.id > last)
-                                   .order_by(Pair.id).limit(PAGE_ROWS)).all()
+            rows = session.execute(select(PairRow.id, PairRow.row, PairRow.pair_id, PairRow.reason)
+                                   .where(PairRow.audit_id == audit_id, PairRow.reason.is_not(None), PairRow.id > last)
+                                   .order_by(PairRow.id).limit(PAGE_ROWS)).all()
         if not rows:
             return
         buffer = io.StringIO()
@@ -212,8 +212,8 @@ def get_trace(session: Session, audit: Audit, trace_id: str) -> Trace | None:
 
 def trace_results(session: Session, trace: Trace) -> list[dict]:
     """Per test example: the request, its test loss and its top pairs (rank order) with image and caption."""
-    rows = session.execute(select(TracePair, Pair.image, Pair.caption)
-                           .join(Pair, (Pair.audit_id == trace.audit_id) & (Pair.slot == TracePair.slot))
+    rows = session.execute(select(TracePair, PairRow.image, PairRow.caption)
+                           .join(PairRow, (PairRow.audit_id == trace.audit_id) & (PairRow.slot == TracePair.slot))
                            .where(TracePair.trace_id == trace.id).order_by(TracePair.test, TracePair.rank)).all()
     losses = trace.test_losses or []
     out = [{"example": example, "test_loss": losses[i] if i < len(losses) else None, "top": []}

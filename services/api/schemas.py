@@ -44,7 +44,7 @@ class AuditStatus(BaseModel):
     shards_total: int
     pairs_total: int | None
     pairs_rejected: int | None
-    damping: float | None       # delta + lambda the scores were computed with
+    curvature_shift: float | None  # delta + lambda (weight decay + damping) the scores were computed with
     created_at: datetime
     started_at: datetime | None
     finished_at: datetime | None

@@ -43,7 +43,7 @@ class Audit(Base):
     shards_total: Mapped[int | None] = mapped_column(Integer, nullable=True)
     pairs_total: Mapped[int | None] = mapped_column(Integer, nullable=True)
     pairs_rejected: Mapped[int | None] = mapped_column(Integer, nullable=True)
-    damping: Mapped[float | None] = mapped_column(Float, nullable=True)   # delta + lambda the scores used
+    curvature_shift: Mapped[float | None] = mapped_column(Float, nullable=True)   # delta + lambda the scores used
     error: Mapped[str | None] = mapped_column(Text, nullable=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, index=True)
     started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
@@ -54,7 +54,7 @@ class Audit(Base):
     dispatched_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
 
 
-class Pair(Base):
+class PairRow(Base):
     """Every row of the training file: usable ones with their slot, rejected ones with a reason."""
 
     __tablename__ = "pairs"

@@ -12,7 +12,7 @@ from ecif_core.datasets.digits import class_prompts, label_of_caption
 
 from services import repository
 from services.api.app import create_app
-from services.db.models import Audit, Pair
+from services.db.models import Audit, PairRow
 from services.db.session import session_scope
 from services.pipeline import LocalDispatcher, Pipeline
 from services.settings import Settings
@@ -150,7 +150,7 @@ def test_images_outside_the_data_roots_become_rejected_rows(pg_url, data_root, t
     dispatcher = LocalDispatcher()
     Pipeline(pg_url, dispatcher, image_roots=settings.resolved_roots()).run("prepare", audit_id)
     with session_scope(pg_url) as session:
-        rejected = session.query(Pair).filter(Pair.audit_id == audit_id, Pair.reason.is_not(None)).all()
+        rejected = session.query(PairRow).filter(PairRow.audit_id == audit_id, PairRow.reason.is_not(None)).all()
         reasons = {p.pair_id: p.reason for p in rejected}
     assert reasons[rows[0]["id"]] == "image outside the data roots"
 
@@ -420,7 +420,7 @@ def test_edit_is_queued_computed_and_downloaded(api, keys, pg_url, finished_audi
 
 def test_edit_by_ids_and_bad_edit_requests_name_the_field(api, keys, pg_url, finished_audit, data_root):
     with session_scope(pg_url) as session:
-        some_id = session.query(Pair.pair_id).filter(Pair.audit_id == finished_audit, Pair.slot.isnot(None)).first()[0]
+        some_id = session.query(PairRow.pair_id).filter(PairRow.audit_id == finished_audit, PairRow.slot.isnot(None)).first()[0]
     ok = api.post(f"/audits/{finished_audit}/edits", json={"ids": [some_id]}, headers=keys["alice"])
     assert ok.status_code == 202, ok.text
     for body, field in [({"ids": ["no-such-pair"]}, "ids"), ({"remove": "suspected", "ids": [some_id]}, "remove"),

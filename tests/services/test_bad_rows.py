@@ -21,7 +21,7 @@ from ecif_core.images import ImageAccess
 from ecif_core.sources import Pair as UsablePair, iter_pairs
 from ecif_core.manifest import load_manifest
 from services import repository
-from services.db.models import Audit, Pair, Score
+from services.db.models import Audit, PairRow, Score
 from services.db.session import get_engine, session_scope
 from services.pipeline import LocalDispatcher, Pipeline, error_text
 
@@ -150,7 +150,7 @@ def test_every_generated_row_is_scored_or_rejected_and_the_audit_succeeds(pg_url
             assert isinstance(item, UsablePair) or item.reason
         with Session(engine) as session:  # everything prepare would store, stored for real
             if items:
-                session.execute(insert(Pair), _db_rows(probe, items))
+                session.execute(insert(PairRow), _db_rows(probe, items))
             session.flush()
             session.rollback()
         generated.extend(batch)
@@ -169,7 +169,7 @@ def test_every_generated_row_is_scored_or_rejected_and_the_audit_succeeds(pg_url
     with session_scope(pg_url) as session:
         audit = session.get(Audit, audit_id)
         assert (audit.status, audit.error) == ("succeeded", None)
-        reasons = session.scalars(select(Pair.reason).where(Pair.audit_id == audit_id, Pair.reason.is_not(None))).all()
+        reasons = session.scalars(select(PairRow.reason).where(PairRow.audit_id == audit_id, PairRow.reason.is_not(None))).all()
         scored = session.scalar(select(func.count()).select_from(Score).where(Score.audit_id == audit_id))
     assert scored >= 2 and scored + len(reasons) == len(good) + sum(_counted(line) for line in generated)
     assert any("NUL" in r for r in reasons) and any("not valid Unicode" in r or "UTF-8" in r for r in reasons)

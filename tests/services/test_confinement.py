@@ -12,7 +12,7 @@ import pytest
 from sqlalchemy import func, select
 
 from services import repository
-from services.db.models import Audit, Pair
+from services.db.models import Audit, PairRow
 from services.db.session import session_scope
 from services.manifests import confined_manifest
 from services.pipeline import LocalDispatcher, Pipeline
@@ -60,7 +60,7 @@ def test_a_pair_file_swapped_for_a_link_out_of_the_roots_before_prepare(pg_url, 
     audit = _audit(pg_url, audit_id)
     assert audit.status == "failed" and "train" in audit.error and "outside the data roots" in audit.error
     with session_scope(pg_url) as session:
-        assert session.scalar(select(func.count()).select_from(Pair).where(Pair.audit_id == audit_id)) == 0
+        assert session.scalar(select(func.count()).select_from(PairRow).where(PairRow.audit_id == audit_id)) == 0
 
 
 def test_an_image_swapped_for_a_link_between_prepare_and_gradients(pg_url, root, tmp_path):
@@ -69,7 +69,7 @@ def test_an_image_swapped_for_a_link_between_prepare_and_gradients(pg_url, root,
     pipeline = Pipeline(pg_url, dispatcher, image_roots=[root])
     pipeline.run("prepare", audit_id)
     with session_scope(pg_url) as session:
-        image = Path(session.scalar(select(Pair.image).where(Pair.audit_id == audit_id, Pair.slot == 0)))
+        image = Path(session.scalar(select(PairRow.image).where(PairRow.audit_id == audit_id, PairRow.slot == 0)))
     outside = tmp_path / "outside.png"
     shutil.copy(image, outside)
     _swap_for_link(image, outside)

@@ -9,7 +9,7 @@ from sqlalchemy import delete, func, select
 from ecif_core.audit import run_audit
 from ecif_core.manifest import load_manifest
 from services import repository
-from services.db.models import Audit, Pair, Score, Shard
+from services.db.models import Audit, PairRow, Score, Shard
 from services.db.session import session_scope
 from services.pipeline import LocalDispatcher, Pipeline
 from tests.services.conftest import assert_same_ranking, read_csv_rows, write_manifest
@@ -54,7 +54,7 @@ def test_postgres_pipeline_matches_the_embedded_csv(pg_url, data_root, embedded_
     with session_scope(pg_url) as session:
         audit = session.get(Audit, audit_id)
         assert (audit.status, audit.stage, audit.error) == ("succeeded", "done", None)
-        assert audit.pairs_total == 96 and audit.shards_total == 6 and audit.damping > 0
+        assert audit.pairs_total == 96 and audit.shards_total == 6 and audit.curvature_shift > 0
         assert audit.started_at <= audit.finished_at
     assert_same_ranking(_csv(pg_url, audit_id), read_csv_rows(embedded_csv))
     limited = _csv(pg_url, audit_id)[:5]
@@ -75,7 +75,7 @@ def test_redelivered_tasks_change_nothing_and_advance_once(pg_url, data_root, tm
     dispatcher.sent.clear()
     pipeline.run("prepare", audit_id)  # redelivered after shards finished: nothing is reset or redone
     with session_scope(pg_url) as session:
-        assert session.scalar(select(func.count()).select_from(Pair).where(Pair.audit_id == audit_id)) == 96
+        assert session.scalar(select(func.count()).select_from(PairRow).where(PairRow.audit_id == audit_id)) == 96
         done = session.scalars(select(Shard.shard).where(Shard.audit_id == audit_id, Shard.stage == "gradients",
                                                          Shard.status == "done")).all()
     assert sorted(done) == [0, 1, 2, 3]

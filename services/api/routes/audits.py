@@ -170,7 +170,7 @@ def _status(request: Request, session: Session, audit: Audit) -> AuditStatus:
     status = "stalled" if progress["stall_reason"] else audit.status
     return AuditStatus(id=audit.id, status=status, stage=audit.stage, shards_done=progress["shards_done"],
                        shards_total=progress["shards_total"], pairs_total=audit.pairs_total,
-                       pairs_rejected=audit.pairs_rejected, damping=audit.damping, created_at=audit.created_at,
+                       pairs_rejected=audit.pairs_rejected, curvature_shift=audit.curvature_shift, created_at=audit.created_at,
                        started_at=audit.started_at, finished_at=audit.finished_at,
                        eta_seconds=progress["eta_seconds"], stall_reason=progress["stall_reason"], error=audit.error,
                        results_url=str(request.url_for("audit_results", audit_id=audit.id)),
