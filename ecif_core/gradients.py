@@ -20,7 +20,7 @@ LoGra factors; both give the same numbers to float tolerance (tests/core/test_gr
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, Sequence
+from typing import Literal, NamedTuple, Sequence
 
 import torch
 
@@ -42,12 +42,20 @@ class BatchGradients:
     clip: torch.Tensor        # (B, k)  C_n = grad [1 - cos(u_n, v_n)] (ECIF_MATH, the seed's Algorithm 3)
 
 
-def embed(model: torch.nn.Module, images: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(text embeddings u, image embeddings v), unnormalised; normalisation lives in pair_logits.
+class Embeddings(NamedTuple):
+    """Text first, as ECIF_MATH writes S_ij = cos(u_i, v_j) / tau and pair_logits(text, image) takes
+    them; open_clip's own forward returns the image first, so read them by name where it matters."""
+
+    text: torch.Tensor   # u
+    image: torch.Tensor  # v
+
+
+def embed(model: torch.nn.Module, images: torch.Tensor, tokens: torch.Tensor) -> Embeddings:
+    """Embeddings(text u, image v), unnormalised; normalisation lives in pair_logits.
 
     Inputs move to the model's device (a GPU worker's model lives on the GPU)."""
     device = model.logit_scale.device
-    return model.encode_text(tokens.to(device)), model.encode_image(images.to(device))
+    return Embeddings(text=model.encode_text(tokens.to(device)), image=model.encode_image(images.to(device)))
 
 
 def temperature_scale(model: torch.nn.Module) -> torch.Tensor:
