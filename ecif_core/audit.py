@@ -22,7 +22,7 @@ from .confine import confined
 from .batching import hash_seed, ids_digest, partition, rebatch_within, training_batches
 from .images import ImageAccess, batch_tensors, load_batch, load_batch_images
 from .sources import Pair, RejectedRow, iter_pairs, partition_id, read_pairs
-from .errors import ConfigError
+from .errors import ConfigError, InconsistentAudit, NotReady
 from .folder import AuditFolder
 from .evidence import CORRUPTIONS, corrupted_captions, separation
 from .gradients import per_pair_gradients
@@ -427,7 +427,7 @@ def curvature(audit_dir: str | Path) -> None:
         return
     missing = [s for s in range(plan.shards) if not store.is_done("gradients", s)]
     if missing:
-        raise RuntimeError(f"curvature needs every gradient shard; missing {missing[:10]}")
+        raise NotReady(f"curvature needs every gradient shard; missing {missing[:10]}")
     fisher = fisher_from_partials(store, plan.shards) if store.has("fisher/partial") else fisher_sum(
         (torch.from_numpy(store.read_rows("grads/pos", s * plan.shard_rows, (s + 1) * plan.shard_rows))
          for s in range(plan.shards)), plan.dim)
@@ -527,7 +527,7 @@ def inverse_for(plan: Plan, store: AuditStore, damping: float | None = None) -> 
 def _curvature(store: AuditStore) -> tuple[torch.Tensor, torch.Tensor]:
     """(eigvals, eigvecs) of the stored Fisher, once the curvature stage has finished."""
     if not store.is_complete("curvature/eigvals"):
-        raise RuntimeError("scoring needs the curvature stage first")
+        raise NotReady("scoring needs the curvature stage first")
     return (torch.from_numpy(store.read_rows("curvature/eigvals")),
             torch.from_numpy(store.read_rows("curvature/eigvecs")))
 
@@ -543,7 +543,7 @@ def shard_scores(audit_dir: str | Path, shard: int, damping: float | None = None
         return False
     manifest = _manifest_of(plan)
     if manifest.validation is not None and not store.is_complete("validation/grad"):
-        raise RuntimeError("scoring needs the validation stage first")
+        raise NotReady("scoring needs the validation stage first")
     inverse = inverse_for(plan, store, damping)
     start, stop = shard * plan.shard_rows, (shard + 1) * plan.shard_rows
     g_pos = torch.from_numpy(store.read_rows("grads/pos", start, stop))
@@ -566,10 +566,10 @@ def scored_shift(plan: Plan, store: AuditStore) -> float:
     """The delta + lambda every scored shard used; refuses missing or mixed shards."""
     done = store.done_count("scores")
     if done != plan.shards:
-        raise RuntimeError(f"{plan.shards - done} of {plan.shards} shards are not scored yet")
+        raise NotReady(f"{plan.shards - done} of {plan.shards} shards are not scored yet")
     shifts = store.read_rows("done/scores_shift")
     if not np.allclose(shifts, shifts[0], rtol=1e-12, atol=0):
-        raise RuntimeError(f"shards were scored with different dampings {sorted(set(shifts.tolist()))[:3]}; "
+        raise InconsistentAudit(f"shards were scored with different dampings {sorted(set(shifts.tolist()))[:3]}; "
                            "re-score every shard")
     return float(shifts[0])
 

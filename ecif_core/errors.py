@@ -20,6 +20,16 @@ class ConfigError(EcifError, ValueError):
         return (type(self), (self.field, self.message))
 
 
+class NotReady(EcifError):
+    """A stage ran before the stage it needs finished (a task delivered out of order): retryable;
+    the same task succeeds once the earlier stage is done, and the audit is not failed."""
+
+
+class InconsistentAudit(EcifError):
+    """The audit's stored results contradict each other (shards scored with different dampings):
+    not retryable; the audit fails with this message and must be re-scored."""
+
+
 class ModelSourceError(ConfigError):
     """The model cannot be built from local files alone (ecif_core never downloads weights)."""
 

@@ -26,7 +26,7 @@ from sqlalchemy.orm import Session
 
 from ecif_core.folder import AuditFolder
 from ecif_core import audit as core
-from ecif_core.errors import EcifError
+from ecif_core.errors import EcifError, NotReady
 from ecif_core.manifest import Manifest
 from ecif_core.ranked import VALUE_COLUMNS
 
@@ -99,6 +99,8 @@ class Pipeline:
                     self._execute(stage, audit_id, audit_dir, shard)
             except TRANSIENT:
                 raise  # database or broker unreachable: the task is retried, the audit is not failed
+            except NotReady:
+                raise  # an earlier stage has not finished (a task out of order): retried, the audit is not failed
             except Exception as exc:
                 self._fail(audit_id, stage, shard, exc)
                 if isinstance(exc, EcifError):

@@ -15,6 +15,7 @@ from celery.signals import worker_process_init, worker_ready
 from kombu.exceptions import OperationalError as BrokerUnavailable
 from sqlalchemy.exc import InterfaceError, OperationalError
 
+from ecif_core.errors import NotReady
 from ecif_core.stages import BY_NAME, STAGES, Stage
 
 from .celery_app import app
@@ -57,7 +58,7 @@ def _init_process(**_kwargs) -> None:
 
 
 # Database or broker briefly unreachable: retry with backoff (tasks are idempotent).
-RETRY = {"autoretry_for": (OperationalError, InterfaceError, BrokerUnavailable), "retry_backoff": True,
+RETRY = {"autoretry_for": (OperationalError, InterfaceError, BrokerUnavailable, NotReady), "retry_backoff": True,
          "retry_backoff_max": 300, "max_retries": 10}
 
 

@@ -12,7 +12,7 @@ from PIL import Image
 from ecif_core import audit
 from ecif_core import images as images_module
 from ecif_core.datasets.digits import build_digits
-from ecif_core.errors import ConfigError
+from ecif_core.errors import ConfigError, InconsistentAudit, NotReady
 from ecif_core.manifest import load_manifest
 from ecif_core.train import TrainConfig, train
 from tests.core.helpers import MICRO_CONFIG
@@ -272,13 +272,13 @@ def test_stages_refuse_incomplete_inputs(workspace, finished, tmp_path):
     shutil.copytree(finished, copy)
     store = audit.open_store(copy)
     store.root["done/scores"][0] = 0
-    with pytest.raises(RuntimeError, match="not scored"):
+    with pytest.raises(NotReady, match="not scored"):
         audit.finalize(copy)
     audit.shard_scores(copy, 0, damping=5.0)  # one shard re-scored with another damping
-    with pytest.raises(RuntimeError, match="different dampings"):
+    with pytest.raises(InconsistentAudit, match="different dampings"):
         audit.finalize(copy)
     store.root["validation/grad"].attrs["complete"] = False  # a validation stage cut short
-    with pytest.raises(RuntimeError, match="validation stage"):
+    with pytest.raises(NotReady, match="validation stage"):
         audit.shard_scores(copy, 1, damping=5.0)
 
 
