@@ -37,3 +37,17 @@ def evaluate_cell(scores: Mapping[str, np.ndarray], ids: Sequence[str], truth_cs
     """(metrics per score, number of corrupted pairs among `ids`)."""
     labels = truth_labels(truth_csv, ids)
     return detection(scores, labels, ks), int(labels.sum())
+
+
+def flag_metrics(cell_folder: str | Path) -> dict[str, float]:
+    """The audit's `suspected` flags against the truth: flagged fraction, precision and recall."""
+    import csv
+
+    folder = Path(cell_folder)
+    with (folder / "audit" / "ranked.csv").open(newline="", encoding="utf-8") as handle:
+        rows = list(csv.DictReader(handle))
+    labels = truth_labels(folder / "truth.csv", [r["id"] for r in rows])
+    flagged = np.array([r["suspected"] == "true" for r in rows])
+    hits = float(labels[flagged].sum())
+    return {"flagged": float(flagged.mean()), "precision": hits / flagged.sum() if flagged.any() else float("nan"),
+            "recall": hits / max(float(labels.sum()), 1.0)}

@@ -96,7 +96,8 @@ def collect(settings: FinetuneSettings, out: Path, base_record: dict, command: s
             "elapsed_seconds": time.perf_counter() - started,
             "base": {k: v for k, v in base_record.items() if k != "key"},
             "test": tables.summarise(records, "test"), "dev": tables.summarise(records, "dev"),
-            "cost": tables.cost_summary(records), "cells": [r["name"] for r in records]}
+            "cost": tables.cost_summary(records), "targets": tables.targets(records, str(out)),
+            "cells": [r["name"] for r in records]}
 
 
 def write_outputs(results: dict[str, Any], out: Path) -> None:

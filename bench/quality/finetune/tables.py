@@ -48,6 +48,66 @@ def summarise(records: list[dict], split: str) -> dict[str, Any]:
     return out
 
 
+DEFAULT = "rank_by:evidence"
+CROSSFIT = "baseline:clip_score_crossfit"
+
+
+def targets(records: list[dict], out_dir: str | None, split: str = "test") -> list[dict[str, Any]]:
+    """Per group of the split: the default ranking against the best single baseline and cross-fitting
+    (the issue's targets: default >= best baseline + 0.02 where any score is above 0.6 AUROC, and
+    >= 0.95 of cross-fitting's AUROC at <= 1/3 of its cost), the retrieval accuracy and the flags."""
+    from pathlib import Path
+
+    from .evaluate import flag_metrics
+
+    rows = []
+    for (regime, corruption, tuning, fraction), cells in groups(records, split).items():
+        def mean(name: str) -> float | None:
+            values = [c["metrics"][name]["auroc"] for c in cells if name in c["metrics"]]
+            return statistics.mean(values) if values else None
+        baselines = {n for c in cells for n in c["metrics"] if n.startswith("baseline:") and n != CROSSFIT}
+        best = max(baselines, key=lambda n: mean(n) or 0.0)
+        every = [mean(n) for c in cells[:1] for n in c["metrics"]]
+        flags = [flag_metrics(Path(out_dir) / "cells" / c["name"]) for c in cells] if out_dir else []
+        crossfit_cost = [c["timings"]["crossfit"] for c in cells if "crossfit" in c["timings"]]
+        audit_cost = [c["timings"]["audit"] for c in cells if "crossfit" in c["timings"]]
+        rows.append({
+            "group": f"{regime}/{corruption}/{tuning}/{fraction}", "seeds": sorted(c["spec"]["seed"] for c in cells),
+            "default": _mean_sd([c["metrics"][DEFAULT]["auroc"] for c in cells if DEFAULT in c["metrics"]]),
+            "best_baseline": best.split(":", 1)[1], "best_baseline_auroc": _mean_sd(
+                [c["metrics"][best]["auroc"] for c in cells if best in c["metrics"]]),
+            "crossfit": _mean_sd([c["metrics"][CROSSFIT]["auroc"] for c in cells if CROSSFIT in c["metrics"]]),
+            "any_above_0.6": any(v is not None and v > 0.6 for v in every),
+            "audit_over_crossfit_cost": (statistics.mean(audit_cost) / statistics.mean(crossfit_cost)
+                                         if crossfit_cost else None),
+            "retrieval_finetuned_top1": _mean_sd([c["retrieval"]["finetuned"]["top1"] for c in cells]),
+            "flagged": _mean_sd([f["flagged"] for f in flags]), "precision": _mean_sd([f["precision"] for f in flags
+                                                                                      if f["precision"] == f["precision"]]),
+        })
+    return rows
+
+
+def targets_table(rows: list[dict[str, Any]]) -> list[str]:
+    lines = ["## Targets: default ranking vs the best baseline and cross-fitting (test seeds)", "",
+             "Default = `rank_by: evidence` (chosen on the development seeds). Best baseline = the best single "
+             "baseline of the group on these test seeds (an oracle choice a user cannot make), cross-fitting "
+             "excluded; margin target +0.02 where any score is above 0.6 AUROC. Cross-fitting: K = 5 fine-tunes "
+             "on 4/5 of the pairs; its cost against the audit's (which includes the reference scores). "
+             "`suspected`: flagged share of the pairs and its precision.", "",
+             "| group | fine-tuned retrieval | default AUROC | best baseline | margin | cross-fit AUROC | default / cross-fit "
+             "| audit / cross-fit cost | flagged | precision |",
+             "| --- |" + " --- |" * 9]
+    for r in rows:
+        d, b, x = r["default"][0], r["best_baseline_auroc"][0], r["crossfit"][0]
+        margin = "–" if d is None or b is None else f"{d - b:+.3f}" + ("" if r["any_above_0.6"] else " (all <= 0.6)")
+        ratio = "–" if d is None or x is None else f"{d / x:.3f}"
+        cost = "–" if r["audit_over_crossfit_cost"] is None else f"{r['audit_over_crossfit_cost']:.2f}"
+        lines.append(f"| {r['group']} | {_fmt(r['retrieval_finetuned_top1'])} | {_fmt(r['default'])} | "
+                     f"{r['best_baseline']} {_fmt(r['best_baseline_auroc'])} | {margin} | {_fmt(r['crossfit'])} | "
+                     f"{ratio} | {cost} | {_fmt(r['flagged'])} | {_fmt(r['precision'])} |")
+    return lines + [""]
+
+
 def cost_summary(records: list[dict]) -> dict[str, Any]:
     """Per regime/tuning: mean seconds of each timed step and its multiple of the cell's own fine-tune."""
     out: dict[str, Any] = {}
@@ -136,6 +196,7 @@ def markdown(results: dict[str, Any]) -> str:
              "`bench/quality/finetune/scores.py`.", ""]
     if results.get("errors"):
         lines += ["Failed cells: " + ", ".join(f"{k} ({v})" for k, v in results["errors"].items()), ""]
+    lines += targets_table(results.get("targets", []))
     lines += detection_tables(results["test"], "Test seeds")
     lines += detection_tables(results["dev"], "Development seeds")
     lines += retrieval_table(results["test"], results["dev"], results["base"]["retrieval"])
