@@ -29,7 +29,7 @@ COPY ecif_core ./ecif_core
 COPY services ./services
 COPY workers ./workers
 COPY migrations ./migrations
-RUN pip install -e .
+RUN pip install -e ".[service]"
 
 USER ecif
 EXPOSE 8000
