@@ -333,8 +333,8 @@ def singles(prob: Problem, fit: Fit, per_pair: dict[str, tuple[torch.Tensor, tor
     chosen = torch.randperm(N_TRAIN, generator=torch.Generator().manual_seed(2))[:N_SINGLES]
     out: dict[str, np.ndarray] = {}
     for form, (g_pos, g_neg) in per_pair.items():
-        out[form] = ((g_pos + g_neg)[chosen] @ fit.h_inv_val_grad).numpy()
-    out["pos_only"] = (per_pair["exact"][0][chosen] @ fit.h_inv_val_grad).numpy()
+        out[form] = production_influence(fit, g_pos[chosen], g_neg[chosen])["influence"]
+    out["pos_only"] = production_influence(fit, per_pair["exact"][0][chosen], per_pair["exact"][1][chosen])["influence_pos"]
     out["actual"] = np.array([retrained_change(prob, fit, [int(n)]) for n in chosen])
     return out
 
@@ -352,8 +352,9 @@ def groups(prob: Problem, fit: Fit, per_pair: dict[str, tuple[torch.Tensor, torc
     out: dict[str, list[float]] = {k: [] for k in (*NEG_FORMS, "sum_of_singles", "actual")}
     for members in all_groups:
         g_pos, g_neg = group_gradient(fit.theta, prob, members)
-        out["exact"].append(float((g_pos + g_neg) @ fit.h_inv_val_grad))
-        out["pos_only"].append(float(g_pos @ fit.h_inv_val_grad))
+        scored = production_influence(fit, g_pos[None], g_neg[None])
+        out["exact"].append(float(scored["influence"][0]))
+        out["pos_only"].append(float(scored["influence_pos"][0]))
         for form in ("first_order", "paper"):
             pos, neg = per_pair[form]
             out[form].append(float((pos[members] + neg[members]).sum(0) @ fit.h_inv_val_grad))
@@ -363,6 +364,18 @@ def groups(prob: Problem, fit: Fit, per_pair: dict[str, tuple[torch.Tensor, torc
     result = {k: np.array(v) for k, v in out.items()}
     result["in_batch"] = np.arange(len(all_groups)) < len(in_batch)
     return result
+
+
+def production_influence(fit: Fit, g_pos: torch.Tensor, g_neg: torch.Tensor) -> dict[str, np.ndarray]:
+    """IS, IS_pos through the production scoring code (ecif_core.scores.pair_scores), with the exact
+    Hessian as the curvature (its eigendecomposition, no damping) and the exact validation gradient."""
+    from ecif_core.hessian import DampedInverse
+    from ecif_core.scores import pair_scores
+
+    eigvals, eigvecs = torch.linalg.eigh(fit.hessian)
+    val_grad = fit.hessian @ fit.h_inv_val_grad
+    scores = pair_scores(g_pos, g_neg, DampedInverse(eigvals, eigvecs, 0.0), val_grad)
+    return {name: scores[name].numpy() for name in ("influence", "influence_pos")}
 
 
 def _report(name: str, res: dict[str, np.ndarray]) -> dict[str, float]:
