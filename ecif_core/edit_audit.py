@@ -212,6 +212,24 @@ def edit_audit(audit_dir: str | Path, spec: str, out: str | Path, settings: Edit
     return record
 
 
+def rehome_sidecar(sidecar: dict, old_home: Path, new_home: Path) -> dict:
+    """A copy of a training sidecar for a model written to `new_home`: its paths are relative to the
+    sidecar's folder (ecif_core.train), so they are re-expressed from the new folder."""
+    import os
+
+    def moved(path: str) -> str:
+        return os.path.relpath((old_home / path).resolve(), new_home.resolve())
+
+    out = dict(sidecar)
+    if isinstance(out.get("base_checkpoint"), str):
+        out["base_checkpoint"] = moved(out["base_checkpoint"])
+    out["checkpoints"] = [moved(p) for p in out.get("checkpoints", []) if isinstance(p, str)]
+    data = out.get("data")
+    if isinstance(data, dict) and isinstance(data.get("path"), str) and data.get("format") != "webdataset":
+        out["data"] = {**data, "path": moved(data["path"])}
+    return out
+
+
 def _write_edited_model(model: torch.nn.Module, manifest: Manifest, chosen: RemovalSet, out: Path, record: dict) -> None:
     """The checkpoint in the input's format, its training sidecar (the removed pairs excluded, so
     `ecif audit` of the edited model sees the batches it stands for), the edit record and the ids."""
@@ -223,6 +241,8 @@ def _write_edited_model(model: torch.nn.Module, manifest: Manifest, chosen: Remo
                     "edited_from": manifest.adapter or manifest.checkpoint})
     if manifest.ids_digest and "ids_digest" not in sidecar:
         sidecar["ids_digest"] = manifest.ids_digest
+    old_home = Path(manifest.adapter) if manifest.adapter is not None else Path(manifest.checkpoint).parent
+    sidecar = rehome_sidecar(sidecar, old_home, out / "adapter" if manifest.adapter is not None else out)
     if manifest.adapter is not None:
         folder = out / "adapter"
         if folder.exists():

@@ -206,3 +206,18 @@ def test_negative_curvature_raises_the_damping_until_cg_succeeds() -> None:
     # the test objective anchors its L2 at theta_0; the trainer's (and the diagnostic's) pulls towards 0
     torch.testing.assert_close(objective.full_objective_gradient(), gradient + WEIGHT_DECAY * problem.anchor,
                                rtol=1e-9, atol=1e-9)
+
+
+def test_an_edited_models_sidecar_keeps_pointing_at_the_same_files(tmp_path):
+    """Sidecar paths are relative to the sidecar; the edit writes its copy in another folder."""
+    from ecif_core.edit_audit import rehome_sidecar
+
+    old, new = tmp_path / "models", tmp_path / "out" / "edit"
+    sidecar = {"base_checkpoint": "base.pt", "checkpoints": ["m.epoch1.pt"], "seed": 3,
+               "data": {"format": "jsonl", "path": "../data/train.jsonl"}}
+    moved = rehome_sidecar(sidecar, old, new)
+    for key, before, after in (("base", sidecar["base_checkpoint"], moved["base_checkpoint"]),
+                               ("snapshot", sidecar["checkpoints"][0], moved["checkpoints"][0]),
+                               ("data", sidecar["data"]["path"], moved["data"]["path"])):
+        assert (new / after).resolve() == (old / before).resolve(), key
+    assert moved["seed"] == 3 and sidecar["base_checkpoint"] == "base.pt"   # the input is not modified
