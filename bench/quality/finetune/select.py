@@ -50,6 +50,10 @@ def cell_candidates(folder: Path) -> tuple[list[str], dict[str, np.ndarray]]:
     evidence = audit_evidence(folder / "audit")
     for name, rule in VARIANTS.items():
         out[f"variant:{name}"] = evidence_weighted(tensors, *rule, evidence).numpy()
+    # the aggregations of the per-example validation influence (the product keeps the harmful parts)
+    for name in ("influence_per_example", "influence_per_example_mean", "influence_per_example_min"):
+        if not np.isnan(columns[name]).all():
+            out[f"aggregation:{name}"] = -np.asarray(columns[name], dtype=np.float64)
     for key in saved.files:
         if key.startswith("baseline__"):
             out[key.replace("__", ":")] = aligned(saved[key], saved_ids, ids)
@@ -60,6 +64,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.quality.finetune.select", description=__doc__)
     parser.add_argument("--out", required=True)
     parser.add_argument("--split", default="dev", choices=["dev", "test"])
+    parser.add_argument("--top", type=int, default=14, help="candidates listed per group")
     parser.add_argument("--flag-rules", nargs="*", default=["evidence"],
                         help="z-scaled rules whose threshold the suspected flag could use")
     parser.add_argument("--thresholds", nargs="*", type=float, default=[1.5, 2.0, 2.5, 3.0, 3.5])
@@ -89,7 +94,7 @@ def main(argv: list[str] | None = None) -> None:
     overall: dict[str, list[float]] = defaultdict(list)
     for group, scores in sorted(table.items()):
         print(" ".join(map(str, group)))
-        for name, values in sorted(scores.items(), key=lambda kv: -np.mean(kv[1]))[:14]:
+        for name, values in sorted(scores.items(), key=lambda kv: -np.mean(kv[1]))[:args.top]:
             print(f"   {name:48s} {np.mean(values):.3f} ({len(values)})")
         best_baseline = max(np.mean(v) for n, v in scores.items() if n.startswith("baseline:"))
         for name, values in scores.items():
