@@ -27,7 +27,10 @@ def test_train_then_audit_and_error_names_the_field(tmp_path, capsys):
     (tmp_path / "exclude.txt").write_text("")
     assert main(["train", "--data", str(data.train), "--model-config", str(tmp_path / "cfg.json"), "--epochs", "1",
                  "--batch-size", "8", "--lr", "1e-3", "--weight-decay", "0.01", "--seed", "1",
-                 "--exclude", str(tmp_path / "exclude.txt"), "--out", str(tmp_path / "m.pt")]) == 0
+                 "--exclude", str(tmp_path / "exclude.txt"), "--validation", str(data.validation),
+                 "--out", str(tmp_path / "m.pt")]) == 0
+    assert "image-to-text accuracy" in capsys.readouterr().err   # --validation: learning shown per epoch
+    assert json.loads((tmp_path / "m.pt.json").read_text())["validation"][0]["epoch"] == 1
     manifest = {"model": {"checkpoint": "m.pt"}, "train": "d/train.jsonl",
                 "options": {"projection": {"k_in": 2, "k_out": 2}}}
     (tmp_path / "manifest.json").write_text(json.dumps(manifest))
