@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from ecif_core.audit import audit_evidence, collect_scores, misalignment_columns
-from ecif_core.scores import evidence_weighted
+from ecif_core.scores import EVIDENCE_RULE, evidence_weighted
 
 from .evaluate import detection, truth_labels
 from .scores import aligned
@@ -50,6 +50,9 @@ def cell_candidates(folder: Path) -> tuple[list[str], dict[str, np.ndarray]]:
     evidence = audit_evidence(folder / "audit")
     for name, rule in VARIANTS.items():
         out[f"variant:{name}"] = evidence_weighted(tensors, *rule, evidence).numpy()
+    # what the default gives a user with fewer inputs: no validation set (no evidence: equal weights);
+    # without a reference it is clip_score_loo alone (rank_by:clip_score_loo)
+    out["inputs:no_validation"] = evidence_weighted(tensors, *EVIDENCE_RULE, None).numpy()
     # the aggregations of the per-example validation influence (the product keeps the harmful parts)
     for name in ("influence_per_example", "influence_per_example_mean", "influence_per_example_min"):
         if not np.isnan(columns[name]).all():
