@@ -23,7 +23,7 @@ import torch
 
 from ecif_core import audit
 from ecif_core.datasets.digits import class_prompts, label_of_caption
-from ecif_core.trace import TraceExample, trace, trace_loss_gradient
+from ecif_core.trace import TraceExample, trace, trace_loss_gradient, trace_terms
 
 
 def demo_audit(workdir: Path) -> tuple[Path, float | None]:
@@ -97,7 +97,7 @@ def main() -> None:
     gradient_seconds = time.perf_counter() - started
     synthetic = synthetic_audit(demo, workdir / "synthetic-100k", args.rows)
     started = time.perf_counter()
-    audit.trace_terms(synthetic, grad.to(torch.float64))
+    trace_terms(synthetic, grad.to(torch.float64))
     pass_seconds = time.perf_counter() - started
     pairs = audit.load_plan(demo).pairs_total
     result = {"demo_pairs": pairs, "demo_audit_s": audit_seconds, "demo_trace_cold_s": cold, "demo_trace_warm_s": warm,

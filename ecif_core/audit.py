@@ -36,7 +36,7 @@ from .remote import remote_images_of
 from .runtime import exact_float32, flush_denormals
 from .ranked import RANKED_COLUMNS, csv_row
 from .reference import reference_scores
-from .scores import RANK_BY, SUSPECT_Z, misalignment_score, pair_scores, ranking, relative_is, robust_outliers
+from .scores import RANK_BY, SUSPECT_Z, misalignment_score, pair_scores, ranking
 from .stages import BY_NAME, STAGES
 from .store import GRADIENT_FIELDS, SCORE_FIELDS, TERM_FIELDS, AuditStore
 
@@ -572,37 +572,6 @@ def scored_shift(plan: Plan, store: AuditStore) -> float:
         raise InconsistentAudit(f"shards were scored with different dampings {sorted(set(shifts.tolist()))[:3]}; "
                            "re-score every shard")
     return float(shifts[0])
-
-
-def trace_relative_is(audit_dir: str | Path, test_grad: torch.Tensor) -> np.ndarray:
-    """relative-IS of every row slot for one test-loss gradient C (projected, shape (k,))."""
-    return trace_terms(audit_dir, test_grad)["relative_is"]
-
-
-def trace_terms(audit_dir: str | Path, test_grads: torch.Tensor) -> dict[str, np.ndarray]:
-    """Per row slot: relative_is, and the signed influence on the test loss with its split
-    (influence_pos = C^T H^-1 g_pos, influence_neg = C^T H^-1 g_neg, influence = their sum).
-
-    `test_grads`: one gradient C (k,) or several (m, k); the arrays are (rows,) or (m, rows).
-    A pass over stored numbers only, once for all m: the stored gradients and the Gram entries
-    stored at scoring time, with the damping they were scored with; no training gradient is
-    recomputed.
-    """
-    plan, store = load_plan(audit_dir), open_store(audit_dir)
-    inverse = DampedInverse(*_curvature(store), scored_shift(plan, store))
-    directions = inverse.apply(torch.atleast_2d(test_grads).to(torch.float64)).T  # (k, m)
-    gram = {name: store.read_rows(f"scores/{name}") for name in ("gram_pos_pos", "gram_pos_neg", "gram_neg_neg")}
-    rows, m = plan.shards * plan.shard_rows, directions.shape[1]
-    out = {name: np.zeros((m, rows)) for name in ("relative_is", "influence", "influence_pos", "influence_neg")}
-    for shard in range(plan.shards):
-        start, stop = shard * plan.shard_rows, (shard + 1) * plan.shard_rows
-        a_pos = (torch.from_numpy(store.read_rows("grads/pos", start, stop)).double() @ directions).T  # (m, rows)
-        a_neg = (torch.from_numpy(store.read_rows("grads/neg", start, stop)).double() @ directions).T
-        out["relative_is"][:, start:stop] = relative_is(
-            a_pos, a_neg, *(torch.from_numpy(gram[n][start:stop]) for n in gram)).numpy()
-        out["influence_pos"][:, start:stop], out["influence_neg"][:, start:stop] = a_pos.numpy(), a_neg.numpy()
-        out["influence"][:, start:stop] = (a_pos + a_neg).numpy()
-    return out if test_grads.dim() > 1 else {name: values[0] for name, values in out.items()}
 
 
 def collect_scores(audit_dir: str | Path) -> tuple[list[Pair], dict[str, np.ndarray]]:

@@ -18,7 +18,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .audit import ModelCache, _manifest_of, _roots_of, load_plan, load_slots, trace_terms
+from .audit import ModelCache, _curvature, _manifest_of, _roots_of, load_plan, load_slots, open_store, scored_shift
+from .hessian import DampedInverse
+from .scores import relative_is
 from .images import load_image
 from .sources import read_pairs
 from .errors import ConfigError
@@ -153,3 +155,34 @@ def trace_row(test: int, rank: int, pair: dict) -> list:
     """One row of a trace CSV (TRACE_COLUMNS) from a traced pair as a dict."""
     return [test, rank, pair["id"], pair["image"], pair["caption"],
             *(repr(pair[c]) for c in ("relative_is", "influence", "influence_pos", "influence_neg"))]
+
+
+def trace_relative_is(audit_dir: str | Path, test_grad: torch.Tensor) -> np.ndarray:
+    """relative-IS of every row slot for one test-loss gradient C (projected, shape (k,))."""
+    return trace_terms(audit_dir, test_grad)["relative_is"]
+
+
+def trace_terms(audit_dir: str | Path, test_grads: torch.Tensor) -> dict[str, np.ndarray]:
+    """Per row slot: relative_is, and the signed influence on the test loss with its split
+    (influence_pos = C^T H^-1 g_pos, influence_neg = C^T H^-1 g_neg, influence = their sum).
+
+    `test_grads`: one gradient C (k,) or several (m, k); the arrays are (rows,) or (m, rows).
+    A pass over stored numbers only, once for all m: the stored gradients and the Gram entries
+    stored at scoring time, with the damping they were scored with; no training gradient is
+    recomputed.
+    """
+    plan, store = load_plan(audit_dir), open_store(audit_dir)
+    inverse = DampedInverse(*_curvature(store), scored_shift(plan, store))
+    directions = inverse.apply(torch.atleast_2d(test_grads).to(torch.float64)).T  # (k, m)
+    gram = {name: store.read_rows(f"scores/{name}") for name in ("gram_pos_pos", "gram_pos_neg", "gram_neg_neg")}
+    rows, m = plan.shards * plan.shard_rows, directions.shape[1]
+    out = {name: np.zeros((m, rows)) for name in ("relative_is", "influence", "influence_pos", "influence_neg")}
+    for shard in range(plan.shards):
+        start, stop = shard * plan.shard_rows, (shard + 1) * plan.shard_rows
+        a_pos = (torch.from_numpy(store.read_rows("grads/pos", start, stop)).double() @ directions).T  # (m, rows)
+        a_neg = (torch.from_numpy(store.read_rows("grads/neg", start, stop)).double() @ directions).T
+        out["relative_is"][:, start:stop] = relative_is(
+            a_pos, a_neg, *(torch.from_numpy(gram[n][start:stop]) for n in gram)).numpy()
+        out["influence_pos"][:, start:stop], out["influence_neg"][:, start:stop] = a_pos.numpy(), a_neg.numpy()
+        out["influence"][:, start:stop] = (a_pos + a_neg).numpy()
+    return out if test_grads.dim() > 1 else {name: values[0] for name, values in out.items()}

@@ -12,6 +12,7 @@ from PIL import Image
 from ecif_core import audit
 from ecif_core import images as images_module
 from ecif_core.datasets.digits import build_digits
+from ecif_core.trace import trace_relative_is
 from ecif_core.errors import ConfigError, InconsistentAudit, NotReady
 from ecif_core.manifest import load_manifest
 from ecif_core.train import TrainConfig, train
@@ -208,7 +209,7 @@ def test_trace_relative_is_matches_direct_projection(finished):
 
     plan, store = audit.load_plan(finished), audit.open_store(finished)
     test_grad = torch.from_numpy(store.read_rows("validation/grad"))
-    got = audit.trace_relative_is(finished, test_grad)
+    got = trace_relative_is(finished, test_grad)
     inverse = audit.inverse_for(plan, store)
     for slot, _ in audit.load_slots(finished)[:5]:
         d_pos = inverse.apply(torch.from_numpy(store.read_rows("grads/pos", slot, slot + 1)))[0]

@@ -12,7 +12,8 @@ from ecif_core import audit
 from ecif_core.images import load_image
 from ecif_core.datasets.digits import class_prompts, label_of_caption
 from ecif_core.errors import ConfigError
-from ecif_core.trace import TraceExample, alternative_captions, examples_from_json, trace_loss_gradient, trace
+from ecif_core.trace import (TraceExample, alternative_captions, examples_from_json, trace, trace_loss_gradient,
+                             trace_relative_is)
 from tests.core.test_audit import finished, workspace  # noqa: F401  (module fixtures)
 
 
@@ -64,7 +65,7 @@ def test_top_k_is_ordered_by_relative_is_with_the_signed_split(workspace, finish
     loaded, params, projector = _model(finished)
     grad, _ = trace_loss_gradient(loaded, params, projector, example, [])
     slots = np.array([slot for slot, _ in audit.load_slots(finished)])
-    relative = audit.trace_relative_is(finished, grad)[slots]
+    relative = trace_relative_is(finished, grad)[slots]
     assert [p.slot for p in result.top] == list(slots[np.argsort(-relative, kind="stable")[:7]])
     plan, store = audit.load_plan(finished), audit.open_store(finished)
     inverse = audit.inverse_for(plan, store)
