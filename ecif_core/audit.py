@@ -101,16 +101,13 @@ class ReferenceCache:
         self._value: LoadedModel | None = None
 
     def get(self, reference: dict, roots: list[Path] | None = None) -> LoadedModel:
-        checkpoint = str(confined(reference["checkpoint"], roots, "reference.checkpoint"))
-        config = reference.get("config")
-        if isinstance(config, str):
-            config = str(confined(config, roots, "reference.config"))
-        adapter = reference.get("adapter")
-        if adapter is not None:
-            adapter = str(confined(adapter, roots, "reference.adapter"))
-            confined(os.path.join(adapter, ADAPTER_WEIGHTS), roots, "reference.adapter")
+        """The reference model; its files are confined to `roots` now, as the audited model's are."""
+        files = confined_files(reference["checkpoint"], reference.get("config"), reference.get("adapter"), roots,
+                               "reference")
+        checkpoint, config, adapter = files.checkpoint, files.config, files.adapter
+        adapter_weights = None if adapter is None else os.path.join(adapter, ADAPTER_WEIGHTS)
         key = (reference.get("arch"), json.dumps(config, sort_keys=True), checkpoint, _file_identity(checkpoint),
-               adapter)
+               adapter, _file_identity(adapter_weights))
         if key != self._key:
             loaded = load_model(reference.get("arch"), config, checkpoint, adapter=adapter)
             exact_float32()
@@ -131,19 +128,24 @@ class ModelFiles:
 
 
 def model_files(manifest: Manifest, roots: list[Path] | None) -> ModelFiles:
+    """The audited model's files (see confined_files)."""
+    return confined_files(manifest.checkpoint, manifest.model_config, manifest.adapter, roots, "model")
+
+
+def confined_files(checkpoint: str, config: str | dict | None, adapter: str | None, roots: list[Path] | None,
+                   field: str) -> ModelFiles:
     """Checkpoint, config file and adapter folder (and its two files) by real path, each
-    confined to `roots` at this moment (None: no roots, as in the embedded mode)."""
-    checkpoint = str(confined(manifest.checkpoint, roots, "model.checkpoint"))
-    config = manifest.model_config
+    confined to `roots` at this moment (None: no roots, as in the embedded mode); errors name
+    `field` ("model" or "reference")."""
+    checkpoint = str(confined(checkpoint, roots, f"{field}.checkpoint"))
     if isinstance(config, str):
-        config = str(confined(config, roots, "model.config"))
-    adapter = None
-    if manifest.adapter is not None:
+        config = str(confined(config, roots, f"{field}.config"))
+    if adapter is not None:
         from .lora import ADAPTER_CONFIG
 
-        adapter = str(confined(manifest.adapter, roots, "model.adapter"))
+        adapter = str(confined(adapter, roots, f"{field}.adapter"))
         for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS):
-            confined(os.path.join(adapter, name), roots, "model.adapter")
+            confined(os.path.join(adapter, name), roots, f"{field}.adapter")
     return ModelFiles(checkpoint, config, adapter)
 
 

@@ -147,11 +147,12 @@ class Pipeline:
                 manifest = Manifest.from_json(session.get(Audit, audit_id).manifest)
         result = core.run_stage(stage, audit_dir, shard, manifest=manifest, image_roots=self.image_roots,
                                 models=self.models, references=self.references)
-        record = {"prepare": lambda: self._prepare(audit_id, audit_dir, result),
-                  "scores": lambda: self._write_shard_scores(audit_id, audit_dir, shard),
-                  "finalize": lambda: self._finalize(audit_id, audit_dir)}.get(stage)
-        if record is not None:
-            record()
+        if stage == FIRST:
+            self._prepare(audit_id, audit_dir, result)
+        elif stage == "scores":
+            self._write_shard_scores(audit_id, audit_dir, shard)
+        elif stage == "finalize":
+            self._finalize(audit_id, audit_dir)
 
     def _prepare(self, audit_id: str, audit_dir: str, plan: core.Plan) -> None:
         with session_scope(self.database_url) as session:
