@@ -187,8 +187,7 @@ def _robust_z(column: torch.Tensor) -> torch.Tensor:
 def _rank_average(*columns: torch.Tensor) -> torch.Tensor:
     """Mean of the normalised ranks of the columns that are not all NaN (robust to scale)."""
     usable = [c for c in columns if not torch.isnan(c).all()]
-    ranks = [torch.argsort(torch.argsort(c)).to(torch.float64) / max(len(c) - 1, 1) for c in usable]
-    return torch.stack(ranks).mean(dim=0)
+    return torch.stack([_normalised_rank(c) for c in usable]).mean(dim=0)
 
 
 def leave_own_out_leverage(leverage: torch.Tensor) -> torch.Tensor:

@@ -165,3 +165,12 @@ def test_evidence_ranking_is_the_evidence_weighted_mean_of_robust_z_scores():
     torch.testing.assert_close(misalignment_score(cols, "evidence", blind), z(-loo))
     alone = {"clip_score_loo": loo, "reference_clip_score": torch.full_like(ref, float("nan"))}
     torch.testing.assert_close(misalignment_score(alone, "evidence", evidence), z(-loo))
+
+
+def test_combined_ranking_is_the_mean_normalised_rank_of_self_influence_and_negative_influence():
+    cols = {"self_influence": torch.tensor([0.3, 0.1, 0.2], dtype=torch.float64),
+            "influence": torch.tensor([-0.5, 0.4, 0.1], dtype=torch.float64)}
+    # ranks / (n - 1): self_influence (1, 0, 0.5); -influence (1, 0, 0.5)
+    torch.testing.assert_close(misalignment_score(cols, "combined"), torch.tensor([1.0, 0.0, 0.5], dtype=torch.float64))
+    cols["influence"] = torch.full((3,), float("nan"), dtype=torch.float64)   # no validation: self_influence alone
+    torch.testing.assert_close(misalignment_score(cols, "combined"), torch.tensor([1.0, 0.0, 0.5], dtype=torch.float64))
