@@ -165,6 +165,16 @@ def _owned(session: Session, owner: str, audit_id: str) -> Audit:
     return audit
 
 
+def _owned_child(session: Session, owner: str, audit_id: str, child_id: str, get, what: str):
+    """A trace or edit of an owned audit by id (`get(session, audit, id)`), else 404 naming `what`:
+    another owner's, a missing one and a malformed id all look the same."""
+    audit = _owned(session, owner, audit_id)
+    child = get(session, audit, child_id) if is_id(child_id) else None
+    if child is None:
+        raise HTTPException(404, f"no such {what}")
+    return child
+
+
 def _status(request: Request, session: Session, audit: Audit) -> AuditStatus:
     progress = repository.progress(session, audit, request.app.state.settings.stall_threshold())
     status = "stalled" if progress["stall_reason"] else audit.status

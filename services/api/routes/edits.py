@@ -20,7 +20,7 @@ from ... import repository
 from ...manifests import check_confined
 from ..deps import OwnerDep, SessionDep, SettingsDep
 from ..schemas import EditCreated, EditRequest, EditStatus, errors
-from .audits import _owned, is_id
+from .audits import _owned, _owned_child
 
 router = APIRouter(prefix="/audits/{audit_id}", tags=["edits"], responses=errors(401, 404))
 MAX_ITERATIONS, MAX_IDS, MAX_THETA_PATTERNS, MAX_ZERO_SHOT = 500, 1_000_000, 64, 10_000
@@ -134,8 +134,4 @@ def _confined_zero_shot(raw: list[dict] | None, roots) -> list[dict] | None:
 
 
 def _owned_edit(session, owner: str, audit_id: str, edit_id: str):
-    audit = _owned(session, owner, audit_id)
-    edit = repository.get_edit(session, audit, edit_id) if is_id(edit_id) else None
-    if edit is None:
-        raise HTTPException(404, "no such edit")
-    return edit
+    return _owned_child(session, owner, audit_id, edit_id, repository.get_edit, "edit")

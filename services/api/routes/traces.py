@@ -15,7 +15,7 @@ from ...manifests import check_confined
 from ...report import trace_report_html
 from ..deps import OwnerDep, SessionDep, SettingsDep
 from ..schemas import TraceCreated, TraceRequest, TraceStatus, errors
-from .audits import _csv, _owned, is_id
+from .audits import _csv, _owned, _owned_child
 
 router = APIRouter(prefix="/audits/{audit_id}/traces", tags=["traces"], responses=errors(401, 404))
 MAX_TESTS, MAX_K = 64, 1000
@@ -76,8 +76,4 @@ def status(request: Request, audit_id: str, trace_id: str, owner: OwnerDep, sess
 
 
 def _owned_trace(session, owner: str, audit_id: str, trace_id: str):
-    audit = _owned(session, owner, audit_id)
-    trace = repository.get_trace(session, audit, trace_id) if is_id(trace_id) else None
-    if trace is None:
-        raise HTTPException(404, "no such trace")
-    return trace
+    return _owned_child(session, owner, audit_id, trace_id, repository.get_trace, "trace")
