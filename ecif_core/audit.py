@@ -9,6 +9,7 @@ import csv
 import json
 import os
 import sqlite3
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,6 +39,8 @@ from .ranked import RANKED_COLUMNS, csv_row
 from .reference import reference_scores
 from .scores import RANK_BY, SUSPECT_Z, misalignment_score, pair_scores, ranking
 from .stages import BY_NAME, STAGES
+from . import storage
+from .confine import data_roots
 from .store import GRADIENT_FIELDS, SCORE_FIELDS, TERM_FIELDS, AuditStore
 
 
@@ -150,11 +153,12 @@ def confined_files(checkpoint: str, config: str | dict | None, adapter: str | No
 
 
 def _roots_of(plan: "Plan") -> list[Path] | None:
-    return None if plan.image_roots is None else [Path(r) for r in plan.image_roots]
+    return None if plan.image_roots is None else data_roots(plan.image_roots)
 
 
-def _file_identity(path: str | None) -> tuple[int, int] | None:
-    """(mtime_ns, size): a checkpoint retrained in place must not be served from the cache."""
+def _file_identity(path: str | None) -> tuple | None:
+    """(mtime_ns, size): a checkpoint retrained in place must not be served from the cache
+    (object-store files are read through local copies named by their identity)."""
     if path is None or not os.path.exists(path):
         return None
     stat = os.stat(path)
@@ -173,12 +177,12 @@ def image_access(plan: Plan, audit_dir: str | Path) -> ImageAccess:
     return ImageAccess(_roots_of(plan), remote_images_of(plan.manifest.get("remote_images")), fetch_dir(audit_dir))
 
 
-def _plan_path(audit_dir: Path) -> Path:
+def _plan_path(audit_dir: str | Path) -> Path:
     return AuditFolder(audit_dir).plan
 
 
 def load_plan(audit_dir: str | Path) -> Plan:
-    return Plan(**json.loads(_plan_path(Path(audit_dir)).read_text()))
+    return Plan(**json.loads(_plan_path(audit_dir).read_text()))
 
 
 def open_store(audit_dir: str | Path) -> AuditStore:
@@ -205,13 +209,6 @@ def _manifest_of(plan: Plan) -> Manifest:
     return Manifest.from_json(plan.manifest)
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    """Readers see the old file or the whole new one, never a truncated one."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def _first_difference(new: object, old: object, prefix: str = "") -> str | None:
     """Dotted path of the first differing key between two JSON values."""
     if isinstance(new, dict) and isinstance(old, dict):
@@ -230,17 +227,17 @@ def prepare(manifest: Manifest, audit_dir: str | Path, image_roots: list[Path] |
 
     `image_roots`: when given, images whose real path is outside them are rejected rows.
     """
-    audit_dir = Path(audit_dir)
-    audit_dir.mkdir(parents=True, exist_ok=True)
-    if _plan_path(audit_dir).exists():
+    folder = AuditFolder(audit_dir)
+    storage.make_folder(folder.path)
+    if folder.plan.exists():
         plan = load_plan(audit_dir)
         changed = _first_difference(json.loads(json.dumps(manifest.to_json())), plan.manifest)
         if changed:
-            raise ConfigError(changed, f"differs from the audit already in {audit_dir}; use a new --out folder")
+            raise ConfigError(changed, f"differs from the audit already in {folder.path}; use a new --out folder")
         return plan
     o = manifest.options
     access = ImageAccess(image_roots, remote_images_of(manifest.remote_images), fetch_dir(audit_dir))
-    with _PairIndex(AuditFolder(audit_dir).prepare_index) as index:
+    with _PairIndex() as index:
         rejected, all_ids = index.fill(iter_pairs(manifest.train, access=access))
         if manifest.ids_digest and ids_digest(all_ids) != manifest.ids_digest:
             raise ConfigError("train", "its ids differ from the ones the model was trained on (training sidecar); "
@@ -259,14 +256,14 @@ def prepare(manifest: Manifest, audit_dir: str | Path, image_roots: list[Path] |
         # every data row of the source, readable or not: pairs_total - pairs_rejected = pairs scored
         pairs_total = index.readable + sum(1 for r in rejected if r.unreadable)
         shard_offsets = []
-        with AuditFolder(audit_dir).pairs.open("wb") as handle:
+        with storage.open_for_write(folder.pairs, "wb") as handle:
             for b, batch in enumerate(batches):
                 if b % o.shard_batches == 0:
                     shard_offsets.append(handle.tell())
                 for position, p in enumerate(index.lookup(batch)):
                     handle.write(json.dumps({"slot": b * o.batch_size + position, "batch": b, "id": p.id,
                                              "image": p.image, "caption": p.caption}).encode() + b"\n")
-    with AuditFolder(audit_dir).rejected.open("w", encoding="utf-8", newline="") as handle:
+    with storage.open_for_write(folder.rejected, "w", encoding="utf-8", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["row", "id", "reason"])
         writer.writerows([(r.row, r.id, r.reason) for r in rejected])
@@ -280,18 +277,20 @@ def prepare(manifest: Manifest, audit_dir: str | Path, image_roots: list[Path] |
                 pairs_usable=sum(len(b) for b in batches))
     open_store(audit_dir).create(rows=shards * plan.shard_rows, dim=plan.dim, shard_rows=plan.shard_rows,
                                  shards=shards, attrs={"versions": _library_versions(), "manifest": plan.manifest})
-    _write_atomic(_plan_path(audit_dir), json.dumps(plan.__dict__, indent=1))  # last: prepare is done
+    storage.write_text(folder.plan, json.dumps(plan.__dict__, indent=1))  # last: prepare is done
     return plan
 
 
 class _PairIndex:
-    """Usable pairs of the training source on disk (SQLite), so prepare can write them in
-    slot order without holding the dataset in memory; removed when prepare ends."""
+    """Usable pairs of the training source on this machine's disk (SQLite, a temporary file, also
+    when the audit folder is in a bucket), so prepare can write them in slot order without
+    holding the dataset in memory; removed when prepare ends."""
 
-    def __init__(self, path: Path) -> None:
-        path.unlink(missing_ok=True)
-        self.path, self.readable = path, 0
-        self.db = sqlite3.connect(path)
+    def __init__(self) -> None:
+        handle, name = tempfile.mkstemp(prefix="ecif-prepare-", suffix=".sqlite")
+        os.close(handle)
+        self.path, self.readable = Path(name), 0
+        self.db = sqlite3.connect(self.path)
         self.db.execute("PRAGMA journal_mode=OFF")
         self.db.execute("PRAGMA synchronous=OFF")
         self.db.execute("CREATE TABLE pairs (id TEXT PRIMARY KEY, image TEXT, caption TEXT)")
@@ -641,7 +640,7 @@ def finalize(audit_dir: str | Path) -> Path:
     result = final_ranking(audit_dir)
     cols = result.columns
     path = AuditFolder(audit_dir).ranked
-    with path.open("w", encoding="utf-8", newline="") as handle:
+    with storage.open_for_write(path, "w", encoding="utf-8", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(RANKED_COLUMNS)
         for rank, i in enumerate(result.order, start=1):
@@ -713,5 +712,5 @@ def run_audit(manifest: Manifest | str | Path, audit_dir: str | Path, progress: 
                 shards = result.shards
             report(spec.name, 1 if shard is None else shard + 1, 1 if shard is None else shards)
     timing["total"] = sum(timing.values())
-    AuditFolder(audit_dir).timing.write_text(json.dumps(timing, indent=1))
+    storage.write_text(AuditFolder(audit_dir).timing, json.dumps(timing, indent=1))
     return AuditFolder(audit_dir).ranked

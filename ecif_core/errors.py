@@ -37,9 +37,10 @@ class ModelSourceError(ConfigError):
 def read_json_file(path: "str | os.PathLike[str]", field: str, what: str = "file") -> object:
     """A JSON file's content; a missing or malformed file is a ConfigError naming `field`."""
     import json
-    from pathlib import Path
 
-    path = Path(path)
+    from .storage import location
+
+    path = location(path, field)
     if not path.is_file():
         raise ConfigError(field, f"{what} not found: {path}")
     try:

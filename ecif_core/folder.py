@@ -1,19 +1,22 @@
 """The audit folder's layout: the only code that knows its file names.
 
 Every stage, the service (report thumbnails, edits, CSV exports) and the CLI reach the files of
-an audit through an `AuditFolder`, so moving a file (or the whole folder to another store) is a
-change here only.
+an audit through an `AuditFolder`, so moving a file is a change here only. The folder may be a
+local path or an object-store URL (`s3://bucket/prefix`, storage.py): its properties are path
+objects with the same methods either way.
 """
 from __future__ import annotations
 
 from pathlib import Path
+
+from .storage import location
 
 
 class AuditFolder:
     """Paths of one audit's files (ARCHITECTURE "Storage"); nothing is created here."""
 
     def __init__(self, path: str | Path) -> None:
-        self.path = Path(path)
+        self.path = location(path, "out")
 
     @property
     def plan(self) -> Path:
@@ -24,11 +27,6 @@ class AuditFolder:
     def pairs(self) -> Path:
         """Usable pairs in slot order, one JSON line each (shards seek to their offsets)."""
         return self.path / "pairs.jsonl"
-
-    @property
-    def prepare_index(self) -> Path:
-        """Prepare's temporary on-disk index of the pairs (removed when prepare ends)."""
-        return self.path / "prepare.sqlite"
 
     @property
     def rejected(self) -> Path:

@@ -1,14 +1,14 @@
 """Images of pairs: where a row's image is, whether it can be used, and loading batches.
 
-An image is a local file (relative to its pair file), a member of a webdataset shard
-("<shard.tar>::<member>"), or an http(s) URL read from the audit's fetched copy. Every
+An image is a file (relative to its pair file; on a disk or in an object store, storage.py),
+a member of a webdataset shard ("<shard.tar>::<member>"), or an http(s) URL read from the
+audit's fetched copy. Every
 failure of checking a row's image is that row's reason, never an exception.
 """
 from __future__ import annotations
 
 import functools
 import io
-import os
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +20,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from .confine import OutsideRoots, confined
 from .errors import EcifError
 from .remote import FetchError, RemoteImages, fetch, fetched_path, is_url
+from .storage import identity, is_remote, location
 
 if TYPE_CHECKING:
     from .sources import Pair
@@ -51,7 +52,12 @@ def image_ref(base: Path, image: str) -> str:
 def _resolve(base: Path, image: str) -> Path:
     """The image's file (for an image inside a tar shard: the shard)."""
     image = image[len("file://"):] if image.startswith("file://") else image
-    return (base / image.split(TAR_MEMBER)[0]).resolve()
+    name = image.split(TAR_MEMBER)[0]
+    if is_remote(name):
+        return location(name, "image")
+    if is_remote(base):
+        return location(f"{base}/{name}", "image")
+    return (base / name).resolve()
 
 
 def row_image_problem(image: object, base: Path, check_images: bool, access: ImageAccess | None,
@@ -68,7 +74,7 @@ def row_image_problem(image: object, base: Path, check_images: bool, access: Ima
     # The shard of a tar member resolves against the pair file, like any image path; the
     # checks and the open below all use this one reference, never the raw relative text.
     ref = image_ref(base, image)
-    path = Path(ref.split(TAR_MEMBER, 1)[0])
+    path = location(ref.split(TAR_MEMBER, 1)[0])
     try:
         confined(path, image_roots, "image")
     except OutsideRoots:
@@ -147,7 +153,8 @@ def _open_image(path: "Path | str", roots: Sequence[Path] | None = None) -> Imag
     """A file, or a member of a webdataset shard (read into memory: one image)."""
     if isinstance(path, str) and TAR_MEMBER in path:
         return Image.open(io.BytesIO(image_bytes(path, roots)))
-    return Image.open(confined(path, roots, "image"))
+    real = confined(path, roots, "image")
+    return Image.open(io.BytesIO(real.read_bytes()) if is_remote(real) else real)
 
 
 def image_bytes(image: str, roots: Sequence[Path] | None = None) -> bytes:
@@ -166,13 +173,15 @@ def _open_shard(shard: str, roots: Sequence[Path] | None = None) -> tarfile.TarF
     """An open shard (by its real path, confined now), reopened when the file was replaced
     (keyed by its mtime and size)."""
     real = confined(shard, roots, "image")
-    stat = os.stat(real)
-    return _tar(str(real), stat.st_mtime_ns, stat.st_size)
+    return _tar(str(real), identity(real))
 
 
 @functools.lru_cache(maxsize=16)
-def _tar(shard: str, _mtime_ns: int, _size: int) -> tarfile.TarFile:
-    """Open shards stay open (per process): a batch reads many members of the same shard."""
+def _tar(shard: str, _identity: tuple) -> tarfile.TarFile:
+    """Open shards stay open (per process): a batch reads many members of the same shard
+    (a shard in an object store is read by ranges through its fsspec file)."""
+    if is_remote(shard):
+        return tarfile.open(fileobj=location(shard).open("rb"), mode="r")
     return tarfile.open(shard, "r")
 
 

@@ -14,6 +14,7 @@ from typing import Sequence
 import torch
 
 from .errors import ConfigError
+from .storage import local_folder, location
 
 DEFAULT_TARGETS: tuple[str, ...] = ("c_fc", "c_proj")
 LORA_THETA_PATTERNS: tuple[str, ...] = ("*.lora_A.*", "*.lora_B.*")
@@ -54,11 +55,12 @@ def save_adapter(model: torch.nn.Module, folder: str | Path) -> Path:
 
 
 def check_adapter_folder(folder: str | Path, field: str = "model.adapter") -> Path:
-    folder = Path(folder)
+    """The adapter folder, as a local folder (a folder in a bucket: a cached local copy)."""
+    folder = location(folder, field)
     for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS):
         if not (folder / name).is_file():
             raise ConfigError(field, f"{folder} is not a peft adapter folder (no {name})")
-    return folder
+    return local_folder(folder, (ADAPTER_CONFIG, ADAPTER_WEIGHTS))
 
 
 def inject_adapter(model: torch.nn.Module, folder: str | Path, field: str = "model.adapter") -> torch.nn.Module:

@@ -16,6 +16,7 @@ from .shards import MAX_SHARDS, shard_paths
 from .sources import source_of
 from .errors import ConfigError, read_json_file
 from .values import check_json_values
+from .storage import location, resolve_against
 from .remote import remote_images_of
 from .losses import NEG_TERMS
 from .memory import parse_bytes
@@ -142,11 +143,11 @@ def read_sidecar(checkpoint: str | Path | None, adapter: str | Path | None = Non
     if adapter is not None:
         from .lora import TRAINING_SIDECAR
 
-        path = Path(adapter) / TRAINING_SIDECAR
+        path = location(adapter) / TRAINING_SIDECAR
         return read_json_file(path, "model.adapter", "training sidecar") if path.is_file() else {}
     if checkpoint is None:
         return {}
-    path = Path(str(checkpoint) + SIDECAR_SUFFIX)
+    path = location(str(checkpoint) + SIDECAR_SUFFIX)
     return read_json_file(path, "model.checkpoint", "training sidecar") if path.is_file() else {}
 
 
@@ -156,9 +157,9 @@ def load_manifest(source: str | Path | dict, base_dir: str | Path | None = None,
     a webdataset pattern may name at most `max_shards` shards (counted before expansion)."""
     if isinstance(source, (str, Path)):
         raw = read_json_file(source, "manifest")
-        base = Path(base_dir) if base_dir else Path(source).resolve().parent
+        base = base_dir if base_dir else location(resolve_against(".", str(source))).parent
     else:
-        raw, base = dict(source), Path(base_dir or ".").resolve()
+        raw, base = dict(source), base_dir or Path(".").resolve()
     if not isinstance(raw, dict):
         raise ConfigError("manifest", "must be a JSON object")
     check_json_values(raw, "")  # NUL, lone surrogates, Infinity / NaN anywhere: named, before use
@@ -172,7 +173,7 @@ def load_manifest(source: str | Path | dict, base_dir: str | Path | None = None,
     if unknown:
         raise ConfigError(f"model.{sorted(unknown)[0]}", "unknown model field")
 
-    raw = with_paths(raw, lambda _, path: str((base / path).resolve()))
+    raw = with_paths(raw, lambda _, path: resolve_against(base, path))
     model = raw.get("model") or {}
 
     def checked(value: Any, name: str, required: bool) -> str | None:
@@ -195,7 +196,7 @@ def load_manifest(source: str | Path | dict, base_dir: str | Path | None = None,
         return source_of(value, name).to_json()
 
     checkpoint = checked(model.get("checkpoint"), "model.checkpoint", True)
-    if not Path(checkpoint).is_file() and "://" not in checkpoint:
+    if not location(checkpoint, "model.checkpoint").is_file():
         raise ConfigError("model.checkpoint", f"file not found: {checkpoint}")
     adapter = checked(model.get("adapter"), "model.adapter", False)
     if adapter is not None:
@@ -209,7 +210,7 @@ def load_manifest(source: str | Path | dict, base_dir: str | Path | None = None,
         raise ConfigError("model.arch", "must be a string")
     config = model.get("config")
     config = checked(config, "model.config", False) if isinstance(config, str) else config
-    if isinstance(config, str) and not Path(config).is_file():
+    if isinstance(config, str) and not location(config, "model.config").is_file():
         raise ConfigError("model.config", f"file not found: {config}")
     if model.get("arch") is None and config is None:
         config = sidecar.get("model_config")
@@ -226,10 +227,10 @@ def load_manifest(source: str | Path | dict, base_dir: str | Path | None = None,
         parsed = source_of(source, name)
         if parsed.format == "webdataset":
             shard_paths(parsed.path, name, max_shards)  # every shard of the pattern must exist
-        elif not Path(parsed.path).is_file():
+        elif not location(parsed.path, name).is_file():
             raise ConfigError(name, f"file not found: {parsed.path}")
     remote = remote_images_of(raw.get("remote_images"))
-    sidecar_dir = Path(adapter) if adapter is not None else Path(checkpoint).parent
+    sidecar_dir = location(adapter) if adapter is not None else location(checkpoint).parent
     reference = _reference(raw, sidecar, sidecar_dir, config, model.get("arch"), checked)
     if options.rank_by in ("reference_clip_score", "reference_negclip") and reference is None:
         raise ConfigError("options.rank_by", f"{options.rank_by!r} needs a reference model (manifest field "

@@ -23,6 +23,7 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 
 from .errors import ConfigError, ModelSourceError, read_json_file
+from .storage import local_copy, location
 
 HUB_PREFIXES = ("hf-hub:", "hf://", "http://", "https://")
 LOCAL_DIR_PREFIX = "local-dir:"   # open_clip's name for a local model folder: a path, given as model.config here
@@ -180,7 +181,7 @@ def load_weights(model: torch.nn.Module, path: str | Path) -> None:
     """
     import open_clip
 
-    path = Path(path)
+    path = local_copy(location(path, "model.checkpoint"))  # a checkpoint in a bucket: a cached local copy
     check_checkpoint(model, checkpoint_shapes(path))
     try:
         with _quiet_open_clip():
@@ -198,9 +199,10 @@ def checkpoint_shapes(path: str | Path) -> dict[str, tuple[int, ...]]:
     """Parameter name -> shape of a checkpoint, from its header (safetensors) or a mapped file
     (PyTorch): the weights themselves are not read. Unwrapped as open_clip's `load_state_dict`
     does: a training checkpoint's "state_dict", then a "module." prefix (DistributedDataParallel)."""
-    path = Path(path)
+    path = location(path, "model.checkpoint")
     if not path.is_file():
         raise ConfigError("model.checkpoint", f"file not found: {path}")
+    path = local_copy(path)
     try:
         if path.suffix == ".safetensors":
             from safetensors import safe_open

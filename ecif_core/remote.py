@@ -9,7 +9,6 @@ byte limit (checked on the header and while reading), and fetches past the deadl
 from __future__ import annotations
 
 import hashlib
-import os
 import time
 import urllib.error
 import urllib.request
@@ -18,6 +17,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from .errors import ConfigError
+from .storage import write_bytes
 
 URL_SCHEMES = ("http://", "https://")
 DEFAULT_TIMEOUT_S = 10.0
@@ -82,7 +82,7 @@ def remote_images_of(value: object, field_name: str = "remote_images") -> Remote
 def fetched_path(fetch_dir: Path, url: str) -> Path:
     """Where the bytes of `url` live once fetched (content-addressed by the URL)."""
     digest = hashlib.sha256(url.encode()).hexdigest()
-    return Path(fetch_dir) / digest[:2] / digest
+    return fetch_dir / digest[:2] / digest
 
 
 class _SameHostRedirects(urllib.request.HTTPRedirectHandler):
@@ -126,8 +126,5 @@ def fetch(url: str, policy: RemoteImages, dest: Path) -> Path:
         if isinstance(reason, TimeoutError) or "timed out" in str(reason):
             raise FetchError(f"image URL timed out (over {policy.timeout_s:g} s)") from exc
         raise FetchError(f"image URL cannot be fetched ({reason})") from exc
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    partial = dest.with_name(f"{dest.name}.{os.getpid()}.part")
-    partial.write_bytes(bytes(body))
-    os.replace(partial, dest)
+    write_bytes(dest, bytes(body))  # whole, on a disk or in the audit's bucket
     return dest

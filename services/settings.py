@@ -12,15 +12,19 @@ from typing import Annotated
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from ecif_core.confine import data_roots
+
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="ECIF_", extra="ignore")
 
     database_url: str = Field("sqlite:///ecif_data/ecif.db", description="SQLAlchemy URL (postgresql+psycopg://...)")
     broker_url: str | None = Field(None, description="Celery broker (redis://...); unset = run tasks in-process")
-    store_url: str = Field("ecif_data/audits", description="folder holding one audit folder (Zarr store) per audit")
-    data_roots: Annotated[list[Path], NoDecode] = Field(
-        default_factory=list, description="comma-separated folders manifests and images may be read from (API and workers)")
+    store_url: str = Field("ecif_data/audits", description="folder or object-store URL (s3://bucket/prefix) holding "
+                           "one audit folder per audit; endpoint and credentials from the AWS_* environment")
+    data_roots: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="comma-separated folders or s3:// prefixes manifests, images and "
+        "checkpoints may be read from (API and workers)")
     remote_image_hosts: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="comma-separated hosts a manifest's remote_images may name (empty: "
         "http(s) images are refused); an allowlist so manifests cannot make the service fetch internal hosts")
@@ -54,8 +58,9 @@ class Settings(BaseSettings):
         return max(self.stall_after, 4 * self.heartbeat_interval)
 
     def resolved_roots(self) -> list[Path]:
-        """Data roots with symlinks resolved, so a link inside a root cannot point out of it."""
-        return [Path(root).expanduser().resolve() for root in self.data_roots]
+        """Data roots with symlinks resolved, so a link inside a root cannot point out of it
+        (object-store prefixes with '..' folded)."""
+        return data_roots(self.data_roots)
 
 
 @lru_cache
