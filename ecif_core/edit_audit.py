@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import tempfile
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -31,6 +32,8 @@ from .manifest import SIDECAR_SUFFIX, Manifest, read_sidecar
 from .models import load_model, restrict_grad_to, select_theta
 from .removal import RemovalSet, select
 from .runtime import flush_denormals
+from .confine import data_roots
+from .storage import is_remote, location, resolve_against, write_bytes
 from .trace import TraceExample, examples_from_json
 
 EDIT_SIDECAR = "edit.json"
@@ -157,11 +160,11 @@ def edit_audit(audit_dir: str | Path, spec: str, out: str | Path, settings: Edit
     """
     settings = (settings or EditSettings()).validate()
     started = time.perf_counter()
-    audit_dir, out = Path(audit_dir), Path(out)
+    audit_dir, out = location(audit_dir, "audit"), location(out, "out")
     plan = load_plan(audit_dir)
     manifest = Manifest.from_json(plan.manifest)
     chosen = removal_set(audit_dir, spec, base_dir)
-    roots = None if plan.image_roots is None else [Path(r) for r in plan.image_roots]
+    roots = None if plan.image_roots is None else data_roots(plan.image_roots)
     files = model_files(manifest, roots)
     loaded = load_model(manifest.model_arch, files.config, files.checkpoint, adapter=files.adapter)
     model = loaded.model.to("cuda" if torch.cuda.is_available() else "cpu")
@@ -195,7 +198,7 @@ def edit_audit(audit_dir: str | Path, spec: str, out: str | Path, settings: Edit
     seconds.update(result.seconds)
     seconds["total"] = time.perf_counter() - started
     record = {
-        "audit": str(audit_dir.resolve()), "remove": {"spec": chosen.spec, "pairs": len(chosen.ids), "ids": REMOVED_IDS},
+        "audit": str(audit_dir if is_remote(audit_dir) else audit_dir.resolve()), "remove": {"spec": chosen.spec, "pairs": len(chosen.ids), "ids": REMOVED_IDS},
         "base": {"arch": manifest.model_arch, "config": manifest.model_config, "checkpoint": manifest.checkpoint,
                  "adapter": manifest.adapter},
         "method": {"curvature": "exact Hessian of the objective without the set (Hessian-vector products)",
@@ -208,7 +211,13 @@ def edit_audit(audit_dir: str | Path, spec: str, out: str | Path, settings: Edit
         "validation": record_validation,
         "zero_shot": record_zero_shot,
     }
-    _write_edited_model(model.to("cpu"), manifest, chosen, out, record)
+    if is_remote(out):  # written here whole, then uploaded file by file (objects, no renames)
+        with tempfile.TemporaryDirectory(prefix="ecif-edit-") as local:
+            _write_edited_model(model.to("cpu"), manifest, chosen, Path(local), record, home=out)
+            for path in sorted(p for p in Path(local).rglob("*") if p.is_file()):
+                write_bytes(out / path.relative_to(local).as_posix(), path.read_bytes())
+    else:
+        _write_edited_model(model.to("cpu"), manifest, chosen, out, record)
     return record
 
 
@@ -218,6 +227,10 @@ def rehome_sidecar(sidecar: dict, old_home: Path, new_home: Path) -> dict:
     import os
 
     def moved(path: str) -> str:
+        if is_remote(path) or is_remote(old_home):
+            return resolve_against(old_home, path)
+        if is_remote(new_home):  # no relative path from a bucket to this disk
+            return str((old_home / path).resolve())
         return os.path.relpath((old_home / path).resolve(), new_home.resolve())
 
     out = dict(sidecar)
@@ -230,9 +243,12 @@ def rehome_sidecar(sidecar: dict, old_home: Path, new_home: Path) -> dict:
     return out
 
 
-def _write_edited_model(model: torch.nn.Module, manifest: Manifest, chosen: RemovalSet, out: Path, record: dict) -> None:
+def _write_edited_model(model: torch.nn.Module, manifest: Manifest, chosen: RemovalSet, out: Path, record: dict,
+                        home: Path | None = None) -> None:
     """The checkpoint in the input's format, its training sidecar (the removed pairs excluded, so
-    `ecif audit` of the edited model sees the batches it stands for), the edit record and the ids."""
+    `ecif audit` of the edited model sees the batches it stands for), the edit record and the ids.
+    `home`: where these files will live when `out` is only their local staging folder."""
+    home = out if home is None else home
     out.mkdir(parents=True, exist_ok=True)
     sidecar = read_sidecar(manifest.checkpoint, manifest.adapter)
     o = manifest.options
@@ -241,15 +257,15 @@ def _write_edited_model(model: torch.nn.Module, manifest: Manifest, chosen: Remo
                     "edited_from": manifest.adapter or manifest.checkpoint})
     if manifest.ids_digest and "ids_digest" not in sidecar:
         sidecar["ids_digest"] = manifest.ids_digest
-    old_home = Path(manifest.adapter) if manifest.adapter is not None else Path(manifest.checkpoint).parent
-    sidecar = rehome_sidecar(sidecar, old_home, out / "adapter" if manifest.adapter is not None else out)
+    old_home = location(manifest.adapter) if manifest.adapter is not None else location(manifest.checkpoint).parent
+    sidecar = rehome_sidecar(sidecar, old_home, home / "adapter" if manifest.adapter is not None else home)
     if manifest.adapter is not None:
         folder = out / "adapter"
         if folder.exists():
             shutil.rmtree(folder)
         save_adapter(model, folder)
         (folder / TRAINING_SIDECAR).write_text(json.dumps(sidecar, indent=1))
-        record["checkpoint"] = {"adapter": str(folder), "base_checkpoint": manifest.checkpoint}
+        record["checkpoint"] = {"adapter": str(home / "adapter"), "base_checkpoint": manifest.checkpoint}
     else:
         state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
         if manifest.checkpoint.endswith(".safetensors"):
@@ -261,6 +277,6 @@ def _write_edited_model(model: torch.nn.Module, manifest: Manifest, chosen: Remo
             path = out / "model.pt"
             torch.save(state, path)
         Path(str(path) + SIDECAR_SUFFIX).write_text(json.dumps(sidecar, indent=1))
-        record["checkpoint"] = {"checkpoint": str(path)}
+        record["checkpoint"] = {"checkpoint": str(home / path.name)}
     (out / REMOVED_IDS).write_text("".join(f"{i}\n" for i in chosen.ids), encoding="utf-8")
     (out / EDIT_SIDECAR).write_text(json.dumps(record, indent=1))

@@ -19,6 +19,7 @@ from typing import Sequence
 import numpy as np
 
 from .errors import ConfigError
+from .storage import is_remote, location
 from .scores import SUSPICION_SIGN
 
 FIELD = "remove"
@@ -89,9 +90,9 @@ def select(spec: str, ids: Sequence[str], columns: dict[str, np.ndarray], suspec
 
 
 def _ids_from_file(path_text: str, ids: Sequence[str], base_dir: str | Path | None) -> np.ndarray:
-    path = Path(path_text)
-    if not path.is_absolute() and base_dir is not None:
-        path = Path(base_dir) / path
+    path = location(path_text, FIELD)
+    if base_dir is not None and not is_remote(path) and not path.is_absolute():
+        path = location(base_dir) / path_text
     if not path_text or not path.is_file():
         raise ConfigError(FIELD, f"id file not found: {path}")
     wanted = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]

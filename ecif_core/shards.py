@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Sequence
 
 from .errors import ConfigError
+from .storage import is_remote, location
 
 MAX_SHARDS = 100_000                # shards one webdataset source may name (ECIF_MAX_SHARDS in the service)
 MAX_PATTERN_CHARS = 4096            # a shard path or pattern (PATH_MAX)
@@ -25,8 +26,8 @@ def shard_paths(pattern: str | list[str], field: str = "train", limit: int = MAX
     paths: list[str] = []
     missing: list[str] = []
     for expanded in itertools.islice((e for p in patterns for e in braceexpand(p)), limit + 1):
-        for path in sorted(glob.glob(expanded)) if glob.has_magic(expanded) else [expanded]:
-            if not os.path.isfile(path):
+        for path in _matches(expanded):
+            if not _is_file(path):
                 missing.append(path)
                 if len(missing) == 3:  # a bogus pattern stops here, not after expanding it all
                     raise ConfigError(field, f"webdataset shard(s) not found: {missing}")
@@ -35,7 +36,21 @@ def shard_paths(pattern: str | list[str], field: str = "train", limit: int = MAX
             raise ConfigError(field, f"names more than {limit} shards")
     if not paths or missing:
         raise ConfigError(field, f"webdataset shard(s) not found: {missing[:3] or pattern}")
-    return [Path(p) for p in paths]
+    return [location(p) for p in paths]
+
+
+def _matches(pattern: str) -> list[str]:
+    """A glob's files (in a bucket: listed under the pattern's own prefix only), else the name."""
+    if not glob.has_magic(pattern):
+        return [pattern]
+    if is_remote(pattern):
+        path = location(pattern)
+        return sorted(f"{path.protocol}://{p}" for p in path.fs.glob(path.path))
+    return sorted(glob.glob(pattern))
+
+
+def _is_file(path: str) -> bool:
+    return location(path).is_file() if is_remote(path) else os.path.isfile(path)
 
 
 def check_shard_count(patterns: Sequence[str], field: str, limit: int = MAX_SHARDS) -> int:

@@ -18,6 +18,7 @@ from .confine import confined
 from .errors import ConfigError
 from .images import TAR_MEMBER, ImageAccess, image_bytes, image_ref, row_image_problem
 from .shards import shard_paths
+from .storage import is_remote
 
 MAX_CAPTION_CHARS = 2000
 MAX_REASON_CHARS = 500
@@ -149,7 +150,7 @@ def _webdataset_rows(source: Source, field: str, roots: Sequence[Path] | None) -
     number = 0
     for shard in shard_paths(source.path, field):
         shard = confined(shard, roots, field)
-        with tarfile.open(shard, "r") as tar:
+        with _open_tar(shard) as tar:
             samples: dict[str, dict[str, tarfile.TarInfo]] = {}
             for member in tar:
                 if member.isfile():
@@ -171,6 +172,13 @@ def _webdataset_rows(source: Source, field: str, roots: Sequence[Path] | None) -
                 yield number, {
                     "id": meta.get(source.id_key) if source.id_key else key.rpartition("/")[2],
                     "image": f"{shard}{TAR_MEMBER}{image.name}" if image else None, "caption": text}
+
+
+def _open_tar(shard: Path) -> tarfile.TarFile:
+    """An open shard (one in an object store is read through its fsspec file, by ranges)."""
+    if is_remote(shard):
+        return tarfile.open(fileobj=shard.open("rb", block_size=8 << 20), mode="r")
+    return tarfile.open(shard, "r")
 
 
 def _jsonl_rows(path: Path) -> Iterator[tuple[int, dict]]:
@@ -200,7 +208,7 @@ def _parquet_rows(path: Path, source: Source, field: str) -> Iterator[tuple[int,
     """Row groups one at a time, only the needed columns: memory stays bounded by a row group."""
     import pyarrow.parquet as pq
 
-    parquet = pq.ParquetFile(path)
+    parquet = pq.ParquetFile(path.open("rb") if is_remote(path) else path)
     names = parquet.schema_arrow.names
     id_key, image_key, caption_key = _columns(names, source, path, field)
     columns = [c for c in (id_key, image_key, caption_key) if c is not None]

@@ -50,10 +50,13 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_audit(args: argparse.Namespace) -> int:
+    from ecif_core.folder import AuditFolder
+
     from .embedded import run_embedded
 
     ranked = run_embedded(args.manifest, args.out, progress=None if args.quiet else _progress_bar())
-    print(f"wrote {ranked}, {ranked.parent / 'rejected.csv'} and {ranked.parent / 'report.html'}")
+    folder = AuditFolder(ranked.parent)
+    print(f"wrote {folder.ranked}, {folder.rejected} and {folder.report}")
     return 0
 
 

@@ -1,13 +1,17 @@
 """The embedded mode: one audit in this process through the same pipeline as the service,
-with a SQLite database and the Zarr store inside the audit folder."""
+with a SQLite database and the Zarr store inside the audit folder (a folder in a bucket keeps
+the store and the files; its SQLite database is then a temporary file of this run)."""
 from __future__ import annotations
 
+import contextlib
+import tempfile
 from pathlib import Path
 from typing import Callable
 
 from sqlalchemy import delete, select
 
 from ecif_core.folder import AuditFolder
+from ecif_core.storage import check_writable, is_remote, location, open_for_write
 from ecif_core.errors import EcifError
 from ecif_core.manifest import load_manifest
 
@@ -32,15 +36,23 @@ def database_url_for(out: Path) -> str:
 def run_embedded(manifest_path: str | Path, out: str | Path, progress: Progress | None = None) -> Path:
     """Run every stage here; writes OUT/ranked.csv and OUT/rejected.csv from the database.
 
-    A second run on the same folder resumes: finished shards are skipped by the store's markers.
+    `out` is a folder or an object-store URL (s3://bucket/prefix); it is checked writable before
+    anything else. A second run on the same folder resumes: finished shards are skipped by the
+    store's markers (they live with the store, also in a bucket).
     """
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = location(out, "out")
+    check_writable(out, "out")
     manifest = load_manifest(manifest_path)
-    url = database_url_for(out)
+    with contextlib.ExitStack() as stack:
+        home = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="ecif-db-"))) if is_remote(out) else out
+        return _run(manifest, out, database_url_for(home), progress)
+
+
+def _run(manifest, out: Path, url: str, progress: Progress | None) -> Path:
     upgrade(url)
+    audit_dir = str(out if is_remote(out) else out.resolve())
     with session_scope(url) as session:
-        session.execute(delete(Audit).where(Audit.audit_dir == str(out.resolve())))  # one audit per folder
+        session.execute(delete(Audit).where(Audit.audit_dir == audit_dir))  # one audit per folder
         audit_id = repository.create_audit(session, LOCAL_OWNER, manifest, out, audit_dir=out).id
     dispatcher = LocalDispatcher()
     pipeline = Pipeline(url, dispatcher)
@@ -71,8 +83,6 @@ def _reporter(url: str, progress: Progress) -> Callable[[str, str, int | None], 
 
 
 def _write(path: Path, lines) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w", encoding="utf-8", newline="") as handle:
+    with open_for_write(path, "w", encoding="utf-8", newline="") as handle:
         for chunk in lines:
             handle.write(chunk)
-    tmp.replace(path)

@@ -10,7 +10,9 @@ from typing import Any, Sequence
 from braceexpand import braceexpand
 
 from ecif_core.shards import MAX_SHARDS, check_shard_count
+from ecif_core.confine import OutsideRoots, confined
 from ecif_core.errors import ConfigError
+from ecif_core.storage import is_remote, location, resolve_against
 from ecif_core.manifest import Manifest, load_manifest, manifest_paths, read_sidecar
 from ecif_core.model_check import check_model_spec
 from ecif_core.values import check_json_values
@@ -92,8 +94,14 @@ def _under(real: str, roots: list[Path]) -> bool:
 
 
 def _confined_real(value: str, roots: list[Path], name: str, resolver: _Resolver) -> str:
+    if is_remote(value) or is_remote(resolver.base):  # an object-store key under a root's prefix
+        target = value if is_remote(value) else resolve_against(resolver.base, value)
+        try:
+            return str(confined(target, roots, name))
+        except OutsideRoots:
+            raise ConfigError(name, "path is outside the data roots") from None
     if "://" in value and not value.startswith("file://"):
-        raise ConfigError(name, "only local paths under the data roots are accepted")
+        raise ConfigError(name, "only paths under the data roots are accepted")
     path = value[len("file://"):] if value.startswith("file://") else value
     try:
         real = resolver.real(path)
@@ -107,11 +115,13 @@ def _confined_real(value: str, roots: list[Path], name: str, resolver: _Resolver
 def check_confined(value: str, roots: list[Path], name: str) -> Path:
     """The real path of `value` (relative ones against the first root), refused unless it is
     under a root; a checkpoint's training sidecar (and a config it names) are checked too."""
-    resolved = Path(_confined_real(value, roots, name, _Resolver(roots[0])))
-    sidecar = Path(str(resolved) + ".json")
+    resolved = location(_confined_real(value, roots, name, _Resolver(roots[0])))
+    sidecar = location(str(resolved) + ".json")
     if name == "model.checkpoint" and sidecar.exists():
-        if not any(sidecar.resolve().is_relative_to(root) for root in roots):
-            raise ConfigError(name, "its training sidecar is outside the data roots")
+        try:
+            confined(sidecar, roots, name)
+        except OutsideRoots:
+            raise ConfigError(name, "its training sidecar is outside the data roots") from None
         config = read_sidecar(resolved).get("model_config")
         if isinstance(config, str):  # a config path inside the sidecar is a path like any other
             check_confined(str(resolved.parent / config), roots, "model.config (training sidecar)")

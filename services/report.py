@@ -15,7 +15,9 @@ from pathlib import Path
 import numpy as np
 from sqlalchemy import select
 
+from ecif_core.confine import OutsideRoots, confined
 from ecif_core.folder import AuditFolder
+from ecif_core.storage import open_for_write
 from ecif_core.scores import SUSPECT_Z
 from ecif_core.images import TAR_MEMBER, load_image, local_image
 from ecif_core.remote import is_url
@@ -66,7 +68,7 @@ def audit_report_html(database_url: str, audit_id: str, links: dict[str, str],
                for i, name in enumerate(("slot", "id", "image", "caption", "influence", "influence_pos",
                                          "influence_neg", "self_influence", "suspicion", "clip_score"))
                if name not in ("id", "image", "caption")}
-    thumbs = _Thumbnails(Path(meta["audit_dir"]), data_roots)
+    thumbs = _Thumbnails(meta["audit_dir"], data_roots)
     has_influence = not np.isnan(columns["influence"]).all()
     suspects = rows[:TOP_SUSPECTS]
     valuable = sorted(rows, key=lambda r: -r.influence)[:TOP_VALUABLE] if has_influence else []
@@ -96,7 +98,7 @@ def trace_report_html(database_url: str, trace_id: str, data_roots: list[Path] |
         trace = session.get(Trace, trace_id)
         audit_dir = session.get(Audit, trace.audit_id).audit_dir
         results = trace_results(session, trace)
-    thumbs = _Thumbnails(Path(audit_dir), data_roots)
+    thumbs = _Thumbnails(audit_dir, data_roots)
     parts = [f"<h1>Trace {html.escape(trace_id)}</h1>"]
     for t, result in enumerate(results):
         example = result["example"]
@@ -245,9 +247,10 @@ def _dim(audit_dir: str) -> int | None:
 
 
 class _Thumbnails:
-    """PNG thumbnails as data URIs, cached in <audit>/thumbs (made once per image)."""
+    """PNG thumbnails as data URIs, cached in <audit>/thumbs (made once per image, in the audit's
+    store: a disk or a bucket, so any API replica serves them without a shared folder)."""
 
-    def __init__(self, audit_dir: Path, data_roots: list[Path] | None) -> None:
+    def __init__(self, audit_dir: str, data_roots: list[Path] | None) -> None:
         from ecif_core.audit import fetch_dir
 
         self.folder = AuditFolder(audit_dir).thumbnails
@@ -263,15 +266,16 @@ class _Thumbnails:
         return self._img(self.folder / f"test-{hashlib.sha1(image.encode()).hexdigest()[:16]}.png", image)
 
     def _img(self, cached: Path, image: str) -> str:
+        roots = self.roots
         if is_url(image):  # the copy prepare fetched into the audit folder, never the network
-            image = local_image(image, self.fetched)
-        file = Path(image.split(TAR_MEMBER)[0]).resolve()
-        if self.roots is not None and not file.is_relative_to(self.fetched.resolve()) \
-                and not any(file.is_relative_to(r) for r in self.roots):
+            image, roots = local_image(image, self.fetched), None
+        try:
+            confined(image.split(TAR_MEMBER)[0], roots, "image")
+        except OutsideRoots:
             return '<div class="muted">(image outside the data roots)</div>'
         if not cached.exists():
             try:  # confined again when opened: the file may have been swapped since the check above
-                self._make(cached, image, None if file.is_relative_to(self.fetched.resolve()) else self.roots)
+                self._make(cached, image, roots)
             except (OSError, ValueError, SyntaxError, KeyError):
                 return '<div class="muted">(image unreadable)</div>'
         data = base64.b64encode(cached.read_bytes()).decode()
@@ -279,9 +283,7 @@ class _Thumbnails:
 
     @staticmethod
     def _make(cached: Path, image: str, roots: list[Path] | None) -> None:
-        cached.parent.mkdir(parents=True, exist_ok=True)
         thumb = load_image(image, roots)  # as the model saw it (orientation, alpha); also inside tar shards
         thumb.thumbnail((THUMB_PX, THUMB_PX))
-        tmp = cached.with_name(cached.name + ".tmp")
-        thumb.save(tmp, format="PNG")
-        tmp.replace(cached)
+        with open_for_write(cached, "wb") as handle:
+            thumb.save(handle, format="PNG")

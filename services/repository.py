@@ -5,7 +5,6 @@ import csv
 import hashlib
 import io
 import secrets
-import shutil
 import uuid
 from datetime import timezone
 from pathlib import Path
@@ -15,6 +14,7 @@ from sqlalchemy import delete, func, select, update
 from sqlalchemy.orm import Session
 
 from ecif_core.folder import AuditFolder
+from ecif_core.storage import is_remote, location, remove_tree
 from ecif_core.stages import FIRST
 from ecif_core.ranked import RANKED_COLUMNS, VALUE_COLUMNS, csv_row
 from ecif_core.manifest import Manifest
@@ -64,9 +64,9 @@ def owner_of_key(session: Session, key: str) -> str | None:
 def create_audit(session: Session, owner: str, manifest: Manifest, store_root: str | Path,
                  audit_dir: str | Path | None = None) -> Audit:
     audit_id = str(uuid.uuid4())
-    folder = Path(audit_dir) if audit_dir is not None else Path(store_root) / audit_id
+    folder = location(audit_dir, "out") if audit_dir is not None else location(store_root, "store_url") / audit_id
     audit = Audit(id=audit_id, owner=owner, status="queued", stage=FIRST,
-                  manifest=manifest.to_json(), audit_dir=str(folder.resolve()))
+                  manifest=manifest.to_json(), audit_dir=str(folder if is_remote(folder) else folder.resolve()))
     session.add(audit)
     return audit
 
@@ -137,15 +137,19 @@ def fail_audit(session: Session, audit: Audit, message: str) -> None:
 def delete_audit(session: Session, audit: Audit, store_root: str | Path | None) -> None:
     """Removes the rows and commits, then the audit's folder if it is one of the store's own
     (`<store>/<audit id>`): never a folder the store does not own, never the store itself."""
-    audit_dir = Path(audit.audit_dir).resolve()
+    audit_dir = location(audit.audit_dir)
     traces = select(Trace.id).where(Trace.audit_id == audit.id)
     session.execute(delete(TracePair).where(TracePair.trace_id.in_(traces)))
     for table in (Edit, Trace, Score, PairRow, Shard):
         session.execute(delete(table).where(table.audit_id == audit.id))
     session.execute(delete(Audit).where(Audit.id == audit.id))
     session.commit()
-    if store_root is not None and audit_dir.parent == Path(store_root).resolve() and audit_dir.name == audit.id:
-        shutil.rmtree(audit_dir, ignore_errors=True)
+    if store_root is None or audit_dir.name != audit.id:
+        return
+    store = location(store_root)
+    if is_remote(audit_dir) == is_remote(store) and (
+            str(audit_dir.parent) == str(store) if is_remote(store) else audit_dir.resolve().parent == store.resolve()):
+        remove_tree(audit_dir)
 
 
 # ------------------------------------------------------------------ CSV streams

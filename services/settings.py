@@ -13,6 +13,7 @@ from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from ecif_core.confine import data_roots
+from ecif_core.storage import location
 
 
 class Settings(BaseSettings):
@@ -51,6 +52,13 @@ class Settings(BaseSettings):
     def _split_roots(cls, value: object) -> object:
         if isinstance(value, str):
             return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("store_url")
+    @classmethod
+    def _known_store(cls, value: str) -> str:
+        """A scheme fsspec does not serve here fails at start, never becomes a folder named "s3:"."""
+        location(value, "ECIF_STORE_URL")
         return value
 
     def stall_threshold(self) -> float:

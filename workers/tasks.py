@@ -39,6 +39,7 @@ def pipeline():
         from services.settings import get_settings
 
         settings = get_settings()
+        _check_store(settings.store_url)
         # No data roots configured means no image may be read (never "any image").
         _pipeline = Pipeline(settings.database_url, CeleryDispatcher(), image_roots=settings.resolved_roots(),
                              heartbeat_interval=settings.heartbeat_interval)
@@ -55,6 +56,13 @@ def _init_process(**_kwargs) -> None:
     threads = set_threads(get_settings().torch_threads, processes)  # None: cores / processes
     log.info("worker process %d: %d torch threads", os.getpid(), threads)
     pipeline()
+
+
+def _check_store(store_url: str) -> None:
+    """An unreachable or read-only store stops the worker at start, with the reason in its log."""
+    from ecif_core.storage import check_writable, location
+
+    check_writable(location(store_url, "ECIF_STORE_URL"), "ECIF_STORE_URL")
 
 
 # Database or broker briefly unreachable: retry with backoff (tasks are idempotent).

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import io
 import math
-import shutil
 import zipfile
 from pathlib import Path
 from typing import Annotated
@@ -14,6 +13,7 @@ from fastapi.responses import StreamingResponse
 from ecif_core.edit import EditSettings
 from ecif_core.edit_audit import preview, removal_set, zero_shot_examples
 from ecif_core.errors import ConfigError
+from ecif_core.storage import files_under, location, remove_tree, write_text
 from ecif_core.values import check_json_values
 
 from ... import repository
@@ -70,15 +70,14 @@ def create(request: Request, audit_id: str, body: EditRequest, owner: OwnerDep, 
     settings = EditSettings(damping=body.damping, damping_factor=body.damping_factor,
                             max_iterations=body.max_iterations, tolerance=body.tolerance).validate()
     edit = repository.create_edit(session, audit, {})
-    spec, folder = _server_spec(body.remove), Path(edit.edit_dir)
+    spec, folder = _server_spec(body.remove), location(edit.edit_dir)
     if body.ids is not None:
-        folder.mkdir(parents=True, exist_ok=True)
-        (folder / REQUEST_IDS).write_text("".join(f"{i}\n" for i in body.ids), encoding="utf-8")
+        write_text(folder / REQUEST_IDS, "".join(f"{i}\n" for i in body.ids))
         spec = f"ids:{REQUEST_IDS}"
     try:
         chosen = removal_set(audit.audit_dir, spec, base_dir=folder)  # a bad spec is a 422 before queueing
     except ConfigError as exc:
-        shutil.rmtree(folder, ignore_errors=True)
+        remove_tree(folder)
         raise ConfigError("ids", exc.message) if body.ids is not None else exc
     edit.request = {"remove": spec, "pairs": len(chosen.ids), "theta": body.theta, "zero_shot": zero_shot,
                     **{k: getattr(settings, k) for k in ("damping", "damping_factor", "max_iterations", "tolerance")}}
@@ -104,11 +103,12 @@ def checkpoint(audit_id: str, edit_id: str, owner: OwnerDep, session: SessionDep
     edit = _owned_edit(session, owner, audit_id, edit_id)
     if edit.status != "succeeded":
         raise HTTPException(409, f"edit is {edit.status}")
-    folder = Path(edit.edit_dir)
+    folder = location(edit.edit_dir)
     buffer = io.BytesIO()
-    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
-        for path in sorted(p for p in folder.rglob("*") if p.is_file() and p.name != REQUEST_IDS):
-            archive.write(path, arcname=str(path.relative_to(folder)))
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:  # from the store, local or a bucket
+        for path in files_under(folder):
+            if path.name != REQUEST_IDS:
+                archive.writestr(str(path.relative_to(folder)), path.read_bytes())
     buffer.seek(0)
     return StreamingResponse(buffer, media_type="application/zip",
                              headers={"Content-Disposition": f'attachment; filename="edit-{edit_id}.zip"'})

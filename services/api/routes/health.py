@@ -1,8 +1,6 @@
 """/healthz (the process answers), /readyz (database, broker and store reachable), /metrics."""
 from __future__ import annotations
 
-import os
-from pathlib import Path
 
 import hmac
 from typing import Annotated
@@ -13,6 +11,8 @@ from fastapi.responses import JSONResponse
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import GaugeMetricFamily, SummaryMetricFamily
 from sqlalchemy import func, select, text
+
+from ecif_core.storage import check_writable, location
 
 from ...db.models import STATUSES, Audit, Shard
 from ...db.session import schema_is_current, session_scope
@@ -109,10 +109,8 @@ def _ping_broker(url: str | None) -> None:
 
 
 def _ping_store(store_url: str) -> None:
-    path = Path(store_url)
-    path.mkdir(parents=True, exist_ok=True)
-    if not os.access(path, os.W_OK):
-        raise PermissionError(f"store {store_url} is not writable")
+    """Writes and removes one small object: a bucket that is gone or refuses us is not ready."""
+    check_writable(location(store_url, "store_url"), "store_url")
 
 
 def _queue_depths(url: str) -> dict[str, int]:
