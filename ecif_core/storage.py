@@ -26,6 +26,18 @@ from .errors import ConfigError
 WEB_SCHEMES = ("http", "https")  # images fetched by prepare (remote.py), not a store
 
 
+def _no_stale_listings() -> None:
+    """Several machines write one audit: a listing cached by this process would hide objects
+    that another wrote since (a shard's marker, another stage's file). fsspec's per-protocol
+    config applies to every instance, also the ones zarr and universal_pathlib create."""
+    import fsspec.config
+
+    fsspec.config.conf.setdefault("s3", {}).setdefault("use_listings_cache", False)
+
+
+_no_stale_listings()
+
+
 def scheme_of(value: "str | os.PathLike[str]") -> str | None:
     """The URL scheme ("s3"), or None for a plain path (and for file://)."""
     text = value if isinstance(value, str) else str(value)  # a UPath has no __fspath__

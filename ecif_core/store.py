@@ -16,6 +16,8 @@ from typing import Any
 import numpy as np
 import zarr
 
+from . import storage  # noqa: F401 - fsspec settings for object stores (no stale listings)
+
 STAGE_MARKERS = ("gradients", "scores")
 SCORE_FIELDS = ("influence", "influence_pos", "influence_neg", "self_influence", "leverage", "leave_own_out",
                 "gram_pos_pos", "gram_pos_neg", "gram_neg_neg", "self_influence_clip", "influence_per_example",

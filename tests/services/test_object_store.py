@@ -1,0 +1,115 @@
+"""Audit folders and data roots in an S3-compatible object store (a real moto server): the same
+bytes as on a local disk, confinement by key prefix, and clear errors for stores that cannot work."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+
+import pytest
+
+from ecif_core.confine import OutsideRoots, confined, data_roots
+from ecif_core.errors import ConfigError
+from ecif_core.folder import AuditFolder
+from ecif_core.storage import location
+from services.embedded import run_embedded
+from tests.services.conftest import OPTIONS, assert_same_ranking, read_csv_rows
+from tests.services.processes import ecif_command
+
+
+def test_embedded_audit_in_a_bucket_writes_the_local_audit_byte_for_byte(s3, data_root, embedded_csv,
+                                                                         tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # a folder literally named "s3:" would appear here
+    out = f"s3://{s3.new_bucket()}/audits/one"
+    ranked = run_embedded(data_root / "manifest.json", out)
+    assert str(ranked) == f"{out}/ranked.csv"
+    assert ranked.read_bytes() == embedded_csv.read_bytes()
+    folder = AuditFolder(out)
+    for path in (folder.plan, folder.pairs, folder.rejected, folder.report, location(folder.store) / "zarr.json"):
+        assert path.exists(), path
+    assert folder.rejected.read_bytes() == (embedded_csv.parent / "rejected.csv").read_bytes()
+    assert not any(tmp_path.iterdir())  # nothing local: no "s3:" folder, no database left behind
+    # a second run on the same folder resumes from the markers in the bucket and gives the same bytes
+    assert run_embedded(data_root / "manifest.json", out).read_bytes() == embedded_csv.read_bytes()
+
+
+def test_pairs_images_and_checkpoint_in_a_bucket_audit_like_local_files(s3, s3_data_root, embedded_csv):
+    """Every input under an s3:// data root: pair files, images (relative to the pair file),
+    model config, checkpoint and its training sidecar; the scores are those of the local audit."""
+    manifest = {"model": {"config": f"{s3_data_root}/cfg.json", "checkpoint": f"{s3_data_root}/model.pt"},
+                "train": f"{s3_data_root}/digits/train.jsonl", "validation": f"{s3_data_root}/digits/val.jsonl",
+                "options": OPTIONS}
+    manifest_url = location(f"{s3_data_root}/manifest-s3.json")
+    manifest_url.write_text(json.dumps(manifest))
+    out = f"s3://{s3.new_bucket()}/audit"
+    rows = read_csv_rows(run_embedded(str(manifest_url), out).read_text())
+    expected = read_csv_rows(embedded_csv)
+    assert_same_ranking(rows, expected)
+    assert all(r["image"].startswith(f"{s3_data_root}/digits/") for r in rows)
+    assert [r["image"].rsplit("/", 1)[1] for r in rows] == [r["image"].rsplit("/", 1)[1] for r in expected]
+
+
+def test_object_store_keys_are_confined_to_their_root_prefix(s3, s3_data_root):
+    roots = data_roots([s3_data_root])
+    inside = f"{s3_data_root}/digits/train.jsonl"
+    assert str(confined(inside, roots, "train")) == inside
+    assert str(confined(f"{s3_data_root}/digits/../cfg.json", roots, "train")) == f"{s3_data_root}/cfg.json"
+    bucket = s3_data_root.rsplit("/", 1)[0]
+    for outside in (f"{s3_data_root}/../secret.json", f"{s3_data_root}x/train.jsonl", f"{bucket}/train.jsonl",
+                    "s3://another-bucket/root/train.jsonl", f"{s3_data_root}/../../other/root/a.png"):
+        with pytest.raises(OutsideRoots):
+            confined(outside, roots, "train")
+    with pytest.raises(OutsideRoots):  # a local file is not under an object-store root
+        confined("/etc/passwd", roots, "image")
+    with pytest.raises(OutsideRoots):  # nor an object under a local root
+        confined(inside, data_roots(["/tmp"]), "image")
+
+
+def test_the_api_refuses_keys_outside_an_s3_data_root(s3, s3_data_root):
+    from services.manifests import confined_manifest
+
+    roots = data_roots([s3_data_root])
+    good = {"model": {"config": "cfg.json", "checkpoint": "model.pt"}, "train": "digits/train.jsonl",
+            "options": OPTIONS}
+    manifest = confined_manifest(good, roots)  # relative paths resolve against the first root's prefix
+    assert manifest.checkpoint == f"{s3_data_root}/model.pt" and manifest.train == f"{s3_data_root}/digits/train.jsonl"
+    bucket = s3_data_root.rsplit("/", 1)[0]
+    location(f"{bucket}/stolen.jsonl").write_text("{}")  # exists, but outside the prefix
+    for field, value in (("train", "../stolen.jsonl"), ("train", f"{bucket}/stolen.jsonl"),
+                         ("model.checkpoint", "s3://elsewhere/model.pt"), ("train", "/etc/passwd")):
+        raw = json.loads(json.dumps(good))
+        if field == "train":
+            raw["train"] = value
+        else:
+            raw["model"]["checkpoint"] = value
+        with pytest.raises(ConfigError) as error:
+            confined_manifest(raw, roots)
+        assert error.value.field == field and "outside the data roots" in error.value.message
+
+
+def test_a_store_url_that_cannot_work_is_an_error_before_any_work(s3, data_root, tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    unknown = subprocess.run([*ecif_command(), "audit", str(data_root / "manifest.json"), "--out", "nosuch://b/a"],
+                             cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert unknown.returncode != 0 and "out: nosuch://b/a: the scheme nosuch:// is not served here" in unknown.stderr
+    assert not any(tmp_path.iterdir())  # no folder named after the URL
+    started = time.monotonic()
+    missing = subprocess.run([*ecif_command(), "audit", str(data_root / "manifest.json"), "--out",
+                              "s3://no-such-bucket-here/a"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                             timeout=120)
+    assert missing.returncode != 0 and "out: store s3://no-such-bucket-here/a cannot be written" in missing.stderr
+    unreachable = subprocess.run([*ecif_command(), "audit", str(data_root / "manifest.json"), "--out",
+                                  f"s3://{s3.new_bucket()}/a"], cwd=tmp_path, capture_output=True, text=True,
+                                 env={**env, "AWS_ENDPOINT_URL": "http://127.0.0.1:9", "AWS_MAX_ATTEMPTS": "1"},
+                                 timeout=120)
+    assert unreachable.returncode != 0 and "cannot be written (EndpointConnectionError" in unreachable.stderr
+    assert "prepare" not in missing.stderr + unreachable.stderr  # stopped before the first stage
+    print(f"\nthree refused stores in {time.monotonic() - started:.1f} s")
+    assert not any(tmp_path.iterdir())
+    from pydantic import ValidationError
+
+    from services.settings import Settings
+
+    with pytest.raises(ValidationError, match="the scheme nosuch:// is not served here"):
+        Settings(store_url="nosuch://bucket/audits")
