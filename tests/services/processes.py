@@ -40,15 +40,16 @@ class Service:
         return subprocess.run([*ecif_command(), *args], env=self.env, capture_output=True, text=True,
                               timeout=timeout)
 
-    def spawn(self, name: str, *args: str) -> subprocess.Popen:
+    def spawn(self, name: str, *args: str, cwd: Path | None = None, **env: str) -> subprocess.Popen:
+        """`cwd` and `env`: this process's own working folder and extra variables (a machine of its own)."""
         log = (self.logs / f"{name}.log").open("ab")
-        process = subprocess.Popen([*ecif_command(), *args], env=self.env, stdout=log, stderr=subprocess.STDOUT,
-                                   start_new_session=True)
+        process = subprocess.Popen([*ecif_command(), *args], env={**self.env, **env}, stdout=log,
+                                   stderr=subprocess.STDOUT, start_new_session=True, cwd=cwd)
         self.processes.append(process)
         return process
 
-    def start_server(self) -> None:
-        self.spawn("server", "serve", "--port", str(self.port))
+    def start_server(self, cwd: Path | None = None, **env: str) -> None:
+        self.spawn("server", "serve", "--port", str(self.port), cwd=cwd, **env)
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             try:
@@ -59,9 +60,10 @@ class Service:
             time.sleep(0.3)
         raise RuntimeError(f"server did not become ready; log: {(self.logs / 'server.log').read_text()[-3000:]}")
 
-    def start_worker(self, name: str, queues: str = "gpu,cpu", concurrency: int = 1) -> subprocess.Popen:
+    def start_worker(self, name: str, queues: str = "gpu,cpu", concurrency: int = 1, cwd: Path | None = None,
+                     **env: str) -> subprocess.Popen:
         return self.spawn(name, "worker", "--queues", queues, "--concurrency", str(concurrency),
-                          "--hostname", f"{name}@%h", "--loglevel", "INFO")
+                          "--hostname", f"{name}@%h", "--loglevel", "INFO", cwd=cwd, **env)
 
     def stop(self) -> None:
         for process in self.processes:
@@ -75,7 +77,8 @@ class Service:
                 process.wait()
 
 
-def service_env(database_url: str, broker_url: str, store: Path, data_root: Path, **extra: str) -> dict[str, str]:
+def service_env(database_url: str, broker_url: str, store: Path | str, data_root: Path | str,
+                **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("ECIF_")}
     env.update(HF_HUB_OFFLINE="1", ECIF_DATABASE_URL=database_url, ECIF_BROKER_URL=broker_url,
                ECIF_STORE_URL=str(store), ECIF_DATA_ROOTS=str(data_root), PYTHONUNBUFFERED="1", **extra)
