@@ -381,7 +381,7 @@ def shard_gradients(audit_dir: str | Path, shard: int, models: ModelCache | None
     store.write_rows("grads", start, out)
     store.write_rows("terms", start, terms)
     if store.has("fisher/partial"):
-        store.root["fisher/partial"][shard] = fisher_sum([torch.from_numpy(out["pos"])], plan.dim).numpy()
+        store.array("fisher/partial")[shard] = fisher_sum([torch.from_numpy(out["pos"])], plan.dim).numpy()
     store.mark_done("gradients", shard)  # last: the completion marker
     return True
 
@@ -558,7 +558,7 @@ def shard_scores(audit_dir: str | Path, shard: int, damping: float | None = None
                          pairs=plan.pairs_usable)
     store.write_rows("scores", start, {name: scores[name].numpy() for name in SCORE_FIELDS
                                        if store.has(f"scores/{name}")})
-    store.root["done/scores_shift"][shard] = inverse.shift
+    store.array("done/scores_shift")[shard] = inverse.shift
     store.mark_done("scores", shard)
     return True
 
@@ -656,7 +656,7 @@ def audit_evidence(audit_dir: str | Path) -> dict[str, dict[str, float]] | None:
     store = open_store(audit_dir)
     if not store.is_complete("validation/grad"):
         return None
-    return store.root["validation/grad"].attrs.get("evidence")
+    return store.array("validation/grad").attrs.get("evidence")
 
 
 def misalignment_columns(audit_dir: str | Path) -> tuple[list[str], dict[str, np.ndarray]]:

@@ -65,7 +65,7 @@ def preview(audit_dir: str | Path, spec: str, base_dir: str | Path | None = None
     cols = ranking.columns
     has_validation = not np.isnan(cols["influence"]).all()
     store = open_store(audit_dir)
-    validation_loss = (float(store.root["validation/grad"].attrs["loss"])
+    validation_loss = (float(store.array("validation/grad").attrs["loss"])
                        if has_validation and store.is_complete("validation/grad") else None)
 
     def total(name: str) -> float | None:

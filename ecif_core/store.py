@@ -33,11 +33,22 @@ class AuditStore:
     def __init__(self, url: str):
         self.url = url
         self.root = zarr.open_group(url, mode="a")
+        # Opened arrays by path: each open reads the array's metadata, one request per open in an
+        # object store. An instance lives for one stage call; arrays it writes replace their entry.
+        self._arrays: dict[str, zarr.Array] = {}
+
+    def array(self, path: str) -> zarr.Array:
+        """The array at `path`, opened once per instance."""
+        found = self._arrays.get(path)
+        if found is None:
+            found = self._arrays[path] = self.root[path]
+        return found
 
     def create(self, rows: int, dim: int, shard_rows: int, shards: int, attrs: dict[str, Any]) -> None:
         """Preallocate every array afresh (prepare calls this only before its plan exists, so
         whatever a crashed earlier prepare left here is replaced)."""
         self.root = zarr.open_group(self.url, mode="w")
+        self._arrays = {}
         for name in GRADIENT_FIELDS:
             self.root.create_array(f"grads/{name}", shape=(rows, dim), chunks=(shard_rows, dim), dtype="float32",
                                    fill_value=0.0, compressors=None)
@@ -61,25 +72,31 @@ class AuditStore:
         return dict(self.root.attrs)
 
     def is_done(self, stage: str, shard: int) -> bool:
-        return bool(self.root[f"done/{stage}"][shard])
+        return bool(self.array(f"done/{stage}")[shard])
 
     def mark_done(self, stage: str, shard: int) -> None:
-        self.root[f"done/{stage}"][shard] = 1
+        self.array(f"done/{stage}")[shard] = 1
 
     def done_count(self, stage: str) -> int:
-        return int(np.asarray(self.root[f"done/{stage}"][:]).sum())
+        return int(np.asarray(self.array(f"done/{stage}")[:]).sum())
 
     def write_rows(self, group: str, start: int, values: dict[str, np.ndarray]) -> None:
         """Write whole shard chunks of several arrays of one group."""
         for name, value in values.items():
-            self.root[f"{group}/{name}"][start:start + len(value)] = value
+            self.array(f"{group}/{name}")[start:start + len(value)] = value
 
     def has(self, path: str) -> bool:
         """True when the array exists (stores made before an array was added lack it)."""
-        return path in self.root
+        if path in self._arrays:
+            return True
+        try:
+            self.array(path)
+        except KeyError:
+            return False
+        return True
 
     def read_rows(self, path: str, start: int | None = None, stop: int | None = None) -> np.ndarray:
-        return np.asarray(self.root[path][start:stop])
+        return np.asarray(self.array(path)[start:stop])
 
     def write_array(self, path: str, value: np.ndarray, attrs: dict[str, Any] | None = None) -> None:
         """A small whole array (curvature factors, validation gradient), replaced atomically enough
@@ -89,11 +106,14 @@ class AuditStore:
         array[...] = value
         if attrs:
             array.attrs.update(json.loads(json.dumps(attrs)))
+        self._arrays[path] = array
 
     def mark_complete(self, path: str) -> None:
         """Set after a whole-array stage wrote its data: its completion marker."""
-        self.root[path].attrs["complete"] = True
+        self.array(path).attrs["complete"] = True
 
     def is_complete(self, path: str) -> bool:
-        """True only once mark_complete ran; an array that exists but was cut short is not."""
-        return path in self.root and bool(self.root[path].attrs.get("complete", False))
+        """True only once mark_complete ran; an array that exists but was cut short is not.
+        Read afresh (never from this instance's cache): another process may complete it."""
+        self._arrays.pop(path, None)
+        return self.has(path) and bool(self.array(path).attrs.get("complete", False))
