@@ -140,17 +140,35 @@ def test_compose_services_healthchecks_gpu_queues_and_store():
     for name, queue in (("worker-gpu", "gpu"), ("worker-cpu", "cpu")):
         assert parse(argv(SERVICES[name]["command"]), name).queues == queue, f"compose {name} should serve --queues {queue}"
 
+
+
+def test_compose_store_is_the_bucket_of_its_s3_service():
+    """API and workers share no folder: the store is a bucket of the compose S3 service, which
+    they reach through AWS_ENDPOINT_URL, and which exists before they start."""
+    from urllib.parse import urlsplit
+
     for name in ("api", "worker-gpu", "worker-cpu"):
-        store, mounts = compose_env(SERVICES[name]).get("ECIF_STORE_URL"), compose_mounts(SERVICES[name])
-        assert store in mounts and mounts[store] in (COMPOSE.get("volumes") or {}), \
-            f"compose {name}: ECIF_STORE_URL={store} should be a named volume mounted there, mounts are {mounts}"
+        env, mounts = compose_env(SERVICES[name]), compose_mounts(SERVICES[name])
+        store = urlsplit(env.get("ECIF_STORE_URL", ""))
+        assert store.scheme == "s3" and store.netloc, f"compose {name}: ECIF_STORE_URL should be s3://bucket/prefix"
+        endpoint = urlsplit(env.get("AWS_ENDPOINT_URL", ""))
+        assert endpoint.hostname in SERVICES and "healthcheck" in SERVICES[endpoint.hostname], \
+            f"compose {name}: AWS_ENDPOINT_URL should name the compose S3 service (with a healthcheck): {endpoint}"
+        assert env.get("AWS_ACCESS_KEY_ID") and env.get("AWS_SECRET_ACCESS_KEY"), f"compose {name}: S3 credentials"
+        creators = [other for other, svc in SERVICES.items() if f"local/{store.netloc}" in " ".join(argv(svc.get(
+            "command", [])))]
+        assert creators and (SERVICES[name].get("depends_on") or {}).get(creators[0], {}).get("condition") == \
+            "service_completed_successfully", f"compose {name}: start after the bucket {store.netloc} exists"
+        assert not any(target.startswith("/var/lib/ecif") for target in mounts), f"compose {name}: a store folder"
+        for root in env.get("ECIF_DATA_ROOTS", "").split(","):
+            assert root in mounts or urlsplit(root).netloc == store.netloc, f"compose {name}: data root {root}"
 
 
 # -- kubernetes ---------------------------------------------------------------------------------
 
 def test_k8s_kinds_and_names():
     kinds = {doc["kind"] for _, doc in K8S}
-    missing = {"Deployment", "Service", "ConfigMap", "Secret", "Job", "PersistentVolumeClaim"} - kinds
+    missing = {"Deployment", "Service", "ConfigMap", "Secret", "Job"} - kinds
     assert not missing, f"deploy/ lacks kinds {sorted(missing)}"
     assert {"ecif-api", "ecif-worker-gpu", "ecif-worker-cpu"} <= set(named("Deployment"))
 
@@ -190,13 +208,16 @@ def test_k8s_api_probes_and_service():
     assert all(resolve(p.get("targetPort", p["port"])) in ports.values() for p in service["spec"]["ports"])
 
 
-def test_k8s_store_is_shared_and_mounted_at_store_url():
-    [pvc] = named("PersistentVolumeClaim").values()
-    assert "ReadWriteMany" in pvc["spec"]["accessModes"], "the store must be ReadWriteMany (shared by all pods)"
-    store = named("ConfigMap")["ecif-config"]["data"]["ECIF_STORE_URL"]
+def test_k8s_store_is_a_bucket_with_credentials_in_the_secret():
+    """No pod mounts a shared store: the audit folders are in a bucket, its keys in the Secret."""
+    config = named("ConfigMap")["ecif-config"]["data"]
+    assert config["ECIF_STORE_URL"].startswith("s3://"), config["ECIF_STORE_URL"]
+    secret = named("Secret")["ecif-secrets"]["stringData"]
+    assert {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"} <= set(secret) and not \
+        {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"} & set(config), "S3 keys belong in the Secret only"
+    assert not named("PersistentVolumeClaim"), "no shared volume is needed"
     for name in ("ecif-api", "ecif-worker-gpu", "ecif-worker-cpu"):
         doc = named("Deployment")[name]
-        claims = {v["name"]: v["persistentVolumeClaim"]["claimName"]
-                  for v in pod_spec(doc).get("volumes", []) if "persistentVolumeClaim" in v}
-        mounted = {m["mountPath"]: claims.get(m["name"]) for c in containers(doc) for m in c.get("volumeMounts", [])}
-        assert mounted.get(store) == pvc["metadata"]["name"], f"{name}: {pvc['metadata']['name']} not mounted at {store}"
+        claims = {v["persistentVolumeClaim"]["claimName"] for v in pod_spec(doc).get("volumes", [])
+                  if "persistentVolumeClaim" in v}
+        assert claims <= {"ecif-data"}, f"{name} mounts {claims}"
