@@ -144,6 +144,23 @@ def test_an_audit_over_urls_equals_the_audit_over_files(workspace, finished, ser
     assert len(list((tmp_path / "urls" / "fetched").rglob("*"))) >= len(url_rows)  # one local copy per image
 
 
+def test_url_images_are_fetched_into_an_audit_folder_in_a_bucket(workspace, finished, server, s3):
+    """The fetched copies live with the audit (in its bucket); later stages read them from there."""
+    from ecif_core.folder import AuditFolder
+
+    manifest = _url_manifest(workspace, _url_rows(workspace, server), {"allowed_hosts": ["127.0.0.1"]})
+    out = f"s3://{s3.new_bucket()}/urls"
+    ranked = audit.run_audit(manifest, out)
+    url_rows = list(csv.DictReader(ranked.read_text().splitlines()))
+    with (finished / "ranked.csv").open() as handle:
+        file_rows = list(csv.DictReader(handle))
+    assert [r["id"] for r in url_rows] == [r["id"] for r in file_rows]
+    for url_row, file_row in zip(url_rows, file_rows):
+        assert {k: v for k, v in url_row.items() if k != "image"} == {k: v for k, v in file_row.items() if k != "image"}
+    fetched = [p for p in AuditFolder(out).fetched.rglob("*") if p.is_file()]
+    assert len(fetched) >= len(url_rows) and not any(p.name.endswith((".part", ".tmp")) for p in fetched)
+
+
 def test_bad_urls_are_rejected_rows_and_the_audit_finishes(workspace, server, tmp_path):
     bad = {0: "{server}/slow/{image}", 1: "{server}/big-undeclared.png", 2: "{server}/other-host-redirect/{image}",
            3: "{server}/no-such.png", 4: "http://10.255.255.1/{image}"}

@@ -98,31 +98,10 @@ def assert_same_ranking(rows: list[dict], expected: list[dict]) -> None:
 
 
 @pytest.fixture(scope="session")
-def s3(tmp_path_factory):
-    """A moto S3 server for the session; this process (and every process started with
-    `s3.env()`) reaches it through the standard AWS environment variables."""
-    from tests.services.s3 import S3Server
-
-    server = S3Server()
-    server.start(tmp_path_factory.mktemp("s3-log") / "moto.log")
-    saved = {k: os.environ.get(k) for k in server.env()}
-    os.environ.update(server.env())
-    try:
-        yield server
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-        server.stop()
-
-
-@pytest.fixture(scope="session")
 def s3_data_root(s3, data_root) -> str:
     """The data root's files (digits pairs and images, config, checkpoint and its training
     sidecar) uploaded under an s3:// prefix."""
-    from tests.services.s3 import upload_tree
+    from tests.s3 import upload_tree
 
     url = f"s3://{s3.new_bucket('data')}/root"
     upload_tree(data_root, url)

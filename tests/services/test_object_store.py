@@ -32,6 +32,31 @@ def test_embedded_audit_in_a_bucket_writes_the_local_audit_byte_for_byte(s3, dat
     assert not any(tmp_path.iterdir())  # nothing local: no "s3:" folder, no database left behind
     # a second run on the same folder resumes from the markers in the bucket and gives the same bytes
     assert run_embedded(data_root / "manifest.json", out).read_bytes() == embedded_csv.read_bytes()
+    # what-ifs on the audit in the bucket: a removal preview, a trace, a model edit written back to it
+    from ecif_core.datasets.digits import class_prompts, label_of_caption
+    from ecif_core.edit import EditSettings
+    from ecif_core.edit_audit import edit_audit, preview
+    from ecif_core.trace import examples_from_json, trace
+
+    assert preview(out, "top:0.1:influence")["pairs"] == 10
+    row = json.loads((data_root / "digits" / "test.jsonl").read_text().splitlines()[0])
+    example = {"image": str(data_root / "digits" / row["image"]), "prompts": class_prompts(),
+               "label": label_of_caption(row["caption"])}
+    [traced] = trace(out, examples_from_json([example]), k=5)
+    assert len(traced.top) == 5
+    record = edit_audit(out, "top:0.1:influence", f"{out}/edits/e1", EditSettings(max_iterations=3))
+    assert record["checkpoint"]["checkpoint"] == f"{out}/edits/e1/model.pt"
+    edited = location(f"{out}/edits/e1")
+    assert len((edited / "removed_ids.txt").read_text().split()) == 10 and (edited / "edit.json").exists()
+    import io
+
+    import torch
+    from open_clip.model import CLIP
+
+    state = torch.load(io.BytesIO((edited / "model.pt").read_bytes()), weights_only=True)
+    CLIP(**json.loads((data_root / "cfg.json").read_text())).load_state_dict(state, strict=True)
+    sidecar = json.loads((edited / "model.pt.json").read_text())
+    assert sidecar["data"]["path"] == str(data_root / "digits" / "train.jsonl")  # absolute: no path from a bucket
 
 
 def test_pairs_images_and_checkpoint_in_a_bucket_audit_like_local_files(s3, s3_data_root, embedded_csv):

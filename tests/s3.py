@@ -15,7 +15,14 @@ from pathlib import Path
 
 import httpx
 
-from tests.services.processes import free_port
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 @dataclass
