@@ -157,9 +157,14 @@ def _roots_of(plan: "Plan") -> list[Path] | None:
 
 
 def _file_identity(path: str | None) -> tuple | None:
-    """(mtime_ns, size): a checkpoint retrained in place must not be served from the cache
-    (object-store files are read through local copies named by their identity)."""
-    if path is None or not os.path.exists(path):
+    """(mtime_ns, size), in a bucket (ETag, size): a checkpoint retrained in place must not be
+    served from the cache."""
+    if path is None:
+        return None
+    if storage.is_remote(path):
+        target = storage.location(path)
+        return storage.identity(target) if target.exists() else None
+    if not os.path.exists(path):
         return None
     stat = os.stat(path)
     return stat.st_mtime_ns, stat.st_size
