@@ -5,7 +5,6 @@ environment (AWS_ENDPOINT_URL and the credential variables), never through a man
 """
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import time
@@ -15,14 +14,8 @@ from pathlib import Path
 
 import httpx
 
+from tests.services.processes import free_port
 
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @dataclass
