@@ -187,7 +187,7 @@ def _plan_path(audit_dir: str | Path) -> Path:
 
 
 def load_plan(audit_dir: str | Path) -> Plan:
-    return Plan(**json.loads(_plan_path(audit_dir).read_text()))
+    return Plan(**json.loads(storage.read_text(_plan_path(audit_dir))))
 
 
 def open_store(audit_dir: str | Path) -> AuditStore:

@@ -20,7 +20,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from .confine import OutsideRoots, confined
 from .errors import EcifError
 from .remote import FetchError, RemoteImages, fetch, fetched_path, is_url
-from .storage import identity, is_remote, location
+from .storage import identity, is_remote, location, read_bytes
 
 if TYPE_CHECKING:
     from .sources import Pair
@@ -154,7 +154,7 @@ def _open_image(path: "Path | str", roots: Sequence[Path] | None = None) -> Imag
     if isinstance(path, str) and TAR_MEMBER in path:
         return Image.open(io.BytesIO(image_bytes(path, roots)))
     real = confined(path, roots, "image")
-    return Image.open(io.BytesIO(real.read_bytes()) if is_remote(real) else real)
+    return Image.open(io.BytesIO(read_bytes(real)) if is_remote(real) else real)
 
 
 def image_bytes(image: str, roots: Sequence[Path] | None = None) -> bytes:
@@ -166,7 +166,7 @@ def image_bytes(image: str, roots: Sequence[Path] | None = None) -> bytes:
         if handle is None:
             raise OSError(f"{member} is not a file in {shard}")
         return handle.read()
-    return confined(image, roots, "image").read_bytes()
+    return read_bytes(confined(image, roots, "image"))
 
 
 def _open_shard(shard: str, roots: Sequence[Path] | None = None) -> tarfile.TarFile:

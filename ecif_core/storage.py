@@ -26,16 +26,23 @@ from .errors import ConfigError
 WEB_SCHEMES = ("http", "https")  # images fetched by prepare (remote.py), not a store
 
 
-def _no_stale_listings() -> None:
-    """Several machines write one audit: a listing cached by this process would hide objects
-    that another wrote since (a shard's marker, another stage's file). fsspec's per-protocol
-    config applies to every instance, also the ones zarr and universal_pathlib create."""
+def _s3_defaults() -> None:
+    """fsspec's per-protocol config, which applies to every instance (also the ones zarr and
+    universal_pathlib create); a user's own FSSPEC_S3_* settings win.
+
+    No listings cache: several machines write one audit, and a listing cached by this process
+    would hide objects another wrote since (a shard's marker, another stage's file).
+    One request per read: with max_concurrency > 1, s3fs asks every object's size (a HEAD)
+    before reading it, to split large ones into parallel ranges; an audit's objects are small
+    (a shard's chunk, a marker, a thumbnail), so the HEAD doubled the requests for nothing."""
     import fsspec.config
 
-    fsspec.config.conf.setdefault("s3", {}).setdefault("use_listings_cache", False)
+    options = fsspec.config.conf.setdefault("s3", {})
+    options.setdefault("use_listings_cache", False)
+    options.setdefault("max_concurrency", 1)
 
 
-_no_stale_listings()
+_s3_defaults()
 
 
 def scheme_of(value: "str | os.PathLike[str]") -> str | None:
@@ -82,6 +89,18 @@ def location(value: "str | os.PathLike[str]", field: str = "path") -> Path:
 def url(path: "Path") -> str:
     """The string other libraries (zarr, the database) take for `path`."""
     return str(path)
+
+
+def read_bytes(path: Path) -> bytes:
+    """A whole file or object; missing -> FileNotFoundError. In a bucket one GET (opening it as a
+    file would first ask its size)."""
+    if is_remote(path):
+        return path.fs.cat_file(path.path)
+    return path.read_bytes()
+
+
+def read_text(path: Path) -> str:
+    return read_bytes(path).decode("utf-8")
 
 
 def write_bytes(path: Path, data: bytes) -> None:

@@ -32,7 +32,7 @@ class AuditStore:
 
     def __init__(self, url: str):
         self.url = url
-        self.root = zarr.open_group(url, mode="a")
+        self.root = zarr.open_group(url, mode="a", zarr_format=3)  # no probes for v2 metadata files
         # Opened arrays by path: each open reads the array's metadata, one request per open in an
         # object store. An instance lives for one stage call; arrays it writes replace their entry.
         self._arrays: dict[str, zarr.Array] = {}
@@ -47,7 +47,7 @@ class AuditStore:
     def create(self, rows: int, dim: int, shard_rows: int, shards: int, attrs: dict[str, Any]) -> None:
         """Preallocate every array afresh (prepare calls this only before its plan exists, so
         whatever a crashed earlier prepare left here is replaced)."""
-        self.root = zarr.open_group(self.url, mode="w")
+        self.root = zarr.open_group(self.url, mode="w", zarr_format=3)
         self._arrays = {}
         for name in GRADIENT_FIELDS:
             self.root.create_array(f"grads/{name}", shape=(rows, dim), chunks=(shard_rows, dim), dtype="float32",

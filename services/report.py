@@ -17,7 +17,7 @@ from sqlalchemy import select
 
 from ecif_core.confine import OutsideRoots, confined
 from ecif_core.folder import AuditFolder
-from ecif_core.storage import open_for_write
+from ecif_core.storage import read_bytes, write_bytes
 from ecif_core.scores import SUSPECT_Z
 from ecif_core.images import TAR_MEMBER, load_image, local_image
 from ecif_core.remote import is_url
@@ -273,17 +273,21 @@ class _Thumbnails:
             confined(image.split(TAR_MEMBER)[0], roots, "image")
         except OutsideRoots:
             return '<div class="muted">(image outside the data roots)</div>'
-        if not cached.exists():
+        try:
+            png = read_bytes(cached)  # one request when it is cached in a bucket
+        except FileNotFoundError:
             try:  # confined again when opened: the file may have been swapped since the check above
-                self._make(cached, image, roots)
+                png = self._make(cached, image, roots)
             except (OSError, ValueError, SyntaxError, KeyError):
                 return '<div class="muted">(image unreadable)</div>'
-        data = base64.b64encode(cached.read_bytes()).decode()
+        data = base64.b64encode(png).decode()
         return f'<img class="thumb" alt="" src="data:image/png;base64,{data}">'
 
     @staticmethod
-    def _make(cached: Path, image: str, roots: list[Path] | None) -> None:
+    def _make(cached: Path, image: str, roots: list[Path] | None) -> bytes:
         thumb = load_image(image, roots)  # as the model saw it (orientation, alpha); also inside tar shards
         thumb.thumbnail((THUMB_PX, THUMB_PX))
-        with open_for_write(cached, "wb") as handle:
-            thumb.save(handle, format="PNG")
+        buffer = io.BytesIO()
+        thumb.save(buffer, format="PNG")
+        write_bytes(cached, buffer.getvalue())
+        return buffer.getvalue()
