@@ -138,3 +138,17 @@ def test_a_store_url_that_cannot_work_is_an_error_before_any_work(s3, data_root,
 
     with pytest.raises(ValidationError, match="the scheme nosuch:// is not served here"):
         Settings(store_url="nosuch://bucket/audits")
+
+
+def test_an_object_another_process_wrote_is_seen_after_a_listing(s3):
+    """Workers on other machines write into the same prefix: a listing this process made must
+    not hide their objects later (s3fs caches listings unless told not to)."""
+    import s3fs
+
+    prefix = location(f"s3://{s3.new_bucket()}/audit")
+    (prefix / "plan.json").write_text("{}")
+    assert [p.name for p in prefix.iterdir()] == ["plan.json"]  # this process lists the prefix
+    elsewhere = s3fs.S3FileSystem(skip_instance_cache=True)  # another machine's client
+    elsewhere.pipe_file(f"{prefix.path}/done-marker", b"1")
+    assert (prefix / "done-marker").exists()
+    assert sorted(p.name for p in prefix.iterdir()) == ["done-marker", "plan.json"]
