@@ -385,7 +385,7 @@ def shard_gradients(audit_dir: str | Path, shard: int, models: ModelCache | None
                           _roots_of(plan), reference)
     store.write_rows("grads", start, out)
     store.write_rows("terms", start, terms)
-    if store.has("fisher/partial"):
+    if store.has("fisher/partial") and partial_sums_pay(plan):
         store.array("fisher/partial")[shard] = fisher_sum([torch.from_numpy(out["pos"])], plan.dim).numpy()
     store.mark_done("gradients", shard)  # last: the completion marker
     return True
@@ -425,18 +425,17 @@ def _accumulate_shard(manifest: Manifest, loaded: LoadedModel, params: list, pro
 def curvature(audit_dir: str | Path) -> None:
     """Eigendecomposition of sum_n g_pos g_pos^T (full, or per-layer blocks).
 
-    The sum is the total of the gradients shards' k x k partial sums, read one shard at a time,
-    so this task's memory and reads do not grow with N (stores made before the partial sums
-    existed are summed from their gradient rows instead)."""
+    The sum is the total over shards of each shard's k x k partial sum, one shard in memory at a
+    time, so this task's memory does not grow with N: the stored partial sum when it pays
+    (`partial_sums_pay`), else the shard's own rows, which are then fewer bytes than the sum
+    (also for stores made before the partial sums existed)."""
     plan, store = load_plan(audit_dir), open_store(audit_dir)
     if store.is_complete("curvature/eigvals"):
         return
     missing = [s for s in range(plan.shards) if not store.is_done("gradients", s)]
     if missing:
         raise NotReady(f"curvature needs every gradient shard; missing {missing[:10]}")
-    fisher = fisher_from_partials(store, plan.shards) if store.has("fisher/partial") else fisher_sum(
-        (torch.from_numpy(store.read_rows("grads/pos", s * plan.shard_rows, (s + 1) * plan.shard_rows))
-         for s in range(plan.shards)), plan.dim)
+    fisher = fisher_from_partials(store, plan)
     manifest = _manifest_of(plan)
     blocks = [Block(**b) for b in plan.blocks] if manifest.options.curvature == "blocks" else None
     eigvals, eigvecs = eigendecompose(fisher, blocks)
@@ -446,11 +445,25 @@ def curvature(audit_dir: str | Path) -> None:
     store.mark_complete("curvature/eigvals")  # after both arrays: the stage's completion marker
 
 
-def fisher_from_partials(store: AuditStore, shards: int) -> torch.Tensor:
-    """sum over shards of the stored k x k partial sums, one shard in memory at a time."""
+def partial_sums_pay(plan: Plan) -> bool:
+    """A shard's k x k partial sum (float64) is stored only when it is smaller than the shard's
+    g_pos rows it sums (shard_rows x k float32): otherwise the curvature stage reads those rows,
+    fewer bytes to write and read (the demo's shards of 256 rows at k = 1,152 wrote 44 KB of
+    partial sums per pair, 62% of the audit folder). Both give the same numbers, bit for bit."""
+    return plan.shard_rows * 4 >= plan.dim * 8
+
+
+def fisher_from_partials(store: AuditStore, plan: Plan) -> torch.Tensor:
+    """sum over shards of each shard's sum g_pos g_pos^T, one shard in memory at a time: its
+    stored partial sum when there is one, else from its rows."""
+    stored = store.has("fisher/partial") and partial_sums_pay(plan)
     total = None
-    for s in range(shards):
-        part = torch.from_numpy(store.read_rows("fisher/partial", s, s + 1)[0])
+    for s in range(plan.shards):
+        if stored:
+            part = torch.from_numpy(store.read_rows("fisher/partial", s, s + 1)[0])
+        else:
+            rows = store.read_rows("grads/pos", s * plan.shard_rows, (s + 1) * plan.shard_rows)
+            part = fisher_sum([torch.from_numpy(rows)], plan.dim)
         total = part.clone() if total is None else total.add_(part)
     return total
 

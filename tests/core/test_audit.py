@@ -338,32 +338,50 @@ def test_ranked_row_matches_independent_recomputation(workspace, finished):
     assert float(row["self_influence"]) == pytest.approx(expected, rel=2e-3)
 
 
-def test_curvature_from_shard_partial_sums_equals_the_all_rows_sum(finished, tmp_path):
-    """Each gradients shard stores sum g_pos g_pos^T of its rows; their total is the Fisher of
-    all N rows, and the curvature stage never needs the rows (they are zeroed here)."""
+def test_curvature_from_shard_partial_sums_or_shard_rows_equals_the_all_rows_sum(workspace, tmp_path, monkeypatch):
+    """Each gradients shard stores sum g_pos g_pos^T of its rows when that is smaller than the rows
+    (partial_sums_pay); the curvature stage adds one shard at a time, the stored sum or the sum of
+    the shard's rows: the Fisher of all N rows either way, bit for bit, and with stored sums the
+    stage never reads the rows (they are zeroed here)."""
     import torch
 
     from ecif_core.hessian import eigendecompose, fisher_sum
 
-    plan, store = audit.load_plan(finished), audit.open_store(finished)
-    assert plan.shards > 1
-    all_rows = torch.from_numpy(store.read_rows("grads/pos")).double()
-    expected = all_rows.T @ all_rows
-    torch.testing.assert_close(audit.fisher_from_partials(store, plan.shards), expected, rtol=1e-10, atol=1e-12)
-    for shard in range(plan.shards):  # each partial is its own shard's rows only
-        rows = torch.from_numpy(store.read_rows("grads/pos", shard * plan.shard_rows, (shard + 1) * plan.shard_rows))
-        torch.testing.assert_close(torch.from_numpy(store.read_rows("fisher/partial", shard, shard + 1)[0]),
-                                   fisher_sum([rows], plan.dim))
-    copy = tmp_path / "copy"
-    shutil.copytree(finished, copy)
-    copied = audit.open_store(copy)
-    del copied.root["curvature"]
-    copied.root["grads/pos"][:] = 0.0  # the stage must not read the rows
-    audit.curvature(copy)
-    eigvals, _ = eigendecompose(expected)
-    np.testing.assert_allclose(copied.read_rows("curvature/eigvals"), eigvals.numpy(), rtol=1e-8, atol=1e-10)
-    np.testing.assert_allclose(copied.read_rows("curvature/eigvals"), store.read_rows("curvature/eigvals"),
-                               rtol=1e-8, atol=1e-10)
+    eigvals = {}
+    for pays in (True, False):
+        monkeypatch.setattr(audit, "partial_sums_pay", lambda plan, pays=pays: pays)
+        out = tmp_path / f"pays-{pays}"
+        audit.run_audit(workspace / "manifest.json", out)
+        plan, store = audit.load_plan(out), audit.open_store(out)
+        assert plan.shards > 1
+        assert (out / "store.zarr" / "fisher" / "partial" / "c").exists() == pays  # no partial bytes when rows are smaller
+        all_rows = torch.from_numpy(store.read_rows("grads/pos")).double()
+        expected = all_rows.T @ all_rows
+        torch.testing.assert_close(audit.fisher_from_partials(store, plan), expected, rtol=1e-10, atol=1e-12)
+        eigvals[pays] = store.read_rows("curvature/eigvals")
+        np.testing.assert_allclose(eigvals[pays], eigendecompose(expected)[0].numpy(), rtol=1e-8, atol=1e-10)
+        if pays:
+            for shard in range(plan.shards):  # each partial is its own shard's rows only
+                rows = torch.from_numpy(store.read_rows("grads/pos", shard * plan.shard_rows,
+                                                        (shard + 1) * plan.shard_rows))
+                torch.testing.assert_close(torch.from_numpy(store.read_rows("fisher/partial", shard, shard + 1)[0]),
+                                           fisher_sum([rows], plan.dim))
+            copy = tmp_path / "copy"
+            shutil.copytree(out, copy)
+            copied = audit.open_store(copy)
+            del copied.root["curvature"]
+            copied.root["grads/pos"][:] = 0.0  # the stage must not read the rows
+            audit.curvature(copy)
+            np.testing.assert_array_equal(copied.read_rows("curvature/eigvals"), eigvals[pays])
+    np.testing.assert_array_equal(eigvals[True], eigvals[False])
+
+
+def test_partial_sums_are_stored_only_when_smaller_than_the_rows():
+    plan = lambda rows, dim: audit.Plan(manifest={}, batch_size=rows, n_batches=1, shard_batches=1, shards=1,  # noqa: E731
+                                        dim=dim, pairs_total=rows, pairs_rejected=0)
+    assert not audit.partial_sums_pay(plan(256, 1152))   # the demo: 10.6 MB of sum against 1.2 MB of rows
+    assert audit.partial_sums_pay(plan(2304, 1152)) and not audit.partial_sums_pay(plan(2303, 1152))
+    assert audit.partial_sums_pay(plan(256, 32))
 
 
 def test_curvature_of_a_store_without_partial_sums_reads_the_rows(finished, tmp_path):
