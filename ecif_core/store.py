@@ -5,8 +5,9 @@ chunk of S*B rows. Different processes writing different shards therefore never 
 chunk. Slots of pairs that are absent (rejected rows, a short last batch) stay zero.
 Completion is a per-shard uint8 array with one-element chunks, written after the data, so a
 retried shard whose marker is set is skipped and a half-written one is rewritten whole.
-Each gradients shard also writes its k x k partial Fisher sum (`fisher/partial`, one chunk per
-shard, float64), so the curvature stage adds S small matrices and never reads the N x k rows.
+A gradients shard of at least 2k rows also writes its k x k partial Fisher sum (`fisher/partial`,
+one chunk per shard, float64), so the curvature stage adds S small matrices instead of reading
+the N x k rows; a smaller shard's rows are fewer bytes than its sum, and are read instead.
 """
 from __future__ import annotations
 
