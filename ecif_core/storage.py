@@ -104,7 +104,11 @@ def read_text(path: Path) -> str:
 
 
 def write_bytes(path: Path, data: bytes) -> None:
-    """One whole file or object; readers see the old one or all of the new one."""
+    """One whole file or object; readers see the old one or all of the new one (in a bucket one
+    PUT: opening the object as a file would first ask whether it exists)."""
+    if is_remote(path):
+        path.fs.pipe_file(path.path, data)
+        return
     with open_for_write(path, "wb") as handle:
         handle.write(data)
 
