@@ -52,6 +52,8 @@ class Settings(BaseSettings):
     def _split_roots(cls, value: object) -> object:
         if isinstance(value, str):
             return [part.strip() for part in value.split(",") if part.strip()]
+        if isinstance(value, (list, tuple)):  # paths given in code (Path objects) are folders too
+            return [str(part) for part in value]
         return value
 
     @field_validator("store_url")
