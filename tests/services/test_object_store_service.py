@@ -75,5 +75,8 @@ def test_two_workers_without_a_shared_folder_finish_one_audit_and_survive_a_kill
         for name, folder in machines.items():  # nothing of the audit on any machine's own disk
             left = [p for p in folder.rglob("*") if p.is_file() and "cache" not in p.parts]
             assert left == [], (name, left)
+        deleted = httpx.delete(f"{svc.url}/audits/{audit_id}", headers=headers, timeout=60)
+        assert deleted.status_code == 204 and not location(f"{store}/{audit_id}/plan.json").exists()
+        assert location(store).fs.find(f"{location(store).path}/{audit_id}") == []  # the whole prefix is gone
     finally:
         svc.stop()
