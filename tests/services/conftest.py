@@ -106,3 +106,18 @@ def s3_data_root(s3, data_root) -> str:
     url = f"s3://{s3.new_bucket('data')}/root"
     upload_tree(data_root, url)
     return url
+
+
+@pytest.fixture(scope="session")
+def s3_inputs_csv(s3, s3_data_root) -> bytes:
+    """ranked.csv (bytes) of the embedded mode with every input under the s3:// data root (absolute
+    s3:// paths in a manifest stored in the bucket) and its folder in another bucket."""
+    from ecif_core.storage import location
+    from services.embedded import run_embedded
+
+    manifest = location(f"{s3_data_root}/manifest-s3.json")
+    manifest.write_text(json.dumps({"model": {"config": f"{s3_data_root}/cfg.json",
+                                              "checkpoint": f"{s3_data_root}/model.pt"},
+                                    "train": f"{s3_data_root}/digits/train.jsonl",
+                                    "validation": f"{s3_data_root}/digits/val.jsonl", "options": OPTIONS}))
+    return run_embedded(str(manifest), f"s3://{s3.new_bucket()}/audit").read_bytes()

@@ -59,17 +59,10 @@ def test_embedded_audit_in_a_bucket_writes_the_local_audit_byte_for_byte(s3, dat
     assert sidecar["data"]["path"] == str(data_root / "digits" / "train.jsonl")  # absolute: no path from a bucket
 
 
-def test_pairs_images_and_checkpoint_in_a_bucket_audit_like_local_files(s3, s3_data_root, embedded_csv):
+def test_pairs_images_and_checkpoint_in_a_bucket_audit_like_local_files(s3_data_root, s3_inputs_csv, embedded_csv):
     """Every input under an s3:// data root: pair files, images (relative to the pair file),
     model config, checkpoint and its training sidecar; the scores are those of the local audit."""
-    manifest = {"model": {"config": f"{s3_data_root}/cfg.json", "checkpoint": f"{s3_data_root}/model.pt"},
-                "train": f"{s3_data_root}/digits/train.jsonl", "validation": f"{s3_data_root}/digits/val.jsonl",
-                "options": OPTIONS}
-    manifest_url = location(f"{s3_data_root}/manifest-s3.json")
-    manifest_url.write_text(json.dumps(manifest))
-    out = f"s3://{s3.new_bucket()}/audit"
-    rows = read_csv_rows(run_embedded(str(manifest_url), out).read_text())
-    expected = read_csv_rows(embedded_csv)
+    rows, expected = read_csv_rows(s3_inputs_csv.decode()), read_csv_rows(embedded_csv)
     assert_same_ranking(rows, expected)
     assert all(r["image"].startswith(f"{s3_data_root}/digits/") for r in rows)
     assert [r["image"].rsplit("/", 1)[1] for r in rows] == [r["image"].rsplit("/", 1)[1] for r in expected]

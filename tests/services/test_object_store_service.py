@@ -10,33 +10,26 @@ import httpx
 import pytest
 
 from ecif_core.storage import location
-from services.embedded import run_embedded
+from tests.services.conftest import OPTIONS
 from tests.services.processes import Service, service_env
 from tests.services.test_integration import (_redis_db, _shards, _wait_finished, _wait_for_running_gradient_shard,
                                              _wait_for_shard)
 
 pytestmark = pytest.mark.slow
-OPTIONS = {"projection": {"k_in": 4, "k_out": 4}, "shard_batches": 1}
-
-
-def _manifest(root: str) -> dict:
-    return {"model": {"config": f"{root}/cfg.json", "checkpoint": f"{root}/model.pt"},
-            "train": f"{root}/digits/train.jsonl", "validation": f"{root}/digits/val.jsonl", "options": OPTIONS}
 
 
 def test_two_workers_without_a_shared_folder_finish_one_audit_and_survive_a_kill(pg_url, s3, s3_data_root,
-                                                                                tmp_path_factory):
-    """Two workers on "machines" of their own finish one audit together; the pool process
+                                                                                s3_inputs_csv, tmp_path_factory):
+    """Two workers on "machines" of their own finish one audit together: one serves the cpu
+    queue (prepare, curvature, scores, finalize), the other the gpu queue (gradients,
+    validation), so each reads what the other wrote, through the bucket only. The pool process
     running a gradients shard is SIGKILLed half way, and the audit still ends with the CSV of
     an uninterrupted run on the same bucket inputs, byte for byte."""
-    manifest_url = location(f"{s3_data_root}/manifest-service.json")
-    manifest_url.write_text(__import__("json").dumps(_manifest(s3_data_root)))
-    expected = run_embedded(str(manifest_url), f"s3://{s3.new_bucket()}/uninterrupted").read_bytes()
-
+    expected = s3_inputs_csv  # the embedded mode on the same bucket inputs, uninterrupted
     store = f"s3://{s3.new_bucket('store')}/audits"
     env = service_env(pg_url, _redis_db(4), store, s3_data_root, ECIF_HEARTBEAT_INTERVAL="2", **s3.env())
     svc = Service(env, tmp_path_factory.mktemp("s3-logs"))
-    machines = {name: tmp_path_factory.mktemp(f"machine-{name}") for name in ("api", "w1", "w2")}
+    machines = {name: tmp_path_factory.mktemp(f"machine-{name}") for name in ("api", "cpu", "gpu")}
 
     def own(name: str) -> dict:
         folder = machines[name]
@@ -45,12 +38,12 @@ def test_two_workers_without_a_shared_folder_finish_one_audit_and_survive_a_kill
 
     try:
         svc.start_server(**own("api"))
-        svc.start_worker("w1", **own("w1"))
-        svc.start_worker("w2", **own("w2"))
+        svc.start_worker("cpu", queues="cpu", **own("cpu"))
+        svc.start_worker("gpu", queues="gpu", **own("gpu"))
         key = svc.run("keys", "create", "--owner", "s3test").stdout.strip()
         headers = {"Authorization": f"Bearer {key}"}
         relative = {"model": {"config": "cfg.json", "checkpoint": "model.pt"}, "train": "digits/train.jsonl",
-                    "validation": "digits/val.jsonl", "options": OPTIONS}  # against the s3:// data root
+                    "validation": "digits/val.jsonl", "options": OPTIONS}  # against the s3:// data root (as s3_inputs_csv)
         response = httpx.post(f"{svc.url}/audits", json=relative, headers=headers, timeout=60)
         assert response.status_code == 202, response.text
         audit_id = response.json()["id"]
@@ -59,16 +52,16 @@ def test_two_workers_without_a_shared_folder_finish_one_audit_and_survive_a_kill
         done_before = {s.shard for s in _shards(pg_url, audit_id) if s.status == "done"}
         _wait_for_shard(pg_url, audit_id, running.shard, lambda s: s.attempts == 2, timeout=120)
         status = _wait_finished(svc.url, audit_id, headers)
-        logs = "".join((svc.logs / f"{n}.log").read_text()[-2000:] for n in ("w1", "w2"))
+        logs = "".join((svc.logs / f"{n}.log").read_text()[-2000:] for n in ("cpu", "gpu"))
         assert status["status"] == "succeeded", (status, logs)
         csv_bytes = httpx.get(f"{svc.url}/audits/{audit_id}/results.csv", headers=headers, timeout=60).content
         assert csv_bytes.replace(b"\r\n", b"\n") == expected.replace(b"\r\n", b"\n")
         shards = {s.shard: s for s in _shards(pg_url, audit_id)}
         assert shards[running.shard].attempts == 2
         assert all(shards[s].attempts == 1 for s in done_before)  # finished shards kept, not redone
-        for name in ("w1", "w2"):  # both machines did gradients shards
-            assert any("shard_gradients" in line and "succeeded in" in line
-                       for line in (svc.logs / f"{name}.log").read_text().splitlines()), name
+        for name, task in (("cpu", "cpu.prepare"), ("cpu", "cpu.shard_scores"), ("gpu", "gpu.shard_gradients")):
+            assert any(task in line and "succeeded in" in line  # each machine did its part
+                       for line in (svc.logs / f"{name}.log").read_text().splitlines()), (name, task)
         report = httpx.get(f"{svc.url}/audits/{audit_id}/report", headers=headers, timeout=120)
         assert report.status_code == 200 and "data:image/png;base64," in report.text  # thumbnails from the bucket
         assert location(f"{store}/{audit_id}/thumbs").exists()
