@@ -161,13 +161,8 @@ def _file_identity(path: str | None) -> tuple | None:
     served from the cache."""
     if path is None:
         return None
-    if storage.is_remote(path):
-        target = storage.location(path)
-        return storage.identity(target) if target.exists() else None
-    if not os.path.exists(path):
-        return None
-    stat = os.stat(path)
-    return stat.st_mtime_ns, stat.st_size
+    target = storage.location(path)
+    return storage.identity(target) if target.exists() else None
 
 
 # ---------------------------------------------------------------- folder helpers

@@ -33,7 +33,7 @@ from .models import load_model, restrict_grad_to, select_theta
 from .removal import RemovalSet, select
 from .runtime import flush_denormals
 from .confine import data_roots
-from .storage import is_remote, location, resolve_against, write_bytes
+from .storage import absolute, is_remote, location, resolve_against, write_bytes
 from .trace import TraceExample, examples_from_json
 
 EDIT_SIDECAR = "edit.json"
@@ -198,7 +198,7 @@ def edit_audit(audit_dir: str | Path, spec: str, out: str | Path, settings: Edit
     seconds.update(result.seconds)
     seconds["total"] = time.perf_counter() - started
     record = {
-        "audit": str(audit_dir if is_remote(audit_dir) else audit_dir.resolve()), "remove": {"spec": chosen.spec, "pairs": len(chosen.ids), "ids": REMOVED_IDS},
+        "audit": absolute(audit_dir), "remove": {"spec": chosen.spec, "pairs": len(chosen.ids), "ids": REMOVED_IDS},
         "base": {"arch": manifest.model_arch, "config": manifest.model_config, "checkpoint": manifest.checkpoint,
                  "adapter": manifest.adapter},
         "method": {"curvature": "exact Hessian of the objective without the set (Hessian-vector products)",
@@ -227,10 +227,8 @@ def rehome_sidecar(sidecar: dict, old_home: Path, new_home: Path) -> dict:
     import os
 
     def moved(path: str) -> str:
-        if is_remote(path) or is_remote(old_home):
+        if is_remote(path) or is_remote(old_home) or is_remote(new_home):  # no relative path across stores
             return resolve_against(old_home, path)
-        if is_remote(new_home):  # no relative path from a bucket to this disk
-            return str((old_home / path).resolve())
         return os.path.relpath((old_home / path).resolve(), new_home.resolve())
 
     out = dict(sidecar)

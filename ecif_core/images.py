@@ -20,6 +20,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from .confine import OutsideRoots, confined
 from .errors import EcifError
 from .remote import FetchError, RemoteImages, fetch, fetched_path, is_url
+from .shards import open_tar
 from .storage import identity, is_remote, location, read_bytes
 
 if TYPE_CHECKING:
@@ -178,11 +179,8 @@ def _open_shard(shard: str, roots: Sequence[Path] | None = None) -> tarfile.TarF
 
 @functools.lru_cache(maxsize=16)
 def _tar(shard: str, _identity: tuple) -> tarfile.TarFile:
-    """Open shards stay open (per process): a batch reads many members of the same shard
-    (a shard in an object store is read by ranges through its fsspec file)."""
-    if is_remote(shard):
-        return tarfile.open(fileobj=location(shard).open("rb"), mode="r")
-    return tarfile.open(shard, "r")
+    """Open shards stay open (per process): a batch reads many members of the same shard."""
+    return open_tar(shard)
 
 
 def load_image(path: str, roots: Sequence[Path] | None = None) -> Image.Image:

@@ -16,7 +16,7 @@ from .shards import MAX_SHARDS, shard_paths
 from .sources import source_of
 from .errors import ConfigError, read_json_file
 from .values import check_json_values
-from .storage import location, resolve_against
+from .storage import absolute, location, resolve_against
 from .remote import remote_images_of
 from .losses import NEG_TERMS
 from .memory import parse_bytes
@@ -157,7 +157,7 @@ def load_manifest(source: str | Path | dict, base_dir: str | Path | None = None,
     a webdataset pattern may name at most `max_shards` shards (counted before expansion)."""
     if isinstance(source, (str, Path)):
         raw = read_json_file(source, "manifest")
-        base = base_dir if base_dir else location(resolve_against(".", str(source))).parent
+        base = base_dir if base_dir else location(absolute(source)).parent
     else:
         raw, base = dict(source), base_dir or Path(".").resolve()
     if not isinstance(raw, dict):

@@ -6,6 +6,7 @@ import glob
 import itertools
 import os
 import re
+import tarfile
 from pathlib import Path
 from typing import Sequence
 
@@ -37,6 +38,13 @@ def shard_paths(pattern: str | list[str], field: str = "train", limit: int = MAX
     if not paths or missing:
         raise ConfigError(field, f"webdataset shard(s) not found: {missing[:3] or pattern}")
     return [location(p) for p in paths]
+
+
+def open_tar(shard: "str | Path") -> tarfile.TarFile:
+    """An open shard; one in an object store is read through its fsspec file, by 8 MiB ranges."""
+    if is_remote(shard):
+        return tarfile.open(fileobj=location(shard).open("rb", block_size=8 << 20), mode="r")
+    return tarfile.open(shard, "r")
 
 
 def _matches(pattern: str) -> list[str]:

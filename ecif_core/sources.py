@@ -17,7 +17,7 @@ from typing import Iterator, Sequence
 from .confine import confined
 from .errors import ConfigError
 from .images import TAR_MEMBER, ImageAccess, image_bytes, image_ref, row_image_problem
-from .shards import shard_paths
+from .shards import open_tar, shard_paths
 from .storage import is_remote
 
 MAX_CAPTION_CHARS = 2000
@@ -150,7 +150,7 @@ def _webdataset_rows(source: Source, field: str, roots: Sequence[Path] | None) -
     number = 0
     for shard in shard_paths(source.path, field):
         shard = confined(shard, roots, field)
-        with _open_tar(shard) as tar:
+        with open_tar(shard) as tar:
             samples: dict[str, dict[str, tarfile.TarInfo]] = {}
             for member in tar:
                 if member.isfile():
@@ -172,13 +172,6 @@ def _webdataset_rows(source: Source, field: str, roots: Sequence[Path] | None) -
                 yield number, {
                     "id": meta.get(source.id_key) if source.id_key else key.rpartition("/")[2],
                     "image": f"{shard}{TAR_MEMBER}{image.name}" if image else None, "caption": text}
-
-
-def _open_tar(shard: Path) -> tarfile.TarFile:
-    """An open shard (one in an object store is read through its fsspec file, by ranges)."""
-    if is_remote(shard):
-        return tarfile.open(fileobj=shard.open("rb", block_size=8 << 20), mode="r")
-    return tarfile.open(shard, "r")
 
 
 def _jsonl_rows(path: Path) -> Iterator[tuple[int, dict]]:

@@ -86,11 +86,6 @@ def location(value: "str | os.PathLike[str]", field: str = "path") -> Path:
     return UPath(f"{scheme}://{folded}")
 
 
-def url(path: "Path") -> str:
-    """The string other libraries (zarr, the database) take for `path`."""
-    return str(path)
-
-
 def read_bytes(path: Path) -> bytes:
     """A whole file or object; missing -> FileNotFoundError. In a bucket one GET (opening it as a
     file would first ask its size)."""
@@ -161,41 +156,42 @@ def files_under(path: Path) -> list[Path]:
 
 
 def identity(path: Path) -> tuple:
-    """What changes when a file is replaced: (mtime, size) on a disk, the ETag (or mtime) and
-    size in a bucket."""
+    """What changes when a file is replaced: (mtime_ns, size) on a disk, the ETag (or mtime)
+    and size in a bucket."""
     stat = path.stat()
+    if not is_remote(path):
+        return stat.st_mtime_ns, stat.st_size
     info = getattr(stat, "info", None) or {}
     return (info.get("ETag") or stat.st_mtime, stat.st_size)
 
 
-def local_copy(path: Path, cache: Path | None = None) -> Path:
+def local_copy(path: Path) -> Path:
     """A local file with the content of `path` (itself when it is local): libraries that need
-    a real file (torch.load with mmap, safetensors) read object-store checkpoints through it.
-    Copies are cached by URL and identity, so a replaced object is fetched again."""
-    if not is_remote(path):
-        return path
-    cache = cache or Path(os.environ.get("ECIF_CACHE_DIR") or Path(tempfile.gettempdir()) / "ecif-cache")
-    key = hashlib.sha256(f"{path}\x00{identity(path)}".encode()).hexdigest()[:32]
-    target = cache / key / path.name
-    if not target.exists():
-        with open_for_write(target, "wb") as out, path.open("rb") as source:
-            shutil.copyfileobj(source, out, 1 << 20)
-    return target
+    a real file (torch.load with mmap, safetensors) read object-store checkpoints through it."""
+    return path if not is_remote(path) else local_folder(path.parent, (path.name,)) / path.name
 
 
 def local_folder(path: Path, names: "tuple[str, ...]") -> Path:
-    """A local folder holding `names` from the folder `path` (itself when local): a peft
-    adapter folder in a bucket is read through it."""
+    """A local folder holding the files `names` of the folder `path` (itself when local): a
+    checkpoint or a peft adapter folder in a bucket is read through it. Copies are cached (in
+    ECIF_CACHE_DIR, else the temporary folder) by URL and identity, so a replaced object is
+    fetched again."""
     if not is_remote(path):
         return path
-    copies = [local_copy(path / name) for name in names]
-    folder = copies[0].parent.parent / ("folder-" + hashlib.sha256(
-        "".join(str(c) for c in copies).encode()).hexdigest()[:32])
-    for copy in copies:
-        if not (folder / copy.name).exists():
-            with open_for_write(folder / copy.name, "wb") as out, copy.open("rb") as source:
+    key = "\x00".join([str(path), *(f"{name}\x00{identity(path / name)}" for name in names)])
+    cache = Path(os.environ.get("ECIF_CACHE_DIR") or Path(tempfile.gettempdir()) / "ecif-cache")
+    folder = cache / hashlib.sha256(key.encode()).hexdigest()[:32]
+    for name in names:
+        if not (folder / name).exists():
+            with open_for_write(folder / name, "wb") as out, (path / name).open("rb") as source:
                 shutil.copyfileobj(source, out, 1 << 20)
     return folder
+
+
+def absolute(path: "str | os.PathLike[str]") -> str:
+    """How a folder is recorded (database, edit records) and compared: a URL as is ('..'
+    folded), a local path resolved."""
+    return resolve_against(".", str(path))
 
 
 def resolve_against(base: "str | os.PathLike[str]", value: str) -> str:

@@ -11,7 +11,7 @@ from typing import Callable
 from sqlalchemy import delete, select
 
 from ecif_core.folder import AuditFolder
-from ecif_core.storage import check_writable, is_remote, location, open_for_write
+from ecif_core.storage import absolute, check_writable, is_remote, location, open_for_write
 from ecif_core.errors import EcifError
 from ecif_core.manifest import load_manifest
 
@@ -50,9 +50,8 @@ def run_embedded(manifest_path: str | Path, out: str | Path, progress: Progress 
 
 def _run(manifest, out: Path, url: str, progress: Progress | None) -> Path:
     upgrade(url)
-    audit_dir = str(out if is_remote(out) else out.resolve())
     with session_scope(url) as session:
-        session.execute(delete(Audit).where(Audit.audit_dir == audit_dir))  # one audit per folder
+        session.execute(delete(Audit).where(Audit.audit_dir == absolute(out)))  # one audit per folder
         audit_id = repository.create_audit(session, LOCAL_OWNER, manifest, out, audit_dir=out).id
     dispatcher = LocalDispatcher()
     pipeline = Pipeline(url, dispatcher)

@@ -14,7 +14,7 @@ from sqlalchemy import delete, func, select, update
 from sqlalchemy.orm import Session
 
 from ecif_core.folder import AuditFolder
-from ecif_core.storage import is_remote, location, remove_tree
+from ecif_core.storage import absolute, location, remove_tree
 from ecif_core.stages import FIRST
 from ecif_core.ranked import RANKED_COLUMNS, VALUE_COLUMNS, csv_row
 from ecif_core.manifest import Manifest
@@ -66,7 +66,7 @@ def create_audit(session: Session, owner: str, manifest: Manifest, store_root: s
     audit_id = str(uuid.uuid4())
     folder = location(audit_dir, "out") if audit_dir is not None else location(store_root, "store_url") / audit_id
     audit = Audit(id=audit_id, owner=owner, status="queued", stage=FIRST,
-                  manifest=manifest.to_json(), audit_dir=str(folder if is_remote(folder) else folder.resolve()))
+                  manifest=manifest.to_json(), audit_dir=absolute(folder))
     session.add(audit)
     return audit
 
@@ -144,11 +144,7 @@ def delete_audit(session: Session, audit: Audit, store_root: str | Path | None) 
         session.execute(delete(table).where(table.audit_id == audit.id))
     session.execute(delete(Audit).where(Audit.id == audit.id))
     session.commit()
-    if store_root is None or audit_dir.name != audit.id:
-        return
-    store = location(store_root)
-    if is_remote(audit_dir) == is_remote(store) and (
-            str(audit_dir.parent) == str(store) if is_remote(store) else audit_dir.resolve().parent == store.resolve()):
+    if store_root is not None and audit_dir.name == audit.id and absolute(audit_dir.parent) == absolute(store_root):
         remove_tree(audit_dir)
 
 
