@@ -145,3 +145,27 @@ def test_an_object_another_process_wrote_is_seen_after_a_listing(s3):
     elsewhere.pipe_file(f"{prefix.path}/done-marker", b"1")
     assert (prefix / "done-marker").exists()
     assert sorted(p.name for p in prefix.iterdir()) == ["done-marker", "plan.json"]
+
+
+def test_checkpoints_and_adapters_in_a_bucket_are_read_through_cached_local_copies(s3, tmp_path, monkeypatch):
+    """torch.load / safetensors / peft need real files: a bucket's checkpoint or adapter folder is
+    copied once, and copied again when the object is replaced (its ETag changes)."""
+    from ecif_core.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, check_adapter_folder
+    from ecif_core.storage import local_copy
+
+    monkeypatch.setenv("ECIF_CACHE_DIR", str(tmp_path / "cache"))
+    adapter = location(f"s3://{s3.new_bucket()}/lora")
+    (adapter / ADAPTER_CONFIG).write_text('{"r": 8}')
+    (adapter / ADAPTER_WEIGHTS).write_bytes(b"weights-1")
+    local = check_adapter_folder(str(adapter))
+    assert local.is_dir() and (local / ADAPTER_CONFIG).read_text() == '{"r": 8}'
+    assert (local / ADAPTER_WEIGHTS).read_bytes() == b"weights-1"
+    assert check_adapter_folder(str(adapter)) == local  # cached: same folder, nothing fetched again
+    (adapter / ADAPTER_WEIGHTS).write_bytes(b"weights-2")  # retrained in place
+    again = check_adapter_folder(str(adapter))
+    assert again != local and (again / ADAPTER_WEIGHTS).read_bytes() == b"weights-2"
+    copy = local_copy(adapter / ADAPTER_WEIGHTS)
+    assert copy.read_bytes() == b"weights-2" and str(copy).startswith(str(tmp_path / "cache"))
+    (adapter / ADAPTER_CONFIG).unlink()
+    with pytest.raises(ConfigError, match="model.adapter: .* is not a peft adapter folder"):
+        check_adapter_folder(str(adapter))
