@@ -158,11 +158,11 @@ def files_under(path: Path) -> list[Path]:
 def identity(path: Path) -> tuple:
     """What changes when a file is replaced: (mtime_ns, size) on a disk, the ETag (or mtime)
     and size in a bucket."""
-    stat = path.stat()
     if not is_remote(path):
+        stat = path.stat()
         return stat.st_mtime_ns, stat.st_size
-    info = getattr(stat, "info", None) or {}
-    return (info.get("ETag") or stat.st_mtime, stat.st_size)
+    info = path.fs.info(path.path)  # a HEAD: the ETag changes with the content, even within a second
+    return str(info.get("ETag") or info.get("LastModified")), info.get("size")
 
 
 def local_copy(path: Path) -> Path:
