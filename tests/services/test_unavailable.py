@@ -9,9 +9,9 @@ import uuid
 
 import httpx
 import psycopg
-from sqlalchemy import text
 from fastapi.routing import APIRoute, iter_route_contexts
 from fastapi.testclient import TestClient
+from sqlalchemy import text
 
 from services import repository
 from services.api.app import create_app
@@ -81,6 +81,8 @@ def test_every_route_answers_503_while_the_database_is_down_then_serves_again(sc
         answers = {(method, template): client.request(method, path, headers=headers, json=body,
                                                       params={"remove": "suspected"})
                    for method, template, path, body in _calls(app, audit_id)}
+        assert {("POST", "/audits"), ("GET", "/audits/{audit_id}"), ("GET", "/audits/{audit_id}/results.csv"),
+                ("GET", "/metrics")} <= set(answers)
         assert {call: r.status_code for call, r in answers.items() if r.status_code != 503} == {("GET", "/healthz"): 200}
         assert answers["GET", "/readyz"].json()["checks"]["database"].startswith("error")
         for (method, template), response in answers.items():
