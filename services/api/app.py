@@ -1,4 +1,4 @@
-"""The FastAPI application: routers, the one place errors become 4xx responses, task submission."""
+"""The FastAPI application: routers, the one place errors become 4xx/503 responses, task submission."""
 from __future__ import annotations
 
 import logging
@@ -12,6 +12,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from ecif_core.errors import ConfigError, EcifError
 
 from ..settings import Settings, get_settings
+from . import unavailable
 from .routes import audits, edits, health, traces
 
 log = logging.getLogger("ecif.api")
@@ -97,6 +98,8 @@ def create_app(settings: Settings | None = None, starter: object | None = None) 
     app.include_router(audits.router)
     app.include_router(traces.router)
     app.include_router(edits.router)
+
+    unavailable.install(app, settings)  # database or broker down: 503 + Retry-After, never a 500
 
     @app.exception_handler(ConfigError)
     async def config_error(_request: Request, exc: ConfigError) -> JSONResponse:

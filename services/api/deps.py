@@ -23,7 +23,13 @@ def get_session(settings: Annotated[Settings, Depends(get_settings)]) -> Iterato
         yield session
 
 
-def current_owner(session: Annotated[Session, Depends(get_session)],
+# Closed (committed) when the route returns, before the response is sent: a commit that fails (the
+# database went away) is then a 503, not an error after a 200 is on the wire. Streamed bodies read
+# the database through sessions of their own.
+SessionDep = Annotated[Session, Depends(get_session, scope="function")]
+
+
+def current_owner(session: SessionDep,
                   credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]) -> str:
     """The owner of a valid `Authorization: Bearer <key>`; 401 otherwise."""
     owner = owner_of_key(session, credentials.credentials) if credentials else None
@@ -33,5 +39,4 @@ def current_owner(session: Annotated[Session, Depends(get_session)],
 
 
 SettingsDep = Annotated[Settings, Depends(get_settings)]
-SessionDep = Annotated[Session, Depends(get_session)]
 OwnerDep = Annotated[str, Depends(current_owner)]

@@ -13,7 +13,8 @@ ERROR_DESCRIPTIONS = {
     409: "not finished yet (results, reports and traces exist once the audit has succeeded)",
     413: "manifest larger than ECIF_MAX_MANIFEST_BYTES",
     422: "invalid manifest, request or query; `field` names the offending field",
-    503: "the task broker is unavailable; nothing was queued",
+    503: "the database or the task broker is unavailable; retry after `Retry-After` seconds "
+         "(a submission was not queued)",
 }
 
 
@@ -24,10 +25,14 @@ _ERROR_SCHEMA = {"type": "object", "required": ["detail"], "title": "ErrorRespon
                                 "field": {"anyOf": [{"type": "string"}, {"type": "null"}]}}}
 
 
+_RETRY_AFTER = {"Retry-After": {"description": "seconds to wait before retrying", "schema": {"type": "integer"}}}
+
+
 def errors(*codes: int) -> dict[int, dict]:
     """OpenAPI `responses` entries for these error codes: always JSON (a `model` would be
     documented in the route's own media type, text/html for the report pages)."""
-    return {code: {"description": ERROR_DESCRIPTIONS[code], "content": {"application/json": {"schema": _ERROR_SCHEMA}}}
+    return {code: {"description": ERROR_DESCRIPTIONS[code], "content": {"application/json": {"schema": _ERROR_SCHEMA}},
+                   **({"headers": _RETRY_AFTER} if code == 503 else {})}
             for code in codes}
 
 

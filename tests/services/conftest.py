@@ -39,6 +39,22 @@ def pg_url():
         conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
+@pytest.fixture
+def scratch_pg():
+    """A running PostgreSQL cluster of this test's own (its own port and folder, empty): the test
+    may stop() and start() it under a running service. Removed afterwards."""
+    from services.db.session import get_engine
+    from tests.services.scratch_postgres import ScratchPostgres
+
+    cluster = ScratchPostgres()
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        get_engine(cluster.url).dispose()
+        cluster.remove()
+
+
 @pytest.fixture(scope="session")
 def redis_url():
     client = redis.Redis.from_url(REDIS_URL)

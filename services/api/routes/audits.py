@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import uuid
+from itertools import chain, islice
 from typing import Annotated
 
 from fastapi import APIRouter, HTTPException, Query, Request, Response
@@ -19,9 +20,10 @@ from ...manifests import confined_manifest
 from ...report import audit_report_html
 from ..deps import OwnerDep, SessionDep, SettingsDep
 from ..schemas import AuditCreated, AuditPage, AuditStatus, errors
+from ..unavailable import RETRY_AFTER_S, Unavailable
 from ..openapi import MANIFEST_BODY
 
-router = APIRouter(prefix="/audits", tags=["audits"], responses=errors(401))
+router = APIRouter(prefix="/audits", tags=["audits"], responses=errors(401, 503))
 MAX_OFFSET = 1_000_000_000     # beyond any owner's audits; a larger one overflowed Postgres' bigint
 MAX_ROWS = 2**31 - 1           # results.csv?limit= (a row count; the table's ranks are int4)
 
@@ -45,7 +47,8 @@ def _create_and_queue(request: Request, raw: object, owner: str, session: Sessio
     except Exception as exc:  # the broker refused: say so now rather than leave it queued forever
         repository.fail_audit(session, audit, f"could not queue the audit: {type(exc).__name__}: {exc}")
         session.commit()
-        raise HTTPException(503, "the task broker is unavailable; the audit was not queued") from exc
+        raise Unavailable("the task broker is unavailable; the audit was not queued (it is recorded as failed): "
+                          f"retry the submission in {RETRY_AFTER_S} seconds") from exc
     return audit.id
 
 
@@ -188,5 +191,9 @@ def _status(request: Request, session: Session, audit: Audit) -> AuditStatus:
 
 
 def _csv(lines, filename: str) -> StreamingResponse:
-    return StreamingResponse(lines, media_type="text/csv; charset=utf-8",
+    """The header and the first page are read now, in the route: a database that is down is a 503
+    before any byte is sent (later pages can only cut the stream short)."""
+    lines = iter(lines)
+    first = list(islice(lines, 2))
+    return StreamingResponse(chain(first, lines), media_type="text/csv; charset=utf-8",
                              headers={"Content-Disposition": f'attachment; filename="{filename}"'})

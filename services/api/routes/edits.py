@@ -22,7 +22,7 @@ from ..deps import OwnerDep, SessionDep, SettingsDep
 from ..schemas import EditCreated, EditRequest, EditStatus, errors
 from .audits import _owned, _owned_child
 
-router = APIRouter(prefix="/audits/{audit_id}", tags=["edits"], responses=errors(401, 404))
+router = APIRouter(prefix="/audits/{audit_id}", tags=["edits"], responses=errors(401, 404, 503))
 MAX_ITERATIONS, MAX_IDS, MAX_THETA_PATTERNS, MAX_ZERO_SHOT = 500, 1_000_000, 64, 10_000
 REQUEST_IDS = "request_ids.txt"
 

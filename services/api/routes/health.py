@@ -40,7 +40,7 @@ def readyz(settings: SettingsDep) -> JSONResponse:
                         status_code=200 if ready else 503)
 
 
-@router.get("/metrics", responses={200: {"content": {"text/plain": {}}}, **errors(401)})
+@router.get("/metrics", responses={200: {"content": {"text/plain": {}}}, **errors(401, 503)})
 def metrics(request: Request, settings: SettingsDep,
             credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]) -> Response:
     """Prometheus text, read from the database and the broker at scrape time (every API replica

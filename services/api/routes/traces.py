@@ -17,7 +17,7 @@ from ..deps import OwnerDep, SessionDep, SettingsDep
 from ..schemas import TraceCreated, TraceRequest, TraceStatus, errors
 from .audits import _csv, _owned, _owned_child
 
-router = APIRouter(prefix="/audits/{audit_id}/traces", tags=["traces"], responses=errors(401, 404))
+router = APIRouter(prefix="/audits/{audit_id}/traces", tags=["traces"], responses=errors(401, 404, 503))
 MAX_TESTS, MAX_K = 64, 1000
 
 
