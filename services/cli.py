@@ -229,7 +229,8 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
 def cmd_reconcile(args: argparse.Namespace) -> int:
     """Send again the tasks neither beating nor queued for --stale-after seconds (workers do it
-    by themselves every ECIF_RECONCILE_INTERVAL seconds)."""
+    by themselves every ECIF_RECONCILE_INTERVAL seconds). Failed and cancelled audits are left
+    alone: `ecif retry ID` resumes one."""
     from workers.tasks import CeleryDispatcher
 
     from .liveness import queued_tasks
@@ -348,6 +349,14 @@ def cmd_status(args: argparse.Namespace) -> int:
     import json
 
     print(json.dumps(_client(args).status(args.audit_id), indent=1))
+    return 0
+
+
+def cmd_retry(args: argparse.Namespace) -> int:
+    """Resume a failed or cancelled audit where it stopped (finished shards are kept)."""
+    status = _client(args).retry(args.audit_id)
+    print(f"{status['id']} {status['status']} at stage {status['stage']} "
+          f"({status['shards_done']}/{status['shards_total']} shards done)")
     return 0
 
 
@@ -489,6 +498,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("audit_id")
     _client_flags(p)
     p.set_defaults(run=cmd_status)
+
+    p = verbs.add_parser("retry", help="resume a failed or cancelled audit where it stopped (keeps finished shards)")
+    p.add_argument("audit_id")
+    _client_flags(p)
+    p.set_defaults(run=cmd_retry)
 
     p = verbs.add_parser("results", help="download an audit's ranked CSV")
     p.add_argument("audit_id")

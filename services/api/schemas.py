@@ -24,10 +24,12 @@ _ERROR_SCHEMA = {"type": "object", "required": ["detail"], "title": "ErrorRespon
                                 "field": {"anyOf": [{"type": "string"}, {"type": "null"}]}}}
 
 
-def errors(*codes: int) -> dict[int, dict]:
+def errors(*codes: int, described: dict[int, str] | None = None) -> dict[int, dict]:
     """OpenAPI `responses` entries for these error codes: always JSON (a `model` would be
-    documented in the route's own media type, text/html for the report pages)."""
-    return {code: {"description": ERROR_DESCRIPTIONS[code], "content": {"application/json": {"schema": _ERROR_SCHEMA}}}
+    documented in the route's own media type, text/html for the report pages); `described`
+    replaces the common description of a code where a route means something narrower."""
+    text = ERROR_DESCRIPTIONS | (described or {})
+    return {code: {"description": text[code], "content": {"application/json": {"schema": _ERROR_SCHEMA}}}
             for code in codes}
 
 

@@ -1,0 +1,203 @@
+"""A failed audit resumes where it stopped (POST /audits/{id}/retry, `ecif retry`, a rerun of
+`ecif audit`): a full disk fails it with an error naming the shard; once space is freed the retry
+keeps the finished shards and ends with the same bytes as an uninterrupted run."""
+from __future__ import annotations
+
+import errno
+import os
+import re
+import time
+from collections import Counter
+
+import pytest
+from fastapi.testclient import TestClient
+from sqlalchemy import select
+
+from ecif_core import audit as core_audit
+from ecif_core.manifest import load_manifest
+from ecif_core.store import AuditStore
+from services import repository
+from services.api.app import InProcessStarter, create_app
+from services.db.models import Audit, Shard
+from services.db.session import session_scope
+from services.reconcile import reconcile
+from services.settings import Settings
+from tests.services.conftest import manifest_json
+from tests.services.test_pipeline import RecordingDispatcher
+
+FULL = "gradients shard 3: OSError: [Errno 28] No space left on device"
+
+
+class FullDisk:
+    """The store's disk fills after `room` gradient shards were written: the next shard's write
+    raises ENOSPC as the disk would; `free()` makes room again. Also counts every shard whose
+    gradients were computed (a shard skipped by its completion marker is not)."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, room: int) -> None:
+        self.room: int | None = room
+        self.computed: Counter[int] = Counter()
+        write_rows, accumulate = AuditStore.write_rows, core_audit._accumulate_shard
+
+        def full_write_rows(store: AuditStore, group: str, start: int, values: dict) -> None:
+            if group == "grads" and self.room is not None:
+                if self.room == 0:
+                    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+                self.room -= 1
+            write_rows(store, group, start, values)
+
+        def counted_accumulate(*args, **kwargs):
+            self.computed[args[5]] += 1  # (manifest, loaded, params, projector, start, shard, ...)
+            return accumulate(*args, **kwargs)
+
+        monkeypatch.setattr(AuditStore, "write_rows", full_write_rows)
+        monkeypatch.setattr(core_audit, "_accumulate_shard", counted_accumulate)
+
+    def free(self) -> None:
+        self.room = None
+
+
+def _wait(api, headers: dict, audit_id: str, timeout: float = 120) -> dict:
+    deadline = time.monotonic() + timeout
+    while True:
+        status = api.get(f"/audits/{audit_id}", headers=headers).json()
+        if status["status"] in ("succeeded", "failed", "cancelled"):
+            return status
+        assert time.monotonic() < deadline, status
+        time.sleep(0.05)
+
+
+def _shards_done(url: str, audit_id: str, stage: str = "gradients") -> list[int]:
+    with session_scope(url) as session:
+        return sorted(session.scalars(select(Shard.shard).where(Shard.audit_id == audit_id, Shard.stage == stage,
+                                                                Shard.status == "done")))
+
+
+class RefusingStarter:
+    """A broker that refuses every task."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+
+    def resume(self, audit_id: str):
+        from kombu.exceptions import OperationalError
+
+        from services.resume import resume_audit
+
+        def refuse(stage: str, audit_id: str, shard: int | None = None) -> None:
+            raise OperationalError("Error 111 connecting to 127.0.0.1:6379. Connection refused.")
+
+        return resume_audit(self.url, audit_id, refuse)
+
+
+def test_a_full_disk_fails_the_audit_and_retry_resumes_it_keeping_finished_shards(
+        pg_url, data_root, embedded_csv, tmp_path, monkeypatch, capsys):
+    from services import cli
+    from services.client import Client
+
+    disk = FullDisk(monkeypatch, room=3)
+    settings = Settings(database_url=pg_url, store_url=str(tmp_path / "store"), data_roots=[data_root])
+    with session_scope(pg_url) as session:
+        alice, bob = repository.create_key(session, "alice-retry"), repository.create_key(session, "bob-retry")
+    headers = {"Authorization": f"Bearer {alice}"}
+    with TestClient(create_app(settings, starter=InProcessStarter(settings))) as api:
+        audit_id = api.post("/audits", json=manifest_json(), headers=headers).json()["id"]
+        failed = _wait(api, headers, audit_id)
+        assert (failed["status"], failed["stage"], failed["error"]) == ("failed", "gradients", FULL)
+        assert _shards_done(pg_url, audit_id) == [0, 1, 2]
+        # the reconciler leaves a failed audit alone, however long it has been idle
+        sent = RecordingDispatcher()
+        reconcile(pg_url, sent.send, stale_after=0)
+        assert [s for s in sent.sent if s[1] == audit_id] == []
+        # another owner's audit and an unknown id are 404; a broker that refuses is 503 and changes nothing
+        assert api.post(f"/audits/{audit_id}/retry", headers={"Authorization": f"Bearer {bob}"}).status_code == 404
+        assert api.post("/audits/00000000-0000-0000-0000-000000000000/retry", headers=headers).status_code == 404
+        api.app.state.dispatcher, starter = RefusingStarter(pg_url), api.app.state.dispatcher
+        refused = api.post(f"/audits/{audit_id}/retry", headers=headers)
+        assert refused.status_code == 503 and "not resumed" in refused.json()["detail"]
+        assert api.get(f"/audits/{audit_id}", headers=headers).json()["error"] == FULL
+        api.app.state.dispatcher = starter
+
+        disk.free()
+        # `ecif retry ID`: the CLI's client through this app's route
+        client = Client("http://testserver", alice)
+        client.http = api
+        monkeypatch.setattr(cli, "_client", lambda args: client)
+        api.headers.update(headers)
+        assert cli.main(["retry", audit_id]) == 0
+        line = capsys.readouterr().out.strip()
+        assert line == f"{audit_id} running at stage gradients (3/6 shards done)"
+        resumed = _wait(api, headers, audit_id)
+        assert (resumed["status"], resumed["error"]) == ("succeeded", None) and resumed["finished_at"]
+        assert api.get(f"/audits/{audit_id}/results.csv", headers=headers).content == embedded_csv.read_bytes()
+        # shards 0-2 were computed once; shard 3 again (its write had failed), 4 and 5 once
+        assert disk.computed == {0: 1, 1: 1, 2: 1, 3: 2, 4: 1, 5: 1}
+
+        # nothing to resume: a succeeded audit, a queued one
+        assert cli.main(["retry", audit_id]) == 2
+        assert "server answered 409" in capsys.readouterr().err
+        with session_scope(pg_url) as session:
+            queued = repository.create_audit(session, "alice-retry", load_manifest(data_root / "manifest.json"),
+                                             tmp_path / "store").id
+        conflict = api.post(f"/audits/{queued}/retry", headers=headers)
+        assert conflict.status_code == 409 and "is queued" in conflict.json()["detail"]
+        responses = api.get("/openapi.json").json()["paths"]["/audits/{audit_id}/retry"]["post"]["responses"]
+        assert {"202", "401", "404", "409", "503"} <= set(responses)
+
+
+def test_rerunning_ecif_audit_on_a_failed_folder_resumes_the_same_audit(data_root, embedded_csv, tmp_path,
+                                                                          monkeypatch):
+    from services.embedded import AuditFailed, database_url_for, run_embedded
+
+    disk = FullDisk(monkeypatch, room=3)
+    out = tmp_path / "audit"
+    with pytest.raises(AuditFailed, match="^" + re.escape(f"{FULL} (run the same command again")):
+        run_embedded(data_root / "manifest.json", out)
+    url = database_url_for(out)
+    with session_scope(url) as session:
+        (first,) = session.scalars(select(Audit)).all()
+        assert (first.status, first.error) == ("failed", FULL)
+    disk.free()
+    assert run_embedded(data_root / "manifest.json", out).read_bytes() == embedded_csv.read_bytes()
+    with session_scope(url) as session:
+        (audit,) = session.scalars(select(Audit)).all()
+        assert (audit.id, audit.status, audit.error) == (first.id, "succeeded", None)  # resumed, not re-created
+    assert _shards_done(url, first.id) == list(range(6))
+    assert disk.computed == {0: 1, 1: 1, 2: 1, 3: 2, 4: 1, 5: 1}
+
+
+def test_a_cancel_that_came_as_the_last_shard_finished_resumes_by_moving_the_stage_on(pg_url, data_root, tmp_path):
+    """Every gradients shard done, the stage never moved (the cancel won): resuming sends one
+    finished shard, whose run is a skip that moves the audit on; nothing is computed again."""
+    from services.pipeline import LocalDispatcher, Pipeline
+    from services.resume import Resumed, resume_audit
+    from tests.services.test_pipeline import _new_audit
+
+    audit_id = _new_audit(pg_url, data_root / "manifest.json", tmp_path)
+    dispatcher = LocalDispatcher()
+    pipeline = Pipeline(pg_url, dispatcher)
+    pipeline.run("prepare", audit_id)
+    finish = pipeline._shard_finished
+
+    def finish_then_cancel(audit_id: str, stage: str, shard: int, seconds: float) -> None:
+        finish(audit_id, stage, shard, seconds)
+        if (stage, shard) == ("gradients", 5):
+            with session_scope(pg_url) as session:
+                repository.cancel_audit(session, session.get(Audit, audit_id))
+
+    pipeline._shard_finished = finish_then_cancel
+    dispatcher.drain(pipeline)
+    with session_scope(pg_url) as session:
+        audit = session.get(Audit, audit_id)
+        assert (audit.status, audit.stage) == ("cancelled", "gradients")
+    assert _shards_done(pg_url, audit_id) == list(range(6))
+    sent = RecordingDispatcher()
+    assert resume_audit(pg_url, audit_id, sent.send) == Resumed("running", "gradients", 1)
+    assert sent.sent == [("gradients", audit_id, 0)]
+    dispatcher.queue.extend(sent.sent)
+    dispatcher.drain(pipeline)
+    with session_scope(pg_url) as session:
+        audit = session.get(Audit, audit_id)
+        assert (audit.status, audit.stage, audit.finished_at is not None) == ("succeeded", "done", True)
+        attempts = session.scalars(select(Shard.attempts).where(Shard.audit_id == audit_id,
+                                                                Shard.stage == "gradients")).all()
+    assert attempts == [1] * 6
