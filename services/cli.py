@@ -49,10 +49,21 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _no_task_tracebacks() -> None:
+    """A failed task of an in-process audit ends in one `ecif: error:` line naming the stage and
+    shard; the pipeline's log record of it (with the traceback, for a worker's log) is not
+    printed again here unless the caller configured logging."""
+    import logging
+
+    logging.getLogger("ecif.pipeline").addHandler(logging.NullHandler())
+
+
 def cmd_audit(args: argparse.Namespace) -> int:
     from ecif_core.folder import AuditFolder
 
     from .embedded import run_embedded
+
+    _no_task_tracebacks()
 
     ranked = run_embedded(args.manifest, args.out, progress=None if args.quiet else _progress_bar())
     folder = AuditFolder(ranked.parent)
@@ -65,6 +76,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     settings = DemoSettings(seed=args.seed, epochs=args.epochs, n_train=args.n_train)
     from .embedded import run_embedded
+
+    _no_task_tracebacks()
 
     result = run_demo(args.out, settings, progress=_progress_bar(), runner=run_embedded)
     print(f"\nranked pairs: {result.ranked_csv}\nreport: {result.ranked_csv.parent / 'report.html'}")
