@@ -205,6 +205,70 @@ def test_a_cancel_that_came_as_the_last_shard_finished_resumes_by_moving_the_sta
     assert attempts == [1] * 6
 
 
+def test_a_resumed_audit_is_not_sent_again_by_the_reconciler(pg_url, data_root, tmp_path):
+    """An audit that failed an hour ago: the resume records its dispatch times, so a reconciler
+    running right after it finds nothing lost (it would otherwise send every shard twice)."""
+    from datetime import timedelta
+
+    from sqlalchemy import update
+
+    from services.db.models import utcnow
+    from services.pipeline import Pipeline
+    from services.resume import Resumed, resume_audit
+    from tests.services.test_pipeline import _new_audit
+
+    audit_id = _new_audit(pg_url, data_root / "manifest.json", tmp_path)
+    pipeline = Pipeline(pg_url, RecordingDispatcher())
+    pipeline.run("prepare", audit_id)
+    for shard in (0, 1):
+        pipeline.run("gradients", audit_id, shard)
+    hour_ago = utcnow() - timedelta(hours=1)
+    with session_scope(pg_url) as session:
+        repository.fail_audit(session, session.get(Audit, audit_id), "gradients shard 2: OSError: disk full")
+        session.execute(update(Audit).where(Audit.id == audit_id).values(
+            created_at=hour_ago, started_at=hour_ago, dispatched_at=hour_ago, heartbeat_at=hour_ago))
+        session.execute(update(Shard).where(Shard.audit_id == audit_id).values(
+            started_at=hour_ago, heartbeat_at=hour_ago, dispatched_at=hour_ago, finished_at=hour_ago))
+    sent = RecordingDispatcher()
+    assert resume_audit(pg_url, audit_id, sent.send) == Resumed("running", "gradients", 4)
+    assert sent.sent == [("gradients", audit_id, s) for s in (2, 3, 4, 5)]
+    again = RecordingDispatcher()
+    reconcile(pg_url, again.send, stale_after=60)
+    assert [s for s in again.sent if s[1] == audit_id] == []
+    with session_scope(pg_url) as session:
+        audit = session.get(Audit, audit_id)
+        assert (audit.status, audit.error, audit.finished_at) == ("running", None, None)
+
+
+def test_rerunning_ecif_audit_after_its_process_was_stopped_resumes_the_same_audit(data_root, embedded_csv,
+                                                                                   tmp_path, monkeypatch):
+    """Ctrl-C (or a kill) leaves the folder's audit `running`: the rerun resumes it like a failure."""
+    from services.embedded import database_url_for, run_embedded
+
+    computed: Counter[int] = Counter()
+    accumulate = core_audit._accumulate_shard
+
+    def interrupted_at_shard_3(*args, **kwargs):
+        computed[args[5]] += 1
+        if args[5] == 3 and computed[3] == 1:
+            raise KeyboardInterrupt
+        return accumulate(*args, **kwargs)
+
+    monkeypatch.setattr(core_audit, "_accumulate_shard", interrupted_at_shard_3)
+    out = tmp_path / "audit"
+    with pytest.raises(KeyboardInterrupt):
+        run_embedded(data_root / "manifest.json", out)
+    url = database_url_for(out)
+    with session_scope(url) as session:
+        (first,) = session.scalars(select(Audit)).all()
+        assert (first.status, first.stage) == ("running", "gradients")
+    assert run_embedded(data_root / "manifest.json", out).read_bytes() == embedded_csv.read_bytes()
+    with session_scope(url) as session:
+        (audit,) = session.scalars(select(Audit)).all()
+        assert (audit.id, audit.status, audit.error) == (first.id, "succeeded", None)
+    assert computed == {0: 1, 1: 1, 2: 1, 3: 2, 4: 1, 5: 1}
+
+
 # ------------------------------------------------------------------ a real full disk
 
 PAGE = 4096
