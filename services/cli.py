@@ -49,10 +49,21 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _no_task_tracebacks() -> None:
+    """A failed task of an in-process audit ends in one `ecif: error:` line naming the stage and
+    shard; the pipeline's log record of it (with the traceback, for a worker's log) is not
+    printed again here unless the caller configured logging."""
+    import logging
+
+    logging.getLogger("ecif.pipeline").addHandler(logging.NullHandler())
+
+
 def cmd_audit(args: argparse.Namespace) -> int:
     from ecif_core.folder import AuditFolder
 
     from .embedded import run_embedded
+
+    _no_task_tracebacks()
 
     ranked = run_embedded(args.manifest, args.out, progress=None if args.quiet else _progress_bar())
     folder = AuditFolder(ranked.parent)
@@ -65,6 +76,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     settings = DemoSettings(seed=args.seed, epochs=args.epochs, n_train=args.n_train)
     from .embedded import run_embedded
+
+    _no_task_tracebacks()
 
     result = run_demo(args.out, settings, progress=_progress_bar(), runner=run_embedded)
     print(f"\nranked pairs: {result.ranked_csv}\nreport: {result.ranked_csv.parent / 'report.html'}")
@@ -229,7 +242,8 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
 def cmd_reconcile(args: argparse.Namespace) -> int:
     """Send again the tasks neither beating nor queued for --stale-after seconds (workers do it
-    by themselves every ECIF_RECONCILE_INTERVAL seconds)."""
+    by themselves every ECIF_RECONCILE_INTERVAL seconds). Failed and cancelled audits are left
+    alone: `ecif retry ID` resumes one."""
     from workers.tasks import CeleryDispatcher
 
     from .liveness import queued_tasks
@@ -348,6 +362,14 @@ def cmd_status(args: argparse.Namespace) -> int:
     import json
 
     print(json.dumps(_client(args).status(args.audit_id), indent=1))
+    return 0
+
+
+def cmd_retry(args: argparse.Namespace) -> int:
+    """Resume a failed or cancelled audit where it stopped (finished shards are kept)."""
+    status = _client(args).retry(args.audit_id)
+    print(f"{status['id']} {status['status']} at stage {status['stage']} "
+          f"({status['shards_done']}/{status['shards_total']} shards done)")
     return 0
 
 
@@ -489,6 +511,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("audit_id")
     _client_flags(p)
     p.set_defaults(run=cmd_status)
+
+    p = verbs.add_parser("retry", help="resume a failed or cancelled audit where it stopped (keeps finished shards)")
+    p.add_argument("audit_id")
+    _client_flags(p)
+    p.set_defaults(run=cmd_retry)
 
     p = verbs.add_parser("results", help="download an audit's ranked CSV")
     p.add_argument("audit_id")

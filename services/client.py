@@ -1,4 +1,4 @@
-"""HTTP client for `ecif submit | status | results` (server URL and key from flags or ECIF_*)."""
+"""HTTP client for `ecif submit | status | retry | results` (server URL and key from flags or ECIF_*)."""
 from __future__ import annotations
 
 import json
@@ -31,6 +31,10 @@ class Client:
 
     def status(self, audit_id: str) -> dict:
         return self._json(self.http.get(f"/audits/{audit_id}"))
+
+    def retry(self, audit_id: str) -> dict:
+        """Resume a failed or cancelled audit where it stopped; its new status."""
+        return self._json(self.http.post(f"/audits/{audit_id}/retry"))
 
     def wait(self, audit_id: str, on_status: Callable[[dict], None] | None = None, poll: float = 1.0) -> dict:
         while True:

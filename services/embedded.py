@@ -4,6 +4,7 @@ the store and the files; its SQLite database is then a temporary file of this ru
 from __future__ import annotations
 
 import contextlib
+import json
 import tempfile
 from pathlib import Path
 from typing import Callable
@@ -20,6 +21,7 @@ from .db.models import SHARDED, Audit, Shard
 from .db.session import session_scope, upgrade
 from .pipeline import LocalDispatcher, Pipeline
 from .report import audit_report_html
+from .resume import resume_audit
 
 Progress = Callable[[str, int, int], None]
 LOCAL_OWNER = "local"
@@ -37,8 +39,10 @@ def run_embedded(manifest_path: str | Path, out: str | Path, progress: Progress 
     """Run every stage here; writes OUT/ranked.csv and OUT/rejected.csv from the database.
 
     `out` is a folder or an object-store URL (s3://bucket/prefix); it is checked writable before
-    anything else. A second run on the same folder resumes: finished shards are skipped by the
-    store's markers (they live with the store, also in a bucket).
+    anything else. A second run on the same folder resumes: an audit of the same manifest that
+    failed or was stopped there resumes through services.resume (finished shards kept, as
+    `ecif retry`); otherwise (no database there, as for a bucket, whose database is a temporary
+    file, or another manifest) a new audit skips the shards the store's markers say are done.
     """
     out = location(out, "out")
     check_writable(out, "out")
@@ -50,23 +54,50 @@ def run_embedded(manifest_path: str | Path, out: str | Path, progress: Progress 
 
 def _run(manifest, out: Path, url: str, progress: Progress | None) -> Path:
     upgrade(url)
-    with session_scope(url) as session:
-        session.execute(delete(Audit).where(Audit.audit_dir == absolute(out)))  # one audit per folder
-        audit_id = repository.create_audit(session, LOCAL_OWNER, manifest, out, audit_dir=out).id
     dispatcher = LocalDispatcher()
     pipeline = Pipeline(url, dispatcher)
-    pipeline.start(audit_id)
-    dispatcher.drain(pipeline, _reporter(url, progress) if progress else None)
+    audit_id = _unfinished_audit(url, manifest, out)
+    if audit_id is not None:
+        resume_audit(url, audit_id, dispatcher.send)
+    else:
+        with session_scope(url) as session:
+            session.execute(delete(Audit).where(Audit.audit_dir == absolute(out)))  # one audit per folder
+            audit_id = repository.create_audit(session, LOCAL_OWNER, manifest, out, audit_dir=out).id
+        pipeline.start(audit_id)
+    try:
+        dispatcher.drain(pipeline, _reporter(url, progress) if progress else None)
+    except Exception:
+        if _status(url, audit_id) != "failed":
+            raise  # not a failure the pipeline recorded (it records every error of a task)
     with session_scope(url) as session:
         audit = session.get(Audit, audit_id)
         if audit.status != "succeeded":
-            raise AuditFailed(audit.error or f"audit ended {audit.status}")
+            raise AuditFailed(f"{audit.error or f'audit ended {audit.status}'} (run the same command again to "
+                              "resume where it stopped: finished shards are kept)")
     folder = AuditFolder(out)
     _write(folder.ranked, repository.results_csv(url, audit_id))
     _write(folder.rejected, repository.rejected_csv(url, audit_id))
     page = audit_report_html(url, audit_id, {"results": folder.ranked.name, "rejected": folder.rejected.name})
     _write(folder.report, [page])
     return folder.ranked
+
+
+def _unfinished_audit(url: str, manifest, out: Path) -> str | None:
+    """The folder's audit of this manifest that did not succeed, made resumable; else None.
+
+    One left queued or running was stopped with its process (only this process runs the
+    folder's audit): it is recorded as failed first, so it resumes like any failure."""
+    with session_scope(url) as session:
+        audit = session.scalar(select(Audit).where(Audit.audit_dir == absolute(out)).order_by(Audit.created_at.desc()))
+        if audit is None or audit.status == "succeeded" or audit.manifest != json.loads(json.dumps(manifest.to_json())):
+            return None
+        repository.fail_audit(session, audit, "stopped: the process running it ended before the audit did")
+        return audit.id
+
+
+def _status(url: str, audit_id: str) -> str | None:
+    with session_scope(url) as session:
+        return session.scalar(select(Audit.status).where(Audit.id == audit_id))
 
 
 def _reporter(url: str, progress: Progress) -> Callable[[str, str, int | None], None]:

@@ -7,6 +7,9 @@ worker's reconciler sends it again; the dispatch time is set with a compare-and-
 reconcilers never both send it, and a task waiting in a queue is never sent twice. Every
 task tolerates duplicates, so a task wrongly thought lost costs a skipped duplicate only.
 
+Failed and cancelled audits are left alone: their tasks are not lost, they were stopped. A
+failed audit resumes only when a person asks (services.resume: `ecif retry`, POST .../retry).
+
 Imports only the database layer (no torch): it runs in a prefork worker's parent process.
 """
 from __future__ import annotations
@@ -90,7 +93,8 @@ def audit_stall(audit: Audit, shards: list[Shard], stale_after: float, queued: s
 
 def reconcile(database_url: str, send: Send, stale_after: float, queued: set[Task] | None = None,
               now: datetime | None = None) -> dict[str, int]:
-    """Send every lost task again; {audit id: tasks sent}."""
+    """Send every lost task of the queued and running audits again; {audit id: tasks sent}.
+    Never a failed or cancelled audit's (those resume only on request: services.resume)."""
     now = now or utc_now()
     sent: dict[str, int] = {}
     for stall in find_stalls(database_url, stale_after, queued, now):
@@ -130,23 +134,18 @@ def stalled_audits(database_url: str, stale_after: float) -> list[str]:
 
 
 def resume(database_url: str, audit_id: str, send: Send) -> int:
-    """Send the current stage's unfinished tasks again, whatever their state; returns how many."""
-    from .liveness import mark_dispatched
+    """Send the current stage's unfinished tasks of a queued or running audit again, whatever
+    their state; returns how many. (A failed or cancelled audit: services.resume.resume_audit.)"""
+    from .resume import stage_tasks
 
     with session_scope(database_url) as session:
         audit = session.get(Audit, audit_id)
-        if audit is None or audit.status not in ("queued", "running") or audit.stage == "done":
+        if audit is None or audit.status not in ("queued", "running"):
             return 0
-        stage = audit.stage
-        pending = sorted(session.scalars(select(Shard.shard).where(Shard.audit_id == audit_id, Shard.stage == stage,
-                                                                   Shard.status != "done")).all())
-        mark_dispatched(session, stage, audit_id, pending if stage in SHARDED else None)
-    if stage in SHARDED:
-        for shard in pending:
-            send(stage, audit_id, shard)
-        return len(pending)
-    send(stage, audit_id, None)
-    return 1
+        tasks = stage_tasks(session, audit_id, audit.stage)
+    for task in tasks:
+        send(*task)
+    return len(tasks)
 
 
 def _idle(now: datetime, moments: list[datetime | None]) -> float:

@@ -11,6 +11,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ecif_core.errors import ConfigError, EcifError
 
+from ..resume import Resumed, resume_audit
 from ..settings import Settings, get_settings
 from . import unavailable
 from .routes import audits, edits, health, traces
@@ -19,13 +20,21 @@ log = logging.getLogger("ecif.api")
 
 
 class CeleryStarter:
-    """Service mode: the prepare task goes to the broker."""
+    """Service mode: the prepare task (or a resumed audit's tasks) goes to the broker."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
 
     def start(self, audit_id: str) -> None:
         from ecif_core.stages import FIRST
         from workers.tasks import CeleryDispatcher
 
         CeleryDispatcher().send(FIRST, audit_id)
+
+    def resume(self, audit_id: str) -> Resumed:
+        from workers.tasks import CeleryDispatcher
+
+        return resume_audit(self.settings.database_url, audit_id, CeleryDispatcher().send)
 
     def start_trace(self, trace_id: str) -> None:
         from workers.tasks import app
@@ -74,14 +83,25 @@ class InProcessStarter:
             except Exception:
                 log.exception("trace %s stopped", trace_id)
 
-    def _run(self, audit_id: str) -> None:
+    def resume(self, audit_id: str) -> Resumed:
+        """Reopened here (a refusal is the caller's answer), run on a background thread."""
+        from ..pipeline import LocalDispatcher
+
+        dispatcher = LocalDispatcher()
+        resumed = resume_audit(self.settings.database_url, audit_id, dispatcher.send)
+        threading.Thread(target=self._run, args=(audit_id, dispatcher), daemon=True, name=f"audit-{audit_id}").start()
+        return resumed
+
+    def _run(self, audit_id: str, dispatcher=None) -> None:
+        """Start the audit, or run the tasks already in `dispatcher` (a resumed audit's)."""
         from ..pipeline import LocalDispatcher, Pipeline
 
         with self._lock:
-            dispatcher = LocalDispatcher()
+            start, dispatcher = dispatcher is None, dispatcher or LocalDispatcher()
             pipeline = Pipeline(self.settings.database_url, dispatcher, image_roots=self.settings.resolved_roots(),
                                 heartbeat_interval=self.settings.heartbeat_interval)  # status tells running from stalled
-            pipeline.start(audit_id)
+            if start:
+                pipeline.start(audit_id)
             try:
                 dispatcher.drain(pipeline)
             except Exception:
@@ -93,7 +113,7 @@ def create_app(settings: Settings | None = None, starter: object | None = None) 
     app = FastAPI(title="ECIF audit service", version="0.1.0",
                   description="Find misaligned image-text pairs in CLIP training data with ECIF.")
     app.state.settings = settings
-    app.state.dispatcher = starter or (CeleryStarter() if settings.broker_url else InProcessStarter(settings))
+    app.state.dispatcher = starter or (CeleryStarter(settings) if settings.broker_url else InProcessStarter(settings))
     app.include_router(health.router)
     app.include_router(audits.router)
     app.include_router(traces.router)

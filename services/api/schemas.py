@@ -28,10 +28,12 @@ _ERROR_SCHEMA = {"type": "object", "required": ["detail"], "title": "ErrorRespon
 _RETRY_AFTER = {"Retry-After": {"description": "seconds to wait before retrying", "schema": {"type": "integer"}}}
 
 
-def errors(*codes: int) -> dict[int, dict]:
+def errors(*codes: int, described: dict[int, str] | None = None) -> dict[int, dict]:
     """OpenAPI `responses` entries for these error codes: always JSON (a `model` would be
-    documented in the route's own media type, text/html for the report pages)."""
-    return {code: {"description": ERROR_DESCRIPTIONS[code], "content": {"application/json": {"schema": _ERROR_SCHEMA}},
+    documented in the route's own media type, text/html for the report pages); `described`
+    replaces the common description of a code where a route means something narrower."""
+    text = ERROR_DESCRIPTIONS | (described or {})
+    return {code: {"description": text[code], "content": {"application/json": {"schema": _ERROR_SCHEMA}},
                    **({"headers": _RETRY_AFTER} if code == 503 else {})}
             for code in codes}
 

@@ -1,4 +1,4 @@
-"""/audits: submit, list, poll, download, cancel, delete. Thin: parse, authorise, call, return."""
+"""/audits: submit, list, poll, download, cancel, retry, delete. Thin: parse, authorise, call, return."""
 from __future__ import annotations
 
 import json
@@ -18,6 +18,7 @@ from ... import repository
 from ...db.models import Audit
 from ...manifests import confined_manifest
 from ...report import audit_report_html
+from ...resume import DispatchFailed, NotResumable
 from ..deps import OwnerDep, SessionDep, SettingsDep
 from ..schemas import AuditCreated, AuditPage, AuditStatus, errors
 from ..unavailable import RETRY_AFTER_S, Unavailable
@@ -101,6 +102,27 @@ def cancel(request: Request, audit_id: str, owner: OwnerDep, session: SessionDep
     audit = _owned(session, owner, audit_id)
     repository.cancel_audit(session, audit)
     session.commit()
+    session.refresh(audit)
+    return _status(request, session, audit)
+
+
+@router.post("/{audit_id}/retry", status_code=202, response_model=AuditStatus, name="audit_retry",
+             responses=errors(404, 409, 503, described={
+                 409: "the audit is not failed or cancelled (queued, running or succeeded): nothing to resume",
+                 503: "the task broker is unavailable; the audit was left as it was (failed or cancelled)"}))
+def retry(request: Request, audit_id: str, owner: OwnerDep, session: SessionDep) -> AuditStatus:
+    """Resume a failed or cancelled audit where it stopped (e.g. after a full disk was freed):
+    every finished shard is kept, the stage's unfinished tasks are sent again. Answers the
+    audit's status, queued or running again."""
+    audit = _owned(session, owner, audit_id)
+    session.commit()  # the resume writes in its own transaction; end this one's read first
+    try:
+        request.app.state.dispatcher.resume(audit.id)
+    except NotResumable as exc:
+        raise HTTPException(409, str(exc)) from None
+    except DispatchFailed as exc:  # the broker refused: resume_audit put the audit back as it was
+        raise Unavailable("the task broker is unavailable; the audit was not resumed: "
+                          f"retry in {RETRY_AFTER_S} seconds") from exc
     session.refresh(audit)
     return _status(request, session, audit)
 
