@@ -184,8 +184,9 @@ def fetch(url: str, policy: RemoteImages, dest: Path, private_hosts: Collection[
     except FetchError:
         raise
     except netguard.AddressRefused as exc:
-        raise FetchError(f"{exc} (refused: non-public addresses are fetched only from a host:port the "
-                         "operator lists in ECIF_REMOTE_IMAGE_HOSTS)") from exc
+        raise FetchError(f"{exc}: refused (a non-public address is fetched only from a host:port listed "
+                         "explicitly: by the service's ECIF_REMOTE_IMAGE_HOSTS, or in an audit run with ecif "
+                         "audit, by remote_images.allowed_hosts)") from exc
     except (OSError, http.client.HTTPException, ValueError) as exc:  # socket timeouts are OSError
         if isinstance(exc, TimeoutError) or time.monotonic() > deadline:
             raise FetchError(f"image URL timed out (over {policy.timeout_s:g} s)") from exc

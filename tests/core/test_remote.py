@@ -380,3 +380,72 @@ def test_every_redirect_hop_is_checked_again(rebinding, workspace, tmp_path):
     with pytest.raises(FetchError, match="loopback address"):
         fetch(f"{base}/same-host-redirect/{_first_image(workspace)}", policy, tmp_path / "x")
     assert other.connections == 0 and answers == ["127.0.0.1", "127.0.0.2"]
+
+
+def _self_signed(name: str, folder: Path) -> tuple[Path, Path]:
+    """A certificate for `name` and its key (PEM files), signed by itself."""
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(subject).issuer_name(subject).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(days=1))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName(name)]), critical=False)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .sign(key, hashes.SHA256()))
+    cert_path, key_path = folder / "cert.pem", folder / "key.pem"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    return cert_path, key_path
+
+
+def test_https_goes_to_the_vetted_address_with_the_url_host_name_for_sni_and_certificate(
+        workspace, tmp_path, monkeypatch):
+    """https over the pinned socket: SNI, the certificate check and the Host header all use the
+    URL's host name, not the address it was connected to."""
+    import ssl
+
+    from ecif_core import remote
+
+    cert, key = _self_signed("images.test", tmp_path)
+    server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_context.load_cert_chain(cert, key)
+    names = []
+    server_context.sni_callback = lambda sock, name, context: names.append(name)
+    httpd = _serve(lambda *a, **k: _Handler(*a, directory=str(workspace / "data"), **k))
+    httpd.socket = server_context.wrap_socket(httpd.socket, server_side=True)
+    port, real_resolve = httpd.server_address[1], socket.getaddrinfo
+    monkeypatch.setattr(socket, "getaddrinfo", lambda host, *a, **k: real_resolve(
+        "127.0.0.1" if host == "images.test" else host, *a, **k))
+    try:
+        image, url = _first_image(workspace), f"https://images.test:{port}/{_first_image(workspace)}"
+        policy, opened = RemoteImages(allowed_hosts=(f"images.test:{port}",)), {f"images.test:{port}"}
+        with pytest.raises(FetchError, match="CERTIFICATE_VERIFY_FAILED"):  # verified: not trusted by default
+            fetch(url, policy, tmp_path / "untrusted", opened)
+        monkeypatch.setattr(remote, "_tls_context", lambda: ssl.create_default_context(cafile=str(cert)))
+        fetch(url, policy, tmp_path / "x", opened)
+        assert (tmp_path / "x").read_bytes() == (workspace / "data" / image).read_bytes()
+        assert names == ["images.test", "images.test"] and httpd.hosts == [f"images.test:{port}"]
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+
+
+def test_a_tls_handshake_that_never_comes_is_cut_at_the_deadline(tmp_path):
+    listening = socket.create_server(("127.0.0.1", 0))  # connections queue in the backlog, nothing answers
+    key = f"127.0.0.1:{listening.getsockname()[1]}"
+    started = time.monotonic()
+    try:
+        with pytest.raises(FetchError, match=r"timed out \(over 1 s\)"):
+            fetch(f"https://{key}/x.png", RemoteImages(allowed_hosts=(key,), timeout_s=1.0), tmp_path / "x", {key})
+    finally:
+        listening.close()
+    assert time.monotonic() - started < 1.5
