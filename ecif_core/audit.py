@@ -245,7 +245,9 @@ def prepare(manifest: Manifest, audit_dir: str | Path, image_roots: list[Path] |
         return plan
     o = manifest.options
     remote = remote_images_of(manifest.remote_images)
-    opened = private_opt_ins(remote.allowed_hosts if remote and operator_hosts is None else operator_hosts or ())
+    opened = private_opt_ins(remote.allowed_hosts if remote else ())  # the manifest's host:port entries...
+    if operator_hosts is not None:
+        opened &= private_opt_ins(operator_hosts)  # ...that the operator lists too
     access = ImageAccess(image_roots, remote, fetch_dir(audit_dir), opened)
     with _PairIndex() as index:
         rejected, all_ids = index.fill(iter_pairs(manifest.train, access=access))
