@@ -61,7 +61,7 @@ def resolve(host: str, port: int, timeout: float) -> list[tuple]:
     def lookup() -> None:
         try:
             result["answers"] = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-        except OSError as exc:
+        except (OSError, UnicodeError) as exc:  # UnicodeError: a name IDNA cannot encode
             result["error"] = exc
 
     thread = threading.Thread(target=lookup, name="ecif-resolve", daemon=True)
