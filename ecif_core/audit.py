@@ -13,7 +13,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -33,7 +33,7 @@ from .manifest import Manifest, load_manifest
 from .memory import parse_bytes
 from .models import LoadedModel, load_model, restrict_grad_to, select_theta
 from .projection import Block, Projector
-from .remote import remote_images_of
+from .remote import private_opt_ins, remote_images_of
 from .runtime import exact_float32, flush_denormals
 from .ranked import RANKED_COLUMNS, csv_row
 from .reference import reference_scores
@@ -61,6 +61,9 @@ class Plan:
     shard_offsets: list[int] = field(default_factory=list)  # byte offset of each shard's first line in pairs.jsonl
     image_roots: list[str] | None = None  # images must lie under these (the service's data roots)
     pairs_usable: int | None = None  # pairs that are in a training batch (scored); None in plans made before it
+    # host:port keys whose http(s) images may be on non-public addresses (remote.private_opt_ins);
+    # every stage that fetches reads them here. Plans made before it: none.
+    private_image_hosts: list[str] = field(default_factory=list)
 
     @property
     def shard_rows(self) -> int:
@@ -174,7 +177,8 @@ def fetch_dir(audit_dir: str | Path) -> Path:
 
 def image_access(plan: Plan, audit_dir: str | Path) -> ImageAccess:
     """Data roots and remote-image policy of this audit, for every stage that reads rows."""
-    return ImageAccess(_roots_of(plan), remote_images_of(plan.manifest.get("remote_images")), fetch_dir(audit_dir))
+    return ImageAccess(_roots_of(plan), remote_images_of(plan.manifest.get("remote_images")), fetch_dir(audit_dir),
+                       frozenset(plan.private_image_hosts))
 
 
 def _plan_path(audit_dir: str | Path) -> Path:
@@ -222,10 +226,14 @@ def _first_difference(new: object, old: object, prefix: str = "") -> str | None:
 
 # ---------------------------------------------------------------- stages
 
-def prepare(manifest: Manifest, audit_dir: str | Path, image_roots: list[Path] | None = None) -> Plan:
+def prepare(manifest: Manifest, audit_dir: str | Path, image_roots: list[Path] | None = None,
+            operator_hosts: Sequence[str] | None = None) -> Plan:
     """Validate rows, fix the partition, lay out slots and shards, preallocate the store.
 
     `image_roots`: when given, images whose real path is outside them are rejected rows.
+    `operator_hosts`: the service's ECIF_REMOTE_IMAGE_HOSTS; only its host:port entries open
+    non-public addresses to http(s) images. None (the embedded mode: no operator, the user
+    runs the audit on their own machine): the manifest's own host:port entries do.
     """
     folder = AuditFolder(audit_dir)
     storage.make_folder(folder.path)
@@ -236,7 +244,11 @@ def prepare(manifest: Manifest, audit_dir: str | Path, image_roots: list[Path] |
             raise ConfigError(changed, f"differs from the audit already in {folder.path}; use a new --out folder")
         return plan
     o = manifest.options
-    access = ImageAccess(image_roots, remote_images_of(manifest.remote_images), fetch_dir(audit_dir))
+    remote = remote_images_of(manifest.remote_images)
+    opened = private_opt_ins(remote.allowed_hosts if remote else ())  # the manifest's host:port entries...
+    if operator_hosts is not None:
+        opened &= private_opt_ins(operator_hosts)  # ...that the operator lists too
+    access = ImageAccess(image_roots, remote, fetch_dir(audit_dir), opened)
     with _PairIndex() as index:
         rejected, all_ids = index.fill(iter_pairs(manifest.train, access=access))
         if manifest.ids_digest and ids_digest(all_ids) != manifest.ids_digest:
@@ -274,7 +286,7 @@ def prepare(manifest: Manifest, audit_dir: str | Path, image_roots: list[Path] |
                 pairs_total=pairs_total, pairs_rejected=len(rejected), blocks=[b.__dict__ for b in projector.blocks],
                 shard_offsets=shard_offsets,
                 image_roots=None if image_roots is None else [str(r) for r in image_roots],
-                pairs_usable=sum(len(b) for b in batches))
+                pairs_usable=sum(len(b) for b in batches), private_image_hosts=sorted(opened))
     open_store(audit_dir).create(rows=shards * plan.shard_rows, dim=plan.dim, shard_rows=plan.shard_rows,
                                  shards=shards, attrs={"versions": _library_versions(), "manifest": plan.manifest})
     storage.write_text(folder.plan, json.dumps(plan.__dict__, indent=1))  # last: prepare is done
@@ -694,14 +706,14 @@ Progress = Callable[[str, int, int], None]
 
 def run_stage(stage: str, audit_dir: str | Path, shard: int | None = None, *, manifest: Manifest | None = None,
               image_roots: list[Path] | None = None, models: ModelCache | None = None,
-              references: ReferenceCache | None = None) -> object:
+              references: ReferenceCache | None = None, operator_hosts: Sequence[str] | None = None) -> object:
     """Run one stage (one shard of a sharded stage) of the table in stages.py, by name; the same
-    call for the embedded loop and the service's workers. `manifest` and `image_roots` are
-    prepare's inputs; the model caches are reused by the stages that load the model."""
+    call for the embedded loop and the service's workers. `manifest`, `image_roots` and
+    `operator_hosts` are prepare's inputs; the model caches are reused by the stages that load the model."""
     spec = BY_NAME[stage]
     function = globals()[spec.function]
     if stage == "prepare":
-        return function(manifest, audit_dir, image_roots)
+        return function(manifest, audit_dir, image_roots, operator_hosts)
     args = (audit_dir, shard) if spec.sharded else (audit_dir,)
     kwargs = {"models": models, "references": references} if spec.queue == "gpu" else {}
     return function(*args, **kwargs)

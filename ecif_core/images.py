@@ -34,11 +34,13 @@ TAR_MEMBER = "::"                    # an image inside a webdataset shard: "<sha
 @dataclass(frozen=True)
 class ImageAccess:
     """Where images may come from: local data roots (None: anywhere) and, when the manifest
-    opts in, http(s) URLs under `remote`, fetched into `fetch_dir` (the audit folder's copy)."""
+    opts in, http(s) URLs under `remote`, fetched into `fetch_dir` (the audit folder's copy);
+    `private_hosts`: the host:port keys the operator opened to non-public addresses."""
 
     roots: Sequence[Path] | None = None
     remote: RemoteImages | None = None
     fetch_dir: Path | None = None
+    private_hosts: frozenset[str] = frozenset()
 
 
 def image_ref(base: Path, image: str) -> str:
@@ -103,7 +105,7 @@ def _url_problem(url: str, fetch_now: bool, access: ImageAccess | None) -> str |
     local = fetched_path(access.fetch_dir, url)
     if not local.is_file():
         try:
-            fetch(url, access.remote, local)
+            fetch(url, access.remote, local, access.private_hosts)
         except FetchError as exc:
             return str(exc)
     return _image_problem(str(local), None)  # the audit's own copy, outside the data roots

@@ -12,6 +12,7 @@ from braceexpand import braceexpand
 from ecif_core.shards import MAX_SHARDS, check_shard_count
 from ecif_core.confine import OutsideRoots, confined
 from ecif_core.errors import ConfigError
+from ecif_core.remote import canonical_entry
 from ecif_core.storage import is_remote, location, resolve_against
 from ecif_core.manifest import Manifest, load_manifest, manifest_paths, read_sidecar
 from ecif_core.model_check import check_model_spec
@@ -58,11 +59,18 @@ def _check_remote_hosts(remote: Any, allowed: Sequence[str]) -> None:
     hosts = remote.get("allowed_hosts") if isinstance(remote, dict) else None
     if not allowed:
         raise ConfigError("remote_images", "this server does not fetch http(s) images (ECIF_REMOTE_IMAGE_HOSTS is empty)")
-    allowed_set = {h.strip().lower() for h in allowed}
+    allowed_set = {_canonical(h) for h in allowed} - {None}
     for host in hosts if isinstance(hosts, list) else []:
-        if not isinstance(host, str) or host.strip().lower() not in allowed_set:
+        if not isinstance(host, str) or _canonical(host) not in allowed_set:
             raise ConfigError("remote_images.allowed_hosts", f"host {host!r} is not allowed by this server "
                               "(ECIF_REMOTE_IMAGE_HOSTS)")
+
+
+def _canonical(host: str) -> str | None:
+    try:
+        return canonical_entry(host)
+    except ValueError:
+        return None  # load_manifest names the bad entry; here it is simply not allowed
 
 
 class _Resolver:

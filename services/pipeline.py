@@ -69,12 +69,16 @@ class Pipeline:
     """Runs one stage (or shard) of an audit and records it; `models` is reused across calls."""
 
     def __init__(self, database_url: str, dispatcher: Dispatcher, models: core.ModelCache | None = None,
-                 image_roots: list[Path] | None = None, heartbeat_interval: float = 0) -> None:
+                 image_roots: list[Path] | None = None, heartbeat_interval: float = 0,
+                 remote_image_hosts: list[str] | None = None) -> None:
         self.database_url = database_url
         self.dispatcher = dispatcher
         self.models = models or core.ModelCache()
         self.references = core.ReferenceCache()
         self.image_roots = image_roots
+        # The operator's ECIF_REMOTE_IMAGE_HOSTS (None: the embedded mode, no operator): read by the
+        # worker itself, so only the operator's host:port entries open non-public addresses.
+        self.remote_image_hosts = remote_image_hosts
         self.heartbeat_interval = heartbeat_interval  # seconds between a running task's beats (0: none)
         self.worker = f"{socket.gethostname()}:{os.getpid()}"
 
@@ -146,7 +150,8 @@ class Pipeline:
             with session_scope(self.database_url) as session:
                 manifest = Manifest.from_json(session.get(Audit, audit_id).manifest)
         result = core.run_stage(stage, audit_dir, shard, manifest=manifest, image_roots=self.image_roots,
-                                models=self.models, references=self.references)
+                                models=self.models, references=self.references,
+                                operator_hosts=self.remote_image_hosts)
         if stage == FIRST:
             self._prepare(audit_id, audit_dir, result)
         elif stage == "scores":

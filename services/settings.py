@@ -13,6 +13,7 @@ from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from ecif_core.confine import data_roots
+from ecif_core.remote import canonical_entry
 from ecif_core.storage import location
 
 
@@ -28,7 +29,9 @@ class Settings(BaseSettings):
         "checkpoints may be read from (API and workers)")
     remote_image_hosts: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="comma-separated hosts a manifest's remote_images may name (empty: "
-        "http(s) images are refused); an allowlist so manifests cannot make the service fetch internal hosts")
+        "http(s) images are refused); an allowlist so manifests cannot make the service fetch internal hosts. "
+        "`host` allows http on 80 and https on 443 only, `host:port` exactly that port; loopback, private and "
+        "link-local addresses are refused unless listed as host:port here (API and workers)")
     max_manifest_bytes: int = Field(1_048_576, description="larger manifests are refused with 413")
     max_shards: int = Field(100_000, description="shards one webdataset source may name (brace patterns are "
                             "counted before they are expanded); more -> 422")
@@ -55,6 +58,15 @@ class Settings(BaseSettings):
         if isinstance(value, (list, tuple)):  # paths given in code (Path objects) are folders too
             return [str(part) for part in value]
         return value
+
+    @field_validator("remote_image_hosts")
+    @classmethod
+    def _host_entries(cls, value: list[str]) -> list[str]:
+        """A bad entry fails at start (a URL or a path would otherwise never match anything)."""
+        try:
+            return [canonical_entry(entry) for entry in value]
+        except ValueError as exc:
+            raise ValueError(f"ECIF_REMOTE_IMAGE_HOSTS: {exc} is not a host or host:port") from None
 
     @field_validator("store_url")
     @classmethod

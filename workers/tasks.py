@@ -42,7 +42,8 @@ def pipeline():
         _check_store(settings.store_url)
         # No data roots configured means no image may be read (never "any image").
         _pipeline = Pipeline(settings.database_url, CeleryDispatcher(), image_roots=settings.resolved_roots(),
-                             heartbeat_interval=settings.heartbeat_interval)
+                             heartbeat_interval=settings.heartbeat_interval,
+                             remote_image_hosts=settings.remote_image_hosts)
     return _pipeline
 
 

@@ -99,7 +99,8 @@ class InProcessStarter:
         with self._lock:
             start, dispatcher = dispatcher is None, dispatcher or LocalDispatcher()
             pipeline = Pipeline(self.settings.database_url, dispatcher, image_roots=self.settings.resolved_roots(),
-                                heartbeat_interval=self.settings.heartbeat_interval)  # status tells running from stalled
+                                heartbeat_interval=self.settings.heartbeat_interval,  # status tells running from stalled
+                                remote_image_hosts=self.settings.remote_image_hosts)
             if start:
                 pipeline.start(audit_id)
             try:

@@ -49,7 +49,9 @@ MANIFEST_SCHEMA = {
                            "checkpoint": _PATH, "adapter": _PATH}}]},
         "train": _SOURCE, "validation": {"oneOf": [_SOURCE, {"type": "null"}]}, "options": {"oneOf": [_OPTIONS, {"type": "null"}]},
         "remote_images": {"type": "object", "properties": {
-            "allowed_hosts": {"type": "array", "items": {"type": "string"}},
+            "allowed_hosts": {"type": "array", "items": {"type": "string"}, "description":
+                              "`host` (http on 80, https on 443 only) or `host:port`; each must be in the "
+                              "server's ECIF_REMOTE_IMAGE_HOSTS"},
             "timeout_s": {"type": "number", "exclusiveMinimum": 0}, "max_bytes": {"type": "integer", "minimum": 1}}}},
 }
 MANIFEST_BODY = {

@@ -357,6 +357,17 @@ def test_remote_images_need_hosts_the_server_allows(api, keys, pg_url, data_root
         assert client.post("/audits", json={**manifest_json(), **allowed}, headers=keys["alice"]).status_code == 202
 
 
+def test_operator_image_hosts_are_checked_when_the_service_starts():
+    """A URL or a path in ECIF_REMOTE_IMAGE_HOSTS would never match a host: refused at start."""
+    from pydantic import ValidationError
+
+    settings = Settings(remote_image_hosts="Images.Example.org, [::1]:8080 ,127.0.0.1:9000")
+    assert settings.remote_image_hosts == ["images.example.org", "[::1]:8080", "127.0.0.1:9000"]
+    for bad in ("https://images.example.org/", "images.example.org:0", "a.org/images"):
+        with pytest.raises(ValidationError, match="ECIF_REMOTE_IMAGE_HOSTS"):
+            Settings(remote_image_hosts=bad)
+
+
 def _audit_files(audit_dir) -> dict:
     """The audit's own files (not its edits/ folder) with their contents' hashes."""
     import hashlib

@@ -2,7 +2,10 @@
 stage, cancellation and failures recorded, on the real Postgres server."""
 from __future__ import annotations
 
+import functools
 import json
+import threading
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 
 from sqlalchemy import delete, func, select
 
@@ -193,3 +196,49 @@ def test_progress_counts_the_current_stage_and_estimates_the_rest(pg_url, data_r
         status = repository.progress(session, audit)
     assert status["shards_done"] == 2 and status["shards_total"] == 6
     assert abs(status["eta_seconds"] - 4 * sum(seconds) / 2) < 1e-9  # 4 gradient shards left, no score timing yet
+
+
+class _QuietHandler(SimpleHTTPRequestHandler):
+    def log_message(self, *args) -> None:
+        pass
+
+
+class _CountingServer(ThreadingHTTPServer):
+    daemon_threads = True
+    connections = 0
+
+    def get_request(self):
+        request = super().get_request()
+        self.connections += 1
+        return request
+
+
+def test_only_the_operators_host_port_opens_a_local_image_server(pg_url, data_root, tmp_path):
+    """In the service a manifest naming 127.0.0.1:PORT is not enough: the worker's own
+    ECIF_REMOTE_IMAGE_HOSTS must list that host:port (a bare host never opens a loopback address)."""
+    httpd = _CountingServer(("127.0.0.1", 0), functools.partial(_QuietHandler, directory=str(data_root / "digits")))
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        key = f"127.0.0.1:{httpd.server_address[1]}"
+        rows = [json.loads(line) for line in (data_root / "digits" / "train.jsonl").read_text().splitlines()]
+        (tmp_path / "urls.jsonl").write_text("".join(json.dumps({**r, "image": f"http://{key}/{r['image']}"}) + "\n"
+                                                     for r in rows))
+        manifest = write_manifest(tmp_path / "url-manifest.json", {},
+                                  model={"config": str(data_root / "cfg.json"), "checkpoint": str(data_root / "model.pt")},
+                                  train=str(tmp_path / "urls.jsonl"), validation=None,
+                                  remote_images={"allowed_hosts": [key], "timeout_s": 5})
+        outcomes = {}
+        for name, operator in (("none", []), ("bare host", ["127.0.0.1"]), ("host:port", [key])):
+            audit_id = _new_audit(pg_url, manifest, tmp_path / name)
+            Pipeline(pg_url, RecordingDispatcher(), remote_image_hosts=operator).run("prepare", audit_id)
+            with session_scope(pg_url) as session:
+                audit = session.get(Audit, audit_id)
+                outcomes[name] = (audit.status, audit.error or "", httpd.connections)
+        for name in ("none", "bare host"):  # refused before any connection: every row rejected
+            status, error, connections = outcomes[name]
+            assert status == "failed" and "no usable rows (96 rejected" in error and connections == 0, outcomes
+        status, error, connections = outcomes["host:port"]
+        assert status == "running" and not error and connections == len(rows), outcomes
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
