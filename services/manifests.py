@@ -15,7 +15,7 @@ from ecif_core.errors import ConfigError
 from ecif_core.storage import is_remote, location, resolve_against
 from ecif_core.manifest import Manifest, load_manifest, manifest_paths, read_sidecar
 from ecif_core.model_check import check_model_spec
-from ecif_core.sources import EMPTY_SOURCE, has_rows
+from ecif_core.sources import EMPTY_SOURCE, has_rows, source_of
 from ecif_core.values import check_json_values
 
 
@@ -53,7 +53,7 @@ def confined_manifest(raw: Any, roots: list[Path], remote_hosts: Sequence[str] =
             check_confined(items[0], roots, name)  # and its training sidecar
     manifest = load_manifest(raw, base_dir=roots[0], max_shards=max_shards)
     for name in PAIR_FIELDS:  # opened now (checked as opened, like a worker does): its first row only
-        source = getattr(manifest, name)
+        source = None if getattr(manifest, name) is None else source_of(getattr(manifest, name), name)
         if source is not None and source.format != "webdataset" and not has_rows(source, name, roots):
             raise ConfigError(name, EMPTY_SOURCE)
     check_model_spec(manifest)
