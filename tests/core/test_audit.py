@@ -487,6 +487,8 @@ def test_a_later_duplicate_id_is_a_rejected_row_and_training_and_audit_keep_the_
                         ("66", json.loads(lines[9])["id"], "duplicate of row 10")]
     rows = {r["id"]: r for r in _rows(ranked)}
     assert len(rows) == 64 and rows[same_id["id"]]["caption"] == json.loads(lines[2])["caption"]
+    plan = audit.load_plan(tmp_path / "dups")
+    assert (plan.pairs_total, plan.pairs_rejected, plan.pairs_usable) == (66, 2, 64)  # every row counted once
     # the batches are the partition of the original file's ids: the duplicates changed nothing
     _, _, ids = read_pairs(workspace / "data" / "train.jsonl")
     batches = {}
