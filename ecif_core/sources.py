@@ -308,7 +308,7 @@ def _checked_rows(source: Source, field: str, base: Path, check_images: bool, ac
     of a source's structure)."""
     seen: dict[str, int] = {}
     for number, row in read_pair_rows(source, field, access.roots if access else None):
-        pair_id, reason = _row_identity(number, row, field, seen)
+        pair_id, reason = _row_identity(number, row, seen)
         first = seen.get(pair_id) if pair_id is not None else None
         duplicate = first is not None and first != number
         if duplicate:
@@ -322,7 +322,7 @@ def _checked_rows(source: Source, field: str, base: Path, check_images: bool, ac
         yield number, row, pair_id, reason, duplicate
 
 
-def _row_identity(number: int, row: dict, field: str, seen: dict[str, int]) -> tuple[str | None, str | None]:
+def _row_identity(number: int, row: dict, seen: dict[str, int]) -> tuple[str | None, str | None]:
     """(id, problem of its text fields) of a parsed row; id None: the row has no usable id (an
     unreadable row, problem says why). `seen` keeps each id's first row number (a later row
     repeating it is the caller's to reject).
@@ -394,7 +394,7 @@ class SourceSummary:
 def validate_source(source: "str | Path | dict | Source", field: str = "train") -> SourceSummary:
     """One streaming pass over a source without opening any image: row structure, ids
     (a later duplicate is a rejected row), captions. Memory: the set of ids only. An empty
-    source, or one with fewer than two usable rows, is a ConfigError (no batch can be formed)."""
+    source is a ConfigError (no batch can be formed from it)."""
     source = source_of(source, field)
     reasons: dict[str, int] = {}
     rows = usable = 0

@@ -18,6 +18,8 @@ from ecif_core.model_check import check_model_spec
 from ecif_core.sources import EMPTY_SOURCE, has_rows, source_of
 from ecif_core.values import check_json_values
 
+PAIR_FIELDS = ("train", "validation")  # the manifest's pair sources (a file, or webdataset shards)
+
 
 def confined_manifest(raw: Any, roots: list[Path], remote_hosts: Sequence[str] = (),
                       max_shards: int = MAX_SHARDS) -> Manifest:
@@ -59,8 +61,6 @@ def confined_manifest(raw: Any, roots: list[Path], remote_hosts: Sequence[str] =
     check_model_spec(manifest)
     return manifest
 
-
-PAIR_FIELDS = ("train", "validation")
 
 
 def _check_remote_hosts(remote: Any, allowed: Sequence[str]) -> None:
