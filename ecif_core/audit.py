@@ -22,7 +22,7 @@ from . import __version__
 from .confine import confined
 from .batching import hash_seed, ids_digest, partition, rebatch_within, training_batches
 from .images import ImageAccess, batch_tensors, load_batch, load_batch_images
-from .sources import Pair, RejectedRow, iter_pairs, partition_id, read_pairs
+from .sources import Pair, RejectedRow, check_batchable, iter_pairs, leaving_ids, partition_id, read_pairs
 from .errors import ConfigError, InconsistentAudit, NotReady
 from .folder import AuditFolder
 from .evidence import CORRUPTIONS, corrupted_captions, separation
@@ -60,6 +60,7 @@ class Plan:
     blocks: list[dict] = field(default_factory=list)
     shard_offsets: list[int] = field(default_factory=list)  # byte offset of each shard's first line in pairs.jsonl
     image_roots: list[str] | None = None  # images must lie under these (the service's data roots)
+    allow_hard_links: bool = False  # the roots' policy (confine.Roots): files with several names may be read
     pairs_usable: int | None = None  # pairs that are in a training batch (scored); None in plans made before it
     # host:port keys whose http(s) images may be on non-public addresses (remote.private_opt_ins);
     # every stage that fetches reads them here. Plans made before it: none.
@@ -156,7 +157,7 @@ def confined_files(checkpoint: str, config: str | dict | None, adapter: str | No
 
 
 def _roots_of(plan: "Plan") -> list[Path] | None:
-    return None if plan.image_roots is None else data_roots(plan.image_roots)
+    return None if plan.image_roots is None else data_roots(plan.image_roots, plan.allow_hard_links)
 
 
 def _file_identity(path: str | None) -> tuple | None:
@@ -251,6 +252,10 @@ def prepare(manifest: Manifest, audit_dir: str | Path, image_roots: list[Path] |
     access = ImageAccess(image_roots, remote, fetch_dir(audit_dir), opened)
     with _PairIndex() as index:
         rejected, all_ids = index.fill(iter_pairs(manifest.train, access=access))
+        # every data row of the source, readable or not: pairs_total - pairs_rejected = pairs scored
+        pairs_total = index.readable + sum(1 for r in rejected if partition_id(r) is None)
+        if pairs_total == 0:
+            check_batchable("train", 0, 0, [])  # an empty file, said before anything else
         if manifest.ids_digest and ids_digest(all_ids) != manifest.ids_digest:
             raise ConfigError("train", "its ids differ from the ones the model was trained on (training sidecar); "
                               "the audit could not reproduce the training batches")
@@ -258,15 +263,12 @@ def prepare(manifest: Manifest, audit_dir: str | Path, image_roots: list[Path] |
         rejected += [RejectedRow(0, i, "excluded from training (ecif train --exclude)") for i in sorted(excluded)]
         # Rejected and excluded rows leave their batches, exactly as in training and in the
         # leave-out objective; every other batch stays as it was (batching.training_batches).
-        batches, alone = training_batches(all_ids, o.batch_size, o.seed, drop={r.id for r in rejected})
+        batches, alone = training_batches(all_ids, o.batch_size, o.seed, drop=leaving_ids(rejected))
         del all_ids[:]  # only their count is needed from here on
+        if not batches:
+            check_batchable("train", pairs_total, len(alone), [r.reason for r in rejected], batched=False)
         rejected += [RejectedRow(0, i, "alone in its batch after removals: no in-batch negatives, not trained on")
                      for i in alone]
-        if not batches:
-            reasons = sorted({r.reason.split(":")[0] for r in rejected})
-            raise ConfigError("train", f"no usable rows ({len(rejected)} rejected: {'; '.join(reasons)})")
-        # every data row of the source, readable or not: pairs_total - pairs_rejected = pairs scored
-        pairs_total = index.readable + sum(1 for r in rejected if r.unreadable)
         shard_offsets = []
         with storage.open_for_write(folder.pairs, "wb") as handle:
             for b, batch in enumerate(batches):
@@ -286,6 +288,7 @@ def prepare(manifest: Manifest, audit_dir: str | Path, image_roots: list[Path] |
                 pairs_total=pairs_total, pairs_rejected=len(rejected), blocks=[b.__dict__ for b in projector.blocks],
                 shard_offsets=shard_offsets,
                 image_roots=None if image_roots is None else [str(r) for r in image_roots],
+                allow_hard_links=bool(getattr(image_roots, "allow_hard_links", False)),
                 pairs_usable=sum(len(b) for b in batches), private_image_hosts=sorted(opened))
     open_store(audit_dir).create(rows=shards * plan.shard_rows, dim=plan.dim, shard_rows=plan.shard_rows,
                                  shards=shards, attrs={"versions": _library_versions(), "manifest": plan.manifest})
@@ -493,8 +496,7 @@ def validation(audit_dir: str | Path, models: ModelCache | None = None,
         manifest.reference, _roots_of(plan))
     access = image_access(plan, audit_dir)
     pairs, rejected, all_ids = read_pairs(manifest.validation, field="validation", access=access)
-    if not pairs:
-        raise ConfigError("validation", f"no usable rows ({len(rejected)} rejected)")
+    check_batchable("validation", len(pairs) + len(rejected), len(pairs), [r.reason for r in rejected])
     by_id = {p.id: p for p in pairs}
     examples, loss, count = [], 0.0, 0
     cosines: dict[str, dict[str, list[np.ndarray]]] = {}

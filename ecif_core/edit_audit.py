@@ -164,7 +164,7 @@ def edit_audit(audit_dir: str | Path, spec: str, out: str | Path, settings: Edit
     plan = load_plan(audit_dir)
     manifest = Manifest.from_json(plan.manifest)
     chosen = removal_set(audit_dir, spec, base_dir)
-    roots = None if plan.image_roots is None else data_roots(plan.image_roots)
+    roots = None if plan.image_roots is None else data_roots(plan.image_roots, plan.allow_hard_links)
     files = model_files(manifest, roots)
     loaded = load_model(manifest.model_arch, files.config, files.checkpoint, adapter=files.adapter)
     model = loaded.model.to("cuda" if torch.cuda.is_available() else "cpu")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import io
+import os
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +18,7 @@ from typing import TYPE_CHECKING, Callable, Sequence
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from .confine import OutsideRoots, confined
+from .confine import HARD_LINKS_HINT, HardLinked, OutsideRoots, check_opened, confined, open_confined
 from .errors import EcifError
 from .remote import FetchError, RemoteImages, fetch, fetched_path, is_url
 from .shards import open_tar
@@ -29,6 +30,17 @@ if TYPE_CHECKING:
 MAX_IMAGE_BYTES = 64 * 2**20        # a larger file is rejected before it is opened
 MAX_IMAGE_PIXELS = 64_000_000       # decompression bombs: width x height above this is rejected
 TAR_MEMBER = "::"                    # an image inside a webdataset shard: "<shard.tar>::<member>"
+
+
+class _TooLarge(Exception):
+    def __init__(self, size: int) -> None:
+        super().__init__(size)
+        self.size = size
+
+
+def hard_link_reason(exc: HardLinked) -> str:
+    """A rejected row's reason for an image that is a hard link (it names the setting)."""
+    return f"image is a hard link ({exc.names} names; another may be a file outside the data roots): {HARD_LINKS_HINT}"
 
 
 @dataclass(frozen=True)
@@ -124,14 +136,16 @@ def _image_problem(path: "Path | str", roots: Sequence[Path] | None) -> str | No
     """Why the image cannot be used, or None; every failure of reading or decoding it is a
     reason (a row's fault never escapes as an exception)."""
     try:
-        size = _image_size(path, roots)
-        if size > MAX_IMAGE_BYTES:
-            return f"image file too large ({size} bytes; limit {MAX_IMAGE_BYTES})"
-        with _open_image(path, roots) as img:
+        data = image_bytes(str(path), roots, max_bytes=MAX_IMAGE_BYTES)
+        with Image.open(io.BytesIO(data)) as img:
             width, height = img.size  # from the header: a bomb is refused before it is decoded
             if width * height > MAX_IMAGE_PIXELS:
                 return f"image too large ({width}x{height} pixels; limit {MAX_IMAGE_PIXELS})"
             img.load()  # a full decode: verify() alone lets truncated files through
+    except _TooLarge as exc:
+        return f"image file too large ({exc.size} bytes; limit {MAX_IMAGE_BYTES})"
+    except HardLinked as exc:
+        return hard_link_reason(exc)
     except OutsideRoots:
         return "image outside the data roots"
     except KeyError:
@@ -145,38 +159,48 @@ def _image_problem(path: "Path | str", roots: Sequence[Path] | None) -> str | No
     return None
 
 
-def _image_size(path: "Path | str", roots: Sequence[Path] | None = None) -> int:
-    if isinstance(path, str) and TAR_MEMBER in path:
-        shard, member = path.split(TAR_MEMBER, 1)
-        return _open_shard(shard, roots).getmember(member).size
-    return confined(path, roots, "image").stat().st_size
-
-
 def _open_image(path: "Path | str", roots: Sequence[Path] | None = None) -> Image.Image:
-    """A file, or a member of a webdataset shard (read into memory: one image)."""
-    if isinstance(path, str) and TAR_MEMBER in path:
-        return Image.open(io.BytesIO(image_bytes(path, roots)))
-    real = confined(path, roots, "image")
-    return Image.open(io.BytesIO(read_bytes(real)) if is_remote(real) else real)
+    """A file, or a member of a webdataset shard, read into memory (one image) from the file
+    checked as opened (confine.open_confined)."""
+    return Image.open(io.BytesIO(image_bytes(str(path), roots)))
 
 
-def image_bytes(image: str, roots: Sequence[Path] | None = None) -> bytes:
+def image_bytes(image: str, roots: Sequence[Path] | None = None, max_bytes: int | None = None) -> bytes:
     """The stored bytes of an image file or of a member of a webdataset shard; with `roots`,
-    the file (the shard) is checked against them now, by its real path."""
+    the file (the shard) is checked against them now, by its real path, and as opened (a
+    hard link is refused unless the roots allow it). Over `max_bytes`: _TooLarge, unread."""
     if TAR_MEMBER in image:
         shard, member = image.split(TAR_MEMBER, 1)
-        handle = _open_shard(shard, roots).extractfile(member)  # KeyError: no such member
+        tar = _open_shard(shard, roots)
+        info = tar.getmember(member)  # KeyError: no such member
+        _check_size(info.size, max_bytes)
+        handle = tar.extractfile(info)
         if handle is None:
             raise OSError(f"{member} is not a file in {shard}")
         return handle.read()
-    return read_bytes(confined(image, roots, "image"))
+    if is_remote(image):
+        real = confined(image, roots, "image")
+        if max_bytes is not None:
+            _check_size(real.stat().st_size, max_bytes)
+        return read_bytes(real)  # one GET
+    with open_confined(image, roots, "image") as handle:
+        _check_size(os.fstat(handle.fileno()).st_size, max_bytes)
+        return handle.read()
+
+
+def _check_size(size: int, max_bytes: int | None) -> None:
+    if max_bytes is not None and size > max_bytes:
+        raise _TooLarge(size)
 
 
 def _open_shard(shard: str, roots: Sequence[Path] | None = None) -> tarfile.TarFile:
     """An open shard (by its real path, confined now), reopened when the file was replaced
-    (keyed by its mtime and size)."""
+    (keyed by its mtime and size); the open file is checked for hard links at every use."""
     real = confined(shard, roots, "image")
-    return _tar(str(real), identity(real))
+    tar = _tar(str(real), identity(real))
+    if not is_remote(real):
+        check_opened(tar.fileobj, roots, "image", shard)
+    return tar
 
 
 @functools.lru_cache(maxsize=16)
@@ -215,6 +239,9 @@ def load_batch_images(pairs: "Sequence[Pair]", fetch_dir: Path | None = None,
         try:
             images.append(load_image(local_image(pair.image, fetch_dir)) if is_url(pair.image)
                           else load_image(pair.image, roots))
+        except HardLinked as exc:
+            raise EcifError(f"pair {pair.id!r}: image {pair.image} is a hard link now "
+                            f"(changed after prepare; not read): {exc.message}") from None
         except OutsideRoots as exc:
             raise EcifError(f"pair {pair.id!r}: image {pair.image} is outside the data roots now "
                             f"(changed after prepare; not read): {exc.message}") from None

@@ -8,7 +8,7 @@ import os
 import re
 import tarfile
 from pathlib import Path
-from typing import Sequence
+from typing import IO, Sequence
 
 from .errors import ConfigError
 from .storage import is_remote, location
@@ -40,8 +40,11 @@ def shard_paths(pattern: str | list[str], field: str = "train", limit: int = MAX
     return [location(p) for p in paths]
 
 
-def open_tar(shard: "str | Path") -> tarfile.TarFile:
-    """An open shard; one in an object store is read through its fsspec file, by 8 MiB ranges."""
+def open_tar(shard: "str | Path | IO[bytes]") -> tarfile.TarFile:
+    """An open shard; one in an object store is read through its fsspec file, by 8 MiB ranges.
+    Given an open file (confine.open_confined), the tar reads it; the caller closes it."""
+    if hasattr(shard, "read"):
+        return tarfile.open(fileobj=shard, mode="r")
     if is_remote(shard):
         return tarfile.open(fileobj=location(shard).open("rb", block_size=8 << 20), mode="r")
     return tarfile.open(shard, "r")

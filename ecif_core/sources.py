@@ -6,19 +6,20 @@ decided once, by `partition_id`: training and the audit must agree on it.
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
+import io
 import json
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import IO, Iterable, Iterator, Sequence
 
-from .confine import confined
+from .confine import confined, open_confined
 from .errors import ConfigError
 from .images import TAR_MEMBER, ImageAccess, image_bytes, image_ref, row_image_problem
 from .shards import open_tar, shard_paths
-from .storage import is_remote
 
 MAX_CAPTION_CHARS = 2000
 MAX_REASON_CHARS = 500
@@ -37,6 +38,7 @@ class RejectedRow:
     id: str
     reason: str
     unreadable: bool = False  # the row itself could not be parsed: it has no id of its own
+    duplicate: bool = False   # a later row repeating an id: the id's place is the first row's
 
 
 FORMATS = ("jsonl", "csv", "parquet", "webdataset")
@@ -94,7 +96,8 @@ def read_pair_rows(source: "str | Path | dict | Source", field: str = "train",
                    roots: Sequence[Path] | None = None) -> Iterator[tuple[int, dict]]:
     """(row number, row with id/image/caption) from a pair source, streamed (Parquet by row
     group); unreadable rows carry __error__. With `roots`, the file (each shard) is opened
-    by its real path, checked against them when it is opened."""
+    by its real path, checked against them when it is opened (and refused when it is a hard
+    link, unless the roots allow them: confine.open_confined)."""
     source = source_of(source, field)
     if source.format == "webdataset":
         yield from _webdataset_rows(source, field, roots)
@@ -102,12 +105,19 @@ def read_pair_rows(source: "str | Path | dict | Source", field: str = "train",
     path = confined(source.path, roots, field)
     if not path.is_file():
         raise ConfigError(field, f"pair file not found: {source.path}")
-    if source.format == "jsonl":
-        rows = _jsonl_rows(path)
-    elif source.format == "csv":
-        rows = _csv_rows(path, source.separator or ",")
-    else:
-        rows = _parquet_rows(path, source, field)
+    with open_confined(path, roots, field) as handle:
+        if source.format == "jsonl":
+            rows = _jsonl_rows(handle)
+        elif source.format == "csv":
+            rows = _csv_rows(handle, source.separator or ",")
+        else:
+            rows = _parquet_rows(handle, path, source, field)
+        with contextlib.closing(rows):  # the row reader ends before its file is closed
+            yield from _named_rows(rows, source, path, field)
+
+
+def _named_rows(rows: Iterator[tuple[int, dict]], source: Source, path: Path, field: str) -> Iterator[tuple[int, dict]]:
+    """Rows with the source's id, image and caption columns as "id", "image", "caption"."""
     keys: tuple[str | None, str | None, str | None] | None = None
     for number, row in rows:
         if "__error__" in row:
@@ -120,6 +130,17 @@ def read_pair_rows(source: "str | Path | dict | Source", field: str = "train",
             id_key = next((k for k in ID_KEYS if k in row), None)  # an id-less first row leaves the rest theirs
         yield number, {"id": row.get(id_key) if id_key else None, "image": row.get(keys[1]),
                        "caption": row.get(keys[2])}
+
+
+def has_rows(source: "str | Path | dict | Source", field: str = "train",
+             roots: Sequence[Path] | None = None) -> bool:
+    """Whether the source has a first row (readable or not): reads that row only, never the
+    whole file, so a submission can refuse an empty file cheaply."""
+    rows = read_pair_rows(source, field, roots)
+    try:
+        return next(rows, None) is not None
+    finally:
+        rows.close()
 
 
 def _columns(names, source: Source, path: Path, field: str) -> tuple[str | None, str, str]:
@@ -150,7 +171,7 @@ def _webdataset_rows(source: Source, field: str, roots: Sequence[Path] | None) -
     number = 0
     for shard in shard_paths(source.path, field):
         shard = confined(shard, roots, field)
-        with open_tar(shard) as tar:
+        with open_confined(shard, roots, field) as handle, open_tar(handle) as tar:
             samples: dict[str, dict[str, tarfile.TarInfo]] = {}
             for member in tar:
                 if member.isfile():
@@ -174,34 +195,36 @@ def _webdataset_rows(source: Source, field: str, roots: Sequence[Path] | None) -
                     "image": f"{shard}{TAR_MEMBER}{image.name}" if image else None, "caption": text}
 
 
-def _jsonl_rows(path: Path) -> Iterator[tuple[int, dict]]:
+def _jsonl_rows(handle: IO[bytes]) -> Iterator[tuple[int, dict]]:
     """Lines decoded one by one: invalid UTF-8 is that row's fault, not the file's."""
-    with path.open("rb") as handle:
-        for number, raw in enumerate(handle, start=1):
-            if number == 1 and raw.startswith(b"\xef\xbb\xbf"):
-                raw = raw[3:]  # a BOM (files saved by Excel / Notepad)
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as exc:
-                yield number, {"__error__": f"not valid UTF-8 (byte {exc.start})"}
-                continue
-            if line.strip():
-                yield number, _json_row(line)
+    for number, raw in enumerate(handle, start=1):
+        if number == 1 and raw.startswith(b"\xef\xbb\xbf"):
+            raw = raw[3:]  # a BOM (files saved by Excel / Notepad)
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            yield number, {"__error__": f"not valid UTF-8 (byte {exc.start})"}
+            continue
+        if line.strip():
+            yield number, _json_row(line)
 
 
-def _csv_rows(path: Path, separator: str) -> Iterator[tuple[int, dict]]:
+def _csv_rows(handle: IO[bytes], separator: str) -> Iterator[tuple[int, dict]]:
     # -sig: files saved by Excel; surrogateescape: invalid bytes become lone surrogates, which
     # make that row rejected (invalid Unicode) instead of failing the whole file.
-    with path.open(encoding="utf-8-sig", errors="surrogateescape", newline="") as handle:
-        for number, row in enumerate(csv.DictReader(handle, delimiter=separator), start=1):
+    text = io.TextIOWrapper(handle, encoding="utf-8-sig", errors="surrogateescape", newline="")
+    try:
+        for number, row in enumerate(csv.DictReader(text, delimiter=separator), start=1):
             yield number, row
+    finally:
+        text.detach()  # the caller closes the file it opened
 
 
-def _parquet_rows(path: Path, source: Source, field: str) -> Iterator[tuple[int, dict]]:
+def _parquet_rows(handle: IO[bytes], path: Path, source: Source, field: str) -> Iterator[tuple[int, dict]]:
     """Row groups one at a time, only the needed columns: memory stays bounded by a row group."""
     import pyarrow.parquet as pq
 
-    parquet = pq.ParquetFile(path.open("rb") if is_remote(path) else path)
+    parquet = pq.ParquetFile(handle)
     names = parquet.schema_arrow.names
     id_key, image_key, caption_key = _columns(names, source, path, field)
     columns = [c for c in (id_key, image_key, caption_key) if c is not None]
@@ -241,16 +264,25 @@ def read_pairs(path: "str | Path | dict | Source", check_images: bool = True, fi
 def partition_id(item: "Pair | RejectedRow") -> str | None:
     """The id a row brings to the seeded partition, or None: every row read with an id of its
     own takes its place, usable or rejected (a rejected row then leaves its batch, as in the
-    leave-out objective); a row that could not be parsed has no id and no place. The one rule
+    leave-out objective); a row that could not be parsed has no id and no place, and a later
+    row repeating an id has none either (the id's place is its first row's). The one rule
     the trainer, the audit and the validation set share (batching.training_batches)."""
-    if isinstance(item, RejectedRow) and item.unreadable:
+    if isinstance(item, RejectedRow) and (item.unreadable or item.duplicate):
         return None
     return item.id
 
 
+def leaving_ids(rejected: Iterable[RejectedRow]) -> set[str]:
+    """The ids rejected rows take out of their batches (`drop` of batching.training_batches):
+    those with a place in the partition. A duplicate row leaves nothing: its id's place is the
+    first row's, which stays unless that row is rejected itself. Shared by trainer and audit."""
+    return {pair_id for r in rejected if (pair_id := partition_id(r)) is not None}
+
+
 def iter_pairs(path: "str | Path | dict | Source", check_images: bool = True, field: str = "train",
                access: ImageAccess | None = None) -> Iterator["Pair | RejectedRow"]:
-    """Each row as a usable Pair or a RejectedRow, streamed. Duplicate ids are an error.
+    """Each row as a usable Pair or a RejectedRow, streamed. A later row repeating an id is
+    rejected ("duplicate of row N") and has no place in the partition (partition_id).
 
     Rows that cannot be parsed at all have no id; they are rejected as "row-<n>" (unreadable)
     and are not part of the partition (neither training nor the audit can read them). With
@@ -260,34 +292,40 @@ def iter_pairs(path: "str | Path | dict | Source", check_images: bool = True, fi
     """
     source = source_of(path, field)
     base = _base_of(source, access.roots if access else None, field)
-    for number, row, pair_id, reason in _checked_rows(source, field, base, check_images, access):
+    for number, row, pair_id, reason, duplicate in _checked_rows(source, field, base, check_images, access):
         if pair_id is None:
             yield RejectedRow(number, f"row-{number}", _clean(reason), unreadable=True)
         elif reason:
-            yield RejectedRow(number, pair_id, _clean(reason))
+            yield RejectedRow(number, pair_id, _clean(reason), duplicate=duplicate)
         else:
             yield Pair(pair_id, image_ref(base, row["image"]), str(row["caption"]).strip())
 
 
 def _checked_rows(source: Source, field: str, base: Path, check_images: bool, access: ImageAccess | None,
-                  stat_images: bool = True) -> Iterator[tuple[int, dict, str | None, str | None]]:
-    """(row number, row, id, why it cannot be used) of every row; id None: unreadable.
-    `stat_images=False`: no image file is touched (validation of a source's structure)."""
+                  stat_images: bool = True) -> Iterator[tuple[int, dict, str | None, str | None, bool]]:
+    """(row number, row, id, why it cannot be used, whether it repeats an earlier row's id) of
+    every row; id None: unreadable. `stat_images=False`: no image file is touched (validation
+    of a source's structure)."""
     seen: dict[str, int] = {}
     for number, row in read_pair_rows(source, field, access.roots if access else None):
-        pair_id, reason = _row_identity(number, row, field, seen)
-        if pair_id is not None and reason is None:
+        pair_id, reason = _row_identity(number, row, seen)
+        first = seen.get(pair_id) if pair_id is not None else None
+        duplicate = first is not None and first != number
+        if duplicate:
+            reason = f"duplicate of row {first}"  # its image is never opened
+        elif pair_id is not None and reason is None:
             try:
                 reason = _caption_problem(row.get("caption")) or row_image_problem(
                     row.get("image"), base, check_images, access, stat_images)
             except Exception as exc:  # noqa: BLE001 - whatever a row makes the OS or a decoder raise
                 reason = f"row cannot be used ({type(exc).__name__}: {exc})"
-        yield number, row, pair_id, reason
+        yield number, row, pair_id, reason, duplicate
 
 
-def _row_identity(number: int, row: dict, field: str, seen: dict[str, int]) -> tuple[str | None, str | None]:
+def _row_identity(number: int, row: dict, seen: dict[str, int]) -> tuple[str | None, str | None]:
     """(id, problem of its text fields) of a parsed row; id None: the row has no usable id (an
-    unreadable row, problem says why). Duplicate ids are an error naming both rows.
+    unreadable row, problem says why). `seen` keeps each id's first row number (a later row
+    repeating it is the caller's to reject).
 
     NUL characters and lone surrogates are refused here, before the id is hashed or anything
     is stored: a database column cannot hold them and UTF-8 cannot encode them.
@@ -304,9 +342,7 @@ def _row_identity(number: int, row: dict, field: str, seen: dict[str, int]) -> t
         if text_problem:
             return None, text_problem  # no id of its own and nothing a stable id can be made from
         pair_id = _stable_id(row)
-    if pair_id in seen:
-        raise ConfigError(field, f"duplicate id {_clean(repr(pair_id))} in rows {seen[pair_id]} and {number}")
-    seen[pair_id] = number
+    seen.setdefault(pair_id, number)
     return pair_id, text_problem
 
 
@@ -357,18 +393,42 @@ class SourceSummary:
 
 def validate_source(source: "str | Path | dict | Source", field: str = "train") -> SourceSummary:
     """One streaming pass over a source without opening any image: row structure, ids
-    (duplicates are an error naming both rows), captions. Memory: the set of ids only."""
+    (a later duplicate is a rejected row), captions. Memory: the set of ids only. An empty
+    source is a ConfigError (no batch can be formed from it)."""
     source = source_of(source, field)
     reasons: dict[str, int] = {}
     rows = usable = 0
-    for _, _, _, reason in _checked_rows(source, field, _base_of(source), False, None, stat_images=False):
+    for _, _, _, reason, duplicate in _checked_rows(source, field, _base_of(source), False, None, stat_images=False):
         rows += 1
         if reason is None:
             usable += 1
         else:
-            key = reason.split(" (")[0].split(":")[0]
+            key = "duplicate id" if duplicate else reason.split(" (")[0].split(":")[0]
             reasons[key] = reasons.get(key, 0) + 1
+    if rows == 0:
+        raise ConfigError(field, EMPTY_SOURCE)
     return SourceSummary(rows, usable, rows - usable, reasons)
+
+
+EMPTY_SOURCE = "has no rows (the file is empty); add image-caption pairs to it"
+
+
+def check_batchable(field: str, rows: int, usable: int, reasons: Iterable[str], batched: bool | None = None) -> None:
+    """A ConfigError saying what to do when no batch of two usable pairs can be formed: the
+    file is empty, every row was rejected, or too few pairs are left (a contrastive batch
+    needs two). `usable`: pairs left after removals; `batched`: whether the partition holds a
+    batch of two (None: not partitioned yet, so two usable pairs are what is needed)."""
+    if rows == 0:
+        raise ConfigError(field, EMPTY_SOURCE)
+    if usable == 0:
+        kinds = sorted({reason.split(":")[0] for reason in reasons})
+        raise ConfigError(field, f"no usable rows ({rows} rejected: {'; '.join(kinds)}); fix the rows by their "
+                                 "reasons and try again")
+    if usable < 2 or batched is False:
+        what = "only 1 usable pair is left" if usable == 1 else \
+            f"no batch holds two of the {usable} usable pairs (each is alone in its batch after removals)"
+        raise ConfigError(field, f"{what}: a contrastive batch needs at least 2 pairs, so add pairs to the file "
+                                 "(or fix its rejected rows)")
 
 
 def data_hash(pairs: Sequence[Pair]) -> str:

@@ -23,7 +23,7 @@ import torch
 
 from .batching import ids_digest, training_batches
 from .images import load_batch
-from .sources import data_hash, read_pairs, source_of
+from .sources import check_batchable, data_hash, leaving_ids, read_pairs, source_of
 from .lora import LORA_THETA_PATTERNS, TRAINING_SIDECAR, add_lora, save_adapter
 from .errors import ConfigError
 from .losses import batch_loss, pair_logits
@@ -85,11 +85,11 @@ class ValidationSet:
 
 def load_validation(data: str | Path | dict, loaded, batch_size: int, seed: int) -> ValidationSet:
     """The validation source in batches of the training batch size (its own seeded partition)."""
-    pairs, _rejected, ids = read_pairs(data, field="validation")
+    pairs, rejected, ids = read_pairs(data, field="validation")
     by_id = {p.id: p for p in pairs}
-    batches, _alone = training_batches(ids, batch_size, seed, drop=set(ids) - set(by_id))
+    batches, alone = training_batches(ids, batch_size, seed, drop=set(ids) - set(by_id))
     if not batches:
-        raise ConfigError("validation", f"no batch of {data} holds two usable pairs")
+        check_batchable("validation", len(pairs) + len(rejected), len(alone), [r.reason for r in rejected], False)
     tensors = [load_batch([by_id[i] for i in b], loaded.preprocess, loaded.tokenizer) for b in batches]
     return ValidationSet(tensors, sum(len(b) for b in batches))
 
@@ -118,10 +118,10 @@ def train(data: str | Path, model_config: str | Path | dict, out: str | Path, cf
     unknown = sorted(excluded - set(all_ids))
     if unknown:
         raise ConfigError("exclude", f"{len(unknown)} ids are not in {data}: {unknown[:5]}")
-    batches, _alone = training_batches(all_ids, cfg.batch_size, cfg.seed, drop=excluded | {r.id for r in rejected})
+    batches, alone = training_batches(all_ids, cfg.batch_size, cfg.seed, drop=excluded | leaving_ids(rejected))
     n_used = sum(len(b) for b in batches)
     if n_used == 0:
-        raise ConfigError("train", f"no batch of {data} holds two usable pairs")
+        check_batchable("train", len(pairs) + len(rejected), len(alone), [r.reason for r in rejected], batched=False)
     # Preprocessed tensors stay in memory: the trainer serves demos, benchmarks and retraining.
     cached = [load_batch([by_id[i] for i in b], loaded.preprocess, loaded.tokenizer) for b in batches]
     if cfg.train_only is not None:  # e.g. fine-tune theta alone from `init` (a retraining oracle)

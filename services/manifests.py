@@ -10,13 +10,16 @@ from typing import Any, Sequence
 from braceexpand import braceexpand
 
 from ecif_core.shards import MAX_SHARDS, check_shard_count
-from ecif_core.confine import OutsideRoots, confined
+from ecif_core.confine import HARD_LINKS_HINT, HardLinked, OutsideRoots, confined, hard_links_allowed
 from ecif_core.errors import ConfigError
 from ecif_core.remote import canonical_entry
 from ecif_core.storage import is_remote, location, resolve_against
 from ecif_core.manifest import Manifest, load_manifest, manifest_paths, read_sidecar
 from ecif_core.model_check import check_model_spec
+from ecif_core.sources import EMPTY_SOURCE, has_rows, source_of
 from ecif_core.values import check_json_values
+
+PAIR_FIELDS = ("train", "validation")  # the manifest's pair sources (a file, or webdataset shards)
 
 
 def confined_manifest(raw: Any, roots: list[Path], remote_hosts: Sequence[str] = (),
@@ -30,6 +33,8 @@ def confined_manifest(raw: Any, roots: list[Path], remote_hosts: Sequence[str] =
     (config, architecture, checkpoint keys and shapes, adapter, gradient size), so a model
     that cannot be audited is a 422 now rather than a failed audit later.
     A manifest's remote_images hosts must be among the server's `remote_hosts`.
+    A pair file (each shard) that is a hard link is refused unless the roots allow them, and
+    an empty pair file is refused after reading its first row only.
     """
     if not roots:
         raise ConfigError("manifest", "the server has no data roots configured (ECIF_DATA_ROOTS)")
@@ -43,14 +48,20 @@ def confined_manifest(raw: Any, roots: list[Path], remote_hosts: Sequence[str] =
     resolver = _Resolver(roots[0])  # 100k shards in one folder: the folder is resolved once
     for name, items in by_field.items():
         check_shard_count(items, name, max_shards)
+        pair_file = name.split(".")[0] in PAIR_FIELDS
         for item in items:  # a list of webdataset shards
             for expanded in braceexpand(item):  # a webdataset pattern: every shard it names
-                _confined_real(expanded, roots, name, resolver)
+                _confined_real(expanded, roots, name, resolver, single_name=pair_file)
         if name == "model.checkpoint":
             check_confined(items[0], roots, name)  # and its training sidecar
     manifest = load_manifest(raw, base_dir=roots[0], max_shards=max_shards)
+    for name in PAIR_FIELDS:  # opened now (checked as opened, like a worker does): its first row only
+        source = None if getattr(manifest, name) is None else source_of(getattr(manifest, name), name)
+        if source is not None and source.format != "webdataset" and not has_rows(source, name, roots):
+            raise ConfigError(name, EMPTY_SOURCE)
     check_model_spec(manifest)
     return manifest
+
 
 
 def _check_remote_hosts(remote: Any, allowed: Sequence[str]) -> None:
@@ -81,27 +92,34 @@ class _Resolver:
         self.base = str(base)
         self.folders: dict[str, str] = {}
 
-    def real(self, value: str) -> str:
+    def real(self, value: str) -> tuple[str, int]:
+        """(real path, names of the file when it is a regular file: its hard-link count, else 1)."""
         joined = os.path.join(self.base, value)  # an absolute value ignores the base
         folder, name = os.path.split(joined)
         if name in ("", ".", ".."):
-            return os.path.realpath(joined)
+            return os.path.realpath(joined), 1
         real_folder = self.folders.get(folder)
         if real_folder is None:
             real_folder = self.folders[folder] = os.path.realpath(folder)
         full = os.path.join(real_folder, name)
         try:
-            link = stat.S_ISLNK(os.lstat(full).st_mode)
+            info = os.lstat(full)
+            if stat.S_ISLNK(info.st_mode):
+                full = os.path.realpath(full)
+                info = os.stat(full)
         except OSError:
-            link = False  # not there (yet): checked by name, refused later as missing
-        return os.path.realpath(full) if link else full
+            return full, 1  # not there (yet): checked by name, refused later as missing
+        return full, info.st_nlink if stat.S_ISREG(info.st_mode) else 1
 
 
 def _under(real: str, roots: list[Path]) -> bool:
     return any(real == str(root) or real.startswith(str(root).rstrip(os.sep) + os.sep) for root in roots)
 
 
-def _confined_real(value: str, roots: list[Path], name: str, resolver: _Resolver) -> str:
+def _confined_real(value: str, roots: list[Path], name: str, resolver: _Resolver, single_name: bool = False) -> str:
+    """The real path of `value`, refused unless it is under a root; with `single_name`, a
+    regular file with several names (a hard link) is refused too, unless the roots allow them
+    (the workers check the file again as they open it: confine.open_confined)."""
     if is_remote(value) or is_remote(resolver.base):  # an object-store key under a root's prefix
         target = value if is_remote(value) else resolve_against(resolver.base, value)
         try:
@@ -112,11 +130,14 @@ def _confined_real(value: str, roots: list[Path], name: str, resolver: _Resolver
         raise ConfigError(name, "only paths under the data roots are accepted")
     path = value[len("file://"):] if value.startswith("file://") else value
     try:
-        real = resolver.real(path)
+        real, names = resolver.real(path)
     except (ValueError, UnicodeError):
         raise ConfigError(name, "not a usable file name") from None
     if not _under(real, roots):
         raise ConfigError(name, "path is outside the data roots")
+    if single_name and names > 1 and not hard_links_allowed(roots):
+        raise HardLinked(name, f"is a hard link ({names} names; another name may be a file outside the data roots): "
+                               f"{HARD_LINKS_HINT}", names)
     return real
 
 

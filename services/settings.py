@@ -12,7 +12,7 @@ from typing import Annotated
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from ecif_core.confine import data_roots
+from ecif_core.confine import Roots, data_roots
 from ecif_core.remote import canonical_entry
 from ecif_core.storage import location
 
@@ -27,6 +27,9 @@ class Settings(BaseSettings):
     data_roots: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="comma-separated folders or s3:// prefixes manifests, images and "
         "checkpoints may be read from (API and workers)")
+    allow_hard_links: bool = Field(False, description="read pair files and images under the data roots that are "
+                                   "hard links (a file with several names; another name may lie outside every root, "
+                                   "so they are refused by default); snapshots made with `cp -al` need it")
     remote_image_hosts: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="comma-separated hosts a manifest's remote_images may name (empty: "
         "http(s) images are refused); an allowlist so manifests cannot make the service fetch internal hosts. "
@@ -79,10 +82,10 @@ class Settings(BaseSettings):
         """Seconds without a heartbeat or a queued task after which work counts as lost."""
         return max(self.stall_after, 4 * self.heartbeat_interval)
 
-    def resolved_roots(self) -> list[Path]:
+    def resolved_roots(self) -> Roots:
         """Data roots with symlinks resolved, so a link inside a root cannot point out of it
-        (object-store prefixes with '..' folded)."""
-        return data_roots(self.data_roots)
+        (object-store prefixes with '..' folded), carrying the hard-link policy to every open."""
+        return data_roots(self.data_roots, self.allow_hard_links)
 
 
 @lru_cache

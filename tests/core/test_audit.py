@@ -422,3 +422,115 @@ def test_memory_limit_option_reaches_the_gradients_stage(workspace, finished, tm
     ours = audit.open_store(out).read_rows("grads/pos", 0, rows)
     reference = audit.open_store(finished).read_rows("grads/pos", 0, rows)
     np.testing.assert_allclose(ours, reference, rtol=1e-4, atol=1e-5 * float(np.abs(reference).max()))
+
+
+def _no_sidecar_checkpoint(workspace: Path) -> str:
+    """The trained model without its sidecar: a checkpoint from elsewhere, audited on any file."""
+    if not (workspace / "no_sidecar.pt").exists():
+        shutil.copy(workspace / "model.pt", workspace / "no_sidecar.pt")
+    return "no_sidecar.pt"
+
+
+def _run_with_roots(manifest_path: Path, out: Path, roots) -> Path:
+    """run_audit's stages with data roots, as the service's workers run them."""
+    from ecif_core.stages import STAGES
+
+    manifest, shards = load_manifest(manifest_path), 1
+    for spec in STAGES:
+        for shard in range(shards) if spec.sharded else [None]:
+            result = audit.run_stage(spec.name, out, shard, manifest=manifest, image_roots=roots)
+            if spec.name == "prepare":
+                shards = result.shards
+    return out / "ranked.csv"
+
+
+def test_a_hard_linked_image_is_a_rejected_row_and_the_audit_goes_on(workspace, tmp_path):
+    import os
+
+    from ecif_core.confine import data_roots
+
+    lines = (workspace / "data" / "train.jsonl").read_text().splitlines()[:40]
+    outside = tmp_path / "outside.png"  # a file outside the data root, with a second name inside it
+    shutil.copy(workspace / "data" / json.loads(lines[0])["image"], outside)
+    if not (workspace / "data" / "linked.png").exists():
+        os.link(outside, workspace / "data" / "linked.png")
+    linked = {"id": "linked", "image": "linked.png", "caption": "a photo of the digit one"}
+    (workspace / "data" / "linked.jsonl").write_text("\n".join(lines + [json.dumps(linked)]) + "\n")
+    manifest = workspace / "linked.json"
+    manifest.write_text(json.dumps({"model": {"config": "cfg.json", "checkpoint": _no_sidecar_checkpoint(workspace)},
+                                    "train": "data/linked.jsonl", "options": OPTIONS}))
+    ranked = _run_with_roots(manifest, tmp_path / "refused", data_roots([workspace]))
+    [row] = _rows(tmp_path / "refused" / "rejected.csv")
+    assert (row["row"], row["id"]) == ("41", "linked")
+    assert row["reason"].startswith("image is a hard link (2 names") and "ECIF_ALLOW_HARD_LINKS=true" in row["reason"]
+    assert len(_rows(ranked)) == 40
+    allowed = _run_with_roots(manifest, tmp_path / "allowed", data_roots([workspace], allow_hard_links=True))
+    assert "linked" in {r["id"] for r in _rows(allowed)} and len(_rows(allowed)) == 41
+
+
+def test_a_later_duplicate_id_is_a_rejected_row_and_training_and_audit_keep_the_first(workspace, tmp_path):
+    from ecif_core.batching import partition
+    from ecif_core.sources import read_pairs
+
+    lines = (workspace / "data" / "train.jsonl").read_text().splitlines()
+    same_id = {**json.loads(lines[2]), "caption": "a photo of the digit seven"}  # row 3's id, another pair
+    data = workspace / "data" / "dups.jsonl"
+    data.write_text("\n".join(lines + [json.dumps(same_id), lines[9]]) + "\n")  # and row 10 again, as is
+    result = train(data, workspace / "cfg.json", workspace / "dups.pt",
+                   TrainConfig(epochs=1, batch_size=8, lr=1e-3, weight_decay=1e-2, seed=1))
+    assert json.loads(result.sidecar.read_text())["pairs_used"] == 64  # the first rows were trained on
+    (workspace / "dups.json").write_text(json.dumps({"model": {"config": "cfg.json", "checkpoint": "dups.pt"},
+                                                     "train": "data/dups.jsonl", "options": OPTIONS}))
+    ranked = audit.run_audit(workspace / "dups.json", tmp_path / "dups")  # the sidecar's ids: the same set
+    rejected = [(r["row"], r["id"], r["reason"]) for r in _rows(tmp_path / "dups" / "rejected.csv")]
+    assert rejected == [("65", same_id["id"], "duplicate of row 3"),
+                        ("66", json.loads(lines[9])["id"], "duplicate of row 10")]
+    rows = {r["id"]: r for r in _rows(ranked)}
+    assert len(rows) == 64 and rows[same_id["id"]]["caption"] == json.loads(lines[2])["caption"]
+    plan = audit.load_plan(tmp_path / "dups")
+    assert (plan.pairs_total, plan.pairs_rejected, plan.pairs_usable) == (66, 2, 64)  # every row counted once
+    # the batches are the partition of the original file's ids: the duplicates changed nothing
+    _, _, ids = read_pairs(workspace / "data" / "train.jsonl")
+    batches = {}
+    for line in (tmp_path / "dups" / "pairs.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        batches.setdefault(row["batch"], []).append(row["id"])
+    assert list(batches.values()) == partition(ids, 8, 1)
+
+
+def test_an_empty_or_too_small_train_file_fails_with_a_reason_that_says_what_to_do(workspace, tmp_path):
+    from ecif_core.batching import partition
+    from ecif_core.sources import read_pairs
+
+    lines = (workspace / "data" / "train.jsonl").read_text().splitlines()
+    _, _, ids = read_pairs(workspace / "data" / "train.jsonl")
+    apart = {batch[0] for batch in partition(ids, 8, 1)[:2]}  # two pairs in two different batches
+    missing = [json.dumps({**json.loads(line), "image": "images/missing.png"}) for line in lines]
+    spread = [line if json.loads(line)["id"] in apart else bad for line, bad in zip(lines, missing)]
+    cases = [("", "has no rows \\(the file is empty\\); add image-caption pairs to it"),
+             (lines[0] + "\n", "only 1 usable pair is left: a contrastive batch needs at least 2 pairs, "
+                               "so add pairs to the file"),
+             ("\n".join(spread) + "\n", "no batch holds two of the 2 usable pairs \\(each is alone in its batch "
+                                        "after removals\\): a contrastive batch needs at least 2 pairs")]
+    checkpoint = _no_sidecar_checkpoint(workspace)
+    for number, (content, message) in enumerate(cases):
+        (workspace / "data" / f"small{number}.jsonl").write_text(content)
+        manifest = workspace / f"small{number}.json"
+        manifest.write_text(json.dumps({"model": {"config": "cfg.json", "checkpoint": checkpoint},
+                                        "train": f"data/small{number}.jsonl",
+                                        "options": {**OPTIONS, "batch_size": 8, "seed": 1}}))
+        with pytest.raises(ConfigError, match=message) as error:
+            audit.run_audit(manifest, tmp_path / f"small{number}")
+        assert error.value.field == "train"
+        with pytest.raises(ConfigError, match=message):  # ecif train says the same
+            train(workspace / "data" / f"small{number}.jsonl", workspace / "cfg.json", tmp_path / "small.pt",
+                  TrainConfig(epochs=1, batch_size=8, lr=1e-3, weight_decay=1e-2, seed=1))
+
+
+def test_a_validation_set_of_one_pair_fails_with_a_reason_that_says_what_to_do(workspace, tmp_path):
+    line = (workspace / "data" / "val.jsonl").read_text().splitlines()[0]
+    (workspace / "data" / "val1.jsonl").write_text(line + "\n")
+    manifest = _write_manifest(workspace, "val1.json", OPTIONS, validation="data/val1.jsonl")
+    with pytest.raises(ConfigError, match="only 1 usable pair is left: .*so add pairs to the file") as error:
+        audit.run_audit(manifest, tmp_path / "val1")
+    assert error.value.field == "validation"

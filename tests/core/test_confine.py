@@ -1,9 +1,12 @@
 """Data-root confinement where files are opened: tar members resolve against the pair file,
-and a file swapped for a symlink after it was checked is refused when it is opened."""
+a file swapped for a symlink after it was checked is refused when it is opened, and a hard
+link (a second name of a file that may lie outside the roots) is refused as opened unless the
+roots allow hard links."""
 from __future__ import annotations
 
 import io
 import json
+import os
 import tarfile
 from pathlib import Path
 
@@ -11,7 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
-from ecif_core.confine import OutsideRoots, confined
+from ecif_core.confine import HardLinked, OutsideRoots, confined, data_roots
 from ecif_core.images import ImageAccess, image_bytes, load_batch
 from ecif_core.sources import Pair, iter_pairs
 from ecif_core.errors import EcifError
@@ -110,3 +113,75 @@ def test_confined_refuses_unusable_names_and_allows_anything_without_roots(tmp_p
     with pytest.raises(OutsideRoots, match="not a usable file name"):
         confined("a\x00b", [tmp_path], "image")
     assert confined(tmp_path / "x" / ".." / "y", None, "image") == (tmp_path / "y").resolve()
+
+
+def _linked_from_outside(outside: Path, inside: Path, data: bytes) -> Path:
+    """`inside` as a second name (a hard link) of a file outside the data root."""
+    outside.parent.mkdir(parents=True, exist_ok=True)
+    inside.parent.mkdir(parents=True, exist_ok=True)
+    outside.write_bytes(data)
+    os.link(outside, inside)
+    return inside
+
+
+def test_a_hard_linked_image_is_a_rejected_row_naming_the_setting_and_the_others_are_read(layout, tmp_path):
+    root, _ = layout
+    _linked_from_outside(tmp_path / "elsewhere" / "secret.png", root / "sub" / "linked.png", _png((255, 0, 0)))
+    _linked_from_outside(tmp_path / "elsewhere" / "secret.tar", root / "sub" / "linked.tar",
+                         (_shard(tmp_path / "s.tar", {"0.png": _png((0, 0, 255))})).read_bytes())
+    (root / "sub" / "own.png").write_bytes(_png((0, 255, 0)))
+    pairs_path = _pairs_file(root / "sub", [{"id": "a", "image": "linked.png", "caption": "x"},
+                                            {"id": "b", "image": "own.png", "caption": "y"},
+                                            {"id": "c", "image": "linked.tar::0.png", "caption": "z"}])
+    linked, own, member = _read(pairs_path, [root])
+    assert isinstance(own, Pair)
+    for row in (linked, member):
+        assert not isinstance(row, Pair)
+        assert row.reason.startswith("image is a hard link (2 names")
+        assert "ECIF_ALLOW_HARD_LINKS=true" in row.reason and "cp -al" in row.reason
+    # allowed by the roots' setting, or no roots at all (nothing is confined): every row is read
+    for roots in (data_roots([root], allow_hard_links=True), None):
+        assert all(isinstance(item, Pair) for item in list(iter_pairs(pairs_path, access=ImageAccess(roots=roots))))
+
+
+@pytest.mark.parametrize("name", ["train.jsonl", "train.csv", "train.parquet", "shard.tar"])
+def test_a_hard_linked_pair_file_is_refused_when_opened_naming_the_field(layout, tmp_path, name):
+    root, _ = layout
+    (root / "sub").mkdir(parents=True)
+    (root / "sub" / "own.png").write_bytes(_png((0, 255, 0)))
+    rows = [{"id": "a", "image": "own.png", "caption": "x"}, {"id": "b", "image": "own.png", "caption": "y"}]
+    made = tmp_path / "made" / name
+    made.parent.mkdir()
+    if name.endswith(".jsonl"):
+        made.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    elif name.endswith(".csv"):
+        made.write_text("id,image,caption\n" + "".join(f"{r['id']},{r['image']},{r['caption']}\n" for r in rows))
+    elif name.endswith(".parquet"):
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        pq.write_table(pa.Table.from_pylist(rows), made)
+    else:
+        _shard(made, {"a.png": _png((0, 255, 0)), "a.txt": b"x", "b.png": _png((0, 0, 255)), "b.txt": b"y"})
+    linked = _linked_from_outside(tmp_path / "elsewhere" / name, root / "sub" / name, made.read_bytes())
+    with pytest.raises(HardLinked, match=r"is a hard link \(2 names.*ECIF_ALLOW_HARD_LINKS=true.*cp -al") as error:
+        list(iter_pairs(str(linked), field="validation", access=ImageAccess(roots=[root])))
+    assert error.value.field == "validation"
+    for roots in (data_roots([root], allow_hard_links=True), None):
+        assert [p.id for p in iter_pairs(str(linked), access=ImageAccess(roots=roots))] == ["a", "b"]
+
+
+def test_an_image_swapped_for_a_hard_link_after_prepare_is_refused_at_load(layout, tmp_path):
+    root, _ = layout
+    image = root / "img.png"
+    image.parent.mkdir(parents=True, exist_ok=True)
+    image.write_bytes(_png((0, 255, 0)))
+    pairs = [Pair("a", str(image), "x"), Pair("b", str(image), "y")]
+    to_tensor = lambda img: torch.zeros(3, 4, 4)  # noqa: E731
+    load_batch(pairs, to_tensor, lambda texts: torch.zeros(len(texts), 2), roots=[root])
+    image.unlink()
+    _linked_from_outside(tmp_path / "secret.png", image, _png((255, 0, 0)))  # the swap: same name, a second one
+    with pytest.raises(EcifError, match="is a hard link now"):
+        load_batch(pairs, to_tensor, lambda texts: torch.zeros(len(texts), 2), roots=[root])
+    with pytest.raises(HardLinked):
+        image_bytes(str(image), [root])

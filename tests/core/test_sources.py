@@ -85,7 +85,7 @@ def test_validating_a_million_parquet_rows_stays_under_one_gib(tmp_path):
     assert result["peak_rss_mib"] < 1024
 
 
-def test_validate_counts_rows_and_reasons_and_refuses_duplicate_ids(tmp_path):
+def test_validate_counts_rows_and_reasons_and_rejects_later_duplicate_ids(tmp_path):
     from ecif_core.sources import validate_source
 
     (tmp_path / "p.jsonl").write_text('{"id": "a", "image": "x.png", "caption": "one"}\n'
@@ -93,9 +93,19 @@ def test_validate_counts_rows_and_reasons_and_refuses_duplicate_ids(tmp_path):
     summary = validate_source(tmp_path / "p.jsonl")
     assert (summary.rows, summary.usable, summary.rejected) == (3, 1, 2)
     assert summary.reasons == {"caption is empty or not text": 1, "invalid JSON": 1}
-    (tmp_path / "d.jsonl").write_text('{"id": "a", "image": "x.png", "caption": "one"}\n' * 2)
-    with pytest.raises(ConfigError, match="duplicate id 'a' in rows 1 and 2"):
-        validate_source(tmp_path / "d.jsonl")
+    (tmp_path / "d.jsonl").write_text('{"id": "a", "image": "x.png", "caption": "one"}\n' * 3)
+    summary = validate_source(tmp_path / "d.jsonl")
+    assert (summary.rows, summary.usable, summary.rejected) == (3, 1, 2)
+    assert summary.reasons == {"duplicate id": 2}
+
+
+def test_validate_refuses_an_empty_file(tmp_path):
+    from ecif_core.sources import validate_source
+
+    (tmp_path / "e.jsonl").write_text("\n")
+    with pytest.raises(ConfigError, match="has no rows .the file is empty.; add image-caption pairs") as error:
+        validate_source(tmp_path / "e.jsonl", "train")
+    assert error.value.field == "train"
 
 
 def _write_webdataset(workspace: Path, shards: int = 2) -> str:

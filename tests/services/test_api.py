@@ -526,3 +526,33 @@ def test_ids_no_audit_can_have_are_404_without_reaching_the_database(api, keys):
     assert api.get(f"/audits/{audit_id}/traces/%00", headers=keys["alice"]).status_code == 404
     assert api.post("/audits/%00/cancel", headers=keys["alice"]).status_code == 404
     assert api.delete("/audits/%00", headers=keys["alice"]).status_code == 404
+
+
+def test_hard_linked_pair_files_are_422_unless_the_setting_allows_them(api, keys, pg_url, data_root, tmp_path):
+    """A hard link inside a root may be a second name of a file outside it (no real path tells)."""
+    outside = tmp_path / "outside.jsonl"
+    outside.write_text((data_root / "digits" / "train.jsonl").read_text())
+    (tmp_path / "outside.tar").write_bytes(b"\0" * 1024)
+    for name, source in (("hardlinked.jsonl", "outside.jsonl"), ("hardlinked.tar", "outside.tar")):
+        if not (data_root / "digits" / name).exists():
+            os.link(tmp_path / source, data_root / "digits" / name)
+    shards = {"path": ["digits/hardlinked.tar"], "format": "webdataset"}
+    for body, field in ((manifest_json(train="digits/hardlinked.jsonl"), "train"),
+                        (manifest_json(validation="digits/hardlinked.jsonl"), "validation"),
+                        (manifest_json(train=shards), "train.path")):
+        response = api.post("/audits", json=body, headers=keys["alice"])
+        assert response.status_code == 422 and response.json()["field"] == field, response.text
+        assert "is a hard link (2 names" in response.text and "ECIF_ALLOW_HARD_LINKS=true" in response.text
+        assert "cp -al" in response.text
+    settings = Settings(database_url=pg_url, store_url=str(tmp_path / "store"), data_roots=[data_root],
+                        allow_hard_links=True)
+    with TestClient(create_app(settings, starter=RecordingStarter())) as client:
+        response = client.post("/audits", json=manifest_json(train="digits/hardlinked.jsonl"), headers=keys["alice"])
+        assert response.status_code == 202, response.text
+
+
+def test_an_empty_train_file_is_422_naming_train(api, keys, data_root):
+    (data_root / "digits" / "empty.jsonl").write_text("\n")
+    response = api.post("/audits", json=manifest_json(train="digits/empty.jsonl"), headers=keys["alice"])
+    assert response.status_code == 422 and response.json()["field"] == "train", response.text
+    assert "has no rows (the file is empty)" in response.text

@@ -55,19 +55,20 @@ def lines(draw) -> list[bytes]:
     out = []
     for i in range(draw(st.integers(1, 8))):
         if draw(st.integers(0, 4)) == 0:
-            # not an object: two identical id-less objects are one duplicate row (a file error, by design)
-            out.append(draw(st.binary(max_size=40).filter(lambda b: not b.lstrip().startswith(b"{")))
-                       .replace(b"\n", b"") + b"\n")
+            # anything, also "{}" twice: two identical id-less objects are a duplicate (a rejected row)
+            out.append(draw(st.binary(max_size=40)).replace(b"\n", b"") + b"\n")
             continue
         # a third of the rows have a good image, so generated captions and ids get scored too
         row = {"image": "images/{good}" if draw(st.integers(0, 2)) == 0 else draw(IMAGES), "caption": draw(CAPTIONS)}
-        kind = draw(st.integers(0, 3))
+        kind = draw(st.integers(0, 4))
         if kind == 0:
-            row["id"] = f"r{{uid}}-{draw(_text())}"  # a unique prefix (filled in later): duplicates are a file error
+            row["id"] = f"r{{uid}}-{draw(_text())}"  # a unique prefix (filled in later)
         elif kind == 1:
             row["id"] = 987654321  # a number id, made unique later
         elif kind == 2 and isinstance(row["caption"], str):
             row["caption"] = f"{row['caption']} {{uid}}"  # no id: a stable hash of image and caption, unique
+        elif kind == 3:
+            row["id"] = "the-same-id"  # a later row with it is a duplicate (a rejected row)
         else:
             row["id"] = "r{uid}"
         out.append(json.dumps(row).encode() + b"\n")
@@ -173,6 +174,7 @@ def test_every_generated_row_is_scored_or_rejected_and_the_audit_succeeds(pg_url
         scored = session.scalar(select(func.count()).select_from(Score).where(Score.audit_id == audit_id))
     assert scored >= 2 and scored + len(reasons) == len(good) + sum(_counted(line) for line in generated)
     assert any("NUL" in r for r in reasons) and any("not valid Unicode" in r or "UTF-8" in r for r in reasons)
+    assert any(r.startswith("duplicate of row ") for r in reasons)  # "the-same-id" again, never a file error
     print(f"\n{len(generated)} generated rows in {EXAMPLES} examples; {len(reasons)} rejected, "
           f"{scored} scored; audit {audit.status}")
 

@@ -89,3 +89,24 @@ def test_a_checkpoint_swapped_for_a_link_before_the_worker_loads_it(pg_url, root
     dispatcher.drain(pipeline)
     audit = _audit(pg_url, audit_id)
     assert audit.status == "failed" and "model.checkpoint" in audit.error and "outside the data roots" in audit.error
+
+
+def test_a_pair_file_swapped_for_a_hard_link_before_prepare(pg_url, root, tmp_path):
+    """A hard link has no real path elsewhere: the worker refuses the file it opened, by its link count."""
+    import os
+
+    audit_id = _submit(pg_url, root, tmp_path)
+    rows = [json.loads(line) for line in (root / "digits" / "train.jsonl").read_text().splitlines()]
+    secret = tmp_path / "secret.jsonl"
+    secret.write_text("".join(json.dumps({**r, "caption": "SECRET " + r["caption"]}) + "\n" for r in rows))
+    (root / "digits" / "train.jsonl").unlink()
+    os.link(secret, root / "digits" / "train.jsonl")
+    dispatcher = LocalDispatcher()
+    pipeline = Pipeline(pg_url, dispatcher, image_roots=[root])
+    pipeline.start(audit_id)
+    dispatcher.drain(pipeline)
+    audit = _audit(pg_url, audit_id)
+    assert audit.status == "failed" and audit.error.startswith("prepare: train: ")
+    assert "is a hard link (2 names" in audit.error and "ECIF_ALLOW_HARD_LINKS=true" in audit.error
+    with session_scope(pg_url) as session:
+        assert session.scalar(select(func.count()).select_from(PairRow).where(PairRow.audit_id == audit_id)) == 0
