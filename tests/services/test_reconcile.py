@@ -133,6 +133,8 @@ def test_queued_tasks_are_read_from_the_redis_queues(redis_url):
     app.send_task("ecif.tasks.gpu.shard_gradients", args=["audit-a", 3])
     app.send_task("ecif.tasks.cpu.curvature", args=["audit-b"])
     app.send_task("ecif.tasks.gpu.trace", args=["trace-c"])
-    assert queued_tasks(redis_url) == {("gradients", "audit-a", 3), ("curvature", "audit-b", None)}
+    app.send_task("ecif.tasks.gpu.edit", args=["edit-d"])
+    assert queued_tasks(redis_url) == {("gradients", "audit-a", 3), ("curvature", "audit-b", None),
+                                       ("trace", "trace-c", None), ("edit", "edit-d", None)}
     assert queued_tasks("redis://127.0.0.1:1/0") is None  # unreachable: unknown, not empty
     redis.Redis.from_url(redis_url).flushdb()
