@@ -529,12 +529,13 @@ def _edit_rows(pg_url, audit_id: str) -> int:
 
 
 @pytest.mark.parametrize("spec", ["top:nan:rank", "top:inf:rank", "random:0.5:-1", "random:0.5:99999999999999999999",
-                                  "top:99999999999999999999999999:rank", "bottom:-3:rank", "top:1_0:rank",
-                                  "suspected:1"])
+                                  "top:1_0:rank", "suspected:1"])
 def test_preview_specs_that_were_500s_or_accepted_are_422_naming_remove(api, keys, finished_audit, spec):
-    response = api.get(f"/audits/{finished_audit}/preview", params={"remove": spec}, headers=keys["alice"])
-    assert response.status_code == 422, (spec, response.text)
-    assert response.json()["field"] == "remove" and response.json()["detail"][0]["loc"][-1] == "remove"
+    """The first three were 500s (float("nan") taken for a count, a negative seed given to numpy)."""
+    for remove in (spec, "top:99999999999999999999999999:rank", "bottom:-3:rank"):  # and counts out of range
+        response = api.get(f"/audits/{finished_audit}/preview", params={"remove": remove}, headers=keys["alice"])
+        assert response.status_code == 422, (remove, response.text)
+        assert response.json()["field"] == "remove" and response.json()["detail"][0]["loc"][-1] == "remove"
 
 
 def test_edit_settings_out_of_bounds_or_unknown_are_422_before_anything_is_queued(api, keys, pg_url, finished_audit):

@@ -124,11 +124,11 @@ def test_ids_not_in_the_audit_are_refused(embedded_csv, tmp_path, capsys):
     assert not (tmp_path / "e").exists()
 
 
-@pytest.mark.parametrize("flag,value", [("--damping", "1e308"), ("--damping", "nan"), ("--damping-factor", "inf"),
-                                        ("--tolerance", "1"), ("--max-iterations", "501")])
+@pytest.mark.parametrize("flag,value", [("--damping", "1e308"), ("--damping-factor", "inf"), ("--max-iterations", "501")])
 def test_edit_settings_out_of_bounds_are_refused_before_any_work(embedded_csv, tmp_path, capsys, flag, value):
     """The CLI's flags and bounds come from the one table (ecif_core.edit_settings); 1e308 made NaN parameters."""
-    assert main(["edit", "--audit-dir", str(embedded_csv.parent), "--remove", "top:4:rank", "--out",
-                 str(tmp_path / "e"), flag, value]) == 2
-    assert f"{flag[2:].replace('-', '_')}:" in capsys.readouterr().err
-    assert not (tmp_path / "e").exists()
+    for flag_, value_ in ((flag, value), ("--damping", "nan"), ("--tolerance", "1")):
+        assert main(["edit", "--audit-dir", str(embedded_csv.parent), "--remove", "top:4:rank", "--out",
+                     str(tmp_path / "e"), flag_, value_]) == 2
+        assert f"{flag_[2:].replace('-', '_')}:" in capsys.readouterr().err
+        assert not (tmp_path / "e").exists()

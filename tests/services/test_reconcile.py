@@ -143,7 +143,6 @@ def test_queued_tasks_are_read_from_the_redis_queues(redis_url):
 # ------------------------------------------------------------------ traces and edits: beats, re-sends, give-ups
 
 from services.db.models import Edit, Trace  # noqa: E402
-from services.liveness import MAX_ATTEMPTS, RequestHeartbeat  # noqa: E402
 
 
 def _request_rows(pg_url, data_root, tmp_path) -> tuple[str, str]:
@@ -165,6 +164,8 @@ def _age_request(pg_url, table, row_id: str, seconds: float) -> None:
 
 
 def test_a_lost_edit_or_trace_is_sent_again_once_and_a_queued_or_beating_one_never(pg_url, data_root, tmp_path):
+    from services.liveness import RequestHeartbeat
+
     edit_id, trace_id = _request_rows(pg_url, data_root, tmp_path)
     sent = RecordingDispatcher()
     assert edit_id not in reconcile(pg_url, sent.send, 60, set())  # just sent
@@ -193,6 +194,7 @@ def test_a_lost_edit_or_trace_is_sent_again_once_and_a_queued_or_beating_one_nev
 
 
 def test_an_edit_whose_worker_keeps_dying_is_failed_with_the_reason(pg_url, data_root, tmp_path):
+    from services.liveness import MAX_ATTEMPTS
     from services.pipeline import run_edit
 
     edit_id, trace_id = _request_rows(pg_url, data_root, tmp_path)
