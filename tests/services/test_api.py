@@ -683,3 +683,27 @@ def test_the_redactor_replaces_whole_path_prefixes_only(tmp_path):
     assert redact(f"{tmp_path}/store2/a {tmp_path}/root") == f"{tmp_path}/store2/a <data root>"
     assert redact(f"file://{tmp_path}/store/x") == "<store>/x"
     assert Redactor("s3://bucket/audits", [])("s3://bucket/audits/e/ids.txt missing") == "<store>/e/ids.txt missing"
+
+
+def test_a_trace_with_a_non_finite_influence_fails_with_the_reason(api, keys, pg_url, finished_audit, data_root,
+                                                                    monkeypatch):
+    """A NaN influence was stored and served (as null) in a `succeeded` trace whose ranking it had spoilt."""
+    import ecif_core.trace as trace_module
+    from ecif_core.audit import ModelCache
+    from services.pipeline import run_trace
+
+    real = trace_module.trace
+
+    def nan_trace(*args, **kwargs):
+        traces = real(*args, **kwargs)
+        traces[0].top[1].influence = float("nan")
+        return traces
+
+    monkeypatch.setattr(trace_module, "trace", nan_trace)
+    response = api.post(f"/audits/{finished_audit}/traces", json={"tests": [_zero_shot(data_root)], "k": 3},
+                        headers=keys["alice"])
+    assert response.status_code == 202, response.text
+    run_trace(pg_url, response.json()["trace_id"], ModelCache())
+    status = api.get(f"/audits/{finished_audit}/traces/{response.json()['trace_id']}", headers=keys["alice"])
+    assert status.status_code == 200 and status.json()["status"] == "failed", status.text
+    assert "rank 2: influence not finite" in status.json()["error"] and status.json()["results"] == []
