@@ -98,8 +98,8 @@ def beat_request(database_url: str, kind: str, row_id: str) -> None:
 
 def gave_up(kind: str, attempts: int) -> str:
     """The error of a trace or edit that is not sent again."""
-    return (f"the {kind} was started {attempts} times and its worker stopped each time before it finished "
-            "(killed, or out of memory?); it is not sent again")
+    return (f"the {kind} was started {attempts} times and never finished (each time its worker was lost: "
+            "killed, out of memory, or cut off from the database); it is not started again")
 
 
 def mark_dispatched(session, stage: str, audit_id: str, shards: Iterable[int] | None = None) -> None:

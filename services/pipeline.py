@@ -330,8 +330,6 @@ def _request_failures(database_url: str, table, row_id: str) -> Iterator[_Failed
     except TRANSIENT:
         raise
     except Exception as exc:
-        log.error("%s %s failed: %s", table.__tablename__, row_id, error_text(exc),
-                  exc_info=not isinstance(exc, EcifError))
         with session_scope(database_url) as session:
             session.execute(update(table).where(table.id == row_id).values(
                 status="failed", error=error_text(exc), finished_at=utcnow()))

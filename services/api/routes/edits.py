@@ -9,7 +9,7 @@ from typing import Annotated
 from fastapi import APIRouter, HTTPException, Query, Request
 from fastapi.responses import StreamingResponse
 
-from ecif_core.edit import EditSettings
+from ecif_core.edit_settings import EditSettings
 from ecif_core.edit_audit import preview, removal_set, zero_shot_examples
 from ecif_core.errors import ConfigError
 from ecif_core.manifest import Manifest
