@@ -26,31 +26,12 @@ from typing import Callable, Iterator, Sequence
 
 import torch
 
-from .errors import ConfigError
+from .errors import ConfigError, NonFiniteResult
 from .gradients import embed, temperature_scale
+from .edit_settings import EDIT_SETTINGS, EditSettings  # noqa: F401  (the settings' home; imported from here too)
 from .losses import batch_loss, group_terms, pair_logits
 
 HEAD_PARAMETERS = ("visual.proj", "text_projection")
-
-
-@dataclass
-class EditSettings:
-    """How the inverse curvature is applied; stored in the edit's sidecar."""
-
-    damping: float | None = None   # lambda added to H; None = damping_factor x (b^T H b / b^T b)
-    damping_factor: float = 0.1    # chosen on bench.edit's tuning seed (0.01 met negative curvature in every set)
-    max_iterations: int = 50
-    tolerance: float = 1e-4        # stop when |residual| <= tolerance x |b|
-
-    def validate(self) -> "EditSettings":
-        checks = [("damping", self.damping is None or self.damping >= 0, "must be >= 0"),
-                  ("damping_factor", self.damping_factor >= 0, "must be >= 0"),
-                  ("max_iterations", 1 <= self.max_iterations <= 10_000, "must be in [1, 10000]"),
-                  ("tolerance", 0 < self.tolerance < 1, "must be in (0, 1)")]
-        for name, ok, message in checks:
-            if not ok:
-                raise ConfigError(name, message)
-        return self
 
 
 @dataclass
@@ -278,6 +259,9 @@ def edit_parameters(objective: LeaveOutObjective, settings: EditSettings) -> Edi
             break
         damping = 10 * damping if damping > 0 else 0.1 * (rayleigh or 1.0)
     seconds["solve"] = time.perf_counter() - started
+    if not bool(torch.isfinite(result.solution).all()):
+        raise NonFiniteResult(f"the parameter change is not finite (NaN or infinity) with lambda {tried[-1]:g}; "
+                              "the edit was not written")
     delta = {name: t for (name, _), t in zip(objective.theta, objective.unflat(result.solution))}
     return EditResult(delta=delta, damping=tried[-1], iterations=result.iterations,
                       relative_residual=result.relative_residual, negative_curvature=result.negative_curvature,

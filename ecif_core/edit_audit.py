@@ -35,6 +35,7 @@ from .runtime import flush_denormals
 from .confine import data_roots
 from .storage import absolute, is_remote, location, resolve_against, write_bytes
 from .trace import TraceExample, examples_from_json
+from .values import finite_or_null
 
 EDIT_SIDECAR = "edit.json"
 REMOVED_IDS = "removed_ids.txt"
@@ -197,7 +198,7 @@ def edit_audit(audit_dir: str | Path, spec: str, out: str | Path, settings: Edit
                             "accuracy_after": zero_shot_accuracy(loaded, zero_shot, roots)}
     seconds.update(result.seconds)
     seconds["total"] = time.perf_counter() - started
-    record = {
+    record = finite_or_null({  # diagnostics that overflowed are null: edit.json stays strict JSON
         "audit": absolute(audit_dir), "remove": {"spec": chosen.spec, "pairs": len(chosen.ids), "ids": REMOVED_IDS},
         "base": {"arch": manifest.model_arch, "config": manifest.model_config, "checkpoint": manifest.checkpoint,
                  "adapter": manifest.adapter},
@@ -210,7 +211,7 @@ def edit_audit(audit_dir: str | Path, spec: str, out: str | Path, settings: Edit
                    "stationarity": stationarity},
         "validation": record_validation,
         "zero_shot": record_zero_shot,
-    }
+    })
     if is_remote(out):  # written here whole, then uploaded file by file (objects, no renames)
         with tempfile.TemporaryDirectory(prefix="ecif-edit-") as local:
             _write_edited_model(model.to("cpu"), manifest, chosen, Path(local), record, home=out)

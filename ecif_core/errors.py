@@ -30,6 +30,11 @@ class InconsistentAudit(EcifError):
     not retryable; the audit fails with this message and must be re-scored."""
 
 
+class NonFiniteResult(EcifError):
+    """A computation gave NaN or infinity where a number was needed (an edit's parameter change):
+    not retryable; the request fails with this message instead of storing the number."""
+
+
 class ModelSourceError(ConfigError):
     """The model cannot be built from local files alone (ecif_core never downloads weights)."""
 

@@ -12,6 +12,7 @@ each column's meaning: high self-influence, low (negative) influence, low CLIP s
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -25,7 +26,6 @@ from .scores import SUSPICION_SIGN
 FIELD = "remove"
 
 
-
 @dataclass(frozen=True)
 class RemovalSet:
     """The chosen ids (in the audit's slot order) and the spec that chose them."""
@@ -34,19 +34,42 @@ class RemovalSet:
     ids: tuple[str, ...]
 
 
+# The grammar of Q and SEED, matched whole (ASCII digits only: `float()` and `int()` also take
+# "nan", "inf", "1_0", signs and other scripts' digits, which are no count).
+_COUNT = re.compile(r"[0-9]+")
+_FRACTION = re.compile(r"(?:[0-9]+\.[0-9]*|\.[0-9]+)(?:[eE][-+]?[0-9]+)?|[0-9]+[eE][-+]?[0-9]+")
+MAX_SEED = 2**63 - 1  # numpy's generators take any size; the bound keeps a seed storable as int64
+MAX_DIGITS = 19       # 2^63 has 19 digits; longer digit strings are refused before int() reads them
+
+
 def parse_count(text: str, total: int) -> int:
-    """A fraction in (0, 1] ("0.1") or a count >= 1 ("50") as a number of pairs out of `total`."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise ConfigError(FIELD, f"{text!r} is neither a fraction in (0, 1] nor a count") from None
-    if "." in text or "e" in text.lower():
+    """A fraction in (0, 1] ("0.1", "1e-1") or a count >= 1 ("50") as a number of pairs out of `total`."""
+    if _FRACTION.fullmatch(text):
+        value = float(text)  # the pattern leaves only finite decimals (or inf for a huge exponent)
         if not 0 < value <= 1:
             raise ConfigError(FIELD, f"fraction {text} must lie in (0, 1]")
         return max(1, int(round(value * total)))
-    if value < 1 or value != int(value):
+    if not _COUNT.fullmatch(text):
+        raise ConfigError(FIELD, f"{text!r} is neither a fraction in (0, 1] (with a decimal point) nor a count "
+                          "(digits)")
+    if len(text) > MAX_DIGITS:
+        raise ConfigError(FIELD, f"count {text[:MAX_DIGITS]}... is not below the audit's {total} pairs")
+    count = int(text)
+    if count < 1:
         raise ConfigError(FIELD, f"count {text} must be an integer >= 1")
-    return min(int(value), total)
+    if count >= total:
+        raise ConfigError(FIELD, f"count {text} is not below the audit's {total} pairs; nothing would be left "
+                          "to train on")
+    return count
+
+
+def parse_seed(text: str) -> int:
+    """The seed of `random:Q:SEED`: digits, at most 2^63 - 1 (0 when absent)."""
+    if text == "":
+        return 0
+    if not _COUNT.fullmatch(text) or len(text) > MAX_DIGITS or int(text) > MAX_SEED:
+        raise ConfigError(FIELD, f"random seed {text!r} is not an integer in [0, 2^63 - 1]")
+    return int(text)
 
 
 def select(spec: str, ids: Sequence[str], columns: dict[str, np.ndarray], suspected: np.ndarray,
@@ -55,8 +78,10 @@ def select(spec: str, ids: Sequence[str], columns: dict[str, np.ndarray], suspec
     if not isinstance(spec, str) or not spec.strip():
         raise ConfigError(FIELD, "give a removal spec: suspected, top:Q:COLUMN, bottom:Q:COLUMN, random:Q[:SEED] "
                           "or ids:PATH")
-    kind, _, rest = spec.strip().partition(":")
+    kind, colon, rest = spec.strip().partition(":")
     if kind == "suspected":
+        if colon:
+            raise ConfigError(FIELD, f"`suspected` takes no argument (got {spec!r})")
         chosen = np.flatnonzero(suspected)
     elif kind in ("top", "bottom"):
         count_text, _, column = rest.partition(":")
@@ -71,11 +96,7 @@ def select(spec: str, ids: Sequence[str], columns: dict[str, np.ndarray], suspec
         chosen = np.sort(order[:count])
     elif kind == "random":
         count_text, _, seed_text = rest.partition(":")
-        count = parse_count(count_text, len(ids))
-        try:
-            seed = int(seed_text or 0)
-        except ValueError:
-            raise ConfigError(FIELD, f"random seed {seed_text!r} is not an integer") from None
+        count, seed = parse_count(count_text, len(ids)), parse_seed(seed_text)
         chosen = np.sort(np.random.default_rng(seed).choice(len(ids), size=count, replace=False))
     elif kind == "ids":
         chosen = _ids_from_file(rest, ids, base_dir)

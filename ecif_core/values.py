@@ -1,4 +1,5 @@
-"""Checks on raw JSON values from users (manifests, trace requests) before anything uses them.
+"""Checks on raw JSON values from users (manifests, trace requests) before anything uses them,
+and the cleaning of computed records before they are stored.
 
 Python's json accepts what the rest of the system cannot store or compute with: NUL
 characters (Postgres text refuses them), lone surrogates from `\\ud800` escapes (UTF-8
@@ -35,6 +36,18 @@ def check_json_values(value: object, field: str, depth: int = 0) -> None:
     elif isinstance(value, list):
         for i, item in enumerate(value):
             check_json_values(item, f"{field}[{i}]", depth + 1)
+
+
+def finite_or_null(value: object) -> object:
+    """A copy of a JSON-like value with every NaN and infinity replaced by None: what a strict
+    JSON document (and a Postgres JSON column, which refuses NaN) can hold."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {key: finite_or_null(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_or_null(item) for item in value]
+    return value
 
 
 def text_problem(text: str) -> str | None:

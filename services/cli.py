@@ -129,10 +129,25 @@ def cmd_trace(args: argparse.Namespace) -> int:
 
 
 def _edit_settings(args: argparse.Namespace):
-    from ecif_core.edit import EditSettings
+    from ecif_core.edit_settings import EditSettings
 
-    return EditSettings(damping=args.damping, damping_factor=args.damping_factor,
-                        max_iterations=args.max_iterations, tolerance=args.tolerance)
+    return EditSettings.from_mapping(_edit_setting_values(args))
+
+
+def _edit_setting_values(args: argparse.Namespace) -> dict:
+    from ecif_core.edit_settings import EDIT_SETTINGS
+
+    return {spec.name: getattr(args, spec.name) for spec in EDIT_SETTINGS}
+
+
+def _edit_setting_flags(parser: argparse.ArgumentParser) -> None:
+    """--damping, --damping-factor, ... from ecif_core.edit.EDIT_SETTINGS: default, bounds, meaning."""
+    from ecif_core.edit_settings import EDIT_SETTINGS
+
+    for spec in EDIT_SETTINGS:
+        default = "none" if spec.default is None else f"{spec.default:g}"
+        parser.add_argument(f"--{spec.name.replace('_', '-')}", dest=spec.name, type=spec.kind, default=spec.default,
+                            help=f"{spec.meaning}; in {spec.interval()} (default {default})")
 
 
 def cmd_preview(args: argparse.Namespace) -> int:
@@ -161,11 +176,8 @@ def cmd_edit(args: argparse.Namespace) -> int:
                          indent=1))
         return 0
     client = _client(args)
-    edit = client.create_edit(_need_audit_id(args), {"remove": args.remove, "damping": args.damping,
-                                                     "damping_factor": args.damping_factor,
-                                                     "max_iterations": args.max_iterations,
-                                                     "tolerance": args.tolerance, "theta": args.theta,
-                                                     "zero_shot": _zero_shot_file(args.zero_shot)})
+    edit = client.create_edit(_need_audit_id(args), {"remove": args.remove, **_edit_setting_values(args),
+                                                     "theta": args.theta, "zero_shot": _zero_shot_file(args.zero_shot)})
     status = client.wait_edit(edit["status_url"])
     if status["status"] != "succeeded":
         print(f"edit {status['status']}: {status.get('error')}", file=sys.stderr)
@@ -452,12 +464,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--audit-dir", help="or the folder of a finished `ecif audit` (no server)")
     p.add_argument("--remove", required=True, help=removal_help)
     p.add_argument("--out", required=True, help="folder for the edited checkpoint, its sidecars and edit.json")
-    p.add_argument("--damping", type=float, default=None, help="lambda; default damping-factor x curvature along "
-                   "the removal gradient")
-    p.add_argument("--damping-factor", type=float, default=0.1)
-    p.add_argument("--max-iterations", type=int, default=50, help="conjugate-gradient iterations (one "
-                   "Hessian-vector pass over the training pairs each)")
-    p.add_argument("--tolerance", type=float, default=1e-4, help="relative residual at which CG stops")
+    _edit_setting_flags(p)
     p.add_argument("--theta", action="append", help="parameters to edit (fnmatch; repeat); default the audit's theta")
     p.add_argument("--zero-shot", help="JSON list of {image, prompts, label}: zero-shot accuracy before and after "
                    "the edit goes into edit.json")

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import logging
+import math
 import os
 import socket
 import time
@@ -26,15 +27,16 @@ from sqlalchemy.orm import Session
 
 from ecif_core.folder import AuditFolder
 from ecif_core import audit as core
-from ecif_core.errors import EcifError, NotReady
+from ecif_core.errors import EcifError, NonFiniteResult, NotReady
 from ecif_core.manifest import Manifest
 from ecif_core.ranked import VALUE_COLUMNS
+from ecif_core.values import finite_or_null
 
 from ecif_core.stages import DONE, FIRST, next_stage, position
 
 from .db.models import FINISHED, SHARDED, Audit, PairRow, Score, Shard, utcnow
 from .db.session import session_scope
-from .liveness import Heartbeat, mark_dispatched
+from .liveness import MAX_ATTEMPTS, REQUEST_TABLES, Heartbeat, RequestHeartbeat, gave_up, mark_dispatched
 
 log = logging.getLogger("ecif.pipeline")
 
@@ -324,8 +326,9 @@ class _Failed:
 
 @contextlib.contextmanager
 def _request_failures(database_url: str, table, row_id: str) -> Iterator[_Failed]:
-    """A trace or edit that fails is recorded as failed; our own errors (bad input) end there,
-    anything else is re-raised for the worker's log; database outages are retried, not recorded."""
+    """A trace or edit that fails is recorded as failed, with its reason; our own errors (bad input,
+    a non-finite result) end there, anything else is re-raised for the worker's log; database
+    outages are retried, not recorded."""
     failed = _Failed()
     try:
         yield failed
@@ -340,54 +343,80 @@ def _request_failures(database_url: str, table, row_id: str) -> Iterator[_Failed
             raise
 
 
-def run_trace(database_url: str, trace_id: str, models: core.ModelCache) -> None:
+def _claim_request(database_url: str, kind: str, row_id: str) -> dict | None:
+    """Mark a trace or edit running (one more attempt) and return its request and audit folder;
+    None when there is nothing to run: gone, finished, or started MAX_ATTEMPTS times already
+    (then it is failed with that reason: each earlier start lost its worker)."""
+    table = REQUEST_TABLES[kind]
+    with session_scope(database_url) as session:
+        row = session.get(table, row_id)
+        if row is None or row.status in FINISHED:
+            return None
+        if row.attempts >= MAX_ATTEMPTS:
+            row.status, row.error, row.finished_at = "failed", gave_up(kind, row.attempts), utcnow()
+            return None
+        row.status, row.attempts, row.heartbeat_at = "running", row.attempts + 1, utcnow()
+        claimed = {"request": row.request, "audit_dir": session.get(Audit, row.audit_id).audit_dir}
+        if kind == "edit":
+            claimed["edit_dir"] = row.edit_dir
+        return claimed
+
+
+def _succeeded(session: Session, table, row_id: str, **values) -> None:
+    """Only a running row becomes succeeded (a failure recorded meanwhile stays)."""
+    session.execute(update(table).where(table.id == row_id, table.status == "running").values(
+        status="succeeded", finished_at=utcnow(), **values))
+
+
+def run_trace(database_url: str, trace_id: str, models: core.ModelCache, heartbeat_interval: float = 0) -> None:
     """Answer one trace request: the test-loss gradients here, the ranking from stored numbers."""
     from ecif_core.trace import examples_from_json, trace
 
     from .db.models import Trace, TracePair
 
-    with session_scope(database_url) as session:
-        row = session.get(Trace, trace_id)
-        if row is None or row.status in ("succeeded", "failed"):
-            return
-        audit = session.get(Audit, row.audit_id)
-        request, audit_dir = row.request, audit.audit_dir
-        row.status = "running"
-    with _request_failures(database_url, Trace, trace_id) as failed:
-        traces = trace(audit_dir, examples_from_json(request["tests"]), k=request["k"], models=models)
-    if failed:
+    claimed = _claim_request(database_url, "trace", trace_id)
+    if claimed is None:
         return
-    rows = [{"trace_id": trace_id, "test": t, "rank": rank, "slot": p.slot, "pair_id": p.id,
-             "relative_is": p.relative_is, "influence": p.influence, "influence_pos": p.influence_pos,
-             "influence_neg": p.influence_neg}
-            for t, result in enumerate(traces) for rank, p in enumerate(result.top, start=1)]
-    with session_scope(database_url) as session:
-        session.execute(delete(TracePair).where(TracePair.trace_id == trace_id))  # a redelivery replaces
-        _bulk_insert(session, TracePair, rows)
-        session.execute(update(Trace).where(Trace.id == trace_id).values(
-            status="succeeded", test_losses=[t.test_loss for t in traces], finished_at=utcnow()))
+    request = claimed["request"]
+    with _request_failures(database_url, Trace, trace_id), \
+            RequestHeartbeat(database_url, "trace", trace_id, heartbeat_interval):
+        traces = trace(claimed["audit_dir"], examples_from_json(request["tests"]), k=request["k"], models=models)
+        rows = [{"trace_id": trace_id, "test": t, "rank": rank, "slot": p.slot, "pair_id": p.id,
+                 "relative_is": p.relative_is, "influence": p.influence, "influence_pos": p.influence_pos,
+                 "influence_neg": p.influence_neg}
+                for t, result in enumerate(traces) for rank, p in enumerate(result.top, start=1)]
+        _check_finite(rows, ("relative_is", "influence", "influence_pos", "influence_neg"))
+        with session_scope(database_url) as session:
+            session.execute(delete(TracePair).where(TracePair.trace_id == trace_id))  # a redelivery replaces
+            _bulk_insert(session, TracePair, rows)
+            _succeeded(session, Trace, trace_id, test_losses=finite_or_null([t.test_loss for t in traces]))
 
 
-def run_edit(database_url: str, edit_id: str) -> None:
-    """Write one requested model edit (ecif_core.edit_audit) into the edit's folder; the audit is only read."""
-    from ecif_core.edit import EditSettings
+def _check_finite(rows: list[dict], columns: tuple[str, ...]) -> None:
+    for row in rows:
+        bad = [name for name in columns if not math.isfinite(row[name])]
+        if bad:
+            raise NonFiniteResult(f"test example {row['test']}, rank {row['rank']}: {', '.join(bad)} not finite "
+                                  "(NaN or infinity)")
+
+
+def run_edit(database_url: str, edit_id: str, heartbeat_interval: float = 0) -> None:
+    """Write one requested model edit (ecif_core.edit_audit) into the edit's folder; the audit is only read.
+    Ends succeeded or failed with its reason; the record is stored without NaN or infinity (null)."""
     from ecif_core.edit_audit import edit_audit, zero_shot_examples
+    from ecif_core.edit_settings import EditSettings
 
     from .db.models import Edit
 
-    with session_scope(database_url) as session:
-        row = session.get(Edit, edit_id)
-        if row is None or row.status in ("succeeded", "failed"):
-            return
-        audit_dir, request, edit_dir = session.get(Audit, row.audit_id).audit_dir, row.request, row.edit_dir
-        row.status = "running"
-    with _request_failures(database_url, Edit, edit_id) as failed:
-        settings = EditSettings(**{k: request[k] for k in ("damping", "damping_factor", "max_iterations", "tolerance")})
-        zero_shot = zero_shot_examples(request["zero_shot"]) if request.get("zero_shot") else None
-        record = edit_audit(audit_dir, request["remove"], edit_dir, settings, theta=request.get("theta"),
-                            base_dir=edit_dir, zero_shot=zero_shot)
-    if failed:
+    claimed = _claim_request(database_url, "edit", edit_id)
+    if claimed is None:
         return
-    with session_scope(database_url) as session:
-        session.execute(update(Edit).where(Edit.id == edit_id).values(
-            status="succeeded", result=record, finished_at=utcnow()))
+    request, edit_dir = claimed["request"], claimed["edit_dir"]
+    with _request_failures(database_url, Edit, edit_id), \
+            RequestHeartbeat(database_url, "edit", edit_id, heartbeat_interval):
+        settings = EditSettings.from_mapping(request)
+        zero_shot = zero_shot_examples(request["zero_shot"]) if request.get("zero_shot") else None
+        record = edit_audit(claimed["audit_dir"], request["remove"], edit_dir, settings, theta=request.get("theta"),
+                            base_dir=edit_dir, zero_shot=zero_shot)
+        with session_scope(database_url) as session:
+            _succeeded(session, Edit, edit_id, result=finite_or_null(record))

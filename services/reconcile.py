@@ -6,6 +6,8 @@ restart without persistence): it is then neither beating nor waiting in a queue.
 worker's reconciler sends it again; the dispatch time is set with a compare-and-set, so two
 reconcilers never both send it, and a task waiting in a queue is never sent twice. Every
 task tolerates duplicates, so a task wrongly thought lost costs a skipped duplicate only.
+A trace's or an edit's task is found and sent again the same way, up to MAX_ATTEMPTS starts:
+one that keeps losing its worker (killed, out of memory) is then failed with that reason.
 
 Failed and cancelled audits are left alone: their tasks are not lost, they were stopped. A
 failed audit resumes only when a person asks (services.resume: `ecif retry`, POST .../retry).
@@ -22,7 +24,7 @@ from sqlalchemy import or_, select, update
 
 from .db.models import SHARDED, Audit, Shard
 from .db.session import session_scope
-from .liveness import Task, now as utc_now
+from .liveness import MAX_ATTEMPTS, REQUEST_TABLES, Task, gave_up, now as utc_now
 
 Send = Callable[[str, str, "int | None"], None]
 
@@ -91,21 +93,76 @@ def audit_stall(audit: Audit, shards: list[Shard], stale_after: float, queued: s
     return None
 
 
+@dataclass
+class LostRequest:
+    """A trace's or an edit's task that is neither beating nor queued."""
+
+    kind: str                    # trace | edit (liveness.REQUEST_TASKS)
+    row_id: str
+    attempts: int                # times a worker started it
+    idle_seconds: float
+
+
+def find_lost_requests(database_url: str, stale_after: float, queued: set[Task] | None = None,
+                       now: datetime | None = None) -> list[LostRequest]:
+    """Queued or running traces and edits whose task is neither beating nor waiting in the broker
+    (`queued` as in find_stalls) for `stale_after` seconds."""
+    now, waiting, found = now or utc_now(), queued or set(), []
+    with session_scope(database_url) as session:
+        for kind, table in REQUEST_TABLES.items():
+            rows = session.execute(select(table.id, table.attempts, table.created_at, table.dispatched_at,
+                                          table.heartbeat_at).where(table.status.in_(("queued", "running")))).all()
+            for row_id, attempts, *moments in rows:
+                idle = _idle(now, moments)
+                if idle > stale_after and (kind, row_id, None) not in waiting:
+                    found.append(LostRequest(kind, row_id, attempts, idle))
+    return found
+
+
 def reconcile(database_url: str, send: Send, stale_after: float, queued: set[Task] | None = None,
               now: datetime | None = None) -> dict[str, int]:
-    """Send every lost task of the queued and running audits again; {audit id: tasks sent}.
-    Never a failed or cancelled audit's (those resume only on request: services.resume)."""
+    """Send every lost task again; {audit, trace or edit id: tasks sent}. A lost trace or edit
+    that workers already started MAX_ATTEMPTS times is failed with the reason instead. Never a
+    failed or cancelled audit's (those resume only on request: services.resume)."""
     now = now or utc_now()
+    cutoff = now - timedelta(seconds=stale_after)
     sent: dict[str, int] = {}
     for stall in find_stalls(database_url, stale_after, queued, now):
         count = 0
         for shard in stall.shards:
-            if _claim_dispatch(database_url, stall, shard, now - timedelta(seconds=stale_after), now):
+            if _claim_dispatch(database_url, stall, shard, cutoff, now):
                 send(stall.stage, stall.audit_id, shard)
                 count += 1
         if count:
             sent[stall.audit_id] = count
+    for lost in find_lost_requests(database_url, stale_after, queued, now):
+        if lost.attempts >= MAX_ATTEMPTS:
+            _give_up(database_url, lost, cutoff, now)
+        elif _claim_request_dispatch(database_url, lost, cutoff, now):
+            send(lost.kind, lost.row_id, None)
+            sent[lost.row_id] = 1
     return sent
+
+
+def _still_lost(table, row_id: str, cutoff: datetime) -> tuple:
+    """The row is queued or running with no beat and no dispatch since `cutoff` (the compare of a compare-and-set)."""
+    return (table.id == row_id, table.status.in_(("queued", "running")),
+            or_(table.heartbeat_at.is_(None), table.heartbeat_at < cutoff),
+            or_(table.dispatched_at.is_(None), table.dispatched_at < cutoff))
+
+
+def _claim_request_dispatch(database_url: str, lost: LostRequest, cutoff: datetime, now: datetime) -> bool:
+    table = REQUEST_TABLES[lost.kind]
+    with session_scope(database_url) as session:
+        return session.execute(update(table).where(*_still_lost(table, lost.row_id, cutoff))
+                               .values(dispatched_at=now)).rowcount == 1
+
+
+def _give_up(database_url: str, lost: LostRequest, cutoff: datetime, now: datetime) -> bool:
+    table = REQUEST_TABLES[lost.kind]
+    with session_scope(database_url) as session:
+        return session.execute(update(table).where(*_still_lost(table, lost.row_id, cutoff)).values(
+            status="failed", error=gave_up(lost.kind, lost.attempts), finished_at=now)).rowcount == 1
 
 
 def _claim_dispatch(database_url: str, stall: Stall, shard: int | None, cutoff: datetime, now: datetime) -> bool:

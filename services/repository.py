@@ -201,7 +201,7 @@ def _csv_line(values) -> str:
 
 def create_trace(session: Session, audit: Audit, tests: list[dict], k: int) -> Trace:
     trace = Trace(id=str(uuid.uuid4()), audit_id=audit.id, owner=audit.owner, status="queued",
-                  request={"tests": tests, "k": k})
+                  request={"tests": tests, "k": k}, dispatched_at=utcnow())  # its task is sent after the commit
     session.add(trace)
     return trace
 
@@ -242,7 +242,7 @@ def create_edit(session: Session, audit: Audit, request: dict) -> Edit:
     mixed with the audit's own files."""
     edit_id = str(uuid.uuid4())
     edit = Edit(id=edit_id, audit_id=audit.id, owner=audit.owner, status="queued", request=request,
-                edit_dir=str(AuditFolder(audit.audit_dir).edit(edit_id)))
+                edit_dir=str(AuditFolder(audit.audit_dir).edit(edit_id)), dispatched_at=utcnow())  # sent after the commit
     session.add(edit)
     return edit
 

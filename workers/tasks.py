@@ -17,6 +17,7 @@ from sqlalchemy.exc import InterfaceError, OperationalError
 
 from ecif_core.errors import NotReady
 from ecif_core.stages import BY_NAME, STAGES, Stage
+from services.liveness import REQUEST_TASKS
 
 from .celery_app import app
 
@@ -28,6 +29,10 @@ class CeleryDispatcher:
     """Sends the next stage's tasks to the broker; routing by name picks the queue."""
 
     def send(self, stage: str, audit_id: str, shard: int | None = None) -> None:
+        """A stage's task, or (reconcile) a trace's or edit's: `stage` "trace" / "edit", `audit_id` its id."""
+        if stage in REQUEST_TASKS:
+            app.send_task(REQUEST_TASKS[stage], args=[audit_id])
+            return
         args = [audit_id] if shard is None else [audit_id, shard]
         app.send_task(BY_NAME[stage].task, args=args)
 
@@ -87,21 +92,22 @@ def _stage_task(stage: Stage):
 STAGE_TASKS = {stage.name: _stage_task(stage) for stage in STAGES}  # one task per row of the stage table
 
 
-@app.task(name="ecif.tasks.gpu.trace", **RETRY)
+@app.task(name=REQUEST_TASKS["trace"], **RETRY)
 def trace(trace_id: str) -> None:
     """The test-loss gradients need the model: the gpu queue."""
     from services.pipeline import run_trace
 
     pipe = pipeline()
-    run_trace(pipe.database_url, trace_id, pipe.models)
+    run_trace(pipe.database_url, trace_id, pipe.models, heartbeat_interval=pipe.heartbeat_interval)
 
 
-@app.task(name="ecif.tasks.gpu.edit", **RETRY)
+@app.task(name=REQUEST_TASKS["edit"], **RETRY)
 def edit(edit_id: str) -> None:
     """Hessian-vector products over the training pairs need the model: the gpu queue."""
     from services.pipeline import run_edit
 
-    run_edit(pipeline().database_url, edit_id)
+    pipe = pipeline()
+    run_edit(pipe.database_url, edit_id, heartbeat_interval=pipe.heartbeat_interval)
 
 
 @worker_ready.connect
@@ -110,7 +116,7 @@ def _start_reconciler(**_kwargs) -> None:
     nor waiting in a queue for ECIF_STALL_AFTER seconds (a killed worker's, or tasks lost with
     the broker); runs in the worker's main process and imports no torch."""
     from services.liveness import queued_tasks
-    from services.reconcile import find_stalls, reconcile
+    from services.reconcile import find_lost_requests, find_stalls, reconcile
     from services.settings import get_settings
 
     settings = get_settings()
@@ -122,7 +128,9 @@ def _start_reconciler(**_kwargs) -> None:
         stop = threading.Event()
         while not stop.wait(settings.reconcile_interval):
             try:
-                if not find_stalls(settings.database_url, settings.stall_threshold()):
+                threshold = settings.stall_threshold()
+                if not (find_stalls(settings.database_url, threshold)
+                        or find_lost_requests(settings.database_url, threshold)):
                     continue  # nothing idle that long: the queues need not be read
                 queued = queued_tasks(settings.broker_url)  # reads the whole queue lists
                 if queued is None:

@@ -5,15 +5,19 @@ import logging
 import threading
 
 from fastapi import FastAPI, Request
+from fastapi.encoders import jsonable_encoder
 from fastapi.exception_handlers import http_exception_handler
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ecif_core.errors import ConfigError, EcifError
+from ecif_core.values import finite_or_null
 
 from ..resume import Resumed, resume_audit
 from ..settings import Settings, get_settings
 from . import unavailable
+from .redact import Redactor
 from .routes import audits, edits, health, traces
 
 log = logging.getLogger("ecif.api")
@@ -121,12 +125,20 @@ def create_app(settings: Settings | None = None, starter: object | None = None) 
     app.include_router(edits.router)
 
     unavailable.install(app, settings)  # database or broker down: 503 + Retry-After, never a 500
+    redact = Redactor(settings.store_url, [*settings.data_roots, *settings.resolved_roots()])
 
     @app.exception_handler(ConfigError)
     async def config_error(_request: Request, exc: ConfigError) -> JSONResponse:
         return JSONResponse(status_code=422, content={"detail": [
-            {"loc": ["body", *exc.field.split(".")], "msg": exc.message, "type": "value_error"}],
+            {"loc": ["body", *exc.field.split(".")], "msg": redact(exc.message), "type": "value_error"}],
             "field": exc.field})
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(_request: Request, exc: RequestValidationError) -> JSONResponse:
+        """FastAPI's 422 plus `field` (the first error's location); a NaN the client sent is echoed as null."""
+        detail = finite_or_null(jsonable_encoder(exc.errors()))
+        loc = [str(part) for part in (detail[0]["loc"] if detail else [])]
+        return JSONResponse(status_code=422, content={"detail": detail, "field": ".".join(loc[1:]) or None})
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -138,6 +150,6 @@ def create_app(settings: Settings | None = None, starter: object | None = None) 
 
     @app.exception_handler(EcifError)
     async def ecif_error(_request: Request, exc: EcifError) -> JSONResponse:
-        return JSONResponse(status_code=422, content={"detail": str(exc)})
+        return JSONResponse(status_code=422, content={"detail": redact(str(exc))})
 
     return app

@@ -5,7 +5,10 @@ from datetime import datetime
 
 from typing import Annotated
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field, create_model
+
+from ecif_core.edit_settings import EDIT_SETTINGS, SettingSpec
+from ecif_core.manifest import MAX_PATTERN_CHARS
 
 ERROR_DESCRIPTIONS = {
     401: "missing or invalid API key (`Authorization: Bearer <key>`)",
@@ -72,8 +75,10 @@ class AuditPage(BaseModel):
 class TraceRequest(BaseModel):
     """Test examples: {"image": path, "caption": text} or {"image": path, "prompts": [...], "label": i}."""
 
+    model_config = ConfigDict(extra="forbid")
+
     tests: list[dict]
-    k: int = 20
+    k: int = Field(20, strict=True)
 
 
 class TraceCreated(BaseModel):
@@ -94,17 +99,29 @@ class TraceStatus(BaseModel):
     csv_url: str
 
 
-class EditRequest(BaseModel):
-    """Which pairs to remove (a spec, or the ids themselves) and how to solve for the edit."""
+class _EditRequestBase(BaseModel):
+    model_config = ConfigDict(extra="forbid")
 
     remove: str | None = Field(None, max_length=200)  # suspected | top:Q:COLUMN | bottom:Q:COLUMN | random:Q[:SEED]
     ids: list[Annotated[str, Field(max_length=4096)]] | None = None  # or the pairs' ids
-    damping: float | None = None
-    damping_factor: float = 0.1
-    max_iterations: int = 50
-    tolerance: float = 1e-4
-    theta: list[str] | None = None
+    theta: list[Annotated[str, Field(min_length=1, max_length=MAX_PATTERN_CHARS)]] | None = None  # fnmatch
+    # patterns on the audited model's parameter names, checked at submit
     zero_shot: list[dict] | None = None  # [{"image": path, "prompts": [...], "label": i}]: accuracy before / after
+
+
+def setting_field(spec: SettingSpec) -> tuple[object, object]:
+    """(annotation, Field) of one edit setting from its row of EDIT_SETTINGS: default, bounds and
+    meaning documented in OpenAPI; strict (no "3" or true for a number), finite."""
+    bounds = {"gt" if spec.low_open else "ge": spec.low, "lt" if spec.high_open else "le": spec.high}
+    finite = {"allow_inf_nan": False} if spec.kind is float else {}
+    annotation = spec.kind | None if spec.nullable else spec.kind
+    return annotation, Field(spec.default, description=spec.meaning, strict=True, **bounds, **finite)
+
+
+# Which pairs to remove (a spec, or the ids themselves) and how to solve for the edit (EDIT_SETTINGS).
+EditRequest = create_model("EditRequest", __base__=_EditRequestBase,
+                           __doc__="Which pairs to remove (`remove`, a spec, or `ids`) and how to solve for the edit.",
+                           **{spec.name: setting_field(spec) for spec in EDIT_SETTINGS})
 
 
 class EditCreated(BaseModel):

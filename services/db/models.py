@@ -119,7 +119,17 @@ class Score(Base):
     suspected: Mapped[bool | None] = mapped_column(Boolean, nullable=True)
 
 
-class Trace(Base):
+class RequestLiveness:
+    """Liveness of a trace's or an edit's one task (services.liveness): when it was last sent, its
+    last beat while running, and how many times a worker started it (a task that keeps killing its
+    worker is failed after MAX_ATTEMPTS instead of being sent again forever)."""
+
+    attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    heartbeat_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    dispatched_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+
+
+class Trace(RequestLiveness, Base):
     """A trace-back request: test examples of one audit, answered with top-k training pairs."""
 
     __tablename__ = "traces"
@@ -153,7 +163,7 @@ class TracePair(Base):
     influence_neg: Mapped[float] = mapped_column(Float(53))
 
 
-class Edit(Base):
+class Edit(RequestLiveness, Base):
     """A model edit of a finished audit: the model without a set of pairs, written to `edit_dir`."""
 
     __tablename__ = "edits"

@@ -556,3 +556,195 @@ def test_an_empty_train_file_is_422_naming_train(api, keys, data_root):
     response = api.post("/audits", json=manifest_json(train="digits/empty.jsonl"), headers=keys["alice"])
     assert response.status_code == 422 and response.json()["field"] == "train", response.text
     assert "has no rows (the file is empty)" in response.text
+
+
+# ------------------------------------------------------------------ strict previews and edits (issue 25, part 5)
+
+def _edit_rows(pg_url, audit_id: str) -> int:
+    from sqlalchemy import func, select
+
+    from services.db.models import Edit
+
+    with session_scope(pg_url) as session:
+        return session.scalar(select(func.count()).select_from(Edit).where(Edit.audit_id == audit_id))
+
+
+@pytest.mark.parametrize("spec", ["top:nan:rank", "top:inf:rank", "random:0.5:-1", "random:0.5:99999999999999999999",
+                                  "top:1_0:rank", "suspected:1"])
+def test_preview_specs_that_were_500s_or_accepted_are_422_naming_remove(api, keys, finished_audit, spec):
+    """The first three were 500s (float("nan") taken for a count, a negative seed given to numpy)."""
+    for remove in (spec, "top:99999999999999999999999999:rank", "bottom:-3:rank"):  # and counts out of range
+        response = api.get(f"/audits/{finished_audit}/preview", params={"remove": remove}, headers=keys["alice"])
+        assert response.status_code == 422, (remove, response.text)
+        assert response.json()["field"] == "remove" and response.json()["detail"][0]["loc"][-1] == "remove"
+
+
+def test_edit_settings_out_of_bounds_or_unknown_are_422_before_anything_is_queued(api, keys, pg_url, finished_audit):
+    """1e308 was accepted and the edit stayed `running` forever (NaN in its result); unknown fields were ignored."""
+    cases = [('{"remove": "random:0.1", "damping": 1e308}', "damping"),
+             ('{"remove": "random:0.1", "damping": NaN}', "damping"),
+             ('{"remove": "random:0.1", "damping": Infinity}', "damping"),
+             ('{"remove": "random:0.1", "damping_factor": -Infinity}', "damping_factor"),
+             ('{"remove": "random:0.1", "damping_factor": 1e13}', "damping_factor"),
+             ('{"remove": "random:0.1", "tolerance": 1}', "tolerance"),
+             ('{"remove": "random:0.1", "max_iterations": 501}', "max_iterations"),
+             ('{"remove": "random:0.1", "max_iterations": 1e400}', "max_iterations"),
+             ('{"remove": "random:0.1", "max_iterations": true}', "max_iterations"),
+             ('{"remove": "random:0.1", "max_iterations": "5"}', "max_iterations"),
+             ('{"remove": "random:0.1", "dampin": 1}', "dampin"),
+             ('{"remove": "random:0.1", "theta": [""]}', "theta.0")]
+    queued, rows = len(api.starter.edits), _edit_rows(pg_url, finished_audit)
+    for body, field in cases:
+        response = api.post(f"/audits/{finished_audit}/edits", content=body,
+                            headers={**keys["alice"], "Content-Type": "application/json"})
+        assert response.status_code == 422, (body, response.text)
+        assert response.json()["field"] == field, (body, response.text)
+        assert "NaN" not in response.text and "Infinity" not in response.text  # strict JSON, the input echoed as null
+    assert len(api.starter.edits) == queued and _edit_rows(pg_url, finished_audit) == rows
+    response = api.post(f"/audits/{finished_audit}/traces", json={"tests": [], "k": 3, "top": 5}, headers=keys["alice"])
+    assert response.status_code == 422 and response.json()["field"] == "top", response.text
+
+
+def test_theta_is_checked_against_the_audited_model_at_submit_without_reading_weights(api, keys, pg_url,
+                                                                                       finished_audit, monkeypatch):
+    import torch
+
+    def no_weights(*args, **kwargs):
+        raise AssertionError("the API read a checkpoint")
+
+    monkeypatch.setattr(torch, "load", no_weights)
+    queued, rows = len(api.starter.edits), _edit_rows(pg_url, finished_audit)
+    for theta in (["nomatch*"], ["logit_scale"], ["text.nothing", "*.nothing"]):
+        response = api.post(f"/audits/{finished_audit}/edits", json={"remove": "random:0.1", "theta": theta},
+                            headers=keys["alice"])
+        assert response.status_code == 422, (theta, response.text)
+        assert response.json()["field"] == "theta", response.text
+    assert len(api.starter.edits) == queued and _edit_rows(pg_url, finished_audit) == rows
+    ok = api.post(f"/audits/{finished_audit}/edits", json={"remove": "random:0.1", "theta": ["visual.proj"]},
+                  headers=keys["alice"])
+    assert ok.status_code == 202, ok.text
+    with session_scope(pg_url) as session:
+        from services.db.models import Edit
+
+        assert session.get(Edit, ok.json()["edit_id"]).request["theta"] == ["visual.proj"]
+
+
+def test_openapi_documents_the_edit_settings_table(api):
+    """The bounds have one home (ecif_core.edit_settings): the schema, the CLI and the dataclass read it."""
+    from ecif_core.edit_settings import EDIT_SETTINGS, EditSettings
+    from ecif_core.manifest import BOUNDS
+    from services.cli import build_parser
+
+    schemas = api.get("/openapi.json").json()["components"]["schemas"]
+    request = schemas["EditRequest"]
+    assert request["additionalProperties"] is False and schemas["TraceRequest"]["additionalProperties"] is False
+    cli = build_parser().parse_args(["edit", "--audit-dir", "a", "--remove", "suspected", "--out", "o"])
+    for spec in EDIT_SETTINGS:
+        prop = request["properties"][spec.name]
+        number = next(p for p in prop.get("anyOf", [prop]) if p.get("type") != "null")
+        assert number["type"] == ("integer" if spec.kind is int else "number")
+        assert number["exclusiveMinimum" if spec.low_open else "minimum"] == spec.low
+        assert number["exclusiveMaximum" if spec.high_open else "maximum"] == spec.high
+        assert prop.get("default") == spec.default == getattr(EditSettings(), spec.name) == getattr(cli, spec.name)
+        assert prop["description"] == spec.meaning
+    assert request["properties"]["damping"]["anyOf"][0]["maximum"] == BOUNDS["damping"][1] == 1e12  # as audits
+
+
+def test_an_edit_whose_diagnostics_are_not_finite_succeeds_with_nulls(api, keys, pg_url, finished_audit, monkeypatch):
+    """A NaN in the record used to make the result write fail (Postgres JSON refuses NaN): `running` forever."""
+    import ecif_core.edit_audit as edit_audit_module
+    from services.pipeline import run_edit
+
+    real = edit_audit_module.validation_loss
+    monkeypatch.setattr(edit_audit_module, "validation_loss",
+                        lambda model, batches, params=None: (float("nan"), real(model, batches, params)[1]))
+    response = api.post(f"/audits/{finished_audit}/edits", json={"remove": "top:4:self_influence",
+                                                                  "max_iterations": 2}, headers=keys["alice"])
+    assert response.status_code == 202, response.text
+    run_edit(pg_url, response.json()["edit_id"])
+    status = api.get(f"/audits/{finished_audit}/edits/{response.json()['edit_id']}", headers=keys["alice"]).json()
+    assert status["status"] == "succeeded", status["error"]
+    assert status["result"]["validation"]["loss_before"] is None and status["result"]["validation"]["loss_after"] is None
+    assert status["result"]["result"]["parameter_change_norm"] > 0
+
+
+def test_an_edit_whose_parameter_change_is_not_finite_fails_with_the_reason(api, keys, pg_url, finished_audit,
+                                                                            monkeypatch):
+    import torch
+
+    import ecif_core.edit as edit_module
+    from services.pipeline import run_edit
+
+    real = edit_module.conjugate_gradient
+
+    def diverging(*args, **kwargs):
+        result = real(*args, **kwargs)
+        result.solution = result.solution * torch.tensor(float("inf"))
+        return result
+
+    monkeypatch.setattr(edit_module, "conjugate_gradient", diverging)
+    response = api.post(f"/audits/{finished_audit}/edits", json={"remove": "top:4:self_influence",
+                                                                  "max_iterations": 2}, headers=keys["alice"])
+    assert response.status_code == 202, response.text
+    run_edit(pg_url, response.json()["edit_id"])  # our own error: recorded, not raised
+    status = api.get(f"/audits/{finished_audit}/edits/{response.json()['edit_id']}", headers=keys["alice"]).json()
+    assert status["status"] == "failed" and "not finite" in status["error"], status
+    assert status["result"] is None and status["finished_at"] is not None
+
+
+def test_no_422_body_shows_the_store_or_a_data_root(api, keys, pg_url, finished_audit, data_root):
+    """The ids of an edit are written to the store: unknown ids were reported with that file's server path."""
+    import os
+
+    store = str(api.settings.store_url)
+    hidden = {store, os.path.realpath(store), str(data_root), os.path.realpath(data_root)}
+    bodies = [
+        api.post(f"/audits/{finished_audit}/edits", json={"ids": ["no-such-pair"]}, headers=keys["alice"]),
+        api.post("/audits", json=manifest_json(train="digits/nope.jsonl"), headers=keys["alice"]),
+        api.post("/audits", json=manifest_json(model={"config": "cfg.json", "checkpoint": "missing.pt"}),
+                 headers=keys["alice"]),
+        api.post("/audits", json=manifest_json(validation="digits/none.jsonl"), headers=keys["alice"]),
+    ]
+    for response in bodies:
+        assert response.status_code == 422, response.text
+        assert not [h for h in hidden if h in response.text], response.text
+    assert "<store>/" in bodies[0].text and "request_ids.txt" in bodies[0].text  # still says which file
+    assert "digits/nope.jsonl" in bodies[1].text  # a data-root path as the manifest named it
+
+
+def test_the_redactor_replaces_whole_path_prefixes_only(tmp_path):
+    from services.api.redact import Redactor
+
+    (tmp_path / "store").mkdir()
+    (tmp_path / "root").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "root")
+    redact = Redactor(str(tmp_path / "store"), [str(tmp_path / "link")])
+    assert redact(f"not found: {tmp_path}/store/a/b.txt") == "not found: <store>/a/b.txt"
+    assert redact(f"x {tmp_path}/root/digits/a.png and {tmp_path}/link/b") == "x digits/a.png and b"
+    assert redact(f"{tmp_path}/store2/a {tmp_path}/root") == f"{tmp_path}/store2/a <data root>"
+    assert redact(f"file://{tmp_path}/store/x") == "<store>/x"
+    assert Redactor("s3://bucket/audits", [])("s3://bucket/audits/e/ids.txt missing") == "<store>/e/ids.txt missing"
+
+
+def test_a_trace_with_a_non_finite_influence_fails_with_the_reason(api, keys, pg_url, finished_audit, data_root,
+                                                                    monkeypatch):
+    """A NaN influence was stored and served (as null) in a `succeeded` trace whose ranking it had spoilt."""
+    import ecif_core.trace as trace_module
+    from ecif_core.audit import ModelCache
+    from services.pipeline import run_trace
+
+    real = trace_module.trace
+
+    def nan_trace(*args, **kwargs):
+        traces = real(*args, **kwargs)
+        traces[0].top[1].influence = float("nan")
+        return traces
+
+    monkeypatch.setattr(trace_module, "trace", nan_trace)
+    response = api.post(f"/audits/{finished_audit}/traces", json={"tests": [_zero_shot(data_root)], "k": 3},
+                        headers=keys["alice"])
+    assert response.status_code == 202, response.text
+    run_trace(pg_url, response.json()["trace_id"], ModelCache())
+    status = api.get(f"/audits/{finished_audit}/traces/{response.json()['trace_id']}", headers=keys["alice"])
+    assert status.status_code == 200 and status.json()["status"] == "failed", status.text
+    assert "rank 2: influence not finite" in status.json()["error"] and status.json()["results"] == []

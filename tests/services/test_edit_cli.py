@@ -106,7 +106,10 @@ def test_edit_writes_a_checkpoint_that_loads_and_audits_again(data_root, embedde
 
 @pytest.mark.parametrize("spec,message", [("top:0.1:nope", "unknown column"), ("top:1.5:influence", "(0, 1]"),
                                           ("ids:missing.txt", "not found"), ("sideways:3", "unknown removal spec"),
-                                          ("top:0:clip_score", "integer >= 1")])
+                                          ("top:0:clip_score", "integer >= 1"), ("top:nan:rank", "neither a fraction"),
+                                          ("top:inf:rank", "neither a fraction"), ("random:0.5:-1", "random seed"),
+                                          ("random:0.5:99999999999999999999", "random seed"),
+                                          ("top:96:rank", "not below the audit's 96 pairs")])
 def test_bad_removal_specs_name_the_field(embedded_csv, tmp_path, capsys, spec, message):
     assert main(["preview", "--audit-dir", str(embedded_csv.parent), "--remove", spec]) == 2
     err = capsys.readouterr().err
@@ -119,3 +122,13 @@ def test_ids_not_in_the_audit_are_refused(embedded_csv, tmp_path, capsys):
                  "--out", str(tmp_path / "e")]) == 2
     assert "not usable pairs of this audit" in capsys.readouterr().err
     assert not (tmp_path / "e").exists()
+
+
+@pytest.mark.parametrize("flag,value", [("--damping", "1e308"), ("--damping-factor", "inf"), ("--max-iterations", "501")])
+def test_edit_settings_out_of_bounds_are_refused_before_any_work(embedded_csv, tmp_path, capsys, flag, value):
+    """The CLI's flags and bounds come from the one table (ecif_core.edit_settings); 1e308 made NaN parameters."""
+    for flag_, value_ in ((flag, value), ("--damping", "nan"), ("--tolerance", "1")):
+        assert main(["edit", "--audit-dir", str(embedded_csv.parent), "--remove", "top:4:rank", "--out",
+                     str(tmp_path / "e"), flag_, value_]) == 2
+        assert f"{flag_[2:].replace('-', '_')}:" in capsys.readouterr().err
+        assert not (tmp_path / "e").exists()

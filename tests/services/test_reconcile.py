@@ -133,6 +133,85 @@ def test_queued_tasks_are_read_from_the_redis_queues(redis_url):
     app.send_task("ecif.tasks.gpu.shard_gradients", args=["audit-a", 3])
     app.send_task("ecif.tasks.cpu.curvature", args=["audit-b"])
     app.send_task("ecif.tasks.gpu.trace", args=["trace-c"])
-    assert queued_tasks(redis_url) == {("gradients", "audit-a", 3), ("curvature", "audit-b", None)}
+    app.send_task("ecif.tasks.gpu.edit", args=["edit-d"])
+    assert queued_tasks(redis_url) == {("gradients", "audit-a", 3), ("curvature", "audit-b", None),
+                                       ("trace", "trace-c", None), ("edit", "edit-d", None)}
     assert queued_tasks("redis://127.0.0.1:1/0") is None  # unreachable: unknown, not empty
     redis.Redis.from_url(redis_url).flushdb()
+
+
+# ------------------------------------------------------------------ traces and edits: beats, re-sends, give-ups
+
+from services.db.models import Edit, Trace  # noqa: E402
+
+
+def _request_rows(pg_url, data_root, tmp_path) -> tuple[str, str]:
+    """An edit and a trace of a (queued) audit, as the API creates them: queued, dispatched now."""
+    audit_id = _new_audit(pg_url, data_root / "manifest.json", tmp_path)
+    with session_scope(pg_url) as session:
+        audit = session.get(Audit, audit_id)
+        edit = repository.create_edit(session, audit, {"remove": "suspected"})
+        trace = repository.create_trace(session, audit, [], 3)
+        return edit.id, trace.id
+
+
+def _age_request(pg_url, table, row_id: str, seconds: float) -> None:
+    with session_scope(pg_url) as session:
+        for column in ("created_at", "heartbeat_at", "dispatched_at"):
+            attr = getattr(table, column)
+            session.execute(update(table).where(table.id == row_id, attr.is_not(None))
+                            .values({column: attr - timedelta(seconds=seconds)}))
+
+
+def test_a_lost_edit_or_trace_is_sent_again_once_and_a_queued_or_beating_one_never(pg_url, data_root, tmp_path):
+    from services.liveness import RequestHeartbeat
+
+    edit_id, trace_id = _request_rows(pg_url, data_root, tmp_path)
+    sent = RecordingDispatcher()
+    assert edit_id not in reconcile(pg_url, sent.send, 60, set())  # just sent
+    _age_request(pg_url, Edit, edit_id, 61)
+    _age_request(pg_url, Trace, trace_id, 61)
+    waiting = {("trace", trace_id, None)}  # the trace waits in the broker; the edit's message was lost
+    assert reconcile(pg_url, sent.send, 60, waiting) == {edit_id: 1}
+    assert [s for s in sent.sent if s[1] in (edit_id, trace_id)] == [("edit", edit_id, None)]
+    for _ in range(3):  # every worker's reconciler, every 30 s: sent once
+        assert edit_id not in reconcile(pg_url, sent.send, 60, waiting)
+    # a worker starts the edit and is killed: it stops beating
+    with session_scope(pg_url) as session:
+        session.execute(update(Edit).where(Edit.id == edit_id).values(status="running", attempts=1,
+                                                                      heartbeat_at=utcnow()))
+    with RequestHeartbeat(pg_url, "edit", edit_id, interval=0.1):
+        import time
+
+        _age_request(pg_url, Edit, edit_id, 120)
+        time.sleep(0.5)
+    assert edit_id not in reconcile(pg_url, sent.send, 60, set())  # it beat a moment ago: alive
+    _age_request(pg_url, Edit, edit_id, 61)
+    assert reconcile(pg_url, sent.send, 60, waiting) == {edit_id: 1}
+    assert [s for s in sent.sent if s[1] == edit_id] == [("edit", edit_id, None)] * 2
+    with session_scope(pg_url) as session:
+        assert session.get(Edit, edit_id).status == "running"  # sent again, not failed
+
+
+def test_an_edit_whose_worker_keeps_dying_is_failed_with_the_reason(pg_url, data_root, tmp_path):
+    from services.liveness import MAX_ATTEMPTS
+    from services.pipeline import run_edit
+
+    edit_id, trace_id = _request_rows(pg_url, data_root, tmp_path)
+    with session_scope(pg_url) as session:  # started MAX_ATTEMPTS times, each worker killed (out of memory)
+        for table, row_id in ((Edit, edit_id), (Trace, trace_id)):
+            session.execute(update(table).where(table.id == row_id).values(status="running", attempts=MAX_ATTEMPTS,
+                                                                          heartbeat_at=utcnow()))
+    _age_request(pg_url, Edit, edit_id, 61)
+    sent = RecordingDispatcher()
+    assert edit_id not in reconcile(pg_url, sent.send, 60, set()) and sent.sent == []
+    with session_scope(pg_url) as session:
+        edit = session.get(Edit, edit_id)
+        assert edit.status == "failed" and f"started {MAX_ATTEMPTS} times" in edit.error and edit.finished_at
+        assert session.get(Trace, trace_id).status == "running"  # beating a moment ago: left alone
+    # a redelivery by the broker (task_reject_on_worker_lost) meets the same limit in the worker
+    with session_scope(pg_url) as session:
+        session.execute(update(Edit).where(Edit.id == edit_id).values(status="running", error=None))
+    run_edit(pg_url, edit_id)
+    with session_scope(pg_url) as session:
+        assert session.get(Edit, edit_id).status == "failed" and session.get(Edit, edit_id).attempts == MAX_ATTEMPTS

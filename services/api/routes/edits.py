@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import io
-import math
 import zipfile
 from pathlib import Path
 from typing import Annotated
@@ -10,9 +9,11 @@ from typing import Annotated
 from fastapi import APIRouter, HTTPException, Query, Request
 from fastapi.responses import StreamingResponse
 
-from ecif_core.edit import EditSettings
+from ecif_core.edit_settings import EditSettings
 from ecif_core.edit_audit import preview, removal_set, zero_shot_examples
 from ecif_core.errors import ConfigError
+from ecif_core.manifest import Manifest
+from ecif_core.model_check import check_theta
 from ecif_core.storage import files_under, location, remove_tree, write_text
 from ecif_core.values import check_json_values
 
@@ -23,7 +24,7 @@ from ..schemas import EditCreated, EditRequest, EditStatus, errors
 from .audits import _owned, _owned_child
 
 router = APIRouter(prefix="/audits/{audit_id}", tags=["edits"], responses=errors(401, 404, 503))
-MAX_ITERATIONS, MAX_IDS, MAX_THETA_PATTERNS, MAX_ZERO_SHOT = 500, 1_000_000, 64, 10_000
+MAX_IDS, MAX_THETA_PATTERNS, MAX_ZERO_SHOT = 1_000_000, 64, 10_000
 REQUEST_IDS = "request_ids.txt"
 
 
@@ -52,23 +53,21 @@ def removal_preview(audit_id: str, owner: OwnerDep, session: SessionDep,
 @router.post("/edits", status_code=202, response_model=EditCreated, responses=errors(409, 422))
 def create(request: Request, audit_id: str, body: EditRequest, owner: OwnerDep, session: SessionDep,
            settings_: SettingsDep) -> EditCreated:
+    """Queue an edit. Everything is checked here, before it is queued: the settings (bounds:
+    EDIT_SETTINGS, in this schema), the removal set, `theta` against the audited model's parameter
+    names (built without weights) and the zero-shot images."""
     audit = _finished(session, owner, audit_id)
-    check_json_values(body.model_dump(), "")  # NUL, lone surrogates, non-finite numbers
+    check_json_values(body.model_dump(), "")  # NUL, lone surrogates
     if (body.remove is None) == (body.ids is None):
         raise ConfigError("remove", "give exactly one of `remove` (a spec) and `ids` (a list)")
     if body.ids is not None and not 1 <= len(body.ids) <= MAX_IDS:
         raise ConfigError("ids", f"give between 1 and {MAX_IDS} ids")
-    if not 1 <= body.max_iterations <= MAX_ITERATIONS:
-        raise ConfigError("max_iterations", f"must be between 1 and {MAX_ITERATIONS}")
-    if body.theta is not None and not 1 <= len(body.theta) <= MAX_THETA_PATTERNS:
-        raise ConfigError("theta", f"give between 1 and {MAX_THETA_PATTERNS} patterns")
-    for name in ("damping", "damping_factor", "tolerance"):
-        value = getattr(body, name)
-        if value is not None and not math.isfinite(value):
-            raise ConfigError(name, "must be a finite number")
+    if body.theta is not None:
+        if not 1 <= len(body.theta) <= MAX_THETA_PATTERNS:
+            raise ConfigError("theta", f"give between 1 and {MAX_THETA_PATTERNS} patterns")
+        check_theta(Manifest.from_json(audit.manifest), body.theta)
     zero_shot = _confined_zero_shot(body.zero_shot, settings_.resolved_roots())
-    settings = EditSettings(damping=body.damping, damping_factor=body.damping_factor,
-                            max_iterations=body.max_iterations, tolerance=body.tolerance).validate()
+    settings = EditSettings.from_mapping(body.model_dump())
     edit = repository.create_edit(session, audit, {})
     spec, folder = _server_spec(body.remove), location(edit.edit_dir)
     if body.ids is not None:
@@ -80,7 +79,7 @@ def create(request: Request, audit_id: str, body: EditRequest, owner: OwnerDep, 
         remove_tree(folder)
         raise ConfigError("ids", exc.message) if body.ids is not None else exc
     edit.request = {"remove": spec, "pairs": len(chosen.ids), "theta": body.theta, "zero_shot": zero_shot,
-                    **{k: getattr(settings, k) for k in ("damping", "damping_factor", "max_iterations", "tolerance")}}
+                    **settings.as_dict()}
     session.commit()
     request.app.state.dispatcher.start_edit(edit.id)
     return EditCreated(edit_id=edit.id, status_url=str(request.url_for("edit_status", audit_id=audit_id,
