@@ -7,6 +7,8 @@ from typing import Annotated
 
 from pydantic import BaseModel, Field
 
+from .openapi import REMOVAL_SPEC
+
 ERROR_DESCRIPTIONS = {
     401: "missing or invalid API key (`Authorization: Bearer <key>`)",
     404: "no such audit or trace (another owner's is answered the same)",
@@ -90,7 +92,7 @@ class TraceStatus(BaseModel):
 class EditRequest(BaseModel):
     """Which pairs to remove (a spec, or the ids themselves) and how to solve for the edit."""
 
-    remove: str | None = Field(None, max_length=200)  # suspected | top:Q:COLUMN | bottom:Q:COLUMN | random:Q[:SEED]
+    remove: Annotated[str, Field(max_length=200, json_schema_extra=REMOVAL_SPEC)] | None = None  # the grammar: REMOVAL_SPEC
     ids: list[Annotated[str, Field(max_length=4096)]] | None = None  # or the pairs' ids
     damping: float | None = None
     damping_factor: float = 0.1
