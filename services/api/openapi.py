@@ -6,7 +6,7 @@ your own model", is the reference; the server validates every field and answers 
 """
 from __future__ import annotations
 
-from ecif_core.scores import RANK_BY
+from ecif_core.scores import RANK_BY, SUSPICION_SIGN
 
 _PATH = {"type": "string", "minLength": 1, "description": "relative to the first data root, or absolute under a root"}
 _SOURCE = {"oneOf": [_PATH, {
@@ -63,3 +63,62 @@ MANIFEST_BODY = {
             "manifest": {"type": "string", "format": "binary"}}}},
     },
 }
+
+
+# ------------------------------------------------------------------ removal specs
+
+REMOVAL_SPEC_FORMAT = "removal-spec"   # a name, not a regex: the grammar is below, the server checks it
+REMOVAL_SPEC = {
+    "format": REMOVAL_SPEC_FORMAT,
+    "description": "which pairs: `suspected` | `top:Q:COLUMN` | `bottom:Q:COLUMN` | `random:Q[:SEED]`; "
+                   "Q is a fraction in (0, 1] when it has a decimal point, else a count >= 1; COLUMN one of "
+                   f"{', '.join(sorted(SUSPICION_SIGN))}; SEED an integer >= 0 (README, \"Removing pairs\"). "
+                   "Anything else is a 422 naming `remove`.",
+    "examples": ["suspected", "top:0.05:self_influence", "bottom:100:influence", "random:0.05:7"],
+}
+
+
+# ------------------------------------------------------------------ links
+# OpenAPI links: which response carries the id another operation takes, so a client (and
+# schemathesis' stateful phase) can chain calls on real audits, traces and edits.
+
+def _ref(path: str, method: str) -> str:
+    return "#/paths/" + path.replace("~", "~0").replace("/", "~1") + "/" + method
+
+
+_AUDIT = "/audits/{audit_id}"
+_AUDIT_READS = {"GetAudit": (_AUDIT, "get"), "GetResults": (_AUDIT + "/results.csv", "get"),
+                "GetReport": (_AUDIT + "/report", "get"), "GetRejected": (_AUDIT + "/rejected.csv", "get"),
+                "PreviewRemoval": (_AUDIT + "/preview", "get"), "CreateEdit": (_AUDIT + "/edits", "post"),
+                "CreateTrace": (_AUDIT + "/traces", "post")}
+_AUDIT_CHANGES = {"CancelAudit": (_AUDIT + "/cancel", "post"), "RetryAudit": (_AUDIT + "/retry", "post"),
+                  "DeleteAudit": (_AUDIT, "delete")}
+
+
+def _links(targets: dict[str, tuple[str, str]], parameters: dict[str, str]) -> dict:
+    return {name: {"operationRef": _ref(path, method),
+                   "parameters": {k: v for k, v in parameters.items() if "{" + k + "}" in path}}
+            for name, (path, method) in targets.items()}
+
+
+def audit_links(expression: str, changes: bool = True, status: bool = True) -> dict:
+    """Links from a response naming an audit (`expression`) to what takes its id. `changes=False`
+    leaves out cancel, retry and delete: only the audit POST /audits has just created is the chain's to
+    throw away (a listed or polled one is finished or running work); `status=False`, from the status itself."""
+    reads = {name: target for name, target in _AUDIT_READS.items() if status or name != "GetAudit"}
+    return _links({**reads, **(_AUDIT_CHANGES if changes else {})}, {"audit_id": expression})
+
+
+def trace_links(expression: str, status: bool = True) -> dict:
+    """Links from a response naming a trace of the request's audit; `status=False` from the status itself."""
+    trace = _AUDIT + "/traces/{trace_id}"
+    return _links({**({"GetTrace": (trace, "get")} if status else {}), "GetTraceCsv": (trace + ".csv", "get"),
+                   "GetTraceReport": (trace + "/report", "get")},
+                  {"audit_id": "$request.path.audit_id", "trace_id": expression})
+
+
+def edit_links(expression: str, status: bool = True) -> dict:
+    """Links from a response naming an edit of the request's audit; `status=False` from the status itself."""
+    edit = _AUDIT + "/edits/{edit_id}"
+    return _links({**({"GetEdit": (edit, "get")} if status else {}), "GetEditCheckpoint": (edit + "/checkpoint", "get")},
+                  {"audit_id": "$request.path.audit_id", "edit_id": expression})

@@ -10,6 +10,8 @@ from pydantic import BaseModel, ConfigDict, Field, create_model
 from ecif_core.edit_settings import EDIT_SETTINGS, SettingSpec
 from ecif_core.manifest import MAX_PATTERN_CHARS
 
+from .openapi import REMOVAL_SPEC
+
 ERROR_DESCRIPTIONS = {
     401: "missing or invalid API key (`Authorization: Bearer <key>`)",
     404: "no such audit or trace (another owner's is answered the same)",
@@ -102,7 +104,7 @@ class TraceStatus(BaseModel):
 class _EditRequestBase(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    remove: str | None = Field(None, max_length=200)  # suspected | top:Q:COLUMN | bottom:Q:COLUMN | random:Q[:SEED]
+    remove: Annotated[str, Field(max_length=200, json_schema_extra=REMOVAL_SPEC)] | None = None  # the grammar: REMOVAL_SPEC
     ids: list[Annotated[str, Field(max_length=4096)]] | None = None  # or the pairs' ids
     theta: list[Annotated[str, Field(min_length=1, max_length=MAX_PATTERN_CHARS)]] | None = None  # fnmatch
     # patterns on the audited model's parameter names, checked at submit

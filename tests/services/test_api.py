@@ -220,6 +220,27 @@ def test_openapi_documents_the_error_responses_and_the_manifest_body(api):
     assert "401" in paths["/metrics"]["get"]["responses"]
 
 
+def test_openapi_links_name_real_operations_and_their_id_parameters(api):
+    """The links a client (and the stateful fuzz test) follows: each points at an operation that
+    exists and fills exactly that operation's path ids, and the ids reach preview, edits and traces."""
+    paths = api.get("/openapi.json").json()["paths"]
+    linked = set()
+    for path, operations in paths.items():
+        for method, operation in operations.items():
+            for status, response in operation["responses"].items():
+                for name, link in response.get("links", {}).items():
+                    target_path, target_method = link["operationRef"].removeprefix("#/paths/").rsplit("/", 1)
+                    target_path = target_path.replace("~1", "/").replace("~0", "~")
+                    target = paths[target_path][target_method]
+                    wanted = {p["name"] for p in target.get("parameters", []) if p["in"] == "path"}
+                    assert set(link["parameters"]) == wanted, (path, method, status, name)
+                    linked.add((f"{method.upper()} {path}", f"{target_method.upper()} {target_path}"))
+    assert {("POST /audits", "GET /audits/{audit_id}/preview"), ("GET /audits", "POST /audits/{audit_id}/edits"),
+            ("POST /audits/{audit_id}/edits", "GET /audits/{audit_id}/edits/{edit_id}/checkpoint"),
+            ("POST /audits/{audit_id}/traces", "GET /audits/{audit_id}/traces/{trace_id}.csv")} <= linked
+    assert ("GET /audits", "DELETE /audits/{audit_id}") not in linked  # a chain deletes only what it created
+
+
 def test_readyz_reports_an_unmigrated_database(tmp_path):
     settings = Settings(database_url=f"sqlite:///{tmp_path / 'empty.db'}", store_url=str(tmp_path / "store"))
     with TestClient(create_app(settings, starter=RecordingStarter())) as client:

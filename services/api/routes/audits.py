@@ -22,14 +22,15 @@ from ...resume import DispatchFailed, NotResumable
 from ..deps import OwnerDep, SessionDep, SettingsDep
 from ..schemas import AuditCreated, AuditPage, AuditStatus, errors
 from ..unavailable import RETRY_AFTER_S, Unavailable
-from ..openapi import MANIFEST_BODY
+from ..openapi import MANIFEST_BODY, audit_links
 
 router = APIRouter(prefix="/audits", tags=["audits"], responses=errors(401, 503))
 MAX_OFFSET = 1_000_000_000     # beyond any owner's audits; a larger one overflowed Postgres' bigint
 MAX_ROWS = 2**31 - 1           # results.csv?limit= (a row count; the table's ranks are int4)
 
 
-@router.post("", status_code=202, response_model=AuditCreated, responses=errors(413, 422, 503),
+@router.post("", status_code=202, response_model=AuditCreated,
+             responses={202: {"links": audit_links("$response.body#/id")}, **errors(413, 422, 503)},
              openapi_extra={"requestBody": MANIFEST_BODY})
 async def submit(request: Request, owner: OwnerDep, session: SessionDep, settings: SettingsDep) -> AuditCreated:
     """Body: the manifest as JSON, or multipart/form-data with the manifest file in `manifest`."""
@@ -53,7 +54,8 @@ def _create_and_queue(request: Request, raw: object, owner: str, session: Sessio
     return audit.id
 
 
-@router.get("", response_model=AuditPage, responses=errors(422))
+@router.get("", response_model=AuditPage,  # items/0: the newest audit on the page
+            responses={200: {"links": audit_links("$response.body#/items/0/id", changes=False)}, **errors(422)})
 def list_audits(request: Request, owner: OwnerDep, session: SessionDep,
                 limit: Annotated[int, Query(ge=1, le=200)] = 20,
                 offset: Annotated[int, Query(ge=0, le=MAX_OFFSET)] = 0) -> AuditPage:
@@ -61,7 +63,8 @@ def list_audits(request: Request, owner: OwnerDep, session: SessionDep,
     return AuditPage(items=[_status(request, session, a) for a in audits], total=total, limit=limit, offset=offset)
 
 
-@router.get("/{audit_id}", response_model=AuditStatus, name="audit_status", responses=errors(404))
+@router.get("/{audit_id}", response_model=AuditStatus, name="audit_status",
+            responses={200: {"links": audit_links("$response.body#/id", changes=False, status=False)}, **errors(404)})
 def status(request: Request, audit_id: str, owner: OwnerDep, session: SessionDep) -> AuditStatus:
     return _status(request, session, _owned(session, owner, audit_id))
 

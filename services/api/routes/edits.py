@@ -20,6 +20,7 @@ from ecif_core.values import check_json_values
 from ... import repository
 from ...manifests import check_confined
 from ..deps import OwnerDep, SessionDep, SettingsDep
+from ..openapi import REMOVAL_SPEC, edit_links
 from ..schemas import EditCreated, EditRequest, EditStatus, errors
 from .audits import _owned, _owned_child
 
@@ -43,14 +44,16 @@ def _server_spec(spec: str | None) -> str:
 
 @router.get("/preview", name="audit_preview", responses=errors(409, 422))
 def removal_preview(audit_id: str, owner: OwnerDep, session: SessionDep,
-                    remove: Annotated[str, Query(max_length=200)]) -> dict:
+                    remove: Annotated[str, Query(max_length=200, description=REMOVAL_SPEC["description"],
+                                                 json_schema_extra=REMOVAL_SPEC)]) -> dict:
     """Predicted change of the validation loss if the pairs `remove` names were dropped (stored numbers)."""
     audit = _finished(session, owner, audit_id)
     check_json_values(remove, "remove")
     return preview(audit.audit_dir, _server_spec(remove))
 
 
-@router.post("/edits", status_code=202, response_model=EditCreated, responses=errors(409, 422))
+@router.post("/edits", status_code=202, response_model=EditCreated,
+             responses={202: {"links": edit_links("$response.body#/edit_id")}, **errors(409, 422)})
 def create(request: Request, audit_id: str, body: EditRequest, owner: OwnerDep, session: SessionDep,
            settings_: SettingsDep) -> EditCreated:
     """Queue an edit. Everything is checked here, before it is queued: the settings (bounds:
@@ -86,7 +89,8 @@ def create(request: Request, audit_id: str, body: EditRequest, owner: OwnerDep, 
                                                                        edit_id=edit.id)))
 
 
-@router.get("/edits/{edit_id}", response_model=EditStatus, name="edit_status")
+@router.get("/edits/{edit_id}", response_model=EditStatus, name="edit_status",
+            responses={200: {"links": edit_links("$response.body#/id", status=False)}})
 def status(request: Request, audit_id: str, edit_id: str, owner: OwnerDep, session: SessionDep) -> EditStatus:
     edit = _owned_edit(session, owner, audit_id, edit_id)
     return EditStatus(id=edit.id, audit_id=audit_id, status=edit.status, request=edit.request,

@@ -14,6 +14,7 @@ from ... import repository
 from ...manifests import check_confined
 from ...report import trace_report_html
 from ..deps import OwnerDep, SessionDep, SettingsDep
+from ..openapi import trace_links
 from ..schemas import TraceCreated, TraceRequest, TraceStatus, errors
 from .audits import _csv, _owned, _owned_child
 
@@ -21,7 +22,8 @@ router = APIRouter(prefix="/audits/{audit_id}/traces", tags=["traces"], response
 MAX_TESTS, MAX_K = 64, 1000
 
 
-@router.post("", status_code=202, response_model=TraceCreated, responses=errors(409, 422))
+@router.post("", status_code=202, response_model=TraceCreated,
+             responses={202: {"links": trace_links("$response.body#/trace_id")}, **errors(409, 422)})
 def create(request: Request, audit_id: str, body: TraceRequest, owner: OwnerDep, session: SessionDep,
            settings: SettingsDep) -> TraceCreated:
     audit = _owned(session, owner, audit_id)
@@ -66,7 +68,8 @@ def trace_report(audit_id: str, trace_id: str, owner: OwnerDep, session: Session
     return HTMLResponse(trace_report_html(settings.database_url, trace.id, settings.resolved_roots()))
 
 
-@router.get("/{trace_id}", response_model=TraceStatus, name="trace_status")
+@router.get("/{trace_id}", response_model=TraceStatus, name="trace_status",
+            responses={200: {"links": trace_links("$response.body#/id", status=False)}})
 def status(request: Request, audit_id: str, trace_id: str, owner: OwnerDep, session: SessionDep) -> TraceStatus:
     trace = _owned_trace(session, owner, audit_id, trace_id)
     return TraceStatus(id=trace.id, audit_id=audit_id, status=trace.status, created_at=trace.created_at,
