@@ -20,10 +20,21 @@ from tests.services.conftest import OPTIONS, manifest_json
 
 
 class RecordingStarter:
-    def __init__(self) -> None:
+    """Records what the API would queue; with the database's URL, a retry resumes the audit for
+    real (services.resume) and records the tasks it would send."""
+
+    def __init__(self, database_url: str | None = None) -> None:
+        self.database_url = database_url
         self.started: list[str] = []
         self.traces: list[str] = []
         self.edits: list[str] = []
+        self.resumed: list[tuple] = []
+
+    def resume(self, audit_id: str):
+        from services.resume import resume_audit
+
+        assert self.database_url, "RecordingStarter(database_url) is needed to serve POST /audits/{id}/retry"
+        return resume_audit(self.database_url, audit_id, lambda *task: self.resumed.append(task))
 
     def start(self, audit_id: str) -> None:
         self.started.append(audit_id)
@@ -39,7 +50,7 @@ class RecordingStarter:
 def api(pg_url, data_root, tmp_path_factory):
     store = tmp_path_factory.mktemp("store")
     settings = Settings(database_url=pg_url, store_url=str(store), data_roots=[data_root], max_manifest_bytes=4096)
-    starter = RecordingStarter()
+    starter = RecordingStarter(pg_url)
     with TestClient(create_app(settings, starter=starter)) as client:
         client.starter, client.settings = starter, settings
         yield client

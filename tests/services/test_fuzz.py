@@ -52,7 +52,7 @@ def _fuzzed_app(pg_url, data_root, tmp_path_factory, owner: str):
 
     store = tmp_path_factory.mktemp("fuzz-store")
     app = create_app(Settings(database_url=pg_url, store_url=str(store), data_roots=[data_root],
-                              max_manifest_bytes=65536), starter=RecordingStarter())
+                              max_manifest_bytes=65536), starter=RecordingStarter(pg_url))
     with session_scope(pg_url) as session:
         key = repository.create_key(session, owner)
     finished = _new_audit(pg_url, data_root / "manifest.json", tmp_path_factory.mktemp("fuzz-audit"))
