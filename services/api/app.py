@@ -126,6 +126,7 @@ def create_app(settings: Settings | None = None, starter: object | None = None) 
 
     unavailable.install(app, settings)  # database or broker down: 503 + Retry-After, never a 500
     redact = Redactor(settings.store_url, [*settings.data_roots, *settings.resolved_roots()])
+    app.state.redact = redact  # status bodies' `error` fields go through it too
 
     @app.exception_handler(ConfigError)
     async def config_error(_request: Request, exc: ConfigError) -> JSONResponse:

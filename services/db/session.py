@@ -10,6 +10,7 @@ from sqlalchemy import Engine, create_engine, event, make_url, text
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
+CONNECT_TIMEOUT_S = 10
 MIGRATIONS = Path(__file__).resolve().parents[2] / "migrations"
 
 
@@ -22,7 +23,13 @@ def get_engine(url: str) -> Engine:
         engine = create_engine(url, connect_args={"timeout": 30})
         event.listen(engine, "connect", _sqlite_pragmas)
         return engine
-    return create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=5)
+    return create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=5, connect_args=_connect_args(url))
+
+
+def _connect_args(url: str) -> dict:
+    """A database host that drops packets (rather than refusing them) must still end in a 503 or a
+    retried task within seconds, not after the OS's TCP timeout; a URL's own connect_timeout wins."""
+    return {} if "connect_timeout" in make_url(url).query else {"connect_timeout": CONNECT_TIMEOUT_S}
 
 
 def _sqlite_pragmas(connection, _record) -> None:

@@ -20,10 +20,21 @@ from tests.services.conftest import OPTIONS, manifest_json
 
 
 class RecordingStarter:
-    def __init__(self) -> None:
+    """Records what the API would queue; with the database's URL, a retry resumes the audit for
+    real (services.resume) and records the tasks it would send."""
+
+    def __init__(self, database_url: str | None = None) -> None:
+        self.database_url = database_url
         self.started: list[str] = []
         self.traces: list[str] = []
         self.edits: list[str] = []
+        self.resumed: list[tuple] = []
+
+    def resume(self, audit_id: str):
+        from services.resume import resume_audit
+
+        assert self.database_url, "RecordingStarter(database_url) is needed to serve POST /audits/{id}/retry"
+        return resume_audit(self.database_url, audit_id, lambda *task: self.resumed.append(task))
 
     def start(self, audit_id: str) -> None:
         self.started.append(audit_id)
@@ -39,7 +50,7 @@ class RecordingStarter:
 def api(pg_url, data_root, tmp_path_factory):
     store = tmp_path_factory.mktemp("store")
     settings = Settings(database_url=pg_url, store_url=str(store), data_roots=[data_root], max_manifest_bytes=4096)
-    starter = RecordingStarter()
+    starter = RecordingStarter(pg_url)
     with TestClient(create_app(settings, starter=starter)) as client:
         client.starter, client.settings = starter, settings
         yield client
@@ -769,3 +780,73 @@ def test_a_trace_with_a_non_finite_influence_fails_with_the_reason(api, keys, pg
     status = api.get(f"/audits/{finished_audit}/traces/{response.json()['trace_id']}", headers=keys["alice"])
     assert status.status_code == 200 and status.json()["status"] == "failed", status.text
     assert "rank 2: influence not finite" in status.json()["error"] and status.json()["results"] == []
+
+
+def test_a_failure_message_in_a_status_shows_no_server_path(api, keys, pg_url, finished_audit, data_root):
+    """Status bodies carry the worker's failure text (`error`): the same redaction as a 422's."""
+    import os
+
+    from services.db.models import Audit, Edit, Trace
+    from services.db.session import session_scope
+
+    store = os.path.realpath(str(api.settings.store_url))
+    leak = f"prepare: train: {os.path.realpath(data_root)}/digits/x.jsonl; wrote {store}/abc/plan.json"
+    edit = api.post(f"/audits/{finished_audit}/edits", json={"remove": "suspected"}, headers=keys["alice"])
+    trace = api.post(f"/audits/{finished_audit}/traces", json={"tests": [_zero_shot(data_root)], "k": 3},
+                     headers=keys["alice"])
+    failed = _submit(api, keys["alice"])["id"]
+    with session_scope(pg_url) as session:
+        for table, row_id in ((Edit, edit.json()["edit_id"]), (Trace, trace.json()["trace_id"]), (Audit, failed)):
+            row = session.get(table, row_id)
+            row.status, row.error = "failed", leak
+    urls = [f"/audits/{finished_audit}/edits/{edit.json()['edit_id']}",
+            f"/audits/{finished_audit}/traces/{trace.json()['trace_id']}", f"/audits/{failed}"]
+    for url in urls:
+        error = api.get(url, headers=keys["alice"]).json()["error"]
+        assert error == "prepare: train: digits/x.jsonl; wrote <store>/abc/plan.json", (url, error)
+
+
+class RefusingBroker(RecordingStarter):
+    """A dispatcher whose broker is down: every send raises as kombu's does."""
+
+    def start_trace(self, trace_id: str) -> None:
+        from kombu.exceptions import OperationalError
+
+        raise OperationalError("Error 111 connecting to 127.0.0.1:1. Connection refused.")
+
+    start_edit = start_trace
+
+
+def test_an_edit_or_trace_the_broker_refused_is_503_and_failed_never_run_later(api, keys, pg_url, finished_audit,
+                                                                              data_root, tmp_path):
+    """The client is told to retry: the row must not also run later through the reconciler (twice the work)."""
+    from services.db.models import Edit, Trace
+    from services.db.session import session_scope
+
+    settings = Settings(database_url=pg_url, store_url=api.settings.store_url, data_roots=[data_root])
+    with TestClient(create_app(settings, starter=RefusingBroker())) as client:
+        edit = client.post(f"/audits/{finished_audit}/edits", json={"remove": "suspected"}, headers=keys["alice"])
+        trace = client.post(f"/audits/{finished_audit}/traces", json={"tests": [_zero_shot(data_root)], "k": 3},
+                            headers=keys["alice"])
+    for response, table in ((edit, Edit), (trace, Trace)):
+        assert response.status_code == 503 and response.headers["Retry-After"], response.text
+        assert "recorded as failed" in response.json()["detail"]
+    with session_scope(pg_url) as session:
+        rows = session.query(Edit).filter(Edit.audit_id == finished_audit, Edit.status == "queued").all()
+        rows += session.query(Trace).filter(Trace.audit_id == finished_audit, Trace.status == "queued").all()
+        assert not [r for r in rows if r.error and "broker" in r.error]
+        failed = session.query(Edit).filter(Edit.error.like("%broker is unavailable%")).count()
+        failed += session.query(Trace).filter(Trace.error.like("%broker is unavailable%")).count()
+    assert failed == 2
+
+
+def test_postgres_connections_give_up_within_a_bounded_time(pg_url):
+    """A host that drops packets must end in a 503 within seconds, not the OS's TCP timeout (minutes);
+    the engine hands the driver a connect timeout unless the URL sets its own."""
+    from services.db.session import CONNECT_TIMEOUT_S, _connect_args, get_engine
+
+    assert 1 <= CONNECT_TIMEOUT_S <= 15
+    assert _connect_args("postgresql+psycopg://u@h/x") == {"connect_timeout": CONNECT_TIMEOUT_S}
+    assert _connect_args("postgresql+psycopg://u@h/x?connect_timeout=1") == {}  # the URL's own value wins
+    with get_engine(pg_url).connect() as connection:  # the driver takes it (a wrong name would fail here)
+        assert connection.exec_driver_sql("select 1").scalar() == 1

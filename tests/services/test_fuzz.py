@@ -45,21 +45,27 @@ class AsServer:
             self.errors.append(f"{type(exc).__name__}: {exc}")
 
 
-def test_no_operation_answers_5xx_or_an_undocumented_status(pg_url, data_root, tmp_path_factory):
+def _fuzzed_app(pg_url, data_root, tmp_path_factory, owner: str):
+    """The app under fuzz (in process, real Postgres, nothing queued for real), the owner's key
+    header, and two audits of that owner: one run to the end, one left queued."""
+    from services.db.models import Audit
+
     store = tmp_path_factory.mktemp("fuzz-store")
     app = create_app(Settings(database_url=pg_url, store_url=str(store), data_roots=[data_root],
-                              max_manifest_bytes=65536), starter=RecordingStarter())
+                              max_manifest_bytes=65536), starter=RecordingStarter(pg_url))
     with session_scope(pg_url) as session:
-        key = repository.create_key(session, "fuzzer")
+        key = repository.create_key(session, owner)
     finished = _new_audit(pg_url, data_root / "manifest.json", tmp_path_factory.mktemp("fuzz-audit"))
     queued = _new_audit(pg_url, data_root / "manifest.json", tmp_path_factory.mktemp("fuzz-audit"))
     with session_scope(pg_url) as session:
-        from services.db.models import Audit
-
         for audit_id in (finished, queued):
-            session.get(Audit, audit_id).owner = "fuzzer"
+            session.get(Audit, audit_id).owner = owner
     _run_to_the_end(pg_url, finished)
-    headers = {"Authorization": f"Bearer {key}"}
+    return app, {"Authorization": f"Bearer {key}"}, finished, queued
+
+
+def test_no_operation_answers_5xx_or_an_undocumented_status(pg_url, data_root, tmp_path_factory):
+    app, headers, finished, queued = _fuzzed_app(pg_url, data_root, tmp_path_factory, "fuzzer")
     with TestClient(app) as client:  # runs the app's startup, as a server would
         trace = client.post(f"/audits/{finished}/traces", headers=headers, json={
             "tests": [{"image": "digits/images/" + sorted((data_root / "digits" / "images").iterdir())[0].name,
@@ -182,21 +188,9 @@ def test_stateful_fuzzing_on_real_ids_answers_no_5xx_or_an_undocumented_status(p
     from schemathesis.generation.stateful.state_machine import StepInput, normalize_name
     from schemathesis.specs.openapi.formats import unregister_string_format
     from services.api.openapi import REMOVAL_SPEC_FORMAT
-    from services.db.models import Audit
     from services.pipeline import run_edit, run_trace
 
-    store = tmp_path_factory.mktemp("fuzz-store")
-    app = create_app(Settings(database_url=pg_url, store_url=str(store), data_roots=[data_root],
-                              max_manifest_bytes=65536), starter=RecordingStarter())
-    with session_scope(pg_url) as session:
-        key = repository.create_key(session, "stateful-fuzzer")
-    queued = _new_audit(pg_url, data_root / "manifest.json", tmp_path_factory.mktemp("fuzz-audit"))
-    finished = _new_audit(pg_url, data_root / "manifest.json", tmp_path_factory.mktemp("fuzz-audit"))
-    with session_scope(pg_url) as session:
-        for audit_id in (queued, finished):
-            session.get(Audit, audit_id).owner = "stateful-fuzzer"
-    _run_to_the_end(pg_url, finished)
-    headers = {"Authorization": f"Bearer {key}"}
+    app, headers, finished, queued = _fuzzed_app(pg_url, data_root, tmp_path_factory, "stateful-fuzzer")
     image = "digits/images/" + sorted((data_root / "digits" / "images").iterdir())[0].name
     with TestClient(app) as client:  # runs the app's startup, as a server would
         trace = client.post(f"/audits/{finished}/traces", headers=headers,

@@ -186,7 +186,7 @@ def test_submissions_answer_503_with_retry_after_while_the_broker_is_down(pg_url
     finally:
         service.stop()
     log = (tmp_path / "server.log").read_text()
-    assert "broker unavailable" in log and "broker-secret" not in log and "Traceback" not in log
+    assert "task broker is unavailable" in log and "broker-secret" not in log and "Traceback" not in log
 
 
 def test_openapi_documents_503_with_retry_after_on_every_operation(tmp_path):

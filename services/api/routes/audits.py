@@ -15,7 +15,7 @@ from sqlalchemy.orm import Session
 from ecif_core.errors import ConfigError
 
 from ... import repository
-from ...db.models import Audit
+from ...db.models import Audit, utcnow
 from ...manifests import confined_manifest
 from ...report import audit_report_html
 from ...resume import DispatchFailed, NotResumable
@@ -210,9 +210,26 @@ def _status(request: Request, session: Session, audit: Audit) -> AuditStatus:
                        shards_total=progress["shards_total"], pairs_total=audit.pairs_total,
                        pairs_rejected=audit.pairs_rejected, curvature_shift=audit.curvature_shift, created_at=audit.created_at,
                        started_at=audit.started_at, finished_at=audit.finished_at,
-                       eta_seconds=progress["eta_seconds"], stall_reason=progress["stall_reason"], error=audit.error,
+                       eta_seconds=progress["eta_seconds"], stall_reason=progress["stall_reason"], error=_redacted(request, audit.error),
                        results_url=str(request.url_for("audit_results", audit_id=audit.id)),
                        rejected_url=str(request.url_for("audit_rejected", audit_id=audit.id)))
+
+
+def _redacted(request: Request, error: str | None) -> str | None:
+    """A failure message as a client may read it: no store or data-root paths (services.api.redact)."""
+    return None if error is None else request.app.state.redact(error)
+
+
+def dispatch_or_fail(session: Session, row, send, what: str) -> None:
+    """Send a new trace's or edit's task; when the broker refuses, the row is failed (so the
+    reconciler never runs it behind the client's back) and the answer is 503 + Retry-After."""
+    try:
+        send(row.id)
+    except Exception as exc:  # noqa: BLE001 - whatever the broker client raises, nothing was queued
+        row.status, row.error, row.finished_at = "failed", "could not queue the task: the broker is unavailable", utcnow()
+        session.commit()
+        raise Unavailable(f"the task broker is unavailable; the {what} was not queued (it is recorded as failed): "
+                          f"retry the request in {RETRY_AFTER_S} seconds") from exc
 
 
 def _csv(lines, filename: str) -> StreamingResponse:

@@ -22,7 +22,7 @@ from ...manifests import check_confined
 from ..deps import OwnerDep, SessionDep, SettingsDep
 from ..openapi import REMOVAL_SPEC, edit_links
 from ..schemas import EditCreated, EditRequest, EditStatus, errors
-from .audits import _owned, _owned_child
+from .audits import _owned, _owned_child, _redacted, dispatch_or_fail
 
 router = APIRouter(prefix="/audits/{audit_id}", tags=["edits"], responses=errors(401, 404, 503))
 MAX_IDS, MAX_THETA_PATTERNS, MAX_ZERO_SHOT = 1_000_000, 64, 10_000
@@ -84,7 +84,7 @@ def create(request: Request, audit_id: str, body: EditRequest, owner: OwnerDep, 
     edit.request = {"remove": spec, "pairs": len(chosen.ids), "theta": body.theta, "zero_shot": zero_shot,
                     **settings.as_dict()}
     session.commit()
-    request.app.state.dispatcher.start_edit(edit.id)
+    dispatch_or_fail(session, edit, request.app.state.dispatcher.start_edit, "edit")
     return EditCreated(edit_id=edit.id, status_url=str(request.url_for("edit_status", audit_id=audit_id,
                                                                        edit_id=edit.id)))
 
@@ -94,7 +94,7 @@ def create(request: Request, audit_id: str, body: EditRequest, owner: OwnerDep, 
 def status(request: Request, audit_id: str, edit_id: str, owner: OwnerDep, session: SessionDep) -> EditStatus:
     edit = _owned_edit(session, owner, audit_id, edit_id)
     return EditStatus(id=edit.id, audit_id=audit_id, status=edit.status, request=edit.request,
-                      created_at=edit.created_at, finished_at=edit.finished_at, error=edit.error, result=edit.result,
+                      created_at=edit.created_at, finished_at=edit.finished_at, error=_redacted(request, edit.error), result=edit.result,
                       checkpoint_url=str(request.url_for("edit_checkpoint", audit_id=audit_id, edit_id=edit.id)))
 
 

@@ -16,7 +16,7 @@ from ...report import trace_report_html
 from ..deps import OwnerDep, SessionDep, SettingsDep
 from ..openapi import trace_links
 from ..schemas import TraceCreated, TraceRequest, TraceStatus, errors
-from .audits import _csv, _owned, _owned_child
+from .audits import _csv, _owned, _owned_child, _redacted, dispatch_or_fail
 
 router = APIRouter(prefix="/audits/{audit_id}/traces", tags=["traces"], responses=errors(401, 404, 503))
 MAX_TESTS, MAX_K = 64, 1000
@@ -45,7 +45,7 @@ def create(request: Request, audit_id: str, body: TraceRequest, owner: OwnerDep,
             raise ConfigError(f"tests[{i}].image", "file not found")
     trace = repository.create_trace(session, audit, tests, body.k)
     session.commit()
-    request.app.state.dispatcher.start_trace(trace.id)
+    dispatch_or_fail(session, trace, request.app.state.dispatcher.start_trace, "trace")
     return TraceCreated(trace_id=trace.id, status_url=str(request.url_for("trace_status", audit_id=audit_id,
                                                                           trace_id=trace.id)))
 
@@ -73,7 +73,7 @@ def trace_report(audit_id: str, trace_id: str, owner: OwnerDep, session: Session
 def status(request: Request, audit_id: str, trace_id: str, owner: OwnerDep, session: SessionDep) -> TraceStatus:
     trace = _owned_trace(session, owner, audit_id, trace_id)
     return TraceStatus(id=trace.id, audit_id=audit_id, status=trace.status, created_at=trace.created_at,
-                       finished_at=trace.finished_at, error=trace.error, k=trace.request["k"],
+                       finished_at=trace.finished_at, error=_redacted(request, trace.error), k=trace.request["k"],
                        results=repository.trace_results(session, trace) if trace.status == "succeeded" else [],
                        csv_url=str(request.url_for("trace_csv", audit_id=audit_id, trace_id=trace.id)))
 
