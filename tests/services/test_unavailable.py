@@ -201,3 +201,14 @@ def test_openapi_documents_503_with_retry_after_on_every_operation(tmp_path):
     assert "database" in submit["description"] and "broker" in submit["description"]
     assert "Retry-After" in submit["headers"]
     assert "503" not in paths["/healthz"]["get"]["responses"]
+
+
+def test_the_broker_client_gives_up_within_seconds():
+    """kombu's Redis transport waits forever by default: a broker host that drops packets would hold
+    POST /audits for minutes instead of the 503 above."""
+    from workers.celery_app import BROKER_CONNECT_TIMEOUT_S, BROKER_READ_TIMEOUT_S, app
+
+    options = app.conf.broker_transport_options
+    assert options["socket_connect_timeout"] == BROKER_CONNECT_TIMEOUT_S <= 10
+    assert options["socket_timeout"] == BROKER_READ_TIMEOUT_S <= 60
+    assert app.connection_for_write().transport_options["socket_connect_timeout"] == BROKER_CONNECT_TIMEOUT_S
