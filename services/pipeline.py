@@ -345,6 +345,14 @@ def _request_failures(database_url: str, table, row_id: str) -> Iterator[_Failed
             raise
 
 
+def fail_open_request(database_url: str, kind: str, row_id: str, exc: BaseException) -> None:
+    """Record a queued or running trace or edit as failed with the reason (never a finished one)."""
+    table = REQUEST_TABLES[kind]
+    with session_scope(database_url) as session:
+        session.execute(update(table).where(table.id == row_id, table.status.in_(("queued", "running")))
+                        .values(status="failed", error=f"stopped: {error_text(exc)}", finished_at=utcnow()))
+
+
 def _claim_request(database_url: str, kind: str, row_id: str, heartbeat_interval: float = 0) -> dict | None:
     """Mark a trace or edit running (one more attempt) and return its request and audit folder;
     None when there is nothing to run: gone, finished, running elsewhere (it beat within four
