@@ -875,3 +875,21 @@ def test_an_in_process_edit_whose_run_escapes_ends_failed_not_running(api, keys,
     with session_scope(pg_url) as session:
         edit = session.get(Edit, edit_id)
         assert edit.status == "failed" and edit.error.startswith("stopped: database error"), edit.error
+
+
+def test_an_edit_record_in_a_status_shows_no_server_path(api, keys, pg_url, finished_audit, data_root):
+    """The edit record names the audit folder and the base checkpoint: as the client knows them."""
+    import os
+
+    from services.db.models import Edit
+    from services.db.session import session_scope
+
+    store = os.path.realpath(str(api.settings.store_url))
+    edit_id = api.post(f"/audits/{finished_audit}/edits", json={"remove": "suspected"},
+                       headers=keys["alice"]).json()["edit_id"]
+    with session_scope(pg_url) as session:
+        row = session.get(Edit, edit_id)
+        row.status, row.result = "succeeded", {"audit": f"{store}/{finished_audit}", "pairs": 3,
+                                               "base": {"checkpoint": [f"{os.path.realpath(data_root)}/model.pt"]}}
+    result = api.get(f"/audits/{finished_audit}/edits/{edit_id}", headers=keys["alice"]).json()["result"]
+    assert result == {"audit": f"<store>/{finished_audit}", "pairs": 3, "base": {"checkpoint": ["model.pt"]}}
