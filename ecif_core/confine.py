@@ -105,20 +105,47 @@ def open_confined(path: "str | os.PathLike[str]", roots: Sequence[Path] | None, 
     real = confined(path, roots, field)
     if is_remote(real):
         return real.open("rb", block_size=8 << 20)  # read by 8 MiB ranges
-    # O_NOFOLLOW: a last component swapped for a symlink after `confined` is refused, not followed
-    flags = os.O_RDONLY | (0 if roots is None else getattr(os, "O_NOFOLLOW", 0))
     try:
-        handle = os.fdopen(os.open(real, flags), "rb")
+        handle = open_regular(real, roots, field, path)
     except OSError:
         if roots is not None and os.path.islink(real):
             raise OutsideRoots(field, f"{_printable(path)} was replaced by a symbolic link while being opened") from None
         raise
     try:
+        check_location(handle, roots, field, path)
         check_opened(handle, roots, field, path)
     except BaseException:
         handle.close()
         raise
     return handle
+
+
+def open_regular(real: "str | os.PathLike[str]", roots: Sequence[Path] | None, field: str,
+                 path: "str | os.PathLike[str]") -> IO[bytes]:
+    """A local file opened for reading, refused unless it is a regular file. O_NONBLOCK: a FIFO or
+    device swapped in never blocks the worker in open(); O_NOFOLLOW (with roots): a last component
+    swapped for a symlink after `confined` is refused, not followed."""
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | (0 if roots is None else getattr(os, "O_NOFOLLOW", 0))
+    descriptor = os.open(real, flags)
+    if not stat.S_ISREG(os.fstat(descriptor).st_mode):
+        os.close(descriptor)
+        raise OutsideRoots(field, f"{_printable(path)} is not a regular file")
+    return os.fdopen(descriptor, "rb")
+
+
+def check_location(handle: "IO | int", roots: Sequence[Path] | None, field: str,
+                   path: "str | os.PathLike[str]") -> None:
+    """Refuse an opened file that does not lie under a local root, read from the descriptor itself
+    (Linux's /proc/self/fd): a folder on the path swapped for a symlink between `confined` and the
+    open is followed by the kernel, and only the opened file tells where it really is."""
+    local = [root for root in roots or () if not is_remote(root)]
+    descriptor = handle if isinstance(handle, int) else handle.fileno()
+    where = f"/proc/self/fd/{descriptor}"
+    if not local or not os.path.exists(where):
+        return
+    if not any(Path(os.readlink(where)).is_relative_to(root) for root in local):
+        raise OutsideRoots(field, f"{_printable(path)} is outside the data roots (a folder on its path was "
+                                  "replaced while it was being opened)")
 
 
 def check_opened(handle: "IO | int", roots: Sequence[Path] | None, field: str, path: "str | os.PathLike[str]") -> None:

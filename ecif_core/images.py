@@ -18,7 +18,8 @@ from typing import TYPE_CHECKING, Callable, Sequence
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from .confine import HARD_LINKS_HINT, HardLinked, OutsideRoots, check_opened, confined, open_confined
+from .confine import (HARD_LINKS_HINT, HardLinked, OutsideRoots, check_location, check_opened, confined, open_confined,
+                      open_regular)
 from .errors import EcifError
 from .remote import FetchError, RemoteImages, fetch, fetched_path, is_url
 from .shards import open_tar
@@ -199,14 +200,18 @@ def _open_shard(shard: str, roots: Sequence[Path] | None = None) -> tarfile.TarF
     real = confined(shard, roots, "image")
     tar = _tar(str(real), identity(real))
     if not is_remote(real):
+        check_location(tar.fileobj, roots, "image", shard)
         check_opened(tar.fileobj, roots, "image", shard)
     return tar
 
 
 @functools.lru_cache(maxsize=16)
 def _tar(shard: str, _identity: tuple) -> tarfile.TarFile:
-    """Open shards stay open (per process): a batch reads many members of the same shard."""
-    return open_tar(shard)
+    """Open shards stay open (per process): a batch reads many members of the same shard. A local
+    one is opened as a regular file (never blocks on a FIFO); where it lies is checked by the caller."""
+    if is_remote(shard):
+        return open_tar(shard)
+    return open_tar(open_regular(shard, None, "image", shard))
 
 
 def load_image(path: str, roots: Sequence[Path] | None = None) -> Image.Image:

@@ -29,9 +29,11 @@ class AddressRefused(Exception):
 def address_problem(address: str | Address) -> str | None:
     """Why an image may not be fetched from `address` (without an opt-in), or None."""
     ip = ipaddress.ip_address(address.split("%", 1)[0] if isinstance(address, str) else address)
-    for candidate in (_embedded_ipv4(ip), ip):  # the IPv4 really reached names the kind best
-        if candidate is None:
-            continue
+    # An IPv6 form carrying an IPv4 address (mapped, NAT64, 6to4) reaches that IPv4 address, so
+    # it alone decides: the IPv6 prefixes themselves count as reserved, and a DNS64 network
+    # would otherwise refuse every public image.
+    embedded = _embedded_ipv4(ip)
+    for candidate in ((embedded,) if embedded is not None else (ip,)):
         for kind, test in (("loopback", candidate.is_loopback), ("link-local", candidate.is_link_local),
                            ("unspecified", candidate.is_unspecified), ("multicast", candidate.is_multicast),
                            ("private", candidate.is_private), ("reserved", candidate.is_reserved)):
@@ -88,7 +90,11 @@ def connect(host: str, port: int, deadline: float, allow_private: bool) -> socke
         if problem:
             refused.append(problem)
             continue
-        sock = socket.socket(family, kind, proto)
+        try:
+            sock = socket.socket(family, kind, proto)  # a family the kernel lacks: try the next address
+        except OSError as exc:
+            last_error = exc
+            continue
         try:
             sock.settimeout(_left(deadline))
             sock.connect(sockaddr)  # the checked address, not the name: no second lookup

@@ -18,6 +18,7 @@ import os
 import socket
 import time
 from collections import deque
+from datetime import timedelta
 from pathlib import Path
 from typing import Callable, Iterator, Protocol
 
@@ -34,7 +35,7 @@ from ecif_core.values import finite_or_null
 
 from ecif_core.stages import DONE, FIRST, next_stage, position
 
-from .db.models import FINISHED, SHARDED, Audit, PairRow, Score, Shard, utcnow
+from .db.models import FINISHED, SHARDED, Audit, PairRow, Score, Shard, as_utc, utcnow
 from .db.session import session_scope
 from .liveness import MAX_ATTEMPTS, REQUEST_TABLES, Heartbeat, RequestHeartbeat, gave_up, mark_dispatched
 
@@ -336,21 +337,34 @@ def _request_failures(database_url: str, table, row_id: str) -> Iterator[_Failed
         raise
     except Exception as exc:
         with session_scope(database_url) as session:
-            session.execute(update(table).where(table.id == row_id).values(
-                status="failed", error=error_text(exc), finished_at=utcnow()))
+            # only a row still open: a duplicate delivery failing never overwrites another's success
+            session.execute(update(table).where(table.id == row_id, table.status.in_(("queued", "running")))
+                            .values(status="failed", error=error_text(exc), finished_at=utcnow()))
         failed.value = True
         if not isinstance(exc, EcifError):
             raise
 
 
-def _claim_request(database_url: str, kind: str, row_id: str) -> dict | None:
-    """Mark a trace or edit running (one more attempt) and return its request and audit folder;
-    None when there is nothing to run: gone, finished, or started MAX_ATTEMPTS times already
-    (then it is failed with that reason: each earlier start lost its worker)."""
+def fail_open_request(database_url: str, kind: str, row_id: str, exc: BaseException) -> None:
+    """Record a queued or running trace or edit as failed with the reason (never a finished one)."""
     table = REQUEST_TABLES[kind]
     with session_scope(database_url) as session:
-        row = session.get(table, row_id)
+        session.execute(update(table).where(table.id == row_id, table.status.in_(("queued", "running")))
+                        .values(status="failed", error=f"stopped: {error_text(exc)}", finished_at=utcnow()))
+
+
+def _claim_request(database_url: str, kind: str, row_id: str, heartbeat_interval: float = 0) -> dict | None:
+    """Mark a trace or edit running (one more attempt) and return its request and audit folder;
+    None when there is nothing to run: gone, finished, running elsewhere (it beat within four
+    heartbeat intervals: a duplicate delivery must not write the same folder beside it), or started
+    MAX_ATTEMPTS times already (then it is failed with that reason: each earlier start lost its worker)."""
+    table = REQUEST_TABLES[kind]
+    with session_scope(database_url) as session:
+        row = session.get(table, row_id, with_for_update=True)
         if row is None or row.status in FINISHED:
+            return None
+        if row.status == "running" and heartbeat_interval > 0 and row.heartbeat_at is not None and \
+                utcnow() - as_utc(row.heartbeat_at) < timedelta(seconds=4 * heartbeat_interval):
             return None
         if row.attempts >= MAX_ATTEMPTS:
             row.status, row.error, row.finished_at = "failed", gave_up(kind, row.attempts), utcnow()
@@ -374,7 +388,7 @@ def run_trace(database_url: str, trace_id: str, models: core.ModelCache, heartbe
 
     from .db.models import Trace, TracePair
 
-    claimed = _claim_request(database_url, "trace", trace_id)
+    claimed = _claim_request(database_url, "trace", trace_id, heartbeat_interval)
     if claimed is None:
         return
     request = claimed["request"]
@@ -408,7 +422,7 @@ def run_edit(database_url: str, edit_id: str, heartbeat_interval: float = 0) -> 
 
     from .db.models import Edit
 
-    claimed = _claim_request(database_url, "edit", edit_id)
+    claimed = _claim_request(database_url, "edit", edit_id, heartbeat_interval)
     if claimed is None:
         return
     request, edit_dir = claimed["request"], claimed["edit_dir"]

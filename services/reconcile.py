@@ -17,12 +17,12 @@ Imports only the database layer (no torch): it runs in a prefork worker's parent
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timedelta
 from typing import Callable
 
 from sqlalchemy import or_, select, update
 
-from .db.models import SHARDED, Audit, Shard
+from .db.models import SHARDED, Audit, Shard, as_utc
 from .db.session import session_scope
 from .liveness import MAX_ATTEMPTS, REQUEST_TABLES, Task, gave_up, now as utc_now
 
@@ -206,10 +206,6 @@ def resume(database_url: str, audit_id: str, send: Send) -> int:
 
 
 def _idle(now: datetime, moments: list[datetime | None]) -> float:
-    known = [_aware(m) for m in moments if m is not None]
+    known = [as_utc(m) for m in moments if m is not None]
     return (now - max(known)).total_seconds() if known else float("inf")
 
-
-def _aware(moment: datetime) -> datetime:
-    """SQLite returns naive datetimes (stored as UTC)."""
-    return moment if moment.tzinfo is not None else moment.replace(tzinfo=timezone.utc)

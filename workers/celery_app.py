@@ -7,14 +7,21 @@ from celery import Celery
 
 from services.settings import get_settings
 
+BROKER_CONNECT_TIMEOUT_S, BROKER_READ_TIMEOUT_S = 5, 30
+
 
 def make_app() -> Celery:
     settings = get_settings()
     app = Celery("ecif", broker=settings.broker_url or "redis://127.0.0.1:6379/0", include=["workers.tasks"])
     # A task of a worker that died is re-queued once it is older than visibility_timeout, by a
     # sweep every restore_interval seconds (throttle 1: every sweep scans).
+    # Socket timeouts: kombu's Redis transport waits forever by default, so a broker host that drops
+    # packets would hold a submission for the OS's TCP timeout instead of answering 503 (the read
+    # timeout stays well above the consumer's 1 s BRPOP poll).
     transport = {"visibility_timeout": settings.visibility_timeout,
-                 "unacked_restore_interval": settings.restore_interval, "unacked_restore_throttle": 1}
+                 "unacked_restore_interval": settings.restore_interval, "unacked_restore_throttle": 1,
+                 "socket_connect_timeout": BROKER_CONNECT_TIMEOUT_S, "socket_timeout": BROKER_READ_TIMEOUT_S,
+                 "socket_keepalive": True}
     app.conf.update(
         task_acks_late=True,
         task_reject_on_worker_lost=True,

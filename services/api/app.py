@@ -51,6 +51,17 @@ class CeleryStarter:
         app.send_task("ecif.tasks.gpu.edit", args=[edit_id])
 
 
+def close_request(database_url: str, kind: str, row_id: str, exc: BaseException) -> None:
+    """In-process mode has no reconciler: a trace or edit whose run escaped (a database outage
+    mid-run, say) is failed with the reason now, or it would stay `running` for good."""
+    from ..pipeline import fail_open_request
+
+    try:
+        fail_open_request(database_url, kind, row_id, exc)
+    except Exception:  # noqa: BLE001 - the database is still away: the log above has the reason
+        log.warning("could not record %s %s as failed", kind, row_id)
+
+
 class InProcessStarter:
     """Embedded mode (no broker): audits run one after another on a background thread."""
 
@@ -73,8 +84,9 @@ class InProcessStarter:
         with self._lock:
             try:
                 run_edit(self.settings.database_url, edit_id)
-            except Exception:
+            except Exception as exc:
                 log.exception("edit %s stopped", edit_id)
+                close_request(self.settings.database_url, "edit", edit_id, exc)
 
     def _trace(self, trace_id: str) -> None:
         from ecif_core.audit import ModelCache
@@ -84,8 +96,9 @@ class InProcessStarter:
         with self._lock:
             try:
                 run_trace(self.settings.database_url, trace_id, ModelCache())
-            except Exception:
+            except Exception as exc:
                 log.exception("trace %s stopped", trace_id)
+                close_request(self.settings.database_url, "trace", trace_id, exc)
 
     def resume(self, audit_id: str) -> Resumed:
         """Reopened here (a refusal is the caller's answer), run on a background thread."""

@@ -13,7 +13,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from kombu.exceptions import OperationalError as KombuOperationalError
 from redis.exceptions import ConnectionError as RedisConnectionError, TimeoutError as RedisTimeoutError
-from sqlalchemy.exc import InterfaceError, OperationalError, TimeoutError as PoolTimeoutError
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError, TimeoutError as PoolTimeoutError
 
 from ..settings import Settings
 
@@ -53,11 +53,27 @@ def install(app: FastAPI, settings: Settings) -> None:
         log.warning("%s (%s)", exc, _reason(exc.__cause__ or exc, secrets))
         return unavailable(str(exc))
 
+    async def database_error(request: Request, exc: Exception) -> JSONResponse:
+        """Other driver errors that still mean "the database is away for now": a dropped connection,
+        a server shutting down (57P0x), a primary demoted to read-only during a failover (25006)."""
+        if is_outage(exc):
+            return await database_down(request, exc)
+        raise exc  # a real bug: the server's 500, with its traceback in the log
+
     app.add_exception_handler(Unavailable, known)
+    app.add_exception_handler(DBAPIError, database_error)
     for kind in DATABASE_DOWN:
         app.add_exception_handler(kind, database_down)
     for kind in BROKER_DOWN:
         app.add_exception_handler(kind, broker_down)
+
+
+def is_outage(exc: BaseException) -> bool:
+    """A driver error that a retry after a short wait can cure (SQLSTATE classes 08 and 57P0x, 25006)."""
+    if isinstance(exc, DBAPIError) and exc.connection_invalidated:
+        return True
+    state = getattr(getattr(exc, "orig", None), "sqlstate", None) or ""
+    return state.startswith("08") or state in ("57P01", "57P02", "57P03", "25006")
 
 
 def _secrets(*urls: str | None) -> list[str]:

@@ -185,3 +185,33 @@ def test_an_image_swapped_for_a_hard_link_after_prepare_is_refused_at_load(layou
         load_batch(pairs, to_tensor, lambda texts: torch.zeros(len(texts), 2), roots=[root])
     with pytest.raises(HardLinked):
         image_bytes(str(image), [root])
+
+
+def test_a_folder_swapped_for_a_symlink_while_a_file_is_opened_is_refused(tmp_path, monkeypatch):
+    """`confined` resolves the path, then the file is opened: a folder on the way replaced by a link out
+    of the roots in between is followed by the kernel, so the opened file itself says where it is."""
+    import ecif_core.confine as confine
+
+    root, outside = tmp_path / "root", tmp_path / "outside"
+    (outside / "sub").mkdir(parents=True)
+    (outside / "sub" / "pairs.jsonl").write_text('{"image": "x.png", "caption": "secret"}\n')
+    root.mkdir()
+    (root / "sub").symlink_to(outside / "sub")  # the state after the swap
+    roots = data_roots([root])
+    # the state at check time: sub was a real folder, so the real path was the one under the root
+    monkeypatch.setattr(confine, "confined", lambda path, _roots, _field: Path(path))
+    with pytest.raises(OutsideRoots, match="replaced while it was being opened"):
+        confine.open_confined(root / "sub" / "pairs.jsonl", roots, "train")
+    with confine.open_confined(root / "sub" / "pairs.jsonl", None, "train") as handle:  # no roots: not confined
+        assert b"secret" in handle.read()
+
+
+def test_a_fifo_in_place_of_a_file_is_refused_without_blocking(tmp_path):
+    """A FIFO never blocks a worker in open(): the file must be a regular file."""
+    import ecif_core.confine as confine
+
+    root = tmp_path / "root"
+    root.mkdir()
+    os.mkfifo(root / "pairs.jsonl")
+    with pytest.raises(OutsideRoots, match="not a regular file"):
+        confine.open_confined(root / "pairs.jsonl", data_roots([root]), "train")

@@ -291,8 +291,10 @@ def test_non_public_addresses_are_refused_in_every_form(address):
     assert netguard.address_problem(address)
 
 
-@pytest.mark.parametrize("address", ["93.184.216.34", "8.8.8.8", "2606:4700:4700::1111"])
+@pytest.mark.parametrize("address", ["93.184.216.34", "8.8.8.8", "2606:4700:4700::1111",
+                                     "64:ff9b::808:808", "::ffff:8.8.8.8", "2002:808:808::1"])
 def test_public_addresses_are_allowed(address):
+    """IPv6 forms of a public IPv4 address too: a DNS64 network gives every IPv4-only host a NAT64 address."""
     assert netguard.address_problem(address) is None
 
 

@@ -850,3 +850,46 @@ def test_postgres_connections_give_up_within_a_bounded_time(pg_url):
     assert _connect_args("postgresql+psycopg://u@h/x?connect_timeout=1") == {}  # the URL's own value wins
     with get_engine(pg_url).connect() as connection:  # the driver takes it (a wrong name would fail here)
         assert connection.exec_driver_sql("select 1").scalar() == 1
+
+
+def test_an_in_process_edit_whose_run_escapes_ends_failed_not_running(api, keys, pg_url, finished_audit, monkeypatch):
+    """`ecif serve` without a broker has no reconciler: an edit whose run escaped (the database went
+    away mid-run, which run_edit re-raises for a retry that never comes here) is failed with the reason."""
+    from sqlalchemy.exc import OperationalError
+
+    import services.pipeline as pipeline
+    from services.api.app import InProcessStarter
+    from services.db.models import Edit
+    from services.db.session import session_scope
+
+    edit_id = api.post(f"/audits/{finished_audit}/edits", json={"remove": "suspected"},
+                       headers=keys["alice"]).json()["edit_id"]
+
+    def outage(database_url, row_id, *args, **kwargs):
+        with session_scope(database_url) as session:
+            session.get(Edit, row_id).status = "running"
+        raise OperationalError("UPDATE edits", {}, Exception("server closed the connection unexpectedly"))
+
+    monkeypatch.setattr(pipeline, "run_edit", outage)
+    InProcessStarter(api.settings)._edit(edit_id)
+    with session_scope(pg_url) as session:
+        edit = session.get(Edit, edit_id)
+        assert edit.status == "failed" and edit.error.startswith("stopped: database error"), edit.error
+
+
+def test_an_edit_record_in_a_status_shows_no_server_path(api, keys, pg_url, finished_audit, data_root):
+    """The edit record names the audit folder and the base checkpoint: as the client knows them."""
+    import os
+
+    from services.db.models import Edit
+    from services.db.session import session_scope
+
+    store = os.path.realpath(str(api.settings.store_url))
+    edit_id = api.post(f"/audits/{finished_audit}/edits", json={"remove": "suspected"},
+                       headers=keys["alice"]).json()["edit_id"]
+    with session_scope(pg_url) as session:
+        row = session.get(Edit, edit_id)
+        row.status, row.result = "succeeded", {"audit": f"{store}/{finished_audit}", "pairs": 3,
+                                               "base": {"checkpoint": [f"{os.path.realpath(data_root)}/model.pt"]}}
+    result = api.get(f"/audits/{finished_audit}/edits/{edit_id}", headers=keys["alice"]).json()["result"]
+    assert result == {"audit": f"<store>/{finished_audit}", "pairs": 3, "base": {"checkpoint": ["model.pt"]}}

@@ -215,3 +215,41 @@ def test_an_edit_whose_worker_keeps_dying_is_failed_with_the_reason(pg_url, data
     run_edit(pg_url, edit_id)
     with session_scope(pg_url) as session:
         assert session.get(Edit, edit_id).status == "failed" and session.get(Edit, edit_id).attempts == MAX_ATTEMPTS
+
+
+def test_a_duplicate_delivery_neither_runs_beside_a_beating_edit_nor_overwrites_a_success(pg_url, data_root,
+                                                                                       tmp_path, monkeypatch):
+    """The broker may deliver an edit twice (visibility timeout, a reconciler's send racing a slow
+    start): the second must not write the same folder beside a live run, and a failing duplicate
+    must not turn a finished edit into a failed one."""
+    import ecif_core.edit_audit as edit_audit_module
+    from services.pipeline import run_edit
+
+    edit_id, _ = _request_rows(pg_url, data_root, tmp_path)
+    with session_scope(pg_url) as session:  # a worker runs it and beat a second ago
+        session.execute(update(Edit).where(Edit.id == edit_id).values(status="running", attempts=1,
+                                                                      heartbeat_at=utcnow()))
+    calls = []
+    monkeypatch.setattr(edit_audit_module, "edit_audit", lambda *a, **k: calls.append(a) or {})
+    run_edit(pg_url, edit_id, heartbeat_interval=15)
+    with session_scope(pg_url) as session:
+        edit = session.get(Edit, edit_id)
+        assert (calls, edit.attempts, edit.status) == ([], 1, "running")  # left to the live run
+        edit.status = "succeeded"
+
+    def fails(*_args, **_kwargs):
+        raise RuntimeError("a duplicate's late failure")
+
+    with session_scope(pg_url) as session:  # a duplicate that had claimed it earlier fails late
+        session.execute(update(Edit).where(Edit.id == edit_id).values(heartbeat_at=utcnow() - timedelta(hours=1)))
+    from services.pipeline import _request_failures
+
+    try:
+        with _request_failures(pg_url, Edit, edit_id):
+            fails()
+    except RuntimeError as exc:  # re-raised for the worker's log, as any unexpected error
+        assert "late failure" in str(exc)
+    else:
+        raise AssertionError("the failure was swallowed")
+    with session_scope(pg_url) as session:
+        assert (session.get(Edit, edit_id).status, session.get(Edit, edit_id).error) == ("succeeded", None)

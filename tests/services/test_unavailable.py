@@ -201,3 +201,56 @@ def test_openapi_documents_503_with_retry_after_on_every_operation(tmp_path):
     assert "database" in submit["description"] and "broker" in submit["description"]
     assert "Retry-After" in submit["headers"]
     assert "503" not in paths["/healthz"]["get"]["responses"]
+
+
+def test_the_broker_client_gives_up_within_seconds():
+    """kombu's Redis transport waits forever by default: a broker host that drops packets would hold
+    POST /audits for minutes instead of the 503 above."""
+    from workers.celery_app import BROKER_CONNECT_TIMEOUT_S, BROKER_READ_TIMEOUT_S, app
+
+    options = app.conf.broker_transport_options
+    assert options["socket_connect_timeout"] == BROKER_CONNECT_TIMEOUT_S <= 10
+    assert options["socket_timeout"] == BROKER_READ_TIMEOUT_S <= 60
+    assert app.connection_for_write().transport_options["socket_connect_timeout"] == BROKER_CONNECT_TIMEOUT_S
+
+
+def test_a_primary_demoted_to_read_only_is_an_outage_and_a_real_bug_is_not():
+    """During a failover a write meets a read-only server (SQLSTATE 25006, psycopg's InternalError):
+    retry later (503). A constraint violation is no outage: it stays the server's error."""
+    from sqlalchemy.exc import IntegrityError, InternalError
+
+    from services.api.unavailable import is_outage
+
+    class DriverError(Exception):
+        def __init__(self, sqlstate: str) -> None:
+            self.sqlstate = sqlstate
+
+    assert is_outage(InternalError("INSERT", {}, DriverError("25006")))
+    assert is_outage(InternalError("SELECT", {}, DriverError("57P01")))
+    assert is_outage(InternalError("SELECT", {}, DriverError("08006")))
+    assert not is_outage(IntegrityError("INSERT", {}, DriverError("23505")))
+    assert not is_outage(InternalError("SELECT", {}, DriverError("XX000")))
+
+
+def test_the_app_answers_503_for_a_read_only_primary_and_500_for_a_bug(tmp_path):
+    from sqlalchemy.exc import IntegrityError, InternalError
+
+    class DriverError(Exception):
+        def __init__(self, sqlstate: str) -> None:
+            self.sqlstate = sqlstate
+
+    settings = Settings(database_url=f"sqlite:///{tmp_path / 'unused.db'}", store_url=str(tmp_path / "store"))
+    app = create_app(settings, starter=RecordingStarter())
+
+    @app.get("/test-only/failover")
+    def failover() -> None:
+        raise InternalError("INSERT INTO audits", {}, DriverError("25006"))
+
+    @app.get("/test-only/bug")
+    def bug() -> None:
+        raise IntegrityError("INSERT INTO audits", {}, DriverError("23505"))
+
+    with TestClient(app, raise_server_exceptions=False) as client:
+        answer = client.get("/test-only/failover")
+        assert answer.status_code == 503 and answer.headers["Retry-After"] and "database" in answer.json()["detail"]
+        assert client.get("/test-only/bug").status_code == 500

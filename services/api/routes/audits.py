@@ -215,9 +215,16 @@ def _status(request: Request, session: Session, audit: Audit) -> AuditStatus:
                        rejected_url=str(request.url_for("audit_rejected", audit_id=audit.id)))
 
 
-def _redacted(request: Request, error: str | None) -> str | None:
-    """A failure message as a client may read it: no store or data-root paths (services.api.redact)."""
-    return None if error is None else request.app.state.redact(error)
+def _redacted(request: Request, value):
+    """A failure message or a stored record as a client may read it: no store or data-root paths
+    in any string of it (services.api.redact)."""
+    if isinstance(value, str):
+        return request.app.state.redact(value)
+    if isinstance(value, dict):
+        return {key: _redacted(request, item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_redacted(request, item) for item in value]
+    return value
 
 
 def dispatch_or_fail(session: Session, row, send, what: str) -> None:

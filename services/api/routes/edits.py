@@ -94,7 +94,7 @@ def create(request: Request, audit_id: str, body: EditRequest, owner: OwnerDep, 
 def status(request: Request, audit_id: str, edit_id: str, owner: OwnerDep, session: SessionDep) -> EditStatus:
     edit = _owned_edit(session, owner, audit_id, edit_id)
     return EditStatus(id=edit.id, audit_id=audit_id, status=edit.status, request=edit.request,
-                      created_at=edit.created_at, finished_at=edit.finished_at, error=_redacted(request, edit.error), result=edit.result,
+                      created_at=edit.created_at, finished_at=edit.finished_at, error=_redacted(request, edit.error), result=_redacted(request, edit.result),
                       checkpoint_url=str(request.url_for("edit_checkpoint", audit_id=audit_id, edit_id=edit.id)))
 
 
