@@ -9,6 +9,7 @@ ConfigError naming the field, so the API answers 422 instead of failing later.
 from __future__ import annotations
 
 import math
+from typing import Any, Callable
 
 from .errors import ConfigError
 
@@ -38,16 +39,21 @@ def check_json_values(value: object, field: str, depth: int = 0) -> None:
             check_json_values(item, f"{field}[{i}]", depth + 1)
 
 
+def map_leaves(value: object, kind: type, change: Callable[[Any], object]) -> object:
+    """A copy of a JSON-like value (dicts, lists, tuples) with `change` applied to every leaf of `kind`."""
+    if isinstance(value, kind):
+        return change(value)
+    if isinstance(value, dict):
+        return {key: map_leaves(item, kind, change) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [map_leaves(item, kind, change) for item in value]
+    return value
+
+
 def finite_or_null(value: object) -> object:
     """A copy of a JSON-like value with every NaN and infinity replaced by None: what a strict
     JSON document (and a Postgres JSON column, which refuses NaN) can hold."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {key: finite_or_null(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [finite_or_null(item) for item in value]
-    return value
+    return map_leaves(value, float, lambda number: number if math.isfinite(number) else None)
 
 
 def text_problem(text: str) -> str | None:

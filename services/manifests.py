@@ -63,7 +63,6 @@ def confined_manifest(raw: Any, roots: list[Path], remote_hosts: Sequence[str] =
     return manifest
 
 
-
 def _check_remote_hosts(remote: Any, allowed: Sequence[str]) -> None:
     if remote is None:
         return

@@ -336,10 +336,7 @@ def _request_failures(database_url: str, table, row_id: str) -> Iterator[_Failed
     except TRANSIENT:
         raise
     except Exception as exc:
-        with session_scope(database_url) as session:
-            # only a row still open: a duplicate delivery failing never overwrites another's success
-            session.execute(update(table).where(table.id == row_id, table.status.in_(("queued", "running")))
-                            .values(status="failed", error=error_text(exc), finished_at=utcnow()))
+        _fail_open(database_url, table, row_id, error_text(exc))
         failed.value = True
         if not isinstance(exc, EcifError):
             raise
@@ -347,10 +344,14 @@ def _request_failures(database_url: str, table, row_id: str) -> Iterator[_Failed
 
 def fail_open_request(database_url: str, kind: str, row_id: str, exc: BaseException) -> None:
     """Record a queued or running trace or edit as failed with the reason (never a finished one)."""
-    table = REQUEST_TABLES[kind]
+    _fail_open(database_url, REQUEST_TABLES[kind], row_id, f"stopped: {error_text(exc)}")
+
+
+def _fail_open(database_url: str, table, row_id: str, error: str) -> None:
+    """Only a row still open fails: a duplicate delivery failing never overwrites another's success."""
     with session_scope(database_url) as session:
         session.execute(update(table).where(table.id == row_id, table.status.in_(("queued", "running")))
-                        .values(status="failed", error=f"stopped: {error_text(exc)}", finished_at=utcnow()))
+                        .values(status="failed", error=error, finished_at=utcnow()))
 
 
 def _claim_request(database_url: str, kind: str, row_id: str, heartbeat_interval: float = 0) -> dict | None:

@@ -6,7 +6,6 @@ import hashlib
 import io
 import secrets
 import uuid
-from datetime import timezone
 from pathlib import Path
 from typing import Iterator
 
@@ -19,7 +18,7 @@ from ecif_core.stages import FIRST
 from ecif_core.ranked import RANKED_COLUMNS, VALUE_COLUMNS, csv_row
 from ecif_core.manifest import Manifest
 
-from .db.models import FINISHED, SHARDED, ApiKey, Audit, Edit, PairRow, Score, Shard, Trace, TracePair, utcnow
+from .db.models import FINISHED, SHARDED, ApiKey, Audit, Edit, PairRow, Score, Shard, Trace, TracePair, as_utc, utcnow
 from .db.session import session_scope
 
 KEY_PREFIX = "ecif_"
@@ -118,7 +117,7 @@ def _idle_seconds(session: Session, audit: Audit) -> float:
                              .where(Shard.audit_id == audit.id)).one()
     moments = [m for m in (audit.created_at, audit.started_at, audit.dispatched_at, audit.heartbeat_at, *latest)
                if m is not None]
-    newest = max(m if m.tzinfo is not None else m.replace(tzinfo=timezone.utc) for m in moments)
+    newest = max(as_utc(m) for m in moments)
     return (utcnow() - newest).total_seconds()
 
 

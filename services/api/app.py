@@ -41,14 +41,14 @@ class CeleryStarter:
         return resume_audit(self.settings.database_url, audit_id, CeleryDispatcher().send)
 
     def start_trace(self, trace_id: str) -> None:
-        from workers.tasks import app
+        from workers.tasks import CeleryDispatcher
 
-        app.send_task("ecif.tasks.gpu.trace", args=[trace_id])
+        CeleryDispatcher().send("trace", trace_id)  # the task's name: liveness.REQUEST_TASKS
 
     def start_edit(self, edit_id: str) -> None:
-        from workers.tasks import app
+        from workers.tasks import CeleryDispatcher
 
-        app.send_task("ecif.tasks.gpu.edit", args=[edit_id])
+        CeleryDispatcher().send("edit", edit_id)
 
 
 def close_request(database_url: str, kind: str, row_id: str, exc: BaseException) -> None:

@@ -13,6 +13,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from sqlalchemy.orm import Session
 
 from ecif_core.errors import ConfigError
+from ecif_core.values import map_leaves
 
 from ... import repository
 from ...db.models import Audit, utcnow
@@ -218,13 +219,7 @@ def _status(request: Request, session: Session, audit: Audit) -> AuditStatus:
 def _redacted(request: Request, value):
     """A failure message or a stored record as a client may read it: no store or data-root paths
     in any string of it (services.api.redact)."""
-    if isinstance(value, str):
-        return request.app.state.redact(value)
-    if isinstance(value, dict):
-        return {key: _redacted(request, item) for key, item in value.items()}
-    if isinstance(value, list):
-        return [_redacted(request, item) for item in value]
-    return value
+    return map_leaves(value, str, request.app.state.redact)
 
 
 def dispatch_or_fail(session: Session, row, send, what: str) -> None:
