@@ -19,7 +19,7 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from ecif_core.audit import collect_scores  # noqa: E402
+from ecif_core.stages import collect_scores  # noqa: E402
 from ecif_core.datasets.digits import read_truth  # noqa: E402
 from ecif_core.demo import DemoSettings, evaluate_ranking, run_demo  # noqa: E402
 from ecif_core.metrics import detection_report  # noqa: E402

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from bench import scale
-from ecif_core import audit
+from ecif_core import stages as audit
 
 
 def equality(work: Path, pairs: int, device: str) -> dict:

@@ -14,7 +14,7 @@ of theta = the two projections (`train_only`; 15 epochs, lr 1e-3, weight decay 1
 batches) -> the embedded audit of M1 (services.embedded.run_embedded; clean validation split,
 theta = the projections, LoGra 8x8) -> for each removal set E (`random:0.1:<seed>`,
 `top:0.1:influence`, `bottom:0.1:influence`, `top:0.1:self_influence`, `suspected`):
-  * edited    = ecif_core.edit_audit.edit_audit(M1's audit, E)  (Newton step of the leave-E-out
+  * edited    = ecif_core.edit.from_audit.edit_audit(M1's audit, E)  (Newton step of the leave-E-out
                 objective by CG on exact Hessian-vector products; the feature cache is used)
   * retrained = the same fine-tune from M0 with `exclude` = E (same seed: same partition, E dropped
                 from its batches, same batch order)
@@ -91,7 +91,7 @@ class EditBenchSettings:
     removal_fraction: float = 0.1
     sets: list[str] = field(default_factory=lambda: list(SET_KINDS))
     max_suspected_share: float = 0.5  # `suspected` is skipped when empty or above this share
-    # EditSettings of the reported edits (None = ecif_core.edit's default)
+    # EditSettings of the reported edits (None = ecif_core.edit.solver's default)
     damping: float | None = None
     damping_factor: float = 0.01
     max_iterations: int = 50
@@ -101,7 +101,7 @@ class EditBenchSettings:
         return dataclasses.asdict(self)
 
     def edit_settings(self):
-        from ecif_core.edit import EditSettings
+        from ecif_core.edit.solver import EditSettings
 
         return EditSettings(damping=self.damping, damping_factor=self.damping_factor,
                             max_iterations=self.max_iterations, tolerance=self.tolerance)
@@ -165,9 +165,9 @@ def test_metrics(model: torch.nn.Module, tokenizer, batches) -> dict[str, float]
     (the test split is clean; class level because many captions are the same sentence)."""
     from bench.quality.evaluation import clean_test_metrics
     from ecif_core.datasets.digits import label_of_caption
-    from ecif_core.gradients import embed
-    from ecif_core.models import LoadedModel
-    from ecif_core.runtime import flush_denormals
+    from ecif_core.influence.gradients import embed
+    from ecif_core.models.factory import LoadedModel
+    from ecif_core.models.runtime import flush_denormals
 
     out = clean_test_metrics(LoadedModel(model, tokenizer, None, {}), batches)
     texts, images, labels = [], [], []
@@ -322,9 +322,9 @@ def run_seed(settings: EditBenchSettings, out: Path, seed: int, say_: Callable[[
         torch.set_num_threads(1)
     from bench.quality import scoring
     from bench.quality.tensors import load_batches
-    from ecif_core.edit_audit import removal_set
+    from ecif_core.edit.from_audit import removal_set
     from ecif_core.errors import ConfigError
-    from ecif_core.models import load_model
+    from ecif_core.models.factory import load_model
     from ecif_core.train import train
 
     root = Path(out).resolve() / f"seed{seed}"
@@ -396,7 +396,7 @@ def edit_and_compare(base: dict, spec: str, folder: Path, edit_settings, m1_metr
                      corrupted_share: float, share: float) -> dict:
     """Edit M1's audit without `spec` (timed end to end), evaluate, compare with the retrained model
     in folder/retrained.pt; the edited checkpoint is deleted afterwards (the row holds the numbers)."""
-    from ecif_core.edit_audit import edit_audit
+    from ecif_core.edit.from_audit import edit_audit
 
     started = time.perf_counter()
     record = edit_audit(base["audit"], spec, folder / "edited", edit_settings)
@@ -440,10 +440,10 @@ TUNING_GRID: tuple[dict[str, Any], ...] = tuple(
 def stationarity(base: dict, weight_decay: float) -> dict[str, float]:
     """|grad J(M1)| of the full training objective over theta (J = sum of batch losses + wd/2 |theta|^2):
     the edit assumes M1 is a stationary point of J (its gradient is compared with the removal gradients)."""
-    from ecif_core.edit import LeaveOutObjective
-    from ecif_core.edit_audit import training_batches_of
-    from ecif_core.losses import batch_loss, pair_logits
-    from ecif_core.models import load_model, select_theta
+    from ecif_core.edit.solver import LeaveOutObjective
+    from ecif_core.edit.from_audit import training_batches_of
+    from ecif_core.influence.losses import batch_loss, pair_logits
+    from ecif_core.models.factory import load_model, select_theta
 
     loaded = load_model(config=base["config"], checkpoint=base["m1"])
     params = select_theta(loaded.model, list(PROJECTIONS))
@@ -466,8 +466,8 @@ def tune(settings: EditBenchSettings, out: Path, seed: int, grid: Sequence[Mappi
     |M1 - retrained| is chosen (distance to retraining in theta; no test metric decides)."""
     from bench.quality import scoring
     from bench.quality.tensors import load_batches
-    from ecif_core.edit import EditSettings
-    from ecif_core.models import load_model
+    from ecif_core.edit.solver import EditSettings
+    from ecif_core.models.factory import load_model
 
     root = Path(out).resolve() / f"seed{seed}"
     base = _read_json(root / "base.json")
@@ -733,7 +733,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
                        args.workers, args.tune_seed)
     if default_records is not None:
         block = {"label": "seeds " + ", ".join(str(r["seed"]) for r in default_records)
-                          + " with ecif_core.edit's default EditSettings (before tuning)",
+                          + " with ecif_core.edit.solver's default EditSettings (before tuning)",
                  **summarise(default_records, settings.sets)}
         block["targets"] = targets(block["overall"])
         results["default_settings"] = {"settings": EditBenchSettings().edit_key(), "summary": block,

@@ -32,8 +32,15 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from ecif_core import audit
-from ecif_core.runtime import set_threads
+from ecif_core import stages as audit
+from ecif_core.data.manifest import load_manifest
+from ecif_core.stages.curvature import curvature
+from ecif_core.stages.finalize import finalize
+from ecif_core.stages.gradients import shard_gradients
+from ecif_core.stages.prepare import prepare
+from ecif_core.stages.scores import shard_scores
+from ecif_core.stages.validation import validation
+from ecif_core.models.runtime import set_threads
 
 
 class Meter:
@@ -85,28 +92,28 @@ def staged_audit(manifest: Path, out: Path, meter: Meter, deadline: float | None
     ends past it and the number of finished shards is returned instead of ranked.csv."""
     models = audit.ModelCache()
     with meter.stage("prepare"):
-        plan = audit.prepare(audit.load_manifest(manifest), out)
+        plan = prepare(load_manifest(manifest), out)
     for shard in range(plan.shards):
         with meter.stage("gradients"):
-            audit.shard_gradients(out, shard, models)
+            shard_gradients(out, shard, models)
         if deadline is not None and time.perf_counter() > deadline and shard + 1 < plan.shards:
             return shard + 1
     with meter.stage("curvature"):
-        audit.curvature(out)
+        curvature(out)
     with meter.stage("validation"):
-        audit.validation(out, models)
+        validation(out, models)
     for shard in range(plan.shards):
         with meter.stage("scores"):
-            audit.shard_scores(out, shard)
+            shard_scores(out, shard)
     with meter.stage("finalize"):
-        return audit.finalize(out)
+        return finalize(out)
 
 
 def training_epoch_seconds(model: torch.nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]],
                            device: torch.device, epochs: int = 1) -> float:
     """Seconds of one epoch of the training objective (as ecif_core.train: AdamW on every weight,
     contrastive loss), preprocessed batches in memory; the fastest of `epochs`."""
-    from ecif_core.losses import batch_loss, pair_logits
+    from ecif_core.influence.losses import batch_loss, pair_logits
 
     model = model.to(device).train()
     for p in model.parameters():
@@ -138,7 +145,7 @@ def _sync(device: torch.device) -> None:
 def tiny_part(out: Path, batch_sizes: list[int], n_train: int, device: torch.device) -> list[dict]:
     from ecif_core.datasets.digits import build_digits
     from ecif_core.demo import tiny_model_config
-    from ecif_core.gradients import choose_method
+    from ecif_core.influence.memory import choose_method
     from ecif_core.train import TrainConfig, train
 
     data = build_digits(out / "digits", fraction=0.2, seed=0, n_train=n_train, n_val=60, n_test=20)
@@ -165,7 +172,7 @@ def tiny_part(out: Path, batch_sizes: list[int], n_train: int, device: torch.dev
 
 def vit_checkpoint(out: Path) -> Path:
     """A seeded random-init ViT-B-32 state dict (nothing can be downloaded)."""
-    from ecif_core.models import build_model, resolve_model_config
+    from ecif_core.models.factory import build_model, resolve_model_config
 
     path = out / "vit-b-32-random.pt"
     if not path.exists():
@@ -197,10 +204,10 @@ def synthetic_pairs(out: Path, n: int, size: int = 32, seed: int = 0) -> Path:
 def vit_part(out: Path, batch_sizes: list[int], batches: int, device: torch.device, thetas: dict,
              pairs_total: int | None = None, epoch_batches: int | None = None,
              memory_limit: str | None = None) -> list[dict]:
-    from ecif_core.images import load_batch
-    from ecif_core.sources import read_pairs
-    from ecif_core.gradients import choose_method
-    from ecif_core.models import load_model
+    from ecif_core.data.images import load_batch
+    from ecif_core.data.sources import read_pairs
+    from ecif_core.influence.memory import choose_method
+    from ecif_core.models.factory import load_model
 
     checkpoint = vit_checkpoint(out)
     rows = []
@@ -248,13 +255,13 @@ class _Stop(Exception):
 def probe_part(out: Path, batch: int, backwards: int, memory_limit: str | None, device: torch.device,
                chunk: int = 64) -> dict:
     """Peak memory of the ViT-B-32 gradients stage at batch B, stopped after a few backwards."""
-    from ecif_core.images import load_batch
-    from ecif_core.sources import read_pairs
-    from ecif_core.gradients import per_pair_gradients
-    from ecif_core.memory import parse_bytes
-    from ecif_core.models import load_model, restrict_grad_to, select_theta
-    from ecif_core.projection import Projector, ProjectionSpec
-    from ecif_core import memory
+    from ecif_core.data.images import load_batch
+    from ecif_core.data.sources import read_pairs
+    from ecif_core.influence.gradients import per_pair_gradients
+    from ecif_core.influence.memory import parse_bytes
+    from ecif_core.models.factory import load_model, restrict_grad_to, select_theta
+    from ecif_core.influence.projection import Projector, ProjectionSpec
+    from ecif_core.influence import memory
 
     loaded = load_model("ViT-B-32", checkpoint=vit_checkpoint(out))
     loaded.model.to(device)
@@ -293,8 +300,8 @@ def probe_part(out: Path, batch: int, backwards: int, memory_limit: str | None, 
 
 def store_part(out: Path, sizes: list[int], dim: int, shard_rows: int) -> list[dict]:
     """Curvature and scoring of synthetic stores of N pairs (random gradients, real partial sums)."""
-    from ecif_core.hessian import fisher_sum
-    from ecif_core.manifest import AuditOptions
+    from ecif_core.influence.curvature import fisher_sum
+    from ecif_core.data.manifest import AuditOptions
 
     rows = []
     for n in sizes:
@@ -308,7 +315,7 @@ def store_part(out: Path, sizes: list[int], dim: int, shard_rows: int) -> list[d
         for shard in range(shards):
             grads = {name: rng.standard_normal((shard_rows, dim), dtype=np.float32) * 1e-2 for name in ("pos", "neg")}
             store.write_rows("grads", shard * shard_rows, grads)
-            if shard_rows >= 2 * dim:  # as the gradients stage does (audit.partial_sums_pay)
+            if shard_rows >= 2 * dim:  # as the gradients stage does (stages.curvature.partial_sums_pay)
                 store.root["fisher/partial"][shard] = fisher_sum([torch.from_numpy(grads["pos"])], dim).numpy()
             store.mark_done("gradients", shard)
         manifest = {"train": "x", "validation": None, "model": {"arch": "x", "config": None, "checkpoint": "x"},
@@ -319,10 +326,10 @@ def store_part(out: Path, sizes: list[int], dim: int, shard_rows: int) -> list[d
         (folder / "plan.json").write_text(json.dumps(plan))
         meter = Meter(torch.device("cpu"))
         with meter.stage("curvature"):
-            audit.curvature(folder)
+            curvature(folder)
         for shard in range(shards):
             with meter.stage("scores"):
-                audit.shard_scores(folder, shard)
+                shard_scores(folder, shard)
         rows.append({"pairs": n, "k": dim, "shards": shards, "stages": meter.stages})
         print(json.dumps(rows[-1]), flush=True)
         _fresh(folder)

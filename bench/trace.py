@@ -21,9 +21,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ecif_core import audit
+from ecif_core import stages as audit
 from ecif_core.datasets.digits import class_prompts, label_of_caption
-from ecif_core.trace import TraceExample, trace, trace_loss_gradient, trace_terms
+from ecif_core.trace.query import TraceExample, trace, trace_loss_gradient, trace_terms
 
 
 def demo_audit(workdir: Path) -> tuple[Path, float | None]:
@@ -91,7 +91,7 @@ def main() -> None:
     started = time.perf_counter()
     trace(demo, [example], k=20, models=models)
     warm = time.perf_counter() - started
-    loaded, params, projector = models.get(audit._manifest_of(audit.load_plan(demo)))
+    loaded, params, projector = models.get(audit.manifest_of(audit.load_plan(demo)))
     started = time.perf_counter()
     grad, _ = trace_loss_gradient(loaded, params, projector, example, [])
     gradient_seconds = time.perf_counter() - started

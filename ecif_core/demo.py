@@ -13,10 +13,10 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Callable
 
-from .audit import Progress, run_audit
+from ecif_core.stages import Progress, run_audit
 from .datasets.digits import build_digits, read_truth
-from .metrics import detection_report
-from .train import TrainConfig, train
+from ecif_core.metrics import detection_report
+from ecif_core.train import TrainConfig, train
 
 
 def tiny_model_config() -> dict[str, Any]:

@@ -1,7 +1,6 @@
 """Specific exceptions; each names the offending field or row so a caller can report it as is."""
 from __future__ import annotations
 
-import os
 
 
 class EcifError(Exception):
@@ -37,18 +36,3 @@ class NonFiniteResult(EcifError):
 
 class ModelSourceError(ConfigError):
     """The model cannot be built from local files alone (ecif_core never downloads weights)."""
-
-
-def read_json_file(path: "str | os.PathLike[str]", field: str, what: str = "file") -> object:
-    """A JSON file's content; a missing or malformed file is a ConfigError naming `field`."""
-    import json
-
-    from .storage import location
-
-    path = location(path, field)
-    if not path.is_file():
-        raise ConfigError(field, f"{what} not found: {path}")
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ConfigError(field, f"{what} {path} is not valid JSON ({exc})") from exc

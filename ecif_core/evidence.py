@@ -14,7 +14,7 @@ from typing import Sequence
 
 import numpy as np
 
-from .metrics import auroc
+from ecif_core.metrics import auroc
 
 CORRUPTIONS = ("shuffle", "word_swap")
 

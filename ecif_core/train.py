@@ -21,15 +21,15 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from .batching import ids_digest, training_batches
-from .images import load_batch
-from .sources import check_batchable, data_hash, leaving_ids, read_pairs, source_of
-from .lora import LORA_THETA_PATTERNS, TRAINING_SIDECAR, add_lora, save_adapter
-from .errors import ConfigError
-from .losses import batch_loss, pair_logits
-from .manifest import SIDECAR_SUFFIX
-from .models import load_model, resolve_model_config, select_theta
-from .runtime import flush_denormals
+from ecif_core.data.batching import ids_digest, training_batches
+from ecif_core.data.images import load_batch
+from ecif_core.data.sources import check_batchable, data_hash, leaving_ids, read_pairs, source_of
+from ecif_core.models.lora import LORA_THETA_PATTERNS, TRAINING_SIDECAR, add_lora, save_adapter
+from ecif_core.errors import ConfigError
+from ecif_core.influence.losses import batch_loss, pair_logits
+from ecif_core.data.manifest import SIDECAR_SUFFIX
+from ecif_core.models.factory import load_model, resolve_model_config, select_theta
+from ecif_core.models.runtime import flush_denormals
 
 MAX_LOGIT_SCALE = math.log(100.0)
 

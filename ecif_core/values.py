@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from typing import Any, Callable
 
-from .errors import ConfigError
+from ecif_core.errors import ConfigError
 
 MAX_DEPTH = 32
 

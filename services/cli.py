@@ -59,7 +59,7 @@ def _no_task_tracebacks() -> None:
 
 
 def cmd_audit(args: argparse.Namespace) -> int:
-    from ecif_core.folder import AuditFolder
+    from ecif_core.data.folder import AuditFolder
 
     from .embedded import run_embedded
 
@@ -98,7 +98,7 @@ def cmd_trace(args: argparse.Namespace) -> int:
     import csv
 
     from ecif_core.errors import ConfigError
-    from ecif_core.trace import TRACE_COLUMNS, examples_from_json, trace, trace_row
+    from ecif_core.trace.query import TRACE_COLUMNS, examples_from_json, trace, trace_row
 
     if (args.audit_id is None) == (args.audit_dir is None):
         raise ConfigError("trace", "give an AUDIT_ID (service) or --audit-dir (embedded), not both")
@@ -129,20 +129,20 @@ def cmd_trace(args: argparse.Namespace) -> int:
 
 
 def _edit_settings(args: argparse.Namespace):
-    from ecif_core.edit_settings import EditSettings
+    from ecif_core.edit.settings import EditSettings
 
     return EditSettings.from_mapping(_edit_setting_values(args))
 
 
 def _edit_setting_values(args: argparse.Namespace) -> dict:
-    from ecif_core.edit_settings import EDIT_SETTINGS
+    from ecif_core.edit.settings import EDIT_SETTINGS
 
     return {spec.name: getattr(args, spec.name) for spec in EDIT_SETTINGS}
 
 
 def _edit_setting_flags(parser: argparse.ArgumentParser) -> None:
-    """--damping, --damping-factor, ... from ecif_core.edit.EDIT_SETTINGS: default, bounds, meaning."""
-    from ecif_core.edit_settings import EDIT_SETTINGS
+    """--damping, --damping-factor, ... from ecif_core.edit.settings.EDIT_SETTINGS: default, bounds, meaning."""
+    from ecif_core.edit.settings import EDIT_SETTINGS
 
     for spec in EDIT_SETTINGS:
         default = "none" if spec.default is None else f"{spec.default:g}"
@@ -153,7 +153,7 @@ def _edit_setting_flags(parser: argparse.ArgumentParser) -> None:
 def cmd_preview(args: argparse.Namespace) -> int:
     """Predicted effect of removing a set of pairs, from an audit folder or the service."""
     if args.audit_dir:
-        from ecif_core.edit_audit import preview
+        from ecif_core.edit.from_audit import preview
 
         result = preview(args.audit_dir, args.remove, base_dir=Path.cwd())
     else:
@@ -165,9 +165,9 @@ def cmd_preview(args: argparse.Namespace) -> int:
 def cmd_edit(args: argparse.Namespace) -> int:
     """The model without a set of pairs (no retraining): a checkpoint plus its sidecars in --out."""
     if args.audit_dir:
-        from ecif_core.edit_audit import edit_audit
+        from ecif_core.edit.from_audit import edit_audit
 
-        from ecif_core.edit_audit import zero_shot_examples
+        from ecif_core.edit.from_audit import zero_shot_examples
 
         zero_shot = zero_shot_examples(_zero_shot_file(args.zero_shot)) if args.zero_shot else None
         record = edit_audit(args.audit_dir, args.remove, args.out, _edit_settings(args), theta=args.theta,
@@ -192,7 +192,7 @@ def _zero_shot_file(path: str | None) -> list | None:
     checks them against its data roots)."""
     if path is None:
         return None
-    from ecif_core.errors import read_json_file
+    from ecif_core.data.storage import read_json_file
 
     raw = read_json_file(path, "zero_shot")
     base = Path(path).resolve().parent
@@ -210,8 +210,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
     """Check a manifest and stream its pair sources without opening images (fast, bounded memory)."""
     import json
 
-    from ecif_core.sources import validate_source
-    from ecif_core.manifest import load_manifest
+    from ecif_core.data.sources import validate_source
+    from ecif_core.data.manifest import load_manifest
 
     manifest = load_manifest(args.manifest)
     report = {"manifest": "ok"}
@@ -353,7 +353,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
 def _status_bar():
     """The same bars as `ecif audit`, fed by the status JSON (stage, shards done, ETA)."""
     report = _progress_bar()
-    from ecif_core.stages import SHARDED, position
+    from ecif_core.stages.table import SHARDED, position
 
     finished: set[str] = set()
 
@@ -557,7 +557,7 @@ def apply_threads(args: argparse.Namespace) -> int | None:
     if threads is not None:
         os.environ["ECIF_TORCH_THREADS"] = str(threads)
     if args.verb in TORCH_VERBS:  # client verbs never import torch
-        from ecif_core.runtime import set_threads
+        from ecif_core.models.runtime import set_threads
 
         env = os.environ.get("ECIF_TORCH_THREADS")
         return set_threads(threads if threads is not None else (int(env) if env else None))

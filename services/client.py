@@ -9,7 +9,7 @@ from typing import Callable
 import httpx
 
 from ecif_core.errors import EcifError
-from ecif_core.manifest import with_paths
+from ecif_core.data.manifest import with_paths
 
 FINISHED = ("succeeded", "failed", "cancelled")
 

@@ -11,10 +11,10 @@ from typing import Callable
 
 from sqlalchemy import delete, select
 
-from ecif_core.folder import AuditFolder
-from ecif_core.storage import absolute, check_writable, is_remote, location, open_for_write
+from ecif_core.data.folder import AuditFolder
+from ecif_core.data.storage import absolute, check_writable, is_remote, location, open_for_write
 from ecif_core.errors import EcifError
-from ecif_core.manifest import load_manifest
+from ecif_core.data.manifest import load_manifest
 
 from . import repository
 from .db.models import SHARDED, Audit, Shard

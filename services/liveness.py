@@ -19,7 +19,7 @@ from typing import Callable, Iterable
 
 from sqlalchemy import update
 
-from ecif_core.stages import TASK_STAGES
+from ecif_core.stages.table import TASK_STAGES
 
 from .db.models import SHARDED, Audit, Edit, Shard, Trace
 from .db.session import session_scope

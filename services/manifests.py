@@ -9,14 +9,14 @@ from typing import Any, Sequence
 
 from braceexpand import braceexpand
 
-from ecif_core.shards import MAX_SHARDS, check_shard_count
-from ecif_core.confine import HARD_LINKS_HINT, HardLinked, OutsideRoots, confined, hard_links_allowed
+from ecif_core.data.shards import MAX_SHARDS, check_shard_count
+from ecif_core.data.confine import HARD_LINKS_HINT, HardLinked, OutsideRoots, confined, hard_links_allowed
 from ecif_core.errors import ConfigError
-from ecif_core.remote import canonical_entry
-from ecif_core.storage import is_remote, location, resolve_against
-from ecif_core.manifest import Manifest, load_manifest, manifest_paths, read_sidecar
-from ecif_core.model_check import check_model_spec
-from ecif_core.sources import EMPTY_SOURCE, has_rows, source_of
+from ecif_core.data.remote import canonical_entry
+from ecif_core.data.storage import is_remote, location, resolve_against
+from ecif_core.data.manifest import Manifest, load_manifest, manifest_paths, read_sidecar
+from ecif_core.models.check import check_model_spec
+from ecif_core.data.sources import EMPTY_SOURCE, has_rows, source_of
 from ecif_core.values import check_json_values
 
 PAIR_FIELDS = ("train", "validation")  # the manifest's pair sources (a file, or webdataset shards)

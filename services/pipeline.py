@@ -26,14 +26,14 @@ from sqlalchemy import delete, func, insert, select, update
 from sqlalchemy.exc import IntegrityError, InterfaceError, OperationalError, StatementError
 from sqlalchemy.orm import Session
 
-from ecif_core.folder import AuditFolder
-from ecif_core import audit as core
+from ecif_core.data.folder import AuditFolder
+from ecif_core import stages as core
 from ecif_core.errors import EcifError, NonFiniteResult, NotReady
-from ecif_core.manifest import Manifest
+from ecif_core.data.manifest import Manifest
 from ecif_core.ranked import VALUE_COLUMNS
 from ecif_core.values import finite_or_null
 
-from ecif_core.stages import DONE, FIRST, next_stage, position
+from ecif_core.stages.table import DONE, FIRST, next_stage, position
 
 from .db.models import FINISHED, SHARDED, Audit, PairRow, Score, Shard, as_utc, utcnow
 from .db.session import session_scope
@@ -385,7 +385,7 @@ def _succeeded(session: Session, table, row_id: str, **values) -> None:
 
 def run_trace(database_url: str, trace_id: str, models: core.ModelCache, heartbeat_interval: float = 0) -> None:
     """Answer one trace request: the test-loss gradients here, the ranking from stored numbers."""
-    from ecif_core.trace import examples_from_json, trace
+    from ecif_core.trace.query import examples_from_json, trace
 
     from .db.models import Trace, TracePair
 
@@ -416,10 +416,10 @@ def _check_finite(rows: list[dict], columns: tuple[str, ...]) -> None:
 
 
 def run_edit(database_url: str, edit_id: str, heartbeat_interval: float = 0) -> None:
-    """Write one requested model edit (ecif_core.edit_audit) into the edit's folder; the audit is only read.
+    """Write one requested model edit (ecif_core.edit.from_audit) into the edit's folder; the audit is only read.
     Ends succeeded or failed with its reason; the record is stored without NaN or infinity (null)."""
-    from ecif_core.edit_audit import edit_audit, zero_shot_examples
-    from ecif_core.edit_settings import EditSettings
+    from ecif_core.edit.from_audit import edit_audit, zero_shot_examples
+    from ecif_core.edit.settings import EditSettings
 
     from .db.models import Edit
 

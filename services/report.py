@@ -15,12 +15,12 @@ from pathlib import Path
 import numpy as np
 from sqlalchemy import select
 
-from ecif_core.confine import OutsideRoots, confined
-from ecif_core.folder import AuditFolder
-from ecif_core.storage import read_bytes, write_bytes
-from ecif_core.scores import SUSPECT_Z
-from ecif_core.images import TAR_MEMBER, load_image, local_image
-from ecif_core.remote import is_url
+from ecif_core.data.confine import OutsideRoots, confined
+from ecif_core.data.folder import AuditFolder
+from ecif_core.data.storage import read_bytes, write_bytes
+from ecif_core.influence.scores import SUSPECT_Z
+from ecif_core.data.images import TAR_MEMBER, load_image, local_image
+from ecif_core.data.remote import is_url
 
 from .db.models import Audit, PairRow, Score, Trace
 from .db.session import session_scope
@@ -139,8 +139,8 @@ PREVIEW_SETS = (("suspected", "the flagged pairs"), ("top:0.05:rank", "top 5% of
 
 def _removal_previews(audit_dir: str) -> str:
     """What removing a few natural sets would do to the validation loss (stored numbers, sum form)."""
-    from ecif_core.audit import final_ranking
-    from ecif_core.edit_audit import preview
+    from ecif_core.stages import final_ranking
+    from ecif_core.edit.from_audit import preview
     from ecif_core.errors import ConfigError
 
     ranking = final_ranking(audit_dir)
@@ -238,7 +238,7 @@ def _seconds(audit: Audit) -> float | None:
 
 
 def _dim(audit_dir: str) -> int | None:
-    from ecif_core.audit import load_plan
+    from ecif_core.stages import load_plan
 
     try:
         return load_plan(audit_dir).dim
@@ -251,7 +251,7 @@ class _Thumbnails:
     store: a disk or a bucket, so any API replica serves them without a shared folder)."""
 
     def __init__(self, audit_dir: str, data_roots: list[Path] | None) -> None:
-        from ecif_core.audit import fetch_dir
+        from ecif_core.stages import fetch_dir
 
         self.folder = AuditFolder(audit_dir).thumbnails
         self.roots = data_roots

@@ -12,11 +12,11 @@ from typing import Iterator
 from sqlalchemy import delete, func, select, update
 from sqlalchemy.orm import Session
 
-from ecif_core.folder import AuditFolder
-from ecif_core.storage import absolute, location, remove_tree
-from ecif_core.stages import FIRST
+from ecif_core.data.folder import AuditFolder
+from ecif_core.data.storage import absolute, location, remove_tree
+from ecif_core.stages.table import FIRST
 from ecif_core.ranked import RANKED_COLUMNS, VALUE_COLUMNS, csv_row
-from ecif_core.manifest import Manifest
+from ecif_core.data.manifest import Manifest
 
 from .db.models import FINISHED, SHARDED, ApiKey, Audit, Edit, PairRow, Score, Shard, Trace, TracePair, as_utc, utcnow
 from .db.session import session_scope
@@ -225,7 +225,7 @@ def trace_results(session: Session, trace: Trace) -> list[dict]:
 
 
 def trace_csv(results: list[dict]) -> Iterator[str]:
-    from ecif_core.trace import TRACE_COLUMNS, trace_row
+    from ecif_core.trace.query import TRACE_COLUMNS, trace_row
 
     yield _csv_line(TRACE_COLUMNS)
     for test, result in enumerate(results):

@@ -6,15 +6,14 @@ The defaults are the embedded mode: a SQLite file and a local store folder, no b
 from __future__ import annotations
 
 from functools import lru_cache
-from pathlib import Path
 from typing import Annotated
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from ecif_core.confine import Roots, data_roots
-from ecif_core.remote import canonical_entry
-from ecif_core.storage import location
+from ecif_core.data.confine import Roots, data_roots
+from ecif_core.data.remote import canonical_entry
+from ecif_core.data.storage import location
 
 
 class Settings(BaseSettings):

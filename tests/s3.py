@@ -61,7 +61,7 @@ class S3Server:
 
 def upload_tree(local: Path, url: str) -> None:
     """Copy a local folder's files under an s3:// prefix (as a user's `aws s3 sync` would)."""
-    from ecif_core.storage import location, write_bytes
+    from ecif_core.data.storage import location, write_bytes
 
     root = location(url)
     for path in sorted(p for p in local.rglob("*") if p.is_file()):
@@ -70,7 +70,7 @@ def upload_tree(local: Path, url: str) -> None:
 
 def object_bytes(url: str) -> int:
     """Total size of the objects under an s3:// prefix."""
-    from ecif_core.storage import location
+    from ecif_core.data.storage import location
 
     root = location(url)
     return sum(size for size in root.fs.du(root.path, total=False).values())

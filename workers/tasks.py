@@ -16,7 +16,7 @@ from kombu.exceptions import OperationalError as BrokerUnavailable
 from sqlalchemy.exc import InterfaceError, OperationalError
 
 from ecif_core.errors import NotReady
-from ecif_core.stages import BY_NAME, STAGES, Stage
+from ecif_core.stages.table import BY_NAME, STAGES, Stage
 from services.liveness import REQUEST_TASKS
 
 from .celery_app import app
@@ -55,7 +55,7 @@ def pipeline():
 @worker_process_init.connect
 def _init_process(**_kwargs) -> None:
     """A forked pool process: split the cores between the pool's processes, then build the pipeline."""
-    from ecif_core.runtime import set_threads
+    from ecif_core.models.runtime import set_threads
     from services.settings import get_settings
 
     processes = int(os.environ.get("ECIF_WORKER_PROCESSES", "1"))
@@ -66,7 +66,7 @@ def _init_process(**_kwargs) -> None:
 
 def _check_store(store_url: str) -> None:
     """An unreachable or read-only store stops the worker at start, with the reason in its log."""
-    from ecif_core.storage import check_writable, location
+    from ecif_core.data.storage import check_writable, location
 
     check_writable(location(store_url, "ECIF_STORE_URL"), "ECIF_STORE_URL")
 
@@ -85,7 +85,7 @@ def _stage_task(stage: Stage):
         def run(audit_id: str) -> None:
             pipeline().run(stage.name, audit_id)
     run.__name__ = run.__qualname__ = stage.task.rsplit(".", 1)[-1]
-    run.__doc__ = f"Stage {stage.name!r} of an audit (ecif_core.stages)."
+    run.__doc__ = f"Stage {stage.name!r} of an audit (ecif_core.stages.table)."
     return app.task(name=stage.task, **RETRY)(run)
 
 

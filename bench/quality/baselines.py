@@ -15,11 +15,11 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from ecif_core.batching import hash_seed, rebatch_within
-from ecif_core.gradients import embed, loss_gradient, per_pair_gradients, temperature_scale
-from ecif_core.models import load_model, restrict_grad_to, select_theta
-from ecif_core.projection import ProjectionSpec, Projector
-from ecif_core.runtime import flush_denormals
+from ecif_core.data.batching import hash_seed, rebatch_within
+from ecif_core.influence.gradients import embed, loss_gradient, per_pair_gradients, temperature_scale
+from ecif_core.models.factory import load_model, restrict_grad_to, select_theta
+from ecif_core.influence.projection import ProjectionSpec, Projector
+from ecif_core.models.runtime import flush_denormals
 from ecif_core.train import lr_factor, snapshot_epochs  # the trainer's own schedule and snapshot epochs
 
 from .tensors import Batch

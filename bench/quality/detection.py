@@ -15,9 +15,9 @@ from typing import Callable
 
 import numpy as np
 
-from ecif_core.audit import collect_scores
-from ecif_core.models import load_model
-from ecif_core.projection import ProjectionSpec
+from ecif_core.stages import collect_scores
+from ecif_core.models.factory import load_model
+from ecif_core.influence.projection import ProjectionSpec
 from ecif_core.train import TrainConfig
 
 from . import baselines, scoring

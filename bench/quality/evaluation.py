@@ -6,10 +6,10 @@ from typing import Sequence
 import torch
 
 from ecif_core.datasets.digits import class_prompts, label_of_caption
-from ecif_core.gradients import embed, temperature_scale
-from ecif_core.losses import batch_loss, pair_logits
-from ecif_core.models import LoadedModel
-from ecif_core.runtime import flush_denormals
+from ecif_core.influence.gradients import embed, temperature_scale
+from ecif_core.influence.losses import batch_loss, pair_logits
+from ecif_core.models.factory import LoadedModel
+from ecif_core.models.runtime import flush_denormals
 
 from .tensors import Batch
 

@@ -23,10 +23,10 @@ from typing import Sequence
 
 import torch
 
-from ecif_core.edit import without_projections
-from ecif_core.gradients import embed
-from ecif_core.losses import group_terms, pair_logits
-from ecif_core.runtime import flush_denormals
+from ecif_core.edit.solver import without_projections
+from ecif_core.influence.gradients import embed
+from ecif_core.influence.losses import group_terms, pair_logits
+from ecif_core.models.runtime import flush_denormals
 
 from .tensors import Batch
 
@@ -83,7 +83,7 @@ class FeatureObjective:
         return FeatureObjective(self.image_features, self.text_features, batches, self.scale)
 
     def batch_logits(self, batch: int, w_img: torch.Tensor, w_txt: torch.Tensor) -> torch.Tensor:
-        """Logits of one batch through ecif_core.losses.pair_logits (the reference path)."""
+        """Logits of one batch through ecif_core.influence.losses.pair_logits (the reference path)."""
         rows = torch.as_tensor(self.batches[batch])
         return pair_logits(self.text_features[rows] @ w_txt, self.image_features[rows] @ w_img, self.scale)
 

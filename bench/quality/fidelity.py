@@ -18,15 +18,15 @@ from typing import Callable
 import numpy as np
 import torch
 
-from ecif_core.audit import collect_scores, inverse_for, load_plan, load_slots, open_store
-from ecif_core.batching import hash_seed, training_batches
-from ecif_core.gradients import embed, temperature_scale
-from ecif_core.losses import batch_loss, pair_logits
-from ecif_core.manifest import SIDECAR_SUFFIX, Manifest
+from ecif_core.stages import collect_scores, inverse_for, load_plan, load_slots, open_store
+from ecif_core.data.batching import hash_seed, training_batches
+from ecif_core.influence.gradients import embed, temperature_scale
+from ecif_core.influence.losses import batch_loss, pair_logits
+from ecif_core.data.manifest import SIDECAR_SUFFIX, Manifest
 from ecif_core.metrics import spearman
-from ecif_core.models import load_model, select_theta
-from ecif_core.projection import ProjectionSpec, Projector
-from ecif_core.runtime import flush_denormals
+from ecif_core.models.factory import load_model, select_theta
+from ecif_core.influence.projection import ProjectionSpec, Projector
+from ecif_core.models.runtime import flush_denormals
 
 from .feature_cache import PROJECTIONS, FeatureObjective, Fit, choose_l2, fit, projection_weights, tower_features
 from .runs import Run, audit, existing_run

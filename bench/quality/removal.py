@@ -14,8 +14,8 @@ from typing import Callable
 
 import numpy as np
 
-from ecif_core.batching import hash_seed
-from ecif_core.models import load_model
+from ecif_core.data.batching import hash_seed
+from ecif_core.models.factory import load_model
 
 from . import scoring
 from .detection import METHODS, suspicion

@@ -12,10 +12,10 @@ from typing import Sequence
 
 import torch
 
-from ecif_core.batching import partition, training_batches
-from ecif_core.images import load_batch
-from ecif_core.sources import Pair, read_pairs
-from ecif_core.models import LoadedModel
+from ecif_core.data.batching import partition, training_batches
+from ecif_core.data.images import load_batch
+from ecif_core.data.sources import Pair, read_pairs
+from ecif_core.models.factory import LoadedModel
 
 
 @dataclass

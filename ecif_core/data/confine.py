@@ -19,8 +19,8 @@ import stat
 from pathlib import Path
 from typing import IO, Iterable, Sequence
 
-from .errors import ConfigError
-from .storage import is_remote, location
+from ecif_core.errors import ConfigError
+from ecif_core.data.storage import is_remote, location
 
 
 ALLOW_HARD_LINKS = "ECIF_ALLOW_HARD_LINKS"   # the service's setting that allows them (services/settings.py)

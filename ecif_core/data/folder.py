@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .storage import location
+from ecif_core.data.storage import location
 
 
 class AuditFolder:

@@ -18,15 +18,15 @@ from typing import TYPE_CHECKING, Callable, Sequence
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from .confine import (HARD_LINKS_HINT, HardLinked, OutsideRoots, check_location, check_opened, confined, open_confined,
+from ecif_core.data.confine import (HARD_LINKS_HINT, HardLinked, OutsideRoots, check_location, check_opened, confined, open_confined,
                       open_regular)
-from .errors import EcifError
-from .remote import FetchError, RemoteImages, fetch, fetched_path, is_url
-from .shards import open_tar
-from .storage import identity, is_remote, location, read_bytes
+from ecif_core.errors import EcifError
+from ecif_core.data.remote import FetchError, RemoteImages, fetch, fetched_path, is_url
+from ecif_core.data.shards import open_tar
+from ecif_core.data.storage import identity, is_remote, location, read_bytes
 
 if TYPE_CHECKING:
-    from .sources import Pair
+    from ecif_core.data.pairs import Pair
 
 MAX_IMAGE_BYTES = 64 * 2**20        # a larger file is rejected before it is opened
 MAX_IMAGE_PIXELS = 64_000_000       # decompression bombs: width x height above this is rejected

@@ -12,16 +12,17 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from .shards import MAX_SHARDS, shard_paths
-from .sources import source_of
-from .errors import ConfigError, read_json_file
-from .values import check_json_values
-from .storage import absolute, location, resolve_against
-from .remote import remote_images_of
-from .losses import NEG_TERMS
-from .memory import parse_bytes
-from .projection import ProjectionSpec
-from .scores import DEFAULT_RANK_BY, RANK_BY
+from ecif_core.data.shards import MAX_SHARDS, shard_paths
+from ecif_core.data.sources import source_of
+from ecif_core.data.storage import read_json_file
+from ecif_core.errors import ConfigError
+from ecif_core.values import check_json_values
+from ecif_core.data.storage import absolute, location, resolve_against
+from ecif_core.data.remote import remote_images_of
+from ecif_core.influence.losses import NEG_TERMS
+from ecif_core.influence.memory import parse_bytes
+from ecif_core.influence.projection import ProjectionSpec
+from ecif_core.influence.scores import DEFAULT_RANK_BY, RANK_BY
 
 SIDECAR_SUFFIX = ".json"
 # Fields holding paths: a source object keeps its path under "path" (for webdataset, a list of shards).
@@ -141,7 +142,7 @@ def read_sidecar(checkpoint: str | Path | None, adapter: str | Path | None = Non
     """The training sidecar next to a checkpoint (inside the adapter folder for a LoRA
     fine-tune: that training is the one audited), or {} when there is none."""
     if adapter is not None:
-        from .lora import TRAINING_SIDECAR
+        from ecif_core.models.lora import TRAINING_SIDECAR
 
         path = location(adapter) / TRAINING_SIDECAR
         return read_json_file(path, "model.adapter", "training sidecar") if path.is_file() else {}
@@ -200,7 +201,7 @@ def load_manifest(source: str | Path | dict, base_dir: str | Path | None = None,
         raise ConfigError("model.checkpoint", f"file not found: {checkpoint}")
     adapter = checked(model.get("adapter"), "model.adapter", False)
     if adapter is not None:
-        from .lora import check_adapter_folder
+        from ecif_core.models.lora import check_adapter_folder
 
         check_adapter_folder(adapter)
     sidecar = read_sidecar(checkpoint, adapter)
@@ -272,7 +273,7 @@ def _reference(raw: dict[str, Any], sidecar: dict[str, Any], sidecar_dir: Path, 
                 raise ConfigError("reference.config", f"file not found: {ref_config}")
         adapter = resolve(given.get("adapter"), "reference.adapter", False)
         if adapter is not None:
-            from .lora import check_adapter_folder
+            from ecif_core.models.lora import check_adapter_folder
 
             check_adapter_folder(adapter)
         return {"arch": given.get("arch"), "config": ref_config, "checkpoint": checkpoint, "adapter": adapter}

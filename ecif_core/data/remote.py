@@ -34,9 +34,9 @@ from pathlib import Path
 from typing import Collection, Iterator
 from urllib.parse import urljoin, urlsplit, urlunsplit
 
-from . import netguard
-from .errors import ConfigError
-from .storage import write_bytes
+from ecif_core.data import netguard
+from ecif_core.errors import ConfigError
+from ecif_core.data.storage import write_bytes
 
 URL_SCHEMES = ("http://", "https://")
 DEFAULT_PORTS = {"http": 80, "https": 443}

@@ -10,8 +10,8 @@ import tarfile
 from pathlib import Path
 from typing import IO, Sequence
 
-from .errors import ConfigError
-from .storage import is_remote, location
+from ecif_core.errors import ConfigError
+from ecif_core.data.storage import is_remote, location
 
 MAX_SHARDS = 100_000                # shards one webdataset source may name (ECIF_MAX_SHARDS in the service)
 MAX_PATTERN_CHARS = 4096            # a shard path or pattern (PATH_MAX)

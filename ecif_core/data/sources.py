@@ -16,29 +16,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Iterable, Iterator, Sequence
 
-from .confine import confined, open_confined
-from .errors import ConfigError
-from .images import TAR_MEMBER, ImageAccess, image_bytes, image_ref, row_image_problem
-from .shards import open_tar, shard_paths
+from ecif_core.data.confine import confined, open_confined
+from ecif_core.errors import ConfigError
+from ecif_core.data.images import TAR_MEMBER, ImageAccess, image_bytes, image_ref, row_image_problem
+from ecif_core.data.pairs import Pair, RejectedRow
+from ecif_core.data.shards import open_tar, shard_paths
 
 MAX_CAPTION_CHARS = 2000
 MAX_REASON_CHARS = 500
-
-
-@dataclass(frozen=True)
-class Pair:
-    id: str
-    image: str      # resolved path
-    caption: str
-
-
-@dataclass(frozen=True)
-class RejectedRow:
-    row: int        # 1-based data row number in the file
-    id: str
-    reason: str
-    unreadable: bool = False  # the row itself could not be parsed: it has no id of its own
-    duplicate: bool = False   # a later row repeating an id: the id's place is the first row's
 
 
 FORMATS = ("jsonl", "csv", "parquet", "webdataset")

@@ -12,6 +12,7 @@ or fsspec's FSSPEC_S3_* settings), never from a manifest or the database.
 from __future__ import annotations
 
 import contextlib
+import json
 import hashlib
 import os
 import posixpath
@@ -21,7 +22,7 @@ import uuid
 from pathlib import Path
 from typing import IO, Iterator
 
-from .errors import ConfigError
+from ecif_core.errors import ConfigError
 
 WEB_SCHEMES = ("http", "https")  # images fetched by prepare (remote.py), not a store
 
@@ -214,3 +215,14 @@ def check_writable(path: Path, field: str) -> None:
         probe.unlink()
     except Exception as exc:  # noqa: BLE001 - any failure of the store is the same answer to the user
         raise ConfigError(field, f"store {path} cannot be written ({type(exc).__name__}: {exc})") from None
+
+
+def read_json_file(path: "str | os.PathLike[str]", field: str, what: str = "file") -> object:
+    """A JSON file's content; a missing or malformed file is a ConfigError naming `field`."""
+    path = location(path, field)
+    if not path.is_file():
+        raise ConfigError(field, f"{what} not found: {path}")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(field, f"{what} {path} is not valid JSON ({exc})") from exc

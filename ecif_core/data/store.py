@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import zarr
 
-from . import storage  # noqa: F401 - fsspec settings for object stores (no stale listings)
+from ecif_core.data import storage  # noqa: F401 - fsspec settings for object stores (no stale listings)
 
 STAGE_MARKERS = ("gradients", "scores")
 SCORE_FIELDS = ("influence", "influence_pos", "influence_neg", "self_influence", "leverage", "leave_own_out",

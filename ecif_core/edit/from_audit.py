@@ -1,5 +1,5 @@
 """Removal preview and model edit of a finished audit: what dropping a set of pairs would do, and the
-model without them (ecif_core.edit), written as a checkpoint in the input's own format.
+model without them (ecif_core.edit.solver), written as a checkpoint in the input's own format.
 
 The preview reads stored numbers only (instant): the sum over the set of the per-pair influence
 (IS, IS_pos, IS_neg). Pairs of the set that share a batch interact (ECIF_MATH "Group E"), which the
@@ -19,23 +19,25 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .audit import Ranking, final_ranking, image_access, model_files, load_plan, load_slots, open_store
-from .batching import partition
-from .images import load_batch, load_image
-from .sources import read_pairs
-from .edit import EditSettings, LeaveOutObjective, TrainingBatch, apply_delta, edit_parameters
-from .errors import ConfigError
-from .losses import batch_loss, pair_logits
-from .gradients import embed, temperature_scale
-from .lora import TRAINING_SIDECAR, save_adapter
-from .manifest import SIDECAR_SUFFIX, Manifest, read_sidecar
-from .models import load_model, restrict_grad_to, select_theta
-from .removal import RemovalSet, select
-from .runtime import flush_denormals
-from .confine import data_roots
-from .storage import absolute, is_remote, location, resolve_against, write_bytes
-from .trace import TraceExample, examples_from_json
-from .values import finite_or_null
+from ecif_core.models.cache import model_files
+from ecif_core.stages.finalize import Ranking, final_ranking
+from ecif_core.stages.plan import image_access, load_plan, load_slots, open_store
+from ecif_core.data.batching import partition
+from ecif_core.data.images import load_batch, load_image
+from ecif_core.data.sources import read_pairs
+from ecif_core.edit.solver import EditSettings, LeaveOutObjective, TrainingBatch, apply_delta, edit_parameters
+from ecif_core.errors import ConfigError
+from ecif_core.influence.losses import batch_loss, pair_logits
+from ecif_core.influence.gradients import embed, temperature_scale
+from ecif_core.models.lora import TRAINING_SIDECAR, save_adapter
+from ecif_core.data.manifest import SIDECAR_SUFFIX, Manifest, read_sidecar
+from ecif_core.models.factory import load_model, restrict_grad_to, select_theta
+from ecif_core.edit.removal import RemovalSet, select
+from ecif_core.models.runtime import flush_denormals
+from ecif_core.data.confine import data_roots
+from ecif_core.data.storage import absolute, is_remote, location, resolve_against, write_bytes
+from ecif_core.trace.query import TraceExample, examples_from_json
+from ecif_core.values import finite_or_null
 
 EDIT_SIDECAR = "edit.json"
 REMOVED_IDS = "removed_ids.txt"
@@ -43,7 +45,7 @@ REMOVED_IDS = "removed_ids.txt"
 
 def removal_set(audit_dir: str | Path, spec: str, base_dir: str | Path | None = None,
                 ranking: Ranking | None = None) -> RemovalSet:
-    """The pairs `spec` names among the audit's ranked pairs (see ecif_core.removal)."""
+    """The pairs `spec` names among the audit's ranked pairs (see ecif_core.edit.removal)."""
     ranking = ranking or final_ranking(audit_dir)
     columns = dict(ranking.columns)
     rank = np.empty(len(ranking.pairs))

@@ -19,9 +19,9 @@ from typing import Sequence
 
 import numpy as np
 
-from .errors import ConfigError
-from .storage import is_remote, location
-from .scores import SUSPICION_SIGN
+from ecif_core.errors import ConfigError
+from ecif_core.data.storage import is_remote, location
+from ecif_core.influence.scores import SUSPICION_SIGN
 
 FIELD = "remove"
 

@@ -1,4 +1,4 @@
-"""The settings of a model edit (ecif_core.edit) in one table: each one's default, bounds and
+"""The settings of a model edit (ecif_core.edit.solver) in one table: each one's default, bounds and
 meaning. The API's request schema (and so its OpenAPI), the CLI's flags, `EditSettings.validate`
 and the service's pipeline all read EDIT_SETTINGS; no bound is restated elsewhere.
 
@@ -10,7 +10,7 @@ import math
 from dataclasses import dataclass
 from typing import Mapping
 
-from .errors import ConfigError
+from ecif_core.errors import ConfigError
 
 MAX_DAMPING = 1e12  # the audit's options have the same bound on damping (manifest.BOUNDS)
 

@@ -26,10 +26,10 @@ from typing import Callable, Iterator, Sequence
 
 import torch
 
-from .errors import ConfigError, NonFiniteResult
-from .gradients import embed, temperature_scale
-from .edit_settings import EDIT_SETTINGS, EditSettings  # noqa: F401  (the settings' home; imported from here too)
-from .losses import batch_loss, group_terms, pair_logits
+from ecif_core.errors import ConfigError, NonFiniteResult
+from ecif_core.influence.gradients import embed, temperature_scale
+from ecif_core.edit.settings import EDIT_SETTINGS, EditSettings  # noqa: F401  (the settings' home; imported from here too)
+from ecif_core.influence.losses import batch_loss, group_terms, pair_logits
 
 HEAD_PARAMETERS = ("visual.proj", "text_projection")
 

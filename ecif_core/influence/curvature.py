@@ -10,8 +10,8 @@ from typing import Iterable, Sequence
 
 import torch
 
-from .errors import ConfigError
-from .projection import Block
+from ecif_core.errors import ConfigError
+from ecif_core.influence.projection import Block
 
 
 def fisher_sum(gradient_chunks: Iterable[torch.Tensor], dim: int) -> torch.Tensor:

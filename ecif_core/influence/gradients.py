@@ -24,10 +24,10 @@ from typing import Literal, NamedTuple, Sequence
 
 import torch
 
-from .losses import NegTerm, batch_loss, contrastive_terms, log_one_minus_softmax, pair_logits
-from .memory import TERMS_PER_PAIR
-from .logra import Use, WeightUseRecorder, project_side, projected_from_uses
-from .projection import Projector
+from ecif_core.influence.losses import NegTerm, batch_loss, contrastive_terms, log_one_minus_softmax, pair_logits
+from ecif_core.influence.memory import TERMS_PER_PAIR, choose_method
+from ecif_core.influence.logra import Use, WeightUseRecorder, project_side, projected_from_uses
+from ecif_core.influence.projection import Projector
 
 
 @dataclass
@@ -147,15 +147,6 @@ def _through_normalisation(grad_hat: torch.Tensor, unit: torch.Tensor, norm: tor
 Method = Literal["auto", "per_item", "per_pair", "logra", "dense"]
 
 
-def choose_method(batch_size: int, embed_dim: int, factored: bool, terms: int = TERMS_PER_PAIR) -> str:
-    """The cost model: backward passes per batch are D (per item) against terms x B (per pair:
-    one cotangent set per gradient wanted, g_pos, g_neg and C_n).
-
-    Per item needs every theta weight to have LoGra factors (dense gradients sum over items);
-    at D = terms x B the per-pair path is kept (no contraction step, no per-item factors)."""
-    return "per_item" if factored and embed_dim < terms * batch_size else "per_pair"
-
-
 def per_pair_gradients(model: torch.nn.Module, params: Sequence[torch.nn.Parameter], projector: Projector,
                        images: torch.Tensor, tokens: torch.Tensor, neg_term: NegTerm = "exact",
                        chunk: int = 32, method: Method = "auto", items: int | None = None,
@@ -174,11 +165,11 @@ def per_pair_gradients(model: torch.nn.Module, params: Sequence[torch.nn.Paramet
     device = model.logit_scale.device
     size = len(tokens)
     if memory_limit is not None:
-        from .memory import plan_for_batch
+        from ecif_core.influence.memory import plan_for_batch
 
         items, chunk = plan_for_batch(model, params, images, tokens, chunk, memory_limit)
     elif items is None and device.type == "cpu":
-        from .memory import item_bytes
+        from ecif_core.influence.memory import item_bytes
 
         per_item, dim = item_bytes(model, params, images[:1], tokens[:1])
         items = cpu_items(size, dim, chunk, per_item)

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
-from .projection import Projector
+from ecif_core.influence.projection import Projector
 
 _LINEAR = {torch.nn.functional.linear, torch._C._nn.linear}
 _MATMUL_NAMES = {"matmul", "__matmul__"}

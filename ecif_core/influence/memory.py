@@ -20,10 +20,19 @@ from typing import Sequence
 
 import torch
 
-from .errors import ConfigError
-from .logra import WeightUseRecorder
+from ecif_core.errors import ConfigError
+from ecif_core.influence.logra import WeightUseRecorder
 
-TERMS_PER_PAIR = 3  # cotangent sets per pair: Pos(n), Neg(n), 1 - cos(u_n, v_n) (gradients.TERMS_PER_PAIR)
+TERMS_PER_PAIR = 3  # cotangent sets per pair: Pos(n), Neg(n), 1 - cos(u_n, v_n)
+
+
+def choose_method(batch_size: int, embed_dim: int, factored: bool, terms: int = TERMS_PER_PAIR) -> str:
+    """The cost model: backward passes per batch are D (per item) against terms x B (per pair:
+    one cotangent set per gradient wanted, g_pos, g_neg and C_n).
+
+    Per item needs every theta weight to have LoGra factors (dense gradients sum over items);
+    at D = terms x B the per-pair path is kept (no contraction step, no per-item factors)."""
+    return "per_item" if factored and embed_dim < terms * batch_size else "per_pair"
 
 FORWARD = 3.0
 BACKWARD = 2.0
@@ -92,8 +101,6 @@ def plan_chunks(memory_limit: int, resident: int, batch: int, dim: int, per_item
 def plan_for_batch(model: torch.nn.Module, params: Sequence[torch.nn.Parameter], images: torch.Tensor,
                    tokens: torch.Tensor, chunk: int, memory_limit: int) -> tuple[int, int]:
     """plan_chunks for this batch and model (one probe forward of a single item)."""
-    from .gradients import choose_method
-
     device = model.logit_scale.device
     per_item, dim = item_bytes(model, params, images[:1], tokens[:1])
     batch = len(tokens)

@@ -6,12 +6,12 @@ when pair n is removed. Negative = removing n lowers the validation loss = n is 
 """
 from __future__ import annotations
 
-from typing import Literal, Sequence
+from typing import Sequence
 
 import torch
 
-from .hessian import DampedInverse
-from .projection import Block
+from ecif_core.influence.curvature import DampedInverse
+from ecif_core.influence.projection import Block
 
 # +1: a larger value is more suspicious; -1: a smaller one is. One table for every ranked.csv
 # column a ranking, a removal spec or a benchmark orients (sign conventions in the module docstring).

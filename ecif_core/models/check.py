@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import torch
 
-from .errors import ConfigError
-from .manifest import Manifest
-from .models import build_model, check_checkpoint, checkpoint_shapes, resolve_model_config, select_theta
-from .projection import Projector
+from ecif_core.errors import ConfigError
+from ecif_core.data.manifest import Manifest
+from ecif_core.models.factory import build_model, check_checkpoint, checkpoint_shapes, resolve_model_config, select_theta
+from ecif_core.influence.projection import Projector
 
 MAX_GRADIENT_DIM = 32768  # k: the curvature is k x k in float64 (8 GiB at this bound)
 
@@ -54,7 +54,7 @@ def _meta_model(manifest: Manifest, check_weights: bool) -> torch.nn.Module:
     if check_weights:
         check_checkpoint(model, checkpoint_shapes(manifest.checkpoint))
     if manifest.adapter is not None:
-        from .lora import inject_adapter
+        from ecif_core.models.lora import inject_adapter
 
         with torch.device("meta"):
             model = inject_adapter(model, manifest.adapter)

@@ -22,8 +22,9 @@ from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
-from .errors import ConfigError, ModelSourceError, read_json_file
-from .storage import local_copy, location
+from ecif_core.data.storage import read_json_file
+from ecif_core.errors import ConfigError, ModelSourceError
+from ecif_core.data.storage import local_copy, location
 
 HUB_PREFIXES = ("hf-hub:", "hf://", "http://", "https://")
 LOCAL_DIR_PREFIX = "local-dir:"   # open_clip's name for a local model folder: a path, given as model.config here
@@ -164,7 +165,7 @@ def load_model(arch: str | None = None, config: str | Path | dict | None = None,
     if checkpoint is not None:
         load_weights(model, checkpoint)
     if adapter is not None:
-        from .lora import load_adapter
+        from ecif_core.models.lora import load_adapter
 
         model = load_adapter(model, adapter)
     model.eval()
@@ -291,7 +292,7 @@ def default_theta_patterns(model: torch.nn.Module, last_blocks: int = 2) -> list
     projections; for a LoRA fine-tune, the adapter weights (what the fine-tune changed)."""
     names = [name for name, _ in model.named_parameters()]
     if any(".lora_A." in name for name in names):
-        from .lora import LORA_THETA_PATTERNS
+        from ecif_core.models.lora import LORA_THETA_PATTERNS
 
         return list(LORA_THETA_PATTERNS)
     patterns: list[str] = []

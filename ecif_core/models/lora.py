@@ -13,8 +13,8 @@ from typing import Sequence
 
 import torch
 
-from .errors import ConfigError
-from .storage import local_folder, location
+from ecif_core.errors import ConfigError
+from ecif_core.data.storage import local_folder, location
 
 DEFAULT_TARGETS: tuple[str, ...] = ("c_fc", "c_proj")
 LORA_THETA_PATTERNS: tuple[str, ...] = ("*.lora_A.*", "*.lora_B.*")

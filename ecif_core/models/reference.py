@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import torch
 
-from .gradients import embed, temperature_scale
-from .runtime import flush_denormals
+from ecif_core.influence.gradients import embed, temperature_scale
+from ecif_core.models.runtime import flush_denormals
 
 
 @torch.no_grad()

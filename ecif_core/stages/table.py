@@ -1,4 +1,4 @@
-"""The audit's stages, once: name, the ecif_core.audit function that runs it, whether it fans out
+"""The audit's stages, once: name, the ecif_core.stages.prepare function that runs it, whether it fans out
 one task per shard, and the worker queue it needs.
 
 Everything that orders or names stages derives from this table: `audit.run_audit` (embedded),
@@ -14,7 +14,7 @@ from dataclasses import dataclass
 @dataclass(frozen=True)
 class Stage:
     name: str
-    function: str      # name of the ecif_core.audit function that runs it
+    function: str      # name of the ecif_core.stages.prepare function that runs it
     sharded: bool      # one task per shard (the function takes the shard number)
     queue: str         # "gpu": needs the model; "cpu": arrays and files only
 

@@ -18,16 +18,19 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .audit import ModelCache, _curvature, _manifest_of, _roots_of, load_plan, load_slots, open_store, scored_shift
-from .hessian import DampedInverse
-from .scores import relative_is
-from .images import load_image
-from .sources import read_pairs
-from .errors import ConfigError
-from .gradients import embed, temperature_scale
-from .models import LoadedModel
-from .projection import Projector
-from .runtime import flush_denormals
+from ecif_core.models.cache import ModelCache
+from ecif_core.stages.curvature import stored_curvature
+from ecif_core.stages.plan import load_plan, load_slots, manifest_of, open_store, roots_of
+from ecif_core.stages.scores import scored_shift
+from ecif_core.influence.curvature import DampedInverse
+from ecif_core.influence.scores import relative_is
+from ecif_core.data.images import load_image
+from ecif_core.data.sources import read_pairs
+from ecif_core.errors import ConfigError
+from ecif_core.influence.gradients import embed, temperature_scale
+from ecif_core.models.factory import LoadedModel
+from ecif_core.influence.projection import Projector
+from ecif_core.models.runtime import flush_denormals
 
 MAX_ALTERNATIVES = 256
 TRACE_COLUMNS = ("test", "rank", "id", "image", "caption", "relative_is", "influence", "influence_pos",
@@ -100,10 +103,10 @@ def trace_loss_gradient(loaded: LoadedModel, params: Sequence[torch.nn.Parameter
 
 def alternative_captions(audit_dir: str | Path) -> list[str]:
     """Captions to contrast a test caption with: the validation set's, else the first training pairs'."""
-    manifest = _manifest_of(load_plan(audit_dir))
+    manifest = manifest_of(load_plan(audit_dir))
     if manifest.validation is not None:
         pairs, _, _ = read_pairs(manifest.validation, check_images=False, field="validation",
-                                 image_roots=_roots_of(load_plan(audit_dir)))
+                                 image_roots=roots_of(load_plan(audit_dir)))
         return [p.caption for p in pairs][:MAX_ALTERNATIVES]
     return [p.caption for _, p in load_slots(audit_dir)][:MAX_ALTERNATIVES]
 
@@ -116,7 +119,7 @@ def trace(audit_dir: str | Path, examples: Sequence[TraceExample], k: int = 20,
     if k < 1:
         raise ConfigError("k", "must be >= 1")
     plan = load_plan(audit_dir)
-    manifest, roots = _manifest_of(plan), _roots_of(plan)
+    manifest, roots = manifest_of(plan), roots_of(plan)
     loaded, params, projector = (models or ModelCache()).get(manifest, roots)
     slots = load_slots(audit_dir)
     index = np.array([slot for slot, _ in slots], dtype=np.int64)
@@ -172,7 +175,7 @@ def trace_terms(audit_dir: str | Path, test_grads: torch.Tensor) -> dict[str, np
     recomputed.
     """
     plan, store = load_plan(audit_dir), open_store(audit_dir)
-    inverse = DampedInverse(*_curvature(store), scored_shift(plan, store))
+    inverse = DampedInverse(*stored_curvature(store), scored_shift(plan, store))
     directions = inverse.apply(torch.atleast_2d(test_grads).to(torch.float64)).T  # (k, m)
     gram = {name: store.read_rows(f"scores/{name}") for name in ("gram_pos_pos", "gram_pos_neg", "gram_neg_neg")}
     rows, m = plan.shards * plan.shard_rows, directions.shape[1]

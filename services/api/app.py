@@ -30,7 +30,7 @@ class CeleryStarter:
         self.settings = settings
 
     def start(self, audit_id: str) -> None:
-        from ecif_core.stages import FIRST
+        from ecif_core.stages.table import FIRST
         from workers.tasks import CeleryDispatcher
 
         CeleryDispatcher().send(FIRST, audit_id)
@@ -89,7 +89,7 @@ class InProcessStarter:
                 close_request(self.settings.database_url, "edit", edit_id, exc)
 
     def _trace(self, trace_id: str) -> None:
-        from ecif_core.audit import ModelCache
+        from ecif_core.stages import ModelCache
 
         from ..pipeline import run_trace
 

@@ -7,7 +7,7 @@ import os
 import re
 from typing import Iterable
 
-from ecif_core.storage import absolute, is_remote
+from ecif_core.data.storage import absolute, is_remote
 
 STORE, ROOT = "<store>", "<data root>"
 

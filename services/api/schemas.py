@@ -7,8 +7,8 @@ from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field, create_model
 
-from ecif_core.edit_settings import EDIT_SETTINGS, SettingSpec
-from ecif_core.manifest import MAX_PATTERN_CHARS
+from ecif_core.edit.settings import EDIT_SETTINGS, SettingSpec
+from ecif_core.data.manifest import MAX_PATTERN_CHARS
 
 from .openapi import REMOVAL_SPEC
 

@@ -9,7 +9,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 STATUSES = ("queued", "running", "succeeded", "failed", "cancelled")
 FINISHED = ("succeeded", "failed", "cancelled")
-from ecif_core.stages import SHARDED, STAGE_NAMES as STAGES  # noqa: E402  (the one stage table)
+from ecif_core.stages.table import SHARDED, STAGE_NAMES as STAGES  # noqa: E402,F401  (the one stage table)
 
 
 def utcnow() -> datetime:

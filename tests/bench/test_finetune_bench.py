@@ -14,7 +14,7 @@ import pytest
 from bench.quality.finetune import cells, corruptions, evaluate, runner, scores
 from bench.quality.finetune.generator import TEMPLATES, VOCAB_A, VOCAB_B, caption_of, sample_items
 from bench.quality.finetune.settings import quick
-from ecif_core import removal
+from ecif_core.edit import removal
 
 # ---------------------------------------------------------------- corruptions against their definitions
 

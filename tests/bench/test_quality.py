@@ -16,11 +16,11 @@ from bench.quality.feature_cache import FeatureObjective, fit, projection_weight
 from bench.quality.fidelity import lds
 from bench.quality.removal import removal_order
 from bench.quality.tensors import Batch
-from ecif_core.batching import hash_seed, rebatch_within
-from ecif_core.gradients import embed
-from ecif_core.losses import batch_loss, contrastive_terms, pair_logits
-from ecif_core.models import load_model, select_theta
-from ecif_core.projection import ProjectionSpec
+from ecif_core.data.batching import hash_seed, rebatch_within
+from ecif_core.influence.gradients import embed
+from ecif_core.influence.losses import batch_loss, contrastive_terms, pair_logits
+from ecif_core.models.factory import load_model, select_theta
+from ecif_core.influence.projection import ProjectionSpec
 from tests.core.helpers import MICRO_CONFIG, micro_model, random_batch
 
 PROJECTIONS = ["visual.proj", "text_projection"]

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from ecif_core.models import LoadedModel, load_model
+from ecif_core.models.factory import LoadedModel, load_model
 
 MICRO_CONFIG = {
     "embed_dim": 8,

@@ -9,12 +9,20 @@ import pytest
 
 from PIL import Image
 
-from ecif_core import audit
-from ecif_core import images as images_module
+from ecif_core import stages as audit
+from ecif_core.stages.curvature import curvature, fisher_from_partials
+from ecif_core.stages.finalize import finalize
+from ecif_core.stages.gradients import _batches_of_shard, shard_gradients
+from ecif_core.stages.prepare import prepare
+from ecif_core.stages.scores import shard_scores
+from ecif_core.stages import curvature as curvature_stage
+from ecif_core.data import images as images_module
 from ecif_core.datasets.digits import build_digits
-from ecif_core.trace import trace_relative_is
+from ecif_core.trace.query import trace_relative_is
 from ecif_core.errors import ConfigError, InconsistentAudit, NotReady
-from ecif_core.manifest import load_manifest
+from ecif_core.data.manifest import load_manifest
+from ecif_core.data.batching import hash_seed
+from ecif_core.ranked import RANKED_COLUMNS
 from ecif_core.train import TrainConfig, train
 from tests.core.helpers import MICRO_CONFIG
 
@@ -56,7 +64,7 @@ def finished(workspace) -> Path:
 
 def test_ranked_csv_has_every_pair_once_in_rank_order(finished, workspace):
     rows = _rows(finished / "ranked.csv")
-    assert list(rows[0]) == list(audit.RANKED_COLUMNS)
+    assert list(rows[0]) == list(RANKED_COLUMNS)
     assert [int(r["rank"]) for r in rows] == list(range(1, 65))
     assert len({r["id"] for r in rows}) == 64
     suspicion = [float(r["suspicion"]) for r in rows]
@@ -85,7 +93,7 @@ def test_partition_comes_from_the_sidecar(finished):
 
 
 def test_finished_shards_are_skipped_and_a_half_written_shard_is_redone(finished, workspace, tmp_path):
-    assert audit.shard_gradients(finished, 0) is False  # a redelivered task does nothing
+    assert shard_gradients(finished, 0) is False  # a redelivered task does nothing
     copy = tmp_path / "copy"
     shutil.copytree(finished, copy)
     store = audit.open_store(copy)
@@ -93,7 +101,7 @@ def test_finished_shards_are_skipped_and_a_half_written_shard_is_redone(finished
     # Simulate a worker killed mid-shard: garbage in the chunk and no completion marker.
     store.root["done/gradients"][1] = 0
     store.root["grads/pos"][rows:2 * rows] = np.full((rows, store.attrs["dim"]), 7.0, np.float32)
-    assert audit.shard_gradients(copy, 1) is True
+    assert shard_gradients(copy, 1) is True
     np.testing.assert_array_equal(store.read_rows("grads/pos"), audit.open_store(finished).read_rows("grads/pos"))
 
 
@@ -103,7 +111,7 @@ def test_rescoring_with_new_damping_reuses_gradients(finished, tmp_path):
     before = audit.open_store(copy).read_rows("scores/influence")
     grads = audit.open_store(copy).read_rows("grads/neg")
     for shard in range(audit.load_plan(copy).shards):
-        audit.shard_scores(copy, shard, damping=1e3)
+        shard_scores(copy, shard, damping=1e3)
     after = audit.open_store(copy).read_rows("scores/influence")
     valid = ~np.isnan(before)
     assert np.abs(after[valid]).sum() < np.abs(before[valid]).sum()
@@ -180,17 +188,17 @@ def test_partitions_average_gradients_over_rebatchings(workspace, tmp_path, fini
     """partitions=2: each pair's stored gradient is the mean over the training batch and one re-batching."""
     import torch
 
-    from ecif_core.batching import rebatch_within
-    from ecif_core.gradients import per_pair_gradients
-    from ecif_core.images import load_batch
+    from ecif_core.data.batching import rebatch_within
+    from ecif_core.influence.gradients import per_pair_gradients
+    from ecif_core.data.images import load_batch
 
     manifest = _write_manifest(workspace, "r2.json", {**OPTIONS, "partitions": 2}, validation=None)
     audit.run_audit(manifest, tmp_path / "r2")
     plan = audit.load_plan(tmp_path / "r2")
     loaded, params, projector = audit.ModelCache().get(load_manifest(manifest))
-    batches = list(audit._batches_of_shard(plan, audit.load_slots(tmp_path / "r2"), 0))
+    batches = list(_batches_of_shard(plan, audit.load_slots(tmp_path / "r2"), 0))
     members = [sp for b in batches for sp in b]
-    other = rebatch_within(members, plan.batch_size, seed=audit.hash_seed(1, 1, 0))
+    other = rebatch_within(members, plan.batch_size, seed=hash_seed(1, 1, 0))
     slot, pair = batches[0][0]
     grads = []
     for batch in (batches[0], next(b for b in other if (slot, pair) in b)):
@@ -227,7 +235,7 @@ def _gradients_for(args: tuple[str, list[int]]) -> None:
     audit_dir, shards = args
     models = audit.ModelCache()
     for shard in shards:
-        audit.shard_gradients(audit_dir, shard, models)
+        shard_gradients(audit_dir, shard, models)
 
 
 @pytest.mark.slow
@@ -235,7 +243,7 @@ def test_two_processes_writing_different_shards_match_a_sequential_run(workspace
     import multiprocessing
 
     manifest = load_manifest(workspace / "manifest.json")
-    audit.prepare(manifest, tmp_path / "par")
+    prepare(manifest, tmp_path / "par")
     shards = audit.load_plan(tmp_path / "par").shards
     with multiprocessing.get_context("spawn").Pool(2) as pool:
         pool.map(_gradients_for, [(str(tmp_path / "par"), list(range(0, shards, 2))),
@@ -274,19 +282,19 @@ def test_stages_refuse_incomplete_inputs(workspace, finished, tmp_path):
     store = audit.open_store(copy)
     store.root["done/scores"][0] = 0
     with pytest.raises(NotReady, match="not scored"):
-        audit.finalize(copy)
-    audit.shard_scores(copy, 0, damping=5.0)  # one shard re-scored with another damping
+        finalize(copy)
+    shard_scores(copy, 0, damping=5.0)  # one shard re-scored with another damping
     with pytest.raises(InconsistentAudit, match="different dampings"):
-        audit.finalize(copy)
+        finalize(copy)
     store.root["validation/grad"].attrs["complete"] = False  # a validation stage cut short
     with pytest.raises(NotReady, match="validation stage"):
-        audit.shard_scores(copy, 1, damping=5.0)
+        shard_scores(copy, 1, damping=5.0)
 
 
 def test_audit_uses_the_training_partition_with_excluded_and_lone_pairs(workspace, tmp_path):
     """Independent check: batches in the audit = seeded partition of every id minus removals."""
-    from ecif_core.batching import partition
-    from ecif_core.sources import read_pairs
+    from ecif_core.data.batching import partition
+    from ecif_core.data.sources import read_pairs
 
     _, _, ids = read_pairs(workspace / "data" / "train.jsonl")
     full = partition(ids, 8, 1)
@@ -312,11 +320,11 @@ def test_ranked_row_matches_independent_recomputation(workspace, finished):
     one-at-a-time autograd, H by a direct solve over all stored g_pos."""
     import torch
 
-    from ecif_core.batching import partition
-    from ecif_core.images import load_batch
-    from ecif_core.sources import read_pairs
-    from ecif_core.gradients import embed
-    from ecif_core.losses import contrastive_terms, pair_logits
+    from ecif_core.data.batching import partition
+    from ecif_core.data.images import load_batch
+    from ecif_core.data.sources import read_pairs
+    from ecif_core.influence.gradients import embed
+    from ecif_core.influence.losses import contrastive_terms, pair_logits
 
     row = _rows(finished / "ranked.csv")[5]
     pairs, _, ids = read_pairs(workspace / "data" / "train.jsonl")
@@ -345,11 +353,11 @@ def test_curvature_from_shard_partial_sums_or_shard_rows_equals_the_all_rows_sum
     stage never reads the rows (they are zeroed here)."""
     import torch
 
-    from ecif_core.hessian import eigendecompose, fisher_sum
+    from ecif_core.influence.curvature import eigendecompose, fisher_sum
 
     eigvals = {}
     for pays in (True, False):
-        monkeypatch.setattr(audit, "partial_sums_pay", lambda plan, pays=pays: pays)
+        monkeypatch.setattr(curvature_stage, "partial_sums_pay", lambda plan, pays=pays: pays)
         out = tmp_path / f"pays-{pays}"
         audit.run_audit(workspace / "manifest.json", out)
         plan, store = audit.load_plan(out), audit.open_store(out)
@@ -357,7 +365,7 @@ def test_curvature_from_shard_partial_sums_or_shard_rows_equals_the_all_rows_sum
         assert (out / "store.zarr" / "fisher" / "partial" / "c").exists() == pays  # no partial bytes when rows are smaller
         all_rows = torch.from_numpy(store.read_rows("grads/pos")).double()
         expected = all_rows.T @ all_rows
-        torch.testing.assert_close(audit.fisher_from_partials(store, plan), expected, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(fisher_from_partials(store, plan), expected, rtol=1e-10, atol=1e-12)
         eigvals[pays] = store.read_rows("curvature/eigvals")
         np.testing.assert_allclose(eigvals[pays], eigendecompose(expected)[0].numpy(), rtol=1e-8, atol=1e-10)
         if pays:
@@ -371,7 +379,7 @@ def test_curvature_from_shard_partial_sums_or_shard_rows_equals_the_all_rows_sum
             copied = audit.open_store(copy)
             del copied.root["curvature"]
             copied.root["grads/pos"][:] = 0.0  # the stage must not read the rows
-            audit.curvature(copy)
+            curvature(copy)
             np.testing.assert_array_equal(copied.read_rows("curvature/eigvals"), eigvals[pays])
     np.testing.assert_array_equal(eigvals[True], eigvals[False])
 
@@ -379,9 +387,9 @@ def test_curvature_from_shard_partial_sums_or_shard_rows_equals_the_all_rows_sum
 def test_partial_sums_are_stored_only_when_smaller_than_the_rows():
     plan = lambda rows, dim: audit.Plan(manifest={}, batch_size=rows, n_batches=1, shard_batches=1, shards=1,  # noqa: E731
                                         dim=dim, pairs_total=rows, pairs_rejected=0)
-    assert not audit.partial_sums_pay(plan(256, 1152))   # the demo: 10.6 MB of sum against 1.2 MB of rows
-    assert audit.partial_sums_pay(plan(2304, 1152)) and not audit.partial_sums_pay(plan(2303, 1152))
-    assert audit.partial_sums_pay(plan(256, 32))
+    assert not curvature_stage.partial_sums_pay(plan(256, 1152))   # the demo: 10.6 MB of sum against 1.2 MB of rows
+    assert curvature_stage.partial_sums_pay(plan(2304, 1152)) and not curvature_stage.partial_sums_pay(plan(2303, 1152))
+    assert curvature_stage.partial_sums_pay(plan(256, 32))
 
 
 def test_curvature_of_a_store_without_partial_sums_reads_the_rows(finished, tmp_path):
@@ -391,7 +399,7 @@ def test_curvature_of_a_store_without_partial_sums_reads_the_rows(finished, tmp_
     store = audit.open_store(copy)
     del store.root["curvature"]
     del store.root["fisher"]
-    audit.curvature(copy)
+    curvature(copy)
     np.testing.assert_allclose(store.read_rows("curvature/eigvals"), audit.open_store(finished).read_rows(
         "curvature/eigvals"), rtol=1e-8, atol=1e-10)
 
@@ -409,14 +417,14 @@ def test_model_cache_turns_tf32_off(workspace):
 def test_memory_limit_option_reaches_the_gradients_stage(workspace, finished, tmp_path, monkeypatch):
     """options.memory_limit goes to per_pair_gradients, which then runs the batches in the planned
     slices; the stored gradients are those of the audit without it."""
-    from ecif_core import memory
+    from ecif_core.influence import memory
 
     calls = []
     monkeypatch.setattr(memory, "plan_chunks", lambda limit, *rest: calls.append(limit) or (3, 4))
     manifest = _write_manifest(workspace, "m-memory.json", {**OPTIONS, "memory_limit": "3GB"})
     out = tmp_path / "memory"
-    audit.prepare(load_manifest(manifest), out)
-    audit.shard_gradients(out, 0)
+    prepare(load_manifest(manifest), out)
+    shard_gradients(out, 0)
     assert calls and set(calls) == {3 << 30}
     rows = audit.load_plan(out).shard_rows
     ours = audit.open_store(out).read_rows("grads/pos", 0, rows)
@@ -433,7 +441,7 @@ def _no_sidecar_checkpoint(workspace: Path) -> str:
 
 def _run_with_roots(manifest_path: Path, out: Path, roots) -> Path:
     """run_audit's stages with data roots, as the service's workers run them."""
-    from ecif_core.stages import STAGES
+    from ecif_core.stages.table import STAGES
 
     manifest, shards = load_manifest(manifest_path), 1
     for spec in STAGES:
@@ -447,7 +455,7 @@ def _run_with_roots(manifest_path: Path, out: Path, roots) -> Path:
 def test_a_hard_linked_image_is_a_rejected_row_and_the_audit_goes_on(workspace, tmp_path):
     import os
 
-    from ecif_core.confine import data_roots
+    from ecif_core.data.confine import data_roots
 
     lines = (workspace / "data" / "train.jsonl").read_text().splitlines()[:40]
     outside = tmp_path / "outside.png"  # a file outside the data root, with a second name inside it
@@ -469,8 +477,8 @@ def test_a_hard_linked_image_is_a_rejected_row_and_the_audit_goes_on(workspace, 
 
 
 def test_a_later_duplicate_id_is_a_rejected_row_and_training_and_audit_keep_the_first(workspace, tmp_path):
-    from ecif_core.batching import partition
-    from ecif_core.sources import read_pairs
+    from ecif_core.data.batching import partition
+    from ecif_core.data.sources import read_pairs
 
     lines = (workspace / "data" / "train.jsonl").read_text().splitlines()
     same_id = {**json.loads(lines[2]), "caption": "a photo of the digit seven"}  # row 3's id, another pair
@@ -499,8 +507,8 @@ def test_a_later_duplicate_id_is_a_rejected_row_and_training_and_audit_keep_the_
 
 
 def test_an_empty_or_too_small_train_file_fails_with_a_reason_that_says_what_to_do(workspace, tmp_path):
-    from ecif_core.batching import partition
-    from ecif_core.sources import read_pairs
+    from ecif_core.data.batching import partition
+    from ecif_core.data.sources import read_pairs
 
     lines = (workspace / "data" / "train.jsonl").read_text().splitlines()
     _, _, ids = read_pairs(workspace / "data" / "train.jsonl")

@@ -7,8 +7,8 @@ import tarfile
 
 from PIL import Image
 
-from ecif_core.images import ImageAccess
-from ecif_core.sources import Pair, iter_pairs
+from ecif_core.data.images import ImageAccess
+from ecif_core.data.sources import Pair, iter_pairs
 
 
 def test_each_known_row_fault_is_a_rejected_row(tmp_path):

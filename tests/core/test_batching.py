@@ -1,7 +1,7 @@
 """The partition depends on (ids, seed, batch size) only; removals leave other batches intact."""
 import random
 
-from ecif_core.batching import partition
+from ecif_core.data.batching import partition
 
 
 def test_same_partition_for_shuffled_input_order():

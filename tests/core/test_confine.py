@@ -14,9 +14,9 @@ import pytest
 import torch
 from PIL import Image
 
-from ecif_core.confine import HardLinked, OutsideRoots, confined, data_roots
-from ecif_core.images import ImageAccess, image_bytes, load_batch
-from ecif_core.sources import Pair, iter_pairs
+from ecif_core.data.confine import HardLinked, OutsideRoots, confined, data_roots
+from ecif_core.data.images import ImageAccess, image_bytes, load_batch
+from ecif_core.data.sources import Pair, iter_pairs
 from ecif_core.errors import EcifError
 
 
@@ -190,7 +190,7 @@ def test_an_image_swapped_for_a_hard_link_after_prepare_is_refused_at_load(layou
 def test_a_folder_swapped_for_a_symlink_while_a_file_is_opened_is_refused(tmp_path, monkeypatch):
     """`confined` resolves the path, then the file is opened: a folder on the way replaced by a link out
     of the roots in between is followed by the kernel, so the opened file itself says where it is."""
-    import ecif_core.confine as confine
+    import ecif_core.data.confine as confine
 
     root, outside = tmp_path / "root", tmp_path / "outside"
     (outside / "sub").mkdir(parents=True)
@@ -208,7 +208,7 @@ def test_a_folder_swapped_for_a_symlink_while_a_file_is_opened_is_refused(tmp_pa
 
 def test_a_fifo_in_place_of_a_file_is_refused_without_blocking(tmp_path):
     """A FIFO never blocks a worker in open(): the file must be a regular file."""
-    import ecif_core.confine as confine
+    import ecif_core.data.confine as confine
 
     root = tmp_path / "root"
     root.mkdir()

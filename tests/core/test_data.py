@@ -5,7 +5,7 @@ import json
 import pytest
 from PIL import Image
 
-from ecif_core.sources import read_pairs
+from ecif_core.data.sources import read_pairs
 from ecif_core.errors import ConfigError
 
 
@@ -67,7 +67,7 @@ def test_images_are_loaded_upright_and_as_rgb_whatever_their_mode(tmp_path):
     """EXIF orientation applied; alpha composited on white; palette, grayscale and CMYK to RGB."""
     from PIL import Image
 
-    from ecif_core.images import load_image
+    from ecif_core.data.images import load_image
 
     wide = Image.new("RGB", (4, 2), (200, 0, 0))
     exif = Image.Exif()
@@ -87,7 +87,7 @@ def test_images_are_loaded_upright_and_as_rgb_whatever_their_mode(tmp_path):
 def test_an_image_file_over_the_byte_limit_is_rejected_unopened(tmp_path, monkeypatch):
     from PIL import Image
 
-    from ecif_core import images
+    from ecif_core.data import images
 
     Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
     (tmp_path / "p.jsonl").write_text('{"id": "a", "image": "a.png", "caption": "x"}\n')
@@ -101,7 +101,7 @@ def test_brace_patterns_are_counted_as_braceexpand_expands_them():
 
     from braceexpand import braceexpand
 
-    from ecif_core.shards import check_shard_count, count_expansions
+    from ecif_core.data.shards import check_shard_count, count_expansions
 
     cases = ["x{00..09}.tar", "{a,b}{1..3}", "{a,{b,c}}d", "{a{1,2}}", "{}", "{1..10..3}", "{z..a..2}", "{a..Z}",
              "\\{a,b\\}", "{a,b\\,c}", "{-3..3}", "{,}", "a{b,c{d,e}f}g", "{3..1..2}", "{007..9}"]

@@ -1,15 +1,15 @@
-"""The model edit (ecif_core.edit) against independent computations: dense Hessians and Newton's step
+"""The model edit (ecif_core.edit.solver) against independent computations: dense Hessians and Newton's step
 through open_clip's real forward (torch.func.functional_call), and retraining to convergence."""
 from __future__ import annotations
 
 import pytest
 import torch
 
-from ecif_core.edit import (EditSettings, LeaveOutObjective, TrainingBatch, apply_delta, conjugate_gradient,
+from ecif_core.edit.solver import (EditSettings, LeaveOutObjective, TrainingBatch, apply_delta, conjugate_gradient,
                             edit_parameters)
 from ecif_core.errors import ConfigError
-from ecif_core.losses import batch_loss, pair_logits
-from ecif_core.models import restrict_grad_to, select_theta
+from ecif_core.influence.losses import batch_loss, pair_logits
+from ecif_core.models.factory import restrict_grad_to, select_theta
 
 from .helpers import micro_model, random_batch
 
@@ -65,7 +65,7 @@ class Problem:
                 start += p.numel()
 
     def objective(self, flat: torch.Tensor, removed: dict[int, list[int]], forward: bool = False) -> torch.Tensor:
-        """J_E(theta) written independently of ecif_core.edit, pairs of `removed` dropped from their batches.
+        """J_E(theta) written independently of ecif_core.edit.solver, pairs of `removed` dropped from their batches.
 
         forward=True runs open_clip's own forward with theta substituted (torch.func.functional_call);
         otherwise u = f_txt W_txt, v = f_img W_img on the towers' outputs (the same function, cheaper)."""
@@ -210,7 +210,7 @@ def test_negative_curvature_raises_the_damping_until_cg_succeeds() -> None:
 
 def test_an_edited_models_sidecar_keeps_pointing_at_the_same_files(tmp_path):
     """Sidecar paths are relative to the sidecar; the edit writes its copy in another folder."""
-    from ecif_core.edit_audit import rehome_sidecar
+    from ecif_core.edit.from_audit import rehome_sidecar
 
     old, new = tmp_path / "models", tmp_path / "out" / "edit"
     sidecar = {"base_checkpoint": "base.pt", "checkpoints": ["m.epoch1.pt"], "seed": 3,

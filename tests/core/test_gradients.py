@@ -2,10 +2,10 @@
 import pytest
 import torch
 
-from ecif_core.gradients import embed, loss_gradient, per_pair_gradients
-from ecif_core.losses import batch_loss, contrastive_terms, pair_logits
-from ecif_core.models import restrict_grad_to, select_theta
-from ecif_core.projection import Projector, ProjectionSpec, gaussian_factor
+from ecif_core.influence.gradients import embed, loss_gradient, per_pair_gradients
+from ecif_core.influence.losses import batch_loss, contrastive_terms, pair_logits
+from ecif_core.models.factory import restrict_grad_to, select_theta
+from ecif_core.influence.projection import Projector, ProjectionSpec, gaussian_factor
 from tests.core.helpers import micro_model, random_batch
 
 
@@ -110,7 +110,7 @@ def test_projection_is_regenerated_identically():
 
 def test_logra_factors_equal_projected_dense_gradients(setup):
     """The LoGra path (layer inputs x output-gradients) equals projecting full weight gradients."""
-    from ecif_core.logra import WeightUseRecorder
+    from ecif_core.influence.logra import WeightUseRecorder
 
     loaded, theta = setup
     params = [p for _, p in theta]
@@ -148,8 +148,8 @@ def test_per_item_path_equals_per_pair_path_with_projection(setup):
 def test_cost_model_picks_per_item_only_when_embedding_is_smaller_than_3b(setup, monkeypatch):
     """D < 3B and factored -> per item (D backwards); otherwise per pair (3B backwards). The
     auto choice is the one actually run, and the backward count follows it."""
-    from ecif_core import gradients
-    from ecif_core.gradients import choose_method
+    from ecif_core.influence import gradients
+    from ecif_core.influence.memory import choose_method
 
     assert choose_method(32, 32, True) == "per_item"        # tiny CLIP at B = 32: 32 < 96
     assert choose_method(16, 32, True) == "per_item"        # 32 < 48
@@ -197,7 +197,7 @@ def test_theta_with_a_dense_weight_falls_back_to_the_per_pair_path(setup):
 
 def test_recorded_attention_equals_nn_multihead_attention():
     """The recorder's explicit attention (float, bool and causal masks) is nn.MultiheadAttention."""
-    from ecif_core.logra import WeightUseRecorder
+    from ecif_core.influence.logra import WeightUseRecorder
 
     torch.manual_seed(0)
     mha = torch.nn.MultiheadAttention(12, 3, batch_first=True)
@@ -238,8 +238,8 @@ def test_closed_form_cotangents_equal_autograd(neg_term):
     """embedding_cotangents (closed form, chunked rows) equals jacrev of the 2B terms: 1e-12 in
     float64, and in float32 it stays as close to the float64 values as jacrev does (a hard
     negative included: A - A p would cancel there)."""
-    from ecif_core.gradients import embedding_cotangents
-    from ecif_core.losses import contrastive_terms, pair_logits
+    from ecif_core.influence.gradients import embedding_cotangents
+    from ecif_core.influence.losses import contrastive_terms, pair_logits
 
     def reference(u, v, scale):
         def terms(u, v):

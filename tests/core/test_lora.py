@@ -6,12 +6,12 @@ import json
 import pytest
 import torch
 
-from ecif_core import audit
+from ecif_core import stages as audit
 from ecif_core.errors import ConfigError
-from ecif_core.gradients import per_pair_gradients
-from ecif_core.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, TRAINING_SIDECAR, add_lora
-from ecif_core.models import default_theta_patterns, load_model, restrict_grad_to, select_theta
-from ecif_core.projection import Projector, ProjectionSpec
+from ecif_core.influence.gradients import per_pair_gradients
+from ecif_core.models.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, TRAINING_SIDECAR, add_lora
+from ecif_core.models.factory import default_theta_patterns, load_model, restrict_grad_to, select_theta
+from ecif_core.influence.projection import Projector, ProjectionSpec
 from services.cli import main
 from tests.core.helpers import MICRO_CONFIG, micro_model, random_batch
 from tests.core.test_audit import OPTIONS, workspace  # noqa: F401  (fixture)
@@ -104,7 +104,7 @@ def test_a_lora_fine_tune_is_audited_over_its_adapter(workspace, adapter, tmp_pa
 def test_a_folder_that_is_not_an_adapter_names_the_field(workspace):
     manifest = {"model": {"config": "cfg.json", "checkpoint": "model.pt", "adapter": "data"},
                 "train": "data/train.jsonl"}
-    from ecif_core.manifest import load_manifest
+    from ecif_core.data.manifest import load_manifest
 
     with pytest.raises(ConfigError, match="not a peft adapter folder") as error:
         load_manifest(manifest, base_dir=workspace)
@@ -122,8 +122,8 @@ def test_lora_training_needs_a_base_checkpoint(workspace, tmp_path):
 def test_an_edit_of_a_lora_audit_writes_an_adapter_that_peft_and_the_audit_load(workspace, adapter, tmp_path):
     from safetensors.torch import load_file
 
-    from ecif_core.edit import EditSettings
-    from ecif_core.edit_audit import edit_audit
+    from ecif_core.edit.solver import EditSettings
+    from ecif_core.edit.from_audit import edit_audit
 
     manifest = {"model": {"config": "cfg.json", "checkpoint": "model.pt", "adapter": "lora"},
                 "train": "data/train.jsonl", "validation": "data/val.jsonl", "options": OPTIONS}
@@ -140,8 +140,8 @@ def test_an_edit_of_a_lora_audit_writes_an_adapter_that_peft_and_the_audit_load(
     assert len(removed) == 6 and set(removed) <= set(sidecar["excluded"])
     # the edited adapter on the same base is what the record's validation loss was measured on
     reloaded = load_model(config=MICRO_CONFIG, checkpoint=workspace / "model.pt", adapter=folder)
-    from ecif_core.edit_audit import _validation_batches, validation_loss
-    from ecif_core.manifest import Manifest
+    from ecif_core.edit.from_audit import _validation_batches, validation_loss
+    from ecif_core.data.manifest import Manifest
 
     plan_manifest = Manifest.from_json(audit.load_plan(tmp_path / "audit").manifest)
     val = _validation_batches(tmp_path / "audit", plan_manifest, reloaded.preprocess, reloaded.tokenizer)

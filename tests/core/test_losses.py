@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from ecif_core.losses import batch_loss, contrastive_terms, group_terms, neg_terms, pos_terms
+from ecif_core.influence.losses import batch_loss, contrastive_terms, group_terms, neg_terms, pos_terms
 
 
 def _without(logits: torch.Tensor, removed: list[int]) -> torch.Tensor:

@@ -3,10 +3,10 @@ import pytest
 import torch
 
 from ecif_core.errors import ConfigError
-from ecif_core.gradients import per_pair_gradients
-from ecif_core.memory import BACKWARD, FORWARD, item_bytes, parse_bytes, plan_chunks
-from ecif_core.models import restrict_grad_to, select_theta
-from ecif_core.projection import Projector, ProjectionSpec
+from ecif_core.influence.gradients import per_pair_gradients
+from ecif_core.influence.memory import BACKWARD, FORWARD, item_bytes, parse_bytes, plan_chunks
+from ecif_core.models.factory import restrict_grad_to, select_theta
+from ecif_core.influence.projection import Projector, ProjectionSpec
 from tests.core.helpers import micro_model, random_batch
 
 
@@ -48,7 +48,7 @@ def test_plan_chunks_shrinks_items_first_then_chunk():
 
 
 def test_memory_limit_runs_in_slices_with_the_same_numbers(setup, monkeypatch):
-    from ecif_core import memory
+    from ecif_core.influence import memory
 
     loaded, params, projector = setup
     images, tokens = random_batch(loaded, 6, seed=7)
@@ -76,8 +76,8 @@ def test_parse_bytes():
 def test_cpu_slices_bound_the_backward_width(setup, monkeypatch):
     """On CPU a batch runs in slices of about CPU_SLICE_BYTES / (A x min(chunk, passes)) items
     (cache-sized backwards, one item for ViT-B-32), with the same numbers as one slice."""
-    from ecif_core import gradients
-    from ecif_core.gradients import CPU_SLICE_BYTES, cpu_items
+    from ecif_core.influence import gradients
+    from ecif_core.influence.gradients import CPU_SLICE_BYTES, cpu_items
 
     assert cpu_items(128, 32, 64, 1 << 10) == CPU_SLICE_BYTES // (32 << 10)   # per item: D passes
     assert cpu_items(16, 512, 64, 1 << 10) == CPU_SLICE_BYTES // (48 << 10)   # per pair: 3B passes

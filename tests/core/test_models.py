@@ -8,9 +8,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ecif_core import audit
+from ecif_core import stages as audit
 from ecif_core.errors import ConfigError, ModelSourceError
-from ecif_core.models import build_model, check_checkpoint, checkpoint_shapes, load_model, select_theta
+from ecif_core.models.factory import build_model, check_checkpoint, checkpoint_shapes, load_model, select_theta
 from tests.core.helpers import MICRO_CONFIG, micro_model, random_batch
 from tests.core.test_audit import _rows, finished, workspace  # noqa: F401  (fixtures)
 

@@ -4,11 +4,11 @@ from functools import lru_cache
 import numpy as np
 import torch
 
-from ecif_core.gradients import loss_gradient, per_pair_gradients
-from ecif_core.hessian import DampedInverse, default_damping, eigendecompose, fisher_sum
-from ecif_core.models import restrict_grad_to, select_theta
-from ecif_core.projection import Projector, ProjectionSpec
-from ecif_core.scores import pair_scores
+from ecif_core.influence.gradients import loss_gradient, per_pair_gradients
+from ecif_core.influence.curvature import DampedInverse, default_damping, eigendecompose, fisher_sum
+from ecif_core.models.factory import restrict_grad_to, select_theta
+from ecif_core.influence.projection import Projector, ProjectionSpec
+from ecif_core.influence.scores import pair_scores
 from tests.core.helpers import micro_model, random_batch
 
 THETA = ["visual.proj", "text_projection", "transformer.resblocks.1.mlp.c_proj.weight"]

@@ -9,12 +9,15 @@ import numpy as np
 import pytest
 import torch
 
-from ecif_core import audit
+from ecif_core import stages as audit
+from ecif_core.data.images import load_batch
+from ecif_core.data.sources import Pair
+from ecif_core.models.factory import load_model
 from ecif_core.datasets.digits import build_digits
 from ecif_core.errors import ConfigError
 from ecif_core.evidence import corrupted_captions, separation
-from ecif_core.manifest import load_manifest
-from ecif_core.reference import reference_scores
+from ecif_core.data.manifest import load_manifest
+from ecif_core.models.reference import reference_scores
 from ecif_core.train import TrainConfig, train
 from tests.core.helpers import MICRO_CONFIG, micro_model, random_batch
 
@@ -92,14 +95,14 @@ def test_audit_writes_reference_columns_equal_to_the_base_models_scores(finetune
     with (out / "ranked.csv").open() as handle:
         rows = {r["id"]: r for r in csv.DictReader(handle)}
     # independent: the base model's scores of each training batch, from pairs.jsonl's batch numbers
-    base = audit.load_model(None, str(finetuned / "cfg.json"), str(finetuned / "base.pt"))
+    base = load_model(None, str(finetuned / "cfg.json"), str(finetuned / "base.pt"))
     batches: dict[int, list] = {}
     for line in (out / "pairs.jsonl").read_text().splitlines():
         row = json.loads(line)
         batches.setdefault(row["batch"], []).append(row)
     for members in batches.values():
-        pairs = [audit.Pair(r["id"], r["image"], r["caption"]) for r in members]
-        images, tokens = audit.load_batch(pairs, base.preprocess, base.tokenizer)
+        pairs = [Pair(r["id"], r["image"], r["caption"]) for r in members]
+        images, tokens = load_batch(pairs, base.preprocess, base.tokenizer)
         cos, negclip = reference_scores(base.model, images, tokens)
         for r, c, n in zip(members, cos, negclip):
             assert float(rows[r["id"]]["reference_clip_score"]) == pytest.approx(float(c), abs=1e-6)

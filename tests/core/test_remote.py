@@ -15,11 +15,11 @@ from pathlib import Path
 
 import pytest
 
-from ecif_core import audit
+from ecif_core import stages as audit
 from ecif_core.errors import ConfigError
-from ecif_core.manifest import load_manifest
-from ecif_core import netguard
-from ecif_core.remote import FetchError, RemoteImages, fetch, remote_images_of
+from ecif_core.data.manifest import load_manifest
+from ecif_core.data import netguard
+from ecif_core.data.remote import FetchError, RemoteImages, fetch, remote_images_of
 from tests.core.test_audit import OPTIONS, _write_manifest, finished, workspace  # noqa: F401  (fixtures)
 
 SLOW_SECONDS = 3.0
@@ -218,7 +218,7 @@ def test_an_audit_over_urls_equals_the_audit_over_files(workspace, finished, ser
 
 def test_url_images_are_fetched_into_an_audit_folder_in_a_bucket(workspace, finished, server, s3):
     """The fetched copies live with the audit (in its bucket); later stages read them from there."""
-    from ecif_core.folder import AuditFolder
+    from ecif_core.data.folder import AuditFolder
 
     manifest = _url_manifest(workspace, _url_rows(workspace, server), {"allowed_hosts": [_key(server)]})
     out = f"s3://{s3.new_bucket()}/urls"
@@ -415,7 +415,7 @@ def test_https_goes_to_the_vetted_address_with_the_url_host_name_for_sni_and_cer
     URL's host name, not the address it was connected to."""
     import ssl
 
-    from ecif_core import remote
+    from ecif_core.data import remote
 
     cert, key = _self_signed("images.test", tmp_path)
     server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)

@@ -31,7 +31,7 @@ import pytest
 import torch
 from scipy.stats import spearmanr
 
-from ecif_core.losses import batch_loss, contrastive_terms, group_terms, pair_logits
+from ecif_core.influence.losses import batch_loss, contrastive_terms, group_terms, pair_logits
 
 DTYPE = torch.float64
 N_CLASSES = 6
@@ -367,10 +367,10 @@ def groups(prob: Problem, fit: Fit, per_pair: dict[str, tuple[torch.Tensor, torc
 
 
 def production_influence(fit: Fit, g_pos: torch.Tensor, g_neg: torch.Tensor) -> dict[str, np.ndarray]:
-    """IS, IS_pos through the production scoring code (ecif_core.scores.pair_scores), with the exact
+    """IS, IS_pos through the production scoring code (ecif_core.influence.scores.pair_scores), with the exact
     Hessian as the curvature (its eigendecomposition, no damping) and the exact validation gradient."""
-    from ecif_core.hessian import DampedInverse
-    from ecif_core.scores import pair_scores
+    from ecif_core.influence.curvature import DampedInverse
+    from ecif_core.influence.scores import pair_scores
 
     eigvals, eigvecs = torch.linalg.eigh(fit.hessian)
     val_grad = fit.hessian @ fit.h_inv_val_grad
@@ -469,8 +469,8 @@ def test_self_influence_clip_predicts_the_cosine_change_of_retraining(prob: Prob
     like the drop measured by retraining without the pair (Spearman >= 0.9), match its size, and the
     predicted cosine without the pair (clip_score_loo) must be closer to the retrained cosine than the
     in-sample cosine is."""
-    from ecif_core.hessian import DampedInverse
-    from ecif_core.scores import pair_scores
+    from ecif_core.influence.curvature import DampedInverse
+    from ecif_core.influence.scores import pair_scores
 
     chosen = torch.randperm(N_TRAIN, generator=torch.Generator().manual_seed(5))[:N_CLIP_SINGLES].tolist()
     g_pos, g_neg = (g[chosen] for g in per_pair["exact"])

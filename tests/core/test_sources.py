@@ -8,8 +8,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from ecif_core import audit
-from ecif_core.sources import read_pairs, source_of
+from ecif_core import stages as audit
+from ecif_core.data.sources import read_pairs, source_of
 from ecif_core.errors import ConfigError
 from tests.core.test_audit import OPTIONS, _write_manifest, finished, workspace  # noqa: F401  (fixtures)
 
@@ -86,7 +86,7 @@ def test_validating_a_million_parquet_rows_stays_under_one_gib(tmp_path):
 
 
 def test_validate_counts_rows_and_reasons_and_rejects_later_duplicate_ids(tmp_path):
-    from ecif_core.sources import validate_source
+    from ecif_core.data.sources import validate_source
 
     (tmp_path / "p.jsonl").write_text('{"id": "a", "image": "x.png", "caption": "one"}\n'
                                       '{"id": "b", "image": "x.png", "caption": ""}\n{oops\n')
@@ -100,7 +100,7 @@ def test_validate_counts_rows_and_reasons_and_rejects_later_duplicate_ids(tmp_pa
 
 
 def test_validate_refuses_an_empty_file(tmp_path):
-    from ecif_core.sources import validate_source
+    from ecif_core.data.sources import validate_source
 
     (tmp_path / "e.jsonl").write_text("\n")
     with pytest.raises(ConfigError, match="has no rows .the file is empty.; add image-caption pairs") as error:
@@ -163,8 +163,8 @@ def test_a_bad_member_of_a_shard_is_a_rejected_row(workspace, tmp_path):
 
 
 def test_a_list_of_shards_reads_like_the_pattern_and_trains_like_the_jsonl(workspace, tmp_path):
-    from ecif_core.sources import data_hash
-    from ecif_core.manifest import load_manifest
+    from ecif_core.data.sources import data_hash
+    from ecif_core.data.manifest import load_manifest
 
     pattern = _write_webdataset(workspace, shards=3)
     listed = [f"data/shards/{s:03d}.tar" for s in range(3)]

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from ecif_core.errors import ConfigError
-from ecif_core.storage import (is_remote, location, open_for_write, read_text, resolve_against, write_text)
-from ecif_core.store import AuditStore
+from ecif_core.data.storage import (is_remote, location, open_for_write, read_text, resolve_against, write_text)
+from ecif_core.data.store import AuditStore
 
 
 def test_a_failed_write_leaves_the_old_file_whole(tmp_path: Path) -> None:

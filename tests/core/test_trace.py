@@ -8,11 +8,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ecif_core import audit
-from ecif_core.images import load_image
+from ecif_core import stages as audit
+from ecif_core.data.images import load_image
 from ecif_core.datasets.digits import class_prompts, label_of_caption
 from ecif_core.errors import ConfigError
-from ecif_core.trace import (TraceExample, alternative_captions, examples_from_json, trace, trace_loss_gradient,
+from ecif_core.trace.query import (TraceExample, alternative_captions, examples_from_json, trace, trace_loss_gradient,
                              trace_relative_is)
 from tests.core.test_audit import finished, workspace  # noqa: F401  (module fixtures)
 
@@ -24,7 +24,7 @@ def _test_rows(workspace: Path) -> list[dict]:
 
 
 def _model(finished: Path):
-    manifest = audit._manifest_of(audit.load_plan(finished))
+    manifest = audit.manifest_of(audit.load_plan(finished))
     return audit.ModelCache().get(manifest)
 
 
@@ -109,8 +109,8 @@ def test_traced_pairs_agree_with_retraining_without_them(tmp_path):
     from scipy.stats import spearmanr
 
     from ecif_core.datasets.digits import build_digits
-    from ecif_core.models import load_model, select_theta
-    from ecif_core.projection import ProjectionSpec, Projector
+    from ecif_core.models.factory import load_model, select_theta
+    from ecif_core.influence.projection import ProjectionSpec, Projector
     from ecif_core.train import TrainConfig, train
     from tests.core.helpers import MICRO_CONFIG
 

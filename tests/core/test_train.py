@@ -4,8 +4,8 @@ import json
 import pytest
 import torch
 
-from ecif_core.batching import partition
-from ecif_core.sources import read_pairs
+from ecif_core.data.batching import partition
+from ecif_core.data.sources import read_pairs
 from ecif_core.datasets.digits import build_digits
 from ecif_core.train import TrainConfig, train
 from tests.core.helpers import MICRO_CONFIG
@@ -54,10 +54,10 @@ def test_validation_metrics_per_epoch_match_an_independent_computation(data, tmp
     """--validation: per epoch the mean contrastive loss of the validation batches and image-to-text
     retrieval accuracy, printed through progress and stored in the sidecar; the last epoch's
     numbers equal a recomputation with the saved model."""
-    from ecif_core.batching import training_batches
-    from ecif_core.images import load_batch
-    from ecif_core.losses import batch_loss, pair_logits
-    from ecif_core.models import load_model
+    from ecif_core.data.batching import training_batches
+    from ecif_core.data.images import load_batch
+    from ecif_core.influence.losses import batch_loss, pair_logits
+    from ecif_core.models.factory import load_model
 
     seen = []
     result = train(data.train, MICRO_CONFIG, tmp_path / "v.pt", CFG, validation=data.validation,
@@ -84,7 +84,7 @@ def test_validation_metrics_per_epoch_match_an_independent_computation(data, tmp
 
 
 def test_sidecar_paths_are_relative_so_a_moved_model_folder_keeps_its_reference(data, tmp_path):
-    from ecif_core.manifest import load_manifest
+    from ecif_core.data.manifest import load_manifest
 
     folder = tmp_path / "models"
     train(data.train, MICRO_CONFIG, folder / "base.pt", CFG)
@@ -104,7 +104,7 @@ def test_the_l2_term_is_part_of_the_objective_the_trainer_steps_on(data, tmp_pat
     one step, Adam's first update is lr x sign(gradient) per entry; with a huge delta the L2 term
     dominates the gradient, so every weight larger than the step moves towards zero. Dropping the
     L2 term (or passing it to AdamW as decoupled decay with its lr factor) fails here."""
-    from ecif_core.models import load_model
+    from ecif_core.models.factory import load_model
 
     init = train(data.train, MICRO_CONFIG, tmp_path / "init.pt", TrainConfig(epochs=1, batch_size=40, lr=1e-6, seed=4))
     cfg = TrainConfig(epochs=1, batch_size=40, lr=1e-4, weight_decay=1e9, seed=4, warmup_steps=1)

@@ -128,7 +128,7 @@ def s3_data_root(s3, data_root) -> str:
 def s3_inputs_csv(s3, s3_data_root) -> bytes:
     """ranked.csv (bytes) of the embedded mode with every input under the s3:// data root (absolute
     s3:// paths in a manifest stored in the bucket) and its folder in another bucket."""
-    from ecif_core.storage import location
+    from ecif_core.data.storage import location
     from services.embedded import run_embedded
 
     manifest = location(f"{s3_data_root}/manifest-s3.json")

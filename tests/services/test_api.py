@@ -299,7 +299,7 @@ def _zero_shot(data_root, index: int = 0) -> dict:
 
 
 def test_trace_is_queued_computed_and_served(api, keys, pg_url, data_root, finished_audit):
-    from ecif_core.audit import ModelCache
+    from ecif_core.stages import ModelCache
     from services.pipeline import run_trace
 
     body = {"tests": [_zero_shot(data_root), {"image": _zero_shot(data_root, 1)["image"], "caption": "a digit"}],
@@ -341,7 +341,7 @@ def test_traces_need_a_finished_audit(api, keys, data_root):
 
 
 def test_report_pages_are_served_to_the_owner_only(api, keys, pg_url, data_root, finished_audit):
-    from ecif_core.audit import ModelCache
+    from ecif_core.stages import ModelCache
     from services.pipeline import run_trace
 
     page = api.get(f"/audits/{finished_audit}/report", headers=keys["alice"])
@@ -662,9 +662,9 @@ def test_theta_is_checked_against_the_audited_model_at_submit_without_reading_we
 
 
 def test_openapi_documents_the_edit_settings_table(api):
-    """The bounds have one home (ecif_core.edit_settings): the schema, the CLI and the dataclass read it."""
-    from ecif_core.edit_settings import EDIT_SETTINGS, EditSettings
-    from ecif_core.manifest import BOUNDS
+    """The bounds have one home (ecif_core.edit.settings): the schema, the CLI and the dataclass read it."""
+    from ecif_core.edit.settings import EDIT_SETTINGS, EditSettings
+    from ecif_core.data.manifest import BOUNDS
     from services.cli import build_parser
 
     schemas = api.get("/openapi.json").json()["components"]["schemas"]
@@ -684,7 +684,7 @@ def test_openapi_documents_the_edit_settings_table(api):
 
 def test_an_edit_whose_diagnostics_are_not_finite_succeeds_with_nulls(api, keys, pg_url, finished_audit, monkeypatch):
     """A NaN in the record used to make the result write fail (Postgres JSON refuses NaN): `running` forever."""
-    import ecif_core.edit_audit as edit_audit_module
+    import ecif_core.edit.from_audit as edit_audit_module
     from services.pipeline import run_edit
 
     real = edit_audit_module.validation_loss
@@ -704,7 +704,7 @@ def test_an_edit_whose_parameter_change_is_not_finite_fails_with_the_reason(api,
                                                                             monkeypatch):
     import torch
 
-    import ecif_core.edit as edit_module
+    import ecif_core.edit.solver as edit_module
     from services.pipeline import run_edit
 
     real = edit_module.conjugate_gradient
@@ -761,8 +761,8 @@ def test_the_redactor_replaces_whole_path_prefixes_only(tmp_path):
 def test_a_trace_with_a_non_finite_influence_fails_with_the_reason(api, keys, pg_url, finished_audit, data_root,
                                                                     monkeypatch):
     """A NaN influence was stored and served (as null) in a `succeeded` trace whose ranking it had spoilt."""
-    import ecif_core.trace as trace_module
-    from ecif_core.audit import ModelCache
+    import ecif_core.trace.query as trace_module
+    from ecif_core.stages import ModelCache
     from services.pipeline import run_trace
 
     real = trace_module.trace

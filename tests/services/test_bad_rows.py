@@ -17,9 +17,9 @@ from sqlalchemy import func, insert, select
 from sqlalchemy.exc import DataError
 from sqlalchemy.orm import Session
 
-from ecif_core.images import ImageAccess
-from ecif_core.sources import Pair as UsablePair, iter_pairs
-from ecif_core.manifest import load_manifest
+from ecif_core.data.images import ImageAccess
+from ecif_core.data.sources import Pair as UsablePair, iter_pairs
+from ecif_core.data.manifest import load_manifest
 from services import repository
 from services.db.models import Audit, PairRow, Score
 from services.db.session import get_engine, session_scope

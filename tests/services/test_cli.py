@@ -116,7 +116,7 @@ def test_threads_flag_on_every_verb_sets_torch_threads_and_the_worker_variable(m
 
     import torch
 
-    from ecif_core.runtime import available_cores
+    from ecif_core.models.runtime import available_cores
     from services.cli import apply_threads, build_parser
 
     parser = build_parser()

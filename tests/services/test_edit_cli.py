@@ -68,10 +68,10 @@ def test_edit_writes_a_checkpoint_that_loads_and_audits_again(data_root, embedde
     changed = {k for k in edited if not torch.equal(edited[k], original[k])}
     assert changed and all(k in record["method"]["theta"] for k in changed)
     # the validation loss the record reports is the written checkpoint's (recomputed independently)
-    from ecif_core.audit import load_plan
-    from ecif_core.edit_audit import _validation_batches, validation_loss
-    from ecif_core.manifest import Manifest
-    from ecif_core.models import load_model
+    from ecif_core.stages import load_plan
+    from ecif_core.edit.from_audit import _validation_batches, validation_loss
+    from ecif_core.data.manifest import Manifest
+    from ecif_core.models.factory import load_model
 
     manifest_of_audit = Manifest.from_json(load_plan(audit).manifest)
     reloaded = load_model(config=config, checkpoint=out / "model.pt")
@@ -81,7 +81,7 @@ def test_edit_writes_a_checkpoint_that_loads_and_audits_again(data_root, embedde
     original_model = load_model(config=config, checkpoint=data_root / "model.pt")
 
     def accuracy(loaded) -> float:
-        from ecif_core.images import load_image
+        from ecif_core.data.images import load_image
 
         hits = 0
         with torch.no_grad():
@@ -126,7 +126,7 @@ def test_ids_not_in_the_audit_are_refused(embedded_csv, tmp_path, capsys):
 
 @pytest.mark.parametrize("flag,value", [("--damping", "1e308"), ("--damping-factor", "inf"), ("--max-iterations", "501")])
 def test_edit_settings_out_of_bounds_are_refused_before_any_work(embedded_csv, tmp_path, capsys, flag, value):
-    """The CLI's flags and bounds come from the one table (ecif_core.edit_settings); 1e308 made NaN parameters."""
+    """The CLI's flags and bounds come from the one table (ecif_core.edit.settings); 1e308 made NaN parameters."""
     for flag_, value_ in ((flag, value), ("--damping", "nan"), ("--tolerance", "1")):
         assert main(["edit", "--audit-dir", str(embedded_csv.parent), "--remove", "top:4:rank", "--out",
                      str(tmp_path / "e"), flag_, value_]) == 2

@@ -18,7 +18,7 @@ from schemathesis.checks import not_a_server_error
 from schemathesis.generation.modes import GenerationMode
 from schemathesis.specs.openapi.checks import content_type_conformance, status_code_conformance
 
-from ecif_core.scores import SUSPICION_SIGN
+from ecif_core.influence.scores import SUSPICION_SIGN
 from services import repository
 from services.api.app import create_app
 from services.db.session import session_scope
@@ -184,7 +184,7 @@ def test_stateful_fuzzing_on_real_ids_answers_no_5xx_or_an_undocumented_status(p
     from hypothesis import seed as fixed_seed
     from hypothesis.stateful import Bundle, initialize
 
-    from ecif_core.audit import ModelCache
+    from ecif_core.stages import ModelCache
     from schemathesis.generation.stateful.state_machine import StepInput, normalize_name
     from schemathesis.specs.openapi.formats import unregister_string_format
     from services.api.openapi import REMOVAL_SPEC_FORMAT

@@ -9,10 +9,10 @@ import time
 
 import pytest
 
-from ecif_core.confine import OutsideRoots, confined, data_roots
+from ecif_core.data.confine import OutsideRoots, confined, data_roots
 from ecif_core.errors import ConfigError
-from ecif_core.folder import AuditFolder
-from ecif_core.storage import location
+from ecif_core.data.folder import AuditFolder
+from ecif_core.data.storage import location
 from services.embedded import run_embedded
 from tests.services.conftest import OPTIONS, assert_same_ranking, read_csv_rows
 from tests.services.processes import ecif_command
@@ -34,9 +34,9 @@ def test_embedded_audit_in_a_bucket_writes_the_local_audit_byte_for_byte(s3, dat
     assert run_embedded(data_root / "manifest.json", out).read_bytes() == embedded_csv.read_bytes()
     # what-ifs on the audit in the bucket: a removal preview, a trace, a model edit written back to it
     from ecif_core.datasets.digits import class_prompts, label_of_caption
-    from ecif_core.edit import EditSettings
-    from ecif_core.edit_audit import edit_audit, preview
-    from ecif_core.trace import examples_from_json, trace
+    from ecif_core.edit.solver import EditSettings
+    from ecif_core.edit.from_audit import edit_audit, preview
+    from ecif_core.trace.query import examples_from_json, trace
 
     assert preview(out, "top:0.1:influence")["pairs"] == 10
     row = json.loads((data_root / "digits" / "test.jsonl").read_text().splitlines()[0])
@@ -150,8 +150,8 @@ def test_an_object_another_process_wrote_is_seen_after_a_listing(s3):
 def test_checkpoints_and_adapters_in_a_bucket_are_read_through_cached_local_copies(s3, tmp_path, monkeypatch):
     """torch.load / safetensors / peft need real files: a bucket's checkpoint or adapter folder is
     copied once, and copied again when the object is replaced (its ETag changes)."""
-    from ecif_core.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, check_adapter_folder
-    from ecif_core.storage import local_copy
+    from ecif_core.models.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, check_adapter_folder
+    from ecif_core.data.storage import local_copy
 
     monkeypatch.setenv("ECIF_CACHE_DIR", str(tmp_path / "cache"))
     adapter = location(f"s3://{s3.new_bucket()}/lora")

@@ -9,7 +9,7 @@ import signal
 import httpx
 import pytest
 
-from ecif_core.storage import location
+from ecif_core.data.storage import location
 from tests.services.conftest import OPTIONS
 from tests.services.processes import Service, service_env
 from tests.services.test_integration import (_redis_db, _shards, _wait_finished, _wait_for_running_gradient_shard,

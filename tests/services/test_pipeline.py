@@ -9,8 +9,8 @@ from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 
 from sqlalchemy import delete, func, select
 
-from ecif_core.audit import run_audit
-from ecif_core.manifest import load_manifest
+from ecif_core.stages import run_audit
+from ecif_core.data.manifest import load_manifest
 from services import repository
 from services.db.models import Audit, PairRow, Score, Shard
 from services.db.session import session_scope

@@ -222,7 +222,7 @@ def test_a_duplicate_delivery_neither_runs_beside_a_beating_edit_nor_overwrites_
     """The broker may deliver an edit twice (visibility timeout, a reconciler's send racing a slow
     start): the second must not write the same folder beside a live run, and a failing duplicate
     must not turn a finished edit into a failed one."""
-    import ecif_core.edit_audit as edit_audit_module
+    import ecif_core.edit.from_audit as edit_audit_module
     from services.pipeline import run_edit
 
     edit_id, _ = _request_rows(pg_url, data_root, tmp_path)

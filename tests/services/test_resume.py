@@ -12,9 +12,9 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import select
 
-from ecif_core import audit as core_audit
-from ecif_core.manifest import load_manifest
-from ecif_core.store import AuditStore
+from ecif_core.stages import gradients as core_audit
+from ecif_core.data.manifest import load_manifest
+from ecif_core.data.store import AuditStore
 from services import repository
 from services.api.app import InProcessStarter, create_app
 from services.db.models import Audit, Shard

@@ -16,9 +16,9 @@ from typing import Any, Callable
 
 import numpy as np
 
-from ecif_core.batching import hash_seed
+from ecif_core.data.batching import hash_seed
 from ecif_core.demo import tiny_model_config
-from ecif_core.models import load_model
+from ecif_core.models.factory import load_model
 from ecif_core.train import TrainConfig, train
 
 from .generator import VOCABULARIES, sample_items, write_split

@@ -20,11 +20,11 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from ecif_core.gradients import embed, loss_gradient, per_pair_gradients, temperature_scale
-from ecif_core.losses import contrastive_terms, pair_logits
-from ecif_core.models import LoadedModel, restrict_grad_to, select_theta
-from ecif_core.projection import ProjectionSpec, Projector
-from ecif_core.runtime import flush_denormals
+from ecif_core.influence.gradients import embed, loss_gradient, per_pair_gradients, temperature_scale
+from ecif_core.influence.losses import contrastive_terms, pair_logits
+from ecif_core.models.factory import LoadedModel, restrict_grad_to, select_theta
+from ecif_core.influence.projection import ProjectionSpec, Projector
+from ecif_core.models.runtime import flush_denormals
 from ecif_core.train import TrainConfig, train
 
 from ..baselines import embed_batches, model_tau, neg_clip_loss

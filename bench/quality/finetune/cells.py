@@ -23,11 +23,11 @@ from typing import Any, Callable
 
 import numpy as np
 
-from ecif_core.audit import run_audit
-from ecif_core.batching import hash_seed
-from ecif_core.lora import TRAINING_SIDECAR
-from ecif_core.manifest import SIDECAR_SUFFIX
-from ecif_core.models import LoadedModel, load_model
+from ecif_core.stages import run_audit
+from ecif_core.data.batching import hash_seed
+from ecif_core.models.lora import TRAINING_SIDECAR
+from ecif_core.data.manifest import SIDECAR_SUFFIX
+from ecif_core.models.factory import LoadedModel, load_model
 from ecif_core.train import TrainConfig, train
 
 from ..baselines import checkpoint_weights

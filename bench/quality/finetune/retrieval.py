@@ -10,10 +10,10 @@ from typing import Sequence
 
 import torch
 
-from ecif_core.images import load_batch
-from ecif_core.sources import read_pairs
-from ecif_core.models import LoadedModel
-from ecif_core.runtime import flush_denormals
+from ecif_core.data.images import load_batch
+from ecif_core.data.sources import read_pairs
+from ecif_core.models.factory import LoadedModel
+from ecif_core.models.runtime import flush_denormals
 
 from .generator import Split, Vocabulary
 

@@ -1,8 +1,8 @@
 """Every ranking of one cell as a score where higher = more suspicious, read without the truth.
 
-Product scores: each numeric ranked.csv column that ecif_core.removal.SUSPICION_SIGN orients (+1: larger is
+Product scores: each numeric ranked.csv column that ecif_core.edit.removal.SUSPICION_SIGN orients (+1: larger is
 more suspicious, -1: smaller is; columns missing from that table, or empty, are skipped), and, when
-ecif_core.audit offers it, every ranking rule of `misalignment_columns(audit_dir)` (already oriented).
+ecif_core.stages.prepare offers it, every ranking rule of `misalignment_columns(audit_dir)` (already oriented).
 Baseline scores are oriented by BASELINE_SIGN. NaN entries (a pair a rule could not score) are ranked least
 suspicious, and counted.
 """
@@ -14,7 +14,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from ecif_core import removal
+from ecif_core.edit import removal
 
 # Raw baseline values -> suspicion: low CLIPScore / negCLIPLoss / TracIn are suspicious; high own loss and
 # self-TracIn are.
@@ -47,8 +47,8 @@ def _number(text: str) -> float:
 
 
 def rule_columns(audit_dir: str | Path) -> tuple[list[str], dict[str, np.ndarray]]:
-    """{"rank_by:<rule>": score} from ecif_core.audit.misalignment_columns, or nothing when it does not exist."""
-    from ecif_core import audit
+    """{"rank_by:<rule>": score} from ecif_core.stages.prepare.misalignment_columns, or nothing when it does not exist."""
+    from ecif_core import stages as audit
 
     fn = getattr(audit, "misalignment_columns", None)
     if fn is None:

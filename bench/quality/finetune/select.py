@@ -3,7 +3,7 @@ cells' finished audits (no gradient recomputed), scored against the truth; the t
 
     python -m bench.quality.finetune.select --out /work/bench-out/finetune [--split dev]
 
-Candidates are the product's own ranking rules (`ecif_core.audit.misalignment_columns`), the
+Candidates are the product's own ranking rules (`ecif_core.stages.prepare.misalignment_columns`), the
 evidence-weighted variants below (the default, `evidence`, is the one chosen here: clip_score_loo with
 z-scores and weights 2 AUROC - 1) and, for comparison, the benchmark's baselines from each cell's scores.npz.
 """
@@ -18,8 +18,8 @@ import numpy as np
 
 import torch
 
-from ecif_core.audit import audit_evidence, collect_scores, misalignment_columns
-from ecif_core.scores import EVIDENCE_RULE, evidence_weighted
+from ecif_core.stages import audit_evidence, collect_scores, misalignment_columns
+from ecif_core.influence.scores import EVIDENCE_RULE, evidence_weighted
 
 from .evaluate import detection, truth_labels
 from .scores import aligned

@@ -192,7 +192,7 @@ def markdown(results: dict[str, Any]) -> str:
              "The audited models are fine-tunes of one base (pretrained once on clean vocabulary-A pairs and "
              "shared by every cell, for cost). `same_domain` fine-tunes on new vocabulary-A images, `domain_shift` "
              "on vocabulary B, which the base never saw. Scores are oriented so that higher = more suspicious: "
-             "ranked.csv columns by `ecif_core.removal.SUSPICION_SIGN`, baselines as in "
+             "ranked.csv columns by `ecif_core.edit.removal.SUSPICION_SIGN`, baselines as in "
              "`bench/quality/finetune/scores.py`.", ""]
     if results.get("errors"):
         lines += ["Failed cells: " + ", ".join(f"{k} ({v})" for k, v in results["errors"].items()), ""]

@@ -9,12 +9,12 @@ from typing import Annotated
 from fastapi import APIRouter, HTTPException, Query, Request
 from fastapi.responses import StreamingResponse
 
-from ecif_core.edit_settings import EditSettings
-from ecif_core.edit_audit import preview, removal_set, zero_shot_examples
+from ecif_core.edit.settings import EditSettings
+from ecif_core.edit.from_audit import preview, removal_set, zero_shot_examples
 from ecif_core.errors import ConfigError
-from ecif_core.manifest import Manifest
-from ecif_core.model_check import check_theta
-from ecif_core.storage import files_under, location, remove_tree, write_text
+from ecif_core.data.manifest import Manifest
+from ecif_core.models.check import check_theta
+from ecif_core.data.storage import files_under, location, remove_tree, write_text
 from ecif_core.values import check_json_values
 
 from ... import repository

@@ -12,7 +12,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import GaugeMetricFamily, SummaryMetricFamily
 from sqlalchemy import func, select, text
 
-from ecif_core.storage import check_writable, location
+from ecif_core.data.storage import check_writable, location
 
 from ...db.models import STATUSES, Audit, Shard
 from ...db.session import schema_is_current, session_scope

@@ -7,7 +7,7 @@ from fastapi import APIRouter, HTTPException, Request
 from fastapi.responses import HTMLResponse, StreamingResponse
 
 from ecif_core.errors import ConfigError
-from ecif_core.trace import examples_from_json
+from ecif_core.trace.query import examples_from_json
 from ecif_core.values import check_json_values
 
 from ... import repository

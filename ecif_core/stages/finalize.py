@@ -1,0 +1,80 @@
+"""Finalize stage: rank every usable pair once all shards are scored with one damping."""
+from __future__ import annotations
+
+import csv
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ecif_core.data.sources import Pair
+from ecif_core.data.folder import AuditFolder
+from ecif_core.ranked import RANKED_COLUMNS, csv_row
+from ecif_core.influence.scores import RANK_BY, SUSPECT_Z, misalignment_score, ranking
+from ecif_core.data import storage
+
+
+
+from ecif_core.stages.plan import manifest_of, load_plan, open_store
+from ecif_core.stages.scores import scored_columns, scored_shift
+from ecif_core.stages.validation import audit_evidence
+
+
+def suspected_flags(suspicion: np.ndarray, z: float = SUSPECT_Z) -> np.ndarray:
+    """Pairs whose `suspicion` (the evidence-weighted robust z-score, the default ranking's score)
+    is above z = 3: a threshold chosen on the benchmark's development seeds for a precision of at
+    least 0.8 on shuffled captions (README gives the precision by corruption type). Flags are pairs
+    to review, not verdicts; re-threshold the `suspicion` column for another trade-off."""
+    return np.nan_to_num(suspicion, nan=-np.inf) > z
+
+@dataclass
+class Ranking:
+    """The final order: pairs in slot order, their columns, rank order and flags."""
+
+    slots: np.ndarray                  # row slot of each usable pair
+    pairs: list[Pair]
+    columns: dict[str, np.ndarray]
+    order: np.ndarray                  # indices into pairs, most likely misaligned first
+    suspected: np.ndarray              # bool per pair
+
+def final_ranking(audit_dir: str | Path) -> Ranking:
+    """Rank every usable pair once all shards are scored with one damping."""
+    plan = load_plan(audit_dir)
+    scored_shift(plan, open_store(audit_dir))  # every shard scored, all with one damping
+    o = manifest_of(plan).options
+    slots, pairs, cols = scored_columns(audit_dir)
+    scores = {k: torch.from_numpy(np.asarray(v, dtype=np.float64)) for k, v in cols.items()}
+    evidence = audit_evidence(audit_dir)
+    cols["suspicion"] = misalignment_score(scores, "evidence", evidence).numpy()
+    score = cols["suspicion"] if o.rank_by == "evidence" else misalignment_score(scores, o.rank_by, evidence).numpy()
+    order = ranking(torch.from_numpy(score)).numpy()
+    return Ranking(slots, pairs, cols, order, suspected_flags(cols["suspicion"]))
+
+def finalize(audit_dir: str | Path) -> Path:
+    """Rank every usable pair and write ranked.csv (rank 1 = most likely misaligned)."""
+    result = final_ranking(audit_dir)
+    cols = result.columns
+    path = AuditFolder(audit_dir).ranked
+    with storage.open_for_write(path, "w", encoding="utf-8", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(RANKED_COLUMNS)
+        for rank, i in enumerate(result.order, start=1):
+            p = result.pairs[i]
+            writer.writerow(csv_row(rank, p.id, p.image, p.caption, {name: values[i] for name, values in cols.items()},
+                                    bool(result.suspected[i])))
+    return path
+
+def misalignment_columns(audit_dir: str | Path) -> tuple[list[str], dict[str, np.ndarray]]:
+    """Pair ids (slot order) and, for every ranking rule this audit can use, its score (higher =
+    more likely misaligned): re-ranking a finished audit costs no gradient (benchmarks, what-ifs)."""
+    _, pairs, cols = scored_columns(audit_dir)
+    scores = {k: torch.from_numpy(np.asarray(v, dtype=np.float64)) for k, v in cols.items()}
+    evidence = audit_evidence(audit_dir)
+    out = {}
+    for rule in RANK_BY:
+        try:
+            out[rule] = misalignment_score(scores, rule, evidence).numpy()
+        except ValueError:  # needs a validation set or a reference this audit lacks
+            continue
+    return [p.id for p in pairs], out

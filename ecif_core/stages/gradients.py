@@ -1,0 +1,96 @@
+"""Gradients stage, one task per shard: projected per-pair g_pos, g_neg and C_n, and the pair's
+terms and reference-model scores."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from ecif_core.data.batching import hash_seed, rebatch_within
+from ecif_core.data.images import batch_tensors, load_batch_images
+from ecif_core.data.sources import Pair
+from ecif_core.influence.gradients import per_pair_gradients
+from ecif_core.influence.curvature import fisher_sum
+from ecif_core.data.manifest import Manifest
+from ecif_core.influence.memory import parse_bytes
+from ecif_core.models.factory import LoadedModel
+from ecif_core.influence.projection import Projector
+from ecif_core.models.runtime import flush_denormals
+from ecif_core.models.reference import reference_scores
+from ecif_core.data.store import GRADIENT_FIELDS, TERM_FIELDS
+
+
+
+from ecif_core.models.cache import ModelCache, ReferenceCache
+from ecif_core.stages import curvature as curvature_stage
+from ecif_core.stages.plan import Plan, manifest_of, roots_of, fetch_dir, load_plan, load_slots, open_store
+
+
+def _batches_of_shard(plan: Plan, slots: list[tuple[int, Pair]], shard: int) -> Iterator[list[tuple[int, Pair]]]:
+    batch_of = {}
+    for slot, pair in slots:
+        batch_of.setdefault(slot // plan.batch_size, []).append((slot, pair))
+    for b in plan.shard_batch_range(shard):
+        if b in batch_of:
+            yield batch_of[b]
+
+def shard_gradients(audit_dir: str | Path, shard: int, models: ModelCache | None = None,
+                    references: ReferenceCache | None = None) -> bool:
+    """Per-pair projected g_pos, g_neg, C_n and the pair's terms (with its reference-model scores)
+    for one shard; False when the shard was already done."""
+    plan, store = load_plan(audit_dir), open_store(audit_dir)
+    if store.is_done("gradients", shard):
+        return False
+    manifest = manifest_of(plan)
+    loaded, params, projector = (models or ModelCache()).get(manifest, roots_of(plan))
+    reference = None if manifest.reference is None else (references or ReferenceCache()).get(
+        manifest.reference, roots_of(plan))
+    rows, start = plan.shard_rows, shard * plan.shard_rows
+    grads = [name for name in GRADIENT_FIELDS if store.has(f"grads/{name}")]  # stores made before C_n lack grads/clip
+    out = {name: np.zeros((rows, plan.dim), np.float32) for name in grads}
+    terms = {name: np.zeros(rows, np.float32) for name in TERM_FIELDS if store.has(f"terms/{name}")}
+    for name in ("reference_clip_score", "reference_negclip"):
+        if name in terms:
+            terms[name][:] = np.nan  # no reference: empty in ranked.csv
+    batches = list(_batches_of_shard(plan, load_slots(audit_dir, shard), shard))
+    with flush_denormals():
+        _accumulate_shard(manifest, loaded, params, projector, start, shard, batches, out, terms, fetch_dir(audit_dir),
+                          roots_of(plan), reference)
+    store.write_rows("grads", start, out)
+    store.write_rows("terms", start, terms)
+    if store.has("fisher/partial") and curvature_stage.partial_sums_pay(plan):
+        store.array("fisher/partial")[shard] = fisher_sum([torch.from_numpy(out["pos"])], plan.dim).numpy()
+    store.mark_done("gradients", shard)  # last: the completion marker
+    return True
+
+def _accumulate_shard(manifest: Manifest, loaded: LoadedModel, params: list, projector: Projector, start: int,
+                      shard: int, batches: list[list[tuple[int, Pair]]], out: dict, terms: dict,
+                      fetched: Path | None = None, roots: list[Path] | None = None,
+                      reference: LoadedModel | None = None) -> None:
+    """Fill the shard's rows, averaging over the audit's partitions (r = 0 is the training one)."""
+    o = manifest.options
+    shard_pairs = [slot_pair for batch in batches for slot_pair in batch]
+    for r in range(o.partitions):
+        # Extra partitions re-batch the shard's own pairs (see README: "partitions").
+        groups = batches if r == 0 else rebatch_within(shard_pairs, o.batch_size, seed=hash_seed(o.seed, r, shard))
+        for batch in groups:  # every batch holds >= 2 pairs (prepare and rebatch_within ensure it)
+            pairs = [p for _, p in batch]
+            decoded = load_batch_images(pairs, fetched, roots)
+            images, tokens = batch_tensors(pairs, decoded, loaded.preprocess, loaded.tokenizer)
+            result = per_pair_gradients(loaded.model, params, projector, images, tokens, o.neg_term, o.chunk,
+                                        memory_limit=parse_bytes(o.memory_limit))
+            local = np.array([slot - start for slot, _ in batch])
+            for name, values in (("pos", result.pos), ("neg", result.neg), ("clip", result.clip)):
+                if name in out:
+                    out[name][local] += values.numpy() / o.partitions
+            if r == 0:
+                terms["pos_terms"][local] = result.pos_terms.numpy()
+                terms["neg_terms"][local] = result.neg_terms.numpy()
+                terms["clip_score"][local] = result.clip_score.numpy()
+                if reference is not None and "reference_clip_score" in terms:
+                    cos, negclip = reference_scores(reference.model, *batch_tensors(
+                        pairs, decoded, reference.preprocess, reference.tokenizer))
+                    terms["reference_clip_score"][local] = cos.numpy()
+                    terms["reference_negclip"][local] = negclip.numpy()

@@ -1,0 +1,84 @@
+"""Scores stage, one task per shard: influence scores from the stored gradients and the damped
+inverse; and the readers of the scored columns."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ecif_core.data.sources import Pair
+from ecif_core.errors import InconsistentAudit, NotReady
+from ecif_core.influence.projection import Block
+from ecif_core.influence.scores import pair_scores
+from ecif_core.data.store import SCORE_FIELDS, TERM_FIELDS, AuditStore
+
+
+
+from ecif_core.stages.curvature import inverse_for
+from ecif_core.stages.plan import Plan, manifest_of, load_plan, load_slots, open_store
+
+
+def shard_scores(audit_dir: str | Path, shard: int, damping: float | None = None) -> bool:
+    """IS / IS_pos / IS_neg / self-IS / leverage / Gram entries for one shard, into the store.
+
+    `damping` re-scores with another lambda from the stored gradients; the shift used is recorded
+    per shard so finalize and traces never mix scores of different dampings.
+    """
+    plan, store = load_plan(audit_dir), open_store(audit_dir)
+    if store.is_done("scores", shard) and damping is None:
+        return False
+    manifest = manifest_of(plan)
+    if manifest.validation is not None and not store.is_complete("validation/grad"):
+        raise NotReady("scoring needs the validation stage first")
+    inverse = inverse_for(plan, store, damping)
+    start, stop = shard * plan.shard_rows, (shard + 1) * plan.shard_rows
+    g_pos = torch.from_numpy(store.read_rows("grads/pos", start, stop))
+    g_neg = torch.from_numpy(store.read_rows("grads/neg", start, stop))
+    val = torch.from_numpy(store.read_rows("validation/grad")) if manifest.validation is not None else None
+    examples = (torch.from_numpy(store.read_rows("validation/examples"))
+                if manifest.validation is not None and store.has("validation/examples") else None)
+    g_clip = torch.from_numpy(store.read_rows("grads/clip", start, stop)) if store.has("grads/clip") else None
+    blocks = [Block(**b) for b in plan.blocks] if manifest.options.curvature == "blocks" else None
+    scores = pair_scores(g_pos, g_neg, inverse, val, blocks, g_clip=g_clip, validation_examples=examples,
+                         pairs=plan.pairs_usable)
+    store.write_rows("scores", start, {name: scores[name].numpy() for name in SCORE_FIELDS
+                                       if store.has(f"scores/{name}")})
+    store.array("done/scores_shift")[shard] = inverse.shift
+    store.mark_done("scores", shard)
+    return True
+
+def scored_shift(plan: Plan, store: AuditStore) -> float:
+    """The delta + lambda every scored shard used; refuses missing or mixed shards."""
+    done = store.done_count("scores")
+    if done != plan.shards:
+        raise NotReady(f"{plan.shards - done} of {plan.shards} shards are not scored yet")
+    shifts = store.read_rows("done/scores_shift")
+    if not np.allclose(shifts, shifts[0], rtol=1e-12, atol=0):
+        raise InconsistentAudit(f"shards were scored with different dampings {sorted(set(shifts.tolist()))[:3]}; "
+                           "re-score every shard")
+    return float(shifts[0])
+
+def collect_scores(audit_dir: str | Path) -> tuple[list[Pair], dict[str, np.ndarray]]:
+    """Usable pairs in slot order with their score and term columns."""
+    _, pairs, columns = scored_columns(audit_dir)
+    return pairs, columns
+
+def shard_score_columns(audit_dir: str | Path, shard: int) -> tuple[np.ndarray, list[Pair], dict[str, np.ndarray]]:
+    """(slots, pairs, score and term columns) of one scored shard, for bulk writes elsewhere."""
+    return scored_columns(audit_dir, shard)
+
+def scored_columns(audit_dir: str | Path, shard: int | None = None) -> tuple[np.ndarray, list[Pair], dict]:
+    store = open_store(audit_dir)
+    slots = load_slots(audit_dir, shard)
+    index = np.array([slot for slot, _ in slots], dtype=np.int64)
+    start, stop = (None, None) if shard is None else (int(index.min()), int(index.max()) + 1)
+    local = index - (start or 0)
+    columns = {}
+    for group, names in (("scores", SCORE_FIELDS), ("terms", TERM_FIELDS)):
+        for name in names:
+            columns[name] = (store.read_rows(f"{group}/{name}", start, stop)[local] if store.has(f"{group}/{name}")
+                             else np.full(len(index), np.nan))  # a store made before the column existed
+    # ECIF_MATH, Algorithm 3: the pair's predicted cosine under the model trained without it
+    columns["clip_score_loo"] = columns["clip_score"].astype(np.float64) - columns["self_influence_clip"]
+    return index, [p for _, p in slots], columns
