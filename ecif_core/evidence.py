@@ -5,7 +5,7 @@ misalignment usually takes (a caption of another pair; one word of the caption r
 of another caption) gives labelled negatives for free, and the AUROC of a score on clean vs
 corrupted validation pairs measures how much that score knows about this domain. A reference
 model pretrained on other concepts is blind here (AUROC near 0.5); one that knows the domain is
-not. The default ranking weighs the reference model's evidence by it (scores.misalignment_score).
+not. The default ranking weighs the reference model's evidence by it (ecif_core/ranking.py).
 """
 from __future__ import annotations
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 from typing import Mapping
 
-# Number columns between caption and suspected, in file order (sign conventions: scores.SUSPICION_SIGN).
+# Number columns between caption and suspected, in file order (sign conventions: ranking.SUSPICION_SIGN).
 VALUE_COLUMNS = ("suspicion", "influence", "influence_pos", "influence_neg", "influence_per_example", "self_influence",
                  "self_influence_clip", "leave_own_out", "clip_score", "clip_score_loo", "reference_clip_score",
                  "reference_negclip")

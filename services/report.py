@@ -18,7 +18,7 @@ from sqlalchemy import select
 from ecif_core.data.confine import OutsideRoots, confined
 from ecif_core.data.folder import AuditFolder
 from ecif_core.data.storage import read_bytes, write_bytes
-from ecif_core.influence.scores import SUSPECT_Z
+from ecif_core.ranking import SUSPECT_Z
 from ecif_core.data.images import TAR_MEMBER, load_image, local_image
 from ecif_core.data.remote import is_url
 

@@ -22,7 +22,7 @@ from ecif_core.data.remote import remote_images_of
 from ecif_core.influence.losses import NEG_TERMS
 from ecif_core.influence.memory import parse_bytes
 from ecif_core.influence.projection import ProjectionSpec
-from ecif_core.influence.scores import DEFAULT_RANK_BY, RANK_BY
+from ecif_core.ranking import DEFAULT_RANK_BY, RANK_BY, REFERENCE, VALIDATION, needs_of
 
 SIDECAR_SUFFIX = ".json"
 # Fields holding paths: a source object keeps its path under "path" (for webdataset, a list of shards).
@@ -220,7 +220,7 @@ def load_manifest(source: str | Path | dict, base_dir: str | Path | None = None,
     options = _parse_options({} if raw.get("options") is None else raw["options"], sidecar)
     train = checked_source(raw.get("train"), "train", True)
     validation = checked_source(raw.get("validation"), "validation", False)
-    if options.rank_by in ("influence", "influence_per_example", "combined") and validation is None:
+    if VALIDATION in needs_of(options.rank_by) and validation is None:
         raise ConfigError("options.rank_by", f"{options.rank_by!r} needs a validation set")
     for name, source in (("train", train), ("validation", validation)):
         if source is None:
@@ -233,7 +233,7 @@ def load_manifest(source: str | Path | dict, base_dir: str | Path | None = None,
     remote = remote_images_of(raw.get("remote_images"))
     sidecar_dir = location(adapter) if adapter is not None else location(checkpoint).parent
     reference = _reference(raw, sidecar, sidecar_dir, config, model.get("arch"), checked)
-    if options.rank_by in ("reference_clip_score", "reference_negclip") and reference is None:
+    if REFERENCE in needs_of(options.rank_by) and reference is None:
         raise ConfigError("options.rank_by", f"{options.rank_by!r} needs a reference model (manifest field "
                           "reference, or a checkpoint fine-tuned with ecif train --init)")
     return Manifest(train=train, validation=validation,

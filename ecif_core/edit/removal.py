@@ -21,7 +21,7 @@ import numpy as np
 
 from ecif_core.errors import ConfigError
 from ecif_core.data.storage import is_remote, location
-from ecif_core.influence.scores import SUSPICION_SIGN
+from ecif_core.ranking import SUSPICION_SIGN
 
 FIELD = "remove"
 

@@ -1,4 +1,5 @@
-"""IS, self-IS, relative-IS and the misalignment ranking (ECIF_MATH "Influence").
+"""IS, self-IS and relative-IS per pair (ECIF_MATH "Influence"); the ranking rules that order
+pairs by them are in ecif_core/ranking.py.
 
 Sign and unit: influence(n) = grad L'^T H^-1 (g_pos(n) + g_neg(n)) is the first-order
 predicted change of the validation loss L' (mean contrastive loss per validation pair, nats)
@@ -12,27 +13,6 @@ import torch
 
 from ecif_core.influence.curvature import DampedInverse
 from ecif_core.influence.projection import Block
-
-# +1: a larger value is more suspicious; -1: a smaller one is. One table for every ranked.csv
-# column a ranking, a removal spec or a benchmark orients (sign conventions in the module docstring).
-SUSPICION_SIGN: dict[str, int] = {
-    "suspicion": 1, "self_influence": 1, "self_influence_clip": 1, "leave_own_out": 1,
-    "influence": -1, "influence_pos": -1, "influence_neg": -1, "influence_per_example": -1,
-    "clip_score": -1, "clip_score_loo": -1, "reference_clip_score": -1, "reference_negclip": -1, "rank": -1}
-# Rankings by one column; what each needs besides the training gradients.
-SINGLE_RANKINGS: dict[str, str | None] = {
-    "self_influence": None, "self_influence_clip": None, "clip_score": None, "clip_score_loo": None,
-    "influence": "validation", "influence_per_example": "validation",
-    "reference_clip_score": "reference", "reference_negclip": "reference"}
-# The default ranking (chosen on the fine-tuning benchmark's development seeds, bench/RESULTS.md):
-# the robust z-score of the audited model's leave-own-out CLIP score (clip_score_loo, ECIF's
-# Algorithm 3) and of the reference model's CLIP score, averaged with weights 2 AUROC - 1 from the
-# validation evidence (evidence.py). It is also the statistic the `suspected` flag thresholds.
-EVIDENCE_RULE = ("clip_score_loo", 1.0, "z")  # (audited column, weight power, scale)
-RANK_BY: tuple[str, ...] = ("evidence", *SINGLE_RANKINGS, "combined")
-DEFAULT_RANK_BY = "evidence"
-SUSPECT_Z = 3.0  # suspected = evidence score above this (precision on the benchmark: README, "suspected")
-RankBy = str
 
 
 def pair_scores(g_pos: torch.Tensor, g_neg: torch.Tensor, inverse: DampedInverse,
@@ -126,70 +106,6 @@ def relative_is(test_pos: torch.Tensor, test_neg: torch.Tensor, gram_pos_pos: to
     return torch.where(regular, quad.clamp_min(0).sqrt(), fallback)
 
 
-def misalignment_score(scores: dict[str, torch.Tensor], rank_by: RankBy,
-                       evidence: dict[str, dict[str, float]] | None = None) -> torch.Tensor:
-    """Higher = more likely misaligned, for the chosen ranking rule. `evidence`: the validation
-    stage's AUROC per model ({"clip_score": {"mean": ...}, "reference_clip_score": {...}})."""
-    if rank_by == "evidence":
-        return evidence_weighted(scores, *EVIDENCE_RULE, evidence)
-    if rank_by in SINGLE_RANKINGS:
-        column = scores[rank_by].to(torch.float64)
-        if torch.isnan(column).all():
-            raise ValueError(f"rank_by={rank_by!r} needs a {SINGLE_RANKINGS[rank_by]} (the column is empty)")
-        return SUSPICION_SIGN[rank_by] * column
-    if rank_by == "combined":
-        return _rank_average(scores["self_influence"], -scores["influence"])
-    raise ValueError(f"rank_by must be one of {RANK_BY}, got {rank_by!r}")
-
-
-def evidence_weight(auroc: float | None, power: float = 1.0) -> float:
-    """(2 AUROC - 1)^power clipped at 0: 0 for a model at chance on this domain, 1 for a perfect one."""
-    if auroc is None or auroc != auroc:
-        return 1.0  # no validation set: no evidence either way, equal weights
-    return max(0.0, 2.0 * auroc - 1.0) ** power
-
-
-def evidence_weighted(scores: dict[str, torch.Tensor], audited: str, power: float, how: str,
-                      evidence: dict[str, dict[str, float]] | None) -> torch.Tensor:
-    """Weighted mean of the normalised ranks (or robust z-scores) of the audited model's `audited`
-    column and the reference's CLIP score, weighted by each model's evidence on this data. Without a
-    reference it is the audited column alone (same order as ranking by it)."""
-    evidence = evidence or {}
-    parts = [(SUSPICION_SIGN[audited] * scores[audited].to(torch.float64),
-              evidence_weight(evidence.get("clip_score", {}).get("mean"), power))]
-    reference = scores.get("reference_clip_score")
-    if reference is not None and not torch.isnan(reference).all():
-        parts.append((-reference.to(torch.float64),
-                      evidence_weight(evidence.get("reference_clip_score", {}).get("mean"), power)))
-    total = sum(w for _, w in parts)
-    if total == 0:  # both at chance: nothing to weigh by, equal weights
-        parts, total = [(c, 1.0) for c, _ in parts], float(len(parts))
-    normalise = _normalised_rank if how == "rank" else _robust_z
-    return sum(w * normalise(c) for c, w in parts) / total
-
-
-def _normalised_rank(column: torch.Tensor) -> torch.Tensor:
-    """Rank in [0, 1] (NaN lowest)."""
-    column = torch.nan_to_num(column, nan=-float("inf"))
-    return torch.argsort(torch.argsort(column, stable=True)).to(torch.float64) / max(len(column) - 1, 1)
-
-
-def _robust_z(column: torch.Tensor) -> torch.Tensor:
-    """(x - median) / (1.4826 MAD), NaN lowest; a column with MAD 0 contributes its ranks instead."""
-    finite = column[~torch.isnan(column)]
-    median = torch.quantile(finite, 0.5)                    # the midpoint of the middle two for even counts
-    mad = 1.4826 * torch.quantile((finite - median).abs(), 0.5)
-    if float(mad) == 0.0:
-        return _normalised_rank(column)
-    return torch.nan_to_num((column - median) / mad, nan=float(((finite - median) / mad).min()))
-
-
-def _rank_average(*columns: torch.Tensor) -> torch.Tensor:
-    """Mean of the normalised ranks of the columns that are not all NaN (robust to scale)."""
-    usable = [c for c in columns if not torch.isnan(c).all()]
-    return torch.stack([_normalised_rank(c) for c in usable]).mean(dim=0)
-
-
 def leave_own_out_leverage(leverage: torch.Tensor) -> torch.Tensor:
     """A / (1 - A) = g^T (H - g g^T)^-1 g (Sherman-Morrison): the pair's self-influence under the
     curvature of the other pairs. Unlike A it is unbounded, so outliers stand out."""
@@ -203,8 +119,3 @@ def robust_outliers(values: torch.Tensor, z: float) -> torch.Tensor:
     if float(mad) == 0.0:
         return torch.zeros_like(values, dtype=torch.bool)
     return (values - median) / mad > z
-
-
-def ranking(misalignment: torch.Tensor) -> torch.Tensor:
-    """Row order, most suspicious first; ties keep the input order (stable)."""
-    return torch.argsort(-misalignment.to(torch.float64), stable=True)

@@ -11,7 +11,7 @@ import torch
 from ecif_core.data.sources import Pair
 from ecif_core.data.folder import AuditFolder
 from ecif_core.ranked import RANKED_COLUMNS, csv_row
-from ecif_core.influence.scores import RANK_BY, SUSPECT_Z, misalignment_score, ranking
+from ecif_core.ranking import RANK_BY, misalignment_score, ranking, suspected_flags, suspicion
 from ecif_core.data import storage
 
 
@@ -20,13 +20,6 @@ from ecif_core.stages.plan import manifest_of, load_plan, open_store
 from ecif_core.stages.scores import scored_columns, scored_shift
 from ecif_core.stages.validation import audit_evidence
 
-
-def suspected_flags(suspicion: np.ndarray, z: float = SUSPECT_Z) -> np.ndarray:
-    """Pairs whose `suspicion` (the evidence-weighted robust z-score, the default ranking's score)
-    is above z = 3: a threshold chosen on the benchmark's development seeds for a precision of at
-    least 0.8 on shuffled captions (README gives the precision by corruption type). Flags are pairs
-    to review, not verdicts; re-threshold the `suspicion` column for another trade-off."""
-    return np.nan_to_num(suspicion, nan=-np.inf) > z
 
 @dataclass
 class Ranking:
@@ -46,8 +39,8 @@ def final_ranking(audit_dir: str | Path) -> Ranking:
     slots, pairs, cols = scored_columns(audit_dir)
     scores = {k: torch.from_numpy(np.asarray(v, dtype=np.float64)) for k, v in cols.items()}
     evidence = audit_evidence(audit_dir)
-    cols["suspicion"] = misalignment_score(scores, "evidence", evidence).numpy()
-    score = cols["suspicion"] if o.rank_by == "evidence" else misalignment_score(scores, o.rank_by, evidence).numpy()
+    cols["suspicion"] = suspicion(scores, evidence).numpy()
+    score = misalignment_score(scores, o.rank_by, evidence).numpy()
     order = ranking(torch.from_numpy(score)).numpy()
     return Ranking(slots, pairs, cols, order, suspected_flags(cols["suspicion"]))
 

@@ -6,7 +6,7 @@ your own model", is the reference; the server validates every field and answers 
 """
 from __future__ import annotations
 
-from ecif_core.influence.scores import RANK_BY, SUSPICION_SIGN
+from ecif_core.ranking import RANK_BY, SUSPICION_SIGN
 
 _PATH = {"type": "string", "minLength": 1, "description": "relative to the first data root, or absolute under a root"}
 _SOURCE = {"oneOf": [_PATH, {

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from ecif_core import stages as audit
+from ecif_core.data.batching import hash_seed, partition
 from ecif_core.data.images import load_batch
 from ecif_core.data.sources import Pair
 from ecif_core.models.factory import load_model
@@ -18,6 +19,7 @@ from ecif_core.errors import ConfigError
 from ecif_core.evidence import corrupted_captions, separation
 from ecif_core.data.manifest import load_manifest
 from ecif_core.models.reference import reference_scores
+from ecif_core.ranking import REFERENCE, RULES, SUSPECT_Z, VALIDATION
 from ecif_core.train import TrainConfig, train
 from tests.core.helpers import MICRO_CONFIG, micro_model, random_batch
 
@@ -89,9 +91,16 @@ def test_the_base_checkpoint_is_the_default_reference_and_null_turns_it_off(fine
                       base_dir=finetuned)
 
 
-def test_audit_writes_reference_columns_equal_to_the_base_models_scores(finetuned):
+@pytest.fixture(scope="module")
+def audited(finetuned) -> Path:
+    """The fine-tuned model audited with a validation set and the base model as its reference."""
     out = finetuned / "run"
     audit.run_audit(load_manifest(_manifest(finetuned), base_dir=finetuned), out)
+    return out
+
+
+def test_audit_writes_reference_columns_equal_to_the_base_models_scores(finetuned, audited):
+    out = audited
     with (out / "ranked.csv").open() as handle:
         rows = {r["id"]: r for r in csv.DictReader(handle)}
     # independent: the base model's scores of each training batch, from pairs.jsonl's batch numbers
@@ -130,3 +139,82 @@ def test_a_reference_of_another_architecture_is_allowed_and_no_reference_leaves_
     audit.run_audit(load_manifest(_manifest(finetuned, reference=None), base_dir=finetuned), out)
     with (out / "ranked.csv").open() as handle:
         assert all(r["reference_clip_score"] == "" == r["reference_negclip"] for r in csv.DictReader(handle))
+
+
+def _cosines(loaded, pairs: list[Pair], captions: list[str]) -> np.ndarray:
+    """cos(image_i, text of captions[i]) under one model, computed directly."""
+    images, _ = load_batch(pairs, loaded.preprocess, loaded.tokenizer)
+    with torch.no_grad():
+        image = torch.nn.functional.normalize(loaded.model.encode_image(images).double(), dim=-1)
+        text = torch.nn.functional.normalize(loaded.model.encode_text(loaded.tokenizer(captions)).double(), dim=-1)
+    return (image * text).sum(-1).numpy()
+
+
+def test_validation_evidence_is_stored_under_the_model_it_measures(finetuned, audited):
+    """evidence["clip_score"] is the audited (fine-tuned) model's AUROC on clean vs corrupted validation
+    pairs, evidence["reference_clip_score"] the base model's: recomputed here from each model's cosines.
+    Storing each model's AUROC under the other's name fails here."""
+    manifest = load_manifest(_manifest(finetuned), base_dir=finetuned)
+    o = manifest.options
+    pairs = {p.id: p for p in (Pair(r["id"], str(finetuned / "data" / r["image"]) if not Path(r["image"]).is_absolute()
+                                    else r["image"], r["caption"])
+                              for r in map(json.loads, (finetuned / "data/val.jsonl").read_text().splitlines()))}
+    models = {"clip_score": load_model(None, str(finetuned / "cfg.json"), str(finetuned / "tuned.pt")),
+              "reference_clip_score": load_model(None, str(finetuned / "cfg.json"), str(finetuned / "base.pt"))}
+    expected = {}
+    for name, loaded in models.items():
+        clean, corrupt = [], {c: [] for c in ("shuffle", "word_swap")}
+        for number, ids in enumerate(partition(pairs, o.batch_size, o.seed)):
+            if len(ids) < 2:
+                continue
+            batch = [pairs[i] for i in ids]
+            captions = [p.caption for p in batch]
+            clean.append(_cosines(loaded, batch, captions))
+            for kind, changed in corrupted_captions(captions, hash_seed(o.seed, number)).items():
+                corrupt[kind].append(_cosines(loaded, batch, changed))
+        expected[name] = separation(np.concatenate(clean), {k: np.concatenate(v) for k, v in corrupt.items()})
+    stored = audit.audit_evidence(audited)
+    assert abs(expected["clip_score"]["mean"] - expected["reference_clip_score"]["mean"]) > 0.01  # a swap shows
+    for name in expected:
+        for kind in ("shuffle", "word_swap", "mean"):
+            assert stored[name][kind] == pytest.approx(expected[name][kind], abs=1e-6), (name, kind)
+
+
+def _robust_z(values: np.ndarray) -> np.ndarray:
+    median = np.median(values)
+    return (values - median) / (1.4826 * np.median(np.abs(values - median)))
+
+
+def test_suspicion_weighs_each_models_robust_z_by_its_validation_evidence(audited):
+    """suspicion = (w_a z(-clip_score_loo) + w_r z(-reference_clip_score)) / (w_a + w_r) with
+    w = max(0, 2 AUROC - 1) from the stored evidence (README, "Ranking rules"); the weights differ
+    here, so a final ranking that weighs the two columns equally fails."""
+    with (audited / "ranked.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    evidence = audit.audit_evidence(audited)
+    w_a, w_r = (max(0.0, 2 * evidence[m]["mean"] - 1) for m in ("clip_score", "reference_clip_score"))
+    assert abs(w_a - w_r) > 0.02 and w_a + w_r > 0
+    z_a = _robust_z(-np.array([float(r["clip_score_loo"]) for r in rows]))
+    z_r = _robust_z(-np.array([float(r["reference_clip_score"]) for r in rows]))
+    expected = (w_a * z_a + w_r * z_r) / (w_a + w_r)
+    suspicion = np.array([float(r["suspicion"]) for r in rows])
+    np.testing.assert_allclose(suspicion, expected, rtol=1e-5, atol=1e-6)
+    assert not np.allclose(suspicion, (z_a + z_r) / 2, rtol=1e-3, atol=1e-3)
+    np.testing.assert_array_equal([r["suspected"] == "true" for r in rows], suspicion > SUSPECT_Z)
+
+
+def test_the_manifest_refuses_a_rule_exactly_when_its_needs_are_missing(finetuned):
+    """ranking.RULES says what each rule needs; the manifest's check is derived from it."""
+    for has_validation, has_reference in ((True, True), (False, True), (True, False), (False, False)):
+        available = {need for need, has in ((VALIDATION, has_validation), (REFERENCE, has_reference)) if has}
+        for rule in RULES:
+            raw = _manifest(finetuned, options={**OPTIONS, "rank_by": rule.name})
+            if not has_validation:
+                del raw["validation"]
+            if not has_reference:
+                raw["reference"] = None
+            if set(rule.needs) <= available:
+                assert load_manifest(raw, base_dir=finetuned).options.rank_by == rule.name
+            else:
+                with pytest.raises(ConfigError, match="options.rank_by"):
+                    load_manifest(raw, base_dir=finetuned)

@@ -1,10 +1,12 @@
 """IS, self-IS, Gram entries and relative-IS against direct linear algebra (torch.linalg.solve)."""
 import numpy as np
+import pytest
 import torch
 
 from ecif_core.influence.curvature import DampedInverse, default_damping, eigendecompose, fisher_sum
 from ecif_core.influence.projection import Block
-from ecif_core.influence.scores import misalignment_score, pair_scores, ranking, relative_is
+from ecif_core.influence.scores import pair_scores, relative_is
+from ecif_core.ranking import misalignment_score, ranking
 
 
 def _problem(seed: int = 0, n: int = 30, k: int = 12):
@@ -130,7 +132,7 @@ def test_self_influence_clip_and_per_example_influence_match_direct_solves():
 def test_every_ranking_rule_is_oriented_by_the_suspicion_table():
     """A single-column rule ranks by sign x column: high self-influence first, low cosine first, the most
     negative influence first. Flipping a sign in SUSPICION_SIGN (or in misalignment_score) fails here."""
-    from ecif_core.influence.scores import SINGLE_RANKINGS, SUSPICION_SIGN
+    from ecif_core.ranking import SINGLE_RANKINGS, SUSPICION_SIGN
 
     expected = {"self_influence": 1, "self_influence_clip": 1, "influence": -1, "influence_per_example": -1,
                 "clip_score": -1, "clip_score_loo": -1, "reference_clip_score": -1, "reference_negclip": -1}
@@ -146,7 +148,7 @@ def test_evidence_ranking_is_the_evidence_weighted_mean_of_robust_z_scores():
     """The default rule: z(-clip_score_loo) weighted by 2 AUROC_audited - 1 and z(-reference_clip_score)
     by 2 AUROC_reference - 1 (robust z = (x - median) / 1.4826 MAD); without a reference, the audited part
     alone; a model at chance gets weight 0. Swapping the column, the sign or the weights fails here."""
-    from ecif_core.influence.scores import DEFAULT_RANK_BY, EVIDENCE_RULE
+    from ecif_core.ranking import DEFAULT_RANK_BY, EVIDENCE_RULE
 
     gen = torch.Generator().manual_seed(3)
     loo = torch.rand(40, generator=gen, dtype=torch.float64)
@@ -172,5 +174,6 @@ def test_combined_ranking_is_the_mean_normalised_rank_of_self_influence_and_nega
             "influence": torch.tensor([-0.5, 0.4, 0.1], dtype=torch.float64)}
     # ranks / (n - 1): self_influence (1, 0, 0.5); -influence (1, 0, 0.5)
     torch.testing.assert_close(misalignment_score(cols, "combined"), torch.tensor([1.0, 0.0, 0.5], dtype=torch.float64))
-    cols["influence"] = torch.full((3,), float("nan"), dtype=torch.float64)   # no validation: self_influence alone
-    torch.testing.assert_close(misalignment_score(cols, "combined"), torch.tensor([1.0, 0.0, 0.5], dtype=torch.float64))
+    cols["influence"] = torch.full((3,), float("nan"), dtype=torch.float64)   # no validation: refused (ranking.RULES)
+    with pytest.raises(ValueError, match="needs a validation set"):
+        misalignment_score(cols, "combined")

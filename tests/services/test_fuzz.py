@@ -18,7 +18,7 @@ from schemathesis.checks import not_a_server_error
 from schemathesis.generation.modes import GenerationMode
 from schemathesis.specs.openapi.checks import content_type_conformance, status_code_conformance
 
-from ecif_core.influence.scores import SUSPICION_SIGN
+from ecif_core.ranking import SUSPICION_SIGN
 from services import repository
 from services.api.app import create_app
 from services.db.session import session_scope

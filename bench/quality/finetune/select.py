@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from ecif_core.stages import audit_evidence, collect_scores, misalignment_columns
-from ecif_core.influence.scores import EVIDENCE_RULE, evidence_weighted
+from ecif_core.ranking import EVIDENCE_RULE, evidence_weighted
 
 from .evaluate import detection, truth_labels
 from .scores import aligned
