@@ -23,7 +23,8 @@ import torch
 
 from ecif_core.data.batching import ids_digest, training_batches
 from ecif_core.data.images import load_batch
-from ecif_core.data.sources import check_batchable, data_hash, leaving_ids, read_pairs, source_of
+from ecif_core.data.formats import source_of
+from ecif_core.data.sources import check_batchable, data_hash, leaving_ids, read_pairs
 from ecif_core.models.lora import LORA_THETA_PATTERNS, TRAINING_SIDECAR, add_lora, save_adapter
 from ecif_core.errors import ConfigError
 from ecif_core.influence.losses import batch_loss, pair_logits

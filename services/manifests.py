@@ -16,7 +16,8 @@ from ecif_core.data.remote import canonical_entry
 from ecif_core.data.storage import is_remote, location, resolve_against
 from ecif_core.data.manifest import Manifest, load_manifest, manifest_paths, read_sidecar
 from ecif_core.models.check import check_model_spec
-from ecif_core.data.sources import EMPTY_SOURCE, has_rows, source_of
+from ecif_core.data.formats import has_rows, source_of
+from ecif_core.data.sources import EMPTY_SOURCE
 from ecif_core.values import check_json_values
 
 PAIR_FIELDS = ("train", "validation")  # the manifest's pair sources (a file, or webdataset shards)

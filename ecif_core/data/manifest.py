@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from ecif_core.data.shards import MAX_SHARDS, shard_paths
-from ecif_core.data.sources import source_of
+from ecif_core.data.formats import source_of
 from ecif_core.data.storage import read_json_file
 from ecif_core.errors import ConfigError
 from ecif_core.values import check_json_values

@@ -9,7 +9,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from ecif_core import stages as audit
-from ecif_core.data.sources import read_pairs, source_of
+from ecif_core.data.formats import source_of
+from ecif_core.data.sources import read_pairs
 from ecif_core.errors import ConfigError
 from tests.core.test_audit import OPTIONS, _write_manifest, finished, workspace  # noqa: F401  (fixtures)
 
