@@ -535,7 +535,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-TORCH_VERBS = ("train", "audit", "demo", "trace", "serve")  # verbs that run torch in this process
+TORCH_VERBS = ("train", "audit", "demo", "trace", "edit", "serve")  # verbs that run torch in this process
 
 
 def _add_threads_flag(parser: argparse.ArgumentParser) -> None:

@@ -147,6 +147,32 @@ def test_threads_flag_on_every_verb_sets_torch_threads_and_the_worker_variable(m
         torch.set_num_threads(before)
 
 
+
+def test_edit_from_an_audit_folder_runs_with_the_threads_asked_for(monkeypatch, tmp_path):
+    """`ecif edit --audit-dir ... --threads N` computes in this process, so torch runs with N threads
+    while the edit does (it did not: edit was missing from TORCH_VERBS)."""
+    import torch
+
+    from ecif_core.edit import from_audit
+    from services.cli import main
+
+    seen = {}
+
+    def fake_edit(audit_dir, remove, out, settings, **kwargs):
+        seen["threads"] = torch.get_num_threads()
+        return {"remove": remove, "checkpoint": str(out), "result": {}, "validation": None, "zero_shot": None}
+
+    monkeypatch.setattr(from_audit, "edit_audit", fake_edit)
+    monkeypatch.setenv("ECIF_TORCH_THREADS", "1")  # restored after the test (main exports --threads)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        assert main(["edit", "--audit-dir", str(tmp_path), "--remove", "suspected", "--out", str(tmp_path / "o"),
+                     "--threads", "1"]) == 0
+        assert seen["threads"] == 1
+    finally:
+        torch.set_num_threads(before)
+
 def _with_database(monkeypatch, url: str) -> None:
     from services.settings import get_settings
 
