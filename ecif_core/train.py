@@ -1,4 +1,4 @@
-"""Deterministic fine-tuning on the exact ECIF objective (ECIF_MATH "Setting").
+"""Deterministic fine-tuning on the exact ECIF objective (docs/METHOD.md, "Setting").
 
 Objective: sum over the fixed seeded partition of L_batch + (delta/2)|theta|^2. Each step
 adds its share (|batch| / N) of the L2 term, so one epoch of steps sums to exactly that

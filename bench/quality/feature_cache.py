@@ -2,7 +2,7 @@
 
 theta = the two final projections (`visual.proj`, `text_projection`, both used as `x @ W`). With
 the towers frozen, each pair's embeddings are its cached projection inputs times theta, so the
-contrastive part of the training objective, sum over the fixed partition of L_batch (ECIF_MATH
+contrastive part of the training objective, sum over the fixed partition of L_batch (docs/METHOD.md,
 "Setting"), is evaluated exactly from the cache, all batches at once (padded, masked). `fit`
 minimises it plus (l2/2)|theta - theta_0|^2 to convergence with L-BFGS in float64.
 

@@ -5,8 +5,8 @@ to convergence on the training objective (model theta_hat, audited with the same
 refitted from theta_hat without each of `fidelity_subsets` random subsets of
 `fidelity_subset_fraction` of the training pairs (the same seeded partition, removed pairs dropped
 from their batches). Actual = change of the mean validation loss per pair; predicted = the sum of
-per-pair IS over the subset, or the exact group form (ECIF_MATH "Group E": Pos(E) + Neg(E) per
-batch, through losses.group_terms). LDS = Spearman(predicted, actual) per method.
+per-pair IS over the subset, or the exact group form (Pos(E) + Neg(E) per batch, through
+losses.group_terms; docs/METHOD.md, "A pair's two roles"). LDS = Spearman(predicted, actual) per method.
 """
 from __future__ import annotations
 

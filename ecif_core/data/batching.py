@@ -1,4 +1,4 @@
-"""The seeded, fixed partition of pair ids into batches (ECIF_MATH "Setting").
+"""The seeded, fixed partition of pair ids into batches (docs/METHOD.md, "Setting").
 
 Training and the audit must see the same batches: the partition depends only on the set of
 ids, the seed and the batch size, never on the order of rows in a file. Removing pairs

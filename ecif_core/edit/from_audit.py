@@ -2,8 +2,8 @@
 model without them (ecif_core.edit.solver), written as a checkpoint in the input's own format.
 
 The preview reads stored numbers only (instant): the sum over the set of the per-pair influence
-(IS, IS_pos, IS_neg). Pairs of the set that share a batch interact (ECIF_MATH "Group E"), which the
-sum ignores; the preview says how many do. The edit recomputes the exact group gradients in
+(IS, IS_pos, IS_neg). Pairs of the set that share a batch interact (docs/METHOD.md, "A pair's two roles"),
+which the sum ignores; the preview says how many do. The edit recomputes the exact group gradients in
 parameter space and reports the group-form, first-order prediction next to the validation loss the
 edited model actually has.
 """

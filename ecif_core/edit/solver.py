@@ -1,5 +1,5 @@
-"""The model edit: remove a set of training pairs without retraining (ECIF_MATH "Removing a set
-and editing the model", the seed's Algorithm 1 line 11).
+"""The model edit: remove a set of training pairs without retraining (the seed's Algorithm 1
+line 11; docs/METHOD.md, "Removing pairs: the model edit").
 
 theta_tilde = theta_hat + (H + lambda I)^-1 (grad Pos(E) + grad Neg(E)), in the model's own
 parameter space (the projected curvature of the scores cannot be mapped back to parameters).

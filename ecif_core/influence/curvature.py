@@ -1,4 +1,4 @@
-"""Damped empirical-Fisher curvature in projected space (ECIF_MATH "Curvature in projected space").
+"""Damped empirical-Fisher curvature in projected space (docs/METHOD.md, "Curvature at scale").
 
 H ~ sum_n g_pos(n) g_pos(n)^T + (delta + lambda) I. We store the eigendecomposition of the
 undamped sum and add delta + lambda only when H^-1 is applied, so re-scoring with another
@@ -41,7 +41,7 @@ def eigendecompose(fisher: torch.Tensor, blocks: Sequence[Block] | None = None) 
 
 
 def default_damping(eigvals: torch.Tensor, factor: float = 0.1) -> float:
-    """lambda = factor x mean eigenvalue (ECIF_MATH default 0.1)."""
+    """lambda = factor x mean eigenvalue (default 0.1; docs/METHOD.md, "Curvature at scale")."""
     return float(factor * eigvals.mean())
 
 

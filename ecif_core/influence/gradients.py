@@ -1,4 +1,4 @@
-"""Per-pair projected gradients g_pos(n), g_neg(n) of one batch (ECIF_MATH "Influence").
+"""Per-pair projected gradients g_pos(n), g_neg(n) of one batch (docs/METHOD.md, "Influence").
 
 Every Pos(n) and Neg(n) depends on all 2B embeddings of the batch. We take the Jacobian of
 the 2B per-pair terms with respect to the embeddings (cheap, embedding level), plus the B
@@ -39,12 +39,12 @@ class BatchGradients:
     pos_terms: torch.Tensor   # (B,)    Pos(n)
     neg_terms: torch.Tensor   # (B,)    Neg(n)
     clip_score: torch.Tensor  # (B,)    cosine of the pair's own embeddings
-    clip: torch.Tensor        # (B, k)  C_n = grad [1 - cos(u_n, v_n)] (ECIF_MATH, the seed's Algorithm 3)
+    clip: torch.Tensor        # (B, k)  C_n = grad [1 - cos(u_n, v_n)] (Algorithm 3; docs/METHOD.md, "Influence")
 
 
 class Embeddings(NamedTuple):
-    """Text first, as ECIF_MATH writes S_ij = cos(u_i, v_j) / tau and pair_logits(text, image) takes
-    them; open_clip's own forward returns the image first, so read them by name where it matters."""
+    """Text first, as S_ij = cos(u_i, v_j) / tau is written (docs/METHOD.md, "Setting") and as
+    pair_logits(text, image) takes them; open_clip's own forward returns the image first, so read them by name where it matters."""
 
     text: torch.Tensor   # u
     image: torch.Tensor  # v
@@ -67,7 +67,7 @@ def embedding_cotangents(text_emb: torch.Tensor, image_emb: torch.Tensor, scale:
                          neg_term: NegTerm, rows: int = 32) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """d[Pos(1..B), Neg(1..B)] / d(u, v): shapes (2B, B, D) each, plus the 2B term values.
 
-    Closed form (ECIF_MATH "A pair's two roles"), `rows` outputs at a time. With G = d term / dS
+    Closed form (docs/METHOD.md, "A pair's two roles"), `rows` outputs at a time. With G = d term / dS
     (B x B), the chain through S = s u^ v^T gives d/du_i = (1/|u_i|) (I - u^_i u^_i^T) s G[i] V^ and
     d/dv_j = (1/|v_j|) (I - v^_j v^_j^T) s G[:, j]^T U^. G of Pos(n) is (p_n. - e_n) on row n plus
     (q_.n - e_n) on column n. Every Neg form is sum_{k != n} f(p_kn) + f(q_nk), and
@@ -112,7 +112,7 @@ def clip_cotangents(text_emb: torch.Tensor, image_emb: torch.Tensor) -> tuple[to
     """d[1 - cos(u_n, v_n)] / d(u, v) for n = 1..B: shapes (B, B, D), non-zero on item n only.
 
     d cos / du = (1/|u|) (I - u^ u^T) v^ (and symmetrically for v): the test gradient C_n of the
-    seed's Algorithm 3 involves the pair's own two items, no batch coupling (ECIF_MATH)."""
+    seed's Algorithm 3 involves the pair's own two items, no batch coupling (docs/METHOD.md, "Influence")."""
     u, v = text_emb.detach(), image_emb.detach()
     u_norm, v_norm = u.norm(dim=1, keepdim=True), v.norm(dim=1, keepdim=True)
     u_hat, v_hat = u / u_norm, v / v_norm
@@ -319,7 +319,7 @@ def _towers(text_emb: torch.Tensor, image_emb: torch.Tensor, text_cot: torch.Ten
 
 def item_jacobian_block(use: Use, dy: torch.Tensor, projector: Projector) -> torch.Tensor:
     """(R, items, k_block): per item, the projected weight gradient of R output cotangents, summed
-    over that item's tokens only (ECIF_MATH: sum_m (P_out dy_m)(P_in x_m)^T per item)."""
+    over that item's tokens only (sum_m (P_out dy_m)(P_in x_m)^T per item: docs/METHOD.md, "Curvature at scale")."""
     p_out, p_in = projector.factors(use.index, dy.device)
     rows, items = dy.shape[0], dy.shape[1]
     x = use.inputs.detach().reshape(items, -1, use.inputs.shape[-1])

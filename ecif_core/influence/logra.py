@@ -1,5 +1,5 @@
 """LoGra: projected per-pair gradients from layer inputs and output-gradients, never forming
-the full weight gradient (ECIF_MATH "Curvature in projected space").
+the full weight gradient (docs/METHOD.md, "Curvature at scale").
 
 For a weight W used as y = x W^T (F.linear) the gradient is sum_m dy_m x_m^T, so its
 projection is sum_m (P_out dy_m)(P_in x_m)^T; for W used as y = x @ W it is

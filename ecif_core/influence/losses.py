@@ -1,6 +1,6 @@
 """Contrastive batch loss and its split into per-pair positive and negative parts.
 
-Implements ECIF_MATH.md, sections "Setting" and "A pair's two roles". Every function takes
+Implements docs/METHOD.md, "Setting" and "A pair's two roles". Every function takes
 a B x B logits matrix S already scaled by 1/tau (text rows, image columns) and works in
 float32 and float64.
 """
@@ -16,7 +16,7 @@ NEG_TERMS: tuple[str, ...] = ("exact", "first_order", "paper")
 
 
 def pair_logits(text_emb: torch.Tensor, image_emb: torch.Tensor, logit_scale: torch.Tensor | float) -> torch.Tensor:
-    """S_ij = <u_i, v_j> / (|u_i| |v_j| tau), with logit_scale = 1/tau (ECIF_MATH "Setting")."""
+    """S_ij = <u_i, v_j> / (|u_i| |v_j| tau), with logit_scale = 1/tau (docs/METHOD.md, "Setting")."""
     u = torch.nn.functional.normalize(text_emb, dim=-1)
     v = torch.nn.functional.normalize(image_emb, dim=-1)
     return logit_scale * (u @ v.T)
@@ -35,8 +35,8 @@ def log_one_minus_softmax(logits: torch.Tensor, dim: int) -> torch.Tensor:
     """log(1 - softmax(logits)) elementwise, finite even when one probability rounds to 1.
 
     Off the argmax of a softmax slice p <= 1/2, where log1mexp is accurate. At the argmax,
-    1 - p_kn = sum_{j != n} p_kj exactly, i.e. a log-sum-exp with entry n left out (ECIF_MATH
-    "Numerics": a hard negative must keep a finite, exact Neg term).
+    1 - p_kn = sum_{j != n} p_kj exactly, i.e. a log-sum-exp with entry n left out (a hard negative
+    must keep a finite, exact Neg term: docs/METHOD.md, "Numerics").
     """
     log_prob = torch.log_softmax(logits, dim=dim)
     top = logits.argmax(dim=dim, keepdim=True)
@@ -92,7 +92,7 @@ def neg_terms(logits: torch.Tensor, neg_term: NegTerm = "exact") -> torch.Tensor
 
 
 def contrastive_terms(logits: torch.Tensor, neg_term: NegTerm = "exact") -> tuple[torch.Tensor, torch.Tensor]:
-    """(pos, neg) with pos[n] = Pos(n) and neg[n] = Neg(n) (ECIF_MATH "A pair's two roles")."""
+    """(pos, neg) with pos[n] = Pos(n) and neg[n] = Neg(n) (docs/METHOD.md, "A pair's two roles")."""
     return pos_terms(logits), neg_terms(logits, neg_term)
 
 

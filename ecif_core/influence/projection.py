@@ -1,5 +1,5 @@
-"""Seeded LoGra-style Kronecker projections of per-layer gradients (ECIF_MATH "Curvature in
-projected space").
+"""Seeded LoGra-style Kronecker projections of per-layer gradients (docs/METHOD.md,
+"Curvature at scale").
 
 A 2-D parameter block G (d_out x d_in) is projected to P_out G P_in^T (k_out x k_in), which
 equals sum over tokens of (P_out dy)(P_in x)^T for a linear layer. The Gaussian factors are

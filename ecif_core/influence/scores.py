@@ -1,4 +1,4 @@
-"""IS, self-IS and relative-IS per pair (ECIF_MATH "Influence"); the ranking rules that order
+"""IS, self-IS and relative-IS per pair (docs/METHOD.md, "Influence"); the ranking rules that order
 pairs by them are in ecif_core/ranking.py.
 
 Sign and unit: influence(n) = grad L'^T H^-1 (g_pos(n) + g_neg(n)) is the first-order
@@ -91,7 +91,7 @@ def relative_is(test_pos: torch.Tensor, test_neg: torch.Tensor, gram_pos_pos: to
 
     a = (C^T H^-1 g_pos, C^T H^-1 g_neg) per pair (test_pos, test_neg). When G is singular
     (the two directions parallel, or one is zero) the span is one line d and the result is
-    |C^T d| / |d| (ECIF_MATH "Relative-IS").
+    |C^T d| / |d| (docs/METHOD.md, "Relative-IS: tracing a test example").
     """
     a1, a2 = test_pos.to(torch.float64), test_neg.to(torch.float64)
     g11, g12, g22 = (t.to(torch.float64) for t in (gram_pos_pos, gram_pos_neg, gram_neg_neg))

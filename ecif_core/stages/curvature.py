@@ -1,5 +1,5 @@
 """Curvature stage: the eigendecomposition of the summed g_pos outer products (full or per-layer
-blocks), and the damped inverse every later reader builds from it (docs/METHOD.md)."""
+blocks), and the damped inverse every later reader builds from it (docs/METHOD.md, "Curvature at scale")."""
 from __future__ import annotations
 
 from pathlib import Path

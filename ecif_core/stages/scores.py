@@ -79,6 +79,6 @@ def scored_columns(audit_dir: str | Path, shard: int | None = None) -> tuple[np.
         for name in names:
             columns[name] = (store.read_rows(f"{group}/{name}", start, stop)[local] if store.has(f"{group}/{name}")
                              else np.full(len(index), np.nan))  # a store made before the column existed
-    # ECIF_MATH, Algorithm 3: the pair's predicted cosine under the model trained without it
+    # the pair's predicted cosine under the model trained without it (Algorithm 3; docs/METHOD.md, "Influence")
     columns["clip_score_loo"] = columns["clip_score"].astype(np.float64) - columns["self_influence_clip"]
     return index, [p for _, p in slots], columns

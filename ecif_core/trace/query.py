@@ -1,4 +1,4 @@
-"""Trace a test example back to training pairs (ECIF_MATH "Relative-IS").
+"""Trace a test example back to training pairs (docs/METHOD.md, "Relative-IS: tracing a test example").
 
 A test example is an image with its caption, or an image with the class prompts of a
 zero-shot task and the true class. Its test loss is a cross-entropy over texts:

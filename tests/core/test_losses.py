@@ -1,4 +1,5 @@
-"""ECIF_MATH check 1 and the documented behaviour of the three Neg forms."""
+"""The terms against autograd (docs/METHOD.md, "What is checked") and the documented behaviour of the
+three Neg forms."""
 import pytest
 import torch
 

@@ -1,4 +1,4 @@
-"""ECIF_MATH check 3: projected influence converges to the unprojected one as k grows."""
+"""docs/METHOD.md, "What is checked": projected influence converges to the unprojected one as k grows."""
 from functools import lru_cache
 
 import numpy as np

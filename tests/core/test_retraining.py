@@ -1,4 +1,4 @@
-"""ECIF_MATH.md, "Checks every implementation must pass", item 2: influence vs retraining.
+"""Influence vs retraining (docs/METHOD.md, "What is checked").
 
 A tiny, nearly convex CLIP-like problem: fixed class-structured text and image features,
 linear projection heads (the parameters theta), cosine logits at a fixed scale, the
@@ -94,7 +94,7 @@ def _pairs(gen: torch.Generator, means: torch.Tensor, mix_txt: torch.Tensor, mix
 
 
 def _partition(gen: torch.Generator, n: int) -> tuple[torch.Tensor, ...]:
-    """A fixed seeded partition into batches of BATCH_SIZE (ECIF_MATH "Setting")."""
+    """A fixed seeded partition into batches of BATCH_SIZE (docs/METHOD.md, "Setting")."""
     return tuple(torch.randperm(n, generator=gen).split(BATCH_SIZE))
 
 
