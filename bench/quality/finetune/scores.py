@@ -2,7 +2,7 @@
 
 Product scores: each numeric ranked.csv column that ecif_core.edit.removal.SUSPICION_SIGN orients (+1: larger is
 more suspicious, -1: smaller is; columns missing from that table, or empty, are skipped), and, when
-ecif_core.stages.prepare offers it, every ranking rule of `misalignment_columns(audit_dir)` (already oriented).
+ecif_core.stages offers it, every ranking rule of `misalignment_columns(audit_dir)` (already oriented).
 Baseline scores are oriented by BASELINE_SIGN. NaN entries (a pair a rule could not score) are ranked least
 suspicious, and counted.
 """
@@ -47,7 +47,7 @@ def _number(text: str) -> float:
 
 
 def rule_columns(audit_dir: str | Path) -> tuple[list[str], dict[str, np.ndarray]]:
-    """{"rank_by:<rule>": score} from ecif_core.stages.prepare.misalignment_columns, or nothing when it does not exist."""
+    """{"rank_by:<rule>": score} from ecif_core.stages.misalignment_columns, or nothing when it does not exist."""
     from ecif_core import stages as audit
 
     fn = getattr(audit, "misalignment_columns", None)

@@ -3,7 +3,7 @@ cells' finished audits (no gradient recomputed), scored against the truth; the t
 
     python -m bench.quality.finetune.select --out /work/bench-out/finetune [--split dev]
 
-Candidates are the product's own ranking rules (`ecif_core.stages.prepare.misalignment_columns`), the
+Candidates are the product's own ranking rules (`ecif_core.stages.misalignment_columns`), the
 evidence-weighted variants below (the default, `evidence`, is the one chosen here: clip_score_loo with
 z-scores and weights 2 AUROC - 1) and, for comparison, the benchmark's baselines from each cell's scores.npz.
 """
@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from ecif_core.stages import audit_evidence, collect_scores, misalignment_columns
-from ecif_core.ranking import EVIDENCE_RULE, evidence_weighted
+from ecif_core.ranking import DEFAULT_RANK_BY, EVIDENCE_RULE, evidence_weighted
 
 from .evaluate import detection, truth_labels
 from .scores import aligned
@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", required=True)
     parser.add_argument("--split", default="dev", choices=["dev", "test"])
     parser.add_argument("--top", type=int, default=14, help="candidates listed per group")
-    parser.add_argument("--flag-rules", nargs="*", default=["evidence"],
+    parser.add_argument("--flag-rules", nargs="*", default=[DEFAULT_RANK_BY],
                         help="z-scaled rules whose threshold the suspected flag could use")
     parser.add_argument("--thresholds", nargs="*", type=float, default=[1.5, 2.0, 2.5, 3.0, 3.5])
     args = parser.parse_args(argv)
