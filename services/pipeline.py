@@ -177,7 +177,7 @@ class Pipeline:
     def _write_shard_scores(self, audit_id: str, audit_dir: str, shard: int) -> None:
         """One bulk insert per shard; a re-run replaces the shard's rows in the same transaction."""
         slots, pairs, cols = core.shard_score_columns(audit_dir, shard)
-        shift = float(core.open_store(audit_dir).read_rows("done/scores_shift")[shard])
+        shift = float(core.open_store(audit_dir).curvature_shifts()[shard])
         rows = [{"audit_id": audit_id, "slot": int(slot), "shard": shard, "pair_id": pair.id,
                  **{name: _nullable(cols[name][i]) for name in SCORE_COLUMNS}}
                 for i, (slot, pair) in enumerate(zip(slots, pairs))]
