@@ -429,7 +429,7 @@ def run_edit(database_url: str, edit_id: str, heartbeat_interval: float = 0) -> 
     request, edit_dir = claimed["request"], claimed["edit_dir"]
     with _request_failures(database_url, Edit, edit_id), \
             RequestHeartbeat(database_url, "edit", edit_id, heartbeat_interval):
-        settings = EditSettings.from_mapping(request)
+        settings = EditSettings.from_mapping(request, deprecated=False)  # rows queued before a rename: old names
         zero_shot = zero_shot_examples(request["zero_shot"]) if request.get("zero_shot") else None
         record = edit_audit(claimed["audit_dir"], request["remove"], edit_dir, settings, theta=request.get("theta"),
                             base_dir=edit_dir, zero_shot=zero_shot)

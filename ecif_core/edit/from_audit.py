@@ -25,7 +25,8 @@ from ecif_core.stages.plan import image_access, load_plan, load_slots, open_stor
 from ecif_core.data.batching import partition
 from ecif_core.data.images import load_batch, load_image
 from ecif_core.data.sources import read_pairs
-from ecif_core.edit.solver import EditSettings, LeaveOutObjective, TrainingBatch, apply_delta, edit_parameters
+from ecif_core.edit.settings import EditSettings
+from ecif_core.edit.solver import LeaveOutObjective, TrainingBatch, apply_delta, edit_parameters
 from ecif_core.errors import ConfigError
 from ecif_core.influence.losses import batch_loss, pair_logits
 from ecif_core.influence.gradients import embed, temperature_scale

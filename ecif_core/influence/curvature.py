@@ -40,9 +40,9 @@ def eigendecompose(fisher: torch.Tensor, blocks: Sequence[Block] | None = None) 
     return eigvals, eigvecs
 
 
-def default_damping(eigvals: torch.Tensor, factor: float = 0.1) -> float:
-    """lambda = factor x mean eigenvalue (ECIF_MATH default 0.1)."""
-    return float(factor * eigvals.mean())
+def default_damping(eigvals: torch.Tensor, per_mean_eigenvalue: float) -> float:
+    """lambda = per_mean_eigenvalue x mean eigenvalue (options.damping_per_mean_eigenvalue)."""
+    return float(per_mean_eigenvalue * eigvals.mean())
 
 
 class DampedInverse:

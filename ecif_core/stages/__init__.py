@@ -26,7 +26,8 @@ from ecif_core.stages.validation import audit_evidence
 
 __all__ = ["ModelCache", "Plan", "Ranking", "ReferenceCache", "audit_evidence", "collect_scores", "fetch_dir",
            "final_ranking", "image_access", "inverse_for", "load_plan", "load_slots", "manifest_of", "misalignment_columns",
-           "open_store", "roots_of", "run_audit", "run_stage", "scored_curvature_shift", "shard_score_columns", "suspected_flags"]
+           "open_store", "roots_of", "run_audit", "run_stage", "scored_curvature_shift", "shard_score_columns",
+           "suspected_flags"]
 
 Progress = Callable[[str, int, int], None]
 

@@ -62,7 +62,7 @@ def inverse_for(plan: Plan, store: AuditStore, damping: float | None = None) -> 
     o = manifest_of(plan).options
     eigvals, eigvecs = stored_curvature(store)
     lam = damping if damping is not None else (o.damping if o.damping is not None
-                                                else default_damping(eigvals, o.damping_factor))
+                                                else default_damping(eigvals, o.damping_per_mean_eigenvalue))
     return DampedInverse(eigvals, eigvecs, o.weight_decay + lam)
 
 def stored_curvature(store: AuditStore) -> tuple[torch.Tensor, torch.Tensor]:

@@ -19,7 +19,6 @@ from ecif_core.models.factory import LoadedModel
 from ecif_core.influence.projection import Projector
 from ecif_core.models.runtime import flush_denormals
 from ecif_core.models.reference import reference_scores
-from ecif_core.data.store import TERM_FIELDS
 
 
 

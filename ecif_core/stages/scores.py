@@ -57,8 +57,8 @@ def scored_curvature_shift(plan: Plan, store: AuditStore) -> float:
         raise NotReady(f"{plan.shards - done} of {plan.shards} shards are not scored yet")
     shifts = store.curvature_shifts()
     if not np.allclose(shifts, shifts[0], rtol=1e-12, atol=0):
-        raise InconsistentAudit(f"shards were scored with different curvature shifts {sorted(set(shifts.tolist()))[:3]}; "
-                           "re-score every shard")
+        raise InconsistentAudit("shards were scored with different curvature shifts "
+                                f"{sorted(set(shifts.tolist()))[:3]}; re-score every shard")
     return float(shifts[0])
 
 def collect_scores(audit_dir: str | Path) -> tuple[list[Pair], dict[str, np.ndarray]]:

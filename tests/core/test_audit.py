@@ -277,6 +277,28 @@ def test_changed_manifest_on_an_existing_audit_folder_is_refused(workspace, fini
     assert error.value.field == "options.neg_term"
 
 
+def test_the_audit_damping_factor_option_is_read_under_its_new_name(workspace, finished, tmp_path):
+    """options.damping_factor is now damping_per_mean_eigenvalue (the edit's factor multiplies something
+    else): a manifest may still use the old name (deprecated), and an audit folder written before the
+    rename still opens and is not taken for a changed manifest."""
+    old = _write_manifest(workspace, "old-name.json", {**OPTIONS, "damping_factor": 0.3})
+    with pytest.warns(FutureWarning, match="options.damping_factor is deprecated.*damping_per_mean_eigenvalue"):
+        assert load_manifest(old).options.damping_per_mean_eigenvalue == 0.3
+    both = _write_manifest(workspace, "both-names.json", {**OPTIONS, "damping_factor": 0.3,
+                                                          "damping_per_mean_eigenvalue": 0.3})
+    with pytest.raises(ConfigError) as error:
+        load_manifest(both)
+    assert error.value.field == "options.damping_factor"
+    copy = tmp_path / "before-rename"
+    shutil.copytree(finished, copy)
+    plan = json.loads((copy / "plan.json").read_text())
+    options = plan["manifest"]["options"]
+    options["damping_factor"] = options.pop("damping_per_mean_eigenvalue")
+    (copy / "plan.json").write_text(json.dumps(plan))
+    assert audit.manifest_of(audit.load_plan(copy)).options.damping_per_mean_eigenvalue == 0.1
+    prepare(load_manifest(workspace / "manifest.json"), copy)  # the same manifest: accepted, not "changed"
+
+
 def test_stages_refuse_incomplete_inputs(workspace, finished, tmp_path):
     copy = tmp_path / "copy"
     shutil.copytree(finished, copy)
@@ -445,7 +467,8 @@ def test_the_edit_loads_its_model_with_exact_float32_on_theta(finished, monkeypa
         from_audit.edit_audit(finished, "random:3", finished.parent / "edited")
     assert seen["tf32"] == (False, False)
     model, theta = seen["ready"].model, {id(p) for _, p in seen["ready"].theta}
-    expected = {id(p) for _, p in factory.select_theta(model, audit.manifest_of(audit.load_plan(finished)).options.theta)}
+    patterns = audit.manifest_of(audit.load_plan(finished)).options.theta
+    expected = {id(p) for _, p in factory.select_theta(model, patterns)}
     assert theta == expected and {id(p) for p in model.parameters() if p.requires_grad} == expected
 
 
