@@ -3,7 +3,7 @@
     python -m bench.edit --tune-seed 0 --fresh   # the reported run (bench/RESULTS.md): every seed with the
                                                  # default EditSettings, EditSettings chosen on seed 0, every
                                                  # seed again with them (about 9 min on 2 cores)
-    python -m bench.edit                 # seeds 0 1 2 with the default (or --damping-factor ...) EditSettings
+    python -m bench.edit                 # seeds 0 1 2 with the default EditSettings (or --damping ...)
     python -m bench.edit --quick         # reduced sizes, one seed (about 35 s; checks the plumbing)
     python -m bench.edit --workers 2     # seeds in 2 processes (only worth it on an idle machine)
 
@@ -52,6 +52,8 @@ from multiprocessing import get_context  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any, Callable, Mapping, Sequence  # noqa: E402
 
+from ecif_core.edit.settings import SETTING  # noqa: E402  (no torch: the defaults' one home)
+
 import torch  # noqa: E402
 
 PROJECTIONS: tuple[str, ...] = ("visual.proj", "text_projection")
@@ -91,28 +93,29 @@ class EditBenchSettings:
     removal_fraction: float = 0.1
     sets: list[str] = field(default_factory=lambda: list(SET_KINDS))
     max_suspected_share: float = 0.5  # `suspected` is skipped when empty or above this share
-    # EditSettings of the reported edits (None = ecif_core.edit.solver's default)
+    # EditSettings of the reported edits (defaults: ecif_core.edit.settings; this damping was tuned on seed 0)
     damping: float | None = None
-    damping_factor: float = 0.01
-    max_iterations: int = 50
-    tolerance: float = 1e-4
+    damping_per_removal_curvature: float = 0.01
+    max_iterations: int = SETTING["max_iterations"].default
+    tolerance: float = SETTING["tolerance"].default
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     def edit_settings(self):
-        from ecif_core.edit.solver import EditSettings
+        from ecif_core.edit.settings import EditSettings
 
-        return EditSettings(damping=self.damping, damping_factor=self.damping_factor,
+        return EditSettings(damping=self.damping,
+                            damping_per_removal_curvature=self.damping_per_removal_curvature,
                             max_iterations=self.max_iterations, tolerance=self.tolerance)
 
     def seed_key(self) -> dict[str, Any]:
         """What the cached models and audit of a seed depend on (edits are keyed separately)."""
-        skip = {"seeds", "sets", "max_suspected_share", "damping", "damping_factor", "max_iterations", "tolerance"}
+        skip = {"seeds", "sets", "max_suspected_share", *SETTING}
         return {k: v for k, v in self.to_json().items() if k not in skip}
 
     def edit_key(self) -> dict[str, Any]:
-        return {k: getattr(self, k) for k in ("damping", "damping_factor", "max_iterations", "tolerance")}
+        return {k: getattr(self, k) for k in SETTING}
 
 
 def quick() -> EditBenchSettings:
@@ -388,7 +391,8 @@ def run_seed(settings: EditBenchSettings, out: Path, seed: int, say_: Callable[[
 
 def edit_tag(key: Mapping[str, Any]) -> str:
     """A file-name tag of EditSettings (records of different settings live side by side)."""
-    return f"d{key['damping']}-f{key['damping_factor']:g}-it{key['max_iterations']}-tol{key['tolerance']:g}"
+    return (f"d{key['damping']}-f{key['damping_per_removal_curvature']:g}-it{key['max_iterations']}"
+            f"-tol{key['tolerance']:g}")
 
 
 def edit_and_compare(base: dict, spec: str, folder: Path, edit_settings, m1_metrics: dict,
@@ -433,8 +437,9 @@ def _ranked_count(audit: Path) -> int:
 # ---------------------------------------------------------------- tuning the EditSettings on one seed
 
 TUNING_GRID: tuple[dict[str, Any], ...] = tuple(
-    [{"damping": None, "damping_factor": f, "max_iterations": 50} for f in (0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0)]
-    + [{"damping": None, "damping_factor": 0.01, "max_iterations": it} for it in (3, 10)])
+    [{"damping": None, "damping_per_removal_curvature": f, "max_iterations": SETTING["max_iterations"].default}
+     for f in (0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0)]
+    + [{"damping": None, "damping_per_removal_curvature": 0.01, "max_iterations": it} for it in (3, 10)])
 
 
 def stationarity(base: dict, weight_decay: float) -> dict[str, float]:
@@ -466,7 +471,7 @@ def tune(settings: EditBenchSettings, out: Path, seed: int, grid: Sequence[Mappi
     |M1 - retrained| is chosen (distance to retraining in theta; no test metric decides)."""
     from bench.quality import scoring
     from bench.quality.tensors import load_batches
-    from ecif_core.edit.solver import EditSettings
+    from ecif_core.edit.settings import EditSettings
     from ecif_core.models.factory import load_model
 
     root = Path(out).resolve() / f"seed{seed}"
@@ -548,13 +553,14 @@ def _tuning_table(tuning: dict) -> list[str]:
     lines = [f"## EditSettings chosen on seed {tuning['seed']}", "",
              f"Criterion: {tuning['criterion']} (mean over the seed's sets; no test metric decides). Chosen: "
              f"`{tuning['chosen']}`.", "",
-             "| damping | damping_factor | max_iterations | lambda (mean) | CG iterations (mean) | stopped at negative "
-             "curvature | relative error | cosine | acc gap (points) | signs agree | edit s (mean) |",
+             "| damping | damping_per_removal_curvature | max_iterations | lambda (mean) | CG iterations (mean) | "
+             "stopped at negative curvature | relative error | cosine | acc gap (points) | signs agree | "
+             "edit s (mean) |",
              "| --- " * 11 + "|"]
     for c in tuning["candidates"]:
         rows, k, o = list(c["rows"].values()), c["settings"], c["overall"]
         mean = lambda f: statistics.mean(f(r) for r in rows)  # noqa: E731
-        lines.append(f"| {k['damping']} | {k['damping_factor']:g} | {k['max_iterations']} | "
+        lines.append(f"| {k['damping']} | {k['damping_per_removal_curvature']:g} | {k['max_iterations']} | "
                      f"{mean(lambda r: r['edit']['damping']):.3g} | {mean(lambda r: r['edit']['cg_iterations']):.1f} | "
                      f"{sum(r['edit']['negative_curvature'] for r in rows)}/{len(rows)} | {o['mean_relative_error']:.2f} | "
                      f"{o['mean_cosine']:.3f} | {o['mean_acc_gap_points']:.2f} | {100 * o['sign_agreement']:.0f}% | "
@@ -585,7 +591,8 @@ def markdown(results: dict) -> str:
         f"M1 audited with `run_embedded` (clean validation, theta = the projections, projection "
         f"{projection_text}). "
         f"Edited = `edit_audit(M1's audit, set)` with EditSettings(damping={s['damping']}, "
-        f"damping_factor={s['damping_factor']:g}, max_iterations={s['max_iterations']}, tolerance={s['tolerance']:g}); "
+        f"damping_per_removal_curvature={s['damping_per_removal_curvature']:g}, "
+        f"max_iterations={s['max_iterations']}, tolerance={s['tolerance']:g}); "
         "retrained = the M1 fine-tune from M0 with `exclude` = the set. Test metrics on the clean test split: "
         "zero-shot accuracy over the 10 class prompts, mean contrastive loss per test pair. Loss change = "
         "model - M1. Cosine over theta of (edited - M1) and (retrained - M1); relative error = "
@@ -693,7 +700,7 @@ def parse_args(argv: Sequence[str]) -> tuple[EditBenchSettings, argparse.Namespa
     parser.add_argument("--fresh", action="store_true", help="ignore the cache in OUT")
     parser.add_argument("--seeds", type=int, nargs="+")
     parser.add_argument("--damping", type=float)
-    parser.add_argument("--damping-factor", type=float)
+    parser.add_argument("--damping-per-removal-curvature", type=float)
     parser.add_argument("--max-iterations", type=int)
     parser.add_argument("--tune-seed", type=int, default=None,
                         help="run every seed with the default EditSettings, choose the EditSettings on this seed "
@@ -701,7 +708,8 @@ def parse_args(argv: Sequence[str]) -> tuple[EditBenchSettings, argparse.Namespa
                              "report this seed apart from the others")
     args = parser.parse_args(list(argv))
     settings = quick() if args.quick else EditBenchSettings()
-    given = [name for name in ("damping", "damping_factor", "max_iterations") if getattr(args, name) is not None]
+    given = [name for name in ("damping", "damping_per_removal_curvature", "max_iterations")
+             if getattr(args, name) is not None]
     if given and args.tune_seed is not None:
         parser.error("--tune-seed chooses the EditSettings; do not give " + ", ".join(given))
     for name in ("seeds", *given):

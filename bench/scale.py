@@ -314,9 +314,9 @@ def store_part(out: Path, sizes: list[int], dim: int, shard_rows: int) -> list[d
         rng = np.random.default_rng(0)
         for shard in range(shards):
             grads = {name: rng.standard_normal((shard_rows, dim), dtype=np.float32) * 1e-2 for name in ("pos", "neg")}
-            store.write_rows("grads", shard * shard_rows, grads)
+            store.write_gradients(shard * shard_rows, grads)
             if shard_rows >= 2 * dim:  # as the gradients stage does (stages.curvature.partial_sums_pay)
-                store.root["fisher/partial"][shard] = fisher_sum([torch.from_numpy(grads["pos"])], dim).numpy()
+                store.write_fisher_partial(shard, fisher_sum([torch.from_numpy(grads["pos"])], dim).numpy())
             store.mark_done("gradients", shard)
         manifest = {"train": "x", "validation": None, "model": {"arch": "x", "config": None, "checkpoint": "x"},
                     "options": AuditOptions().__dict__, "excluded": [], "ids_digest": None}

@@ -48,21 +48,20 @@ def synthetic_audit(demo: Path, out: Path, rows: int, shard_rows: int = 256) -> 
     store = audit.open_store(out)
     store.create(rows=shards * shard_rows, dim=plan.dim, shard_rows=shard_rows, shards=shards, attrs={})
     demo_store = audit.open_store(demo)
-    for name in ("curvature/eigvals", "curvature/eigvecs"):
-        store.write_array(name, demo_store.read_rows(name))
-    store.mark_complete("curvature/eigvals")
+    eigvals, eigvecs = demo_store.curvature()
+    store.write_curvature(eigvals, eigvecs, {})
     generator = np.random.default_rng(0)
-    scale = float(np.abs(demo_store.read_rows("grads/pos", 0, plan.shard_rows)).mean())
+    scale = float(np.abs(demo_store.pos_gradients(0, plan.shard_rows)).mean())
     for shard in range(shards):
         start = shard * shard_rows
         grads = {name: (generator.standard_normal((shard_rows, plan.dim)) * scale).astype(np.float32)
                  for name in ("pos", "neg")}
-        store.write_rows("grads", start, grads)
+        store.write_gradients(start, grads)
         gram = {f"gram_{a}_{b}": np.abs(generator.standard_normal(shard_rows)) + 1.0
                 for a, b in (("pos", "pos"), ("pos", "neg"), ("neg", "neg"))}
         gram["gram_pos_neg"] *= 0.1
-        store.write_rows("scores", start, gram)
-        store.root["done/scores_shift"][shard] = float(demo_store.read_rows("done/scores_shift")[0])
+        store.write_scores(start, gram)
+        store.write_curvature_shift(shard, float(demo_store.curvature_shifts()[0]))
         store.mark_done("scores", shard)
     fields = json.loads((demo / "plan.json").read_text())
     fields.update(n_batches=shards * shard_rows // plan.batch_size, shard_batches=shard_rows // plan.batch_size,

@@ -29,7 +29,7 @@ from ecif_core.models.lora import LORA_THETA_PATTERNS, TRAINING_SIDECAR, add_lor
 from ecif_core.errors import ConfigError
 from ecif_core.influence.losses import batch_loss, pair_logits
 from ecif_core.data.manifest import SIDECAR_SUFFIX
-from ecif_core.models.factory import load_model, resolve_model_config, select_theta
+from ecif_core.models.factory import ready_model, resolve_model_config, select_theta
 from ecif_core.models.runtime import flush_denormals
 
 MAX_LOGIT_SCALE = math.log(100.0)
@@ -108,7 +108,7 @@ def train(data: str | Path, model_config: str | Path | dict, out: str | Path, cf
         raise ConfigError("lora_rank", "a LoRA fine-tune needs the base checkpoint (init)")
     torch.manual_seed(cfg.seed)
     model_cfg = resolve_model_config(config=model_config)
-    loaded = load_model(config=model_cfg, checkpoint=init, seed=cfg.seed)
+    loaded = ready_model(config=model_cfg, checkpoint=init, seed=cfg.seed, grads="all", device="cpu").loaded
     model = loaded.model
     if cfg.lora_rank is not None:
         model = add_lora(model, cfg.lora_rank, cfg.lora_alpha)

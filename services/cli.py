@@ -135,19 +135,35 @@ def _edit_settings(args: argparse.Namespace):
 
 
 def _edit_setting_values(args: argparse.Namespace) -> dict:
-    from ecif_core.edit.settings import EDIT_SETTINGS
+    """The settings typed on the command line (the others take EDIT_SETTINGS' defaults where they are
+    used); a deprecated flag is read as its new name, with a warning."""
+    from ecif_core.edit.settings import EDIT_SETTINGS, renamed_settings
 
-    return {spec.name: getattr(args, spec.name) for spec in EDIT_SETTINGS}
+    typed = {name: getattr(args, name) for spec in EDIT_SETTINGS for name in (spec.name, spec.old_name)
+             if name is not None and hasattr(args, name)}
+    for spec in EDIT_SETTINGS:
+        if spec.old_name in typed:
+            print(f"warning: {_flag(spec.old_name)} is deprecated and will be removed: use {_flag(spec.name)} "
+                  "(same value and meaning)", file=sys.stderr)
+    return renamed_settings(typed, deprecated=False)
+
+
+def _flag(name: str) -> str:
+    return f"--{name.replace('_', '-')}"
 
 
 def _edit_setting_flags(parser: argparse.ArgumentParser) -> None:
-    """--damping, --damping-factor, ... from ecif_core.edit.settings.EDIT_SETTINGS: default, bounds, meaning."""
+    """--damping, --damping-per-removal-curvature, ... from ecif_core.edit.settings.EDIT_SETTINGS:
+    default, bounds, meaning; an old name (SettingSpec.old_name) stays as a deprecated flag."""
     from ecif_core.edit.settings import EDIT_SETTINGS
 
     for spec in EDIT_SETTINGS:
         default = "none" if spec.default is None else f"{spec.default:g}"
-        parser.add_argument(f"--{spec.name.replace('_', '-')}", dest=spec.name, type=spec.kind, default=spec.default,
+        parser.add_argument(_flag(spec.name), dest=spec.name, type=spec.kind, default=argparse.SUPPRESS,
                             help=f"{spec.meaning}; in {spec.interval()} (default {default})")
+        if spec.old_name is not None:
+            parser.add_argument(_flag(spec.old_name), dest=spec.old_name, type=spec.kind, default=argparse.SUPPRESS,
+                                help=f"deprecated: the old name of {_flag(spec.name)}")
 
 
 def cmd_preview(args: argparse.Namespace) -> int:

@@ -177,7 +177,7 @@ class Pipeline:
     def _write_shard_scores(self, audit_id: str, audit_dir: str, shard: int) -> None:
         """One bulk insert per shard; a re-run replaces the shard's rows in the same transaction."""
         slots, pairs, cols = core.shard_score_columns(audit_dir, shard)
-        shift = float(core.open_store(audit_dir).read_rows("done/scores_shift")[shard])
+        shift = float(core.open_store(audit_dir).curvature_shifts()[shard])
         rows = [{"audit_id": audit_id, "slot": int(slot), "shard": shard, "pair_id": pair.id,
                  **{name: _nullable(cols[name][i]) for name in SCORE_COLUMNS}}
                 for i, (slot, pair) in enumerate(zip(slots, pairs))]
@@ -429,7 +429,7 @@ def run_edit(database_url: str, edit_id: str, heartbeat_interval: float = 0) -> 
     request, edit_dir = claimed["request"], claimed["edit_dir"]
     with _request_failures(database_url, Edit, edit_id), \
             RequestHeartbeat(database_url, "edit", edit_id, heartbeat_interval):
-        settings = EditSettings.from_mapping(request)
+        settings = EditSettings.from_mapping(request, deprecated=False)  # rows queued before a rename: old names
         zero_shot = zero_shot_examples(request["zero_shot"]) if request.get("zero_shot") else None
         record = edit_audit(claimed["audit_dir"], request["remove"], edit_dir, settings, theta=request.get("theta"),
                             base_dir=edit_dir, zero_shot=zero_shot)

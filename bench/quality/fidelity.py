@@ -169,7 +169,7 @@ class _GroupForm:
     def __init__(self, audit_dir: Path, model: torch.nn.Module, objective: FeatureObjective, w_hat: tuple,
                  ids: list[str]):
         plan, store = load_plan(audit_dir), open_store(audit_dir)
-        self.direction = inverse_for(plan, store).apply(torch.from_numpy(store.read_rows("validation/grad")))
+        self.direction = inverse_for(plan, store).apply(torch.from_numpy(store.validation_gradient()))
         spec = _projection_spec(plan)
         theta = select_theta(model, list(PROJECTIONS))
         if sorted(name for name, _ in theta) != sorted(PROJECTIONS):
@@ -198,13 +198,13 @@ class _GroupForm:
         the cached validation loss against the audit's."""
         slots = {p.id: slot for slot, p in load_slots(self.audit_dir)}
         first = [self.ids[r] for r in self.objective.batches[0]]
-        stored = [self.store.read_rows("grads/pos", slots[i], slots[i] + 1)[0]
-                  + self.store.read_rows("grads/neg", slots[i], slots[i] + 1)[0] for i in first]
+        stored = [self.store.pos_gradients(slots[i], slots[i] + 1)[0]
+                  + self.store.neg_gradients(slots[i], slots[i] + 1)[0] for i in first]
         errors = []
         for p, g_stored in enumerate(stored):
             g = self.gradient({0: [p]}).numpy()
             errors.append(float(np.linalg.norm(g - g_stored) / np.linalg.norm(g_stored)))
-        audit_val = float(self.store.root["validation/grad"].attrs["loss"])
+        audit_val = float(self.store.validation_attrs()["loss"])
         return {"pair_gradient_max_relative_error": max(errors), "val_loss_cached": base_val, "val_loss_audit": audit_val}
 
 

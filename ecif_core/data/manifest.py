@@ -8,6 +8,7 @@ checkpoint's sidecar (written by ecif_core.train), then from the defaults below.
 from __future__ import annotations
 
 import copy
+import warnings
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -33,7 +34,10 @@ CURVATURE_KINDS = ("full", "blocks")
 # Upper bounds (README, options table): each bounds the memory or time one request can ask for.
 BOUNDS: dict[str, tuple[float, float]] = {
     "batch_size": (2, 65536), "seed": (0, 2**63 - 1), "partitions": (1, 64), "shard_batches": (1, 100_000),
-    "chunk": (1, 65536), "damping": (0, 1e12), "damping_factor": (0, 1e12), "weight_decay": (0, 1e12)}
+    "chunk": (1, 65536), "damping": (0, 1e12), "damping_per_mean_eigenvalue": (0, 1e12), "weight_decay": (0, 1e12)}
+# Options renamed (CHANGELOG.md): old spelling -> name. A manifest may still give the old one (deprecated,
+# with a warning); plans and database rows written before the rename are read with it.
+RENAMED_OPTIONS = {"damping_factor": "damping_per_mean_eigenvalue"}
 MAX_PROJECTION_K = 1024
 MAX_THETA_PATTERNS, MAX_PATTERN_CHARS = 256, 512
 
@@ -43,8 +47,8 @@ class AuditOptions:
     batch_size: int = 32
     seed: int = 0
     neg_term: str = "exact"
-    damping: float | None = None          # lambda; None = damping_factor x mean eigenvalue
-    damping_factor: float = 0.1
+    damping: float | None = None          # lambda; None = damping_per_mean_eigenvalue x mean eigenvalue
+    damping_per_mean_eigenvalue: float = 0.1  # (the edit's lambda is per its own curvature: edit.settings)
     weight_decay: float = 0.0             # delta of the training objective
     projection: dict[str, Any] | None = field(default_factory=lambda: {"k_in": 8, "k_out": 8, "seed": 0})
     theta: list[str] | None = None        # fnmatch patterns; None = default_theta_patterns
@@ -93,7 +97,7 @@ class Manifest:
         """Inverse of to_json for a manifest that was already resolved and validated."""
         return cls(train=data["train"], validation=data["validation"], model_arch=data["model"]["arch"],
                    model_config=data["model"]["config"], checkpoint=data["model"]["checkpoint"],
-                   options=AuditOptions(**data["options"]), excluded=list(data.get("excluded", [])),
+                   options=AuditOptions(**renamed_options(data["options"])), excluded=list(data.get("excluded", [])),
                    ids_digest=data.get("ids_digest"), remote_images=data.get("remote_images"),
                    adapter=data["model"].get("adapter"), reference=data.get("reference"))
 
@@ -132,7 +136,7 @@ def _path_slots(raw: Any) -> Iterator[tuple[str, dict | list, str | int]]:
 
 _OPTION_TYPES: dict[str, tuple[type, ...]] = {
     "batch_size": (int,), "seed": (int,), "neg_term": (str,), "damping": (int, float, type(None)),
-    "damping_factor": (int, float), "weight_decay": (int, float), "projection": (dict, type(None)),
+    "damping_per_mean_eigenvalue": (int, float), "weight_decay": (int, float), "projection": (dict, type(None)),
     "theta": (list, type(None)), "curvature": (str,), "rank_by": (str,), "partitions": (int,),
     "shard_batches": (int,), "chunk": (int,), "memory_limit": (int, str, type(None)),
 }
@@ -283,9 +287,26 @@ def _reference(raw: dict[str, Any], sidecar: dict[str, Any], sidecar_dir: Path, 
     return {"arch": arch, "config": config, "checkpoint": str((sidecar_dir / base).resolve()), "adapter": None}
 
 
+def renamed_options(raw: dict[str, Any], deprecated: bool = False) -> dict[str, Any]:
+    """`raw` with each old option name (RENAMED_OPTIONS) read as its new name; giving both is refused.
+    `deprecated`: warn (a manifest a person wrote), not for stored plans and rows."""
+    out = dict(raw)
+    for old, new in RENAMED_OPTIONS.items():
+        if old not in out:
+            continue
+        if new in out:
+            raise ConfigError(f"options.{old}", f"is the deprecated name of options.{new}; give only {new}")
+        if deprecated:
+            warnings.warn(f"options.{old} is deprecated and will be removed: write options.{new} (same value "
+                          "and meaning)", FutureWarning, stacklevel=4)
+        out[new] = out.pop(old)
+    return out
+
+
 def _parse_options(raw: dict[str, Any], sidecar: dict[str, Any]) -> AuditOptions:
     if not isinstance(raw, dict):
         raise ConfigError("options", "must be an object")
+    raw = renamed_options(raw, deprecated=True)
     known = {f.name for f in fields(AuditOptions)}
     for name in raw:
         if name not in known:

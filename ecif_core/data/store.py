@@ -1,4 +1,4 @@
-"""The Zarr layout of one audit (ARCHITECTURE "Storage").
+"""The Zarr layout of one audit (ARCHITECTURE "Storage"): the only module that knows its keys.
 
 Rows are slots: batch b owns rows [b*B, (b+1)*B), and a shard of S batches owns exactly one
 chunk of S*B rows. Different processes writing different shards therefore never share a
@@ -8,6 +8,10 @@ retried shard whose marker is set is skipped and a half-written one is rewritten
 A gradients shard of at least 2k rows also writes its k x k partial Fisher sum (`fisher/partial`,
 one chunk per shard, float64), so the curvature stage adds S small matrices instead of reading
 the N x k rows; a smaller shard's rows are fewer bytes than its sum, and are read instead.
+
+Every array and marker has a typed accessor below; callers never spell a key. Stores made before
+an array existed (grads/clip, fisher/partial, validation/examples, a score or term column) stay
+readable: their accessors answer None (or skip the array when writing).
 """
 from __future__ import annotations
 
@@ -27,6 +31,22 @@ SCORE_FIELDS = ("influence", "influence_pos", "influence_neg", "self_influence",
 TERM_FIELDS = ("pos_terms", "neg_terms", "clip_score", "reference_clip_score", "reference_negclip")
 GRADIENT_FIELDS = ("pos", "neg", "clip")  # g_pos, g_neg and the Algorithm 3 test gradient C_n
 
+# The keys (groups and arrays); only this module uses them.
+GRADS, TERMS, SCORES, DONE = "grads", "terms", "scores", "done"
+POS_GRADIENTS, NEG_GRADIENTS, CLIP_GRADIENTS = (f"{GRADS}/{name}" for name in GRADIENT_FIELDS)
+FISHER_PARTIAL = "fisher/partial"
+CURVATURE, EIGVALS, EIGVECS = "curvature", "curvature/eigvals", "curvature/eigvecs"
+VALIDATION_GRAD, VALIDATION_EXAMPLES = "validation/grad", "validation/examples"
+# delta + lambda each scores shard used; audits made before the rename (CHANGELOG) hold it under the old key
+CURVATURE_SHIFT, OLD_CURVATURE_SHIFT = "done/curvature_shift", "done/scores_shift"
+
+
+def marker_key(stage: str) -> str:
+    """The per-shard completion marker of a sharded stage (one of STAGE_MARKERS)."""
+    if stage not in STAGE_MARKERS:
+        raise ValueError(f"no per-shard marker for stage {stage!r}")
+    return f"{DONE}/{stage}"
+
 
 class AuditStore:
     """Arrays of one audit under a local path or any fsspec URL."""
@@ -38,68 +58,175 @@ class AuditStore:
         # object store. An instance lives for one stage call; arrays it writes replace their entry.
         self._arrays: dict[str, zarr.Array] = {}
 
-    def array(self, path: str) -> zarr.Array:
-        """The array at `path`, opened once per instance."""
-        found = self._arrays.get(path)
-        if found is None:
-            found = self._arrays[path] = self.root[path]
-        return found
-
+    # ------------------------------------------------------------------ layout
     def create(self, rows: int, dim: int, shard_rows: int, shards: int, attrs: dict[str, Any]) -> None:
         """Preallocate every array afresh (prepare calls this only before its plan exists, so
         whatever a crashed earlier prepare left here is replaced)."""
         self.root = zarr.open_group(self.url, mode="w", zarr_format=3)
         self._arrays = {}
         for name in GRADIENT_FIELDS:
-            self.root.create_array(f"grads/{name}", shape=(rows, dim), chunks=(shard_rows, dim), dtype="float32",
+            self.root.create_array(f"{GRADS}/{name}", shape=(rows, dim), chunks=(shard_rows, dim), dtype="float32",
                                    fill_value=0.0, compressors=None)
         for name in TERM_FIELDS:
-            self.root.create_array(f"terms/{name}", shape=(rows,), chunks=(shard_rows,), dtype="float32",
+            self.root.create_array(f"{TERMS}/{name}", shape=(rows,), chunks=(shard_rows,), dtype="float32",
                                    fill_value=0.0)
         for name in SCORE_FIELDS:
-            self.root.create_array(f"scores/{name}", shape=(rows,), chunks=(shard_rows,), dtype="float64",
+            self.root.create_array(f"{SCORES}/{name}", shape=(rows,), chunks=(shard_rows,), dtype="float64",
                                    fill_value=np.nan)
         # sum over the shard's rows of g_pos g_pos^T (k x k float64 per shard: k^2 x 8 bytes)
-        self.root.create_array("fisher/partial", shape=(shards, dim, dim), chunks=(1, dim, dim), dtype="float64",
+        self.root.create_array(FISHER_PARTIAL, shape=(shards, dim, dim), chunks=(1, dim, dim), dtype="float64",
                                fill_value=0.0, compressors=None)
         for stage in STAGE_MARKERS:
-            self.root.create_array(f"done/{stage}", shape=(shards,), chunks=(1,), dtype="uint8", fill_value=0)
+            self.root.create_array(marker_key(stage), shape=(shards,), chunks=(1,), dtype="uint8", fill_value=0)
         # delta + lambda each scores shard used (one chunk per shard, like the markers)
-        self.root.create_array("done/scores_shift", shape=(shards,), chunks=(1,), dtype="float64", fill_value=np.nan)
+        self.root.create_array(CURVATURE_SHIFT, shape=(shards,), chunks=(1,), dtype="float64", fill_value=np.nan)
         self.root.attrs.update({"rows": rows, "dim": dim, "shard_rows": shard_rows, "shards": shards, **attrs})
 
     @property
     def attrs(self) -> dict[str, Any]:
         return dict(self.root.attrs)
 
+    # ------------------------------------------------------------------ per-shard markers
     def is_done(self, stage: str, shard: int) -> bool:
-        return bool(self.array(f"done/{stage}")[shard])
+        return bool(self._array(marker_key(stage))[shard])
 
     def mark_done(self, stage: str, shard: int) -> None:
-        self.array(f"done/{stage}")[shard] = 1
+        self._array(marker_key(stage))[shard] = 1
 
     def done_count(self, stage: str) -> int:
-        return int(np.asarray(self.array(f"done/{stage}")[:]).sum())
+        return int(np.asarray(self._array(marker_key(stage))[:]).sum())
 
-    def write_rows(self, group: str, start: int, values: dict[str, np.ndarray]) -> None:
+    # ------------------------------------------------------------------ gradients stage
+    def gradient_fields(self) -> list[str]:
+        """The gradient arrays this store has (stores made before C_n lack grads/clip)."""
+        return [name for name in GRADIENT_FIELDS if self._has(f"{GRADS}/{name}")]
+
+    def pos_gradients(self, start: int | None = None, stop: int | None = None) -> np.ndarray:
+        """Projected g_pos rows [start, stop) (float32, rows x k)."""
+        return self._read(POS_GRADIENTS, start, stop)
+
+    def neg_gradients(self, start: int | None = None, stop: int | None = None) -> np.ndarray:
+        """Projected g_neg rows [start, stop)."""
+        return self._read(NEG_GRADIENTS, start, stop)
+
+    def clip_gradients(self, start: int | None = None, stop: int | None = None) -> np.ndarray | None:
+        """Projected C_n rows [start, stop); None for stores made before grads/clip existed."""
+        return self._read(CLIP_GRADIENTS, start, stop) if self._has(CLIP_GRADIENTS) else None
+
+    def write_gradients(self, start: int, values: dict[str, np.ndarray]) -> None:
+        """Whole shard chunks of the gradient arrays named in `values` (GRADIENT_FIELDS)."""
+        self._write_rows(GRADS, start, values)
+
+    def term_fields(self) -> list[str]:
+        """The term columns this store has."""
+        return [name for name in TERM_FIELDS if self._has(f"{TERMS}/{name}")]
+
+    def write_terms(self, start: int, values: dict[str, np.ndarray]) -> None:
+        self._write_rows(TERMS, start, values)
+
+    def term_column(self, name: str, start: int | None = None, stop: int | None = None) -> np.ndarray | None:
+        """A TERM_FIELDS column's rows; None for a store made before the column existed."""
+        return self._read(f"{TERMS}/{name}", start, stop) if self._has(f"{TERMS}/{name}") else None
+
+    def has_fisher_partials(self) -> bool:
+        """False for stores made before the per-shard partial Fisher sums existed."""
+        return self._has(FISHER_PARTIAL)
+
+    def fisher_partial(self, shard: int) -> np.ndarray:
+        """The shard's k x k sum of g_pos g_pos^T (float64)."""
+        return self._read(FISHER_PARTIAL, shard, shard + 1)[0]
+
+    def write_fisher_partial(self, shard: int, value: np.ndarray) -> None:
+        self._array(FISHER_PARTIAL)[shard] = value
+
+    # ------------------------------------------------------------------ curvature stage
+    def write_curvature(self, eigvals: np.ndarray, eigvecs: np.ndarray, attrs: dict[str, Any]) -> None:
+        """Both factors, then the completion marker (on eigvals, after both arrays)."""
+        self._write_whole(EIGVECS, eigvecs)
+        self._write_whole(EIGVALS, eigvals, attrs)
+        self._mark_complete(EIGVALS)
+
+    def curvature_complete(self) -> bool:
+        return self._is_complete(EIGVALS)
+
+    def curvature(self) -> tuple[np.ndarray, np.ndarray]:
+        """(eigvals, eigvecs) as stored."""
+        return self._read(EIGVALS), self._read(EIGVECS)
+
+    # ------------------------------------------------------------------ validation stage
+    def write_validation(self, examples: np.ndarray, grad: np.ndarray, attrs: dict[str, Any]) -> None:
+        """Per-example validation gradients, their mean (with `attrs`: pairs, loss, evidence), then the marker."""
+        self._write_whole(VALIDATION_EXAMPLES, examples)
+        self._write_whole(VALIDATION_GRAD, grad, attrs)
+        self._mark_complete(VALIDATION_GRAD)
+
+    def validation_complete(self) -> bool:
+        return self._is_complete(VALIDATION_GRAD)
+
+    def validation_gradient(self) -> np.ndarray:
+        """The mean validation gradient grad L' (projected)."""
+        return self._read(VALIDATION_GRAD)
+
+    def validation_examples(self) -> np.ndarray | None:
+        """Per-example validation gradients; None for stores made before they were kept."""
+        return self._read(VALIDATION_EXAMPLES) if self._has(VALIDATION_EXAMPLES) else None
+
+    def validation_attrs(self) -> dict[str, Any]:
+        """pairs, loss and evidence of the validation stage (read afresh)."""
+        self._arrays.pop(VALIDATION_GRAD, None)
+        return dict(self._array(VALIDATION_GRAD).attrs)
+
+    # ------------------------------------------------------------------ scores stage
+    def score_fields(self) -> list[str]:
+        """The score columns this store has."""
+        return [name for name in SCORE_FIELDS if self._has(f"{SCORES}/{name}")]
+
+    def write_scores(self, start: int, values: dict[str, np.ndarray]) -> None:
+        self._write_rows(SCORES, start, values)
+
+    def score_column(self, name: str, start: int | None = None, stop: int | None = None) -> np.ndarray | None:
+        """A SCORE_FIELDS column's rows; None for a store made before the column existed."""
+        return self._read(f"{SCORES}/{name}", start, stop) if self._has(f"{SCORES}/{name}") else None
+
+    def _shift_key(self) -> str:
+        return OLD_CURVATURE_SHIFT if not self._has(CURVATURE_SHIFT) and self._has(OLD_CURVATURE_SHIFT) \
+            else CURVATURE_SHIFT
+
+    def write_curvature_shift(self, shard: int, value: float) -> None:
+        """The delta + lambda the shard was scored with (under the old key in audits made before the rename)."""
+        self._array(self._shift_key())[shard] = value
+
+    def curvature_shifts(self) -> np.ndarray:
+        """delta + lambda per scored shard (NaN where not scored)."""
+        return self._read(self._shift_key())
+
+    # ------------------------------------------------------------------ generic helpers (keys stay here)
+    def _array(self, path: str) -> zarr.Array:
+        """The array at `path`, opened once per instance."""
+        found = self._arrays.get(path)
+        if found is None:
+            found = self._arrays[path] = self.root[path]
+        return found
+
+    def _write_rows(self, group: str, start: int, values: dict[str, np.ndarray]) -> None:
         """Write whole shard chunks of several arrays of one group."""
         for name, value in values.items():
-            self.array(f"{group}/{name}")[start:start + len(value)] = value
+            self._array(f"{group}/{name}")[start:start + len(value)] = value
 
-    def has(self, path: str) -> bool:
+    def _has(self, path: str) -> bool:
         """True when the array exists (stores made before an array was added lack it)."""
         if path in self._arrays:
             return True
         try:
-            self.array(path)
+            self._array(path)
         except KeyError:
             return False
         return True
 
-    def read_rows(self, path: str, start: int | None = None, stop: int | None = None) -> np.ndarray:
-        return np.asarray(self.array(path)[start:stop])
+    def _read(self, path: str, start: int | None = None, stop: int | None = None) -> np.ndarray:
+        return np.asarray(self._array(path)[start:stop])
 
-    def write_array(self, path: str, value: np.ndarray, attrs: dict[str, Any] | None = None) -> None:
+    def _write_whole(self, path: str, value: np.ndarray, attrs: dict[str, Any] | None = None) -> None:
         """A small whole array (curvature factors, validation gradient), replaced atomically enough
         for our use: readers only look after the stage that writes it has finished."""
         array = self.root.create_array(path, shape=value.shape, dtype=value.dtype, overwrite=True,
@@ -109,12 +236,12 @@ class AuditStore:
             array.attrs.update(json.loads(json.dumps(attrs)))
         self._arrays[path] = array
 
-    def mark_complete(self, path: str) -> None:
+    def _mark_complete(self, path: str) -> None:
         """Set after a whole-array stage wrote its data: its completion marker."""
-        self.array(path).attrs["complete"] = True
+        self._array(path).attrs["complete"] = True
 
-    def is_complete(self, path: str) -> bool:
-        """True only once mark_complete ran; an array that exists but was cut short is not.
+    def _is_complete(self, path: str) -> bool:
+        """True only once _mark_complete ran; an array that exists but was cut short is not.
         Read afresh (never from this instance's cache): another process may complete it."""
         self._arrays.pop(path, None)
-        return self.has(path) and bool(self.array(path).attrs.get("complete", False))
+        return self._has(path) and bool(self._array(path).attrs.get("complete", False))

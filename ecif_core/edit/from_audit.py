@@ -25,13 +25,14 @@ from ecif_core.stages.plan import image_access, load_plan, load_slots, open_stor
 from ecif_core.data.batching import partition
 from ecif_core.data.images import load_batch, load_image
 from ecif_core.data.sources import read_pairs
-from ecif_core.edit.solver import EditSettings, LeaveOutObjective, TrainingBatch, apply_delta, edit_parameters
+from ecif_core.edit.settings import EditSettings
+from ecif_core.edit.solver import LeaveOutObjective, TrainingBatch, apply_delta, edit_parameters
 from ecif_core.errors import ConfigError
 from ecif_core.influence.losses import batch_loss, pair_logits
 from ecif_core.influence.gradients import embed, temperature_scale
 from ecif_core.models.lora import TRAINING_SIDECAR, save_adapter
 from ecif_core.data.manifest import SIDECAR_SUFFIX, Manifest, read_sidecar
-from ecif_core.models.factory import load_model, restrict_grad_to, select_theta
+from ecif_core.models.factory import ready_model
 from ecif_core.edit.removal import RemovalSet, select
 from ecif_core.models.runtime import flush_denormals
 from ecif_core.data.confine import data_roots
@@ -68,8 +69,8 @@ def preview(audit_dir: str | Path, spec: str, base_dir: str | Path | None = None
     cols = ranking.columns
     has_validation = not np.isnan(cols["influence"]).all()
     store = open_store(audit_dir)
-    validation_loss = (float(store.array("validation/grad").attrs["loss"])
-                       if has_validation and store.is_complete("validation/grad") else None)
+    validation_loss = (float(store.validation_attrs()["loss"])
+                       if has_validation and store.validation_complete() else None)
 
     def total(name: str) -> float | None:
         return float(cols[name][index].sum()) if has_validation else None
@@ -169,10 +170,9 @@ def edit_audit(audit_dir: str | Path, spec: str, out: str | Path, settings: Edit
     chosen = removal_set(audit_dir, spec, base_dir)
     roots = None if plan.image_roots is None else data_roots(plan.image_roots, plan.allow_hard_links)
     files = model_files(manifest, roots)
-    loaded = load_model(manifest.model_arch, files.config, files.checkpoint, adapter=files.adapter)
-    model = loaded.model.to("cuda" if torch.cuda.is_available() else "cpu")
-    params = select_theta(model, theta or manifest.options.theta)
-    restrict_grad_to(model, params)
+    ready = ready_model(manifest.model_arch, files.config, files.checkpoint, adapter=files.adapter,
+                        theta=theta or manifest.options.theta)  # exact float32, as the audit's model
+    loaded, model, params = ready.loaded, ready.model, ready.theta
     accuracy_before = zero_shot_accuracy(loaded, zero_shot, roots) if zero_shot else None
     seconds = {}
     with flush_denormals():

@@ -7,6 +7,7 @@ No torch here: the CLI builds its flags from this table without importing the ma
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Mapping
 
@@ -29,6 +30,7 @@ class SettingSpec:
     low_open: bool = False          # the bound itself is excluded
     high_open: bool = False
     nullable: bool = False          # None is a value (it means "chosen from the data")
+    old_name: str | None = None     # the name before a rename (CHANGELOG.md): still read, deprecated
 
     def interval(self) -> str:
         return f"{'(' if self.low_open else '['}{self.low:g}, {self.high:g}{')' if self.high_open else ']'}"
@@ -52,10 +54,11 @@ class SettingSpec:
 # The one table of the edit's settings (bounds: each caps the time or the numbers one request can ask for).
 EDIT_SETTINGS: tuple[SettingSpec, ...] = (
     SettingSpec("damping", float, None, 0, MAX_DAMPING, nullable=True,
-                meaning="lambda added to the Hessian; null: damping_factor x the curvature along the removal "
-                        "gradient"),
-    # 0.1 was chosen on bench.edit's tuning seed (0.01 met negative curvature in every set)
-    SettingSpec("damping_factor", float, 0.1, 0, MAX_DAMPING,
+                meaning="lambda added to the Hessian; null: damping_per_removal_curvature x the curvature along "
+                        "the removal gradient"),
+    # 0.1 was chosen on bench.edit's tuning seed (0.01 met negative curvature in every set). Not the audit's
+    # options.damping_per_mean_eigenvalue: that one multiplies the mean eigenvalue of the projected Fisher.
+    SettingSpec("damping_per_removal_curvature", float, 0.1, 0, MAX_DAMPING, old_name="damping_factor",
                 meaning="lambda as a multiple of the curvature along the removal gradient (when damping is null)"),
     SettingSpec("max_iterations", int, 50, 1, 500,
                 meaning="conjugate-gradient iterations (one Hessian-vector pass over the training pairs each)"),
@@ -65,12 +68,31 @@ EDIT_SETTINGS: tuple[SettingSpec, ...] = (
 SETTING = {spec.name: spec for spec in EDIT_SETTINGS}
 
 
+def renamed_settings(values: Mapping[str, object], deprecated: bool = True) -> dict[str, object]:
+    """`values` with each setting's old name (SettingSpec.old_name) read as its name; None under an
+    old name is absent; giving both names is refused. `deprecated`: warn (a person typed it)."""
+    out = dict(values)
+    for spec in EDIT_SETTINGS:
+        if spec.old_name is None or spec.old_name not in out:
+            continue
+        value = out.pop(spec.old_name)
+        if value is None:
+            continue
+        if out.get(spec.name) is not None:
+            raise ConfigError(spec.old_name, f"is the deprecated name of {spec.name}; give only {spec.name}")
+        if deprecated:
+            warnings.warn(f"{spec.old_name} is deprecated and will be removed: use {spec.name} (same value and "
+                          "meaning)", FutureWarning, stacklevel=3)
+        out[spec.name] = value
+    return out
+
+
 @dataclass
 class EditSettings:
     """How the inverse curvature is applied (defaults and bounds: EDIT_SETTINGS); stored in the edit's sidecar."""
 
     damping: float | None = SETTING["damping"].default
-    damping_factor: float = SETTING["damping_factor"].default
+    damping_per_removal_curvature: float = SETTING["damping_per_removal_curvature"].default
     max_iterations: int = SETTING["max_iterations"].default
     tolerance: float = SETTING["tolerance"].default
 
@@ -80,8 +102,10 @@ class EditSettings:
         return self
 
     @classmethod
-    def from_mapping(cls, values: Mapping[str, object]) -> "EditSettings":
-        """The settings a mapping holds (a request, a stored record), the others at their defaults; validated."""
+    def from_mapping(cls, values: Mapping[str, object], deprecated: bool = True) -> "EditSettings":
+        """The settings a mapping holds (a request, a stored record), the others at their defaults; validated.
+        Old names are read too (`deprecated`: with a warning; False for records stored before a rename)."""
+        values = renamed_settings(values, deprecated)
         return cls(**{spec.name: values[spec.name] for spec in EDIT_SETTINGS if spec.name in values}).validate()
 
     def as_dict(self) -> dict:

@@ -28,7 +28,7 @@ import torch
 
 from ecif_core.errors import ConfigError, NonFiniteResult
 from ecif_core.influence.gradients import embed, temperature_scale
-from ecif_core.edit.settings import EDIT_SETTINGS, EditSettings  # noqa: F401  (the settings' home; imported from here too)
+from ecif_core.edit.settings import SETTING, EditSettings
 from ecif_core.influence.losses import batch_loss, group_terms, pair_logits
 
 HEAD_PARAMETERS = ("visual.proj", "text_projection")
@@ -249,7 +249,7 @@ def edit_parameters(objective: LeaveOutObjective, settings: EditSettings) -> Edi
     hb = objective.hessian_vector_product(b)
     bb = float(b @ b)
     rayleigh = abs(float(b @ hb)) / bb if bb > 0 else 0.0  # the curvature along the removal gradient
-    damping = settings.damping if settings.damping is not None else settings.damping_factor * rayleigh
+    damping = settings.damping if settings.damping is not None else settings.damping_per_removal_curvature * rayleigh
     tried = []
     for _ in range(DAMPING_RETRIES + 1):
         tried.append(damping)
@@ -257,7 +257,7 @@ def edit_parameters(objective: LeaveOutObjective, settings: EditSettings) -> Edi
                                     settings.tolerance, settings.max_iterations, first_product=hb + damping * b)
         if not result.negative_curvature:
             break
-        damping = 10 * damping if damping > 0 else 0.1 * (rayleigh or 1.0)
+        damping = 10 * damping if damping > 0 else SETTING["damping_per_removal_curvature"].default * (rayleigh or 1.0)
     seconds["solve"] = time.perf_counter() - started
     if not bool(torch.isfinite(result.solution).all()):
         raise NonFiniteResult(f"the parameter change is not finite (NaN or infinity) with lambda {tried[-1]:g}; "

@@ -40,21 +40,23 @@ def eigendecompose(fisher: torch.Tensor, blocks: Sequence[Block] | None = None) 
     return eigvals, eigvecs
 
 
-def default_damping(eigvals: torch.Tensor, factor: float = 0.1) -> float:
-    """lambda = factor x mean eigenvalue (default 0.1; docs/METHOD.md, "Curvature at scale")."""
-    return float(factor * eigvals.mean())
+def default_damping(eigvals: torch.Tensor, per_mean_eigenvalue: float) -> float:
+    """lambda = per_mean_eigenvalue x mean eigenvalue (options.damping_per_mean_eigenvalue; docs/METHOD.md,
+    "Curvature at scale")."""
+    return float(per_mean_eigenvalue * eigvals.mean())
 
 
 class DampedInverse:
-    """Applies H^-1 = Q diag(1 / (e + delta + lambda)) Q^T, in float64."""
+    """Applies H^-1 = Q diag(1 / (e + curvature_shift)) Q^T, in float64; the curvature shift is
+    delta + lambda (weight decay plus damping), the one name the store, the database and the API use."""
 
-    def __init__(self, eigvals: torch.Tensor, eigvecs: torch.Tensor, shift: float):
-        if shift <= 0 and float(eigvals.min()) <= 0:
+    def __init__(self, eigvals: torch.Tensor, eigvecs: torch.Tensor, curvature_shift: float):
+        if curvature_shift <= 0 and float(eigvals.min()) <= 0:
             raise ConfigError("options.damping", "the curvature is singular: give a positive damping or weight decay")
         self.eigvecs = eigvecs.to(torch.float64)
         self.eigvals = eigvals.to(torch.float64)  # of the undamped Fisher sum
-        self.inv_eigvals = 1.0 / (eigvals.to(torch.float64) + shift)
-        self.shift = shift
+        self.inv_eigvals = 1.0 / (eigvals.to(torch.float64) + curvature_shift)
+        self.curvature_shift = curvature_shift
 
     def rotate(self, x: torch.Tensor) -> torch.Tensor:
         """Q^T x for rows of x (..., k)."""

@@ -7,19 +7,12 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 from ecif_core.data.confine import confined
 from ecif_core.models.lora import ADAPTER_WEIGHTS
 from ecif_core.data.manifest import Manifest
-from ecif_core.models.factory import LoadedModel, load_model, restrict_grad_to, select_theta
+from ecif_core.models.factory import LoadedModel, ready_model
 from ecif_core.influence.projection import Projector
-from ecif_core.models.runtime import exact_float32
 from ecif_core.data import storage
-
-
-
-@dataclass
 
 
 class ModelCache:
@@ -38,14 +31,12 @@ class ModelCache:
                _file_identity(files.checkpoint), files.adapter, _file_identity(adapter_weights),
                json.dumps(manifest.options.theta), json.dumps(manifest.options.projection, sort_keys=True))
         if key != self._key:
-            loaded = load_model(manifest.model_arch, files.config, files.checkpoint, adapter=files.adapter)
-            exact_float32()
-            loaded.model.to("cuda" if torch.cuda.is_available() else "cpu")
-            theta = select_theta(loaded.model, manifest.options.theta)
-            restrict_grad_to(loaded.model, theta)
-            projector = Projector.for_theta(theta, manifest.options.projection_spec())
-            self._key, self._value = key, (loaded, [p for _, p in theta], projector)
+            ready = ready_model(manifest.model_arch, files.config, files.checkpoint, adapter=files.adapter,
+                                theta=manifest.options.theta)
+            projector = Projector.for_theta(ready.theta, manifest.options.projection_spec())
+            self._key, self._value = key, (ready.loaded, [p for _, p in ready.theta], projector)
         return self._value
+
 
 class ReferenceCache:
     """The audit's reference model (no theta: forward passes only), reused across shards."""
@@ -63,12 +54,8 @@ class ReferenceCache:
         key = (reference.get("arch"), json.dumps(config, sort_keys=True), checkpoint, _file_identity(checkpoint),
                adapter, _file_identity(adapter_weights))
         if key != self._key:
-            loaded = load_model(reference.get("arch"), config, checkpoint, adapter=adapter)
-            exact_float32()
-            loaded.model.to("cuda" if torch.cuda.is_available() else "cpu")
-            for parameter in loaded.model.parameters():
-                parameter.requires_grad_(False)
-            self._key, self._value = key, loaded
+            ready = ready_model(reference.get("arch"), config, checkpoint, adapter=adapter, grads="frozen")
+            self._key, self._value = key, ready.loaded
         return self._value
 
 @dataclass(frozen=True)

@@ -324,3 +324,47 @@ def restrict_grad_to(model: torch.nn.Module, theta: Sequence[tuple[str, torch.nn
     chosen = {id(p) for _, p in theta}
     for p in model.parameters():
         p.requires_grad_(id(p) in chosen)
+
+
+GRADS_ON = ("theta", "frozen", "all")  # which parameters of a ready model take gradients
+
+
+@dataclass
+class ReadyModel:
+    """A model ready for use: loaded, exact float32, on its device, gradients on `theta` only (or
+    none, or all). `theta`: the selected (name, parameter) pairs; empty unless grads == "theta"."""
+
+    loaded: LoadedModel
+    theta: list[tuple[str, torch.nn.Parameter]]
+
+    @property
+    def model(self) -> torch.nn.Module:
+        return self.loaded.model
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def ready_model(arch: str | None = None, config: str | Path | dict | None = None,
+                checkpoint: str | Path | None = None, *, adapter: str | Path | None = None, seed: int | None = None,
+                grads: str = "theta", theta: Sequence[str] | None = None, device: str | None = None) -> ReadyModel:
+    """The one way the audit's model, its reference, the edit, the trace and training get a model
+    (open_clip's factory.py is the pattern): load_model, then exact_float32 (no TF32 on CUDA: a model
+    that skipped it gave other numbers than the audit's), then `device` (default: CUDA when present),
+    then gradients on `theta`'s parameters (fnmatch patterns; None: the default theta), on none
+    ("frozen": forward passes only) or on all ("all": training chooses its own)."""
+    from ecif_core.models.runtime import exact_float32
+
+    if grads not in GRADS_ON:
+        raise ValueError(f"grads must be one of {GRADS_ON}, not {grads!r}")
+    loaded = load_model(arch, config, checkpoint, seed=seed, adapter=adapter)
+    exact_float32()
+    loaded.model.to(device or default_device())
+    chosen: list[tuple[str, torch.nn.Parameter]] = []
+    if grads == "theta":
+        chosen = select_theta(loaded.model, theta)
+        restrict_grad_to(loaded.model, chosen)
+    elif grads == "frozen":
+        restrict_grad_to(loaded.model, [])
+    return ReadyModel(loaded, chosen)

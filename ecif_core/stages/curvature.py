@@ -24,7 +24,7 @@ def curvature(audit_dir: str | Path) -> None:
     (`partial_sums_pay`), else the shard's own rows, which are then fewer bytes than the sum
     (also for stores made before the partial sums existed)."""
     plan, store = load_plan(audit_dir), open_store(audit_dir)
-    if store.is_complete("curvature/eigvals"):
+    if store.curvature_complete():
         return
     missing = [s for s in range(plan.shards) if not store.is_done("gradients", s)]
     if missing:
@@ -33,10 +33,8 @@ def curvature(audit_dir: str | Path) -> None:
     manifest = manifest_of(plan)
     blocks = [Block(**b) for b in plan.blocks] if manifest.options.curvature == "blocks" else None
     eigvals, eigvecs = eigendecompose(fisher, blocks)
-    store.write_array("curvature/eigvecs", eigvecs.numpy())
-    store.write_array("curvature/eigvals", eigvals.numpy(), {"kind": manifest.options.curvature,
-                                                            "mean_eigenvalue": float(eigvals.mean())})
-    store.mark_complete("curvature/eigvals")  # after both arrays: the stage's completion marker
+    store.write_curvature(eigvals.numpy(), eigvecs.numpy(), {"kind": manifest.options.curvature,
+                                                             "mean_eigenvalue": float(eigvals.mean())})
 
 def partial_sums_pay(plan: Plan) -> bool:
     """A shard's k x k partial sum (float64) is stored only when it is smaller than the shard's
@@ -48,13 +46,13 @@ def partial_sums_pay(plan: Plan) -> bool:
 def fisher_from_partials(store: AuditStore, plan: Plan) -> torch.Tensor:
     """sum over shards of each shard's sum g_pos g_pos^T, one shard in memory at a time: its
     stored partial sum when there is one, else from its rows."""
-    stored = store.has("fisher/partial") and partial_sums_pay(plan)
+    stored = store.has_fisher_partials() and partial_sums_pay(plan)
     total = None
     for s in range(plan.shards):
         if stored:
-            part = torch.from_numpy(store.read_rows("fisher/partial", s, s + 1)[0])
+            part = torch.from_numpy(store.fisher_partial(s))
         else:
-            rows = store.read_rows("grads/pos", s * plan.shard_rows, (s + 1) * plan.shard_rows)
+            rows = store.pos_gradients(s * plan.shard_rows, (s + 1) * plan.shard_rows)
             part = fisher_sum([torch.from_numpy(rows)], plan.dim)
         total = part.clone() if total is None else total.add_(part)
     return total
@@ -64,12 +62,12 @@ def inverse_for(plan: Plan, store: AuditStore, damping: float | None = None) -> 
     o = manifest_of(plan).options
     eigvals, eigvecs = stored_curvature(store)
     lam = damping if damping is not None else (o.damping if o.damping is not None
-                                                else default_damping(eigvals, o.damping_factor))
+                                                else default_damping(eigvals, o.damping_per_mean_eigenvalue))
     return DampedInverse(eigvals, eigvecs, o.weight_decay + lam)
 
 def stored_curvature(store: AuditStore) -> tuple[torch.Tensor, torch.Tensor]:
     """(eigvals, eigvecs) of the stored Fisher, once the curvature stage has finished."""
-    if not store.is_complete("curvature/eigvals"):
+    if not store.curvature_complete():
         raise NotReady("scoring needs the curvature stage first")
-    return (torch.from_numpy(store.read_rows("curvature/eigvals")),
-            torch.from_numpy(store.read_rows("curvature/eigvecs")))
+    eigvals, eigvecs = store.curvature()
+    return torch.from_numpy(eigvals), torch.from_numpy(eigvecs)

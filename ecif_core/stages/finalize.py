@@ -17,7 +17,7 @@ from ecif_core.data import storage
 
 
 from ecif_core.stages.plan import manifest_of, load_plan, open_store
-from ecif_core.stages.scores import scored_columns, scored_shift
+from ecif_core.stages.scores import scored_columns, scored_curvature_shift
 from ecif_core.stages.validation import audit_evidence
 
 
@@ -34,7 +34,7 @@ class Ranking:
 def final_ranking(audit_dir: str | Path) -> Ranking:
     """Rank every usable pair once all shards are scored with one damping."""
     plan = load_plan(audit_dir)
-    scored_shift(plan, open_store(audit_dir))  # every shard scored, all with one damping
+    scored_curvature_shift(plan, open_store(audit_dir))  # every shard scored, all with one curvature shift
     o = manifest_of(plan).options
     slots, pairs, cols = scored_columns(audit_dir)
     scores = {k: torch.from_numpy(np.asarray(v, dtype=np.float64)) for k, v in cols.items()}

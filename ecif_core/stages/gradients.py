@@ -19,7 +19,6 @@ from ecif_core.models.factory import LoadedModel
 from ecif_core.influence.projection import Projector
 from ecif_core.models.runtime import flush_denormals
 from ecif_core.models.reference import reference_scores
-from ecif_core.data.store import GRADIENT_FIELDS, TERM_FIELDS
 
 
 
@@ -48,9 +47,8 @@ def shard_gradients(audit_dir: str | Path, shard: int, models: ModelCache | None
     reference = None if manifest.reference is None else (references or ReferenceCache()).get(
         manifest.reference, roots_of(plan))
     rows, start = plan.shard_rows, shard * plan.shard_rows
-    grads = [name for name in GRADIENT_FIELDS if store.has(f"grads/{name}")]  # stores made before C_n lack grads/clip
-    out = {name: np.zeros((rows, plan.dim), np.float32) for name in grads}
-    terms = {name: np.zeros(rows, np.float32) for name in TERM_FIELDS if store.has(f"terms/{name}")}
+    out = {name: np.zeros((rows, plan.dim), np.float32) for name in store.gradient_fields()}  # no clip: old store
+    terms = {name: np.zeros(rows, np.float32) for name in store.term_fields()}
     for name in ("reference_clip_score", "reference_negclip"):
         if name in terms:
             terms[name][:] = np.nan  # no reference: empty in ranked.csv
@@ -58,10 +56,10 @@ def shard_gradients(audit_dir: str | Path, shard: int, models: ModelCache | None
     with flush_denormals():
         _accumulate_shard(manifest, loaded, params, projector, start, shard, batches, out, terms, fetch_dir(audit_dir),
                           roots_of(plan), reference)
-    store.write_rows("grads", start, out)
-    store.write_rows("terms", start, terms)
-    if store.has("fisher/partial") and curvature_stage.partial_sums_pay(plan):
-        store.array("fisher/partial")[shard] = fisher_sum([torch.from_numpy(out["pos"])], plan.dim).numpy()
+    store.write_gradients(start, out)
+    store.write_terms(start, terms)
+    if store.has_fisher_partials() and curvature_stage.partial_sums_pay(plan):
+        store.write_fisher_partial(shard, fisher_sum([torch.from_numpy(out["pos"])], plan.dim).numpy())
     store.mark_done("gradients", shard)  # last: the completion marker
     return True
 

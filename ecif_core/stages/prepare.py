@@ -20,7 +20,7 @@ from ecif_core.data.sources import Pair, RejectedRow, check_batchable, iter_pair
 from ecif_core.errors import ConfigError
 from ecif_core.data.folder import AuditFolder
 from ecif_core.models.lora import inject_adapter
-from ecif_core.data.manifest import Manifest
+from ecif_core.data.manifest import Manifest, renamed_options
 from ecif_core.models.factory import select_theta
 from ecif_core.influence.projection import Projector
 from ecif_core.data.remote import private_opt_ins, remote_images_of
@@ -55,7 +55,8 @@ def prepare(manifest: Manifest, audit_dir: str | Path, image_roots: list[Path] |
     storage.make_folder(folder.path)
     if folder.plan.exists():
         plan = load_plan(audit_dir)
-        changed = _first_difference(json.loads(json.dumps(manifest.to_json())), plan.manifest)
+        stored = {**plan.manifest, "options": renamed_options(plan.manifest.get("options") or {})}  # old names
+        changed = _first_difference(json.loads(json.dumps(manifest.to_json())), stored)
         if changed:
             raise ConfigError(changed, f"differs from the audit already in {folder.path}; use a new --out folder")
         return plan

@@ -29,34 +29,36 @@ def shard_scores(audit_dir: str | Path, shard: int, damping: float | None = None
     if store.is_done("scores", shard) and damping is None:
         return False
     manifest = manifest_of(plan)
-    if manifest.validation is not None and not store.is_complete("validation/grad"):
+    if manifest.validation is not None and not store.validation_complete():
         raise NotReady("scoring needs the validation stage first")
     inverse = inverse_for(plan, store, damping)
     start, stop = shard * plan.shard_rows, (shard + 1) * plan.shard_rows
-    g_pos = torch.from_numpy(store.read_rows("grads/pos", start, stop))
-    g_neg = torch.from_numpy(store.read_rows("grads/neg", start, stop))
-    val = torch.from_numpy(store.read_rows("validation/grad")) if manifest.validation is not None else None
-    examples = (torch.from_numpy(store.read_rows("validation/examples"))
-                if manifest.validation is not None and store.has("validation/examples") else None)
-    g_clip = torch.from_numpy(store.read_rows("grads/clip", start, stop)) if store.has("grads/clip") else None
+    g_pos = torch.from_numpy(store.pos_gradients(start, stop))
+    g_neg = torch.from_numpy(store.neg_gradients(start, stop))
+    val, examples = None, None
+    if manifest.validation is not None:
+        val = torch.from_numpy(store.validation_gradient())
+        stored_examples = store.validation_examples()  # None in stores made before they were kept
+        examples = None if stored_examples is None else torch.from_numpy(stored_examples)
+    clip_rows = store.clip_gradients(start, stop)  # None in stores made before C_n
+    g_clip = None if clip_rows is None else torch.from_numpy(clip_rows)
     blocks = [Block(**b) for b in plan.blocks] if manifest.options.curvature == "blocks" else None
     scores = pair_scores(g_pos, g_neg, inverse, val, blocks, g_clip=g_clip, validation_examples=examples,
                          pairs=plan.pairs_usable)
-    store.write_rows("scores", start, {name: scores[name].numpy() for name in SCORE_FIELDS
-                                       if store.has(f"scores/{name}")})
-    store.array("done/scores_shift")[shard] = inverse.shift
+    store.write_scores(start, {name: scores[name].numpy() for name in store.score_fields()})
+    store.write_curvature_shift(shard, inverse.curvature_shift)
     store.mark_done("scores", shard)
     return True
 
-def scored_shift(plan: Plan, store: AuditStore) -> float:
+def scored_curvature_shift(plan: Plan, store: AuditStore) -> float:
     """The delta + lambda every scored shard used; refuses missing or mixed shards."""
     done = store.done_count("scores")
     if done != plan.shards:
         raise NotReady(f"{plan.shards - done} of {plan.shards} shards are not scored yet")
-    shifts = store.read_rows("done/scores_shift")
+    shifts = store.curvature_shifts()
     if not np.allclose(shifts, shifts[0], rtol=1e-12, atol=0):
-        raise InconsistentAudit(f"shards were scored with different dampings {sorted(set(shifts.tolist()))[:3]}; "
-                           "re-score every shard")
+        raise InconsistentAudit("shards were scored with different curvature shifts "
+                                f"{sorted(set(shifts.tolist()))[:3]}; re-score every shard")
     return float(shifts[0])
 
 def collect_scores(audit_dir: str | Path) -> tuple[list[Pair], dict[str, np.ndarray]]:
@@ -75,10 +77,10 @@ def scored_columns(audit_dir: str | Path, shard: int | None = None) -> tuple[np.
     start, stop = (None, None) if shard is None else (int(index.min()), int(index.max()) + 1)
     local = index - (start or 0)
     columns = {}
-    for group, names in (("scores", SCORE_FIELDS), ("terms", TERM_FIELDS)):
+    for names, read in ((SCORE_FIELDS, store.score_column), (TERM_FIELDS, store.term_column)):
         for name in names:
-            columns[name] = (store.read_rows(f"{group}/{name}", start, stop)[local] if store.has(f"{group}/{name}")
-                             else np.full(len(index), np.nan))  # a store made before the column existed
+            stored = read(name, start, stop)
+            columns[name] = stored[local] if stored is not None else np.full(len(index), np.nan)  # made before it
     # the pair's predicted cosine under the model trained without it (Algorithm 3; docs/METHOD.md, "Influence")
     columns["clip_score_loo"] = columns["clip_score"].astype(np.float64) - columns["self_influence_clip"]
     return index, [p for _, p in slots], columns

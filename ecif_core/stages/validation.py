@@ -33,7 +33,7 @@ def validation(audit_dir: str | Path, models: ModelCache | None = None,
     manifest = manifest_of(plan)
     if manifest.validation is None:
         return False
-    if store.is_complete("validation/grad"):
+    if store.validation_complete():
         return True
     o = manifest.options
     loaded, params, projector = (models or ModelCache()).get(manifest, roots_of(plan))
@@ -68,10 +68,8 @@ def validation(audit_dir: str | Path, models: ModelCache | None = None,
     evidence = {name: separation(np.concatenate(parts["clean"]),
                                  {c: np.concatenate(parts[c]) for c in CORRUPTIONS})
                 for name, parts in cosines.items()}
-    store.write_array("validation/examples", per_example.numpy())
-    store.write_array("validation/grad", (per_example.double().sum(0) / count).numpy(),
-                      {"pairs": count, "loss": loss / count, "evidence": evidence})
-    store.mark_complete("validation/grad")
+    store.write_validation(per_example.numpy(), (per_example.double().sum(0) / count).numpy(),
+                           {"pairs": count, "loss": loss / count, "evidence": evidence})
     return True
 
 @torch.no_grad()
@@ -90,6 +88,6 @@ def audit_evidence(audit_dir: str | Path) -> dict[str, dict[str, float]] | None:
     """How well each model's CLIP score separated clean from corrupted validation pairs (validation
     stage, evidence.py); None without a validation set."""
     store = open_store(audit_dir)
-    if not store.is_complete("validation/grad"):
+    if not store.validation_complete():
         return None
-    return store.array("validation/grad").attrs.get("evidence")
+    return store.validation_attrs().get("evidence")

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from ecif_core.models.cache import ModelCache
 from ecif_core.stages.curvature import stored_curvature
 from ecif_core.stages.plan import load_plan, load_slots, manifest_of, open_store, roots_of
-from ecif_core.stages.scores import scored_shift
+from ecif_core.stages.scores import scored_curvature_shift
 from ecif_core.influence.curvature import DampedInverse
 from ecif_core.influence.scores import relative_is
 from ecif_core.data.images import load_image
@@ -175,15 +175,15 @@ def trace_terms(audit_dir: str | Path, test_grads: torch.Tensor) -> dict[str, np
     recomputed.
     """
     plan, store = load_plan(audit_dir), open_store(audit_dir)
-    inverse = DampedInverse(*stored_curvature(store), scored_shift(plan, store))
+    inverse = DampedInverse(*stored_curvature(store), scored_curvature_shift(plan, store))
     directions = inverse.apply(torch.atleast_2d(test_grads).to(torch.float64)).T  # (k, m)
-    gram = {name: store.read_rows(f"scores/{name}") for name in ("gram_pos_pos", "gram_pos_neg", "gram_neg_neg")}
+    gram = {name: store.score_column(name) for name in ("gram_pos_pos", "gram_pos_neg", "gram_neg_neg")}
     rows, m = plan.shards * plan.shard_rows, directions.shape[1]
     out = {name: np.zeros((m, rows)) for name in ("relative_is", "influence", "influence_pos", "influence_neg")}
     for shard in range(plan.shards):
         start, stop = shard * plan.shard_rows, (shard + 1) * plan.shard_rows
-        a_pos = (torch.from_numpy(store.read_rows("grads/pos", start, stop)).double() @ directions).T  # (m, rows)
-        a_neg = (torch.from_numpy(store.read_rows("grads/neg", start, stop)).double() @ directions).T
+        a_pos = (torch.from_numpy(store.pos_gradients(start, stop)).double() @ directions).T  # (m, rows)
+        a_neg = (torch.from_numpy(store.neg_gradients(start, stop)).double() @ directions).T
         out["relative_is"][:, start:stop] = relative_is(
             a_pos, a_neg, *(torch.from_numpy(gram[n][start:stop]) for n in gram)).numpy()
         out["influence_pos"][:, start:stop], out["influence_neg"][:, start:stop] = a_pos.numpy(), a_neg.numpy()

@@ -23,7 +23,10 @@ _OPTIONS = {
         "seed": {"type": "integer", "minimum": 0, "maximum": 2**63 - 1},
         "neg_term": {"enum": ["exact", "first_order", "paper"]},
         "damping": {"type": ["number", "null"], "minimum": 0, "maximum": 1e12},
-        "damping_factor": {"type": "number", "minimum": 0, "maximum": 1e12},
+        "damping_per_mean_eigenvalue": {"type": "number", "minimum": 0, "maximum": 1e12,
+                                        "description": "lambda = this x the mean eigenvalue (when damping is null)"},
+        "damping_factor": {"type": "number", "minimum": 0, "maximum": 1e12, "deprecated": True,
+                           "description": "the old name of damping_per_mean_eigenvalue"},
         "weight_decay": {"type": "number", "minimum": 0, "maximum": 1e12},
         "projection": {"type": ["object", "null"], "additionalProperties": False, "properties": {
             "k_in": {"type": ["integer", "null"], "minimum": 1, "maximum": 1024},

@@ -111,19 +111,30 @@ class _EditRequestBase(BaseModel):
     zero_shot: list[dict] | None = None  # [{"image": path, "prompts": [...], "label": i}]: accuracy before / after
 
 
+def _bounds(spec: SettingSpec) -> dict:
+    """Pydantic's bounds of one setting (and no NaN or infinity for a float)."""
+    bounds = {"gt" if spec.low_open else "ge": spec.low, "lt" if spec.high_open else "le": spec.high}
+    return {**bounds, **({"allow_inf_nan": False} if spec.kind is float else {})}
+
+
 def setting_field(spec: SettingSpec) -> tuple[object, object]:
     """(annotation, Field) of one edit setting from its row of EDIT_SETTINGS: default, bounds and
     meaning documented in OpenAPI; strict (no "3" or true for a number), finite."""
-    bounds = {"gt" if spec.low_open else "ge": spec.low, "lt" if spec.high_open else "le": spec.high}
-    finite = {"allow_inf_nan": False} if spec.kind is float else {}
     annotation = spec.kind | None if spec.nullable else spec.kind
-    return annotation, Field(spec.default, description=spec.meaning, strict=True, **bounds, **finite)
+    return annotation, Field(spec.default, description=spec.meaning, strict=True, **_bounds(spec))
+
+
+def old_setting_field(spec: SettingSpec) -> tuple[object, object]:
+    """The field of a setting's old name (SettingSpec.old_name): its bounds, no default, deprecated in OpenAPI."""
+    return spec.kind | None, Field(None, description=f"deprecated: the old name of {spec.name}", deprecated=True,
+                                   strict=True, **_bounds(spec))
 
 
 # Which pairs to remove (a spec, or the ids themselves) and how to solve for the edit (EDIT_SETTINGS).
 EditRequest = create_model("EditRequest", __base__=_EditRequestBase,
                            __doc__="Which pairs to remove (`remove`, a spec, or `ids`) and how to solve for the edit.",
-                           **{spec.name: setting_field(spec) for spec in EDIT_SETTINGS})
+                           **{spec.name: setting_field(spec) for spec in EDIT_SETTINGS},
+                           **{spec.old_name: old_setting_field(spec) for spec in EDIT_SETTINGS if spec.old_name})
 
 
 class EditCreated(BaseModel):

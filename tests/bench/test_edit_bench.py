@@ -95,7 +95,7 @@ def test_quick_core_runs_every_step_on_tiny_sizes(tmp_path: Path) -> None:
     again = run_seed(settings, tmp_path, 0, say_=lambda _: None)
     assert json.dumps(again["sets"], sort_keys=True) == json.dumps(record["sets"], sort_keys=True)
     # tuning on the seed reuses its retrained models; one candidate is chosen and M1's stationarity measured
-    grid = [{"damping": None, "damping_factor": 1.0, "max_iterations": 3}]
+    grid = [{"damping": None, "damping_per_removal_curvature": 1.0, "max_iterations": 3}]
     tuning = tune(settings, tmp_path, 0, grid, say_=lambda _: None)
     assert tuning["chosen"] == {**grid[0], "tolerance": settings.tolerance}
     assert tuning["candidates"][0]["rows"].keys() == {k for k, row in record["sets"].items() if row.get("done")}

@@ -17,6 +17,7 @@ from ecif_core.stages.prepare import prepare
 from ecif_core.stages.scores import shard_scores
 from ecif_core.stages import curvature as curvature_stage
 from ecif_core.data import images as images_module
+from ecif_core.data import store as keys
 from ecif_core.datasets.digits import build_digits
 from ecif_core.trace.query import trace_relative_is
 from ecif_core.errors import ConfigError, InconsistentAudit, NotReady
@@ -99,23 +100,23 @@ def test_finished_shards_are_skipped_and_a_half_written_shard_is_redone(finished
     store = audit.open_store(copy)
     rows = audit.load_plan(copy).shard_rows
     # Simulate a worker killed mid-shard: garbage in the chunk and no completion marker.
-    store.root["done/gradients"][1] = 0
-    store.root["grads/pos"][rows:2 * rows] = np.full((rows, store.attrs["dim"]), 7.0, np.float32)
+    store.root[keys.marker_key("gradients")][1] = 0
+    store.root[keys.POS_GRADIENTS][rows:2 * rows] = np.full((rows, store.attrs["dim"]), 7.0, np.float32)
     assert shard_gradients(copy, 1) is True
-    np.testing.assert_array_equal(store.read_rows("grads/pos"), audit.open_store(finished).read_rows("grads/pos"))
+    np.testing.assert_array_equal(store.pos_gradients(), audit.open_store(finished).pos_gradients())
 
 
 def test_rescoring_with_new_damping_reuses_gradients(finished, tmp_path):
     copy = tmp_path / "copy"
     shutil.copytree(finished, copy)
-    before = audit.open_store(copy).read_rows("scores/influence")
-    grads = audit.open_store(copy).read_rows("grads/neg")
+    before = audit.open_store(copy).score_column("influence")
+    grads = audit.open_store(copy).neg_gradients()
     for shard in range(audit.load_plan(copy).shards):
         shard_scores(copy, shard, damping=1e3)
-    after = audit.open_store(copy).read_rows("scores/influence")
+    after = audit.open_store(copy).score_column("influence")
     valid = ~np.isnan(before)
     assert np.abs(after[valid]).sum() < np.abs(before[valid]).sum()
-    np.testing.assert_array_equal(grads, audit.open_store(copy).read_rows("grads/neg"))
+    np.testing.assert_array_equal(grads, audit.open_store(copy).neg_gradients())
 
 
 def test_bad_rows_are_rejected_with_reasons_and_the_rest_is_audited(workspace, tmp_path, monkeypatch):
@@ -205,9 +206,9 @@ def test_partitions_average_gradients_over_rebatchings(workspace, tmp_path, fini
         images, tokens = load_batch([p for _, p in batch], loaded.preprocess, loaded.tokenizer)
         result = per_pair_gradients(loaded.model, params, projector, images, tokens)
         grads.append(result.pos[[s for s, _ in batch].index(slot)])
-    stored = torch.from_numpy(audit.open_store(tmp_path / "r2").read_rows("grads/pos", slot, slot + 1)[0])
+    stored = torch.from_numpy(audit.open_store(tmp_path / "r2").pos_gradients(slot, slot + 1)[0])
     torch.testing.assert_close(stored, (grads[0] + grads[1]) / 2, rtol=1e-4, atol=1e-6)
-    single = torch.from_numpy(audit.open_store(finished).read_rows("grads/pos", slot, slot + 1)[0])
+    single = torch.from_numpy(audit.open_store(finished).pos_gradients(slot, slot + 1)[0])
     assert not torch.allclose(stored, single)
 
 
@@ -216,12 +217,12 @@ def test_trace_relative_is_matches_direct_projection(finished):
     import torch
 
     plan, store = audit.load_plan(finished), audit.open_store(finished)
-    test_grad = torch.from_numpy(store.read_rows("validation/grad"))
+    test_grad = torch.from_numpy(store.validation_gradient())
     got = trace_relative_is(finished, test_grad)
     inverse = audit.inverse_for(plan, store)
     for slot, _ in audit.load_slots(finished)[:5]:
-        d_pos = inverse.apply(torch.from_numpy(store.read_rows("grads/pos", slot, slot + 1)))[0]
-        d_neg = inverse.apply(torch.from_numpy(store.read_rows("grads/neg", slot, slot + 1)))[0]
+        d_pos = inverse.apply(torch.from_numpy(store.pos_gradients(slot, slot + 1)))[0]
+        d_neg = inverse.apply(torch.from_numpy(store.neg_gradients(slot, slot + 1)))[0]
         basis = torch.stack([d_pos, d_neg], dim=1)
         coef = torch.linalg.lstsq(basis, test_grad.double().unsqueeze(1)).solution
         assert got[slot] == pytest.approx(float((basis @ coef).norm()), rel=1e-5)
@@ -250,8 +251,8 @@ def test_two_processes_writing_different_shards_match_a_sequential_run(workspace
                                   (str(tmp_path / "par"), list(range(1, shards, 2)))])
     store = audit.open_store(tmp_path / "par")
     assert store.done_count("gradients") == shards
-    for name in ("grads/pos", "grads/neg", "terms/clip_score"):
-        np.testing.assert_array_equal(store.read_rows(name), audit.open_store(finished).read_rows(name))
+    for read in (lambda s: s.pos_gradients(), lambda s: s.neg_gradients(), lambda s: s.term_column("clip_score")):
+        np.testing.assert_array_equal(read(store), read(audit.open_store(finished)))
 
 
 def test_manifest_rules_checkpoint_rank_by_and_sidecar_partition(workspace):
@@ -276,17 +277,39 @@ def test_changed_manifest_on_an_existing_audit_folder_is_refused(workspace, fini
     assert error.value.field == "options.neg_term"
 
 
+def test_the_audit_damping_factor_option_is_read_under_its_new_name(workspace, finished, tmp_path):
+    """options.damping_factor is now damping_per_mean_eigenvalue (the edit's factor multiplies something
+    else): a manifest may still use the old name (deprecated), and an audit folder written before the
+    rename still opens and is not taken for a changed manifest."""
+    old = _write_manifest(workspace, "old-name.json", {**OPTIONS, "damping_factor": 0.3})
+    with pytest.warns(FutureWarning, match="options.damping_factor is deprecated.*damping_per_mean_eigenvalue"):
+        assert load_manifest(old).options.damping_per_mean_eigenvalue == 0.3
+    both = _write_manifest(workspace, "both-names.json", {**OPTIONS, "damping_factor": 0.3,
+                                                          "damping_per_mean_eigenvalue": 0.3})
+    with pytest.raises(ConfigError) as error:
+        load_manifest(both)
+    assert error.value.field == "options.damping_factor"
+    copy = tmp_path / "before-rename"
+    shutil.copytree(finished, copy)
+    plan = json.loads((copy / "plan.json").read_text())
+    options = plan["manifest"]["options"]
+    options["damping_factor"] = options.pop("damping_per_mean_eigenvalue")
+    (copy / "plan.json").write_text(json.dumps(plan))
+    assert audit.manifest_of(audit.load_plan(copy)).options.damping_per_mean_eigenvalue == 0.1
+    prepare(load_manifest(workspace / "manifest.json"), copy)  # the same manifest: accepted, not "changed"
+
+
 def test_stages_refuse_incomplete_inputs(workspace, finished, tmp_path):
     copy = tmp_path / "copy"
     shutil.copytree(finished, copy)
     store = audit.open_store(copy)
-    store.root["done/scores"][0] = 0
+    store.root[keys.marker_key("scores")][0] = 0
     with pytest.raises(NotReady, match="not scored"):
         finalize(copy)
     shard_scores(copy, 0, damping=5.0)  # one shard re-scored with another damping
-    with pytest.raises(InconsistentAudit, match="different dampings"):
+    with pytest.raises(InconsistentAudit, match="different curvature shifts"):
         finalize(copy)
-    store.root["validation/grad"].attrs["complete"] = False  # a validation stage cut short
+    store.root[keys.VALIDATION_GRAD].attrs["complete"] = False  # a validation stage cut short
     with pytest.raises(NotReady, match="validation stage"):
         shard_scores(copy, 1, damping=5.0)
 
@@ -339,8 +362,8 @@ def test_ranked_row_matches_independent_recomputation(workspace, finished):
     g_pos = project(torch.autograd.grad(pos[n], params, retain_graph=True))
     g_neg = project(torch.autograd.grad(neg[n], params))
     store, plan = audit.open_store(finished), audit.load_plan(finished)
-    all_pos = torch.from_numpy(store.read_rows("grads/pos")).double()
-    shift = audit.scored_shift(plan, store)
+    all_pos = torch.from_numpy(store.pos_gradients()).double()
+    shift = audit.scored_curvature_shift(plan, store)
     h = all_pos.T @ all_pos + shift * torch.eye(plan.dim, dtype=torch.float64)
     expected = float(g_pos @ torch.linalg.solve(h, g_pos + g_neg))
     assert float(row["self_influence"]) == pytest.approx(expected, rel=2e-3)
@@ -363,24 +386,23 @@ def test_curvature_from_shard_partial_sums_or_shard_rows_equals_the_all_rows_sum
         plan, store = audit.load_plan(out), audit.open_store(out)
         assert plan.shards > 1
         assert (out / "store.zarr" / "fisher" / "partial" / "c").exists() == pays  # no partial bytes when rows are smaller
-        all_rows = torch.from_numpy(store.read_rows("grads/pos")).double()
+        all_rows = torch.from_numpy(store.pos_gradients()).double()
         expected = all_rows.T @ all_rows
         torch.testing.assert_close(fisher_from_partials(store, plan), expected, rtol=1e-10, atol=1e-12)
-        eigvals[pays] = store.read_rows("curvature/eigvals")
+        eigvals[pays] = store.curvature()[0]
         np.testing.assert_allclose(eigvals[pays], eigendecompose(expected)[0].numpy(), rtol=1e-8, atol=1e-10)
         if pays:
             for shard in range(plan.shards):  # each partial is its own shard's rows only
-                rows = torch.from_numpy(store.read_rows("grads/pos", shard * plan.shard_rows,
-                                                        (shard + 1) * plan.shard_rows))
-                torch.testing.assert_close(torch.from_numpy(store.read_rows("fisher/partial", shard, shard + 1)[0]),
+                rows = torch.from_numpy(store.pos_gradients(shard * plan.shard_rows, (shard + 1) * plan.shard_rows))
+                torch.testing.assert_close(torch.from_numpy(store.fisher_partial(shard)),
                                            fisher_sum([rows], plan.dim))
             copy = tmp_path / "copy"
             shutil.copytree(out, copy)
             copied = audit.open_store(copy)
-            del copied.root["curvature"]
-            copied.root["grads/pos"][:] = 0.0  # the stage must not read the rows
+            del copied.root[keys.CURVATURE]
+            copied.root[keys.POS_GRADIENTS][:] = 0.0  # the stage must not read the rows
             curvature(copy)
-            np.testing.assert_array_equal(copied.read_rows("curvature/eigvals"), eigvals[pays])
+            np.testing.assert_array_equal(copied.curvature()[0], eigvals[pays])
     np.testing.assert_array_equal(eigvals[True], eigvals[False])
 
 
@@ -397,11 +419,11 @@ def test_curvature_of_a_store_without_partial_sums_reads_the_rows(finished, tmp_
     copy = tmp_path / "old"
     shutil.copytree(finished, copy)
     store = audit.open_store(copy)
-    del store.root["curvature"]
-    del store.root["fisher"]
+    del store.root[keys.CURVATURE]
+    del store.root[keys.FISHER_PARTIAL]
     curvature(copy)
-    np.testing.assert_allclose(store.read_rows("curvature/eigvals"), audit.open_store(finished).read_rows(
-        "curvature/eigvals"), rtol=1e-8, atol=1e-10)
+    np.testing.assert_allclose(store.curvature()[0], audit.open_store(finished).curvature()[0],
+                               rtol=1e-8, atol=1e-10)
 
 
 def test_model_cache_turns_tf32_off(workspace):
@@ -412,6 +434,42 @@ def test_model_cache_turns_tf32_off(workspace):
     torch.backends.cuda.matmul.allow_tf32 = True
     audit.ModelCache().get(load_manifest(workspace / "manifest.json"))
     assert not torch.backends.cudnn.allow_tf32 and not torch.backends.cuda.matmul.allow_tf32
+
+
+def test_the_edit_loads_its_model_with_exact_float32_on_theta(finished, monkeypatch):
+    """The edit's model comes from the same factory as the audit's: TF32 off (a GPU edit must not
+    use the TF32 the audit turns off on purpose), gradients on the audit's theta only."""
+    import torch
+
+    from ecif_core.edit import from_audit
+
+    class Loaded(Exception):
+        pass
+
+    seen = {}
+
+    def stop_after_the_load(audit_dir, removed, preprocess, tokenizer):
+        seen["tf32"] = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
+        raise Loaded
+
+    def remember(*args, **kwargs):
+        seen["ready"] = ready = factory_ready(*args, **kwargs)
+        return ready
+
+    from ecif_core.models import factory
+
+    factory_ready = factory.ready_model
+    monkeypatch.setattr(from_audit, "ready_model", remember)
+    monkeypatch.setattr(from_audit, "training_batches_of", stop_after_the_load)
+    torch.backends.cudnn.allow_tf32 = True
+    torch.backends.cuda.matmul.allow_tf32 = True
+    with pytest.raises(Loaded):
+        from_audit.edit_audit(finished, "random:3", finished.parent / "edited")
+    assert seen["tf32"] == (False, False)
+    model, theta = seen["ready"].model, {id(p) for _, p in seen["ready"].theta}
+    patterns = audit.manifest_of(audit.load_plan(finished)).options.theta
+    expected = {id(p) for _, p in factory.select_theta(model, patterns)}
+    assert theta == expected and {id(p) for p in model.parameters() if p.requires_grad} == expected
 
 
 def test_memory_limit_option_reaches_the_gradients_stage(workspace, finished, tmp_path, monkeypatch):
@@ -427,8 +485,8 @@ def test_memory_limit_option_reaches_the_gradients_stage(workspace, finished, tm
     shard_gradients(out, 0)
     assert calls and set(calls) == {3 << 30}
     rows = audit.load_plan(out).shard_rows
-    ours = audit.open_store(out).read_rows("grads/pos", 0, rows)
-    reference = audit.open_store(finished).read_rows("grads/pos", 0, rows)
+    ours = audit.open_store(out).pos_gradients(0, rows)
+    reference = audit.open_store(finished).pos_gradients(0, rows)
     np.testing.assert_allclose(ours, reference, rtol=1e-4, atol=1e-5 * float(np.abs(reference).max()))
 
 

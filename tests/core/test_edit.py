@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ecif_core.edit.solver import (EditSettings, LeaveOutObjective, TrainingBatch, apply_delta, conjugate_gradient,
-                            edit_parameters)
+from ecif_core.edit.settings import EditSettings
+from ecif_core.edit.solver import LeaveOutObjective, TrainingBatch, apply_delta, conjugate_gradient, edit_parameters
 from ecif_core.errors import ConfigError
 from ecif_core.influence.losses import batch_loss, pair_logits
 from ecif_core.models.factory import restrict_grad_to, select_theta

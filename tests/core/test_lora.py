@@ -122,7 +122,7 @@ def test_lora_training_needs_a_base_checkpoint(workspace, tmp_path):
 def test_an_edit_of_a_lora_audit_writes_an_adapter_that_peft_and_the_audit_load(workspace, adapter, tmp_path):
     from safetensors.torch import load_file
 
-    from ecif_core.edit.solver import EditSettings
+    from ecif_core.edit.settings import EditSettings
     from ecif_core.edit.from_audit import edit_audit
 
     manifest = {"model": {"config": "cfg.json", "checkpoint": "model.pt", "adapter": "lora"},

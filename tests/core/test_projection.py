@@ -6,6 +6,7 @@ import torch
 
 from ecif_core.influence.gradients import loss_gradient, per_pair_gradients
 from ecif_core.influence.curvature import DampedInverse, default_damping, eigendecompose, fisher_sum
+from ecif_core.data.manifest import AuditOptions
 from ecif_core.models.factory import restrict_grad_to, select_theta
 from ecif_core.influence.projection import Projector, ProjectionSpec
 from ecif_core.influence.scores import pair_scores
@@ -44,7 +45,7 @@ def _influence(spec: ProjectionSpec, damping: float | None) -> tuple[np.ndarray,
     g_pos, g_neg = _project(g_pos, names, shapes, projector), _project(g_neg, names, shapes, projector)
     val = _project(val.unsqueeze(0), names, shapes, projector)[0]
     eigvals, eigvecs = eigendecompose(fisher_sum([g_pos], projector.dim))
-    damping = default_damping(eigvals) if damping is None else damping
+    damping = default_damping(eigvals, AuditOptions().damping_per_mean_eigenvalue) if damping is None else damping
     return pair_scores(g_pos, g_neg, DampedInverse(eigvals, eigvecs, damping), val)["influence"].numpy(), damping
 
 

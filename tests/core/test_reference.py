@@ -116,7 +116,7 @@ def test_audit_writes_reference_columns_equal_to_the_base_models_scores(finetune
         for r, c, n in zip(members, cos, negclip):
             assert float(rows[r["id"]]["reference_clip_score"]) == pytest.approx(float(c), abs=1e-6)
             assert float(rows[r["id"]]["reference_negclip"]) == pytest.approx(float(n), abs=1e-6)
-    evidence = audit.open_store(out).root["validation/grad"].attrs["evidence"]
+    evidence = audit.open_store(out).validation_attrs()["evidence"]
     assert set(evidence) == {"clip_score", "reference_clip_score"}
     assert all(0 <= evidence[m][c] <= 1 for m in evidence for c in ("shuffle", "word_swap", "mean"))
     some = next(iter(rows.values()))

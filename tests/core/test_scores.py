@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from ecif_core.influence.curvature import DampedInverse, default_damping, eigendecompose, fisher_sum
+from ecif_core.data.manifest import AuditOptions
 from ecif_core.influence.projection import Block
 from ecif_core.influence.scores import pair_scores, relative_is
 from ecif_core.ranking import misalignment_score, ranking
@@ -33,7 +34,8 @@ def test_pair_scores_match_direct_solves():
 def test_without_validation_influence_is_nan_and_self_influence_ranks():
     g_pos, g_neg, _ = _problem(1)
     eigvals, eigvecs = eigendecompose(fisher_sum([g_pos], g_pos.shape[1]))
-    scores = pair_scores(g_pos, g_neg, DampedInverse(eigvals, eigvecs, default_damping(eigvals)), None)
+    damping = default_damping(eigvals, AuditOptions().damping_per_mean_eigenvalue)
+    scores = pair_scores(g_pos, g_neg, DampedInverse(eigvals, eigvecs, damping), None)
     assert torch.isnan(scores["influence"]).all()
     order = ranking(misalignment_score(scores, "self_influence"))
     assert torch.equal(order, torch.argsort(scores["self_influence"], descending=True, stable=True))

@@ -71,8 +71,8 @@ def test_top_k_is_ordered_by_relative_is_with_the_signed_split(workspace, finish
     inverse = audit.inverse_for(plan, store)
     direction = inverse.apply(grad.double())
     for p in result.top[:3]:
-        g_pos = torch.from_numpy(store.read_rows("grads/pos", p.slot, p.slot + 1))[0].double()
-        g_neg = torch.from_numpy(store.read_rows("grads/neg", p.slot, p.slot + 1))[0].double()
+        g_pos = torch.from_numpy(store.pos_gradients(p.slot, p.slot + 1))[0].double()
+        g_neg = torch.from_numpy(store.neg_gradients(p.slot, p.slot + 1))[0].double()
         assert p.influence_pos == pytest.approx(float(g_pos @ direction), rel=1e-6)
         assert p.influence_neg == pytest.approx(float(g_neg @ direction), rel=1e-6)
         assert p.influence == pytest.approx(p.influence_pos + p.influence_neg, rel=1e-9, abs=1e-12)

@@ -617,7 +617,8 @@ def test_edit_settings_out_of_bounds_or_unknown_are_422_before_anything_is_queue
              ('{"remove": "random:0.1", "damping": NaN}', "damping"),
              ('{"remove": "random:0.1", "damping": Infinity}', "damping"),
              ('{"remove": "random:0.1", "damping_factor": -Infinity}', "damping_factor"),
-             ('{"remove": "random:0.1", "damping_factor": 1e13}', "damping_factor"),
+             ('{"remove": "random:0.1", "damping_per_removal_curvature": 1e13}', "damping_per_removal_curvature"),
+             ('{"remove": "random:0.1", "damping_factor": 1, "damping_per_removal_curvature": 1}', "damping_factor"),
              ('{"remove": "random:0.1", "tolerance": 1}', "tolerance"),
              ('{"remove": "random:0.1", "max_iterations": 501}', "max_iterations"),
              ('{"remove": "random:0.1", "max_iterations": 1e400}', "max_iterations"),
@@ -665,12 +666,12 @@ def test_openapi_documents_the_edit_settings_table(api):
     """The bounds have one home (ecif_core.edit.settings): the schema, the CLI and the dataclass read it."""
     from ecif_core.edit.settings import EDIT_SETTINGS, EditSettings
     from ecif_core.data.manifest import BOUNDS
-    from services.cli import build_parser
+    from services.cli import _edit_settings, build_parser
 
     schemas = api.get("/openapi.json").json()["components"]["schemas"]
     request = schemas["EditRequest"]
     assert request["additionalProperties"] is False and schemas["TraceRequest"]["additionalProperties"] is False
-    cli = build_parser().parse_args(["edit", "--audit-dir", "a", "--remove", "suspected", "--out", "o"])
+    cli = _edit_settings(build_parser().parse_args(["edit", "--audit-dir", "a", "--remove", "suspected", "--out", "o"]))
     for spec in EDIT_SETTINGS:
         prop = request["properties"][spec.name]
         number = next(p for p in prop.get("anyOf", [prop]) if p.get("type") != "null")
@@ -679,6 +680,8 @@ def test_openapi_documents_the_edit_settings_table(api):
         assert number["exclusiveMaximum" if spec.high_open else "maximum"] == spec.high
         assert prop.get("default") == spec.default == getattr(EditSettings(), spec.name) == getattr(cli, spec.name)
         assert prop["description"] == spec.meaning
+        if spec.old_name is not None:  # the old name is still accepted, marked deprecated
+            assert request["properties"][spec.old_name]["deprecated"] is True
     assert request["properties"]["damping"]["anyOf"][0]["maximum"] == BOUNDS["damping"][1] == 1e12  # as audits
 
 

@@ -124,7 +124,8 @@ def test_ids_not_in_the_audit_are_refused(embedded_csv, tmp_path, capsys):
     assert not (tmp_path / "e").exists()
 
 
-@pytest.mark.parametrize("flag,value", [("--damping", "1e308"), ("--damping-factor", "inf"), ("--max-iterations", "501")])
+@pytest.mark.parametrize("flag,value", [("--damping", "1e308"), ("--damping-per-removal-curvature", "inf"),
+                                        ("--max-iterations", "501")])
 def test_edit_settings_out_of_bounds_are_refused_before_any_work(embedded_csv, tmp_path, capsys, flag, value):
     """The CLI's flags and bounds come from the one table (ecif_core.edit.settings); 1e308 made NaN parameters."""
     for flag_, value_ in ((flag, value), ("--damping", "nan"), ("--tolerance", "1")):
@@ -132,3 +133,22 @@ def test_edit_settings_out_of_bounds_are_refused_before_any_work(embedded_csv, t
                      str(tmp_path / "e"), flag_, value_]) == 2
         assert f"{flag_[2:].replace('-', '_')}:" in capsys.readouterr().err
         assert not (tmp_path / "e").exists()
+
+
+def test_the_old_damping_factor_flag_still_works_with_a_deprecation_warning(capsys):
+    """--damping-factor was renamed --damping-per-removal-curvature (the audit's damping factor means
+    something else); the old flag is read as the new one, with a warning, and both at once are refused."""
+    from ecif_core.errors import ConfigError
+    from services.cli import _edit_settings, build_parser
+
+    base = ["edit", "--audit-dir", "a", "--remove", "suspected", "--out", "o"]
+    settings = _edit_settings(build_parser().parse_args([*base, "--damping-factor", "0.5"]))
+    assert settings.damping_per_removal_curvature == 0.5
+    assert "--damping-factor is deprecated" in capsys.readouterr().err
+    assert _edit_settings(build_parser().parse_args([*base, "--damping-per-removal-curvature", "0.3"])
+                          ).damping_per_removal_curvature == 0.3
+    assert "deprecated" not in capsys.readouterr().err
+    with pytest.raises(ConfigError) as error:
+        _edit_settings(build_parser().parse_args([*base, "--damping-factor", "0.5", "--damping-per-removal-curvature",
+                                                  "0.3"]))
+    assert error.value.field == "damping_factor"

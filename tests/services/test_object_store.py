@@ -34,7 +34,7 @@ def test_embedded_audit_in_a_bucket_writes_the_local_audit_byte_for_byte(s3, dat
     assert run_embedded(data_root / "manifest.json", out).read_bytes() == embedded_csv.read_bytes()
     # what-ifs on the audit in the bucket: a removal preview, a trace, a model edit written back to it
     from ecif_core.datasets.digits import class_prompts, label_of_caption
-    from ecif_core.edit.solver import EditSettings
+    from ecif_core.edit.settings import EditSettings
     from ecif_core.edit.from_audit import edit_audit, preview
     from ecif_core.trace.query import examples_from_json, trace
 

@@ -35,20 +35,20 @@ class FullDisk:
     def __init__(self, monkeypatch: pytest.MonkeyPatch, room: int) -> None:
         self.room: int | None = room
         self.computed: Counter[int] = Counter()
-        write_rows, accumulate = AuditStore.write_rows, core_audit._accumulate_shard
+        write_gradients, accumulate = AuditStore.write_gradients, core_audit._accumulate_shard
 
-        def full_write_rows(store: AuditStore, group: str, start: int, values: dict) -> None:
-            if group == "grads" and self.room is not None:
+        def full_write_gradients(store: AuditStore, start: int, values: dict) -> None:
+            if self.room is not None:
                 if self.room == 0:
                     raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
                 self.room -= 1
-            write_rows(store, group, start, values)
+            write_gradients(store, start, values)
 
         def counted_accumulate(*args, **kwargs):
             self.computed[args[5]] += 1  # (manifest, loaded, params, projector, start, shard, ...)
             return accumulate(*args, **kwargs)
 
-        monkeypatch.setattr(AuditStore, "write_rows", full_write_rows)
+        monkeypatch.setattr(AuditStore, "write_gradients", full_write_gradients)
         monkeypatch.setattr(core_audit, "_accumulate_shard", counted_accumulate)
 
     def free(self) -> None:

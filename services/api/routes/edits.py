@@ -70,7 +70,7 @@ def create(request: Request, audit_id: str, body: EditRequest, owner: OwnerDep, 
             raise ConfigError("theta", f"give between 1 and {MAX_THETA_PATTERNS} patterns")
         check_theta(Manifest.from_json(audit.manifest), body.theta)
     zero_shot = _confined_zero_shot(body.zero_shot, settings_.resolved_roots())
-    settings = EditSettings.from_mapping(body.model_dump())
+    settings = EditSettings.from_mapping(body.model_dump(exclude_unset=True))  # old names: deprecated
     edit = repository.create_edit(session, audit, {})
     spec, folder = _server_spec(body.remove), location(edit.edit_dir)
     if body.ids is not None:
