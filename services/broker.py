@@ -1,18 +1,21 @@
-"""The Celery app. Settings follow the worker conventions of ../shared/docs/STYLE.md:
-late acknowledgement, re-queue on worker loss, one task prefetched, a visibility timeout
-above the longest shard, tasks routed by name to the `gpu` and `cpu` queues."""
+"""The Celery client and worker configuration, once: the API and the CLI send tasks through it
+(services.dispatch) and the workers run it (workers.tasks registers the task bodies, by name, when
+a worker starts). Settings follow the worker conventions of ../shared/docs/STYLE.md: late
+acknowledgement, re-queue on worker loss, one task prefetched, a visibility timeout above the
+longest shard, tasks routed by name to the `gpu` and `cpu` queues."""
 from __future__ import annotations
 
 from celery import Celery
 
-from services.settings import get_settings
+from .settings import get_settings
 
 BROKER_CONNECT_TIMEOUT_S, BROKER_READ_TIMEOUT_S = 5, 30
+WORKER_TASKS = "workers.tasks"  # the module a worker imports at start (by name: services never import workers)
 
 
 def make_app() -> Celery:
     settings = get_settings()
-    app = Celery("ecif", broker=settings.broker_url or "redis://127.0.0.1:6379/0", include=["workers.tasks"])
+    app = Celery("ecif", broker=settings.broker_url or "redis://127.0.0.1:6379/0", include=[WORKER_TASKS])
     # A task of a worker that died is re-queued once it is older than visibility_timeout, by a
     # sweep every restore_interval seconds (throttle 1: every sweep scans).
     # Socket timeouts: kombu's Redis transport waits forever by default, so a broker host that drops

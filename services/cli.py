@@ -239,7 +239,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def cmd_worker(args: argparse.Namespace) -> int:
     os.environ["ECIF_WORKER_PROCESSES"] = str(args.concurrency)
-    from workers.celery_app import app
+    from .broker import app
 
     # prefork even for one process: time limits and task_reject_on_worker_lost need a pool
     # parent that outlives its child; the parent never imports torch (tasks import it lazily).
@@ -256,8 +256,7 @@ def cmd_reconcile(args: argparse.Namespace) -> int:
     """Send again the tasks neither beating nor queued for --stale-after seconds (workers do it
     by themselves every ECIF_RECONCILE_INTERVAL seconds). Failed and cancelled audits are left
     alone: `ecif retry ID` resumes one."""
-    from workers.tasks import CeleryDispatcher
-
+    from .dispatch import CeleryDispatcher
     from .liveness import queued_tasks
     from .reconcile import reconcile
     from .settings import get_settings
