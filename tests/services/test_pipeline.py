@@ -2,20 +2,23 @@
 stage, cancellation and failures recorded, on the real Postgres server."""
 from __future__ import annotations
 
+import csv
 import functools
+import io
 import json
 import threading
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 
 from sqlalchemy import delete, func, select
 
-from ecif_core.stages import run_audit
+from ecif_core.ranked import RANKED_COLUMNS, csv_row
+from ecif_core.stages import final_ranking
 from ecif_core.data.manifest import load_manifest
 from services import repository
 from services.db.models import Audit, PairRow, Score, Shard
 from services.db.session import session_scope
 from services.pipeline import LocalDispatcher, Pipeline
-from tests.services.conftest import assert_same_ranking, read_csv_rows, write_manifest
+from tests.services.conftest import read_csv_rows, write_manifest
 
 
 class RecordingDispatcher:
@@ -44,9 +47,18 @@ def _csv(url: str, audit_id: str) -> list[dict]:
     return read_csv_rows("".join(repository.results_csv(url, audit_id)))
 
 
-def test_embedded_mode_writes_the_same_csv_as_the_core_pipeline(data_root, embedded_csv, tmp_path):
-    core_csv = run_audit(data_root / "manifest.json", tmp_path / "core")
-    assert embedded_csv.read_text() == core_csv.read_text()  # byte for byte, through SQLite
+def test_embedded_ranked_csv_is_the_finalize_stages_ranking_byte_for_byte(embedded_csv):
+    """ranked.csv is written from the database the pipeline recorded: it must be exactly the ranking
+    ecif_core computes from the audit's store (no value, rank or flag lost or moved on the way)."""
+    ranking = final_ranking(embedded_csv.parent)
+    expected = io.StringIO()
+    writer = csv.writer(expected)
+    writer.writerow(RANKED_COLUMNS)
+    for rank, i in enumerate(ranking.order, start=1):
+        pair = ranking.pairs[i]
+        writer.writerow(csv_row(rank, pair.id, pair.image, pair.caption,
+                                {name: values[i] for name, values in ranking.columns.items()}, bool(ranking.suspected[i])))
+    assert embedded_csv.read_bytes() == expected.getvalue().encode()
     rejected = (embedded_csv.parent / "rejected.csv").read_text().splitlines()
     assert rejected[0] == "row,id,reason"
 
@@ -59,7 +71,7 @@ def test_postgres_pipeline_matches_the_embedded_csv(pg_url, data_root, embedded_
         assert (audit.status, audit.stage, audit.error) == ("succeeded", "done", None)
         assert audit.pairs_total == 96 and audit.shards_total == 6 and audit.curvature_shift > 0
         assert audit.started_at <= audit.finished_at
-    assert_same_ranking(_csv(pg_url, audit_id), read_csv_rows(embedded_csv))
+    assert "".join(repository.results_csv(pg_url, audit_id)).encode() == embedded_csv.read_bytes()  # results.csv
     limited = _csv(pg_url, audit_id)[:5]
     assert read_csv_rows("".join(repository.results_csv(pg_url, audit_id, limit=5))) == limited
     flagged = read_csv_rows("".join(repository.results_csv(pg_url, audit_id, suspected_only=True)))
