@@ -18,7 +18,7 @@ from services import repository
 from services.db.models import Audit, PairRow, Score, Shard
 from services.db.session import session_scope
 from services.pipeline import LocalDispatcher, Pipeline
-from tests.services.conftest import read_csv_rows, write_manifest
+from tests.services.conftest import assert_same_ranking, read_csv_rows, write_manifest
 
 
 class RecordingDispatcher:
@@ -47,10 +47,9 @@ def _csv(url: str, audit_id: str) -> list[dict]:
     return read_csv_rows("".join(repository.results_csv(url, audit_id)))
 
 
-def test_embedded_ranked_csv_is_the_finalize_stages_ranking_byte_for_byte(embedded_csv):
-    """ranked.csv is written from the database the pipeline recorded: it must be exactly the ranking
-    ecif_core computes from the audit's store (no value, rank or flag lost or moved on the way)."""
-    ranking = final_ranking(embedded_csv.parent)
+def _finalize_csv(audit_dir) -> bytes:
+    """ranked.csv as ecif_core's finalize stage ranks the audit's store (csv_row per pair, rank order)."""
+    ranking = final_ranking(audit_dir)
     expected = io.StringIO()
     writer = csv.writer(expected)
     writer.writerow(RANKED_COLUMNS)
@@ -58,7 +57,13 @@ def test_embedded_ranked_csv_is_the_finalize_stages_ranking_byte_for_byte(embedd
         pair = ranking.pairs[i]
         writer.writerow(csv_row(rank, pair.id, pair.image, pair.caption,
                                 {name: values[i] for name, values in ranking.columns.items()}, bool(ranking.suspected[i])))
-    assert embedded_csv.read_bytes() == expected.getvalue().encode()
+    return expected.getvalue().encode()
+
+
+def test_embedded_ranked_csv_is_the_finalize_stages_ranking_byte_for_byte(embedded_csv):
+    """ranked.csv is written from the database the pipeline recorded: it must be exactly the ranking
+    ecif_core computes from the audit's store (no value, rank or flag lost or moved on the way)."""
+    assert embedded_csv.read_bytes() == _finalize_csv(embedded_csv.parent)
     rejected = (embedded_csv.parent / "rejected.csv").read_text().splitlines()
     assert rejected[0] == "row,id,reason"
 
@@ -71,7 +76,11 @@ def test_postgres_pipeline_matches_the_embedded_csv(pg_url, data_root, embedded_
         assert (audit.status, audit.stage, audit.error) == ("succeeded", "done", None)
         assert audit.pairs_total == 96 and audit.shards_total == 6 and audit.curvature_shift > 0
         assert audit.started_at <= audit.finished_at
-    assert "".join(repository.results_csv(pg_url, audit_id)).encode() == embedded_csv.read_bytes()  # results.csv
+    with session_scope(pg_url) as session:
+        audit_dir = session.get(Audit, audit_id).audit_dir
+    assert "".join(repository.results_csv(pg_url, audit_id)).encode() == _finalize_csv(audit_dir)  # results.csv
+    # the embedded run's numbers (another process state: torch's thread count may differ, so to 1e-6)
+    assert_same_ranking(_csv(pg_url, audit_id), read_csv_rows(embedded_csv))
     limited = _csv(pg_url, audit_id)[:5]
     assert read_csv_rows("".join(repository.results_csv(pg_url, audit_id, limit=5))) == limited
     flagged = read_csv_rows("".join(repository.results_csv(pg_url, audit_id, suspected_only=True)))
