@@ -24,7 +24,8 @@ from ecif_core.stages.validation import audit_evidence
 
 __all__ = ["ModelCache", "Plan", "Progress", "Ranking", "ReferenceCache", "audit_evidence", "collect_scores",
            "fetch_dir", "final_ranking", "image_access", "inverse_for", "load_plan", "load_slots", "manifest_of",
-           "misalignment_columns", "open_store", "roots_of", "run_stage", "stage_function", "scored_shift", "shard_score_columns", "suspected_flags"]
+           "misalignment_columns", "open_store", "roots_of", "run_stage", "scored_shift", "shard_score_columns",
+           "stage_function", "suspected_flags"]
 
 Progress = Callable[[str, int, int], None]  # (stage, tasks of it done, its tasks): an orchestrator's callback
 

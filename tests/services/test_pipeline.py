@@ -55,8 +55,8 @@ def _finalize_csv(audit_dir) -> bytes:
     writer.writerow(RANKED_COLUMNS)
     for rank, i in enumerate(ranking.order, start=1):
         pair = ranking.pairs[i]
-        writer.writerow(csv_row(rank, pair.id, pair.image, pair.caption,
-                                {name: values[i] for name, values in ranking.columns.items()}, bool(ranking.suspected[i])))
+        values = {name: column[i] for name, column in ranking.columns.items()}
+        writer.writerow(csv_row(rank, pair.id, pair.image, pair.caption, values, bool(ranking.suspected[i])))
     return expected.getvalue().encode()
 
 
