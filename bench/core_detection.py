@@ -23,10 +23,12 @@ from ecif_core.stages import collect_scores  # noqa: E402
 from ecif_core.datasets.digits import read_truth  # noqa: E402
 from ecif_core.demo import DemoSettings, evaluate_ranking, run_demo  # noqa: E402
 from ecif_core.metrics import detection_report  # noqa: E402
+from services.embedded import run_audit  # noqa: E402
 
 
 def run_seed(out: Path, seed: int, epochs: int, options: dict | None) -> dict:
-    result = run_demo(out, DemoSettings(seed=seed, epochs=epochs, options=options), say=lambda _: None)
+    result = run_demo(out, DemoSettings(seed=seed, epochs=epochs, options=options), say=lambda _: None,
+                      runner=run_audit)
     report = evaluate_ranking(result.ranked_csv, out / "data" / "truth.csv")
     flags = result.flags
     pairs, columns = collect_scores(out / "audit")

@@ -24,6 +24,7 @@ import torch
 
 from bench import scale
 from ecif_core import stages as audit
+from services.embedded import run_audit
 
 
 def equality(work: Path, pairs: int, device: str) -> dict:
@@ -43,9 +44,9 @@ def equality(work: Path, pairs: int, device: str) -> dict:
         started = time.perf_counter()
         if name == "cpu":
             with mock.patch("torch.cuda.is_available", return_value=False):
-                audit.run_audit(work / "m.json", folder)
+                run_audit(work / "m.json", folder)
         else:
-            audit.run_audit(work / "m.json", folder)
+            run_audit(work / "m.json", folder)
         ranking = audit.final_ranking(folder)
         results[name] = (ranking, time.perf_counter() - started)
     (cpu, cpu_s), (gpu, gpu_s) = results["cpu"], results[device]

@@ -11,7 +11,7 @@ Per seed: digits with 20% shuffled captions (bench.quality's split: 600 train, 3
 validation, 297 clean test) -> M0, the tiny CLIP trained from scratch on the train pairs
 (bench.quality's recipe: 30 epochs, B 32, lr 2e-3, weight decay 1e-2) -> M1, a fine-tune from M0
 of theta = the two projections (`train_only`; 15 epochs, lr 1e-3, weight decay 1e-2, same seed and
-batches) -> the embedded audit of M1 (services.embedded.run_embedded; clean validation split,
+batches) -> the embedded audit of M1 (services.embedded.run_audit; clean validation split,
 theta = the projections, LoGra 8x8) -> for each removal set E (`random:0.1:<seed>`,
 `top:0.1:influence`, `bottom:0.1:influence`, `top:0.1:self_influence`, `suspected`):
   * edited    = ecif_core.edit.from_audit.edit_audit(M1's audit, E)  (Newton step of the leave-E-out
@@ -299,7 +299,7 @@ def _prepare(settings: EditBenchSettings, root: Path, seed: int, log: Callable[[
     m1_seconds = time.perf_counter() - started
     log(f"seed {seed}: M0 {m0_seconds:.0f}s (final train loss/pair {m0.final_loss:.3f}), "
         f"M1 {m1_seconds:.0f}s ({m1.final_loss:.3f})")
-    from services.embedded import run_embedded
+    from services.embedded import run_audit
 
     manifest = {"model": {"config": str(config), "checkpoint": str(root / "m1.pt")}, "train": str(data.train),
                 "validation": str(data.validation),
@@ -308,7 +308,7 @@ def _prepare(settings: EditBenchSettings, root: Path, seed: int, log: Callable[[
                             {"k_in": settings.projection, "k_out": settings.projection}}}
     (root / "manifest.json").write_text(json.dumps(manifest, indent=1))
     started = time.perf_counter()
-    run_embedded(root / "manifest.json", root / "audit")
+    run_audit(root / "manifest.json", root / "audit")
     audit_seconds = time.perf_counter() - started
     record = {"key": settings.seed_key(), "seed": seed, "root": str(root), "config": str(config),
               "train": str(data.train), "validation": str(data.validation), "test": str(data.test),
@@ -588,7 +588,7 @@ def markdown(results: dict) -> str:
         f"M0 = tiny CLIP from scratch ({s['base_epochs']} epochs, B {s['batch_size']}, lr {s['base_lr']:g}, "
         f"weight decay {s['weight_decay']:g}). M1 = fine-tune from M0 of theta = `visual.proj` + `text_projection` "
         f"({s['finetune_epochs']} epochs, lr {s['finetune_lr']:g}, same weight decay, seed and batches). "
-        f"M1 audited with `run_embedded` (clean validation, theta = the projections, projection "
+        f"M1 audited with `run_audit` (clean validation, theta = the projections, projection "
         f"{projection_text}). "
         f"Edited = `edit_audit(M1's audit, set)` with EditSettings(damping={s['damping']}, "
         f"damping_per_removal_curvature={s['damping_per_removal_curvature']:g}, "

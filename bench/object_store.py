@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> dict:
     import torch
 
     torch.set_num_threads(1)
-    from services.embedded import run_embedded
+    from services.embedded import run_audit
 
     workdir = prepare_workdir(args.workdir.resolve())
     manifest_path = manifest(workdir, "manifest-store.json", {})
@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> dict:
                     shutil.rmtree(out, ignore_errors=True)
                 before = _requests(log)
                 started = time.perf_counter()
-                run_embedded(manifest_path, out)
+                run_audit(manifest_path, out)
                 times[store].append(time.perf_counter() - started)
                 if store == "s3":
                     requests.append(_requests(log) - before)

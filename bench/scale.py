@@ -85,11 +85,12 @@ def _rss() -> int:
         return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def staged_audit(manifest: Path, out: Path, meter: Meter, deadline: float | None = None) -> Path | int:
-    """The stages of run_audit, each under the meter (gradients and scores summed over shards).
+def staged_audit(manifest: Path, out: Path, meter: Meter, deadline: float | None = None) -> "audit.Ranking | int":
+    """The stage functions of the table, each under the meter (gradients and scores summed over
+    shards), without the pipeline's database bookkeeping; returns the final ranking (no ranked.csv).
 
     With a `deadline` (perf_counter seconds) the gradients stage stops after the first shard that
-    ends past it and the number of finished shards is returned instead of ranked.csv."""
+    ends past it and the number of finished shards is returned instead."""
     models = audit.ModelCache()
     with meter.stage("prepare"):
         plan = prepare(load_manifest(manifest), out)

@@ -30,7 +30,7 @@ from ecif_core.datasets.digits import build_digits
 from ecif_core.demo import DemoSettings, tiny_model_config
 from ecif_core.train import TrainConfig, train
 from services.db.session import upgrade
-from services.embedded import run_embedded
+from services.embedded import run_audit
 from tests.services.processes import Service, service_env
 
 PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/test"
@@ -108,7 +108,7 @@ def main() -> None:
         upgrade(db_url)
         shutil.rmtree(workdir / "embedded", ignore_errors=True)
         started = time.perf_counter()
-        run_embedded(demo, workdir / "embedded")
+        run_audit(demo, workdir / "embedded")
         embedded = time.perf_counter() - started
         (service_demo, _), (one_worker, shards) = run_service(workdir, db_url, [demo, scaling], concurrency=1)
         ((two_workers, _),) = run_service(workdir, db_url, [scaling], concurrency=2)

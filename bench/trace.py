@@ -31,11 +31,11 @@ def demo_audit(workdir: Path) -> tuple[Path, float | None]:
     if (folder / "ranked.csv").exists():
         return folder, None
     from bench.service import manifest, prepare_workdir
-    from services.embedded import run_embedded
+    from services.embedded import run_audit
 
     prepare_workdir(workdir)
     started = time.perf_counter()
-    run_embedded(manifest(workdir, "demo-manifest.json", {}), folder)
+    run_audit(manifest(workdir, "demo-manifest.json", {}), folder)
     return folder, time.perf_counter() - started
 
 

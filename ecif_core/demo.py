@@ -13,7 +13,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Callable
 
-from ecif_core.stages import Progress, run_audit
+from ecif_core.stages import Progress
 from .datasets.digits import build_digits, read_truth
 from ecif_core.metrics import detection_report
 from ecif_core.train import TrainConfig, train
@@ -51,10 +51,10 @@ AuditRunner = Callable[[Path, Path, "Progress | None"], Path]
 
 
 def run_demo(out: str | Path, settings: DemoSettings = DemoSettings(),
-             say: Callable[[str], None] = print, progress: Progress | None = None,
-             runner: AuditRunner = run_audit) -> DemoResult:
-    """Build digits, train, audit with `runner(manifest, audit_dir, progress)` (ecif_core's
-    in-process pipeline by default; the CLI passes the service's embedded mode), evaluate."""
+             say: Callable[[str], None] = print, progress: Progress | None = None, *,
+             runner: AuditRunner) -> DemoResult:
+    """Build digits, train, audit with `runner(manifest, audit_dir, progress)` (the orchestrator lives in
+    services: the CLI and the benchmarks pass services.embedded.run_audit; ecif_core imports no service), evaluate."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     say(f"building digits ({settings.fraction:.0%} {settings.corruption} captions) in {out / 'data'}")

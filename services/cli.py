@@ -61,11 +61,11 @@ def _no_task_tracebacks() -> None:
 def cmd_audit(args: argparse.Namespace) -> int:
     from ecif_core.data.folder import AuditFolder
 
-    from .embedded import run_embedded
+    from .embedded import run_audit
 
     _no_task_tracebacks()
 
-    ranked = run_embedded(args.manifest, args.out, progress=None if args.quiet else _progress_bar())
+    ranked = run_audit(args.manifest, args.out, progress=None if args.quiet else _progress_bar())
     folder = AuditFolder(ranked.parent)
     print(f"wrote {folder.ranked}, {folder.rejected} and {folder.report}")
     return 0
@@ -75,11 +75,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from ecif_core.demo import DemoSettings, run_demo
 
     settings = DemoSettings(seed=args.seed, epochs=args.epochs, n_train=args.n_train)
-    from .embedded import run_embedded
+    from .embedded import run_audit
 
     _no_task_tracebacks()
 
-    result = run_demo(args.out, settings, progress=_progress_bar(), runner=run_embedded)
+    result = run_demo(args.out, settings, progress=_progress_bar(), runner=run_audit)
     print(f"\nranked pairs: {result.ranked_csv}\nreport: {result.ranked_csv.parent / 'report.html'}")
     print(f"{'method':<34}{'AUROC':>8}{'AP':>8}{'P@50':>8}")
     flags = result.flags
@@ -255,7 +255,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def cmd_worker(args: argparse.Namespace) -> int:
     os.environ["ECIF_WORKER_PROCESSES"] = str(args.concurrency)
-    from workers.celery_app import app
+    from .broker import app
 
     # prefork even for one process: time limits and task_reject_on_worker_lost need a pool
     # parent that outlives its child; the parent never imports torch (tasks import it lazily).
@@ -272,8 +272,7 @@ def cmd_reconcile(args: argparse.Namespace) -> int:
     """Send again the tasks neither beating nor queued for --stale-after seconds (workers do it
     by themselves every ECIF_RECONCILE_INTERVAL seconds). Failed and cancelled audits are left
     alone: `ecif retry ID` resumes one."""
-    from workers.tasks import CeleryDispatcher
-
+    from .dispatch import CeleryDispatcher
     from .liveness import queued_tasks
     from .reconcile import reconcile
     from .settings import get_settings

@@ -1,6 +1,11 @@
-"""The embedded mode: one audit in this process through the same pipeline as the service,
-with a SQLite database and the Zarr store inside the audit folder (a folder in a bucket keeps
-the store and the files; its SQLite database is then a temporary file of this run)."""
+"""The in-process mode (`ecif audit`, `ecif demo`, `run_audit` from Python): one audit in this
+process through the service's pipeline with an in-process dispatcher, a SQLite database and the
+Zarr store inside the audit folder (a folder in a bucket keeps the store and the files; its SQLite
+database is then a temporary file of this run). There is no other orchestrator: ecif_core has the
+stage functions, services.pipeline runs them, here or on Celery workers.
+
+Each output file has one writer: ranked.csv, rejected.csv and report.html are written here, from
+the database the pipeline recorded; timing.json from the dispatcher's wall time per stage."""
 from __future__ import annotations
 
 import contextlib
@@ -12,9 +17,9 @@ from typing import Callable
 from sqlalchemy import delete, select
 
 from ecif_core.data.folder import AuditFolder
-from ecif_core.data.storage import absolute, check_writable, is_remote, location, open_for_write
-from ecif_core.errors import EcifError
-from ecif_core.data.manifest import load_manifest
+from ecif_core.data.manifest import Manifest, load_manifest
+from ecif_core.data.storage import absolute, check_writable, is_remote, location, open_for_write, write_text
+from ecif_core.errors import ConfigError, EcifError
 
 from . import repository
 from .db.models import SHARDED, Audit, Shard
@@ -35,8 +40,12 @@ def database_url_for(out: Path) -> str:
     return f"sqlite:///{(out / 'ecif.db').resolve()}"
 
 
-def run_embedded(manifest_path: str | Path, out: str | Path, progress: Progress | None = None) -> Path:
-    """Run every stage here; writes OUT/ranked.csv and OUT/rejected.csv from the database.
+def run_audit(manifest: Manifest | str | Path, out: str | Path, progress: Progress | None = None) -> Path:
+    """Run every stage here; writes OUT/ranked.csv, rejected.csv, report.html and timing.json; returns ranked.csv.
+
+    `manifest` is a loaded Manifest or its file. `progress(stage, done, total)` is called after each
+    task. A task that fails ends the run with AuditFailed (its message is the recorded error), or
+    with the ConfigError itself when the input is wrong (resuming would only repeat it).
 
     `out` is a folder or an object-store URL (s3://bucket/prefix); it is checked writable before
     anything else. A second run on the same folder resumes: an audit of the same manifest that
@@ -46,7 +55,7 @@ def run_embedded(manifest_path: str | Path, out: str | Path, progress: Progress 
     """
     out = location(out, "out")
     check_writable(out, "out")
-    manifest = load_manifest(manifest_path)
+    manifest = manifest if isinstance(manifest, Manifest) else load_manifest(manifest)
     with contextlib.ExitStack() as stack:
         home = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="ecif-db-"))) if is_remote(out) else out
         return _run(manifest, out, database_url_for(home), progress)
@@ -72,14 +81,24 @@ def _run(manifest, out: Path, url: str, progress: Progress | None) -> Path:
     with session_scope(url) as session:
         audit = session.get(Audit, audit_id)
         if audit.status != "succeeded":
+            if isinstance(pipeline.last_failure, ConfigError):
+                raise pipeline.last_failure  # the input is wrong: its field and reason, as the manifest's checks
             raise AuditFailed(f"{audit.error or f'audit ended {audit.status}'} (run the same command again to "
-                              "resume where it stopped: finished shards are kept)")
+                              "resume where it stopped: finished shards are kept)") from pipeline.last_failure
     folder = AuditFolder(out)
     _write(folder.ranked, repository.results_csv(url, audit_id))
     _write(folder.rejected, repository.rejected_csv(url, audit_id))
     page = audit_report_html(url, audit_id, {"results": folder.ranked.name, "rejected": folder.rejected.name})
     _write(folder.report, [page])
+    _write_timing(folder, dispatcher.stage_seconds)
     return folder.ranked
+
+
+def _write_timing(folder: AuditFolder, seconds: dict[str, float]) -> None:
+    """timing.json: wall seconds of each stage run by this call (shards summed) and their total; a
+    resumed run counts only what it ran. Read by the benchmarks."""
+    timing = {**seconds, "total": sum(seconds.values())}
+    write_text(folder.timing, json.dumps(timing, indent=1))
 
 
 def _unfinished_audit(url: str, manifest, out: Path) -> str | None:

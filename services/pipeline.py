@@ -56,6 +56,7 @@ class LocalDispatcher:
 
     def __init__(self) -> None:
         self.queue: deque[tuple[str, str, int | None]] = deque()
+        self.stage_seconds: dict[str, float] = {}  # wall time of each stage's tasks run here (timing.json)
 
     def send(self, stage: str, audit_id: str, shard: int | None = None) -> None:
         self.queue.append((stage, audit_id, shard))
@@ -63,7 +64,9 @@ class LocalDispatcher:
     def drain(self, pipeline: "Pipeline", after_each: Callable[[str, str, int | None], None] | None = None) -> None:
         while self.queue:
             stage, audit_id, shard = self.queue.popleft()
+            started = time.perf_counter()
             pipeline.run(stage, audit_id, shard)
+            self.stage_seconds[stage] = self.stage_seconds.get(stage, 0.0) + time.perf_counter() - started
             if after_each:
                 after_each(stage, audit_id, shard)
 
@@ -84,6 +87,7 @@ class Pipeline:
         self.remote_image_hosts = remote_image_hosts
         self.heartbeat_interval = heartbeat_interval  # seconds between a running task's beats (0: none)
         self.worker = f"{socket.gethostname()}:{os.getpid()}"
+        self.last_failure: Exception | None = None  # the error of the last task that failed here (in-process callers)
 
     # ------------------------------------------------------------ entry points
 
@@ -160,7 +164,7 @@ class Pipeline:
         elif stage == "scores":
             self._write_shard_scores(audit_id, audit_dir, shard)
         elif stage == "finalize":
-            self._finalize(audit_id, audit_dir)
+            self._finalize(audit_id, result)
 
     def _prepare(self, audit_id: str, audit_dir: str, plan: core.Plan) -> None:
         with session_scope(self.database_url) as session:
@@ -195,8 +199,8 @@ class Pipeline:
             if written != len(rows):
                 raise
 
-    def _finalize(self, audit_id: str, audit_dir: str) -> None:
-        result = core.final_ranking(audit_dir)
+    def _finalize(self, audit_id: str, result: core.Ranking) -> None:
+        """Record the finalize stage's ranking (rank, flag, suspicion): ranked.csv and results.csv are read from it."""
         rank_of = {int(result.slots[i]): rank for rank, i in enumerate(result.order, start=1)}
         suspected = {int(slot): bool(flag) for slot, flag in zip(result.slots, result.suspected)}
         suspicion = {int(slot): _nullable(value) for slot, value in zip(result.slots, result.columns["suspicion"])}
@@ -260,6 +264,7 @@ class Pipeline:
             self.dispatcher.send(following, audit_id)
 
     def _fail(self, audit_id: str, stage: str, shard: int | None, exc: Exception) -> None:
+        self.last_failure = exc
         where = stage if shard is None else f"{stage} shard {shard}"
         message = f"{where}: {error_text(exc)}"
         log.error("audit %s failed in %s", audit_id, message, exc_info=not isinstance(exc, EcifError))

@@ -22,6 +22,8 @@ from typing import Callable
 
 from sqlalchemy import or_, select, update
 
+from ecif_core.stages.table import DONE
+
 from .db.models import SHARDED, Audit, Shard, as_utc
 from .db.session import session_scope
 from .liveness import MAX_ATTEMPTS, REQUEST_TABLES, Task, gave_up, now as utc_now
@@ -57,7 +59,7 @@ def audit_stall(audit: Audit, shards: list[Shard], stale_after: float, queued: s
                 now: datetime) -> Stall | None:
     """The audit's lost work, or None (also used by the status endpoint, without `queued`)."""
     stage = audit.stage
-    if stage == "done":
+    if stage == DONE:
         return None
     waiting = queued or set()
     base = [audit.created_at, audit.started_at, audit.dispatched_at, audit.heartbeat_at]

@@ -14,7 +14,7 @@ from sqlalchemy.orm import Session
 
 from ecif_core.data.folder import AuditFolder
 from ecif_core.data.storage import absolute, location, remove_tree
-from ecif_core.stages.table import FIRST
+from ecif_core.stages.table import FIRST, position
 from ecif_core.ranked import RANKED_COLUMNS, VALUE_COLUMNS, csv_row
 from ecif_core.data.manifest import Manifest
 
@@ -83,23 +83,20 @@ def list_audits(session: Session, owner: str, limit: int, offset: int) -> tuple[
 
 
 def progress(session: Session, audit: Audit, stall_after: float | None = None) -> dict:
-    """Shards done in the current sharded stage, and an ETA from the mean duration of the
-    shards finished so far (one aggregate query: status is polled often); with `stall_after`,
-    why the audit is stalled (no task beating or sent for that long), which replaces the ETA."""
+    """Shards done in the current sharded stage (or the last one passed), and an ETA: the shards
+    left in each sharded stage of the table times that stage's mean shard time so far (none until
+    the first sharded stage has a finished shard). One aggregate query: status is polled often.
+    With `stall_after`, why the audit is stalled (no task beating or sent for that long), which replaces the ETA."""
     rows = session.execute(select(Shard.stage, func.count(), func.avg(Shard.seconds))
                            .where(Shard.audit_id == audit.id, Shard.status == "done").group_by(Shard.stage)).all()
     done = dict.fromkeys(SHARDED, 0) | {stage: count for stage, count, _ in rows}
     mean = {stage: seconds for stage, _, seconds in rows}
     total = audit.shards_total or 0
-    if audit.stage in ("curvature", "validation"):
-        shards_done = done["gradients"]
-    elif audit.stage in ("finalize", "done"):
-        shards_done = done["scores"]
-    else:
-        shards_done = done.get(audit.stage, 0)
+    shown = _shown_sharded_stage(audit.stage)
+    shards_done = done[shown] if shown is not None else 0
     eta = None
-    if audit.status == "running" and mean.get("gradients") is not None:
-        eta = (total - done["gradients"]) * mean["gradients"] + (total - done["scores"]) * (mean.get("scores") or 0.0)
+    if audit.status == "running" and SHARDED and mean.get(SHARDED[0]) is not None:
+        eta = sum((total - done[stage]) * (mean.get(stage) or 0.0) for stage in SHARDED)
     reason = None
     if stall_after is not None and audit.status in ("queued", "running"):
         idle = _idle_seconds(session, audit)
@@ -108,6 +105,13 @@ def progress(session: Session, audit: Audit, stall_after: float | None = None) -
                       "no worker is taking its tasks, or they were lost; workers send lost tasks again by themselves")
     return {"shards_done": shards_done, "shards_total": total, "eta_seconds": None if reason else eta,
             "stall_reason": reason}
+
+
+def _shown_sharded_stage(stage: str) -> str | None:
+    """The sharded stage whose shards the status counts: the current one, else the last one passed
+    (stage table order); None before the first."""
+    passed = [s for s in SHARDED if position(s) <= position(stage)]
+    return passed[-1] if passed else None
 
 
 def _idle_seconds(session: Session, audit: Audit) -> float:

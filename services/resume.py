@@ -22,6 +22,7 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from ecif_core.errors import EcifError
+from ecif_core.stages.table import DONE
 
 from .db.models import SHARDED, Audit, Shard
 from .db.session import session_scope
@@ -96,7 +97,7 @@ def stage_tasks(session: Session, audit_id: str, stage: str) -> list[Task]:
     task was stopped before it moved the audit on) one done shard, whose run is a skip that
     moves the stage on. An unsharded stage: its one task. The done stage: none.
     """
-    if stage == "done":
+    if stage == DONE:
         return []
     if stage not in SHARDED:
         mark_dispatched(session, stage, audit_id)

@@ -33,3 +33,21 @@ def s3(tmp_path_factory):
             else:
                 os.environ[key] = value
         server.stop()
+
+
+@pytest.fixture(autouse=True)
+def _torch_threads_restored():
+    """`ecif` commands run in-process (`main([...])`) set torch's thread count and ECIF_TORCH_THREADS
+    for the rest of the process; restore both after every test, so a later test's numbers (float
+    sums depend on the thread count in their last digits) never depend on which tests ran before it."""
+    import torch
+
+    threads = torch.get_num_threads()
+    variable = os.environ.get("ECIF_TORCH_THREADS")
+    yield
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+    if variable is None:
+        os.environ.pop("ECIF_TORCH_THREADS", None)
+    else:
+        os.environ["ECIF_TORCH_THREADS"] = variable

@@ -16,25 +16,13 @@ from kombu.exceptions import OperationalError as BrokerUnavailable
 from sqlalchemy.exc import InterfaceError, OperationalError
 
 from ecif_core.errors import NotReady
-from ecif_core.stages.table import BY_NAME, STAGES, Stage
+from ecif_core.stages.table import STAGES, Stage
+from services.broker import app
+from services.dispatch import CeleryDispatcher
 from services.liveness import REQUEST_TASKS
-
-from .celery_app import app
 
 _pipeline = None
 log = logging.getLogger("ecif.worker")
-
-
-class CeleryDispatcher:
-    """Sends the next stage's tasks to the broker; routing by name picks the queue."""
-
-    def send(self, stage: str, audit_id: str, shard: int | None = None) -> None:
-        """A stage's task, or (reconcile) a trace's or edit's: `stage` "trace" / "edit", `audit_id` its id."""
-        if stage in REQUEST_TASKS:
-            app.send_task(REQUEST_TASKS[stage], args=[audit_id])
-            return
-        args = [audit_id] if shard is None else [audit_id, shard]
-        app.send_task(BY_NAME[stage].task, args=args)
 
 
 def pipeline():

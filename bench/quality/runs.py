@@ -12,11 +12,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-from ecif_core.stages import run_audit
 from ecif_core.datasets.digits import DigitsDataset, build_digits
 from ecif_core.demo import tiny_model_config
 from ecif_core.data.manifest import SIDECAR_SUFFIX
 from ecif_core.train import TrainConfig, train
+from services.embedded import run_audit
 
 from .settings import QualitySettings
 

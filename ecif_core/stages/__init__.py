@@ -1,35 +1,33 @@
 """The audit's stages, one module each, in the order of `table.STAGES`: prepare -> gradients
 (per shard) -> curvature -> validation -> scores (per shard) -> finalize. Each stage reads and
 writes the audit folder only, is idempotent and skips finished work, so the same functions run
-in-process or as Celery tasks, in any process, after any crash.
+in-process or as Celery tasks, in any process, after any crash. One orchestrator runs them:
+services.pipeline (in-process with a local dispatcher: services.embedded.run_audit; or as Celery
+tasks); this package never loops over the stages itself.
 
 This package's names are the stage API the service and the edit and trace read.
 """
 from __future__ import annotations
 
 import importlib
-import json
-import time
 from pathlib import Path
 from typing import Callable, Sequence
 
-from ecif_core.data import storage
-from ecif_core.data.folder import AuditFolder
-from ecif_core.data.manifest import Manifest, load_manifest
+from ecif_core.data.manifest import Manifest
 from ecif_core.models.cache import ModelCache, ReferenceCache
 from ecif_core.stages.curvature import inverse_for
 from ecif_core.stages.finalize import Ranking, final_ranking, misalignment_columns, suspected_flags
 from ecif_core.stages.plan import Plan, fetch_dir, image_access, load_plan, load_slots, manifest_of, open_store, roots_of
 from ecif_core.stages.scores import collect_scores, scored_curvature_shift, shard_score_columns
-from ecif_core.stages.table import BY_NAME, STAGES
+from ecif_core.stages.table import BY_NAME
 from ecif_core.stages.validation import audit_evidence
 
-__all__ = ["ModelCache", "Plan", "Ranking", "ReferenceCache", "audit_evidence", "collect_scores", "fetch_dir",
-           "final_ranking", "image_access", "inverse_for", "load_plan", "load_slots", "manifest_of", "misalignment_columns",
-           "open_store", "roots_of", "run_audit", "run_stage", "scored_curvature_shift", "shard_score_columns",
-           "suspected_flags"]
+__all__ = ["ModelCache", "Plan", "Progress", "Ranking", "ReferenceCache", "audit_evidence", "collect_scores",
+           "fetch_dir", "final_ranking", "image_access", "inverse_for", "load_plan", "load_slots", "manifest_of",
+           "misalignment_columns", "open_store", "roots_of", "run_stage", "scored_curvature_shift", "shard_score_columns",
+           "stage_function", "suspected_flags"]
 
-Progress = Callable[[str, int, int], None]
+Progress = Callable[[str, int, int], None]  # (stage, tasks of it done, its tasks): an orchestrator's callback
 
 
 def stage_function(stage: str) -> Callable[..., object]:
@@ -42,7 +40,7 @@ def run_stage(stage: str, audit_dir: str | Path, shard: int | None = None, *, ma
               image_roots: list[Path] | None = None, models: ModelCache | None = None,
               references: ReferenceCache | None = None, operator_hosts: Sequence[str] | None = None) -> object:
     """Run one stage (one shard of a sharded stage) of the table by name; the same call for the
-    embedded loop and the service's workers. `manifest`, `image_roots` and `operator_hosts` are
+    in-process dispatcher and the service's workers. `manifest`, `image_roots` and `operator_hosts` are
     prepare's inputs; the model caches are reused by the stages that load the model."""
     spec = BY_NAME[stage]
     function = stage_function(stage)
@@ -51,25 +49,3 @@ def run_stage(stage: str, audit_dir: str | Path, shard: int | None = None, *, ma
     args = (audit_dir, shard) if spec.sharded else (audit_dir,)
     kwargs = {"models": models, "references": references} if spec.queue == "gpu" else {}
     return function(*args, **kwargs)
-
-
-def run_audit(manifest: Manifest | str | Path, audit_dir: str | Path, progress: Progress | None = None) -> Path:
-    """All stages in order in this process (the embedded mode); returns ranked.csv.
-
-    Writes timing.json with the wall time of each stage (for benchmarks and the report).
-    """
-    manifest = manifest if isinstance(manifest, Manifest) else load_manifest(manifest)
-    report = progress or (lambda stage, done, total: None)
-    models, references, timing = ModelCache(), ReferenceCache(), {}
-    shards = 1
-    for spec in STAGES:
-        for shard in range(shards) if spec.sharded else [None]:
-            started = time.perf_counter()
-            result = run_stage(spec.name, audit_dir, shard, manifest=manifest, models=models, references=references)
-            timing[spec.name] = timing.get(spec.name, 0.0) + time.perf_counter() - started
-            if spec.name == "prepare":
-                shards = result.shards
-            report(spec.name, 1 if shard is None else shard + 1, 1 if shard is None else shards)
-    timing["total"] = sum(timing.values())
-    storage.write_text(AuditFolder(audit_dir).timing, json.dumps(timing, indent=1))
-    return AuditFolder(audit_dir).ranked

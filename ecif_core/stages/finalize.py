@@ -1,7 +1,6 @@
 """Finalize stage: rank every usable pair once all shards are scored with one damping."""
 from __future__ import annotations
 
-import csv
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -9,13 +8,7 @@ import numpy as np
 import torch
 
 from ecif_core.data.sources import Pair
-from ecif_core.data.folder import AuditFolder
-from ecif_core.ranked import RANKED_COLUMNS, csv_row
 from ecif_core.ranking import RANK_BY, misalignment_score, ranking, suspected_flags, suspicion
-from ecif_core.data import storage
-
-
-
 from ecif_core.stages.plan import manifest_of, load_plan, open_store
 from ecif_core.stages.scores import scored_columns, scored_curvature_shift
 from ecif_core.stages.validation import audit_evidence
@@ -31,6 +24,7 @@ class Ranking:
     order: np.ndarray                  # indices into pairs, most likely misaligned first
     suspected: np.ndarray              # bool per pair
 
+
 def final_ranking(audit_dir: str | Path) -> Ranking:
     """Rank every usable pair once all shards are scored with one damping."""
     plan = load_plan(audit_dir)
@@ -44,19 +38,12 @@ def final_ranking(audit_dir: str | Path) -> Ranking:
     order = ranking(torch.from_numpy(score)).numpy()
     return Ranking(slots, pairs, cols, order, suspected_flags(cols["suspicion"]))
 
-def finalize(audit_dir: str | Path) -> Path:
-    """Rank every usable pair and write ranked.csv (rank 1 = most likely misaligned)."""
-    result = final_ranking(audit_dir)
-    cols = result.columns
-    path = AuditFolder(audit_dir).ranked
-    with storage.open_for_write(path, "w", encoding="utf-8", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(RANKED_COLUMNS)
-        for rank, i in enumerate(result.order, start=1):
-            p = result.pairs[i]
-            writer.writerow(csv_row(rank, p.id, p.image, p.caption, {name: values[i] for name, values in cols.items()},
-                                    bool(result.suspected[i])))
-    return path
+
+def finalize(audit_dir: str | Path) -> Ranking:
+    """The finalize stage: the final ranking, returned to the orchestrator (services.pipeline records
+    it; ranked.csv and report.html are written from that record, by one writer each)."""
+    return final_ranking(audit_dir)
+
 
 def misalignment_columns(audit_dir: str | Path) -> tuple[list[str], dict[str, np.ndarray]]:
     """Pair ids (slot order) and, for every ranking rule this audit can use, its score (higher =

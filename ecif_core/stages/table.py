@@ -1,8 +1,9 @@
-"""The audit's stages, once: name, the ecif_core.stages.prepare function that runs it, whether it fans out
-one task per shard, and the worker queue it needs.
+"""The audit's stages, once: name, the function of the stage's module (ecif_core.stages.<name>) that
+runs it, whether it fans out one task per shard, and the worker queue it needs.
 
-Everything that orders or names stages derives from this table: `audit.run_audit` (embedded),
-the service pipeline's next-stage logic, the database's stage values, the Celery task names and
+Everything that orders or names stages derives from this table: the service pipeline's next-stage
+logic (in-process and Celery alike), progress and ETA, the reconciler, the database's stage values
+(text checked against this table, so a new stage needs no migration), the Celery task names and
 routing, the liveness reader and the CLI's progress. No torch import here: the API and the
 database layer read the table without loading the engine.
 """
@@ -14,7 +15,7 @@ from dataclasses import dataclass
 @dataclass(frozen=True)
 class Stage:
     name: str
-    function: str      # name of the ecif_core.stages.prepare function that runs it
+    function: str      # name of the function in ecif_core.stages.<name> that runs it
     sharded: bool      # one task per shard (the function takes the shard number)
     queue: str         # "gpu": needs the model; "cpu": arrays and files only
 

@@ -31,22 +31,22 @@ class CeleryStarter:
 
     def start(self, audit_id: str) -> None:
         from ecif_core.stages.table import FIRST
-        from workers.tasks import CeleryDispatcher
+        from ..dispatch import CeleryDispatcher
 
         CeleryDispatcher().send(FIRST, audit_id)
 
     def resume(self, audit_id: str) -> Resumed:
-        from workers.tasks import CeleryDispatcher
+        from ..dispatch import CeleryDispatcher
 
         return resume_audit(self.settings.database_url, audit_id, CeleryDispatcher().send)
 
     def start_trace(self, trace_id: str) -> None:
-        from workers.tasks import CeleryDispatcher
+        from ..dispatch import CeleryDispatcher
 
         CeleryDispatcher().send("trace", trace_id)  # the task's name: liveness.REQUEST_TASKS
 
     def start_edit(self, edit_id: str) -> None:
-        from workers.tasks import CeleryDispatcher
+        from ..dispatch import CeleryDispatcher
 
         CeleryDispatcher().send("edit", edit_id)
 

@@ -9,6 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field, create_model
 
 from ecif_core.edit.settings import EDIT_SETTINGS, SettingSpec
 from ecif_core.data.manifest import MAX_PATTERN_CHARS
+from ecif_core.stages.table import SHARDED, STAGE_NAMES
 
 from .openapi import REMOVAL_SPEC
 
@@ -51,8 +52,10 @@ class AuditCreated(BaseModel):
 class AuditStatus(BaseModel):
     id: str
     status: str                 # queued | running | stalled | succeeded | failed | cancelled
-    stage: str                  # prepare | gradients | curvature | validation | scores | finalize | done
-    shards_done: int            # shards finished in the current sharded stage (gradients, then scores)
+    stage: Annotated[str, Field(json_schema_extra={"enum": list(STAGE_NAMES)},
+                                description="the stage the audit is at, in the stage table's order")]
+    shards_done: Annotated[int, Field(description="shards finished in the current sharded stage, or the last one "
+                                                  f"passed ({', then '.join(SHARDED)})")]
     shards_total: int
     pairs_total: int | None
     pairs_rejected: int | None

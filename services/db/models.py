@@ -11,6 +11,8 @@ STATUSES = ("queued", "running", "succeeded", "failed", "cancelled")
 FINISHED = ("succeeded", "failed", "cancelled")
 from ecif_core.stages.table import SHARDED, STAGE_NAMES as STAGES  # noqa: E402,F401  (the one stage table)
 
+STAGE_WIDTH = 16  # characters of a stored stage name (migration 0001): every name of the table must fit
+
 
 def utcnow() -> datetime:
     return datetime.now(timezone.utc)
@@ -42,7 +44,8 @@ class Audit(Base):
     id: Mapped[str] = mapped_column(String(36), primary_key=True)
     owner: Mapped[str] = mapped_column(String(200), index=True)
     status: Mapped[str] = mapped_column(String(16), default="queued", index=True)
-    stage: Mapped[str] = mapped_column(String(16), default=STAGES[0])
+    # a name of the stage table, stored as text: a new stage needs no migration
+    stage: Mapped[str] = mapped_column(String(STAGE_WIDTH), default=STAGES[0])
     manifest: Mapped[dict] = mapped_column(JSON)                     # resolved, validated manifest
     audit_dir: Mapped[str] = mapped_column(Text)
     shards_total: Mapped[int | None] = mapped_column(Integer, nullable=True)
@@ -53,7 +56,7 @@ class Audit(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, index=True)
     started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
-    # Liveness of the current unsharded stage (prepare, curvature, validation, finalize): when
+    # Liveness of the current unsharded stage (a stage of the table that is not sharded): when
     # its task was last sent, and the last beat of the task running it (services.liveness).
     heartbeat_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     dispatched_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
@@ -83,7 +86,7 @@ class Shard(Base):
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     audit_id: Mapped[str] = mapped_column(ForeignKey("audits.id", ondelete="CASCADE"), index=True)
-    stage: Mapped[str] = mapped_column(String(16))
+    stage: Mapped[str] = mapped_column(String(STAGE_WIDTH))  # a sharded stage of the table
     shard: Mapped[int] = mapped_column(Integer)
     status: Mapped[str] = mapped_column(String(16), default="pending")   # pending | running | done
     attempts: Mapped[int] = mapped_column(Integer, default=0)

@@ -25,6 +25,7 @@ from ecif_core.data.manifest import load_manifest
 from ecif_core.data.batching import hash_seed
 from ecif_core.ranked import RANKED_COLUMNS
 from ecif_core.train import TrainConfig, train
+from services.embedded import run_audit
 from tests.core.helpers import MICRO_CONFIG
 
 OPTIONS = {"projection": {"k_in": 4, "k_out": 4}, "shard_batches": 2}
@@ -59,7 +60,7 @@ def _rows(path: Path) -> list[dict]:
 @pytest.fixture(scope="module")
 def finished(workspace) -> Path:
     out = workspace / "run"
-    audit.run_audit(workspace / "manifest.json", out)
+    run_audit(workspace / "manifest.json", out)
     return out
 
 
@@ -141,7 +142,7 @@ def test_bad_rows_are_rejected_with_reasons_and_the_rest_is_audited(workspace, t
     manifest = {"model": {"config": "cfg.json", "checkpoint": "bad_model.pt"}, "train": "data/bad.jsonl",
                 "options": OPTIONS}
     (workspace / "bad.json").write_text(json.dumps(manifest))
-    ranked = audit.run_audit(workspace / "bad.json", tmp_path / "bad")
+    ranked = run_audit(workspace / "bad.json", tmp_path / "bad")
     rejected = {r["id"]: r["reason"] for r in _rows(tmp_path / "bad" / "rejected.csv")}
     assert rejected["no-image"].startswith("image not found")
     assert rejected["empty-caption"] == "caption is empty or not text"
@@ -164,7 +165,7 @@ def test_every_row_rejected_fails_with_the_reason(workspace, tmp_path):
     manifest.write_text(json.dumps({"model": {"config": "cfg.json", "checkpoint": "no_sidecar.pt"},
                                     "train": "data/allbad.jsonl", "options": {**OPTIONS, "batch_size": 8}}))
     with pytest.raises(ConfigError, match="no usable rows.*image not found"):
-        audit.run_audit(manifest, tmp_path / "allbad")
+        run_audit(manifest, tmp_path / "allbad")
 
 
 @pytest.mark.parametrize("options,field", [({"bogus": 1}, "options.bogus"), ({"batch_size": "32"}, "options.batch_size"),
@@ -181,7 +182,7 @@ def test_manifest_errors_name_the_field(workspace, options, field):
 def test_first_order_and_paper_neg_terms_run_and_differ(workspace, tmp_path, finished):
     exact = {r["id"]: float(r["influence_neg"]) for r in _rows(finished / "ranked.csv")}
     manifest = _write_manifest(workspace, "fo.json", {**OPTIONS, "neg_term": "first_order"})
-    first_order = {r["id"]: float(r["influence_neg"]) for r in _rows(audit.run_audit(manifest, tmp_path / "fo"))}
+    first_order = {r["id"]: float(r["influence_neg"]) for r in _rows(run_audit(manifest, tmp_path / "fo"))}
     assert first_order.keys() == exact.keys() and first_order != exact
 
 
@@ -194,7 +195,7 @@ def test_partitions_average_gradients_over_rebatchings(workspace, tmp_path, fini
     from ecif_core.data.images import load_batch
 
     manifest = _write_manifest(workspace, "r2.json", {**OPTIONS, "partitions": 2}, validation=None)
-    audit.run_audit(manifest, tmp_path / "r2")
+    run_audit(manifest, tmp_path / "r2")
     plan = audit.load_plan(tmp_path / "r2")
     loaded, params, projector = audit.ModelCache().get(load_manifest(manifest))
     batches = list(_batches_of_shard(plan, audit.load_slots(tmp_path / "r2"), 0))
@@ -273,7 +274,7 @@ def test_changed_manifest_on_an_existing_audit_folder_is_refused(workspace, fini
     shutil.copytree(finished, copy)
     changed = _write_manifest(workspace, "changed.json", {**OPTIONS, "neg_term": "first_order"})
     with pytest.raises(ConfigError) as error:
-        audit.run_audit(changed, copy)
+        run_audit(changed, copy)
     assert error.value.field == "options.neg_term"
 
 
@@ -326,7 +327,7 @@ def test_audit_uses_the_training_partition_with_excluded_and_lone_pairs(workspac
           TrainConfig(epochs=1, batch_size=8, lr=1e-3, weight_decay=1e-2, seed=1, exclude=excluded))
     (workspace / "excl.json").write_text(json.dumps({"model": {"config": "cfg.json", "checkpoint": "excl.pt"},
                                                      "train": "data/train.jsonl", "options": OPTIONS}))
-    ranked = audit.run_audit(workspace / "excl.json", tmp_path / "excl")
+    ranked = run_audit(workspace / "excl.json", tmp_path / "excl")
     rejected = {r["id"]: r["reason"] for r in _rows(tmp_path / "excl" / "rejected.csv")}
     assert all(rejected[i].startswith("excluded from training") for i in excluded)
     assert rejected[full[0][7]].startswith("alone in its batch")
@@ -382,7 +383,7 @@ def test_curvature_from_shard_partial_sums_or_shard_rows_equals_the_all_rows_sum
     for pays in (True, False):
         monkeypatch.setattr(curvature_stage, "partial_sums_pay", lambda plan, pays=pays: pays)
         out = tmp_path / f"pays-{pays}"
-        audit.run_audit(workspace / "manifest.json", out)
+        run_audit(workspace / "manifest.json", out)
         plan, store = audit.load_plan(out), audit.open_store(out)
         assert plan.shards > 1
         assert (out / "store.zarr" / "fisher" / "partial" / "c").exists() == pays  # no partial bytes when rows are smaller
@@ -497,17 +498,22 @@ def _no_sidecar_checkpoint(workspace: Path) -> str:
     return "no_sidecar.pt"
 
 
-def _run_with_roots(manifest_path: Path, out: Path, roots) -> Path:
-    """run_audit's stages with data roots, as the service's workers run them."""
-    from ecif_core.stages.table import STAGES
+def _run_with_roots(manifest_path: Path, out: Path, roots) -> list[dict]:
+    """The audit with data roots, as the service's workers run it: the service pipeline (here with
+    its in-process dispatcher and a SQLite database); the rows of its results.csv."""
+    from services import repository
+    from services.db.session import session_scope, upgrade
+    from services.pipeline import LocalDispatcher, Pipeline
 
-    manifest, shards = load_manifest(manifest_path), 1
-    for spec in STAGES:
-        for shard in range(shards) if spec.sharded else [None]:
-            result = audit.run_stage(spec.name, out, shard, manifest=manifest, image_roots=roots)
-            if spec.name == "prepare":
-                shards = result.shards
-    return out / "ranked.csv"
+    url = f"sqlite:///{out.resolve()}.db"
+    upgrade(url)
+    with session_scope(url) as session:
+        audit_id = repository.create_audit(session, "test", load_manifest(manifest_path), out, audit_dir=out).id
+    dispatcher = LocalDispatcher()
+    pipeline = Pipeline(url, dispatcher, image_roots=roots)
+    pipeline.start(audit_id)
+    dispatcher.drain(pipeline)
+    return list(csv.DictReader("".join(repository.results_csv(url, audit_id)).splitlines()))
 
 
 def test_a_hard_linked_image_is_a_rejected_row_and_the_audit_goes_on(workspace, tmp_path):
@@ -529,9 +535,9 @@ def test_a_hard_linked_image_is_a_rejected_row_and_the_audit_goes_on(workspace, 
     [row] = _rows(tmp_path / "refused" / "rejected.csv")
     assert (row["row"], row["id"]) == ("41", "linked")
     assert row["reason"].startswith("image is a hard link (2 names") and "ECIF_ALLOW_HARD_LINKS=true" in row["reason"]
-    assert len(_rows(ranked)) == 40
+    assert len(ranked) == 40
     allowed = _run_with_roots(manifest, tmp_path / "allowed", data_roots([workspace], allow_hard_links=True))
-    assert "linked" in {r["id"] for r in _rows(allowed)} and len(_rows(allowed)) == 41
+    assert "linked" in {r["id"] for r in allowed} and len(allowed) == 41
 
 
 def test_a_later_duplicate_id_is_a_rejected_row_and_training_and_audit_keep_the_first(workspace, tmp_path):
@@ -547,7 +553,7 @@ def test_a_later_duplicate_id_is_a_rejected_row_and_training_and_audit_keep_the_
     assert json.loads(result.sidecar.read_text())["pairs_used"] == 64  # the first rows were trained on
     (workspace / "dups.json").write_text(json.dumps({"model": {"config": "cfg.json", "checkpoint": "dups.pt"},
                                                      "train": "data/dups.jsonl", "options": OPTIONS}))
-    ranked = audit.run_audit(workspace / "dups.json", tmp_path / "dups")  # the sidecar's ids: the same set
+    ranked = run_audit(workspace / "dups.json", tmp_path / "dups")  # the sidecar's ids: the same set
     rejected = [(r["row"], r["id"], r["reason"]) for r in _rows(tmp_path / "dups" / "rejected.csv")]
     assert rejected == [("65", same_id["id"], "duplicate of row 3"),
                         ("66", json.loads(lines[9])["id"], "duplicate of row 10")]
@@ -586,7 +592,7 @@ def test_an_empty_or_too_small_train_file_fails_with_a_reason_that_says_what_to_
                                         "train": f"data/small{number}.jsonl",
                                         "options": {**OPTIONS, "batch_size": 8, "seed": 1}}))
         with pytest.raises(ConfigError, match=message) as error:
-            audit.run_audit(manifest, tmp_path / f"small{number}")
+            run_audit(manifest, tmp_path / f"small{number}")
         assert error.value.field == "train"
         with pytest.raises(ConfigError, match=message):  # ecif train says the same
             train(workspace / "data" / f"small{number}.jsonl", workspace / "cfg.json", tmp_path / "small.pt",
@@ -598,5 +604,5 @@ def test_a_validation_set_of_one_pair_fails_with_a_reason_that_says_what_to_do(w
     (workspace / "data" / "val1.jsonl").write_text(line + "\n")
     manifest = _write_manifest(workspace, "val1.json", OPTIONS, validation="data/val1.jsonl")
     with pytest.raises(ConfigError, match="only 1 usable pair is left: .*so add pairs to the file") as error:
-        audit.run_audit(manifest, tmp_path / "val1")
+        run_audit(manifest, tmp_path / "val1")
     assert error.value.field == "validation"

@@ -12,6 +12,7 @@ from ecif_core.influence.gradients import per_pair_gradients
 from ecif_core.models.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, TRAINING_SIDECAR, add_lora
 from ecif_core.models.factory import default_theta_patterns, load_model, restrict_grad_to, select_theta
 from ecif_core.influence.projection import Projector, ProjectionSpec
+from services.embedded import run_audit
 from services.cli import main
 from tests.core.helpers import MICRO_CONFIG, micro_model, random_batch
 from tests.core.test_audit import OPTIONS, workspace  # noqa: F401  (fixture)
@@ -90,7 +91,7 @@ def test_a_lora_fine_tune_is_audited_over_its_adapter(workspace, adapter, tmp_pa
     manifest = {"model": {"config": "cfg.json", "checkpoint": "model.pt", "adapter": "lora"},
                 "train": "data/train.jsonl", "validation": "data/val.jsonl", "options": OPTIONS}
     (workspace / "manifest-lora.json").write_text(json.dumps(manifest))
-    ranked = audit.run_audit(workspace / "manifest-lora.json", tmp_path / "lora-audit")
+    ranked = run_audit(workspace / "manifest-lora.json", tmp_path / "lora-audit")
     plan = audit.load_plan(tmp_path / "lora-audit")
     assert plan.manifest["model"]["adapter"] == str(adapter) and plan.manifest["options"]["batch_size"] == 8
     # 16 LoRA matrices (rank 2) of the micro model, projected to at most 4 x 4 each
@@ -128,7 +129,7 @@ def test_an_edit_of_a_lora_audit_writes_an_adapter_that_peft_and_the_audit_load(
     manifest = {"model": {"config": "cfg.json", "checkpoint": "model.pt", "adapter": "lora"},
                 "train": "data/train.jsonl", "validation": "data/val.jsonl", "options": OPTIONS}
     (workspace / "manifest-lora-edit.json").write_text(json.dumps(manifest))
-    audit.run_audit(workspace / "manifest-lora-edit.json", tmp_path / "audit")
+    run_audit(workspace / "manifest-lora-edit.json", tmp_path / "audit")
     record = edit_audit(tmp_path / "audit", "top:6:self_influence", tmp_path / "edited", EditSettings(max_iterations=5))
     folder = tmp_path / "edited" / "adapter"
     assert record["checkpoint"]["adapter"] == str(folder)

@@ -8,9 +8,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ecif_core import stages as audit
 from ecif_core.errors import ConfigError, ModelSourceError
 from ecif_core.models.factory import build_model, check_checkpoint, checkpoint_shapes, load_model, select_theta
+from services.embedded import run_audit
 from tests.core.helpers import MICRO_CONFIG, micro_model, random_batch
 from tests.core.test_audit import _rows, finished, workspace  # noqa: F401  (fixtures)
 
@@ -65,7 +65,7 @@ def test_an_open_clip_training_checkpoint_embeds_and_audits_like_the_plain_state
     with torch.no_grad():
         assert torch.equal(ours.model.encode_image(images), plain.model.encode_image(images))
         assert torch.equal(ours.model.encode_text(tokens), plain.model.encode_text(tokens))
-    ranked = audit.run_audit(_manifest_for(workspace, "openclip.pt"), tmp_path / "audit")
+    ranked = run_audit(_manifest_for(workspace, "openclip.pt"), tmp_path / "audit")
     assert ranked.read_text() == (finished / "ranked.csv").read_text()
 
 
@@ -108,7 +108,7 @@ def test_a_checkpoint_that_needs_the_resize_audits(workspace, tmp_path):
     wider = F.interpolate(grid, size=(3, 3), mode="bilinear", align_corners=False).permute(0, 2, 3, 1).reshape(9, 16)
     state["visual.positional_embedding"] = torch.cat([state["visual.positional_embedding"][:1], wider])
     torch.save(state, workspace / "grid3x3.pt")
-    rows = _rows(audit.run_audit(_manifest_for(workspace, "grid3x3.pt"), tmp_path / "audit"))
+    rows = _rows(run_audit(_manifest_for(workspace, "grid3x3.pt"), tmp_path / "audit"))
     assert len(rows) == 64 and all(r["self_influence"] and r["influence"] for r in rows)
 
 

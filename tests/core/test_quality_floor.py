@@ -13,12 +13,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ecif_core.stages import run_audit
 from ecif_core.datasets.digits import build_digits
 from ecif_core.demo import tiny_model_config
 from ecif_core.data.manifest import load_manifest
 from ecif_core.metrics import auroc
 from ecif_core.train import TrainConfig, train
+from services.embedded import run_audit
 
 MEASURED_AUROC = 0.800
 MARGIN = 0.05

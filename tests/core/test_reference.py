@@ -21,6 +21,7 @@ from ecif_core.data.manifest import load_manifest
 from ecif_core.models.reference import reference_scores
 from ecif_core.ranking import REFERENCE, RULES, SUSPECT_Z, VALIDATION
 from ecif_core.train import TrainConfig, train
+from services.embedded import run_audit
 from tests.core.helpers import MICRO_CONFIG, micro_model, random_batch
 
 OPTIONS = {"projection": {"k_in": 4, "k_out": 4}, "shard_batches": 2}
@@ -95,7 +96,7 @@ def test_the_base_checkpoint_is_the_default_reference_and_null_turns_it_off(fine
 def audited(finetuned) -> Path:
     """The fine-tuned model audited with a validation set and the base model as its reference."""
     out = finetuned / "run"
-    audit.run_audit(load_manifest(_manifest(finetuned), base_dir=finetuned), out)
+    run_audit(load_manifest(_manifest(finetuned), base_dir=finetuned), out)
     return out
 
 
@@ -131,12 +132,12 @@ def test_a_reference_of_another_architecture_is_allowed_and_no_reference_leaves_
     train(finetuned / "data/train.jsonl", finetuned / "other.json", finetuned / "other.pt",
           TrainConfig(epochs=1, batch_size=8, lr=1e-3, seed=3))
     out = finetuned / "run_other"
-    audit.run_audit(load_manifest(_manifest(finetuned, reference={"config": "other.json", "checkpoint": "other.pt"}),
+    run_audit(load_manifest(_manifest(finetuned, reference={"config": "other.json", "checkpoint": "other.pt"}),
                                   base_dir=finetuned), out)
     with (out / "ranked.csv").open() as handle:
         assert all(r["reference_clip_score"] != "" for r in csv.DictReader(handle))
     out = finetuned / "run_none"
-    audit.run_audit(load_manifest(_manifest(finetuned, reference=None), base_dir=finetuned), out)
+    run_audit(load_manifest(_manifest(finetuned, reference=None), base_dir=finetuned), out)
     with (out / "ranked.csv").open() as handle:
         assert all(r["reference_clip_score"] == "" == r["reference_negclip"] for r in csv.DictReader(handle))
 

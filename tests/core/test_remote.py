@@ -15,11 +15,11 @@ from pathlib import Path
 
 import pytest
 
-from ecif_core import stages as audit
 from ecif_core.errors import ConfigError
 from ecif_core.data.manifest import load_manifest
 from ecif_core.data import netguard
 from ecif_core.data.remote import FetchError, RemoteImages, fetch, remote_images_of
+from services.embedded import run_audit
 from tests.core.test_audit import OPTIONS, _write_manifest, finished, workspace  # noqa: F401  (fixtures)
 
 SLOW_SECONDS = 3.0
@@ -206,7 +206,7 @@ def _url_manifest(workspace: Path, train: Path, remote: dict | None) -> Path:
 
 def test_an_audit_over_urls_equals_the_audit_over_files(workspace, finished, server, tmp_path):
     manifest = _url_manifest(workspace, _url_rows(workspace, server), {"allowed_hosts": [_key(server)]})
-    ranked = audit.run_audit(manifest, tmp_path / "urls")
+    ranked = run_audit(manifest, tmp_path / "urls")
     with ranked.open() as handle, (finished / "ranked.csv").open() as local_handle:
         url_rows, file_rows = list(csv.DictReader(handle)), list(csv.DictReader(local_handle))
     assert [r["id"] for r in url_rows] == [r["id"] for r in file_rows]
@@ -222,7 +222,7 @@ def test_url_images_are_fetched_into_an_audit_folder_in_a_bucket(workspace, fini
 
     manifest = _url_manifest(workspace, _url_rows(workspace, server), {"allowed_hosts": [_key(server)]})
     out = f"s3://{s3.new_bucket()}/urls"
-    ranked = audit.run_audit(manifest, out)
+    ranked = run_audit(manifest, out)
     url_rows = list(csv.DictReader(ranked.read_text().splitlines()))
     with (finished / "ranked.csv").open() as handle:
         file_rows = list(csv.DictReader(handle))
@@ -245,7 +245,7 @@ def test_bad_urls_are_rejected_rows_and_the_audit_finishes(workspace, server, ca
     remote = {"allowed_hosts": [_key(server)], "timeout_s": 1, "max_bytes": 100_000}
     train = _url_rows(workspace, server, {i: url for i, (url, _) in bad.items()})
     ids = [json.loads(line)["id"] for line in train.read_text().splitlines()]
-    ranked = audit.run_audit(_url_manifest(workspace, train, remote), tmp_path / "bad")
+    ranked = run_audit(_url_manifest(workspace, train, remote), tmp_path / "bad")
     with (tmp_path / "bad" / "rejected.csv").open() as handle:
         reasons = {r["id"]: r["reason"] for r in csv.DictReader(handle)}
     for i, (_, expected) in bad.items():
@@ -259,7 +259,7 @@ def test_bad_urls_are_rejected_rows_and_the_audit_finishes(workspace, server, ca
 def test_url_images_without_the_opt_in_are_rejected_and_an_all_rejected_audit_says_why(workspace, server, tmp_path):
     manifest = _url_manifest(workspace, _url_rows(workspace, server), None)
     with pytest.raises(ConfigError, match="remote_images opt-in"):
-        audit.run_audit(manifest, tmp_path / "no-opt-in")
+        run_audit(manifest, tmp_path / "no-opt-in")
     assert load_manifest(manifest).remote_images is None
 
 

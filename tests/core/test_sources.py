@@ -8,10 +8,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from ecif_core import stages as audit
 from ecif_core.data.formats import source_of
 from ecif_core.data.sources import read_pairs
 from ecif_core.errors import ConfigError
+from services.embedded import run_audit
 from tests.core.test_audit import OPTIONS, _write_manifest, finished, workspace  # noqa: F401  (fixtures)
 
 
@@ -46,7 +46,7 @@ def test_jsonl_tsv_and_parquet_sources_give_the_same_audit(workspace, finished, 
                "parquet": "data/train.parquet"}  # img2dataset/DataComp column names are found by themselves
     for name, source in sources.items():
         manifest = _write_manifest(workspace, f"manifest-{name}.json", OPTIONS, train=source)
-        ranked = audit.run_audit(manifest, tmp_path / name)
+        ranked = run_audit(manifest, tmp_path / name)
         assert ranked.read_text() == expected, name
 
 
@@ -133,7 +133,7 @@ def _write_webdataset(workspace: Path, shards: int = 2) -> str:
 def test_webdataset_shards_give_the_same_audit(workspace, finished, tmp_path):
     pattern = _write_webdataset(workspace)
     manifest = _write_manifest(workspace, "manifest-wds.json", OPTIONS, train=pattern)
-    ranked = audit.run_audit(manifest, tmp_path / "wds")
+    ranked = run_audit(manifest, tmp_path / "wds")
     got = list(csv.DictReader(ranked.read_text().splitlines()))
     want = list(csv.DictReader((finished / "ranked.csv").read_text().splitlines()))
     assert [r["id"] for r in got] == [r["id"] for r in want]

@@ -14,6 +14,7 @@ from ecif_core.datasets.digits import class_prompts, label_of_caption
 from ecif_core.errors import ConfigError
 from ecif_core.trace.query import (TraceExample, alternative_captions, examples_from_json, trace, trace_loss_gradient,
                              trace_relative_is)
+from services.embedded import run_audit
 from tests.core.test_audit import finished, workspace  # noqa: F401  (module fixtures)
 
 
@@ -132,7 +133,7 @@ def test_traced_pairs_agree_with_retraining_without_them(tmp_path):
     manifest = {"model": {"config": "cfg.json", "checkpoint": "model.pt"}, "train": "d/train.jsonl",
                 "validation": "d/val.jsonl", "options": {"projection": None, "theta": theta}}
     (tmp_path / "m.json").write_text(json.dumps(manifest))
-    audit.run_audit(tmp_path / "m.json", tmp_path / "audit")
+    run_audit(tmp_path / "m.json", tmp_path / "audit")
 
     def test_loss(checkpoint: Path, example: TraceExample) -> float:
         loaded = load_model(config=MICRO_CONFIG, checkpoint=str(checkpoint))

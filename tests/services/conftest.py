@@ -91,9 +91,9 @@ def manifest_json(options: dict | None = None, **overrides) -> dict:
 @pytest.fixture(scope="session")
 def embedded_csv(data_root, tmp_path_factory) -> Path:
     """ranked.csv of the embedded mode (SQLite, in-process) for the data root's manifest."""
-    from services.embedded import run_embedded
+    from services.embedded import run_audit
 
-    return run_embedded(data_root / "manifest.json", tmp_path_factory.mktemp("embedded") / "audit")
+    return run_audit(data_root / "manifest.json", tmp_path_factory.mktemp("embedded") / "audit")
 
 
 def read_csv_rows(text_or_path) -> list[dict]:
@@ -129,11 +129,11 @@ def s3_inputs_csv(s3, s3_data_root) -> bytes:
     """ranked.csv (bytes) of the embedded mode with every input under the s3:// data root (absolute
     s3:// paths in a manifest stored in the bucket) and its folder in another bucket."""
     from ecif_core.data.storage import location
-    from services.embedded import run_embedded
+    from services.embedded import run_audit
 
     manifest = location(f"{s3_data_root}/manifest-s3.json")
     manifest.write_text(json.dumps({"model": {"config": f"{s3_data_root}/cfg.json",
                                               "checkpoint": f"{s3_data_root}/model.pt"},
                                     "train": f"{s3_data_root}/digits/train.jsonl",
                                     "validation": f"{s3_data_root}/digits/val.jsonl", "options": OPTIONS}))
-    return run_embedded(str(manifest), f"s3://{s3.new_bucket()}/audit").read_bytes()
+    return run_audit(str(manifest), f"s3://{s3.new_bucket()}/audit").read_bytes()

@@ -15,7 +15,7 @@ from sqlalchemy import select
 from ecif_core.datasets.digits import class_prompts, label_of_caption
 from services.db.models import Shard
 from services.db.session import session_scope
-from services.embedded import run_embedded
+from services.embedded import run_audit
 from tests.services.conftest import REDIS_URL, assert_same_ranking, manifest_json, read_csv_rows, write_manifest
 from tests.services.processes import Service, service_env
 
@@ -97,7 +97,7 @@ def test_a_worker_killed_mid_shard_loses_nothing(pg_url, data_root, tmp_path_fac
     """
     options = {"projection": {"k_in": 4, "k_out": 4}, "shard_batches": 1}
     manifest = write_manifest(data_root / "kill-manifest.json", options)
-    expected_text = run_embedded(manifest, tmp_path_factory.mktemp("uninterrupted") / "audit").read_text()
+    expected_text = run_audit(manifest, tmp_path_factory.mktemp("uninterrupted") / "audit").read_text()
     env = service_env(pg_url, _redis_db(2), tmp_path_factory.mktemp("store"), data_root, ECIF_HEARTBEAT_INTERVAL="2")
     svc = Service(env, tmp_path_factory.mktemp("kill-logs"))
     try:
@@ -143,7 +143,7 @@ def test_tasks_lost_with_the_broker_are_resumed_from_the_database(pg_url, data_r
     uninterrupted run, byte for byte, within 5 minutes."""
     options = {"projection": {"k_in": 4, "k_out": 4}, "shard_batches": 1}
     manifest = write_manifest(data_root / "kill-manifest.json", options)
-    expected_text = run_embedded(manifest, tmp_path_factory.mktemp("reference") / "audit").read_text()
+    expected_text = run_audit(manifest, tmp_path_factory.mktemp("reference") / "audit").read_text()
     broker = _redis_db(3)
     svc = Service(service_env(pg_url, broker, tmp_path_factory.mktemp("store"), data_root,
                               ECIF_HEARTBEAT_INTERVAL="2"), tmp_path_factory.mktemp("lost-logs"))

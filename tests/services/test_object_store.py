@@ -13,7 +13,7 @@ from ecif_core.data.confine import OutsideRoots, confined, data_roots
 from ecif_core.errors import ConfigError
 from ecif_core.data.folder import AuditFolder
 from ecif_core.data.storage import location
-from services.embedded import run_embedded
+from services.embedded import run_audit
 from tests.services.conftest import OPTIONS, assert_same_ranking, read_csv_rows
 from tests.services.processes import ecif_command
 
@@ -22,7 +22,7 @@ def test_embedded_audit_in_a_bucket_writes_the_local_audit_byte_for_byte(s3, dat
                                                                          tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # a folder literally named "s3:" would appear here
     out = f"s3://{s3.new_bucket()}/audits/one"
-    ranked = run_embedded(data_root / "manifest.json", out)
+    ranked = run_audit(data_root / "manifest.json", out)
     assert str(ranked) == f"{out}/ranked.csv"
     assert ranked.read_bytes() == embedded_csv.read_bytes()
     folder = AuditFolder(out)
@@ -31,7 +31,7 @@ def test_embedded_audit_in_a_bucket_writes_the_local_audit_byte_for_byte(s3, dat
     assert folder.rejected.read_bytes() == (embedded_csv.parent / "rejected.csv").read_bytes()
     assert not any(tmp_path.iterdir())  # nothing local: no "s3:" folder, no database left behind
     # a second run on the same folder resumes from the markers in the bucket and gives the same bytes
-    assert run_embedded(data_root / "manifest.json", out).read_bytes() == embedded_csv.read_bytes()
+    assert run_audit(data_root / "manifest.json", out).read_bytes() == embedded_csv.read_bytes()
     # what-ifs on the audit in the bucket: a removal preview, a trace, a model edit written back to it
     from ecif_core.datasets.digits import class_prompts, label_of_caption
     from ecif_core.edit.settings import EditSettings

@@ -2,14 +2,17 @@
 stage, cancellation and failures recorded, on the real Postgres server."""
 from __future__ import annotations
 
+import csv
 import functools
+import io
 import json
 import threading
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 
 from sqlalchemy import delete, func, select
 
-from ecif_core.stages import run_audit
+from ecif_core.ranked import RANKED_COLUMNS, csv_row
+from ecif_core.stages import final_ranking
 from ecif_core.data.manifest import load_manifest
 from services import repository
 from services.db.models import Audit, PairRow, Score, Shard
@@ -44,9 +47,23 @@ def _csv(url: str, audit_id: str) -> list[dict]:
     return read_csv_rows("".join(repository.results_csv(url, audit_id)))
 
 
-def test_embedded_mode_writes_the_same_csv_as_the_core_pipeline(data_root, embedded_csv, tmp_path):
-    core_csv = run_audit(data_root / "manifest.json", tmp_path / "core")
-    assert embedded_csv.read_text() == core_csv.read_text()  # byte for byte, through SQLite
+def _finalize_csv(audit_dir) -> bytes:
+    """ranked.csv as ecif_core's finalize stage ranks the audit's store (csv_row per pair, rank order)."""
+    ranking = final_ranking(audit_dir)
+    expected = io.StringIO()
+    writer = csv.writer(expected)
+    writer.writerow(RANKED_COLUMNS)
+    for rank, i in enumerate(ranking.order, start=1):
+        pair = ranking.pairs[i]
+        values = {name: column[i] for name, column in ranking.columns.items()}
+        writer.writerow(csv_row(rank, pair.id, pair.image, pair.caption, values, bool(ranking.suspected[i])))
+    return expected.getvalue().encode()
+
+
+def test_embedded_ranked_csv_is_the_finalize_stages_ranking_byte_for_byte(embedded_csv):
+    """ranked.csv is written from the database the pipeline recorded: it must be exactly the ranking
+    ecif_core computes from the audit's store (no value, rank or flag lost or moved on the way)."""
+    assert embedded_csv.read_bytes() == _finalize_csv(embedded_csv.parent)
     rejected = (embedded_csv.parent / "rejected.csv").read_text().splitlines()
     assert rejected[0] == "row,id,reason"
 
@@ -59,6 +76,10 @@ def test_postgres_pipeline_matches_the_embedded_csv(pg_url, data_root, embedded_
         assert (audit.status, audit.stage, audit.error) == ("succeeded", "done", None)
         assert audit.pairs_total == 96 and audit.shards_total == 6 and audit.curvature_shift > 0
         assert audit.started_at <= audit.finished_at
+    with session_scope(pg_url) as session:
+        audit_dir = session.get(Audit, audit_id).audit_dir
+    assert "".join(repository.results_csv(pg_url, audit_id)).encode() == _finalize_csv(audit_dir)  # results.csv
+    # the embedded run's numbers (another process state: torch's thread count may differ, so to 1e-6)
     assert_same_ranking(_csv(pg_url, audit_id), read_csv_rows(embedded_csv))
     limited = _csv(pg_url, audit_id)[:5]
     assert read_csv_rows("".join(repository.results_csv(pg_url, audit_id, limit=5))) == limited

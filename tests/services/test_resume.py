@@ -146,12 +146,12 @@ def test_a_full_disk_fails_the_audit_and_retry_resumes_it_keeping_finished_shard
 
 def test_rerunning_ecif_audit_on_a_failed_folder_resumes_the_same_audit(data_root, embedded_csv, tmp_path,
                                                                           monkeypatch):
-    from services.embedded import AuditFailed, database_url_for, run_embedded
+    from services.embedded import AuditFailed, database_url_for, run_audit
 
     disk = FullDisk(monkeypatch, room=3)
     out = tmp_path / "audit"
     with pytest.raises(AuditFailed) as failure:
-        run_embedded(data_root / "manifest.json", out)  # `ecif audit` prints it as one `ecif: error:` line
+        run_audit(data_root / "manifest.json", out)  # `ecif audit` prints it as one `ecif: error:` line
     assert str(failure.value) == (f"{FULL} (run the same command again to resume where it stopped: "
                                   "finished shards are kept)")
     url = database_url_for(out)
@@ -159,7 +159,7 @@ def test_rerunning_ecif_audit_on_a_failed_folder_resumes_the_same_audit(data_roo
         (first,) = session.scalars(select(Audit)).all()
         assert (first.status, first.error) == ("failed", FULL)
     disk.free()
-    assert run_embedded(data_root / "manifest.json", out).read_bytes() == embedded_csv.read_bytes()
+    assert run_audit(data_root / "manifest.json", out).read_bytes() == embedded_csv.read_bytes()
     with session_scope(url) as session:
         (audit,) = session.scalars(select(Audit)).all()
         assert (audit.id, audit.status, audit.error) == (first.id, "succeeded", None)  # resumed, not re-created
@@ -243,7 +243,7 @@ def test_a_resumed_audit_is_not_sent_again_by_the_reconciler(pg_url, data_root, 
 def test_rerunning_ecif_audit_after_its_process_was_stopped_resumes_the_same_audit(data_root, embedded_csv,
                                                                                    tmp_path, monkeypatch):
     """Ctrl-C (or a kill) leaves the folder's audit `running`: the rerun resumes it like a failure."""
-    from services.embedded import database_url_for, run_embedded
+    from services.embedded import database_url_for, run_audit
 
     computed: Counter[int] = Counter()
     accumulate = core_audit._accumulate_shard
@@ -257,12 +257,12 @@ def test_rerunning_ecif_audit_after_its_process_was_stopped_resumes_the_same_aud
     monkeypatch.setattr(core_audit, "_accumulate_shard", interrupted_at_shard_3)
     out = tmp_path / "audit"
     with pytest.raises(KeyboardInterrupt):
-        run_embedded(data_root / "manifest.json", out)
+        run_audit(data_root / "manifest.json", out)
     url = database_url_for(out)
     with session_scope(url) as session:
         (first,) = session.scalars(select(Audit)).all()
         assert (first.status, first.stage) == ("running", "gradients")
-    assert run_embedded(data_root / "manifest.json", out).read_bytes() == embedded_csv.read_bytes()
+    assert run_audit(data_root / "manifest.json", out).read_bytes() == embedded_csv.read_bytes()
     with session_scope(url) as session:
         (audit,) = session.scalars(select(Audit)).all()
         assert (audit.id, audit.status, audit.error) == (first.id, "succeeded", None)

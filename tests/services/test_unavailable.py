@@ -206,7 +206,7 @@ def test_openapi_documents_503_with_retry_after_on_every_operation(tmp_path):
 def test_the_broker_client_gives_up_within_seconds():
     """kombu's Redis transport waits forever by default: a broker host that drops packets would hold
     POST /audits for minutes instead of the 503 above."""
-    from workers.celery_app import BROKER_CONNECT_TIMEOUT_S, BROKER_READ_TIMEOUT_S, app
+    from services.broker import BROKER_CONNECT_TIMEOUT_S, BROKER_READ_TIMEOUT_S, app
 
     options = app.conf.broker_transport_options
     assert options["socket_connect_timeout"] == BROKER_CONNECT_TIMEOUT_S <= 10

@@ -23,12 +23,12 @@ from typing import Any, Callable
 
 import numpy as np
 
-from ecif_core.stages import run_audit
 from ecif_core.data.batching import hash_seed
 from ecif_core.models.lora import TRAINING_SIDECAR
 from ecif_core.data.manifest import SIDECAR_SUFFIX
 from ecif_core.models.factory import LoadedModel, load_model
 from ecif_core.train import TrainConfig, train
+from services.embedded import run_audit
 
 from ..baselines import checkpoint_weights
 from ..tensors import batch_ids, load_batches
