@@ -1,1 +1,2 @@
-"""influence"""
+"""The math of ECIF (docs/METHOD.md): contrastive terms, LoGra projections, per-pair gradients,
+the memory plan, the curvature and its damped inverse, influence scores."""
