@@ -26,13 +26,29 @@ from ecif_core.influence.logra import WeightUseRecorder
 TERMS_PER_PAIR = 3  # cotangent sets per pair: Pos(n), Neg(n), 1 - cos(u_n, v_n)
 
 
+def item_directions(batch_size: int, embed_dim: int) -> int:
+    """Jacobian directions per item on the per-item path: min(D, B + 1) (basis.item_basis)."""
+    return embed_dim if batch_size + 1 >= embed_dim else batch_size + 1
+
+
 def choose_method(batch_size: int, embed_dim: int, factored: bool, terms: int = TERMS_PER_PAIR) -> str:
-    """The cost model: backward passes per batch are D (per item) against terms x B (per pair:
-    one cotangent set per gradient wanted, g_pos, g_neg and C_n).
+    """The cost model: backward directions per item are min(D, B + 1) on the per-item path
+    (each item's cotangents lie in the span of the other tower's B embeddings and its own)
+    against terms x B per pair (one cotangent set per gradient wanted, g_pos, g_neg and C_n).
 
     Per item needs every theta weight to have LoGra factors (dense gradients sum over items);
-    at D = terms x B the per-pair path is kept (no contraction step, no per-item factors)."""
-    return "per_item" if factored and embed_dim < terms * batch_size else "per_pair"
+    at equal counts the per-pair path is kept (no contraction step, no per-item factors).
+    B + 1 < 3B for every B > 1, so per item wins whenever it is possible, which the
+    measurements agree with (bench/RESULTS.md, "Per-item cotangent basis")."""
+    per_item = item_directions(batch_size, embed_dim)
+    return "per_item" if factored and per_item < terms * batch_size else "per_pair"
+
+
+def backward_passes(batch_size: int, embed_dim: int) -> int:
+    """Backward directions per batch of the path choose_method picks when factors exist."""
+    if choose_method(batch_size, embed_dim, True) == "per_item":
+        return item_directions(batch_size, embed_dim)
+    return TERMS_PER_PAIR * batch_size
 
 FORWARD = 3.0
 BACKWARD = 2.0
@@ -85,7 +101,7 @@ def plan_chunks(memory_limit: int, resident: int, batch: int, dim: int, per_item
                 passes: int) -> tuple[int, int]:
     """(items, chunk) that fit the budget: all B items and the user's chunk if they fit, else
     fewer items per forward first (it costs one extra no-grad forward), then a smaller chunk.
-    `passes`: backward passes per batch (D per item, 3B per pair); chunk never exceeds it."""
+    `passes`: backward passes per batch (min(D, B + 1) per item, 3B per pair); chunk never exceeds it."""
     chunk = max(1, min(chunk, passes))
     free = memory_limit - resident - 2 * (TERMS_PER_PAIR * batch) * batch * dim * 4
     if free <= 0:
@@ -104,5 +120,5 @@ def plan_for_batch(model: torch.nn.Module, params: Sequence[torch.nn.Parameter],
     device = model.logit_scale.device
     per_item, dim = item_bytes(model, params, images[:1], tokens[:1])
     batch = len(tokens)
-    passes = dim if choose_method(batch, dim, True) == "per_item" else TERMS_PER_PAIR * batch
-    return plan_chunks(memory_limit, resident_bytes(device), batch, dim, per_item, chunk, passes)
+    return plan_chunks(memory_limit, resident_bytes(device), batch, dim, per_item, chunk,
+                       backward_passes(batch, dim))
