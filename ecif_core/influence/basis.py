@@ -21,6 +21,7 @@ class ItemBasis:
 
     shared: torch.Tensor
     own: torch.Tensor | None
+    identity: bool = False   # shared is the D x D identity: coordinates are the cotangents themselves
 
     @property
     def size(self) -> int:
@@ -29,7 +30,7 @@ class ItemBasis:
 
     def part(self, start: int, stop: int) -> "ItemBasis":
         """The basis of items [start, stop) (a slice of the batch)."""
-        return ItemBasis(self.shared, None if self.own is None else self.own[start:stop])
+        return ItemBasis(self.shared, None if self.own is None else self.own[start:stop], self.identity)
 
     def directions(self, start: int, stop: int, items: int) -> torch.Tensor:
         """(stop - start, items, D): basis rows start..stop-1 as cotangents of every item."""
@@ -46,6 +47,8 @@ class ItemBasis:
     def coefficients(self, cotangents: torch.Tensor) -> torch.Tensor:
         """(T, items, D) cotangents -> (T, items, size) coordinates in this basis (exact for
         cotangents in its span, which every pair term's are)."""
+        if self.identity:
+            return cotangents
         coords = cotangents @ self.shared.T.to(cotangents.dtype)
         if self.own is None:
             return coords
@@ -55,7 +58,7 @@ class ItemBasis:
 
 def identity_basis(dim: int, like: torch.Tensor) -> ItemBasis:
     """The D coordinate directions (one-hot cotangents), the same for every item."""
-    return ItemBasis(torch.eye(dim, dtype=like.dtype, device=like.device), None)
+    return ItemBasis(torch.eye(dim, dtype=like.dtype, device=like.device), None, identity=True)
 
 
 def item_basis(own_emb: torch.Tensor, other_emb: torch.Tensor) -> ItemBasis:

@@ -32,6 +32,7 @@ from ecif_core.influence.losses import NegTerm, batch_loss, contrastive_terms, l
 from ecif_core.influence.memory import backward_passes, choose_method
 from ecif_core.influence.logra import Use, WeightUseRecorder, project_side, projected_from_uses
 from ecif_core.influence.projection import Projector
+from ecif_core.influence.trunk import TrunkCache
 
 
 @dataclass
@@ -191,15 +192,16 @@ def per_pair_gradients(model: torch.nn.Module, params: Sequence[torch.nn.Paramet
         bases = _bases(method, text_emb, image_emb)
         flat = _gradients_of_slice(method, recorder.uses, text_uses, params, projector, text_emb, image_emb,
                                    jac_u, jac_v, chunk, bases)
-    else:
-        with torch.no_grad():
+    else:  # the trunk below theta runs once, here, and is replayed for every slice
+        trunk = TrunkCache(model, params)
+        with torch.no_grad(), trunk.capture():
             text_emb, image_emb = embed(model, images, tokens)
         jac_u, jac_v, values = _all_cotangents(text_emb, image_emb, temperature_scale(model), neg_term)
         flat = None
         for a in range(0, size, items):
             b = min(size, a + items)
             recorder = WeightUseRecorder(params)
-            with recorder:
+            with recorder, trunk.replay(a, b):
                 part_u = model.encode_text(tokens[a:b].to(device))
                 text_uses = len(recorder.uses)
                 part_v = model.encode_image(images[a:b].to(device))

@@ -364,3 +364,31 @@ def test_closed_form_cotangents_equal_autograd(neg_term):
     autograd_error = float(max((f32_u.double() - ref_u).abs().max(), (f32_v.double() - ref_v).abs().max()))
     ours_error = float(max((ours_u.double() - ref_u).abs().max(), (ours_v.double() - ref_v).abs().max()))
     assert ours_error <= max(4 * autograd_error, 1e-6 * top)
+
+
+def test_trunk_below_theta_runs_once_per_batch():
+    """In slices, the blocks below the first theta block run only in the whole batch's no-grad
+    forward (their output is replayed per slice); the theta blocks run once more per slice. The
+    numbers equal one unsliced pass. theta = the projections: every block is trunk."""
+    loaded = _tiny_clip()
+    for patterns, first in ((None, 1), (["visual.proj", "text_projection"], 3)):
+        theta = select_theta(loaded.model, patterns)
+        restrict_grad_to(loaded.model, theta)
+        params = [p for _, p in theta]
+        projector = Projector.for_theta(theta, ProjectionSpec(None, None))
+        images, tokens = _tiny_batch(loaded, 6, seed=2)
+        whole = per_pair_gradients(loaded.model, params, projector, images, tokens, items=6)
+        runs = {}
+        handles = [block.mlp.register_forward_hook(lambda m, a, o, key=(tower, i): runs.update({key: runs.get(key, 0) + 1}))
+                   for tower, blocks in (("image", loaded.model.visual.transformer.resblocks),
+                                         ("text", loaded.model.transformer.resblocks))
+                   for i, block in enumerate(blocks)]
+        try:
+            sliced = per_pair_gradients(loaded.model, params, projector, images, tokens, items=2)
+        finally:
+            for handle in handles:
+                handle.remove()
+        assert runs == {(tower, i): 1 if i < first else 4 for tower in ("image", "text") for i in range(3)}
+        for name in ("pos", "neg", "clip"):
+            want = getattr(whole, name)
+            torch.testing.assert_close(getattr(sliced, name), want, rtol=1e-9, atol=1e-9 * float(want.abs().max()))
