@@ -9,7 +9,8 @@ one thread:
 - train: one training step (AdamW on every weight, the contrastive loss), the fastest of 3;
 - old: per_pair_gradients as before the basis: "per_item_onehot" (D directions) when D < 3B,
   else "per_pair" (3B), the trunk below theta recomputed per slice of items;
-- new: method "auto" (choose_method: per item with min(D, B + 1) directions), trunk replayed.
+- new: method "auto" (choose_method's flop model: per item with min(D, B + 1) directions, or
+  per pair where theta's layers make a direction cheap), the trunk replayed per slice.
 Both with the audit's defaults (8 x 8 projection, chunk 64, CPU slices); the fastest of
 --repeats runs. Times are ms per pair; ratios come from the same run (the machine is shared).
 Models: tiny = ecif_core/configs/tiny-clip.json (D = 32); tiny-d512 = the same towers with
@@ -28,7 +29,7 @@ import torch
 
 from ecif_core.influence import gradients
 from ecif_core.influence.gradients import per_pair_gradients
-from ecif_core.influence.memory import TERMS_PER_PAIR, choose_method, item_directions
+from ecif_core.influence.memory import TERMS_PER_PAIR, item_directions
 from ecif_core.influence.projection import Projector, ProjectionSpec
 from ecif_core.models.factory import default_theta_patterns, load_model, restrict_grad_to, select_theta
 
@@ -92,21 +93,23 @@ def old_method(batch: int, dim: int) -> str:
 
 
 def gradient_seconds(model, params, projector, images, tokens, methods: list[tuple[str, bool]],
-                     repeats: int) -> list[float]:
+                     repeats: int) -> tuple[list[float], list[str]]:
     """The fastest of `repeats` runs of each (method, old) on the batch, interleaved (A B A B) so
-    a change in the shared machine's load hits both."""
+    a change in the shared machine's load hits both; and the path each one ran."""
     best = [float("inf")] * len(methods)
-    real = gradients.TrunkCache
+    ran = [""] * len(methods)
+    real, real_slice = gradients.TrunkCache, gradients._gradients_of_slice
     for _ in range(repeats):
         for position, (method, old) in enumerate(methods):
             gradients.TrunkCache = _NoTrunk if old else real
+            gradients._gradients_of_slice = lambda *a, _p=position, **k: ran.__setitem__(_p, a[0]) or real_slice(*a, **k)
             try:
                 started = time.perf_counter()
                 per_pair_gradients(model, params, projector, images, tokens, "exact", 64, method)
                 best[position] = min(best[position], time.perf_counter() - started)
             finally:
-                gradients.TrunkCache = real
-    return best
+                gradients.TrunkCache, gradients._gradients_of_slice = real, real_slice
+    return best, ran
 
 
 def run(models: list[str], batch_sizes: list[int], repeats: int) -> list[dict]:
@@ -129,11 +132,12 @@ def run(models: list[str], batch_sizes: list[int], repeats: int) -> list[dict]:
                 params = [p for _, p in theta]
                 projector = Projector.for_theta(theta, ProjectionSpec(8, 8, 0))
                 old_path = old_method(batch, dim)
-                old, new = gradient_seconds(model, params, projector, images, tokens,
-                                            [(old_path, True), ("auto", False)], repeats)
+                (old, new), (_, new_path) = gradient_seconds(model, params, projector, images, tokens,
+                                                             [(old_path, True), ("auto", False)], repeats)
+                new_directions = item_directions(batch, dim) if new_path == "per_item" else 3 * batch
                 row = {"model": name, "D": dim, "B": batch, "theta": label, "k": projector.dim,
                        "old_path": old_path, "old_directions": dim if old_path == "per_item_onehot" else 3 * batch,
-                       "new_path": choose_method(batch, dim, True), "new_directions": item_directions(batch, dim),
+                       "new_path": new_path, "new_directions": new_directions,
                        "train_ms_per_pair": 1e3 * train / batch, "old_ms_per_pair": 1e3 * old / batch,
                        "new_ms_per_pair": 1e3 * new / batch, "old_over_new": old / new,
                        "old_over_train": old / train, "new_over_train": new / train}
@@ -143,11 +147,11 @@ def run(models: list[str], batch_sizes: list[int], repeats: int) -> list[dict]:
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| model (D) | B | theta | train ms/pair | old path (directions) | old ms/pair | new ms/pair "
-             "| old / new | old / train | new / train |", "|" + "---|" * 10]
+    lines = ["| model (D) | B | theta | train ms/pair | old path (directions) | new path (directions) "
+             "| old ms/pair | new ms/pair | old / new | old / train | new / train |", "|" + "---|" * 11]
     for r in rows:
         lines.append(f"| {r['model']} ({r['D']}) | {r['B']} | {r['theta']} | {r['train_ms_per_pair']:.3f} "
-                     f"| {r['old_path']} ({r['old_directions']}) -> {r['new_directions']} "
+                     f"| {r['old_path']} ({r['old_directions']}) | {r['new_path']} ({r['new_directions']}) "
                      f"| {r['old_ms_per_pair']:.2f} | {r['new_ms_per_pair']:.2f} | {r['old_over_new']:.2f} "
                      f"| {r['old_over_train']:.1f} | {r['new_over_train']:.1f} |")
     return "\n".join(lines)

@@ -29,7 +29,7 @@ import torch
 
 from ecif_core.influence.basis import ItemBasis, identity_basis, item_basis
 from ecif_core.influence.losses import NegTerm, batch_loss, contrastive_terms, log_one_minus_softmax, pair_logits
-from ecif_core.influence.memory import backward_passes, choose_method
+from ecif_core.influence.memory import backward_passes, choose_method, direction_flops
 from ecif_core.influence.logra import Use, WeightUseRecorder, project_side, projected_from_uses
 from ecif_core.influence.projection import Projector
 from ecif_core.influence.trunk import TrunkCache
@@ -188,7 +188,7 @@ def per_pair_gradients(model: torch.nn.Module, params: Sequence[torch.nn.Paramet
             text_uses = len(recorder.uses)
             image_emb = model.encode_image(images.to(device))
         jac_u, jac_v, values = _all_cotangents(text_emb, image_emb, temperature_scale(model), neg_term)
-        method = _resolve(method, recorder.uses, len(params), size, text_emb.shape[1])
+        method = _resolve(method, recorder.uses, text_uses, projector, size, text_emb.shape[1])
         bases = _bases(method, text_emb, image_emb)
         flat = _gradients_of_slice(method, recorder.uses, text_uses, params, projector, text_emb, image_emb,
                                    jac_u, jac_v, chunk, bases)
@@ -206,7 +206,7 @@ def per_pair_gradients(model: torch.nn.Module, params: Sequence[torch.nn.Paramet
                 text_uses = len(recorder.uses)
                 part_v = model.encode_image(images[a:b].to(device))
             if a == 0:  # one decision per batch, on the whole batch's B
-                method = _resolve(method, recorder.uses, len(params), size, text_emb.shape[1], b - a)
+                method = _resolve(method, recorder.uses, text_uses, projector, size, text_emb.shape[1], b - a)
                 bases = _bases(method, text_emb, image_emb)
             part = _gradients_of_slice(method, recorder.uses, text_uses, params, projector, part_u, part_v,
                                        jac_u[:, a:b], jac_v[:, a:b], chunk,
@@ -241,11 +241,18 @@ def cpu_items(batch: int, dim: int, chunk: int, per_item: int) -> int:
     return max(1, CPU_SLICE_BYTES // (per_item * min(chunk, backward_passes(batch, dim))))
 
 
-def _resolve(method: str, uses: Sequence[Use], n_params: int, size: int, dim: int, items: int | None = None) -> str:
-    """The path to run: the cost model for "auto", checked for the per-item paths."""
-    factored = method != "dense" and _per_item_ready(uses, n_params, size if items is None else items)
+def _resolve(method: str, uses: Sequence[Use], text_uses: int, projector: Projector, size: int, dim: int,
+             items: int | None = None) -> str:
+    """The path to run: the cost model for "auto" (flops of each path for these theta layers),
+    checked for the per-item paths."""
+    factored = method != "dense" and _per_item_ready(uses, len(projector.blocks), size if items is None else items)
     if method == "auto":
-        return choose_method(size, dim, factored)
+        if not factored:
+            return "per_pair"
+        rows = [tuple(None if f is None else f.shape[0] for f in projector.factors(i, torch.device("cpu")))
+                for i in range(len(projector.blocks))]
+        return choose_method(size, dim, True, direction_flops=direction_flops(uses, text_uses, rows),
+                             k=projector.dim)
     if method in ("per_item", "per_item_onehot") and not factored:
         raise ValueError("per_item needs LoGra factors for every theta weight, batch-first")
     return method

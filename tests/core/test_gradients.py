@@ -158,6 +158,11 @@ def test_cost_model_counts_min_d_b_plus_one_directions_per_item(setup, monkeypat
     assert choose_method(32, 512, True) == "per_item"       # ViT-B-32 at B = 32: 33 < 96
     assert choose_method(1, 8, True) == "per_item"          # 2 < 3
     assert choose_method(512, 32, False) == "per_pair"      # a dense theta weight: no per-item factors
+    # with flops per direction (memory.direction_flops): a cheap direction (theta = the
+    # projections) leaves the per-item coordinate and contraction steps to decide
+    assert choose_method(32, 512, True, direction_flops=1.7e4, k=128) == "per_pair"
+    assert choose_method(32, 512, True, direction_flops=6.5e6, k=1152) == "per_item"
+    assert choose_method(256, 512, True, direction_flops=6.5e6, k=1152) == "per_item"
     loaded, theta = setup
     params = [p for _, p in theta]
     projector = Projector.for_theta(theta, ProjectionSpec(k_in=3, k_out=5, seed=7))
@@ -175,6 +180,15 @@ def test_cost_model_counts_min_d_b_plus_one_directions_per_item(setup, monkeypat
     calls.clear()
     per_pair_gradients(loaded.model, params, projector, images, tokens, chunk=1, items=9, method="per_pair")
     assert len(calls) == 3 * 9
+    projections = select_theta(loaded.model, ["visual.proj", "text_projection"])
+    restrict_grad_to(loaded.model, projections)
+    try:  # a direction through the projections alone costs next to nothing: auto runs per pair
+        ran.clear(), calls.clear()
+        per_pair_gradients(loaded.model, [p for _, p in projections], Projector.for_theta(projections, ProjectionSpec(8, 8, 0)),
+                           images, tokens, chunk=1, items=9)
+        assert ran == [] and len(calls) == 3 * 9
+    finally:
+        restrict_grad_to(loaded.model, theta)
 
 
 def _tiny_clip(embed_dim: int | None = None):
