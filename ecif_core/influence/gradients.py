@@ -16,8 +16,9 @@ cotangents of each pair's own 1 - cos(u_n, v_n) (the Algorithm 3 test gradient C
   (basis.py, docs/METHOD.md "Per-item cotangent basis"), so R = min(D, B + 1) directions are
   exact; "per_item_onehot" keeps the D coordinate directions (the earlier path, for comparison).
 
-`choose_method` (the cost model in memory.py) takes "per_item" when its min(D, B + 1)
-directions are fewer than 3B and every theta weight has LoGra factors; the paths give the same
+`choose_method` (the cost model in memory.py) needs LoGra factors on every theta weight for
+"per_item" and then compares flops: directions x items x the flops of one direction through
+theta's layers, plus the per-item coordinate and contraction steps. The paths give the same
 numbers to float tolerance (tests/core/test_gradients.py).
 """
 from __future__ import annotations
