@@ -2,6 +2,7 @@
 step on the same batch (docs/METHOD.md "Per-item cotangent basis"; bench/RESULTS.md).
 
     OMP_NUM_THREADS=1 python -m bench.basis [--models tiny,tiny-d512] [--batch-sizes 32,256]
+        [--repeats 2] [--old today|onehot] [--thetas projections,last-block,last-two]
 
 For each model (random init), batch size B and theta (the projections; the last block plus the
 projections; the last two blocks plus the projections, today's default) on one synthetic batch,
@@ -112,7 +113,11 @@ def gradient_seconds(model, params, projector, images, tokens, methods: list[tup
     return best, ran
 
 
-def run(models: list[str], batch_sizes: list[int], repeats: int) -> list[dict]:
+THETA_NAMES = ("projections", "last-block", "last-two")
+
+
+def run(models: list[str], batch_sizes: list[int], repeats: int, old: str = "today",
+        thetas_wanted: list[str] | None = None) -> list[dict]:
     torch.set_num_threads(1)
     rows = []
     for name in models:
@@ -123,6 +128,8 @@ def run(models: list[str], batch_sizes: list[int], repeats: int) -> list[dict]:
         thetas = {"projections": ["visual.proj", "text_projection"],
                   "last block + projections": default_theta_patterns(model, last_blocks=1),
                   "last two blocks + projections (default)": default_theta_patterns(model, last_blocks=2)}
+        short = dict(zip(thetas, THETA_NAMES))
+        thetas = {k: v for k, v in thetas.items() if not thetas_wanted or short[k] in thetas_wanted}
         for batch in batch_sizes:
             images, tokens = synthetic_batch(loaded, config, batch)
             train = train_step_seconds(model, images, tokens)
@@ -131,7 +138,7 @@ def run(models: list[str], batch_sizes: list[int], repeats: int) -> list[dict]:
                 restrict_grad_to(model, theta)
                 params = [p for _, p in theta]
                 projector = Projector.for_theta(theta, ProjectionSpec(8, 8, 0))
-                old_path = old_method(batch, dim)
+                old_path = old_method(batch, dim) if old == "today" else "per_item_onehot"
                 (old, new), (_, new_path) = gradient_seconds(model, params, projector, images, tokens,
                                                              [(old_path, True), ("auto", False)], repeats)
                 new_directions = item_directions(batch, dim) if new_path == "per_item" else 3 * batch
@@ -162,8 +169,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--models", default="tiny,tiny-d512")
     parser.add_argument("--batch-sizes", default="32,256")
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--old", choices=["today", "onehot"], default="today",
+                        help="old = the path chosen before the basis, or always the one-hot per-item path")
+    parser.add_argument("--thetas", default="", help="comma list of projections, last-block, last-two (default: all)")
     args = parser.parse_args(argv)
-    rows = run(args.models.split(","), [int(b) for b in args.batch_sizes.split(",")], args.repeats)
+    rows = run(args.models.split(","), [int(b) for b in args.batch_sizes.split(",")], args.repeats, args.old,
+               [t for t in args.thetas.split(",") if t])
     print(table(rows))
     return rows
 
