@@ -8,14 +8,18 @@ cotangents of each pair's own 1 - cos(u_n, v_n) (the Algorithm 3 test gradient C
   via `is_grads_batched`), chunked to bound memory, and project each gradient as it appears:
   3B backward passes over the batch, so the cost per pair grows with B; or
 - "per_item": the encoders embed each item independently, so item j's projected Jacobian
-  M_j (D x k: row d is the projected gradient of its embedding coordinate d) comes from D
-  backward passes with one-hot cotangents, kept apart per item by the LoGra factors (inputs
-  and output-gradients are per item and token). Then g(n) = sum_j c_j(n)^T M_j, a small
-  contraction with the embedding-level cotangents c(n). D backward passes per batch: the cost
-  per pair no longer depends on B.
+  M_j (R x k: row r is the projected gradient of its embedding along direction r) comes from
+  R backward passes batched in one backward, kept apart per item by the LoGra factors (inputs
+  and output-gradients are per item and token). Then g(n) = sum_j a_j(n)^T M_j, a small
+  contraction with the coordinates a_j(n) of the embedding-level cotangents c_j(n) in those
+  directions. Every c_j(n) lies in the span of the other tower's B embeddings and item j's own
+  (basis.py, docs/METHOD.md "Per-item cotangent basis"), so R = min(D, B + 1) directions are
+  exact; "per_item_onehot" keeps the D coordinate directions (the earlier path, for comparison).
 
-`choose_method` (the cost model) takes "per_item" when D < 3B and every theta weight has
-LoGra factors; both give the same numbers to float tolerance (tests/core/test_gradients.py).
+`choose_method` (the cost model in memory.py) needs LoGra factors on every theta weight for
+"per_item" and then compares flops: directions x items x the flops of one direction through
+theta's layers, plus the per-item coordinate and contraction steps. The paths give the same
+numbers to float tolerance (tests/core/test_gradients.py).
 """
 from __future__ import annotations
 
@@ -24,10 +28,12 @@ from typing import Literal, NamedTuple, Sequence
 
 import torch
 
+from ecif_core.influence.basis import ItemBasis, identity_basis, item_basis
 from ecif_core.influence.losses import NegTerm, batch_loss, contrastive_terms, log_one_minus_softmax, pair_logits
-from ecif_core.influence.memory import TERMS_PER_PAIR, choose_method
+from ecif_core.influence.memory import backward_passes, choose_method, direction_flops
 from ecif_core.influence.logra import Use, WeightUseRecorder, project_side, projected_from_uses
 from ecif_core.influence.projection import Projector
+from ecif_core.influence.trunk import TrunkCache
 
 
 @dataclass
@@ -144,7 +150,7 @@ def _through_normalisation(grad_hat: torch.Tensor, unit: torch.Tensor, norm: tor
     return (grad_hat - (grad_hat * unit).sum(-1, keepdim=True) * unit) / norm
 
 
-Method = Literal["auto", "per_item", "per_pair", "logra", "dense"]
+Method = Literal["auto", "per_item", "per_item_onehot", "per_pair", "logra", "dense"]
 
 
 def per_pair_gradients(model: torch.nn.Module, params: Sequence[torch.nn.Parameter], projector: Projector,
@@ -153,7 +159,8 @@ def per_pair_gradients(model: torch.nn.Module, params: Sequence[torch.nn.Paramet
                        memory_limit: int | None = None) -> BatchGradients:
     """g_pos(n), g_neg(n) for every pair n of one batch, projected to (B, k) each.
 
-    method "auto" picks by `choose_method`; "per_item" and "per_pair" (= "logra") force a path;
+    method "auto" picks by `choose_method`; "per_item", "per_item_onehot" (D directions per item
+    instead of min(D, B + 1)) and "per_pair" (= "logra") force a path;
     "dense" forms every full weight gradient first on the per-pair path (the reference the tests
     compare with; also what parameters not used as linear weights get). `chunk` = cotangents
     per batched backward (embedding coordinates on the per-item path, pair terms otherwise).
@@ -182,25 +189,29 @@ def per_pair_gradients(model: torch.nn.Module, params: Sequence[torch.nn.Paramet
             text_uses = len(recorder.uses)
             image_emb = model.encode_image(images.to(device))
         jac_u, jac_v, values = _all_cotangents(text_emb, image_emb, temperature_scale(model), neg_term)
-        method = _resolve(method, recorder.uses, len(params), size, text_emb.shape[1])
+        method = _resolve(method, recorder.uses, text_uses, projector, size, text_emb.shape[1])
+        bases = _bases(method, text_emb, image_emb)
         flat = _gradients_of_slice(method, recorder.uses, text_uses, params, projector, text_emb, image_emb,
-                                   jac_u, jac_v, chunk)
-    else:
-        with torch.no_grad():
+                                   jac_u, jac_v, chunk, bases)
+    else:  # the trunk below theta runs once, here, and is replayed for every slice
+        trunk = TrunkCache(model, params)
+        with torch.no_grad(), trunk.capture():
             text_emb, image_emb = embed(model, images, tokens)
         jac_u, jac_v, values = _all_cotangents(text_emb, image_emb, temperature_scale(model), neg_term)
         flat = None
         for a in range(0, size, items):
             b = min(size, a + items)
             recorder = WeightUseRecorder(params)
-            with recorder:
+            with recorder, trunk.replay(a, b):
                 part_u = model.encode_text(tokens[a:b].to(device))
                 text_uses = len(recorder.uses)
                 part_v = model.encode_image(images[a:b].to(device))
             if a == 0:  # one decision per batch, on the whole batch's B
-                method = _resolve(method, recorder.uses, len(params), size, text_emb.shape[1], b - a)
+                method = _resolve(method, recorder.uses, text_uses, projector, size, text_emb.shape[1], b - a)
+                bases = _bases(method, text_emb, image_emb)
             part = _gradients_of_slice(method, recorder.uses, text_uses, params, projector, part_u, part_v,
-                                       jac_u[:, a:b], jac_v[:, a:b], chunk)
+                                       jac_u[:, a:b], jac_v[:, a:b], chunk,
+                                       None if bases is None else (bases[0].part(a, b), bases[1].part(a, b)))
             flat = part if flat is None else flat.add_(part)
             del recorder, part_u, part_v
     flat = flat.cpu()
@@ -228,26 +239,42 @@ def cpu_items(batch: int, dim: int, chunk: int, per_item: int) -> int:
     cache and hold more memory: the tiny CLIP's per-item path took 46 ms per pair at B = 128 in
     one slice and 18 ms in slices of 32 (one thread); ViT-B-32 (A = 9.5 MiB) gets one item per
     slice, which keeps B = 256 near 3 GB. Each slice costs one recorded forward of its items."""
-    passes = dim if dim < TERMS_PER_PAIR * batch else TERMS_PER_PAIR * batch
-    return max(1, CPU_SLICE_BYTES // (per_item * min(chunk, passes)))
+    return max(1, CPU_SLICE_BYTES // (per_item * min(chunk, backward_passes(batch, dim))))
 
 
-def _resolve(method: str, uses: Sequence[Use], n_params: int, size: int, dim: int, items: int | None = None) -> str:
-    """The path to run: the cost model for "auto", checked for "per_item"."""
-    factored = method != "dense" and _per_item_ready(uses, n_params, size if items is None else items)
+def _resolve(method: str, uses: Sequence[Use], text_uses: int, projector: Projector, size: int, dim: int,
+             items: int | None = None) -> str:
+    """The path to run: the cost model for "auto" (flops of each path for these theta layers),
+    checked for the per-item paths."""
+    factored = method != "dense" and _per_item_ready(uses, len(projector.blocks), size if items is None else items)
     if method == "auto":
-        return choose_method(size, dim, factored)
-    if method == "per_item" and not factored:
+        if not factored:
+            return "per_pair"
+        rows = [tuple(None if f is None else f.shape[0] for f in projector.factors(i, torch.device("cpu")))
+                for i in range(len(projector.blocks))]
+        return choose_method(size, dim, True, direction_flops=direction_flops(uses, text_uses, rows),
+                             k=projector.dim)
+    if method in ("per_item", "per_item_onehot") and not factored:
         raise ValueError("per_item needs LoGra factors for every theta weight, batch-first")
     return method
 
 
+def _bases(method: str, text_emb: torch.Tensor, image_emb: torch.Tensor) -> tuple[ItemBasis, ItemBasis] | None:
+    """(caption basis, image basis) of the whole batch for the per-item paths, else None."""
+    if method == "per_item":
+        return item_basis(text_emb, image_emb), item_basis(image_emb, text_emb)
+    if method == "per_item_onehot":
+        return identity_basis(text_emb.shape[1], text_emb), identity_basis(image_emb.shape[1], image_emb)
+    return None
+
+
 def _gradients_of_slice(method: str, uses: Sequence[Use], text_uses: int, params: Sequence[torch.nn.Parameter],
                         projector: Projector, text_emb: torch.Tensor, image_emb: torch.Tensor, jac_u: torch.Tensor,
-                        jac_v: torch.Tensor, chunk: int) -> torch.Tensor:
+                        jac_v: torch.Tensor, chunk: int,
+                        bases: tuple[ItemBasis, ItemBasis] | None = None) -> torch.Tensor:
     """(3B, k): the contribution of the items whose embeddings are given (all, or a slice)."""
-    if method == "per_item":
-        return per_item_gradients(uses, text_uses, text_emb, image_emb, jac_u, jac_v, projector, chunk)
+    if method in ("per_item", "per_item_onehot"):
+        return per_item_gradients(uses, text_uses, text_emb, image_emb, jac_u, jac_v, projector, chunk, bases)
     return _per_pair(uses if method in ("per_pair", "logra") else [], params, projector, text_emb, image_emb,
                      jac_u, jac_v, chunk)
 
@@ -281,29 +308,36 @@ def _per_pair(uses: Sequence[Use], params: Sequence[torch.nn.Parameter], project
 
 
 def per_item_gradients(uses: Sequence[Use], text_uses: int, text_emb: torch.Tensor, image_emb: torch.Tensor,
-                       jac_u: torch.Tensor, jac_v: torch.Tensor, projector: Projector, chunk: int) -> torch.Tensor:
+                       jac_u: torch.Tensor, jac_v: torch.Tensor, projector: Projector, chunk: int,
+                       bases: tuple[ItemBasis, ItemBasis] | None = None) -> torch.Tensor:
     """(3B, k) per-pair gradients from per-item projected Jacobians (module docstring).
 
     uses[:text_uses] belong to the text tower (their output-gradients come from text_emb only),
-    the rest to the image tower. One-hot cotangents on embedding coordinates [r0, r1) go to every
-    item of both towers at once; each use's output-gradient then holds, per item j and
-    coordinate r, d emb_j[r] / d y_j, which the LoGra factors turn into M_j[r] (k_block), and
-    g(n) += sum_{j, r} c_j(n)[r] M_j[r] with c = jac_u (text uses) or jac_v (image uses).
+    the rest to the image tower. `bases` = (caption basis, image basis) for these items (the
+    identity, one-hot coordinates, when None). Basis rows [r0, r1) go to every item of both
+    towers as cotangents in one batched backward; each use's output-gradient then holds, per
+    item j and direction r, d <b_jr, emb_j> / d y_j, which the LoGra factors turn into M_j[r]
+    (k_block), and g(n) += sum_{j, r} a_j(n)[r] M_j[r] with a_j(n) the coordinates of
+    c = jac_u (text uses) or jac_v (image uses) in item j's basis.
     """
     items, dim = text_emb.shape
+    text_basis, image_basis = bases or (identity_basis(dim, text_emb), identity_basis(dim, image_emb))
+    if text_basis.size != image_basis.size:
+        raise ValueError(f"caption and image bases differ in size: {text_basis.size} != {image_basis.size}")
+    size = text_basis.size
+    coords_u, coords_v = text_basis.coefficients(jac_u), image_basis.coefficients(jac_v)  # (3B, items, R)
     out = torch.zeros(jac_u.shape[0], projector.dim, device=text_emb.device, dtype=text_emb.dtype)
-    eye = torch.eye(dim, device=text_emb.device, dtype=text_emb.dtype)
-    for r0 in range(0, dim, chunk):
-        r1 = min(dim, r0 + chunk)
-        cotangent = eye[r0:r1].unsqueeze(1).expand(r1 - r0, items, dim).contiguous()
-        towers = _towers(text_emb, image_emb, cotangent, cotangent)
+    for r0 in range(0, size, chunk):
+        r1 = min(size, r0 + chunk)
+        towers = _towers(text_emb, image_emb, text_basis.directions(r0, r1, items).to(text_emb.dtype),
+                         image_basis.directions(r0, r1, items).to(image_emb.dtype))
         grads = torch.autograd.grad(towers[0], [u.output for u in uses], grad_outputs=towers[1],
-                                    is_grads_batched=True, retain_graph=r1 < dim, allow_unused=True)
+                                    is_grads_batched=True, retain_graph=r1 < size, allow_unused=True)
         for position, (use, dy) in enumerate(zip(uses, grads)):
             if dy is None:
                 continue
             jacobian = item_jacobian_block(use, dy, projector)                   # (R, items, k_block)
-            c = (jac_u if position < text_uses else jac_v)[:, :, r0:r1]          # (3B, items, R)
+            c = (coords_u if position < text_uses else coords_v)[:, :, r0:r1]    # (3B, items, R)
             block = projector.blocks[use.index]
             out[:, block.start:block.stop] += torch.einsum("njr,rjk->nk", c.to(jacobian.dtype), jacobian)
     return out

@@ -145,18 +145,24 @@ def test_per_item_path_equals_per_pair_path_with_projection(setup):
             torch.testing.assert_close(ours, reference, rtol=1e-4, atol=1e-5 * float(reference.abs().max()))
 
 
-def test_cost_model_picks_per_item_only_when_embedding_is_smaller_than_3b(setup, monkeypatch):
-    """D < 3B and factored -> per item (D backwards); otherwise per pair (3B backwards). The
-    auto choice is the one actually run, and the backward count follows it."""
+def test_cost_model_counts_min_d_b_plus_one_directions_per_item(setup, monkeypatch):
+    """Per item costs min(D, B + 1) backward directions (the cotangent basis), per pair 3B: per
+    item whenever every theta weight has factors. The auto choice is the one actually run, and
+    the number of batched backwards follows the basis size, not D."""
     from ecif_core.influence import gradients
-    from ecif_core.influence.memory import choose_method
+    from ecif_core.influence.memory import choose_method, item_directions
 
+    assert item_directions(32, 32) == 32 and item_directions(32, 512) == 33 and item_directions(256, 512) == 257
     assert choose_method(32, 32, True) == "per_item"        # tiny CLIP at B = 32: 32 < 96
-    assert choose_method(16, 32, True) == "per_item"        # 32 < 48
-    assert choose_method(10, 32, True) == "per_pair"        # 32 > 30 = 3B: per pair
-    assert choose_method(256, 512, True) == "per_item"      # ViT-B-32 at B = 256: 512 < 768
-    assert choose_method(128, 512, True) == "per_pair"      # 512 > 384
+    assert choose_method(10, 32, True) == "per_item"        # 11 < 30 (D = 32 > 3B: per pair before the basis)
+    assert choose_method(32, 512, True) == "per_item"       # ViT-B-32 at B = 32: 33 < 96
+    assert choose_method(1, 8, True) == "per_item"          # 2 < 3
     assert choose_method(512, 32, False) == "per_pair"      # a dense theta weight: no per-item factors
+    # with flops per direction (memory.direction_flops): a cheap direction (theta = the
+    # projections) leaves the per-item coordinate and contraction steps to decide
+    assert choose_method(32, 512, True, direction_flops=1.7e4, k=128) == "per_pair"
+    assert choose_method(32, 512, True, direction_flops=6.5e6, k=1152) == "per_item"
+    assert choose_method(256, 512, True, direction_flops=6.5e6, k=1152) == "per_item"
     loaded, theta = setup
     params = [p for _, p in theta]
     projector = Projector.for_theta(theta, ProjectionSpec(k_in=3, k_out=5, seed=7))
@@ -166,13 +172,120 @@ def test_cost_model_picks_per_item_only_when_embedding_is_smaller_than_3b(setup,
     monkeypatch.setattr(torch.autograd, "grad",  # count the batched backwards through the encoders
                         lambda *a, **k: (k.get("is_grads_batched") and calls.append(1)) or real_grad(*a, **k))
     embed_dim = loaded.model.text_projection.shape[1]      # 8
-    images, tokens = random_batch(loaded, 6, seed=4)       # 3B = 18 > 8
-    per_pair_gradients(loaded.model, params, projector, images, tokens, chunk=1)
-    assert ran == [1] and len(calls) == embed_dim
-    ran.clear(), calls.clear()
-    images, tokens = random_batch(loaded, 2, seed=4)       # 3B = 6 < 8
-    per_pair_gradients(loaded.model, params, projector, images, tokens, chunk=1)
-    assert ran == [] and len(calls) == 6
+    for batch, directions in ((6, 7), (2, 3), (9, embed_dim)):
+        ran.clear(), calls.clear()
+        images, tokens = random_batch(loaded, batch, seed=4)
+        per_pair_gradients(loaded.model, params, projector, images, tokens, chunk=1, items=batch)
+        assert ran == [1] and len(calls) == directions
+    calls.clear()
+    per_pair_gradients(loaded.model, params, projector, images, tokens, chunk=1, items=9, method="per_pair")
+    assert len(calls) == 3 * 9
+    projections = select_theta(loaded.model, ["visual.proj", "text_projection"])
+    restrict_grad_to(loaded.model, projections)
+    try:  # a direction through the projections alone costs next to nothing: auto runs per pair
+        ran.clear(), calls.clear()
+        per_pair_gradients(loaded.model, [p for _, p in projections], Projector.for_theta(projections, ProjectionSpec(8, 8, 0)),
+                           images, tokens, chunk=1, items=9)
+        assert ran == [] and len(calls) == 3 * 9
+    finally:
+        restrict_grad_to(loaded.model, theta)
+
+
+def _tiny_clip(embed_dim: int | None = None):
+    """ecif_core/configs/tiny-clip.json (D = 32), random init, float64; another D on request."""
+    import json
+    from importlib import resources
+
+    from ecif_core.models.factory import load_model
+
+    config = json.loads(resources.files("ecif_core.configs").joinpath("tiny-clip.json").read_text())
+    if embed_dim is not None:
+        config["embed_dim"] = embed_dim
+    loaded = load_model(config=config, seed=3)
+    loaded.model.double()
+    return loaded
+
+
+def _tiny_batch(loaded, size: int, seed: int):
+    generator = torch.Generator().manual_seed(seed)
+    images = torch.randn(size, 3, 32, 32, generator=generator, dtype=torch.float64)
+    words = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+    return images, loaded.tokenizer([f"a {words[i % 10]} {words[(i * 3 + seed) % 10]}" for i in range(size)])
+
+
+@pytest.mark.parametrize("embed_dim,batch", [(None, 6), (48, 5), (12, 12)])
+@pytest.mark.parametrize("neg_term", ["exact", "first_order"])
+def test_basis_path_equals_per_pair_and_dense_in_float64(embed_dim, batch, neg_term):
+    """The per-item basis path (min(D, B + 1) directions) gives today's per-pair path, the one-hot
+    per-item path and the dense reference to 1e-6 relative in float64: the whole batch at once
+    (single pairs) and in slices of items (groups), with D > B + 1 (the basis is smaller than D)
+    and B + 1 >= D (it is the identity); C_n too."""
+    from ecif_core.influence import gradients
+
+    loaded = _tiny_clip(embed_dim)
+    theta = select_theta(loaded.model)
+    restrict_grad_to(loaded.model, theta)
+    params = [p for _, p in theta]
+    projector = Projector.for_theta(theta, ProjectionSpec(None, None))
+    images, tokens = _tiny_batch(loaded, batch, seed=batch)
+    dim = loaded.model.text_projection.shape[1]
+    assert (dim > batch + 1) == (embed_dim != 12)
+    run = lambda method, items=None, chunk=16: per_pair_gradients(loaded.model, params, projector, images, tokens,
+                                                                  neg_term, chunk=chunk, method=method, items=items)
+    references = [run("per_pair"), run("dense")] + ([run("per_item_onehot")] if dim > batch + 1 else [])
+    sizes = []
+    real = gradients.per_item_gradients
+    gradients.per_item_gradients = lambda *a, **k: sizes.append(a[-1][0].size) or real(*a, **k)
+    try:
+        single, grouped = run("per_item", chunk=64), run("per_item", items=2, chunk=3)
+    finally:
+        gradients.per_item_gradients = real
+    assert sizes[0] == min(dim, batch + 1)
+    for reference in references:
+        for ours in (single, grouped):
+            for name in ("pos", "neg", "clip"):
+                want, got = getattr(reference, name).double(), getattr(ours, name).double()
+                torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6 * float(want.abs().max()))
+
+
+def test_basis_without_the_items_own_direction_is_wrong():
+    """Item k's cotangents leave the span of the other tower's embeddings through the tangent
+    projection (I - u^_k u^_k^T): the basis must keep u^_k's own direction. Without it the
+    coordinates no longer rebuild the cotangents, and the gradients differ from per pair."""
+    from ecif_core.influence import gradients
+    from ecif_core.influence.basis import ItemBasis, item_basis
+    from ecif_core.influence.gradients import _all_cotangents
+
+    generator = torch.Generator().manual_seed(0)
+    u = torch.randn(5, 12, generator=generator, dtype=torch.float64)
+    v = torch.randn(5, 12, generator=generator, dtype=torch.float64)
+    v[3] = 2 * v[1]  # the same image twice: a rank-deficient batch keeps an exact basis
+    jac_u, jac_v, _ = _all_cotangents(u, v, torch.tensor(20.0, dtype=torch.float64), "exact")
+    for own, other, jac in ((u, v, jac_u), (v, u, jac_v)):
+        basis = item_basis(own, other)
+        assert basis.size == 6
+        rows = torch.cat([basis.shared.expand(5, -1, -1), basis.own.unsqueeze(1)], dim=1)  # (items, R, D)
+        rebuilt = torch.einsum("tjr,jrd->tjd", basis.coefficients(jac), rows)
+        torch.testing.assert_close(rebuilt, jac, rtol=0, atol=1e-12 * float(jac.abs().max()))
+        without_own = ItemBasis(basis.shared, None)
+        lost = torch.einsum("tjr,rd->tjd", without_own.coefficients(jac), basis.shared)
+        assert float((lost - jac).abs().max()) > 1e-3 * float(jac.abs().max())
+
+    loaded = _tiny_clip()
+    theta = select_theta(loaded.model)
+    restrict_grad_to(loaded.model, theta)
+    params = [p for _, p in theta]
+    projector = Projector.for_theta(theta, ProjectionSpec(None, None))
+    images, tokens = _tiny_batch(loaded, 6, seed=1)
+    reference = per_pair_gradients(loaded.model, params, projector, images, tokens, method="per_pair")
+    real = gradients.item_basis
+    gradients.item_basis = lambda own, other: ItemBasis(real(own, other).shared, None)
+    try:
+        dropped = per_pair_gradients(loaded.model, params, projector, images, tokens, method="per_item")
+    finally:
+        gradients.item_basis = real
+    error = float((dropped.pos.double() - reference.pos.double()).abs().max())
+    assert error > 1e-3 * float(reference.pos.abs().max())
 
 
 def test_theta_with_a_dense_weight_falls_back_to_the_per_pair_path(setup):
@@ -265,3 +378,31 @@ def test_closed_form_cotangents_equal_autograd(neg_term):
     autograd_error = float(max((f32_u.double() - ref_u).abs().max(), (f32_v.double() - ref_v).abs().max()))
     ours_error = float(max((ours_u.double() - ref_u).abs().max(), (ours_v.double() - ref_v).abs().max()))
     assert ours_error <= max(4 * autograd_error, 1e-6 * top)
+
+
+def test_trunk_below_theta_runs_once_per_batch():
+    """In slices, the blocks below the first theta block run only in the whole batch's no-grad
+    forward (their output is replayed per slice); the theta blocks run once more per slice. The
+    numbers equal one unsliced pass. theta = the projections: every block is trunk."""
+    loaded = _tiny_clip()
+    for patterns, first in ((None, 1), (["visual.proj", "text_projection"], 3)):
+        theta = select_theta(loaded.model, patterns)
+        restrict_grad_to(loaded.model, theta)
+        params = [p for _, p in theta]
+        projector = Projector.for_theta(theta, ProjectionSpec(None, None))
+        images, tokens = _tiny_batch(loaded, 6, seed=2)
+        whole = per_pair_gradients(loaded.model, params, projector, images, tokens, items=6)
+        runs = {}
+        handles = [block.mlp.register_forward_hook(lambda m, a, o, key=(tower, i): runs.update({key: runs.get(key, 0) + 1}))
+                   for tower, blocks in (("image", loaded.model.visual.transformer.resblocks),
+                                         ("text", loaded.model.transformer.resblocks))
+                   for i, block in enumerate(blocks)]
+        try:
+            sliced = per_pair_gradients(loaded.model, params, projector, images, tokens, items=2)
+        finally:
+            for handle in handles:
+                handle.remove()
+        assert runs == {(tower, i): 1 if i < first else 4 for tower in ("image", "text") for i in range(3)}
+        for name in ("pos", "neg", "clip"):
+            want = getattr(whole, name)
+            torch.testing.assert_close(getattr(sliced, name), want, rtol=1e-9, atol=1e-9 * float(want.abs().max()))

@@ -80,7 +80,7 @@ def test_cpu_slices_bound_the_backward_width(setup, monkeypatch):
     from ecif_core.influence.gradients import CPU_SLICE_BYTES, cpu_items
 
     assert cpu_items(128, 32, 64, 1 << 10) == CPU_SLICE_BYTES // (32 << 10)   # per item: D passes
-    assert cpu_items(16, 512, 64, 1 << 10) == CPU_SLICE_BYTES // (48 << 10)   # per pair: 3B passes
+    assert cpu_items(16, 512, 64, 1 << 10) == CPU_SLICE_BYTES // (17 << 10)   # per item: B + 1 passes
     assert cpu_items(256, 512, 8, 1 << 10) == CPU_SLICE_BYTES // (8 << 10)    # chunk narrower than passes
     assert cpu_items(256, 512, 64, int(9.5 * 2**20)) == 1                     # ViT-B-32
     loaded, params, projector = setup
