@@ -30,6 +30,9 @@ from .repository import trace_results
 from .review_page import PAGE_ROWS, THUMBNAILS, cards_html, flagged_section
 
 THUMB_PX = 96
+# The CSV links of the page the API serves: beside the page under /audits/{id}/, and the names
+# `ecif report ID` saves them under, so the saved page's links work offline.
+SERVED_LINKS = {"results": "results.csv", "rejected": "rejected.csv"}
 TOP_VALUABLE = 20
 VALUABLE_FLAGGED_NOTE = ("flagged as suspected although removing it would raise the validation loss: "
                          "look at it before keeping or removing it")
