@@ -83,10 +83,11 @@ def flagged_section(rows: Sequence, parts: list[EvidencePart], position: dict[in
             "(a robust z-score per model's CLIP score, higher = more unusual for this data, times the model's "
             "weight from the validation evidence).</p>")
     if not flagged:
-        return head + "<p><b>No pair is flagged.</b> The top of the ranking is below.</p>"
+        return f'<section id="review">{head}<p><b>No pair is flagged.</b> The top of the ranking is below.</p></section>'
     cards = cards_html(flagged[:thumbnails], parts, position, thumb) if thumbnails > 0 else ""
     rest = flagged[thumbnails:]
-    return head + export_link(flagged) + cards + (_table(rest, parts, position, page_rows) if rest else "")
+    table = _table(rest, parts, position, page_rows) if rest else ""
+    return f'<section id="review">{head}{export_link(flagged)}{cards}{table}</section>'
 
 
 def export_link(flagged: Sequence) -> str:
@@ -111,7 +112,7 @@ def cards_html(rows: Sequence, parts: list[EvidencePart], position: dict[int, in
                      f'data-suspected="{str(bool(r.suspected)).lower()}">{thumb(int(r.slot), r.image)}'
                      f"<b>#{r.rank}</b> {flag}{note}<div>{html.escape(r.caption)}</div>"
                      f"{_evidence(r, parts, position)}<div>clip score {r.clip_score:.3f}{influence}</div>"
-                     f'<span class="muted">{html.escape(r.pair_id)}</span></div>')
+                     f'<span class="muted pair-id">{html.escape(r.pair_id)}</span></div>')
     return f'<div class="grid">{"".join(cards)}</div>'
 
 
@@ -135,7 +136,7 @@ def _table(rest: Sequence, parts: list[EvidencePart], position: dict[int, int], 
     header = "".join(f"<th>{html.escape(c)}</th>" for c in columns)
     payload = json.dumps(data).replace("<", "\\u003c")  # no "</script>" inside the script element
     return (f'<h3 id="flagged-more">{len(rest)} more flagged pairs, without thumbnails ({page_rows} per page)</h3>'
-            "<p>Filter <select id=\"flagged-column\">{options}</select> "
+            f"<p>Filter <select id=\"flagged-column\">{options}</select> "
             '<input id="flagged-filter" placeholder="text, or &gt; 4 / &lt; 0.2"> '
             '<button id="flagged-prev">previous</button> <span id="flagged-page"></span> '
             '<button id="flagged-next">next</button></p>'
