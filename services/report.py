@@ -27,7 +27,7 @@ from .db.models import Audit, PairRow, Score, Trace
 from .db.session import session_scope
 from .report_evidence import EvidencePart, evidence_parts
 from .repository import trace_results
-from .review_page import PAGE_ROWS, THUMBNAILS, cards_html, flagged_section
+from .review_page import FLAGGED_ON_PAGE, PAGE_ROWS, THUMBNAILS, cards_html, flagged_section
 
 THUMB_PX = 96
 # The CSV links of the page the API serves: beside the page under /audits/{id}/, and the names
@@ -63,9 +63,10 @@ details{margin-top:2em}
 
 def audit_report_html(database_url: str, audit_id: str, links: dict[str, str],
                       data_roots: list[Path] | None = None, thumbnails: int = THUMBNAILS,
-                      page_rows: int = PAGE_ROWS) -> str:
+                      page_rows: int = PAGE_ROWS, on_page: int = FLAGGED_ON_PAGE) -> str:
     """The review page of a finished audit. `links`: {"results": url, "rejected": url}, relative to
-    the page. `thumbnails`: flagged pairs shown as cards (the rest go to the paged table)."""
+    the page. Of the flagged pairs, the first `thumbnails` are cards and the rest, up to `on_page`
+    in all, rows of the paged table (the page's size is bounded at any scale)."""
     with session_scope(database_url) as session:
         audit = session.get(Audit, audit_id)
         rows = session.execute(select(Score.slot, Score.pair_id, PairRow.image, PairRow.caption, Score.influence,
@@ -91,7 +92,7 @@ def audit_report_html(database_url: str, audit_id: str, links: dict[str, str],
     body = [f"<h1>Review of {html.escape(naming['data'])}</h1>",
             _summary(meta, naming, len(rows), flagged),
             _links(links),
-            flagged_section(rows, parts, position, thumbs.tag, thumbnails, page_rows)]
+            flagged_section(rows, parts, position, thumbs.tag, thumbnails, page_rows, on_page)]
     if not flagged:
         body += [f"<h2>Top {TOP_VALUABLE} of the ranking (by {html.escape(meta['rank_by'])})</h2>",
                  cards_html(rows[:TOP_VALUABLE], parts, position, thumbs.tag)]
@@ -231,19 +232,6 @@ def _removal_previews(audit_dir: str) -> str:
             "one near it does no better than chance.</p>"
             '<table class="summary"><tr><td>set</td><td>spec</td><td>pairs</td><td>flagged</td>'
             f'<td>predicted change</td></tr>{"".join(rows)}</table>')
-
-
-def _cards(rows, thumbs: "_Thumbnails") -> str:
-    cards = []
-    for r in rows:
-        flag = ' <span class="flag">suspected</span>' if r.suspected else ""
-        influence = "" if r.influence is None else f"influence {r.influence:.3g}<br>"
-        reference = ("" if r.reference_clip_score is None
-                     else f"<br>reference clip score {r.reference_clip_score:.3f}")
-        cards.append(f'<div class="card">{thumbs.tag(int(r.slot), r.image)}<b>#{r.rank}</b>{flag} '
-                     f"{html.escape(r.caption)}<br>self-influence {r.self_influence:.3g}<br>{influence}"
-                     f'clip score {r.clip_score:.3f}{reference}<br><span class="muted">{html.escape(r.pair_id)}</span></div>')
-    return f'<div class="grid">{"".join(cards)}</div>'
 
 
 def _figure():

@@ -3,8 +3,8 @@ an export of the flagged ids that `ecif edit --remove ids:FILE` reads.
 
 The page stays bounded at any scale: thumbnails for the first `thumbnails` flagged pairs (a
 constant), the rest as text rows in a table that plain JavaScript pages and filters (no external
-assets). Rows are put into the page with textContent, never as HTML, so a caption cannot inject
-markup."""
+assets), up to `on_page` flagged pairs in all; beyond that the page says where the others are.
+Rows are put into the page with textContent, never as HTML, so a caption cannot inject markup."""
 from __future__ import annotations
 
 import html
@@ -19,6 +19,7 @@ from .report_evidence import EvidencePart
 
 THUMBNAILS = 300        # flagged pairs shown as cards with a thumbnail; the rest go to the table
 PAGE_ROWS = 50          # rows per page of the table
+FLAGGED_ON_PAGE = 20_000  # flagged pairs on the page in all (about 5 MB of text); ranked.csv has every one
 EXPORT_NAME = "flagged-ids.txt"
 Thumb = Callable[[int, str], str]   # (slot, image) -> an <img> tag
 
@@ -73,11 +74,12 @@ TABLE_SCRIPT = """<script>
 
 
 def flagged_section(rows: Sequence, parts: list[EvidencePart], position: dict[int, int], thumb: Thumb,
-                    thumbnails: int = THUMBNAILS, page_rows: int = PAGE_ROWS) -> str:
+                    thumbnails: int = THUMBNAILS, page_rows: int = PAGE_ROWS, on_page: int = FLAGGED_ON_PAGE) -> str:
     """Every flagged pair in ranking order: cards for the first `thumbnails`, the rest in the paged
-    table, and the export of all their ids. `position`: slot -> index into the parts' arrays."""
-    flagged = [r for r in rows if r.suspected]
-    head = (f'<h2 id="flagged">Flagged pairs ({len(flagged)})</h2><p>Pairs whose <code>suspicion</code> is above '
+    table, and the export of their ids. `position`: slot -> index into the parts' arrays."""
+    every = [r for r in rows if r.suspected]
+    flagged = every[:on_page]
+    head = (f'<h2 id="flagged">Flagged pairs ({len(every)})</h2><p>Pairs whose <code>suspicion</code> is above '
             f"{SUSPECT_Z:g}, most suspicious by the ranking first: review them. A flag is a pair to look at, not "
             "a verdict. Each card shows the flag, the <code>suspicion</code> and the evidence it adds up from "
             "(a robust z-score per model's CLIP score, higher = more unusual for this data, times the model's "
@@ -87,14 +89,19 @@ def flagged_section(rows: Sequence, parts: list[EvidencePart], position: dict[in
     cards = cards_html(flagged[:thumbnails], parts, position, thumb) if thumbnails > 0 else ""
     rest = flagged[thumbnails:]
     table = _table(rest, parts, position, page_rows) if rest else ""
-    return f'<section id="review">{head}{export_link(flagged)}{cards}{table}</section>'
+    beyond = (f'<p class="flag" id="flagged-beyond">{len(every) - len(flagged)} more flagged pairs are not on this '
+              f"page (it shows the first {len(flagged)}): ranked.csv has every one (<code>suspected</code> = true), "
+              "<code>ecif results ID --suspected-only</code> downloads them, <code>--remove suspected</code> "
+              "removes them all.</p>" if len(every) > len(flagged) else "")
+    return f'<section id="review">{head}{export_link(flagged, len(every))}{cards}{table}{beyond}</section>'
 
 
-def export_link(flagged: Sequence) -> str:
-    """The flagged ids, one per line, as a download (a data: URL: the page stays one file)."""
+def export_link(flagged: Sequence, total: int) -> str:
+    """The flagged ids on the page, one per line, as a download (a data: URL: the page stays one file)."""
     text = "".join(f"{r.pair_id}\n" for r in flagged)
+    which = f"{len(flagged)} flagged ids" if len(flagged) == total else f"first {len(flagged)} of {total} flagged ids"
     return (f'<p><a id="export-flagged" download="{EXPORT_NAME}" href="data:text/plain;charset=utf-8,'
-            f'{quote(text, safe="")}">Download the {len(flagged)} flagged ids</a> ({EXPORT_NAME}, one id per line); '
+            f'{quote(text, safe="")}">Download the {which}</a> ({EXPORT_NAME}, one id per line); '
             f"<code>ecif edit --remove ids:{EXPORT_NAME}</code> writes the model without them, "
             f"<code>ecif preview --remove ids:{EXPORT_NAME}</code> predicts the effect first.</p>")
 

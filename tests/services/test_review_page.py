@@ -103,6 +103,25 @@ def test_the_page_is_bounded_by_the_thumbnail_constant(many_flags):
     assert review.count('class="card') == THUMBNAILS
 
 
+def test_beyond_the_cap_the_page_says_where_the_other_flagged_pairs_are(many_flags, embedded_csv):
+    """Text rows are bounded too: with `on_page` flagged pairs the table and the export stop there,
+    and the page names the count left out and where they are."""
+    import json
+
+    on_page = THUMBNAILS + PAGE_ROWS
+    page = audit_report_html(f"sqlite:///{many_flags.page.parent / 'ecif.db'}", many_flags.audit_id,
+                             {"results": "ranked.csv", "rejected": "rejected.csv"},
+                             thumbnails=THUMBNAILS, page_rows=PAGE_ROWS, on_page=on_page)
+    table = json.loads(re.search(r'<script type="application/json" id="flagged-rows">(.*?)</script>', page).group(1))
+    assert [row[1] for row in table["rows"]] == many_flags.flagged[THUMBNAILS:on_page]
+    href = re.search(r'id="export-flagged" download="[^"]+" href="([^"]+)"', page).group(1)
+    assert unquote(html.unescape(href).split(",", 1)[1]).splitlines() == many_flags.flagged[:on_page]
+    left_out = len(many_flags.flagged) - on_page
+    assert re.search(rf'id="flagged-beyond">{left_out} more flagged pairs are not on this page', page)
+    assert f"Flagged pairs ({len(many_flags.flagged)})" in page
+    assert 'id="flagged-beyond"' not in many_flags.html  # under the cap: every flagged pair is on the page
+
+
 def test_each_cards_evidence_adds_up_to_its_suspicion(many_flags):
     """suspicion = sum(weight x z) over the parts shown, for every card, equal to the stored column."""
     cards = re.findall(r'<div class="card[^"]*" data-id="([^"]+)"(.*?)<span class="muted pair-id">',
