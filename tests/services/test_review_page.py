@@ -165,3 +165,39 @@ def test_the_export_is_a_file_ecif_edit_remove_ids_accepts(embedded_csv, tmp_pat
     assert flagged, "the embedded audit flags at least one pair"
     chosen = preview(embedded_csv.parent, f"ids:{tmp_path / 'flagged-ids.txt'}")
     assert chosen["pairs"] == len(flagged) == chosen["suspected_in_set"]
+
+
+def test_an_audit_without_flags_says_so_and_shows_the_top_of_the_ranking(embedded_csv, tmp_path):
+    with sqlite3.connect(embedded_csv.parent / "ecif.db") as source, sqlite3.connect(tmp_path / "ecif.db") as db:
+        source.backup(db)
+        db.execute("UPDATE scores SET suspected = 0")
+        audit_id = db.execute("SELECT id FROM audits").fetchone()[0]
+        top = [r[0] for r in db.execute("SELECT pair_id FROM scores ORDER BY rank LIMIT ?", (TOP_VALUABLE,))]
+    page = audit_report_html(f"sqlite:///{tmp_path / 'ecif.db'}", audit_id,
+                             {"results": "ranked.csv", "rejected": "rejected.csv"})
+    assert "Flagged pairs (0)" in page and "No pair is flagged" in page and 'id="export-flagged"' not in page
+    ranking = page.split("Top 20 of the ranking")[1].split("<h2>")[0]
+    assert [html.unescape(i) for i in re.findall(r'<div class="card[^"]*" data-id="([^"]+)"', ranking)] == top
+    assert 'data-suspected="true"' not in page
+
+
+@pytest.mark.parametrize("evidence", [None, {"clip_score": {"mean": 0.8}, "reference_clip_score": {"mean": 0.95}},
+                                      {"clip_score": {"mean": 0.5}, "reference_clip_score": {"mean": 0.4}}])
+def test_evidence_parts_with_a_reference_add_up_to_the_rankings_suspicion(evidence):
+    """Two parts (audited model and reference), weighted by each model's AUROC, or equally without
+    a validation set or when both are at chance: sum(weight x z) is ecif_core's `suspicion`."""
+    import numpy as np
+    import torch
+
+    from ecif_core.ranking import suspicion
+    from services.report_evidence import evidence_parts
+
+    generator = np.random.default_rng(3)
+    columns = {"clip_score_loo": generator.normal(0.3, 0.1, 200), "reference_clip_score": generator.normal(0.2, 0.05, 200)}
+    parts = evidence_parts(columns, evidence)
+    expected = suspicion({k: torch.from_numpy(v) for k, v in columns.items()}, evidence).numpy()
+    assert [p.column for p in parts] == ["clip_score_loo", "reference_clip_score"]
+    assert np.allclose(sum(p.weight * p.z for p in parts), expected, rtol=0, atol=1e-12)
+    weights = [p.weight for p in parts]
+    assert weights == ([0.5, 0.5] if evidence is None or evidence["clip_score"]["mean"] <= 0.5
+                       else pytest.approx([0.6 / 1.5, 0.9 / 1.5]))
