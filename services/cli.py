@@ -546,6 +546,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--suspected-only", action="store_true")
     _client_flags(p)
     p.set_defaults(run=cmd_results)
+
+    from .report_cli import add_report_verb
+
+    add_report_verb(verbs, _client_flags)
     _add_threads_flag(parser)
     return parser
 

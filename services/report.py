@@ -21,13 +21,21 @@ from ecif_core.data.storage import read_bytes, write_bytes
 from ecif_core.ranking import SUSPECT_Z
 from ecif_core.data.images import TAR_MEMBER, load_image, local_image
 from ecif_core.data.remote import is_url
+from ecif_core.stages import audit_evidence
 
 from .db.models import Audit, PairRow, Score, Trace
 from .db.session import session_scope
+from .report_evidence import EvidencePart, evidence_parts
 from .repository import trace_results
+from .review_page import FLAGGED_ON_PAGE, PAGE_ROWS, THUMBNAILS, cards_html, flagged_section
 
 THUMB_PX = 96
-TOP_SUSPECTS, TOP_VALUABLE = 50, 20
+# The CSV links of the page the API serves: beside the page under /audits/{id}/, and the names
+# `ecif report ID` saves them under, so the saved page's links work offline.
+SERVED_LINKS = {"results": "results.csv", "rejected": "rejected.csv"}
+TOP_VALUABLE = 20
+VALUABLE_FLAGGED_NOTE = ("flagged as suspected although removing it would raise the validation loss: "
+                         "look at it before keeping or removing it")
 IMAGE_CHECK_SCRIPT = """<script>
 // Readers (and the browser test) see at a glance whether every thumbnail decoded.
 window.addEventListener("load", () => {
@@ -46,50 +54,69 @@ table.summary td{padding:2px 12px 2px 0} .plots{display:flex;flex-wrap:wrap;gap:
 .grid{display:grid;grid-template-columns:repeat(auto-fill,minmax(210px,1fr));gap:12px}
 .card{border:1px solid #ddd;border-radius:6px;padding:8px;font-size:.85em}
 .card img{width:96px;height:96px;image-rendering:pixelated;display:block;margin-bottom:4px}
-.flag{color:#b00;font-weight:bold} .muted{color:#777}
+.flag{color:#b00;font-weight:bold} .muted{color:#777} .card.flagged{border-color:#b00}
+.evidence{margin:3px 0} table.rows{border-collapse:collapse;font-size:.85em}
+table.rows td,table.rows th{border-bottom:1px solid #eee;padding:2px 6px;text-align:left}
+details{margin-top:2em}
 </style>"""
 
 
 def audit_report_html(database_url: str, audit_id: str, links: dict[str, str],
-                      data_roots: list[Path] | None = None) -> str:
-    """The report of a finished audit. `links`: {"results": url, "rejected": url}."""
+                      data_roots: list[Path] | None = None, thumbnails: int = THUMBNAILS,
+                      page_rows: int = PAGE_ROWS, on_page: int = FLAGGED_ON_PAGE) -> str:
+    """The review page of a finished audit. `links`: {"results": url, "rejected": url}, relative to
+    the page. Of the flagged pairs, the first `thumbnails` are cards and the rest, up to `on_page`
+    in all, rows of the paged table (the page's size is bounded at any scale)."""
     with session_scope(database_url) as session:
         audit = session.get(Audit, audit_id)
         rows = session.execute(select(Score.slot, Score.pair_id, PairRow.image, PairRow.caption, Score.influence,
                                       Score.influence_pos, Score.influence_neg, Score.self_influence,
-                                      Score.suspicion, Score.clip_score, Score.rank, Score.suspected,
-                                      Score.reference_clip_score)
+                                      Score.suspicion, Score.clip_score, Score.clip_score_loo,
+                                      Score.reference_clip_score, Score.rank, Score.suspected)
                                .join(PairRow, (PairRow.audit_id == Score.audit_id) & (PairRow.slot == Score.slot))
                                .where(Score.audit_id == audit_id).order_by(Score.rank)).all()
-        meta = {"status": audit.status, "pairs": audit.pairs_total, "rejected": audit.pairs_rejected,
+        meta = {"id": audit.id, "status": audit.status, "pairs": audit.pairs_total, "rejected": audit.pairs_rejected,
                 "curvature_shift": audit.curvature_shift, "seconds": _seconds(audit), "dim": _dim(audit.audit_dir),
-                "audit_dir": audit.audit_dir, "rank_by": audit.manifest["options"]["rank_by"]}
-    columns = {name: np.array([np.nan if r[i] is None else r[i] for r in rows], dtype=float)
-               for i, name in enumerate(("slot", "id", "image", "caption", "influence", "influence_pos",
-                                         "influence_neg", "self_influence", "suspicion", "clip_score"))
-               if name not in ("id", "image", "caption")}
+                "audit_dir": audit.audit_dir, "manifest": audit.manifest,
+                "rank_by": audit.manifest["options"]["rank_by"]}
+    columns = {name: np.array([np.nan if getattr(r, name) is None else getattr(r, name) for r in rows], dtype=float)
+               for name in ("influence", "influence_pos", "influence_neg", "self_influence", "suspicion",
+                            "clip_score", "clip_score_loo", "reference_clip_score")}
+    evidence = audit_evidence(meta["audit_dir"])
+    parts = evidence_parts(columns, evidence)
+    position = {int(r.slot): i for i, r in enumerate(rows)}
     thumbs = _Thumbnails(meta["audit_dir"], data_roots)
     has_influence = not np.isnan(columns["influence"]).all()
-    suspects = rows[:TOP_SUSPECTS]
-    valuable = sorted(rows, key=lambda r: -r.influence)[:TOP_VALUABLE] if has_influence else []
     flagged = sum(1 for r in rows if r.suspected)
-    parts = [f"<h1>ECIF audit {html.escape(audit_id)}</h1>",
-             _summary(meta, len(rows), flagged),
-             f'<p><a href="{html.escape(links["results"])}">ranked.csv</a> · '
-             f'<a href="{html.escape(links["rejected"])}">rejected.csv</a> '
-             '<span id="image-status" class="flag"></span></p>',
-             '<h2>Distributions</h2><div class="plots">',
+    naming = names(meta["manifest"])
+    body = [f"<h1>Review of {html.escape(naming['data'])}</h1>",
+            _summary(meta, naming, len(rows), flagged),
+            _links(links),
+            flagged_section(rows, parts, position, thumbs.tag, thumbnails, page_rows, on_page)]
+    if not flagged:
+        body += [f"<h2>Top {TOP_VALUABLE} of the ranking (by {html.escape(meta['rank_by'])})</h2>",
+                 cards_html(rows[:TOP_VALUABLE], parts, position, thumbs.tag)]
+    body += ['<h2>Distributions</h2><div class="plots">',
              _suspicion_histogram(columns["suspicion"]),
              _influence_histogram(columns["influence"]) if has_influence else "",
              _split_scatter(columns) if has_influence else _self_vs_clip(columns),
              "</div>",
-             _removal_previews(meta["audit_dir"]) if has_influence else "",
-             f"<h2>Top {len(suspects)} suspects (ranked by {html.escape(meta['rank_by'])})</h2>",
-             _cards(suspects, thumbs)]
-    if valuable:
-        parts += [f"<h2>Top {len(valuable)} valuable pairs (removing them raises the validation loss most)</h2>",
-                  _cards(valuable, thumbs)]
-    return _page(f"ECIF audit {audit_id}", "".join(parts))
+             _removal_previews(meta["audit_dir"]) if has_influence else ""]
+    if has_influence:
+        body.append(_valuable(rows, parts, position, thumbs))
+    body.append(_details(meta, parts))
+    return _page(f"Review of {naming['data']} ({naming['model']})", "".join(body))
+
+
+def _valuable(rows, parts, position, thumbs: "_Thumbnails") -> str:
+    """The pairs whose removal would raise the validation loss most; a flagged one says so."""
+    valuable = sorted(rows, key=lambda r: -r.influence)[:TOP_VALUABLE]
+    flagged = sum(1 for r in valuable if r.suspected)
+    note = (f'<p class="flag" id="valuable-flagged">{flagged} of these {len(valuable)} are also flagged as '
+            "suspected (marked below): the data set may need them, or the flag may be right; look at them.</p>"
+            if flagged else "")
+    return (f'<h2 id="valuable">Top {len(valuable)} valuable pairs (removing them raises the validation loss most)</h2>'
+            + note + cards_html(valuable, parts, position, thumbs.tag, VALUABLE_FLAGGED_NOTE))
 
 
 def trace_report_html(database_url: str, trace_id: str, data_roots: list[Path] | None = None) -> str:
@@ -122,15 +149,57 @@ def _page(title: str, body: str) -> str:
             f"{STYLE}</head><body>{body}{IMAGE_CHECK_SCRIPT}</body></html>")
 
 
-def _summary(meta: dict, scored: int, flagged: int) -> str:
-    items = [("status", meta["status"]), ("pairs", meta["pairs"]), ("scored", scored),
-             ("rejected", meta["rejected"]), ("suspected", flagged),
-             ("curvature shift (weight decay + damping)",
-              f"{meta['curvature_shift']:.4g}" if meta["curvature_shift"] is not None else "-"),
-             ("projection size k", meta["dim"]),
+def names(manifest: dict) -> dict[str, str]:
+    """What a curator calls the audit: the data set's file and the model (architecture or config,
+    and checkpoint file), from the audit's manifest."""
+    train = manifest.get("train")
+    train = train.get("path", train) if isinstance(train, dict) else train
+    data = ", ".join(_file_name(t) for t in train) if isinstance(train, list) else _file_name(train)
+    model = manifest.get("model", {})
+    if model.get("arch"):
+        arch = str(model["arch"])
+    elif isinstance(model.get("config"), str):
+        arch = f"config {_file_name(model['config'])}"
+    else:
+        arch = "inline config"
+    return {"data": data, "model": f"{arch}, checkpoint {_file_name(model.get('checkpoint'))}"}
+
+
+def _file_name(path) -> str:
+    return str(path).rstrip("/").rsplit("/", 1)[-1] if path else "-"
+
+
+def _summary(meta: dict, naming: dict[str, str], scored: int, flagged: int) -> str:
+    """What a curator needs first: what was audited, and how many pairs to review."""
+    lead = (f"<p>{scored} image-text pairs of <b>{html.escape(naming['data'])}</b> were scored with the model "
+            f"<b>{html.escape(naming['model'])}</b>. Flagged as likely misaligned: <b>{flagged}</b> "
+            f'(<a href="#flagged">review them below</a>).</p>')
+    items = [("data set", naming["data"]), ("model", naming["model"]), ("pairs in the file", meta["pairs"]),
+             ("scored", scored), ("rejected (unusable rows)", meta["rejected"]), ("flagged", flagged),
+             ("ranked by", meta["rank_by"]),
              ("run time", f"{meta['seconds']:.1f} s" if meta["seconds"] is not None else "-")]
     cells = "".join(f"<tr><td>{html.escape(str(k))}</td><td><b>{html.escape(str(v))}</b></td></tr>" for k, v in items)
-    return f'<table class="summary">{cells}</table>'
+    return f'{lead}<table class="summary" id="summary">{cells}</table>'
+
+
+def _links(links: dict[str, str]) -> str:
+    """The CSVs, relative to the page: served beside it by the API, or saved beside it by
+    `ecif audit` and `ecif report`."""
+    return (f'<p><a href="{html.escape(links["results"])}">ranked.csv</a> (every pair, rank 1 first) · '
+            f'<a href="{html.escape(links["rejected"])}">rejected.csv</a> '
+            '<span class="muted">(files beside this page)</span> <span id="image-status" class="flag"></span></p>')
+
+
+def _details(meta: dict, parts: list[EvidencePart]) -> str:
+    """The numbers behind the method, collapsed: they are for whoever tunes the audit."""
+    items = [("audit id", meta["id"]), ("status", meta["status"]),
+             ("curvature shift (weight decay + damping)",
+              f"{meta['curvature_shift']:.4g}" if meta["curvature_shift"] is not None else "-"),
+             ("projection size k", meta["dim"])]
+    items += [(f"evidence weight of the {p.label}",
+               f"{p.weight:.3f}" + ("" if p.auroc is None else f" (validation AUROC {p.auroc:.3f})")) for p in parts]
+    cells = "".join(f"<tr><td>{html.escape(str(k))}</td><td>{html.escape(str(v))}</td></tr>" for k, v in items)
+    return f'<details id="details"><summary>Details</summary><table class="summary">{cells}</table></details>'
 
 
 PREVIEW_SETS = (("suspected", "the flagged pairs"), ("top:0.05:rank", "top 5% of the ranking"),
@@ -157,21 +226,12 @@ def _removal_previews(audit_dir: str) -> str:
     return ('<h2>Removal preview</h2><p class="muted">Predicted change of the mean validation loss per pair '
             "(nats) if the set were removed; negative = removing it helps. From stored numbers (sum of per-pair "
             "influence); <code>ecif edit --remove SPEC</code> writes the model without the set.</p>"
+            '<p id="random-baseline">The <b>random 10%</b> line is the baseline: the same change for a tenth of '
+            "the pairs drawn at random (seed 0), i.e. what removing that much data does by itself. A set is worth "
+            "removing when its change is clearly below (more negative than) the random line for a set of its size; "
+            "one near it does no better than chance.</p>"
             '<table class="summary"><tr><td>set</td><td>spec</td><td>pairs</td><td>flagged</td>'
             f'<td>predicted change</td></tr>{"".join(rows)}</table>')
-
-
-def _cards(rows, thumbs: "_Thumbnails") -> str:
-    cards = []
-    for r in rows:
-        flag = ' <span class="flag">suspected</span>' if r.suspected else ""
-        influence = "" if r.influence is None else f"influence {r.influence:.3g}<br>"
-        reference = ("" if r.reference_clip_score is None
-                     else f"<br>reference clip score {r.reference_clip_score:.3f}")
-        cards.append(f'<div class="card">{thumbs.tag(int(r.slot), r.image)}<b>#{r.rank}</b>{flag} '
-                     f"{html.escape(r.caption)}<br>self-influence {r.self_influence:.3g}<br>{influence}"
-                     f'clip score {r.clip_score:.3f}{reference}<br><span class="muted">{html.escape(r.pair_id)}</span></div>')
-    return f'<div class="grid">{"".join(cards)}</div>'
 
 
 def _figure():

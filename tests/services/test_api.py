@@ -346,7 +346,14 @@ def test_report_pages_are_served_to_the_owner_only(api, keys, pg_url, data_root,
 
     page = api.get(f"/audits/{finished_audit}/report", headers=keys["alice"])
     assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
-    assert page.text.count("<svg") >= 3 and page.text.count('class="thumb"') >= 50
+    from services.report import TOP_VALUABLE
+    from services.review_page import THUMBNAILS
+
+    ranked = api.get(f"/audits/{finished_audit}/results.csv", headers=keys["alice"]).text
+    flagged = sum(line.endswith(",true") for line in ranked.splitlines())
+    assert page.text.count("<svg") >= 3  # flagged pairs (up to THUMBNAILS) and the valuable ones as thumbnails
+    assert page.text.count('class="thumb"') == min(flagged, THUMBNAILS) + TOP_VALUABLE
+    assert "<title>Review of train.jsonl (config cfg.json, checkpoint model.pt)</title>" in page.text
     assert 'href="results.csv"' in page.text and "suspect threshold" in page.text
     assert "Removal preview" in page.text and "random:0.1:0" in page.text
     assert api.get(f"/audits/{finished_audit}/report", headers=keys["bob"]).status_code == 404

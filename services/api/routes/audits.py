@@ -18,7 +18,7 @@ from ecif_core.values import map_leaves
 from ... import repository
 from ...db.models import Audit, utcnow
 from ...manifests import confined_manifest
-from ...report import audit_report_html
+from ...report import SERVED_LINKS, audit_report_html
 from ...resume import DispatchFailed, NotResumable
 from ..deps import OwnerDep, SessionDep, SettingsDep
 from ..schemas import AuditCreated, AuditPage, AuditStatus, errors
@@ -84,12 +84,13 @@ def results(audit_id: str, owner: OwnerDep, session: SessionDep, settings: Setti
 
 @router.get("/{audit_id}/report", response_class=HTMLResponse, name="audit_report", responses=errors(404, 409))
 def report(audit_id: str, owner: OwnerDep, session: SessionDep, settings: SettingsDep) -> HTMLResponse:
-    """One self-contained HTML page: summary, plots, top suspects and valuable pairs with thumbnails."""
+    """One self-contained HTML page for review: summary naming the data set and model, every flagged pair
+    with its evidence, flagged-ids export, plots, removal preview, valuable pairs. Its CSV links are
+    relative (this folder's results.csv and rejected.csv); `ecif report ID` saves them beside the page."""
     audit = _owned(session, owner, audit_id)
     if audit.status != "succeeded":
         raise HTTPException(409, f"audit is {audit.status}; the report exists once it has succeeded")
-    page = audit_report_html(settings.database_url, audit.id, {"results": "results.csv", "rejected": "rejected.csv"},
-                             settings.resolved_roots())
+    page = audit_report_html(settings.database_url, audit.id, SERVED_LINKS, settings.resolved_roots())
     return HTMLResponse(page)
 
 
