@@ -185,9 +185,12 @@ def cmd_edit(args: argparse.Namespace) -> int:
 
         from ecif_core.edit.from_audit import zero_shot_examples
 
+        from .interrupt import removed_if_interrupted
+
         zero_shot = zero_shot_examples(_zero_shot_file(args.zero_shot)) if args.zero_shot else None
-        record = edit_audit(args.audit_dir, args.remove, args.out, _edit_settings(args), theta=args.theta,
-                            base_dir=Path.cwd(), zero_shot=zero_shot)
+        with removed_if_interrupted(args.out):
+            record = edit_audit(args.audit_dir, args.remove, args.out, _edit_settings(args), theta=args.theta,
+                                base_dir=Path.cwd(), zero_shot=zero_shot)
         print(json.dumps({k: record[k] for k in ("remove", "checkpoint", "result", "validation", "zero_shot")},
                          indent=1))
         return 0
@@ -198,7 +201,10 @@ def cmd_edit(args: argparse.Namespace) -> int:
     if status["status"] != "succeeded":
         print(f"edit {status['status']}: {status.get('error')}", file=sys.stderr)
         return 1
-    target = client.download_edit(status["checkpoint_url"], Path(args.out))
+    from .interrupt import removed_if_interrupted
+
+    with removed_if_interrupted(args.out):
+        target = client.download_edit(status["checkpoint_url"], Path(args.out))
     print(json.dumps({**status, "downloaded": str(target)}, indent=1))
     return 0
 
@@ -223,18 +229,15 @@ def _need_audit_id(args: argparse.Namespace) -> str:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    """Check a manifest and stream its pair sources without opening images (fast, bounded memory)."""
-    import json
+    """The service's submit checks, the pair sources streamed and a sample of images looked up
+    (no image decoded): the report as JSON, then the first problem as one line (exit 2)."""
+    from .validate import validate_manifest
 
-    from ecif_core.data.sources import validate_source
-    from ecif_core.data.manifest import load_manifest
-
-    manifest = load_manifest(args.manifest)
-    report = {"manifest": "ok"}
-    for name, source in (("train", manifest.train), ("validation", manifest.validation)):
-        if source is not None:
-            report[name] = validate_source(source, name).__dict__
+    report, problem = validate_manifest(args.manifest)
     print(json.dumps(report, indent=1))
+    if problem:
+        print(f"ecif: error: {problem}", file=sys.stderr)
+        return 2
     return 0
 
 
@@ -448,7 +451,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-train", type=int, default=None, help="fewer training pairs (faster)")
     p.set_defaults(run=cmd_demo)
 
-    p = verbs.add_parser("validate", help="check a manifest and its pair sources (no images opened)")
+    p = verbs.add_parser("validate", help="the service's submit checks (model, architecture, pair files) and "
+                         "whether a sample of the images exists; nothing is decoded")
     p.add_argument("manifest")
     p.set_defaults(run=cmd_validate)
 
@@ -589,6 +593,11 @@ def main(argv: list[str] | None = None) -> int:
     except EcifError as exc:
         print(f"ecif: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: one line saying what to do next, never a traceback
+        from .interrupt import EXIT_INTERRUPTED, interrupted_line
+
+        print(f"\necif: {interrupted_line(args)}", file=sys.stderr)
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

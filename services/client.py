@@ -18,12 +18,33 @@ class ApiError(EcifError):
     """The server refused a request; the message is its own."""
 
 
+class Unreachable(ApiError):
+    """No answer from the server (refused, unknown host, timed out): one line, never httpx's traceback."""
+
+
+class _Http(httpx.Client):
+    """httpx's client whose transport errors (every request goes through `send`) are Unreachable."""
+
+    def send(self, request: httpx.Request, **kwargs) -> httpx.Response:
+        try:
+            return super().send(request, **kwargs)
+        except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
+            raise Unreachable(f"cannot reach {self.base_url}; is `ecif serve` running? ({_reason(exc)})") from None
+        except httpx.TransportError as exc:
+            raise Unreachable(f"no answer from {self.base_url} ({type(exc).__name__}: {_reason(exc)}); "
+                              "is `ecif serve` running?") from None
+
+
+def _reason(exc: Exception) -> str:
+    return str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+
+
 class Client:
     def __init__(self, server_url: str, api_key: str | None, timeout: float = 30.0) -> None:
         if not api_key:
             raise ApiError("no API key: pass --key or set ECIF_API_KEY (ecif keys create --owner NAME)")
-        self.http = httpx.Client(base_url=server_url.rstrip("/"), timeout=timeout,
-                                 headers={"Authorization": f"Bearer {api_key}"})
+        self.http = _Http(base_url=server_url.rstrip("/"), timeout=timeout,
+                          headers={"Authorization": f"Bearer {api_key}"})
 
     def submit(self, manifest_path: str | Path) -> str:
         response = self.http.post("/audits", json=absolute_paths(manifest_path))
