@@ -594,8 +594,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ecif: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # Ctrl-C: one line saying what to do next, never a traceback
-        from .interrupt import EXIT_INTERRUPTED, interrupted_line
+        from .interrupt import EXIT_INTERRUPTED, close_progress_bars, interrupted_line
 
+        close_progress_bars()
         print(f"\necif: {interrupted_line(args)}", file=sys.stderr)
         return EXIT_INTERRUPTED
 

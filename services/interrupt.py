@@ -24,6 +24,16 @@ def interrupted_line(args: argparse.Namespace) -> str:
     return "interrupted"
 
 
+def close_progress_bars() -> None:
+    """Close the bars still open, so the interrupted line is the last one printed (an open
+    tqdm bar redraws itself when the interpreter exits)."""
+    import sys
+
+    tqdm = sys.modules.get("tqdm")
+    for bar in list(getattr(getattr(tqdm, "tqdm", None), "_instances", ()) or ()):
+        bar.close()
+
+
 @contextlib.contextmanager
 def removed_if_interrupted(out: str | Path) -> Iterator[None]:
     """Remove what the block created in the local folder `out` when Ctrl-C stops it: the whole
