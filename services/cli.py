@@ -93,12 +93,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_trace(args: argparse.Namespace) -> int:
-    """Top-k training pairs by relative-IS for one test example: from an audit folder, or from
-    the service (the worker computes the test-loss gradient)."""
-    import csv
-
+    """The model's prediction for one test example and the top-k training pairs by relative-IS,
+    harmful first: from an audit folder, or from the service (the worker computes the test-loss
+    gradient)."""
     from ecif_core.errors import ConfigError
-    from ecif_core.trace.query import TRACE_COLUMNS, examples_from_json, trace, trace_row
+    from ecif_core.trace.query import examples_from_json, trace
+
+    from .trace_output import print_trace, write_trace_csv
 
     if (args.audit_id is None) == (args.audit_dir is None):
         raise ConfigError("trace", "give an AUDIT_ID (service) or --audit-dir (embedded), not both")
@@ -106,24 +107,18 @@ def cmd_trace(args: argparse.Namespace) -> int:
     item.update({"caption": args.caption} if args.caption is not None else {"prompts": args.prompt, "label": args.label})
     if args.audit_dir is not None:
         (result,) = trace(args.audit_dir, examples_from_json([item]), k=args.k)
-        loss, top = result.test_loss, [p.__dict__ for p in result.top]
+        result = {"test_loss": result.test_loss, "prediction": result.prediction.to_json(),
+                  "top": [{**p.__dict__, "signed_relative_is": p.signed_relative_is} for p in result.top]}
     else:
         client = _client(args)
         status = client.wait_trace(args.audit_id, client.trace(args.audit_id, [item], args.k))
         if status["status"] != "succeeded":
             print(f"ecif: error: trace failed: {status['error']}", file=sys.stderr)
             return 1
-        loss, top = status["results"][0]["test_loss"], status["results"][0]["top"]
-    print(f"test loss {loss:.4f}; top {len(top)} training pairs by relative-IS:")
-    print(f"{'rank':>4}  {'relative_is':>11}  {'influence':>10}  {'pos':>10}  {'neg':>10}  id / caption")
-    for rank, p in enumerate(top, start=1):
-        print(f"{rank:>4}  {p['relative_is']:>11.4g}  {p['influence']:>10.3g}  {p['influence_pos']:>10.3g}  "
-              f"{p['influence_neg']:>10.3g}  {p['id']}  {p['caption'][:60]}")
+        result = status["results"][0]
+    print_trace(result)
     if args.output:
-        with open(args.output, "w", encoding="utf-8", newline="") as handle:
-            writer = csv.writer(handle)
-            writer.writerow(TRACE_COLUMNS)
-            writer.writerows([trace_row(0, rank, p) for rank, p in enumerate(top, start=1)])
+        write_trace_csv(args.output, result["top"])
         print(f"wrote {args.output}")
     return 0
 
