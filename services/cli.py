@@ -399,9 +399,33 @@ def cmd_retry(args: argparse.Namespace) -> int:
 
 
 def cmd_results(args: argparse.Namespace) -> int:
-    path = _client(args).results(args.audit_id, args.output, args.limit, args.suspected_only)
-    print(f"wrote {path}")
+    """ranked.csv of an audit of the service (or of --audit-dir) to a file or stdout (-o -), as
+    CSV or as Parquet with a `tags` column (services.export)."""
+    from .export import export_results, local_results
+
+    if args.audit_dir:
+        from ecif_core.data.folder import AuditFolder
+
+        ranked = AuditFolder(args.audit_dir).ranked
+        if not ranked.is_file():
+            raise SystemExit(f"ecif results: no {ranked} (give the folder of a finished `ecif audit`)")
+
+        def write_csv(handle):
+            local_results(ranked, handle, args.limit, args.suspected_only)
+    else:
+        client, audit_id = _client(args), _need_audit_id(args)
+
+        def write_csv(handle):
+            client.results(audit_id, handle, args.limit, args.suspected_only)
+    where = export_results(write_csv, args.output, args.format, sys.stdout.buffer)
+    if where != "-":  # stdout holds the results only
+        print(f"wrote {where}")
     return 0
+
+
+def _device_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), help="where the model runs (default ECIF_DEVICE, "
+                   "else auto: cuda when torch sees a GPU); also sets ECIF_DEVICE for the processes it starts")
 
 
 def _client_flags(p: argparse.ArgumentParser) -> None:
@@ -436,6 +460,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = verbs.add_parser("audit", help="run a whole audit in this process (no servers)")
     p.add_argument("manifest")
     p.add_argument("--out", required=True, help="audit folder (ranked.csv, rejected.csv, store.zarr)")
+    _device_flag(p)
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(run=cmd_audit)
 
@@ -444,6 +469,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--epochs", type=int, default=30)
     p.add_argument("--n-train", type=int, default=None, help="fewer training pairs (faster)")
+    _device_flag(p)
     p.set_defaults(run=cmd_demo)
 
     p = verbs.add_parser("validate", help="the service's submit checks (model, architecture, pair files) and "
@@ -462,6 +488,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--k", type=int, default=20)
     p.add_argument("-o", "--output", help="also write the rows as CSV")
     _client_flags(p)
+    _device_flag(p)
     p.set_defaults(run=cmd_trace)
 
     removal_help = ("pairs to remove: suspected, top:Q:COLUMN, bottom:Q:COLUMN, random:Q[:SEED] or ids:FILE "
@@ -483,6 +510,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--zero-shot", help="JSON list of {image, prompts, label}: zero-shot accuracy before and after "
                    "the edit goes into edit.json")
     _client_flags(p)
+    _device_flag(p)
     p.set_defaults(run=cmd_edit)
 
     p = verbs.add_parser("serve", help="run the HTTP API (settings from ECIF_* variables)")
@@ -496,6 +524,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pool", choices=("solo", "prefork", "threads"))
     p.add_argument("--hostname", help="Celery node name (default celery@HOST)")
     p.add_argument("--loglevel", default="INFO")
+    _device_flag(p)
     p.set_defaults(run=cmd_worker)
 
     p = verbs.add_parser("reconcile", help="send lost tasks again (workers do it by themselves)")
@@ -538,9 +567,13 @@ def build_parser() -> argparse.ArgumentParser:
     _client_flags(p)
     p.set_defaults(run=cmd_retry)
 
-    p = verbs.add_parser("results", help="download an audit's ranked CSV")
-    p.add_argument("audit_id")
-    p.add_argument("-o", "--output", required=True)
+    p = verbs.add_parser("results", help="an audit's ranked pairs as CSV or Parquet (to a file or stdout)")
+    p.add_argument("audit_id", nargs="?", help="an audit of the service")
+    p.add_argument("--audit-dir", help="or the folder of a finished `ecif audit` (no server)")
+    p.add_argument("-o", "--output", required=True, help="a file, or - for stdout")
+    p.add_argument("--format", choices=("csv", "parquet"), default="csv",
+                   help="parquet: typed columns and a `tags` list column ([\"suspected\"] or []) that pandas "
+                        "and fiftyone read as is")
     p.add_argument("--limit", type=int)
     p.add_argument("--suspected-only", action="store_true")
     _client_flags(p)
@@ -565,8 +598,15 @@ def _add_threads_flag(parser: argparse.ArgumentParser) -> None:
 
 
 def apply_threads(args: argparse.Namespace) -> int | None:
-    """Export --threads as ECIF_TORCH_THREADS (workers and in-process audits read it) and set
-    torch's threads for the verbs that compute here; returns the threads set, if any."""
+    """Export --device as ECIF_DEVICE and --threads as ECIF_TORCH_THREADS (workers and in-process
+    audits read them) and set torch's threads for the verbs that compute here; returns the
+    threads set, if any. A device that is not there is refused now, before any work."""
+    if getattr(args, "device", None):  # read where models are placed (ecif_core.models.runtime.model_device)
+        os.environ["ECIF_DEVICE"] = args.device
+        if args.verb != "worker":  # the worker's parent never imports torch; its tasks check it
+            from ecif_core.models.runtime import model_device
+
+            model_device()
     threads = getattr(args, "threads", None)
     if threads is not None:
         os.environ["ECIF_TORCH_THREADS"] = str(threads)

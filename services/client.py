@@ -1,10 +1,11 @@
 """HTTP client for `ecif submit | status | retry | results` (server URL and key from flags or ECIF_*)."""
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from pathlib import Path
-from typing import Callable
+from typing import BinaryIO, Callable
 
 import httpx
 
@@ -66,16 +67,18 @@ class Client:
                 return status
             time.sleep(poll)
 
-    def results(self, audit_id: str, out: str | Path, limit: int | None = None, suspected_only: bool = False) -> Path:
+    def results(self, audit_id: str, out: str | Path | BinaryIO, limit: int | None = None,
+                suspected_only: bool = False) -> str | Path | BinaryIO:
+        """ranked.csv into the file `out` (a path, or an open binary file such as stdout)."""
         params = {"suspected_only": str(suspected_only).lower(), **({"limit": limit} if limit else {})}
         with self.http.stream("GET", f"/audits/{audit_id}/results.csv", params=params) as response:
             if response.status_code != 200:
                 response.read()
                 self._json(response)
-            with Path(out).open("wb") as handle:
+            with contextlib.nullcontext(out) if hasattr(out, "write") else Path(out).open("wb") as handle:
                 for chunk in response.iter_bytes():
                     handle.write(chunk)
-        return Path(out)
+        return out
 
     def trace(self, audit_id: str, tests: list[dict], k: int) -> str:
         response = self.http.post(f"/audits/{audit_id}/traces", json={"tests": tests, "k": k})

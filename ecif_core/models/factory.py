@@ -354,7 +354,10 @@ class ReadyModel:
 
 
 def default_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    """ECIF_DEVICE (the CLI's `--device`): cpu, cuda, or auto = CUDA when torch sees a GPU."""
+    from ecif_core.models.runtime import model_device
+
+    return model_device().type
 
 
 def ready_model(arch: str | None = None, config: str | Path | dict | None = None,
@@ -362,7 +365,7 @@ def ready_model(arch: str | None = None, config: str | Path | dict | None = None
                 grads: str = "theta", theta: Sequence[str] | None = None, device: str | None = None) -> ReadyModel:
     """The one way the audit's model, its reference, the edit, the trace and training get a model
     (open_clip's factory.py is the pattern): load_model, then exact_float32 (no TF32 on CUDA: a model
-    that skipped it gave other numbers than the audit's), then `device` (default: CUDA when present),
+    that skipped it gave other numbers than the audit's), then `device` (default: default_device()),
     then gradients on `theta`'s parameters (fnmatch patterns; None: the default theta), on none
     ("frozen": forward passes only) or on all ("all": training chooses its own)."""
     from ecif_core.models.runtime import exact_float32

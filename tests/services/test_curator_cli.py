@@ -245,3 +245,141 @@ def test_ctrl_c_during_ecif_edit_exits_130_and_leaves_no_partial_folder(embedded
     assert stderr.strip().splitlines()[-1] == f"ecif: interrupted; nothing was written to {out} (run the command " \
                                               "again to edit)"
     assert not out.exists()
+
+
+# ------------------------------------------------------------------ results to stdout and as Parquet
+
+RANKED = ('rank,id,image,caption,suspicion,influence,suspected\r\n'
+          '1,a,/d/a.png,"a dog, running",4.5,-0.25,true\r\n'
+          '2,b,/d/b.png,"says ""hi""",,0.5,false\r\n'
+          '3,c,/d/c.png,two,3.25,,true\r\n')
+
+
+@pytest.fixture
+def results_server():
+    """A loopback HTTP server answering GET /audits/A1/results.csv with RANKED (Bearer k only)."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 - http.server's name
+            ok = self.path.startswith("/audits/A1/results.csv") and self.headers["Authorization"] == "Bearer k"
+            body = RANKED.encode() if ok else b'{"detail": "no such audit"}'
+            self.send_response(200 if ok else 404)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+
+
+def test_results_to_stdout_with_dash(results_server):
+    result = subprocess.run([sys.executable, "-m", "services.cli", "results", "A1", "-o", "-", "--server",
+                             results_server, "--key", "k"], env=_env(), cwd=ROOT, capture_output=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == RANKED.encode()  # the results only: no "wrote" line mixed in
+    assert not (ROOT / "-").exists()
+
+
+def _parquet_rows(data: bytes) -> tuple[list[str], list[dict]]:
+    import io
+
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(io.BytesIO(data))
+    return [f"{f.name}:{f.type}" for f in table.schema], table.to_pylist()
+
+
+def test_results_as_parquet_with_a_tags_column(results_server, tmp_path):
+    expected_schema = ["rank:int64", "id:string", "image:string", "caption:string", "suspicion:double",
+                       "influence:double", "suspected:bool", "tags:list<element: string>"]
+    expected_rows = [
+        {"rank": 1, "id": "a", "image": "/d/a.png", "caption": "a dog, running", "suspicion": 4.5, "influence": -0.25,
+         "suspected": True, "tags": ["suspected"]},
+        {"rank": 2, "id": "b", "image": "/d/b.png", "caption": 'says "hi"', "suspicion": None, "influence": 0.5,
+         "suspected": False, "tags": []},
+        {"rank": 3, "id": "c", "image": "/d/c.png", "caption": "two", "suspicion": 3.25, "influence": None,
+         "suspected": True, "tags": ["suspected"]}]
+    base = [sys.executable, "-m", "services.cli", "results", "A1", "--format", "parquet", "--server", results_server,
+            "--key", "k"]
+    result = subprocess.run([*base, "-o", str(tmp_path / "r.parquet")], env=_env(), cwd=ROOT, capture_output=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert _parquet_rows((tmp_path / "r.parquet").read_bytes()) == (expected_schema, expected_rows)
+    result = subprocess.run([*base, "-o", "-"], env=_env(), cwd=ROOT, capture_output=True, timeout=120)
+    assert result.returncode == 0 and _parquet_rows(result.stdout) == (expected_schema, expected_rows)
+    refused = ecif("results", "A2", "--format", "parquet", "-o", str(tmp_path / "x.parquet"), "--server",
+                   results_server, "--key", "k")
+    assert refused.returncode == 2 and "server answered 404: no such audit" in _one_line_error(refused)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.parquet"]  # no partial file left
+
+
+def test_results_of_an_audit_folder_filtered_as_the_api_filters(embedded_csv, capsys):
+    from services.cli import main
+
+    rows = embedded_csv.read_text(encoding="utf-8").splitlines()
+    flagged = [row for row in rows[1:] if row.endswith(",true")]
+    assert main(["results", "--audit-dir", str(embedded_csv.parent), "-o", "-", "--limit", "3"]) == 0
+    assert capsys.readouterr().out.splitlines() == rows[:4]
+    assert main(["results", "--audit-dir", str(embedded_csv.parent), "-o", "-", "--suspected-only"]) == 0
+    assert capsys.readouterr().out.splitlines() == [rows[0], *flagged]
+
+
+# ------------------------------------------------------------------ --device
+
+def test_device_flag_is_exported_and_honoured_where_models_are_placed(monkeypatch, tmp_path):
+    import torch
+
+    from ecif_core.errors import ConfigError
+    from ecif_core.models.runtime import model_device
+    from services.cli import apply_threads, build_parser
+
+    monkeypatch.delenv("ECIF_DEVICE", raising=False)
+    for verb in (["audit", "m.json", "--out", "o"], ["demo"], ["edit", "--audit-dir", "a", "--remove", "suspected",
+                                                               "--out", "o"],
+                 ["trace", "--audit-dir", "a", "--image", "i", "--caption", "c"], ["worker"]):
+        monkeypatch.delenv("ECIF_DEVICE", raising=False)
+        apply_threads(build_parser().parse_args([*verb, "--device", "cpu"]))
+        assert os.environ["ECIF_DEVICE"] == "cpu", verb
+        assert model_device() == torch.device("cpu")  # even where a GPU is visible
+    monkeypatch.setenv("ECIF_DEVICE", "tpu")
+    with pytest.raises(ConfigError, match="'tpu' is not one of auto, cpu, cuda"):
+        model_device()
+    monkeypatch.setenv("ECIF_DEVICE", "auto")
+    assert model_device().type == ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def test_device_cuda_without_a_gpu_is_refused_before_any_work(data_root, tmp_path):
+    import torch
+
+    result = ecif("audit", str(_manifest(data_root, tmp_path)), "--out", str(tmp_path / "a"), "--device", "cuda",
+                  "--quiet")
+    if torch.cuda.is_available():  # on a GPU machine the audit runs there
+        assert result.returncode == 0, result.stderr
+    else:
+        assert result.returncode == 2
+        assert "device: cuda was asked for" in _one_line_error(result)
+        assert not (tmp_path / "a").exists()
+
+
+def test_the_audited_model_is_placed_on_the_device_asked_for(data_root, tmp_path, monkeypatch):
+    import torch
+
+    from ecif_core.data.manifest import load_manifest
+    from ecif_core.models.cache import ModelCache
+
+    manifest = load_manifest(_manifest(data_root, tmp_path))
+    monkeypatch.setenv("ECIF_DEVICE", "cpu")
+    loaded, _, _ = ModelCache().get(manifest)
+    assert {p.device.type for p in loaded.model.parameters()} == {"cpu"}
+    if torch.cuda.is_available():
+        monkeypatch.setenv("ECIF_DEVICE", "cuda")
+        loaded, _, _ = ModelCache().get(manifest)
+        assert {p.device.type for p in loaded.model.parameters()} == {"cuda"}
