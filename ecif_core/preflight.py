@@ -9,7 +9,8 @@ from pathlib import Path
 from typing import Sequence
 
 from ecif_core.data.manifest import Manifest
-from ecif_core.data.sources import EMPTY_SOURCE, check_batchable, read_pair_rows, source_of
+from ecif_core.data.formats import read_pair_rows, source_of
+from ecif_core.data.sources import EMPTY_SOURCE, check_batchable
 from ecif_core.errors import ConfigError
 from ecif_core.models.check import MAX_GRADIENT_DIM, check_model_spec
 

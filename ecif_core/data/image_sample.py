@@ -8,7 +8,7 @@ from pathlib import Path
 from ecif_core.data.confine import confined
 from ecif_core.data.images import TAR_MEMBER, image_ref
 from ecif_core.data.remote import is_url
-from ecif_core.data.sources import Source, read_pair_rows, source_of
+from ecif_core.data.formats import Source, read_pair_rows, source_of
 from ecif_core.data.storage import location
 
 SAMPLE_SIZE = 200
