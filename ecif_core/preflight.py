@@ -22,7 +22,7 @@ def check_before_audit(manifest: Manifest, roots: Sequence[Path] | None = None,
     """Raise ConfigError naming the field when the audit cannot run; returns the dimension k of
     the projected gradients. Reads at most two rows of each pair file (opened through `roots`
     when given, as a worker opens it) and the checkpoint's header, never an image or a weight:
-    - a pair file with no row, or a training file with a single row (no contrastive batch);
+    - a pair file with no row, or with a single row (no contrastive batch);
     - the model: config or arch, checkpoint keys and block counts, adapter, gradient size."""
     for name in PAIR_FIELDS:
         value = getattr(manifest, name)
@@ -32,7 +32,7 @@ def check_before_audit(manifest: Manifest, roots: Sequence[Path] | None = None,
         rows = _first_rows(source, name, roots, 2)
         if rows == 0:
             raise ConfigError(name, EMPTY_SOURCE)
-        if name == "train" and rows < 2:
+        if rows < 2:  # a contrastive batch (of training or validation pairs) needs two
             check_batchable(name, rows, rows, ())
     return check_model_spec(manifest, max_dim)
 

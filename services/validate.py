@@ -23,8 +23,7 @@ def validate_manifest(path: str | Path) -> tuple[dict, str | None]:
         if value is None:
             continue
         summary = validate_source(value, name)
-        if name == "train":
-            check_batchable(name, summary.rows, summary.usable, summary.reasons)
+        check_batchable(name, summary.rows, summary.usable, summary.reasons)
         sample = check_image_sample(value, name, summary.rows)
         report[name] = {**summary.__dict__, "images": sample.__dict__}
         if problem is None and sample.problem(name):
