@@ -4,7 +4,8 @@
 
 Writes a DataComp-style Parquet file (uid, filepath, text; row groups of 50,000) and a
 manifest next to a tiny model, then runs `ecif validate` in a fresh process and reports its
-peak resident memory (ru_maxrss of the child) and wall time. No image is opened in this pass.
+peak resident memory (ru_maxrss of the child) and wall time. No image is opened in this pass
+(validate looks up whether the images of 200 rows exist; the model is built on the meta device).
 """
 from __future__ import annotations
 
@@ -45,8 +46,18 @@ def measure(rows: int, workdir: Path) -> dict:
     write_rows(workdir / "train.parquet", rows)
     from ecif_core.demo import tiny_model_config
 
-    (workdir / "model.pt").write_bytes(b"")  # validate reads no weights; the manifest needs the file
+    import torch
+    from PIL import Image
+
+    from ecif_core.models.factory import load_model
+
+    # validate runs the service's submit checks: the checkpoint's header must fit the config, and
+    # the images of a sample of rows must exist (the rows name 1000 files)
+    torch.save(load_model(config=tiny_model_config()).model.state_dict(), workdir / "model.pt")
     (workdir / "cfg.json").write_text(json.dumps(tiny_model_config()))
+    (workdir / "images").mkdir(exist_ok=True)
+    for i in range(1000):
+        Image.new("RGB", (4, 4)).save(workdir / "images" / f"{i}.png")
     (workdir / "manifest.json").write_text(json.dumps({"model": {"config": "cfg.json", "checkpoint": "model.pt"},
                                                        "train": "train.parquet"}))
     started = time.perf_counter()

@@ -93,12 +93,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_trace(args: argparse.Namespace) -> int:
-    """Top-k training pairs by relative-IS for one test example: from an audit folder, or from
-    the service (the worker computes the test-loss gradient)."""
-    import csv
-
+    """The model's prediction for one test example and the top-k training pairs by relative-IS,
+    harmful first: from an audit folder, or from the service (the worker computes the test-loss
+    gradient)."""
     from ecif_core.errors import ConfigError
-    from ecif_core.trace.query import TRACE_COLUMNS, examples_from_json, trace, trace_row
+    from ecif_core.trace.query import examples_from_json, trace
+
+    from .trace_output import print_trace, write_trace_csv
 
     if (args.audit_id is None) == (args.audit_dir is None):
         raise ConfigError("trace", "give an AUDIT_ID (service) or --audit-dir (embedded), not both")
@@ -106,24 +107,18 @@ def cmd_trace(args: argparse.Namespace) -> int:
     item.update({"caption": args.caption} if args.caption is not None else {"prompts": args.prompt, "label": args.label})
     if args.audit_dir is not None:
         (result,) = trace(args.audit_dir, examples_from_json([item]), k=args.k)
-        loss, top = result.test_loss, [p.__dict__ for p in result.top]
+        result = {"test_loss": result.test_loss, "prediction": result.prediction.to_json(),
+                  "top": [{**p.__dict__, "signed_relative_is": p.signed_relative_is} for p in result.top]}
     else:
         client = _client(args)
         status = client.wait_trace(args.audit_id, client.trace(args.audit_id, [item], args.k))
         if status["status"] != "succeeded":
             print(f"ecif: error: trace failed: {status['error']}", file=sys.stderr)
             return 1
-        loss, top = status["results"][0]["test_loss"], status["results"][0]["top"]
-    print(f"test loss {loss:.4f}; top {len(top)} training pairs by relative-IS:")
-    print(f"{'rank':>4}  {'relative_is':>11}  {'influence':>10}  {'pos':>10}  {'neg':>10}  id / caption")
-    for rank, p in enumerate(top, start=1):
-        print(f"{rank:>4}  {p['relative_is']:>11.4g}  {p['influence']:>10.3g}  {p['influence_pos']:>10.3g}  "
-              f"{p['influence_neg']:>10.3g}  {p['id']}  {p['caption'][:60]}")
+        result = status["results"][0]
+    print_trace(result)
     if args.output:
-        with open(args.output, "w", encoding="utf-8", newline="") as handle:
-            writer = csv.writer(handle)
-            writer.writerow(TRACE_COLUMNS)
-            writer.writerows([trace_row(0, rank, p) for rank, p in enumerate(top, start=1)])
+        write_trace_csv(args.output, result["top"])
         print(f"wrote {args.output}")
     return 0
 
@@ -185,9 +180,12 @@ def cmd_edit(args: argparse.Namespace) -> int:
 
         from ecif_core.edit.from_audit import zero_shot_examples
 
+        from .interrupt import removed_if_interrupted
+
         zero_shot = zero_shot_examples(_zero_shot_file(args.zero_shot)) if args.zero_shot else None
-        record = edit_audit(args.audit_dir, args.remove, args.out, _edit_settings(args), theta=args.theta,
-                            base_dir=Path.cwd(), zero_shot=zero_shot)
+        with removed_if_interrupted(args.out):
+            record = edit_audit(args.audit_dir, args.remove, args.out, _edit_settings(args), theta=args.theta,
+                                base_dir=Path.cwd(), zero_shot=zero_shot)
         print(json.dumps({k: record[k] for k in ("remove", "checkpoint", "result", "validation", "zero_shot")},
                          indent=1))
         return 0
@@ -198,7 +196,10 @@ def cmd_edit(args: argparse.Namespace) -> int:
     if status["status"] != "succeeded":
         print(f"edit {status['status']}: {status.get('error')}", file=sys.stderr)
         return 1
-    target = client.download_edit(status["checkpoint_url"], Path(args.out))
+    from .interrupt import removed_if_interrupted
+
+    with removed_if_interrupted(args.out):
+        target = client.download_edit(status["checkpoint_url"], Path(args.out))
     print(json.dumps({**status, "downloaded": str(target)}, indent=1))
     return 0
 
@@ -223,18 +224,15 @@ def _need_audit_id(args: argparse.Namespace) -> str:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    """Check a manifest and stream its pair sources without opening images (fast, bounded memory)."""
-    import json
+    """The service's submit checks, the pair sources streamed and a sample of images looked up
+    (no image decoded): the report as JSON, then the first problem as one line (exit 2)."""
+    from .validate import validate_manifest
 
-    from ecif_core.data.sources import validate_source
-    from ecif_core.data.manifest import load_manifest
-
-    manifest = load_manifest(args.manifest)
-    report = {"manifest": "ok"}
-    for name, source in (("train", manifest.train), ("validation", manifest.validation)):
-        if source is not None:
-            report[name] = validate_source(source, name).__dict__
+    report, problem = validate_manifest(args.manifest)
     print(json.dumps(report, indent=1))
+    if problem:
+        print(f"ecif: error: {problem}", file=sys.stderr)
+        return 2
     return 0
 
 
@@ -401,9 +399,33 @@ def cmd_retry(args: argparse.Namespace) -> int:
 
 
 def cmd_results(args: argparse.Namespace) -> int:
-    path = _client(args).results(args.audit_id, args.output, args.limit, args.suspected_only)
-    print(f"wrote {path}")
+    """ranked.csv of an audit of the service (or of --audit-dir) to a file or stdout (-o -), as
+    CSV or as Parquet with a `tags` column (services.export)."""
+    from .export import export_results, local_results
+
+    if args.audit_dir:
+        from ecif_core.data.folder import AuditFolder
+
+        ranked = AuditFolder(args.audit_dir).ranked
+        if not ranked.is_file():
+            raise SystemExit(f"ecif results: no {ranked} (give the folder of a finished `ecif audit`)")
+
+        def write_csv(handle):
+            local_results(ranked, handle, args.limit, args.suspected_only)
+    else:
+        client, audit_id = _client(args), _need_audit_id(args)
+
+        def write_csv(handle):
+            client.results(audit_id, handle, args.limit, args.suspected_only)
+    where = export_results(write_csv, args.output, args.format, sys.stdout.buffer)
+    if where != "-":  # stdout holds the results only
+        print(f"wrote {where}")
     return 0
+
+
+def _device_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), help="where the model runs (default ECIF_DEVICE, "
+                   "else auto: cuda when torch sees a GPU); also sets ECIF_DEVICE for the processes it starts")
 
 
 def _client_flags(p: argparse.ArgumentParser) -> None:
@@ -438,6 +460,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = verbs.add_parser("audit", help="run a whole audit in this process (no servers)")
     p.add_argument("manifest")
     p.add_argument("--out", required=True, help="audit folder (ranked.csv, rejected.csv, store.zarr)")
+    _device_flag(p)
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(run=cmd_audit)
 
@@ -446,9 +469,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--epochs", type=int, default=30)
     p.add_argument("--n-train", type=int, default=None, help="fewer training pairs (faster)")
+    _device_flag(p)
     p.set_defaults(run=cmd_demo)
 
-    p = verbs.add_parser("validate", help="check a manifest and its pair sources (no images opened)")
+    p = verbs.add_parser("validate", help="the service's submit checks (model, architecture, pair files) and "
+                         "whether a sample of the images exists; nothing is decoded")
     p.add_argument("manifest")
     p.set_defaults(run=cmd_validate)
 
@@ -463,6 +488,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--k", type=int, default=20)
     p.add_argument("-o", "--output", help="also write the rows as CSV")
     _client_flags(p)
+    _device_flag(p)
     p.set_defaults(run=cmd_trace)
 
     removal_help = ("pairs to remove: suspected, top:Q:COLUMN, bottom:Q:COLUMN, random:Q[:SEED] or ids:FILE "
@@ -484,6 +510,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--zero-shot", help="JSON list of {image, prompts, label}: zero-shot accuracy before and after "
                    "the edit goes into edit.json")
     _client_flags(p)
+    _device_flag(p)
     p.set_defaults(run=cmd_edit)
 
     p = verbs.add_parser("serve", help="run the HTTP API (settings from ECIF_* variables)")
@@ -497,6 +524,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pool", choices=("solo", "prefork", "threads"))
     p.add_argument("--hostname", help="Celery node name (default celery@HOST)")
     p.add_argument("--loglevel", default="INFO")
+    _device_flag(p)
     p.set_defaults(run=cmd_worker)
 
     p = verbs.add_parser("reconcile", help="send lost tasks again (workers do it by themselves)")
@@ -539,9 +567,13 @@ def build_parser() -> argparse.ArgumentParser:
     _client_flags(p)
     p.set_defaults(run=cmd_retry)
 
-    p = verbs.add_parser("results", help="download an audit's ranked CSV")
-    p.add_argument("audit_id")
-    p.add_argument("-o", "--output", required=True)
+    p = verbs.add_parser("results", help="an audit's ranked pairs as CSV or Parquet (to a file or stdout)")
+    p.add_argument("audit_id", nargs="?", help="an audit of the service")
+    p.add_argument("--audit-dir", help="or the folder of a finished `ecif audit` (no server)")
+    p.add_argument("-o", "--output", required=True, help="a file, or - for stdout")
+    p.add_argument("--format", choices=("csv", "parquet"), default="csv",
+                   help="parquet: typed columns and a `tags` list column ([\"suspected\"] or []) that pandas "
+                        "and fiftyone read as is")
     p.add_argument("--limit", type=int)
     p.add_argument("--suspected-only", action="store_true")
     _client_flags(p)
@@ -570,8 +602,15 @@ def _add_threads_flag(parser: argparse.ArgumentParser) -> None:
 
 
 def apply_threads(args: argparse.Namespace) -> int | None:
-    """Export --threads as ECIF_TORCH_THREADS (workers and in-process audits read it) and set
-    torch's threads for the verbs that compute here; returns the threads set, if any."""
+    """Export --device as ECIF_DEVICE and --threads as ECIF_TORCH_THREADS (workers and in-process
+    audits read them) and set torch's threads for the verbs that compute here; returns the
+    threads set, if any. A device that is not there is refused now, before any work."""
+    if getattr(args, "device", None):  # read where models are placed (ecif_core.models.runtime.model_device)
+        os.environ["ECIF_DEVICE"] = args.device
+        if args.verb != "worker":  # the worker's parent never imports torch; its tasks check it
+            from ecif_core.models.runtime import model_device
+
+            model_device()
     threads = getattr(args, "threads", None)
     if threads is not None:
         os.environ["ECIF_TORCH_THREADS"] = str(threads)
@@ -593,6 +632,12 @@ def main(argv: list[str] | None = None) -> int:
     except EcifError as exc:
         print(f"ecif: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: one line saying what to do next, never a traceback
+        from .interrupt import EXIT_INTERRUPTED, close_progress_bars, interrupted_line
+
+        close_progress_bars()
+        print(f"\necif: {interrupted_line(args)}", file=sys.stderr)
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

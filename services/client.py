@@ -1,10 +1,11 @@
 """HTTP client for `ecif submit | status | retry | results` (server URL and key from flags or ECIF_*)."""
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from pathlib import Path
-from typing import Callable
+from typing import BinaryIO, Callable
 
 import httpx
 
@@ -18,12 +19,33 @@ class ApiError(EcifError):
     """The server refused a request; the message is its own."""
 
 
+class Unreachable(ApiError):
+    """No answer from the server (refused, unknown host, timed out): one line, never httpx's traceback."""
+
+
+class _Http(httpx.Client):
+    """httpx's client whose transport errors (every request goes through `send`) are Unreachable."""
+
+    def send(self, request: httpx.Request, **kwargs) -> httpx.Response:
+        try:
+            return super().send(request, **kwargs)
+        except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
+            raise Unreachable(f"cannot reach {self.base_url}; is `ecif serve` running? ({_reason(exc)})") from None
+        except httpx.TransportError as exc:
+            raise Unreachable(f"no answer from {self.base_url} ({type(exc).__name__}: {_reason(exc)}); "
+                              "is `ecif serve` running?") from None
+
+
+def _reason(exc: Exception) -> str:
+    return str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+
+
 class Client:
     def __init__(self, server_url: str, api_key: str | None, timeout: float = 30.0) -> None:
         if not api_key:
             raise ApiError("no API key: pass --key or set ECIF_API_KEY (ecif keys create --owner NAME)")
-        self.http = httpx.Client(base_url=server_url.rstrip("/"), timeout=timeout,
-                                 headers={"Authorization": f"Bearer {api_key}"})
+        self.http = _Http(base_url=server_url.rstrip("/"), timeout=timeout,
+                          headers={"Authorization": f"Bearer {api_key}"})
 
     def submit(self, manifest_path: str | Path) -> str:
         response = self.http.post("/audits", json=absolute_paths(manifest_path))
@@ -45,16 +67,18 @@ class Client:
                 return status
             time.sleep(poll)
 
-    def results(self, audit_id: str, out: str | Path, limit: int | None = None, suspected_only: bool = False) -> Path:
+    def results(self, audit_id: str, out: str | Path | BinaryIO, limit: int | None = None,
+                suspected_only: bool = False) -> str | Path | BinaryIO:
+        """ranked.csv into the file `out` (a path, or an open binary file such as stdout)."""
         params = {"suspected_only": str(suspected_only).lower(), **({"limit": limit} if limit else {})}
         with self.http.stream("GET", f"/audits/{audit_id}/results.csv", params=params) as response:
             if response.status_code != 200:
                 response.read()
                 self._json(response)
-            with Path(out).open("wb") as handle:
+            with contextlib.nullcontext(out) if hasattr(out, "write") else Path(out).open("wb") as handle:
                 for chunk in response.iter_bytes():
                     handle.write(chunk)
-        return Path(out)
+        return out
 
     def trace(self, audit_id: str, tests: list[dict], k: int) -> str:
         response = self.http.post(f"/audits/{audit_id}/traces", json={"tests": tests, "k": k})

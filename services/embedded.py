@@ -20,6 +20,7 @@ from ecif_core.data.folder import AuditFolder
 from ecif_core.data.manifest import Manifest, load_manifest
 from ecif_core.data.storage import absolute, check_writable, is_remote, location, open_for_write, write_text
 from ecif_core.errors import ConfigError, EcifError
+from ecif_core.preflight import check_before_audit
 
 from . import repository
 from .db.models import SHARDED, Audit, Shard
@@ -56,6 +57,7 @@ def run_audit(manifest: Manifest | str | Path, out: str | Path, progress: Progre
     out = location(out, "out")
     check_writable(out, "out")
     manifest = manifest if isinstance(manifest, Manifest) else load_manifest(manifest)
+    check_before_audit(manifest)  # the service's submit checks: a wrong model fails here, in seconds
     with contextlib.ExitStack() as stack:
         home = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="ecif-db-"))) if is_remote(out) else out
         return _run(manifest, out, database_url_for(home), progress)

@@ -15,12 +15,8 @@ from ecif_core.errors import ConfigError
 from ecif_core.data.remote import canonical_entry
 from ecif_core.data.storage import is_remote, location, resolve_against
 from ecif_core.data.manifest import Manifest, load_manifest, manifest_paths, read_sidecar
-from ecif_core.models.check import check_model_spec
-from ecif_core.data.formats import has_rows, source_of
-from ecif_core.data.sources import EMPTY_SOURCE
+from ecif_core.preflight import PAIR_FIELDS, check_before_audit
 from ecif_core.values import check_json_values
-
-PAIR_FIELDS = ("train", "validation")  # the manifest's pair sources (a file, or webdataset shards)
 
 
 def confined_manifest(raw: Any, roots: list[Path], remote_hosts: Sequence[str] = (),
@@ -34,8 +30,9 @@ def confined_manifest(raw: Any, roots: list[Path], remote_hosts: Sequence[str] =
     (config, architecture, checkpoint keys and shapes, adapter, gradient size), so a model
     that cannot be audited is a 422 now rather than a failed audit later.
     A manifest's remote_images hosts must be among the server's `remote_hosts`.
-    A pair file (each shard) that is a hard link is refused unless the roots allow them, and
-    an empty pair file is refused after reading its first row only.
+    A pair file (each shard) that is a hard link is refused unless the roots allow them; then
+    ecif_core.preflight.check_before_audit (the checks `ecif validate` and `ecif audit` run):
+    an empty pair file, a one-row training file (reading two rows at most), the model.
     """
     if not roots:
         raise ConfigError("manifest", "the server has no data roots configured (ECIF_DATA_ROOTS)")
@@ -56,11 +53,7 @@ def confined_manifest(raw: Any, roots: list[Path], remote_hosts: Sequence[str] =
         if name == "model.checkpoint":
             check_confined(items[0], roots, name)  # and its training sidecar
     manifest = load_manifest(raw, base_dir=roots[0], max_shards=max_shards)
-    for name in PAIR_FIELDS:  # opened now (checked as opened, like a worker does): its first row only
-        source = None if getattr(manifest, name) is None else source_of(getattr(manifest, name), name)
-        if source is not None and source.format != "webdataset" and not has_rows(source, name, roots):
-            raise ConfigError(name, EMPTY_SOURCE)
-    check_model_spec(manifest)
+    check_before_audit(manifest, roots)  # the checks `ecif validate` and `ecif audit` run too
     return manifest
 
 

@@ -409,7 +409,8 @@ def run_trace(database_url: str, trace_id: str, models: core.ModelCache, heartbe
         with session_scope(database_url) as session:
             session.execute(delete(TracePair).where(TracePair.trace_id == trace_id))  # a redelivery replaces
             _bulk_insert(session, TracePair, rows)
-            _succeeded(session, Trace, trace_id, test_losses=finite_or_null([t.test_loss for t in traces]))
+            _succeeded(session, Trace, trace_id, test_losses=finite_or_null([t.test_loss for t in traces]),
+                       predictions=finite_or_null([t.prediction.to_json() for t in traces]))
 
 
 def _check_finite(rows: list[dict], columns: tuple[str, ...]) -> None:

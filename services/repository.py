@@ -214,17 +214,25 @@ def get_trace(session: Session, audit: Audit, trace_id: str) -> Trace | None:
 
 
 def trace_results(session: Session, trace: Trace) -> list[dict]:
-    """Per test example: the request, its test loss and its top pairs (rank order) with image and caption."""
-    rows = session.execute(select(TracePair, PairRow.image, PairRow.caption)
+    """Per test example: the request, its test loss, the model's prediction (None for a trace
+    made before it was stored) and its top pairs (rank order: harmful first) with image,
+    caption, sign(influence) x relative-IS and the audit's `suspected` flag."""
+    from ecif_core.trace.query import signed_relative_is
+
+    rows = session.execute(select(TracePair, PairRow.image, PairRow.caption, Score.suspected)
                            .join(PairRow, (PairRow.audit_id == trace.audit_id) & (PairRow.slot == TracePair.slot))
+                           .outerjoin(Score, (Score.audit_id == trace.audit_id) & (Score.slot == TracePair.slot))
                            .where(TracePair.trace_id == trace.id).order_by(TracePair.test, TracePair.rank)).all()
-    losses = trace.test_losses or []
-    out = [{"example": example, "test_loss": losses[i] if i < len(losses) else None, "top": []}
+    losses, predictions = trace.test_losses or [], trace.predictions or []
+    out = [{"example": example, "test_loss": losses[i] if i < len(losses) else None,
+            "prediction": predictions[i] if i < len(predictions) else None, "top": []}
            for i, example in enumerate(trace.request["tests"])]
-    for pair, image, caption in rows:
+    for pair, image, caption, suspected in rows:
         out[pair.test]["top"].append({"rank": pair.rank, "id": pair.pair_id, "image": image, "caption": caption,
                                       "relative_is": pair.relative_is, "influence": pair.influence,
-                                      "influence_pos": pair.influence_pos, "influence_neg": pair.influence_neg})
+                                      "influence_pos": pair.influence_pos, "influence_neg": pair.influence_neg,
+                                      "signed_relative_is": signed_relative_is(pair.relative_is, pair.influence),
+                                      "suspected": bool(suspected)})
     return out
 
 

@@ -18,12 +18,13 @@ import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import torch
 
 from ecif_core.data.storage import read_json_file
 from ecif_core.errors import ConfigError, ModelSourceError
+from ecif_core.models.layers import layer_mismatch
 from ecif_core.data.storage import local_copy, location
 
 HUB_PREFIXES = ("hf-hub:", "hf://", "http://", "https://")
@@ -192,8 +193,7 @@ def load_weights(model: torch.nn.Module, path: str | Path) -> None:
                           f"({type(exc).__name__})") from None
     missing = [k for k in result.missing_keys if not k.endswith("attn_mask")]
     if missing or result.unexpected_keys:
-        raise ConfigError("model.checkpoint", f"does not match the model config: missing "
-                          f"{missing[:5]}, unexpected {result.unexpected_keys[:5]}")
+        raise ConfigError("model.checkpoint", _key_mismatch(model.state_dict(), missing, result.unexpected_keys))
 
 
 def checkpoint_shapes(path: str | Path) -> dict[str, tuple[int, ...]]:
@@ -243,11 +243,22 @@ def check_checkpoint(model: torch.nn.Module, shapes: dict[str, tuple[int, ...]])
     missing = [k for k in expected if k not in shapes and not k.endswith("attn_mask")]
     unexpected = [k for k in shapes if k not in expected]
     if missing or unexpected:
-        raise ConfigError("model.checkpoint", f"does not match the model config: missing {missing[:5]}, "
-                          f"unexpected {unexpected[:5]}")
+        raise ConfigError("model.checkpoint", _key_mismatch(expected, missing, unexpected, shapes))
     wrong = [f"{k} {shapes[k]} (model: {expected[k]})" for k in shapes if shapes[k] != expected[k]]
     if wrong:
         raise ConfigError("model.checkpoint", f"does not match the model config: shapes {wrong[:3]}")
+
+
+def _key_mismatch(expected: Iterable[str], missing: list[str], unexpected: list[str],
+                  saved: Iterable[str] | None = None) -> str:
+    """One line: the towers' block counts when they differ (another architecture), else a few
+    of the missing and unexpected names (never the whole list)."""
+    if saved is None:
+        saved = (set(expected) - set(missing)) | set(unexpected)
+    sentence = layer_mismatch(list(expected), list(saved))
+    if sentence is not None:
+        return f"does not match the model config: {sentence}"
+    return f"does not match the model config: missing {missing[:5]}, unexpected {unexpected[:5]}"
 
 
 def _converted_shapes(model: torch.nn.Module, shapes: dict[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
@@ -343,7 +354,10 @@ class ReadyModel:
 
 
 def default_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    """ECIF_DEVICE (the CLI's `--device`): cpu, cuda, or auto = CUDA when torch sees a GPU."""
+    from ecif_core.models.runtime import model_device
+
+    return model_device().type
 
 
 def ready_model(arch: str | None = None, config: str | Path | dict | None = None,
@@ -351,7 +365,7 @@ def ready_model(arch: str | None = None, config: str | Path | dict | None = None
                 grads: str = "theta", theta: Sequence[str] | None = None, device: str | None = None) -> ReadyModel:
     """The one way the audit's model, its reference, the edit, the trace and training get a model
     (open_clip's factory.py is the pattern): load_model, then exact_float32 (no TF32 on CUDA: a model
-    that skipped it gave other numbers than the audit's), then `device` (default: CUDA when present),
+    that skipped it gave other numbers than the audit's), then `device` (default: default_device()),
     then gradients on `theta`'s parameters (fnmatch patterns; None: the default theta), on none
     ("frozen": forward passes only) or on all ("all": training chooses its own)."""
     from ecif_core.models.runtime import exact_float32

@@ -59,3 +59,25 @@ def exact_float32() -> None:
 
     torch.backends.cudnn.allow_tf32 = False
     torch.backends.cuda.matmul.allow_tf32 = False
+
+
+DEVICES = ("auto", "cpu", "cuda")
+DEVICE_VARIABLE = "ECIF_DEVICE"  # set by the CLI's --device; read where a model is placed
+
+
+def model_device() -> "torch.device":
+    """The device models run on: ECIF_DEVICE (`--device`) cpu, cuda or auto (default: cuda when
+    torch sees a GPU). cuda without a GPU is a ConfigError, never a silent CPU run."""
+    import torch
+
+    from ecif_core.errors import ConfigError
+
+    wanted = (os.environ.get(DEVICE_VARIABLE) or "auto").strip().lower()
+    if wanted not in DEVICES:
+        raise ConfigError("device", f"{wanted!r} is not one of {', '.join(DEVICES)} ({DEVICE_VARIABLE} / --device)")
+    if wanted == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device", "cuda was asked for (--device / ECIF_DEVICE) but torch sees no CUDA GPU here; "
+                                    "use --device cpu or auto")
+    if wanted == "auto":
+        wanted = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(wanted)

@@ -7,6 +7,11 @@ zero-shot task and the true class. Its test loss is a cross-entropy over texts:
   validation set (else of its first training pairs) as the alternatives,
 where s = exp(logit_scale) is the model's own temperature. Only C, the projected gradient of
 that loss, is computed; ranking reads the numbers stored at scoring time.
+
+The model's prediction comes from the same logits: the text it ranks first among those the
+example is contrasted with. The top-k pairs (largest relative-IS) are listed by sign(influence)
+x relative-IS: harmful pairs first (negative influence: removing them lowers the test loss),
+strongest first, then helpful ones, strongest first; a pair the audit flagged is `suspected`.
 """
 from __future__ import annotations
 
@@ -20,6 +25,7 @@ import torch.nn.functional as F
 
 from ecif_core.models.cache import ModelCache
 from ecif_core.stages.curvature import stored_curvature
+from ecif_core.stages.finalize import final_ranking
 from ecif_core.stages.plan import load_plan, load_slots, manifest_of, open_store, roots_of
 from ecif_core.stages.scores import scored_curvature_shift
 from ecif_core.influence.curvature import DampedInverse
@@ -34,7 +40,7 @@ from ecif_core.models.runtime import flush_denormals
 
 MAX_ALTERNATIVES = 256
 TRACE_COLUMNS = ("test", "rank", "id", "image", "caption", "relative_is", "influence", "influence_pos",
-                 "influence_neg")
+                 "influence_neg", "signed_relative_is", "suspected")
 
 
 @dataclass
@@ -71,6 +77,26 @@ class TracedPair:
     influence: float
     influence_pos: float
     influence_neg: float
+    suspected: bool = False    # flagged by the audit (ranked.csv's `suspected`)
+
+    @property
+    def signed_relative_is(self) -> float:
+        """sign(influence) x relative-IS: negative = harmful to the example (the order of a trace)."""
+        return signed_relative_is(self.relative_is, self.influence)
+
+
+@dataclass
+class Prediction:
+    """What the model predicts for a test example: the text it ranks first among the candidates
+    (the prompts, or the caption and its alternatives), with its softmax probability."""
+
+    index: int                 # into the prompts, or 0 = the example's own caption
+    text: str
+    probability: float
+    correct: bool              # the true class, or the example's own caption
+
+    def to_json(self) -> dict:
+        return dict(self.__dict__)
 
 
 @dataclass
@@ -78,12 +104,30 @@ class Trace:
     example: TraceExample
     test_loss: float
     top: list[TracedPair]
+    prediction: Prediction | None = None
+
+
+def signed_relative_is(relative: float, influence: float) -> float:
+    return float(np.sign(influence)) * relative
+
+
+def harmful_first(pairs: Sequence[TracedPair]) -> list[TracedPair]:
+    """Harmful pairs (influence < 0) by relative-IS, largest first, then the others the same way."""
+    return sorted(pairs, key=lambda p: (p.influence >= 0, -p.relative_is))
 
 
 def trace_loss_gradient(loaded: LoadedModel, params: Sequence[torch.nn.Parameter], projector: Projector,
                        example: TraceExample, alternatives: Sequence[str],
                        roots: Sequence[Path] | None = None) -> tuple[torch.Tensor, float]:
     """Projected gradient C of the example's test loss (module docstring), and the loss."""
+    grad, loss, _ = test_loss_terms(loaded, params, projector, example, alternatives, roots)
+    return grad, loss
+
+
+def test_loss_terms(loaded: LoadedModel, params: Sequence[torch.nn.Parameter], projector: Projector,
+                    example: TraceExample, alternatives: Sequence[str],
+                    roots: Sequence[Path] | None = None) -> tuple[torch.Tensor, float, Prediction]:
+    """(C, the test loss, the model's prediction), from one forward pass."""
     if example.prompts is not None:
         texts, target = list(example.prompts), example.label
     else:
@@ -97,8 +141,11 @@ def trace_loss_gradient(loaded: LoadedModel, params: Sequence[torch.nn.Parameter
         logits = temperature_scale(loaded.model) * F.normalize(image_emb, dim=-1) @ F.normalize(text_emb, dim=-1).T
         loss = F.cross_entropy(logits, torch.tensor([target], device=logits.device))
         grads = torch.autograd.grad(loss, list(params), allow_unused=True)
+    probabilities = logits.detach()[0].double().softmax(dim=0)
+    top = int(probabilities.argmax())
+    prediction = Prediction(top, texts[top], float(probabilities[top]), top == target)
     grads = [torch.zeros_like(p) if g is None else g for g, p in zip(grads, params)]
-    return projector.project([g.unsqueeze(0) for g in grads])[0].cpu(), float(loss.detach())
+    return projector.project([g.unsqueeze(0) for g in grads])[0].cpu(), float(loss.detach()), prediction
 
 
 def alternative_captions(audit_dir: str | Path) -> list[str]:
@@ -113,7 +160,8 @@ def alternative_captions(audit_dir: str | Path) -> list[str]:
 
 def trace(audit_dir: str | Path, examples: Sequence[TraceExample], k: int = 20,
           models: ModelCache | None = None) -> list[Trace]:
-    """Top-k training pairs by relative-IS for each test example."""
+    """The k training pairs of largest relative-IS for each test example, harmful ones first
+    (harmful_first), each marked when the audit flagged it, with the model's prediction."""
     for index, example in enumerate(examples):
         example.check(index)
     if k < 1:
@@ -124,17 +172,26 @@ def trace(audit_dir: str | Path, examples: Sequence[TraceExample], k: int = 20,
     slots = load_slots(audit_dir)
     index = np.array([slot for slot, _ in slots], dtype=np.int64)
     alternatives = alternative_captions(audit_dir) if any(e.prompts is None for e in examples) else []
-    grads, losses = zip(*(trace_loss_gradient(loaded, params, projector, e, alternatives, roots) for e in examples))
+    grads, losses, predictions = zip(*(test_loss_terms(loaded, params, projector, e, alternatives, roots)
+                                       for e in examples))
     all_terms = trace_terms(audit_dir, torch.stack(grads))  # one pass over the store for every example
+    flagged = suspected_slots(audit_dir)
     traces = []
     for t, (example, loss) in enumerate(zip(examples, losses)):
         terms = {name: values[t][index] for name, values in all_terms.items()}
         order = np.argsort(-terms["relative_is"], kind="stable")[:k]
         top = [TracedPair(int(index[i]), slots[i][1].id, slots[i][1].image, slots[i][1].caption,
                           *(float(terms[name][i]) for name in ("relative_is", "influence", "influence_pos",
-                                                               "influence_neg"))) for i in order]
-        traces.append(Trace(example, loss, top))
+                                                               "influence_neg")), int(index[i]) in flagged)
+               for i in order]
+        traces.append(Trace(example, loss, harmful_first(top), predictions[t]))
     return traces
+
+
+def suspected_slots(audit_dir: str | Path) -> set[int]:
+    """Row slots of the pairs the audit flagged (finalize's `suspected`, from the stored numbers)."""
+    ranking = final_ranking(audit_dir)
+    return {int(slot) for slot, flag in zip(ranking.slots, ranking.suspected) if flag}
 
 
 def examples_from_json(raw: object) -> list[TraceExample]:
@@ -157,7 +214,9 @@ def examples_from_json(raw: object) -> list[TraceExample]:
 def trace_row(test: int, rank: int, pair: dict) -> list:
     """One row of a trace CSV (TRACE_COLUMNS) from a traced pair as a dict."""
     return [test, rank, pair["id"], pair["image"], pair["caption"],
-            *(repr(pair[c]) for c in ("relative_is", "influence", "influence_pos", "influence_neg"))]
+            *(repr(pair[c]) for c in ("relative_is", "influence", "influence_pos", "influence_neg")),
+            repr(signed_relative_is(pair["relative_is"], pair["influence"])),
+            "true" if pair.get("suspected") else "false"]
 
 
 def trace_relative_is(audit_dir: str | Path, test_grad: torch.Tensor) -> np.ndarray:

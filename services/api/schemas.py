@@ -99,8 +99,10 @@ class TraceStatus(BaseModel):
     finished_at: datetime | None
     error: str | None
     k: int
-    results: list[dict]         # per test example: example, test_loss, top (rank, id, image, caption,
-                                # relative_is, influence, influence_pos, influence_neg)
+    results: list[dict]         # per test example: example, test_loss, prediction (index, text, probability,
+                                # correct; null for traces stored before migration 0007), top (rank: harmful first; id,
+                                # image, caption, relative_is, influence, influence_pos, influence_neg,
+                                # signed_relative_is, suspected)
     csv_url: str
 
 

@@ -148,6 +148,7 @@ class Trace(RequestLiveness, Base):
     status: Mapped[str] = mapped_column(String(16), default="queued")   # queued | running | succeeded | failed
     request: Mapped[dict] = mapped_column(JSON)                         # {"tests": [...], "k": int}
     test_losses: Mapped[list | None] = mapped_column(JSON, nullable=True)
+    predictions: Mapped[list | None] = mapped_column(JSON, nullable=True)  # per example; NULL before 0007
     error: Mapped[str | None] = mapped_column(Text, nullable=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)

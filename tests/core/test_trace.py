@@ -13,7 +13,7 @@ from ecif_core.data.images import load_image
 from ecif_core.datasets.digits import class_prompts, label_of_caption
 from ecif_core.errors import ConfigError
 from ecif_core.trace.query import (TraceExample, alternative_captions, examples_from_json, trace, trace_loss_gradient,
-                             trace_relative_is)
+                                   trace_relative_is, trace_terms)
 from services.embedded import run_audit
 from tests.core.test_audit import finished, workspace  # noqa: F401  (module fixtures)
 
@@ -59,15 +59,24 @@ def test_a_caption_is_contrasted_with_the_validation_captions(workspace, finishe
     assert loss == pytest.approx(float(expected.detach()), rel=1e-5)
 
 
-def test_top_k_is_ordered_by_relative_is_with_the_signed_split(workspace, finished):
+def test_top_k_by_relative_is_listed_harmful_first_with_the_signed_split(workspace, finished):
+    """The k largest relative-IS, ordered by sign(influence) x relative-IS: harmful (negative
+    influence) first, strongest first, then helpful, strongest first."""
     row = _test_rows(workspace)[2]
     example = TraceExample(row["image"], prompts=class_prompts(), label=label_of_caption(row["caption"]))
     (result,) = trace(finished, [example], k=7)
     loaded, params, projector = _model(finished)
     grad, _ = trace_loss_gradient(loaded, params, projector, example, [])
     slots = np.array([slot for slot, _ in audit.load_slots(finished)])
-    relative = trace_relative_is(finished, grad)[slots]
-    assert [p.slot for p in result.top] == list(slots[np.argsort(-relative, kind="stable")[:7]])
+    terms = {name: values[slots] for name, values in trace_terms(finished, grad).items()}
+    largest = np.argsort(-terms["relative_is"], kind="stable")[:7]
+    harmful = [i for i in largest if terms["influence"][i] < 0]
+    helpful = [i for i in largest if terms["influence"][i] >= 0]
+    assert harmful and helpful  # the example has both kinds among its top 7 (else the order is not tested)
+    assert [p.slot for p in result.top] == list(slots[harmful + helpful])
+    signed = [p.signed_relative_is for p in result.top]
+    assert signed[:len(harmful)] == sorted(signed[:len(harmful)]) and max(signed[:len(harmful)]) < 0
+    assert signed[len(harmful):] == sorted(signed[len(harmful):], reverse=True)
     plan, store = audit.load_plan(finished), audit.open_store(finished)
     inverse = audit.inverse_for(plan, store)
     direction = inverse.apply(grad.double())
@@ -166,3 +175,28 @@ def test_several_examples_in_one_pass_equal_one_at_a_time(workspace, finished):
         assert [p.slot for p in result.top] == [p.slot for p in alone.top]
         assert [p.relative_is for p in result.top] == pytest.approx([p.relative_is for p in alone.top], rel=1e-12)
         assert [p.influence for p in result.top] == pytest.approx([p.influence for p in alone.top], rel=1e-12)
+
+
+def test_the_trace_shows_the_models_prediction_and_marks_suspected_pairs(workspace, finished):
+    from ecif_core.stages.finalize import final_ranking
+
+    loaded, _, _ = _model(finished)
+    rows = _test_rows(workspace)[:6]
+    examples = [TraceExample(r["image"], prompts=class_prompts(), label=label_of_caption(r["caption"])) for r in rows]
+    examples.append(TraceExample(rows[0]["image"], caption=rows[0]["caption"]))
+    results = trace(finished, examples, k=len(audit.load_slots(finished)))  # every pair: all flags seen
+    for example, result in zip(examples, results):
+        texts = example.prompts or [example.caption] + [c for c in dict.fromkeys(alternative_captions(finished))
+                                                        if c != example.caption]
+        image = loaded.preprocess(load_image(example.image)).unsqueeze(0)
+        with torch.no_grad():
+            image_features, text_features, scale = loaded.model(image, loaded.tokenizer(texts))
+            probabilities = (scale * image_features @ text_features.T)[0].softmax(dim=0)
+        best = int(probabilities.argmax())
+        assert (result.prediction.index, result.prediction.text) == (best, texts[best])
+        assert result.prediction.probability == pytest.approx(float(probabilities[best]), rel=1e-4)
+        assert result.prediction.correct == (best == (example.label if example.prompts else 0))
+    ranking = final_ranking(finished)
+    flagged = {int(s) for s, f in zip(ranking.slots, ranking.suspected) if f}
+    assert flagged  # the workspace's shuffled captions are flagged
+    assert {p.slot for p in results[0].top if p.suspected} == flagged

@@ -313,14 +313,30 @@ def test_trace_is_queued_computed_and_served(api, keys, pg_url, data_root, finis
     run_trace(pg_url, trace_id, ModelCache())  # what the gpu worker runs
     status = api.get(f"/audits/{finished_audit}/traces/{trace_id}", headers=keys["alice"]).json()
     assert status["status"] == "succeeded" and len(status["results"]) == 2
-    for result in status["results"]:
+    from sqlalchemy import select
+
+    from ecif_core.trace.query import examples_from_json, trace
+    from services.db.models import Score, Trace
+
+    with session_scope(pg_url) as session:
+        folder, tests = session.get(Audit, finished_audit).audit_dir, session.get(Trace, trace_id).request["tests"]
+        flagged = {pair_id for (pair_id,) in session.execute(select(Score.pair_id).where(
+            Score.audit_id == finished_audit, Score.suspected.is_(True)))}
+    embedded = trace(folder, examples_from_json(tests), k=5)
+    for result, alone in zip(status["results"], embedded):
         top = result["top"]
         assert [p["rank"] for p in top] == [1, 2, 3, 4, 5] and result["test_loss"] > 0
-        assert [p["relative_is"] for p in top] == sorted((p["relative_is"] for p in top), reverse=True)
+        # the same order, prediction and flags as `ecif trace --audit-dir`: harmful first
+        assert [p["id"] for p in top] == [p.id for p in alone.top]
+        assert [p["influence"] < 0 for p in top] == sorted((p["influence"] < 0 for p in top), reverse=True)
+        assert [p["signed_relative_is"] for p in top] == pytest.approx([p.signed_relative_is for p in alone.top])
+        assert [p["suspected"] for p in top] == [p["id"] in flagged for p in top]
+        assert result["prediction"] == pytest.approx(alone.prediction.to_json())
         assert all(abs(p["influence"] - p["influence_pos"] - p["influence_neg"]) < 1e-9 for p in top)
     csv_text = api.get(f"/audits/{finished_audit}/traces/{trace_id}.csv", headers=keys["alice"]).text
     lines = csv_text.splitlines()
-    assert lines[0].startswith("test,rank,id,image,caption,relative_is") and len(lines) == 11
+    assert lines[0] == ("test,rank,id,image,caption,relative_is,influence,influence_pos,influence_neg,"
+                        "signed_relative_is,suspected") and len(lines) == 11
 
 
 @pytest.mark.parametrize("test, field", [

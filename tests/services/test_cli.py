@@ -4,6 +4,7 @@ import json
 from pathlib import Path
 
 from services.cli import main
+from tests.services.conftest import read_csv_rows
 
 
 def test_demo_runs_end_to_end_at_reduced_size(tmp_path, capsys):
@@ -101,12 +102,23 @@ def test_trace_from_an_embedded_audit_folder(data_root, embedded_csv, tmp_path, 
     prompts = [arg for i in range(10) for arg in ("--prompt", f"a photo of the digit {i}")]
     assert main(["trace", "--audit-dir", str(embedded_csv.parent), "--image", image, *prompts, "--label", "3",
                  "--k", "5", "-o", str(tmp_path / "trace.csv")]) == 0
-    assert "top 5 training pairs by relative-IS" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "top 5 training pairs by relative-IS, harmful first" in out
+    assert "model predicts 'a photo of the digit " in out  # the prompt it ranks first, with its probability
     with (tmp_path / "trace.csv").open() as handle:
         rows = list(csv.DictReader(handle))
     assert [r["rank"] for r in rows] == ["1", "2", "3", "4", "5"]
-    values = [float(r["relative_is"]) for r in rows]
-    assert values == sorted(values, reverse=True)
+    harmful = [r for r in rows if float(r["influence"]) < 0]
+    assert rows[:len(harmful)] == harmful  # sign(influence) x relative-IS: harmful pairs first
+    for group in (harmful, rows[len(harmful):]):
+        values = [float(r["relative_is"]) for r in group]
+        assert values == sorted(values, reverse=True)
+    assert all(float(r["signed_relative_is"]) == (-1 if float(r["influence"]) < 0 else 1) * float(r["relative_is"])
+               for r in rows)
+    flagged = {r["id"] for r in read_csv_rows(embedded_csv) if r["suspected"] == "true"}
+    assert all((r["suspected"] == "true") == (r["id"] in flagged) for r in rows)
+    table = [line for line in out.splitlines() if line.split()[:1] in (["1"], ["2"], ["3"], ["4"], ["5"])]
+    assert [" suspected " in line for line in table] == [r["suspected"] == "true" for r in rows]
     assert main(["trace", "--audit-dir", str(embedded_csv.parent), "--image", image, "--prompt", "a", "--prompt",
                  "b", "--label", "7"]) == 2
     assert "tests[0].label" in capsys.readouterr().err
