@@ -1,5 +1,5 @@
 """Per-pair gradient cost, today's path against the per-item cotangent basis, beside a training
-step on the same batch (docs/METHOD.md "Per-item cotangent basis"; bench/RESULTS.md).
+step on the same batch (docs/METHOD.md, "Per-item cotangent basis"; bench/RESULTS.md).
 
     OMP_NUM_THREADS=1 python -m bench.basis [--models tiny,tiny-d512] [--batch-sizes 32,256]
         [--repeats 2] [--old today|onehot] [--thetas projections,last-block,last-two]

@@ -13,7 +13,7 @@ cotangents of each pair's own 1 - cos(u_n, v_n) (the Algorithm 3 test gradient C
   and output-gradients are per item and token). Then g(n) = sum_j a_j(n)^T M_j, a small
   contraction with the coordinates a_j(n) of the embedding-level cotangents c_j(n) in those
   directions. Every c_j(n) lies in the span of the other tower's B embeddings and item j's own
-  (basis.py, docs/METHOD.md "Per-item cotangent basis"), so R = min(D, B + 1) directions are
+  (basis.py, docs/METHOD.md, "Per-item cotangent basis"), so R = min(D, B + 1) directions are
   exact; "per_item_onehot" keeps the D coordinate directions (the earlier path, for comparison).
 
 `choose_method` (the cost model in memory.py) needs LoGra factors on every theta weight for
