@@ -158,6 +158,16 @@ print(json.dumps({"ranked": str(names["ranked"]), "flagged": [row["id"] for row 
 """
 
 
+def _option(argv: list[str], name: str) -> str:
+    """The value of `name` in argv, written `--out DIR` or `--out=DIR`."""
+    for i, arg in enumerate(argv):
+        if arg == name:
+            return argv[i + 1]
+        if arg.startswith(f"{name}="):
+            return arg.split("=", 1)[1]
+    raise AssertionError(f"no {name} in {argv}")
+
+
 def _auroc(scores: list[float], positives: list[bool]) -> float:
     from ecif_core.metrics import auroc
 
@@ -173,8 +183,7 @@ def test_the_readme_quickstart_audits_an_open_clip_checkpoint_as_written(workspa
     report = json.loads(runs["validate"][1])
     assert report["train"]["usable"] == N_TRAIN and report["train"]["images"]["missing"] == 0
 
-    audit_args = runs["audit"][0]
-    audit_dir = folder / audit_args[audit_args.index("--out") + 1]
+    audit_dir = folder / _option(runs["audit"][0], "--out")
     ranked = audit_dir / "ranked.csv"
     with ranked.open(encoding="utf-8") as handle:
         rows = list(csv.DictReader(handle))
