@@ -47,8 +47,9 @@ def run_audit(manifest: Manifest | str | Path, out: str | Path, progress: Progre
 
     `manifest` is a loaded Manifest or its file. `progress(stage, done, total)` is called as work
     advances, in the stage's unit (ecif_core.stages.table: rows read by prepare, pairs of every
-    shard for gradients, validation and scores, steps otherwise; total None while unknown). A task that fails ends the run with AuditFailed (its message is the recorded error), or
-    with the ConfigError itself when the input is wrong (resuming would only repeat it).
+    shard for gradients, validation and scores, steps otherwise; total None while unknown). A task
+    that fails ends the run with AuditFailed (its message is the recorded error), or with the
+    ConfigError itself when the input is wrong (resuming would only repeat it).
 
     `out` is a folder or an object-store URL (s3://bucket/prefix); it is checked writable before
     anything else. A second run on the same folder resumes: an audit of the same manifest that
