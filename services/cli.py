@@ -11,20 +11,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # ecif never downloads; avoid the 
 
 
 def _progress_bar():
-    """A tqdm bar per stage: stage name, shards done / total, rate and ETA."""
-    from tqdm import tqdm
+    """A bar per stage (services.bars): rows, pairs or steps of the stage, elapsed time and ETA."""
+    from ecif_core.stages.table import BY_NAME
 
-    bars: dict[str, tqdm] = {}
+    from .bars import stage_bars
 
-    def report(stage: str, done: int, total: int) -> None:
-        bar = bars.get(stage)
-        if bar is None:
-            bar = bars[stage] = tqdm(total=total, desc=f"{stage:<10}", unit="shard", file=sys.stderr, leave=True)
-        bar.update(done - bar.n)
-        if done >= total:
-            bar.close()
-
-    return report
+    return stage_bars(lambda stage: BY_NAME[stage].unit)
 
 
 def _print_epoch(epoch: int, epochs: int, loss: float, metrics: dict[str, float]) -> None:
@@ -106,7 +98,11 @@ def cmd_trace(args: argparse.Namespace) -> int:
     item = {"image": str(Path(args.image).resolve())}
     item.update({"caption": args.caption} if args.caption is not None else {"prompts": args.prompt, "label": args.label})
     if args.audit_dir is not None:
-        (result,) = trace(args.audit_dir, examples_from_json([item]), k=args.k)
+        from .bars import TaskBars
+
+        bars = TaskBars("trace")
+        (result,) = trace(args.audit_dir, examples_from_json([item]), k=args.k, progress=bars)
+        bars.close()
         result = {"test_loss": result.test_loss, "prediction": result.prediction.to_json(),
                   "top": [{**p.__dict__, "signed_relative_is": p.signed_relative_is} for p in result.top]}
     else:
@@ -182,10 +178,14 @@ def cmd_edit(args: argparse.Namespace) -> int:
 
         from .interrupt import removed_if_interrupted
 
+        from .bars import TaskBars
+
         zero_shot = zero_shot_examples(_zero_shot_file(args.zero_shot)) if args.zero_shot else None
+        bars = TaskBars("edit (CG)")
         with removed_if_interrupted(args.out):
             record = edit_audit(args.audit_dir, args.remove, args.out, _edit_settings(args), theta=args.theta,
-                                base_dir=Path.cwd(), zero_shot=zero_shot)
+                                base_dir=Path.cwd(), zero_shot=zero_shot, progress=bars)
+        bars.close()
         print(json.dumps({k: record[k] for k in ("remove", "checkpoint", "result", "validation", "zero_shot")},
                          indent=1))
         return 0
@@ -376,10 +376,10 @@ def _status_bar():
             return
         for sharded in SHARDED:
             if sharded == stage:
-                report(stage, done, total)
+                report(stage, done, total, unit="shard")  # the service's status counts shards
             elif position(stage) > position(sharded) and sharded not in finished:
                 finished.add(sharded)
-                report(sharded, total, total)
+                report(sharded, total, total, unit="shard")
     return on_status
 
 

@@ -23,13 +23,14 @@ from ecif_core.errors import ConfigError, EcifError
 from ecif_core.preflight import check_before_audit
 
 from . import repository
-from .db.models import SHARDED, Audit, Shard
+from .db.models import Audit
 from .db.session import session_scope, upgrade
 from .pipeline import LocalDispatcher, Pipeline
 from .report import audit_report_html
 from .resume import resume_audit
+from .stage_progress import StageProgress
 
-Progress = Callable[[str, int, int], None]
+Progress = Callable[[str, int, "int | None"], None]  # (stage, done, total): ecif_core.stages.Progress
 LOCAL_OWNER = "local"
 
 
@@ -44,9 +45,11 @@ def database_url_for(out: Path) -> str:
 def run_audit(manifest: Manifest | str | Path, out: str | Path, progress: Progress | None = None) -> Path:
     """Run every stage here; writes OUT/ranked.csv, rejected.csv, report.html and timing.json; returns ranked.csv.
 
-    `manifest` is a loaded Manifest or its file. `progress(stage, done, total)` is called after each
-    task. A task that fails ends the run with AuditFailed (its message is the recorded error), or
-    with the ConfigError itself when the input is wrong (resuming would only repeat it).
+    `manifest` is a loaded Manifest or its file. `progress(stage, done, total)` is called as work
+    advances, in the stage's unit (ecif_core.stages.table: rows read by prepare, pairs of every
+    shard for gradients, validation and scores, steps otherwise; total None while unknown). A task
+    that fails ends the run with AuditFailed (its message is the recorded error), or with the
+    ConfigError itself when the input is wrong (resuming would only repeat it).
 
     `out` is a folder or an object-store URL (s3://bucket/prefix); it is checked writable before
     anything else. A second run on the same folder resumes: an audit of the same manifest that
@@ -75,8 +78,10 @@ def _run(manifest, out: Path, url: str, progress: Progress | None) -> Path:
             session.execute(delete(Audit).where(Audit.audit_dir == absolute(out)))  # one audit per folder
             audit_id = repository.create_audit(session, LOCAL_OWNER, manifest, out, audit_dir=out).id
         pipeline.start(audit_id)
+    bars = StageProgress(url, audit_id, out, progress) if progress else None
+    pipeline.task_progress = bars.task if bars else None
     try:
-        dispatcher.drain(pipeline, _reporter(url, progress) if progress else None)
+        dispatcher.drain(pipeline, bars.task_done if bars else None)
     except Exception:
         if _status(url, audit_id) != "failed":
             raise  # not a failure the pipeline recorded (it records every error of a task)
@@ -119,18 +124,6 @@ def _unfinished_audit(url: str, manifest, out: Path) -> str | None:
 def _status(url: str, audit_id: str) -> str | None:
     with session_scope(url) as session:
         return session.scalar(select(Audit.status).where(Audit.id == audit_id))
-
-
-def _reporter(url: str, progress: Progress) -> Callable[[str, str, int | None], None]:
-    def after(stage: str, audit_id: str, shard: int | None) -> None:
-        if stage not in SHARDED:
-            progress(stage, 1, 1)
-            return
-        with session_scope(url) as session:
-            statuses = session.scalars(select(Shard.status).where(Shard.audit_id == audit_id,
-                                                                  Shard.stage == stage)).all()
-        progress(stage, sum(s == "done" for s in statuses), len(statuses))
-    return after
 
 
 def _write(path: Path, lines) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import functools
 import logging
 import math
 import os
@@ -76,7 +77,8 @@ class Pipeline:
 
     def __init__(self, database_url: str, dispatcher: Dispatcher, models: core.ModelCache | None = None,
                  image_roots: list[Path] | None = None, heartbeat_interval: float = 0,
-                 remote_image_hosts: list[str] | None = None) -> None:
+                 remote_image_hosts: list[str] | None = None,
+                 task_progress: Callable[[str, int | None, str, int, int | None], None] | None = None) -> None:
         self.database_url = database_url
         self.dispatcher = dispatcher
         self.models = models or core.ModelCache()
@@ -88,6 +90,8 @@ class Pipeline:
         self.heartbeat_interval = heartbeat_interval  # seconds between a running task's beats (0: none)
         self.worker = f"{socket.gethostname()}:{os.getpid()}"
         self.last_failure: Exception | None = None  # the error of the last task that failed here (in-process callers)
+        # (stage, shard, unit, done, total) within a running task: the in-process bars (services.stage_progress)
+        self.task_progress = task_progress
 
     # ------------------------------------------------------------ entry points
 
@@ -156,9 +160,10 @@ class Pipeline:
         if stage == FIRST:
             with session_scope(self.database_url) as session:
                 manifest = Manifest.from_json(session.get(Audit, audit_id).manifest)
+        progress = None if self.task_progress is None else functools.partial(self.task_progress, stage, shard)
         result = core.run_stage(stage, audit_dir, shard, manifest=manifest, image_roots=self.image_roots,
                                 models=self.models, references=self.references,
-                                operator_hosts=self.remote_image_hosts)
+                                operator_hosts=self.remote_image_hosts, progress=progress)
         if stage == FIRST:
             self._prepare(audit_id, audit_dir, result)
         elif stage == "scores":

@@ -35,6 +35,7 @@ from ecif_core.data.manifest import SIDECAR_SUFFIX, Manifest, read_sidecar
 from ecif_core.models.factory import ready_model
 from ecif_core.edit.removal import RemovalSet, select
 from ecif_core.models.runtime import flush_denormals
+from ecif_core.progress import Progress
 from ecif_core.data.confine import data_roots
 from ecif_core.data.storage import absolute, is_remote, location, resolve_against, write_bytes
 from ecif_core.trace.query import TraceExample, examples_from_json
@@ -156,11 +157,12 @@ def zero_shot_accuracy(loaded, examples: list[TraceExample], roots: list[Path] |
 
 def edit_audit(audit_dir: str | Path, spec: str, out: str | Path, settings: EditSettings | None = None,
                theta: list[str] | None = None, base_dir: str | Path | None = None,
-               zero_shot: list[TraceExample] | None = None) -> dict:
+               zero_shot: list[TraceExample] | None = None, progress: Progress | None = None) -> dict:
     """Write the model without the pairs `spec` names into `out`; returns the edit's record (edit.json).
 
     `theta`: fnmatch patterns of the parameters to edit (default: the audit's theta). `zero_shot`:
     examples whose accuracy is measured before and after the edit. The audit is only read, never changed.
+    `progress`: the CG solve's iterations with their relative residual (solver.conjugate_gradient).
     """
     settings = (settings or EditSettings()).validate()
     started = time.perf_counter()
@@ -179,7 +181,7 @@ def edit_audit(audit_dir: str | Path, spec: str, out: str | Path, settings: Edit
         batches = training_batches_of(audit_dir, set(chosen.ids), loaded.preprocess, loaded.tokenizer)
         objective = LeaveOutObjective(model, params, batches, manifest.options.weight_decay)
         seconds["load"] = time.perf_counter() - started
-        result = edit_parameters(objective, settings)
+        result = edit_parameters(objective, settings, progress)
         started_check = time.perf_counter()
         stationarity = float(objective.full_objective_gradient().norm()) / max(result.removal_gradient_norm, 1e-300)
         seconds["stationarity_check"] = time.perf_counter() - started_check

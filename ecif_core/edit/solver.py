@@ -30,6 +30,7 @@ from ecif_core.errors import ConfigError, NonFiniteResult
 from ecif_core.influence.gradients import embed, temperature_scale
 from ecif_core.edit.settings import SETTING, EditSettings
 from ecif_core.influence.losses import batch_loss, group_terms, pair_logits
+from ecif_core.progress import Progress
 
 HEAD_PARAMETERS = ("visual.proj", "text_projection")
 
@@ -79,11 +80,13 @@ def _norm(tensors: dict[str, torch.Tensor]) -> float:
 
 
 def conjugate_gradient(matvec: Callable[[torch.Tensor], torch.Tensor], b: torch.Tensor, tolerance: float,
-                       max_iterations: int, first_product: torch.Tensor | None = None) -> CGResult:
+                       max_iterations: int, first_product: torch.Tensor | None = None,
+                       progress: Progress | None = None) -> CGResult:
     """Solve A x = b for a symmetric A given by products; stops at a direction of non-positive
     curvature, keeping the iterate reached so far (zero if it is the first direction) and saying so.
 
-    `first_product`: A b when the caller already has it (saves one product: x0 = 0, so p0 = b)."""
+    `first_product`: A b when the caller already has it (saves one product: x0 = 0, so p0 = b).
+    `progress`: ("iteration", i, max_iterations, residual=|r_i| / |b|) after each iteration."""
     x = torch.zeros_like(b)
     r, p = b.clone(), b.clone()
     rr, b_norm = float(r @ r), float(b.norm())
@@ -98,6 +101,8 @@ def conjugate_gradient(matvec: Callable[[torch.Tensor], torch.Tensor], b: torch.
         x = x + alpha * p
         r = r - alpha * ap
         rr_new = float(r @ r)
+        if progress is not None:
+            progress("iteration", iteration, max_iterations, residual=rr_new ** 0.5 / b_norm)
         if rr_new ** 0.5 <= tolerance * b_norm:
             return CGResult(x, iteration, rr_new ** 0.5 / b_norm, False)
         p = r + (rr_new / rr) * p
@@ -229,19 +234,22 @@ def _tower_features(model: torch.nn.Module, batches: Sequence[TrainingBatch]) ->
 DAMPING_RETRIES = 4  # each multiplies lambda by 10
 
 
-def edit_parameters(objective: LeaveOutObjective, settings: EditSettings) -> EditResult:
+def edit_parameters(objective: LeaveOutObjective, settings: EditSettings, progress: Progress | None = None) -> EditResult:
     """delta = (H_E + lambda I)^-1 grad(Pos(E) + Neg(E)) at theta_hat, by CG on Hessian-vector products.
 
     A non-convex objective can show CG a direction of negative curvature, where the Newton step is
     undefined and the iterate reached so far overshoots (bench.edit: 8-79x the retrained change).
     Then lambda is raised tenfold and the solve restarted, up to DAMPING_RETRIES times; the record
     keeps every lambda tried, and `negative_curvature` stays true only if the last one failed too.
+    `progress`: each CG iteration with its relative residual (a retry starts again at iteration 1).
     """
     settings.validate()
     pairs_removed = sum(int(b.removed.sum()) for b in objective.batches)
     if pairs_removed == 0:
         raise ConfigError("remove", "the removal set has no pair in the training batches")
     seconds: dict[str, float] = {}
+    if progress is not None:
+        progress("iteration", 0, settings.max_iterations)  # the removal gradient and the first product come first
     started = time.perf_counter()
     b, touched = objective.removal_gradient()
     seconds["removal_gradient"] = time.perf_counter() - started
@@ -254,7 +262,8 @@ def edit_parameters(objective: LeaveOutObjective, settings: EditSettings) -> Edi
     for _ in range(DAMPING_RETRIES + 1):
         tried.append(damping)
         result = conjugate_gradient(lambda x, lam=damping: objective.hessian_vector_product(x) + lam * x, b,
-                                    settings.tolerance, settings.max_iterations, first_product=hb + damping * b)
+                                    settings.tolerance, settings.max_iterations, first_product=hb + damping * b,
+                                    progress=progress)
         if not result.negative_curvature:
             break
         damping = 10 * damping if damping > 0 else SETTING["damping_per_removal_curvature"].default * (rayleigh or 1.0)

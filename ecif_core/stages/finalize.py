@@ -8,6 +8,7 @@ import numpy as np
 import torch
 
 from ecif_core.data.sources import Pair
+from ecif_core.progress import Progress
 from ecif_core.ranking import RANK_BY, misalignment_score, ranking, suspected_flags, suspicion
 from ecif_core.stages.plan import manifest_of, load_plan, open_store
 from ecif_core.stages.scores import scored_columns, scored_curvature_shift
@@ -39,10 +40,16 @@ def final_ranking(audit_dir: str | Path) -> Ranking:
     return Ranking(slots, pairs, cols, order, suspected_flags(cols["suspicion"]))
 
 
-def finalize(audit_dir: str | Path) -> Ranking:
+def finalize(audit_dir: str | Path, *, progress: Progress | None = None) -> Ranking:
     """The finalize stage: the final ranking, returned to the orchestrator (services.pipeline records
-    it; ranked.csv and report.html are written from that record, by one writer each)."""
-    return final_ranking(audit_dir)
+    it; ranked.csv and report.html are written from that record, by one writer each). `progress`:
+    ("step", 0, 1) before, (1, 1) after: one pass over every pair's scores."""
+    if progress is not None:
+        progress("step", 0, 1)
+    result = final_ranking(audit_dir)
+    if progress is not None:
+        progress("step", 1, 1)
+    return result
 
 
 def misalignment_columns(audit_dir: str | Path) -> tuple[list[str], dict[str, np.ndarray]]:

@@ -19,6 +19,7 @@ from ecif_core.models.factory import LoadedModel
 from ecif_core.influence.projection import Projector
 from ecif_core.models.runtime import flush_denormals
 from ecif_core.models.reference import reference_scores
+from ecif_core.progress import Progress
 
 
 
@@ -36,13 +37,17 @@ def _batches_of_shard(plan: Plan, slots: list[tuple[int, Pair]], shard: int) -> 
             yield batch_of[b]
 
 def shard_gradients(audit_dir: str | Path, shard: int, models: ModelCache | None = None,
-                    references: ReferenceCache | None = None) -> bool:
+                    references: ReferenceCache | None = None, *, progress: Progress | None = None) -> bool:
     """Per-pair projected g_pos, g_neg, C_n and the pair's terms (with its reference-model scores)
-    for one shard; False when the shard was already done."""
+    for one shard; False when the shard was already done. `progress`: ("pair", pairs of the shard
+    done, its pairs) after each batch (with several partitions, each pass counts its share)."""
     plan, store = load_plan(audit_dir), open_store(audit_dir)
     if store.is_done("gradients", shard):
         return False
     manifest = manifest_of(plan)
+    batches = list(_batches_of_shard(plan, load_slots(audit_dir, shard), shard))
+    if progress is not None:
+        progress("pair", 0, sum(len(b) for b in batches))  # before the model loads: its time is the stage's
     loaded, params, projector = (models or ModelCache()).get(manifest, roots_of(plan))
     reference = None if manifest.reference is None else (references or ReferenceCache()).get(
         manifest.reference, roots_of(plan))
@@ -52,10 +57,9 @@ def shard_gradients(audit_dir: str | Path, shard: int, models: ModelCache | None
     for name in ("reference_clip_score", "reference_negclip"):
         if name in terms:
             terms[name][:] = np.nan  # no reference: empty in ranked.csv
-    batches = list(_batches_of_shard(plan, load_slots(audit_dir, shard), shard))
     with flush_denormals():
         _accumulate_shard(manifest, loaded, params, projector, start, shard, batches, out, terms, fetch_dir(audit_dir),
-                          roots_of(plan), reference)
+                          roots_of(plan), reference, progress)
     store.write_gradients(start, out)
     store.write_terms(start, terms)
     if store.has_fisher_partials() and curvature_stage.partial_sums_pay(plan):
@@ -66,10 +70,11 @@ def shard_gradients(audit_dir: str | Path, shard: int, models: ModelCache | None
 def _accumulate_shard(manifest: Manifest, loaded: LoadedModel, params: list, projector: Projector, start: int,
                       shard: int, batches: list[list[tuple[int, Pair]]], out: dict, terms: dict,
                       fetched: Path | None = None, roots: list[Path] | None = None,
-                      reference: LoadedModel | None = None) -> None:
+                      reference: LoadedModel | None = None, progress: Progress | None = None) -> None:
     """Fill the shard's rows, averaging over the audit's partitions (r = 0 is the training one)."""
     o = manifest.options
     shard_pairs = [slot_pair for batch in batches for slot_pair in batch]
+    passed = 0  # pairs through the model, over every partition
     for r in range(o.partitions):
         # Extra partitions re-batch the shard's own pairs (see README: "partitions").
         groups = batches if r == 0 else rebatch_within(shard_pairs, o.batch_size, seed=hash_seed(o.seed, r, shard))
@@ -92,3 +97,6 @@ def _accumulate_shard(manifest: Manifest, loaded: LoadedModel, params: list, pro
                         pairs, decoded, reference.preprocess, reference.tokenizer))
                     terms["reference_clip_score"][local] = cos.numpy()
                     terms["reference_negclip"][local] = negclip.numpy()
+            passed += len(batch)
+            if progress is not None:
+                progress("pair", passed // o.partitions, len(shard_pairs))

@@ -17,7 +17,9 @@ from ecif_core import __version__
 from ecif_core.data.batching import ids_digest, training_batches
 from ecif_core.data.images import ImageAccess
 from ecif_core.data.sources import Pair, RejectedRow, check_batchable, iter_pairs, leaving_ids, partition_id
+from ecif_core.data.formats import read_pair_rows, source_of
 from ecif_core.errors import ConfigError
+from ecif_core.progress import Progress, throttled
 from ecif_core.data.folder import AuditFolder
 from ecif_core.models.lora import inject_adapter
 from ecif_core.data.manifest import Manifest, renamed_options
@@ -43,13 +45,14 @@ def _first_difference(new: object, old: object, prefix: str = "") -> str | None:
     return None if new == old else prefix.rstrip(".")
 
 def prepare(manifest: Manifest, audit_dir: str | Path, image_roots: list[Path] | None = None,
-            operator_hosts: Sequence[str] | None = None) -> Plan:
+            operator_hosts: Sequence[str] | None = None, *, progress: Progress | None = None) -> Plan:
     """Validate rows, fix the partition, lay out slots and shards, preallocate the store.
 
     `image_roots`: when given, images whose real path is outside them are rejected rows.
     `operator_hosts`: the service's ECIF_REMOTE_IMAGE_HOSTS; only its host:port entries open
     non-public addresses to http(s) images. None (the embedded mode: no operator, the user
     runs the audit on their own machine): the manifest's own host:port entries do.
+    `progress`: ("row", rows read, rows in the file) as the rows are checked (their images decoded).
     """
     folder = AuditFolder(audit_dir)
     storage.make_folder(folder.path)
@@ -67,7 +70,8 @@ def prepare(manifest: Manifest, audit_dir: str | Path, image_roots: list[Path] |
         opened &= private_opt_ins(operator_hosts)  # ...that the operator lists too
     access = ImageAccess(image_roots, remote, fetch_dir(audit_dir), opened)
     with _PairIndex() as index:
-        rejected, all_ids = index.fill(iter_pairs(manifest.train, access=access))
+        rows = iter_pairs(manifest.train, access=access)
+        rejected, all_ids = index.fill(rows if progress is None else _counted(rows, manifest, image_roots, progress))
         # every data row of the source, readable or not: pairs_total - pairs_rejected = pairs scored
         pairs_total = index.readable + sum(1 for r in rejected if partition_id(r) is None)
         if pairs_total == 0:
@@ -110,6 +114,23 @@ def prepare(manifest: Manifest, audit_dir: str | Path, image_roots: list[Path] |
                                  shards=shards, attrs={"versions": _library_versions(), "manifest": plan.manifest})
     storage.write_text(folder.plan, json.dumps(plan.__dict__, indent=1))  # last: prepare is done
     return plan
+
+def _counted(items: Iterator["Pair | RejectedRow"], manifest: Manifest, roots: list[Path] | None,
+             progress: Progress) -> Iterator["Pair | RejectedRow"]:
+    """`items` (one per row of the source), reporting rows read of the source's rows. The total is a
+    first pass over the file's rows without their images (cheap next to decoding every image);
+    None for webdataset shards, whose rows are read only with their images."""
+    source = source_of(manifest.train, "train")
+    total = None if source.format == "webdataset" else sum(1 for _ in read_pair_rows(source, "train", roots))
+    report = throttled(progress)
+    report("row", 0, total)
+    done = 0
+    for item in items:
+        yield item
+        done += 1
+        report("row", done, total)
+    progress("row", done, done)  # the last count, also when the throttle held it back
+
 
 class _PairIndex:
     """Usable pairs of the training source on this machine's disk (SQLite, a temporary file, also

@@ -11,6 +11,7 @@ from ecif_core.data.sources import Pair
 from ecif_core.errors import InconsistentAudit, NotReady
 from ecif_core.influence.projection import Block
 from ecif_core.influence.scores import pair_scores
+from ecif_core.progress import Progress
 from ecif_core.data.store import SCORE_FIELDS, TERM_FIELDS, AuditStore
 
 
@@ -19,15 +20,20 @@ from ecif_core.stages.curvature import inverse_for
 from ecif_core.stages.plan import Plan, manifest_of, load_plan, load_slots, open_store
 
 
-def shard_scores(audit_dir: str | Path, shard: int, damping: float | None = None) -> bool:
+def shard_scores(audit_dir: str | Path, shard: int, damping: float | None = None, *,
+                 progress: Progress | None = None) -> bool:
     """IS / IS_pos / IS_neg / self-IS / leverage / Gram entries for one shard, into the store.
 
     `damping` re-scores with another lambda from the stored gradients; the shift used is recorded
-    per shard so finalize and traces never mix scores of different dampings.
+    per shard so finalize and traces never mix scores of different dampings. `progress`: ("pair",
+    0, the shard's pairs) before and (pairs, pairs) once the shard is written (one matrix pass).
     """
     plan, store = load_plan(audit_dir), open_store(audit_dir)
     if store.is_done("scores", shard) and damping is None:
         return False
+    pairs_here = len(load_slots(audit_dir, shard)) if progress is not None else 0
+    if progress is not None:
+        progress("pair", 0, pairs_here)
     manifest = manifest_of(plan)
     if manifest.validation is not None and not store.validation_complete():
         raise NotReady("scoring needs the validation stage first")
@@ -48,6 +54,8 @@ def shard_scores(audit_dir: str | Path, shard: int, damping: float | None = None
     store.write_scores(start, {name: scores[name].numpy() for name in store.score_fields()})
     store.write_curvature_shift(shard, inverse.curvature_shift)
     store.mark_done("scores", shard)
+    if progress is not None:
+        progress("pair", pairs_here, pairs_here)
     return True
 
 def scored_curvature_shift(plan: Plan, store: AuditStore) -> float:

@@ -18,6 +18,7 @@ class Stage:
     function: str      # name of the function in ecif_core.stages.<name> that runs it
     sharded: bool      # one task per shard (the function takes the shard number)
     queue: str         # "gpu": needs the model; "cpu": arrays and files only
+    unit: str = "step"  # what its progress counts (ecif_core.progress): rows read, pairs, steps
 
     @property
     def task(self) -> str:
@@ -26,12 +27,12 @@ class Stage:
 
 
 STAGES: tuple[Stage, ...] = (
-    Stage("prepare", "prepare", sharded=False, queue="cpu"),
-    Stage("gradients", "shard_gradients", sharded=True, queue="gpu"),
-    Stage("curvature", "curvature", sharded=False, queue="cpu"),
-    Stage("validation", "validation", sharded=False, queue="gpu"),
-    Stage("scores", "shard_scores", sharded=True, queue="cpu"),
-    Stage("finalize", "finalize", sharded=False, queue="cpu"),
+    Stage("prepare", "prepare", sharded=False, queue="cpu", unit="row"),
+    Stage("gradients", "shard_gradients", sharded=True, queue="gpu", unit="pair"),
+    Stage("curvature", "curvature", sharded=False, queue="cpu", unit="step"),
+    Stage("validation", "validation", sharded=False, queue="gpu", unit="pair"),
+    Stage("scores", "shard_scores", sharded=True, queue="cpu", unit="pair"),
+    Stage("finalize", "finalize", sharded=False, queue="cpu", unit="step"),
 )
 DONE = "done"  # the stage value of a finished audit
 BY_NAME: dict[str, Stage] = {s.name: s for s in STAGES}

@@ -16,6 +16,7 @@ from ecif_core.influence.gradients import per_pair_gradients
 from ecif_core.influence.memory import parse_bytes
 from ecif_core.models.factory import LoadedModel
 from ecif_core.models.runtime import flush_denormals
+from ecif_core.progress import Progress
 
 
 
@@ -24,11 +25,11 @@ from ecif_core.stages.plan import manifest_of, roots_of, image_access, load_plan
 
 
 def validation(audit_dir: str | Path, models: ModelCache | None = None,
-               references: ReferenceCache | None = None) -> bool:
+               references: ReferenceCache | None = None, *, progress: Progress | None = None) -> bool:
     """Projected gradient of the mean validation loss, one gradient per validation pair (its own
     loss Pos(i) in its validation batch: they sum to the batch loss), and the evidence of how well
     the CLIP scores separate validation pairs from corrupted copies (evidence.py); False when there
-    is no validation set."""
+    is no validation set. `progress`: ("pair", validation pairs done, pairs in batches) per batch."""
     plan, store = load_plan(audit_dir), open_store(audit_dir)
     manifest = manifest_of(plan)
     if manifest.validation is None:
@@ -36,6 +37,8 @@ def validation(audit_dir: str | Path, models: ModelCache | None = None,
     if store.validation_complete():
         return True
     o = manifest.options
+    if progress is not None:
+        progress("pair", 0, None)  # counted once the pairs are read; the model loads first
     loaded, params, projector = (models or ModelCache()).get(manifest, roots_of(plan))
     reference = None if manifest.reference is None else (references or ReferenceCache()).get(
         manifest.reference, roots_of(plan))
@@ -45,7 +48,11 @@ def validation(audit_dir: str | Path, models: ModelCache | None = None,
     by_id = {p.id: p for p in pairs}
     examples, loss, count = [], 0.0, 0
     cosines: dict[str, dict[str, list[np.ndarray]]] = {}
-    for number, batch_ids in enumerate(partition(by_id, o.batch_size, o.seed)):
+    batches = list(partition(by_id, o.batch_size, o.seed))
+    in_batches = sum(len(b) for b in batches if len(b) >= 2)
+    if progress is not None:
+        progress("pair", 0, in_batches)
+    for number, batch_ids in enumerate(batches):
         if len(batch_ids) < 2:
             continue
         batch = [by_id[i] for i in batch_ids]
@@ -62,6 +69,8 @@ def validation(audit_dir: str | Path, models: ModelCache | None = None,
         if reference is not None:
             ref_images, _ = batch_tensors(batch, decoded, reference.preprocess, reference.tokenizer)
             _collect_cosines(cosines, "reference_clip_score", reference, ref_images, batch, corrupted)
+        if progress is not None:
+            progress("pair", count, in_batches)
     if count == 0:
         raise ConfigError("validation", "no batch holds two usable pairs")
     per_example = torch.cat(examples)

@@ -37,6 +37,7 @@ from ecif_core.influence.gradients import embed, temperature_scale
 from ecif_core.models.factory import LoadedModel
 from ecif_core.influence.projection import Projector
 from ecif_core.models.runtime import flush_denormals
+from ecif_core.progress import Progress
 
 MAX_ALTERNATIVES = 256
 TRACE_COLUMNS = ("test", "rank", "id", "image", "caption", "relative_is", "influence", "influence_pos",
@@ -159,22 +160,29 @@ def alternative_captions(audit_dir: str | Path) -> list[str]:
 
 
 def trace(audit_dir: str | Path, examples: Sequence[TraceExample], k: int = 20,
-          models: ModelCache | None = None) -> list[Trace]:
+          models: ModelCache | None = None, progress: Progress | None = None) -> list[Trace]:
     """The k training pairs of largest relative-IS for each test example, harmful ones first
-    (harmful_first), each marked when the audit flagged it, with the model's prediction."""
+    (harmful_first), each marked when the audit flagged it, with the model's prediction.
+    `progress`: ("example", test-loss gradients done, examples), then ("shard", shards read, shards)."""
     for index, example in enumerate(examples):
         example.check(index)
     if k < 1:
         raise ConfigError("k", "must be >= 1")
     plan = load_plan(audit_dir)
     manifest, roots = manifest_of(plan), roots_of(plan)
+    if progress is not None:
+        progress("example", 0, len(examples))  # the model loads first
     loaded, params, projector = (models or ModelCache()).get(manifest, roots)
     slots = load_slots(audit_dir)
     index = np.array([slot for slot, _ in slots], dtype=np.int64)
     alternatives = alternative_captions(audit_dir) if any(e.prompts is None for e in examples) else []
-    grads, losses, predictions = zip(*(test_loss_terms(loaded, params, projector, e, alternatives, roots)
-                                       for e in examples))
-    all_terms = trace_terms(audit_dir, torch.stack(grads))  # one pass over the store for every example
+    terms_of = []
+    for number, example in enumerate(examples, start=1):
+        terms_of.append(test_loss_terms(loaded, params, projector, example, alternatives, roots))
+        if progress is not None:
+            progress("example", number, len(examples))
+    grads, losses, predictions = zip(*terms_of)
+    all_terms = trace_terms(audit_dir, torch.stack(grads), progress)  # one pass over the store for every example
     flagged = suspected_slots(audit_dir)
     traces = []
     for t, (example, loss) in enumerate(zip(examples, losses)):
@@ -224,7 +232,8 @@ def trace_relative_is(audit_dir: str | Path, test_grad: torch.Tensor) -> np.ndar
     return trace_terms(audit_dir, test_grad)["relative_is"]
 
 
-def trace_terms(audit_dir: str | Path, test_grads: torch.Tensor) -> dict[str, np.ndarray]:
+def trace_terms(audit_dir: str | Path, test_grads: torch.Tensor,
+                progress: Progress | None = None) -> dict[str, np.ndarray]:
     """Per row slot: relative_is, and the signed influence on the test loss with its split
     (influence_pos = C^T H^-1 g_pos, influence_neg = C^T H^-1 g_neg, influence = their sum).
 
@@ -247,4 +256,6 @@ def trace_terms(audit_dir: str | Path, test_grads: torch.Tensor) -> dict[str, np
             a_pos, a_neg, *(torch.from_numpy(gram[n][start:stop]) for n in gram)).numpy()
         out["influence_pos"][:, start:stop], out["influence_neg"][:, start:stop] = a_pos.numpy(), a_neg.numpy()
         out["influence"][:, start:stop] = (a_pos + a_neg).numpy()
+        if progress is not None:
+            progress("shard", shard + 1, plan.shards)
     return out if test_grads.dim() > 1 else {name: values[0] for name, values in out.items()}

@@ -178,6 +178,26 @@ def test_conjugate_gradient_matches_a_dense_solve_and_stops_at_negative_curvatur
     assert stopped.negative_curvature
 
 
+def test_conjugate_gradient_reports_each_iteration_with_its_residual() -> None:
+    gen = torch.Generator().manual_seed(1)
+    a = torch.randn(12, 12, generator=gen, dtype=torch.float64)
+    spd = a @ a.T + 0.1 * torch.eye(12, dtype=torch.float64)
+    b = torch.randn(12, generator=gen, dtype=torch.float64)
+    seen = []
+
+    def progress(unit: str, done: int, total: int | None, **detail: float) -> None:
+        seen.append((unit, done, total, detail["residual"]))
+
+    result = conjugate_gradient(lambda x: spd @ x, b, 1e-10, 40, progress=progress)
+    assert result.iterations >= 5
+    assert [s[:3] for s in seen] == [("iteration", i, 40) for i in range(1, result.iterations + 1)]
+    assert seen[-1][3] == result.relative_residual
+    residuals = [s[3] for s in seen]
+    assert residuals[0] < 1 and residuals[-1] <= 1e-10 and all(r > 0 for r in residuals)
+    few = conjugate_gradient(lambda x: spd @ x, b, 1e-10, 3, progress=lambda *a, **d: seen.append(a))
+    assert seen[-3:] == [("iteration", 1, 3), ("iteration", 2, 3), ("iteration", 3, 3)] and few.iterations == 3
+
+
 def test_apply_delta_round_trip_and_bad_settings(trained) -> None:
     problem, theta_hat = trained
     delta = {name: torch.ones_like(p) for name, p in problem.theta}
