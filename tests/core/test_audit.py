@@ -159,7 +159,9 @@ def test_bad_rows_are_rejected_with_reasons_and_the_rest_is_audited(workspace, t
 
 
 def test_every_row_rejected_fails_with_the_reason(workspace, tmp_path):
-    (workspace / "data" / "allbad.jsonl").write_text(json.dumps({"id": "x", "image": "nope.png", "caption": "a"}) + "\n")
+    # three rows (a file of one row is refused before the audit, by the submit checks), no image found
+    (workspace / "data" / "allbad.jsonl").write_text("".join(
+        json.dumps({"id": f"x{i}", "image": f"nope{i}.png", "caption": "a"}) + "\n" for i in range(3)))
     shutil.copy(workspace / "model.pt", workspace / "no_sidecar.pt")  # a checkpoint from elsewhere
     manifest = workspace / "allbad.json"
     manifest.write_text(json.dumps({"model": {"config": "cfg.json", "checkpoint": "no_sidecar.pt"},
