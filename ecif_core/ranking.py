@@ -135,22 +135,40 @@ def evidence_weight(auroc: float | None, power: float = 1.0) -> float:
     return max(0.0, 2.0 * auroc - 1.0) ** power
 
 
+@dataclass(frozen=True)
+class EvidenceTerm:
+    """One term of an evidence-weighted score: `weight` x `values`, divided by the terms' total weight."""
+
+    column: str                 # the ranked.csv column the term is computed from
+    auroc: float | None         # that model's AUROC on the validation evidence (None: no validation set)
+    weight: float               # evidence_weight(auroc) (1 for every term when all are 0); not yet normalised
+    values: torch.Tensor        # the column oriented and normalised (rank or robust z): higher = more suspicious
+
+
+def evidence_terms(scores: Scores, audited: str, power: float, how: str,
+                   evidence: Evidence | None) -> list[EvidenceTerm]:
+    """The terms of `evidence_weighted`: the audited model's `audited` column and, when the audit
+    has one, the reference's CLIP score, each weighted by its model's evidence on this data."""
+    evidence = evidence or {}
+    found = [(audited, "clip_score", SUSPICION_SIGN[audited] * scores[audited].to(torch.float64))]
+    reference = scores.get("reference_clip_score")
+    if reference is not None and not torch.isnan(reference).all():
+        found.append(("reference_clip_score", "reference_clip_score", -reference.to(torch.float64)))
+    aurocs = [evidence.get(model, {}).get("mean") for _, model, _ in found]
+    weights = [evidence_weight(auroc, power) for auroc in aurocs]
+    if sum(weights) == 0:  # both at chance: nothing to weigh by, equal weights
+        weights = [1.0] * len(found)
+    normalise = _normalised_rank if how == "rank" else _robust_z
+    return [EvidenceTerm(column, auroc, weight, normalise(values))
+            for (column, _, values), auroc, weight in zip(found, aurocs, weights)]
+
+
 def evidence_weighted(scores: Scores, audited: str, power: float, how: str, evidence: Evidence | None) -> torch.Tensor:
     """Weighted mean of the normalised ranks (or robust z-scores) of the audited model's `audited`
     column and the reference's CLIP score, weighted by each model's evidence on this data. Without a
     reference it is the audited column alone (same order as ranking by it)."""
-    evidence = evidence or {}
-    parts = [(SUSPICION_SIGN[audited] * scores[audited].to(torch.float64),
-              evidence_weight(evidence.get("clip_score", {}).get("mean"), power))]
-    reference = scores.get("reference_clip_score")
-    if reference is not None and not torch.isnan(reference).all():
-        parts.append((-reference.to(torch.float64),
-                      evidence_weight(evidence.get("reference_clip_score", {}).get("mean"), power)))
-    total = sum(w for _, w in parts)
-    if total == 0:  # both at chance: nothing to weigh by, equal weights
-        parts, total = [(c, 1.0) for c, _ in parts], float(len(parts))
-    normalise = _normalised_rank if how == "rank" else _robust_z
-    return sum(w * normalise(c) for c, w in parts) / total
+    terms = evidence_terms(scores, audited, power, how, evidence)
+    return sum(term.weight * term.values for term in terms) / sum(term.weight for term in terms)
 
 
 def _normalised_rank(column: torch.Tensor) -> torch.Tensor:
