@@ -5,9 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field as dataclass_field
 from pathlib import Path
 
-from ecif_core.data.confine import confined
 from ecif_core.data.images import TAR_MEMBER, image_ref
 from ecif_core.data.remote import is_url
+from ecif_core.data.sources import image_base
 from ecif_core.data.formats import Source, read_pair_rows, source_of
 from ecif_core.data.storage import location
 
@@ -41,7 +41,7 @@ def check_image_sample(source: "str | Path | dict | Source", field: str, rows: i
     validate_source); one streaming pass, no image opened."""
     source = source_of(source, field)
     wanted = sample_rows(rows, size)
-    base = _pair_file_folder(source, field)
+    base = image_base(source, None, field)
     last = max(wanted, default=0)
     checked, missing = 0, []
     for number, row in read_pair_rows(source, field):
@@ -56,9 +56,3 @@ def check_image_sample(source: "str | Path | dict | Source", field: str, rows: i
         if not path.is_file():
             missing.append(str(path))
     return ImageSample(checked, len(missing), missing[:3])
-
-
-def _pair_file_folder(source: Source, field: str) -> Path:
-    """The folder relative image paths resolve against (as sources does): the real pair file's."""
-    first = source.path if isinstance(source.path, str) else source.path[0]
-    return confined(first, None, field).parent

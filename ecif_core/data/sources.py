@@ -68,7 +68,7 @@ def iter_pairs(path: "str | Path | dict | Source", check_images: bool = True, fi
     once. Memory: the set of ids seen.
     """
     source = source_of(path, field)
-    base = _base_of(source, access.roots if access else None, field)
+    base = image_base(source, access.roots if access else None, field)
     for number, row, pair_id, reason, duplicate in _checked_rows(source, field, base, check_images, access):
         if pair_id is None:
             yield RejectedRow(number, f"row-{number}", _clean(reason), unreadable=True)
@@ -154,7 +154,7 @@ def _stable_id(row: dict) -> str:
     return "sha1-" + hashlib.sha1(key.encode()).hexdigest()[:16]
 
 
-def _base_of(source: Source, roots: Sequence[Path] | None = None, field: str = "train") -> Path:
+def image_base(source: Source, roots: Sequence[Path] | None = None, field: str = "train") -> Path:
     """The folder relative image paths (and tar members' shards) resolve against: the real
     pair file's (for webdataset, the first shard's)."""
     return confined(source.path if isinstance(source.path, str) else source.path[0], roots, field).parent
@@ -175,7 +175,7 @@ def validate_source(source: "str | Path | dict | Source", field: str = "train") 
     source = source_of(source, field)
     reasons: dict[str, int] = {}
     rows = usable = 0
-    for _, _, _, reason, duplicate in _checked_rows(source, field, _base_of(source), False, None, stat_images=False):
+    for _, _, _, reason, duplicate in _checked_rows(source, field, image_base(source), False, None, stat_images=False):
         rows += 1
         if reason is None:
             usable += 1
