@@ -26,10 +26,8 @@ class ModelCache:
         """The model of `manifest`; with `roots`, its files are confined now (by real path),
         also when the cached copy is reused (a swapped file is refused, not served)."""
         files = model_files(manifest, roots)
-        adapter_weights = None if files.adapter is None else os.path.join(files.adapter, ADAPTER_WEIGHTS)
-        key = (manifest.model_arch, json.dumps(manifest.model_config, sort_keys=True), files.checkpoint,
-               _file_identity(files.checkpoint), files.adapter, _file_identity(adapter_weights),
-               json.dumps(manifest.options.theta), json.dumps(manifest.options.projection, sort_keys=True))
+        key = (manifest.model_arch, files.identity(), json.dumps(manifest.options.theta),
+               json.dumps(manifest.options.projection, sort_keys=True))
         if key != self._key:
             ready = ready_model(manifest.model_arch, files.config, files.checkpoint, adapter=files.adapter,
                                 theta=manifest.options.theta)
@@ -49,12 +47,10 @@ class ReferenceCache:
         """The reference model; its files are confined to `roots` now, as the audited model's are."""
         files = confined_files(reference["checkpoint"], reference.get("config"), reference.get("adapter"), roots,
                                "reference")
-        checkpoint, config, adapter = files.checkpoint, files.config, files.adapter
-        adapter_weights = None if adapter is None else os.path.join(adapter, ADAPTER_WEIGHTS)
-        key = (reference.get("arch"), json.dumps(config, sort_keys=True), checkpoint, _file_identity(checkpoint),
-               adapter, _file_identity(adapter_weights))
+        key = (reference.get("arch"), files.identity())
         if key != self._key:
-            ready = ready_model(reference.get("arch"), config, checkpoint, adapter=adapter, grads="frozen")
+            ready = ready_model(reference.get("arch"), files.config, files.checkpoint, adapter=files.adapter,
+                                grads="frozen")
             self._key, self._value = key, ready.loaded
         return self._value
 
@@ -66,9 +62,18 @@ class ModelFiles:
     config: str | dict | None
     adapter: str | None
 
+    def identity(self) -> tuple:
+        """What makes a cached model stale: these paths, the config, and the checkpoint's and adapter
+        weights' identities (a checkpoint retrained in place must not be served from the cache)."""
+        adapter_weights = None if self.adapter is None else os.path.join(self.adapter, ADAPTER_WEIGHTS)
+        return (json.dumps(self.config, sort_keys=True), self.checkpoint, _file_identity(self.checkpoint),
+                self.adapter, _file_identity(adapter_weights))
+
+
 def model_files(manifest: Manifest, roots: list[Path] | None) -> ModelFiles:
     """The audited model's files (see confined_files)."""
     return confined_files(manifest.checkpoint, manifest.model_config, manifest.adapter, roots, "model")
+
 
 def confined_files(checkpoint: str, config: str | dict | None, adapter: str | None, roots: list[Path] | None,
                    field: str) -> ModelFiles:
@@ -85,6 +90,7 @@ def confined_files(checkpoint: str, config: str | dict | None, adapter: str | No
         for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS):
             confined(os.path.join(adapter, name), roots, f"{field}.adapter")
     return ModelFiles(checkpoint, config, adapter)
+
 
 def _file_identity(path: str | None) -> tuple | None:
     """(mtime_ns, size), in a bucket (ETag, size): a checkpoint retrained in place must not be
