@@ -54,6 +54,7 @@ class ReferenceCache:
             self._key, self._value = key, ready.loaded
         return self._value
 
+
 @dataclass(frozen=True)
 class ModelFiles:
     """The real paths of a manifest's model files, checked against the data roots."""

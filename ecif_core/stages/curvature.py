@@ -40,12 +40,14 @@ def curvature(audit_dir: str | Path, *, progress: Progress | None = None) -> Non
     if progress is not None:
         progress("step", plan.shards + 1, plan.shards + 1)
 
+
 def partial_sums_pay(plan: Plan) -> bool:
     """A shard's k x k partial sum (float64) is stored only when it is smaller than the shard's
     g_pos rows it sums (shard_rows x k float32): otherwise the curvature stage reads those rows,
     fewer bytes to write and read (the demo's shards of 256 rows at k = 1,152 wrote 44 KB of
     partial sums per pair, 62% of the audit folder). Both give the same numbers, bit for bit."""
     return plan.shard_rows * 4 >= plan.dim * 8
+
 
 def fisher_from_partials(store: AuditStore, plan: Plan, progress: Progress | None = None) -> torch.Tensor:
     """sum over shards of each shard's sum g_pos g_pos^T, one shard in memory at a time: its
@@ -63,6 +65,7 @@ def fisher_from_partials(store: AuditStore, plan: Plan, progress: Progress | Non
             progress("step", s + 1, plan.shards + 1)  # the last step is the eigendecomposition
     return total
 
+
 def inverse_for(plan: Plan, store: AuditStore, damping: float | None = None) -> DampedInverse:
     """H^-1 with delta (weight decay) + lambda (damping) added now, not at curvature time."""
     o = manifest_of(plan).options
@@ -70,6 +73,7 @@ def inverse_for(plan: Plan, store: AuditStore, damping: float | None = None) -> 
     lam = damping if damping is not None else (o.damping if o.damping is not None
                                                 else default_damping(eigvals, o.damping_per_mean_eigenvalue))
     return DampedInverse(eigvals, eigvecs, o.weight_decay + lam)
+
 
 def stored_curvature(store: AuditStore) -> tuple[torch.Tensor, torch.Tensor]:
     """(eigvals, eigvecs) of the stored Fisher, once the curvature stage has finished."""

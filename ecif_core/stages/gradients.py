@@ -36,6 +36,7 @@ def _batches_of_shard(plan: Plan, slots: list[tuple[int, Pair]], shard: int) -> 
         if b in batch_of:
             yield batch_of[b]
 
+
 def shard_gradients(audit_dir: str | Path, shard: int, models: ModelCache | None = None,
                     references: ReferenceCache | None = None, *, progress: Progress | None = None) -> bool:
     """Per-pair projected g_pos, g_neg, C_n and the pair's terms (with its reference-model scores)
@@ -66,6 +67,7 @@ def shard_gradients(audit_dir: str | Path, shard: int, models: ModelCache | None
         store.write_fisher_partial(shard, fisher_sum([torch.from_numpy(out["pos"])], plan.dim).numpy())
     store.mark_done("gradients", shard)  # last: the completion marker
     return True
+
 
 def _accumulate_shard(manifest: Manifest, loaded: LoadedModel, params: list, projector: Projector, start: int,
                       shard: int, batches: list[list[tuple[int, Pair]]], out: dict, terms: dict,

@@ -47,26 +47,33 @@ class Plan:
     def shard_batch_range(self, shard: int) -> range:
         return range(shard * self.shard_batches, min(self.n_batches, (shard + 1) * self.shard_batches))
 
+
 def roots_of(plan: "Plan") -> list[Path] | None:
     return None if plan.image_roots is None else data_roots(plan.image_roots, plan.allow_hard_links)
+
 
 def fetch_dir(audit_dir: str | Path) -> Path:
     """The audit's copies of its http(s) images (fetched once, by prepare)."""
     return AuditFolder(audit_dir).fetched
+
 
 def image_access(plan: Plan, audit_dir: str | Path) -> ImageAccess:
     """Data roots and remote-image policy of this audit, for every stage that reads rows."""
     return ImageAccess(roots_of(plan), remote_images_of(plan.manifest.get("remote_images")), fetch_dir(audit_dir),
                        frozenset(plan.private_image_hosts))
 
+
 def _plan_path(audit_dir: str | Path) -> Path:
     return AuditFolder(audit_dir).plan
+
 
 def load_plan(audit_dir: str | Path) -> Plan:
     return Plan(**json.loads(storage.read_text(_plan_path(audit_dir))))
 
+
 def open_store(audit_dir: str | Path) -> AuditStore:
     return AuditStore(AuditFolder(audit_dir).store)
+
 
 def load_slots(audit_dir: str | Path, shard: int | None = None) -> list[tuple[int, Pair]]:
     """(row slot, pair) for every usable pair in slot order, or for one shard's pairs only
@@ -82,6 +89,7 @@ def load_slots(audit_dir: str | Path, shard: int | None = None) -> list[tuple[in
                 break
             out.append((row["slot"], Pair(row["id"], row["image"], row["caption"])))
     return out
+
 
 def manifest_of(plan: Plan) -> Manifest:
     return Manifest.from_json(plan.manifest)

@@ -44,6 +44,7 @@ def _first_difference(new: object, old: object, prefix: str = "") -> str | None:
         return None
     return None if new == old else prefix.rstrip(".")
 
+
 def prepare(manifest: Manifest, audit_dir: str | Path, image_roots: list[Path] | None = None,
             operator_hosts: Sequence[str] | None = None, *, progress: Progress | None = None) -> Plan:
     """Validate rows, fix the partition, lay out slots and shards, preallocate the store.
@@ -115,6 +116,7 @@ def prepare(manifest: Manifest, audit_dir: str | Path, image_roots: list[Path] |
     storage.write_text(folder.plan, json.dumps(plan.__dict__, indent=1))  # last: prepare is done
     return plan
 
+
 def _counted(items: Iterator["Pair | RejectedRow"], manifest: Manifest, roots: list[Path] | None,
              progress: Progress) -> Iterator["Pair | RejectedRow"]:
     """`items` (one per row of the source), reporting rows read of the source's rows. The total is a
@@ -176,12 +178,14 @@ class _PairIndex:
         found = {r[0]: Pair(*r) for r in self.db.execute(f"SELECT id, image, caption FROM pairs WHERE id IN ({marks})", ids)}
         return [found[i] for i in ids]
 
+
 def _library_versions() -> dict[str, str]:
     import open_clip
     import zarr
 
     return {"ecif_core": __version__, "torch": torch.__version__, "open_clip": open_clip.__version__,
             "zarr": zarr.__version__, "numpy": np.__version__}
+
 
 def _shape_projector(manifest: Manifest, roots: list[Path] | None = None) -> Projector:
     """The projector's layout from parameter shapes alone (meta device: no weights loaded);

@@ -58,6 +58,7 @@ def shard_scores(audit_dir: str | Path, shard: int, damping: float | None = None
         progress("pair", pairs_here, pairs_here)
     return True
 
+
 def scored_curvature_shift(plan: Plan, store: AuditStore) -> float:
     """The delta + lambda every scored shard used; refuses missing or mixed shards."""
     done = store.done_count("scores")
@@ -69,14 +70,17 @@ def scored_curvature_shift(plan: Plan, store: AuditStore) -> float:
                                 f"{sorted(set(shifts.tolist()))[:3]}; re-score every shard")
     return float(shifts[0])
 
+
 def collect_scores(audit_dir: str | Path) -> tuple[list[Pair], dict[str, np.ndarray]]:
     """Usable pairs in slot order with their score and term columns."""
     _, pairs, columns = scored_columns(audit_dir)
     return pairs, columns
 
+
 def shard_score_columns(audit_dir: str | Path, shard: int) -> tuple[np.ndarray, list[Pair], dict[str, np.ndarray]]:
     """(slots, pairs, score and term columns) of one scored shard, for bulk writes elsewhere."""
     return scored_columns(audit_dir, shard)
+
 
 def scored_columns(audit_dir: str | Path, shard: int | None = None) -> tuple[np.ndarray, list[Pair], dict]:
     store = open_store(audit_dir)

@@ -81,6 +81,7 @@ def validation(audit_dir: str | Path, models: ModelCache | None = None,
                            {"pairs": count, "loss": loss / count, "evidence": evidence})
     return True
 
+
 @torch.no_grad()
 def _collect_cosines(into: dict, name: str, loaded: LoadedModel, images: torch.Tensor, batch: list[Pair],
                      corrupted: dict[str, list[str]]) -> None:
@@ -92,6 +93,7 @@ def _collect_cosines(into: dict, name: str, loaded: LoadedModel, images: torch.T
             text = loaded.model.encode_text(loaded.tokenizer(captions).to(device))
             cos = (torch.nn.functional.normalize(text.double(), dim=-1) * image).sum(-1)
             into.setdefault(name, {}).setdefault(kind, []).append(cos.cpu().numpy())
+
 
 def audit_evidence(audit_dir: str | Path) -> dict[str, dict[str, float]] | None:
     """How well each model's CLIP score separated clean from corrupted validation pairs (validation
