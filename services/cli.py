@@ -344,11 +344,9 @@ def cmd_keys_create(args: argparse.Namespace) -> int:
 
 
 def _client(args: argparse.Namespace):
-    from .client import Client
-    from .settings import get_settings
+    from .client import client_from_args
 
-    settings = get_settings()
-    return Client(args.server or settings.server_url, args.key or settings.api_key)
+    return client_from_args(args)
 
 
 def cmd_submit(args: argparse.Namespace) -> int:

@@ -140,3 +140,11 @@ def absolute_paths(manifest_path: str | Path) -> dict:
     base = path.resolve().parent
     raw = with_paths(raw, lambda _, value: value if "://" in value else str((base / value).resolve()))
     return raw
+
+
+def client_from_args(args) -> Client:
+    """The client every client verb uses: --server/--key, else ECIF_SERVER_URL/ECIF_API_KEY."""
+    from .settings import get_settings
+
+    settings = get_settings()
+    return Client(args.server or settings.server_url, args.key or settings.api_key)

@@ -37,12 +37,9 @@ def cmd_report(args: argparse.Namespace) -> int:
     if args.audit_dir is not None:
         page = render_audit_dir(Path(args.audit_dir))
     else:
-        from .client import Client
-        from .settings import get_settings
+        from .client import client_from_args
 
-        settings = get_settings()  # as every client verb: --server/--key, else ECIF_SERVER_URL/ECIF_API_KEY
-        client = Client(args.server or settings.server_url, args.key or settings.api_key)
-        page = download(client, args.audit_id, Path(args.out or f"ecif-report-{args.audit_id}"))
+        page = download(client_from_args(args), args.audit_id, Path(args.out or f"ecif-report-{args.audit_id}"))
     print(f"wrote {page}")
     if args.open:
         webbrowser.open(page.resolve().as_uri())
