@@ -38,6 +38,10 @@ EVIDENCE_RULE = ("clip_score_loo", 1.0, "z")  # (audited column, weight power, s
 # shuffled captions (README gives the precision by corruption type).
 SUSPECT_Z = 3.0
 SUSPICION_COLUMN = "suspicion"
+# With a validation set the flag follows a precision target instead: the most probable pairs
+# (misaligned_probability, calibration.py) while their mean probability stays >= this. SUSPECT_Z is the
+# fallback when nothing can be estimated (no validation set, or models that did not learn the domain).
+DEFAULT_FLAG_PRECISION = 0.9
 
 
 @dataclass(frozen=True)

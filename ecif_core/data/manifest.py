@@ -23,7 +23,7 @@ from ecif_core.data.remote import remote_images_of
 from ecif_core.influence.losses import NEG_TERMS
 from ecif_core.influence.memory import parse_bytes
 from ecif_core.influence.projection import ProjectionSpec
-from ecif_core.ranking import DEFAULT_RANK_BY, RANK_BY, REFERENCE, VALIDATION, needs_of
+from ecif_core.ranking import DEFAULT_FLAG_PRECISION, DEFAULT_RANK_BY, RANK_BY, REFERENCE, VALIDATION, needs_of
 
 SIDECAR_SUFFIX = ".json"
 # Fields holding paths: a source object keeps its path under "path" (for webdataset, a list of shards).
@@ -34,7 +34,8 @@ CURVATURE_KINDS = ("full", "blocks")
 # Upper bounds (README, options table): each bounds the memory or time one request can ask for.
 BOUNDS: dict[str, tuple[float, float]] = {
     "batch_size": (2, 65536), "seed": (0, 2**63 - 1), "partitions": (1, 64), "shard_batches": (1, 100_000),
-    "chunk": (1, 65536), "damping": (0, 1e12), "damping_per_mean_eigenvalue": (0, 1e12), "weight_decay": (0, 1e12)}
+    "chunk": (1, 65536), "damping": (0, 1e12), "damping_per_mean_eigenvalue": (0, 1e12), "weight_decay": (0, 1e12),
+    "flag_precision": (0.5, 0.999)}
 # Options renamed (CHANGELOG.md): old spelling -> name. A manifest may still give the old one (deprecated,
 # with a warning); plans and database rows written before the rename are read with it.
 RENAMED_OPTIONS = {"damping_factor": "damping_per_mean_eigenvalue"}
@@ -54,6 +55,7 @@ class AuditOptions:
     theta: list[str] | None = None        # fnmatch patterns; None = default_theta_patterns
     curvature: str = "full"
     rank_by: str = DEFAULT_RANK_BY
+    flag_precision: float = DEFAULT_FLAG_PRECISION  # `suspected`: estimated precision >= this (calibration.py)
     partitions: int = 1
     shard_batches: int = 8
     chunk: int = 64                       # cotangents per batched backward (memory bound)
@@ -137,7 +139,7 @@ def _path_slots(raw: Any) -> Iterator[tuple[str, dict | list, str | int]]:
 _OPTION_TYPES: dict[str, tuple[type, ...]] = {
     "batch_size": (int,), "seed": (int,), "neg_term": (str,), "damping": (int, float, type(None)),
     "damping_per_mean_eigenvalue": (int, float), "weight_decay": (int, float), "projection": (dict, type(None)),
-    "theta": (list, type(None)), "curvature": (str,), "rank_by": (str,), "partitions": (int,),
+    "theta": (list, type(None)), "curvature": (str,), "rank_by": (str,), "flag_precision": (int, float), "partitions": (int,),
     "shard_batches": (int,), "chunk": (int,), "memory_limit": (int, str, type(None)),
 }
 

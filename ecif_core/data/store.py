@@ -37,6 +37,8 @@ POS_GRADIENTS, NEG_GRADIENTS, CLIP_GRADIENTS = (f"{GRADS}/{name}" for name in GR
 FISHER_PARTIAL = "fisher/partial"
 CURVATURE, EIGVALS, EIGVECS = "curvature", "curvature/eigvals", "curvature/eigvecs"
 VALIDATION_GRAD, VALIDATION_EXAMPLES = "validation/grad", "validation/examples"
+# CLIP cosines of the validation pairs, clean and corrupted, per model (calibration.py's null and alternative)
+VALIDATION_COSINES = "validation/cosines"
 # delta + lambda each scores shard used; audits made before the rename (CHANGELOG) hold it under the old key
 CURVATURE_SHIFT, OLD_CURVATURE_SHIFT = "done/curvature_shift", "done/scores_shift"
 
@@ -154,9 +156,16 @@ class AuditStore:
         return self._read(EIGVALS), self._read(EIGVECS)
 
     # ------------------------------------------------------------------ validation stage
-    def write_validation(self, examples: np.ndarray, grad: np.ndarray, attrs: dict[str, Any]) -> None:
-        """Per-example validation gradients, their mean (with `attrs`: pairs, loss, evidence), then the marker."""
+    def write_validation(self, examples: np.ndarray, grad: np.ndarray, attrs: dict[str, Any],
+                         cosines: dict[str, dict[str, np.ndarray]] | None = None) -> None:
+        """Per-example validation gradients, the CLIP cosines of clean and corrupted validation pairs
+        per model ({model: {kind: values}}), the mean gradient (with `attrs`: pairs, loss, evidence),
+        then the marker."""
         self._write_whole(VALIDATION_EXAMPLES, examples)
+        if cosines:
+            models, kinds = sorted(cosines), sorted(next(iter(cosines.values())))
+            table = np.stack([np.stack([np.asarray(cosines[m][k], dtype=np.float64) for k in kinds]) for m in models])
+            self._write_whole(VALIDATION_COSINES, table, {"models": models, "kinds": kinds})
         self._write_whole(VALIDATION_GRAD, grad, attrs)
         self._mark_complete(VALIDATION_GRAD)
 
@@ -170,6 +179,15 @@ class AuditStore:
     def validation_examples(self) -> np.ndarray | None:
         """Per-example validation gradients; None for stores made before they were kept."""
         return self._read(VALIDATION_EXAMPLES) if self._has(VALIDATION_EXAMPLES) else None
+
+    def validation_cosines(self) -> dict[str, dict[str, np.ndarray]] | None:
+        """{model: {kind: cosines}} of the validation pairs ("clean" and each corruption); None for
+        stores made before they were kept."""
+        if not self._has(VALIDATION_COSINES):
+            return None
+        array = self._array(VALIDATION_COSINES)
+        table, models, kinds = np.asarray(array[...]), array.attrs["models"], array.attrs["kinds"]
+        return {m: {k: table[i, j] for j, k in enumerate(kinds)} for i, m in enumerate(models)}
 
     def validation_attrs(self) -> dict[str, Any]:
         """pairs, loss and evidence of the validation stage (read afresh)."""

@@ -7,9 +7,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ecif_core.calibration import Calibration, calibrate
 from ecif_core.data.sources import Pair
 from ecif_core.progress import Progress
-from ecif_core.ranking import RANK_BY, misalignment_score, ranking, suspected_flags, suspicion
+from ecif_core.ranking import RANK_BY, misalignment_score, ranking, suspicion
 from ecif_core.stages.plan import manifest_of, load_plan, open_store
 from ecif_core.stages.scores import scored_columns, scored_curvature_shift
 from ecif_core.stages.validation import audit_evidence
@@ -24,6 +25,7 @@ class Ranking:
     columns: dict[str, np.ndarray]
     order: np.ndarray                  # indices into pairs, most likely misaligned first
     suspected: np.ndarray              # bool per pair
+    calibration: Calibration           # the estimated fraction, posteriors and the flag's precision
 
 
 def final_ranking(audit_dir: str | Path) -> Ranking:
@@ -37,7 +39,10 @@ def final_ranking(audit_dir: str | Path) -> Ranking:
     cols["suspicion"] = suspicion(scores, evidence).numpy()
     score = misalignment_score(scores, o.rank_by, evidence).numpy()
     order = ranking(torch.from_numpy(score)).numpy()
-    return Ranking(slots, pairs, cols, order, suspected_flags(cols["suspicion"]))
+    calibration = calibrate(cols, evidence, open_store(audit_dir).validation_cosines(), cols["suspicion"],
+                            o.flag_precision, o.seed)
+    cols["misaligned_probability"] = calibration.probability
+    return Ranking(slots, pairs, cols, order, calibration.flags, calibration)
 
 
 def finalize(audit_dir: str | Path, *, progress: Progress | None = None) -> Ranking:

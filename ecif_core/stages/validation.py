@@ -17,9 +17,6 @@ from ecif_core.influence.memory import parse_bytes
 from ecif_core.models.factory import LoadedModel
 from ecif_core.models.runtime import flush_denormals
 from ecif_core.progress import Progress
-
-
-
 from ecif_core.models.cache import ModelCache, ReferenceCache
 from ecif_core.stages.plan import manifest_of, roots_of, image_access, load_plan, open_store
 
@@ -74,11 +71,10 @@ def validation(audit_dir: str | Path, models: ModelCache | None = None,
     if count == 0:
         raise ConfigError("validation", "no batch holds two usable pairs")
     per_example = torch.cat(examples)
-    evidence = {name: separation(np.concatenate(parts["clean"]),
-                                 {c: np.concatenate(parts[c]) for c in CORRUPTIONS})
-                for name, parts in cosines.items()}
+    joined = {name: {kind: np.concatenate(values) for kind, values in parts.items()} for name, parts in cosines.items()}
+    evidence = {name: separation(parts["clean"], {c: parts[c] for c in CORRUPTIONS}) for name, parts in joined.items()}
     store.write_validation(per_example.numpy(), (per_example.double().sum(0) / count).numpy(),
-                           {"pairs": count, "loss": loss / count, "evidence": evidence})
+                           {"pairs": count, "loss": loss / count, "evidence": evidence}, joined)
     return True
 
 

@@ -1,0 +1,242 @@
+"""How many training pairs are misaligned, how likely each one is, and which to flag for a target precision.
+
+The `suspicion` score ranks pairs; it does not say how many are bad. The audit's validation pairs give
+the two distributions that turn it into a rate: the clean validation pairs are the null (what an aligned
+pair scores), their corrupted copies (evidence.py) the alternative. The training pairs' scores are fitted
+as a mixture (1 - pi) f0 + pi f1 of the two, both shifted by one fitted offset: a model scores the pairs
+it was trained on as more aligned than unseen ones (memorisation), and the offset absorbs that. The
+posterior of the alternative is each pair's `misaligned_probability`; the flag keeps the most probable
+pairs while their mean posterior (the expected precision) stays at or above the target
+(docs/METHOD.md, "Calibrated estimates").
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+import numpy as np
+
+from ecif_core.metrics import auroc
+from ecif_core.ranking import DEFAULT_FLAG_PRECISION, EVIDENCE_RULE, SUSPECT_Z, SUSPICION_SIGN, evidence_terms
+
+METHOD = "validation mixture"
+MIN_SEPARATION = 0.6           # below this validation AUROC the two components are too alike to estimate
+INTERVAL = 0.9                 # two-sided bootstrap interval of the fraction
+BOOTSTRAP = 200
+GRID = 512                     # density grid points
+# The validation model each ranking term's training column is compared with.
+TERM_MODEL = {"clip_score_loo": "clip_score", "clip_score": "clip_score", "reference_clip_score": "reference_clip_score"}
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """The estimate, the per-pair posterior and the flags of one audit."""
+
+    estimable: bool
+    reason: str | None                    # why not, when not estimable
+    probability: np.ndarray               # misaligned_probability per training pair (NaN when not estimable)
+    flags: np.ndarray                     # the `suspected` flag per training pair
+    target_precision: float
+    fraction: float | None = None
+    interval: tuple[float, float] | None = None
+    flag_precision: float | None = None   # estimated precision of the flag set
+    flag_recall: float | None = None      # estimated recall of the flag set
+    details: dict[str, Any] = field(default_factory=dict)
+
+    def summary(self) -> dict[str, Any]:
+        """summary.json's fields (also the status API's and the report's)."""
+        flagged = int(self.flags.sum())
+        rule = (f"posterior ranking, estimated precision >= {self.target_precision:g}" if self.estimable
+                else f"suspicion > {SUSPECT_Z:g} (no estimate)")
+        return {"estimable": self.estimable, "reason": self.reason, "method": METHOD if self.estimable else None,
+                "pairs": int(len(self.flags)), "estimated_misaligned_fraction": _round(self.fraction),
+                "estimated_misaligned_pairs": None if self.fraction is None else int(round(self.fraction * len(self.flags))),
+                "interval": None if self.interval is None else [_round(v) for v in self.interval],
+                "interval_level": INTERVAL if self.interval is not None else None,
+                "flag_rule": rule, "flag_target_precision": self.target_precision, "flagged": flagged,
+                "estimated_flag_precision": _round(self.flag_precision),
+                "estimated_flag_recall": _round(self.flag_recall), "details": self.details}
+
+
+def calibrate(scores: Mapping[str, np.ndarray], evidence: Mapping[str, Mapping[str, float]] | None,
+              cosines: Mapping[str, Mapping[str, np.ndarray]] | None, suspicion: np.ndarray,
+              target_precision: float = DEFAULT_FLAG_PRECISION, seed: int = 0) -> Calibration:
+    """The audit's calibration from its ranked.csv columns (`scores`), its validation evidence and the
+    validation cosines (clean and corrupted, per model); `suspicion` is the default rule's score."""
+    n = len(suspicion)
+    if cosines is None:
+        return _not_estimable(n, suspicion, target_precision,
+                              "needs a validation set: its clean pairs are the yardstick of an aligned pair")
+    train, null, alternative, weights = statistic(scores, evidence, cosines)
+    separation = auroc(np.concatenate([null, np.concatenate(list(alternative.values()))]),
+                       np.concatenate([np.zeros(len(null)), np.ones(sum(len(a) for a in alternative.values()))]))
+    details = {"validation_separation_auroc": _round(separation), "term_weights": weights}
+    if not separation >= MIN_SEPARATION:
+        return _not_estimable(n, suspicion, target_precision,
+                              f"the models barely tell clean from corrupted validation pairs (AUROC {separation:.2f} "
+                              f"< {MIN_SEPARATION}): they did not learn this domain well enough to count", details)
+    pooled = np.concatenate(list(alternative.values()))
+    fit = fit_mixture(train, null, pooled)
+    probability = fit.posterior(train)
+    flags = flags_for_target(probability, target_precision)
+    low, high = _interval(train, null, alternative, seed)
+    expected = probability.sum()
+    details.update({"memorisation_shift": _round(fit.shift),
+                    "fraction_by_alternative": {k: _round(fit_mixture(train, null, v).fraction)
+                                                for k, v in alternative.items()}})
+    return Calibration(True, None, probability, flags, target_precision, fit.fraction,
+                       (min(low, fit.fraction), max(high, fit.fraction)),
+                       float(probability[flags].mean()) if flags.any() else None,
+                       float(probability[flags].sum() / expected) if expected > 0 else None, details)
+
+
+def statistic(scores: Mapping[str, np.ndarray], evidence: Mapping[str, Mapping[str, float]] | None,
+              cosines: Mapping[str, Mapping[str, np.ndarray]]
+              ) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray], dict[str, float]]:
+    """The `suspicion` statistic for the training pairs and, on the same scale, for the clean and the
+    corrupted validation pairs: each term's validation cosines go through the training column's robust
+    z-score (its median and MAD) and the same evidence weights."""
+    import torch
+    tensors = {k: torch.as_tensor(np.asarray(v, dtype=np.float64)) for k, v in scores.items()}
+    terms = evidence_terms(tensors, EVIDENCE_RULE[0], EVIDENCE_RULE[1], EVIDENCE_RULE[2], evidence)
+    total = sum(t.weight for t in terms)
+    train = sum(t.weight * t.values.numpy() for t in terms) / total
+    kinds = [k for k in next(iter(cosines.values())) if k != "clean"]
+    null = np.zeros(len(cosines[TERM_MODEL[terms[0].column]]["clean"]))
+    alternative = {k: np.zeros_like(null) for k in kinds}
+    for term in terms:
+        column = np.asarray(scores[term.column], dtype=np.float64)
+        finite = column[np.isfinite(column)]
+        median = np.median(finite)
+        mad = 1.4826 * np.median(np.abs(finite - median)) or np.std(finite) or 1.0
+        sign = SUSPICION_SIGN[term.column]
+        model = cosines[TERM_MODEL[term.column]]
+        null += term.weight * sign * (model["clean"] - median) / mad / total
+        for kind in kinds:
+            alternative[kind] += term.weight * sign * (model[kind] - median) / mad / total
+    return train, null, alternative, {t.column: round(t.weight / total, 4) for t in terms}
+
+
+@dataclass(frozen=True)
+class MixtureFit:
+    fraction: float
+    shift: float
+    grid: np.ndarray
+    null_density: np.ndarray
+    alternative_density: np.ndarray
+
+    def posterior(self, values: np.ndarray) -> np.ndarray:
+        """P(misaligned | value), made non-decreasing in the value (a more suspicious score is never
+        less likely misaligned; kernel tails alone could say otherwise)."""
+        f0 = np.interp(values - self.shift, self.grid, self.null_density)
+        f1 = np.interp(values - self.shift, self.grid, self.alternative_density)
+        mixed = (1 - self.fraction) * f0 + self.fraction * f1
+        with np.errstate(invalid="ignore", divide="ignore"):
+            raw = np.where(mixed > 0, self.fraction * f1 / mixed, self.fraction)
+        return _isotonic(values, raw)
+
+
+def fit_mixture(train: np.ndarray, null: np.ndarray, alternative: np.ndarray,
+                shifts: int = 81) -> MixtureFit:
+    """Maximum likelihood (pi, shift) of train ~ (1 - pi) f0(x - shift) + pi f1(x - shift), f0 and f1
+    kernel densities of the null and the alternative sample; the shift is searched on a grid."""
+    spread = _robust_sd(null)
+    grid = np.linspace(min(null.min(), alternative.min()) - 8 * spread,
+                       max(null.max(), alternative.max()) + 8 * spread, GRID)
+    f0, f1 = _density(null, grid), _density(alternative, grid)
+    counts, edges = np.histogram(train, bins=GRID * 2, range=(train.min() - 1e-9, train.max() + 1e-9))
+    centres, counts = (edges[:-1] + edges[1:]) / 2, counts.astype(np.float64)
+    keep = counts > 0
+    centres, counts = centres[keep], counts[keep]
+    candidates = np.linspace(-3 * spread, spread, shifts)
+    a = np.stack([np.interp(centres - s, grid, f0) for s in candidates]) + 1e-300
+    b = np.stack([np.interp(centres - s, grid, f1) for s in candidates]) + 1e-300
+    pi = _mixing_weight(a, b, counts)
+    likelihood = (counts * np.log((1 - pi[:, None]) * a + pi[:, None] * b)).sum(axis=1)
+    best = int(np.argmax(likelihood))
+    return MixtureFit(float(pi[best]), float(candidates[best]), grid, f0, f1)
+
+
+def flags_for_target(probability: np.ndarray, target: float) -> np.ndarray:
+    """The largest set of most-probable pairs whose mean posterior (expected precision) is >= target."""
+    order = np.argsort(-probability, kind="stable")
+    running = np.cumsum(probability[order]) / np.arange(1, len(order) + 1)
+    ok = np.flatnonzero(running >= target)
+    flags = np.zeros(len(probability), dtype=bool)
+    if len(ok):
+        flags[order[:ok[-1] + 1]] = True
+    return flags
+
+
+def _mixing_weight(a: np.ndarray, b: np.ndarray, counts: np.ndarray, steps: int = 50) -> np.ndarray:
+    """Per row, the pi in [0, 1] maximising sum(counts * log((1 - pi) a + pi b)) (concave: bisection on
+    the derivative)."""
+    low, high = np.zeros(len(a)), np.ones(len(a))
+    for _ in range(steps):
+        mid = (low + high) / 2
+        slope = (counts * (b - a) / ((1 - mid[:, None]) * a + mid[:, None] * b)).sum(axis=1)
+        low, high = np.where(slope > 0, mid, low), np.where(slope > 0, high, mid)
+    return (low + high) / 2
+
+
+def _interval(train: np.ndarray, null: np.ndarray, alternative: dict[str, np.ndarray],
+              seed: int) -> tuple[float, float]:
+    """Bootstrap percentile interval of the fraction (training and validation pairs resampled), widened
+    to cover the fits with each simulated corruption alone: the real corruption's shape is unknown."""
+    rng = np.random.default_rng(seed)
+    pooled = np.concatenate(list(alternative.values()))
+    estimates = []
+    for _ in range(BOOTSTRAP):
+        estimates.append(fit_mixture(rng.choice(train, len(train)), rng.choice(null, len(null)),
+                                     rng.choice(pooled, len(pooled)), shifts=21).fraction)
+    tail = (1 - INTERVAL) / 2
+    low, high = np.quantile(estimates, [tail, 1 - tail])
+    alone = [fit_mixture(train, null, values).fraction for values in alternative.values()]
+    return float(min(low, *alone)), float(max(high, *alone))
+
+
+def _density(sample: np.ndarray, grid: np.ndarray) -> np.ndarray:
+    """Gaussian kernel density on the grid (Silverman's bandwidth on the robust spread)."""
+    sample = sample[np.isfinite(sample)]
+    if len(sample) > 20000:
+        sample = np.random.default_rng(0).choice(sample, 20000, replace=False)
+    width = max(1.06 * _robust_sd(sample) * len(sample) ** -0.2, 1e-6)
+    step = grid[1] - grid[0]
+    hist, _ = np.histogram(sample, bins=len(grid), range=(grid[0] - step / 2, grid[-1] + step / 2))
+    offsets = np.arange(-len(grid) + 1, len(grid)) * step
+    kernel = np.exp(-0.5 * (offsets / width) ** 2)
+    density = _convolve(hist, kernel)
+    return density / (density.sum() * step)
+
+
+def _convolve(hist: np.ndarray, kernel: np.ndarray) -> np.ndarray:
+    full = np.convolve(hist.astype(np.float64), kernel)
+    start = (len(kernel) - 1) // 2
+    return full[start:start + len(hist)]
+
+
+def _robust_sd(values: np.ndarray) -> float:
+    values = values[np.isfinite(values)]
+    mad = 1.4826 * np.median(np.abs(values - np.median(values)))
+    return float(mad if mad > 0 else (np.std(values) or 1.0))
+
+
+def _isotonic(values: np.ndarray, raw: np.ndarray) -> np.ndarray:
+    """Least-squares non-decreasing fit of raw against values (pool adjacent violators)."""
+    from sklearn.isotonic import IsotonicRegression
+    finite = np.isfinite(values)
+    out = np.full(len(values), np.nan)
+    if finite.any():
+        fit = IsotonicRegression(y_min=0.0, y_max=1.0, increasing=True, out_of_bounds="clip")
+        out[finite] = fit.fit_transform(values[finite], raw[finite])
+    return out
+
+
+def _not_estimable(n: int, suspicion: np.ndarray, target: float, reason: str,
+                   details: dict[str, Any] | None = None) -> Calibration:
+    flags = np.nan_to_num(suspicion, nan=-np.inf) > SUSPECT_Z
+    return Calibration(False, reason, np.full(n, np.nan), flags, target, details=details or {})
+
+
+def _round(value: float | None) -> float | None:
+    return None if value is None or value != value else round(float(value), 4)
