@@ -20,8 +20,11 @@ def truth_labels(truth_csv: str | Path, ids: Sequence[str]) -> np.ndarray:
 
 
 def detection(scores: Mapping[str, np.ndarray], labels: np.ndarray, ks: Sequence[int]) -> dict[str, dict[str, float]]:
-    """auroc, ap, p@k (for ks <= n) and p@n_pos per score (higher = more suspicious), plus non-finite counts."""
-    out = {}
+    """auroc, ap, p@k (for ks <= n) and p@n_pos per score (higher = more suspicious), plus non-finite counts;
+    none for a clean control (no corrupted pair to detect)."""
+    out: dict[str, dict[str, float]] = {}
+    if not labels.any():
+        return out
     usable = [k for k in ks if k <= len(labels)]
     for name, values in scores.items():
         score, replaced = finite(values)
