@@ -17,7 +17,8 @@ from typing import Any, Mapping
 import numpy as np
 
 from ecif_core.metrics import auroc
-from ecif_core.ranking import DEFAULT_FLAG_PRECISION, EVIDENCE_RULE, SUSPECT_Z, SUSPICION_SIGN, evidence_terms
+from ecif_core.ranking import (DEFAULT_FLAG_PRECISION, EVIDENCE_RULE, SUSPECT_Z, SUSPICION_SIGN, evidence_terms,
+                               suspected_flags)
 
 METHOD = "validation mixture"
 MIN_SEPARATION = 0.6           # below this validation AUROC the two components are too alike to estimate
@@ -234,7 +235,7 @@ def _isotonic(values: np.ndarray, raw: np.ndarray) -> np.ndarray:
 
 def _not_estimable(n: int, suspicion: np.ndarray, target: float, reason: str,
                    details: dict[str, Any] | None = None) -> Calibration:
-    flags = np.nan_to_num(suspicion, nan=-np.inf) > SUSPECT_Z
+    flags = suspected_flags(suspicion)
     return Calibration(False, reason, np.full(n, np.nan), flags, target, details=details or {})
 
 

@@ -43,7 +43,8 @@ def database_url_for(out: Path) -> str:
 
 
 def run_audit(manifest: Manifest | str | Path, out: str | Path, progress: Progress | None = None) -> Path:
-    """Run every stage here; writes OUT/ranked.csv, rejected.csv, report.html and timing.json; returns ranked.csv.
+    """Run every stage here; writes OUT/ranked.csv, rejected.csv, report.html, summary.json and timing.json;
+    returns ranked.csv.
 
     `manifest` is a loaded Manifest or its file. `progress(stage, done, total)` is called as work
     advances, in the stage's unit (ecif_core.stages.table: rows read by prepare, pairs of every
@@ -92,11 +93,13 @@ def _run(manifest, out: Path, url: str, progress: Progress | None) -> Path:
                 raise pipeline.last_failure  # the input is wrong: its field and reason, as the manifest's checks
             raise AuditFailed(f"{audit.error or f'audit ended {audit.status}'} (run the same command again to "
                               "resume where it stopped: finished shards are kept)") from pipeline.last_failure
+        summary = audit.summary
     folder = AuditFolder(out)
     _write(folder.ranked, repository.results_csv(url, audit_id))
     _write(folder.rejected, repository.rejected_csv(url, audit_id))
     page = audit_report_html(url, audit_id, {"results": folder.ranked.name, "rejected": folder.rejected.name})
     _write(folder.report, [page])
+    write_text(folder.summary, json.dumps(summary, indent=1))
     _write_timing(folder, dispatcher.stage_seconds)
     return folder.ranked
 

@@ -205,18 +205,21 @@ class Pipeline:
                 raise
 
     def _finalize(self, audit_id: str, result: core.Ranking) -> None:
-        """Record the finalize stage's ranking (rank, flag, suspicion): ranked.csv and results.csv are read from it."""
+        """Record the finalize stage's ranking (rank, flag, suspicion, misaligned_probability) and the
+        calibration summary: ranked.csv, results.csv and summary.json are read from them."""
         rank_of = {int(result.slots[i]): rank for rank, i in enumerate(result.order, start=1)}
         suspected = {int(slot): bool(flag) for slot, flag in zip(result.slots, result.suspected)}
-        suspicion = {int(slot): _nullable(value) for slot, value in zip(result.slots, result.columns["suspicion"])}
+        finalized = {name: {int(slot): _nullable(value) for slot, value in zip(result.slots, result.columns[name])}
+                     for name in FINALIZED_COLUMNS}
         with session_scope(self.database_url) as session:
             ids = session.execute(select(Score.id, Score.slot).where(Score.audit_id == audit_id)).all()
             if len(ids) != len(rank_of):
                 raise RuntimeError(f"{len(ids)} score rows in the database for {len(rank_of)} scored pairs")
-            updates = [{"id": pk, "rank": rank_of[slot], "suspected": suspected[slot], "suspicion": suspicion[slot]}
-                       for pk, slot in ids]
+            updates = [{"id": pk, "rank": rank_of[slot], "suspected": suspected[slot],
+                        **{name: values[slot] for name, values in finalized.items()}} for pk, slot in ids]
             for start in range(0, len(updates), BULK_ROWS):
                 session.execute(update(Score), updates[start:start + BULK_ROWS])
+            session.execute(update(Audit).where(Audit.id == audit_id).values(summary=result.calibration.summary()))
 
     # ------------------------------------------------------------ bookkeeping
 
@@ -298,8 +301,10 @@ def _index(stage: str) -> int:
 
 
 # Every number column of ranked.csv is a column of the scores table; a shard writes all but the
-# suspicion, which needs every shard (robust z over all pairs) and is set by finalize with the rank.
-SCORE_COLUMNS = tuple(name for name in VALUE_COLUMNS if name != "suspicion")
+# suspicion and the misaligned_probability, which need every shard (robust z, a mixture over all
+# pairs) and are set by finalize with the rank.
+FINALIZED_COLUMNS = ("suspicion", "misaligned_probability")
+SCORE_COLUMNS = tuple(name for name in VALUE_COLUMNS if name not in FINALIZED_COLUMNS)
 
 
 def _nullable(value: float) -> float | None:

@@ -51,6 +51,11 @@ class AuditFolder:
         return self.path / "ranked.csv"
 
     @property
+    def summary(self) -> Path:
+        """How many pairs are misaligned and how far to trust the flag (calibration.py; the status API's `summary`)."""
+        return self.path / "summary.json"
+
+    @property
     def report(self) -> Path:
         """The HTML report (the embedded mode writes it; the service renders it per request)."""
         return self.path / "report.html"

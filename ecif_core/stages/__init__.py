@@ -17,7 +17,7 @@ from ecif_core.data.manifest import Manifest
 from ecif_core.models.cache import ModelCache, ReferenceCache
 from ecif_core.progress import Progress as TaskProgress
 from ecif_core.stages.curvature import inverse_for
-from ecif_core.stages.finalize import Ranking, final_ranking, misalignment_columns, suspected_flags
+from ecif_core.stages.finalize import Ranking, final_ranking, misalignment_columns
 from ecif_core.stages.plan import Plan, fetch_dir, image_access, load_plan, load_slots, manifest_of, open_store, roots_of
 from ecif_core.stages.scores import collect_scores, scored_curvature_shift, shard_score_columns
 from ecif_core.stages.table import BY_NAME
@@ -26,7 +26,7 @@ from ecif_core.stages.validation import audit_evidence
 __all__ = ["ModelCache", "Plan", "Progress", "Ranking", "ReferenceCache", "TaskProgress", "audit_evidence", "collect_scores",
            "fetch_dir", "final_ranking", "image_access", "inverse_for", "load_plan", "load_slots", "manifest_of",
            "misalignment_columns", "open_store", "roots_of", "run_stage", "scored_curvature_shift", "shard_score_columns",
-           "stage_function", "suspected_flags"]
+           "stage_function"]
 
 # An orchestrator's callback: (stage, done, total) in the stage's unit (table.Stage.unit: rows,
 # pairs or steps of the whole stage, every shard together); total None while it is not known.

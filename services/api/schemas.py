@@ -68,6 +68,10 @@ class AuditStatus(BaseModel):
     error: str | None
     results_url: str
     rejected_url: str
+    summary: Annotated[dict | None, Field(description=(
+        "how many pairs are misaligned and how far to trust the flag (the audit folder's summary.json): "
+        "estimable, reason, method, estimated_misaligned_fraction, interval, flag_target_precision, flagged, "
+        "estimated_flag_precision, estimated_flag_recall; null until the audit finished"))] = None
 
 
 class AuditPage(BaseModel):

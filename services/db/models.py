@@ -52,6 +52,7 @@ class Audit(Base):
     pairs_total: Mapped[int | None] = mapped_column(Integer, nullable=True)
     pairs_rejected: Mapped[int | None] = mapped_column(Integer, nullable=True)
     curvature_shift: Mapped[float | None] = mapped_column(Float, nullable=True)   # delta + lambda the scores used
+    summary: Mapped[dict | None] = mapped_column(JSON, nullable=True)   # calibration summary (summary.json), by finalize
     error: Mapped[str | None] = mapped_column(Text, nullable=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, index=True)
     started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
@@ -123,6 +124,8 @@ class Score(Base):
     clip_score_loo: Mapped[float | None] = mapped_column(Float(53), nullable=True)
     reference_clip_score: Mapped[float | None] = mapped_column(Float(53), nullable=True)
     reference_negclip: Mapped[float | None] = mapped_column(Float(53), nullable=True)
+    # set by finalize; NULL when nothing could be estimated (no validation set) and for older audits
+    misaligned_probability: Mapped[float | None] = mapped_column(Float(53), nullable=True)
     rank: Mapped[int | None] = mapped_column(Integer, nullable=True)
     suspected: Mapped[bool | None] = mapped_column(Boolean, nullable=True)
 

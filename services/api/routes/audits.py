@@ -214,7 +214,8 @@ def _status(request: Request, session: Session, audit: Audit) -> AuditStatus:
                        started_at=audit.started_at, finished_at=audit.finished_at,
                        eta_seconds=progress["eta_seconds"], stall_reason=progress["stall_reason"], error=_redacted(request, audit.error),
                        results_url=str(request.url_for("audit_results", audit_id=audit.id)),
-                       rejected_url=str(request.url_for("audit_rejected", audit_id=audit.id)))
+                       rejected_url=str(request.url_for("audit_rejected", audit_id=audit.id)),
+                       summary=audit.summary)
 
 
 def _redacted(request: Request, value):
