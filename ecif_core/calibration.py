@@ -23,7 +23,10 @@ from ecif_core.ranking import (DEFAULT_FLAG_PRECISION, EVIDENCE_RULE, SUSPECT_Z,
 METHOD = "validation mixture"
 MIN_SEPARATION = 0.6           # below this validation AUROC the two components are too alike to estimate
 INTERVAL = 0.9                 # two-sided bootstrap interval of the fraction
-BOOTSTRAP = 200
+# The memorisation shift is searched in [-MAX_SHIFT, MAX_SHIFT / 4] null spreads: a trained model scores its own
+# pairs as more aligned, rarely less; a wider range lets "every pair is a shifted alternative" fit a clean set.
+MAX_SHIFT = 2.0
+BOOTSTRAP = 100
 GRID = 512                     # density grid points
 # The validation model each ranking term's training column is compared with.
 TERM_MODEL = {"clip_score_loo": "clip_score", "clip_score": "clip_score", "reference_clip_score": "reference_clip_score"}
@@ -57,6 +60,22 @@ class Calibration:
                 "flag_rule": rule, "flag_target_precision": self.target_precision, "flagged": flagged,
                 "estimated_flag_precision": _round(self.flag_precision),
                 "estimated_flag_recall": _round(self.flag_recall), "details": self.details}
+
+
+def describe(summary: dict[str, Any]) -> str:
+    """summary.json in one or two sentences, for the terminal."""
+    if not summary["estimable"]:
+        return (f"How many pairs are misaligned cannot be estimated: {summary['reason']}. "
+                f"Flagged {summary['flagged']} pairs by {summary['flag_rule']}.")
+    low, high = summary["interval"]
+    text = (f"Estimated misaligned: {summary['estimated_misaligned_fraction']:.1%} of {summary['pairs']} pairs "
+            f"(about {summary['estimated_misaligned_pairs']}; {summary['interval_level']:.0%} interval {low:.1%} to "
+            f"{high:.1%}). ")
+    if not summary["flagged"]:
+        return text + f"No pair reaches the flag's precision target ({summary['flag_target_precision']:g})."
+    return text + (f"Flagged {summary['flagged']}: estimated precision {summary['estimated_flag_precision']:.2f} "
+                   f"(target {summary['flag_target_precision']:g}), estimated recall "
+                   f"{summary['estimated_flag_recall']:.2f}.")
 
 
 def calibrate(scores: Mapping[str, np.ndarray], evidence: Mapping[str, Mapping[str, float]] | None,
@@ -149,7 +168,7 @@ def fit_mixture(train: np.ndarray, null: np.ndarray, alternative: np.ndarray,
     centres, counts = (edges[:-1] + edges[1:]) / 2, counts.astype(np.float64)
     keep = counts > 0
     centres, counts = centres[keep], counts[keep]
-    candidates = np.linspace(-3 * spread, spread, shifts)
+    candidates = np.linspace(-MAX_SHIFT * spread, MAX_SHIFT / 4 * spread, shifts)
     a = np.stack([np.interp(centres - s, grid, f0) for s in candidates]) + 1e-300
     b = np.stack([np.interp(centres - s, grid, f1) for s in candidates]) + 1e-300
     pi = _mixing_weight(a, b, counts)

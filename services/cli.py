@@ -51,16 +51,33 @@ def _no_task_tracebacks() -> None:
 
 
 def cmd_audit(args: argparse.Namespace) -> int:
+    from ecif_core.calibration import describe
     from ecif_core.data.folder import AuditFolder
+    from ecif_core.data.manifest import load_manifest
 
     from .embedded import run_audit
 
     _no_task_tracebacks()
 
-    ranked = run_audit(args.manifest, args.out, progress=None if args.quiet else _progress_bar())
+    manifest = load_manifest(args.manifest)
+    if args.flag_precision is not None:
+        manifest.options.flag_precision = args.flag_precision
+    ranked = run_audit(manifest, args.out, progress=None if args.quiet else _progress_bar())
     folder = AuditFolder(ranked.parent)
-    print(f"wrote {folder.ranked}, {folder.rejected} and {folder.report}")
+    print(describe(json.loads(folder.summary.read_text())))
+    print(f"wrote {folder.ranked}, {folder.summary}, {folder.rejected} and {folder.report}")
     return 0
+
+
+def _flag_precision(text: str) -> float:
+    """--flag-precision: a precision target the manifest's bounds accept."""
+    from ecif_core.data.manifest import BOUNDS
+
+    low, high = BOUNDS["flag_precision"]
+    value = float(text)
+    if not low <= value <= high:
+        raise argparse.ArgumentTypeError(f"must be between {low:g} and {high:g}")
+    return value
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -77,8 +94,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
     flags = result.flags
     for method, m in result.report.items():
         print(f"{method:<34}{m['auroc']:>8.3f}{m['ap']:>8.3f}{m['p@50']:>8.3f}")
-    print(f"suspected=true: {flags['flagged']:.0f} pairs, precision {flags['precision']:.2f}, "
-          f"recall {flags['recall']:.2f}")
+    from ecif_core.calibration import describe
+
+    print(describe(json.loads((result.ranked_csv.parent / "summary.json").read_text())))
+    print(f"suspected=true: {flags['flagged']:.0f} pairs, measured precision {flags['precision']:.2f}, "
+          f"recall {flags['recall']:.2f} (against the demo's truth file)")
     print(f"train {result.train_seconds:.1f}s ({result.epoch_seconds:.2f}s/epoch), audit {result.audit_seconds:.1f}s "
           f"= {result.audit_seconds / result.epoch_seconds:.1f} epochs")
     return 0
@@ -458,6 +478,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = verbs.add_parser("audit", help="run a whole audit in this process (no servers)")
     p.add_argument("manifest")
     p.add_argument("--out", required=True, help="audit folder (ranked.csv, rejected.csv, store.zarr)")
+    p.add_argument("--flag-precision", type=_flag_precision, default=None, metavar="P",
+                   help="flag the most likely misaligned pairs while their estimated precision stays >= P "
+                        "(default: the manifest's options.flag_precision, 0.9)")
     _device_flag(p)
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(run=cmd_audit)

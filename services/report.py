@@ -78,7 +78,7 @@ def audit_report_html(database_url: str, audit_id: str, links: dict[str, str],
         meta = {"id": audit.id, "status": audit.status, "pairs": audit.pairs_total, "rejected": audit.pairs_rejected,
                 "curvature_shift": audit.curvature_shift, "seconds": _seconds(audit), "dim": _dim(audit.audit_dir),
                 "audit_dir": audit.audit_dir, "manifest": audit.manifest,
-                "rank_by": audit.manifest["options"]["rank_by"]}
+                "rank_by": audit.manifest["options"]["rank_by"], "summary": audit.summary}
     columns = {name: np.array([np.nan if getattr(r, name) is None else getattr(r, name) for r in rows], dtype=float)
                for name in ("influence", "influence_pos", "influence_neg", "self_influence", "suspicion",
                             "clip_score", "clip_score_loo", "reference_clip_score")}
@@ -173,13 +173,30 @@ def _summary(meta: dict, naming: dict[str, str], scored: int, flagged: int) -> s
     """What a curator needs first: what was audited, and how many pairs to review."""
     lead = (f"<p>{scored} image-text pairs of <b>{html.escape(naming['data'])}</b> were scored with the model "
             f"<b>{html.escape(naming['model'])}</b>. Flagged as likely misaligned: <b>{flagged}</b> "
-            f'(<a href="#flagged">review them below</a>).</p>')
+            f'(<a href="#flagged">review them below</a>).</p>{_estimate(meta.get("summary"))}')
     items = [("data set", naming["data"]), ("model", naming["model"]), ("pairs in the file", meta["pairs"]),
              ("scored", scored), ("rejected (unusable rows)", meta["rejected"]), ("flagged", flagged),
              ("ranked by", meta["rank_by"]),
              ("run time", f"{meta['seconds']:.1f} s" if meta["seconds"] is not None else "-")]
     cells = "".join(f"<tr><td>{html.escape(str(k))}</td><td><b>{html.escape(str(v))}</b></td></tr>" for k, v in items)
     return f'{lead}<table class="summary" id="summary">{cells}</table>'
+
+
+def _estimate(summary: dict | None) -> str:
+    """How many pairs are misaligned and how far to trust the flag (summary.json), in one paragraph."""
+    if not summary:
+        return ""
+    if not summary["estimable"]:
+        return (f'<p id="estimate">How many pairs are misaligned cannot be estimated: {html.escape(summary["reason"])}. '
+                f'The flag is {html.escape(summary["flag_rule"])}.</p>')
+    low, high = summary["interval"]
+    precision, recall = summary["estimated_flag_precision"], summary["estimated_flag_recall"]
+    flag = ("No pair reaches the flag's precision target." if not summary["flagged"] else
+            f"Of the flagged pairs about {precision:.0%} are expected to be misaligned (target "
+            f"{summary['flag_target_precision']:.0%}), and they hold about {recall:.0%} of the misaligned pairs.")
+    return (f'<p id="estimate">Estimated misaligned: <b>{summary["estimated_misaligned_fraction"]:.1%}</b> of the '
+            f'pairs (about {summary["estimated_misaligned_pairs"]}; {summary["interval_level"]:.0%} interval '
+            f'{low:.1%} to {high:.1%}). {flag} Each pair\'s <code>misaligned_probability</code> is in ranked.csv.</p>')
 
 
 def _links(links: dict[str, str]) -> str:
