@@ -204,7 +204,9 @@ def markdown_table() -> str:
         score = rule.score if rule.column is None else f"{rule.orientation} `{rule.column}` first"
         default = " (default)" if rule.name == DEFAULT_RANK_BY else ""
         lines.append(f"| `\"{rule.name}\"`{default} | {needs} | {score} |")
-    lines.append(f"\n`suspected` = `{SUSPICION_COLUMN}` > {SUSPECT_Z:g}, whatever `rank_by` is.")
+    lines.append(f"\n`suspected`, whatever `rank_by` is: with a validation set, the pairs of highest `misaligned_probability` "
+                 f"while their mean stays >= `options.flag_precision` (default {DEFAULT_FLAG_PRECISION:g}); when nothing can be "
+                 f"estimated (no validation set, or models at chance on it), `{SUSPICION_COLUMN}` > {SUSPECT_Z:g}.")
     return "\n".join(lines)
 
 

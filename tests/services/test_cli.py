@@ -3,6 +3,9 @@ import csv
 import json
 from pathlib import Path
 
+import numpy as np
+import pytest
+
 from services.cli import main
 from tests.services.conftest import read_csv_rows
 
@@ -292,3 +295,28 @@ def test_ecif_audit_writes_ranked_csv_and_report_html_once_each(data_root, tmp_p
         assert len(list(csv.DictReader(handle))) == 96  # every pair of the data root, once
     timing = json.loads((out / "timing.json").read_text())  # the benchmarks read it
     assert list(timing) == [*(stage.name for stage in STAGES), "total"] and timing["total"] > 0
+
+
+def test_summary_json_matches_ranked_csv(embedded_csv):
+    """summary.json (the calibration) agrees with ranked.csv: the flagged count, the flag's estimated
+    precision and recall are the mean and the share of misaligned_probability over the flagged rows,
+    and the flag is the precision-target set (the most probable pairs)."""
+    from ecif_core.calibration import describe, flags_for_target
+
+    summary = json.loads((embedded_csv.parent / "summary.json").read_text())
+    rows = read_csv_rows(embedded_csv)
+    flagged = [r for r in rows if r["suspected"] == "true"]
+    assert summary["pairs"] == len(rows) and summary["flagged"] == len(flagged)
+    assert describe(summary)  # the terminal's sentence renders for this audit
+    if not summary["estimable"]:
+        assert summary["estimated_misaligned_fraction"] is None and summary["reason"]
+        assert all(r["misaligned_probability"] == "" for r in rows)
+        return
+    probability = np.array([float(r["misaligned_probability"]) for r in rows])
+    suspected = np.array([r["suspected"] == "true" for r in rows])
+    assert np.array_equal(suspected, flags_for_target(probability, summary["flag_target_precision"]))
+    if suspected.any():
+        assert summary["estimated_flag_precision"] == pytest.approx(probability[suspected].mean(), abs=1e-4)
+        assert summary["estimated_flag_recall"] == pytest.approx(probability[suspected].sum() / probability.sum(), abs=1e-4)
+    low, high = summary["interval"]
+    assert low <= summary["estimated_misaligned_fraction"] <= high

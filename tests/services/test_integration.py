@@ -56,6 +56,8 @@ def test_audit_over_http_matches_the_embedded_mode(service, data_root, embedded_
     assert_same_ranking(read_csv_rows(tmp_path / "ranked.csv"), read_csv_rows(embedded_csv))
     status = service.run("status", audit_id)
     assert '"status": "succeeded"' in status.stdout and '"shards_done": 6' in status.stdout
+    # the calibration summary: the same as the embedded mode's summary.json
+    assert json.loads(status.stdout)["summary"] == json.loads((embedded_csv.parent / "summary.json").read_text())
     # a trace on the gpu queue: the worker computes the test-loss gradient
     row = json.loads((data_root / "digits" / "test.jsonl").read_text().splitlines()[0])
     prompts = [arg for text in class_prompts() for arg in ("--prompt", text)]
