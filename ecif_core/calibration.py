@@ -80,13 +80,14 @@ def describe(summary: dict[str, Any]) -> str:
 
 def calibrate(scores: Mapping[str, np.ndarray], evidence: Mapping[str, Mapping[str, float]] | None,
               cosines: Mapping[str, Mapping[str, np.ndarray]] | None, suspicion: np.ndarray,
-              target_precision: float = DEFAULT_FLAG_PRECISION, seed: int = 0) -> Calibration:
+              target_precision: float = DEFAULT_FLAG_PRECISION, seed: int = 0,
+              missing: str = "needs a validation set: its clean pairs are the yardstick of an aligned pair") -> Calibration:
     """The audit's calibration from its ranked.csv columns (`scores`), its validation evidence and the
-    validation cosines (clean and corrupted, per model); `suspicion` is the default rule's score."""
+    validation cosines (clean and corrupted, per model); `suspicion` is the default rule's score;
+    `missing`: why there are no cosines, when there are none."""
     n = len(suspicion)
     if cosines is None:
-        return _not_estimable(n, suspicion, target_precision,
-                              "needs a validation set: its clean pairs are the yardstick of an aligned pair")
+        return _not_estimable(n, suspicion, target_precision, missing)
     train, null, alternative, weights = statistic(scores, evidence, cosines)
     separation = auroc(np.concatenate([null, np.concatenate(list(alternative.values()))]),
                        np.concatenate([np.zeros(len(null)), np.ones(sum(len(a) for a in alternative.values()))]))

@@ -39,8 +39,11 @@ def final_ranking(audit_dir: str | Path) -> Ranking:
     cols["suspicion"] = suspicion(scores, evidence).numpy()
     score = misalignment_score(scores, o.rank_by, evidence).numpy()
     order = ranking(torch.from_numpy(score)).numpy()
+    missing = ("needs a validation set: its clean pairs are the yardstick of an aligned pair" if evidence is None else
+               "this audit's validation stage ran before the calibration existed (its cosines were not kept); "
+               "run the audit again in a new folder for an estimate")
     calibration = calibrate(cols, evidence, open_store(audit_dir).validation_cosines(), cols["suspicion"],
-                            o.flag_precision, o.seed)
+                            o.flag_precision, o.seed, missing)
     cols["misaligned_probability"] = calibration.probability
     return Ranking(slots, pairs, cols, order, calibration.flags, calibration)
 
