@@ -12,7 +12,7 @@ pairs while their mean posterior (the expected precision) stays at or above the 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
@@ -26,6 +26,9 @@ INTERVAL = 0.9                 # two-sided bootstrap interval of the fraction
 # The memorisation shift is searched in [-MAX_SHIFT, MAX_SHIFT / 4] null spreads: a trained model scores its own
 # pairs as more aligned, rarely less; a wider range lets "every pair is a shifted alternative" fit a clean set.
 MAX_SHIFT = 2.0
+# A reference model this good on the validation evidence (mean AUROC) is the estimate's statistic alone: it
+# never saw the training pairs, so neither memorisation nor a consistently mislearned name can hide one.
+REFERENCE_COMPETENT = 0.7
 BOOTSTRAP = 100
 GRID = 512                     # density grid points
 # The validation model each ranking term's training column is compared with.
@@ -88,23 +91,29 @@ def calibrate(scores: Mapping[str, np.ndarray], evidence: Mapping[str, Mapping[s
     n = len(suspicion)
     if cosines is None:
         return _not_estimable(n, suspicion, target_precision, missing)
-    train, null, alternative, weights = statistic(scores, evidence, cosines)
+    reference = ((evidence or {}).get("reference_clip_score") or {}).get("mean")
+    alone = "reference_clip_score" in cosines and reference is not None and reference >= REFERENCE_COMPETENT
+    used = {**evidence, "clip_score": {"mean": 0.5}} if alone else evidence  # 0.5: the audited term's weight 0
+    train, null, alternative, weights = statistic(scores, used, cosines)
     separation = auroc(np.concatenate([null, np.concatenate(list(alternative.values()))]),
                        np.concatenate([np.zeros(len(null)), np.ones(sum(len(a) for a in alternative.values()))]))
-    details = {"validation_separation_auroc": _round(separation), "term_weights": weights}
+    details = {"statistic": "reference_clip_score alone" if alone else "suspicion",
+               "caveat": None if alone else (
+                   "no reference model that knows this domain (validation AUROC >= "
+                   f"{REFERENCE_COMPETENT}): misaligned pairs the audited model learned consistently (a concept "
+                   "named wrongly everywhere) look aligned to it and are not counted, so the estimate is a lower bound"),
+               "validation_separation_auroc": _round(separation), "term_weights": weights}
     if not separation >= MIN_SEPARATION:
         return _not_estimable(n, suspicion, target_precision,
                               f"the models barely tell clean from corrupted validation pairs (AUROC {separation:.2f} "
                               f"< {MIN_SEPARATION}): they did not learn this domain well enough to count", details)
-    pooled = np.concatenate(list(alternative.values()))
-    fit = fit_mixture(train, null, pooled)
+    fit = fit_mixture(train, null, list(alternative.values()))
     probability = fit.posterior(train)
     flags = flags_for_target(probability, target_precision)
-    low, high = _interval(train, null, alternative, seed)
+    low, high = _interval(train, null, list(alternative.values()), seed)
     expected = probability.sum()
     details.update({"memorisation_shift": _round(fit.shift),
-                    "fraction_by_alternative": {k: _round(fit_mixture(train, null, v).fraction)
-                                                for k, v in alternative.items()}})
+                    "corruption_shares": {k: _round(w) for k, w in zip(alternative, fit.weights[1:])}})
     return Calibration(True, None, probability, flags, target_precision, fit.fraction,
                        (min(low, fit.fraction), max(high, fit.fraction)),
                        float(probability[flags].mean()) if flags.any() else None,
@@ -140,42 +149,48 @@ def statistic(scores: Mapping[str, np.ndarray], evidence: Mapping[str, Mapping[s
 
 @dataclass(frozen=True)
 class MixtureFit:
-    fraction: float
+    weights: np.ndarray            # mixing weights: the null first, then each alternative
     shift: float
     grid: np.ndarray
-    null_density: np.ndarray
-    alternative_density: np.ndarray
+    densities: list[np.ndarray]    # the null's, then each alternative's, on the grid
+
+    @property
+    def fraction(self) -> float:
+        return float(1.0 - self.weights[0])
 
     def posterior(self, values: np.ndarray) -> np.ndarray:
         """P(misaligned | value), made non-decreasing in the value (a more suspicious score is never
         less likely misaligned; kernel tails alone could say otherwise)."""
-        f0 = np.interp(values - self.shift, self.grid, self.null_density)
-        f1 = np.interp(values - self.shift, self.grid, self.alternative_density)
-        mixed = (1 - self.fraction) * f0 + self.fraction * f1
+        parts = [w * np.interp(values - self.shift, self.grid, d) for w, d in zip(self.weights, self.densities)]
+        mixed = sum(parts)
         with np.errstate(invalid="ignore", divide="ignore"):
-            raw = np.where(mixed > 0, self.fraction * f1 / mixed, self.fraction)
+            raw = np.where(mixed > 0, 1.0 - parts[0] / mixed, self.fraction)
         return _isotonic(values, raw)
 
 
-def fit_mixture(train: np.ndarray, null: np.ndarray, alternative: np.ndarray,
-                shifts: int = 81) -> MixtureFit:
-    """Maximum likelihood (pi, shift) of train ~ (1 - pi) f0(x - shift) + pi f1(x - shift), f0 and f1
-    kernel densities of the null and the alternative sample; the shift is searched on a grid."""
+def fit_mixture(train: np.ndarray, null: np.ndarray, alternatives: Sequence[np.ndarray],
+                shifts: int = 81, iterations: int = 300) -> MixtureFit:
+    """Maximum likelihood weights and shift of train ~ w0 f0(x - shift) + sum_k wk fk(x - shift): f0
+    the null's kernel density, fk each alternative's (each simulated corruption, so the real one may be
+    any mix of them). Weights by EM (the likelihood is concave in them), the shift on a grid."""
     spread = _robust_sd(null)
-    grid = np.linspace(min(null.min(), alternative.min()) - 8 * spread,
-                       max(null.max(), alternative.max()) + 8 * spread, GRID)
-    f0, f1 = _density(null, grid), _density(alternative, grid)
+    everything = np.concatenate([null, *alternatives])
+    grid = np.linspace(everything.min() - 8 * spread, everything.max() + 8 * spread, GRID)
+    densities = [_density(null, grid)] + [_density(a, grid) for a in alternatives]
     counts, edges = np.histogram(train, bins=GRID * 2, range=(train.min() - 1e-9, train.max() + 1e-9))
     centres, counts = (edges[:-1] + edges[1:]) / 2, counts.astype(np.float64)
     keep = counts > 0
     centres, counts = centres[keep], counts[keep]
     candidates = np.linspace(-MAX_SHIFT * spread, MAX_SHIFT / 4 * spread, shifts)
-    a = np.stack([np.interp(centres - s, grid, f0) for s in candidates]) + 1e-300
-    b = np.stack([np.interp(centres - s, grid, f1) for s in candidates]) + 1e-300
-    pi = _mixing_weight(a, b, counts)
-    likelihood = (counts * np.log((1 - pi[:, None]) * a + pi[:, None] * b)).sum(axis=1)
+    # component density at every bin centre, per candidate shift: (shifts, components, bins)
+    table = np.stack([np.stack([np.interp(centres - s, grid, d) for d in densities]) for s in candidates]) + 1e-300
+    weights = np.full(table.shape[:2], 1.0 / len(densities))
+    for _ in range(iterations):
+        mixed = np.einsum("sk,skb->sb", weights, table)
+        weights = weights * np.einsum("skb,sb,b->sk", table, 1.0 / mixed, counts) / counts.sum()
+    likelihood = (counts * np.log(np.einsum("sk,skb->sb", weights, table))).sum(axis=1)
     best = int(np.argmax(likelihood))
-    return MixtureFit(float(pi[best]), float(candidates[best]), grid, f0, f1)
+    return MixtureFit(weights[best], float(candidates[best]), grid, densities)
 
 
 def flags_for_target(probability: np.ndarray, target: float) -> np.ndarray:
@@ -189,31 +204,17 @@ def flags_for_target(probability: np.ndarray, target: float) -> np.ndarray:
     return flags
 
 
-def _mixing_weight(a: np.ndarray, b: np.ndarray, counts: np.ndarray, steps: int = 50) -> np.ndarray:
-    """Per row, the pi in [0, 1] maximising sum(counts * log((1 - pi) a + pi b)) (concave: bisection on
-    the derivative)."""
-    low, high = np.zeros(len(a)), np.ones(len(a))
-    for _ in range(steps):
-        mid = (low + high) / 2
-        slope = (counts * (b - a) / ((1 - mid[:, None]) * a + mid[:, None] * b)).sum(axis=1)
-        low, high = np.where(slope > 0, mid, low), np.where(slope > 0, high, mid)
-    return (low + high) / 2
-
-
-def _interval(train: np.ndarray, null: np.ndarray, alternative: dict[str, np.ndarray],
+def _interval(train: np.ndarray, null: np.ndarray, alternatives: Sequence[np.ndarray],
               seed: int) -> tuple[float, float]:
-    """Bootstrap percentile interval of the fraction (training and validation pairs resampled), widened
-    to cover the fits with each simulated corruption alone: the real corruption's shape is unknown."""
+    """Bootstrap percentile interval of the fraction: training pairs, validation pairs and each
+    corrupted copy resampled, the whole fit repeated (on a coarser shift grid)."""
     rng = np.random.default_rng(seed)
-    pooled = np.concatenate(list(alternative.values()))
-    estimates = []
-    for _ in range(BOOTSTRAP):
-        estimates.append(fit_mixture(rng.choice(train, len(train)), rng.choice(null, len(null)),
-                                     rng.choice(pooled, len(pooled)), shifts=21).fraction)
+    estimates = [fit_mixture(rng.choice(train, len(train)), rng.choice(null, len(null)),
+                             [rng.choice(a, len(a)) for a in alternatives], shifts=21, iterations=150).fraction
+                 for _ in range(BOOTSTRAP)]
     tail = (1 - INTERVAL) / 2
     low, high = np.quantile(estimates, [tail, 1 - tail])
-    alone = [fit_mixture(train, null, values).fraction for values in alternative.values()]
-    return float(min(low, *alone)), float(max(high, *alone))
+    return float(low), float(high)
 
 
 def _density(sample: np.ndarray, grid: np.ndarray) -> np.ndarray:

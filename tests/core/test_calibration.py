@@ -23,7 +23,7 @@ def test_fit_recovers_the_fraction_and_the_memorisation_shift(fraction):
     rng = np.random.default_rng(1)
     train, _ = _mixture(rng, 4000, fraction, shift=-0.5)
     null, alternative = _validation(rng)
-    fit = fit_mixture(train, null, alternative)
+    fit = fit_mixture(train, null, [alternative])
     # 400 + 800 validation pairs: the estimate's seed-to-seed sd is about 0.013 (kernel smoothing biases it
     # about 0.01 low at 30%); 0.04 is three of them
     assert abs(fit.fraction - fraction) < 0.04
@@ -36,8 +36,8 @@ def test_a_clean_training_set_is_estimated_clean_and_null_and_alternative_are_no
     rng = np.random.default_rng(2)
     train, _ = _mixture(rng, 3000, 0.0, shift=0.0)
     null, alternative = _validation(rng)
-    assert fit_mixture(train, null, alternative).fraction <= 0.02
-    assert fit_mixture(train, alternative, null).fraction >= 0.9
+    assert fit_mixture(train, null, [alternative]).fraction <= 0.02
+    assert fit_mixture(train, alternative, [null]).fraction >= 0.9
 
 
 def _calibrated(rng, fraction, target=0.9, n=3000):
