@@ -74,6 +74,8 @@ def describe(summary: dict[str, Any]) -> str:
     text = (f"Estimated misaligned: {summary['estimated_misaligned_fraction']:.1%} of {summary['pairs']} pairs "
             f"(about {summary['estimated_misaligned_pairs']}; {summary['interval_level']:.0%} interval {low:.1%} to "
             f"{high:.1%}). ")
+    if (summary.get("details") or {}).get("caveat"):
+        text += "This is a lower bound: no reference model knows this domain (summary.json, details.caveat). "
     if not summary["flagged"]:
         return text + f"No pair reaches the flag's precision target ({summary['flag_target_precision']:g})."
     return text + (f"Flagged {summary['flagged']}: estimated precision {summary['estimated_flag_precision']:.2f} "

@@ -191,12 +191,15 @@ def _estimate(summary: dict | None) -> str:
                 f'The flag is {html.escape(summary["flag_rule"])}.</p>')
     low, high = summary["interval"]
     precision, recall = summary["estimated_flag_precision"], summary["estimated_flag_recall"]
+    caveat = (summary.get("details") or {}).get("caveat")
+    caveat = f" <b>A lower bound:</b> {html.escape(caveat)}." if caveat else ""
     flag = ("No pair reaches the flag's precision target." if not summary["flagged"] else
             f"Of the flagged pairs about {precision:.0%} are expected to be misaligned (target "
             f"{summary['flag_target_precision']:.0%}), and they hold about {recall:.0%} of the misaligned pairs.")
     return (f'<p id="estimate">Estimated misaligned: <b>{summary["estimated_misaligned_fraction"]:.1%}</b> of the '
             f'pairs (about {summary["estimated_misaligned_pairs"]}; {summary["interval_level"]:.0%} interval '
-            f'{low:.1%} to {high:.1%}). {flag} Each pair\'s <code>misaligned_probability</code> is in ranked.csv.</p>')
+            f'{low:.1%} to {high:.1%}). {flag} Each pair\'s <code>misaligned_probability</code> is in ranked.csv.'
+            f'{caveat}</p>')
 
 
 def _links(links: dict[str, str]) -> str:
