@@ -29,6 +29,8 @@ class RecordingStarter:
         self.traces: list[str] = []
         self.edits: list[str] = []
         self.resumed: list[tuple] = []
+        self.estimated: list = []
+        self.settings = None  # the api fixture's
 
     def resume(self, audit_id: str):
         from services.resume import resume_audit
@@ -45,12 +47,20 @@ class RecordingStarter:
     def start_edit(self, edit_id: str) -> None:
         self.edits.append(edit_id)
 
+    def estimate(self, manifest) -> dict:
+        """As the embedded mode estimates (InProcessStarter.estimate), measured in this process."""
+        from services.api.app import InProcessStarter
+
+        self.estimated.append(manifest)
+        return InProcessStarter(self.settings).estimate(manifest)
+
 
 @pytest.fixture(scope="module")
 def api(pg_url, data_root, tmp_path_factory):
     store = tmp_path_factory.mktemp("store")
     settings = Settings(database_url=pg_url, store_url=str(store), data_roots=[data_root], max_manifest_bytes=4096)
     starter = RecordingStarter(pg_url)
+    starter.settings = settings
     with TestClient(create_app(settings, starter=starter)) as client:
         client.starter, client.settings = starter, settings
         yield client
@@ -97,6 +107,40 @@ def test_submit_poll_and_other_owners_see_404(api, keys):
     assert api.delete(f"/audits/{created['id']}", headers=keys["bob"]).status_code == 404
     assert created["id"] not in [a["id"] for a in api.get("/audits", headers=keys["bob"]).json()["items"]]
     assert api.get(f"/audits/{created['id']}/results.csv", headers=keys["alice"]).status_code == 409
+
+
+def test_a_dry_run_answers_the_estimate_after_the_submit_checks_and_creates_no_audit(api, keys, pg_url):
+    from sqlalchemy import func, select
+
+    from ecif_core.stages.table import STAGES
+
+    def audits() -> int:
+        with session_scope(pg_url) as session:
+            return session.scalar(select(func.count()).select_from(Audit))
+
+    before, started = audits(), list(api.starter.started)
+    response = api.post("/audits?dry_run=true", json=manifest_json(), headers=keys["alice"])
+    assert response.status_code == 200, response.text
+    estimate = response.json()
+    assert (estimate["pairs"], estimate["validation_pairs"], estimate["batch_size"]) == (96, 24, 8)
+    assert list(estimate["stages"]) == [s.name for s in STAGES] and estimate["store_bytes"] > 0
+    assert estimate["total_s"] == pytest.approx(sum(estimate["stages"].values())) and estimate["total_s"] > 0
+    assert estimate["summary"].startswith("Expected: about ") and " for 96 pairs " in estimate["summary"]
+    assert audits() == before and api.starter.started == started and len(api.starter.estimated) == 1
+    # a key as for a submit, and the submit's checks before anything is timed
+    assert api.post("/audits?dry_run=true", json=manifest_json()).status_code == 401
+    refused = api.post("/audits?dry_run=true", json=manifest_json(train="digits/nope.jsonl"), headers=keys["alice"])
+    assert refused.status_code == 422 and refused.json()["field"] == "train" and len(api.starter.estimated) == 1
+    assert audits() == before
+
+
+def test_an_embedded_server_refuses_an_estimate_while_an_audit_runs(api):
+    from services.api.app import InProcessStarter
+    from services.estimates import EstimateUnavailable
+
+    starter = InProcessStarter(api.settings)
+    with starter._lock, pytest.raises(EstimateUnavailable, match="retry the estimate when it is done"):
+        starter.estimate(None)
 
 
 def test_listing_is_paginated_newest_first(api, keys, pg_url):
