@@ -386,7 +386,7 @@ def estimate_part(out: Path, batch_sizes: list[int], n_train: int, threads: int,
                      "stages": {name: {"estimated_s": estimate["stages"][name], "actual_s": stages[name]["s"]}
                                 for name in estimate["stages"]},
                      "store_bytes_estimated": estimate["store_bytes"], "store_bytes_written": written,
-                     "summary": estimate["summary"]})
+                     "summary": estimate["summary"], "measured": estimate["measured"]})
         print(json.dumps(rows[-1]), flush=True)
     return rows
 

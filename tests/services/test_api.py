@@ -143,6 +143,39 @@ def test_an_embedded_server_refuses_an_estimate_while_an_audit_runs(api):
         starter.estimate(None)
 
 
+def test_with_a_broker_a_gpu_worker_times_the_estimate_and_replies_through_redis(api, keys, redis_url, monkeypatch):
+    """The API's half for real (send, wait on the reply list); the worker's task body runs in a thread."""
+    import threading
+
+    from ecif_core.errors import ConfigError
+    from services import broker, estimates
+    from services.api.app import CeleryStarter
+
+    settings = api.settings.model_copy(update={"broker_url": redis_url, "estimate_timeout": 120})
+    sent = []
+
+    def worker(name, args, expires):
+        sent.append((name, expires))
+        threading.Thread(target=estimates.reply_estimate, args=(settings, *args)).start()
+
+    monkeypatch.setattr(broker.app, "send_task", worker)
+    with TestClient(create_app(settings, starter=CeleryStarter(settings))) as client:
+        answer = client.post("/audits?dry_run=true", json=manifest_json(), headers=keys["alice"])
+        assert answer.status_code == 200, answer.text
+        assert answer.json()["pairs"] == 96 and sent == [(estimates.ESTIMATE_TASK, 120)]
+        real = estimates.estimate_json
+        monkeypatch.setattr(estimates, "estimate_json", lambda *a: (_ for _ in ()).throw(
+            ConfigError("train", "row 3: the image cannot be decoded")))
+        refused = client.post("/audits?dry_run=true", json=manifest_json(), headers=keys["alice"])
+        assert refused.status_code == 422 and refused.json()["field"] == "train"
+        monkeypatch.setattr(estimates, "estimate_json", real)
+    monkeypatch.setattr(broker.app, "send_task", lambda *args, **kwargs: None)  # no worker takes it
+    quick = settings.model_copy(update={"estimate_timeout": 1})
+    with TestClient(create_app(quick, starter=CeleryStarter(quick))) as client:
+        late = client.post("/audits?dry_run=true", json=manifest_json(), headers=keys["alice"])
+        assert late.status_code == 503 and "no gpu worker took the estimate within 1 s" in late.json()["detail"]
+
+
 def test_listing_is_paginated_newest_first(api, keys, pg_url):
     with session_scope(pg_url) as session:
         owner_key = repository.create_key(session, "carol")
