@@ -12,8 +12,10 @@ What is measured (`measure`, seconds on this machine, its device and torch threa
 - one validation batch (gradients and the evidence cosines) when there is a validation set;
 - on one shard of those gradients (tiled to shard_rows): its k x k Fisher sum, the
   eigendecomposition of the k x k Fisher (the curvature stage), and the shard's scores with
-  this audit's validation examples (the scores stage).
-Finalize is modelled (FINALIZE_PAIR_S); the store's bytes are exact arithmetic (store.written_bytes).
+  this audit's validation examples (the scores stage);
+- a temporary store of one shard, created, written and read as each stage does (store I/O per shard).
+Finalize's per-pair work is modelled (FINALIZE_PAIR_S); the store's bytes are exact arithmetic
+(store.written_bytes).
 `extrapolate` turns the measurements into per-stage seconds; it is pure arithmetic (tested with
 fake timings)."""
 from __future__ import annotations
@@ -21,7 +23,7 @@ from __future__ import annotations
 import math
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Sequence
 
@@ -35,7 +37,7 @@ from ecif_core.data.manifest import Manifest
 from ecif_core.data.pairs import Pair
 from ecif_core.data.remote import private_opt_ins, remote_images_of
 from ecif_core.data.sources import check_batchable, iter_pairs
-from ecif_core.data.store import GRADIENT_FIELDS, TERM_FIELDS, written_bytes
+from ecif_core.data.store import GRADIENT_FIELDS, TERM_FIELDS, AuditStore, written_bytes
 from ecif_core.evidence import corrupted_captions
 from ecif_core.influence.curvature import DampedInverse, default_damping, eigendecompose, fisher_sum
 from ecif_core.influence.gradients import per_pair_gradients
@@ -70,6 +72,9 @@ class Measured:
     score_shard_s: float        # the scores of one shard (with this audit's validation examples)
     validation_pair_s: float | None = None  # one validation pair's gradient and cosines; None: no validation set
     startup_s: float = 0.0      # a fresh process's import of the engine's libraries (0: a long-lived worker)
+    create_s: float = 0.0       # the store's arrays laid out (prepare)
+    finalize_s: float = 0.0     # the score and term columns opened and read once (finalize; a shard's worth)
+    io_shard_s: dict[str, float] = field(default_factory=dict)  # per stage: one shard's reads and writes of the store
 
     @property
     def pair_s(self) -> float:
@@ -124,12 +129,14 @@ class Estimate:
 def extrapolate(measured: Measured, pairs: int, validation_pairs: int, shard_batches: int, dim: int,
                 workers: int = 1, device: str = "cpu", threads: int = 1) -> Estimate:
     """Per-stage seconds for `pairs` training pairs (all usable) and `validation_pairs`:
-    - prepare: startup_s + rows x prepare_row_s (a fresh process imports the libraries in prepare);
+    - prepare: startup_s + create_s + rows x prepare_row_s (a fresh process imports the libraries in prepare);
     - gradients: load + warm-up (once) + (pairs x pair_s + shards x fisher_shard_s when the shards
       store their partial sums) / W, W = min(workers, shards);
     - curvature: eigh_s, plus shards x fisher_shard_s when the sums are taken from the rows;
     - validation: validation pairs x (prepare_row_s + validation_pair_s) (the model is already loaded);
-    - scores: shards x score_shard_s / W; finalize: pairs x FINALIZE_PAIR_S."""
+    - scores: shards x score_shard_s / W; finalize: finalize_s + pairs x FINALIZE_PAIR_S;
+    plus, for each sharded stage and curvature, shards x its store reads and writes per shard
+    (io_shard_s; / W when sharded)."""
     size_b = measured.batch_size
     batches = batch_count(pairs, size_b)
     shards = max(1, math.ceil(batches / shard_batches))
@@ -140,14 +147,16 @@ def extrapolate(measured: Measured, pairs: int, validation_pairs: int, shard_bat
     in_batches = validation_in_batches(validation_pairs, size_b)
     per_pair_validation = measured.validation_pair_s or 0.0
     seconds = {
-        "prepare": measured.startup_s + pairs * measured.prepare_row_s,
+        "prepare": measured.startup_s + measured.create_s + pairs * measured.prepare_row_s,
         "gradients": load + (pairs * measured.pair_s + pays * shards * measured.fisher_shard_s) / parallel,
         "curvature": measured.eigh_s + (not pays) * shards * measured.fisher_shard_s,
         "validation": validation_pairs * measured.prepare_row_s + in_batches * per_pair_validation,
         "scores": shards * measured.score_shard_s / parallel,
-        "finalize": pairs * FINALIZE_PAIR_S,
+        "finalize": measured.finalize_s + pairs * FINALIZE_PAIR_S,
     }
     assert tuple(seconds) == tuple(s.name for s in STAGES), "one figure per stage of the table"
+    for stage in STAGES:
+        seconds[stage.name] += shards * measured.io_shard_s.get(stage.name, 0.0) / (parallel if stage.sharded else 1)
     rows = shards * shard_rows
     return Estimate(pairs=pairs, validation_pairs=validation_pairs, batch_size=size_b, shards=shards, dim=dim,
                     stages=seconds, fixed_s=measured.startup_s + load,
@@ -216,6 +225,7 @@ def measure(manifest: Manifest, roots: Sequence[Path] | None = None, operator_ho
         dim = projector.dim
         blocks = projector.blocks if o.curvature == "blocks" else None
         work = _shard_work(manifest, rows[1:] or rows, dim, blocks, o.shard_batches * o.batch_size, validation_pairs)
+        work.update(_store_work(work.pop("tiled"), work.pop("scores"), dim, o.shard_batches * o.batch_size))
     return Measured(batch_size=o.batch_size, load_s=load_s, warmup_s=warmup, batch_s=steady,
                     prepare_row_s=prepare_row_s, validation_pair_s=validation_pair_s, **work), dim
 
@@ -298,9 +308,47 @@ def _shard_work(manifest: Manifest, rows: list[dict[str, np.ndarray]], dim: int,
     started = time.perf_counter()
     lam = o.damping if o.damping is not None else default_damping(eigvals, o.damping_per_mean_eigenvalue)
     inverse = DampedInverse(eigvals, eigvecs, o.weight_decay + lam)
-    pair_scores(tiled["pos"], tiled["neg"], inverse, validation, blocks, g_clip=tiled["clip"],
-                validation_examples=examples, pairs=shard_rows)
-    return {"fisher_shard_s": fisher_shard_s, "eigh_s": eigh_s, "score_shard_s": time.perf_counter() - started}
+    scores = pair_scores(tiled["pos"], tiled["neg"], inverse, validation, blocks, g_clip=tiled["clip"],
+                         validation_examples=examples, pairs=shard_rows)
+    return {"fisher_shard_s": fisher_shard_s, "eigh_s": eigh_s, "score_shard_s": time.perf_counter() - started,
+            "tiled": tiled, "scores": scores}
+
+
+def _store_work(tiled: dict[str, torch.Tensor], scores: dict[str, torch.Tensor], dim: int,
+                shard_rows: int) -> dict:
+    """create_s and io_shard_s: a temporary store of one shard, written and read as each stage does
+    (the measured gradients and scores, so compression sees real values; a local folder)."""
+    io: dict[str, float] = {}
+    pays = sums_pay(shard_rows, dim)
+    with tempfile.TemporaryDirectory(prefix="ecif-estimate-store-") as folder:
+        started = time.perf_counter()
+        store = AuditStore(folder)
+        store.create(rows=shard_rows, dim=dim, shard_rows=shard_rows, shards=1, attrs={})
+        create_s = time.perf_counter() - started
+        started = time.perf_counter()
+        store = AuditStore(folder)  # each stage task opens the store afresh
+        store.write_gradients(0, {name: tiled[name].numpy() for name in store.gradient_fields()})
+        store.write_terms(0, {name: np.zeros(shard_rows, np.float32) for name in store.term_fields()})
+        if pays:
+            store.write_fisher_partial(0, np.eye(dim))
+        store.mark_done("gradients", 0)
+        io["gradients"] = time.perf_counter() - started
+        started = time.perf_counter()
+        AuditStore(folder).fisher_partial(0) if pays else AuditStore(folder).pos_gradients(0, shard_rows)
+        io["curvature"] = time.perf_counter() - started
+        started = time.perf_counter()
+        store = AuditStore(folder)
+        store.pos_gradients(0, shard_rows), store.neg_gradients(0, shard_rows), store.clip_gradients(0, shard_rows)
+        store.write_scores(0, {name: scores[name].numpy() for name in store.score_fields()})
+        store.write_curvature_shift(0, 1.0)
+        store.mark_done("scores", 0)
+        io["scores"] = time.perf_counter() - started
+        started = time.perf_counter()
+        store = AuditStore(folder)
+        for name in (*store.score_fields(), *store.term_fields()):
+            store.score_column(name) if name in store.score_fields() else store.term_column(name)
+        finalize_s = time.perf_counter() - started
+    return {"create_s": create_s, "finalize_s": finalize_s, "io_shard_s": io}
 
 
 def duration(seconds: float) -> str:

@@ -53,6 +53,19 @@ def test_extrapolation_moves_the_fisher_sums_into_the_shards_when_they_pay_and_s
     assert with_lone.stages["validation"] == pytest.approx(33 * 0.001 + 32 * 0.2)  # the 33rd is alone in its batch
 
 
+def test_store_io_counts_per_shard_and_is_split_between_workers_where_the_stage_is_sharded():
+    io = {"gradients": 0.1, "curvature": 0.01, "scores": 0.2}
+    base = extrapolate(_measured(), pairs=12_000, validation_pairs=300, shard_batches=8, dim=1152)
+    with_io = extrapolate(_measured(io_shard_s=io, create_s=0.5, finalize_s=0.3), pairs=12_000, validation_pairs=300,
+                          shard_batches=8, dim=1152, workers=2)
+    two = extrapolate(_measured(), pairs=12_000, validation_pairs=300, shard_batches=8, dim=1152, workers=2)
+    assert with_io.stages["prepare"] == pytest.approx(base.stages["prepare"] + 0.5)
+    assert with_io.stages["gradients"] == pytest.approx(two.stages["gradients"] + 47 * 0.1 / 2)
+    assert with_io.stages["curvature"] == pytest.approx(base.stages["curvature"] + 47 * 0.01)  # one task
+    assert with_io.stages["scores"] == pytest.approx(two.stages["scores"] + 47 * 0.2 / 2)
+    assert with_io.stages["finalize"] == pytest.approx(base.stages["finalize"] + 0.3)  # columns read once
+
+
 def test_one_steady_batch_rate_and_the_summary_line():
     estimate = extrapolate(_measured(batch_s=[6.4]), pairs=12_000, validation_pairs=0, shard_batches=8, dim=1152)
     assert estimate.measured.pair_s == pytest.approx(0.2)

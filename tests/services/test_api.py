@@ -50,8 +50,11 @@ class RecordingStarter:
     def estimate(self, manifest) -> dict:
         """As the embedded mode estimates (InProcessStarter.estimate), measured in this process."""
         from services.api.app import InProcessStarter
+        from services.estimates import EstimateUnavailable
 
         self.estimated.append(manifest)
+        if self.settings is None:  # a starter made without the app's settings (the fuzzer's): a documented 503
+            raise EstimateUnavailable("this RecordingStarter measures nothing")
         return InProcessStarter(self.settings).estimate(manifest)
 
 
