@@ -14,6 +14,11 @@ curvature and scoring stages at N = 1k..100k pairs.
   the peak memory of the gradients stage without running all of it.
 - store: synthetic audit stores of N random pairs (k = the tiny CLIP's default-theta size)
   with their shard partial sums; the curvature and scoring stages are timed with peak memory.
+- estimate: digits (--estimate-pairs, 60 validation pairs), the tiny CLIP trained one epoch at each
+  B of --estimate-batch-sizes; `ecif validate --estimate` in a fresh process, then the staged audit
+  in another fresh process (each imports its libraries, as a user's two commands do), both with
+  --threads; ratio = estimated / measured wall time, per stage and in total, and the estimated
+  store bytes against those the audit wrote.
 
 Peak memory is the process's resident set (sampled every 5 ms) on CPU and
 torch.cuda.max_memory_allocated on a GPU. Results: OUT/results.json (and printed).
@@ -337,6 +342,62 @@ def store_part(out: Path, sizes: list[int], dim: int, shard_rows: int) -> list[d
     return rows
 
 
+def estimate_part(out: Path, batch_sizes: list[int], n_train: int, threads: int, batches: int | None) -> list[dict]:
+    """The estimate against the real audit on the same data, each in a fresh process (module docstring)."""
+    import subprocess
+    import sys
+
+    from ecif_core.datasets.digits import build_digits
+    from ecif_core.demo import tiny_model_config
+    from ecif_core.train import TrainConfig, train
+
+    data = build_digits(out / "digits", fraction=0.2, seed=0, n_train=n_train, n_val=60, n_test=20)
+    (out / "tiny.json").write_text(json.dumps(tiny_model_config()))
+    root = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": str(threads),
+           "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
+    rows = []
+    for batch in batch_sizes:
+        model = out / f"tiny-b{batch}.pt"
+        if not model.exists():
+            train(data.train, out / "tiny.json", model, TrainConfig(epochs=1, batch_size=batch, lr=1e-3, seed=0))
+        manifest = out / f"estimate-b{batch}.manifest.json"
+        manifest.write_text(json.dumps({"model": {"config": "tiny.json", "checkpoint": model.name},
+                                        "train": str(data.train), "validation": str(data.validation), "options": {}}))
+        command = [sys.executable, "-m", "services.cli", "validate", "--estimate", "--threads", str(threads),
+                   "--device", "cpu", str(manifest)]
+        if batches:
+            command[5:5] = ["--estimate-batches", str(batches)]
+        started = time.perf_counter()
+        done = subprocess.run(command, env=env, capture_output=True, text=True, check=True, cwd=root)
+        estimate_wall = time.perf_counter() - started
+        estimate = json.loads(done.stdout)["estimate"]
+        folder = out / f"estimate-b{batch}-audit"
+        _fresh(folder)
+        audited = subprocess.run([sys.executable, "-m", "bench.scale", "--child-audit", str(manifest), str(folder),
+                                  "--threads", str(threads), "--device", "cpu"],
+                                 env=env, capture_output=True, text=True, check=True, cwd=root)
+        stages = json.loads(audited.stdout.strip().splitlines()[-1])
+        actual = sum(v["s"] for v in stages.values())
+        written = audit.open_store(folder).written_bytes()
+        rows.append({"model": "tiny", "B": batch, "pairs": n_train, "threads": threads,
+                     "batches_timed": len(estimate["measured"]["batch_s"]), "estimate_wall_s": estimate_wall,
+                     "estimated_s": estimate["total_s"], "actual_s": actual, "ratio": estimate["total_s"] / actual,
+                     "stages": {name: {"estimated_s": estimate["stages"][name], "actual_s": stages[name]["s"]}
+                                for name in estimate["stages"]},
+                     "store_bytes_estimated": estimate["store_bytes"], "store_bytes_written": written,
+                     "summary": estimate["summary"], "measured": estimate["measured"]})
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def child_audit(manifest: Path, folder: Path) -> None:
+    """--child-audit: the staged audit in this (fresh) process; prints its stages' seconds as one JSON line."""
+    meter = Meter(torch.device("cpu"))
+    staged_audit(manifest, folder, meter)
+    print(json.dumps(meter.stages), flush=True)
+
+
 def _fresh(folder: Path) -> None:
     import shutil
 
@@ -363,14 +424,23 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--store-sizes", default="1000,10000,100000")
     parser.add_argument("--store-dim", type=int, default=1152)
     parser.add_argument("--store-shard-rows", type=int, default=2048)
+    parser.add_argument("--estimate-batch-sizes", default="32,256")
+    parser.add_argument("--estimate-pairs", type=int, default=1400)
+    parser.add_argument("--estimate-batches", type=int, default=None, help="batches the estimate times (default 3)")
+    parser.add_argument("--child-audit", nargs=2, metavar=("MANIFEST", "FOLDER"), help=argparse.SUPPRESS)
     parser.add_argument("--quick", action="store_true", help="a reduced run (tests, a CPU rehearsal)")
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     threads = set_threads(args.threads)
+    if args.child_audit:
+        os.environ["ECIF_DEVICE"] = args.device
+        child_audit(Path(args.child_audit[0]), Path(args.child_audit[1]))
+        return {}
     if args.quick:
         args.tiny_batch_sizes, args.tiny_pairs, args.vit_batches = "8,16", 64, 1
         args.store_sizes, args.store_dim, args.store_shard_rows = "500,2000", 64, 256
         args.probe_batch, args.probe_backwards = 8, 1
+        args.estimate_batch_sizes, args.estimate_pairs, args.estimate_batches = "8", 64, 1
     device = torch.device(args.device)
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -389,6 +459,9 @@ def main(argv: list[str] | None = None) -> dict:
         result["probe"] = probe_part(out, args.probe_batch, args.probe_backwards, args.probe_memory_limit, device)
     if "store" in parts:
         result["store"] = store_part(out, ints(args.store_sizes), args.store_dim, args.store_shard_rows)
+    if "estimate" in parts:
+        result["estimate"] = estimate_part(out, ints(args.estimate_batch_sizes), args.estimate_pairs, threads,
+                                           args.estimate_batches)
     (out / "results.json").write_text(json.dumps(result, indent=1))
     return result
 

@@ -246,13 +246,24 @@ def _need_audit_id(args: argparse.Namespace) -> str:
 def cmd_validate(args: argparse.Namespace) -> int:
     """The service's submit checks, the pair sources streamed and a sample of images looked up
     (no image decoded): the report as JSON, then the first problem as one line (exit 2)."""
+    startup_s = 0.0
+    if args.estimate:  # a fresh `ecif audit` imports the engine's libraries too: timed here, in a fresh process
+        import time
+
+        started = time.perf_counter()
+        import open_clip  # noqa: F401
+
+        startup_s = time.perf_counter() - started
     from .validate import validate_manifest
 
-    report, problem = validate_manifest(args.manifest)
+    report, problem = validate_manifest(args.manifest, estimate=args.estimate, batches=args.estimate_batches,
+                                        startup_s=startup_s)
     print(json.dumps(report, indent=1))
     if problem:
         print(f"ecif: error: {problem}", file=sys.stderr)
         return 2
+    if "estimate" in report:
+        print(report["estimate"]["summary"], file=sys.stderr)
     return 0
 
 
@@ -496,6 +507,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = verbs.add_parser("validate", help="the service's submit checks (model, architecture, pair files) and "
                          "whether a sample of the images exists; nothing is decoded")
     p.add_argument("manifest")
+    p.add_argument("--estimate", action="store_true", help="also the audit's expected wall time and store size: "
+                   "loads the model and times a few real batches on this machine (seconds to minutes)")
+    p.add_argument("--estimate-batches", type=int, default=None, metavar="N",
+                   help="batches timed after a warm-up batch (default 3)")
+    _device_flag(p)
     p.set_defaults(run=cmd_validate)
 
     p = verbs.add_parser("trace", help="training pairs behind one test example (relative-IS)")
@@ -607,7 +623,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-TORCH_VERBS = ("train", "audit", "demo", "trace", "edit", "serve")  # verbs that run torch in this process
+TORCH_VERBS = ("train", "audit", "demo", "trace", "edit", "serve", "validate")  # verbs that run torch in this process
 
 
 def _add_threads_flag(parser: argparse.ArgumentParser) -> None:

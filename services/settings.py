@@ -44,6 +44,8 @@ class Settings(BaseSettings):
     stall_after: float = Field(60, description="seconds a task may be neither beating nor queued before it is "
                                "sent again (at least 4 heartbeat intervals are used)")
     task_soft_time_limit: int = Field(3 * 3600, description="seconds a single shard task may run")
+    estimate_timeout: int = Field(300, description="seconds POST /audits?dry_run=true waits for a gpu worker to "
+                                  "time the estimate's batches (then 503)")
     torch_threads: int | None = Field(None, description="torch threads per worker process (default: cores / processes)")
     metrics_token: str | None = Field(None, description="bearer token for /metrics with every owner's counts "
                                       "(unset: /metrics needs an API key and counts that owner's audits only)")

@@ -19,6 +19,7 @@ from ecif_core.errors import NotReady
 from ecif_core.stages.table import STAGES, Stage
 from services.broker import app
 from services.dispatch import CeleryDispatcher
+from services.estimates import ESTIMATE_TASK
 from services.liveness import REQUEST_TASKS
 
 _pipeline = None
@@ -96,6 +97,16 @@ def edit(edit_id: str) -> None:
 
     pipe = pipeline()
     run_edit(pipe.database_url, edit_id, heartbeat_interval=pipe.heartbeat_interval)
+
+
+@app.task(name=ESTIMATE_TASK)
+def estimate(manifest_json: dict, reply: str) -> None:
+    """POST /audits?dry_run=true: time a few batches here, where the gradients would run, and reply
+    (services.estimates); the task `expires` when no worker took it while the API waited."""
+    from services.estimates import reply_estimate
+    from services.settings import get_settings
+
+    reply_estimate(get_settings(), manifest_json, reply)
 
 
 @worker_ready.connect

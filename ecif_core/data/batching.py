@@ -36,6 +36,13 @@ def training_batches(ids: Iterable[str], batch_size: int, seed: int,
     return [b for b in batches if len(b) >= 2], [b[0] for b in batches if len(b) == 1]
 
 
+def batch_count(pairs: int, batch_size: int) -> int:
+    """Batches of two or more pairs that `training_batches` makes of `pairs` ids none of which is
+    dropped: ceil(pairs / B), less the last batch when it holds a single pair (left alone)."""
+    full, rest = divmod(pairs, batch_size)
+    return full + (rest >= 2)
+
+
 def ids_digest(ids: Iterable[str]) -> str:
     """Identity of an id set: equal digests mean equal partitions for the same (seed, B)."""
     return hashlib.sha256("\n".join(sorted(set(ids))).encode()).hexdigest()

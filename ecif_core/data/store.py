@@ -31,6 +31,9 @@ SCORE_FIELDS = ("influence", "influence_pos", "influence_neg", "self_influence",
 TERM_FIELDS = ("pos_terms", "neg_terms", "clip_score", "reference_clip_score", "reference_negclip")
 GRADIENT_FIELDS = ("pos", "neg", "clip")  # g_pos, g_neg and the Algorithm 3 test gradient C_n
 
+# Score columns that stay NaN (their fill value: no chunk is written) in an audit without a validation set
+VALIDATION_SCORE_FIELDS = ("influence", "influence_pos", "influence_neg", "influence_per_example",
+                           "influence_per_example_mean", "influence_per_example_min")
 # The keys (groups and arrays); only this module uses them.
 GRADS, TERMS, SCORES, DONE = "grads", "terms", "scores", "done"
 POS_GRADIENTS, NEG_GRADIENTS, CLIP_GRADIENTS = (f"{GRADS}/{name}" for name in GRADIENT_FIELDS)
@@ -41,6 +44,23 @@ VALIDATION_GRAD, VALIDATION_EXAMPLES = "validation/grad", "validation/examples"
 VALIDATION_COSINES = "validation/cosines"
 # delta + lambda each scores shard used; audits made before the rename (CHANGELOG) hold it under the old key
 CURVATURE_SHIFT, OLD_CURVATURE_SHIFT = "done/curvature_shift", "done/scores_shift"
+
+
+def written_bytes(rows: int, dim: int, shards: int, partial_sums: bool, validation_pairs: int = 0) -> int:
+    """Bytes (uncompressed) of the chunks a finished audit has written in its store: what `create`
+    lays out for `rows` slots, `shards` shards and k = `dim`, less what is never written (the k x k
+    partial sums of shards too small for them, score columns a validation set would fill), plus
+    the curvature and validation arrays. Equals `AuditStore.written_bytes` of the finished store
+    (Zarr skips a chunk equal to its fill value; terms and scores are compressed on disk, so the
+    folder is somewhat smaller). `validation_pairs`: those in a validation batch of two or more."""
+    f32, f64 = 4, 8
+    scores = len(SCORE_FIELDS) - (0 if validation_pairs else len(VALIDATION_SCORE_FIELDS))
+    total = rows * (len(GRADIENT_FIELDS) * dim * f32 + len(TERM_FIELDS) * f32 + scores * f64)
+    total += shards * (partial_sums * dim * dim * f64 + len(STAGE_MARKERS) + f64)  # sums, markers, shifts
+    total += dim * f64 + dim * dim * f64                                            # eigvals, eigvecs
+    if validation_pairs:
+        total += validation_pairs * dim * f32 + dim * f64                           # examples, mean
+    return total
 
 
 def marker_key(stage: str) -> str:
@@ -217,6 +237,14 @@ class AuditStore:
     def curvature_shifts(self) -> np.ndarray:
         """delta + lambda per scored shard (NaN where not scored)."""
         return self._read(self._shift_key())
+
+    def written_bytes(self) -> int:
+        """Bytes (uncompressed) of the chunks written so far, over every array (`written_bytes` above)."""
+        total = 0
+        for _, member in self.root.members(max_depth=None):
+            if isinstance(member, zarr.Array):
+                total += member.nchunks_initialized * int(np.prod(member.chunks)) * member.dtype.itemsize
+        return total
 
     # ------------------------------------------------------------------ generic helpers (keys stay here)
     def _array(self, path: str) -> zarr.Array:

@@ -46,7 +46,12 @@ def partial_sums_pay(plan: Plan) -> bool:
     g_pos rows it sums (shard_rows x k float32): otherwise the curvature stage reads those rows,
     fewer bytes to write and read (the demo's shards of 256 rows at k = 1,152 wrote 44 KB of
     partial sums per pair, 62% of the audit folder). Both give the same numbers, bit for bit."""
-    return plan.shard_rows * 4 >= plan.dim * 8
+    return sums_pay(plan.shard_rows, plan.dim)
+
+
+def sums_pay(shard_rows: int, dim: int) -> bool:
+    """partial_sums_pay for a shard of `shard_rows` rows of k = `dim` (before a plan exists: the estimate)."""
+    return shard_rows * 4 >= dim * 8
 
 
 def fisher_from_partials(store: AuditStore, plan: Plan, progress: Progress | None = None) -> torch.Tensor:

@@ -50,6 +50,12 @@ class CeleryStarter:
 
         CeleryDispatcher().send("edit", edit_id)
 
+    def estimate(self, manifest) -> dict:
+        """Timed on a gpu worker, whose device and threads are the audit's (services.estimates)."""
+        from ..estimates import request_estimate
+
+        return request_estimate(self.settings, manifest)
+
 
 def close_request(database_url: str, kind: str, row_id: str, exc: BaseException) -> None:
     """In-process mode has no reconciler: a trace or edit whose run escaped (a database outage
@@ -77,6 +83,18 @@ class InProcessStarter:
 
     def start_edit(self, edit_id: str) -> None:
         threading.Thread(target=self._edit, args=(edit_id,), daemon=True, name=f"edit-{edit_id}").start()
+
+    def estimate(self, manifest) -> dict:
+        """Timed here, where the audits run, and only while none runs (it would slow the timed batches)."""
+        from ..estimates import EstimateUnavailable, estimate_json
+
+        if not self._lock.acquire(blocking=False):
+            raise EstimateUnavailable("an audit, trace or edit is running on this server and would slow the timed "
+                                      "batches; retry the estimate when it is done")
+        try:
+            return estimate_json(manifest, self.settings)
+        finally:
+            self._lock.release()
 
     def _edit(self, edit_id: str) -> None:
         from ..pipeline import run_edit

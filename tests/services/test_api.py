@@ -29,6 +29,8 @@ class RecordingStarter:
         self.traces: list[str] = []
         self.edits: list[str] = []
         self.resumed: list[tuple] = []
+        self.estimated: list = []
+        self.settings = None  # the api fixture's
 
     def resume(self, audit_id: str):
         from services.resume import resume_audit
@@ -45,12 +47,23 @@ class RecordingStarter:
     def start_edit(self, edit_id: str) -> None:
         self.edits.append(edit_id)
 
+    def estimate(self, manifest) -> dict:
+        """As the embedded mode estimates (InProcessStarter.estimate), measured in this process."""
+        from services.api.app import InProcessStarter
+        from services.estimates import EstimateUnavailable
+
+        self.estimated.append(manifest)
+        if self.settings is None:  # a starter made without the app's settings (the fuzzer's): a documented 503
+            raise EstimateUnavailable("this RecordingStarter measures nothing")
+        return InProcessStarter(self.settings).estimate(manifest)
+
 
 @pytest.fixture(scope="module")
 def api(pg_url, data_root, tmp_path_factory):
     store = tmp_path_factory.mktemp("store")
     settings = Settings(database_url=pg_url, store_url=str(store), data_roots=[data_root], max_manifest_bytes=4096)
     starter = RecordingStarter(pg_url)
+    starter.settings = settings
     with TestClient(create_app(settings, starter=starter)) as client:
         client.starter, client.settings = starter, settings
         yield client
@@ -97,6 +110,73 @@ def test_submit_poll_and_other_owners_see_404(api, keys):
     assert api.delete(f"/audits/{created['id']}", headers=keys["bob"]).status_code == 404
     assert created["id"] not in [a["id"] for a in api.get("/audits", headers=keys["bob"]).json()["items"]]
     assert api.get(f"/audits/{created['id']}/results.csv", headers=keys["alice"]).status_code == 409
+
+
+def test_a_dry_run_answers_the_estimate_after_the_submit_checks_and_creates_no_audit(api, keys, pg_url):
+    from sqlalchemy import func, select
+
+    from ecif_core.stages.table import STAGES
+
+    def audits() -> int:
+        with session_scope(pg_url) as session:
+            return session.scalar(select(func.count()).select_from(Audit))
+
+    before, started = audits(), list(api.starter.started)
+    response = api.post("/audits?dry_run=true", json=manifest_json(), headers=keys["alice"])
+    assert response.status_code == 200, response.text
+    estimate = response.json()
+    assert (estimate["pairs"], estimate["validation_pairs"], estimate["batch_size"]) == (96, 24, 8)
+    assert list(estimate["stages"]) == [s.name for s in STAGES] and estimate["store_bytes"] > 0
+    assert estimate["total_s"] == pytest.approx(sum(estimate["stages"].values())) and estimate["total_s"] > 0
+    assert estimate["summary"].startswith("Expected: about ") and " for 96 pairs " in estimate["summary"]
+    assert audits() == before and api.starter.started == started and len(api.starter.estimated) == 1
+    # a key as for a submit, and the submit's checks before anything is timed
+    assert api.post("/audits?dry_run=true", json=manifest_json()).status_code == 401
+    refused = api.post("/audits?dry_run=true", json=manifest_json(train="digits/nope.jsonl"), headers=keys["alice"])
+    assert refused.status_code == 422 and refused.json()["field"] == "train" and len(api.starter.estimated) == 1
+    assert audits() == before
+
+
+def test_an_embedded_server_refuses_an_estimate_while_an_audit_runs(api):
+    from services.api.app import InProcessStarter
+    from services.estimates import EstimateUnavailable
+
+    starter = InProcessStarter(api.settings)
+    with starter._lock, pytest.raises(EstimateUnavailable, match="retry the estimate when it is done"):
+        starter.estimate(None)
+
+
+def test_with_a_broker_a_gpu_worker_times_the_estimate_and_replies_through_redis(api, keys, redis_url, monkeypatch):
+    """The API's half for real (send, wait on the reply list); the worker's task body runs in a thread."""
+    import threading
+
+    from ecif_core.errors import ConfigError
+    from services import broker, estimates
+    from services.api.app import CeleryStarter
+
+    settings = api.settings.model_copy(update={"broker_url": redis_url, "estimate_timeout": 120})
+    sent = []
+
+    def worker(name, args, expires):
+        sent.append((name, expires))
+        threading.Thread(target=estimates.reply_estimate, args=(settings, *args)).start()
+
+    monkeypatch.setattr(broker.app, "send_task", worker)
+    with TestClient(create_app(settings, starter=CeleryStarter(settings))) as client:
+        answer = client.post("/audits?dry_run=true", json=manifest_json(), headers=keys["alice"])
+        assert answer.status_code == 200, answer.text
+        assert answer.json()["pairs"] == 96 and sent == [(estimates.ESTIMATE_TASK, 120)]
+        real = estimates.estimate_json
+        monkeypatch.setattr(estimates, "estimate_json", lambda *a: (_ for _ in ()).throw(
+            ConfigError("train", "row 3: the image cannot be decoded")))
+        refused = client.post("/audits?dry_run=true", json=manifest_json(), headers=keys["alice"])
+        assert refused.status_code == 422 and refused.json()["field"] == "train"
+        monkeypatch.setattr(estimates, "estimate_json", real)
+    monkeypatch.setattr(broker.app, "send_task", lambda *args, **kwargs: None)  # no worker takes it
+    quick = settings.model_copy(update={"estimate_timeout": 1})
+    with TestClient(create_app(quick, starter=CeleryStarter(quick))) as client:
+        late = client.post("/audits?dry_run=true", json=manifest_json(), headers=keys["alice"])
+        assert late.status_code == 503 and "no gpu worker took the estimate within 1 s" in late.json()["detail"]
 
 
 def test_listing_is_paginated_newest_first(api, keys, pg_url):

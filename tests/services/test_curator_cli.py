@@ -80,6 +80,18 @@ def test_validate_says_ok_to_a_manifest_the_service_accepts(data_root, tmp_path)
     assert report["gradient_dim"] == check_model_spec(load_manifest(_manifest(data_root, tmp_path)))
 
 
+def test_validate_estimate_prints_the_expected_time_and_store_size(data_root, tmp_path):
+    result = ecif("validate", "--estimate", "--estimate-batches", "1", str(_manifest(data_root, tmp_path)))
+    assert result.returncode == 0, result.stderr
+    estimate = json.loads(result.stdout)["estimate"]
+    assert (estimate["pairs"], estimate["validation_pairs"], len(estimate["measured"]["batch_s"])) == (96, 24, 1)
+    assert estimate["measured"]["startup_s"] > 0  # this fresh process's library import, which `ecif audit` pays too
+    assert "Traceback" not in result.stderr
+    line = result.stderr.strip().splitlines()[-1]
+    assert line == estimate["summary"] and line.startswith("Expected: about ") and " for 96 pairs (" in line
+    assert "store about " in line and "measured on 1 batch of 8" in line
+
+
 def test_a_checkpoint_of_another_architecture_fails_validate_and_audit_within_seconds(
         data_root, deeper_checkpoint, tmp_path):
     manifest = _manifest(data_root, tmp_path, model={"config": str(data_root / "cfg.json"),

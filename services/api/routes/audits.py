@@ -8,7 +8,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, HTTPException, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import HTMLResponse, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from sqlalchemy.orm import Session
 
@@ -31,14 +31,34 @@ MAX_ROWS = 2**31 - 1           # results.csv?limit= (a row count; the table's ra
 
 
 @router.post("", status_code=202, response_model=AuditCreated,
-             responses={202: {"links": audit_links("$response.body#/id")}, **errors(413, 422, 503)},
+             responses={202: {"links": audit_links("$response.body#/id")},
+                        200: {"description": "dry_run=true: the audit's cost estimate (expected wall time per "
+                              "stage and in total, store size, what was measured); no audit is created"},
+                        **errors(413, 422, 503)},
              openapi_extra={"requestBody": MANIFEST_BODY})
-async def submit(request: Request, owner: OwnerDep, session: SessionDep, settings: SettingsDep) -> AuditCreated:
-    """Body: the manifest as JSON, or multipart/form-data with the manifest file in `manifest`."""
+async def submit(request: Request, owner: OwnerDep, session: SessionDep, settings: SettingsDep,
+                 dry_run: bool = False) -> AuditCreated | JSONResponse:
+    """Body: the manifest as JSON, or multipart/form-data with the manifest file in `manifest`.
+    `dry_run=true`: the same checks, then a few real batches are timed (on a gpu worker when the
+    service has a broker) and the expected wall time and store size come back (200); nothing is
+    created or queued for the audit itself."""
     raw = await _manifest_body(request, settings.max_manifest_bytes)
+    if dry_run:
+        return JSONResponse(await run_in_threadpool(_estimate, request, raw, settings))
     # Reading files and talking to the database and the broker block: off the event loop.
     audit_id = await run_in_threadpool(_create_and_queue, request, raw, owner, session, settings)
     return AuditCreated(id=audit_id, status_url=str(request.url_for("audit_status", audit_id=audit_id)))
+
+
+def _estimate(request: Request, raw: object, settings) -> dict:
+    """The submit's checks, then the starter's estimate (services.estimates); no audit row."""
+    from ...estimates import EstimateUnavailable
+
+    manifest = confined_manifest(raw, settings.resolved_roots(), settings.remote_image_hosts, settings.max_shards)
+    try:
+        return request.app.state.dispatcher.estimate(manifest)
+    except EstimateUnavailable as exc:
+        raise Unavailable(str(exc)) from None
 
 
 def _create_and_queue(request: Request, raw: object, owner: str, session: Session, settings) -> str:
