@@ -122,3 +122,29 @@ def test_validation_values_go_through_the_training_columns_transform():
     np.testing.assert_allclose(alternative["shuffle"], train[::-1], atol=1e-12)
     assert weights == {"clip_score_loo": pytest.approx(0.8 / 1.2, abs=1e-4),
                        "reference_clip_score": pytest.approx(0.4 / 1.2, abs=1e-4)}
+
+
+def test_a_reference_that_knows_the_domain_is_the_estimate_alone():
+    """The audited model learned its misaligned pairs (they look aligned to it: systematic mislearning)
+    while the reference, which never saw them, still sees them. With the reference competent on the
+    validation evidence the estimate uses it alone and finds the truth; mixing in the audited model's
+    scores would hide most of the misaligned pairs."""
+    rng = np.random.default_rng(8)
+    n, m = 3000, 400
+    bad = rng.random(n) < 0.2
+    reference = np.where(bad, rng.normal(0.4, 0.05, n), rng.normal(0.6, 0.05, n))   # cosines: low = misaligned
+    audited = rng.normal(0.8, 0.05, n)                                             # learned: all look aligned
+    scores = {"clip_score_loo": audited, "reference_clip_score": reference}
+    cosines = {"clip_score": {"clean": rng.normal(0.8, 0.05, m), "shuffle": rng.normal(0.6, 0.05, m),
+                              "word_swap": rng.normal(0.65, 0.05, m)},
+               "reference_clip_score": {"clean": rng.normal(0.6, 0.05, m), "shuffle": rng.normal(0.4, 0.05, m),
+                                        "word_swap": rng.normal(0.45, 0.05, m)}}
+    evidence = {"clip_score": {"mean": 0.99}, "reference_clip_score": {"mean": 0.98}}
+    suspicion = -(audited - np.median(audited))
+    cal = calibrate(scores, evidence, cosines, suspicion)
+    assert cal.details["statistic"] == "reference_clip_score alone" and cal.details["caveat"] is None
+    assert abs(cal.fraction - bad.mean()) < 0.04
+    assert bad[cal.flags].mean() >= 0.85
+    weak = {"clip_score": {"mean": 0.99}, "reference_clip_score": {"mean": 0.65}}   # below REFERENCE_COMPETENT
+    mixed = calibrate(scores, weak, cosines, suspicion)
+    assert mixed.details["statistic"] == "suspicion" and "lower bound" in mixed.details["caveat"]
