@@ -358,3 +358,91 @@ def test_the_edit_with_a_tiny_time_budget_uses_the_first_iterate(trained) -> Non
     assert full.stopped == "converged" and full.iterations > 1
     with pytest.raises(ConfigError, match="max_seconds"):
         EditSettings(max_seconds=0.0).validate()
+
+
+def _training_checkpoint(path, model: torch.nn.Module) -> dict:
+    """open_clip's training checkpoint of a DDP-wrapped model: {epoch, name, state_dict with module. names,
+    optimizer} (open_clip_train.main's layout), after one AdamW step so the optimizer holds tensors."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    model.logit_scale.sum().backward()
+    optimizer.step()
+    saved = {"epoch": 3, "name": "run-1", "state_dict": {f"module.{k}": v for k, v in model.state_dict().items()},
+             "optimizer": optimizer.state_dict()}
+    torch.save(saved, path)
+    return saved
+
+
+def test_the_edited_checkpoint_comes_back_in_the_inputs_layout(tmp_path) -> None:
+    """A training checkpoint with module. prefixes stays one (its other entries unchanged); a plain state
+    dict stays plain; safetensors keep their prefix and metadata. open_clip's loader and ours read the
+    edited values back from each."""
+    import open_clip
+    from safetensors.torch import load_file, save_file
+    from safetensors import safe_open
+
+    from ecif_core.models.factory import load_weights
+    from ecif_core.models.layout import checkpoint_layout, write_in_layout
+
+    model = micro_model(0).model
+    source = tmp_path / "epoch_3.pt"
+    saved = _training_checkpoint(source, model)
+    plain = tmp_path / "plain.pt"
+    torch.save(model.state_dict(), plain)
+    tensors = tmp_path / "ddp.safetensors"
+    save_file({f"module.{k}": v.contiguous() for k, v in model.state_dict().items()}, str(tensors), metadata={"by": "x"})
+    assert checkpoint_layout(source).wrapped and checkpoint_layout(source).prefix == "module."
+    assert not checkpoint_layout(plain).wrapped and checkpoint_layout(plain).prefix == ""
+    edited = {k: v.clone() for k, v in model.state_dict().items()}
+    edited["visual.proj"] += 1.0  # what an edit changes
+    for name, input_path in (("wrapped.pt", source), ("plain_out.pt", plain), ("out.safetensors", tensors)):
+        out = tmp_path / name
+        write_in_layout(edited, input_path, out)
+        if name == "wrapped.pt":
+            written = torch.load(out, weights_only=True)
+            assert list(written) == list(saved) and written["epoch"] == 3 and written["name"] == "run-1"
+            assert written["optimizer"]["param_groups"] == saved["optimizer"]["param_groups"]
+            index = next(iter(saved["optimizer"]["state"]))
+            assert torch.equal(written["optimizer"]["state"][index]["exp_avg"], saved["optimizer"]["state"][index]["exp_avg"])
+            weights = written["state_dict"]
+            assert set(weights) == {f"module.{k}" for k in edited}
+        elif name == "plain_out.pt":
+            weights = torch.load(out, weights_only=True)
+            assert set(weights) == set(edited)
+        else:
+            weights = load_file(str(out))
+            assert set(weights) == {f"module.{k}" for k in edited}
+            with safe_open(str(out), "pt") as handle:
+                assert handle.metadata() == {"by": "x"}
+        prefix = "" if name == "plain_out.pt" else "module."
+        assert all(torch.equal(weights[f"{prefix}{k}"], v) for k, v in edited.items())
+        for load in (lambda m: open_clip.load_checkpoint(m, str(out), strict=True), lambda m: load_weights(m, out)):
+            fresh = micro_model(1).model
+            load(fresh)
+            state = fresh.state_dict()
+            assert all(torch.equal(state[k], v) for k, v in edited.items()), name
+
+
+def test_keep_list_and_id_files_in_both_formats(tmp_path) -> None:
+    """A keep list is taken out of what a spec selects (and counted); id files are one id per line or a
+    CSV with an id column (ranked.csv, with Excel's byte-order mark); errors name the option typed."""
+    import numpy as np
+
+    from ecif_core.edit.removal import id_file, select
+
+    ids = [f"p{i}" for i in range(10)]
+    rank = np.arange(1, 11, dtype=np.float64)  # p0 is the most suspicious
+    columns, suspected = {"rank": rank}, np.zeros(10, dtype=bool)
+    (tmp_path / "keep.csv").write_text("\ufeffrank,id,caption\n1,p0,\"a, b\"\n7,p6,c\n", encoding="utf-8")
+    (tmp_path / "keep.txt").write_text("p1\n\n p2 \n")
+    assert id_file(str(tmp_path / "keep.csv"), "keep") == ["p0", "p6"]
+    assert id_file(str(tmp_path / "keep.txt"), "keep") == ["p1", "p2"]
+    chosen = select("top:4:rank", ids, columns, suspected, keep=["p0", "p6"])
+    assert chosen.ids == ("p1", "p2", "p3") and chosen.kept_back == 1
+    assert select("top:4:rank", ids, columns, suspected).kept_back == 0
+    assert select(f"ids:{tmp_path / 'keep.csv'}", ids, columns, suspected).ids == ("p0", "p6")
+    for kwargs, field, message in (({"keep": ["nope"]}, "keep", "not usable pairs"),
+                                   ({"keep": ids[:4], "field": "demote"}, "demote", "keep list"),
+                                   ({"field": "demote", "spec": "top:4:nope"}, "demote", "unknown column")):
+        with pytest.raises(ConfigError) as error:
+            select(kwargs.pop("spec", "top:4:rank"), ids, columns, suspected, **kwargs)
+        assert error.value.field == field and message in error.value.message
