@@ -204,3 +204,24 @@ def test_remove_and_demote_are_one_or_the_other(embedded_csv, tmp_path, capsys):
     assert main(["edit", "--audit-dir", str(embedded_csv.parent), "--demote", "top:0.1:nope", "--out",
                  str(tmp_path / "e")]) == 2
     assert "demote:" in capsys.readouterr().err and not (tmp_path / "e").exists()
+
+
+def test_train_demotes_or_removes_an_audits_set_less_the_keep_list(data_root, embedded_csv, tmp_path, capsys):
+    """`ecif train --demote SPEC --audit-dir` reads the spec against the audit's ranking (the edit's own
+    parser); a file of ids needs no audit; a spec without one says what to add."""
+    audit = embedded_csv.parent
+    top = [r["id"] for r in sorted(_ranked(audit), key=lambda r: float(r["rank"]))[:4]]
+    (tmp_path / "keep.txt").write_text(f"{top[0]}\n")
+    base = ["train", "--data", str(data_root / "digits" / "train.jsonl"), "--model-config", str(data_root / "cfg.json"),
+            "--init", str(data_root / "model.pt"), "--epochs", "1", "--batch-size", "8", "--seed", "2"]
+    assert main([*base, "--demote", "top:4:rank", "--audit-dir", str(audit), "--keep", str(tmp_path / "keep.txt"),
+                 "--out", str(tmp_path / "d.pt")]) == 0
+    assert "kept back (on the keep list): 0 of the removed, 1 of the demoted" in capsys.readouterr().err
+    sidecar = json.loads((tmp_path / "d.pt.json").read_text())
+    assert sidecar["demoted"] == sorted(top[1:]) and sidecar["excluded"] == [] and sidecar["pairs_used"] == 96
+    (tmp_path / "ids.txt").write_text("\n".join(top[:2]) + "\n")
+    assert main([*base, "--remove", str(tmp_path / "ids.txt"), "--out", str(tmp_path / "r.pt")]) == 0
+    assert json.loads((tmp_path / "r.pt.json").read_text())["excluded"] == sorted(top[:2])
+    assert main([*base, "--demote", "suspected", "--out", str(tmp_path / "x.pt")]) == 2
+    err = capsys.readouterr().err
+    assert "demote:" in err and "--audit-dir" in err and not (tmp_path / "x.pt").exists()
