@@ -225,3 +225,14 @@ def test_train_demotes_or_removes_an_audits_set_less_the_keep_list(data_root, em
     assert main([*base, "--demote", "suspected", "--out", str(tmp_path / "x.pt")]) == 2
     err = capsys.readouterr().err
     assert "demote:" in err and "--audit-dir" in err and not (tmp_path / "x.pt").exists()
+
+
+def test_the_cg_bar_shows_the_solvers_eta_not_tqdms(capsys):
+    """tqdm's estimate assumes all max_iterations run; the solver's eta_s (residual decay, time budget) replaces it."""
+    from services.bars import TaskBars
+
+    bars = TaskBars("edit (CG)")
+    bars("iteration", 1, 50, residual=0.5, eta_s=75.0)
+    bars.close()
+    err = capsys.readouterr().err
+    assert "<01:15" in err and "residual=0.5" in err and "eta_s" not in err
