@@ -192,7 +192,8 @@ def _print_stop(record: dict) -> None:
         print(f"stopped: time budget, after {result.get('cg_iterations')} CG iterations at relative residual "
               f"{result.get('cg_relative_residual', float('nan')):.3g}; the edit uses that iterate (a larger "
               "--max-seconds gets closer to the Newton step)", file=sys.stderr)
-    kept = (record.get(action) or {}).get("kept_back")
+    section = record.get(action)
+    kept = section.get("kept_back") if isinstance(section, dict) else None
     if kept:
         print(f"kept back: {kept} pairs of the set are on the keep list and were not {action}d", file=sys.stderr)
 
