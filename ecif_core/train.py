@@ -6,7 +6,9 @@ objective; the L2 is part of the loss rather than AdamW's decoupled decay so the
 model is a stationary point of the objective ECIF differentiates. The partition is the
 same every epoch (only the order of batches is reshuffled, which leaves the objective
 unchanged); `exclude` drops ids from their batches without re-partitioning, which is the
-leave-out model of ECIF. Writes a JSON sidecar next to the checkpoint.
+leave-out model of ECIF; `demote` keeps ids in their batches as negatives and drops their own
+terms (docs/METHOD.md, "Demotion"); `keep` ids are taken out of both. Writes a JSON sidecar
+next to the checkpoint.
 """
 from __future__ import annotations
 
@@ -43,6 +45,8 @@ class TrainConfig:
     weight_decay: float = 0.0
     seed: int = 0
     exclude: Sequence[str] = field(default_factory=tuple)
+    demote: Sequence[str] = field(default_factory=tuple)  # ids kept as in-batch negatives, their own terms dropped
+    keep: Sequence[str] = field(default_factory=tuple)    # ids reviewed and kept: never excluded nor demoted
     warmup_steps: int = 10
     checkpoints: int = 0          # also save this many evenly spaced intermediate checkpoints (TracIn)
     train_only: Sequence[str] | None = None  # fnmatch patterns of the parameters to train; the rest frozen
@@ -115,16 +119,15 @@ def train(data: str | Path, model_config: str | Path | dict, out: str | Path, cf
         cfg = replace(cfg, train_only=cfg.train_only or list(LORA_THETA_PATTERNS))
     pairs, rejected, all_ids = read_pairs(data)
     by_id = {p.id: p for p in pairs}
-    excluded = set(cfg.exclude)
-    unknown = sorted(excluded - set(all_ids))
-    if unknown:
-        raise ConfigError("exclude", f"{len(unknown)} ids are not in {data}: {unknown[:5]}")
+    excluded, demoted, kept_back = acted_on(cfg, all_ids, data)
     batches, alone = training_batches(all_ids, cfg.batch_size, cfg.seed, drop=excluded | leaving_ids(rejected))
     n_used = sum(len(b) for b in batches)
     if n_used == 0:
         check_batchable("train", len(pairs) + len(rejected), len(alone), [r.reason for r in rejected], batched=False)
     # Preprocessed tensors stay in memory: the trainer serves demos, benchmarks and retraining.
     cached = [load_batch([by_id[i] for i in b], loaded.preprocess, loaded.tokenizer) for b in batches]
+    # per batch: which pairs are demoted (None: none, the plain loss bit for bit)
+    masks = [torch.tensor([i in demoted for i in b]) if demoted & set(b) else None for b in batches]
     if cfg.train_only is not None:  # e.g. fine-tune theta alone from `init` (a retraining oracle)
         trained = {id(p) for _, p in select_theta(model, list(cfg.train_only))}
         for p in model.parameters():
@@ -134,14 +137,34 @@ def train(data: str | Path, model_config: str | Path | dict, out: str | Path, cf
     model.train()
     with flush_denormals():
         epoch_seconds, epoch_loss, history = _run_epochs(model, cfg, batches, cached, n_used, l2_params, out, progress,
-                                                         held_out)
+                                                         held_out, masks)
     model.eval()
     return _save(model, cfg, data, out, pairs, all_ids, excluded, n_used, model_cfg, epoch_seconds, epoch_loss, init,
-                 history)
+                 history, demoted, kept_back)
+
+
+def acted_on(cfg: TrainConfig, all_ids: Sequence[str], data) -> tuple[set[str], set[str], dict[str, int]]:
+    """(excluded, demoted, kept back per action): the config's ids checked against the data, the keep
+    list taken out of both; a set the keep list empties, or an id both excluded and demoted, is refused."""
+    known = set(all_ids)
+    chosen = {"exclude": set(cfg.exclude), "demote": set(cfg.demote), "keep": set(cfg.keep)}
+    for name, ids in chosen.items():
+        unknown = sorted(ids - known)
+        if unknown:
+            raise ConfigError(name, f"{len(unknown)} ids are not in {data}: {unknown[:5]}")
+    both = sorted(chosen["exclude"] & chosen["demote"])
+    if both:
+        raise ConfigError("demote", f"{len(both)} ids are both removed and demoted: {both[:5]}")
+    kept_back = {}
+    for name in ("exclude", "demote"):
+        kept_back[name] = len(chosen[name] & chosen["keep"])
+        if chosen[name] and kept_back[name] == len(chosen[name]):
+            raise ConfigError(name, "every id of the set is on the keep list; nothing to act on")
+    return chosen["exclude"] - chosen["keep"], chosen["demote"] - chosen["keep"], kept_back
 
 
 def _run_epochs(model, cfg: TrainConfig, batches, cached, n_used: int, l2_params, out, progress,
-                held_out: ValidationSet | None = None):
+                held_out: ValidationSet | None = None, masks: Sequence[torch.Tensor | None] | None = None):
     """The optimisation loop; returns (seconds per epoch, summed loss of the last epoch, validation
     metrics per epoch)."""
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=0.0)
@@ -155,7 +178,7 @@ def _run_epochs(model, cfg: TrainConfig, batches, cached, n_used: int, l2_params
         for b in order_rng.permutation(len(batches)):
             images, tokens = cached[b]
             logits = pair_logits(model.encode_text(tokens), model.encode_image(images), model.logit_scale.exp())
-            loss = batch_loss(logits)
+            loss = batch_loss(logits, demoted=None if masks is None else masks[b])
             l2 = sum((p * p).sum() for p in l2_params)
             objective = loss + 0.5 * cfg.weight_decay * l2 * (len(batches[b]) / n_used)
             optimizer.zero_grad(set_to_none=True)
@@ -186,7 +209,7 @@ def _write_weights(model: torch.nn.Module, path: Path, cfg: TrainConfig) -> None
 
 
 def _save(model, cfg: TrainConfig, data, out, pairs, all_ids, excluded, n_used, model_cfg, epoch_seconds,
-          epoch_loss, init, history) -> TrainResult:
+          epoch_loss, init, history, demoted=frozenset(), kept_back=None) -> TrainResult:
     """Checkpoint (or adapter folder) plus the JSON sidecar the audit reads its defaults from.
 
     Paths in the sidecar are relative to the sidecar's folder, so a model folder can be moved or
@@ -200,7 +223,8 @@ def _save(model, cfg: TrainConfig, data, out, pairs, all_ids, excluded, n_used, 
     source["path"] = source["path"] if source["format"] == "webdataset" else _relative(source["path"], home)
     sidecar.write_text(json.dumps({
         "batch_size": cfg.batch_size, "seed": cfg.seed, "weight_decay": cfg.weight_decay, "epochs": cfg.epochs,
-        "lr": cfg.lr, "excluded": sorted(excluded), "pairs_used": n_used, "data": source,
+        "lr": cfg.lr, "excluded": sorted(excluded), "demoted": sorted(demoted), "kept_back": kept_back or {},
+        "pairs_used": n_used, "data": source,
         "data_hash": data_hash(pairs), "ids_digest": ids_digest(all_ids), "model_config": model_cfg, "epoch_seconds": epoch_seconds,
         "final_loss_per_pair": epoch_loss / n_used,
         "checkpoints": [_relative(_snapshot_path(out, e), home) for e in sorted(snapshots)],

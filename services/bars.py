@@ -24,9 +24,15 @@ def _new_bar(desc: str, unit: str, total: int | None):
 
 
 def _move(bar, done: int, total: int | None, detail: dict[str, float]) -> None:
-    """Set the bar to `done` of `total` (a total learnt late, a count that restarts: the edit's retry)."""
-    if total != bar.total:
+    """Set the bar to `done` of `total` (a total learnt late, a count that restarts: the edit's retry).
+    An `eta_s` detail (the edit's CG: from the residual's decay and the time budget) replaces tqdm's
+    own estimate, which assumes every one of `total` iterations will run."""
+    detail = dict(detail)
+    eta = detail.pop("eta_s", None)
+    if total != bar.total or eta is not None:
         bar.total, bar.bar_format = total, _format(bar.unit, total)
+    if eta is not None and total is not None:
+        bar.bar_format = bar.bar_format.replace("{remaining}", bar.format_interval(eta))
     if detail:
         bar.set_postfix({k: f"{v:.3g}" for k, v in detail.items()}, refresh=False)
     bar.n = done  # drawn now: the callers report per batch or throttled, never per pair

@@ -28,15 +28,26 @@ def _print_epoch(epoch: int, epochs: int, loss: float, metrics: dict[str, float]
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from ecif_core.edit.from_audit import spec_ids
+    from ecif_core.edit.removal import id_file
     from ecif_core.train import TrainConfig, train
 
-    exclude = Path(args.exclude).read_text().split() if args.exclude else ()
+    exclude = Path(args.exclude).read_text().split() if args.exclude else []
+    if args.remove:
+        exclude = sorted(set(exclude) | set(spec_ids(args.remove, "remove", args.audit_dir, Path.cwd())))
+    demote = spec_ids(args.demote, "demote", args.audit_dir, Path.cwd()) if args.demote else ()
+    keep = id_file(args.keep, "keep") if args.keep else ()
     data = json.loads(args.data) if args.data.lstrip().startswith("{") else args.data
     result = train(data, args.model_config, args.out,
                    TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-                               weight_decay=args.weight_decay, seed=args.seed, exclude=exclude,
-                               checkpoints=args.checkpoints, lora_rank=args.lora_rank, lora_alpha=args.lora_alpha),
+                               weight_decay=args.weight_decay, seed=args.seed, exclude=exclude, demote=demote,
+                               keep=keep, checkpoints=args.checkpoints, lora_rank=args.lora_rank,
+                               lora_alpha=args.lora_alpha),
                    init=args.init, validation=args.validation, progress=_print_epoch)
+    kept = json.loads(Path(result.sidecar).read_text()).get("kept_back", {})
+    if any(kept.values()):
+        print(f"kept back (on the keep list): {kept.get('exclude', 0)} of the removed, {kept.get('demote', 0)} of the "
+              "demoted pairs", file=sys.stderr)
     print(f"wrote {result.checkpoint} and {result.sidecar}")
     return 0
 
@@ -189,8 +200,27 @@ def cmd_preview(args: argparse.Namespace) -> int:
     return 0
 
 
+def _edit_action(args: argparse.Namespace) -> tuple[str, str]:
+    """(action, spec) of `ecif edit`: --remove SPEC or --demote SPEC."""
+    return ("demote", args.demote) if args.demote is not None else ("remove", args.remove)
+
+
+def _print_stop(record: dict) -> None:
+    """One line when the edit used an unfinished solve or left pairs out of its set."""
+    result, action = record.get("result") or {}, record.get("action", "remove")
+    if result.get("stopped") == "time budget":
+        print(f"stopped: time budget, after {result.get('cg_iterations')} CG iterations at relative residual "
+              f"{result.get('cg_relative_residual', float('nan')):.3g}; the edit uses that iterate (a larger "
+              "--max-seconds gets closer to the Newton step)", file=sys.stderr)
+    section = record.get(action)
+    kept = section.get("kept_back") if isinstance(section, dict) else None
+    if kept:
+        print(f"kept back: {kept} pairs of the set are on the keep list and were not {action}d", file=sys.stderr)
+
+
 def cmd_edit(args: argparse.Namespace) -> int:
-    """The model without a set of pairs (no retraining): a checkpoint plus its sidecars in --out."""
+    """The model without a set of pairs, or with them demoted (no retraining): a checkpoint plus its sidecars in --out."""
+    action, spec = _edit_action(args)
     if args.audit_dir:
         from ecif_core.edit.from_audit import edit_audit
 
@@ -203,14 +233,19 @@ def cmd_edit(args: argparse.Namespace) -> int:
         zero_shot = zero_shot_examples(_zero_shot_file(args.zero_shot)) if args.zero_shot else None
         bars = TaskBars("edit (CG)")
         with removed_if_interrupted(args.out):
-            record = edit_audit(args.audit_dir, args.remove, args.out, _edit_settings(args), theta=args.theta,
-                                base_dir=Path.cwd(), zero_shot=zero_shot, progress=bars)
+            record = edit_audit(args.audit_dir, spec, args.out, _edit_settings(args), theta=args.theta,
+                                base_dir=Path.cwd(), zero_shot=zero_shot, progress=bars, action=action, keep=args.keep)
         bars.close()
-        print(json.dumps({k: record[k] for k in ("remove", "checkpoint", "result", "validation", "zero_shot")},
+        print(json.dumps({k: record[k] for k in ("action", action, "checkpoint", "result", "validation", "zero_shot")
+                          if k in record},
                          indent=1))
+        _print_stop(record)
         return 0
+    from ecif_core.edit.removal import id_file
+
     client = _client(args)
-    edit = client.create_edit(_need_audit_id(args), {"remove": args.remove, **_edit_setting_values(args),
+    keep = id_file(args.keep, "keep") if args.keep else None
+    edit = client.create_edit(_need_audit_id(args), {action: spec, **_edit_setting_values(args), "keep": keep,
                                                      "theta": args.theta, "zero_shot": _zero_shot_file(args.zero_shot)})
     status = client.wait_edit(edit["status_url"])
     if status["status"] != "succeeded":
@@ -221,6 +256,7 @@ def cmd_edit(args: argparse.Namespace) -> int:
     with removed_if_interrupted(args.out):
         target = client.download_edit(status["checkpoint_url"], Path(args.out))
     print(json.dumps({**status, "downloaded": str(target)}, indent=1))
+    _print_stop(status.get("result") or {})
     return 0
 
 
@@ -480,6 +516,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weight-decay", type=float, default=0.0, help="delta: L2 coefficient of the objective")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--exclude", help="file of ids to leave out (whitespace separated)")
+    p.add_argument("--remove", help="pairs to leave out: a file of ids (one per line, or a CSV with an id column), "
+                   "or with --audit-dir any edit spec (suspected, top:Q:COLUMN, ...)")
+    p.add_argument("--demote", help="pairs to demote (kept as in-batch negatives, their own loss terms dropped): "
+                   "a file of ids, or with --audit-dir any edit spec")
+    p.add_argument("--keep", help="file of ids reviewed and kept (one per line, or a CSV with an id column): never "
+                   "removed or demoted, whatever the sets say")
+    p.add_argument("--audit-dir", help="the audit whose ranking --remove / --demote specs read")
     p.add_argument("--checkpoints", type=int, default=0, help="also save N intermediate checkpoints")
     p.add_argument("--validation", help="clean pairs scored after every epoch (validation loss and image-to-text "
                    "retrieval accuracy, printed and stored in the sidecar): shows the model learned")
@@ -537,10 +580,16 @@ def build_parser() -> argparse.ArgumentParser:
     _client_flags(p)
     p.set_defaults(run=cmd_preview)
 
-    p = verbs.add_parser("edit", help="the model without a set of pairs, without retraining (ECIF model edit)")
+    p = verbs.add_parser("edit", help="the model without a set of pairs, or with them demoted, without retraining "
+                         "(ECIF model edit)")
     p.add_argument("audit_id", nargs="?", help="a finished audit of the service")
     p.add_argument("--audit-dir", help="or the folder of a finished `ecif audit` (no server)")
-    p.add_argument("--remove", required=True, help=removal_help)
+    chosen = p.add_mutually_exclusive_group(required=True)
+    chosen.add_argument("--remove", help=removal_help)
+    chosen.add_argument("--demote", help="pairs to demote, the same specs: they stay in-batch negatives, their own "
+                        'loss terms are dropped (docs/METHOD.md, "Demotion")')
+    p.add_argument("--keep", help="file of ids reviewed and kept (one per line, or a CSV with an id column): taken "
+                   "out of the set; edit.json counts them (kept_back)")
     p.add_argument("--out", required=True, help="folder for the edited checkpoint, its sidecars and edit.json")
     _edit_setting_flags(p)
     p.add_argument("--theta", action="append", help="parameters to edit (fnmatch; repeat); default the audit's theta")

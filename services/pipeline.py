@@ -447,7 +447,8 @@ def run_edit(database_url: str, edit_id: str, heartbeat_interval: float = 0) -> 
             RequestHeartbeat(database_url, "edit", edit_id, heartbeat_interval):
         settings = EditSettings.from_mapping(request, deprecated=False)  # rows queued before a rename: old names
         zero_shot = zero_shot_examples(request["zero_shot"]) if request.get("zero_shot") else None
-        record = edit_audit(claimed["audit_dir"], request["remove"], edit_dir, settings, theta=request.get("theta"),
-                            base_dir=edit_dir, zero_shot=zero_shot)
+        action = request.get("action", "remove")  # rows queued before demotion existed: removals
+        record = edit_audit(claimed["audit_dir"], request[action], edit_dir, settings, theta=request.get("theta"),
+                            base_dir=edit_dir, zero_shot=zero_shot, action=action, keep=request.get("keep"))
         with session_scope(database_url) as session:
             _succeeded(session, Edit, edit_id, result=finite_or_null(record))

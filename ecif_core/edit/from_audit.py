@@ -1,5 +1,6 @@
 """Removal preview and model edit of a finished audit: what dropping a set of pairs would do, and the
-model without them (ecif_core.edit.solver), written as a checkpoint in the input's own format.
+model without them, or with them demoted (ecif_core.edit.solver), written as a checkpoint in the
+input's own format and layout (ecif_core.models.layout).
 
 The preview reads stored numbers only (instant): the sum over the set of the per-pair influence
 (IS, IS_pos, IS_neg). Pairs of the set that share a batch interact (docs/METHOD.md, "A pair's two roles"),
@@ -33,7 +34,8 @@ from ecif_core.influence.gradients import embed, temperature_scale
 from ecif_core.models.lora import TRAINING_SIDECAR, save_adapter
 from ecif_core.data.manifest import SIDECAR_SUFFIX, Manifest, read_sidecar
 from ecif_core.models.factory import ready_model
-from ecif_core.edit.removal import RemovalSet, select
+from ecif_core.edit.removal import ACTIONS, Action, RemovalSet, id_file, select
+from ecif_core.models.layout import write_in_layout
 from ecif_core.models.runtime import flush_denormals
 from ecif_core.progress import Progress
 from ecif_core.data.confine import data_roots
@@ -43,17 +45,33 @@ from ecif_core.values import finite_or_null
 
 EDIT_SIDECAR = "edit.json"
 REMOVED_IDS = "removed_ids.txt"
+SET_IDS = {"remove": REMOVED_IDS, "demote": "demoted_ids.txt"}  # the ids the edit acted on, by action
 
 
 def removal_set(audit_dir: str | Path, spec: str, base_dir: str | Path | None = None,
-                ranking: Ranking | None = None) -> RemovalSet:
-    """The pairs `spec` names among the audit's ranked pairs (see ecif_core.edit.removal)."""
+                ranking: Ranking | None = None, field: str = "remove", keep: str | Path | None = None) -> RemovalSet:
+    """The pairs `spec` names among the audit's ranked pairs (see ecif_core.edit.removal), less the
+    ids of the `keep` file (read against `base_dir`); `field`: what errors name (remove, demote)."""
     ranking = ranking or final_ranking(audit_dir)
     columns = dict(ranking.columns)
     rank = np.empty(len(ranking.pairs))
     rank[ranking.order] = np.arange(1, len(ranking.pairs) + 1)
     columns["rank"] = rank
-    return select(spec, [p.id for p in ranking.pairs], columns, ranking.suspected, base_dir)
+    kept = () if keep is None else id_file(str(keep), "keep", base_dir)
+    return select(spec, [p.id for p in ranking.pairs], columns, ranking.suspected, base_dir, field=field, keep=kept)
+
+
+def spec_ids(spec: str, field: str = "remove", audit_dir: str | Path | None = None,
+             base_dir: str | Path | None = None) -> list[str]:
+    """The ids a spec names, for retraining (`ecif train --remove/--demote`): any spec against an
+    audit's ranking when `audit_dir` is given, else a file of ids (`ids:PATH`, or the path itself)."""
+    if audit_dir is not None:
+        return list(removal_set(audit_dir, spec, base_dir, field=field).ids)
+    path = spec[len("ids:"):] if spec.startswith("ids:") else spec
+    if not spec.startswith("ids:") and not location(path, field).is_file():
+        raise ConfigError(field, f"{spec!r} is not a file of ids; a spec such as suspected or top:Q:COLUMN reads an "
+                          "audit's ranking: give its folder too (--audit-dir)")
+    return id_file(path, field, base_dir)
 
 
 def preview(audit_dir: str | Path, spec: str, base_dir: str | Path | None = None,
@@ -85,8 +103,8 @@ def preview(audit_dir: str | Path, spec: str, base_dir: str | Path | None = None
             "form": "sum of per-pair influence (stored); pairs sharing a batch are not grouped"}
 
 
-def training_batches_of(audit_dir: str | Path, removed: set[str], preprocess, tokenizer) -> list[TrainingBatch]:
-    """The audit's fixed partition (its row slots) as tensors, with the removed pairs marked."""
+def training_batches_of(audit_dir: str | Path, chosen: set[str], preprocess, tokenizer) -> list[TrainingBatch]:
+    """The audit's fixed partition (its row slots) as tensors, with the pairs of the set marked."""
     plan = load_plan(audit_dir)
     access = image_access(plan, audit_dir)
     grouped: dict[int, list] = {}
@@ -96,7 +114,7 @@ def training_batches_of(audit_dir: str | Path, removed: set[str], preprocess, to
     for b in sorted(grouped):
         pairs = grouped[b]
         images, tokens = load_batch(pairs, preprocess, tokenizer, access.fetch_dir, access.roots)
-        out.append(TrainingBatch(images, tokens, torch.tensor([p.id in removed for p in pairs])))
+        out.append(TrainingBatch(images, tokens, torch.tensor([p.id in chosen for p in pairs])))
     return out
 
 
@@ -157,19 +175,24 @@ def zero_shot_accuracy(loaded, examples: list[TraceExample], roots: list[Path] |
 
 def edit_audit(audit_dir: str | Path, spec: str, out: str | Path, settings: EditSettings | None = None,
                theta: list[str] | None = None, base_dir: str | Path | None = None,
-               zero_shot: list[TraceExample] | None = None, progress: Progress | None = None) -> dict:
-    """Write the model without the pairs `spec` names into `out`; returns the edit's record (edit.json).
+               zero_shot: list[TraceExample] | None = None, progress: Progress | None = None,
+               action: Action = "remove", keep: str | Path | None = None) -> dict:
+    """Write the model without the pairs `spec` names (action "remove"), or with them demoted (their
+    own terms dropped, still in-batch negatives: "demote"), into `out`; returns the edit's record (edit.json).
 
     `theta`: fnmatch patterns of the parameters to edit (default: the audit's theta). `zero_shot`:
     examples whose accuracy is measured before and after the edit. The audit is only read, never changed.
-    `progress`: the CG solve's iterations with their relative residual (solver.conjugate_gradient).
+    `progress`: the CG solve's iterations with their relative residual and ETA (solver.conjugate_gradient).
+    `keep`: a file of ids (read against `base_dir`) taken out of the set whatever the spec selects.
     """
+    if action not in ACTIONS:
+        raise ConfigError("action", f"must be one of {', '.join(ACTIONS)} (got {action!r})")
     settings = (settings or EditSettings()).validate()
     started = time.perf_counter()
     audit_dir, out = location(audit_dir, "audit"), location(out, "out")
     plan = load_plan(audit_dir)
     manifest = Manifest.from_json(plan.manifest)
-    chosen = removal_set(audit_dir, spec, base_dir)
+    chosen = removal_set(audit_dir, spec, base_dir, field=action, keep=keep)
     roots = None if plan.image_roots is None else data_roots(plan.image_roots, plan.allow_hard_links)
     files = model_files(manifest, roots)
     ready = ready_model(manifest.model_arch, files.config, files.checkpoint, adapter=files.adapter,
@@ -179,7 +202,7 @@ def edit_audit(audit_dir: str | Path, spec: str, out: str | Path, settings: Edit
     seconds = {}
     with flush_denormals():
         batches = training_batches_of(audit_dir, set(chosen.ids), loaded.preprocess, loaded.tokenizer)
-        objective = LeaveOutObjective(model, params, batches, manifest.options.weight_decay)
+        objective = LeaveOutObjective(model, params, batches, manifest.options.weight_decay, action=action)
         seconds["load"] = time.perf_counter() - started
         result = edit_parameters(objective, settings, progress)
         started_check = time.perf_counter()
@@ -192,8 +215,9 @@ def edit_audit(audit_dir: str | Path, spec: str, out: str | Path, settings: Edit
             predicted = float(sum((g * result.delta[name].double()).sum() for g, (name, _) in zip(grads, params)))
             apply_delta(params, result.delta)
             after, _ = validation_loss(model, val)
+            terms = "Pos(E) + Neg(E)" if action == "remove" else "Pos(E) alone: a demotion"
             record_validation = {"loss_before": before, "loss_after": after, "actual_change": after - before,
-                                 "predicted_change": predicted, "form": "group (exact Pos(E) + Neg(E)), first order"}
+                                 "predicted_change": predicted, "form": f"group (exact {terms}), first order"}
         else:
             apply_delta(params, result.delta)
     record_zero_shot = None
@@ -203,10 +227,12 @@ def edit_audit(audit_dir: str | Path, spec: str, out: str | Path, settings: Edit
     seconds.update(result.seconds)
     seconds["total"] = time.perf_counter() - started
     record = finite_or_null({  # diagnostics that overflowed are null: edit.json stays strict JSON
-        "audit": absolute(audit_dir), "remove": {"spec": chosen.spec, "pairs": len(chosen.ids), "ids": REMOVED_IDS},
+        "audit": absolute(audit_dir), "action": action,
+        action: {"spec": chosen.spec, "pairs": len(chosen.ids), "ids": SET_IDS[action], "kept_back": chosen.kept_back},
         "base": {"arch": manifest.model_arch, "config": manifest.model_config, "checkpoint": manifest.checkpoint,
                  "adapter": manifest.adapter},
-        "method": {"curvature": "exact Hessian of the objective without the set (Hessian-vector products)",
+        "method": {"curvature": f"exact Hessian of the objective {'without' if action == 'remove' else 'demoting'} "
+                                "the set (Hessian-vector products)",
                    "solver": "truncated conjugate gradients", "weight_decay": manifest.options.weight_decay,
                    "theta": [name for name, _ in params], "feature_cache": objective.uses_feature_cache,
                    **asdict(settings)},
@@ -218,11 +244,11 @@ def edit_audit(audit_dir: str | Path, spec: str, out: str | Path, settings: Edit
     })
     if is_remote(out):  # written here whole, then uploaded file by file (objects, no renames)
         with tempfile.TemporaryDirectory(prefix="ecif-edit-") as local:
-            _write_edited_model(model.to("cpu"), manifest, chosen, Path(local), record, home=out)
+            _write_edited_model(model.to("cpu"), manifest, chosen, Path(local), record, home=out, action=action)
             for path in sorted(p for p in Path(local).rglob("*") if p.is_file()):
                 write_bytes(out / path.relative_to(local).as_posix(), path.read_bytes())
     else:
-        _write_edited_model(model.to("cpu"), manifest, chosen, out, record)
+        _write_edited_model(model.to("cpu"), manifest, chosen, out, record, action=action)
     return record
 
 
@@ -247,17 +273,21 @@ def rehome_sidecar(sidecar: dict, old_home: Path, new_home: Path) -> dict:
 
 
 def _write_edited_model(model: torch.nn.Module, manifest: Manifest, chosen: RemovalSet, out: Path, record: dict,
-                        home: Path | None = None) -> None:
-    """The checkpoint in the input's format, its training sidecar (the removed pairs excluded, so
-    `ecif audit` of the edited model sees the batches it stands for), the edit record and the ids.
+                        home: Path | None = None, action: Action = "remove") -> None:
+    """The checkpoint in the input's format and layout, its training sidecar (the removed pairs
+    excluded, so `ecif audit` of the edited model sees the batches it stands for; demoted pairs
+    listed under `demoted`), the edit record and the ids.
     `home`: where these files will live when `out` is only their local staging folder."""
     home = out if home is None else home
     out.mkdir(parents=True, exist_ok=True)
     sidecar = read_sidecar(manifest.checkpoint, manifest.adapter)
     o = manifest.options
+    removed = set(chosen.ids) if action == "remove" else set()
     sidecar.update({"batch_size": o.batch_size, "seed": o.seed, "weight_decay": o.weight_decay,
-                    "excluded": sorted(set(sidecar.get("excluded", [])) | set(chosen.ids) | set(manifest.excluded)),
+                    "excluded": sorted(set(sidecar.get("excluded", [])) | removed | set(manifest.excluded)),
                     "edited_from": manifest.adapter or manifest.checkpoint})
+    if action == "demote":
+        sidecar["demoted"] = sorted(set(sidecar.get("demoted", [])) | set(chosen.ids))
     if manifest.ids_digest and "ids_digest" not in sidecar:
         sidecar["ids_digest"] = manifest.ids_digest
     old_home = location(manifest.adapter) if manifest.adapter is not None else location(manifest.checkpoint).parent
@@ -271,15 +301,9 @@ def _write_edited_model(model: torch.nn.Module, manifest: Manifest, chosen: Remo
         record["checkpoint"] = {"adapter": str(home / "adapter"), "base_checkpoint": manifest.checkpoint}
     else:
         state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-        if manifest.checkpoint.endswith(".safetensors"):
-            from safetensors.torch import save_file
-
-            path = out / "model.safetensors"
-            save_file(state, str(path))
-        else:
-            path = out / "model.pt"
-            torch.save(state, path)
+        path = out / ("model.safetensors" if manifest.checkpoint.endswith(".safetensors") else "model.pt")
+        write_in_layout(state, manifest.checkpoint, path)
         Path(str(path) + SIDECAR_SUFFIX).write_text(json.dumps(sidecar, indent=1))
         record["checkpoint"] = {"checkpoint": str(home / path.name)}
-    (out / REMOVED_IDS).write_text("".join(f"{i}\n" for i in chosen.ids), encoding="utf-8")
+    (out / SET_IDS[action]).write_text("".join(f"{i}\n" for i in chosen.ids), encoding="utf-8")
     (out / EDIT_SIDECAR).write_text(json.dumps(record, indent=1))

@@ -5,17 +5,23 @@ A spec is one string, so the CLI, the API and sidecars share it:
 - `top:Q:COLUMN`              the Q most suspicious pairs by a ranked.csv column
 - `bottom:Q:COLUMN`           the Q least suspicious (the most valuable) by that column
 - `random:Q[:SEED]`           a seeded random Q (the baseline every removal is compared with)
-- `ids:PATH`                  the ids listed in a file, one per line
+- `ids:PATH`                  the ids listed in a file, one per line, or a CSV with an `id` column
+  (ranked.csv filtered, the report's download)
 
 Q is a fraction in (0, 1] when it has a decimal point, else a count >= 1. "Suspicious" follows
 each column's meaning: high self-influence, low (negative) influence, low CLIP score, small rank.
+
+A keep list (ids a person reviewed and kept, in the same file formats) is taken out of whatever a
+spec selects, after selecting: `top:100:rank` with 3 of those on the keep list acts on 97 pairs
+and says it kept 3 back.
 """
 from __future__ import annotations
 
+import csv
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Collection, Literal, Sequence
 
 import numpy as np
 
@@ -24,14 +30,20 @@ from ecif_core.data.storage import is_remote, location
 from ecif_core.ranking import SUSPICION_SIGN
 
 FIELD = "remove"
+Action = Literal["remove", "demote"]
+# What an edit or a retraining does with the chosen pairs: take them out of their batches, or demote
+# them (their own Pos terms dropped, kept as in-batch negatives: docs/METHOD.md, "Demotion").
+ACTIONS: tuple[str, ...] = ("remove", "demote")
 
 
 @dataclass(frozen=True)
 class RemovalSet:
-    """The chosen ids (in the audit's slot order) and the spec that chose them."""
+    """The chosen ids (in the audit's slot order), the spec that chose them and how many of its
+    pairs the keep list took back out."""
 
     spec: str
     ids: tuple[str, ...]
+    kept_back: int = 0
 
 
 # The grammar of Q and SEED, matched whole (ASCII digits only: `float()` and `int()` also take
@@ -73,8 +85,19 @@ def parse_seed(text: str) -> int:
 
 
 def select(spec: str, ids: Sequence[str], columns: dict[str, np.ndarray], suspected: np.ndarray,
-           base_dir: str | Path | None = None) -> RemovalSet:
-    """The pairs `spec` names among the audit's usable pairs (`ids` with their ranked.csv columns)."""
+           base_dir: str | Path | None = None, field: str = FIELD, keep: Collection[str] = ()) -> RemovalSet:
+    """The pairs `spec` names among the audit's usable pairs (`ids` with their ranked.csv columns),
+    less those on the keep list. `field`: the option errors name (remove, demote)."""
+    try:
+        return _select(spec, ids, columns, suspected, base_dir, keep)
+    except ConfigError as exc:
+        if exc.field == FIELD and field != FIELD:
+            raise ConfigError(field, exc.message) from None
+        raise
+
+
+def _select(spec: str, ids: Sequence[str], columns: dict[str, np.ndarray], suspected: np.ndarray,
+            base_dir: str | Path | None, keep: Collection[str]) -> RemovalSet:
     if not isinstance(spec, str) or not spec.strip():
         raise ConfigError(FIELD, "give a removal spec: suspected, top:Q:COLUMN, bottom:Q:COLUMN, random:Q[:SEED] "
                           "or ids:PATH")
@@ -107,16 +130,45 @@ def select(spec: str, ids: Sequence[str], columns: dict[str, np.ndarray], suspec
         raise ConfigError(FIELD, f"{spec!r} selects no pair")
     if len(chosen) >= len(ids):
         raise ConfigError(FIELD, f"{spec!r} selects every pair; nothing would be left to train on")
-    return RemovalSet(spec.strip(), tuple(ids[i] for i in chosen))
+    kept = set(keep)
+    unknown = sorted(kept - set(ids))
+    if unknown:
+        raise ConfigError("keep", f"{len(unknown)} ids of the keep list are not usable pairs of this audit: "
+                          f"{unknown[:5]}")
+    left = [i for i in chosen if ids[i] not in kept]
+    if not left:
+        raise ConfigError(FIELD, f"every pair {spec!r} selects is on the keep list; nothing to act on")
+    return RemovalSet(spec.strip(), tuple(ids[i] for i in left), kept_back=len(chosen) - len(left))
 
 
-def _ids_from_file(path_text: str, ids: Sequence[str], base_dir: str | Path | None) -> np.ndarray:
-    path = location(path_text, FIELD)
+def id_file(path_text: str, field: str = FIELD, base_dir: str | Path | None = None) -> list[str]:
+    """The ids a file lists: one per line, or a CSV whose header has an `id` column (ranked.csv, a
+    review's export). A relative path is read against `base_dir` when given."""
+    return _read_ids(_id_path(path_text, field, base_dir))
+
+
+def _id_path(path_text: str, field: str, base_dir: str | Path | None) -> Path:
+    path = location(path_text, field)
     if base_dir is not None and not is_remote(path) and not path.is_absolute():
         path = location(base_dir) / path_text
     if not path_text or not path.is_file():
-        raise ConfigError(FIELD, f"id file not found: {path}")
-    wanted = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        raise ConfigError(field, f"id file not found: {path}")
+    return path
+
+
+def _read_ids(path: Path) -> list[str]:
+    lines = path.read_text(encoding="utf-8-sig").splitlines()
+    first = next((line for line in lines if line.strip()), "")
+    if "id" in [name.strip() for name in next(csv.reader([first]), [])]:
+        rows = csv.DictReader(lines[lines.index(first):], skipinitialspace=True)
+        rows.fieldnames = [name.strip() for name in rows.fieldnames or []]
+        return [row["id"].strip() for row in rows if (row.get("id") or "").strip()]
+    return [line.strip() for line in lines if line.strip()]
+
+
+def _ids_from_file(path_text: str, ids: Sequence[str], base_dir: str | Path | None) -> np.ndarray:
+    path = _id_path(path_text, FIELD, base_dir)
+    wanted = _read_ids(path)
     position = {pair_id: i for i, pair_id in enumerate(ids)}
     unknown = [i for i in wanted if i not in position]
     if unknown:

@@ -14,6 +14,7 @@ from typing import Mapping
 from ecif_core.errors import ConfigError
 
 MAX_DAMPING = 1e12  # the audit's options have the same bound on damping (manifest.BOUNDS)
+MAX_SECONDS = 7 * 24 * 3600.0  # a week: a budget is a cap on one request, not a schedule
 
 
 @dataclass(frozen=True)
@@ -64,6 +65,10 @@ EDIT_SETTINGS: tuple[SettingSpec, ...] = (
                 meaning="conjugate-gradient iterations (one Hessian-vector pass over the training pairs each)"),
     SettingSpec("tolerance", float, 1e-4, 0, 1, low_open=True, high_open=True,
                 meaning="CG stops when |residual| <= tolerance x |removal gradient|"),
+    SettingSpec("max_seconds", float, None, 0, MAX_SECONDS, low_open=True, nullable=True,
+                meaning="time budget of the solve in seconds (the set's gradient and CG; loading and the validation "
+                        "check come on top): CG stops there, after at least one iteration, and the edit uses the "
+                        "iterate reached (edit.json: stopped \"time budget\" and the residual); null: no budget"),
 )
 SETTING = {spec.name: spec for spec in EDIT_SETTINGS}
 
@@ -95,6 +100,7 @@ class EditSettings:
     damping_per_removal_curvature: float = SETTING["damping_per_removal_curvature"].default
     max_iterations: int = SETTING["max_iterations"].default
     tolerance: float = SETTING["tolerance"].default
+    max_seconds: float | None = SETTING["max_seconds"].default
 
     def validate(self) -> "EditSettings":
         for spec in EDIT_SETTINGS:

@@ -1,5 +1,5 @@
-"""The model edit: remove a set of training pairs without retraining (the seed's Algorithm 1
-line 11; docs/METHOD.md, "Removing pairs: the model edit").
+"""The model edit: remove (or demote) a set of training pairs without retraining (the seed's
+Algorithm 1 line 11; docs/METHOD.md, "Removing pairs: the model edit" and "Demotion").
 
 theta_tilde = theta_hat + (H + lambda I)^-1 (grad Pos(E) + grad Neg(E)), in the model's own
 parameter space (the projected curvature of the scores cannot be mapped back to parameters).
@@ -13,6 +13,11 @@ conjugate gradients on Hessian-vector products (Pearlmutter: double backward), s
 (truncated CG, Steihaug) and is reported. Pos(E) and Neg(E) use the exact group form, so pairs of E
 that share a batch are removed together.
 
+Demoting E keeps its pairs in their batches as in-batch negatives and drops their own terms:
+the objective J_D differs from the full one by Pos(E) alone, so the step is
+(H_D + lambda I)^-1 grad Pos(E), with H_D the Hessian of the demoted objective (batch_loss with
+`demoted`), the same Newton argument with Neg(E) left out.
+
 When theta is only the two final projections (`visual.proj`, `text_projection`, both `x @ W`),
 every batch's tower outputs are computed once and each Hessian-vector product is a pass over those
 cached features: the same numbers at a fraction of the cost (tested against the full forward).
@@ -20,6 +25,7 @@ cached features: the same numbers at a fraction of the cost (tested against the 
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Sequence
@@ -29,6 +35,7 @@ import torch
 from ecif_core.errors import ConfigError, NonFiniteResult
 from ecif_core.influence.gradients import embed, temperature_scale
 from ecif_core.edit.settings import SETTING, EditSettings
+from ecif_core.edit.removal import ACTIONS, Action
 from ecif_core.influence.losses import batch_loss, group_terms, pair_logits
 from ecif_core.progress import Progress
 
@@ -37,11 +44,15 @@ HEAD_PARAMETERS = ("visual.proj", "text_projection")
 
 @dataclass
 class TrainingBatch:
-    """One batch of the fixed partition: its inputs and which of its pairs are removed."""
+    """One batch of the fixed partition: its inputs and which of its pairs are in the set E (to remove
+    or to demote: LeaveOutObjective.action)."""
 
     images: torch.Tensor
     tokens: torch.Tensor
-    removed: torch.Tensor  # bool per pair
+    chosen: torch.Tensor  # bool per pair
+
+
+STOPS = ("converged", "max iterations", "negative curvature", "time budget")  # why CG ended (edit.json `stopped`)
 
 
 @dataclass
@@ -50,6 +61,7 @@ class CGResult:
     iterations: int
     relative_residual: float
     negative_curvature: bool
+    stopped: str = "converged"  # one of STOPS
 
 
 @dataclass
@@ -62,15 +74,19 @@ class EditResult:
     relative_residual: float
     negative_curvature: bool
     removal_gradient_norm: float
-    pairs_removed: int
+    pairs_removed: int  # the pairs of E (removed, or demoted: `action`)
     batches_touched: int
     seconds: dict[str, float] = field(default_factory=dict)
     dampings_tried: list[float] = field(default_factory=list)
+    stopped: str = "converged"  # one of STOPS
+    action: Action = "remove"
 
     def summary(self) -> dict:
-        return {"damping": self.damping, "dampings_tried": self.dampings_tried, "cg_iterations": self.iterations,
-                "cg_relative_residual": self.relative_residual, "negative_curvature": self.negative_curvature,
-                "removal_gradient_norm": self.removal_gradient_norm, "pairs_removed": self.pairs_removed,
+        pairs = "pairs_removed" if self.action == "remove" else "pairs_demoted"
+        return {"action": self.action, "damping": self.damping, "dampings_tried": self.dampings_tried,
+                "cg_iterations": self.iterations, "cg_relative_residual": self.relative_residual,
+                "stopped": self.stopped, "negative_curvature": self.negative_curvature,
+                "removal_gradient_norm": self.removal_gradient_norm, pairs: self.pairs_removed,
                 "batches_touched": self.batches_touched, "parameter_change_norm": _norm(self.delta),
                 "seconds": self.seconds}
 
@@ -81,44 +97,70 @@ def _norm(tensors: dict[str, torch.Tensor]) -> float:
 
 def conjugate_gradient(matvec: Callable[[torch.Tensor], torch.Tensor], b: torch.Tensor, tolerance: float,
                        max_iterations: int, first_product: torch.Tensor | None = None,
-                       progress: Progress | None = None) -> CGResult:
+                       progress: Progress | None = None, deadline: float | None = None) -> CGResult:
     """Solve A x = b for a symmetric A given by products; stops at a direction of non-positive
     curvature, keeping the iterate reached so far (zero if it is the first direction) and saying so.
 
     `first_product`: A b when the caller already has it (saves one product: x0 = 0, so p0 = b).
-    `progress`: ("iteration", i, max_iterations, residual=|r_i| / |b|) after each iteration."""
+    `progress`: ("iteration", i, max_iterations, residual=|r_i| / |b|, eta_s=...) after each iteration.
+    `deadline` (time.monotonic()): stop after the iteration that reaches it (always one at least),
+    keeping that iterate: `stopped` is then "time budget"."""
     x = torch.zeros_like(b)
     r, p = b.clone(), b.clone()
     rr, b_norm = float(r @ r), float(b.norm())
     if b_norm == 0.0:
         return CGResult(x, 0, 0.0, False)
+    started = time.monotonic()
     for iteration in range(1, max_iterations + 1):
         ap = first_product if (iteration == 1 and first_product is not None) else matvec(p)
         curvature = float(p @ ap)
         if curvature <= 0:
-            return CGResult(x, iteration - 1, float(r.norm()) / b_norm, True)
+            return CGResult(x, iteration - 1, float(r.norm()) / b_norm, True, "negative curvature")
         alpha = rr / curvature
         x = x + alpha * p
         r = r - alpha * ap
         rr_new = float(r @ r)
+        residual, now = rr_new ** 0.5 / b_norm, time.monotonic()
         if progress is not None:
-            progress("iteration", iteration, max_iterations, residual=rr_new ** 0.5 / b_norm)
-        if rr_new ** 0.5 <= tolerance * b_norm:
-            return CGResult(x, iteration, rr_new ** 0.5 / b_norm, False)
+            progress("iteration", iteration, max_iterations, residual=residual,
+                     eta_s=cg_eta(now - started, iteration, max_iterations, residual, tolerance, deadline, now))
+        if residual <= tolerance:
+            return CGResult(x, iteration, residual, False, "converged")
+        if deadline is not None and now >= deadline:
+            return CGResult(x, iteration, residual, False, "time budget")
         p = r + (rr_new / rr) * p
         rr = rr_new
-    return CGResult(x, max_iterations, rr ** 0.5 / b_norm, False)
+    return CGResult(x, max_iterations, rr ** 0.5 / b_norm, False, "max iterations")
+
+
+def cg_eta(elapsed: float, iteration: int, max_iterations: int, residual: float, tolerance: float,
+           deadline: float | None, now: float) -> float:
+    """Seconds CG still needs: the iterations left at the mean time per iteration so far, where the
+    iterations left follow the residual's mean geometric decay to the tolerance (at most the
+    iteration cap), and never beyond the time budget."""
+    left = max_iterations - iteration
+    if 0 < residual < 1:
+        rate = math.log(residual) / iteration  # log-residual per iteration (< 0)
+        left = min(left, max(0, math.ceil(math.log(tolerance / residual) / rate)))
+    eta = left * elapsed / iteration
+    return max(0.0, min(eta, deadline - now)) if deadline is not None else eta
 
 
 class LeaveOutObjective:
-    """J_E(theta) = sum over batches of L_batch(pairs not in E) + (delta/2)|theta|^2, around theta_hat.
+    """J_E(theta) = sum over batches of L_batch(pairs not in E) + (delta/2)|theta|^2, around theta_hat
+    (action "remove"); with action "demote", J_D = sum of L_batch with E's Pos terms dropped and E
+    kept in every softmax (losses.batch_loss(demoted=...)).
 
     A batch left with fewer than two pairs contributes nothing, as in training (batching.training_batches).
     """
 
     def __init__(self, model: torch.nn.Module, theta: Sequence[tuple[str, torch.nn.Parameter]],
-                 batches: Sequence[TrainingBatch], weight_decay: float, use_feature_cache: bool | None = None):
+                 batches: Sequence[TrainingBatch], weight_decay: float, use_feature_cache: bool | None = None,
+                 action: Action = "remove"):
+        if action not in ACTIONS:
+            raise ValueError(f"action must be one of {ACTIONS}, got {action!r}")
         self.model, self.theta, self.batches, self.weight_decay = model, list(theta), list(batches), weight_decay
+        self.action = action
         self.params = [p for _, p in self.theta]
         self.scale = temperature_scale(model)
         head_only = _is_head_only(model, self.theta)
@@ -149,15 +191,16 @@ class LeaveOutObjective:
         return text_features @ self.model.text_projection, image_features @ self.model.visual.proj
 
     def removal_gradient(self) -> tuple[torch.Tensor, int]:
-        """(grad of Pos(E) + Neg(E) summed over batches, batches touched): the exact group form."""
+        """(grad of what acting on E takes out of the objective, summed over batches; batches touched):
+        Pos(E) + Neg(E) for a removal, Pos(E) alone for a demotion, in the exact group form."""
         total, touched = torch.zeros(sum(p.numel() for p in self.params), dtype=torch.float64), 0
         for index, b in enumerate(self.batches):
-            members = torch.nonzero(b.removed).flatten()
+            members = torch.nonzero(b.chosen).flatten()
             if members.numel() == 0:
                 continue
             u, v = self._embeddings(index)
             pos, neg = group_terms(pair_logits(u, v, self.scale), members)
-            grads = torch.autograd.grad(pos + neg, self.params, allow_unused=True)
+            grads = torch.autograd.grad(pos + neg if self.action == "remove" else pos, self.params, allow_unused=True)
             total += self.flat([torch.zeros_like(p) if g is None else g for g, p in zip(grads, self.params)])
             touched += 1
         return total, touched
@@ -173,16 +216,19 @@ class LeaveOutObjective:
         return total
 
     def hessian_vector_product(self, vector: torch.Tensor) -> torch.Tensor:
-        """(Hessian of J_E at the current theta) @ vector, by double backward, batch by batch."""
+        """(Hessian of J_E, or J_D, at the current theta) @ vector, by double backward, batch by batch."""
         tangent = self.unflat(vector)
         total = self.weight_decay * vector.clone()
         for index, b in enumerate(self.batches):
-            keep = ~b.removed
-            if int(keep.sum()) < 2:
+            keep = ~b.chosen if self.action == "remove" else torch.ones_like(b.chosen)
+            if int(keep.sum()) < 2 or bool(b.chosen.all()) and self.action == "demote":
                 continue
             with _twice_differentiable_attention():
                 u, v = self._embeddings(index)
-            loss = batch_loss(pair_logits(u[keep], v[keep], self.scale))
+            if self.action == "remove":
+                loss = batch_loss(pair_logits(u[keep], v[keep], self.scale))
+            else:
+                loss = batch_loss(pair_logits(u, v, self.scale), demoted=b.chosen)
             grads = torch.autograd.grad(loss, self.params, create_graph=True, allow_unused=True)
             dot = sum((g * t).sum() for g, t in zip(grads, tangent) if g is not None)
             if not isinstance(dot, torch.Tensor) or not dot.requires_grad:
@@ -235,18 +281,22 @@ DAMPING_RETRIES = 4  # each multiplies lambda by 10
 
 
 def edit_parameters(objective: LeaveOutObjective, settings: EditSettings, progress: Progress | None = None) -> EditResult:
-    """delta = (H_E + lambda I)^-1 grad(Pos(E) + Neg(E)) at theta_hat, by CG on Hessian-vector products.
+    """delta = (H_E + lambda I)^-1 grad(Pos(E) + Neg(E)) at theta_hat, by CG on Hessian-vector products
+    (a demotion: (H_D + lambda I)^-1 grad Pos(E); LeaveOutObjective.action).
 
     A non-convex objective can show CG a direction of negative curvature, where the Newton step is
     undefined and the iterate reached so far overshoots (bench.edit: 8-79x the retrained change).
     Then lambda is raised tenfold and the solve restarted, up to DAMPING_RETRIES times; the record
     keeps every lambda tried, and `negative_curvature` stays true only if the last one failed too.
     `progress`: each CG iteration with its relative residual (a retry starts again at iteration 1).
+    `settings.max_seconds`: a budget from this call on; CG stops at it with the iterate reached
+    (`stopped` "time budget"), and no damping retry starts after it.
     """
     settings.validate()
-    pairs_removed = sum(int(b.removed.sum()) for b in objective.batches)
+    deadline = None if settings.max_seconds is None else time.monotonic() + settings.max_seconds
+    pairs_removed = sum(int(b.chosen.sum()) for b in objective.batches)
     if pairs_removed == 0:
-        raise ConfigError("remove", "the removal set has no pair in the training batches")
+        raise ConfigError(objective.action, f"the set to {objective.action} has no pair in the training batches")
     seconds: dict[str, float] = {}
     if progress is not None:
         progress("iteration", 0, settings.max_iterations)  # the removal gradient and the first product come first
@@ -263,8 +313,11 @@ def edit_parameters(objective: LeaveOutObjective, settings: EditSettings, progre
         tried.append(damping)
         result = conjugate_gradient(lambda x, lam=damping: objective.hessian_vector_product(x) + lam * x, b,
                                     settings.tolerance, settings.max_iterations, first_product=hb + damping * b,
-                                    progress=progress)
+                                    progress=progress, deadline=deadline)
         if not result.negative_curvature:
+            break
+        if deadline is not None and time.monotonic() >= deadline:
+            result.stopped = "time budget"  # no retry left: the iterate before the bad direction stands
             break
         damping = 10 * damping if damping > 0 else SETTING["damping_per_removal_curvature"].default * (rayleigh or 1.0)
     seconds["solve"] = time.perf_counter() - started
@@ -275,7 +328,7 @@ def edit_parameters(objective: LeaveOutObjective, settings: EditSettings, progre
     return EditResult(delta=delta, damping=tried[-1], iterations=result.iterations,
                       relative_residual=result.relative_residual, negative_curvature=result.negative_curvature,
                       removal_gradient_norm=bb ** 0.5, pairs_removed=pairs_removed, batches_touched=touched,
-                      seconds=seconds, dampings_tried=tried)
+                      seconds=seconds, dampings_tried=tried, stopped=result.stopped, action=objective.action)
 
 
 @torch.no_grad()

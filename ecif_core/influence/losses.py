@@ -55,10 +55,20 @@ def _log_probs(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.log_softmax(logits, dim=1), torch.log_softmax(logits, dim=0)
 
 
-def batch_loss(logits: torch.Tensor) -> torch.Tensor:
-    """L_batch = sum_i [-log p_ii - log q_ii] (a sum, not a mean: the objective sums batches)."""
+def batch_loss(logits: torch.Tensor, demoted: torch.Tensor | None = None) -> torch.Tensor:
+    """L_batch = sum_i [-log p_ii - log q_ii] (a sum, not a mean: the objective sums batches).
+
+    `demoted` (bool per pair): those pairs' own terms Pos(i) are dropped while they stay in every
+    softmax as in-batch negatives (docs/METHOD.md, "Demotion"); None or all False is the plain loss."""
     log_p, log_q = _log_probs(logits)
-    return -(torch.diagonal(log_p).sum() + torch.diagonal(log_q).sum())
+    if demoted is not None:
+        demoted = torch.as_tensor(demoted, dtype=torch.bool, device=logits.device)
+        if demoted.shape != (logits.shape[0],):
+            raise ValueError(f"demoted must hold one flag per pair ({logits.shape[0]}), got {tuple(demoted.shape)}")
+    if demoted is None or not bool(demoted.any()):  # the plain sum, bit for bit
+        return -(torch.diagonal(log_p).sum() + torch.diagonal(log_q).sum())
+    kept = ~demoted
+    return -(torch.diagonal(log_p)[kept].sum() + torch.diagonal(log_q)[kept].sum())
 
 
 def pos_terms(logits: torch.Tensor) -> torch.Tensor:

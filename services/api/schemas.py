@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, create_model
 
@@ -114,7 +114,14 @@ class _EditRequestBase(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     remove: Annotated[str, Field(max_length=200, json_schema_extra=REMOVAL_SPEC)] | None = None  # the grammar: REMOVAL_SPEC
+    demote: Annotated[str, Field(max_length=200, json_schema_extra=REMOVAL_SPEC)] | None = None  # same grammar
     ids: list[Annotated[str, Field(max_length=4096)]] | None = None  # or the pairs' ids
+    action: Annotated[Literal["remove", "demote"] | None, Field(
+        description="what to do with `ids` (default remove); with `remove` or `demote` it may only repeat that "
+                    "field's name")] = None
+    keep: list[Annotated[str, Field(max_length=4096)]] | None = Field(
+        None, description="ids reviewed and kept: taken out of the set whatever selects it (the result's "
+                          "`kept_back` counts them)")
     theta: list[Annotated[str, Field(min_length=1, max_length=MAX_PATTERN_CHARS)]] | None = None  # fnmatch
     # patterns on the audited model's parameter names, checked at submit
     zero_shot: list[dict] | None = None  # [{"image": path, "prompts": [...], "label": i}]: accuracy before / after
@@ -141,7 +148,8 @@ def old_setting_field(spec: SettingSpec) -> tuple[object, object]:
 
 # Which pairs to remove (a spec, or the ids themselves) and how to solve for the edit (EDIT_SETTINGS).
 EditRequest = create_model("EditRequest", __base__=_EditRequestBase,
-                           __doc__="Which pairs to remove (`remove`, a spec, or `ids`) and how to solve for the edit.",
+                           __doc__="Which pairs to remove (`remove`, a spec, or `ids`) or demote (`demote`, or `ids` with "
+                                   "`action` demote), which to keep, and how to solve for the edit.",
                            **{spec.name: setting_field(spec) for spec in EDIT_SETTINGS},
                            **{spec.old_name: old_setting_field(spec) for spec in EDIT_SETTINGS if spec.old_name})
 

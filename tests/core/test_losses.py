@@ -1,5 +1,7 @@
 """The terms against autograd (docs/METHOD.md, "What is checked") and the documented behaviour of the
 three Neg forms."""
+import math
+
 import pytest
 import torch
 
@@ -79,3 +81,43 @@ def test_bad_inputs_raise():
         neg_terms(torch.zeros(3, 3), "published")
     with pytest.raises(ValueError, match="members"):
         group_terms(torch.zeros(3, 3), [5])
+
+
+def _demoted_loss_by_loop(logits: torch.Tensor, demoted: set[int]) -> float:
+    """docs/METHOD.md, "Demotion", term by term in plain Python: sum over the pairs i NOT demoted of
+    -log p_ii - log q_ii, with every pair (demoted ones too) in each softmax's denominator."""
+    s = logits.tolist()
+    size, total = len(s), 0.0
+    for i in range(size):
+        if i in demoted:
+            continue
+        row = sum(math.exp(s[i][j]) for j in range(size))   # caption i over all images
+        col = sum(math.exp(s[k][i]) for k in range(size))   # image i over all captions
+        total += -math.log(math.exp(s[i][i]) / row) - math.log(math.exp(s[i][i]) / col)
+    return total
+
+
+@pytest.mark.parametrize("seed,size,demoted", [(0, 6, {2}), (1, 9, {0, 4, 8}), (2, 5, {0, 1, 2, 3}),
+                                               (3, 4, {0, 1, 2, 3})])
+def test_demoted_loss_matches_a_loop_over_the_definition(seed, size, demoted):
+    logits = torch.randn(size, size, dtype=torch.float64, generator=torch.Generator().manual_seed(seed)) * 3
+    mask = torch.tensor([i in demoted for i in range(size)])
+    assert float(batch_loss(logits, demoted=mask)) == pytest.approx(_demoted_loss_by_loop(logits, demoted), abs=1e-10)
+    # the demoted pairs' own terms are what is dropped (the identity with pos_terms)
+    assert float(batch_loss(logits, demoted=mask)) == pytest.approx(float(pos_terms(logits)[~mask].sum()), abs=1e-10)
+    if len(demoted) < size:  # not the loss without those pairs: they stay as in-batch negatives
+        assert abs(float(batch_loss(logits, demoted=mask)) - float(batch_loss(_without(logits, sorted(demoted))))) > 1e-6
+        s = logits.clone().requires_grad_(True)
+        batch_loss(s, demoted=mask).backward()
+        d = sorted(demoted)[0]
+        others = [k for k in range(size) if k not in demoted]
+        assert float(s.grad[others, d].abs().sum()) > 0  # other captions still push image d away
+        assert float(s.grad[d, d]) == 0.0  # its own match score is no longer pulled up
+
+
+def test_demoting_nothing_is_the_plain_loss():
+    logits = torch.randn(7, 7, dtype=torch.float64, generator=torch.Generator().manual_seed(8)) * 2
+    assert float(batch_loss(logits, demoted=torch.zeros(7, dtype=torch.bool))) == float(batch_loss(logits))
+    assert float(batch_loss(logits)) == pytest.approx(_demoted_loss_by_loop(logits, set()), abs=1e-10)
+    with pytest.raises(ValueError, match="demoted"):
+        batch_loss(logits, demoted=torch.zeros(6, dtype=torch.bool))

@@ -119,3 +119,58 @@ def test_the_l2_term_is_part_of_the_objective_the_trainer_steps_on(data, tmp_pat
         total += int(big.sum())
         moved += int((after[name].abs() < value.abs())[big].sum())
     assert total > 100 and moved == total
+
+
+def _loss_by_definition(model, batches, by_id, loaded, demoted: set[str]) -> float:
+    """Sum over batches of sum over pairs NOT demoted of -log p_ii - log q_ii, every pair in each softmax."""
+    from ecif_core.data.images import load_batch
+
+    total = 0.0
+    with torch.no_grad():
+        for batch in batches:
+            im, tok = load_batch([by_id[i] for i in batch], loaded.preprocess, loaded.tokenizer)
+            u = torch.nn.functional.normalize(model.encode_text(tok), dim=-1)
+            v = torch.nn.functional.normalize(model.encode_image(im), dim=-1)
+            s = (model.logit_scale.exp() * u @ v.T).double()
+            for i, pair_id in enumerate(batch):
+                if pair_id not in demoted:
+                    total -= float(torch.log_softmax(s[i], 0)[i] + torch.log_softmax(s[:, i], 0)[i])
+    return total
+
+
+def test_demote_trains_on_the_loss_without_the_demoted_pairs_own_terms(data, tmp_path):
+    """A step size of 1e-12 leaves the model at its start, so the epoch's loss is the demoted loss of the
+    saved model, recomputed here from the definition; the demoted pairs stay in their batches."""
+    from ecif_core.data.batching import training_batches
+    from ecif_core.models.factory import load_model
+
+    pairs, _, ids = read_pairs(data.train)
+    by_id = {p.id: p for p in pairs}
+    batches, _ = training_batches(ids, 8, 4)
+    demoted = {batches[0][1], batches[0][5], batches[2][0]}
+    cfg = TrainConfig(epochs=1, batch_size=8, lr=1e-12, seed=4, demote=sorted(demoted))
+    result = train(data.train, MICRO_CONFIG, tmp_path / "d.pt", cfg)
+    side = json.loads(result.sidecar.read_text())
+    assert side["demoted"] == sorted(demoted) and side["excluded"] == [] and side["pairs_used"] == 40
+    loaded = load_model(config=MICRO_CONFIG, checkpoint=result.checkpoint)
+    expected = _loss_by_definition(loaded.model, batches, by_id, loaded, demoted)
+    assert result.final_loss * 40 == pytest.approx(expected, rel=1e-5)
+    assert abs(expected - _loss_by_definition(loaded.model, batches, by_id, loaded, set())) > 1.0
+
+
+def test_keep_list_takes_ids_out_of_the_removed_and_demoted_sets(data, tmp_path):
+    from ecif_core.errors import ConfigError
+
+    _, _, ids = read_pairs(data.train)
+    removed, demoted, keep = ids[:3], ids[3:6], [ids[0], ids[4], ids[10]]
+    result = train(data.train, MICRO_CONFIG, tmp_path / "k.pt",
+                   TrainConfig(**{**CFG.__dict__, "epochs": 1, "exclude": removed, "demote": demoted, "keep": keep}))
+    side = json.loads(result.sidecar.read_text())
+    assert side["excluded"] == sorted(ids[1:3]) and side["demoted"] == sorted([ids[3], ids[5]])
+    assert side["kept_back"] == {"exclude": 1, "demote": 1} and side["pairs_used"] == 38
+    for bad, field in (({"demote": ["typo-id"]}, "demote"), ({"keep": ["typo-id"]}, "keep"),
+                       ({"exclude": ids[:2], "demote": ids[1:3]}, "demote"),
+                       ({"demote": ids[:2], "keep": ids[:2]}, "demote")):
+        with pytest.raises(ConfigError) as error:
+            train(data.train, MICRO_CONFIG, tmp_path / "bad.pt", TrainConfig(**{**CFG.__dict__, **bad}))
+        assert error.value.field == field

@@ -587,6 +587,54 @@ def test_edit_by_ids_and_bad_edit_requests_name_the_field(api, keys, pg_url, fin
     assert api.post(f"/audits/{unfinished}/edits", json={"remove": "suspected"}, headers=keys["alice"]).status_code == 409
 
 
+def test_edit_demotes_with_a_keep_list_and_a_time_budget(api, keys, pg_url, finished_audit):
+    """`demote` (a spec) or `ids` with `action` demote; `keep` ids are taken out of the set and counted;
+    `max_seconds` is an edit setting; the download holds the demoted ids, not the request's lists."""
+    import io
+    import zipfile
+
+    from ecif_core.edit.from_audit import removal_set
+    from services.db.models import Edit
+    from services.pipeline import run_edit
+
+    with session_scope(pg_url) as session:
+        audit_dir = session.get(Audit, finished_audit).audit_dir
+    top = list(removal_set(audit_dir, "top:8:self_influence").ids)  # the set, as the edit's own parser selects it
+    top_two = list(removal_set(audit_dir, "top:2:self_influence").ids)
+    response = api.post(f"/audits/{finished_audit}/edits", json={"demote": "top:8:self_influence", "keep": top[:3],
+                                                                  "max_iterations": 3, "max_seconds": 600},
+                        headers=keys["alice"])
+    assert response.status_code == 202, response.text
+    edit_id = response.json()["edit_id"]
+    run_edit(pg_url, edit_id)
+    status = api.get(f"/audits/{finished_audit}/edits/{edit_id}", headers=keys["alice"]).json()
+    assert status["status"] == "succeeded", status["error"]
+    assert status["request"]["action"] == "demote" and status["request"]["kept_back"] == 3
+    assert status["request"]["max_seconds"] == 600
+    record = status["result"]
+    assert record["action"] == "demote" and record["demote"]["pairs"] == 5 and record["demote"]["kept_back"] == 3
+    assert record["result"]["stopped"] in ("converged", "max iterations")
+    archive = zipfile.ZipFile(io.BytesIO(api.get(f"/audits/{finished_audit}/edits/{edit_id}/checkpoint",
+                                                 headers=keys["alice"]).content))
+    assert sorted(archive.read("demoted_ids.txt").decode().split()) == sorted(top[3:])
+    assert "keep_ids.txt" not in archive.namelist() and "removed_ids.txt" not in archive.namelist()
+    by_ids = api.post(f"/audits/{finished_audit}/edits", json={"ids": top[:2], "action": "demote"},
+                      headers=keys["alice"])
+    assert by_ids.status_code == 202, by_ids.text
+    with session_scope(pg_url) as session:
+        request = session.get(Edit, by_ids.json()["edit_id"]).request
+    assert request["action"] == "demote" and request["demote"] == "ids:request_ids.txt" and "remove" not in request
+    for body, field in [({"remove": "suspected", "demote": "suspected"}, "remove"),
+                        ({"demote": "suspected", "action": "remove"}, "action"),
+                        ({"demote": "top:0.1:nope"}, "demote"), ({"demote": "ids:/etc/passwd"}, "demote"),
+                        ({"remove": "top:8:self_influence", "keep": ["no-such-pair"]}, "keep"),
+                        ({"demote": "top:2:self_influence", "keep": top_two}, "demote"),
+                        ({"remove": "random:0.1", "max_seconds": 0}, "max_seconds"),
+                        ({"ids": top[:2], "action": "sideways"}, "action")]:
+        response = api.post(f"/audits/{finished_audit}/edits", json=body, headers=keys["alice"])
+        assert response.status_code == 422 and response.json()["field"] == field, (body, response.text)
+
+
 # ------------------------------------------------------------------ faults that were 500s or silently accepted
 
 @pytest.fixture(scope="module")

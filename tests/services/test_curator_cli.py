@@ -241,10 +241,11 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
-def test_ctrl_c_during_ecif_edit_exits_130_and_leaves_no_partial_folder(embedded_csv, tmp_path):
+@pytest.mark.parametrize("action", ["--remove", "--demote"])
+def test_ctrl_c_during_ecif_edit_exits_130_and_leaves_no_partial_folder(embedded_csv, tmp_path, action):
     out = tmp_path / "edited"
     process = subprocess.Popen([sys.executable, "-c", SLOW_EDIT, "edit", "--audit-dir", str(embedded_csv.parent),
-                                "--remove", "top:5:suspicion", "--out", str(out)],
+                                action, "top:5:suspicion", "--out", str(out)],
                                env=_env(), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 240
     while not (out / "partial").exists() and process.poll() is None and time.monotonic() < deadline:

@@ -125,7 +125,7 @@ def test_ids_not_in_the_audit_are_refused(embedded_csv, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("flag,value", [("--damping", "1e308"), ("--damping-per-removal-curvature", "inf"),
-                                        ("--max-iterations", "501")])
+                                        ("--max-iterations", "501"), ("--max-seconds", "0")])
 def test_edit_settings_out_of_bounds_are_refused_before_any_work(embedded_csv, tmp_path, capsys, flag, value):
     """The CLI's flags and bounds come from the one table (ecif_core.edit.settings); 1e308 made NaN parameters."""
     for flag_, value_ in ((flag, value), ("--damping", "nan"), ("--tolerance", "1")):
@@ -152,3 +152,87 @@ def test_the_old_damping_factor_flag_still_works_with_a_deprecation_warning(caps
         _edit_settings(build_parser().parse_args([*base, "--damping-factor", "0.5", "--damping-per-removal-curvature",
                                                   "0.3"]))
     assert error.value.field == "damping_factor"
+
+
+def test_demote_with_a_keep_list_writes_the_demotion_and_counts_what_was_kept(embedded_csv, tmp_path, capsys):
+    """--demote: edit.json says action demote with the set and kept_back; the demoted ids are listed (not
+    removed: the sidecar keeps them in training, under `demoted`); the model differs from the removal's."""
+    audit = embedded_csv.parent
+    rows = _ranked(audit)
+    top = [r["id"] for r in sorted(rows, key=lambda r: -float(r["self_influence"]))[:10]]
+    with (tmp_path / "keep.csv").open("w", newline="") as handle:  # a review's export: ranked.csv's columns
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(r for r in rows if r["id"] in top[:2])
+    common = ["--audit-dir", str(audit), "--keep", str(tmp_path / "keep.csv"), "--max-iterations", "8"]
+    assert main(["edit", "--demote", "top:10:self_influence", "--out", str(tmp_path / "d"), *common]) == 0
+    captured = capsys.readouterr()
+    assert "kept back: 2 pairs" in captured.err
+    record = json.loads((tmp_path / "d" / "edit.json").read_text())
+    assert record["action"] == "demote" and "remove" not in record
+    assert record["demote"] == {"spec": "top:10:self_influence", "pairs": 8, "ids": "demoted_ids.txt", "kept_back": 2}
+    assert json.loads(captured.out)["demote"]["kept_back"] == 2
+    assert record["result"]["pairs_demoted"] == 8 and "Pos(E) alone" in record["validation"]["form"]
+    demoted = (tmp_path / "d" / "demoted_ids.txt").read_text().split()
+    assert sorted(demoted) == sorted(top[2:]) and not (tmp_path / "d" / "removed_ids.txt").exists()
+    sidecar = json.loads((tmp_path / "d" / "model.pt.json").read_text())
+    assert sidecar["demoted"] == sorted(demoted) and not set(demoted) & set(sidecar["excluded"])
+    assert main(["edit", "--remove", "top:10:self_influence", "--out", str(tmp_path / "r"), *common]) == 0
+    removed = json.loads((tmp_path / "r" / "edit.json").read_text())
+    assert removed["action"] == "remove" and removed["remove"]["kept_back"] == 2
+    assert sorted((tmp_path / "r" / "removed_ids.txt").read_text().split()) == sorted(demoted)
+    a, b = (torch.load(tmp_path / f / "model.pt", weights_only=True)["visual.proj"] for f in ("d", "r"))
+    assert not torch.allclose(a, b)
+
+
+def test_a_tiny_time_budget_stops_the_edit_and_says_so(embedded_csv, tmp_path, capsys):
+    out = tmp_path / "e"
+    assert main(["edit", "--audit-dir", str(embedded_csv.parent), "--remove", "top:6:rank", "--out", str(out),
+                 "--max-seconds", "1e-9", "--tolerance", "1e-12"]) == 0
+    result = json.loads((out / "edit.json").read_text())["result"]
+    assert result["stopped"] == "time budget" and result["cg_iterations"] == 1
+    assert result["cg_relative_residual"] > 0 and result["parameter_change_norm"] > 0  # the residual reached, reported
+    assert json.loads((out / "edit.json").read_text())["method"]["max_seconds"] == 1e-9
+    assert "stopped: time budget, after 1 CG iterations" in capsys.readouterr().err
+
+
+def test_remove_and_demote_are_one_or_the_other(embedded_csv, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(["edit", "--audit-dir", str(embedded_csv.parent), "--remove", "suspected", "--demote", "suspected",
+              "--out", str(tmp_path / "e")])
+    assert "not allowed with argument" in capsys.readouterr().err
+    assert main(["edit", "--audit-dir", str(embedded_csv.parent), "--demote", "top:0.1:nope", "--out",
+                 str(tmp_path / "e")]) == 2
+    assert "demote:" in capsys.readouterr().err and not (tmp_path / "e").exists()
+
+
+def test_train_demotes_or_removes_an_audits_set_less_the_keep_list(data_root, embedded_csv, tmp_path, capsys):
+    """`ecif train --demote SPEC --audit-dir` reads the spec against the audit's ranking (the edit's own
+    parser); a file of ids needs no audit; a spec without one says what to add."""
+    audit = embedded_csv.parent
+    top = [r["id"] for r in sorted(_ranked(audit), key=lambda r: float(r["rank"]))[:4]]
+    (tmp_path / "keep.txt").write_text(f"{top[0]}\n")
+    base = ["train", "--data", str(data_root / "digits" / "train.jsonl"), "--model-config", str(data_root / "cfg.json"),
+            "--init", str(data_root / "model.pt"), "--epochs", "1", "--batch-size", "8", "--seed", "2"]
+    assert main([*base, "--demote", "top:4:rank", "--audit-dir", str(audit), "--keep", str(tmp_path / "keep.txt"),
+                 "--out", str(tmp_path / "d.pt")]) == 0
+    assert "kept back (on the keep list): 0 of the removed, 1 of the demoted" in capsys.readouterr().err
+    sidecar = json.loads((tmp_path / "d.pt.json").read_text())
+    assert sidecar["demoted"] == sorted(top[1:]) and sidecar["excluded"] == [] and sidecar["pairs_used"] == 96
+    (tmp_path / "ids.txt").write_text("\n".join(top[:2]) + "\n")
+    assert main([*base, "--remove", str(tmp_path / "ids.txt"), "--out", str(tmp_path / "r.pt")]) == 0
+    assert json.loads((tmp_path / "r.pt.json").read_text())["excluded"] == sorted(top[:2])
+    assert main([*base, "--demote", "suspected", "--out", str(tmp_path / "x.pt")]) == 2
+    err = capsys.readouterr().err
+    assert "demote:" in err and "--audit-dir" in err and not (tmp_path / "x.pt").exists()
+
+
+def test_the_cg_bar_shows_the_solvers_eta_not_tqdms(capsys):
+    """tqdm's estimate assumes all max_iterations run; the solver's eta_s (residual decay, time budget) replaces it."""
+    from services.bars import TaskBars
+
+    bars = TaskBars("edit (CG)")
+    bars("iteration", 1, 50, residual=0.5, eta_s=75.0)
+    bars.close()
+    err = capsys.readouterr().err
+    assert "<01:15" in err and "residual=0.5" in err and "eta_s" not in err

@@ -26,7 +26,7 @@ from .audits import _owned, _owned_child, _redacted, dispatch_or_fail
 
 router = APIRouter(prefix="/audits/{audit_id}", tags=["edits"], responses=errors(401, 404, 503))
 MAX_IDS, MAX_THETA_PATTERNS, MAX_ZERO_SHOT = 1_000_000, 64, 10_000
-REQUEST_IDS = "request_ids.txt"
+REQUEST_IDS, KEEP_IDS = "request_ids.txt", "keep_ids.txt"  # the request's lists, not part of the edit's download
 
 
 def _finished(session, owner: str, audit_id: str):
@@ -36,10 +36,23 @@ def _finished(session, owner: str, audit_id: str):
     return audit
 
 
-def _server_spec(spec: str | None) -> str:
+def _server_spec(spec: str | None, field: str = "remove") -> str:
     if spec is not None and spec.strip().startswith("ids:"):
-        raise ConfigError("remove", "the service takes ids as a list in `ids`, not a file path")
+        raise ConfigError(field, "the service takes ids as a list in `ids`, not a file path")
     return spec
+
+
+def _action(body: EditRequest) -> tuple[str, str | None]:
+    """(action, spec) of a request: exactly one of `remove`, `demote` and `ids`; `action` names what
+    to do with `ids` and may only repeat the spec's field otherwise."""
+    given = [name for name in ("remove", "demote", "ids") if getattr(body, name) is not None]
+    if len(given) != 1:
+        raise ConfigError("remove", "give exactly one of `remove` (a spec), `demote` (a spec) and `ids` (a list)")
+    if given[0] == "ids":
+        return body.action or "remove", None
+    if body.action not in (None, given[0]):
+        raise ConfigError("action", f"is {body.action!r} but the set is given as `{given[0]}`")
+    return given[0], _server_spec(getattr(body, given[0]), given[0])
 
 
 @router.get("/preview", name="audit_preview", responses=errors(409, 422))
@@ -61,10 +74,10 @@ def create(request: Request, audit_id: str, body: EditRequest, owner: OwnerDep, 
     names (built without weights) and the zero-shot images."""
     audit = _finished(session, owner, audit_id)
     check_json_values(body.model_dump(), "")  # NUL, lone surrogates
-    if (body.remove is None) == (body.ids is None):
-        raise ConfigError("remove", "give exactly one of `remove` (a spec) and `ids` (a list)")
-    if body.ids is not None and not 1 <= len(body.ids) <= MAX_IDS:
-        raise ConfigError("ids", f"give between 1 and {MAX_IDS} ids")
+    action, spec = _action(body)
+    for name in ("ids", "keep"):
+        if getattr(body, name) is not None and not 1 <= len(getattr(body, name)) <= MAX_IDS:
+            raise ConfigError(name, f"give between 1 and {MAX_IDS} ids")
     if body.theta is not None:
         if not 1 <= len(body.theta) <= MAX_THETA_PATTERNS:
             raise ConfigError("theta", f"give between 1 and {MAX_THETA_PATTERNS} patterns")
@@ -72,16 +85,20 @@ def create(request: Request, audit_id: str, body: EditRequest, owner: OwnerDep, 
     zero_shot = _confined_zero_shot(body.zero_shot, settings_.resolved_roots())
     settings = EditSettings.from_mapping(body.model_dump(exclude_unset=True))  # old names: deprecated
     edit = repository.create_edit(session, audit, {})
-    spec, folder = _server_spec(body.remove), location(edit.edit_dir)
+    folder = location(edit.edit_dir)
     if body.ids is not None:
         write_text(folder / REQUEST_IDS, "".join(f"{i}\n" for i in body.ids))
         spec = f"ids:{REQUEST_IDS}"
-    try:
-        chosen = removal_set(audit.audit_dir, spec, base_dir=folder)  # a bad spec is a 422 before queueing
+    if body.keep is not None:
+        write_text(folder / KEEP_IDS, "".join(f"{i}\n" for i in body.keep))
+    try:  # a bad spec or keep list is a 422 before queueing
+        chosen = removal_set(audit.audit_dir, spec, base_dir=folder, field=action,
+                             keep=None if body.keep is None else KEEP_IDS)
     except ConfigError as exc:
         remove_tree(folder)
-        raise ConfigError("ids", exc.message) if body.ids is not None else exc
-    edit.request = {"remove": spec, "pairs": len(chosen.ids), "theta": body.theta, "zero_shot": zero_shot,
+        raise ConfigError("ids", exc.message) if body.ids is not None and exc.field == action else exc
+    edit.request = {"action": action, action: spec, "pairs": len(chosen.ids), "kept_back": chosen.kept_back,
+                    "keep": None if body.keep is None else KEEP_IDS, "theta": body.theta, "zero_shot": zero_shot,
                     **settings.as_dict()}
     session.commit()
     dispatch_or_fail(session, edit, request.app.state.dispatcher.start_edit, "edit")
@@ -110,7 +127,7 @@ def checkpoint(audit_id: str, edit_id: str, owner: OwnerDep, session: SessionDep
     buffer = io.BytesIO()
     with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:  # from the store, local or a bucket
         for path in files_under(folder):
-            if path.name != REQUEST_IDS:
+            if path.name not in (REQUEST_IDS, KEEP_IDS):
                 archive.writestr(str(path.relative_to(folder)), path.read_bytes())
     buffer.seek(0)
     return StreamingResponse(buffer, media_type="application/zip",
