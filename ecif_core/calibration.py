@@ -29,6 +29,9 @@ MAX_SHIFT = 2.0
 # A reference model this good on the validation evidence (mean AUROC) is the estimate's statistic alone: it
 # never saw the training pairs, so neither memorisation nor a consistently mislearned name can hide one.
 REFERENCE_COMPETENT = 0.7
+# Above this AUROC of "a clean validation pair scores as more suspicious than a training pair" the audited
+# model has memorised its pairs beyond what a shift absorbs (misaligned ones included): no estimate from it.
+MAX_MEMORISATION = 0.6
 BOOTSTRAP = 100
 GRID = 512                     # density grid points
 # The validation model each ranking term's training column is compared with.
@@ -109,6 +112,14 @@ def calibrate(scores: Mapping[str, np.ndarray], evidence: Mapping[str, Mapping[s
         return _not_estimable(n, suspicion, target_precision,
                               f"the models barely tell clean from corrupted validation pairs (AUROC {separation:.2f} "
                               f"< {MIN_SEPARATION}): they did not learn this domain well enough to count", details)
+    memorised = auroc(np.concatenate([null, train]), np.concatenate([np.ones(len(null)), np.zeros(len(train))]))
+    details["memorisation_auroc"] = _round(memorised)
+    if not alone and memorised > MAX_MEMORISATION:
+        return _not_estimable(n, suspicion, target_precision,
+                              f"the audited model scores its training pairs as more aligned than unseen pairs (AUROC "
+                              f"{memorised:.2f} > {MAX_MEMORISATION}: memorised, misaligned ones too), so unseen pairs "
+                              "are no yardstick for them; add a reference model that knows this domain (the manifest's "
+                              "`reference`) for an estimate", details)
     fit = fit_mixture(train, null, list(alternative.values()))
     probability = fit.posterior(train)
     flags = flags_for_target(probability, target_precision)

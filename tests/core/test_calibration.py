@@ -148,3 +148,17 @@ def test_a_reference_that_knows_the_domain_is_the_estimate_alone():
     weak = {"clip_score": {"mean": 0.99}, "reference_clip_score": {"mean": 0.65}}   # below REFERENCE_COMPETENT
     mixed = calibrate(scores, weak, cosines, suspicion)
     assert mixed.details["statistic"] == "suspicion" and "lower bound" in mixed.details["caveat"]
+
+
+def test_a_model_that_memorised_its_pairs_makes_no_estimate():
+    """Training pairs, misaligned ones included, score far more aligned than any unseen pair (a model
+    trained to memorisation, no reference): the validation pairs are no yardstick, so no number."""
+    rng = np.random.default_rng(9)
+    values, _ = _mixture(rng, 3000, 0.15, shift=0.0)
+    null, alternative = _validation(rng)
+    memorised = 0.45 * values - 1.0           # tighter and more aligned than anything unseen
+    cosines = {"clip_score": {"clean": -null, "shuffle": -alternative[::2], "word_swap": -alternative[1::2]}}
+    cal = calibrate({"clip_score_loo": -memorised}, None, cosines, memorised)
+    assert not cal.estimable and "memorised" in cal.reason and "reference" in cal.reason
+    honest = calibrate({"clip_score_loo": -values}, None, cosines, values)
+    assert honest.estimable and honest.details["memorisation_auroc"] < 0.6
