@@ -89,6 +89,8 @@ def _rows_and_labels(ranked_csv: Path, truth_csv: Path) -> tuple[list[dict], lis
 def evaluate_ranking(ranked_csv: Path, truth_csv: Path) -> dict[str, dict[str, float]]:
     """Detection metrics of the audit's ranking and of the columns users compare it with."""
     rows, labels = _rows_and_labels(ranked_csv, truth_csv)
+    if not any(labels):
+        return {}  # a clean control: nothing to detect
     n = len(rows)
     methods = {
         "ecif (default ranking)": [float(n - int(r["rank"])) for r in rows],
