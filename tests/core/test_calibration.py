@@ -4,8 +4,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from ecif_core import calibration
 from ecif_core.calibration import MIN_SEPARATION, calibrate, fit_mixture, flags_for_target, statistic
 from ecif_core.ranking import SUSPECT_Z
+
+
+@pytest.fixture(autouse=True)
+def fewer_bootstrap_draws(monkeypatch):
+    """30 bootstrap fits instead of 100: the interval's percentiles stay meaningful, the tests 3x faster."""
+    monkeypatch.setattr(calibration, "BOOTSTRAP", 30)
 
 
 def _mixture(rng, n, fraction, shift, alt_mean=3.0):
