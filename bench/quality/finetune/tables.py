@@ -66,6 +66,8 @@ def targets(records: list[dict], out_dir: str | None, split: str = "test") -> li
             values = [c["metrics"][name]["auroc"] for c in cells if name in c["metrics"]]
             return statistics.mean(values) if values else None
         baselines = {n for c in cells for n in c["metrics"] if n.startswith("baseline:") and n != CROSSFIT}
+        if not baselines:
+            continue  # a clean control (0% corrupted): nothing to detect; bench.calibration reads its flags
         best = max(baselines, key=lambda n: mean(n) or 0.0)
         every = [mean(n) for c in cells[:1] for n in c["metrics"]]
         flags = [flag_metrics(Path(out_dir) / "cells" / c["name"]) for c in cells] if out_dir else []
