@@ -29,9 +29,11 @@ MAX_SHIFT = 2.0
 # A reference model this good on the validation evidence (mean AUROC) is the estimate's statistic alone: it
 # never saw the training pairs, so neither memorisation nor a consistently mislearned name can hide one.
 REFERENCE_COMPETENT = 0.7
-# Above this AUROC of "a clean validation pair scores as more suspicious than a training pair" the audited
-# model has memorised its pairs beyond what a shift absorbs (misaligned ones included): no estimate from it.
-MAX_MEMORISATION = 0.6
+# Memorisation check on the aligned end, where misaligned pairs are rare: without memorisation at least a
+# quarter of the clean validation pairs score below the training pairs' first quartile (more when some
+# training pairs are misaligned). Below MIN_BELOW_QUARTILE the audited model scores its own pairs,
+# misaligned ones included, as more aligned than unseen ones beyond what a shift absorbs: no estimate.
+MIN_BELOW_QUARTILE = 0.175
 BOOTSTRAP = 100
 GRID = 512                     # density grid points
 # The validation model each ranking term's training column is compared with.
@@ -112,14 +114,15 @@ def calibrate(scores: Mapping[str, np.ndarray], evidence: Mapping[str, Mapping[s
         return _not_estimable(n, suspicion, target_precision,
                               f"the models barely tell clean from corrupted validation pairs (AUROC {separation:.2f} "
                               f"< {MIN_SEPARATION}): they did not learn this domain well enough to count", details)
-    memorised = auroc(np.concatenate([null, train]), np.concatenate([np.ones(len(null)), np.zeros(len(train))]))
-    details["memorisation_auroc"] = _round(memorised)
-    if not alone and memorised > MAX_MEMORISATION:
+    below = float((null < np.quantile(train, 0.25)).mean())
+    details["validation_below_training_quartile"] = _round(below)
+    if not alone and below < MIN_BELOW_QUARTILE:
         return _not_estimable(n, suspicion, target_precision,
-                              f"the audited model scores its training pairs as more aligned than unseen pairs (AUROC "
-                              f"{memorised:.2f} > {MAX_MEMORISATION}: memorised, misaligned ones too), so unseen pairs "
-                              "are no yardstick for them; add a reference model that knows this domain (the manifest's "
-                              "`reference`) for an estimate", details)
+                              f"the audited model scores its training pairs as more aligned than unseen pairs (only "
+                              f"{below:.0%} of the clean validation pairs score below the training pairs' first "
+                              f"quartile, 25% or more without memorisation): it memorised them, misaligned ones too, "
+                              "so unseen pairs are no yardstick for them; add a reference model that knows this "
+                              "domain (the manifest's `reference`) for an estimate", details)
     fit = fit_mixture(train, null, list(alternative.values()))
     probability = fit.posterior(train)
     flags = flags_for_target(probability, target_precision)

@@ -49,7 +49,7 @@ def test_a_clean_training_set_is_estimated_clean_and_null_and_alternative_are_no
 
 def _calibrated(rng, fraction, target=0.9, n=3000):
     """calibrate() on ranked.csv-like columns: clip_score_loo = -statistic (lower cosine = suspicious)."""
-    values, bad = _mixture(rng, n, fraction, shift=-0.3)
+    values, bad = _mixture(rng, n, fraction, shift=-0.1)  # a fine-tune's small memorisation shift
     null, alternative = _validation(rng)
     scores = {"clip_score_loo": -values, "reference_clip_score": np.full(n, np.nan)}
     cosines = {"clip_score": {"clean": -null, "shuffle": -alternative[::2], "word_swap": -alternative[1::2]}}
@@ -168,4 +168,4 @@ def test_a_model_that_memorised_its_pairs_makes_no_estimate():
     cal = calibrate({"clip_score_loo": -memorised}, None, cosines, memorised)
     assert not cal.estimable and "memorised" in cal.reason and "reference" in cal.reason
     honest = calibrate({"clip_score_loo": -values}, None, cosines, values)
-    assert honest.estimable and honest.details["memorisation_auroc"] < 0.6
+    assert honest.estimable and honest.details["validation_below_training_quartile"] > 0.2
