@@ -127,7 +127,7 @@ class Estimate:
 
 
 def extrapolate(measured: Measured, pairs: int, validation_pairs: int, shard_batches: int, dim: int,
-                workers: int = 1, device: str = "cpu", threads: int = 1) -> Estimate:
+                workers: int = 1, device: str = "cpu", threads: int = 1, models: int = 1) -> Estimate:
     """Per-stage seconds for `pairs` training pairs (all usable) and `validation_pairs`:
     - prepare: startup_s + create_s + rows x prepare_row_s (a fresh process imports the libraries in prepare);
     - gradients: load + warm-up (once) + (pairs x pair_s + shards x fisher_shard_s when the shards
@@ -160,7 +160,7 @@ def extrapolate(measured: Measured, pairs: int, validation_pairs: int, shard_bat
     rows = shards * shard_rows
     return Estimate(pairs=pairs, validation_pairs=validation_pairs, batch_size=size_b, shards=shards, dim=dim,
                     stages=seconds, fixed_s=measured.startup_s + load,
-                    store_bytes=written_bytes(rows, dim, shards, pays, in_batches), workers=workers, device=device,
+                    store_bytes=written_bytes(rows, dim, shards, pays, in_batches, models), workers=workers, device=device,
                     threads=threads, measured=measured)
 
 
@@ -184,7 +184,7 @@ def estimate_audit(manifest: Manifest, roots: Sequence[Path] | None = None, oper
     measured, dim = measure(manifest, roots, operator_hosts, batches=batches, validation_pairs=validation_pairs)
     measured.startup_s = startup_s
     return extrapolate(measured, pairs, validation_pairs, manifest.options.shard_batches, dim, workers,
-                       default_device(), torch.get_num_threads())
+                       default_device(), torch.get_num_threads(), 1 + (manifest.reference is not None))
 
 
 def count_rows(value: str | dict, name: str, roots: Sequence[Path] | None = None) -> int:

@@ -21,6 +21,8 @@ from typing import Any
 import numpy as np
 import zarr
 
+from ecif_core.evidence import CORRUPTIONS
+
 from ecif_core.data import storage  # noqa: F401 - fsspec settings for object stores (no stale listings)
 
 STAGE_MARKERS = ("gradients", "scores")
@@ -46,13 +48,15 @@ VALIDATION_COSINES = "validation/cosines"
 CURVATURE_SHIFT, OLD_CURVATURE_SHIFT = "done/curvature_shift", "done/scores_shift"
 
 
-def written_bytes(rows: int, dim: int, shards: int, partial_sums: bool, validation_pairs: int = 0) -> int:
+def written_bytes(rows: int, dim: int, shards: int, partial_sums: bool, validation_pairs: int = 0,
+                  models: int = 1) -> int:
     """Bytes (uncompressed) of the chunks a finished audit has written in its store: what `create`
     lays out for `rows` slots, `shards` shards and k = `dim`, less what is never written (the k x k
     partial sums of shards too small for them, score columns a validation set would fill), plus
     the curvature and validation arrays. Equals `AuditStore.written_bytes` of the finished store
     (Zarr skips a chunk equal to its fill value; terms and scores are compressed on disk, so the
-    folder is somewhat smaller). `validation_pairs`: those in a validation batch of two or more."""
+    folder is somewhat smaller). `validation_pairs`: those in a validation batch of two or more;
+    `models`: 2 with a reference model (its validation cosines are kept too)."""
     f32, f64 = 4, 8
     scores = len(SCORE_FIELDS) - (0 if validation_pairs else len(VALIDATION_SCORE_FIELDS))
     total = rows * (len(GRADIENT_FIELDS) * dim * f32 + len(TERM_FIELDS) * f32 + scores * f64)
@@ -60,6 +64,7 @@ def written_bytes(rows: int, dim: int, shards: int, partial_sums: bool, validati
     total += dim * f64 + dim * dim * f64                                            # eigvals, eigvecs
     if validation_pairs:
         total += validation_pairs * dim * f32 + dim * f64                           # examples, mean
+        total += models * (1 + len(CORRUPTIONS)) * validation_pairs * f64              # cosines: clean, corrupted
     return total
 
 
