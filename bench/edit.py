@@ -98,6 +98,7 @@ class EditBenchSettings:
     damping_per_removal_curvature: float = 0.01
     max_iterations: int = SETTING["max_iterations"].default
     tolerance: float = SETTING["tolerance"].default
+    max_seconds: float | None = SETTING["max_seconds"].default
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -107,7 +108,8 @@ class EditBenchSettings:
 
         return EditSettings(damping=self.damping,
                             damping_per_removal_curvature=self.damping_per_removal_curvature,
-                            max_iterations=self.max_iterations, tolerance=self.tolerance)
+                            max_iterations=self.max_iterations, tolerance=self.tolerance,
+                            max_seconds=self.max_seconds)
 
     def seed_key(self) -> dict[str, Any]:
         """What the cached models and audit of a seed depend on (edits are keyed separately)."""
