@@ -5,6 +5,30 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+# One torch thread in every test process (this one, each pytest-xdist worker, and every `ecif`
+# server, worker or command a test starts, through ECIF_TORCH_THREADS): the suite runs two
+# processes on two cores, and torch's default (all cores per process) made them fight for them.
+TEST_THREADS = os.environ.setdefault("ECIF_TEST_THREADS", "1")
+os.environ.setdefault("OMP_NUM_THREADS", TEST_THREADS)
+os.environ["ECIF_TORCH_THREADS"] = TEST_THREADS
+
+
+def pytest_configure(config):
+    import torch
+
+    torch.set_num_threads(int(TEST_THREADS))
+
+
+def xdist_worker_index() -> int:
+    """0 for a plain run and pytest-xdist's first worker (gw0), 1 for gw1, ..."""
+    return int(os.environ.get("PYTEST_XDIST_WORKER", "gw0")[2:] or 0)
+
+
+def one_thread_env(env: dict[str, str]) -> dict[str, str]:
+    """`env` with this suite's thread count for an `ecif` process a test starts (helpers that
+    drop the caller's ECIF_ variables put it back with this)."""
+    return {**env, "ECIF_TORCH_THREADS": TEST_THREADS, "OMP_NUM_THREADS": TEST_THREADS}
+
 
 def pytest_collection_modifyitems(config, items):
     """Tests under tests/services talk to PostgreSQL, Redis, Chromium and worker processes: mark them

@@ -4,10 +4,12 @@ keep the test short). Measured when the default was chosen: the default ranking'
 audited model's CLIPScore 0.714, the reference CLIPScore 0.797 (seed 0; seed 1: 0.882, 0.806, 0.898).
 The floor is the measured AUROC minus 0.05, and the default must beat the audited model's own
 CLIPScore: dropping the reference part (0.708), flipping a sign or ranking by self_influence (0.602)
-fails here."""
+fails here. The flag follows the calibrated precision target (0.9): measured 11 of 14 flags corrupted
+at an estimated precision of 0.907, and an estimated fraction of 0.235 for a true 0.25."""
 from __future__ import annotations
 
 import csv
+import json
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +27,7 @@ MARGIN = 0.05
 
 
 @pytest.fixture(scope="module")
-def audited(tmp_path_factory) -> tuple[list[dict], np.ndarray]:
+def audited(tmp_path_factory) -> tuple[list[dict], np.ndarray, dict]:
     root = tmp_path_factory.mktemp("floor")
     config = tiny_model_config()
     base = build_digits(root / "base", corruption=None, seed=100, n_train=480, n_val=32, n_test=32)
@@ -39,7 +41,8 @@ def audited(tmp_path_factory) -> tuple[list[dict], np.ndarray]:
         rows = list(csv.DictReader(handle))
     with Path(tuned.truth).open() as handle:
         truth = {r["id"]: int(r["corrupted"]) for r in csv.DictReader(handle)}
-    return rows, np.array([truth[r["id"]] for r in rows])
+    summary = json.loads((root / "audit" / "summary.json").read_text())
+    return rows, np.array([truth[r["id"]] for r in rows]), summary
 
 
 def _auroc(rows: list[dict], labels: np.ndarray, column: str, sign: int) -> float:
@@ -47,7 +50,7 @@ def _auroc(rows: list[dict], labels: np.ndarray, column: str, sign: int) -> floa
 
 
 def test_default_ranking_reaches_its_measured_quality(audited):
-    rows, labels = audited
+    rows, labels, _ = audited
     ranked_first = np.array([len(rows) - int(r["rank"]) for r in rows], dtype=float)  # the CSV's own order
     default = auroc(ranked_first, labels)
     own_clip = _auroc(rows, labels, "clip_score", -1)
@@ -57,7 +60,19 @@ def test_default_ranking_reaches_its_measured_quality(audited):
     assert default > own_clip
 
 
-def test_flags_are_mostly_corrupted_pairs(audited):
-    rows, labels = audited
+def test_flags_meet_their_estimated_precision(audited):
+    """The flag set is the one the summary describes, and its measured precision is the estimated one
+    within two binomial standard errors (14 flags: about 0.16); a flag that ignored its target, or a
+    calibration with its null and alternative swapped, fails here."""
+    rows, labels, summary = audited
     flagged = np.array([r["suspected"] == "true" for r in rows])
-    assert flagged.any() and labels[flagged].mean() >= 0.8   # measured: 10 of 11
+    assert summary["estimable"] and flagged.sum() == summary["flagged"] > 0
+    estimated = summary["estimated_flag_precision"]
+    assert estimated >= summary["flag_target_precision"]
+    noise = 2 * np.sqrt(estimated * (1 - estimated) / flagged.sum())
+    assert labels[flagged].mean() >= estimated - noise
+
+
+def test_estimated_fraction_is_near_the_truth(audited):
+    _, labels, summary = audited
+    assert abs(summary["estimated_misaligned_fraction"] - labels.mean()) <= 0.05

@@ -13,11 +13,22 @@ import pytest
 import redis
 
 from ecif_core.datasets.digits import build_digits
+from tests.conftest import xdist_worker_index
 from ecif_core.train import TrainConfig, train
 from tests.core.helpers import MICRO_CONFIG
 
 PG_ADMIN = os.environ.get("ECIF_TEST_PG", "postgresql://postgres@127.0.0.1:5432/test")
-REDIS_URL = os.environ.get("ECIF_TEST_REDIS", "redis://127.0.0.1:6379/11")
+
+
+def _redis_url(base: str) -> str:
+    """The test Redis database for this process: ECIF_TEST_REDIS's for a plain run and pytest-xdist's
+    first worker; the next worker's is 5 databases on (mod 16), since the service tests use the
+    base database and the four after it."""
+    server, number = base.rsplit("/", 1)
+    return f"{server}/{(int(number) + 5 * xdist_worker_index()) % 16}"
+
+
+REDIS_URL = _redis_url(os.environ.get("ECIF_TEST_REDIS", "redis://127.0.0.1:6379/11"))
 OPTIONS = {"projection": {"k_in": 4, "k_out": 4}, "shard_batches": 2}
 
 

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import httpx
 
+from tests.conftest import one_thread_env
+
 
 def ecif_command() -> list[str]:
     """The installed `ecif` script next to this interpreter (as a user runs it)."""
@@ -83,4 +85,4 @@ def service_env(database_url: str, broker_url: str, store: Path | str, data_root
     env.update(HF_HUB_OFFLINE="1", ECIF_DATABASE_URL=database_url, ECIF_BROKER_URL=broker_url,
                ECIF_STORE_URL=str(store), ECIF_DATA_ROOTS=str(data_root), PYTHONUNBUFFERED="1", **extra)
     env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parents[2]), env.get("PYTHONPATH", "")])
-    return env
+    return one_thread_env(env)

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from tests.services.conftest import OPTIONS
+from tests.conftest import one_thread_env
 from tests.services.processes import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -24,7 +25,7 @@ def _env() -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("ECIF_")}
     env.update(HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1",
                PYTHONPATH=os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]))
-    return env
+    return one_thread_env(env)
 
 
 def ecif(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
