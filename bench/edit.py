@@ -214,6 +214,13 @@ def summarise(records: Sequence[dict], sets: Sequence[str]) -> dict:
                    "mean_time_ratio": statistics.mean(m["time_ratio"] for m in everything),
                    "max_time_ratio": max(m["time_ratio"] for m in everything),
                    "sets_within_time": sum(m["time_ratio"] <= 0.5 for m in everything)}
+        judged = [m for m in everything if "verdict" in m]  # rows recorded before the certificate have none
+        matched = [m for m in judged if m["matches_retraining"]]
+        contradicted = [m for m in judged if not m["matches_retraining"]]
+        overall["verdict"] = {"sets": len(judged), "matched_retraining": len(matched),
+                              "false_alarms": sum(m["verdict"] == "retrain recommended" for m in matched),
+                              "contradicted_retraining": len(contradicted),
+                              "caught": sum(m["verdict"] == "retrain recommended" for m in contradicted)}
         suspected = [m for _, name, m in rows if name == "suspected"]
         improving = [m for m in suspected if m["dloss_retrained"] < 0]
         overall["suspected_retrain_improves"] = len(improving)
@@ -237,6 +244,14 @@ def targets(overall: Mapping[str, Any]) -> list[dict]:
                   f"max {overall['max_time_ratio']:.3f}x",
          "met": overall["max_time_ratio"] <= 0.5},
     ]
+    verdict = overall.get("verdict") or {}
+    if verdict.get("sets"):
+        alarms, matched = verdict["false_alarms"], verdict["matched_retraining"]
+        caught, contradicted = verdict["caught"], verdict["contradicted_retraining"]
+        out.append({"target": "the verdict flags every edit that contradicts retraining (test loss), with at most 10% "
+                              "false alarms on edits that matched it",
+                    "value": f"caught {caught} of {contradicted}; false alarms {alarms} of {matched}",
+                    "met": caught == contradicted and (matched == 0 or alarms <= 0.1 * matched)})
     n, k = overall["suspected_retrain_improves"], overall["suspected_edit_improves_too"]
     out.append({"target": "where retraining without `suspected` improves (test loss), the edit improves too",
                 "value": f"{k} of {n} (of {overall['suspected_sets']} suspected sets run)",
@@ -402,6 +417,7 @@ def edit_and_compare(base: dict, spec: str, folder: Path, edit_settings, m1_metr
                      corrupted_share: float, share: float) -> dict:
     """Edit M1's audit without `spec` (timed end to end), evaluate, compare with the retrained model
     in folder/retrained.pt; the edited checkpoint is deleted afterwards (the row holds the numbers)."""
+    from ecif_core.edit.certificate import contradicts
     from ecif_core.edit.from_audit import edit_audit
 
     started = time.perf_counter()
@@ -425,8 +441,11 @@ def edit_and_compare(base: dict, spec: str, folder: Path, edit_settings, m1_metr
            "edit": {k: record["result"][k] for k in ("damping", "cg_iterations", "cg_relative_residual",
                                                      "negative_curvature", "removal_gradient_norm",
                                                      "batches_touched", "parameter_change_norm", "seconds")},
-           "feature_cache": record["method"]["feature_cache"], "validation": record["validation"]}
+           "feature_cache": record["method"]["feature_cache"], "validation": record["validation"],
+           "verdict": record["certificate"]["verdict"]}
     row["sign_agrees"] = sign_agrees(row["dloss_edited"], row["dloss_retrained"])
+    # the certificate's rule applied to the clean test loss against retraining's: did the edit match it?
+    row["matches_retraining"] = not contradicts(row["dloss_retrained"], row["dloss_edited"])
     shutil.rmtree(folder / "edited", ignore_errors=True)  # 13 MB
     return row
 

@@ -216,6 +216,11 @@ def _print_stop(record: dict) -> None:
     kept = section.get("kept_back") if isinstance(section, dict) else None
     if kept:
         print(f"kept back: {kept} pairs of the set are on the keep list and were not {action}d", file=sys.stderr)
+    verdict = record.get("certificate")
+    if isinstance(verdict, dict) and verdict.get("verdict"):
+        for warning in verdict.get("warnings") or []:
+            print(f"warning: {warning}", file=sys.stderr)
+        print(f"verdict: {verdict['verdict']}: {verdict.get('reason')}", file=sys.stderr)
 
 
 def cmd_edit(args: argparse.Namespace) -> int:
@@ -236,7 +241,8 @@ def cmd_edit(args: argparse.Namespace) -> int:
             record = edit_audit(args.audit_dir, spec, args.out, _edit_settings(args), theta=args.theta,
                                 base_dir=Path.cwd(), zero_shot=zero_shot, progress=bars, action=action, keep=args.keep)
         bars.close()
-        print(json.dumps({k: record[k] for k in ("action", action, "checkpoint", "result", "validation", "zero_shot")
+        print(json.dumps({k: record[k] for k in ("action", action, "checkpoint", "result", "validation", "certificate",
+                                                     "zero_shot")
                           if k in record},
                          indent=1))
         _print_stop(record)

@@ -26,6 +26,7 @@ from ecif_core.stages.plan import image_access, load_plan, load_slots, open_stor
 from ecif_core.data.batching import partition
 from ecif_core.data.images import load_batch, load_image
 from ecif_core.data.sources import read_pairs
+from ecif_core.edit.certificate import certificate
 from ecif_core.edit.settings import EditSettings
 from ecif_core.edit.solver import LeaveOutObjective, TrainingBatch, apply_delta, edit_parameters
 from ecif_core.errors import ConfigError
@@ -240,6 +241,7 @@ def edit_audit(audit_dir: str | Path, spec: str, out: str | Path, settings: Edit
                    # |grad J(theta_hat)| / |grad(Pos(E) + Neg(E))|: the edit assumes a trained optimum (~0)
                    "stationarity": stationarity},
         "validation": record_validation,
+        "certificate": certificate(result.relative_residual, stationarity, record_validation),
         "zero_shot": record_zero_shot,
     })
     if is_remote(out):  # written here whole, then uploaded file by file (objects, no renames)

@@ -8,7 +8,7 @@ from typing import Iterator
 
 from sqlalchemy import Engine, create_engine, event, make_url, text
 from sqlalchemy.exc import OperationalError
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.orm import Session
 
 CONNECT_TIMEOUT_S = 10
 MIGRATIONS = Path(__file__).resolve().parents[2] / "migrations"
@@ -40,15 +40,12 @@ def _sqlite_pragmas(connection, _record) -> None:
     cursor.close()
 
 
-@lru_cache(maxsize=8)
-def _factory(url: str) -> sessionmaker:
-    return sessionmaker(get_engine(url), expire_on_commit=False)
-
-
 @contextmanager
 def session_scope(url: str) -> Iterator[Session]:
-    """One transaction: committed on success, rolled back on any exception."""
-    session = _factory(url)()
+    """One transaction: committed on success, rolled back on any exception. Bound to get_engine(url)
+    each time (not to a cached session factory, whose engine could be one get_engine has since
+    dropped from its cache: two pools for one database, and listeners on the wrong one)."""
+    session = Session(get_engine(url), expire_on_commit=False)
     try:
         yield session
         session.commit()

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from bench import edit as bench_edit
+from ecif_core.edit.certificate import contradicts
 from bench.edit import cosine, parameter_agreement, quick, run_seed, sign_agrees, summarise, targets, tune
 
 
@@ -69,6 +70,23 @@ def test_summary_and_targets_by_hand() -> None:
     assert targets(none_improve["overall"])[3]["met"] is None  # retraining never improved: not applicable
 
 
+def test_verdict_counts_by_hand() -> None:
+    """False alarms are counted among edits that matched retraining (the certificate's rule on the test
+    loss against retraining's), catches among those that contradicted it."""
+    def judged(dl_e, dl_r, verdict):
+        return {**_row(0.5, 0.5, dl_e, dl_r, 0.1), "verdict": verdict,
+                "matches_retraining": not contradicts(dl_r, dl_e)}
+
+    rows = {"a": judged(-0.1, -0.2, "ok"), "b": judged(-0.1, -0.2, "retrain recommended"),  # matched: 1 alarm
+            "c": judged(0.1, -0.2, "retrain recommended"), "d": judged(-0.01, -0.2, "ok")}   # contradicted: 1 caught
+    o = summarise([{"seed": 0, "sets": rows}], list(rows))["overall"]
+    assert o["verdict"] == {"sets": 4, "matched_retraining": 2, "false_alarms": 1, "contradicted_retraining": 2,
+                            "caught": 1}
+    assert targets(o)[3]["value"] == "caught 1 of 2; false alarms 1 of 2" and targets(o)[3]["met"] is False
+    clean = {k: rows[k] for k in ("a", "c")}
+    assert targets(summarise([{"seed": 0, "sets": clean}], list(clean))["overall"])[3]["met"] is True
+
+
 def test_quick_core_runs_every_step_on_tiny_sizes(tmp_path: Path) -> None:
     settings = dataclasses.replace(quick(), n_train=96, n_val=48, n_test=48, base_epochs=2, finetune_epochs=1,
                                    sets=["random", "harmful", "suspected"], max_iterations=5)
@@ -91,6 +109,8 @@ def test_quick_core_runs_every_step_on_tiny_sizes(tmp_path: Path) -> None:
         assert row["sign_agrees"] == sign_agrees(row["dloss_edited"], row["dloss_retrained"])
         assert row["time_ratio"] == pytest.approx(row["edit_seconds"] / row["retrain_seconds"])
         assert row["feature_cache"] and 1 <= row["edit"]["cg_iterations"] + 1 <= 6
+        assert row["verdict"] in ("ok", "retrain recommended")
+        assert row["matches_retraining"] == (not contradicts(row["dloss_retrained"], row["dloss_edited"]))
     # the cache: a second call reuses every record (no training, no edit) and returns the same numbers
     again = run_seed(settings, tmp_path, 0, say_=lambda _: None)
     assert json.dumps(again["sets"], sort_keys=True) == json.dumps(record["sets"], sort_keys=True)

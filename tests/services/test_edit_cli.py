@@ -58,6 +58,14 @@ def test_edit_writes_a_checkpoint_that_loads_and_audits_again(data_root, embedde
     assert record["result"]["cg_iterations"] >= 1 and record["result"]["parameter_change_norm"] > 0
     validation = record["validation"]
     assert validation["actual_change"] == pytest.approx(validation["loss_after"] - validation["loss_before"])
+    from ecif_core.edit.certificate import OK, RETRAIN, contradicts
+
+    certified = record["certificate"]  # the verdict is the rule applied to the validation check's numbers
+    assert certified["measured_validation_change"] == validation["actual_change"]
+    assert certified["predicted_validation_change"] == validation["predicted_change"]
+    assert certified["verdict"] == (RETRAIN if contradicts(validation["predicted_change"], validation["actual_change"])
+                                    else OK)
+    assert f"verdict: {certified['verdict']}: " in capsys.readouterr().err
 
     # open_clip's own model class loads the edited state dict strictly; only theta changed
     from open_clip.model import CLIP

@@ -32,3 +32,21 @@ def test_sqlite_schema_from_ecif_db_upgrade_matches_the_models(tmp_path, monkeyp
         get_settings.cache_clear()
     assert schema_is_current(url) and _differences(url) == []
     upgrade(url)  # a second upgrade is a no-op
+
+
+def test_sessions_use_the_engine_get_engine_returns_now(tmp_path):
+    """A session is bound to get_engine(url) when it opens: after get_engine's cache dropped the URL's
+    engine (more URLs than it keeps), sessions use the new engine, never a stale second pool."""
+    from sqlalchemy import event, text
+
+    from services.db.session import session_scope
+
+    url = f"sqlite:///{tmp_path / 'x.db'}"
+    with session_scope(url) as session:
+        session.execute(text("SELECT 1"))
+    get_engine.cache_clear()
+    seen = []
+    event.listen(get_engine(url), "after_cursor_execute", lambda *args: seen.append(args[2]))
+    with session_scope(url) as session:
+        session.execute(text("SELECT 2"))
+    assert "SELECT 2" in seen

@@ -1,0 +1,66 @@
+"""The certificate an edit carries (edit.json, `ecif edit`, the API's edit status): the numbers that
+say whether the Newton step can be trusted, and a verdict read from them by a rule fixed in advance.
+
+Why a verdict: an edit is a prediction (one Newton step stands in for retraining), and it can fail
+silently: a fine-tune far from a minimum, negative curvature, CG stopped early. The only measured
+evidence is the held-out validation loss, whose first-order change the step predicts; an edit whose
+measured change contradicts that prediction is not a stand-in for retraining.
+"""
+from __future__ import annotations
+
+import math
+
+# The rule (docs/METHOD.md, "The edit's certificate"): a measured change of the opposite sign to the
+# prediction, or of the same sign but under this share of it, contradicts the prediction.
+CONTRADICTION_SHARE = 1 / 3
+# Reported as warnings, never as the verdict: CG stopped above this relative residual, or the
+# fine-tune's objective gradient is above this share of the removal gradient (not at a minimum).
+RESIDUAL_WARNING = 0.1
+STATIONARITY_WARNING = 0.5
+
+OK, RETRAIN, UNVERIFIED = "ok", "retrain recommended", "unverified"
+
+
+def contradicts(predicted: float, measured: float) -> bool:
+    """True when `measured` contradicts `predicted` (opposite sign, or under CONTRADICTION_SHARE of it)."""
+    if predicted * measured < 0:
+        return True
+    return abs(measured) < CONTRADICTION_SHARE * abs(predicted)
+
+
+def _finite(value: object) -> float | None:
+    return float(value) if isinstance(value, (int, float)) and math.isfinite(value) else None
+
+
+def certificate(relative_residual: float | None, stationarity: float | None, validation: dict | None) -> dict:
+    """The certificate of one edit: its residual, stationarity, predicted and measured validation
+    change, the verdict (`ok`, `retrain recommended`, or `unverified` without a validation set) and
+    one sentence saying why and what to do."""
+    residual, stationary = _finite(relative_residual), _finite(stationarity)
+    warnings = []
+    if residual is not None and residual > RESIDUAL_WARNING:
+        warnings.append(f"CG stopped at relative residual {residual:.2g} (above {RESIDUAL_WARNING:g}): raise "
+                        "--max-iterations or --max-seconds, or raise the damping")
+    if stationary is not None and stationary > STATIONARITY_WARNING:
+        warnings.append(f"the model is not at a minimum of its training objective (stationarity {stationary:.2g}, "
+                        f"above {STATIONARITY_WARNING:g}): the step also moves it towards that minimum")
+    base = {"cg_relative_residual": residual, "stationarity": stationary, "warnings": warnings,
+            "rule": f"retrain recommended when the measured validation change has the opposite sign to the "
+                    f"predicted one or is under {CONTRADICTION_SHARE:.3g} of it"}
+    if validation is None:
+        return {**base, "predicted_validation_change": None, "measured_validation_change": None,
+                "verdict": UNVERIFIED,
+                "reason": "the audit has no validation set to measure the edit on: add one to the manifest and "
+                          "audit again, or retrain to be sure"}
+    predicted, measured = _finite(validation.get("predicted_change")), _finite(validation.get("actual_change"))
+    base.update(predicted_validation_change=predicted, measured_validation_change=measured)
+    if predicted is None or measured is None:
+        return {**base, "verdict": RETRAIN,
+                "reason": "the validation loss change is not a finite number: retrain without the set instead"}
+    if contradicts(predicted, measured):
+        how = "the opposite sign" if predicted * measured < 0 else f"under {CONTRADICTION_SHARE:.3g} of it"
+        return {**base, "verdict": RETRAIN,
+                "reason": f"the validation loss changed by {measured:+.4g} where the edit predicted {predicted:+.4g} "
+                          f"({how}): the step does not stand in for retraining; retrain without the set"}
+    return {**base, "verdict": OK,
+            "reason": f"the validation loss changed by {measured:+.4g}, as predicted ({predicted:+.4g})"}
