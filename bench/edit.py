@@ -158,6 +158,16 @@ def parameter_agreement(m1: Mapping[str, torch.Tensor], edited: Mapping[str, tor
             "norm_ratio": float(d_edit.norm()) / float(d_retrain.norm())}
 
 
+def pearson(a: Sequence[float], b: Sequence[float]) -> float | None:
+    """Pearson correlation of two equal-length sequences; None when either is constant or shorter than 3."""
+    if len(a) < 3:
+        return None
+    x, y = torch.tensor(a, dtype=torch.float64), torch.tensor(b, dtype=torch.float64)
+    x, y = x - x.mean(), y - y.mean()
+    scale = float(x.norm() * y.norm())
+    return None if scale == 0 else float((x * y).sum()) / scale
+
+
 def mean_sd(values: Sequence[float]) -> tuple[float, float | None]:
     values = [float(v) for v in values]
     return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else None
@@ -221,6 +231,15 @@ def summarise(records: Sequence[dict], sets: Sequence[str]) -> dict:
                               "false_alarms": sum(m["verdict"] == "retrain recommended" for m in matched),
                               "contradicted_retraining": len(contradicted),
                               "caught": sum(m["verdict"] == "retrain recommended" for m in contradicted)}
+        previewed = [m for m in everything if m.get("preview_change") is not None]
+        if previewed:
+            retrained = [m["dloss_retrained"] for m in previewed]
+            overall["predictions"] = {
+                name: {"sets": len(previewed),
+                       "sign_agreement": sum(sign_agrees(m[key], m["dloss_retrained"]) for m in previewed) / len(previewed),
+                       "pearson": pearson([m[key] for m in previewed], retrained)}
+                for name, key in (("preview (sum form)", "preview_change"),
+                                  ("edit's prediction (group form)", "group_predicted_change"))}
         suspected = [m for _, name, m in rows if name == "suspected"]
         improving = [m for m in suspected if m["dloss_retrained"] < 0]
         overall["suspected_retrain_improves"] = len(improving)
@@ -418,7 +437,7 @@ def edit_and_compare(base: dict, spec: str, folder: Path, edit_settings, m1_metr
     """Edit M1's audit without `spec` (timed end to end), evaluate, compare with the retrained model
     in folder/retrained.pt; the edited checkpoint is deleted afterwards (the row holds the numbers)."""
     from ecif_core.edit.certificate import contradicts
-    from ecif_core.edit.from_audit import edit_audit
+    from ecif_core.edit.from_audit import edit_audit, preview
 
     started = time.perf_counter()
     record = edit_audit(base["audit"], spec, folder / "edited", edit_settings)
@@ -442,7 +461,11 @@ def edit_and_compare(base: dict, spec: str, folder: Path, edit_settings, m1_metr
                                                      "negative_curvature", "removal_gradient_norm",
                                                      "batches_touched", "parameter_change_norm", "seconds")},
            "feature_cache": record["method"]["feature_cache"], "validation": record["validation"],
-           "verdict": record["certificate"]["verdict"]}
+           "verdict": record["certificate"]["verdict"],
+           # the report's removal preview (sum of stored per-pair influence) and the edit's own prediction (group
+           # form, first order), both of the validation loss, set beside retraining's clean test-loss change
+           "preview_change": preview(base["audit"], spec)["predicted_validation_change"],
+           "group_predicted_change": record["validation"]["predicted_change"]}
     row["sign_agrees"] = sign_agrees(row["dloss_edited"], row["dloss_retrained"])
     # the certificate's rule applied to the clean test loss against retraining's: did the edit match it?
     row["matches_retraining"] = not contradicts(row["dloss_retrained"], row["dloss_edited"])
@@ -562,6 +585,15 @@ def _set_table(block: dict) -> list[str]:
                   f"points (M1 unedited vs retrained: {o['mean_acc_gap_no_edit_points']:.2f}), loss-change signs agree "
                   f"in {100 * o['sign_agreement']:.0f}%, mean cosine {o['mean_cosine']:.3f}, mean relative error "
                   f"{o['mean_relative_error']:.2f}, time ratio mean {o['mean_time_ratio']:.3f} (max {o['max_time_ratio']:.3f})."]
+    for name, p in (o.get("predictions") or {}).items():
+        corr = "n/a" if p["pearson"] is None else f"{p['pearson']:.2f}"
+        lines.append(f"Predicted validation-loss change, {name}, against retraining's test-loss change: signs agree in "
+                     f"{100 * p['sign_agreement']:.0f}% of {p['sets']} sets, Pearson {corr}.")
+    verdict = o.get("verdict") or {}
+    if verdict.get("sets"):
+        lines.append(f"Edit verdict (certificate) against retraining: {verdict['caught']} of "
+                     f"{verdict['contradicted_retraining']} edits that contradicted retraining flagged; "
+                     f"{verdict['false_alarms']} false alarms on {verdict['matched_retraining']} that matched it.")
     lines += ["", "| target | measured | met |", "| --- | --- | --- |"]
     for t in block["targets"]:
         met = "n/a" if t["met"] is None else ("**met**" if t["met"] else "**missed**")

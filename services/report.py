@@ -250,6 +250,12 @@ def _removal_previews(audit_dir: str) -> str:
             "the pairs drawn at random (seed 0), i.e. what removing that much data does by itself. A set is worth "
             "removing when its change is clearly below (more negative than) the random line for a set of its size; "
             "one near it does no better than chance.</p>"
+            '<p id="preview-trust" class="muted">How far the preview holds: it adds up each pair\'s own '
+            "first-order influence and ignores pairs that share a batch. Checked against retraining on the edit "
+            "benchmark (bench/RESULTS.md, \"The edit's certificate\"), its sign was right for every targeted set "
+            "and wrong for one random set, whose change is near zero: read a line near the random one as no "
+            "effect. <code>ecif edit</code> computes the exact group form, measures the edited model on the "
+            "validation pairs, and says in its verdict whether the edit held.</p>"
             '<table class="summary"><tr><td>set</td><td>spec</td><td>pairs</td><td>flagged</td>'
             f'<td>predicted change</td></tr>{"".join(rows)}</table>')
 

@@ -13,6 +13,10 @@ import math
 # The rule (docs/METHOD.md, "The edit's certificate"): a measured change of the opposite sign to the
 # prediction, or of the same sign but under this share of it, contradicts the prediction.
 CONTRADICTION_SHARE = 1 / 3
+# lambda / (curvature along the removal gradient + lambda) at or above this share: the step along the removal
+# gradient is at most half the undamped Newton step, so the edit does less than retraining even when its
+# own prediction holds (a heavily damped step predicts its small change correctly).
+MAX_DAMPING_SHARE = 0.5
 # Reported as warnings, never as the verdict: CG stopped above this relative residual, or the
 # fine-tune's objective gradient is above this share of the removal gradient (not at a minimum).
 RESIDUAL_WARNING = 0.1
@@ -32,11 +36,22 @@ def _finite(value: object) -> float | None:
     return float(value) if isinstance(value, (int, float)) and math.isfinite(value) else None
 
 
-def certificate(relative_residual: float | None, stationarity: float | None, validation: dict | None) -> dict:
-    """The certificate of one edit: its residual, stationarity, predicted and measured validation
-    change, the verdict (`ok`, `retrain recommended`, or `unverified` without a validation set) and
-    one sentence saying why and what to do."""
+def damping_share(damping: float | None, curvature: float | None) -> float | None:
+    """lambda / (c + lambda), c the curvature along the removal gradient: the share by which damping
+    shortens the step along that gradient (0: the Newton step; 1: no step)."""
+    damping, curvature = _finite(damping), _finite(curvature)
+    if damping is None or curvature is None or damping + curvature <= 0:
+        return None
+    return damping / (curvature + damping)
+
+
+def certificate(relative_residual: float | None, stationarity: float | None, validation: dict | None,
+                damping: float | None = None, removal_curvature: float | None = None) -> dict:
+    """The certificate of one edit: its residual, stationarity, damping share, predicted and measured
+    validation change, the verdict (`ok`, `retrain recommended`, or `unverified` without a validation
+    set) and one sentence saying why and what to do."""
     residual, stationary = _finite(relative_residual), _finite(stationarity)
+    shortened = damping_share(damping, removal_curvature)
     warnings = []
     if residual is not None and residual > RESIDUAL_WARNING:
         warnings.append(f"CG stopped at relative residual {residual:.2g} (above {RESIDUAL_WARNING:g}): raise "
@@ -44,9 +59,19 @@ def certificate(relative_residual: float | None, stationarity: float | None, val
     if stationary is not None and stationary > STATIONARITY_WARNING:
         warnings.append(f"the model is not at a minimum of its training objective (stationarity {stationary:.2g}, "
                         f"above {STATIONARITY_WARNING:g}): the step also moves it towards that minimum")
-    base = {"cg_relative_residual": residual, "stationarity": stationary, "warnings": warnings,
-            "rule": f"retrain recommended when the measured validation change has the opposite sign to the "
-                    f"predicted one or is under {CONTRADICTION_SHARE:.3g} of it"}
+    base = {"cg_relative_residual": residual, "stationarity": stationary, "damping_share": shortened,
+            "warnings": warnings,
+            "rule": f"retrain recommended when the damping shortens the step along the removal gradient by "
+                    f"{MAX_DAMPING_SHARE:g} or more, or when the measured validation change has the opposite sign "
+                    f"to the predicted one or is under {CONTRADICTION_SHARE:.3g} of it"}
+    if shortened is not None and shortened >= MAX_DAMPING_SHARE:
+        measured = None if validation is None else _finite(validation.get("actual_change"))
+        predicted = None if validation is None else _finite(validation.get("predicted_change"))
+        return {**base, "predicted_validation_change": predicted, "measured_validation_change": measured,
+                "verdict": RETRAIN,
+                "reason": f"the damping ({_finite(damping):.4g}) is {shortened:.0%} of the curvature plus damping along "
+                          "the removal gradient: the step is at most about half the Newton step, so the edit does "
+                          "less than retraining would; retrain without the set, or give a smaller --damping"}
     if validation is None:
         return {**base, "predicted_validation_change": None, "measured_validation_change": None,
                 "verdict": UNVERIFIED,

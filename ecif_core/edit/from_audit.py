@@ -241,7 +241,8 @@ def edit_audit(audit_dir: str | Path, spec: str, out: str | Path, settings: Edit
                    # |grad J(theta_hat)| / |grad(Pos(E) + Neg(E))|: the edit assumes a trained optimum (~0)
                    "stationarity": stationarity},
         "validation": record_validation,
-        "certificate": certificate(result.relative_residual, stationarity, record_validation),
+        "certificate": certificate(result.relative_residual, stationarity, record_validation, result.damping,
+                                   result.removal_curvature),
         "zero_shot": record_zero_shot,
     })
     if is_remote(out):  # written here whole, then uploaded file by file (objects, no renames)

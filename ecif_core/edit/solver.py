@@ -80,13 +80,15 @@ class EditResult:
     dampings_tried: list[float] = field(default_factory=list)
     stopped: str = "converged"  # one of STOPS
     action: Action = "remove"
+    removal_curvature: float | None = None  # |g.Hg| / g.g along the removal gradient g (lambda's scale)
 
     def summary(self) -> dict:
         pairs = "pairs_removed" if self.action == "remove" else "pairs_demoted"
         return {"action": self.action, "damping": self.damping, "dampings_tried": self.dampings_tried,
                 "cg_iterations": self.iterations, "cg_relative_residual": self.relative_residual,
                 "stopped": self.stopped, "negative_curvature": self.negative_curvature,
-                "removal_gradient_norm": self.removal_gradient_norm, pairs: self.pairs_removed,
+                "removal_gradient_norm": self.removal_gradient_norm, "removal_curvature": self.removal_curvature,
+                pairs: self.pairs_removed,
                 "batches_touched": self.batches_touched, "parameter_change_norm": _norm(self.delta),
                 "seconds": self.seconds}
 
@@ -328,7 +330,8 @@ def edit_parameters(objective: LeaveOutObjective, settings: EditSettings, progre
     return EditResult(delta=delta, damping=tried[-1], iterations=result.iterations,
                       relative_residual=result.relative_residual, negative_curvature=result.negative_curvature,
                       removal_gradient_norm=bb ** 0.5, pairs_removed=pairs_removed, batches_touched=touched,
-                      seconds=seconds, dampings_tried=tried, stopped=result.stopped, action=objective.action)
+                      seconds=seconds, dampings_tried=tried, stopped=result.stopped, action=objective.action,
+                      removal_curvature=rayleigh)
 
 
 @torch.no_grad()

@@ -70,6 +70,23 @@ def test_summary_and_targets_by_hand() -> None:
     assert targets(none_improve["overall"])[3]["met"] is None  # retraining never improved: not applicable
 
 
+def test_prediction_agreement_by_hand() -> None:
+    """Sign agreement and Pearson correlation of each prediction with retraining's loss change."""
+    def row(preview, group, dl_r):
+        return {**_row(0.5, 0.5, -0.1, dl_r, 0.1), "preview_change": preview, "group_predicted_change": group}
+
+    rows = {"a": row(-1.0, -1.0, -2.0), "b": row(1.0, -0.5, 0.0 + 1e-3), "c": row(0.0, 2.0, 2.0)}
+    p = summarise([{"seed": 0, "sets": rows}], list(rows))["overall"]["predictions"]
+    assert p["preview (sum form)"]["sign_agreement"] == pytest.approx(2 / 3)  # (-,-) and (+,+) agree; (0,+) not
+    assert p["edit's prediction (group form)"]["sign_agreement"] == pytest.approx(2 / 3)
+    # against numpy's own correlation
+    import numpy as np
+
+    want = float(np.corrcoef([-1.0, 1.0, 0.0], [-2.0, 1e-3, 2.0])[0, 1])
+    assert p["preview (sum form)"]["pearson"] == pytest.approx(want)
+    assert bench_edit.pearson([1.0, 1.0, 1.0], [1.0, 2.0, 3.0]) is None and bench_edit.pearson([1.0], [2.0]) is None
+
+
 def test_verdict_counts_by_hand() -> None:
     """False alarms are counted among edits that matched retraining (the certificate's rule on the test
     loss against retraining's), catches among those that contradicted it."""
@@ -83,6 +100,7 @@ def test_verdict_counts_by_hand() -> None:
     assert o["verdict"] == {"sets": 4, "matched_retraining": 2, "false_alarms": 1, "contradicted_retraining": 2,
                             "caught": 1}
     assert targets(o)[3]["value"] == "caught 1 of 2; false alarms 1 of 2" and targets(o)[3]["met"] is False
+    assert "predictions" not in o  # rows without previews (recorded before them) are not counted
     clean = {k: rows[k] for k in ("a", "c")}
     assert targets(summarise([{"seed": 0, "sets": clean}], list(clean))["overall"])[3]["met"] is True
 
@@ -109,7 +127,7 @@ def test_quick_core_runs_every_step_on_tiny_sizes(tmp_path: Path) -> None:
         assert row["sign_agrees"] == sign_agrees(row["dloss_edited"], row["dloss_retrained"])
         assert row["time_ratio"] == pytest.approx(row["edit_seconds"] / row["retrain_seconds"])
         assert row["feature_cache"] and 1 <= row["edit"]["cg_iterations"] + 1 <= 6
-        assert row["verdict"] in ("ok", "retrain recommended")
+        assert row["verdict"] in ("ok", "retrain recommended") and math.isfinite(row["preview_change"])
         assert row["matches_retraining"] == (not contradicts(row["dloss_retrained"], row["dloss_edited"]))
     # the cache: a second call reuses every record (no training, no edit) and returns the same numbers
     again = run_seed(settings, tmp_path, 0, say_=lambda _: None)

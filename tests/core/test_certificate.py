@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from ecif_core.edit.certificate import OK, RETRAIN, UNVERIFIED, certificate, contradicts
+from ecif_core.edit.certificate import OK, RETRAIN, UNVERIFIED, certificate, contradicts, damping_share
 
 
 def _validation(predicted: float, measured: float) -> dict:
@@ -44,3 +44,17 @@ def test_residual_and_stationarity_warn_without_deciding():
     assert record["verdict"] == OK and len(record["warnings"]) == 2
     assert "--max-iterations" in record["warnings"][0] and "not at a minimum" in record["warnings"][1]
     assert certificate(None, None, _validation(-0.05, -0.04))["warnings"] == []
+
+
+@pytest.mark.parametrize("damping, curvature, expected", [
+    (0.1, 1.0, OK),        # the default: lambda = 0.1 x the curvature along the removal gradient, share 1/11
+    (1.0, 1.0, RETRAIN),   # one damping escalation after negative curvature: half the Newton step
+    (10.0, 1.0, RETRAIN),  # a heavily damped step predicts its own small change correctly, yet does little
+])
+def test_a_step_shortened_by_damping_recommends_retraining(damping, curvature, expected):
+    record = certificate(0.01, 0.2, _validation(-0.05, -0.05), damping, curvature)  # the prediction held
+    assert record["damping_share"] == pytest.approx(damping / (damping + curvature))
+    assert record["verdict"] == expected and (("smaller --damping" in record["reason"]) == (expected == RETRAIN))
+    assert damping_share(0.0, 0.0) is None and damping_share(None, 1.0) is None
+    without_validation = certificate(0.01, 0.2, None, damping, curvature)  # the damping rule needs no validation set
+    assert without_validation["verdict"] == (RETRAIN if expected == RETRAIN else UNVERIFIED)

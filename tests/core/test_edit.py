@@ -227,6 +227,10 @@ def test_hessian_vector_products_equal_the_dense_hessian_on_the_projections() ->
         full = torch.func.grad(lambda t: problem.objective(t, {}, forward=True))(theta)
         leave_out = torch.func.grad(lambda t: problem.objective(t, removed, forward=True))(theta)
         torch.testing.assert_close(objective.removal_gradient()[0], full - leave_out, rtol=1e-9, atol=1e-9)
+    # the curvature along the removal gradient g that scales lambda (and the certificate's damping share): |g.Hg| / g.g
+    g = full - leave_out
+    result = edit_parameters(objective, EditSettings(damping_per_removal_curvature=0.1, tolerance=1e-8, max_iterations=300))
+    assert result.removal_curvature == pytest.approx(abs(float(g @ hess @ g)) / float(g @ g), rel=1e-9)
 
 
 def test_conjugate_gradient_matches_a_dense_solve_and_stops_at_negative_curvature() -> None:
