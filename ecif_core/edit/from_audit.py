@@ -236,6 +236,7 @@ def edit_audit(audit_dir: str | Path, spec: str, out: str | Path, settings: Edit
                                 "the set (Hessian-vector products)",
                    "solver": "truncated conjugate gradients", "weight_decay": manifest.options.weight_decay,
                    "theta": [name for name, _ in params], "feature_cache": objective.uses_feature_cache,
+                   "trunk_cache": objective.uses_trunk_cache,
                    **asdict(settings)},
         "result": {**result.summary(), "seconds": seconds,
                    # |grad J(theta_hat)| / |grad(Pos(E) + Neg(E))|: the edit assumes a trained optimum (~0)

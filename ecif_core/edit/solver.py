@@ -37,6 +37,7 @@ from ecif_core.influence.gradients import embed, temperature_scale
 from ecif_core.edit.settings import SETTING, EditSettings
 from ecif_core.edit.removal import ACTIONS, Action
 from ecif_core.influence.losses import batch_loss, group_terms, pair_logits
+from ecif_core.influence.trunk import TrunkCache
 from ecif_core.progress import Progress
 
 HEAD_PARAMETERS = ("visual.proj", "text_projection")
@@ -169,10 +170,18 @@ class LeaveOutObjective:
         if use_feature_cache and not head_only:
             raise ConfigError("edit.theta", f"the feature cache needs theta within {HEAD_PARAMETERS}")
         self._features = _tower_features(model, self.batches) if head_only and use_feature_cache is not False else None
+        self._trunk, self._trunk_outputs = None, None
+        if self._features is None and use_feature_cache is not False:
+            self._trunk, self._trunk_outputs = _trunk_outputs(model, self.params, self.batches)
 
     @property
     def uses_feature_cache(self) -> bool:
         return self._features is not None
+
+    @property
+    def uses_trunk_cache(self) -> bool:
+        """theta starts inside the towers' blocks and the blocks below it run once, not once per product."""
+        return self._trunk_outputs is not None
 
     def flat(self, tensors: Sequence[torch.Tensor]) -> torch.Tensor:
         return torch.cat([t.reshape(-1).to(torch.float64) for t in tensors])
@@ -188,7 +197,12 @@ class LeaveOutObjective:
         """(u, v) of batch `index`, differentiable in theta."""
         if self._features is None:
             b = self.batches[index]
-            return embed(self.model, b.images, b.tokens)
+            if self._trunk_outputs is None:
+                return embed(self.model, b.images, b.tokens)
+            for tower, output in zip(self._trunk.towers, self._trunk_outputs[index]):
+                tower.cached = output
+            with self._trunk.replay(0, b.images.shape[0]):
+                return embed(self.model, b.images, b.tokens)
         image_features, text_features = self._features[index]
         return text_features @ self.model.text_projection, image_features @ self.model.visual.proj
 
@@ -277,6 +291,32 @@ def _tower_features(model: torch.nn.Module, batches: Sequence[TrainingBatch]) ->
             text, image = embed(model, b.images, b.tokens)
             out.append((image.detach(), text.detach()))
     return out
+
+
+TRUNK_CACHE_BYTES = 2 * 1024 ** 3  # the blocks' outputs below theta kept for every batch, at most this much
+
+
+@torch.no_grad()
+def _trunk_outputs(model: torch.nn.Module, params: Sequence[torch.nn.Parameter], batches: Sequence[TrainingBatch]
+                   ) -> tuple[TrunkCache | None, list[list[torch.Tensor]] | None]:
+    """The output of the last block below theta in each tower, per batch (influence.trunk.TrunkCache): every
+    Hessian-vector product of CG then runs only the blocks from theta up. (None, None) where no tower has a
+    trunk to skip, or where keeping it would take more than TRUNK_CACHE_BYTES (the products then recompute it)."""
+    trunk = TrunkCache(model, params)
+    if not trunk.towers:
+        return None, None
+    outputs, size = [], 0
+    for b in batches:
+        with trunk.capture():
+            embed(model, b.images, b.tokens)
+        kept = [tower.cached for tower in trunk.towers]
+        size += sum(t.numel() * t.element_size() for t in kept)
+        if size > TRUNK_CACHE_BYTES:
+            return None, None
+        outputs.append(kept)
+    for tower in trunk.towers:
+        tower.cached = None
+    return trunk, outputs
 
 
 DAMPING_RETRIES = 4  # each multiplies lambda by 10

@@ -450,3 +450,42 @@ def test_keep_list_and_id_files_in_both_formats(tmp_path) -> None:
         with pytest.raises(ConfigError) as error:
             select(kwargs.pop("spec", "top:4:rank"), ids, columns, suspected, **kwargs)
         assert error.value.field == field and message in error.value.message
+
+
+def test_products_run_the_blocks_below_theta_once_per_batch() -> None:
+    """theta = the last block of each tower plus the projections: the objective keeps the output of
+    the block below (influence.trunk), so CG's products run only the theta blocks; the removal
+    gradient, the products and the full gradient equal those that recompute the whole towers."""
+    from ecif_core.models.factory import restrict_grad_to, select_theta
+    from tests.core.helpers import micro_model, random_batch
+
+    loaded = micro_model(seed=1)
+    model = loaded.model.double().eval()
+    theta = select_theta(model, ["visual.transformer.resblocks.1.*", "transformer.resblocks.1.*", "visual.proj",
+                                 "text_projection"])
+    restrict_grad_to(model, theta)
+    batches = []
+    for seed, chosen in ((0, [True, False, False, True, False, False]), (1, [False] * 5 + [True])):
+        images, tokens = random_batch(loaded, 6, seed=seed)
+        batches.append(TrainingBatch(images.double(), tokens, torch.tensor(chosen)))
+    runs = {"image": 0, "text": 0}
+    handles = [blocks[0].mlp.register_forward_hook(lambda m, a, o, key=key: runs.update({key: runs[key] + 1}))
+               for key, blocks in (("image", model.visual.transformer.resblocks), ("text", model.transformer.resblocks))]
+    try:
+        cached = LeaveOutObjective(model, theta, batches, WEIGHT_DECAY)
+        assert cached.uses_trunk_cache and not cached.uses_feature_cache
+        assert runs == {"image": 2, "text": 2}  # one no-grad forward per batch
+        vector = torch.randn(sum(p.numel() for _, p in theta), generator=torch.Generator().manual_seed(4),
+                             dtype=torch.float64)
+        got = (cached.removal_gradient()[0], cached.hessian_vector_product(vector), cached.full_objective_gradient())
+        assert runs == {"image": 2, "text": 2}  # and never again
+    finally:
+        for handle in handles:
+            handle.remove()
+    plain = LeaveOutObjective(model, theta, batches, WEIGHT_DECAY, use_feature_cache=False)
+    assert not plain.uses_trunk_cache
+    want = (plain.removal_gradient()[0], plain.hessian_vector_product(vector), plain.full_objective_gradient())
+    assert runs == {"image": 2, "text": 2}  # the hooks are gone; plain recomputed the blocks (unhooked)
+    for a, b in zip(got, want):
+        assert float(b.norm()) > 0
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12 * float(b.abs().max()))

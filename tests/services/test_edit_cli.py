@@ -63,12 +63,14 @@ def test_edit_writes_a_checkpoint_that_loads_and_audits_again(data_root, embedde
     certified = record["certificate"]  # the verdict is the rule applied to the validation check's numbers
     assert certified["measured_validation_change"] == validation["actual_change"]
     assert certified["predicted_validation_change"] == validation["predicted_change"]
-    result = record["result"]
-    assert len(result["dampings_tried"]) == 1  # no escalation: lambda = 0.1 x the curvature along the removal gradient
-    assert certified["damping_share"] == pytest.approx(0.1 / 1.1)
-    assert result["damping"] == pytest.approx(0.1 * result["removal_curvature"])
-    assert certified["verdict"] == (RETRAIN if contradicts(validation["predicted_change"], validation["actual_change"])
-                                    else OK)
+    result = record["result"]  # lambda starts at 0.1 x the curvature along the removal gradient (x10 per escalation)
+    assert result["dampings_tried"][0] == pytest.approx(0.1 * result["removal_curvature"])
+    share = result["damping"] / (result["damping"] + result["removal_curvature"])
+    assert certified["damping_share"] == pytest.approx(share)
+    # this micro model, two epochs from scratch, meets negative curvature: escalated, the step is too short
+    shortened = share >= 0.5
+    assert certified["verdict"] == (RETRAIN if shortened or contradicts(validation["predicted_change"],
+                                                                         validation["actual_change"]) else OK)
     assert f"verdict: {certified['verdict']}: " in capsys.readouterr().err
 
     # open_clip's own model class loads the edited state dict strictly; only theta changed
