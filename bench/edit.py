@@ -99,6 +99,7 @@ class EditBenchSettings:
     max_iterations: int = SETTING["max_iterations"].default
     tolerance: float = SETTING["tolerance"].default
     max_seconds: float | None = SETTING["max_seconds"].default
+    curvature: str = "hessian"     # the edit's curvature (ecif_core.edit.solver.CURVATURES)
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -113,11 +114,11 @@ class EditBenchSettings:
 
     def seed_key(self) -> dict[str, Any]:
         """What the cached models and audit of a seed depend on (edits are keyed separately)."""
-        skip = {"seeds", "sets", "max_suspected_share", *SETTING}
+        skip = {"seeds", "sets", "max_suspected_share", "curvature", *SETTING}
         return {k: v for k, v in self.to_json().items() if k not in skip}
 
     def edit_key(self) -> dict[str, Any]:
-        return {k: getattr(self, k) for k in SETTING}
+        return {**{k: getattr(self, k) for k in SETTING}, "curvature": self.curvature}
 
 
 def quick() -> EditBenchSettings:
@@ -410,7 +411,7 @@ def run_seed(settings: EditBenchSettings, out: Path, seed: int, say_: Callable[[
             retrain = {"ids": ids, "seconds": time.perf_counter() - started, "metrics": evaluate(retrained_path)}
             _write_json(folder / "retrain.json", retrain)
         row = edit_and_compare(base, spec, folder, settings.edit_settings(), models["m1"], m1_theta, retrain,
-                               evaluate, scoring.corrupted_share(base["truth"], ids), share)
+                               evaluate, scoring.corrupted_share(base["truth"], ids), share, settings.curvature)
         row["edit_key"] = settings.edit_key()
         sets[kind] = row
         _write_json(record_path, row)
@@ -428,19 +429,19 @@ def run_seed(settings: EditBenchSettings, out: Path, seed: int, say_: Callable[[
 def edit_tag(key: Mapping[str, Any]) -> str:
     """A file-name tag of EditSettings (records of different settings live side by side)."""
     return (f"d{key['damping']}-f{key['damping_per_removal_curvature']:g}-it{key['max_iterations']}"
-            f"-tol{key['tolerance']:g}")
+            f"-tol{key['tolerance']:g}" + ("" if key.get("curvature", "hessian") == "hessian" else f"-{key['curvature']}"))
 
 
 def edit_and_compare(base: dict, spec: str, folder: Path, edit_settings, m1_metrics: dict,
                      m1_theta: dict[str, torch.Tensor], retrain: dict, evaluate: Callable[[Path], dict],
-                     corrupted_share: float, share: float) -> dict:
+                     corrupted_share: float, share: float, curvature: str = "hessian") -> dict:
     """Edit M1's audit without `spec` (timed end to end), evaluate, compare with the retrained model
     in folder/retrained.pt; the edited checkpoint is deleted afterwards (the row holds the numbers)."""
     from ecif_core.edit.certificate import contradicts
     from ecif_core.edit.from_audit import edit_audit, preview
 
     started = time.perf_counter()
-    record = edit_audit(base["audit"], spec, folder / "edited", edit_settings)
+    record = edit_audit(base["audit"], spec, folder / "edited", edit_settings, curvature=curvature)
     edit_seconds = time.perf_counter() - started
     edited_path = Path(record["checkpoint"]["checkpoint"])
     em, rm = evaluate(edited_path), retrain["metrics"]
@@ -755,6 +756,8 @@ def parse_args(argv: Sequence[str]) -> tuple[EditBenchSettings, argparse.Namespa
     parser.add_argument("--damping", type=float)
     parser.add_argument("--damping-per-removal-curvature", type=float)
     parser.add_argument("--max-iterations", type=int)
+    parser.add_argument("--curvature", choices=("hessian", "gauss-newton"),
+                        help="the edit's curvature (default hessian: the exact Hessian)")
     parser.add_argument("--tune-seed", type=int, default=None,
                         help="run every seed with the default EditSettings, choose the EditSettings on this seed "
                              "(TUNING_GRID, lowest relative parameter error), run every seed again with them and "
@@ -765,7 +768,7 @@ def parse_args(argv: Sequence[str]) -> tuple[EditBenchSettings, argparse.Namespa
              if getattr(args, name) is not None]
     if given and args.tune_seed is not None:
         parser.error("--tune-seed chooses the EditSettings; do not give " + ", ".join(given))
-    for name in ("seeds", *given):
+    for name in ("seeds", "curvature", *given):
         if getattr(args, name) is not None:
             setattr(settings, name, getattr(args, name))
     if args.tune_seed is not None and args.tune_seed not in settings.seeds:

@@ -2,7 +2,7 @@
 
 CG runs one product per iteration over every training batch. With theta inside the towers (the
 default: the last two blocks plus the projections), the blocks below theta give the same output at
-every product; the objective keeps it per batch (ecif_core.edit.solver._trunk_outputs) and each
+every product; the objective keeps it per batch (ecif_core.edit.caches.trunk_outputs) and each
 product runs only the blocks from theta up. This times both on random pairs, one thread:
 
     OMP_NUM_THREADS=1 python -m bench.edit_products [--layers 3 12] [--pairs 256] [--products 5]

@@ -177,7 +177,7 @@ def zero_shot_accuracy(loaded, examples: list[TraceExample], roots: list[Path] |
 def edit_audit(audit_dir: str | Path, spec: str, out: str | Path, settings: EditSettings | None = None,
                theta: list[str] | None = None, base_dir: str | Path | None = None,
                zero_shot: list[TraceExample] | None = None, progress: Progress | None = None,
-               action: Action = "remove", keep: str | Path | None = None) -> dict:
+               action: Action = "remove", keep: str | Path | None = None, curvature: str = "hessian") -> dict:
     """Write the model without the pairs `spec` names (action "remove"), or with them demoted (their
     own terms dropped, still in-batch negatives: "demote"), into `out`; returns the edit's record (edit.json).
 
@@ -185,6 +185,8 @@ def edit_audit(audit_dir: str | Path, spec: str, out: str | Path, settings: Edit
     examples whose accuracy is measured before and after the edit. The audit is only read, never changed.
     `progress`: the CG solve's iterations with their relative residual and ETA (solver.conjugate_gradient).
     `keep`: a file of ids (read against `base_dir`) taken out of the set whatever the spec selects.
+    `curvature`: "hessian" (the exact Hessian; Newton's step) or "gauss-newton" (positive semi-definite;
+    measured in bench.edit, not yet a CLI or API setting).
     """
     if action not in ACTIONS:
         raise ConfigError("action", f"must be one of {', '.join(ACTIONS)} (got {action!r})")
@@ -203,7 +205,8 @@ def edit_audit(audit_dir: str | Path, spec: str, out: str | Path, settings: Edit
     seconds = {}
     with flush_denormals():
         batches = training_batches_of(audit_dir, set(chosen.ids), loaded.preprocess, loaded.tokenizer)
-        objective = LeaveOutObjective(model, params, batches, manifest.options.weight_decay, action=action)
+        objective = LeaveOutObjective(model, params, batches, manifest.options.weight_decay, action=action,
+                                      curvature=curvature)
         seconds["load"] = time.perf_counter() - started
         result = edit_parameters(objective, settings, progress)
         started_check = time.perf_counter()
@@ -232,8 +235,10 @@ def edit_audit(audit_dir: str | Path, spec: str, out: str | Path, settings: Edit
         action: {"spec": chosen.spec, "pairs": len(chosen.ids), "ids": SET_IDS[action], "kept_back": chosen.kept_back},
         "base": {"arch": manifest.model_arch, "config": manifest.model_config, "checkpoint": manifest.checkpoint,
                  "adapter": manifest.adapter},
-        "method": {"curvature": f"exact Hessian of the objective {'without' if action == 'remove' else 'demoting'} "
-                                "the set (Hessian-vector products)",
+        "method": {"curvature": (f"exact Hessian of the objective {'without' if action == 'remove' else 'demoting'} "
+                                 "the set (Hessian-vector products)") if curvature == "hessian" else
+                                f"Gauss-Newton matrix of the objective {'without' if action == 'remove' else 'demoting'} "
+                                "the set (J^T H_z J products)",
                    "solver": "truncated conjugate gradients", "weight_decay": manifest.options.weight_decay,
                    "theta": [name for name, _ in params], "feature_cache": objective.uses_feature_cache,
                    "trunk_cache": objective.uses_trunk_cache,

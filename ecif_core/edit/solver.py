@@ -28,7 +28,7 @@ import contextlib
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Sequence
 
 import torch
 
@@ -37,10 +37,9 @@ from ecif_core.influence.gradients import embed, temperature_scale
 from ecif_core.edit.settings import SETTING, EditSettings
 from ecif_core.edit.removal import ACTIONS, Action
 from ecif_core.influence.losses import batch_loss, group_terms, pair_logits
-from ecif_core.influence.trunk import TrunkCache
+from ecif_core.edit.caches import HEAD_PARAMETERS, is_head_only, tower_features, trunk_outputs
 from ecif_core.progress import Progress
 
-HEAD_PARAMETERS = ("visual.proj", "text_projection")
 
 
 @dataclass
@@ -159,20 +158,22 @@ class LeaveOutObjective:
 
     def __init__(self, model: torch.nn.Module, theta: Sequence[tuple[str, torch.nn.Parameter]],
                  batches: Sequence[TrainingBatch], weight_decay: float, use_feature_cache: bool | None = None,
-                 action: Action = "remove"):
+                 action: Action = "remove", curvature: str = "hessian"):
         if action not in ACTIONS:
             raise ValueError(f"action must be one of {ACTIONS}, got {action!r}")
+        if curvature not in CURVATURES:
+            raise ConfigError("curvature", f"must be one of {', '.join(CURVATURES)} (got {curvature!r})")
         self.model, self.theta, self.batches, self.weight_decay = model, list(theta), list(batches), weight_decay
-        self.action = action
+        self.action, self.curvature = action, curvature
         self.params = [p for _, p in self.theta]
         self.scale = temperature_scale(model)
-        head_only = _is_head_only(model, self.theta)
+        head_only = is_head_only(model, self.theta)
         if use_feature_cache and not head_only:
             raise ConfigError("edit.theta", f"the feature cache needs theta within {HEAD_PARAMETERS}")
-        self._features = _tower_features(model, self.batches) if head_only and use_feature_cache is not False else None
+        self._features = tower_features(model, self.batches) if head_only and use_feature_cache is not False else None
         self._trunk, self._trunk_outputs = None, None
         if self._features is None and use_feature_cache is not False:
-            self._trunk, self._trunk_outputs = _trunk_outputs(model, self.params, self.batches)
+            self._trunk, self._trunk_outputs = trunk_outputs(model, self.params, self.batches)
 
     @property
     def uses_feature_cache(self) -> bool:
@@ -231,6 +232,49 @@ class LeaveOutObjective:
             total += self.flat([torch.zeros_like(p) if g is None else g for g, p in zip(grads, self.params)])
         return total
 
+    def curvature_product(self, vector: torch.Tensor) -> torch.Tensor:
+        """The product CG uses: the exact Hessian's, or the Gauss-Newton matrix's (`curvature`)."""
+        if self.curvature == "gauss-newton":
+            return self.gauss_newton_vector_product(vector)
+        return self.hessian_vector_product(vector)
+
+    def _batch_logits(self, index: int) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+        """(logits of batch `index` in the objective, demoted mask or None); None when it adds nothing."""
+        b = self.batches[index]
+        keep = ~b.chosen if self.action == "remove" else torch.ones_like(b.chosen)
+        if int(keep.sum()) < 2 or bool(b.chosen.all()) and self.action == "demote":
+            return None
+        with _twice_differentiable_attention():  # J v below differentiates a backward pass
+            u, v = self._embeddings(index)
+        if self.action == "remove":
+            return pair_logits(u[keep], v[keep], self.scale), None
+        return pair_logits(u, v, self.scale), b.chosen
+
+    def gauss_newton_vector_product(self, vector: torch.Tensor) -> torch.Tensor:
+        """(sum over batches of J^T H_z J + delta I) @ vector: J the Jacobian of a batch's logits in theta,
+        H_z the Hessian of its loss in the logits (positive semi-definite: log-sum-exps of the logits,
+        minus linear terms). The network's own second derivatives are left out, so the matrix is PSD
+        and CG meets no negative curvature; it is not the Newton step of a quadratic (the Hessian's is)."""
+        tangent = self.unflat(vector)
+        total = self.weight_decay * vector.clone()
+        for index in range(len(self.batches)):
+            found = self._batch_logits(index)
+            if found is None:
+                continue
+            logits, demoted = found
+            if not logits.requires_grad:
+                continue
+            dual = torch.zeros_like(logits, requires_grad=True)  # J v by the double-vjp trick
+            pulled = torch.autograd.grad(logits, self.params, grad_outputs=dual, create_graph=True, allow_unused=True)
+            dot = sum((g * t).sum() for g, t in zip(pulled, tangent) if g is not None)
+            jv = torch.autograd.grad(dot, dual, retain_graph=True)[0]
+            z = logits.detach().requires_grad_(True)
+            dz = torch.autograd.grad(batch_loss(z, demoted=demoted), z, create_graph=True)[0]
+            hjv = torch.autograd.grad((dz * jv).sum(), z)[0]
+            products = torch.autograd.grad(logits, self.params, grad_outputs=hjv, allow_unused=True)
+            total += self.flat([torch.zeros_like(p) if h is None else h for h, p in zip(products, self.params)])
+        return total
+
     def hessian_vector_product(self, vector: torch.Tensor) -> torch.Tensor:
         """(Hessian of J_E, or J_D, at the current theta) @ vector, by double backward, batch by batch."""
         tangent = self.unflat(vector)
@@ -262,61 +306,7 @@ def _twice_differentiable_attention() -> contextlib.AbstractContextManager:
     return sdpa_kernel(SDPBackend.MATH)
 
 
-def _is_head_only(model: torch.nn.Module, theta: Sequence[tuple[str, torch.nn.Parameter]]) -> bool:
-    names = {name for name, _ in theta}
-    return (names <= set(HEAD_PARAMETERS)
-            and isinstance(getattr(getattr(model, "visual", None), "proj", None), torch.nn.Parameter)
-            and isinstance(getattr(model, "text_projection", None), torch.nn.Parameter))
-
-
-@contextlib.contextmanager
-def without_projections(model: torch.nn.Module) -> Iterator[None]:
-    """encode_image / encode_text return the projections' inputs while inside (open_clip skips a None)."""
-    saved = model.visual.proj, model.text_projection
-    if not all(isinstance(p, torch.nn.Parameter) for p in saved):
-        raise TypeError("needs both projections as x @ W parameters (open_clip's default CLIP)")
-    model.visual.proj, model.text_projection = None, None
-    try:
-        yield
-    finally:
-        model.visual.proj, model.text_projection = saved
-
-
-@torch.no_grad()
-def _tower_features(model: torch.nn.Module, batches: Sequence[TrainingBatch]) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """(image features, text features) of every batch, before the projections."""
-    out = []
-    with without_projections(model):
-        for b in batches:
-            text, image = embed(model, b.images, b.tokens)
-            out.append((image.detach(), text.detach()))
-    return out
-
-
-TRUNK_CACHE_BYTES = 2 * 1024 ** 3  # the blocks' outputs below theta kept for every batch, at most this much
-
-
-@torch.no_grad()
-def _trunk_outputs(model: torch.nn.Module, params: Sequence[torch.nn.Parameter], batches: Sequence[TrainingBatch]
-                   ) -> tuple[TrunkCache | None, list[list[torch.Tensor]] | None]:
-    """The output of the last block below theta in each tower, per batch (influence.trunk.TrunkCache): every
-    Hessian-vector product of CG then runs only the blocks from theta up. (None, None) where no tower has a
-    trunk to skip, or where keeping it would take more than TRUNK_CACHE_BYTES (the products then recompute it)."""
-    trunk = TrunkCache(model, params)
-    if not trunk.towers:
-        return None, None
-    outputs, size = [], 0
-    for b in batches:
-        with trunk.capture():
-            embed(model, b.images, b.tokens)
-        kept = [tower.cached for tower in trunk.towers]
-        size += sum(t.numel() * t.element_size() for t in kept)
-        if size > TRUNK_CACHE_BYTES:
-            return None, None
-        outputs.append(kept)
-    for tower in trunk.towers:
-        tower.cached = None
-    return trunk, outputs
+CURVATURES = ("hessian", "gauss-newton")  # LeaveOutObjective.curvature: the exact Hessian, or Gauss-Newton (PSD)
 
 
 DAMPING_RETRIES = 4  # each multiplies lambda by 10
@@ -346,14 +336,14 @@ def edit_parameters(objective: LeaveOutObjective, settings: EditSettings, progre
     b, touched = objective.removal_gradient()
     seconds["removal_gradient"] = time.perf_counter() - started
     started = time.perf_counter()
-    hb = objective.hessian_vector_product(b)
+    hb = objective.curvature_product(b)
     bb = float(b @ b)
     rayleigh = abs(float(b @ hb)) / bb if bb > 0 else 0.0  # the curvature along the removal gradient
     damping = settings.damping if settings.damping is not None else settings.damping_per_removal_curvature * rayleigh
     tried = []
     for _ in range(DAMPING_RETRIES + 1):
         tried.append(damping)
-        result = conjugate_gradient(lambda x, lam=damping: objective.hessian_vector_product(x) + lam * x, b,
+        result = conjugate_gradient(lambda x, lam=damping: objective.curvature_product(x) + lam * x, b,
                                     settings.tolerance, settings.max_iterations, first_product=hb + damping * b,
                                     progress=progress, deadline=deadline)
         if not result.negative_curvature:

@@ -489,3 +489,40 @@ def test_products_run_the_blocks_below_theta_once_per_batch() -> None:
     for a, b in zip(got, want):
         assert float(b.norm()) > 0
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12 * float(b.abs().max()))
+
+
+@pytest.mark.parametrize("action", ["remove", "demote"])
+def test_gauss_newton_products_equal_the_dense_gauss_newton_matrix(trained, action) -> None:
+    """sum over batches of J^T H_z J + delta I, with J the dense Jacobian of a batch's logits in theta and H_z
+    the dense Hessian of its loss in the logits; positive semi-definite where the exact Hessian is not."""
+    problem, _ = trained
+    removed = {0: [1], 2: [0, 4]}
+    theta = problem.flat_theta()
+    scale = problem.model.logit_scale.detach().exp()
+    names, shapes = problem.names, problem.shapes
+    matrix = WEIGHT_DECAY * torch.eye(len(theta), dtype=torch.float64)
+    for index, (image_feat, text_feat) in enumerate(problem.features):
+        out = removed.get(index, [])
+        keep = [i for i in range(image_feat.shape[0]) if action == "demote" or i not in out]
+        demoted = torch.tensor([i in out for i in keep]) if action == "demote" else None
+
+        def logits(flat, keep=keep, image_feat=image_feat, text_feat=text_feat):
+            sizes = [int(torch.tensor(s).prod()) for s in shapes]
+            params = dict(zip(names, (part.reshape(s) for part, s in zip(flat.split(sizes), shapes))))
+            return pair_logits(text_feat[keep] @ params["text_projection"], image_feat[keep] @ params["visual.proj"],
+                               scale)
+
+        z = logits(theta)
+        jac = torch.autograd.functional.jacobian(logits, theta).reshape(z.numel(), -1)
+        hess_z = torch.autograd.functional.hessian(lambda x: batch_loss(x.reshape(z.shape), demoted=demoted),
+                                                   z.reshape(-1))
+        matrix += jac.T @ hess_z @ jac
+    objective = LeaveOutObjective(problem.model, problem.theta, problem.batches(removed), WEIGHT_DECAY,
+                                  action=action, curvature="gauss-newton")
+    vector = torch.randn(len(theta), generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    torch.testing.assert_close(objective.curvature_product(vector), matrix @ vector, rtol=1e-9, atol=1e-9)
+    assert float(torch.linalg.eigvalsh(matrix)[0]) >= WEIGHT_DECAY * (1 - 1e-9)  # PSD plus delta I
+    exact = LeaveOutObjective(problem.model, problem.theta, problem.batches(removed), WEIGHT_DECAY, action=action)
+    assert float((exact.curvature_product(vector) - matrix @ vector).norm()) > 1e-6 * float((matrix @ vector).norm())
+    with pytest.raises(ConfigError, match="curvature"):
+        LeaveOutObjective(problem.model, problem.theta, problem.batches(removed), WEIGHT_DECAY, curvature="fisher")
