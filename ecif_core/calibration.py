@@ -27,7 +27,8 @@ INTERVAL = 0.9                 # two-sided bootstrap interval of the fraction
 # pairs as more aligned, rarely less; a wider range lets "every pair is a shifted alternative" fit a clean set.
 MAX_SHIFT = 2.0
 # A reference model this good on the validation evidence (mean AUROC) is the estimate's statistic alone: it
-# never saw the training pairs, so neither memorisation nor a consistently mislearned name can hide one.
+# never saw the training pairs, so neither memorisation nor a consistently mislearned name can hide one. The
+# memorisation check below holds it to that: a reference trained on the audited pairs is refused.
 REFERENCE_COMPETENT = 0.7
 # Memorisation check on the aligned end, where misaligned pairs are rare: without memorisation at least a
 # quarter of the clean validation pairs score below the training pairs' first quartile (more when some
@@ -116,6 +117,14 @@ def calibrate(scores: Mapping[str, np.ndarray], evidence: Mapping[str, Mapping[s
                               f"< {MIN_SEPARATION}): they did not learn this domain well enough to count", details)
     below = float((null < np.quantile(train, 0.25)).mean())
     details["validation_below_training_quartile"] = _round(below)
+    if alone and below < MIN_BELOW_QUARTILE:
+        return _not_estimable(n, suspicion, target_precision,
+                              f"the reference model scores the training pairs as more aligned than unseen pairs (only "
+                              f"{below:.0%} of the clean validation pairs score below the training pairs' first "
+                              f"quartile, 25% or more for a model that never saw them): it was trained on these pairs, "
+                              "misaligned ones too, so it cannot count them; give as `reference` a model that was not "
+                              "trained on the audited pairs (for example the pretrained base, not an earlier "
+                              "checkpoint of this fine-tune)", details)
     if not alone and below < MIN_BELOW_QUARTILE:
         return _not_estimable(n, suspicion, target_precision,
                               f"the audited model scores its training pairs as more aligned than unseen pairs (only "

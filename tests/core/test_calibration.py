@@ -169,3 +169,27 @@ def test_a_model_that_memorised_its_pairs_makes_no_estimate():
     assert not cal.estimable and "memorised" in cal.reason and "reference" in cal.reason
     honest = calibrate({"clip_score_loo": -values}, None, cosines, values)
     assert honest.estimable and honest.details["validation_below_training_quartile"] > 0.2
+
+
+def test_a_reference_trained_on_the_audited_pairs_makes_no_estimate():
+    """The reference memorised the training pairs (an earlier checkpoint of the same fine-tune, as in
+    bench.edit, where it read 20% shuffled captions as 0.0 with the interval [0, 0]): its scores of the
+    training pairs, misaligned ones too, sit above every unseen pair's, so no number, and the reason
+    names the reference; the same reference on pairs it never saw gives the estimate alone."""
+    rng = np.random.default_rng(10)
+    n, m = 3000, 400
+    bad = rng.random(n) < 0.2
+    unseen = np.where(bad, rng.normal(0.4, 0.05, n), rng.normal(0.6, 0.05, n))
+    seen = np.where(bad, rng.normal(0.68, 0.03, n), rng.normal(0.7, 0.03, n))   # memorised: all above clean unseen
+    cosines = {"clip_score": {"clean": rng.normal(0.8, 0.05, m), "shuffle": rng.normal(0.6, 0.05, m),
+                              "word_swap": rng.normal(0.65, 0.05, m)},
+               "reference_clip_score": {"clean": rng.normal(0.6, 0.05, m), "shuffle": rng.normal(0.4, 0.05, m),
+                                        "word_swap": rng.normal(0.45, 0.05, m)}}
+    evidence = {"clip_score": {"mean": 0.99}, "reference_clip_score": {"mean": 0.98}}
+    audited = rng.normal(0.8, 0.05, n)
+    suspicion = -(audited - np.median(audited))
+    refused = calibrate({"clip_score_loo": audited, "reference_clip_score": seen}, evidence, cosines, suspicion)
+    assert not refused.estimable and "reference model" in refused.reason and "trained on" in refused.reason
+    assert refused.details["validation_below_training_quartile"] < calibration.MIN_BELOW_QUARTILE
+    fine = calibrate({"clip_score_loo": audited, "reference_clip_score": unseen}, evidence, cosines, suspicion)
+    assert fine.estimable and abs(fine.fraction - bad.mean()) < 0.04
