@@ -100,6 +100,8 @@ class EditBenchSettings:
     tolerance: float = SETTING["tolerance"].default
     max_seconds: float | None = SETTING["max_seconds"].default
     curvature: str = "hessian"     # the edit's curvature (ecif_core.edit.solver.CURVATURES)
+    action: str = "remove"         # remove the set, or demote it (its pairs stay as in-batch negatives), in the
+                                   # edit and in the retraining it is compared with
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -114,11 +116,11 @@ class EditBenchSettings:
 
     def seed_key(self) -> dict[str, Any]:
         """What the cached models and audit of a seed depend on (edits are keyed separately)."""
-        skip = {"seeds", "sets", "max_suspected_share", "curvature", *SETTING}
+        skip = {"seeds", "sets", "max_suspected_share", "curvature", "action", *SETTING}
         return {k: v for k, v in self.to_json().items() if k not in skip}
 
     def edit_key(self) -> dict[str, Any]:
-        return {**{k: getattr(self, k) for k in SETTING}, "curvature": self.curvature}
+        return {**{k: getattr(self, k) for k in SETTING}, "curvature": self.curvature, "action": self.action}
 
 
 def quick() -> EditBenchSettings:
@@ -281,12 +283,18 @@ def targets(overall: Mapping[str, Any]) -> list[dict]:
 
 # ---------------------------------------------------------------- one seed
 
-def _ft_config(settings: EditBenchSettings, seed: int, exclude: Sequence[str] = ()):
+def _ft_config(settings: EditBenchSettings, seed: int, ids: Sequence[str] = (), action: str = "remove"):
+    """The fine-tune's recipe; `ids` excluded (action "remove") or demoted (action "demote")."""
     from ecif_core.train import TrainConfig
 
+    acted = {"exclude": tuple(ids)} if action == "remove" else {"demote": tuple(ids)}
     return TrainConfig(epochs=settings.finetune_epochs, batch_size=settings.batch_size, lr=settings.finetune_lr,
-                       weight_decay=settings.weight_decay, seed=seed, exclude=tuple(exclude),
-                       train_only=list(PROJECTIONS))
+                       weight_decay=settings.weight_decay, seed=seed, train_only=list(PROJECTIONS), **acted)
+
+
+def _retrained_names(action: str) -> tuple[str, str]:
+    """(checkpoint, record) file names of a set's retraining; removals keep the names from before demotion."""
+    return ("retrained.pt", "retrain.json") if action == "remove" else (f"retrained-{action}.pt", f"retrain-{action}.json")
 
 
 def _read_json(path: Path) -> dict | None:
@@ -403,15 +411,18 @@ def run_seed(settings: EditBenchSettings, out: Path, seed: int, say_: Callable[[
             _write_json(record_path, sets[kind])
             say_(f"seed {seed} {kind}: skipped ({sets[kind]['skipped']})")
             continue
-        retrained_path = folder / "retrained.pt"
-        retrain = _read_json(folder / "retrain.json")
+        checkpoint_name, record_name = _retrained_names(settings.action)
+        retrained_path = folder / checkpoint_name
+        retrain = _read_json(folder / record_name)
         if not (retrain and retrain.get("ids") == ids and retrained_path.is_file()):
             started = time.perf_counter()
-            train(base["train"], base["config"], retrained_path, _ft_config(settings, seed, ids), init=base["m0"])
+            train(base["train"], base["config"], retrained_path, _ft_config(settings, seed, ids, settings.action),
+                  init=base["m0"])
             retrain = {"ids": ids, "seconds": time.perf_counter() - started, "metrics": evaluate(retrained_path)}
-            _write_json(folder / "retrain.json", retrain)
+            _write_json(folder / record_name, retrain)
         row = edit_and_compare(base, spec, folder, settings.edit_settings(), models["m1"], m1_theta, retrain,
-                               evaluate, scoring.corrupted_share(base["truth"], ids), share, settings.curvature)
+                               evaluate, scoring.corrupted_share(base["truth"], ids), share, settings.curvature,
+                               settings.action)
         row["edit_key"] = settings.edit_key()
         sets[kind] = row
         _write_json(record_path, row)
@@ -429,24 +440,26 @@ def run_seed(settings: EditBenchSettings, out: Path, seed: int, say_: Callable[[
 def edit_tag(key: Mapping[str, Any]) -> str:
     """A file-name tag of EditSettings (records of different settings live side by side)."""
     return (f"d{key['damping']}-f{key['damping_per_removal_curvature']:g}-it{key['max_iterations']}"
-            f"-tol{key['tolerance']:g}" + ("" if key.get("curvature", "hessian") == "hessian" else f"-{key['curvature']}"))
+            f"-tol{key['tolerance']:g}" + ("" if key.get("curvature", "hessian") == "hessian" else f"-{key['curvature']}")
+            + ("" if key.get("action", "remove") == "remove" else f"-{key['action']}"))
 
 
 def edit_and_compare(base: dict, spec: str, folder: Path, edit_settings, m1_metrics: dict,
                      m1_theta: dict[str, torch.Tensor], retrain: dict, evaluate: Callable[[Path], dict],
-                     corrupted_share: float, share: float, curvature: str = "hessian") -> dict:
+                     corrupted_share: float, share: float, curvature: str = "hessian", action: str = "remove") -> dict:
     """Edit M1's audit without `spec` (timed end to end), evaluate, compare with the retrained model
     in folder/retrained.pt; the edited checkpoint is deleted afterwards (the row holds the numbers)."""
     from ecif_core.edit.certificate import contradicts
     from ecif_core.edit.from_audit import edit_audit, preview
 
     started = time.perf_counter()
-    record = edit_audit(base["audit"], spec, folder / "edited", edit_settings, curvature=curvature)
+    record = edit_audit(base["audit"], spec, folder / "edited", edit_settings, curvature=curvature, action=action)
     edit_seconds = time.perf_counter() - started
     edited_path = Path(record["checkpoint"]["checkpoint"])
     em, rm = evaluate(edited_path), retrain["metrics"]
-    agreement = parameter_agreement(m1_theta, _theta(edited_path), _theta(folder / "retrained.pt"), PROJECTIONS)
-    row = {"spec": spec, "done": True, "pairs": record["remove"]["pairs"], "share": share,
+    agreement = parameter_agreement(m1_theta, _theta(edited_path), _theta(folder / _retrained_names(action)[0]),
+                                    PROJECTIONS)
+    row = {"spec": spec, "done": True, "action": action, "pairs": record[action]["pairs"], "share": share,
            "corrupted_share": corrupted_share,
            "acc_m1": m1_metrics["zero_shot_accuracy"], "acc_edited": em["zero_shot_accuracy"],
            "acc_retrained": rm["zero_shot_accuracy"],
@@ -647,7 +660,10 @@ def markdown(results: dict) -> str:
         f"Edited = `edit_audit(M1's audit, set)` with EditSettings(damping={s['damping']}, "
         f"damping_per_removal_curvature={s['damping_per_removal_curvature']:g}, "
         f"max_iterations={s['max_iterations']}, tolerance={s['tolerance']:g}); "
-        "retrained = the M1 fine-tune from M0 with `exclude` = the set. Test metrics on the clean test split: "
+        + ("retrained = the M1 fine-tune from M0 with `exclude` = the set. " if s.get("action", "remove") == "remove" else
+           "Action: demote (edit_audit(action=\"demote\"); retrained = the M1 fine-tune from M0 with `demote` = the set: "
+           "its pairs stay in their batches as negatives, their own terms dropped). ")
+        + "Test metrics on the clean test split: "
         "zero-shot accuracy over the 10 class prompts, mean contrastive loss per test pair. Loss change = "
         "model - M1. Cosine over theta of (edited - M1) and (retrained - M1); relative error = "
         "|edited - retrained| / |M1 - retrained| (1 = no closer than M1). Times are end to end (the edit: "
@@ -758,6 +774,8 @@ def parse_args(argv: Sequence[str]) -> tuple[EditBenchSettings, argparse.Namespa
     parser.add_argument("--max-iterations", type=int)
     parser.add_argument("--curvature", choices=("hessian", "gauss-newton"),
                         help="the edit's curvature (default hessian: the exact Hessian)")
+    parser.add_argument("--action", choices=("remove", "demote"),
+                        help="remove the sets (default) or demote them, in the edit and in the retraining")
     parser.add_argument("--tune-seed", type=int, default=None,
                         help="run every seed with the default EditSettings, choose the EditSettings on this seed "
                              "(TUNING_GRID, lowest relative parameter error), run every seed again with them and "
@@ -768,7 +786,7 @@ def parse_args(argv: Sequence[str]) -> tuple[EditBenchSettings, argparse.Namespa
              if getattr(args, name) is not None]
     if given and args.tune_seed is not None:
         parser.error("--tune-seed chooses the EditSettings; do not give " + ", ".join(given))
-    for name in ("seeds", "curvature", *given):
+    for name in ("seeds", "curvature", "action", *given):
         if getattr(args, name) is not None:
             setattr(settings, name, getattr(args, name))
     if args.tune_seed is not None and args.tune_seed not in settings.seeds:

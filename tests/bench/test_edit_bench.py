@@ -142,3 +142,17 @@ def test_quick_core_runs_every_step_on_tiny_sizes(tmp_path: Path) -> None:
     text = bench_edit.markdown(results)
     assert "Model edit vs retraining" in text and "does not exist yet" in text
     torch.set_num_threads(threads)
+
+
+def test_the_action_decides_the_retraining_recipe_and_the_record_names() -> None:
+    """A demotion is compared with retraining that demotes the same ids (not one that excludes them), and
+    its records live beside the removal's."""
+    settings = quick()
+    removal = bench_edit._ft_config(settings, 0, ["a", "b"])
+    assert tuple(removal.exclude) == ("a", "b") and not removal.demote
+    demotion = bench_edit._ft_config(settings, 0, ["a", "b"], "demote")
+    assert tuple(demotion.demote) == ("a", "b") and not demotion.exclude
+    assert bench_edit._retrained_names("remove") == ("retrained.pt", "retrain.json")
+    assert bench_edit._retrained_names("demote") == ("retrained-demote.pt", "retrain-demote.json")
+    key = quick().edit_key()
+    assert bench_edit.edit_tag(key) != bench_edit.edit_tag({**key, "action": "demote"})
