@@ -74,7 +74,6 @@ class Measured:
     startup_s: float = 0.0      # a fresh process's import of the engine's libraries (0: a long-lived worker)
     create_s: float = 0.0       # the store's arrays laid out (prepare)
     finalize_s: float = 0.0     # the score and term columns opened and read once (finalize; a shard's worth)
-    calibration_s: float = 0.0  # the calibration's fit and bootstrap (finalize), timed on synthetic values; 0: none
     io_shard_s: dict[str, float] = field(default_factory=dict)  # per stage: one shard's reads and writes of the store
 
     @property
@@ -135,7 +134,7 @@ def extrapolate(measured: Measured, pairs: int, validation_pairs: int, shard_bat
       store their partial sums) / W, W = min(workers, shards);
     - curvature: eigh_s, plus shards x fisher_shard_s when the sums are taken from the rows;
     - validation: validation pairs x (prepare_row_s + validation_pair_s) (the model is already loaded);
-    - scores: shards x score_shard_s / W; finalize: finalize_s + calibration_s + pairs x FINALIZE_PAIR_S;
+    - scores: shards x score_shard_s / W; finalize: finalize_s + pairs x FINALIZE_PAIR_S;
     plus, for each sharded stage and curvature, shards x its store reads and writes per shard
     (io_shard_s; / W when sharded)."""
     size_b = measured.batch_size
@@ -153,7 +152,7 @@ def extrapolate(measured: Measured, pairs: int, validation_pairs: int, shard_bat
         "curvature": measured.eigh_s + (not pays) * shards * measured.fisher_shard_s,
         "validation": validation_pairs * measured.prepare_row_s + in_batches * per_pair_validation,
         "scores": shards * measured.score_shard_s / parallel,
-        "finalize": measured.finalize_s + measured.calibration_s + pairs * FINALIZE_PAIR_S,
+        "finalize": measured.finalize_s + pairs * FINALIZE_PAIR_S,
     }
     assert tuple(seconds) == tuple(s.name for s in STAGES), "one figure per stage of the table"
     for stage in STAGES:
@@ -227,29 +226,8 @@ def measure(manifest: Manifest, roots: Sequence[Path] | None = None, operator_ho
         blocks = projector.blocks if o.curvature == "blocks" else None
         work = _shard_work(manifest, rows[1:] or rows, dim, blocks, o.shard_batches * o.batch_size, validation_pairs)
         work.update(_store_work(work.pop("tiled"), work.pop("scores"), dim, o.shard_batches * o.batch_size))
-    calibration_s = _time_calibration(validation_pairs) if manifest.validation is not None else 0.0
     return Measured(batch_size=o.batch_size, load_s=load_s, warmup_s=warmup, batch_s=steady,
-                    prepare_row_s=prepare_row_s, validation_pair_s=validation_pair_s, calibration_s=calibration_s,
-                    **work), dim
-
-
-CALIBRATION_TRAIN_VALUES = 4_000  # the fit's cost barely grows with the training pairs (1.9 s at 1,000, 1.8 s at 64,000)
-
-
-def _time_calibration(validation_pairs: int) -> float:
-    """Seconds of finalize's calibration (ecif_core.calibration: mixture fit, bootstrap, isotonic posterior) on
-    synthetic values: CALIBRATION_TRAIN_VALUES training values and this audit's validation pairs, clean and two
-    corruptions. Its cost is dominated by the bootstrap over the density grid, not by the number of pairs."""
-    from ecif_core.calibration import calibrate
-
-    rng = np.random.default_rng(0)
-    n, m = CALIBRATION_TRAIN_VALUES, max(2, validation_pairs)
-    values = np.where(rng.random(n) < 0.2, rng.normal(3.0, 1.0, n), rng.normal(0.0, 1.0, n))
-    cosines = {"clip_score": {"clean": -rng.normal(0.0, 1.0, m), "shuffle": -rng.normal(3.0, 1.0, m),
-                              "word_swap": -rng.normal(3.0, 1.0, m)}}
-    started = time.perf_counter()
-    calibrate({"clip_score_loo": -values, "reference_clip_score": np.full(n, np.nan)}, None, cosines, values)
-    return time.perf_counter() - started
+                    prepare_row_s=prepare_row_s, validation_pair_s=validation_pair_s, **work), dim
 
 
 def _access(manifest: Manifest, roots: Sequence[Path] | None, operator_hosts: Sequence[str] | None,

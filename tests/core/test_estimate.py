@@ -64,15 +64,6 @@ def test_store_io_counts_per_shard_and_is_split_between_workers_where_the_stage_
     assert with_io.stages["curvature"] == pytest.approx(base.stages["curvature"] + 47 * 0.01)  # one task
     assert with_io.stages["scores"] == pytest.approx(two.stages["scores"] + 47 * 0.2 / 2)
     assert with_io.stages["finalize"] == pytest.approx(base.stages["finalize"] + 0.3)  # columns read once
-    calibrated = extrapolate(_measured(calibration_s=1.7), pairs=12_000, validation_pairs=300, shard_batches=8, dim=1152)
-    assert calibrated.stages["finalize"] == pytest.approx(base.stages["finalize"] + 1.7)  # once, whatever the pairs
-
-
-def test_the_calibration_is_timed_on_synthetic_values_of_the_validation_size():
-    from ecif_core.estimate import _time_calibration
-
-    seconds = _time_calibration(120)
-    assert 0 < seconds < 60
 
 
 def test_one_steady_batch_rate_and_the_summary_line():
