@@ -53,8 +53,12 @@ from pathlib import Path  # noqa: E402
 from typing import Any, Callable, Mapping, Sequence  # noqa: E402
 
 from ecif_core.edit.settings import SETTING  # noqa: E402  (no torch: the defaults' one home)
+from ecif_core.edit.certificate import RETRAIN, contradicts  # noqa: E402  (no torch: the verdict's rule)
 
 import torch  # noqa: E402
+
+from ecif_core.edit.removal import ACTIONS  # noqa: E402
+from ecif_core.edit.solver import CURVATURES  # noqa: E402
 
 PROJECTIONS: tuple[str, ...] = ("visual.proj", "text_projection")
 SET_KINDS: tuple[str, ...] = ("random", "harmful", "valuable", "self_influence", "suspected")
@@ -99,7 +103,7 @@ class EditBenchSettings:
     max_iterations: int = SETTING["max_iterations"].default
     tolerance: float = SETTING["tolerance"].default
     max_seconds: float | None = SETTING["max_seconds"].default
-    curvature: str = "hessian"     # the edit's curvature (ecif_core.edit.solver.CURVATURES)
+    curvature: str = CURVATURES[0]  # the edit's curvature (ecif_core.edit.solver.CURVATURES; the first: the Hessian)
     action: str = "remove"         # remove the set, or demote it (its pairs stay as in-batch negatives), in the
                                    # edit and in the retraining it is compared with
 
@@ -231,9 +235,9 @@ def summarise(records: Sequence[dict], sets: Sequence[str]) -> dict:
         matched = [m for m in judged if m["matches_retraining"]]
         contradicted = [m for m in judged if not m["matches_retraining"]]
         overall["verdict"] = {"sets": len(judged), "matched_retraining": len(matched),
-                              "false_alarms": sum(m["verdict"] == "retrain recommended" for m in matched),
+                              "false_alarms": sum(m["verdict"] == RETRAIN for m in matched),
                               "contradicted_retraining": len(contradicted),
-                              "caught": sum(m["verdict"] == "retrain recommended" for m in contradicted)}
+                              "caught": sum(m["verdict"] == RETRAIN for m in contradicted)}
         previewed = [m for m in everything if m.get("preview_change") is not None]
         if previewed:
             retrained = [m["dloss_retrained"] for m in previewed]
@@ -440,16 +444,15 @@ def run_seed(settings: EditBenchSettings, out: Path, seed: int, say_: Callable[[
 def edit_tag(key: Mapping[str, Any]) -> str:
     """A file-name tag of EditSettings (records of different settings live side by side)."""
     return (f"d{key['damping']}-f{key['damping_per_removal_curvature']:g}-it{key['max_iterations']}"
-            f"-tol{key['tolerance']:g}" + ("" if key.get("curvature", "hessian") == "hessian" else f"-{key['curvature']}")
+            f"-tol{key['tolerance']:g}" + ("" if key.get("curvature", CURVATURES[0]) == CURVATURES[0] else f"-{key['curvature']}")
             + ("" if key.get("action", "remove") == "remove" else f"-{key['action']}"))
 
 
 def edit_and_compare(base: dict, spec: str, folder: Path, edit_settings, m1_metrics: dict,
                      m1_theta: dict[str, torch.Tensor], retrain: dict, evaluate: Callable[[Path], dict],
-                     corrupted_share: float, share: float, curvature: str = "hessian", action: str = "remove") -> dict:
+                     corrupted_share: float, share: float, curvature: str = CURVATURES[0], action: str = "remove") -> dict:
     """Edit M1's audit without `spec` (timed end to end), evaluate, compare with the retrained model
     in folder/retrained.pt; the edited checkpoint is deleted afterwards (the row holds the numbers)."""
-    from ecif_core.edit.certificate import contradicts
     from ecif_core.edit.from_audit import edit_audit, preview
 
     started = time.perf_counter()
@@ -772,9 +775,9 @@ def parse_args(argv: Sequence[str]) -> tuple[EditBenchSettings, argparse.Namespa
     parser.add_argument("--damping", type=float)
     parser.add_argument("--damping-per-removal-curvature", type=float)
     parser.add_argument("--max-iterations", type=int)
-    parser.add_argument("--curvature", choices=("hessian", "gauss-newton"),
+    parser.add_argument("--curvature", choices=CURVATURES,
                         help="the edit's curvature (default hessian: the exact Hessian)")
-    parser.add_argument("--action", choices=("remove", "demote"),
+    parser.add_argument("--action", choices=ACTIONS,
                         help="remove the sets (default) or demote them, in the edit and in the retraining")
     parser.add_argument("--tune-seed", type=int, default=None,
                         help="run every seed with the default EditSettings, choose the EditSettings on this seed "

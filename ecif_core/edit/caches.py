@@ -12,12 +12,12 @@ from ecif_core.influence.gradients import embed
 from ecif_core.influence.trunk import TrunkCache
 
 
-
 class TrainingBatch(Protocol):
     """What the caches read of solver.TrainingBatch (no import of the solver: it imports this module)."""
 
     images: torch.Tensor
     tokens: torch.Tensor
+
 
 HEAD_PARAMETERS = ("visual.proj", "text_projection")
 

@@ -64,21 +64,18 @@ def certificate(relative_residual: float | None, stationarity: float | None, val
             "rule": f"retrain recommended when the damping shortens the step along the removal gradient by "
                     f"{MAX_DAMPING_SHARE:g} or more, or when the measured validation change has the opposite sign "
                     f"to the predicted one or is under {CONTRADICTION_SHARE:.3g} of it"}
+    predicted = None if validation is None else _finite(validation.get("predicted_change"))
+    measured = None if validation is None else _finite(validation.get("actual_change"))
+    base.update(predicted_validation_change=predicted, measured_validation_change=measured)
     if shortened is not None and shortened >= MAX_DAMPING_SHARE:
-        measured = None if validation is None else _finite(validation.get("actual_change"))
-        predicted = None if validation is None else _finite(validation.get("predicted_change"))
-        return {**base, "predicted_validation_change": predicted, "measured_validation_change": measured,
-                "verdict": RETRAIN,
+        return {**base, "verdict": RETRAIN,
                 "reason": f"the damping ({_finite(damping):.4g}) is {shortened:.0%} of the curvature plus damping along "
                           "the removal gradient: the step is at most about half the Newton step, so the edit does "
                           "less than retraining would; retrain without the set, or give a smaller --damping"}
     if validation is None:
-        return {**base, "predicted_validation_change": None, "measured_validation_change": None,
-                "verdict": UNVERIFIED,
+        return {**base, "verdict": UNVERIFIED,
                 "reason": "the audit has no validation set to measure the edit on: add one to the manifest and "
                           "audit again, or retrain to be sure"}
-    predicted, measured = _finite(validation.get("predicted_change")), _finite(validation.get("actual_change"))
-    base.update(predicted_validation_change=predicted, measured_validation_change=measured)
     if predicted is None or measured is None:
         return {**base, "verdict": RETRAIN,
                 "reason": "the validation loss change is not a finite number: retrain without the set instead"}

@@ -28,7 +28,7 @@ from ecif_core.data.images import load_batch, load_image
 from ecif_core.data.sources import read_pairs
 from ecif_core.edit.certificate import certificate
 from ecif_core.edit.settings import EditSettings
-from ecif_core.edit.solver import LeaveOutObjective, TrainingBatch, apply_delta, edit_parameters
+from ecif_core.edit.solver import CURVATURES, LeaveOutObjective, TrainingBatch, apply_delta, edit_parameters
 from ecif_core.errors import ConfigError
 from ecif_core.influence.losses import batch_loss, pair_logits
 from ecif_core.influence.gradients import embed, temperature_scale
@@ -177,7 +177,7 @@ def zero_shot_accuracy(loaded, examples: list[TraceExample], roots: list[Path] |
 def edit_audit(audit_dir: str | Path, spec: str, out: str | Path, settings: EditSettings | None = None,
                theta: list[str] | None = None, base_dir: str | Path | None = None,
                zero_shot: list[TraceExample] | None = None, progress: Progress | None = None,
-               action: Action = "remove", keep: str | Path | None = None, curvature: str = "hessian") -> dict:
+               action: Action = "remove", keep: str | Path | None = None, curvature: str = CURVATURES[0]) -> dict:
     """Write the model without the pairs `spec` names (action "remove"), or with them demoted (their
     own terms dropped, still in-batch negatives: "demote"), into `out`; returns the edit's record (edit.json).
 
@@ -185,8 +185,8 @@ def edit_audit(audit_dir: str | Path, spec: str, out: str | Path, settings: Edit
     examples whose accuracy is measured before and after the edit. The audit is only read, never changed.
     `progress`: the CG solve's iterations with their relative residual and ETA (solver.conjugate_gradient).
     `keep`: a file of ids (read against `base_dir`) taken out of the set whatever the spec selects.
-    `curvature`: "hessian" (the exact Hessian; Newton's step) or "gauss-newton" (positive semi-definite;
-    measured in bench.edit, not yet a CLI or API setting).
+    `curvature`: one of solver.CURVATURES: "hessian" (the exact Hessian; Newton's step) or "gauss-newton"
+    (positive semi-definite; measured in bench.edit, not yet a CLI or API setting).
     """
     if action not in ACTIONS:
         raise ConfigError("action", f"must be one of {', '.join(ACTIONS)} (got {action!r})")
@@ -236,7 +236,7 @@ def edit_audit(audit_dir: str | Path, spec: str, out: str | Path, settings: Edit
         "base": {"arch": manifest.model_arch, "config": manifest.model_config, "checkpoint": manifest.checkpoint,
                  "adapter": manifest.adapter},
         "method": {"curvature": (f"exact Hessian of the objective {'without' if action == 'remove' else 'demoting'} "
-                                 "the set (Hessian-vector products)") if curvature == "hessian" else
+                                 "the set (Hessian-vector products)") if curvature == CURVATURES[0] else
                                 f"Gauss-Newton matrix of the objective {'without' if action == 'remove' else 'demoting'} "
                                 "the set (J^T H_z J products)",
                    "solver": "truncated conjugate gradients", "weight_decay": manifest.options.weight_decay,

@@ -41,7 +41,6 @@ from ecif_core.edit.caches import HEAD_PARAMETERS, is_head_only, tower_features,
 from ecif_core.progress import Progress
 
 
-
 @dataclass
 class TrainingBatch:
     """One batch of the fixed partition: its inputs and which of its pairs are in the set E (to remove
@@ -53,6 +52,8 @@ class TrainingBatch:
 
 
 STOPS = ("converged", "max iterations", "negative curvature", "time budget")  # why CG ended (edit.json `stopped`)
+# LeaveOutObjective.curvature: the exact Hessian (the default, first) or Gauss-Newton (positive semi-definite)
+CURVATURES = ("hessian", "gauss-newton")
 
 
 @dataclass
@@ -158,7 +159,7 @@ class LeaveOutObjective:
 
     def __init__(self, model: torch.nn.Module, theta: Sequence[tuple[str, torch.nn.Parameter]],
                  batches: Sequence[TrainingBatch], weight_decay: float, use_feature_cache: bool | None = None,
-                 action: Action = "remove", curvature: str = "hessian"):
+                 action: Action = "remove", curvature: str = CURVATURES[0]):
         if action not in ACTIONS:
             raise ValueError(f"action must be one of {ACTIONS}, got {action!r}")
         if curvature not in CURVATURES:
@@ -234,7 +235,7 @@ class LeaveOutObjective:
 
     def curvature_product(self, vector: torch.Tensor) -> torch.Tensor:
         """The product CG uses: the exact Hessian's, or the Gauss-Newton matrix's (`curvature`)."""
-        if self.curvature == "gauss-newton":
+        if self.curvature == CURVATURES[1]:
             return self.gauss_newton_vector_product(vector)
         return self.hessian_vector_product(vector)
 
@@ -244,7 +245,7 @@ class LeaveOutObjective:
         keep = ~b.chosen if self.action == "remove" else torch.ones_like(b.chosen)
         if int(keep.sum()) < 2 or bool(b.chosen.all()) and self.action == "demote":
             return None
-        with _twice_differentiable_attention():  # J v below differentiates a backward pass
+        with _twice_differentiable_attention():  # both products differentiate a backward pass
             u, v = self._embeddings(index)
         if self.action == "remove":
             return pair_logits(u[keep], v[keep], self.scale), None
@@ -279,17 +280,13 @@ class LeaveOutObjective:
         """(Hessian of J_E, or J_D, at the current theta) @ vector, by double backward, batch by batch."""
         tangent = self.unflat(vector)
         total = self.weight_decay * vector.clone()
-        for index, b in enumerate(self.batches):
-            keep = ~b.chosen if self.action == "remove" else torch.ones_like(b.chosen)
-            if int(keep.sum()) < 2 or bool(b.chosen.all()) and self.action == "demote":
+        for index in range(len(self.batches)):
+            found = self._batch_logits(index)
+            if found is None:
                 continue
-            with _twice_differentiable_attention():
-                u, v = self._embeddings(index)
-            if self.action == "remove":
-                loss = batch_loss(pair_logits(u[keep], v[keep], self.scale))
-            else:
-                loss = batch_loss(pair_logits(u, v, self.scale), demoted=b.chosen)
-            grads = torch.autograd.grad(loss, self.params, create_graph=True, allow_unused=True)
+            logits, demoted = found
+            grads = torch.autograd.grad(batch_loss(logits, demoted=demoted), self.params, create_graph=True,
+                                        allow_unused=True)
             dot = sum((g * t).sum() for g, t in zip(grads, tangent) if g is not None)
             if not isinstance(dot, torch.Tensor) or not dot.requires_grad:
                 continue
@@ -304,9 +301,6 @@ def _twice_differentiable_attention() -> contextlib.AbstractContextManager:
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     return sdpa_kernel(SDPBackend.MATH)
-
-
-CURVATURES = ("hessian", "gauss-newton")  # LeaveOutObjective.curvature: the exact Hessian, or Gauss-Newton (PSD)
 
 
 DAMPING_RETRIES = 4  # each multiplies lambda by 10
