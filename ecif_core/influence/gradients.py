@@ -46,6 +46,7 @@ class BatchGradients:
     neg_terms: torch.Tensor   # (B,)    Neg(n)
     clip_score: torch.Tensor  # (B,)    cosine of the pair's own embeddings
     clip: torch.Tensor        # (B, k)  C_n = grad [1 - cos(u_n, v_n)] (Algorithm 3; docs/METHOD.md, "Influence")
+    dropped_mass: torch.Tensor | None = None  # (B,) softmax mass on dropped partners (partners.py); None = exact
 
 
 class Embeddings(NamedTuple):
@@ -156,7 +157,7 @@ Method = Literal["auto", "per_item", "per_item_onehot", "per_pair", "logra", "de
 def per_pair_gradients(model: torch.nn.Module, params: Sequence[torch.nn.Parameter], projector: Projector,
                        images: torch.Tensor, tokens: torch.Tensor, neg_term: NegTerm = "exact",
                        chunk: int = 32, method: Method = "auto", items: int | None = None,
-                       memory_limit: int | None = None) -> BatchGradients:
+                       memory_limit: int | None = None, partners: int | None = None) -> BatchGradients:
     """g_pos(n), g_neg(n) for every pair n of one batch, projected to (B, k) each.
 
     method "auto" picks by `choose_method`; "per_item", "per_item_onehot" (D directions per item
@@ -168,9 +169,16 @@ def per_pair_gradients(model: torch.nn.Module, params: Sequence[torch.nn.Paramet
     taken in slices after one no-grad forward of the whole batch gave the cotangents; the
     memory of a backward is then set by chunk x items, not by B. `memory_limit` (bytes) picks
     items and chunk (memory.plan_chunks) instead.
+    `partners` = m: keep each pair's top-m in-batch partners only (partners.py, an approximation
+    with `dropped_mass` reported); m >= B - 1 drops nothing and runs the exact path.
     """
     device = model.logit_scale.device
     size = len(tokens)
+    if partners is not None and partners < size - 1:
+        from ecif_core.influence.partners import partner_gradients
+
+        return partner_gradients(model, params, projector, images, tokens, neg_term, partners,
+                                 memory_limit=memory_limit)
     if memory_limit is not None:
         from ecif_core.influence.memory import plan_for_batch
 
@@ -219,7 +227,8 @@ def per_pair_gradients(model: torch.nn.Module, params: Sequence[torch.nn.Paramet
         clip_score = torch.nn.functional.cosine_similarity(text_emb, image_emb, dim=-1)
     values = values.detach().cpu()
     return BatchGradients(pos=flat[:size], neg=flat[size:2 * size], pos_terms=values[:size], neg_terms=values[size:],
-                          clip_score=clip_score.detach().cpu(), clip=flat[2 * size:])
+                          clip_score=clip_score.detach().cpu(), clip=flat[2 * size:],
+                          dropped_mass=None if partners is None else torch.zeros(size))
 
 
 def _all_cotangents(text_emb: torch.Tensor, image_emb: torch.Tensor, scale: torch.Tensor,

@@ -52,11 +52,23 @@ class TrunkCache:
 
     @contextmanager
     def replay(self, start: int, stop: int) -> Iterator[None]:
+        with self._replay(lambda cached, dim: cached.narrow(dim, start, stop - start)):
+            yield
+
+    @contextmanager
+    def replay_items(self, index: torch.Tensor) -> Iterator[None]:
+        """replay() for the items `index` names, in that order and repeats allowed (a gathered
+        batch: partners.py)."""
+        with self._replay(lambda cached, dim: cached.index_select(dim, index.to(cached.device))):
+            yield
+
+    @contextmanager
+    def _replay(self, rows_of) -> Iterator[None]:
         patched = []
         for tower in self.towers:
             if tower.cached is None:
                 continue
-            rows = tower.cached.narrow(tower.batch_dim, start, stop - start)
+            rows = rows_of(tower.cached, tower.batch_dim)
             for i in range(tower.first):
                 block = tower.blocks[i]
                 block.forward = (lambda x, *a, **k: x) if i < tower.first - 1 else (lambda x, *a, _r=rows, **k: _r)
