@@ -277,7 +277,7 @@ def _time_validation(manifest: Manifest, loaded, params: list, projector, batch:
     images, tokens = batch_tensors(batch, decoded, loaded.preprocess, loaded.tokenizer)
     with flush_denormals():
         per_pair_gradients(loaded.model, params, projector, images, tokens, o.neg_term, o.chunk,
-                           memory_limit=parse_bytes(o.memory_limit))
+                           memory_limit=parse_bytes(o.memory_limit), partners=o.partners)
     corrupted = corrupted_captions([p.caption for p in batch], 0)
     validation_stage._collect_cosines({}, "clip_score", loaded, images, batch, corrupted)
     if reference is not None:

@@ -11,7 +11,7 @@ from typing import Mapping
 # Number columns between caption and suspected, in file order (sign conventions: ranking.SUSPICION_SIGN).
 VALUE_COLUMNS = ("suspicion", "influence", "influence_pos", "influence_neg", "influence_per_example", "self_influence",
                  "self_influence_clip", "leave_own_out", "clip_score", "clip_score_loo", "reference_clip_score",
-                 "reference_negclip", "misaligned_probability")
+                 "reference_negclip", "misaligned_probability", "dropped_partner_mass")
 RANKED_COLUMNS = ("rank", "id", "image", "caption", *VALUE_COLUMNS, "suspected")
 
 

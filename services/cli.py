@@ -73,11 +73,27 @@ def cmd_audit(args: argparse.Namespace) -> int:
     manifest = load_manifest(args.manifest)
     if args.flag_precision is not None:
         manifest.options.flag_precision = args.flag_precision
+    if args.partners is not None:
+        manifest.options.partners = args.partners
     ranked = run_audit(manifest, args.out, progress=None if args.quiet else _progress_bar())
     folder = AuditFolder(ranked.parent)
     print(describe(json.loads(folder.summary.read_text())))
     print(f"wrote {folder.ranked}, {folder.summary}, {folder.rejected} and {folder.report}")
     return 0
+
+
+def _partners(text: str) -> int:
+    """--partners: a partner count the manifest's bounds accept."""
+    from ecif_core.data.manifest import BOUNDS
+
+    low, high = BOUNDS["partners"]
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number, got {text!r}") from None
+    if not low <= value <= high:
+        raise argparse.ArgumentTypeError(f"must be between {low:g} and {high:g}")
+    return value
 
 
 def _flag_precision(text: str) -> float:
@@ -541,6 +557,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--flag-precision", type=_flag_precision, default=None, metavar="P",
                    help="flag the most likely misaligned pairs while their estimated precision stays >= P "
                         "(default: the manifest's options.flag_precision, 0.9)")
+    p.add_argument("--partners", type=_partners, default=None, metavar="M",
+                   help="approximate: keep each pair's M in-batch partners of largest softmax weight only "
+                        "(cheaper at large batches; ranked.csv's dropped_partner_mass says what was dropped)")
     _device_flag(p)
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(run=cmd_audit)

@@ -176,10 +176,18 @@ def _summary(meta: dict, naming: dict[str, str], scored: int, flagged: int) -> s
             f'(<a href="#flagged">review them below</a>).</p>{_estimate(meta.get("summary"))}')
     items = [("data set", naming["data"]), ("model", naming["model"]), ("pairs in the file", meta["pairs"]),
              ("scored", scored), ("rejected (unusable rows)", meta["rejected"]), ("flagged", flagged),
-             ("ranked by", meta["rank_by"]),
+             ("ranked by", meta["rank_by"]), ("gradients", _gradients_kind(meta["manifest"])),
              ("run time", f"{meta['seconds']:.1f} s" if meta["seconds"] is not None else "-")]
     cells = "".join(f"<tr><td>{html.escape(str(k))}</td><td><b>{html.escape(str(v))}</b></td></tr>" for k, v in items)
     return f'{lead}<table class="summary" id="summary">{cells}</table>'
+
+
+def _gradients_kind(manifest: dict) -> str:
+    """Exact, or the top-m partner approximation (ranked.csv's dropped_partner_mass says how far off)."""
+    partners = (manifest.get("options") or {}).get("partners")
+    if partners is None:
+        return "exact"
+    return f"approximate: each pair's top {partners} in-batch partners (dropped_partner_mass in ranked.csv)"
 
 
 def _estimate(summary: dict | None) -> str:

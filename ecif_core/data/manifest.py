@@ -35,7 +35,7 @@ CURVATURE_KINDS = ("full", "blocks")
 BOUNDS: dict[str, tuple[float, float]] = {
     "batch_size": (2, 65536), "seed": (0, 2**63 - 1), "partitions": (1, 64), "shard_batches": (1, 100_000),
     "chunk": (1, 65536), "damping": (0, 1e12), "damping_per_mean_eigenvalue": (0, 1e12), "weight_decay": (0, 1e12),
-    "flag_precision": (0.5, 0.999)}
+    "flag_precision": (0.5, 0.999), "partners": (1, 65535)}
 # Options renamed (CHANGELOG.md): old spelling -> name. A manifest may still give the old one (deprecated,
 # with a warning); plans and database rows written before the rename are read with it.
 RENAMED_OPTIONS = {"damping_factor": "damping_per_mean_eigenvalue"}
@@ -60,6 +60,7 @@ class AuditOptions:
     shard_batches: int = 8
     chunk: int = 64                       # cotangents per batched backward (memory bound)
     memory_limit: int | str | None = None  # bytes or "8GB": picks chunk and items per backward (memory.py)
+    partners: int | None = None           # top-m in-batch partners per pair (an approximation); None = exact
 
     def projection_spec(self) -> ProjectionSpec:
         if self.projection is None:
@@ -140,7 +141,7 @@ _OPTION_TYPES: dict[str, tuple[type, ...]] = {
     "batch_size": (int,), "seed": (int,), "neg_term": (str,), "damping": (int, float, type(None)),
     "damping_per_mean_eigenvalue": (int, float), "weight_decay": (int, float), "projection": (dict, type(None)),
     "theta": (list, type(None)), "curvature": (str,), "rank_by": (str,), "flag_precision": (int, float), "partitions": (int,),
-    "shard_batches": (int,), "chunk": (int,), "memory_limit": (int, str, type(None)),
+    "shard_batches": (int,), "chunk": (int,), "memory_limit": (int, str, type(None)), "partners": (int, type(None)),
 }
 
 

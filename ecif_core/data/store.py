@@ -30,7 +30,8 @@ SCORE_FIELDS = ("influence", "influence_pos", "influence_neg", "self_influence",
                 "gram_pos_pos", "gram_pos_neg", "gram_neg_neg", "self_influence_clip", "influence_per_example",
                 "influence_per_example_mean", "influence_per_example_min")
 # Per-pair numbers of the gradients stage; the reference_* ones are NaN when the audit has no reference model.
-TERM_FIELDS = ("pos_terms", "neg_terms", "clip_score", "reference_clip_score", "reference_negclip")
+TERM_FIELDS = ("pos_terms", "neg_terms", "clip_score", "reference_clip_score", "reference_negclip",
+               "dropped_partner_mass")
 GRADIENT_FIELDS = ("pos", "neg", "clip")  # g_pos, g_neg and the Algorithm 3 test gradient C_n
 
 # Score columns that stay NaN (their fill value: no chunk is written) in an audit without a validation set

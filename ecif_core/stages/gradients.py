@@ -55,9 +55,9 @@ def shard_gradients(audit_dir: str | Path, shard: int, models: ModelCache | None
     rows, start = plan.shard_rows, shard * plan.shard_rows
     out = {name: np.zeros((rows, plan.dim), np.float32) for name in store.gradient_fields()}  # no clip: old store
     terms = {name: np.zeros(rows, np.float32) for name in store.term_fields()}
-    for name in ("reference_clip_score", "reference_negclip"):
+    for name in ("reference_clip_score", "reference_negclip", "dropped_partner_mass"):
         if name in terms:
-            terms[name][:] = np.nan  # no reference: empty in ranked.csv
+            terms[name][:] = np.nan  # no reference, exact path: empty in ranked.csv
     with flush_denormals():
         _accumulate_shard(manifest, loaded, params, projector, start, shard, batches, out, terms, fetch_dir(audit_dir),
                           roots_of(plan), reference, progress)
@@ -85,7 +85,7 @@ def _accumulate_shard(manifest: Manifest, loaded: LoadedModel, params: list, pro
             decoded = load_batch_images(pairs, fetched, roots)
             images, tokens = batch_tensors(pairs, decoded, loaded.preprocess, loaded.tokenizer)
             result = per_pair_gradients(loaded.model, params, projector, images, tokens, o.neg_term, o.chunk,
-                                        memory_limit=parse_bytes(o.memory_limit))
+                                        memory_limit=parse_bytes(o.memory_limit), partners=o.partners)
             local = np.array([slot - start for slot, _ in batch])
             for name, values in (("pos", result.pos), ("neg", result.neg), ("clip", result.clip)):
                 if name in out:
@@ -94,6 +94,8 @@ def _accumulate_shard(manifest: Manifest, loaded: LoadedModel, params: list, pro
                 terms["pos_terms"][local] = result.pos_terms.numpy()
                 terms["neg_terms"][local] = result.neg_terms.numpy()
                 terms["clip_score"][local] = result.clip_score.numpy()
+                if result.dropped_mass is not None and "dropped_partner_mass" in terms:
+                    terms["dropped_partner_mass"][local] = result.dropped_mass.numpy()
                 if reference is not None and "reference_clip_score" in terms:
                     cos, negclip = reference_scores(reference.model, *batch_tensors(
                         pairs, decoded, reference.preprocess, reference.tokenizer))

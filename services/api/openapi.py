@@ -38,7 +38,14 @@ _OPTIONS = {
         "rank_by": {"enum": list(RANK_BY)},
         "partitions": {"type": "integer", "minimum": 1, "maximum": 64},
         "shard_batches": {"type": "integer", "minimum": 1, "maximum": 100000},
-        "chunk": {"type": "integer", "minimum": 1, "maximum": 65536}}}
+        "chunk": {"type": "integer", "minimum": 1, "maximum": 65536},
+        "flag_precision": {"type": "number", "minimum": 0.5, "maximum": 0.999,
+                           "description": "`suspected` = the most likely misaligned pairs while their estimated "
+                                          "precision stays at least this"},
+        "memory_limit": {"type": ["integer", "string", "null"], "description": "bytes or a size such as \"8GB\""},
+        "partners": {"type": ["integer", "null"], "minimum": 1, "maximum": 65535,
+                     "description": "keep each pair's top-m in-batch partners only (an approximation, off when "
+                                    "null; ranked.csv's dropped_partner_mass says what it dropped)"}}}
 MANIFEST_SCHEMA = {
     "type": "object", "required": ["model", "train"], "additionalProperties": False,
     "properties": {

@@ -126,6 +126,8 @@ class Score(Base):
     reference_negclip: Mapped[float | None] = mapped_column(Float(53), nullable=True)
     # set by finalize; NULL when nothing could be estimated (no validation set) and for older audits
     misaligned_probability: Mapped[float | None] = mapped_column(Float(53), nullable=True)
+    # the softmax mass a top-m partners audit dropped (ecif_core/influence/partners.py); NULL when exact
+    dropped_partner_mass: Mapped[float | None] = mapped_column(Float(53), nullable=True)
     rank: Mapped[int | None] = mapped_column(Integer, nullable=True)
     suspected: Mapped[bool | None] = mapped_column(Boolean, nullable=True)
 

@@ -174,7 +174,9 @@ def test_every_row_rejected_fails_with_the_reason(workspace, tmp_path):
                                            ({"neg_term": "published"}, "options.neg_term"),
                                            ({"projection": {"k": 3}}, "options.projection.k"),
                                            ({"memory_limit": "lots"}, "options.memory_limit"),
-                                           ({"memory_limit": 0}, "options.memory_limit")])
+                                           ({"memory_limit": 0}, "options.memory_limit"),
+                                           ({"partners": 0}, "options.partners"),
+                                           ({"partners": 2.5}, "options.partners")])
 def test_manifest_errors_name_the_field(workspace, options, field):
     with pytest.raises(ConfigError) as error:
         load_manifest(_write_manifest(workspace, "m.json", options))
@@ -608,3 +610,16 @@ def test_a_validation_set_of_one_pair_fails_with_a_reason_that_says_what_to_do(w
     with pytest.raises(ConfigError, match="only 1 usable pair is left: .*so add pairs to the file") as error:
         run_audit(manifest, tmp_path / "val1")
     assert error.value.field == "validation"
+
+
+def test_the_partners_option_fills_dropped_partner_mass_and_changes_the_gradients(workspace, finished, tmp_path):
+    """options.partners reaches the gradients stage: every ranked row gets its dropped softmax mass
+    (the exact audit leaves the column empty), and the stored gradients are the approximation's."""
+    manifest = _write_manifest(workspace, "m-partners.json", {**OPTIONS, "partners": 2})
+    rows = _rows(run_audit(manifest, tmp_path / "partners"))
+    assert rows and all(float(r["dropped_partner_mass"]) > 0 for r in rows)
+    assert all(r["dropped_partner_mass"] == "" for r in _rows(finished / "ranked.csv"))
+    shard_rows = audit.load_plan(finished).shard_rows
+    ours = audit.open_store(tmp_path / "partners").pos_gradients(0, shard_rows)
+    exact = audit.open_store(finished).pos_gradients(0, shard_rows)
+    assert not np.allclose(ours, exact, rtol=1e-3, atol=1e-6)

@@ -41,6 +41,13 @@ def test_train_then_audit_and_error_names_the_field(tmp_path, capsys):
     (tmp_path / "manifest.json").write_text(json.dumps(manifest))
     assert main(["audit", str(tmp_path / "manifest.json"), "--out", str(tmp_path / "a"), "--quiet"]) == 0
     assert (tmp_path / "a" / "ranked.csv").exists()
+    assert main(["audit", str(tmp_path / "manifest.json"), "--out", str(tmp_path / "p"), "--quiet",
+                 "--partners", "2"]) == 0   # the approximation: every row says what it dropped
+    with (tmp_path / "p" / "ranked.csv").open() as handle:
+        assert all(float(row["dropped_partner_mass"]) >= 0 for row in csv.DictReader(handle))
+    with pytest.raises(SystemExit):
+        main(["audit", str(tmp_path / "manifest.json"), "--out", str(tmp_path / "q"), "--partners", "0"])
+    assert "--partners: must be between 1 and 65535" in capsys.readouterr().err
     (tmp_path / "bad.json").write_text(json.dumps({**manifest, "options": {"damping": "high"}}))
     assert main(["audit", str(tmp_path / "bad.json"), "--out", str(tmp_path / "b")]) == 2
     assert "options.damping" in capsys.readouterr().err

@@ -148,3 +148,14 @@ def test_ecif_report_saves_the_services_page_beside_its_csvs_and_never_the_key(
     assert any(f"/audits/{audit_id}/report" in line for line in logged)
     for text in [printed.out, printed.err, *logged, *(f.read_text() for f in out.iterdir())]:
         assert key not in text and key[:12] not in text
+
+
+def test_the_summary_says_whether_the_gradients_were_exact_or_the_partner_approximation():
+    from services.report import _summary
+
+    meta = {"pairs": 10, "rejected": 0, "rank_by": "evidence", "seconds": 1.0, "summary": None}
+    naming = {"data": "train.jsonl", "model": "tiny"}
+    exact = _summary({**meta, "manifest": {"options": {"rank_by": "evidence"}}}, naming, 10, 1)
+    approximate = _summary({**meta, "manifest": {"options": {"partners": 8}}}, naming, 10, 1)
+    assert "<td>gradients</td><td><b>exact</b>" in exact
+    assert "top 8 in-batch partners" in approximate and "dropped_partner_mass" in approximate
