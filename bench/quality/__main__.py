@@ -27,7 +27,8 @@ LIST_OR_NONE = ("neg_variant_fractions",)
 HELP = {"theta": "audit theta patterns (default: the two projections; give the flag alone for the audit's default)",
         "projection": "k_in = k_out of the audit's projection, or none (exact gradients)",
         "neg_variant_fractions": "fractions at which the first-order and published Neg audits run (default: all)",
-        "fidelity_projections": "projection sizes of the fidelity audits (none = exact gradients)"}
+        "fidelity_projections": "projection sizes of the fidelity audits (none = exact gradients)",
+        "fidelity_partners": "also run the exact-Neg fidelity audit with options.partners = m, for each m"}
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[QualitySettings, argparse.Namespace]:

@@ -71,7 +71,7 @@ def fidelity(settings: QualitySettings, runs_dir: Path, say: Callable[[str], Non
     for k in settings.fidelity_projections:
         started = time.perf_counter()
         results["projections"][str(k)] = _predictions(run, checkpoint, k, ids, subsets, objective, base.weights,
-                                                      actual, base_val, loaded.model)
+                                                      actual, base_val, loaded.model, settings.fidelity_partners)
         timings[f"audits_k{k}"] = time.perf_counter() - started
         lds = {m: v["spearman"] for m, v in results["projections"][str(k)]["methods"].items()}
         say(f"fidelity k={k}: " + ", ".join(f"{m} {v:.3f}" for m, v in lds.items()))
@@ -136,21 +136,27 @@ def _retrain_subsets(settings: QualitySettings, run: Run, ids: list[str], object
 
 def _predictions(run: Run, checkpoint: Path, k: int | None, ids: list[str],
                  subsets: list[list[str]], objective: FeatureObjective, w_hat: tuple, actual: np.ndarray,
-                 base_val: float, model: torch.nn.Module) -> dict:
-    """Audits of the oracle's model at projection k (three Neg forms); predicted changes and LDS."""
+                 base_val: float, model: torch.nn.Module, partners: list[int] = ()) -> dict:
+    """Audits of the oracle's model at projection k (three Neg forms, and the exact one with each
+    top-m partners approximation); predicted changes and LDS."""
     columns, folders, seconds = {}, {}, {}
-    for neg_term in ("exact", "first_order", "paper"):
+    variants = [(nt, nt, None) for nt in ("exact", "first_order", "paper")]
+    variants += [(f"partners{m}", "exact", m) for m in partners]
+    for key, neg_term, m in variants:
         options = {"theta": list(PROJECTIONS), "neg_term": neg_term,
                    "projection": None if k is None else {"k_in": k, "k_out": k}}
-        result = audit(run, f"fidelity-k{k}-{neg_term}", options, checkpoint=checkpoint)
+        if m is not None:
+            options["partners"] = m
+        result = audit(run, f"fidelity-k{k}-{key}", options, checkpoint=checkpoint)
         pairs, cols = collect_scores(result.folder)
         order = {p.id: r for r, p in enumerate(pairs)}
-        columns[neg_term] = {c: np.asarray(cols[c], dtype=np.float64)[[order[i] for i in ids]]
-                             for c in ("influence", "influence_pos")}
-        folders[neg_term], seconds[neg_term] = result.folder, result.seconds
+        columns[key] = {c: np.asarray(cols[c], dtype=np.float64)[[order[i] for i in ids]]
+                        for c in ("influence", "influence_pos")}
+        folders[key], seconds[key] = result.folder, result.seconds
     row_of = {i: r for r, i in enumerate(ids)}
+    methods = dict(SUM_METHODS) | {f"ecif_is_partners{m}_sum": (f"partners{m}", "influence") for m in partners}
     predicted = {m: [float(columns[nt][c][[row_of[i] for i in s]].sum()) for s in subsets]
-                 for m, (nt, c) in SUM_METHODS.items()}
+                 for m, (nt, c) in methods.items()}
     group = _GroupForm(folders["exact"], model, objective, w_hat, ids)
     predicted["ecif_is_group"] = [group.influence(s) for s in subsets]
     return {"methods": lds(predicted, actual), "audit_seconds": seconds, "checks": group.checks(base_val)}

@@ -40,6 +40,7 @@ class QualitySettings:
     fidelity_subsets: int = 50
     fidelity_subset_fraction: float = 0.1
     fidelity_projections: list[int | None] = field(default_factory=lambda: [8, 32])
+    fidelity_partners: list[int] = field(default_factory=list)  # also audit with options.partners = m (bench.partners)
     cost_default_theta: bool = True         # also time one audit with the default theta
     # The levers: ECIF at each saved checkpoint (self-IS ranks averaged; every run, about 3 s),
     # and exact gradients of theta (no projection; about 18 s per audit, so only at these fractions).
