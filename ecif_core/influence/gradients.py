@@ -82,18 +82,10 @@ def embedding_cotangents(text_emb: torch.Tensor, image_emb: torch.Tensor, scale:
     A = p f'(p): p / (1 - p) (exact, from log-probabilities), p (first_order), -1/p (paper).
     jacrev of the terms gives the same numbers (tested) but costs O(B^3) vmapped temporaries.
     """
-    u, v = text_emb.detach(), image_emb.detach()
-    size = u.shape[0]
-    u_norm, v_norm = u.norm(dim=1, keepdim=True), v.norm(dim=1, keepdim=True)
-    u_hat, v_hat = u / u_norm, v / v_norm
-    logits = scale * (u_hat @ v_hat.T)
-    pos, neg = contrastive_terms(logits, neg_term)
-    log_p, log_q = torch.log_softmax(logits, dim=1), torch.log_softmax(logits, dim=0)
-    p, q = log_p.exp(), log_q.exp()
-    off = ~torch.eye(size, dtype=torch.bool, device=u.device)
-    one_minus_p, one_minus_q = log_one_minus_softmax(logits, 1).exp(), log_one_minus_softmax(logits, 0).exp()
-    a_rows = torch.where(off, _neg_coefficient(logits, log_p, 1, neg_term), torch.zeros_like(p))  # A[k, n]
-    c_cols = torch.where(off, _neg_coefficient(logits, log_q, 0, neg_term), torch.zeros_like(q))  # C[n, k]
+    s = softmax_parts(text_emb, image_emb, scale, neg_term)
+    u, size = s.u_hat, s.u_hat.shape[0]
+    u_hat, v_hat, u_norm, v_norm, p, q = s.u_hat, s.v_hat, s.u_norm, s.v_norm, s.p, s.q
+    one_minus_p, one_minus_q, a_rows, c_cols = s.one_minus_p, s.one_minus_q, s.a, s.c
     jac_u = torch.empty(2 * size, size, u.shape[1], dtype=u.dtype, device=u.device)
     jac_v = torch.empty_like(jac_u)
     eye = torch.eye(size, dtype=u.dtype, device=u.device)
@@ -112,7 +104,41 @@ def embedding_cotangents(text_emb: torch.Tensor, image_emb: torch.Tensor, scale:
                 g[o - start] = part_p + part_q
         jac_u[start:stop] = _through_normalisation(scale * (g @ v_hat), u_hat, u_norm)
         jac_v[start:stop] = _through_normalisation(scale * (g.transpose(1, 2) @ u_hat), v_hat, v_norm)
-    return jac_u, jac_v, torch.cat([pos, neg]).detach()
+    return jac_u, jac_v, torch.cat([s.pos, s.neg]).detach()
+
+
+class SoftmaxParts(NamedTuple):
+    """What the closed-form cotangents of a batch read (embedding_cotangents, partners.kept_cotangents)."""
+
+    u_hat: torch.Tensor
+    v_hat: torch.Tensor
+    u_norm: torch.Tensor
+    v_norm: torch.Tensor
+    pos: torch.Tensor           # Pos(1..B)
+    neg: torch.Tensor           # Neg(1..B)
+    p: torch.Tensor             # row softmax p[k, j]
+    q: torch.Tensor             # column softmax q[k, j]
+    one_minus_p: torch.Tensor   # 1 - p, from log-probabilities (exact where p is near 1)
+    one_minus_q: torch.Tensor
+    a: torch.Tensor             # A[k, n] = p_kn f'(p_kn), zero on the diagonal
+    c: torch.Tensor             # C[n, k] = q_nk f'(q_nk), zero on the diagonal
+
+
+def softmax_parts(text_emb: torch.Tensor, image_emb: torch.Tensor, scale: torch.Tensor, neg_term: NegTerm) -> SoftmaxParts:
+    """The batch's unit embeddings, terms, softmaxes and Neg coefficients (no graph), computed once."""
+    u, v = text_emb.detach(), image_emb.detach()
+    size = u.shape[0]
+    u_norm, v_norm = u.norm(dim=1, keepdim=True), v.norm(dim=1, keepdim=True)
+    u_hat, v_hat = u / u_norm, v / v_norm
+    logits = scale * (u_hat @ v_hat.T)
+    pos, neg = contrastive_terms(logits, neg_term)
+    log_p, log_q = torch.log_softmax(logits, dim=1), torch.log_softmax(logits, dim=0)
+    p, q = log_p.exp(), log_q.exp()
+    off = ~torch.eye(size, dtype=torch.bool, device=u.device)
+    one_minus_p, one_minus_q = log_one_minus_softmax(logits, 1).exp(), log_one_minus_softmax(logits, 0).exp()
+    a = torch.where(off, _neg_coefficient(logits, log_p, 1, neg_term), torch.zeros_like(p))
+    c = torch.where(off, _neg_coefficient(logits, log_q, 0, neg_term), torch.zeros_like(q))
+    return SoftmaxParts(u_hat, v_hat, u_norm, v_norm, pos, neg, p, q, one_minus_p, one_minus_q, a, c)
 
 
 def clip_cotangents(text_emb: torch.Tensor, image_emb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

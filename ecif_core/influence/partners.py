@@ -65,21 +65,12 @@ def kept_cotangents(text_emb: torch.Tensor, image_emb: torch.Tensor, scale: torc
     s (I - û_i û_i^T) G[i, :] V̂ / |u_i|, image j gets s (I - v̂_j v̂_j^T) G[:, j]^T Û / |v_j|), but
     only the rows and columns of G the kept items need: B x W x B entries per term instead of
     B x B x B, so the cost per pair is W B D, not B^2 D."""
-    from ecif_core.influence.gradients import _neg_coefficient, _through_normalisation
-    from ecif_core.influence.losses import contrastive_terms, log_one_minus_softmax
+    from ecif_core.influence.gradients import _through_normalisation, softmax_parts
 
-    u, v = text_emb.detach(), image_emb.detach()
-    size, width = support.shape
-    u_norm, v_norm = u.norm(dim=1, keepdim=True), v.norm(dim=1, keepdim=True)
-    u_hat, v_hat = u / u_norm, v / v_norm
-    logits = scale * (u_hat @ v_hat.T)
-    pos, neg = contrastive_terms(logits, neg_term)
-    log_p, log_q = torch.log_softmax(logits, dim=1), torch.log_softmax(logits, dim=0)
-    p, q = log_p.exp(), log_q.exp()
-    one_minus_p, one_minus_q = log_one_minus_softmax(logits, 1).exp(), log_one_minus_softmax(logits, 0).exp()
-    off = ~torch.eye(size, dtype=torch.bool, device=u.device)
-    a = torch.where(off, _neg_coefficient(logits, log_p, 1, neg_term), torch.zeros_like(p))   # A[k, n]
-    c = torch.where(off, _neg_coefficient(logits, log_q, 0, neg_term), torch.zeros_like(q))   # C[n, k]
+    s = softmax_parts(text_emb, image_emb, scale, neg_term)
+    u, size, width = s.u_hat, *support.shape
+    u_hat, v_hat, u_norm, v_norm, p, q = s.u_hat, s.v_hat, s.u_norm, s.v_norm, s.p, s.q
+    one_minus_p, one_minus_q, a, c = s.one_minus_p, s.one_minus_q, s.a, s.c                 # A[k, n], C[n, k]
     n = torch.arange(size, device=u.device)[:, None].expand(size, width)                    # owner of each slot
     k = support                                                                             # the kept item
     own = (k == n).to(u.dtype)                                                              # (B, W)
@@ -104,7 +95,7 @@ def kept_cotangents(text_emb: torch.Tensor, image_emb: torch.Tensor, scale: torc
     c_v = _through_normalisation(scale * (cols @ u_hat), v_hat[k], v_norm[k])
     clip_u = -_through_normalisation(v_hat[k], u_hat[k], u_norm[k]) * own[..., None]
     clip_v = -_through_normalisation(u_hat[k], v_hat[k], v_norm[k]) * own[..., None]
-    values = torch.cat([pos, neg]).detach()
+    values = torch.cat([s.pos, s.neg]).detach()
     return torch.cat([c_u, clip_u[None]]), torch.cat([c_v, clip_v[None]]), values
 
 
