@@ -32,7 +32,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from bench.basis import model_config, synthetic_batch, train_step_seconds  # noqa: E402
-from ecif_core.influence.gradients import per_pair_gradients  # noqa: E402
+from ecif_core.influence.partners import batch_gradients  # noqa: E402
 from ecif_core.influence.projection import Projector, ProjectionSpec  # noqa: E402
 from ecif_core.metrics import auroc, spearman  # noqa: E402
 from ecif_core.models.factory import default_theta_patterns, load_model, restrict_grad_to, select_theta  # noqa: E402
@@ -60,7 +60,7 @@ def timing(models: list[str], batch_sizes: list[int], partners: list[int], repea
             for _ in range(repeats):
                 for m in variants:
                     started = time.perf_counter()
-                    results[m] = per_pair_gradients(model, params, projector, images, tokens, partners=m)
+                    results[m] = batch_gradients(model, params, projector, images, tokens, partners=m)
                     best[m] = min(best[m], time.perf_counter() - started)
             exact = results[None]
             for m in partners:

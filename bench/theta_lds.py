@@ -86,12 +86,12 @@ class Oracle:
 
 
 def fit(oracle: Oracle, start: list[torch.Tensor], anchor: list[torch.Tensor], l2: float,
-        drop: frozenset[str] = frozenset(), max_iter: int = 300, tolerance: float = 1e-4) -> dict:
+        drop: frozenset[str] = frozenset(), max_iter: int = 300, max_grad: float = 1e-4) -> dict:
     """L-BFGS on oracle.loss(drop) + (l2/2)|theta - anchor|^2 from `start`; theta is left at the result."""
     with torch.no_grad():
         for p, s in zip(oracle.params, start):
             p.copy_(s)
-    optimizer = torch.optim.LBFGS(oracle.params, lr=1.0, max_iter=max_iter, tolerance_grad=tolerance,
+    optimizer = torch.optim.LBFGS(oracle.params, lr=1.0, max_iter=max_iter, tolerance_grad=max_grad,
                                   tolerance_change=1e-14, history_size=30, line_search_fn="strong_wolfe")
 
     def objective() -> torch.Tensor:

@@ -40,7 +40,7 @@ from ecif_core.data.sources import check_batchable, iter_pairs
 from ecif_core.data.store import GRADIENT_FIELDS, TERM_FIELDS, AuditStore, written_bytes
 from ecif_core.evidence import corrupted_captions
 from ecif_core.influence.curvature import DampedInverse, default_damping, eigendecompose, fisher_sum
-from ecif_core.influence.gradients import per_pair_gradients
+from ecif_core.influence.partners import batch_gradients
 from ecif_core.influence.memory import parse_bytes
 from ecif_core.influence.projection import Block
 from ecif_core.influence.scores import pair_scores
@@ -276,8 +276,8 @@ def _time_validation(manifest: Manifest, loaded, params: list, projector, batch:
     decoded = load_batch_images(batch, access.fetch_dir, access.roots)
     images, tokens = batch_tensors(batch, decoded, loaded.preprocess, loaded.tokenizer)
     with flush_denormals():
-        per_pair_gradients(loaded.model, params, projector, images, tokens, o.neg_term, o.chunk,
-                           memory_limit=parse_bytes(o.memory_limit), partners=o.partners)
+        batch_gradients(loaded.model, params, projector, images, tokens, o.neg_term, o.chunk,
+                        memory_limit=parse_bytes(o.memory_limit), partners=o.partners)
     corrupted = corrupted_captions([p.caption for p in batch], 0)
     validation_stage._collect_cosines({}, "clip_score", loaded, images, batch, corrupted)
     if reference is not None:

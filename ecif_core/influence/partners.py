@@ -24,6 +24,8 @@ from typing import Sequence
 
 import torch
 
+from ecif_core.influence import gradients as exact
+from ecif_core.influence.cotangents import _all_cotangents, _through_normalisation, softmax_parts
 from ecif_core.influence.losses import NegTerm, pair_logits
 from ecif_core.influence.logra import WeightUseRecorder
 from ecif_core.influence.projection import Projector
@@ -65,8 +67,6 @@ def kept_cotangents(text_emb: torch.Tensor, image_emb: torch.Tensor, scale: torc
     s (I - û_i û_i^T) G[i, :] V̂ / |u_i|, image j gets s (I - v̂_j v̂_j^T) G[:, j]^T Û / |v_j|), but
     only the rows and columns of G the kept items need: B x W x B entries per term instead of
     B x B x B, so the cost per pair is W B D, not B^2 D."""
-    from ecif_core.influence.gradients import _through_normalisation, softmax_parts
-
     s = softmax_parts(text_emb, image_emb, scale, neg_term)
     u, size, width = s.u_hat, *support.shape
     u_hat, v_hat, u_norm, v_norm, p, q = s.u_hat, s.v_hat, s.u_norm, s.v_norm, s.p, s.q
@@ -99,6 +99,22 @@ def kept_cotangents(text_emb: torch.Tensor, image_emb: torch.Tensor, scale: torc
     return torch.cat([c_u, clip_u[None]]), torch.cat([c_v, clip_v[None]]), values
 
 
+def batch_gradients(model: torch.nn.Module, params: Sequence[torch.nn.Parameter], projector: Projector,
+                    images: torch.Tensor, tokens: torch.Tensor, neg_term: NegTerm = "exact", chunk: int = 64,
+                    memory_limit: int | None = None, partners: int | None = None) -> exact.BatchGradients:
+    """One batch's gradients as an audit asks for them (options.partners): the exact path
+    (gradients.per_pair_gradients) when `partners` is None; the top-m approximation with its
+    `dropped_mass` otherwise, where m >= B - 1 drops nothing and runs the exact path (dropped 0)."""
+    if partners is not None and partners < len(tokens) - 1:
+        return partner_gradients(model, params, projector, images, tokens, neg_term, partners,
+                                 memory_limit=memory_limit)
+    result = exact.per_pair_gradients(model, params, projector, images, tokens, neg_term, chunk,
+                                      memory_limit=memory_limit)
+    if partners is not None:
+        result.dropped_mass = torch.zeros(len(tokens))
+    return result
+
+
 def partner_gradients(model: torch.nn.Module, params: Sequence[torch.nn.Parameter], projector: Projector,
                       images: torch.Tensor, tokens: torch.Tensor, neg_term: NegTerm, partners: int,
                       pairs_per_slice: int | None = None, memory_limit: int | None = None):
@@ -109,8 +125,6 @@ def partner_gradients(model: torch.nn.Module, params: Sequence[torch.nn.Paramete
     gathered batch (pairs x (m + 1) items); by default it keeps the recorded activations near
     GATHERED_SLICE_BYTES (GATHERED_SLICE_BYTES_GPU on a GPU), and within half of what
     `memory_limit` (bytes) leaves above the memory already in use."""
-    from ecif_core.influence import gradients as exact  # the shared pieces; exact imports this module lazily
-
     device = model.logit_scale.device
     size = len(tokens)
     trunk = TrunkCache(model, params)
@@ -146,13 +160,11 @@ def _kept_items_per_pair(model: torch.nn.Module, params: Sequence[torch.nn.Param
     """(3, B, k): the same kept-items gradients on the per-pair path, for a theta without LoGra
     factors on every weight (a LayerNorm weight, say): each pair's cotangents are zeroed off its
     kept items and pushed through the whole batch. Same numbers, none of the saving."""
-    from ecif_core.influence import gradients as exact
-
     size = len(tokens)
     recorder = WeightUseRecorder(params)
     with recorder:
         text_emb, image_emb = exact.embed(model, images, tokens)
-    jac_u, jac_v, _ = exact._all_cotangents(text_emb, image_emb, exact.temperature_scale(model), neg_term)
+    jac_u, jac_v, _ = _all_cotangents(text_emb, image_emb, exact.temperature_scale(model), neg_term)
     kept = torch.zeros(size, size, dtype=jac_u.dtype, device=jac_u.device).scatter_(1, support.to(jac_u.device), 1.0)
     mask = kept.repeat(3, 1)[:, :, None]                                   # row t B + n keeps S_n's items
     flat = exact._per_pair(recorder.uses, params, projector, text_emb, image_emb, jac_u * mask, jac_v * mask, chunk)
@@ -189,8 +201,6 @@ def _add_gathered(model: torch.nn.Module, params: Sequence[torch.nn.Parameter], 
     (its caption) and cot_v[r, j] (its image), t = terms[r] (0 Pos, 1 Neg, 2 C): one recorded
     forward of the gathered items and one batched backward. False (nothing added) when theta
     lacks LoGra factors somewhere."""
-    from ecif_core.influence import gradients as exact
-
     size = out.shape[1]
     recorder = WeightUseRecorder(params)
     with recorder, trunk.replay_items(items):

@@ -11,7 +11,7 @@ import torch
 from ecif_core.data.batching import hash_seed, rebatch_within
 from ecif_core.data.images import batch_tensors, load_batch_images
 from ecif_core.data.sources import Pair
-from ecif_core.influence.gradients import per_pair_gradients
+from ecif_core.influence.partners import batch_gradients
 from ecif_core.influence.curvature import fisher_sum
 from ecif_core.data.manifest import Manifest
 from ecif_core.influence.memory import parse_bytes
@@ -84,8 +84,8 @@ def _accumulate_shard(manifest: Manifest, loaded: LoadedModel, params: list, pro
             pairs = [p for _, p in batch]
             decoded = load_batch_images(pairs, fetched, roots)
             images, tokens = batch_tensors(pairs, decoded, loaded.preprocess, loaded.tokenizer)
-            result = per_pair_gradients(loaded.model, params, projector, images, tokens, o.neg_term, o.chunk,
-                                        memory_limit=parse_bytes(o.memory_limit), partners=o.partners)
+            result = batch_gradients(loaded.model, params, projector, images, tokens, o.neg_term, o.chunk,
+                                     memory_limit=parse_bytes(o.memory_limit), partners=o.partners)
             local = np.array([slot - start for slot, _ in batch])
             for name, values in (("pos", result.pos), ("neg", result.neg), ("clip", result.clip)):
                 if name in out:

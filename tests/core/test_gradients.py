@@ -351,7 +351,7 @@ def test_closed_form_cotangents_equal_autograd(neg_term):
     """embedding_cotangents (closed form, chunked rows) equals jacrev of the 2B terms: 1e-12 in
     float64, and in float32 it stays as close to the float64 values as jacrev does (a hard
     negative included: A - A p would cancel there)."""
-    from ecif_core.influence.gradients import embedding_cotangents
+    from ecif_core.influence.cotangents import embedding_cotangents
     from ecif_core.influence.losses import contrastive_terms, pair_logits
 
     def reference(u, v, scale):

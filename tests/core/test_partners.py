@@ -2,7 +2,8 @@
 import pytest
 import torch
 
-from ecif_core.influence.gradients import _all_cotangents, embed, per_pair_gradients, temperature_scale
+from ecif_core.influence.cotangents import _all_cotangents
+from ecif_core.influence.gradients import embed, per_pair_gradients, temperature_scale
 from ecif_core.influence.losses import pair_logits
 from ecif_core.influence.partners import partner_gradients, partner_sets
 from ecif_core.influence.projection import Projector, ProjectionSpec
@@ -80,11 +81,13 @@ def test_partners_are_chosen_by_softmax_weight_and_the_dropped_mass_is_the_rest(
     assert everything.shape == (6, 6) and float(none_dropped.abs().max()) == 0.0
 
 
-def test_per_pair_gradients_routes_partners_and_reports_no_drop_when_every_partner_is_kept(tiny):
+def test_batch_gradients_routes_partners_and_reports_no_drop_when_every_partner_is_kept(tiny):
+    from ecif_core.influence.partners import batch_gradients
+
     loaded, params, projector, images, tokens = tiny
-    approx = per_pair_gradients(loaded.model, params, projector, images, tokens, partners=2)
+    approx = batch_gradients(loaded.model, params, projector, images, tokens, partners=2)
     assert approx.dropped_mass.shape == (7,) and float(approx.dropped_mass.min()) > 0.0
-    whole = per_pair_gradients(loaded.model, params, projector, images, tokens, partners=6)
+    whole = batch_gradients(loaded.model, params, projector, images, tokens, partners=6)
     plain = per_pair_gradients(loaded.model, params, projector, images, tokens)
     assert plain.dropped_mass is None and float(whole.dropped_mass.abs().max()) == 0.0
     torch.testing.assert_close(whole.pos, plain.pos)
@@ -100,7 +103,7 @@ def test_a_theta_without_logra_factors_gets_the_same_approximation_on_the_per_pa
     params = [p for _, p in theta]
     projector = Projector.for_theta(theta, ProjectionSpec(None, None))
     images, tokens = _tiny_batch(loaded, 6, seed=8)
-    ours = per_pair_gradients(loaded.model, params, projector, images, tokens, partners=2)
+    ours = partner_gradients(loaded.model, params, projector, images, tokens, "exact", 2)
     with torch.no_grad():
         u, v = embed(loaded.model, images, tokens)
     support, dropped = partner_sets(u, v, temperature_scale(loaded.model), 2)
