@@ -62,6 +62,7 @@ class SoftmaxParts(NamedTuple):
     one_minus_q: torch.Tensor
     a: torch.Tensor             # A[k, n] = p_kn f'(p_kn), zero on the diagonal
     c: torch.Tensor             # C[n, k] = q_nk f'(q_nk), zero on the diagonal
+    scale: torch.Tensor         # s = 1/tau: logits = s u^ v^T
 
 
 def softmax_parts(text_emb: torch.Tensor, image_emb: torch.Tensor, scale: torch.Tensor, neg_term: NegTerm) -> SoftmaxParts:
@@ -78,7 +79,7 @@ def softmax_parts(text_emb: torch.Tensor, image_emb: torch.Tensor, scale: torch.
     one_minus_p, one_minus_q = log_one_minus_softmax(logits, 1).exp(), log_one_minus_softmax(logits, 0).exp()
     a = torch.where(off, _neg_coefficient(logits, log_p, 1, neg_term), torch.zeros_like(p))
     c = torch.where(off, _neg_coefficient(logits, log_q, 0, neg_term), torch.zeros_like(q))
-    return SoftmaxParts(u_hat, v_hat, u_norm, v_norm, pos, neg, p, q, one_minus_p, one_minus_q, a, c)
+    return SoftmaxParts(u_hat, v_hat, u_norm, v_norm, pos, neg, p, q, one_minus_p, one_minus_q, a, c, scale)
 
 
 def clip_cotangents(text_emb: torch.Tensor, image_emb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -97,8 +98,6 @@ def clip_cotangents(text_emb: torch.Tensor, image_emb: torch.Tensor) -> tuple[to
     index = torch.arange(size, device=u.device)
     jac_u[index, index], jac_v[index, index] = d_u, d_v
     return jac_u, jac_v
-
-
 
 
 def _neg_coefficient(logits: torch.Tensor, log_prob: torch.Tensor, dim: int, neg_term: NegTerm) -> torch.Tensor:

@@ -25,8 +25,8 @@ from typing import Sequence
 import torch
 
 from ecif_core.influence import gradients as exact
-from ecif_core.influence.cotangents import _all_cotangents, _through_normalisation, softmax_parts
-from ecif_core.influence.losses import NegTerm, pair_logits
+from ecif_core.influence.cotangents import SoftmaxParts, _all_cotangents, _through_normalisation, softmax_parts
+from ecif_core.influence.losses import NegTerm
 from ecif_core.influence.logra import WeightUseRecorder
 from ecif_core.influence.projection import Projector
 from ecif_core.influence.trunk import TrunkCache
@@ -37,44 +37,40 @@ GATHERED_SLICE_BYTES = 32 << 20
 GATHERED_SLICE_BYTES_GPU = 2 << 30  # a GPU wants wide batches (not measured: no device in this round)
 
 
-def partner_sets(text_emb: torch.Tensor, image_emb: torch.Tensor, scale: torch.Tensor,
-                 partners: int) -> tuple[torch.Tensor, torch.Tensor]:
+def partner_sets(s: SoftmaxParts, partners: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(support (B, m + 1): pair n itself, then its m partners by w_nk, largest first; dropped (B,):
-    the softmax mass w_nk on the partners left out), with m = min(partners, B - 1)."""
+    the softmax mass w_nk on the partners left out), with m = min(partners, B - 1), from the batch's
+    softmaxes (cotangents.softmax_parts)."""
     if partners < 1:
         raise ValueError(f"partners must be at least 1, got {partners}")
-    with torch.no_grad():
-        logits = pair_logits(text_emb.detach(), image_emb.detach(), scale)
-        p, q = torch.softmax(logits, dim=1), torch.softmax(logits, dim=0)
-        weight = p + p.T + q + q.T
-        size = weight.shape[0]
-        weight.fill_diagonal_(float("-inf"))
-        m = min(partners, size - 1)
-        top = weight.topk(m, dim=1).indices if m > 0 else weight.new_zeros((size, 0), dtype=torch.long)
-        support = torch.cat([torch.arange(size, device=weight.device)[:, None], top], dim=1)
-        kept = torch.zeros_like(weight, dtype=torch.bool).scatter_(1, support, True)
-        dropped = torch.where(kept, torch.zeros_like(weight), weight).sum(dim=1)
+    weight = s.p + s.p.T + s.q + s.q.T
+    size = weight.shape[0]
+    weight.fill_diagonal_(float("-inf"))
+    m = min(partners, size - 1)
+    top = weight.topk(m, dim=1).indices if m > 0 else weight.new_zeros((size, 0), dtype=torch.long)
+    support = torch.cat([torch.arange(size, device=weight.device)[:, None], top], dim=1)
+    kept = torch.zeros_like(weight, dtype=torch.bool).scatter_(1, support, True)
+    dropped = torch.where(kept, torch.zeros_like(weight), weight).sum(dim=1)
     return support, dropped
 
 
-def kept_cotangents(text_emb: torch.Tensor, image_emb: torch.Tensor, scale: torch.Tensor, neg_term: NegTerm,
-                    support: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def kept_cotangents(s: SoftmaxParts, support: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(c_u, c_v, values): c_u[t, n, w] = the cotangent term t (0 Pos(n), 1 Neg(n), 2 the C_n term
     1 - cos(u_n, v_n)) sends to caption support[n, w], c_v likewise to image support[n, w], each
     (3, B, W, D); values = the 2B terms Pos(1..B), Neg(1..B).
 
-    The same closed form as gradients.embedding_cotangents (G = d term / dS; caption i gets
+    `s`: the batch's cotangents.softmax_parts (with the audit's Neg form). The same closed form as
+    cotangents.embedding_cotangents (G = d term / dS; caption i gets
     s (I - û_i û_i^T) G[i, :] V̂ / |u_i|, image j gets s (I - v̂_j v̂_j^T) G[:, j]^T Û / |v_j|), but
     only the rows and columns of G the kept items need: B x W x B entries per term instead of
     B x B x B, so the cost per pair is W B D, not B^2 D."""
-    s = softmax_parts(text_emb, image_emb, scale, neg_term)
-    u, size, width = s.u_hat, *support.shape
+    size, width = support.shape
     u_hat, v_hat, u_norm, v_norm, p, q = s.u_hat, s.v_hat, s.u_norm, s.v_norm, s.p, s.q
     one_minus_p, one_minus_q, a, c = s.one_minus_p, s.one_minus_q, s.a, s.c                 # A[k, n], C[n, k]
-    n = torch.arange(size, device=u.device)[:, None].expand(size, width)                    # owner of each slot
+    n = torch.arange(size, device=u_hat.device)[:, None].expand(size, width)                # owner of each slot
     k = support                                                                             # the kept item
-    own = (k == n).to(u.dtype)                                                              # (B, W)
-    e_n = torch.nn.functional.one_hot(n, size).to(u.dtype)                                  # (B, W, B)
+    own = (k == n).to(u_hat.dtype)                                                          # (B, W)
+    e_n = torch.nn.functional.one_hot(n, size).to(u_hat.dtype)                              # (B, W, B)
 
     # Pos(n): G[i, j] = d_in (p_nj - d_jn) + d_jn (q_in - d_in)
     pos_row = own[..., None] * (p[n] - e_n) + e_n * (q[k, n] - own)[..., None]           # G[k, :]
@@ -91,8 +87,8 @@ def kept_cotangents(text_emb: torch.Tensor, image_emb: torch.Tensor, scale: torc
 
     rows = torch.stack([pos_row, neg_row])                                                 # (2, B, W, B)
     cols = torch.stack([pos_col, neg_col])
-    c_u = _through_normalisation(scale * (rows @ v_hat), u_hat[k], u_norm[k])
-    c_v = _through_normalisation(scale * (cols @ u_hat), v_hat[k], v_norm[k])
+    c_u = _through_normalisation(s.scale * (rows @ v_hat), u_hat[k], u_norm[k])
+    c_v = _through_normalisation(s.scale * (cols @ u_hat), v_hat[k], v_norm[k])
     clip_u = -_through_normalisation(v_hat[k], u_hat[k], u_norm[k]) * own[..., None]
     clip_v = -_through_normalisation(u_hat[k], v_hat[k], v_norm[k]) * own[..., None]
     values = torch.cat([s.pos, s.neg]).detach()
@@ -130,9 +126,9 @@ def partner_gradients(model: torch.nn.Module, params: Sequence[torch.nn.Paramete
     trunk = TrunkCache(model, params)
     with torch.no_grad(), trunk.capture():
         text_emb, image_emb = exact.embed(model, images, tokens)
-    scale = exact.temperature_scale(model)
-    support, dropped = partner_sets(text_emb, image_emb, scale, partners)
-    kept_u, kept_v, values = kept_cotangents(text_emb, image_emb, scale, neg_term, support)  # (3, B, W, D)
+    parts = softmax_parts(text_emb, image_emb, exact.temperature_scale(model), neg_term)  # once, for both
+    support, dropped = partner_sets(parts, partners)
+    kept_u, kept_v, values = kept_cotangents(parts, support)                                  # (3, B, W, D)
     width = support.shape[1]
     if pairs_per_slice is None:
         from ecif_core.influence.memory import item_bytes, resident_bytes

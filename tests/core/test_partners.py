@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from ecif_core.influence.cotangents import _all_cotangents
+from ecif_core.influence.cotangents import _all_cotangents, softmax_parts
 from ecif_core.influence.gradients import embed, per_pair_gradients, temperature_scale
 from ecif_core.influence.losses import pair_logits
 from ecif_core.influence.partners import partner_gradients, partner_sets
@@ -49,7 +49,7 @@ def test_partner_path_equals_the_kept_items_gradient_in_float64(tiny, partners, 
                              pairs_per_slice=pairs_per_slice)
     with torch.no_grad():
         u, v = embed(loaded.model, images, tokens)
-    support, _ = partner_sets(u, v, temperature_scale(loaded.model), partners)
+    support, _ = partner_sets(softmax_parts(u, v, temperature_scale(loaded.model), "exact"), partners)
     reference = _kept_items_reference(loaded, params, images, tokens, support)
     for t, name in enumerate(("pos", "neg", "clip")):
         want = reference[t]
@@ -69,7 +69,7 @@ def test_partners_are_chosen_by_softmax_weight_and_the_dropped_mass_is_the_rest(
     u = torch.randn(6, 4, generator=generator, dtype=torch.float64)
     v = torch.randn(6, 4, generator=generator, dtype=torch.float64)
     scale = torch.tensor(5.0, dtype=torch.float64)
-    support, dropped = partner_sets(u, v, scale, 2)
+    support, dropped = partner_sets(softmax_parts(u, v, scale, "exact"), 2)
     p = torch.softmax(pair_logits(u, v, scale), dim=1)
     q = torch.softmax(pair_logits(u, v, scale), dim=0)
     for n in range(6):
@@ -77,7 +77,7 @@ def test_partners_are_chosen_by_softmax_weight_and_the_dropped_mass_is_the_rest(
         best = sorted(weight, key=weight.get, reverse=True)[:2]
         assert support[n].tolist() == [n, *best]
         assert float(dropped[n]) == pytest.approx(sum(w for k, w in weight.items() if k not in best), rel=1e-12)
-    everything, none_dropped = partner_sets(u, v, scale, 10)
+    everything, none_dropped = partner_sets(softmax_parts(u, v, scale, "exact"), 10)
     assert everything.shape == (6, 6) and float(none_dropped.abs().max()) == 0.0
 
 
@@ -106,7 +106,7 @@ def test_a_theta_without_logra_factors_gets_the_same_approximation_on_the_per_pa
     ours = partner_gradients(loaded.model, params, projector, images, tokens, "exact", 2)
     with torch.no_grad():
         u, v = embed(loaded.model, images, tokens)
-    support, dropped = partner_sets(u, v, temperature_scale(loaded.model), 2)
+    support, dropped = partner_sets(softmax_parts(u, v, temperature_scale(loaded.model), "exact"), 2)
     reference = _kept_items_reference(loaded, params, images, tokens, support)
     torch.testing.assert_close(ours.dropped_mass, dropped.cpu())
     for t, name in enumerate(("pos", "neg", "clip")):
@@ -142,9 +142,9 @@ def test_kept_cotangents_are_the_full_cotangents_on_the_kept_items(neg_term):
     v = torch.randn(8, 5, generator=generator, dtype=torch.float64)
     v[2] = u[6] * 1.5 + 1e-3  # caption 6 almost image 2
     scale = torch.tensor(30.0, dtype=torch.float64)
-    support, _ = partner_sets(u, v, scale, 3)
+    support, _ = partner_sets(softmax_parts(u, v, scale, neg_term), 3)
     full_u, full_v, full_values = _all_cotangents(u, v, scale, neg_term)
-    c_u, c_v, values = kept_cotangents(u, v, scale, neg_term, support)
+    c_u, c_v, values = kept_cotangents(softmax_parts(u, v, scale, neg_term), support)
     torch.testing.assert_close(values, full_values, rtol=1e-12, atol=1e-12)
     for t in range(3):
         for n in range(8):
