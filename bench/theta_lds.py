@@ -62,9 +62,7 @@ class Oracle:
         b = self.batches[index]
         if self.outputs is None:
             return embed(self.model, b.images, b.tokens)
-        for tower, output in zip(self.trunk.towers, self.outputs[index]):
-            tower.cached = output
-        with self.trunk.replay(0, b.images.shape[0]):
+        with self.trunk.replay_outputs(self.outputs[index]):
             return embed(self.model, b.images, b.tokens)
 
     def loss(self, drop: frozenset[str] = frozenset()) -> torch.Tensor:

@@ -201,9 +201,7 @@ class LeaveOutObjective:
             b = self.batches[index]
             if self._trunk_outputs is None:
                 return embed(self.model, b.images, b.tokens)
-            for tower, output in zip(self._trunk.towers, self._trunk_outputs[index]):
-                tower.cached = output
-            with self._trunk.replay(0, b.images.shape[0]):
+            with self._trunk.replay_outputs(self._trunk_outputs[index]):
                 return embed(self.model, b.images, b.tokens)
         image_features, text_features = self._features[index]
         return text_features @ self.model.text_projection, image_features @ self.model.visual.proj
@@ -251,20 +249,28 @@ class LeaveOutObjective:
             return pair_logits(u[keep], v[keep], self.scale), None
         return pair_logits(u, v, self.scale), b.chosen
 
-    def gauss_newton_vector_product(self, vector: torch.Tensor) -> torch.Tensor:
-        """(sum over batches of J^T H_z J + delta I) @ vector: J the Jacobian of a batch's logits in theta,
-        H_z the Hessian of its loss in the logits (positive semi-definite: log-sum-exps of the logits,
-        minus linear terms). The network's own second derivatives are left out, so the matrix is PSD
-        and CG meets no negative curvature; it is not the Newton step of a quadratic (the Hessian's is)."""
+    def _sum_over_batches(self, vector: torch.Tensor, batch_product: Callable) -> torch.Tensor:
+        """delta * vector plus, over the batches that add to the objective, batch_product(logits, demoted,
+        tangent): one batch's product as per-parameter tensors (None entries: unused), or None for nothing."""
         tangent = self.unflat(vector)
         total = self.weight_decay * vector.clone()
         for index in range(len(self.batches)):
             found = self._batch_logits(index)
             if found is None:
                 continue
-            logits, demoted = found
+            products = batch_product(*found, tangent)
+            if products is not None:
+                total += self.flat([torch.zeros_like(p) if h is None else h for h, p in zip(products, self.params)])
+        return total
+
+    def gauss_newton_vector_product(self, vector: torch.Tensor) -> torch.Tensor:
+        """(sum over batches of J^T H_z J + delta I) @ vector: J the Jacobian of a batch's logits in theta,
+        H_z the Hessian of its loss in the logits (positive semi-definite: log-sum-exps of the logits,
+        minus linear terms). The network's own second derivatives are left out, so the matrix is PSD
+        and CG meets no negative curvature; it is not the Newton step of a quadratic (the Hessian's is)."""
+        def batch_product(logits: torch.Tensor, demoted: torch.Tensor | None, tangent: list[torch.Tensor]):
             if not logits.requires_grad:
-                continue
+                return None
             dual = torch.zeros_like(logits, requires_grad=True)  # J v by the double-vjp trick
             pulled = torch.autograd.grad(logits, self.params, grad_outputs=dual, create_graph=True, allow_unused=True)
             dot = sum((g * t).sum() for g, t in zip(pulled, tangent) if g is not None)
@@ -272,27 +278,21 @@ class LeaveOutObjective:
             z = logits.detach().requires_grad_(True)
             dz = torch.autograd.grad(batch_loss(z, demoted=demoted), z, create_graph=True)[0]
             hjv = torch.autograd.grad((dz * jv).sum(), z)[0]
-            products = torch.autograd.grad(logits, self.params, grad_outputs=hjv, allow_unused=True)
-            total += self.flat([torch.zeros_like(p) if h is None else h for h, p in zip(products, self.params)])
-        return total
+            return torch.autograd.grad(logits, self.params, grad_outputs=hjv, allow_unused=True)
+
+        return self._sum_over_batches(vector, batch_product)
 
     def hessian_vector_product(self, vector: torch.Tensor) -> torch.Tensor:
         """(Hessian of J_E, or J_D, at the current theta) @ vector, by double backward, batch by batch."""
-        tangent = self.unflat(vector)
-        total = self.weight_decay * vector.clone()
-        for index in range(len(self.batches)):
-            found = self._batch_logits(index)
-            if found is None:
-                continue
-            logits, demoted = found
+        def batch_product(logits: torch.Tensor, demoted: torch.Tensor | None, tangent: list[torch.Tensor]):
             grads = torch.autograd.grad(batch_loss(logits, demoted=demoted), self.params, create_graph=True,
                                         allow_unused=True)
             dot = sum((g * t).sum() for g, t in zip(grads, tangent) if g is not None)
             if not isinstance(dot, torch.Tensor) or not dot.requires_grad:
-                continue
-            products = torch.autograd.grad(dot, self.params, allow_unused=True)
-            total += self.flat([torch.zeros_like(p) if h is None else h for h, p in zip(products, self.params)])
-        return total
+                return None
+            return torch.autograd.grad(dot, self.params, allow_unused=True)
+
+        return self._sum_over_batches(vector, batch_product)
 
 
 def _twice_differentiable_attention() -> contextlib.AbstractContextManager:

@@ -56,6 +56,15 @@ class TrunkCache:
             yield
 
     @contextmanager
+    def replay_outputs(self, outputs: Sequence[torch.Tensor]) -> Iterator[None]:
+        """replay() of a whole batch whose trunk outputs (one per tower, as capture() left them in
+        `cached`) were kept earlier: the edit's objective keeps them for every batch (edit/caches.py)."""
+        for tower, output in zip(self.towers, outputs):
+            tower.cached = output
+        with self._replay(lambda cached, dim: cached):
+            yield
+
+    @contextmanager
     def replay_items(self, index: torch.Tensor) -> Iterator[None]:
         """replay() for the items `index` names, in that order and repeats allowed (a gathered
         batch: partners.py)."""
