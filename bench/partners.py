@@ -20,7 +20,6 @@ lds: bench.quality's fidelity experiment on seed 0's run (50 refits without 10% 
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
 import time
@@ -100,8 +99,7 @@ def quality(out: Path, seeds: list[int], partners: list[int]) -> list[dict]:
         columns, seconds, ids = {}, {}, []
         for m in [None, *partners]:
             result = audit(run, "exact" if m is None else f"partners{m}", {} if m is None else {"partners": m})
-            with (result.folder / "ranked.csv").open(newline="") as handle:
-                ranked = {r["id"]: r for r in csv.DictReader(handle)}
+            ranked = result.ranked()
             ids = ids or sorted(ranked)   # the exact audit's pairs, in one order for every m
             columns[m] = {c: np.array([float(ranked[i][c] or "nan") for i in ids])
                           for c in (*SCORE_COLUMNS, "dropped_partner_mass")}

@@ -20,7 +20,6 @@ choice for the projections) left the last two blocks unconverged after 300 itera
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
 import time
@@ -159,8 +158,7 @@ def lds_of_theta(run, name: str, subsets: int, l2: float, say=print) -> dict:
                "note": f"bench.theta_lds oracle: theta {name} refitted with the rest frozen, L2 towards the trained one"}
     Path(str(checkpoint) + SIDECAR_SUFFIX).write_text(json.dumps(sidecar, indent=1))
     audited = audit(run, f"theta-{name}-l2-{l2:g}-oracle", {"theta": patterns}, checkpoint=checkpoint)
-    with (audited.folder / "ranked.csv").open(newline="") as handle:
-        influence = {r["id"]: float(r["influence"]) for r in csv.DictReader(handle)}
+    influence = {i: float(row["influence"]) for i, row in audited.ranked().items()}
     ids = sorted(i for b in train.batches for i in b.ids)
     predicted, actual, refits = [], [], []
     for k, drop in enumerate(subsets_of(ids, settings.batch_size, run.seed, subsets)):

@@ -23,7 +23,6 @@ hours on this machine (bench/RESULTS.md).
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
 from pathlib import Path
@@ -41,11 +40,6 @@ THETAS = {"projections": lambda model: ["visual.proj", "text_projection"],
           "last-two": lambda model: default_theta_patterns(model, last_blocks=2)}
 
 
-def _ranked(folder: Path) -> dict[str, dict]:
-    with (folder / "ranked.csv").open(newline="") as handle:
-        return {r["id"]: r for r in csv.DictReader(handle)}
-
-
 def detection_and_cost(run, name: str) -> dict:
     from bench.quality import scoring
     from bench.quality.runs import audit
@@ -57,7 +51,7 @@ def detection_and_cost(run, name: str) -> dict:
     loaded = load_model(config=run.config, checkpoint=run.checkpoint)
     patterns = THETAS[name](loaded.model)
     audited = audit(run, f"theta-{name}", {"theta": patterns})
-    ranked = _ranked(audited.folder)
+    ranked = audited.ranked()
     ids = sorted(ranked)
     labels = scoring.truth_labels(run.data.truth, ids)
     batches = load_batches(run.data.train, loaded, settings.batch_size, run.seed, training=True)

@@ -5,6 +5,7 @@ build_digits next to them, is read by `scoring` alone.
 """
 from __future__ import annotations
 
+import csv
 import json
 import shutil
 import time
@@ -45,6 +46,11 @@ class AuditRun:
     folder: Path
     seconds: float
     stages: dict[str, float]
+
+    def ranked(self) -> dict[str, dict[str, str]]:
+        """ranked.csv's rows by pair id (values as written: text, empty for a missing number)."""
+        with (self.folder / "ranked.csv").open(newline="", encoding="utf-8") as handle:
+            return {row["id"]: row for row in csv.DictReader(handle)}
 
 
 def run_name(corruption: str, fraction: float, seed: int) -> str:
