@@ -84,24 +84,23 @@ def cmd_audit(args: argparse.Namespace) -> int:
 
 def _partners(text: str) -> int:
     """--partners: a partner count the manifest's bounds accept."""
-    from ecif_core.data.manifest import BOUNDS
-
-    low, high = BOUNDS["partners"]
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"must be a whole number, got {text!r}") from None
-    if not low <= value <= high:
-        raise argparse.ArgumentTypeError(f"must be between {low:g} and {high:g}")
-    return value
+    return _within_bounds("partners", value)
 
 
 def _flag_precision(text: str) -> float:
     """--flag-precision: a precision target the manifest's bounds accept."""
+    return _within_bounds("flag_precision", float(text))
+
+
+def _within_bounds(option: str, value: float) -> float:
+    """`value` when the manifest's BOUNDS for `option` accept it; else argparse's error, with the bounds."""
     from ecif_core.data.manifest import BOUNDS
 
-    low, high = BOUNDS["flag_precision"]
-    value = float(text)
+    low, high = BOUNDS[option]
     if not low <= value <= high:
         raise argparse.ArgumentTypeError(f"must be between {low:g} and {high:g}")
     return value
