@@ -174,6 +174,13 @@ def zero_shot_accuracy(loaded, examples: list[TraceExample], roots: list[Path] |
     return correct / len(examples)
 
 
+def _curvature_description(curvature: str, action: Action) -> str:
+    """edit.json's method.curvature: which matrix CG solved with, of which objective."""
+    matrix, products = (("exact Hessian", "Hessian-vector products") if curvature == CURVATURES[0]
+                        else ("Gauss-Newton matrix", "J^T H_z J products"))
+    return f"{matrix} of the objective {'without' if action == 'remove' else 'demoting'} the set ({products})"
+
+
 def edit_audit(audit_dir: str | Path, spec: str, out: str | Path, settings: EditSettings | None = None,
                theta: list[str] | None = None, base_dir: str | Path | None = None,
                zero_shot: list[TraceExample] | None = None, progress: Progress | None = None,
@@ -235,10 +242,7 @@ def edit_audit(audit_dir: str | Path, spec: str, out: str | Path, settings: Edit
         action: {"spec": chosen.spec, "pairs": len(chosen.ids), "ids": SET_IDS[action], "kept_back": chosen.kept_back},
         "base": {"arch": manifest.model_arch, "config": manifest.model_config, "checkpoint": manifest.checkpoint,
                  "adapter": manifest.adapter},
-        "method": {"curvature": (f"exact Hessian of the objective {'without' if action == 'remove' else 'demoting'} "
-                                 "the set (Hessian-vector products)") if curvature == CURVATURES[0] else
-                                f"Gauss-Newton matrix of the objective {'without' if action == 'remove' else 'demoting'} "
-                                "the set (J^T H_z J products)",
+        "method": {"curvature": _curvature_description(curvature, action),
                    "solver": "truncated conjugate gradients", "weight_decay": manifest.options.weight_decay,
                    "theta": [name for name, _ in params], "feature_cache": objective.uses_feature_cache,
                    "trunk_cache": objective.uses_trunk_cache,
