@@ -86,13 +86,20 @@ class CellData:
     truth: Path
 
 
-def build_data(folder: Path, settings: FinetuneSettings, spec: CellSpec) -> CellData:
-    """data/{train,val,test}.jsonl + images (train corrupted, val and test clean) and truth.csv beside data/."""
+def cell_items(settings: FinetuneSettings, spec: CellSpec) -> tuple[Vocabulary, np.random.Generator, list, list, list]:
+    """(vocabulary, the data stream after sampling, train, validation and test items) of a cell: what its
+    images show, drawn again identically by anyone who needs the clean labels (bench.fix's evaluation)."""
     vocab = VOCABULARIES[REGIME_VOCAB[spec.regime]]
-    regime = REGIMES.index(spec.regime)
-    rng = np.random.default_rng(hash_seed(DATA_STREAM, regime, spec.seed))
+    rng = np.random.default_rng(hash_seed(DATA_STREAM, REGIMES.index(spec.regime), spec.seed))
     items = sample_items(vocab, settings.n_finetune, rng)
     val_items, test_items = sample_items(vocab, settings.n_val, rng), sample_items(vocab, settings.n_test, rng)
+    return vocab, rng, items, val_items, test_items
+
+
+def build_data(folder: Path, settings: FinetuneSettings, spec: CellSpec) -> CellData:
+    """data/{train,val,test}.jsonl + images (train corrupted, val and test clean) and truth.csv beside data/."""
+    vocab, rng, items, val_items, test_items = cell_items(settings, spec)
+    regime = REGIMES.index(spec.regime)
     corruption_rng = np.random.default_rng(hash_seed(CORRUPTION_STREAM, regime, spec.seed,
                                                      CORRUPTIONS.index(spec.corruption), round(spec.fraction * 1000)))
     result = corrupt(items, vocab, spec.corruption, spec.fraction, corruption_rng)

@@ -1,0 +1,4 @@
+"""`python -m bench.fix`: see bench.fix.runner."""
+from .runner import main
+
+main()

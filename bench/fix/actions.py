@@ -1,0 +1,143 @@
+"""One action on one list of one cell: retrain without it, retrain demoting it, edit without it or edit
+demoting it; then the clean test metrics of the model that results (bench.fix.evaluate).
+
+Per cell there are two more records beside the lists: `original` (the audited fine-tune itself) and
+`noise` (the same fine-tune retrained with another seed, nothing removed: the retrain-vs-retrain noise every
+gap is read against, and the retraining's cost on the whole set).
+
+Each record is written to OUT/fix/<cell>/<list>--<action>.json when it finishes, with the settings it
+depends on; a rerun returns it without recomputing (resumable). Models are deleted once evaluated.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from bench.quality.finetune.cells import CellSpec, train_config
+from bench.quality.finetune.evaluate import truth_labels
+from ecif_core.edit.from_audit import edit_audit, removal_set
+from ecif_core.edit.settings import EditSettings
+from ecif_core.errors import ConfigError
+from ecif_core.models.factory import LoadedModel, load_model
+from ecif_core.train import train
+
+from .evaluate import clean_metrics, test_split
+from .settings import LISTS, NOISE_SEED_OFFSET, FixSettings
+
+REFERENCE_RECORDS = ("original", "noise")   # per cell, beside the (list, action) records
+
+
+def cell_folder(out: Path, cell: CellSpec) -> Path:
+    return Path(out) / "cells" / cell.name
+
+
+def record_path(out: Path, cell: CellSpec, name: str, action: str = "") -> Path:
+    return Path(out) / "fix" / cell.name / (f"{name}--{action.replace(':', '-')}.json" if action else f"{name}.json")
+
+
+def cached(settings: FixSettings, path: Path) -> dict | None:
+    if not path.is_file():
+        return None
+    record = json.loads(path.read_text())
+    return record if record.get("key") == settings.action_key() else None
+
+
+def _write(settings: FixSettings, path: Path, cell: CellSpec, record: dict) -> dict:
+    record = {"key": settings.action_key(), "spec_of_cell": dataclasses.asdict(cell), **record}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(record, indent=1))
+    os.replace(tmp, path)
+    return record
+
+
+def list_spec(audit: Path, name: str, seed: int) -> str | None:
+    """The removal spec of a list for this audit, or None when it names no pair (nothing flagged)."""
+    template = LISTS[name]
+    if "{n}" in template or template == "suspected":
+        try:
+            flagged = len(removal_set(audit, "suspected").ids)
+        except ConfigError:  # "selects no pair"
+            return None
+        return template.format(n=flagged, seed=seed)
+    return template.format(seed=seed)
+
+
+def _load(settings: FixSettings, cell: CellSpec, config: Path, base: Path, path: Path) -> LoadedModel:
+    if cell.tuning == "lora":
+        return load_model(config=config, checkpoint=base, adapter=path)
+    return load_model(config=config, checkpoint=path)
+
+
+def _evaluate(settings: FixSettings, out: Path, cell: CellSpec, loaded: LoadedModel) -> dict[str, float]:
+    split, vocab = test_split(settings.finetune, cell, cell_folder(out, cell))
+    return clean_metrics(loaded, split, vocab, settings.finetune.batch_size)
+
+
+def reference_record(settings: FixSettings, out: Path, cell: CellSpec, name: str, config: Path, base: Path) -> dict:
+    """`original`: the audited fine-tune's metrics; `noise`: a retraining with seed + 1000 (nothing removed)."""
+    path = record_path(out, cell, name)
+    if (record := cached(settings, path)) is not None:
+        return record
+    folder = cell_folder(out, cell)
+    model_path = folder / ("lora" if cell.tuning == "lora" else "model.pt")
+    if name == "original":
+        return _write(settings, path, cell, {"cell": cell.name, "name": name,
+                                       "metrics": _evaluate(settings, out, cell, _load(settings, cell, config, base, model_path))})
+    cfg = dataclasses.replace(train_config(settings.finetune, cell, 0), seed=cell.seed + NOISE_SEED_OFFSET)
+    scratch = path.parent / f"scratch-{name}"
+    trained_path = scratch / model_path.name
+    started = time.perf_counter()
+    train(folder / "data" / "train.jsonl", config, trained_path, cfg, init=base)
+    seconds = time.perf_counter() - started
+    metrics = _evaluate(settings, out, cell, _load(settings, cell, config, base, trained_path))
+    shutil.rmtree(scratch, ignore_errors=True)
+    return _write(settings, path, cell, {"cell": cell.name, "name": name, "seed": cfg.seed, "seconds": seconds,
+                                   "metrics": metrics})
+
+
+def act(settings: FixSettings, out: Path, cell: CellSpec, name: str, action: str, config: Path, base: Path) -> dict:
+    """The record of one (list, action) on a finished cell (from its file when done before)."""
+    path = record_path(out, cell, name, action)
+    if (record := cached(settings, path)) is not None:
+        return record
+    folder = cell_folder(out, cell)
+    audit = folder / "audit"
+    spec = list_spec(audit, name, cell.seed)
+    head: dict[str, Any] = {"cell": cell.name, "list": name, "action": action, "spec": spec}
+    if spec is None:
+        return _write(settings, path, cell, {**head, "skipped": "the audit flagged no pair"})
+    ids = list(removal_set(audit, spec).ids)
+    labels = truth_labels(folder / "truth.csv", ids)
+    head.update(pairs=len(ids), corrupted_share=float(labels.mean()))
+    how, verb = action.split(":")
+    scratch = path.parent / f"scratch-{name}-{how}-{verb}"
+    shutil.rmtree(scratch, ignore_errors=True)
+    started = time.perf_counter()
+    extra: dict[str, Any] = {}
+    if how == "retrain":
+        model_name = "lora" if cell.tuning == "lora" else "model.pt"
+        cfg = dataclasses.replace(train_config(settings.finetune, cell, 0),
+                                  **({"exclude": tuple(ids)} if verb == "remove" else {"demote": tuple(ids)}))
+        train(folder / "data" / "train.jsonl", config, scratch / model_name, cfg, init=base)
+        seconds = time.perf_counter() - started
+        loaded = _load(settings, cell, config, base, scratch / model_name)
+    else:
+        edit = edit_audit(audit, spec, scratch, EditSettings(), theta=settings.edit_theta, action=verb)
+        seconds = time.perf_counter() - started
+        written = edit["checkpoint"]
+        loaded = (load_model(config=config, checkpoint=base, adapter=written["adapter"]) if "adapter" in written
+                  else load_model(config=config, checkpoint=written["checkpoint"]))
+        result = edit["result"]
+        extra = {"verdict": edit["certificate"]["verdict"], "theta": edit["method"]["theta"],
+                 "edit": {k: result.get(k) for k in ("damping", "cg_iterations", "cg_relative_residual",
+                                                     "negative_curvature", "parameter_change_norm", "stationarity")},
+                 "validation": edit["validation"]}
+    metrics = _evaluate(settings, out, cell, loaded)
+    shutil.rmtree(scratch, ignore_errors=True)
+    return _write(settings, path, cell, {**head, "seconds": seconds, "metrics": metrics, **extra})

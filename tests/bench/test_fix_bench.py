@@ -1,0 +1,147 @@
+"""bench.fix: the clean metrics against loops over their definitions, the lists' specs, the decision and
+target rules on made-up records, and the quick preset end to end (resumable, each action what it says)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from bench.fix import actions, runner, tables
+from bench.fix.evaluate import clean_metrics
+from bench.fix.settings import LISTS, quick
+from bench.quality.finetune.base import model_config_path
+from bench.quality.finetune.generator import VOCAB_A, sample_items, write_split
+from bench.quality.finetune.retrieval import retrieval_accuracy
+from ecif_core.data.images import load_batch
+from ecif_core.data.sources import read_pairs
+from ecif_core.influence.gradients import embed, temperature_scale
+from ecif_core.models.factory import load_model
+
+
+def test_clean_metrics_equal_loops_over_their_definitions(tmp_path: Path) -> None:
+    rng = np.random.default_rng(3)
+    split = write_split(tmp_path / "data", "test", VOCAB_A, sample_items(VOCAB_A, 20, rng), rng)
+    loaded = load_model(config=model_config_path(tmp_path), seed=5)
+    got = clean_metrics(loaded, split, VOCAB_A, batch_size=8)
+
+    pairs = read_pairs(split.path)[0]
+    with torch.no_grad():
+        images, tokens = load_batch(pairs, loaded.preprocess, loaded.tokenizer)
+        text, image = (torch.nn.functional.normalize(e, dim=-1) for e in embed(loaded.model, images, tokens))
+        scale = float(temperature_scale(loaded.model))
+    correct = 0
+    for i in range(len(pairs)):  # caption i against every image: right when the best shows caption i's class
+        best = max(range(len(pairs)), key=lambda j: float(text[i] @ image[j]))
+        correct += split.items[best].label == split.items[i].label
+    loss = 0.0
+    for start in range(0, len(pairs), 8):  # -log p_ii - log q_ii per pair, batches of 8 in file order
+        b = slice(start, start + 8)
+        logits = scale * text[b] @ image[b].T
+        loss -= float(torch.diagonal(logits.log_softmax(0)).sum() + torch.diagonal(logits.log_softmax(1)).sum())
+    assert got["t2i_top1"] == correct / len(pairs)
+    assert got["test_loss"] == pytest.approx(loss / len(pairs), rel=1e-5)
+    assert got["i2t_top1"] == retrieval_accuracy(loaded, split, VOCAB_A)["top1"]
+
+
+def test_lists_resolve_to_the_products_specs(monkeypatch: pytest.MonkeyPatch) -> None:
+    class Flagged:
+        ids = ("a", "b", "c")
+    monkeypatch.setattr(actions, "removal_set", lambda audit, spec: Flagged())
+    assert actions.list_spec(Path("x"), "reference_low_n", 7) == "top:3:reference_clip_score"  # as many as flagged
+    assert actions.list_spec(Path("x"), "random10", 7) == "random:0.1:7"
+    assert actions.list_spec(Path("x"), "suspected", 7) == "suspected"
+
+    def nothing_flagged(audit, spec):
+        from ecif_core.errors import ConfigError
+        raise ConfigError("remove", "'suspected' selects no pair")
+    monkeypatch.setattr(actions, "removal_set", nothing_flagged)
+    assert actions.list_spec(Path("x"), "reference_low_n", 7) is None
+    assert actions.list_spec(Path("x"), "suspected", 7) is None
+    assert set(LISTS) >= {"suspected", "reference_low_n", "own_low10", "random10"}
+
+
+def _records(i2t: dict[tuple[str, str], float], original: float = 0.80, noise: float = 0.81,
+             fraction: float = 0.2, seed: int = 100, seconds: dict[str, float] | None = None) -> list[dict]:
+    """Made-up records of one cell: i2t per (list, action), every other metric fixed."""
+    spec = {"regime": "same_domain", "corruption": "attribute", "tuning": "full", "fraction": fraction, "seed": seed,
+            "split": "test", "crossfit": False}
+    name = f"cell-{fraction}-{seed}"
+
+    def metrics(top1: float, loss: float = 1.0) -> dict:
+        return {"i2t_top1": top1, "t2i_top1": top1, "test_loss": loss}
+    out = [{"cell": name, "name": "original", "spec_of_cell": spec, "metrics": metrics(original)},
+           {"cell": name, "name": "noise", "spec_of_cell": spec, "metrics": metrics(noise), "seconds": 10.0}]
+    for (lst, action), top1 in i2t.items():
+        out.append({"cell": name, "list": lst, "action": action, "spec_of_cell": spec, "pairs": 10, "corrupted_share": 1.0,
+                    "metrics": metrics(top1, 1.0 - (top1 - original)), "seconds": (seconds or {}).get(action, 10.0),
+                    "verdict": "ok"})
+    return out
+
+
+def test_decision_and_recommendation_follow_clean_accuracy_and_cost() -> None:
+    records = _records({("suspected", "retrain:remove"): 0.86, ("suspected", "edit:remove"): 0.855,
+                        ("audit_top10", "retrain:demote"): 0.84, ("reference_low_n", "retrain:remove"): 0.88},
+                       seconds={"edit:remove": 2.0})
+    result = tables.summarise(records)
+    group = "same_domain full attribute 20%"
+    decided = result["decision"][group]
+    assert decided["best"] == ("reference_low_n", "retrain:remove")
+    # the noise is 1 point: the edit (85.5) is not within it of 88, so the cheapest near the best is the best
+    assert decided["cheapest_near_best"] == ("reference_low_n", "retrain:remove")
+    assert result["recommended"] == ("suspected", "retrain:remove")  # only the audit's lists are recommended
+    (gap,) = result["edit_gaps"]
+    assert gap["gap"] == pytest.approx(0.5) and gap["time_ratio"] == pytest.approx(0.2)
+    wins = [t for t in result["targets"] if "recommended action" in t["target"]]
+    assert len(wins) == 1 and not wins[0]["met"]  # +6 vs +8 points: more than 0.5 behind CLIPScore
+    assert "+6.00 vs +8.00" in wins[0]["value"]
+
+
+def test_the_cheapest_action_within_the_noise_of_the_best_is_chosen() -> None:
+    records = _records({("suspected", "retrain:remove"): 0.86, ("suspected", "edit:remove"): 0.855},
+                       noise=0.81, seconds={"edit:remove": 2.0})  # noise 1 point: the edit is 0.5 behind
+    decided = tables.summarise(records)["decision"]["same_domain full attribute 20%"]
+    assert decided["best"] == ("suspected", "retrain:remove")
+    assert decided["cheapest_near_best"] == ("suspected", "edit:remove")
+
+
+def test_clean_control_target_fails_when_an_action_hurts_beyond_the_noise() -> None:
+    hurt = _records({("random10", "retrain:remove"): 0.78}, fraction=0.0)  # -2 points, noise 1
+    (target,) = [t for t in tables.summarise(hurt)["targets"] if "clean control" in t["target"]]
+    assert not target["met"]
+    fine = _records({("random10", "retrain:remove"): 0.795}, fraction=0.0)
+    (target,) = [t for t in tables.summarise(fine)["targets"] if "clean control" in t["target"]]
+    assert target["met"]
+
+
+def test_quick_preset_end_to_end_and_resumable(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    settings = quick()
+    settings.clean_seeds, settings.lists = [], ["audit_top10"]
+    out = tmp_path / "out"
+    results = runner.run(settings, out, workers=1, command="test")
+    (cell,) = runner.cells_of(settings)
+    records = {p.name: json.loads(p.read_text()) for p in (out / "fix" / cell.name).glob("*.json")}
+    assert set(records) == {"original.json", "noise.json", "audit_top10--retrain-remove.json",
+                            "audit_top10--retrain-demote.json", "audit_top10--edit-remove.json",
+                            "audit_top10--edit-demote.json"}
+    removed = records["audit_top10--retrain-remove.json"]
+    assert removed["spec"] == "top:0.1:rank" and removed["pairs"] == round(0.1 * settings.finetune.n_finetune)
+    truth = {r.split(",")[0]: r.split(",") for r in (out / "cells" / cell.name / "truth.csv").read_text().splitlines()[1:]}
+    assert 0 < removed["corrupted_share"] <= 1 and len(truth) == settings.finetune.n_finetune
+    # each action changes the model its own way: demoting is not removing, editing is not retraining
+    m = {k: v["metrics"]["test_loss"] for k, v in records.items()}
+    assert len({m["audit_top10--retrain-remove.json"], m["audit_top10--retrain-demote.json"],
+                m["audit_top10--edit-remove.json"], m["audit_top10--edit-demote.json"], m["original.json"]}) == 5
+    assert records["audit_top10--edit-demote.json"]["verdict"] in ("ok", "retrain recommended", "unverified")
+    assert records["noise.json"]["seed"] == cell.seed + 1000
+    report = (out / "fix" / "RESULTS.md").read_text()
+    assert len(results["edit_gaps"]) == 2 and sum(report.count(f"| audit_top10 | {a} |") for a in settings.actions) == 4
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("a finished record was recomputed")
+    monkeypatch.setattr(actions, "train", must_not_run)
+    monkeypatch.setattr(actions, "edit_audit", must_not_run)
+    again = runner.run(settings, out, workers=1, command="test")
+    assert again["edit_gaps"] == results["edit_gaps"]
