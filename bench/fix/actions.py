@@ -20,7 +20,7 @@ from typing import Any
 
 from bench.quality.finetune.cells import CellSpec, train_config
 from bench.quality.finetune.evaluate import truth_labels
-from ecif_core.edit.from_audit import edit_audit, removal_set
+from ecif_core.edit.from_audit import edit_audit, preview, removal_set
 from ecif_core.edit.settings import EditSettings
 from ecif_core.errors import ConfigError
 from ecif_core.models.factory import LoadedModel, load_model
@@ -36,8 +36,13 @@ def cell_folder(out: Path, cell: CellSpec) -> Path:
     return Path(out) / "cells" / cell.name
 
 
-def record_path(out: Path, cell: CellSpec, name: str, action: str = "") -> Path:
-    return Path(out) / "fix" / cell.name / (f"{name}--{action.replace(':', '-')}.json" if action else f"{name}.json")
+def records_folder(out: Path, settings: FixSettings) -> Path:
+    """OUT/fix, or OUT/fix-<tag> for a variant run on the same cells (another edit theta or curvature)."""
+    return Path(out) / (f"fix-{settings.tag}" if settings.tag else "fix")
+
+
+def record_path(out: Path, settings: FixSettings, cell: CellSpec, name: str, action: str = "") -> Path:
+    return records_folder(out, settings) / cell.name / (f"{name}--{action.replace(':', '-')}.json" if action else f"{name}.json")
 
 
 def cached(settings: FixSettings, path: Path) -> dict | None:
@@ -57,8 +62,13 @@ def _write(settings: FixSettings, path: Path, cell: CellSpec, record: dict) -> d
 
 
 def list_spec(audit: Path, name: str, seed: int) -> str | None:
-    """The removal spec of a list for this audit, or None when it names no pair (nothing flagged)."""
+    """The removal spec of a list for this audit, or None when it names no pair (nothing flagged, or the audit
+    could not estimate its misaligned share)."""
     template = LISTS[name]
+    if "{m}" in template:
+        summary = json.loads((Path(audit) / "summary.json").read_text())
+        estimated = summary.get("estimated_misaligned_pairs") if summary.get("estimable") else None
+        return template.format(m=estimated) if estimated else None
     if "{n}" in template or template == "suspected":
         try:
             flagged = len(removal_set(audit, "suspected").ids)
@@ -81,7 +91,7 @@ def _evaluate(settings: FixSettings, out: Path, cell: CellSpec, loaded: LoadedMo
 
 def reference_record(settings: FixSettings, out: Path, cell: CellSpec, name: str, config: Path, base: Path) -> dict:
     """`original`: the audited fine-tune's metrics; `noise`: a retraining with seed + 1000 (nothing removed)."""
-    path = record_path(out, cell, name)
+    path = record_path(out, settings, cell, name)
     if (record := cached(settings, path)) is not None:
         return record
     folder = cell_folder(out, cell)
@@ -103,18 +113,23 @@ def reference_record(settings: FixSettings, out: Path, cell: CellSpec, name: str
 
 def act(settings: FixSettings, out: Path, cell: CellSpec, name: str, action: str, config: Path, base: Path) -> dict:
     """The record of one (list, action) on a finished cell (from its file when done before)."""
-    path = record_path(out, cell, name, action)
-    if (record := cached(settings, path)) is not None:
-        return record
+    path = record_path(out, settings, cell, name, action)
     folder = cell_folder(out, cell)
     audit = folder / "audit"
+    if (record := cached(settings, path)) is not None:
+        if "preview_change" not in record and record.get("spec"):  # a record from before the preview was kept
+            record["preview_change"] = preview(audit, record["spec"])["predicted_validation_change"]
+            record = _write(settings, path, cell, {k: v for k, v in record.items() if k not in ("key", "spec_of_cell")})
+        return record
     spec = list_spec(audit, name, cell.seed)
     head: dict[str, Any] = {"cell": cell.name, "list": name, "action": action, "spec": spec}
     if spec is None:
         return _write(settings, path, cell, {**head, "skipped": "the audit flagged no pair"})
     ids = list(removal_set(audit, spec).ids)
     labels = truth_labels(folder / "truth.csv", ids)
-    head.update(pairs=len(ids), corrupted_share=float(labels.mean()))
+    # the report's removal preview of this list (stored numbers, instant), to check against what the action did
+    head.update(pairs=len(ids), corrupted_share=float(labels.mean()),
+                preview_change=preview(audit, spec)["predicted_validation_change"])
     how, verb = action.split(":")
     scratch = path.parent / f"scratch-{name}-{how}-{verb}"
     shutil.rmtree(scratch, ignore_errors=True)
@@ -128,7 +143,8 @@ def act(settings: FixSettings, out: Path, cell: CellSpec, name: str, action: str
         seconds = time.perf_counter() - started
         loaded = _load(settings, cell, config, base, scratch / model_name)
     else:
-        edit = edit_audit(audit, spec, scratch, EditSettings(), theta=settings.edit_theta, action=verb)
+        edit = edit_audit(audit, spec, scratch, EditSettings(), theta=settings.edit_theta, action=verb,
+                          curvature=settings.edit_curvature)
         seconds = time.perf_counter() - started
         written = edit["checkpoint"]
         loaded = (load_model(config=config, checkpoint=base, adapter=written["adapter"]) if "adapter" in written

@@ -13,8 +13,12 @@ def _f(value: float | None, digits: int = 2, signed: bool = True) -> str:
 def markdown(results: dict[str, Any]) -> str:
     lines = ["# bench.fix: acting on a list (clean test split; deltas against the audited fine-tune)", "",
              "```", results["command"], "```", "",
-             f"{results['cells']} cells. i2t / t2i: top-1 accuracy change in points; loss: mean clean test loss change "
-             "(negative = better); s: wall seconds of the action.", ""]
+             f"{results['cells']} cells whose fine-tune learned its data (clean i2t top-1 >= 0.5). i2t / t2i: top-1 "
+             "accuracy change in points; loss: mean clean test loss change (negative = better); s: wall seconds of "
+             "the action.", ""]
+    if results["not_learned"]:
+        lines += ["Left out, the fine-tune did not learn its data (clean i2t top-1): " + ", ".join(
+            f"{name} {top1:.2f}" for name, top1 in sorted(results["not_learned"].items())), ""]
     for group, entries in sorted(results["groups"].items()):
         noise = results["noise"].get(group)
         lines += [f"## {group} (retrain-vs-retrain noise in i2t: {_f(noise, signed=False)} points)", "",
@@ -40,6 +44,11 @@ def markdown(results: dict[str, Any]) -> str:
     for g in results["edit_gaps"]:
         lines.append(f"| {g['cell']} | {g['list']} | {g['verb']} | {_f(g['edit_i2t'])} | {_f(g['retrain_i2t'])} | "
                      f"{g['gap']:.2f} | {g['time_ratio']:.2f} | {g['matches_retraining']} | {g['retrain_recommended']} |")
+    p = results.get("preview")
+    if p:
+        lines += ["", f"The report's removal preview (sum of stored influence, validation loss) against retraining's "
+                      f"clean test-loss change: signs agree in {p['signs_agree']} of {p['lists']} lists, Pearson "
+                      f"{'-' if p['pearson'] is None else format(p['pearson'], '.2f')}."]
     lines += ["", "## Targets", "", "| target | measured | met |", "| --- | --- | --- |"]
     lines += [f"| {t['target']} | {t['value']} | {'yes' if t['met'] else 'no'} |" for t in results["targets"]]
     return "\n".join(lines) + "\n"

@@ -26,6 +26,8 @@ from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+from ecif_core.edit.solver import CURVATURES  # noqa: E402
+
 from .settings import ACTIONS, LISTS, PRESETS, FixSettings  # noqa: E402
 
 
@@ -77,16 +79,17 @@ def _task(settings: FixSettings, out: Path, task: tuple, config: Path, base: Pat
 
 
 def all_records(out: Path, settings: FixSettings) -> list[dict]:
-    from .actions import cached
+    from .actions import cached, records_folder
 
-    return [r for path in sorted((Path(out) / "fix").glob("*/*.json")) if (r := cached(settings, path)) is not None]
+    return [r for path in sorted(records_folder(out, settings).glob("*/*.json")) if (r := cached(settings, path)) is not None]
 
 
 def write_outputs(settings: FixSettings, out: Path, command: str) -> dict:
+    from .actions import records_folder
     from .report import markdown
     from .tables import summarise
 
-    folder = Path(out) / "fix"
+    folder = records_folder(out, settings)
     folder.mkdir(parents=True, exist_ok=True)
     results = {"command": command, "settings": settings.to_json(), **summarise(all_records(out, settings))}
     results["groups"] = {g: {f"{k[0]} / {k[1]}": v for k, v in e.items()} for g, e in results["groups"].items()}
@@ -156,7 +159,7 @@ def _run_all(settings: FixSettings, out: Path, pool: Any, base: Any, command: st
                     for task in value:
                         running[pool.submit(_task, settings, out, task, base.config, base.checkpoint)] = task
             write_outputs(settings, out, command)
-    say(f"done in {time.perf_counter() - started:.0f}s with {errors} failure(s): {out / 'fix' / 'RESULTS.md'}")
+    say(f"done in {time.perf_counter() - started:.0f}s with {errors} failure(s)")
     return write_outputs(settings, out, command)
 
 
@@ -169,10 +172,12 @@ def parse_args(argv: list[str]) -> tuple[FixSettings, argparse.Namespace]:
     parser.add_argument("--lists", nargs="+", choices=sorted(LISTS), default=None)
     parser.add_argument("--actions", nargs="+", choices=ACTIONS, default=None)
     parser.add_argument("--edit-theta", nargs="+", default=None, help="parameters the edit changes (default: the audit's theta)")
+    parser.add_argument("--edit-curvature", choices=CURVATURES, default=None, help="the edit's curvature (default hessian)")
+    parser.add_argument("--tag", default=None, help="records in OUT/fix-TAG (a variant on the same cells)")
     parser.add_argument("--tables-only", action="store_true", help="write the tables of the finished records, run nothing")
     args = parser.parse_args(argv)
     settings = PRESETS[args.preset]()
-    for name in ("lists", "actions", "edit_theta"):
+    for name in ("lists", "actions", "edit_theta", "edit_curvature", "tag"):
         if getattr(args, name) is not None:
             setattr(settings, name, getattr(args, name))
     args.out = args.out or ("bench/out/fix-quick" if args.preset == "quick" else "bench/out/fix")

@@ -12,7 +12,8 @@ from typing import Any
 
 from bench.quality.finetune.settings import FinetuneSettings
 
-# name -> spec template ({n}: the number flagged; {seed}: the cell's seed). Suspicion follows each column's
+# name -> spec template ({n}: the number flagged; {m}: the audit's estimated number of misaligned pairs,
+# summary.json; {seed}: the cell's seed). Suspicion follows each column's
 # meaning (ranked.csv): "top:Q:reference_clip_score" is the Q pairs with the lowest base-model CLIPScore.
 LISTS: dict[str, str] = {
     "suspected": "suspected",
@@ -21,6 +22,8 @@ LISTS: dict[str, str] = {
     "reference_low_n": "top:{n}:reference_clip_score",
     "reference_low10": "top:0.1:reference_clip_score",
     "reference_low20": "top:0.2:reference_clip_score",
+    "audit_estimated": "top:{m}:rank",
+    "reference_low_m": "top:{m}:reference_clip_score",
     "own_low10": "top:0.1:clip_score",
     "random10": "random:0.1:{seed}",
 }
@@ -38,7 +41,9 @@ class FixSettings:
     lists: list[str] = field(default_factory=lambda: list(LISTS))
     actions: list[str] = field(default_factory=lambda: list(ACTIONS))
     edit_theta: list[str] | None = None   # None: the audit's theta (the product's default)
+    edit_curvature: str = "hessian"       # ecif_core.edit.solver.CURVATURES ("gauss-newton" is PSD)
     clean_seeds: list[int] = field(default_factory=lambda: [100])  # clean controls (0% corrupted), attribute cells
+    tag: str = ""                         # records in OUT/fix-<tag>: a variant run on the same cells
 
     def to_json(self) -> dict[str, Any]:
         return {**dataclasses.asdict(self), "finetune": self.finetune.to_json()}
@@ -49,17 +54,21 @@ class FixSettings:
 
     def action_key(self) -> dict[str, Any]:
         """What one action's result depends on beyond its cell (a record with another key is redone)."""
-        return {"cell": self.finetune.cell_key(), "edit_theta": self.edit_theta}
+        key = {"cell": self.finetune.cell_key(), "edit_theta": self.edit_theta}
+        return key if self.edit_curvature == "hessian" else {**key, "edit_curvature": self.edit_curvature}
 
 
 def small() -> FixSettings:
-    """The preset the issue's targets use: same-domain and domain-shift fine-tunes, attribute swaps and
-    shuffled captions at 20%, attribute swaps also with LoRA, test seeds 100 and 101, a clean control per
-    regime; six lists (the top-20% lists only in the full grid), four actions."""
-    finetune = FinetuneSettings(corruptions=["attribute", "shuffle"], lora_corruptions=["attribute"], dev_seeds=[],
-                                test_seeds=[100, 101], test_fractions=[0.2], crossfit_fractions=[])
-    return FixSettings(finetune=finetune, lists=["suspected", "audit_top10", "reference_low_n", "reference_low10",
-                                                 "own_low10", "random10"])
+    """The preset the issue's targets use: same-domain fine-tunes of the pretrained base with 20% attribute
+    swaps (full and LoRA) or shuffled captions (full), test seeds 100-102, a clean control (seed 100); eight
+    lists (the top-20% lists only in the full grid), four actions. Domain-shift fine-tunes are left to the full
+    grid: at these sizes they do not learn their data (clean i2t top-1 0.06-0.25 against 0.5 required; bench.fix
+    reports it per cell), so acting on their lists measures nothing."""
+    finetune = FinetuneSettings(regimes=["same_domain"], corruptions=["attribute", "shuffle"],
+                                lora_corruptions=["attribute"], dev_seeds=[], test_seeds=[100, 101, 102],
+                                test_fractions=[0.2], crossfit_fractions=[])
+    return FixSettings(finetune=finetune, lists=["suspected", "audit_top10", "audit_estimated", "reference_low_n",
+                                                 "reference_low10", "reference_low_m", "own_low10", "random10"])
 
 
 def full() -> FixSettings:

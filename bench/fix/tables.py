@@ -9,8 +9,9 @@ from typing import Any, Iterable, Sequence
 
 from ecif_core.edit.certificate import RETRAIN, contradicts
 
-AUDIT_LISTS = ("suspected", "audit_top10", "audit_top20")
+AUDIT_LISTS = ("suspected", "audit_top10", "audit_top20", "audit_estimated")
 POINTS = 100.0
+LEARNED_I2T = 0.5  # "learned its data": clean i2t top-1 of the audited fine-tune at least this (issue 23)
 
 
 def _mean(values: Iterable[float]) -> float | None:
@@ -114,8 +115,24 @@ def recommended(groups: dict[str, dict]) -> tuple[str, str] | None:
     return max(complete, key=lambda k: statistics.fmean(complete[k])) if complete else None
 
 
+def preview_agreement(cells: dict[str, dict]) -> dict[str, Any] | None:
+    """The report's removal preview (predicted validation-loss change) against retraining's clean test-loss
+    change, over every (cell, list) retrained without the list: sign agreement and Pearson correlation."""
+    rows = [(act["preview_change"], deltas(cell, act)["loss"]) for cell in cells.values()
+            for (lst, action), act in cell["acts"].items()
+            if action == "retrain:remove" and "metrics" in act and act.get("preview_change") is not None]
+    if len(rows) < 2:
+        return None
+    predicted, measured = zip(*rows)
+    agree = sum((p > 0) == (m > 0) for p, m in rows)
+    pearson = statistics.correlation(predicted, measured) if len(set(predicted)) > 1 and len(set(measured)) > 1 else None
+    return {"lists": len(rows), "signs_agree": agree, "pearson": pearson}
+
+
 def summarise(records: Sequence[dict]) -> dict[str, Any]:
-    cells = organise(records)
+    every = organise(records)
+    cells = {n: c for n, c in every.items() if c["original"]["metrics"]["i2t_top1"] >= LEARNED_I2T}
+    not_learned = {n: c["original"]["metrics"]["i2t_top1"] for n, c in every.items() if n not in cells}
     groups = by_group(cells)
     noise_by_group: dict[str, list[float]] = defaultdict(list)
     for cell in cells.values():
@@ -124,7 +141,7 @@ def summarise(records: Sequence[dict]) -> dict[str, Any]:
     noise = {g: _mean(v) for g, v in noise_by_group.items()}
     gaps = edit_gaps(cells)
     choice = recommended(groups)
-    return {"cells": len(cells), "groups": groups, "noise": noise, "edit_gaps": gaps,
+    return {"cells": len(cells), "not_learned": not_learned, "preview": preview_agreement(cells), "groups": groups, "noise": noise, "edit_gaps": gaps,
             "decision": decision(groups, noise), "recommended": choice,
             "targets": targets(cells, groups, gaps, noise, choice)}
 

@@ -46,7 +46,13 @@ def test_clean_metrics_equal_loops_over_their_definitions(tmp_path: Path) -> Non
     assert got["i2t_top1"] == retrieval_accuracy(loaded, split, VOCAB_A)["top1"]
 
 
-def test_lists_resolve_to_the_products_specs(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_lists_resolve_to_the_products_specs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "summary.json").write_text(json.dumps({"estimable": True, "estimated_misaligned_pairs": 12}))
+    assert actions.list_spec(tmp_path, "audit_estimated", 7) == "top:12:rank"  # as many as the audit estimates
+    assert actions.list_spec(tmp_path, "reference_low_m", 7) == "top:12:reference_clip_score"
+    (tmp_path / "summary.json").write_text(json.dumps({"estimable": False, "estimated_misaligned_pairs": None}))
+    assert actions.list_spec(tmp_path, "audit_estimated", 7) is None
+
     class Flagged:
         ids = ("a", "b", "c")
     monkeypatch.setattr(actions, "removal_set", lambda audit, spec: Flagged())
@@ -107,6 +113,21 @@ def test_the_cheapest_action_within_the_noise_of_the_best_is_chosen() -> None:
     assert decided["cheapest_near_best"] == ("suspected", "edit:remove")
 
 
+def test_cells_that_did_not_learn_their_data_are_left_out() -> None:
+    records = _records({("suspected", "retrain:remove"): 0.86}, original=0.49, noise=0.5)
+    result = tables.summarise(records)
+    assert result["cells"] == 0 and not result["groups"] and result["not_learned"] == {"cell-0.2-100": 0.49}
+    assert tables.summarise(_records({("suspected", "retrain:remove"): 0.86}, original=0.5))["cells"] == 1
+
+
+def test_preview_agreement_counts_signs_against_retraining() -> None:
+    records = _records({("suspected", "retrain:remove"): 0.86, ("random10", "retrain:remove"): 0.79})
+    for r, change in zip(records[2:], (-0.2, -0.1)):  # losses change by -0.06 and +0.01 (1 - (top1 - 0.80))
+        r["preview_change"] = change
+    agreement = tables.summarise(records)["preview"]
+    assert agreement["lists"] == 2 and agreement["signs_agree"] == 1 and agreement["pearson"] == pytest.approx(1.0)
+
+
 def test_clean_control_target_fails_when_an_action_hurts_beyond_the_noise() -> None:
     hurt = _records({("random10", "retrain:remove"): 0.78}, fraction=0.0)  # -2 points, noise 1
     (target,) = [t for t in tables.summarise(hurt)["targets"] if "clean control" in t["target"]]
@@ -120,6 +141,7 @@ def test_quick_preset_end_to_end_and_resumable(tmp_path: Path, monkeypatch: pyte
     settings = quick()
     settings.clean_seeds, settings.lists = [], ["audit_top10"]
     out = tmp_path / "out"
+    monkeypatch.setattr(tables, "LEARNED_I2T", 0.0)  # the quick model barely learns: table it anyway
     results = runner.run(settings, out, workers=1, command="test")
     (cell,) = runner.cells_of(settings)
     records = {p.name: json.loads(p.read_text()) for p in (out / "fix" / cell.name).glob("*.json")}
