@@ -11,6 +11,9 @@ from ecif_core.edit.certificate import RETRAIN, contradicts
 
 AUDIT_LISTS = ("suspected", "audit_top10", "audit_top20", "audit_estimated")
 POINTS = 100.0
+# each audit list and the list of the base model's lowest CLIPScores of the same size (the issue's comparison)
+SAME_SIZE = {"suspected": "reference_low_n", "audit_estimated": "reference_low_m", "audit_top10": "reference_low10",
+             "audit_top20": "reference_low20"}
 LEARNED_I2T = 0.5  # "learned its data": clean i2t top-1 of the audited fine-tune at least this (issue 23)
 
 
@@ -165,7 +168,7 @@ def targets(cells: dict, groups: dict, gaps: list[dict], noise: dict, choice: tu
                     "value": f"{caught} of {len(missed)} contradicting edits flagged; {false_alarms} of {len(matched)} "
                              "matching edits flagged", "met": caught == len(missed) and false_alarms <= 0.1 * max(len(matched), 1)})
     for group, entries in groups.items():
-        reference = entries.get(("reference_low_n", "retrain:remove"))
+        reference = None if choice is None else entries.get((SAME_SIZE[choice[0]], "retrain:remove"))
         if "clean control" in group:
             worst = min(entries.items(), key=lambda kv: kv[1]["i2t"])
             slack = noise.get(group) or 0.0
@@ -175,7 +178,7 @@ def targets(cells: dict, groups: dict, gaps: list[dict], noise: dict, choice: tu
         elif choice is not None and choice in entries and reference is not None:
             ours = entries[choice]["i2t"]
             out.append({"target": f"{group}: recommended action ({choice[1]} on {choice[0]}) >= retraining without "
-                                  "the n lowest base-CLIPScore pairs - 0.5 points",
+                                  f"as many lowest base-CLIPScore pairs ({SAME_SIZE[choice[0]]}) - 0.5 points",
                         "value": f"{ours:+.2f} vs {reference['i2t']:+.2f} points", "met": ours >= reference["i2t"] - 0.5})
     for g in gaps:
         if g["group"].startswith("same_domain full attribute") and g["list"] == "suspected" and g["verb"] == "remove":

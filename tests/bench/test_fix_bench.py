@@ -89,7 +89,8 @@ def _records(i2t: dict[tuple[str, str], float], original: float = 0.80, noise: f
 
 def test_decision_and_recommendation_follow_clean_accuracy_and_cost() -> None:
     records = _records({("suspected", "retrain:remove"): 0.86, ("suspected", "edit:remove"): 0.855,
-                        ("audit_top10", "retrain:demote"): 0.84, ("reference_low_n", "retrain:remove"): 0.88},
+                        ("audit_top10", "retrain:demote"): 0.84, ("reference_low_n", "retrain:remove"): 0.88,
+                        ("reference_low10", "retrain:remove"): 0.70},  # not the flagged list's size: not compared
                        seconds={"edit:remove": 2.0})
     result = tables.summarise(records)
     group = "same_domain full attribute 20%"
@@ -102,7 +103,7 @@ def test_decision_and_recommendation_follow_clean_accuracy_and_cost() -> None:
     assert gap["gap"] == pytest.approx(0.5) and gap["time_ratio"] == pytest.approx(0.2)
     wins = [t for t in result["targets"] if "recommended action" in t["target"]]
     assert len(wins) == 1 and not wins[0]["met"]  # +6 vs +8 points: more than 0.5 behind CLIPScore
-    assert "+6.00 vs +8.00" in wins[0]["value"]
+    assert "+6.00 vs +8.00" in wins[0]["value"] and "reference_low_n" in wins[0]["target"]
 
 
 def test_the_cheapest_action_within_the_noise_of_the_best_is_chosen() -> None:
