@@ -595,8 +595,9 @@ def build_parser() -> argparse.ArgumentParser:
     _device_flag(p)
     p.set_defaults(run=cmd_trace)
 
-    removal_help = ("pairs to remove: suspected, top:Q:COLUMN, bottom:Q:COLUMN, random:Q[:SEED] or ids:FILE "
-                    "(Q a fraction with a decimal point or a count)")
+    removal_help = ("pairs to remove: suspected, estimated (as many top-ranked pairs as the audit estimates are "
+                    "misaligned), top:Q:COLUMN, bottom:Q:COLUMN, random:Q[:SEED] or ids:FILE (Q a fraction with a "
+                    "decimal point or a count)")
     p = verbs.add_parser("preview", help="predicted effect of removing pairs (stored numbers, instant)")
     p.add_argument("audit_id", nargs="?", help="a finished audit of the service")
     p.add_argument("--audit-dir", help="or the folder of a finished `ecif audit` (no server)")

@@ -35,7 +35,7 @@ from ecif_core.influence.gradients import embed, temperature_scale
 from ecif_core.models.lora import TRAINING_SIDECAR, save_adapter
 from ecif_core.data.manifest import SIDECAR_SUFFIX, Manifest, read_sidecar
 from ecif_core.models.factory import ready_model
-from ecif_core.edit.removal import ACTIONS, Action, RemovalSet, id_file, select
+from ecif_core.edit.removal import ACTIONS, Action, Estimate, RemovalSet, id_file, select
 from ecif_core.models.layout import write_in_layout
 from ecif_core.models.runtime import flush_denormals
 from ecif_core.progress import Progress
@@ -59,7 +59,10 @@ def removal_set(audit_dir: str | Path, spec: str, base_dir: str | Path | None = 
     rank[ranking.order] = np.arange(1, len(ranking.pairs) + 1)
     columns["rank"] = rank
     kept = () if keep is None else id_file(str(keep), "keep", base_dir)
-    return select(spec, [p.id for p in ranking.pairs], columns, ranking.suspected, base_dir, field=field, keep=kept)
+    summary = ranking.calibration.summary()
+    estimate = Estimate(summary["estimated_misaligned_pairs"], summary["reason"])
+    return select(spec, [p.id for p in ranking.pairs], columns, ranking.suspected, base_dir, field=field, keep=kept,
+                  estimate=estimate)
 
 
 def spec_ids(spec: str, field: str = "remove", audit_dir: str | Path | None = None,

@@ -2,6 +2,8 @@
 
 A spec is one string, so the CLI, the API and sidecars share it:
 - `suspected`                 the pairs flagged in ranked.csv
+- `estimated`                 as many of the top-ranked pairs as the audit estimates are misaligned
+  (summary.json's `estimated_misaligned_pairs`: higher recall than `suspected`, lower precision)
 - `top:Q:COLUMN`              the Q most suspicious pairs by a ranked.csv column
 - `bottom:Q:COLUMN`           the Q least suspicious (the most valuable) by that column
 - `random:Q[:SEED]`           a seeded random Q (the baseline every removal is compared with)
@@ -30,6 +32,7 @@ from ecif_core.data.storage import is_remote, location
 from ecif_core.ranking import SUSPICION_SIGN
 
 FIELD = "remove"
+SPECS = "suspected, estimated, top:Q:COLUMN, bottom:Q:COLUMN, random:Q[:SEED] or ids:PATH"
 Action = Literal["remove", "demote"]
 # What an edit or a retraining does with the chosen pairs: take them out of their batches, or demote
 # them (their own Pos terms dropped, kept as in-batch negatives: docs/METHOD.md, "Demotion").
@@ -84,12 +87,22 @@ def parse_seed(text: str) -> int:
     return int(text)
 
 
+@dataclass(frozen=True)
+class Estimate:
+    """The audit's estimated number of misaligned pairs (summary.json), or why there is none."""
+
+    pairs: int | None
+    reason: str | None = None
+
+
 def select(spec: str, ids: Sequence[str], columns: dict[str, np.ndarray], suspected: np.ndarray,
-           base_dir: str | Path | None = None, field: str = FIELD, keep: Collection[str] = ()) -> RemovalSet:
+           base_dir: str | Path | None = None, field: str = FIELD, keep: Collection[str] = (),
+           estimate: Estimate | None = None) -> RemovalSet:
     """The pairs `spec` names among the audit's usable pairs (`ids` with their ranked.csv columns),
-    less those on the keep list. `field`: the option errors name (remove, demote)."""
+    less those on the keep list. `field`: the option errors name (remove, demote). `estimate`: what
+    `estimated` reads (the audit's calibration)."""
     try:
-        return _select(spec, ids, columns, suspected, base_dir, keep)
+        return _select(spec, ids, columns, suspected, base_dir, keep, estimate)
     except ConfigError as exc:
         if exc.field == FIELD and field != FIELD:
             raise ConfigError(field, exc.message) from None
@@ -97,26 +110,29 @@ def select(spec: str, ids: Sequence[str], columns: dict[str, np.ndarray], suspec
 
 
 def _select(spec: str, ids: Sequence[str], columns: dict[str, np.ndarray], suspected: np.ndarray,
-            base_dir: str | Path | None, keep: Collection[str]) -> RemovalSet:
+            base_dir: str | Path | None, keep: Collection[str], estimate: Estimate | None) -> RemovalSet:
     if not isinstance(spec, str) or not spec.strip():
-        raise ConfigError(FIELD, "give a removal spec: suspected, top:Q:COLUMN, bottom:Q:COLUMN, random:Q[:SEED] "
-                          "or ids:PATH")
+        raise ConfigError(FIELD, f"give a removal spec: {SPECS}")
     kind, colon, rest = spec.strip().partition(":")
+    if kind in ("suspected", "estimated") and colon:
+        raise ConfigError(FIELD, f"`{kind}` takes no argument (got {spec!r})")
     if kind == "suspected":
-        if colon:
-            raise ConfigError(FIELD, f"`suspected` takes no argument (got {spec!r})")
         chosen = np.flatnonzero(suspected)
+    elif kind == "estimated":
+        if estimate is None or estimate.pairs is None:
+            why = estimate.reason if estimate is not None and estimate.reason else "no estimate is available"
+            raise ConfigError(FIELD, f"this audit could not estimate how many pairs are misaligned ({why}); use "
+                              "suspected or top:Q:rank")
+        if estimate.pairs < 1:
+            raise ConfigError(FIELD, "the audit estimates that no pair is misaligned; nothing to act on")
+        chosen = _most_suspicious(columns, "rank", min(estimate.pairs, len(ids)))
     elif kind in ("top", "bottom"):
         count_text, _, column = rest.partition(":")
         if column not in SUSPICION_SIGN:
             raise ConfigError(FIELD, f"unknown column {column!r}; one of {sorted(SUSPICION_SIGN)}")
-        values = np.asarray(columns[column], dtype=np.float64)
-        if np.isnan(values).all():
+        if np.isnan(np.asarray(columns[column], dtype=np.float64)).all():
             raise ConfigError(FIELD, f"column {column!r} is empty in this audit (influence needs a validation set)")
-        count = parse_count(count_text, len(ids))
-        suspicion = SUSPICION_SIGN[column] * np.nan_to_num(values, nan=-np.inf * SUSPICION_SIGN[column])
-        order = np.argsort(-suspicion if kind == "top" else suspicion, kind="stable")
-        chosen = np.sort(order[:count])
+        chosen = _most_suspicious(columns, column, parse_count(count_text, len(ids)), least=kind == "bottom")
     elif kind == "random":
         count_text, _, seed_text = rest.partition(":")
         count, seed = parse_count(count_text, len(ids)), parse_seed(seed_text)
@@ -124,8 +140,7 @@ def _select(spec: str, ids: Sequence[str], columns: dict[str, np.ndarray], suspe
     elif kind == "ids":
         chosen = _ids_from_file(rest, ids, base_dir)
     else:
-        raise ConfigError(FIELD, f"unknown removal spec {spec!r}; use suspected, top:Q:COLUMN, bottom:Q:COLUMN, "
-                          "random:Q[:SEED] or ids:PATH")
+        raise ConfigError(FIELD, f"unknown removal spec {spec!r}; use {SPECS}")
     if len(chosen) == 0:
         raise ConfigError(FIELD, f"{spec!r} selects no pair")
     if len(chosen) >= len(ids):
@@ -139,6 +154,14 @@ def _select(spec: str, ids: Sequence[str], columns: dict[str, np.ndarray], suspe
     if not left:
         raise ConfigError(FIELD, f"every pair {spec!r} selects is on the keep list; nothing to act on")
     return RemovalSet(spec.strip(), tuple(ids[i] for i in left), kept_back=len(chosen) - len(left))
+
+
+def _most_suspicious(columns: dict[str, np.ndarray], column: str, count: int, least: bool = False) -> np.ndarray:
+    """Slots of the `count` most (or least) suspicious pairs by a column, in slot order (ties: slot order)."""
+    values = np.asarray(columns[column], dtype=np.float64)
+    suspicion = SUSPICION_SIGN[column] * np.nan_to_num(values, nan=-np.inf * SUSPICION_SIGN[column])
+    order = np.argsort(suspicion if least else -suspicion, kind="stable")
+    return np.sort(order[:count])
 
 
 def id_file(path_text: str, field: str = FIELD, base_dir: str | Path | None = None) -> list[str]:

@@ -452,6 +452,27 @@ def test_keep_list_and_id_files_in_both_formats(tmp_path) -> None:
         assert error.value.field == field and message in error.value.message
 
 
+def test_estimated_selects_as_many_top_ranked_pairs_as_the_audit_estimates() -> None:
+    """`estimated` is the top of the ranking, sized by the calibration's estimate; without an estimate, or
+    with an estimate of none, it is refused with the reason and what to use instead."""
+    import numpy as np
+
+    from ecif_core.edit.removal import Estimate, select
+
+    ids = [f"p{i}" for i in range(10)]
+    rank = np.array([4, 1, 9, 2, 10, 3, 8, 5, 7, 6], dtype=np.float64)  # p1, p3, p5 rank first
+    columns, suspected = {"rank": rank}, np.zeros(10, dtype=bool)
+    assert select("estimated", ids, columns, suspected, estimate=Estimate(3)).ids == ("p1", "p3", "p5")
+    assert select("estimated", ids, columns, suspected, estimate=Estimate(3), keep=["p3"]).ids == ("p1", "p5")
+    for estimate, message in ((Estimate(None, "no validation set and no reference"), "no validation set"),
+                              (None, "no estimate"), (Estimate(0), "no pair is misaligned")):
+        with pytest.raises(ConfigError) as error:
+            select("estimated", ids, columns, suspected, estimate=estimate, field="demote")
+        assert error.value.field == "demote" and message in error.value.message
+    with pytest.raises(ConfigError, match="takes no argument"):
+        select("estimated:3", ids, columns, suspected, estimate=Estimate(3))
+
+
 def test_products_run_the_blocks_below_theta_once_per_batch() -> None:
     """theta = the last block of each tower plus the projections: the objective keeps the output of
     the block below (influence.trunk), so CG's products run only the theta blocks; the removal

@@ -38,6 +38,18 @@ def test_preview_sums_the_stored_influence_of_the_chosen_pairs(embedded_csv, cap
     assert json.loads(capsys.readouterr().out)["predicted_validation_change"] > 0
 
 
+def test_estimated_without_an_estimate_says_why_and_what_to_use(embedded_csv, capsys):
+    """The fixture's tiny model cannot count its misaligned pairs (summary.json says why); `estimated` then
+    fails in one sentence with that reason (the estimable case: tests/core/test_edit.py)."""
+    audit = embedded_csv.parent
+    summary = json.loads((audit / "summary.json").read_text())
+    assert not summary["estimable"] and summary["reason"]
+    assert main(["preview", "--audit-dir", str(audit), "--remove", "estimated"]) == 2
+    err = capsys.readouterr().err
+    assert "remove:" in err and summary["reason"] in err and "use suspected or top:Q:rank" in err
+    assert "Traceback" not in err
+
+
 def test_edit_writes_a_checkpoint_that_loads_and_audits_again(data_root, embedded_csv, tmp_path, capsys):
     audit = embedded_csv.parent
     before = _digest(audit)
