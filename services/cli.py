@@ -538,7 +538,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--exclude", help="file of ids to leave out (whitespace separated)")
     p.add_argument("--remove", help="pairs to leave out: a file of ids (one per line, or a CSV with an id column), "
-                   "or with --audit-dir any edit spec (suspected, top:Q:COLUMN, ...)")
+                   "or with --audit-dir any edit spec (suspected, estimated, top:Q:COLUMN, ...)")
     p.add_argument("--demote", help="pairs to demote (kept as in-batch negatives, their own loss terms dropped): "
                    "a file of ids, or with --audit-dir any edit spec")
     p.add_argument("--keep", help="file of ids reviewed and kept (one per line, or a CSV with an id column): never "

@@ -96,6 +96,17 @@ def flagged_section(rows: Sequence, parts: list[EvidencePart], position: dict[in
     return f'<section id="review">{head}{export_link(flagged, len(every))}{cards}{table}{beyond}</section>'
 
 
+# What to do with the list, as measured (bench/RESULTS.md, "Acting on the audit"): shown beside the export.
+ACTING = ('<p id="acting"><b>What to do with them.</b> Retrain without them: <code>ecif train --remove estimated '
+          "--audit-dir AUDIT ...</code> (as many top-ranked pairs as the audit estimates are misaligned; "
+          "<code>--remove suspected</code> for the flagged ones only), or the same ids with your own trainer. On "
+          "short fine-tunes of a pretrained model (our fine-tuning benchmark) that raised clean top-1 accuracy by "
+          "4.7 to 12 points. Demoting them instead (<code>--demote</code>: kept as in-batch negatives) did as well "
+          "within the noise, and hurt more when the data was clean. The model edit (<code>ecif edit</code>) "
+          "recovered about a third of retraining's gain at several times its cost there: it is for models you "
+          "cannot retrain, and its verdict says when to retrain instead.</p>")
+
+
 def export_link(flagged: Sequence, total: int) -> str:
     """The flagged ids on the page, one per line, as a download (a data: URL: the page stays one file)."""
     text = "".join(f"{r.pair_id}\n" for r in flagged)
@@ -103,7 +114,7 @@ def export_link(flagged: Sequence, total: int) -> str:
     return (f'<p><a id="export-flagged" download="{EXPORT_NAME}" href="data:text/plain;charset=utf-8,'
             f'{quote(text, safe="")}">Download the {which}</a> ({EXPORT_NAME}, one id per line); '
             f"<code>ecif edit --remove ids:{EXPORT_NAME}</code> writes the model without them, "
-            f"<code>ecif preview --remove ids:{EXPORT_NAME}</code> predicts the effect first.</p>")
+            f"<code>ecif preview --remove ids:{EXPORT_NAME}</code> predicts the effect first.</p>{ACTING}")
 
 
 def cards_html(rows: Sequence, parts: list[EvidencePart], position: dict[int, int], thumb: Thumb,

@@ -1,9 +1,9 @@
 """One action on one list of one cell: retrain without it, retrain demoting it, edit without it or edit
 demoting it; then the clean test metrics of the model that results (bench.fix.evaluate).
 
-Per cell there are two more records beside the lists: `original` (the audited fine-tune itself) and
-`noise` (the same fine-tune retrained with another seed, nothing removed: the retrain-vs-retrain noise every
-gap is read against, and the retraining's cost on the whole set).
+Per cell there are more records beside the lists: `original` (the audited fine-tune itself) and `noise`,
+`noise-2`, ... (the same fine-tune retrained with other seeds, nothing removed: the retrain-vs-retrain noise
+every gap is read against, and the retraining's cost on the whole set).
 
 Each record is written to OUT/fix/<cell>/<list>--<action>.json when it finishes, with the settings it
 depends on; a rerun returns it without recomputing (resumable). Models are deleted once evaluated.
@@ -29,7 +29,11 @@ from ecif_core.train import train
 from .evaluate import clean_metrics, test_split
 from .settings import LISTS, NOISE_SEED_OFFSET, FixSettings
 
-REFERENCE_RECORDS = ("original", "noise")   # per cell, beside the (list, action) records
+
+
+def reference_names(settings: FixSettings) -> list[str]:
+    """The per-cell records beside the (list, action) ones: the original and each noise retraining."""
+    return ["original"] + [f"noise-{k}" if k > 1 else "noise" for k in range(1, settings.noise_repeats + 1)]
 
 
 def cell_folder(out: Path, cell: CellSpec) -> Path:
@@ -90,7 +94,7 @@ def _evaluate(settings: FixSettings, out: Path, cell: CellSpec, loaded: LoadedMo
 
 
 def reference_record(settings: FixSettings, out: Path, cell: CellSpec, name: str, config: Path, base: Path) -> dict:
-    """`original`: the audited fine-tune's metrics; `noise`: a retraining with seed + 1000 (nothing removed)."""
+    """`original`: the audited fine-tune's metrics; `noise[-k]`: a retraining with seed + k x 1000 (nothing removed)."""
     path = record_path(out, settings, cell, name)
     if (record := cached(settings, path)) is not None:
         return record
@@ -99,7 +103,8 @@ def reference_record(settings: FixSettings, out: Path, cell: CellSpec, name: str
     if name == "original":
         return _write(settings, path, cell, {"cell": cell.name, "name": name,
                                        "metrics": _evaluate(settings, out, cell, _load(settings, cell, config, base, model_path))})
-    cfg = dataclasses.replace(train_config(settings.finetune, cell, 0), seed=cell.seed + NOISE_SEED_OFFSET)
+    repeat = int(name.partition("-")[2] or 1)
+    cfg = dataclasses.replace(train_config(settings.finetune, cell, 0), seed=cell.seed + repeat * NOISE_SEED_OFFSET)
     scratch = path.parent / f"scratch-{name}"
     trained_path = scratch / model_path.name
     started = time.perf_counter()

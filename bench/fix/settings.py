@@ -30,7 +30,7 @@ LISTS: dict[str, str] = {
 # "retrain": fine-tune the base again, same recipe, seed and batches; "edit": the product's model edit of the
 # audited fine-tune. "remove" drops the pairs; "demote" keeps them as in-batch negatives without their own terms.
 ACTIONS: tuple[str, ...] = ("retrain:remove", "retrain:demote", "edit:remove", "edit:demote")
-NOISE_SEED_OFFSET = 1000  # the second retraining of the noise check: seed + this, nothing removed
+NOISE_SEED_OFFSET = 1000  # the k-th retraining of the noise check: seed + k x this, nothing removed
 
 
 @dataclass
@@ -44,6 +44,7 @@ class FixSettings:
     edit_curvature: str = "hessian"       # ecif_core.edit.solver.CURVATURES ("gauss-newton" is PSD)
     clean_seeds: list[int] = field(default_factory=lambda: [100])  # clean controls (0% corrupted), attribute cells
     tag: str = ""                         # records in OUT/fix-<tag>: a variant run on the same cells
+    noise_repeats: int = 3                # retrainings with other seeds, nothing removed (the noise check)
 
     def to_json(self) -> dict[str, Any]:
         return {**dataclasses.asdict(self), "finetune": self.finetune.to_json()}
@@ -81,7 +82,7 @@ def quick() -> FixSettings:
     """The test suite's run: bench.quality's quick sizes, one cell and a clean control, three lists."""
     from bench.quality.finetune.settings import quick as quick_finetune
 
-    return FixSettings(finetune=quick_finetune(), lists=["audit_top10", "reference_low10", "random10"])
+    return FixSettings(finetune=quick_finetune(), lists=["audit_top10", "reference_low10", "random10"], noise_repeats=1)
 
 
 PRESETS = {"small": small, "full": full, "quick": quick}

@@ -23,14 +23,16 @@ def _mean(values: Iterable[float]) -> float | None:
 
 
 def organise(records: Sequence[dict]) -> dict[str, dict]:
-    """{cell: {"spec", "original", "noise", "acts": {(list, action): record}}} from the flat records."""
-    cells: dict[str, dict] = defaultdict(lambda: {"acts": {}})
+    """{cell: {"spec", "original", "noises": [records], "acts": {(list, action): record}}} from the flat records."""
+    cells: dict[str, dict] = defaultdict(lambda: {"acts": {}, "noises": []})
     for r in records:
         cell = cells[r["cell"]]
         if "spec_of_cell" in r:
             cell["spec"] = r["spec_of_cell"]
         if "list" in r:
             cell["acts"][(r["list"], r["action"])] = r
+        elif r["name"].startswith("noise"):
+            cell["noises"].append(r)
         else:
             cell[r["name"]] = r
     return {name: c for name, c in cells.items() if "original" in c}
@@ -49,9 +51,11 @@ def deltas(cell: dict, act: dict) -> dict[str, float]:
 
 
 def noise_points(cell: dict) -> float | None:
-    if "noise" not in cell:
-        return None
-    return abs(cell["noise"]["metrics"]["i2t_top1"] - cell["original"]["metrics"]["i2t_top1"]) * POINTS
+    """Mean |i2t difference| in points between two retrainings that differ only in seed: over every pair of
+    the original fine-tune and its noise retrainings."""
+    top1 = [r["metrics"]["i2t_top1"] for r in [cell["original"], *cell["noises"]]]
+    gaps = [abs(a - b) * POINTS for i, a in enumerate(top1) for b in top1[i + 1:]]
+    return statistics.fmean(gaps) if gaps else None
 
 
 def edit_gaps(cells: dict[str, dict]) -> list[dict]:

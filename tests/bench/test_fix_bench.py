@@ -114,6 +114,13 @@ def test_the_cheapest_action_within_the_noise_of_the_best_is_chosen() -> None:
     assert decided["cheapest_near_best"] == ("suspected", "edit:remove")
 
 
+def test_noise_is_the_mean_gap_between_retrainings_that_differ_only_in_seed() -> None:
+    records = _records({("suspected", "retrain:remove"): 0.86}, original=0.80, noise=0.81)
+    records.append({**records[1], "name": "noise-2", "metrics": {**records[1]["metrics"], "i2t_top1": 0.78}})
+    (noise,) = tables.summarise(records)["noise"].values()
+    assert noise == pytest.approx((1 + 2 + 3) / 3)  # |80-81|, |80-78|, |81-78| points
+
+
 def test_cells_that_did_not_learn_their_data_are_left_out() -> None:
     records = _records({("suspected", "retrain:remove"): 0.86}, original=0.49, noise=0.5)
     result = tables.summarise(records)

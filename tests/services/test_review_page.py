@@ -152,6 +152,15 @@ def test_the_removal_preview_explains_its_random_baseline(embedded_csv):
     assert "random 10%" in baseline and "baseline" in baseline and "random:0.1:0" in page
 
 
+def test_the_page_says_what_to_do_with_the_flagged_pairs(embedded_csv):
+    """The measured recommendation (bench.fix): retrain without `estimated`; the preview's limits on fine-tunes."""
+    page = (embedded_csv.parent / "report.html").read_text()
+    acting = re.search(r'<p id="acting">(.*?)</p>', page).group(1)
+    assert "ecif train --remove estimated" in acting and "--demote" in acting and "ecif edit" in acting
+    trust = re.search(r'<p id="preview-trust" class="muted">(.*?)</p>', page).group(1)
+    assert "did not hold" in trust and "Acting on the audit" in trust
+
+
 def test_the_export_is_a_file_ecif_edit_remove_ids_accepts(embedded_csv, tmp_path):
     """The page's download, saved as a file, selects exactly the flagged pairs as `ids:FILE`."""
     from ecif_core.edit.from_audit import preview
