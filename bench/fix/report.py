@@ -36,7 +36,8 @@ def markdown(results: dict[str, Any]) -> str:
         lines.append(f"| {group} | {' '.join(d['best'])} | {_f(d['best_i2t'])} | {' '.join(d['cheapest_near_best'])} | "
                      f"{_f(d['cheapest_i2t'])} | {d['cheapest_seconds']:.1f} |")
     choice = results.get("recommended")
-    lines += ["", f"Recommended (best mean i2t over the corrupted groups among the audit's lists): "
+    lines += ["", f"Recommended (among the audit's lists and every action within the mean noise of the best mean i2t "
+                  f"over the corrupted groups, retraining without the list when it is there): "
                   f"{' on '.join(reversed(choice)) if choice else '-'}", "",
               "## The edit against retraining (same list, same verb)", "",
               "| cell | list | verb | edit i2t | retrain i2t | gap | time ratio | matches | verdict retrain |",

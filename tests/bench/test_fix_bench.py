@@ -106,6 +106,13 @@ def test_decision_and_recommendation_follow_clean_accuracy_and_cost() -> None:
     assert "+6.00 vs +8.00" in wins[0]["value"] and "reference_low_n" in wins[0]["target"]
 
 
+def test_the_recommendation_prefers_retraining_without_the_list_within_the_noise() -> None:
+    close = _records({("suspected", "retrain:remove"): 0.86, ("suspected", "retrain:demote"): 0.865})  # noise 1
+    assert tables.summarise(close)["recommended"] == ("suspected", "retrain:remove")
+    clear = _records({("suspected", "retrain:remove"): 0.86, ("suspected", "retrain:demote"): 0.88})
+    assert tables.summarise(clear)["recommended"] == ("suspected", "retrain:demote")
+
+
 def test_the_cheapest_action_within_the_noise_of_the_best_is_chosen() -> None:
     records = _records({("suspected", "retrain:remove"): 0.86, ("suspected", "edit:remove"): 0.855},
                        noise=0.81, seconds={"edit:remove": 2.0})  # noise 1 point: the edit is 0.5 behind
@@ -143,6 +150,12 @@ def test_clean_control_target_fails_when_an_action_hurts_beyond_the_noise() -> N
     fine = _records({("random10", "retrain:remove"): 0.795}, fraction=0.0)
     (target,) = [t for t in tables.summarise(fine)["targets"] if "clean control" in t["target"]]
     assert target["met"]
+    # with a corrupted cell recommending `suspected`, the clean control also checks that list alone
+    both = _records({("suspected", "retrain:remove"): 0.86}) + _records(
+        {("suspected", "retrain:remove"): 0.79, ("random10", "retrain:remove"): 0.70}, fraction=0.0)
+    clean = {t["target"]: t["met"] for t in tables.summarise(both)["targets"] if "clean control" in t["target"]}
+    assert clean == {"same_domain full clean control: the recommended list (suspected) hurts no more than the noise": True,
+                     "same_domain full clean control: any list hurts no more than the noise": False}
 
 
 def test_quick_preset_end_to_end_and_resumable(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
