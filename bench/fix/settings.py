@@ -61,11 +61,11 @@ class FixSettings:
 
 def small() -> FixSettings:
     """The preset the issue's targets use: same-domain fine-tunes of the pretrained base with 20% attribute
-    swaps (full and LoRA) or shuffled captions (full), test seeds 100-102, a clean control (seed 100); eight
-    lists (the top-20% lists only in the full grid), four actions. Domain-shift fine-tunes are left to the full
-    grid: at these sizes they do not learn their data (clean i2t top-1 0.06-0.25 against 0.5 required; bench.fix
+    swaps (full and LoRA), shuffled captions or systematic swaps (full), test seeds 100-102, a clean control
+    (seed 100); eight lists (the top-20% lists only in the full grid), four actions. Domain-shift fine-tunes are
+    left to the full grid: at these sizes they do not learn their data (clean i2t top-1 0.06-0.25 against 0.5 required; bench.fix
     reports it per cell), so acting on their lists measures nothing."""
-    finetune = FinetuneSettings(regimes=["same_domain"], corruptions=["attribute", "shuffle"],
+    finetune = FinetuneSettings(regimes=["same_domain"], corruptions=["attribute", "shuffle", "systematic"],
                                 lora_corruptions=["attribute"], dev_seeds=[], test_seeds=[100, 101, 102],
                                 test_fractions=[0.2], crossfit_fractions=[])
     return FixSettings(finetune=finetune, lists=["suspected", "audit_top10", "audit_estimated", "reference_low_n",
