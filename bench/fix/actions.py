@@ -69,9 +69,10 @@ def list_spec(audit: Path, name: str, seed: int) -> str | None:
     """The removal spec of a list for this audit, or None when it names no pair (nothing flagged, or the audit
     could not estimate its misaligned share)."""
     template = LISTS[name]
+    if template == "estimated" and not _estimated_pairs(audit):
+        return None
     if "{m}" in template:
-        summary = json.loads((Path(audit) / "summary.json").read_text())
-        estimated = summary.get("estimated_misaligned_pairs") if summary.get("estimable") else None
+        estimated = _estimated_pairs(audit)
         return template.format(m=estimated) if estimated else None
     if "{n}" in template or template == "suspected":
         try:
@@ -82,7 +83,13 @@ def list_spec(audit: Path, name: str, seed: int) -> str | None:
     return template.format(seed=seed)
 
 
-def _load(settings: FixSettings, cell: CellSpec, config: Path, base: Path, path: Path) -> LoadedModel:
+def _estimated_pairs(audit: Path) -> int | None:
+    """summary.json's estimated number of misaligned pairs (None when the audit could not estimate it)."""
+    summary = json.loads((Path(audit) / "summary.json").read_text())
+    return summary.get("estimated_misaligned_pairs") if summary.get("estimable") else None
+
+
+def _load(cell: CellSpec, config: Path, base: Path, path: Path) -> LoadedModel:
     if cell.tuning == "lora":
         return load_model(config=config, checkpoint=base, adapter=path)
     return load_model(config=config, checkpoint=path)
@@ -102,7 +109,7 @@ def reference_record(settings: FixSettings, out: Path, cell: CellSpec, name: str
     model_path = folder / ("lora" if cell.tuning == "lora" else "model.pt")
     if name == "original":
         return _write(settings, path, cell, {"cell": cell.name, "name": name,
-                                       "metrics": _evaluate(settings, out, cell, _load(settings, cell, config, base, model_path))})
+                                       "metrics": _evaluate(settings, out, cell, _load(cell, config, base, model_path))})
     repeat = int(name.partition("-")[2] or 1)
     cfg = dataclasses.replace(train_config(settings.finetune, cell, 0), seed=cell.seed + repeat * NOISE_SEED_OFFSET)
     scratch = path.parent / f"scratch-{name}"
@@ -110,7 +117,7 @@ def reference_record(settings: FixSettings, out: Path, cell: CellSpec, name: str
     started = time.perf_counter()
     train(folder / "data" / "train.jsonl", config, trained_path, cfg, init=base)
     seconds = time.perf_counter() - started
-    metrics = _evaluate(settings, out, cell, _load(settings, cell, config, base, trained_path))
+    metrics = _evaluate(settings, out, cell, _load(cell, config, base, trained_path))
     shutil.rmtree(scratch, ignore_errors=True)
     return _write(settings, path, cell, {"cell": cell.name, "name": name, "seed": cfg.seed, "seconds": seconds,
                                    "metrics": metrics})
@@ -146,7 +153,7 @@ def act(settings: FixSettings, out: Path, cell: CellSpec, name: str, action: str
                                   **({"exclude": tuple(ids)} if verb == "remove" else {"demote": tuple(ids)}))
         train(folder / "data" / "train.jsonl", config, scratch / model_name, cfg, init=base)
         seconds = time.perf_counter() - started
-        loaded = _load(settings, cell, config, base, scratch / model_name)
+        loaded = _load(cell, config, base, scratch / model_name)
     else:
         edit = edit_audit(audit, spec, scratch, EditSettings(), theta=settings.edit_theta, action=verb,
                           curvature=settings.edit_curvature)

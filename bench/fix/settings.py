@@ -22,7 +22,7 @@ LISTS: dict[str, str] = {
     "reference_low_n": "top:{n}:reference_clip_score",
     "reference_low10": "top:0.1:reference_clip_score",
     "reference_low20": "top:0.2:reference_clip_score",
-    "audit_estimated": "top:{m}:rank",
+    "audit_estimated": "estimated",   # the product's own spec: top:{m}:rank
     "reference_low_m": "top:{m}:reference_clip_score",
     "own_low10": "top:0.1:clip_score",
     "random10": "random:0.1:{seed}",

@@ -80,11 +80,12 @@ MANIFEST_BODY = {
 REMOVAL_SPEC_FORMAT = "removal-spec"   # a name, not a regex: the grammar is below, the server checks it
 REMOVAL_SPEC = {
     "format": REMOVAL_SPEC_FORMAT,
-    "description": "which pairs: `suspected` | `top:Q:COLUMN` | `bottom:Q:COLUMN` | `random:Q[:SEED]`; "
+    "description": "which pairs: `suspected` | `estimated` (as many top-ranked pairs as the audit estimates are "
+                   "misaligned) | `top:Q:COLUMN` | `bottom:Q:COLUMN` | `random:Q[:SEED]`; "
                    "Q is a fraction in (0, 1] when it has a decimal point, else a count >= 1; COLUMN one of "
                    f"{', '.join(sorted(SUSPICION_SIGN))}; SEED an integer >= 0 (README, \"Removing pairs\"). "
                    "Anything else is a 422 naming the field (`remove` or `demote`).",
-    "examples": ["suspected", "top:0.05:self_influence", "bottom:100:influence", "random:0.05:7"],
+    "examples": ["suspected", "estimated", "top:0.05:self_influence", "bottom:100:influence", "random:0.05:7"],
 }
 
 

@@ -48,7 +48,7 @@ def test_clean_metrics_equal_loops_over_their_definitions(tmp_path: Path) -> Non
 
 def test_lists_resolve_to_the_products_specs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     (tmp_path / "summary.json").write_text(json.dumps({"estimable": True, "estimated_misaligned_pairs": 12}))
-    assert actions.list_spec(tmp_path, "audit_estimated", 7) == "top:12:rank"  # as many as the audit estimates
+    assert actions.list_spec(tmp_path, "audit_estimated", 7) == "estimated"  # the product's spec: as many as estimated
     assert actions.list_spec(tmp_path, "reference_low_m", 7) == "top:12:reference_clip_score"
     (tmp_path / "summary.json").write_text(json.dumps({"estimable": False, "estimated_misaligned_pairs": None}))
     assert actions.list_spec(tmp_path, "audit_estimated", 7) is None

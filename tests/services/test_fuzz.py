@@ -167,7 +167,7 @@ def removal_specs() -> st.SearchStrategy[str]:
                        st.one_of(known, known, st.text(max_size=12)))
     seeded = st.builds(lambda q, seed: f"random:{q}" + ("" if seed is None else f":{seed}"),
                        number, st.one_of(st.none(), st.integers().map(str), st.integers().map(str)))  # mostly a seed
-    return st.one_of(ranked, seeded, ranked, seeded, st.just("suspected"),
+    return st.one_of(ranked, seeded, ranked, seeded, st.just("suspected"), st.just("estimated"),
                      st.text(max_size=40)).filter(lambda text: len(text) <= 200)
 
 
