@@ -89,6 +89,21 @@ def describe(summary: dict[str, Any]) -> str:
                    f"{summary['estimated_flag_recall']:.2f}.")
 
 
+def next_step(summary: dict[str, Any], audit_dir: str) -> str | None:
+    """What to do with the audit, in one sentence (measured on bench.fix: retraining without the pairs the
+    audit estimates are misaligned gained most; the edit is for a model that cannot be retrained)."""
+    count = summary.get("estimated_misaligned_pairs") if summary["estimable"] else None
+    if count:
+        return (f"Next: retrain without the {count} pairs it estimates are misaligned (the first {count} rows of "
+                f"ranked.csv): ecif train --remove estimated --audit-dir {audit_dir} ...; ecif edit is for a model "
+                "you cannot retrain.")
+    if summary["flagged"]:
+        return (f"Next: retrain without the {summary['flagged']} flagged pairs (suspected=true in ranked.csv): "
+                f"ecif train --remove suspected --audit-dir {audit_dir} ...; ecif edit is for a model you cannot "
+                "retrain.")
+    return None
+
+
 def calibrate(scores: Mapping[str, np.ndarray], evidence: Mapping[str, Mapping[str, float]] | None,
               cosines: Mapping[str, Mapping[str, np.ndarray]] | None, suspicion: np.ndarray,
               target_precision: float = DEFAULT_FLAG_PRECISION, seed: int = 0,

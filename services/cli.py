@@ -62,7 +62,7 @@ def _no_task_tracebacks() -> None:
 
 
 def cmd_audit(args: argparse.Namespace) -> int:
-    from ecif_core.calibration import describe
+    from ecif_core.calibration import describe, next_step
     from ecif_core.data.folder import AuditFolder
     from ecif_core.data.manifest import load_manifest
 
@@ -77,8 +77,11 @@ def cmd_audit(args: argparse.Namespace) -> int:
         manifest.options.partners = args.partners
     ranked = run_audit(manifest, args.out, progress=None if args.quiet else _progress_bar())
     folder = AuditFolder(ranked.parent)
-    print(describe(json.loads(folder.summary.read_text())))
+    summary = json.loads(folder.summary.read_text())
+    print(describe(summary))
     print(f"wrote {folder.ranked}, {folder.summary}, {folder.rejected} and {folder.report}")
+    if (step := next_step(summary, str(folder.path))) is not None:
+        print(step)
     return 0
 
 
@@ -120,13 +123,16 @@ def cmd_demo(args: argparse.Namespace) -> int:
     flags = result.flags
     for method, m in result.report.items():
         print(f"{method:<34}{m['auroc']:>8.3f}{m['ap']:>8.3f}{m['p@50']:>8.3f}")
-    from ecif_core.calibration import describe
+    from ecif_core.calibration import describe, next_step
 
-    print(describe(json.loads((result.ranked_csv.parent / "summary.json").read_text())))
+    summary = json.loads((result.ranked_csv.parent / "summary.json").read_text())
+    print(describe(summary))
     print(f"suspected=true: {flags['flagged']:.0f} pairs, measured precision {flags['precision']:.2f}, "
           f"recall {flags['recall']:.2f} (against the demo's truth file)")
     print(f"train {result.train_seconds:.1f}s ({result.epoch_seconds:.2f}s/epoch), audit {result.audit_seconds:.1f}s "
           f"= {result.audit_seconds / result.epoch_seconds:.1f} epochs")
+    if (step := next_step(summary, str(result.ranked_csv.parent))) is not None:
+        print(step)
     return 0
 
 

@@ -193,3 +193,17 @@ def test_a_reference_trained_on_the_audited_pairs_makes_no_estimate():
     assert refused.details["validation_below_training_quartile"] < calibration.MIN_BELOW_QUARTILE
     fine = calibrate({"clip_score_loo": audited, "reference_clip_score": unseen}, evidence, cosines, suspicion)
     assert fine.estimable and abs(fine.fraction - bad.mean()) < 0.04
+
+
+def test_next_step_names_the_measured_action_for_what_the_audit_knows() -> None:
+    """With an estimate: retrain without `estimated` (bench.fix's recommendation); without one but with flags:
+    without `suspected`; with neither: nothing to say."""
+    from ecif_core.calibration import next_step
+
+    estimated = {"estimable": True, "estimated_misaligned_pairs": 178, "flagged": 97}
+    step = next_step(estimated, "out/audit")
+    assert "178 pairs" in step and "ecif train --remove estimated --audit-dir out/audit" in step
+    flagged_only = {"estimable": False, "estimated_misaligned_pairs": None, "flagged": 12}
+    assert "ecif train --remove suspected --audit-dir out/audit" in next_step(flagged_only, "out/audit")
+    assert next_step({"estimable": True, "estimated_misaligned_pairs": 0, "flagged": 0}, "a") is None
+    assert next_step({"estimable": False, "estimated_misaligned_pairs": None, "flagged": 0}, "a") is None
