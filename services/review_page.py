@@ -104,7 +104,7 @@ ACTING = ('<p id="acting"><b>What to do with them.</b> Retrain without them: <co
           "5 to 12 points, and on clean data it selected 1.5% of the pairs and cost no more than retraining's own "
           "noise. Demoting them instead (<code>--demote</code>: kept as in-batch negatives) did as well within "
           "the noise. The model edit (<code>ecif edit</code>) "
-          "recovered about a third of retraining's gain at several times its cost there: it is for models you "
+          "recovered under a third of retraining's gain at several times its cost there: it is for models you "
           "cannot retrain, and its verdict says when to retrain instead.</p>")
 
 
