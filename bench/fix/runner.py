@@ -57,9 +57,11 @@ def _cell(settings: FixSettings, out: Path, cell: Any, config: Path, base: Path)
     from bench.quality.finetune.cells import run_cell
 
     record = run_cell(settings.finetune, out, cell, config, base, say=say)
-    top1 = record["retrieval"]["finetuned"]["top1"]
-    say(f"{cell.name}: clean i2t top-1 {top1:.3f} (learned its data: {top1 >= 0.5})")
     from .actions import reference_names
+    from .tables import LEARNED_I2T
+
+    top1 = record["retrieval"]["finetuned"]["top1"]
+    say(f"{cell.name}: clean i2t top-1 {top1:.3f} (learned its data: {top1 >= LEARNED_I2T})")
 
     return ([("reference", cell, name) for name in reference_names(settings)]
             + [("act", cell, name, action) for name in settings.lists for action in settings.actions])
