@@ -23,6 +23,7 @@ from bench.quality.finetune.evaluate import truth_labels
 from ecif_core.edit.from_audit import edit_audit, preview, removal_set
 from ecif_core.edit.settings import EditSettings
 from ecif_core.errors import ConfigError
+from ecif_core.stages.finalize import Ranking, final_ranking
 from ecif_core.models.factory import LoadedModel, load_model
 from ecif_core.train import train
 
@@ -65,28 +66,27 @@ def _write(settings: FixSettings, path: Path, cell: CellSpec, record: dict) -> d
     return record
 
 
-def list_spec(audit: Path, name: str, seed: int) -> str | None:
+# A list whose template names {n} or {m} is sized by the product's own `suspected` or `estimated` set.
+SIZED_BY = {"n": "suspected", "m": "estimated"}
+
+
+def list_spec(audit: Path, name: str, seed: int, ranking: Ranking | None = None) -> str | None:
     """The removal spec of a list for this audit, or None when it names no pair (nothing flagged, or the audit
-    could not estimate its misaligned share)."""
+    could not estimate its misaligned share). `ranking`: the audit's final_ranking, when the caller has it."""
     template = LISTS[name]
-    if template == "estimated" and not _estimated_pairs(audit):
-        return None
-    if "{m}" in template:
-        estimated = _estimated_pairs(audit)
-        return template.format(m=estimated) if estimated else None
-    if "{n}" in template or template == "suspected":
-        try:
-            flagged = len(removal_set(audit, "suspected").ids)
-        except ConfigError:  # "selects no pair"
-            return None
-        return template.format(n=flagged, seed=seed)
-    return template.format(seed=seed)
+    sizes = {}
+    for key, spec in SIZED_BY.items():
+        if "{" + key + "}" in template or template == spec:
+            try:
+                sizes[key] = len(removal_set(audit, spec, ranking=ranking).ids)
+            except ConfigError:  # selects no pair, or no estimate
+                return None
+    return template.format(seed=seed, **sizes)
 
 
-def _estimated_pairs(audit: Path) -> int | None:
-    """summary.json's estimated number of misaligned pairs (None when the audit could not estimate it)."""
-    summary = json.loads((Path(audit) / "summary.json").read_text())
-    return summary.get("estimated_misaligned_pairs") if summary.get("estimable") else None
+def _model_name(cell: CellSpec) -> str:
+    """The fine-tune's file (or adapter folder) name, as bench.quality's cells write it."""
+    return "lora" if cell.tuning == "lora" else "model.pt"
 
 
 def _load(cell: CellSpec, config: Path, base: Path, path: Path) -> LoadedModel:
@@ -106,7 +106,7 @@ def reference_record(settings: FixSettings, out: Path, cell: CellSpec, name: str
     if (record := cached(settings, path)) is not None:
         return record
     folder = cell_folder(out, cell)
-    model_path = folder / ("lora" if cell.tuning == "lora" else "model.pt")
+    model_path = folder / _model_name(cell)
     if name == "original":
         return _write(settings, path, cell, {"cell": cell.name, "name": name,
                                        "metrics": _evaluate(settings, out, cell, _load(cell, config, base, model_path))})
@@ -133,22 +133,23 @@ def act(settings: FixSettings, out: Path, cell: CellSpec, name: str, action: str
             record["preview_change"] = preview(audit, record["spec"])["predicted_validation_change"]
             record = _write(settings, path, cell, {k: v for k, v in record.items() if k not in ("key", "spec_of_cell")})
         return record
-    spec = list_spec(audit, name, cell.seed)
+    ranking = final_ranking(audit)  # once: the list's size, its ids and its preview all read it
+    spec = list_spec(audit, name, cell.seed, ranking)
     head: dict[str, Any] = {"cell": cell.name, "list": name, "action": action, "spec": spec}
     if spec is None:
-        return _write(settings, path, cell, {**head, "skipped": "the audit flagged no pair"})
-    ids = list(removal_set(audit, spec).ids)
+        return _write(settings, path, cell, {**head, "skipped": "the list names no pair on this audit"})
+    ids = list(removal_set(audit, spec, ranking=ranking).ids)
     labels = truth_labels(folder / "truth.csv", ids)
     # the report's removal preview of this list (stored numbers, instant), to check against what the action did
     head.update(pairs=len(ids), corrupted_share=float(labels.mean()),
-                preview_change=preview(audit, spec)["predicted_validation_change"])
+                preview_change=preview(audit, spec, ranking=ranking)["predicted_validation_change"])
     how, verb = action.split(":")
     scratch = path.parent / f"scratch-{name}-{how}-{verb}"
     shutil.rmtree(scratch, ignore_errors=True)
     started = time.perf_counter()
     extra: dict[str, Any] = {}
     if how == "retrain":
-        model_name = "lora" if cell.tuning == "lora" else "model.pt"
+        model_name = _model_name(cell)
         cfg = dataclasses.replace(train_config(settings.finetune, cell, 0),
                                   **({"exclude": tuple(ids)} if verb == "remove" else {"demote": tuple(ids)}))
         train(folder / "data" / "train.jsonl", config, scratch / model_name, cfg, init=base)

@@ -157,10 +157,10 @@ def summarise(records: Sequence[dict]) -> dict[str, Any]:
     choice = recommended(groups, noise)
     return {"cells": len(cells), "not_learned": not_learned, "preview": preview_agreement(cells), "groups": groups, "noise": noise, "edit_gaps": gaps,
             "decision": decision(groups, noise), "recommended": choice,
-            "targets": targets(cells, groups, gaps, noise, choice)}
+            "targets": targets(groups, gaps, noise, choice)}
 
 
-def targets(cells: dict, groups: dict, gaps: list[dict], noise: dict, choice: tuple | None) -> list[dict]:
+def targets(groups: dict, gaps: list[dict], noise: dict, choice: tuple | None) -> list[dict]:
     """The issue's bench.fix targets, each with its measured value (met or not)."""
     out = []
     corrupted_gaps = [g["gap"] for g in gaps if g["verb"] == "remove" and "clean control" not in g["group"]]

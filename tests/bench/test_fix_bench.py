@@ -46,24 +46,31 @@ def test_clean_metrics_equal_loops_over_their_definitions(tmp_path: Path) -> Non
     assert got["i2t_top1"] == retrieval_accuracy(loaded, split, VOCAB_A)["top1"]
 
 
-def test_lists_resolve_to_the_products_specs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    (tmp_path / "summary.json").write_text(json.dumps({"estimable": True, "estimated_misaligned_pairs": 12}))
-    assert actions.list_spec(tmp_path, "audit_estimated", 7) == "estimated"  # the product's spec: as many as estimated
-    assert actions.list_spec(tmp_path, "reference_low_m", 7) == "top:12:reference_clip_score"
-    (tmp_path / "summary.json").write_text(json.dumps({"estimable": False, "estimated_misaligned_pairs": None}))
-    assert actions.list_spec(tmp_path, "audit_estimated", 7) is None
+def test_lists_resolve_to_the_products_specs(monkeypatch: pytest.MonkeyPatch) -> None:
+    """{n} and {m} are the sizes of the product's own `suspected` and `estimated` sets; a list sized by a set
+    that names no pair (nothing flagged, no estimate) is skipped."""
+    from types import SimpleNamespace
 
-    class Flagged:
-        ids = ("a", "b", "c")
-    monkeypatch.setattr(actions, "removal_set", lambda audit, spec: Flagged())
+    from ecif_core.errors import ConfigError
+
+    def product_sets(flagged: int, estimated: int):
+        def removal_set(audit, spec, ranking=None):
+            size = {"suspected": flagged, "estimated": estimated}[spec]
+            if not size:
+                raise ConfigError("remove", f"{spec!r} selects no pair")
+            return SimpleNamespace(ids=tuple(f"p{i}" for i in range(size)))
+        return removal_set
+
+    monkeypatch.setattr(actions, "removal_set", product_sets(flagged=3, estimated=12))
+    assert actions.list_spec(Path("x"), "audit_estimated", 7) == "estimated"  # the product's spec: as many as estimated
+    assert actions.list_spec(Path("x"), "reference_low_m", 7) == "top:12:reference_clip_score"
     assert actions.list_spec(Path("x"), "reference_low_n", 7) == "top:3:reference_clip_score"  # as many as flagged
     assert actions.list_spec(Path("x"), "random10", 7) == "random:0.1:7"
     assert actions.list_spec(Path("x"), "suspected", 7) == "suspected"
 
-    def nothing_flagged(audit, spec):
-        from ecif_core.errors import ConfigError
-        raise ConfigError("remove", "'suspected' selects no pair")
-    monkeypatch.setattr(actions, "removal_set", nothing_flagged)
+    monkeypatch.setattr(actions, "removal_set", product_sets(flagged=0, estimated=0))
+    assert actions.list_spec(Path("x"), "audit_estimated", 7) is None
+    assert actions.list_spec(Path("x"), "reference_low_m", 7) is None
     assert actions.list_spec(Path("x"), "reference_low_n", 7) is None
     assert actions.list_spec(Path("x"), "suspected", 7) is None
     assert set(LISTS) >= {"suspected", "reference_low_n", "own_low10", "random10"}
