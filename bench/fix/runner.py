@@ -58,10 +58,10 @@ def _cell(settings: FixSettings, out: Path, cell: Any, config: Path, base: Path)
 
     record = run_cell(settings.finetune, out, cell, config, base, say=say)
     from .actions import reference_names
-    from .tables import LEARNED_I2T
+    from bench.calibration import LEARNED_TOP1
 
     top1 = record["retrieval"]["finetuned"]["top1"]
-    say(f"{cell.name}: clean i2t top-1 {top1:.3f} (learned its data: {top1 >= LEARNED_I2T})")
+    say(f"{cell.name}: clean i2t top-1 {top1:.3f} (learned its data: {top1 >= LEARNED_TOP1})")
 
     return ([("reference", cell, name) for name in reference_names(settings)]
             + [("act", cell, name, action) for name in settings.lists for action in settings.actions])

@@ -7,6 +7,7 @@ import statistics
 from collections import defaultdict
 from typing import Any, Iterable, Sequence
 
+from bench.calibration import LEARNED_TOP1  # the one "learned its data" threshold (issue 23)
 from ecif_core.edit.certificate import RETRAIN, contradicts
 
 AUDIT_LISTS = ("suspected", "audit_top10", "audit_top20", "audit_estimated")
@@ -14,7 +15,6 @@ POINTS = 100.0
 # each audit list and the list of the base model's lowest CLIPScores of the same size (the issue's comparison)
 SAME_SIZE = {"suspected": "reference_low_n", "audit_estimated": "reference_low_m", "audit_top10": "reference_low10",
              "audit_top20": "reference_low20"}
-LEARNED_I2T = 0.5  # "learned its data": clean i2t top-1 of the audited fine-tune at least this (issue 23)
 
 
 def _mean(values: Iterable[float]) -> float | None:
@@ -145,7 +145,7 @@ def preview_agreement(cells: dict[str, dict]) -> dict[str, Any] | None:
 
 def summarise(records: Sequence[dict]) -> dict[str, Any]:
     every = organise(records)
-    cells = {n: c for n, c in every.items() if c["original"]["metrics"]["i2t_top1"] >= LEARNED_I2T}
+    cells = {n: c for n, c in every.items() if c["original"]["metrics"]["i2t_top1"] >= LEARNED_TOP1}
     not_learned = {n: c["original"]["metrics"]["i2t_top1"] for n, c in every.items() if n not in cells}
     groups = by_group(cells)
     noise_by_group: dict[str, list[float]] = defaultdict(list)

@@ -169,7 +169,7 @@ def test_quick_preset_end_to_end_and_resumable(tmp_path: Path, monkeypatch: pyte
     settings = quick()
     settings.clean_seeds, settings.lists = [], ["audit_top10"]
     out = tmp_path / "out"
-    monkeypatch.setattr(tables, "LEARNED_I2T", 0.0)  # the quick model barely learns: table it anyway
+    monkeypatch.setattr(tables, "LEARNED_TOP1", 0.0)  # the quick model barely learns: table it anyway
     results = runner.run(settings, out, workers=1, command="test")
     (cell,) = runner.cells_of(settings)
     records = {p.name: json.loads(p.read_text()) for p in (out / "fix" / cell.name).glob("*.json")}
