@@ -29,7 +29,8 @@ from typing import Literal, NamedTuple, Sequence
 import torch
 
 from ecif_core.influence.basis import ItemBasis, identity_basis, item_basis
-from ecif_core.influence.cotangents import _all_cotangents
+from ecif_core.influence.cotangents import _all_cotangents, softmax_parts
+from ecif_core.influence.head import HeadGradients, head_ready
 from ecif_core.influence.losses import NegTerm, batch_loss, pair_logits
 from ecif_core.influence.memory import backward_passes, choose_method, direction_flops
 from ecif_core.influence.logra import Use, WeightUseRecorder, project_side, projected_from_uses
@@ -71,7 +72,7 @@ def temperature_scale(model: torch.nn.Module) -> torch.Tensor:
     return model.logit_scale.detach().exp()
 
 
-Method = Literal["auto", "per_item", "per_item_onehot", "per_pair", "logra", "dense"]
+Method = Literal["auto", "head", "per_item", "per_item_onehot", "per_pair", "logra", "dense"]
 
 
 def per_pair_gradients(model: torch.nn.Module, params: Sequence[torch.nn.Parameter], projector: Projector,
@@ -109,17 +110,20 @@ def per_pair_gradients(model: torch.nn.Module, params: Sequence[torch.nn.Paramet
             text_emb = model.encode_text(tokens.to(device))
             text_uses = len(recorder.uses)
             image_emb = model.encode_image(images.to(device))
-        jac_u, jac_v, values = _all_cotangents(text_emb, image_emb, temperature_scale(model), neg_term)
-        method = _resolve(method, recorder.uses, text_uses, projector, size, text_emb.shape[1])
-        bases = _bases(method, text_emb, image_emb)
-        flat = _gradients_of_slice(method, recorder.uses, text_uses, params, projector, text_emb, image_emb,
-                                   jac_u, jac_v, chunk, bases)
+        head = _head(method, recorder.uses, text_uses, params, projector, text_emb, image_emb, model, neg_term)
+        if head is not None:
+            flat, values = head[0].add(_zeros(size, projector, text_emb), recorder.uses, projector, 0, size), head[1]
+        else:
+            jac_u, jac_v, values = _all_cotangents(text_emb, image_emb, temperature_scale(model), neg_term)
+            method = _resolve(method, recorder.uses, text_uses, projector, size, text_emb.shape[1])
+            bases = _bases(method, text_emb, image_emb)
+            flat = _gradients_of_slice(method, recorder.uses, text_uses, params, projector, text_emb, image_emb,
+                                       jac_u, jac_v, chunk, bases)
     else:  # the trunk below theta runs once, here, and is replayed for every slice
         trunk = TrunkCache(model, params)
         with torch.no_grad(), trunk.capture():
             text_emb, image_emb = embed(model, images, tokens)
-        jac_u, jac_v, values = _all_cotangents(text_emb, image_emb, temperature_scale(model), neg_term)
-        flat = None
+        flat, head = None, None
         for a in range(0, size, items):
             b = min(size, a + items)
             recorder = WeightUseRecorder(params)
@@ -128,12 +132,21 @@ def per_pair_gradients(model: torch.nn.Module, params: Sequence[torch.nn.Paramet
                 text_uses = len(recorder.uses)
                 part_v = model.encode_image(images[a:b].to(device))
             if a == 0:  # one decision per batch, on the whole batch's B
-                method = _resolve(method, recorder.uses, text_uses, projector, size, text_emb.shape[1], b - a)
-                bases = _bases(method, text_emb, image_emb)
-            part = _gradients_of_slice(method, recorder.uses, text_uses, params, projector, part_u, part_v,
-                                       jac_u[:, a:b], jac_v[:, a:b], chunk,
-                                       None if bases is None else (bases[0].part(a, b), bases[1].part(a, b)))
-            flat = part if flat is None else flat.add_(part)
+                head = _head(method, recorder.uses, text_uses, params, projector, part_u, part_v, model, neg_term,
+                             (text_emb, image_emb))
+                if head is None:
+                    jac_u, jac_v, values = _all_cotangents(text_emb, image_emb, temperature_scale(model), neg_term)
+                    method = _resolve(method, recorder.uses, text_uses, projector, size, text_emb.shape[1], b - a)
+                    bases = _bases(method, text_emb, image_emb)
+                else:
+                    flat, values = _zeros(size, projector, text_emb), head[1]
+            if head is not None:
+                head[0].add(flat, recorder.uses, projector, a, b)
+            else:
+                part = _gradients_of_slice(method, recorder.uses, text_uses, params, projector, part_u, part_v,
+                                           jac_u[:, a:b], jac_v[:, a:b], chunk,
+                                           None if bases is None else (bases[0].part(a, b), bases[1].part(a, b)))
+                flat = part if flat is None else flat.add_(part)
             del recorder, part_u, part_v
     flat = flat.cpu()
     with torch.no_grad():
@@ -153,6 +166,28 @@ def cpu_items(batch: int, dim: int, chunk: int, per_item: int) -> int:
     one slice and 18 ms in slices of 32 (one thread); ViT-B-32 (A = 9.5 MiB) gets one item per
     slice, which keeps B = 256 near 3 GB. Each slice costs one recorded forward of its items."""
     return max(1, CPU_SLICE_BYTES // (per_item * min(chunk, backward_passes(batch, dim))))
+
+
+def _head(method: str, uses: Sequence[Use], text_uses: int, params: Sequence[torch.nn.Parameter],
+          projector: Projector, text_emb: torch.Tensor, image_emb: torch.Tensor, model: torch.nn.Module,
+          neg_term: NegTerm, whole: tuple[torch.Tensor, torch.Tensor] | None = None
+          ) -> tuple[HeadGradients, torch.Tensor] | None:
+    """(the closed-form projections path, the 2B term values) when method is "auto" or "head" and
+    theta is the towers' final projections (head.py); None otherwise. `whole`: the whole batch's
+    (text, image) embeddings when text_emb / image_emb are a slice's."""
+    if method not in ("auto", "head"):
+        return None
+    if not head_ready(uses, text_uses, len(params), text_emb, image_emb):
+        if method == "head":
+            raise ValueError("the head path needs theta = the towers' final projections, each used once")
+        return None
+    text, image = whole or (text_emb, image_emb)
+    parts = softmax_parts(text, image, temperature_scale(model), neg_term)
+    return HeadGradients(parts, projector, uses, text_uses), torch.cat([parts.pos, parts.neg]).detach()
+
+
+def _zeros(size: int, projector: Projector, like: torch.Tensor) -> torch.Tensor:
+    return torch.zeros(3 * size, projector.dim, dtype=like.dtype, device=like.device)
 
 
 def _resolve(method: str, uses: Sequence[Use], text_uses: int, projector: Projector, size: int, dim: int,

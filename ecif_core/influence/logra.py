@@ -58,7 +58,8 @@ class WeightUseRecorder(TorchFunctionMode):
             decomposed = self._attention(args, kwargs)
             if decomposed is not None:
                 return decomposed
-        if func is F.gelu and kwargs.get("approximate", args[1] if len(args) > 1 else "none") == "none":
+        if (func is F.gelu and kwargs.get("approximate", args[1] if len(args) > 1 else "none") == "none"
+                and args[0].requires_grad):  # only a batched backward through it needs the plain ops
             return _gelu(args[0])
         out = func(*args, **kwargs)
         if func in _LINEAR:
