@@ -32,7 +32,7 @@ from ecif_core.influence import gradients
 from ecif_core.influence.gradients import per_pair_gradients
 from ecif_core.influence.memory import TERMS_PER_PAIR, item_directions
 from ecif_core.influence.projection import Projector, ProjectionSpec
-from ecif_core.models.factory import default_theta_patterns, load_model, restrict_grad_to, select_theta
+from ecif_core.models.factory import block_theta_patterns, load_model, restrict_grad_to, select_theta
 
 
 def model_config(name: str) -> dict:
@@ -126,8 +126,8 @@ def run(models: list[str], batch_sizes: list[int], repeats: int, old: str = "tod
         model = loaded.model.eval()
         dim = config["embed_dim"]
         thetas = {"projections": ["visual.proj", "text_projection"],
-                  "last block + projections": default_theta_patterns(model, last_blocks=1),
-                  "last two blocks + projections (default)": default_theta_patterns(model, last_blocks=2)}
+                  "last block + projections": block_theta_patterns(model, 1),
+                  "last two blocks + projections (blocks:2)": block_theta_patterns(model, 2)}
         short = dict(zip(thetas, THETA_NAMES))
         thetas = {k: v for k, v in thetas.items() if not thetas_wanted or short[k] in thetas_wanted}
         for batch in batch_sizes:

@@ -22,7 +22,7 @@ import torch
 
 from ecif_core.demo import tiny_model_config
 from ecif_core.edit.solver import LeaveOutObjective, TrainingBatch
-from ecif_core.models.factory import default_theta_patterns, load_model, restrict_grad_to, select_theta
+from ecif_core.models.factory import block_theta_patterns, load_model, restrict_grad_to, select_theta
 
 
 def measure(layers: int, pairs: int, batch_size: int, products: int, seed: int = 0) -> dict:
@@ -30,7 +30,7 @@ def measure(layers: int, pairs: int, batch_size: int, products: int, seed: int =
     config["vision_cfg"]["layers"] = config["text_cfg"]["layers"] = layers
     loaded = load_model(config=config, seed=seed)
     model = loaded.model.eval()
-    theta = select_theta(model, default_theta_patterns(model))
+    theta = select_theta(model, block_theta_patterns(model, 2))
     restrict_grad_to(model, theta)
     generator = torch.Generator().manual_seed(seed)
     size = config["vision_cfg"]["image_size"]
@@ -42,7 +42,7 @@ def measure(layers: int, pairs: int, batch_size: int, products: int, seed: int =
         chosen = torch.zeros(n, dtype=torch.bool)
         chosen[0] = True
         batches.append(TrainingBatch(images, tokens, chosen))
-    out = {"layers": layers, "pairs": pairs, "batch_size": batch_size, "theta": default_theta_patterns(model)}
+    out = {"layers": layers, "pairs": pairs, "batch_size": batch_size, "theta": block_theta_patterns(model, 2)}
     vector = None
     for name, flag in (("recomputed", False), ("trunk_cache", None)):
         started = time.perf_counter()

@@ -34,7 +34,7 @@ from bench.basis import model_config, synthetic_batch, train_step_seconds  # noq
 from ecif_core.influence.partners import batch_gradients  # noqa: E402
 from ecif_core.influence.projection import Projector, ProjectionSpec  # noqa: E402
 from ecif_core.metrics import auroc, spearman  # noqa: E402
-from ecif_core.models.factory import default_theta_patterns, load_model, restrict_grad_to, select_theta  # noqa: E402
+from ecif_core.models.factory import block_theta_patterns, load_model, restrict_grad_to, select_theta  # noqa: E402
 
 SCORE_COLUMNS = ("suspicion", "influence", "influence_pos", "influence_neg", "self_influence", "self_influence_clip")
 
@@ -46,7 +46,7 @@ def timing(models: list[str], batch_sizes: list[int], partners: list[int], repea
         config = model_config(name)
         loaded = load_model(config=config, seed=0)
         model = loaded.model.eval()
-        theta = select_theta(model, default_theta_patterns(model, last_blocks=2))
+        theta = select_theta(model, block_theta_patterns(model, 2))
         for batch in batch_sizes:
             images, tokens = synthetic_batch(loaded, config, batch)
             train = train_step_seconds(model, images, tokens)

@@ -14,6 +14,10 @@ curvature and scoring stages at N = 1k..100k pairs.
   the peak memory of the gradients stage without running all of it.
 - store: synthetic audit stores of N random pairs (k = the tiny CLIP's default-theta size)
   with their shard partial sums; the curvature and scoring stages are timed with peak memory.
+- marginal: digits pairs (cycled past its 1,797 images) at --marginal-sizes, the tiny CLIP trained on
+  each at every B of --marginal-batch-sizes, each audited in a fresh process; the audit's cost per
+  added pair (the slope between the smallest and largest size) over a training epoch's cost per
+  pair, and the whole largest audit over one epoch of its pairs (issue 22's figures).
 - estimate: digits (--estimate-pairs, 60 validation pairs), the tiny CLIP trained one epoch at each
   B of --estimate-batch-sizes; `ecif validate --estimate` in a fresh process, then the staged audit
   in another fresh process (each imports its libraries, as a user's two commands do), both with
@@ -28,6 +32,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import threading
 import time
 from contextlib import contextmanager
@@ -391,9 +396,89 @@ def estimate_part(out: Path, batch_sizes: list[int], n_train: int, threads: int,
     return rows
 
 
-def child_audit(manifest: Path, folder: Path) -> None:
-    """--child-audit: the staged audit in this (fresh) process; prints its stages' seconds as one JSON line."""
+def repeated_pairs(source: Path, n: int, out: Path) -> Path:
+    """The first n rows of `source` cycled, the k-th repeat's ids suffixed "-rk" (digits holds 1,797
+    images; the cost of a pair does not depend on whether its image repeats)."""
+    rows = [json.loads(line) for line in source.read_text().splitlines() if line.strip()]
+    with out.open("w") as handle:
+        for i in range(n):
+            row = dict(rows[i % len(rows)])
+            if i >= len(rows):
+                row["id"] = f"{row['id']}-r{i // len(rows)}"
+            handle.write(json.dumps(row) + "\n")
+    return out
+
+
+def marginal_part(out: Path, batch_sizes: list[int], sizes: list[int], threads: int, thetas: list[str]) -> list[dict]:
+    """Per B: the tiny CLIP trained two epochs on each size of digits pairs (the fastest epoch of the
+    largest set is the yardstick), then each size audited with each theta ("default" = the product's;
+    "blocks:N"; or comma-free fnmatch patterns joined by "+") in a fresh process (bench.scale
+    --child-audit: everything `ecif audit` pays but the interpreter's start; the open_clip import is
+    timed apart first: a worker pays it once). Cost per added pair = (audit(N_large) - audit(N_small)) /
+    (N_large - N_small) over the epoch's cost per pair; the whole largest audit over one epoch of its pairs,
+    without and with the import."""
+    import subprocess
+    import sys
+
+    from ecif_core.datasets.digits import build_digits
+    from ecif_core.demo import tiny_model_config
+    from ecif_core.train import TrainConfig, train
+
+    data = build_digits(out / "digits-marginal", fraction=0.2, seed=0, n_train=None, n_val=60, n_test=20)
+    (out / "tiny.json").write_text(json.dumps(tiny_model_config()))
+    root = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": str(threads),
+           "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
+    rows = []
+    for batch in batch_sizes:
+        epochs, manifests = {}, {}
+        for n in sizes:
+            pairs = repeated_pairs(data.train, n, data.train.parent / f"train-{n}.jsonl")
+            model = out / f"marginal-b{batch}-n{n}.pt"
+            trained = train(pairs, out / "tiny.json", model, TrainConfig(epochs=2, batch_size=batch, lr=1e-3, seed=0))
+            epochs[n], manifests[n] = min(trained.epoch_seconds), (model, pairs)
+        for theta in thetas:
+            row: dict = {"model": "tiny", "B": batch, "threads": threads, "theta": theta, "sizes": {}}
+            for n in sizes:
+                model, pairs = manifests[n]
+                label = re.sub(r"[^A-Za-z0-9]+", "-", theta)
+                manifest = out / f"marginal-b{batch}-n{n}-{label}.manifest.json"
+                options = {} if theta == "default" else {"theta": theta.split("+")}
+                manifest.write_text(json.dumps({"model": {"config": "tiny.json", "checkpoint": model.name},
+                                                "train": str(pairs), "validation": str(data.validation),
+                                                "options": options}))
+                folder = out / f"marginal-b{batch}-n{n}-{label}-audit"
+                _fresh(folder)
+                audited = subprocess.run([sys.executable, "-m", "bench.scale", "--child-audit", str(manifest),
+                                          str(folder), "--child-import-apart", "--threads", str(threads),
+                                          "--device", "cpu"],
+                                         env=env, capture_output=True, text=True, check=True, cwd=root)
+                stages = json.loads(audited.stdout.strip().splitlines()[-1])
+                imported = stages.pop("import")["s"]
+                row["sizes"][n] = {"epoch_s": epochs[n], "audit_s": sum(v["s"] for v in stages.values()),
+                                   "import_s": imported, "stages": {name: round(v["s"], 3) for name, v in stages.items()}}
+            small, large = min(sizes), max(sizes)
+            a, b = row["sizes"][small], row["sizes"][large]
+            epoch_per_pair = b["epoch_s"] / large
+            per_added = (b["audit_s"] - a["audit_s"]) / (large - small)
+            row.update({"epoch_ms_per_pair": 1000 * epoch_per_pair, "audit_ms_per_added_pair": 1000 * per_added,
+                        "added_pair_over_epoch_pair": per_added / epoch_per_pair,
+                        "fixed_s": a["audit_s"] - per_added * small,
+                        "largest_audit_over_epoch": b["audit_s"] / b["epoch_s"],
+                        "largest_audit_with_import_over_epoch": (b["audit_s"] + b["import_s"]) / b["epoch_s"]})
+            print(json.dumps(row), flush=True)
+            rows.append(row)
+    return rows
+
+
+def child_audit(manifest: Path, folder: Path, import_apart: bool = False) -> None:
+    """--child-audit: the staged audit in this (fresh) process; prints its stages' seconds as one JSON line.
+    `import_apart`: open_clip is imported first and timed as its own entry "import" (a worker pays it
+    once; otherwise prepare pays it, as `ecif audit` does)."""
     meter = Meter(torch.device("cpu"))
+    if import_apart:
+        with meter.stage("import"):
+            import open_clip  # noqa: F401
     staged_audit(manifest, folder, meter)
     print(json.dumps(meter.stages), flush=True)
 
@@ -427,6 +512,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--estimate-batch-sizes", default="32,256")
     parser.add_argument("--estimate-pairs", type=int, default=1400)
     parser.add_argument("--estimate-batches", type=int, default=None, help="batches the estimate times (default 3)")
+    parser.add_argument("--marginal-batch-sizes", default="32,256")
+    parser.add_argument("--marginal-sizes", default="1400,5600", help="pairs per audit (the smallest and largest give the slope)")
+    parser.add_argument("--marginal-thetas", default="default,blocks:1,blocks:2",
+                        help="comma-separated thetas: default (the product's), blocks:N, or patterns joined by +")
+    parser.add_argument("--child-import-apart", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--child-audit", nargs=2, metavar=("MANIFEST", "FOLDER"), help=argparse.SUPPRESS)
     parser.add_argument("--quick", action="store_true", help="a reduced run (tests, a CPU rehearsal)")
     args = parser.parse_args(argv)
@@ -434,19 +524,20 @@ def main(argv: list[str] | None = None) -> dict:
     threads = set_threads(args.threads)
     if args.child_audit:
         os.environ["ECIF_DEVICE"] = args.device
-        child_audit(Path(args.child_audit[0]), Path(args.child_audit[1]))
+        child_audit(Path(args.child_audit[0]), Path(args.child_audit[1]), args.child_import_apart)
         return {}
     if args.quick:
         args.tiny_batch_sizes, args.tiny_pairs, args.vit_batches = "8,16", 64, 1
         args.store_sizes, args.store_dim, args.store_shard_rows = "500,2000", 64, 256
         args.probe_batch, args.probe_backwards = 8, 1
         args.estimate_batch_sizes, args.estimate_pairs, args.estimate_batches = "8", 64, 1
+        args.marginal_batch_sizes, args.marginal_sizes = "8", "64,128"
     device = torch.device(args.device)
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     parts = args.parts.split(",")
     ints = lambda text: [int(x) for x in text.split(",") if x]
-    thetas = {"default": None, "projections": ["visual.proj", "text_projection"]}
+    thetas = {"default": None, "projections": ["visual.proj", "text_projection"], "blocks2": ["blocks:2"]}
     result: dict = {"device": str(device), "torch": torch.__version__, "threads": threads,
                     "gpu": torch.cuda.get_device_name() if device.type == "cuda" else None}
     if "tiny" in parts:
@@ -462,6 +553,9 @@ def main(argv: list[str] | None = None) -> dict:
     if "estimate" in parts:
         result["estimate"] = estimate_part(out, ints(args.estimate_batch_sizes), args.estimate_pairs, threads,
                                            args.estimate_batches)
+    if "marginal" in parts:
+        result["marginal"] = marginal_part(out, ints(args.marginal_batch_sizes), ints(args.marginal_sizes), threads,
+                                           args.marginal_thetas.split(","))
     (out / "results.json").write_text(json.dumps(result, indent=1))
     return result
 

@@ -33,11 +33,11 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from ecif_core.metrics import auroc  # noqa: E402
-from ecif_core.models.factory import default_theta_patterns, load_model  # noqa: E402
+from ecif_core.models.factory import block_theta_patterns, load_model  # noqa: E402
 
 THETAS = {"projections": lambda model: ["visual.proj", "text_projection"],
-          "last-block": lambda model: default_theta_patterns(model, last_blocks=1),
-          "last-two": lambda model: default_theta_patterns(model, last_blocks=2)}
+          "last-block": lambda model: block_theta_patterns(model, 1),
+          "last-two": lambda model: block_theta_patterns(model, 2)}
 
 
 def detection_and_cost(run, name: str) -> dict:

@@ -623,7 +623,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "out of the set; edit.json counts them (kept_back)")
     p.add_argument("--out", required=True, help="folder for the edited checkpoint, its sidecars and edit.json")
     _edit_setting_flags(p)
-    p.add_argument("--theta", action="append", help="parameters to edit (fnmatch; repeat); default the audit's theta")
+    p.add_argument("--theta", action="append", help="parameters to edit (fnmatch, or blocks:N for the last N "
+                   "blocks + the projections; repeat); default the audit's theta")
     p.add_argument("--zero-shot", help="JSON list of {image, prompts, label}: zero-shot accuracy before and after "
                    "the edit goes into edit.json")
     _client_flags(p)

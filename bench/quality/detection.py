@@ -197,7 +197,7 @@ def _tracin_columns(run: Run, settings: QualitySettings, ids: list[str], train: 
 
 
 def _default_theta_cost(run: Run, settings: QualitySettings, ids: list[str], labels: np.ndarray) -> dict:
-    """Cost (and detection) of one audit with the default theta (last 2 blocks + projections)."""
+    """Cost (and detection) of one audit with theta blocks:2 (last 2 blocks + projections; the default before issue 22)."""
     result = audit(run, "default-theta", settings.audit_options("exact", default_theta=True))
     pairs, cols = collect_scores(result.folder)
     score = _aligned(np.asarray(cols["self_influence"], dtype=np.float64), [p.id for p in pairs], ids)

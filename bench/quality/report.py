@@ -172,7 +172,7 @@ def _cost(results: dict) -> str:
     out += [f"| {k} | {_fmt(v, 2)} |" for k, v in c["seconds"].items()]
     if "default_theta" in c:
         d = c["default_theta"]
-        out += ["", f"Default theta (last 2 blocks of each tower + projections), run {d['run']}: audit "
+        out += ["", f"theta blocks:2 (last 2 blocks of each tower + projections, the default before issue 22), run {d['run']}: audit "
                 f"{d['audit_seconds']:.1f} s / retraining {d['train_seconds']:.1f} s = **{d['audit_over_train']:.3f}** "
                 f"(projections-only audit on the same run: {d['projections_audit_seconds']:.1f} s); its self-IS AUROC "
                 f"{d['self_is']['auroc']:.3f}, P@50 {d['self_is'].get('p@50', float('nan')):.2f} vs "

@@ -41,7 +41,7 @@ class QualitySettings:
     fidelity_subset_fraction: float = 0.1
     fidelity_projections: list[int | None] = field(default_factory=lambda: [8, 32])
     fidelity_partners: list[int] = field(default_factory=list)  # also audit with options.partners = m (bench.partners)
-    cost_default_theta: bool = True         # also time one audit with the default theta
+    cost_default_theta: bool = True         # also time one audit with theta blocks:2 (the default before issue 22)
     # The issue's levers: ECIF at each saved checkpoint (self-IS ranks averaged; every run, about 3 s),
     # and exact gradients of theta (no projection; about 18 s per audit, so only at these fractions).
     checkpoint_ensemble: bool = True
@@ -59,7 +59,9 @@ class QualitySettings:
         """Audit manifest options; batch size, seed and weight decay come from the training sidecar."""
         k = self.projection if projection == "same" else projection
         options: dict[str, Any] = {"neg_term": neg_term, "projection": None if k is None else {"k_in": k, "k_out": k}}
-        if self.theta is not None and not default_theta:
+        if default_theta:  # the record keeps its old name: the default theta before issue 22
+            options["theta"] = ["blocks:2"]
+        elif self.theta is not None:
             options["theta"] = list(self.theta)
         return options
 

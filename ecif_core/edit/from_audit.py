@@ -22,7 +22,7 @@ import torch
 
 from ecif_core.models.cache import model_files
 from ecif_core.stages.finalize import Ranking, final_ranking
-from ecif_core.stages.plan import image_access, load_plan, load_slots, open_store
+from ecif_core.stages.plan import image_access, load_plan, load_slots, manifest_of, open_store
 from ecif_core.data.batching import partition
 from ecif_core.data.images import load_batch, load_image
 from ecif_core.data.sources import read_pairs
@@ -204,7 +204,7 @@ def edit_audit(audit_dir: str | Path, spec: str, out: str | Path, settings: Edit
     started = time.perf_counter()
     audit_dir, out = location(audit_dir, "audit"), location(out, "out")
     plan = load_plan(audit_dir)
-    manifest = Manifest.from_json(plan.manifest)
+    manifest = manifest_of(plan)
     chosen = removal_set(audit_dir, spec, base_dir, field=action, keep=keep)
     roots = None if plan.image_roots is None else data_roots(plan.image_roots, plan.allow_hard_links)
     files = model_files(manifest, roots)

@@ -11,10 +11,8 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import fnmatch
 import json
 import logging
-import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +23,8 @@ import torch
 from ecif_core.data.storage import read_json_file
 from ecif_core.errors import ConfigError, ModelSourceError
 from ecif_core.models.layers import layer_mismatch
+from ecif_core.models.theta import (PROJECTIONS, block_theta_patterns, default_theta_patterns,  # noqa: F401 - re-exported
+                                    expand_theta_patterns, restrict_grad_to, select_theta)
 from ecif_core.data.storage import local_copy, location
 
 HUB_PREFIXES = ("hf-hub:", "hf://", "http://", "https://")
@@ -296,45 +296,6 @@ def _converted_shapes(model: torch.nn.Module, shapes: dict[str, tuple[int, ...]]
         except Exception:  # noqa: BLE001 - open_clip's loader fails on it too; reported below by key
             continue
     return {k: tuple(v.shape) for k, v in state.items()}
-
-
-def default_theta_patterns(model: torch.nn.Module, last_blocks: int = 2) -> list[str]:
-    """Linear-layer weights of the last `last_blocks` residual blocks of each tower + both
-    projections; for a LoRA fine-tune, the adapter weights (what the fine-tune changed)."""
-    names = [name for name, _ in model.named_parameters()]
-    if any(".lora_A." in name for name in names):
-        from ecif_core.models.lora import LORA_THETA_PATTERNS
-
-        return list(LORA_THETA_PATTERNS)
-    patterns: list[str] = []
-    for tower in ("visual.transformer.resblocks", "transformer.resblocks"):
-        prefix = re.escape(tower) + r"\.(\d+)\."
-        depths = sorted({int(m.group(1)) for n in names if (m := re.match(prefix, n))})
-        for block in depths[-last_blocks:]:
-            patterns += [f"{tower}.{block}.attn.in_proj_weight", f"{tower}.{block}.attn.out_proj.weight",
-                         f"{tower}.{block}.mlp.c_fc.weight", f"{tower}.{block}.mlp.c_proj.weight"]
-    patterns += ["visual.proj", "text_projection", "text_projection.weight"]
-    return patterns
-
-
-def select_theta(model: torch.nn.Module, patterns: Sequence[str] | None = None) -> list[tuple[str, torch.nn.Parameter]]:
-    """The parameters influence is taken over, in model order; fnmatch patterns on parameter names."""
-    patterns = list(patterns) if patterns else default_theta_patterns(model)
-    chosen = [(name, p) for name, p in model.named_parameters()
-              if any(fnmatch.fnmatchcase(name, pat) for pat in patterns)]
-    if not chosen:
-        raise ConfigError("options.theta", f"no parameter matches {patterns}")
-    scalars = [name for name, p in chosen if p.ndim == 0]
-    if scalars:
-        raise ConfigError("options.theta", f"{scalars} are scalars; theta holds weight matrices and vectors")
-    return chosen
-
-
-def restrict_grad_to(model: torch.nn.Module, theta: Sequence[tuple[str, torch.nn.Parameter]]) -> None:
-    """requires_grad only on theta, so autograd builds no graph below the first theta layer."""
-    chosen = {id(p) for _, p in theta}
-    for p in model.parameters():
-        p.requires_grad_(id(p) in chosen)
 
 
 GRADS_ON = ("theta", "frozen", "all")  # which parameters of a ready model take gradients

@@ -92,4 +92,9 @@ def load_slots(audit_dir: str | Path, shard: int | None = None) -> list[tuple[in
 
 
 def manifest_of(plan: Plan) -> Manifest:
-    return Manifest.from_json(plan.manifest)
+    """The audit's manifest; a default theta (null) is written out as the parameters the audit was
+    prepared with (plan.blocks), so an audit prepared before the default changed keeps its own theta."""
+    manifest = Manifest.from_json(plan.manifest)
+    if manifest.options.theta is None and plan.blocks:
+        manifest.options.theta = [block["name"] for block in plan.blocks]
+    return manifest

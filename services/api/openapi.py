@@ -33,7 +33,10 @@ _OPTIONS = {
             "k_out": {"type": ["integer", "null"], "minimum": 1, "maximum": 1024},
             "seed": {"type": "integer", "minimum": 0, "maximum": 2**63 - 1}}},
         "theta": {"type": ["array", "null"], "items": {"type": "string", "minLength": 1, "maxLength": 512},
-                  "minItems": 1, "maxItems": 256},
+                  "minItems": 1, "maxItems": 256,
+                  "description": "fnmatch patterns on parameter names; \"blocks:N\" = the last N residual blocks of "
+                                 "each tower plus the projections; null = the two final projections (a LoRA "
+                                 "fine-tune: its adapters)"},
         "curvature": {"enum": ["full", "blocks"]},
         "rank_by": {"enum": list(RANK_BY)},
         "partitions": {"type": "integer", "minimum": 1, "maximum": 64},

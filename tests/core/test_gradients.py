@@ -8,11 +8,13 @@ from ecif_core.models.factory import restrict_grad_to, select_theta
 from ecif_core.influence.projection import Projector, ProjectionSpec, gaussian_factor
 from tests.core.helpers import micro_model, random_batch
 
+BLOCKS = ["blocks:2"]  # the last two blocks + the projections: the paths through blocks
+
 
 @pytest.fixture(scope="module")
 def setup():
     loaded = micro_model(seed=1)
-    theta = select_theta(loaded.model)
+    theta = select_theta(loaded.model, BLOCKS)
     restrict_grad_to(loaded.model, theta)
     return loaded, theta
 
@@ -91,7 +93,7 @@ def test_loss_gradient_sums_pos_terms(setup):
     assert loss == pytest.approx(float(batch_loss(pair_logits(u, v, loaded.model.logit_scale.exp())).detach()), rel=1e-6)
     exact = micro_model(seed=1)
     exact.model.double()
-    theta64 = select_theta(exact.model)
+    theta64 = select_theta(exact.model, BLOCKS)
     restrict_grad_to(exact.model, theta64)
     params64 = [p for _, p in theta64]
     grad64, _ = loss_gradient(exact.model, params64, projector, images.double(), tokens)
@@ -182,11 +184,11 @@ def test_cost_model_counts_min_d_b_plus_one_directions_per_item(setup, monkeypat
     assert len(calls) == 3 * 9
     projections = select_theta(loaded.model, ["visual.proj", "text_projection"])
     restrict_grad_to(loaded.model, projections)
-    try:  # a direction through the projections alone costs next to nothing: auto runs per pair
+    try:  # theta = the projections: auto takes the closed form (head.py), no batched backward at all
         ran.clear(), calls.clear()
         per_pair_gradients(loaded.model, [p for _, p in projections], Projector.for_theta(projections, ProjectionSpec(8, 8, 0)),
                            images, tokens, chunk=1, items=9)
-        assert ran == [] and len(calls) == 3 * 9
+        assert ran == [] and calls == []
     finally:
         restrict_grad_to(loaded.model, theta)
 
@@ -223,7 +225,7 @@ def test_basis_path_equals_per_pair_and_dense_in_float64(embed_dim, batch, neg_t
     from ecif_core.influence import gradients
 
     loaded = _tiny_clip(embed_dim)
-    theta = select_theta(loaded.model)
+    theta = select_theta(loaded.model, BLOCKS)
     restrict_grad_to(loaded.model, theta)
     params = [p for _, p in theta]
     projector = Projector.for_theta(theta, ProjectionSpec(None, None))
@@ -272,7 +274,7 @@ def test_basis_without_the_items_own_direction_is_wrong():
         assert float((lost - jac).abs().max()) > 1e-3 * float(jac.abs().max())
 
     loaded = _tiny_clip()
-    theta = select_theta(loaded.model)
+    theta = select_theta(loaded.model, BLOCKS)
     restrict_grad_to(loaded.model, theta)
     params = [p for _, p in theta]
     projector = Projector.for_theta(theta, ProjectionSpec(None, None))
@@ -305,7 +307,7 @@ def test_theta_with_a_dense_weight_falls_back_to_the_per_pair_path(setup):
         with pytest.raises(ValueError, match="per_item"):
             per_pair_gradients(loaded.model, params, projector, images, tokens, method="per_item")
     finally:
-        restrict_grad_to(loaded.model, select_theta(loaded.model))
+        restrict_grad_to(loaded.model, select_theta(loaded.model, BLOCKS))
 
 
 def test_recorded_attention_equals_nn_multihead_attention():
@@ -334,7 +336,7 @@ def test_paths_match_autograd_in_float64(method):
     contraction and the recorded attention are exact, not approximations."""
     loaded = micro_model(seed=1)
     loaded.model.double()
-    theta = select_theta(loaded.model)
+    theta = select_theta(loaded.model, BLOCKS)
     restrict_grad_to(loaded.model, theta)
     params = [p for _, p in theta]
     projector = Projector.for_theta(theta, ProjectionSpec(None, None))
@@ -385,7 +387,7 @@ def test_trunk_below_theta_runs_once_per_batch():
     forward (their output is replayed per slice); the theta blocks run once more per slice. The
     numbers equal one unsliced pass. theta = the projections: every block is trunk."""
     loaded = _tiny_clip()
-    for patterns, first in ((None, 1), (["visual.proj", "text_projection"], 3)):
+    for patterns, first in ((BLOCKS, 1), (["visual.proj", "text_projection"], 3)):
         theta = select_theta(loaded.model, patterns)
         restrict_grad_to(loaded.model, theta)
         params = [p for _, p in theta]

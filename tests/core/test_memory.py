@@ -9,11 +9,13 @@ from ecif_core.models.factory import restrict_grad_to, select_theta
 from ecif_core.influence.projection import Projector, ProjectionSpec
 from tests.core.helpers import micro_model, random_batch
 
+BLOCKS = ["blocks:2"]  # the last two blocks + the projections: the paths through blocks
+
 
 @pytest.fixture(scope="module")
 def setup():
     loaded = micro_model(seed=3)
-    theta = select_theta(loaded.model)
+    theta = select_theta(loaded.model, BLOCKS)
     restrict_grad_to(loaded.model, theta)
     return loaded, [p for _, p in theta], Projector.for_theta(theta, ProjectionSpec(k_in=3, k_out=4, seed=2))
 

@@ -136,13 +136,20 @@ def test_builtin_architecture_builds_without_download():
     assert loaded.config["embed_dim"] == 1024
 
 
-def test_default_theta_is_last_two_blocks_plus_projections():
+def test_default_theta_is_the_projections_and_blocks_n_adds_the_last_n_blocks():
     config = {**MICRO_CONFIG, "vision_cfg": {**MICRO_CONFIG["vision_cfg"], "layers": 4}}
-    names = [n for n, _ in select_theta(load_model(config=config).model)]
+    model = load_model(config=config).model
+    assert [n for n, _ in select_theta(model)] == ["text_projection", "visual.proj"]
+    names = [n for n, _ in select_theta(model, ["blocks:2"])]
     assert "visual.proj" in names and "text_projection" in names
     assert {n.split(".")[3] for n in names if n.startswith("visual.transformer")} == {"2", "3"}
     assert {n.split(".")[2] for n in names if n.startswith("transformer.")} == {"0", "1"}
     assert all(n.endswith(("weight", "proj", "projection")) for n in names)
+    one = [n for n, _ in select_theta(model, ["blocks:1", "visual.conv1.weight"])]
+    assert {n.split(".")[3] for n in one if n.startswith("visual.transformer")} == {"3"} and "visual.conv1.weight" in one
+    for bad in ("blocks:0", "blocks:two", "blocks:"):
+        with pytest.raises(ConfigError, match="blocks:N"):
+            select_theta(model, [bad])
     with pytest.raises(ConfigError, match="options.theta"):
         select_theta(micro_model().model, ["nothing.*"])
     with pytest.raises(ConfigError, match="scalars"):

@@ -10,11 +10,13 @@ from ecif_core.influence.projection import Projector, ProjectionSpec
 from ecif_core.models.factory import restrict_grad_to, select_theta
 from tests.core.test_gradients import _tiny_batch, _tiny_clip
 
+BLOCKS = ["blocks:2"]  # the last two blocks + the projections: the paths through blocks
+
 
 @pytest.fixture(scope="module")
 def tiny():
     loaded = _tiny_clip()
-    theta = select_theta(loaded.model)
+    theta = select_theta(loaded.model, BLOCKS)
     restrict_grad_to(loaded.model, theta)
     params = [p for _, p in theta]
     projector = Projector.for_theta(theta, ProjectionSpec(None, None))
