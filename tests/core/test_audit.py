@@ -109,6 +109,27 @@ def test_finished_shards_are_skipped_and_a_half_written_shard_is_redone(finished
     np.testing.assert_array_equal(store.pos_gradients(), audit.open_store(finished).pos_gradients())
 
 
+def test_an_audit_prepared_under_the_old_default_theta_resumes_with_its_own(finished, tmp_path):
+    """Before issue 22 a null theta meant the last two blocks + the projections; an audit prepared then
+    holds `theta: null` in plan.json. Its stages read the parameters it was prepared with (plan.blocks),
+    not today's default (the projections, another gradient size): a redone shard equals the original."""
+    copy = tmp_path / "old"
+    shutil.copytree(finished, copy)
+    plan_file = copy / "plan.json"
+    plan = json.loads(plan_file.read_text())
+    plan["manifest"]["options"]["theta"] = None
+    plan_file.write_text(json.dumps(plan))
+    names = [block["name"] for block in plan["blocks"]]
+    assert any("resblocks" in name for name in names)
+    assert audit.manifest_of(audit.load_plan(copy)).options.theta == names
+    store = audit.open_store(copy)
+    rows = audit.load_plan(copy).shard_rows
+    store.root[keys.marker_key("gradients")][1] = 0
+    store.root[keys.POS_GRADIENTS][rows:2 * rows] = np.full((rows, store.attrs["dim"]), 7.0, np.float32)
+    assert shard_gradients(copy, 1) is True
+    np.testing.assert_array_equal(store.pos_gradients(), audit.open_store(finished).pos_gradients())
+
+
 def test_rescoring_with_new_damping_reuses_gradients(finished, tmp_path):
     copy = tmp_path / "copy"
     shutil.copytree(finished, copy)
