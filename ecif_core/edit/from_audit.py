@@ -35,6 +35,7 @@ from ecif_core.influence.gradients import embed, temperature_scale
 from ecif_core.models.lora import TRAINING_SIDECAR, save_adapter
 from ecif_core.data.manifest import SIDECAR_SUFFIX, Manifest, read_sidecar
 from ecif_core.models.factory import ready_model
+from ecif_core.models.theta import check_edit_theta
 from ecif_core.edit.removal import ACTIONS, Action, Estimate, RemovalSet, id_file, select
 from ecif_core.models.layout import write_in_layout
 from ecif_core.models.runtime import flush_denormals
@@ -211,6 +212,7 @@ def edit_audit(audit_dir: str | Path, spec: str, out: str | Path, settings: Edit
     ready = ready_model(manifest.model_arch, files.config, files.checkpoint, adapter=files.adapter,
                         theta=theta or manifest.options.theta)  # exact float32, as the audit's model
     loaded, model, params = ready.loaded, ready.model, ready.theta
+    check_edit_theta([name for name, _ in params], manifest.adapter is not None)
     accuracy_before = zero_shot_accuracy(loaded, zero_shot, roots) if zero_shot else None
     seconds = {}
     with flush_denormals():

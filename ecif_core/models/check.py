@@ -10,6 +10,7 @@ import torch
 
 from ecif_core.errors import ConfigError
 from ecif_core.data.manifest import Manifest
+from ecif_core.models.theta import check_edit_theta
 from ecif_core.models.factory import build_model, check_checkpoint, checkpoint_shapes, resolve_model_config, select_theta
 from ecif_core.influence.projection import Projector
 
@@ -34,9 +35,11 @@ def check_theta(manifest: Manifest, patterns: list[str], field: str = "theta") -
     or a ConfigError naming `field`; the weights are never read (the audit checked them)."""
     model = _meta_model(manifest, check_weights=False)
     try:
-        return [name for name, _ in select_theta(model, patterns)]
+        names = [name for name, _ in select_theta(model, patterns)]
     except ConfigError as exc:
         raise ConfigError(field, exc.message) from None
+    check_edit_theta(names, manifest.adapter is not None, field)
+    return names
 
 
 def _meta_model(manifest: Manifest, check_weights: bool) -> torch.nn.Module:

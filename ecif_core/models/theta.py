@@ -77,3 +77,14 @@ def restrict_grad_to(model: torch.nn.Module, theta: Sequence[tuple[str, torch.nn
     chosen = {id(p) for _, p in theta}
     for p in model.parameters():
         p.requires_grad_(id(p) in chosen)
+
+
+def check_edit_theta(names: Sequence[str], adapter: bool, field: str = "theta") -> None:
+    """An edited LoRA fine-tune is written as its adapter folder, so a change outside the adapter
+    weights would be lost without a word: refuse such a theta, naming `field`."""
+    outside = [name for name in names if ".lora_" not in name] if adapter else []
+    if outside:
+        more = f" and {len(outside) - 3} more" if len(outside) > 3 else ""
+        raise ConfigError(field, f"a LoRA fine-tune is edited in its adapter weights (the edit is written as an "
+                          f"adapter folder), but {', '.join(outside[:3])}{more} are not adapter weights; leave theta "
+                          "out (the adapters) or give patterns such as *.lora_A.* and *.lora_B.*")

@@ -147,3 +147,13 @@ def test_an_edit_of_a_lora_audit_writes_an_adapter_that_peft_and_the_audit_load(
     plan_manifest = Manifest.from_json(audit.load_plan(tmp_path / "audit").manifest)
     val = _validation_batches(tmp_path / "audit", plan_manifest, reloaded.preprocess, reloaded.tokenizer)
     assert validation_loss(reloaded.model, val)[0] == pytest.approx(record["validation"]["loss_after"], rel=1e-5)
+    # a theta outside the adapters would be edited and then lost in the adapter folder: refused first
+    from ecif_core.errors import ConfigError
+    from ecif_core.models.check import check_theta
+
+    for patterns in (["visual.proj", "text_projection"], ["blocks:1"]):
+        with pytest.raises(ConfigError, match="adapter weights"):
+            edit_audit(tmp_path / "audit", "top:6:self_influence", tmp_path / "refused", theta=patterns)
+        with pytest.raises(ConfigError, match="adapter weights"):
+            check_theta(plan_manifest, patterns)
+    assert not (tmp_path / "refused").exists()
