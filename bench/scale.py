@@ -250,7 +250,8 @@ def vit_part(out: Path, batch_sizes: list[int], batches: int, device: torch.devi
             total = sum(s["s"] for s in meter.stages.values())
             grad_s = meter.stages["gradients"]["s"]
             rows.append({"model": "ViT-B-32", "theta": label, "B": batch, "pairs": n,
-                         "path": choose_method(batch, 512, True), "epoch_s": epoch, "audit_s": total,
+                         "path": "head" if theta in (None, thetas.get("projections")) else choose_method(batch, 512, True),
+                         "epoch_s": epoch, "audit_s": total,
                          "audit_per_epoch": total / epoch, "gradients_pairs_per_s": n / grad_s,
                          "audit_pairs_per_s": n / total, "stages": meter.stages})
             print(json.dumps(rows[-1]), flush=True)

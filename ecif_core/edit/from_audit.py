@@ -10,6 +10,7 @@ edited model actually has.
 """
 from __future__ import annotations
 
+import functools
 import json
 import shutil
 import tempfile
@@ -28,7 +29,7 @@ from ecif_core.data.images import load_batch, load_image
 from ecif_core.data.sources import read_pairs
 from ecif_core.edit.certificate import certificate
 from ecif_core.edit.settings import EditSettings
-from ecif_core.edit.solver import CURVATURES, LeaveOutObjective, TrainingBatch, apply_delta, edit_parameters
+from ecif_core.edit.solver import CURVATURES, LeaveOutObjective, StreamedBatch, apply_delta, edit_parameters
 from ecif_core.errors import ConfigError
 from ecif_core.influence.losses import batch_loss, pair_logits
 from ecif_core.influence.gradients import embed, temperature_scale
@@ -108,19 +109,17 @@ def preview(audit_dir: str | Path, spec: str, base_dir: str | Path | None = None
             "form": "sum of per-pair influence (stored); pairs sharing a batch are not grouped"}
 
 
-def training_batches_of(audit_dir: str | Path, chosen: set[str], preprocess, tokenizer) -> list[TrainingBatch]:
-    """The audit's fixed partition (its row slots) as tensors, with the pairs of the set marked."""
+def training_batches_of(audit_dir: str | Path, chosen: set[str], preprocess, tokenizer) -> list[StreamedBatch]:
+    """The audit's fixed partition (its row slots), with the pairs of the set marked; each batch's images
+    are read from their source when used (StreamedBatch), never all held at once."""
     plan = load_plan(audit_dir)
     access = image_access(plan, audit_dir)
     grouped: dict[int, list] = {}
     for slot, pair in load_slots(audit_dir):
         grouped.setdefault(slot // plan.batch_size, []).append(pair)
-    out = []
-    for b in sorted(grouped):
-        pairs = grouped[b]
-        images, tokens = load_batch(pairs, preprocess, tokenizer, access.fetch_dir, access.roots)
-        out.append(TrainingBatch(images, tokens, torch.tensor([p.id in chosen for p in pairs])))
-    return out
+    return [StreamedBatch(functools.partial(load_batch, grouped[b], preprocess, tokenizer, access.fetch_dir,
+                                            access.roots), torch.tensor([p.id in chosen for p in grouped[b]]))
+            for b in sorted(grouped)]
 
 
 def _validation_batches(audit_dir: str | Path, manifest: Manifest, preprocess, tokenizer) -> list[tuple]:
@@ -224,6 +223,7 @@ def edit_audit(audit_dir: str | Path, spec: str, out: str | Path, settings: Edit
         started_check = time.perf_counter()
         stationarity = float(objective.full_objective_gradient().norm()) / max(result.removal_gradient_norm, 1e-300)
         seconds["stationarity_check"] = time.perf_counter() - started_check
+        StreamedBatch.forget()  # the training inputs are not needed past here
         record_validation = None
         if manifest.validation is not None:
             val = _validation_batches(audit_dir, manifest, loaded.preprocess, loaded.tokenizer)

@@ -51,6 +51,37 @@ class TrainingBatch:
     chosen: torch.Tensor  # bool per pair
 
 
+class StreamedBatch:
+    """A TrainingBatch whose inputs are read from their source each time they are used, so the edit keeps
+    no batch of images in memory: with the feature or trunk cache they are read once (the cache is built
+    batch by batch), otherwise once per conjugate-gradient product. `load` returns (images, tokens); the
+    batch last read is kept (one for the whole objective: `images` and `tokens` of one use share a read)."""
+
+    _last: tuple["StreamedBatch", tuple[torch.Tensor, torch.Tensor]] | None = None
+
+    def __init__(self, load: Callable[[], tuple[torch.Tensor, torch.Tensor]], chosen: torch.Tensor):
+        self._load, self.chosen = load, chosen
+
+    def _inputs(self) -> tuple[torch.Tensor, torch.Tensor]:
+        last = StreamedBatch._last
+        if last is None or last[0] is not self:
+            StreamedBatch._last = last = (self, self._load())
+        return last[1]
+
+    @property
+    def images(self) -> torch.Tensor:
+        return self._inputs()[0]
+
+    @property
+    def tokens(self) -> torch.Tensor:
+        return self._inputs()[1]
+
+    @classmethod
+    def forget(cls) -> None:
+        """Drop the batch kept from the last read (the edit is done with its inputs)."""
+        cls._last = None
+
+
 STOPS = ("converged", "max iterations", "negative curvature", "time budget")  # why CG ended (edit.json `stopped`)
 # LeaveOutObjective.curvature: the exact Hessian (the default, first) or Gauss-Newton (positive semi-definite)
 CURVATURES = ("hessian", "gauss-newton")

@@ -547,3 +547,36 @@ def test_gauss_newton_products_equal_the_dense_gauss_newton_matrix(trained, acti
     assert float((exact.curvature_product(vector) - matrix @ vector).norm()) > 1e-6 * float((matrix @ vector).norm())
     with pytest.raises(ConfigError, match="curvature"):
         LeaveOutObjective(problem.model, problem.theta, problem.batches(removed), WEIGHT_DECAY, curvature="fisher")
+
+
+@pytest.mark.parametrize("patterns,cache", [(PROJECTIONS, None), (PROJECTIONS, False),
+                                            (["visual.transformer.resblocks.1.*", *PROJECTIONS], None)])
+def test_streamed_batches_hold_no_images_and_give_the_same_edit(patterns, cache) -> None:
+    """The edit reads each batch's images from their source when it uses them (StreamedBatch): with the
+    feature cache (theta = the projections) once per batch; otherwise once per product as well (the trunk
+    cache replays the blocks below theta, but the towers' stems still run from the images). The numbers
+    equal those of batches held in memory."""
+    from ecif_core.edit.solver import StreamedBatch
+
+    problem = Problem(patterns)
+    held = problem.batches({0: [1], 2: [0, 3]})
+    reads = []
+    streamed = [StreamedBatch(lambda b=b, i=i: reads.append(i) or (b.images, b.tokens), b.chosen)
+                for i, b in enumerate(held)]
+    settings = EditSettings(damping=1.0, max_iterations=4)
+    want = edit_parameters(LeaveOutObjective(problem.model, problem.theta, held, WEIGHT_DECAY,
+                                             use_feature_cache=cache), settings)
+    objective = LeaveOutObjective(problem.model, problem.theta, streamed, WEIGHT_DECAY, use_feature_cache=cache)
+    assert not any(isinstance(getattr(b, "__dict__", {}).get("images"), torch.Tensor) for b in objective.batches)
+    assert objective.uses_feature_cache == (cache is None and patterns == PROJECTIONS)
+    assert objective.uses_trunk_cache == (cache is None and patterns != PROJECTIONS)
+    assert reads == ([0, 1, 2] if cache is None else [])
+    got = edit_parameters(objective, settings)
+    for name in want.delta:
+        torch.testing.assert_close(got.delta[name], want.delta[name], rtol=1e-10, atol=1e-14)
+    if objective.uses_feature_cache:
+        assert reads == [0, 1, 2]                                # never read again
+    else:
+        assert reads.count(1) >= got.iterations + 1              # every product reads every batch
+    StreamedBatch.forget()
+    assert StreamedBatch._last is None
