@@ -76,10 +76,10 @@ def describe(summary: dict[str, Any]) -> str:
     if not summary["estimable"]:
         return (f"How many pairs are misaligned cannot be estimated: {summary['reason']}. "
                 f"Flagged {summary['flagged']} pairs by {summary['flag_rule']}.")
-    low, high = summary["interval"]
+    bounds = "" if summary["interval"] is None else (
+        f"; {summary['interval_level']:.0%} interval {summary['interval'][0]:.1%} to {summary['interval'][1]:.1%}")
     text = (f"Estimated misaligned: {summary['estimated_misaligned_fraction']:.1%} of {summary['pairs']} pairs "
-            f"(about {summary['estimated_misaligned_pairs']}; {summary['interval_level']:.0%} interval {low:.1%} to "
-            f"{high:.1%}). ")
+            f"(about {summary['estimated_misaligned_pairs']}{bounds}). ")
     if (summary.get("details") or {}).get("caveat"):
         text += "This is a lower bound: no reference model knows this domain (summary.json, details.caveat). "
     if not summary["flagged"]:
@@ -107,10 +107,12 @@ def next_step(summary: dict[str, Any], audit_dir: str) -> str | None:
 def calibrate(scores: Mapping[str, np.ndarray], evidence: Mapping[str, Mapping[str, float]] | None,
               cosines: Mapping[str, Mapping[str, np.ndarray]] | None, suspicion: np.ndarray,
               target_precision: float = DEFAULT_FLAG_PRECISION, seed: int = 0,
-              missing: str = "needs a validation set: its clean pairs are the yardstick of an aligned pair") -> Calibration:
+              missing: str = "needs a validation set: its clean pairs are the yardstick of an aligned pair",
+              interval: bool = True) -> Calibration:
     """The audit's calibration from its ranked.csv columns (`scores`), its validation evidence and the
     validation cosines (clean and corrupted, per model); `suspicion` is the default rule's score;
-    `missing`: why there are no cosines, when there are none."""
+    `missing`: why there are no cosines, when there are none. `interval`: False leaves the bootstrap
+    interval out (None; the flags, posteriors and estimate are the same), for callers that only select pairs."""
     n = len(suspicion)
     if cosines is None:
         return _not_estimable(n, suspicion, target_precision, missing)
@@ -150,12 +152,12 @@ def calibrate(scores: Mapping[str, np.ndarray], evidence: Mapping[str, Mapping[s
     fit = fit_mixture(train, null, list(alternative.values()))
     probability = fit.posterior(train)
     flags = flags_for_target(probability, target_precision)
-    low, high = _interval(train, null, list(alternative.values()), seed)
+    bounds = _interval(train, null, list(alternative.values()), seed) if interval else None
     expected = probability.sum()
     details.update({"memorisation_shift": _round(fit.shift),
                     "corruption_shares": {k: _round(w) for k, w in zip(alternative, fit.weights[1:])}})
     return Calibration(True, None, probability, flags, target_precision, fit.fraction,
-                       (min(low, fit.fraction), max(high, fit.fraction)),
+                       None if bounds is None else (min(bounds[0], fit.fraction), max(bounds[1], fit.fraction)),
                        float(probability[flags].mean()) if flags.any() else None,
                        float(probability[flags].sum() / expected) if expected > 0 else None, details)
 

@@ -55,7 +55,7 @@ def removal_set(audit_dir: str | Path, spec: str, base_dir: str | Path | None = 
                 ranking: Ranking | None = None, field: str = "remove", keep: str | Path | None = None) -> RemovalSet:
     """The pairs `spec` names among the audit's ranked pairs (see ecif_core.edit.removal), less the
     ids of the `keep` file (read against `base_dir`); `field`: what errors name (remove, demote)."""
-    ranking = ranking or final_ranking(audit_dir)
+    ranking = ranking or final_ranking(audit_dir, interval=False)
     columns = dict(ranking.columns)
     rank = np.empty(len(ranking.pairs))
     rank[ranking.order] = np.arange(1, len(ranking.pairs) + 1)
@@ -84,7 +84,7 @@ def preview(audit_dir: str | Path, spec: str, base_dir: str | Path | None = None
             ranking: Ranking | None = None) -> dict:
     """Predicted change of the mean validation loss if the set is removed, from stored numbers (sum form).
     `ranking`: the audit's final_ranking when the caller previews several sets."""
-    ranking = ranking or final_ranking(audit_dir)
+    ranking = ranking or final_ranking(audit_dir, interval=False)
     chosen = removal_set(audit_dir, spec, base_dir, ranking)
     wanted = set(chosen.ids)
     index = np.array([i for i, p in enumerate(ranking.pairs) if p.id in wanted], dtype=np.int64)

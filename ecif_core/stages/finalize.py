@@ -28,8 +28,9 @@ class Ranking:
     calibration: Calibration           # the estimated fraction, posteriors and the flag's precision
 
 
-def final_ranking(audit_dir: str | Path) -> Ranking:
-    """Rank every usable pair once all shards are scored with one damping."""
+def final_ranking(audit_dir: str | Path, interval: bool = True) -> Ranking:
+    """Rank every usable pair once all shards are scored with one damping. `interval`: False skips the
+    calibration's bootstrap interval (a second or more), for callers that only select pairs."""
     plan = load_plan(audit_dir)
     scored_curvature_shift(plan, open_store(audit_dir))  # every shard scored, all with one curvature shift
     o = manifest_of(plan).options
@@ -43,7 +44,7 @@ def final_ranking(audit_dir: str | Path) -> Ranking:
                "this audit's validation stage ran before the calibration existed (its cosines were not kept); "
                "run the audit again in a new folder for an estimate")
     calibration = calibrate(cols, evidence, open_store(audit_dir).validation_cosines(), cols["suspicion"],
-                            o.flag_precision, o.seed, missing)
+                            o.flag_precision, o.seed, missing, interval)
     cols["misaligned_probability"] = calibration.probability
     return Ranking(slots, pairs, cols, order, calibration.flags, calibration)
 

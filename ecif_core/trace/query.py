@@ -198,7 +198,7 @@ def trace(audit_dir: str | Path, examples: Sequence[TraceExample], k: int = 20,
 
 def suspected_slots(audit_dir: str | Path) -> set[int]:
     """Row slots of the pairs the audit flagged (finalize's `suspected`, from the stored numbers)."""
-    ranking = final_ranking(audit_dir)
+    ranking = final_ranking(audit_dir, interval=False)
     return {int(slot) for slot, flag in zip(ranking.slots, ranking.suspected) if flag}
 
 

@@ -207,3 +207,21 @@ def test_next_step_names_the_measured_action_for_what_the_audit_knows() -> None:
     assert "ecif train --remove suspected --audit-dir out/audit" in next_step(flagged_only, "out/audit")
     assert next_step({"estimable": True, "estimated_misaligned_pairs": 0, "flagged": 0}, "a") is None
     assert next_step({"estimable": False, "estimated_misaligned_pairs": None, "flagged": 0}, "a") is None
+
+
+def test_without_the_interval_the_flags_posteriors_and_estimate_are_the_same(monkeypatch):
+    """Selecting pairs (edit, train --remove, preview) skips the bootstrap; nothing it selects by moves."""
+    calls = []
+    real = calibration._interval
+    monkeypatch.setattr(calibration, "_interval", lambda *a, **k: calls.append(1) or real(*a, **k))
+    values, _ = _mixture(np.random.default_rng(7), 2000, 0.2, shift=-0.1)
+    null, alternative = _validation(np.random.default_rng(8))
+    scores = {"clip_score_loo": -values, "reference_clip_score": np.full(2000, np.nan)}
+    cosines = {"clip_score": {"clean": -null, "shuffle": -alternative[::2]}}
+    full = calibrate(scores, None, cosines, values)
+    quick = calibrate(scores, None, cosines, values, interval=False)
+    assert calls == [1] and full.interval is not None and quick.interval is None
+    np.testing.assert_array_equal(quick.flags, full.flags)
+    np.testing.assert_array_equal(quick.probability, full.probability)
+    assert quick.fraction == full.fraction and quick.summary()["estimated_misaligned_pairs"] == full.summary()["estimated_misaligned_pairs"]
+    assert "interval" not in calibration.describe(quick.summary()) and "interval" in calibration.describe(full.summary())

@@ -15,7 +15,9 @@ from ecif_core.influence.projection import Projector, ProjectionSpec
 from services.embedded import run_audit
 from services.cli import main
 from tests.core.helpers import MICRO_CONFIG, micro_model, random_batch
-from tests.core.test_audit import OPTIONS, workspace  # noqa: F401  (fixture)
+from tests.core.test_audit import OPTIONS as AUDIT_OPTIONS, workspace  # noqa: F401  (fixture)
+
+OPTIONS = {k: v for k, v in AUDIT_OPTIONS.items() if k != "theta"}  # a LoRA audit's default theta: its adapters
 from tests.core.test_gradients import _one_at_a_time
 
 
