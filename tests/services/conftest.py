@@ -139,12 +139,27 @@ def s3_data_root(s3, data_root) -> str:
 def s3_inputs_csv(s3, s3_data_root) -> bytes:
     """ranked.csv (bytes) of the embedded mode with every input under the s3:// data root (absolute
     s3:// paths in a manifest stored in the bucket) and its folder in another bucket."""
+    return _s3_ranked_csv(s3, s3_data_root, OPTIONS, "manifest-s3.json")
+
+
+# theta blocks:2: a gradients shard long enough for a kill to land half way through its computation (with the
+# default theta, the projections, a micro shard's gradients take a fraction of a second)
+SLOW_SHARD_OPTIONS = {**OPTIONS, "theta": ["blocks:2"]}
+
+
+@pytest.fixture(scope="session")
+def s3_inputs_csv_slow_shards(s3, s3_data_root) -> bytes:
+    """As s3_inputs_csv, with SLOW_SHARD_OPTIONS."""
+    return _s3_ranked_csv(s3, s3_data_root, SLOW_SHARD_OPTIONS, "manifest-s3-slow.json")
+
+
+def _s3_ranked_csv(s3, s3_data_root: str, options: dict, name: str) -> bytes:
     from ecif_core.data.storage import location
     from services.embedded import run_audit
 
-    manifest = location(f"{s3_data_root}/manifest-s3.json")
+    manifest = location(f"{s3_data_root}/{name}")
     manifest.write_text(json.dumps({"model": {"config": f"{s3_data_root}/cfg.json",
                                               "checkpoint": f"{s3_data_root}/model.pt"},
                                     "train": f"{s3_data_root}/digits/train.jsonl",
-                                    "validation": f"{s3_data_root}/digits/val.jsonl", "options": OPTIONS}))
+                                    "validation": f"{s3_data_root}/digits/val.jsonl", "options": options}))
     return run_audit(str(manifest), f"s3://{s3.new_bucket()}/audit").read_bytes()

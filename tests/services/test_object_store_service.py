@@ -10,7 +10,7 @@ import httpx
 import pytest
 
 from ecif_core.data.storage import location
-from tests.services.conftest import OPTIONS
+from tests.services.conftest import SLOW_SHARD_OPTIONS
 from tests.services.processes import Service, service_env
 from tests.services.test_integration import (_redis_db, _shards, _wait_finished, _wait_for_running_gradient_shard,
                                              _wait_for_shard)
@@ -18,14 +18,14 @@ from tests.services.test_integration import (_redis_db, _shards, _wait_finished,
 pytestmark = pytest.mark.slow
 
 
-def test_two_workers_without_a_shared_folder_finish_one_audit_and_survive_a_kill(pg_url, s3, s3_data_root,
-                                                                                s3_inputs_csv, tmp_path_factory):
+def test_two_workers_without_a_shared_folder_finish_one_audit_and_survive_a_kill(
+        pg_url, s3, s3_data_root, s3_inputs_csv_slow_shards, tmp_path_factory):
     """Two workers on "machines" of their own finish one audit together: one serves the cpu
     queue (prepare, curvature, scores, finalize), the other the gpu queue (gradients,
     validation), so each reads what the other wrote, through the bucket only. The pool process
     running a gradients shard is SIGKILLed half way, and the audit still ends with the CSV of
     an uninterrupted run on the same bucket inputs, byte for byte."""
-    expected = s3_inputs_csv  # the embedded mode on the same bucket inputs, uninterrupted
+    expected = s3_inputs_csv_slow_shards  # the embedded mode on the same bucket inputs, uninterrupted
     store = f"s3://{s3.new_bucket('store')}/audits"
     env = service_env(pg_url, _redis_db(4), store, s3_data_root, ECIF_HEARTBEAT_INTERVAL="2", **s3.env())
     svc = Service(env, tmp_path_factory.mktemp("s3-logs"))
@@ -43,7 +43,7 @@ def test_two_workers_without_a_shared_folder_finish_one_audit_and_survive_a_kill
         key = svc.run("keys", "create", "--owner", "s3test").stdout.strip()
         headers = {"Authorization": f"Bearer {key}"}
         relative = {"model": {"config": "cfg.json", "checkpoint": "model.pt"}, "train": "digits/train.jsonl",
-                    "validation": "digits/val.jsonl", "options": OPTIONS}  # against the s3:// data root (as s3_inputs_csv)
+                    "validation": "digits/val.jsonl", "options": SLOW_SHARD_OPTIONS}  # against the s3:// data root
         response = httpx.post(f"{svc.url}/audits", json=relative, headers=headers, timeout=60)
         assert response.status_code == 202, response.text
         audit_id = response.json()["id"]
