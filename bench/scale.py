@@ -359,9 +359,7 @@ def estimate_part(out: Path, batch_sizes: list[int], n_train: int, threads: int,
 
     data = build_digits(out / "digits", fraction=0.2, seed=0, n_train=n_train, n_val=60, n_test=20)
     (out / "tiny.json").write_text(json.dumps(tiny_model_config()))
-    root = Path(__file__).resolve().parent.parent
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": str(threads),
-           "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
+    root, env = _child_env(threads)
     rows = []
     for batch in batch_sizes:
         model = out / f"tiny-b{batch}.pt"
@@ -427,9 +425,7 @@ def marginal_part(out: Path, batch_sizes: list[int], sizes: list[int], threads: 
 
     data = build_digits(out / "digits-marginal", fraction=0.2, seed=0, n_train=None, n_val=60, n_test=20)
     (out / "tiny.json").write_text(json.dumps(tiny_model_config()))
-    root = Path(__file__).resolve().parent.parent
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": str(threads),
-           "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
+    root, env = _child_env(threads)
     rows = []
     for batch in batch_sizes:
         epochs, manifests = {}, {}
@@ -470,6 +466,13 @@ def marginal_part(out: Path, batch_sizes: list[int], sizes: list[int], threads: 
             print(json.dumps(row), flush=True)
             rows.append(row)
     return rows
+
+
+def _child_env(threads: int) -> tuple[Path, dict[str, str]]:
+    """(the repository root, the environment) for a fresh `python -m bench.scale` or `services.cli` process."""
+    root = Path(__file__).resolve().parent.parent
+    return root, {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": str(threads),
+                  "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
 
 
 def child_audit(manifest: Path, folder: Path, import_apart: bool = False) -> None:
