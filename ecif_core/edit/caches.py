@@ -13,10 +13,11 @@ from ecif_core.influence.trunk import TrunkCache
 
 
 class TrainingBatch(Protocol):
-    """What the caches read of solver.TrainingBatch (no import of the solver: it imports this module)."""
+    """What the caches read of solver.TrainingBatch or StreamedBatch (no import of the solver: it imports
+    this module)."""
 
-    images: torch.Tensor
-    tokens: torch.Tensor
+    def inputs(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(images, tokens), read once per call."""
 
 
 HEAD_PARAMETERS = ("visual.proj", "text_projection")
@@ -48,7 +49,7 @@ def tower_features(model: torch.nn.Module, batches: Sequence[TrainingBatch]) -> 
     out = []
     with without_projections(model):
         for b in batches:
-            text, image = embed(model, b.images, b.tokens)
+            text, image = embed(model, *b.inputs())
             out.append((image.detach(), text.detach()))
     return out
 
@@ -68,7 +69,7 @@ def trunk_outputs(model: torch.nn.Module, params: Sequence[torch.nn.Parameter], 
     outputs, size = [], 0
     for b in batches:
         with trunk.capture():
-            embed(model, b.images, b.tokens)
+            embed(model, *b.inputs())
         kept = [tower.cached for tower in trunk.towers]
         size += sum(t.numel() * t.element_size() for t in kept)
         if size > TRUNK_CACHE_BYTES:

@@ -223,7 +223,6 @@ def edit_audit(audit_dir: str | Path, spec: str, out: str | Path, settings: Edit
         started_check = time.perf_counter()
         stationarity = float(objective.full_objective_gradient().norm()) / max(result.removal_gradient_norm, 1e-300)
         seconds["stationarity_check"] = time.perf_counter() - started_check
-        StreamedBatch.forget()  # the training inputs are not needed past here
         record_validation = None
         if manifest.validation is not None:
             val = _validation_batches(audit_dir, manifest, loaded.preprocess, loaded.tokenizer)

@@ -50,36 +50,17 @@ class TrainingBatch:
     tokens: torch.Tensor
     chosen: torch.Tensor  # bool per pair
 
+    def inputs(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.images, self.tokens
+
 
 class StreamedBatch:
-    """A TrainingBatch whose inputs are read from their source each time they are used, so the edit keeps
-    no batch of images in memory: with the feature or trunk cache they are read once (the cache is built
-    batch by batch), otherwise once per conjugate-gradient product. `load` returns (images, tokens); the
-    batch last read is kept (one for the whole objective: `images` and `tokens` of one use share a read)."""
-
-    _last: tuple["StreamedBatch", tuple[torch.Tensor, torch.Tensor]] | None = None
+    """A TrainingBatch whose inputs are read from their source each time they are used (`inputs`), so the
+    edit keeps no batch of images in memory: with the feature cache they are read once (the cache is built
+    batch by batch), otherwise once per conjugate-gradient product. `load` returns (images, tokens)."""
 
     def __init__(self, load: Callable[[], tuple[torch.Tensor, torch.Tensor]], chosen: torch.Tensor):
-        self._load, self.chosen = load, chosen
-
-    def _inputs(self) -> tuple[torch.Tensor, torch.Tensor]:
-        last = StreamedBatch._last
-        if last is None or last[0] is not self:
-            StreamedBatch._last = last = (self, self._load())
-        return last[1]
-
-    @property
-    def images(self) -> torch.Tensor:
-        return self._inputs()[0]
-
-    @property
-    def tokens(self) -> torch.Tensor:
-        return self._inputs()[1]
-
-    @classmethod
-    def forget(cls) -> None:
-        """Drop the batch kept from the last read (the edit is done with its inputs)."""
-        cls._last = None
+        self.inputs, self.chosen = load, chosen
 
 
 STOPS = ("converged", "max iterations", "negative curvature", "time budget")  # why CG ended (edit.json `stopped`)
@@ -231,9 +212,9 @@ class LeaveOutObjective:
         if self._features is None:
             b = self.batches[index]
             if self._trunk_outputs is None:
-                return embed(self.model, b.images, b.tokens)
+                return embed(self.model, *b.inputs())
             with self._trunk.replay_outputs(self._trunk_outputs[index]):
-                return embed(self.model, b.images, b.tokens)
+                return embed(self.model, *b.inputs())
         image_features, text_features = self._features[index]
         return text_features @ self.model.text_projection, image_features @ self.model.visual.proj
 

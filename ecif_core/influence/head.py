@@ -69,7 +69,6 @@ def _side(parts: SoftmaxParts, text: bool, factor: torch.Tensor | None) -> torch
         unit, other, norm, cos = parts.v_hat, parts.u_hat, parts.v_norm, parts.v_hat @ parts.u_hat.T
     size = p.shape[0]
     w, own = project_side(other, factor), project_side(unit, factor)     # (B, r): P' v^_j, P' u^_k
-    eye = torch.eye(size, dtype=p.dtype, device=p.device)
     diag = torch.arange(size, device=p.device)
 
     # Pos(n): row n of G is p[n] - e_n, column n is q[:, n] - e_n
@@ -80,15 +79,15 @@ def _side(parts: SoftmaxParts, text: bool, factor: torch.Tensor | None) -> torch
 
     # Neg(n): G[k, j] = A_kn (d_jn - p_kj) + C_nj (d_kn - q_kj), the (1 - p) factors from log-probabilities
     y = _without_column(p, w)                                           # [k, n] = sum_{j != n} p_kj w_j
-    y_sigma = _without_column_rowwise(p, cos)                                   # [k, n] = sum_{j != n} p_kj S_kj
+    y_sigma = _without_column_rowwise(p, cos)                           # [k, n] = sum_{j != n} p_kj S_kj
     gw_neg = (a * omp)[:, :, None] * w[None, :, :] - a[:, :, None] * y   # [k, n]
     sigma_neg = a * omp * cos - a * y_sigma
-    z = (q @ (c.T[:, :, None] * w[:, None, :]).reshape(size, -1)).reshape(size, size, -1)  # sum_j q_kj C_nj w_j
-    z_sigma = (q * cos) @ c.T                                           # sum_j q_kj C_nj S_kj
-    z[diag, diag] = (c * omq) @ w                                       # k = n: sum_j C_nj (1 - q_nj) w_j
+    # the C part: -sum_j q_kj C_nj w_j on items k != n, sum_j C_nj (1 - q_nj) w_j on item n
+    z = -(q @ (c.T[:, :, None] * w[:, None, :]).reshape(size, -1)).reshape(size, size, -1)
+    z_sigma = -(q * cos) @ c.T
+    z[diag, diag] = (c * omq) @ w
     z_sigma[diag, diag] = (c * omq * cos).sum(1)
-    gw_neg = (gw_neg - (1 - eye)[:, :, None] * z + eye[:, :, None] * z).transpose(0, 1)
-    sigma_neg = (sigma_neg - (1 - eye) * z_sigma + eye * z_sigma).T
+    gw_neg, sigma_neg = (gw_neg + z).transpose(0, 1), (sigma_neg + z_sigma).T
 
     gw, sigma = torch.cat([gw_pos, gw_neg]), torch.cat([sigma_pos, sigma_neg])  # (2B, B, r), (2B, B)
     terms = parts.scale * (gw - sigma[:, :, None] * own[None, :, :]) / norm.reshape(1, size, 1)
