@@ -3,8 +3,9 @@
 The `suspicion` score ranks pairs; it does not say how many are bad. The audit's validation pairs give
 the two distributions that turn it into a rate: the clean validation pairs are the null (what an aligned
 pair scores), their corrupted copies (evidence.py) the alternative. The training pairs' scores are fitted
-as a mixture (1 - pi) f0 + pi f1 of the two, both shifted by one fitted offset: a model scores the pairs
-it was trained on as more aligned than unseen ones (memorisation), and the offset absorbs that. The
+as a mixture (1 - pi) f0 + pi f1 of the two. A model scores the pairs it was trained on as more aligned
+than unseen ones, and fits them more tightly (memorisation): when the statistic is the audited model's own,
+both components are moved by one fitted shift and narrowed by one fitted scale, which absorbs that. The
 posterior of the alternative is each pair's `misaligned_probability`; the flag keeps the most probable
 pairs while their mean posterior (the expected precision) stays at or above the target
 (docs/METHOD.md, "Calibrated estimates").
@@ -30,10 +31,14 @@ MAX_SHIFT = 2.0
 # never saw the training pairs, so neither memorisation nor a consistently mislearned name can hide one. The
 # memorisation check below holds it to that: a reference trained on the audited pairs is refused.
 REFERENCE_COMPETENT = 0.7
-# Memorisation check on the aligned end, where misaligned pairs are rare: without memorisation at least a
-# quarter of the clean validation pairs score below the training pairs' first quartile (more when some
-# training pairs are misaligned). Below MIN_BELOW_QUARTILE the audited model scores its own pairs,
-# misaligned ones included, as more aligned than unseen ones beyond what a shift absorbs: no estimate.
+# A model fits the pairs it was trained on more tightly than unseen ones: the audited model's statistic is
+# fitted with the validation distributions narrowed by a scale in this grid (1 = no memorisation; 0.3 =
+# training pairs three times tighter than unseen ones, beyond anything measured: digits from scratch 0.5-0.6).
+MEMORISATION_SCALES = tuple(np.round(np.linspace(0.3, 1.0, 8), 2))
+# Memorisation check of a reference, on the aligned end where misaligned pairs are rare: for a model that never
+# saw the training pairs at least a quarter of the clean validation pairs score below the training pairs'
+# first quartile (more when some training pairs are misaligned). Below MIN_BELOW_QUARTILE the reference scores
+# the training pairs, misaligned ones included, as more aligned than unseen ones: it was trained on them.
 MIN_BELOW_QUARTILE = 0.175
 BOOTSTRAP = 100
 GRID = 512                     # density grid points
@@ -126,7 +131,8 @@ def calibrate(scores: Mapping[str, np.ndarray], evidence: Mapping[str, Mapping[s
                "caveat": None if alone else (
                    "no reference model that knows this domain (validation AUROC >= "
                    f"{REFERENCE_COMPETENT}): misaligned pairs the audited model learned consistently (a concept "
-                   "named wrongly everywhere) look aligned to it and are not counted, so the estimate is a lower bound"),
+                   "named wrongly everywhere) or memorised look aligned to it and are not counted, so the estimate "
+                   "is a lower bound"),
                "validation_separation_auroc": _round(separation), "term_weights": weights}
     if not separation >= MIN_SEPARATION:
         return _not_estimable(n, suspicion, target_precision,
@@ -142,19 +148,14 @@ def calibrate(scores: Mapping[str, np.ndarray], evidence: Mapping[str, Mapping[s
                               "misaligned ones too, so it cannot count them; give as `reference` a model that was not "
                               "trained on the audited pairs (for example the pretrained base, not an earlier "
                               "checkpoint of this fine-tune)", details)
-    if not alone and below < MIN_BELOW_QUARTILE:
-        return _not_estimable(n, suspicion, target_precision,
-                              f"the audited model scores its training pairs as more aligned than unseen pairs (only "
-                              f"{below:.0%} of the clean validation pairs score below the training pairs' first "
-                              f"quartile, 25% or more without memorisation): it memorised them, misaligned ones too, "
-                              "so unseen pairs are no yardstick for them; add a reference model that knows this "
-                              "domain (the manifest's `reference`) for an estimate", details)
-    fit = fit_mixture(train, null, list(alternative.values()))
+    # a reference never saw the training pairs: nothing to narrow; the audited model's own statistic may be
+    scales = (1.0,) if alone else MEMORISATION_SCALES
+    fit = fit_mixture(train, null, list(alternative.values()), scales=scales)
     probability = fit.posterior(train)
     flags = flags_for_target(probability, target_precision)
-    bounds = _interval(train, null, list(alternative.values()), seed) if interval else None
+    bounds = _interval(train, null, list(alternative.values()), seed, fit.scale, scales) if interval else None
     expected = probability.sum()
-    details.update({"memorisation_shift": _round(fit.shift),
+    details.update({"memorisation_shift": _round(fit.shift), "memorisation_scale": _round(fit.scale),
                     "corruption_shares": {k: _round(w) for k, w in zip(alternative, fit.weights[1:])}})
     return Calibration(True, None, probability, flags, target_precision, fit.fraction,
                        None if bounds is None else (min(bounds[0], fit.fraction), max(bounds[1], fit.fraction)),
@@ -192,9 +193,11 @@ def statistic(scores: Mapping[str, np.ndarray], evidence: Mapping[str, Mapping[s
 @dataclass(frozen=True)
 class MixtureFit:
     weights: np.ndarray            # mixing weights: the null first, then each alternative
-    shift: float
+    shift: float                   # where the null's centre moved (memorisation: towards aligned)
     grid: np.ndarray
-    densities: list[np.ndarray]    # the null's, then each alternative's, on the grid
+    densities: list[np.ndarray]    # the null's, then each alternative's, on the grid (unscaled)
+    scale: float = 1.0             # how much narrower the training pairs' components are (1: not at all)
+    centre: float = 0.0            # the point the scale narrows towards (the null's median)
 
     @property
     def fraction(self) -> float:
@@ -203,7 +206,8 @@ class MixtureFit:
     def posterior(self, values: np.ndarray) -> np.ndarray:
         """P(misaligned | value), made non-decreasing in the value (a more suspicious score is never
         less likely misaligned; kernel tails alone could say otherwise)."""
-        parts = [w * np.interp(values - self.shift, self.grid, d) for w, d in zip(self.weights, self.densities)]
+        at = _unscaled(values, self.shift, self.scale, self.centre)
+        parts = [w * np.interp(at, self.grid, d) for w, d in zip(self.weights, self.densities)]
         mixed = sum(parts)
         with np.errstate(invalid="ignore", divide="ignore"):
             raw = np.where(mixed > 0, 1.0 - parts[0] / mixed, self.fraction)
@@ -211,11 +215,12 @@ class MixtureFit:
 
 
 def fit_mixture(train: np.ndarray, null: np.ndarray, alternatives: Sequence[np.ndarray],
-                shifts: int = 81, iterations: int = 300) -> MixtureFit:
-    """Maximum likelihood weights and shift of train ~ w0 f0(x - shift) + sum_k wk fk(x - shift): f0
-    the null's kernel density, fk each alternative's (each simulated corruption, so the real one may be
-    any mix of them). Weights by EM (the likelihood is concave in them), the shift on a grid."""
-    spread = _robust_sd(null)
+                shifts: int = 81, iterations: int = 300, scales: Sequence[float] = (1.0,)) -> MixtureFit:
+    """Maximum likelihood weights, shift and scale of train ~ w0 g0 + sum_k wk gk, where gk is component k's
+    kernel density (the null's, then each alternative's: each simulated corruption, so the real one may be any
+    mix of them) narrowed by `scale` towards the null's median and moved by `shift`. Weights by EM (the
+    likelihood is concave in them), the shift and the scale on a grid."""
+    spread, centre = _robust_sd(null), float(np.median(null))
     everything = np.concatenate([null, *alternatives])
     grid = np.linspace(everything.min() - 8 * spread, everything.max() + 8 * spread, GRID)
     densities = [_density(null, grid)] + [_density(a, grid) for a in alternatives]
@@ -223,16 +228,23 @@ def fit_mixture(train: np.ndarray, null: np.ndarray, alternatives: Sequence[np.n
     centres, counts = (edges[:-1] + edges[1:]) / 2, counts.astype(np.float64)
     keep = counts > 0
     centres, counts = centres[keep], counts[keep]
-    candidates = np.linspace(-MAX_SHIFT * spread, MAX_SHIFT / 4 * spread, shifts)
-    # component density at every bin centre, per candidate shift: (shifts, components, bins)
-    table = np.stack([np.stack([np.interp(centres - s, grid, d) for d in densities]) for s in candidates]) + 1e-300
+    candidates = [(b, s) for b in scales for s in np.linspace(-MAX_SHIFT * spread, MAX_SHIFT / 4 * spread, shifts)]
+    # component density at every bin centre, per candidate (scale, shift): (candidates, components, bins)
+    table = np.stack([np.stack([np.interp(_unscaled(centres, s, b, centre), grid, d) / b
+                                for d in densities]) for b, s in candidates]) + 1e-300
     weights = np.full(table.shape[:2], 1.0 / len(densities))
     for _ in range(iterations):
         mixed = np.einsum("sk,skb->sb", weights, table)
         weights = weights * np.einsum("skb,sb,b->sk", table, 1.0 / mixed, counts) / counts.sum()
     likelihood = (counts * np.log(np.einsum("sk,skb->sb", weights, table))).sum(axis=1)
     best = int(np.argmax(likelihood))
-    return MixtureFit(weights[best], float(candidates[best]), grid, densities)
+    scale, shift = candidates[best]
+    return MixtureFit(weights[best], float(shift), grid, densities, float(scale), centre)
+
+
+def _unscaled(values: np.ndarray, shift: float, scale: float, centre: float) -> np.ndarray:
+    """Where a training value lands on the validation scale: the shift undone, then the narrowing."""
+    return (values - shift - centre) / scale + centre
 
 
 def flags_for_target(probability: np.ndarray, target: float) -> np.ndarray:
@@ -247,12 +259,16 @@ def flags_for_target(probability: np.ndarray, target: float) -> np.ndarray:
 
 
 def _interval(train: np.ndarray, null: np.ndarray, alternatives: Sequence[np.ndarray],
-              seed: int) -> tuple[float, float]:
+              seed: int, scale: float = 1.0, scales: Sequence[float] = (1.0,)) -> tuple[float, float]:
     """Bootstrap percentile interval of the fraction: training pairs, validation pairs and each
-    corrupted copy resampled, the whole fit repeated (on a coarser shift grid)."""
+    corrupted copy resampled, the whole fit repeated (on a coarser shift grid, and with the scales next to
+    the fitted `scale` only: the whole grid would cost 8x)."""
     rng = np.random.default_rng(seed)
+    step = max(np.diff(sorted(scales)).min(), 1e-9) if len(scales) > 1 else 1.0
+    near = [b for b in scales if abs(b - scale) <= step * 1.01]
     estimates = [fit_mixture(rng.choice(train, len(train)), rng.choice(null, len(null)),
-                             [rng.choice(a, len(a)) for a in alternatives], shifts=21, iterations=150).fraction
+                             [rng.choice(a, len(a)) for a in alternatives], shifts=21, iterations=150,
+                             scales=near).fraction
                  for _ in range(BOOTSTRAP)]
     tail = (1 - INTERVAL) / 2
     low, high = np.quantile(estimates, [tail, 1 - tail])
@@ -286,13 +302,17 @@ def _robust_sd(values: np.ndarray) -> float:
 
 
 def _isotonic(values: np.ndarray, raw: np.ndarray) -> np.ndarray:
-    """Least-squares non-decreasing fit of raw against values (pool adjacent violators)."""
-    from sklearn.isotonic import IsotonicRegression
+    """Least-squares non-decreasing fit of raw against values (pool adjacent violators, scipy's; equal values
+    share one fitted value, the weighted mean of their raw values). scipy.optimize rather than scikit-learn:
+    the same fit, and a fresh `ecif edit` or audit no longer pays scikit-learn's import (2-4 s here)."""
+    from scipy.optimize import isotonic_regression
     finite = np.isfinite(values)
     out = np.full(len(values), np.nan)
     if finite.any():
-        fit = IsotonicRegression(y_min=0.0, y_max=1.0, increasing=True, out_of_bounds="clip")
-        out[finite] = fit.fit_transform(values[finite], raw[finite])
+        distinct, inverse, counts = np.unique(values[finite], return_inverse=True, return_counts=True)
+        means = np.bincount(inverse, weights=raw[finite]) / counts
+        fitted = isotonic_regression(means, weights=counts.astype(np.float64), increasing=True).x
+        out[finite] = np.clip(fitted, 0.0, 1.0)[inverse]
     return out
 
 

@@ -157,18 +157,41 @@ def test_a_reference_that_knows_the_domain_is_the_estimate_alone():
     assert mixed.details["statistic"] == "suspicion" and "lower bound" in mixed.details["caveat"]
 
 
-def test_a_model_that_memorised_its_pairs_makes_no_estimate():
-    """Training pairs, misaligned ones included, score far more aligned than any unseen pair (a model
-    trained to memorisation, no reference): the validation pairs are no yardstick, so no number."""
+def test_a_model_that_memorised_its_pairs_is_counted_through_the_fitted_narrowing():
+    """The audited model fits its training pairs, misaligned ones included, tighter and more aligned than any
+    unseen pair (a model trained to memorisation, no reference; digits from scratch: about half as wide). The
+    fit narrows both validation components by one fitted scale, so the count is right; the single-shift fit of
+    the last round, on the same data, reads the compressed tail as aligned and undercounts."""
     rng = np.random.default_rng(9)
-    values, _ = _mixture(rng, 3000, 0.15, shift=0.0)
+    values, bad = _mixture(rng, 3000, 0.15, shift=0.0)
     null, alternative = _validation(rng)
     memorised = 0.45 * values - 1.0           # tighter and more aligned than anything unseen
     cosines = {"clip_score": {"clean": -null, "shuffle": -alternative[::2], "word_swap": -alternative[1::2]}}
     cal = calibrate({"clip_score_loo": -memorised}, None, cosines, memorised)
-    assert not cal.estimable and "memorised" in cal.reason and "reference" in cal.reason
+    assert cal.estimable and abs(cal.fraction - bad.mean()) < 0.04
+    assert cal.interval[0] <= bad.mean() <= cal.interval[1]
+    assert cal.details["memorisation_scale"] < 0.7 and "lower bound" in cal.details["caveat"]
+    train, null_z, alternatives, _ = statistic({"clip_score_loo": -memorised}, None, cosines)
+    assert fit_mixture(train, null_z, list(alternatives.values())).fraction < bad.mean() - 0.1
     honest = calibrate({"clip_score_loo": -values}, None, cosines, values)
-    assert honest.estimable and honest.details["validation_below_training_quartile"] > 0.2
+    assert honest.estimable and abs(honest.fraction - bad.mean()) < 0.04
+
+
+def test_misaligned_pairs_memorised_into_the_aligned_bulk_are_a_lower_bound():
+    """Without a reference, misaligned pairs the model learned as if aligned (a name learned wrongly) score
+    like clean ones: they cannot be counted, and the caveat says the estimate is a lower bound; it must not
+    overcount the ones it cannot see."""
+    rng = np.random.default_rng(11)
+    n = 3000
+    bad = rng.random(n) < 0.15
+    # clean training pairs: the null narrowed; misaligned ones: memorised to score like clean pairs, a few not
+    learned = rng.random(n) < 0.8
+    values = np.where(bad & ~learned, rng.normal(3.0, 1.0, n), rng.normal(0.0, 1.0, n)) * 0.5 - 0.5
+    null, alternative = _validation(rng)
+    cosines = {"clip_score": {"clean": -null, "shuffle": -alternative[::2], "word_swap": -alternative[1::2]}}
+    cal = calibrate({"clip_score_loo": -values}, None, cosines, values)
+    assert cal.estimable and "lower bound" in cal.details["caveat"]
+    assert cal.fraction < bad.mean() - 0.05 and abs(cal.fraction - (bad & ~learned).mean()) < 0.03
 
 
 def test_a_reference_trained_on_the_audited_pairs_makes_no_estimate():
@@ -225,3 +248,19 @@ def test_without_the_interval_the_flags_posteriors_and_estimate_are_the_same(mon
     np.testing.assert_array_equal(quick.probability, full.probability)
     assert quick.fraction == full.fraction and quick.summary()["estimated_misaligned_pairs"] == full.summary()["estimated_misaligned_pairs"]
     assert "interval" not in calibration.describe(quick.summary()) and "interval" in calibration.describe(full.summary())
+
+
+def test_the_monotone_posterior_fit_equals_scikit_learns_isotonic_regression():
+    """calibration._isotonic (scipy's pool adjacent violators, ties pooled) against scikit-learn's
+    IsotonicRegression, the reference implementation, on data with ties and NaNs."""
+    from sklearn.isotonic import IsotonicRegression
+
+    rng = np.random.default_rng(12)
+    values = np.round(rng.normal(size=2000), 1)      # many ties
+    values[::9] = np.nan
+    raw = np.clip(rng.normal(0.5, 0.3, 2000), 0, 1)
+    finite = np.isfinite(values)
+    expected = IsotonicRegression(y_min=0.0, y_max=1.0, increasing=True).fit_transform(values[finite], raw[finite])
+    got = calibration._isotonic(values, raw)
+    np.testing.assert_allclose(got[finite], expected, atol=1e-12)
+    assert np.isnan(got[~finite]).all()
