@@ -17,7 +17,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from ecif_core.metrics import auroc
+from ecif_core.metrics import auroc, soft_auroc
 from ecif_core.ranking import (DEFAULT_FLAG_PRECISION, EVIDENCE_RULE, SUSPECT_Z, SUSPICION_SIGN, evidence_terms,
                                suspected_flags)
 
@@ -121,8 +121,7 @@ def calibrate(scores: Mapping[str, np.ndarray], evidence: Mapping[str, Mapping[s
     n = len(suspicion)
     if cosines is None:
         return _not_estimable(n, suspicion, target_precision, missing)
-    reference = ((evidence or {}).get("reference_clip_score") or {}).get("mean")
-    alone = "reference_clip_score" in cosines and reference is not None and reference >= REFERENCE_COMPETENT
+    alone = _reference_alone(evidence, cosines)
     used = {**evidence, "clip_score": {"mean": 0.5}} if alone else evidence  # 0.5: the audited term's weight 0
     train, null, alternative, weights = statistic(scores, used, cosines)
     separation = auroc(np.concatenate([null, np.concatenate(list(alternative.values()))]),
@@ -133,7 +132,8 @@ def calibrate(scores: Mapping[str, np.ndarray], evidence: Mapping[str, Mapping[s
                    f"{REFERENCE_COMPETENT}): misaligned pairs the audited model learned consistently (a concept "
                    "named wrongly everywhere) or memorised look aligned to it and are not counted, so the estimate "
                    "is a lower bound"),
-               "validation_separation_auroc": _round(separation), "term_weights": weights}
+               "validation_separation_auroc": _round(separation), "term_weights": weights,
+               "audited_training_auroc": _round(((evidence or {}).get("clip_score") or {}).get("training"))}
     if not separation >= MIN_SEPARATION:
         return _not_estimable(n, suspicion, target_precision,
                               f"the models barely tell clean from corrupted validation pairs (AUROC {separation:.2f} "
@@ -161,6 +161,35 @@ def calibrate(scores: Mapping[str, np.ndarray], evidence: Mapping[str, Mapping[s
                        None if bounds is None else (min(bounds[0], fit.fraction), max(bounds[1], fit.fraction)),
                        float(probability[flags].mean()) if flags.any() else None,
                        float(probability[flags].sum() / expected) if expected > 0 else None, details)
+
+
+def training_evidence(scores: Mapping[str, np.ndarray], evidence: Mapping[str, Mapping[str, float]] | None,
+                      cosines: Mapping[str, Mapping[str, np.ndarray]] | None) -> float | None:
+    """How well the audited model's own column (EVIDENCE_RULE's) ranks its training pairs, judged by a competent
+    reference's posterior (soft AUROC), or None without such a reference. Validation pairs cannot show a name
+    the fine-tune learned wrongly and consistently (it scores those training pairs as aligned, an unseen pair
+    with that name as misaligned); a reference that never saw the pairs can. The default ranking weighs the
+    audited term by the lower of this and its validation evidence (ranking.model_auroc)."""
+    if cosines is None or not _reference_alone(evidence, cosines):
+        return None
+    used = {**evidence, "clip_score": {"mean": 0.5}}   # the reference's statistic alone, as calibrate fits it
+    train, null, alternative, _ = statistic(scores, used, cosines)
+    if float((null < np.quantile(train, 0.25)).mean()) < MIN_BELOW_QUARTILE:
+        return None                                     # a reference trained on the pairs: no judge
+    probability = fit_mixture(train, null, list(alternative.values())).posterior(train)
+    audited = SUSPICION_SIGN[EVIDENCE_RULE[0]] * np.asarray(scores[EVIDENCE_RULE[0]], dtype=np.float64)
+    usable = np.isfinite(audited) & np.isfinite(probability)
+    p = probability[usable]
+    if not usable.any() or p.sum() <= 0 or (1 - p).sum() <= 0:
+        return None
+    return soft_auroc(audited[usable], p)
+
+
+def _reference_alone(evidence: Mapping[str, Mapping[str, float]] | None,
+                     cosines: Mapping[str, Mapping[str, np.ndarray]]) -> bool:
+    """The estimate's statistic is the reference's CLIP score alone: it knows the domain (REFERENCE_COMPETENT)."""
+    reference = ((evidence or {}).get("reference_clip_score") or {}).get("mean")
+    return "reference_clip_score" in cosines and reference is not None and reference >= REFERENCE_COMPETENT
 
 
 def statistic(scores: Mapping[str, np.ndarray], evidence: Mapping[str, Mapping[str, float]] | None,

@@ -73,6 +73,28 @@ def auroc(scores: ArrayLike, labels: ArrayLike) -> float:
     return float(u / (n_pos * n_neg))
 
 
+def soft_auroc(scores: ArrayLike, positive_probability: ArrayLike) -> float:
+    """AUROC against soft labels: the pair (i, j), i != j, counts with weight p_i (1 - p_j), scoring 1 when
+    score_i > score_j and 1/2 on a tie. With 0/1 probabilities it is `auroc`. Used to judge a model on its
+    own training pairs against another model's posterior (calibration.training_evidence)."""
+    score_array = _scores(scores, "scores")
+    p = np.asarray(positive_probability, dtype=np.float64)
+    if p.shape != score_array.shape or not np.all((p >= 0) & (p <= 1)):
+        raise ValueError(f"positive_probability must be in [0, 1] with the length of scores ({len(score_array)})")
+    q = 1.0 - p
+    order = np.argsort(score_array, kind="stable")
+    ordered, p, q = score_array[order], p[order], q[order]
+    starts = np.r_[True, ordered[1:] != ordered[:-1]]
+    group = np.cumsum(starts) - 1
+    group_q = np.bincount(group, weights=q)
+    below = np.r_[0.0, np.cumsum(group_q)[:-1]][group]            # negatives' weight strictly below
+    wins = (p * (below + 0.5 * (group_q[group] - q))).sum()        # ties: half, never the pair with itself
+    total = (p * (q.sum() - q)).sum()
+    if total <= 0:
+        raise ValueError("positive_probability must hold both positive and negative weight")
+    return float(wins / total)
+
+
 def average_precision(scores: ArrayLike, labels: ArrayLike) -> float:
     """sum_t (R_t - R_{t-1}) P_t over distinct score thresholds t, descending (as sklearn).
 

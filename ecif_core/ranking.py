@@ -86,6 +86,8 @@ RULES: tuple[RankingRule, ...] = (
     RankingRule("evidence", (),
                 "robust z-scores of `clip_score_loo` and `reference_clip_score`, averaged with weights "
                 "2 AUROC - 1 from the validation evidence (a model at chance on this domain gets weight 0; "
+                "with a reference that knows the domain, the audited model's AUROC is the lower of its "
+                "validation AUROC and its AUROC on its own training pairs judged by the reference; "
                 "without a reference, `clip_score_loo` alone; without a validation set, equal weights); "
                 "this score is the `suspicion` column", _evidence),
     _single("self_influence"), _single("self_influence_clip"), _single("clip_score"), _single("clip_score_loo"),
@@ -132,6 +134,16 @@ def ranking(misalignment: torch.Tensor) -> torch.Tensor:
     return torch.argsort(-misalignment.to(torch.float64), stable=True)
 
 
+def model_auroc(evidence: Mapping[str, float]) -> float | None:
+    """The AUROC a model's term is weighted by: its validation evidence (`mean`, how well it tells clean from
+    corrupted unseen pairs) or, when lower, its `training` AUROC (how well it ranks its own training pairs by a
+    competent reference's posterior, calibration.training_evidence): a fine-tune that learned a wrong name
+    consistently scores those pairs as aligned, which no unseen pair can show."""
+    found = [evidence.get(key) for key in ("mean", "training")]
+    found = [value for value in found if value is not None and value == value]
+    return min(found) if found else None
+
+
 def evidence_weight(auroc: float | None, power: float = 1.0) -> float:
     """(2 AUROC - 1)^power clipped at 0: 0 for a model at chance on this domain, 1 for a perfect one."""
     if auroc is None or auroc != auroc:
@@ -144,7 +156,7 @@ class EvidenceTerm:
     """One term of an evidence-weighted score: `weight` x `values`, divided by the terms' total weight."""
 
     column: str                 # the ranked.csv column the term is computed from
-    auroc: float | None         # that model's AUROC on the validation evidence (None: no validation set)
+    auroc: float | None         # that model's AUROC (model_auroc: validation, or training when lower; None: no validation set)
     weight: float               # evidence_weight(auroc) (1 for every term when all are 0); not yet normalised
     values: torch.Tensor        # the column oriented and normalised (rank or robust z): higher = more suspicious
 
@@ -158,7 +170,7 @@ def evidence_terms(scores: Scores, audited: str, power: float, how: str,
     reference = scores.get("reference_clip_score")
     if reference is not None and not torch.isnan(reference).all():
         found.append(("reference_clip_score", "reference_clip_score", -reference.to(torch.float64)))
-    aurocs = [evidence.get(model, {}).get("mean") for _, model, _ in found]
+    aurocs = [model_auroc(evidence.get(model, {})) for _, model, _ in found]
     weights = [evidence_weight(auroc, power) for auroc in aurocs]
     if sum(weights) == 0:  # both at chance: nothing to weigh by, equal weights
         weights = [1.0] * len(found)

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ecif_core.calibration import Calibration, calibrate
+from ecif_core.calibration import Calibration, calibrate, training_evidence
 from ecif_core.data.sources import Pair
 from ecif_core.progress import Progress
 from ecif_core.ranking import RANK_BY, misalignment_score, ranking, suspicion
@@ -36,7 +36,7 @@ def final_ranking(audit_dir: str | Path, interval: bool = True) -> Ranking:
     o = manifest_of(plan).options
     slots, pairs, cols = scored_columns(audit_dir)
     scores = {k: torch.from_numpy(np.asarray(v, dtype=np.float64)) for k, v in cols.items()}
-    evidence = audit_evidence(audit_dir)
+    evidence = ranking_evidence(audit_dir, cols)
     cols["suspicion"] = suspicion(scores, evidence).numpy()
     score = misalignment_score(scores, o.rank_by, evidence).numpy()
     order = ranking(torch.from_numpy(score)).numpy()
@@ -66,7 +66,7 @@ def misalignment_columns(audit_dir: str | Path) -> tuple[list[str], dict[str, np
     more likely misaligned): re-ranking a finished audit costs no gradient (benchmarks, what-ifs)."""
     _, pairs, cols = scored_columns(audit_dir)
     scores = {k: torch.from_numpy(np.asarray(v, dtype=np.float64)) for k, v in cols.items()}
-    evidence = audit_evidence(audit_dir)
+    evidence = ranking_evidence(audit_dir, cols)
     out = {}
     for rule in RANK_BY:
         try:
@@ -74,3 +74,16 @@ def misalignment_columns(audit_dir: str | Path) -> tuple[list[str], dict[str, np
         except ValueError:  # needs a validation set or a reference this audit lacks
             continue
     return [p.id for p in pairs], out
+
+
+def ranking_evidence(audit_dir: str | Path, cols: dict[str, np.ndarray]) -> dict | None:
+    """The evidence the rankings weigh each model by: the validation stage's AUROCs, plus the audited model's
+    AUROC on its own training pairs judged by a competent reference (calibration.training_evidence) when the
+    audit has one. None without a validation set."""
+    evidence = audit_evidence(audit_dir)
+    if evidence is None:
+        return None
+    training = training_evidence(cols, evidence, open_store(audit_dir).validation_cosines())
+    if training is None:
+        return evidence
+    return {**evidence, "clip_score": {**evidence.get("clip_score", {}), "training": training}}

@@ -264,3 +264,43 @@ def test_the_monotone_posterior_fit_equals_scikit_learns_isotonic_regression():
     got = calibration._isotonic(values, raw)
     np.testing.assert_allclose(got[finite], expected, atol=1e-12)
     assert np.isnan(got[~finite]).all()
+
+
+def _systematic(rng, n=3000, m=400, fraction=0.2, learned_wrongly=0.6):
+    """Scores of a fine-tune that learned a share of its misaligned pairs as aligned (a name learned wrongly,
+    consistently), and of a competent reference that never saw them."""
+    bad = rng.random(n) < fraction
+    hidden = bad & (rng.random(n) < learned_wrongly)
+    reference = np.where(bad, rng.normal(0.45, 0.05, n), rng.normal(0.6, 0.05, n))
+    audited = np.where(bad & ~hidden, rng.normal(0.55, 0.05, n), rng.normal(0.8, 0.05, n))
+    cosines = {"clip_score": {"clean": rng.normal(0.75, 0.05, m), "shuffle": rng.normal(0.5, 0.05, m),
+                              "word_swap": rng.normal(0.55, 0.05, m)},
+               "reference_clip_score": {"clean": rng.normal(0.6, 0.05, m), "shuffle": rng.normal(0.45, 0.05, m),
+                                        "word_swap": rng.normal(0.47, 0.05, m)}}
+    evidence = {"clip_score": {"mean": 0.99}, "reference_clip_score": {"mean": 0.97}}
+    return {"clip_score_loo": audited, "reference_clip_score": reference}, evidence, cosines, bad
+
+
+def test_the_audited_models_training_auroc_is_judged_by_the_reference_and_lowers_its_weight():
+    """A fine-tune that learned 60% of its misaligned pairs as aligned ranks its training pairs badly, which its
+    validation evidence (0.99) cannot show; the reference's posterior can. training_evidence measures it
+    (a little below the truth), and the default ranking then weighs the audited term by it: a better ranking than with the
+    validation evidence alone. Without a competent reference there is no judge (None)."""
+    import torch
+
+    from ecif_core.metrics import auroc
+    from ecif_core.ranking import suspicion
+
+    rng = np.random.default_rng(13)
+    scores, evidence, cosines, bad = _systematic(rng)
+    training = calibration.training_evidence(scores, evidence, cosines)
+    truth = auroc(-scores["clip_score_loo"], bad)
+    # soft labels pull the estimate towards 0.5 where the posterior is unsure: a conservative (lower) weight
+    assert truth - 0.1 < training <= truth + 0.02 and training < 0.8
+    tensors = {k: torch.as_tensor(v) for k, v in scores.items()}
+    validation_only = suspicion(tensors, evidence).numpy()
+    judged = suspicion(tensors, {**evidence, "clip_score": {"mean": 0.99, "training": training}}).numpy()
+    assert auroc(judged, bad) > auroc(validation_only, bad) + 0.01
+    weak = {**evidence, "reference_clip_score": {"mean": 0.65}}
+    assert calibration.training_evidence(scores, weak, cosines) is None
+    assert calibration.training_evidence(scores, evidence, None) is None

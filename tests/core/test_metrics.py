@@ -6,7 +6,7 @@ import pytest
 from scipy.stats import spearmanr
 from sklearn.metrics import average_precision_score, roc_auc_score
 
-from ecif_core.metrics import auroc, average_precision, detection_report, precision_at_k, spearman
+from ecif_core.metrics import auroc, average_precision, detection_report, precision_at_k, soft_auroc, spearman
 
 SCORES = [0.9, 0.8, 0.7, 0.6]
 LABELS = [1, 0, 1, 0]
@@ -125,3 +125,23 @@ def test_bad_inputs_raise_value_error_naming_the_argument(call, name: str) -> No
 def test_boolean_and_float_labels_accepted() -> None:
     assert auroc(SCORES, np.array(LABELS, dtype=bool)) == pytest.approx(0.75)
     assert auroc(SCORES, np.array(LABELS, dtype=float)) == pytest.approx(0.75)
+
+
+def test_soft_auroc_is_the_weighted_pair_count_and_auroc_on_hard_labels() -> None:
+    """soft_auroc against the double loop over its definition (pairs i != j weighted p_i (1 - p_j), ties
+    half), and equal to auroc when the probabilities are 0/1."""
+    rng = np.random.default_rng(5)
+    scores = np.round(rng.normal(size=50), 1)          # ties
+    p = rng.random(50)
+    wins = total = 0.0
+    for i in range(50):
+        for j in range(50):
+            if i != j:
+                weight = p[i] * (1 - p[j])
+                total += weight
+                wins += weight * ((scores[i] > scores[j]) + 0.5 * (scores[i] == scores[j]))
+    assert soft_auroc(scores, p) == pytest.approx(wins / total, abs=1e-12)
+    labels = rng.random(50) < 0.3
+    assert soft_auroc(scores, labels.astype(float)) == pytest.approx(auroc(scores, labels), abs=1e-12)
+    with pytest.raises(ValueError, match="positive_probability"):
+        soft_auroc(scores, np.full(50, 1.5))

@@ -42,6 +42,7 @@ def audited(tmp_path_factory) -> tuple[list[dict], np.ndarray, dict]:
     with Path(tuned.truth).open() as handle:
         truth = {r["id"]: int(r["corrupted"]) for r in csv.DictReader(handle)}
     summary = json.loads((root / "audit" / "summary.json").read_text())
+    summary["audit_dir"] = str(root / "audit")
     return rows, np.array([truth[r["id"]] for r in rows]), summary
 
 
@@ -76,3 +77,29 @@ def test_flags_meet_their_estimated_precision(audited):
 def test_estimated_fraction_is_near_the_truth(audited):
     _, labels, summary = audited
     assert abs(summary["estimated_misaligned_fraction"] - labels.mean()) <= 0.05
+
+
+def test_the_audited_term_is_weighed_by_its_training_auroc(audited):
+    """With a competent reference, ranked.csv's suspicion weighs the audited model's term by the lower of its
+    validation AUROC and its AUROC on its own training pairs judged by the reference (finalize.ranking_evidence);
+    the summary records the latter. Finalize ranking by the validation evidence alone fails here."""
+    import torch
+
+    from ecif_core.ranking import suspicion
+    from ecif_core.stages import audit_evidence
+    from ecif_core.stages.finalize import ranking_evidence
+
+    rows, _, summary = audited
+    assert summary["details"]["statistic"] == "reference_clip_score alone"
+    training = summary["details"]["audited_training_auroc"]
+    assert training is not None and 0.5 < training < 1.0
+    columns = {c: np.array([float(r[c]) for r in rows]) for c in ("clip_score_loo", "reference_clip_score")}
+    evidence = ranking_evidence(summary["audit_dir"], columns)
+    assert evidence["clip_score"]["training"] == pytest.approx(training, abs=1e-4)
+    tensors = {k: torch.as_tensor(v) for k, v in columns.items()}
+    stored = np.array([float(r["suspicion"]) for r in rows])
+    np.testing.assert_allclose(stored, suspicion(tensors, evidence).numpy(), rtol=1e-5, atol=1e-6)
+    validation = audit_evidence(summary["audit_dir"])
+    print(f"audited model: validation AUROC {validation['clip_score']['mean']:.3f}, training AUROC {training:.3f}")
+    assert training < validation["clip_score"]["mean"]   # measured 0.658 < 0.706 (seed 0)
+    assert not np.allclose(stored, suspicion(tensors, validation).numpy(), atol=1e-6)
