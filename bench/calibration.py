@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from bench.quality.scoring import truth_labels
+from ecif_core.metrics import auroc
 from ecif_core.stages import final_ranking
 
 LEARNED_TOP1 = 0.5   # "learned its data": clean-split image-to-text top-1 at least this
@@ -38,6 +39,10 @@ def evaluate(audit_dir: Path, truth_csv: Path) -> dict[str, Any]:
                            "flagged": int(flags.sum()), "flagged_fraction": float(flags.mean()),
                            "measured_precision": hits / int(flags.sum()) if flags.any() else None,
                            "measured_recall": hits / int(labels.sum()) if labels.any() else None}
+    if 0 < labels.sum() < len(labels):  # the default ranking's AUROC with the current code (not the cell's record)
+        position = np.empty(len(labels))
+        position[result.order] = np.arange(len(labels))
+        out["default_auroc"] = auroc(-position, labels)
     if summary["estimable"]:
         low, high = summary["interval"]
         out["error"] = summary["estimated_misaligned_fraction"] - out["true_fraction"]

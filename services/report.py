@@ -21,7 +21,7 @@ from ecif_core.data.storage import read_bytes, write_bytes
 from ecif_core.ranking import SUSPECT_Z
 from ecif_core.data.images import TAR_MEMBER, load_image, local_image
 from ecif_core.data.remote import is_url
-from ecif_core.stages import audit_evidence
+from ecif_core.stages.finalize import ranking_evidence
 
 from .db.models import Audit, PairRow, Score, Trace
 from .db.session import session_scope
@@ -82,7 +82,7 @@ def audit_report_html(database_url: str, audit_id: str, links: dict[str, str],
     columns = {name: np.array([np.nan if getattr(r, name) is None else getattr(r, name) for r in rows], dtype=float)
                for name in ("influence", "influence_pos", "influence_neg", "self_influence", "suspicion",
                             "clip_score", "clip_score_loo", "reference_clip_score")}
-    evidence = audit_evidence(meta["audit_dir"])
+    evidence = ranking_evidence(meta["audit_dir"], columns)   # the weights the suspicion column was made with
     parts = evidence_parts(columns, evidence)
     position = {int(r.slot): i for i, r in enumerate(rows)}
     thumbs = _Thumbnails(meta["audit_dir"], data_roots)
@@ -225,7 +225,9 @@ def _details(meta: dict, parts: list[EvidencePart]) -> str:
               f"{meta['curvature_shift']:.4g}" if meta["curvature_shift"] is not None else "-"),
              ("projection size k", meta["dim"])]
     items += [(f"evidence weight of the {p.label}",
-               f"{p.weight:.3f}" + ("" if p.auroc is None else f" (validation AUROC {p.auroc:.3f})")) for p in parts]
+               f"{p.weight:.3f}" + ("" if p.auroc is None else f" (AUROC {p.auroc:.3f}: validation, or its own "
+                                                                "training pairs judged by the reference when lower)"))
+              for p in parts]
     cells = "".join(f"<tr><td>{html.escape(str(k))}</td><td>{html.escape(str(v))}</td></tr>" for k, v in items)
     return f'<details id="details"><summary>Details</summary><table class="summary">{cells}</table></details>'
 

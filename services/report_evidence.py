@@ -24,7 +24,7 @@ class EvidencePart:
 
     label: str        # what the z-score is of, in words
     column: str       # the ranked.csv column it is computed from
-    auroc: float | None   # the model's AUROC on the validation evidence (None: no validation set)
+    auroc: float | None   # the model's AUROC (ranking.model_auroc; None: no validation set)
     weight: float     # normalised: the parts' weights sum to 1
     z: np.ndarray
 

@@ -157,41 +157,39 @@ def test_a_reference_that_knows_the_domain_is_the_estimate_alone():
     assert mixed.details["statistic"] == "suspicion" and "lower bound" in mixed.details["caveat"]
 
 
-def test_a_model_that_memorised_its_pairs_is_counted_through_the_fitted_narrowing():
-    """The audited model fits its training pairs, misaligned ones included, tighter and more aligned than any
-    unseen pair (a model trained to memorisation, no reference; digits from scratch: about half as wide). The
-    fit narrows both validation components by one fitted scale, so the count is right; the single-shift fit of
-    the last round, on the same data, reads the compressed tail as aligned and undercounts."""
+def test_a_mildly_narrowed_model_is_counted_through_the_fitted_scale():
+    """The audited model fits its training pairs, misaligned ones included, somewhat tighter and more aligned
+    than unseen pairs (scale 0.85). The fit narrows both validation components by one fitted scale, so the
+    count is right; the single-shift fit of the last round, on the same data, reads half of it."""
     rng = np.random.default_rng(9)
     values, bad = _mixture(rng, 3000, 0.15, shift=0.0)
     null, alternative = _validation(rng)
-    memorised = 0.45 * values - 1.0           # tighter and more aligned than anything unseen
+    narrowed = 0.85 * values - 0.3
+    cosines = {"clip_score": {"clean": -null, "shuffle": -alternative[::2], "word_swap": -alternative[1::2]}}
+    cal = calibrate({"clip_score_loo": -narrowed}, None, cosines, narrowed)
+    assert cal.estimable and abs(cal.fraction - bad.mean()) < 0.03
+    assert cal.interval[0] <= bad.mean() <= cal.interval[1]
+    assert 0.8 <= cal.details["memorisation_scale"] <= 0.9 and "lower bound" in cal.details["caveat"]
+    train, null_z, alternatives, _ = statistic({"clip_score_loo": -narrowed}, None, cosines)
+    assert fit_mixture(train, null_z, list(alternatives.values())).fraction < bad.mean() - 0.04
+
+
+def test_a_model_that_memorised_its_pairs_makes_no_estimate():
+    """Training pairs, misaligned ones included, score far tighter and more aligned than any unseen pair (a
+    model trained to memorisation, no reference; digits from scratch: fitted scales 0.45-0.75): no number,
+    and the reason says why and asks for a reference. The same pairs unmemorised are estimated."""
+    rng = np.random.default_rng(9)
+    values, bad = _mixture(rng, 3000, 0.15, shift=0.0)
+    null, alternative = _validation(rng)
+    memorised = 0.45 * values - 1.0
     cosines = {"clip_score": {"clean": -null, "shuffle": -alternative[::2], "word_swap": -alternative[1::2]}}
     cal = calibrate({"clip_score_loo": -memorised}, None, cosines, memorised)
-    assert cal.estimable and abs(cal.fraction - bad.mean()) < 0.04
-    assert cal.interval[0] <= bad.mean() <= cal.interval[1]
-    assert cal.details["memorisation_scale"] < 0.7 and "lower bound" in cal.details["caveat"]
-    train, null_z, alternatives, _ = statistic({"clip_score_loo": -memorised}, None, cosines)
-    assert fit_mixture(train, null_z, list(alternatives.values())).fraction < bad.mean() - 0.1
+    assert not cal.estimable and "memorised" in cal.reason and "reference" in cal.reason
+    assert cal.details["memorisation_scale"] < calibration.MIN_MEMORISATION_SCALE
+    assert cal.flags.sum() == (memorised > SUSPECT_Z).sum()      # the fallback flag
     honest = calibrate({"clip_score_loo": -values}, None, cosines, values)
     assert honest.estimable and abs(honest.fraction - bad.mean()) < 0.04
-
-
-def test_misaligned_pairs_memorised_into_the_aligned_bulk_are_a_lower_bound():
-    """Without a reference, misaligned pairs the model learned as if aligned (a name learned wrongly) score
-    like clean ones: they cannot be counted, and the caveat says the estimate is a lower bound; it must not
-    overcount the ones it cannot see."""
-    rng = np.random.default_rng(11)
-    n = 3000
-    bad = rng.random(n) < 0.15
-    # clean training pairs: the null narrowed; misaligned ones: memorised to score like clean pairs, a few not
-    learned = rng.random(n) < 0.8
-    values = np.where(bad & ~learned, rng.normal(3.0, 1.0, n), rng.normal(0.0, 1.0, n)) * 0.5 - 0.5
-    null, alternative = _validation(rng)
-    cosines = {"clip_score": {"clean": -null, "shuffle": -alternative[::2], "word_swap": -alternative[1::2]}}
-    cal = calibrate({"clip_score_loo": -values}, None, cosines, values)
-    assert cal.estimable and "lower bound" in cal.details["caveat"]
-    assert cal.fraction < bad.mean() - 0.05 and abs(cal.fraction - (bad & ~learned).mean()) < 0.03
+    assert honest.details["memorisation_scale"] >= 0.95
 
 
 def test_a_reference_trained_on_the_audited_pairs_makes_no_estimate():

@@ -13,7 +13,7 @@ from ecif_core.data.images import load_image
 from ecif_core.datasets.digits import class_prompts, label_of_caption
 from ecif_core.errors import ConfigError
 from ecif_core.trace.query import (TraceExample, alternative_captions, examples_from_json, trace, trace_loss_gradient,
-                                   trace_relative_is, trace_terms)
+                                   trace_terms)
 from services.embedded import run_audit
 from tests.core.test_audit import finished, workspace  # noqa: F401  (module fixtures)
 
