@@ -217,7 +217,9 @@ def statistic(scores: Mapping[str, np.ndarray], evidence: Mapping[str, Mapping[s
     z-score (its median and MAD) and the same evidence weights."""
     import torch
     tensors = {k: torch.as_tensor(np.asarray(v, dtype=np.float64)) for k, v in scores.items()}
-    terms = evidence_terms(tensors, EVIDENCE_RULE[0], EVIDENCE_RULE[1], EVIDENCE_RULE[2], evidence)
+    # the reference's CLIP score, not the ranking's negCLIPLoss: the validation pairs are kept as cosines
+    terms = evidence_terms(tensors, EVIDENCE_RULE[0], EVIDENCE_RULE[1], EVIDENCE_RULE[2], evidence,
+                           reference_column="reference_clip_score")
     total = sum(t.weight for t in terms)
     train = sum(t.weight * t.values.numpy() for t in terms) / total
     kinds = [k for k in next(iter(cosines.values())) if k != "clean"]

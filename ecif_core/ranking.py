@@ -32,6 +32,10 @@ SUSPICION_SIGN: dict[str, int] = {
 # Algorithm 3) and of the reference model's CLIP score, averaged with weights 2 AUROC - 1 from the
 # validation evidence (evidence.py). It is also the statistic the `suspected` flag thresholds.
 EVIDENCE_RULE = ("clip_score_loo", 1.0, "z")  # (audited column, weight power, scale)
+# The reference's term in that rule: its negCLIPLoss averaged over random batches (models/reference.py), which
+# ranked misaligned pairs above its CLIP score on every group of the fine-tuning benchmark; weighted by the
+# reference's validation evidence (measured on cosines). An audit without it uses `reference_clip_score`.
+REFERENCE_TERM = "reference_negclip"
 
 # The flag: suspected = the default rule's score (the `suspicion` column) above SUSPECT_Z, a
 # threshold chosen on the benchmark's development seeds for a precision of at least 0.8 on
@@ -84,7 +88,7 @@ def _combined(scores: Scores, evidence: Evidence | None) -> torch.Tensor:
 
 RULES: tuple[RankingRule, ...] = (
     RankingRule("evidence", (),
-                "robust z-scores of `clip_score_loo` and `reference_clip_score`, averaged with weights "
+                "robust z-scores of `clip_score_loo` and `reference_negclip`, averaged with weights "
                 "2 AUROC - 1 from the validation evidence (a model at chance on this domain gets weight 0; "
                 "with a reference that knows the domain, the audited model's AUROC is the lower of its "
                 "validation AUROC and its AUROC on its own training pairs judged by the reference; "
@@ -162,14 +166,17 @@ class EvidenceTerm:
 
 
 def evidence_terms(scores: Scores, audited: str, power: float, how: str,
-                   evidence: Evidence | None) -> list[EvidenceTerm]:
+                   evidence: Evidence | None, reference_column: str = REFERENCE_TERM) -> list[EvidenceTerm]:
     """The terms of `evidence_weighted`: the audited model's `audited` column and, when the audit
-    has one, the reference's CLIP score, each weighted by its model's evidence on this data."""
+    has one, the reference's `reference_column` (`reference_clip_score` where that one is empty), each
+    weighted by its model's evidence on this data."""
     evidence = evidence or {}
     found = [(audited, "clip_score", SUSPICION_SIGN[audited] * scores[audited].to(torch.float64))]
-    reference = scores.get("reference_clip_score")
-    if reference is not None and not torch.isnan(reference).all():
-        found.append(("reference_clip_score", "reference_clip_score", -reference.to(torch.float64)))
+    for column in dict.fromkeys((reference_column, "reference_clip_score")):
+        reference = scores.get(column)
+        if reference is not None and not torch.isnan(reference).all():
+            found.append((column, "reference_clip_score", SUSPICION_SIGN[column] * reference.to(torch.float64)))
+            break
     aurocs = [model_auroc(evidence.get(model, {})) for _, model, _ in found]
     weights = [evidence_weight(auroc, power) for auroc in aurocs]
     if sum(weights) == 0:  # both at chance: nothing to weigh by, equal weights

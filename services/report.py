@@ -72,7 +72,8 @@ def audit_report_html(database_url: str, audit_id: str, links: dict[str, str],
         rows = session.execute(select(Score.slot, Score.pair_id, PairRow.image, PairRow.caption, Score.influence,
                                       Score.influence_pos, Score.influence_neg, Score.self_influence,
                                       Score.suspicion, Score.clip_score, Score.clip_score_loo,
-                                      Score.reference_clip_score, Score.rank, Score.suspected)
+                                      Score.reference_clip_score, Score.reference_negclip, Score.rank,
+                                      Score.suspected)
                                .join(PairRow, (PairRow.audit_id == Score.audit_id) & (PairRow.slot == Score.slot))
                                .where(Score.audit_id == audit_id).order_by(Score.rank)).all()
         meta = {"id": audit.id, "status": audit.status, "pairs": audit.pairs_total, "rejected": audit.pairs_rejected,
@@ -81,7 +82,7 @@ def audit_report_html(database_url: str, audit_id: str, links: dict[str, str],
                 "rank_by": audit.manifest["options"]["rank_by"], "summary": audit.summary}
     columns = {name: np.array([np.nan if getattr(r, name) is None else getattr(r, name) for r in rows], dtype=float)
                for name in ("influence", "influence_pos", "influence_neg", "self_influence", "suspicion",
-                            "clip_score", "clip_score_loo", "reference_clip_score")}
+                            "clip_score", "clip_score_loo", "reference_clip_score", "reference_negclip")}
     evidence = ranking_evidence(meta["audit_dir"], columns)   # the weights the suspicion column was made with
     parts = evidence_parts(columns, evidence)
     position = {int(r.slot): i for i, r in enumerate(rows)}

@@ -15,7 +15,8 @@ from ecif_core.ranking import EVIDENCE_RULE, evidence_terms
 
 AUDITED = EVIDENCE_RULE[0]
 LABELS = {AUDITED: "audited model's leave-own-out CLIP score",
-          "reference_clip_score": "reference model's CLIP score"}
+          "reference_clip_score": "reference model's CLIP score",
+          "reference_negclip": "reference model's negCLIPLoss"}
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,8 @@ from ecif_core.influence.memory import parse_bytes
 from ecif_core.models.factory import LoadedModel
 from ecif_core.influence.projection import Projector
 from ecif_core.models.runtime import flush_denormals
-from ecif_core.models.reference import reference_scores
+from ecif_core.models.reference import (averaged_negclip, negclip_batchings, reference_embeddings,
+                                        reference_temperature)
 from ecif_core.progress import Progress
 
 
@@ -77,6 +78,7 @@ def _accumulate_shard(manifest: Manifest, loaded: LoadedModel, params: list, pro
     o = manifest.options
     shard_pairs = [slot_pair for batch in batches for slot_pair in batch]
     passed = 0  # pairs through the model, over every partition
+    embedded: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # local row -> the reference's (caption, image)
     for r in range(o.partitions):
         # Extra partitions re-batch the shard's own pairs (see README: "partitions").
         groups = batches if r == 0 else rebatch_within(shard_pairs, o.batch_size, seed=hash_seed(o.seed, r, shard))
@@ -97,10 +99,23 @@ def _accumulate_shard(manifest: Manifest, loaded: LoadedModel, params: list, pro
                 if result.dropped_mass is not None and "dropped_partner_mass" in terms:
                     terms["dropped_partner_mass"][local] = result.dropped_mass.numpy()
                 if reference is not None and "reference_clip_score" in terms:
-                    cos, negclip = reference_scores(reference.model, *batch_tensors(
+                    text, image = reference_embeddings(reference.model, *batch_tensors(
                         pairs, decoded, reference.preprocess, reference.tokenizer))
-                    terms["reference_clip_score"][local] = cos.numpy()
-                    terms["reference_negclip"][local] = negclip.numpy()
+                    terms["reference_clip_score"][local] = (text * image).sum(-1).numpy()
+                    embedded.update({int(row): (text[i], image[i]) for i, row in enumerate(local)})
             passed += len(batch)
             if progress is not None:
                 progress("pair", passed // o.partitions, len(shard_pairs))
+    if embedded and "reference_negclip" in terms:
+        _reference_negclip(embedded, terms, reference_temperature(reference.model), o.batch_size, o.seed, shard)
+
+
+def _reference_negclip(embedded: dict[int, tuple[torch.Tensor, torch.Tensor]], terms: dict, tau: float,
+                       batch_size: int, seed: int, shard: int) -> None:
+    """reference_negclip of the shard's pairs: negCLIPLoss averaged over seeded random batchings of the shard
+    (models/reference.py)."""
+    rows = sorted(embedded)
+    text = torch.stack([embedded[r][0] for r in rows])
+    image = torch.stack([embedded[r][1] for r in rows])
+    batchings = negclip_batchings(len(rows), batch_size, seed, shard)
+    terms["reference_negclip"][np.array(rows)] = averaged_negclip(text, image, tau, batchings).numpy()

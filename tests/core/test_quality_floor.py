@@ -93,7 +93,8 @@ def test_the_audited_term_is_weighed_by_its_training_auroc(audited):
     assert summary["details"]["statistic"] == "reference_clip_score alone"
     training = summary["details"]["audited_training_auroc"]
     assert training is not None and 0.5 < training < 1.0
-    columns = {c: np.array([float(r[c]) for r in rows]) for c in ("clip_score_loo", "reference_clip_score")}
+    columns = {c: np.array([float(r[c]) for r in rows])
+               for c in ("clip_score_loo", "reference_clip_score", "reference_negclip")}
     evidence = ranking_evidence(summary["audit_dir"], columns)
     assert evidence["clip_score"]["training"] == pytest.approx(training, abs=1e-4)
     tensors = {k: torch.as_tensor(v) for k, v in columns.items()}

@@ -18,7 +18,8 @@ from ecif_core.datasets.digits import build_digits
 from ecif_core.errors import ConfigError
 from ecif_core.evidence import corrupted_captions, separation
 from ecif_core.data.manifest import load_manifest
-from ecif_core.models.reference import reference_scores
+from ecif_core.models.reference import (NEGCLIP_REPEATS, averaged_negclip, negclip_batchings,
+                                        reference_embeddings, reference_temperature)
 from ecif_core.ranking import REFERENCE, RULES, SUSPECT_Z, VALIDATION
 from ecif_core.train import TrainConfig, train
 from services.embedded import run_audit
@@ -27,20 +28,38 @@ from tests.core.helpers import MICRO_CONFIG, micro_model, random_batch
 OPTIONS = {"projection": {"k_in": 4, "k_out": 4}, "shard_batches": 2}
 
 
-def test_reference_scores_match_a_loop_over_the_negclip_definition():
+def _negclip_loop(sim: list[list[float]], tau: float, rows: list[int], i: int) -> float:
+    """negCLIPLoss of row i within the batch `rows`, by its definition."""
+    row = math.log(sum(math.exp(sim[i][k] / tau) for k in rows))
+    col = math.log(sum(math.exp(sim[k][i] / tau) for k in rows))
+    return sim[i][i] - tau / 2 * (row + col)
+
+
+def test_averaged_negclip_matches_a_loop_over_the_negclip_definition():
+    """One batching of all rows: each row's negCLIPLoss (s_ii - tau/2 [lse_k s_ik/tau + lse_k s_ki/tau]); two
+    batchings: the mean of each row's value in its two batches."""
     loaded = micro_model(seed=3)
-    images, tokens = random_batch(loaded, 5, seed=1)
-    cos, negclip = reference_scores(loaded.model, images, tokens)
+    images, tokens = random_batch(loaded, 6, seed=1)
+    text, image = reference_embeddings(loaded.model, images, tokens)
     with torch.no_grad():
         u = loaded.model.encode_text(tokens).double()
         v = loaded.model.encode_image(images).double()
     tau = 1.0 / float(loaded.model.logit_scale.detach().exp())
-    sim = [[float(torch.nn.functional.cosine_similarity(v[i], u[k], dim=0)) for k in range(5)] for i in range(5)]
-    for i in range(5):
-        row = math.log(sum(math.exp(sim[i][k] / tau) for k in range(5)))
-        col = math.log(sum(math.exp(sim[k][i] / tau) for k in range(5)))
-        assert float(cos[i]) == pytest.approx(sim[i][i], abs=1e-6)
-        assert float(negclip[i]) == pytest.approx(sim[i][i] - tau / 2 * (row + col), abs=1e-6)
+    assert reference_temperature(loaded.model) == pytest.approx(tau)
+    sim = [[float(torch.nn.functional.cosine_similarity(v[i], u[k], dim=0)) for k in range(6)] for i in range(6)]
+    whole = averaged_negclip(text, image, tau, [[list(range(6))]])
+    for i in range(6):
+        assert float(whole[i]) == pytest.approx(_negclip_loop(sim, tau, list(range(6)), i), abs=1e-6)
+    first, second = [[0, 1, 2], [3, 4, 5]], [[0, 3], [1, 4, 5], [2]]
+    mean = averaged_negclip(text, image, tau, [first, second])
+    for i in range(6):
+        batches = [next(b for b in first if i in b), next(b for b in second if i in b)]
+        expected = sum(_negclip_loop(sim, tau, b, i) for b in batches) / 2
+        assert float(mean[i]) == pytest.approx(expected, abs=1e-6)
+    batchings = negclip_batchings(50, 8, seed=0, shard=3)
+    assert len(batchings) == NEGCLIP_REPEATS and batchings == negclip_batchings(50, 8, seed=0, shard=3)
+    assert all(sorted(r for b in batching for r in b) == list(range(50)) for batching in batchings)
+    assert batchings != negclip_batchings(50, 8, seed=0, shard=4)
 
 
 def test_corrupted_captions_change_every_caption_the_documented_way():
@@ -104,19 +123,32 @@ def test_audit_writes_reference_columns_equal_to_the_base_models_scores(finetune
     out = audited
     with (out / "ranked.csv").open() as handle:
         rows = {r["id"]: r for r in csv.DictReader(handle)}
-    # independent: the base model's scores of each training batch, from pairs.jsonl's batch numbers
+    # independent: the base model's embeddings of each pair, from pairs.jsonl's batches; reference_negclip is
+    # averaged over the shard's seeded batchings (shard_batches = 2), rows in slot order
     base = load_model(None, str(finetuned / "cfg.json"), str(finetuned / "base.pt"))
+    manifest = load_manifest(_manifest(finetuned), base_dir=finetuned)
     batches: dict[int, list] = {}
     for line in (out / "pairs.jsonl").read_text().splitlines():
         row = json.loads(line)
         batches.setdefault(row["batch"], []).append(row)
-    for members in batches.values():
+    embedded, shards = {}, {}
+    for number, members in batches.items():
         pairs = [Pair(r["id"], r["image"], r["caption"]) for r in members]
         images, tokens = load_batch(pairs, base.preprocess, base.tokenizer)
-        cos, negclip = reference_scores(base.model, images, tokens)
-        for r, c, n in zip(members, cos, negclip):
-            assert float(rows[r["id"]]["reference_clip_score"]) == pytest.approx(float(c), abs=1e-6)
-            assert float(rows[r["id"]]["reference_negclip"]) == pytest.approx(float(n), abs=1e-6)
+        text, image = reference_embeddings(base.model, images, tokens)
+        for i, r in enumerate(members):
+            embedded[r["id"]] = (text[i], image[i])
+            assert float(rows[r["id"]]["reference_clip_score"]) == pytest.approx(float(text[i] @ image[i]), abs=1e-6)
+            shards.setdefault(number // OPTIONS["shard_batches"], []).append(r)
+    tau = reference_temperature(base.model)
+    for shard, members in shards.items():
+        members.sort(key=lambda r: r["slot"])
+        text = torch.stack([embedded[r["id"]][0] for r in members])
+        image = torch.stack([embedded[r["id"]][1] for r in members])
+        batchings = negclip_batchings(len(members), manifest.options.batch_size, manifest.options.seed, shard)
+        expected = averaged_negclip(text, image, tau, batchings)
+        for r, value in zip(members, expected):
+            assert float(rows[r["id"]]["reference_negclip"]) == pytest.approx(float(value), abs=1e-6)
     evidence = audit.open_store(out).validation_attrs()["evidence"]
     assert set(evidence) == {"clip_score", "reference_clip_score"}
     assert all(0 <= evidence[m][c] <= 1 for m in evidence for c in ("shuffle", "word_swap", "mean"))
@@ -187,7 +219,7 @@ def _robust_z(values: np.ndarray) -> np.ndarray:
 
 
 def test_suspicion_weighs_each_models_robust_z_by_its_validation_evidence(audited):
-    """suspicion = (w_a z(-clip_score_loo) + w_r z(-reference_clip_score)) / (w_a + w_r) with
+    """suspicion = (w_a z(-clip_score_loo) + w_r z(-reference_negclip)) / (w_a + w_r) with
     w = max(0, 2 AUROC - 1) from the stored evidence (README, "Ranking rules"); the weights differ
     here, so a final ranking that weighs the two columns equally fails."""
     with (audited / "ranked.csv").open() as handle:
@@ -196,7 +228,7 @@ def test_suspicion_weighs_each_models_robust_z_by_its_validation_evidence(audite
     w_a, w_r = (max(0.0, 2 * evidence[m]["mean"] - 1) for m in ("clip_score", "reference_clip_score"))
     assert abs(w_a - w_r) > 0.02 and w_a + w_r > 0
     z_a = _robust_z(-np.array([float(r["clip_score_loo"]) for r in rows]))
-    z_r = _robust_z(-np.array([float(r["reference_clip_score"]) for r in rows]))
+    z_r = _robust_z(-np.array([float(r["reference_negclip"]) for r in rows]))
     expected = (w_a * z_a + w_r * z_r) / (w_a + w_r)
     suspicion = np.array([float(r["suspicion"]) for r in rows])
     np.testing.assert_allclose(suspicion, expected, rtol=1e-5, atol=1e-6)

@@ -147,8 +147,8 @@ def test_every_ranking_rule_is_oriented_by_the_suspicion_table():
 
 
 def test_evidence_ranking_is_the_evidence_weighted_mean_of_robust_z_scores():
-    """The default rule: z(-clip_score_loo) weighted by 2 AUROC_audited - 1 and z(-reference_clip_score)
-    by 2 AUROC_reference - 1 (robust z = (x - median) / 1.4826 MAD); without a reference, the audited part
+    """The default rule: z(-clip_score_loo) weighted by 2 AUROC_audited - 1 and z(-reference_negclip) (or
+    z(-reference_clip_score) where the audit has no negCLIPLoss) by 2 AUROC_reference - 1 (robust z = (x - median) / 1.4826 MAD); without a reference, the audited part
     alone; a model at chance gets weight 0. Swapping the column, the sign or the weights fails here."""
     from ecif_core.ranking import DEFAULT_RANK_BY, EVIDENCE_RULE
 
@@ -169,6 +169,10 @@ def test_evidence_ranking_is_the_evidence_weighted_mean_of_robust_z_scores():
     torch.testing.assert_close(misalignment_score(cols, "evidence", blind), z(-loo))
     alone = {"clip_score_loo": loo, "reference_clip_score": torch.full_like(ref, float("nan"))}
     torch.testing.assert_close(misalignment_score(alone, "evidence", evidence), z(-loo))
+    # an audit with the reference's negCLIPLoss (every audit since it is averaged over batches) uses it instead
+    negclip = torch.rand(40, generator=gen, dtype=torch.float64)
+    both = {**cols, "reference_negclip": negclip}
+    torch.testing.assert_close(misalignment_score(both, "evidence", evidence), (0.6 * z(-loo) + 0.9 * z(-negclip)) / 1.5)
 
 
 def test_combined_ranking_is_the_mean_normalised_rank_of_self_influence_and_negative_influence():
