@@ -157,15 +157,21 @@ def test_a_reference_that_knows_the_domain_is_the_estimate_alone():
     assert mixed.details["statistic"] == "suspicion" and "lower bound" in mixed.details["caveat"]
 
 
+def _unmemorised(seed: int) -> tuple[np.ndarray, np.ndarray, dict]:
+    """A training set's statistic with 15% misaligned pairs as a model that never saw them scores it, which
+    the caller narrows and shifts, and the validation cosines (clean, shuffled, word-swapped)."""
+    rng = np.random.default_rng(seed)
+    values, bad = _mixture(rng, 3000, 0.15, shift=0.0)
+    null, alternative = _validation(rng)
+    return values, bad, {"clip_score": {"clean": -null, "shuffle": -alternative[::2], "word_swap": -alternative[1::2]}}
+
+
 def test_a_mildly_narrowed_model_is_counted_through_the_fitted_scale():
     """The audited model fits its training pairs, misaligned ones included, somewhat tighter and more aligned
     than unseen pairs (scale 0.85). The fit narrows both validation components by one fitted scale, so the
     count is right; the single-shift fit of the last round, on the same data, reads half of it."""
-    rng = np.random.default_rng(9)
-    values, bad = _mixture(rng, 3000, 0.15, shift=0.0)
-    null, alternative = _validation(rng)
+    values, bad, cosines = _unmemorised(seed=9)
     narrowed = 0.85 * values - 0.3
-    cosines = {"clip_score": {"clean": -null, "shuffle": -alternative[::2], "word_swap": -alternative[1::2]}}
     cal = calibrate({"clip_score_loo": -narrowed}, None, cosines, narrowed)
     assert cal.estimable and abs(cal.fraction - bad.mean()) < 0.03
     assert cal.interval[0] <= bad.mean() <= cal.interval[1]
@@ -178,11 +184,8 @@ def test_a_model_that_memorised_its_pairs_makes_no_estimate():
     """Training pairs, misaligned ones included, score far tighter and more aligned than any unseen pair (a
     model trained to memorisation, no reference; digits from scratch: fitted scales 0.45-0.75): no number,
     and the reason says why and asks for a reference. The same pairs unmemorised are estimated."""
-    rng = np.random.default_rng(9)
-    values, bad = _mixture(rng, 3000, 0.15, shift=0.0)
-    null, alternative = _validation(rng)
+    values, bad, cosines = _unmemorised(seed=9)
     memorised = 0.45 * values - 1.0
-    cosines = {"clip_score": {"clean": -null, "shuffle": -alternative[::2], "word_swap": -alternative[1::2]}}
     cal = calibrate({"clip_score_loo": -memorised}, None, cosines, memorised)
     assert not cal.estimable and "memorised" in cal.reason and "reference" in cal.reason
     assert cal.details["memorisation_scale"] < calibration.MIN_MEMORISATION_SCALE
