@@ -29,12 +29,13 @@ SUSPICION_SIGN: dict[str, int] = {
 
 # The evidence rule (chosen on the fine-tuning benchmark's development seeds, bench/RESULTS.md):
 # the robust z-score of the audited model's leave-own-out CLIP score (clip_score_loo, the seed's
-# Algorithm 3) and of the reference model's CLIP score, averaged with weights 2 AUROC - 1 from the
-# validation evidence (evidence.py). It is also the statistic the `suspected` flag thresholds.
+# Algorithm 3) and of the reference model's score (REFERENCE_TERM), averaged with weights 2 AUROC - 1 from
+# the evidence (evidence.py; model_auroc). It is also the statistic the `suspected` flag's fallback thresholds.
 EVIDENCE_RULE = ("clip_score_loo", 1.0, "z")  # (audited column, weight power, scale)
 # The reference's term in that rule: its negCLIPLoss averaged over random batches (models/reference.py), which
-# ranked misaligned pairs above its CLIP score on every group of the fine-tuning benchmark; weighted by the
-# reference's validation evidence (measured on cosines). An audit without it uses `reference_clip_score`.
+# ranked misaligned pairs better than its CLIP score in 16 of 18 groups of the fine-tuning benchmark
+# (bench/RESULTS.md, "Calibration, every fraction and LoRA"); weighted by the reference's validation evidence
+# (measured on cosines). An audit without it uses `reference_clip_score`.
 REFERENCE_TERM = "reference_negclip"
 
 # The flag: suspected = the default rule's score (the `suspicion` column) above SUSPECT_Z, a
