@@ -50,6 +50,15 @@ SCALE_EVIDENCE = 1.92
 # first quartile (more when some training pairs are misaligned). Below MIN_BELOW_QUARTILE the reference scores
 # the training pairs, misaligned ones included, as more aligned than unseen ones: it was trained on them.
 MIN_BELOW_QUARTILE = 0.175
+# The kernel densities' bandwidth for a competent reference's statistic, in units of Silverman's rule.
+# Silverman's bandwidth suits the bulk of a density; a few hundred validation pairs then give the null a tail
+# lighter than the clean training pairs', and the fit read the difference as misaligned pairs (+0.02 to +0.04
+# at every fraction, clean sets too). Chosen on the fine-tuning benchmark's development seeds (36 cells; mean
+# abs error of the fraction 0.036, 0.030, 0.026, 0.026, 0.025 at 1, 1.25, 1.5, 1.75, 2): the smallest factor
+# within 0.001 of the best. The audited model's statistic keeps Silverman's (1): a wider kernel widens the
+# null, and the memorisation scale then fits that widening as memorisation (a clean synthetic set read 0.25
+# for 0.21).
+REFERENCE_KERNEL_WIDTH = 1.5
 BOOTSTRAP = 100
 GRID = 512                     # density grid points
 # The validation model each ranking term's training column is compared with.
@@ -159,8 +168,8 @@ def calibrate(scores: Mapping[str, np.ndarray], evidence: Mapping[str, Mapping[s
                               "trained on the audited pairs (for example the pretrained base, not an earlier "
                               "checkpoint of this fine-tune)", details)
     # a reference never saw the training pairs: nothing to narrow; the audited model's own statistic may be
-    scales = (1.0,) if alone else MEMORISATION_SCALES
-    fit = fit_mixture(train, null, list(alternative.values()), scales=scales)
+    scales, width = ((1.0,), REFERENCE_KERNEL_WIDTH) if alone else (MEMORISATION_SCALES, 1.0)
+    fit = fit_mixture(train, null, list(alternative.values()), scales=scales, kernel_width=width)
     details.update({"memorisation_shift": _round(fit.shift), "memorisation_scale": _round(fit.scale)})
     if fit.scale < MIN_MEMORISATION_SCALE:
         return _not_estimable(n, suspicion, target_precision,
@@ -171,7 +180,7 @@ def calibrate(scores: Mapping[str, np.ndarray], evidence: Mapping[str, Mapping[s
                               details)
     probability = fit.posterior(train)
     flags = flags_for_target(probability, target_precision)
-    bounds = _interval(train, null, list(alternative.values()), seed, fit.scale, scales) if interval else None
+    bounds = _interval(train, null, list(alternative.values()), seed, fit.scale, scales, width) if interval else None
     expected = probability.sum()
     details.update({"corruption_shares": {k: _round(w) for k, w in zip(alternative, fit.weights[1:])}})
     return Calibration(True, None, probability, flags, target_precision, fit.fraction,
@@ -193,7 +202,8 @@ def training_evidence(scores: Mapping[str, np.ndarray], evidence: Mapping[str, M
     train, null, alternative, _ = statistic(scores, used, cosines)
     if float((null < np.quantile(train, 0.25)).mean()) < MIN_BELOW_QUARTILE:
         return None                                     # a reference trained on the pairs: no judge
-    probability = fit_mixture(train, null, list(alternative.values())).posterior(train)
+    probability = fit_mixture(train, null, list(alternative.values()),
+                              kernel_width=REFERENCE_KERNEL_WIDTH).posterior(train)
     audited = SUSPICION_SIGN[EVIDENCE_RULE[0]] * np.asarray(scores[EVIDENCE_RULE[0]], dtype=np.float64)
     usable = np.isfinite(audited) & np.isfinite(probability)
     p = probability[usable]
@@ -263,7 +273,8 @@ class MixtureFit:
 
 
 def fit_mixture(train: np.ndarray, null: np.ndarray, alternatives: Sequence[np.ndarray],
-                shifts: int = 81, iterations: int = 300, scales: Sequence[float] = (1.0,)) -> MixtureFit:
+                shifts: int = 81, iterations: int = 300, scales: Sequence[float] = (1.0,),
+                kernel_width: float = 1.0) -> MixtureFit:
     """Maximum likelihood weights, shift and scale of train ~ w0 g0 + sum_k wk gk, where gk is component k's
     kernel density (the null's, then each alternative's: each simulated corruption, so the real one may be any
     mix of them) narrowed by `scale` towards the null's median and moved by `shift`. Weights by EM (the
@@ -271,7 +282,7 @@ def fit_mixture(train: np.ndarray, null: np.ndarray, alternatives: Sequence[np.n
     spread, centre = _robust_sd(null), float(np.median(null))
     everything = np.concatenate([null, *alternatives])
     grid = np.linspace(everything.min() - 8 * spread, everything.max() + 8 * spread, GRID)
-    densities = [_density(null, grid)] + [_density(a, grid) for a in alternatives]
+    densities = [_density(null, grid, kernel_width)] + [_density(a, grid, kernel_width) for a in alternatives]
     counts, edges = np.histogram(train, bins=GRID * 2, range=(train.min() - 1e-9, train.max() + 1e-9))
     centres, counts = (edges[:-1] + edges[1:]) / 2, counts.astype(np.float64)
     keep = counts > 0
@@ -311,8 +322,8 @@ def flags_for_target(probability: np.ndarray, target: float) -> np.ndarray:
     return flags
 
 
-def _interval(train: np.ndarray, null: np.ndarray, alternatives: Sequence[np.ndarray],
-              seed: int, scale: float = 1.0, scales: Sequence[float] = (1.0,)) -> tuple[float, float]:
+def _interval(train: np.ndarray, null: np.ndarray, alternatives: Sequence[np.ndarray], seed: int,
+              scale: float = 1.0, scales: Sequence[float] = (1.0,), kernel_width: float = 1.0) -> tuple[float, float]:
     """Bootstrap percentile interval of the fraction: training pairs, validation pairs and each
     corrupted copy resampled, the whole fit repeated (on a coarser shift grid, and with the scales next to
     the fitted `scale` only: the whole grid would cost 8x)."""
@@ -321,19 +332,19 @@ def _interval(train: np.ndarray, null: np.ndarray, alternatives: Sequence[np.nda
     near = [b for b in scales if abs(b - scale) <= step * 1.01]
     estimates = [fit_mixture(rng.choice(train, len(train)), rng.choice(null, len(null)),
                              [rng.choice(a, len(a)) for a in alternatives], shifts=21, iterations=150,
-                             scales=near).fraction
+                             scales=near, kernel_width=kernel_width).fraction
                  for _ in range(BOOTSTRAP)]
     tail = (1 - INTERVAL) / 2
     low, high = np.quantile(estimates, [tail, 1 - tail])
     return float(low), float(high)
 
 
-def _density(sample: np.ndarray, grid: np.ndarray) -> np.ndarray:
-    """Gaussian kernel density on the grid (Silverman's bandwidth on the robust spread)."""
+def _density(sample: np.ndarray, grid: np.ndarray, kernel_width: float = 1.0) -> np.ndarray:
+    """Gaussian kernel density on the grid (kernel_width x Silverman's bandwidth on the robust spread)."""
     sample = sample[np.isfinite(sample)]
     if len(sample) > 20000:
         sample = np.random.default_rng(0).choice(sample, 20000, replace=False)
-    width = max(1.06 * _robust_sd(sample) * len(sample) ** -0.2, 1e-6)
+    width = max(kernel_width * 1.06 * _robust_sd(sample) * len(sample) ** -0.2, 1e-6)
     step = grid[1] - grid[0]
     hist, _ = np.histogram(sample, bins=len(grid), range=(grid[0] - step / 2, grid[-1] + step / 2))
     offsets = np.arange(-len(grid) + 1, len(grid)) * step
