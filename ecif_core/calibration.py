@@ -167,7 +167,7 @@ def calibrate(scores: Mapping[str, np.ndarray], evidence: Mapping[str, Mapping[s
                               "misaligned ones too, so it cannot count them; give as `reference` a model that was not "
                               "trained on the audited pairs (for example the pretrained base, not an earlier "
                               "checkpoint of this fine-tune)", details)
-    # a reference never saw the training pairs: nothing to narrow; the audited model's own statistic may be
+    # a reference never saw the training pairs: nothing to narrow; the audited model may have memorised its own
     scales, width = ((1.0,), REFERENCE_KERNEL_WIDTH) if alone else (MEMORISATION_SCALES, 1.0)
     fit = fit_mixture(train, null, list(alternative.values()), scales=scales, kernel_width=width)
     details.update({"memorisation_shift": _round(fit.shift), "memorisation_scale": _round(fit.scale)})

@@ -22,6 +22,7 @@ from ecif_core.models.runtime import flush_denormals
 
 
 NEGCLIP_REPEATS = 10   # random batchings of a shard that reference_negclip averages over
+NEGCLIP_STREAM = 7919  # a seed part of their own: these batchings never repeat the audit's extra partitions
 
 
 @torch.no_grad()
@@ -42,7 +43,7 @@ def reference_temperature(model: torch.nn.Module) -> float:
 def negclip_batchings(rows: int, batch_size: int, seed: int, shard: int) -> list[list[list[int]]]:
     """The NEGCLIP_REPEATS seeded random batchings of a shard's `rows` (row positions) that reference_negclip
     averages over: the same audit and shard give the same batchings."""
-    return [rebatch_within(list(range(rows)), batch_size, seed=hash_seed(seed, shard, 7919, repeat))
+    return [rebatch_within(list(range(rows)), batch_size, seed=hash_seed(seed, shard, NEGCLIP_STREAM, repeat))
             for repeat in range(NEGCLIP_REPEATS)]
 
 
