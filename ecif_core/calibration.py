@@ -31,6 +31,7 @@ MAX_SHIFT = 2.0
 # never saw the training pairs, so neither memorisation nor a consistently mislearned name can hide one. The
 # memorisation check below holds it to that: a reference trained on the audited pairs is refused.
 REFERENCE_COMPETENT = 0.7
+ALONE = "reference_clip_score alone"   # summary.json's details.statistic when the reference is the statistic alone
 # A model fits the pairs it was trained on more tightly than unseen ones: the audited model's statistic is
 # fitted with the validation distributions narrowed by a scale in this grid (1 = no memorisation; 0.3 =
 # training pairs three times tighter than unseen ones, beyond anything measured). Steps of 0.1: the kernel
@@ -145,7 +146,7 @@ def calibrate(scores: Mapping[str, np.ndarray], evidence: Mapping[str, Mapping[s
     train, null, alternative, weights = statistic(scores, used, cosines)
     separation = auroc(np.concatenate([null, np.concatenate(list(alternative.values()))]),
                        np.concatenate([np.zeros(len(null)), np.ones(sum(len(a) for a in alternative.values()))]))
-    details = {"statistic": "reference_clip_score alone" if alone else "suspicion",
+    details = {"statistic": ALONE if alone else "suspicion",
                "caveat": None if alone else (
                    "no reference model that knows this domain (validation AUROC >= "
                    f"{REFERENCE_COMPETENT}): misaligned pairs the audited model learned consistently (a concept "
@@ -196,15 +197,12 @@ def training_evidence(scores: Mapping[str, np.ndarray], evidence: Mapping[str, M
     the fine-tune learned wrongly and consistently (it scores those training pairs as aligned, an unseen pair
     with that name as misaligned); a reference that never saw the pairs can. The default ranking weighs the
     audited term by the lower of this and its validation evidence (ranking.model_auroc)."""
-    if cosines is None or not _reference_alone(evidence, cosines):
-        return None
-    used = {**evidence, "clip_score": {"mean": 0.5}}   # the reference's statistic alone, as calibrate fits it
-    train, null, alternative, _ = statistic(scores, used, cosines)
-    if float((null < np.quantile(train, 0.25)).mean()) < MIN_BELOW_QUARTILE:
-        return None                                     # a reference trained on the pairs: no judge
-    probability = fit_mixture(train, null, list(alternative.values()),
-                              kernel_width=REFERENCE_KERNEL_WIDTH).posterior(train)
     audited = SUSPICION_SIGN[EVIDENCE_RULE[0]] * np.asarray(scores[EVIDENCE_RULE[0]], dtype=np.float64)
+    # the reference's own calibration, its checks included (a reference trained on the pairs is no judge)
+    judged = calibrate(scores, evidence, cosines, np.zeros(len(audited)), interval=False)
+    if not judged.estimable or judged.details["statistic"] != ALONE:
+        return None
+    probability = judged.probability
     usable = np.isfinite(audited) & np.isfinite(probability)
     p = probability[usable]
     if not usable.any() or p.sum() <= 0 or (1 - p).sum() <= 0:
