@@ -103,6 +103,9 @@ class EditBenchSettings:
     max_iterations: int = SETTING["max_iterations"].default
     tolerance: float = SETTING["tolerance"].default
     max_seconds: float | None = SETTING["max_seconds"].default
+    replay_epochs: int | None = SETTING["replay_epochs"].default  # method replay only (null: the sidecar's)
+    replay_lr: float | None = SETTING["replay_lr"].default
+    method: str = "newton"         # this bench studies the Newton step on digits; bench.fix measures the replay
     curvature: str = CURVATURES[0]  # the edit's curvature (ecif_core.edit.solver.CURVATURES; the first: the Hessian)
     action: str = "remove"         # remove the set, or demote it (its pairs stay as in-batch negatives), in the
                                    # edit and in the retraining it is compared with
@@ -116,15 +119,17 @@ class EditBenchSettings:
         return EditSettings(damping=self.damping,
                             damping_per_removal_curvature=self.damping_per_removal_curvature,
                             max_iterations=self.max_iterations, tolerance=self.tolerance,
-                            max_seconds=self.max_seconds)
+                            max_seconds=self.max_seconds, replay_epochs=self.replay_epochs,
+                            replay_lr=self.replay_lr)
 
     def seed_key(self) -> dict[str, Any]:
         """What the cached models and audit of a seed depend on (edits are keyed separately)."""
-        skip = {"seeds", "sets", "max_suspected_share", "curvature", "action", *SETTING}
+        skip = {"seeds", "sets", "max_suspected_share", "curvature", "action", "method", *SETTING}
         return {k: v for k, v in self.to_json().items() if k not in skip}
 
     def edit_key(self) -> dict[str, Any]:
-        return {**{k: getattr(self, k) for k in SETTING}, "curvature": self.curvature, "action": self.action}
+        return {**{k: getattr(self, k) for k in SETTING}, "curvature": self.curvature, "action": self.action,
+                "method": self.method}
 
 
 def quick() -> EditBenchSettings:
@@ -456,7 +461,8 @@ def edit_and_compare(base: dict, spec: str, folder: Path, edit_settings, m1_metr
     from ecif_core.edit.from_audit import edit_audit, preview
 
     started = time.perf_counter()
-    record = edit_audit(base["audit"], spec, folder / "edited", edit_settings, curvature=curvature, action=action)
+    record = edit_audit(base["audit"], spec, folder / "edited", edit_settings, curvature=curvature, action=action,
+                        method="newton")
     edit_seconds = time.perf_counter() - started
     edited_path = Path(record["checkpoint"]["checkpoint"])
     em, rm = evaluate(edited_path), retrain["metrics"]

@@ -229,7 +229,11 @@ def _edit_action(args: argparse.Namespace) -> tuple[str, str]:
 def _print_stop(record: dict) -> None:
     """One line when the edit used an unfinished solve or left pairs out of its set."""
     result, action = record.get("result") or {}, record.get("action", "remove")
-    if result.get("stopped") == "time budget":
+    if result.get("stopped") == "time budget" and result.get("method") == "replay":
+        print(f"stopped: time budget, after {result.get('steps_done')} of {result.get('replay_steps')} steps of each "
+              "run; the edit is the difference of the two shorter runs (a larger --max-seconds replays the whole "
+              "recipe)", file=sys.stderr)
+    elif result.get("stopped") == "time budget":
         print(f"stopped: time budget, after {result.get('cg_iterations')} CG iterations at relative residual "
               f"{result.get('cg_relative_residual', float('nan')):.3g}; the edit uses that iterate (a larger "
               "--max-seconds gets closer to the Newton step)", file=sys.stderr)
@@ -246,6 +250,8 @@ def _print_stop(record: dict) -> None:
 
 def cmd_edit(args: argparse.Namespace) -> int:
     """The model without a set of pairs, or with them demoted (no retraining): a checkpoint plus its sidecars in --out."""
+    from ecif_core.edit.settings import METHODS
+
     action, spec = _edit_action(args)
     if args.audit_dir:
         from ecif_core.edit.from_audit import edit_audit
@@ -257,10 +263,11 @@ def cmd_edit(args: argparse.Namespace) -> int:
         from .bars import TaskBars
 
         zero_shot = zero_shot_examples(_zero_shot_file(args.zero_shot)) if args.zero_shot else None
-        bars = TaskBars("edit (CG)")
+        bars = TaskBars("edit (CG)" if getattr(args, "method", METHODS[0]) == "newton" else "edit (replay)")
         with removed_if_interrupted(args.out):
             record = edit_audit(args.audit_dir, spec, args.out, _edit_settings(args), theta=args.theta,
-                                base_dir=Path.cwd(), zero_shot=zero_shot, progress=bars, action=action, keep=args.keep)
+                                base_dir=Path.cwd(), zero_shot=zero_shot, progress=bars, action=action, keep=args.keep,
+                                method=getattr(args, "method", METHODS[0]))
         bars.close()
         print(json.dumps({k: record[k] for k in ("action", action, "checkpoint", "result", "validation", "certificate",
                                                      "zero_shot")
@@ -272,7 +279,8 @@ def cmd_edit(args: argparse.Namespace) -> int:
 
     client = _client(args)
     keep = id_file(args.keep, "keep") if args.keep else None
-    edit = client.create_edit(_need_audit_id(args), {action: spec, **_edit_setting_values(args), "keep": keep,
+    method = {"method": args.method} if hasattr(args, "method") else {}
+    edit = client.create_edit(_need_audit_id(args), {action: spec, **method, **_edit_setting_values(args), "keep": keep,
                                                      "theta": args.theta, "zero_shot": _zero_shot_file(args.zero_shot)})
     status = client.wait_edit(edit["status_url"])
     if status["status"] != "succeeded":
@@ -601,6 +609,8 @@ def build_parser() -> argparse.ArgumentParser:
     _device_flag(p)
     p.set_defaults(run=cmd_trace)
 
+    from ecif_core.edit.settings import METHODS
+
     removal_help = ("pairs to remove: suspected, estimated (as many top-ranked pairs as the audit estimates are "
                     "misaligned), top:Q:COLUMN, bottom:Q:COLUMN, random:Q[:SEED] or ids:FILE (Q a fraction with a "
                     "decimal point or a count)")
@@ -622,6 +632,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keep", help="file of ids reviewed and kept (one per line, or a CSV with an id column): taken "
                    "out of the set; edit.json counts them (kept_back)")
     p.add_argument("--out", required=True, help="folder for the edited checkpoint, its sidecars and edit.json")
+    p.add_argument("--method", choices=METHODS, default=argparse.SUPPRESS,
+                   help="replay (default): the difference of two short runs of the training recipe from the model, "
+                   "with and without the set; newton: one damped Newton step (docs/METHOD.md)")
     _edit_setting_flags(p)
     p.add_argument("--theta", action="append", help="parameters to edit (fnmatch, or blocks:N for the last N "
                    "blocks + the projections; repeat); default the audit's theta")

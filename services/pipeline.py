@@ -449,6 +449,7 @@ def run_edit(database_url: str, edit_id: str, heartbeat_interval: float = 0) -> 
         zero_shot = zero_shot_examples(request["zero_shot"]) if request.get("zero_shot") else None
         action = request.get("action", "remove")  # rows queued before demotion existed: removals
         record = edit_audit(claimed["audit_dir"], request[action], edit_dir, settings, theta=request.get("theta"),
-                            base_dir=edit_dir, zero_shot=zero_shot, action=action, keep=request.get("keep"))
+                            base_dir=edit_dir, zero_shot=zero_shot, action=action, keep=request.get("keep"),
+                            method=request.get("method", "newton"))  # rows queued before the replay: Newton
         with session_scope(database_url) as session:
             _succeeded(session, Edit, edit_id, result=finite_or_null(record))

@@ -157,15 +157,16 @@ def act(settings: FixSettings, out: Path, cell: CellSpec, name: str, action: str
         loaded = _load(cell, config, base, scratch / model_name)
     else:
         edit = edit_audit(audit, spec, scratch, EditSettings(), theta=settings.edit_theta, action=verb,
-                          curvature=settings.edit_curvature)
+                          curvature=settings.edit_curvature, method=settings.edit_method)
         seconds = time.perf_counter() - started
         written = edit["checkpoint"]
         loaded = (load_model(config=config, checkpoint=base, adapter=written["adapter"]) if "adapter" in written
                   else load_model(config=config, checkpoint=written["checkpoint"]))
         result = edit["result"]
         extra = {"verdict": edit["certificate"]["verdict"], "theta": edit["method"]["theta"],
-                 "edit": {k: result.get(k) for k in ("damping", "cg_iterations", "cg_relative_residual",
-                                                     "negative_curvature", "parameter_change_norm", "stationarity")},
+                 "edit": {k: result.get(k) for k in ("method", "damping", "cg_iterations", "cg_relative_residual",
+                                                     "negative_curvature", "steps_done", "parameter_change_norm",
+                                                     "stationarity")},
                  "validation": edit["validation"]}
     metrics = _evaluate(settings, out, cell, loaded)
     shutil.rmtree(scratch, ignore_errors=True)

@@ -26,7 +26,7 @@ from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from ecif_core.edit.solver import CURVATURES  # noqa: E402
+from ecif_core.edit.solver import CURVATURES, METHODS  # noqa: E402
 
 from .settings import ACTIONS, LISTS, PRESETS, FixSettings  # noqa: E402
 
@@ -177,11 +177,12 @@ def parse_args(argv: list[str]) -> tuple[FixSettings, argparse.Namespace]:
     parser.add_argument("--actions", nargs="+", choices=ACTIONS, default=None)
     parser.add_argument("--edit-theta", nargs="+", default=None, help="parameters the edit changes (default: the audit's theta)")
     parser.add_argument("--edit-curvature", choices=CURVATURES, default=None, help="the edit's curvature (default hessian)")
+    parser.add_argument("--edit-method", choices=METHODS, default=None, help="the edit's method (default replay)")
     parser.add_argument("--tag", default=None, help="records in OUT/fix-TAG (a variant on the same cells)")
     parser.add_argument("--tables-only", action="store_true", help="write the tables of the finished records, run nothing")
     args = parser.parse_args(argv)
     settings = PRESETS[args.preset]()
-    for name in ("lists", "actions", "edit_theta", "edit_curvature", "tag"):
+    for name in ("lists", "actions", "edit_theta", "edit_curvature", "edit_method", "tag"):
         if getattr(args, name) is not None:
             setattr(settings, name, getattr(args, name))
     args.out = args.out or ("bench/out/fix-quick" if args.preset == "quick" else "bench/out/fix")

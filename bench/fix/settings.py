@@ -41,7 +41,8 @@ class FixSettings:
     lists: list[str] = field(default_factory=lambda: list(LISTS))
     actions: list[str] = field(default_factory=lambda: list(ACTIONS))
     edit_theta: list[str] | None = None   # None: the audit's theta (the product's default)
-    edit_curvature: str = "hessian"       # ecif_core.edit.solver.CURVATURES ("gauss-newton" is PSD)
+    edit_curvature: str = "hessian"       # ecif_core.edit.solver.CURVATURES ("gauss-newton" is PSD); newton only
+    edit_method: str = "replay"           # ecif_core.edit.solver.METHODS (the product's default first)
     clean_seeds: list[int] = field(default_factory=lambda: [100])  # clean controls (0% corrupted), attribute cells
     tag: str = ""                         # records in OUT/fix-<tag>: a variant run on the same cells
     noise_repeats: int = 3                # retrainings with other seeds, nothing removed (the noise check)
@@ -56,6 +57,8 @@ class FixSettings:
     def action_key(self) -> dict[str, Any]:
         """What one action's result depends on beyond its cell (a record with another key is redone)."""
         key = {"cell": self.finetune.cell_key(), "edit_theta": self.edit_theta}
+        if self.edit_method != "newton":  # records from before the replay were Newton edits: their key had no method
+            key["edit_method"] = self.edit_method
         return key if self.edit_curvature == "hessian" else {**key, "edit_curvature": self.edit_curvature}
 
 

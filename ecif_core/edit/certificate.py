@@ -46,7 +46,7 @@ def damping_share(damping: float | None, curvature: float | None) -> float | Non
 
 
 def certificate(relative_residual: float | None, stationarity: float | None, validation: dict | None,
-                damping: float | None = None, removal_curvature: float | None = None) -> dict:
+                damping: float | None = None, removal_curvature: float | None = None, method: str = "newton") -> dict:
     """The certificate of one edit: its residual, stationarity, damping share, predicted and measured
     validation change, the verdict (`ok`, `retrain recommended`, or `unverified` without a validation
     set) and one sentence saying why and what to do."""
@@ -56,18 +56,20 @@ def certificate(relative_residual: float | None, stationarity: float | None, val
     if residual is not None and residual > RESIDUAL_WARNING:
         warnings.append(f"CG stopped at relative residual {residual:.2g} (above {RESIDUAL_WARNING:g}): raise "
                         "--max-iterations or --max-seconds, or raise the damping")
-    if stationary is not None and stationary > STATIONARITY_WARNING:
+    if stationary is not None and stationary > STATIONARITY_WARNING and method == "newton":
         warnings.append(f"the model is not at a minimum of its training objective (stationarity {stationary:.2g}, "
                         f"above {STATIONARITY_WARNING:g}): the step also moves it towards that minimum")
     base = {"cg_relative_residual": residual, "stationarity": stationary, "damping_share": shortened,
             "warnings": warnings,
-            "rule": f"retrain recommended when the damping shortens the step along the removal gradient by "
+            "rule": (f"retrain recommended when the measured validation change has the opposite sign to the "
+                     f"predicted one or is under {CONTRADICTION_SHARE:.3g} of it") if method == "replay" else
+                    f"retrain recommended when the damping shortens the step along the removal gradient by "
                     f"{MAX_DAMPING_SHARE:g} or more, or when the measured validation change has the opposite sign "
                     f"to the predicted one or is under {CONTRADICTION_SHARE:.3g} of it"}
     predicted = None if validation is None else _finite(validation.get("predicted_change"))
     measured = None if validation is None else _finite(validation.get("actual_change"))
     base.update(predicted_validation_change=predicted, measured_validation_change=measured)
-    if shortened is not None and shortened >= MAX_DAMPING_SHARE:
+    if shortened is not None and shortened >= MAX_DAMPING_SHARE and method == "newton":
         return {**base, "verdict": RETRAIN,
                 "reason": f"the damping ({_finite(damping):.4g}) is {shortened:.0%} of the curvature plus damping along "
                           "the removal gradient: the step is at most about half the Newton step, so the edit does "

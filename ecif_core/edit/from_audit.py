@@ -29,7 +29,8 @@ from ecif_core.data.images import load_batch, load_image
 from ecif_core.data.sources import read_pairs
 from ecif_core.edit.certificate import certificate
 from ecif_core.edit.settings import EditSettings
-from ecif_core.edit.solver import CURVATURES, LeaveOutObjective, StreamedBatch, apply_delta, edit_parameters
+from ecif_core.edit.replay import recipe_of, replay_parameters
+from ecif_core.edit.solver import CURVATURES, METHODS, LeaveOutObjective, StreamedBatch, apply_delta, edit_parameters
 from ecif_core.errors import ConfigError
 from ecif_core.influence.losses import batch_loss, pair_logits
 from ecif_core.influence.gradients import embed, temperature_scale
@@ -184,10 +185,20 @@ def _curvature_description(curvature: str, action: Action) -> str:
     return f"{matrix} of the objective {'without' if action == 'remove' else 'demoting'} the set ({products})"
 
 
+def _method_description(method: str, curvature: str, action: Action, recipe) -> dict:
+    """edit.json's method fields that say how the parameter change was found."""
+    if method == "replay":
+        return {"replay": f"theta_hat + A(without the set) - A(with it): two runs of the training recipe from the "
+                          f"audited model, same batches and order ({'removing' if action == 'remove' else 'demoting'} "
+                          "the set in one)", "recipe": asdict(recipe)}
+    return {"curvature": _curvature_description(curvature, action), "solver": "truncated conjugate gradients"}
+
+
 def edit_audit(audit_dir: str | Path, spec: str, out: str | Path, settings: EditSettings | None = None,
                theta: list[str] | None = None, base_dir: str | Path | None = None,
                zero_shot: list[TraceExample] | None = None, progress: Progress | None = None,
-               action: Action = "remove", keep: str | Path | None = None, curvature: str = CURVATURES[0]) -> dict:
+               action: Action = "remove", keep: str | Path | None = None, curvature: str = CURVATURES[0],
+               method: str = METHODS[0]) -> dict:
     """Write the model without the pairs `spec` names (action "remove"), or with them demoted (their
     own terms dropped, still in-batch negatives: "demote"), into `out`; returns the edit's record (edit.json).
 
@@ -196,10 +207,14 @@ def edit_audit(audit_dir: str | Path, spec: str, out: str | Path, settings: Edit
     `progress`: the CG solve's iterations with their relative residual and ETA (solver.conjugate_gradient).
     `keep`: a file of ids (read against `base_dir`) taken out of the set whatever the spec selects.
     `curvature`: one of solver.CURVATURES: "hessian" (the exact Hessian; Newton's step) or "gauss-newton"
-    (positive semi-definite; measured in bench.edit, not yet a CLI or API setting).
+    (positive semi-definite; measured in bench.edit, not yet a CLI or API setting); method newton only.
+    `method`: one of solver.METHODS: "replay" (the difference of two short trainings with and without the
+    set: ecif_core.edit.replay) or "newton" (one damped Newton step: ecif_core.edit.solver).
     """
     if action not in ACTIONS:
         raise ConfigError("action", f"must be one of {', '.join(ACTIONS)} (got {action!r})")
+    if method not in METHODS:
+        raise ConfigError("method", f"must be one of {', '.join(METHODS)} (got {method!r})")
     settings = (settings or EditSettings()).validate()
     started = time.perf_counter()
     audit_dir, out = location(audit_dir, "audit"), location(out, "out")
@@ -212,6 +227,10 @@ def edit_audit(audit_dir: str | Path, spec: str, out: str | Path, settings: Edit
                         theta=theta or manifest.options.theta)  # exact float32, as the audit's model
     loaded, model, params = ready.loaded, ready.model, ready.theta
     check_edit_theta([name for name, _ in params], manifest.adapter is not None)
+    recipe = None
+    if method == "replay":  # refused before any image is read when the recipe is unknown
+        recipe = recipe_of(read_sidecar(manifest.checkpoint, manifest.adapter), manifest.options.seed,
+                           settings.replay_epochs, settings.replay_lr)
     accuracy_before = zero_shot_accuracy(loaded, zero_shot, roots) if zero_shot else None
     seconds = {}
     with flush_denormals():
@@ -219,7 +238,10 @@ def edit_audit(audit_dir: str | Path, spec: str, out: str | Path, settings: Edit
         objective = LeaveOutObjective(model, params, batches, manifest.options.weight_decay, action=action,
                                       curvature=curvature)
         seconds["load"] = time.perf_counter() - started
-        result = edit_parameters(objective, settings, progress)
+        if recipe is not None:
+            result = replay_parameters(objective, recipe, progress, settings.max_seconds)
+        else:
+            result = edit_parameters(objective, settings, progress)
         started_check = time.perf_counter()
         stationarity = float(objective.full_objective_gradient().norm()) / max(result.removal_gradient_norm, 1e-300)
         seconds["stationarity_check"] = time.perf_counter() - started_check
@@ -246,8 +268,8 @@ def edit_audit(audit_dir: str | Path, spec: str, out: str | Path, settings: Edit
         action: {"spec": chosen.spec, "pairs": len(chosen.ids), "ids": SET_IDS[action], "kept_back": chosen.kept_back},
         "base": {"arch": manifest.model_arch, "config": manifest.model_config, "checkpoint": manifest.checkpoint,
                  "adapter": manifest.adapter},
-        "method": {"curvature": _curvature_description(curvature, action),
-                   "solver": "truncated conjugate gradients", "weight_decay": manifest.options.weight_decay,
+        "method": {"name": method, **(_method_description(method, curvature, action, recipe)),
+                   "weight_decay": manifest.options.weight_decay,
                    "theta": [name for name, _ in params], "feature_cache": objective.uses_feature_cache,
                    "trunk_cache": objective.uses_trunk_cache,
                    **asdict(settings)},
@@ -256,7 +278,7 @@ def edit_audit(audit_dir: str | Path, spec: str, out: str | Path, settings: Edit
                    "stationarity": stationarity},
         "validation": record_validation,
         "certificate": certificate(result.relative_residual, stationarity, record_validation, result.damping,
-                                   result.removal_curvature),
+                                   result.removal_curvature, method=method),
         "zero_shot": record_zero_shot,
     })
     if is_remote(out):  # written here whole, then uploaded file by file (objects, no renames)

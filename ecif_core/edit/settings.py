@@ -15,6 +15,12 @@ from ecif_core.errors import ConfigError
 
 MAX_DAMPING = 1e12  # the audit's options have the same bound on damping (manifest.BOUNDS)
 MAX_SECONDS = 7 * 24 * 3600.0  # a week: a budget is a cap on one request, not a schedule
+# How the edit finds its parameter change (`method`, beside the numeric settings below): the difference of two
+# short trainings with and without the set (edit.replay; the default, measured closer to retraining a
+# fine-tune: bench/RESULTS.md) or one damped Newton step of the leave-out objective (edit.solver; the one that
+# equals retraining on a quadratic).
+METHODS = ("replay", "newton")
+MAX_REPLAY_EPOCHS = 100  # each epoch of the replay is two passes over the training pairs
 
 
 @dataclass(frozen=True)
@@ -54,6 +60,14 @@ class SettingSpec:
 
 # The one table of the edit's settings (bounds: each caps the time or the numbers one request can ask for).
 EDIT_SETTINGS: tuple[SettingSpec, ...] = (
+    # The replay edit (ecif_core.edit.replay, method "replay"): the training recipe it repeats.
+    SettingSpec("replay_epochs", int, None, 1, MAX_REPLAY_EPOCHS, nullable=True,
+                meaning="method replay: passes over the training pairs per run (two runs: with and without the set); "
+                        "null: the epochs of the checkpoint's training sidecar"),
+    SettingSpec("replay_lr", float, None, 0, 1, low_open=True, nullable=True,
+                meaning="method replay: the AdamW learning rate (the trainer's warm-up and cosine decay); null: the "
+                        "lr of the checkpoint's training sidecar"),
+    # Method newton (ecif_core.edit.solver): the damped Newton step.
     SettingSpec("damping", float, None, 0, MAX_DAMPING, nullable=True,
                 meaning="lambda added to the Hessian; null: damping_per_removal_curvature x the curvature along "
                         "the removal gradient"),
@@ -66,9 +80,10 @@ EDIT_SETTINGS: tuple[SettingSpec, ...] = (
     SettingSpec("tolerance", float, 1e-4, 0, 1, low_open=True, high_open=True,
                 meaning="CG stops when |residual| <= tolerance x |removal gradient|"),
     SettingSpec("max_seconds", float, None, 0, MAX_SECONDS, low_open=True, nullable=True,
-                meaning="time budget of the solve in seconds (the set's gradient and CG; loading and the validation "
-                        "check come on top): CG stops there, after at least one iteration, and the edit uses the "
-                        "iterate reached (edit.json: stopped \"time budget\" and the residual); null: no budget"),
+                meaning="time budget of the solve in seconds (the replay's runs, or the set's gradient and CG; loading "
+                        "and the validation check come on top): the replay stops both runs after the same step, CG "
+                        "after at least one iteration, and the edit uses what was reached (edit.json: stopped "
+                        "\"time budget\"); null: no budget"),
 )
 SETTING = {spec.name: spec for spec in EDIT_SETTINGS}
 
@@ -98,6 +113,8 @@ class EditSettings:
 
     damping: float | None = SETTING["damping"].default
     damping_per_removal_curvature: float = SETTING["damping_per_removal_curvature"].default
+    replay_epochs: int | None = SETTING["replay_epochs"].default
+    replay_lr: float | None = SETTING["replay_lr"].default
     max_iterations: int = SETTING["max_iterations"].default
     tolerance: float = SETTING["tolerance"].default
     max_seconds: float | None = SETTING["max_seconds"].default

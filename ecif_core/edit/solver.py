@@ -34,7 +34,7 @@ import torch
 
 from ecif_core.errors import ConfigError, NonFiniteResult
 from ecif_core.influence.gradients import embed, temperature_scale
-from ecif_core.edit.settings import SETTING, EditSettings
+from ecif_core.edit.settings import METHODS, SETTING, EditSettings  # noqa: F401 (METHODS: the edit's methods)
 from ecif_core.edit.removal import ACTIONS, Action
 from ecif_core.influence.losses import batch_loss, group_terms, pair_logits
 from ecif_core.edit.caches import HEAD_PARAMETERS, is_head_only, tower_features, trunk_outputs
@@ -63,7 +63,8 @@ class StreamedBatch:
         self.inputs, self.chosen = load, chosen
 
 
-STOPS = ("converged", "max iterations", "negative curvature", "time budget")  # why CG ended (edit.json `stopped`)
+STOPS = ("converged", "max iterations", "negative curvature", "time budget", "finished")  # why the solve ended
+# (edit.json `stopped`; "finished": the replay ran its whole recipe)
 # LeaveOutObjective.curvature: the exact Hessian (the default, first) or Gauss-Newton (positive semi-definite)
 CURVATURES = ("hessian", "gauss-newton")
 
@@ -94,10 +95,18 @@ class EditResult:
     stopped: str = "converged"  # one of STOPS
     action: Action = "remove"
     removal_curvature: float | None = None  # |g.Hg| / g.g along the removal gradient g (lambda's scale)
+    method: str = "newton"  # one of METHODS: how delta was found
+    steps: int | None = None  # the replay's planned steps per run (iterations: the steps done)
 
     def summary(self) -> dict:
         pairs = "pairs_removed" if self.action == "remove" else "pairs_demoted"
-        return {"action": self.action, "damping": self.damping, "dampings_tried": self.dampings_tried,
+        if self.method == "replay":
+            return {"action": self.action, "method": self.method, "replay_steps": self.steps,
+                    "steps_done": self.iterations, "stopped": self.stopped,
+                    "removal_gradient_norm": self.removal_gradient_norm, pairs: self.pairs_removed,
+                    "batches_touched": self.batches_touched, "parameter_change_norm": _norm(self.delta),
+                    "seconds": self.seconds}
+        return {"action": self.action, "method": self.method, "damping": self.damping, "dampings_tried": self.dampings_tried,
                 "cg_iterations": self.iterations, "cg_relative_residual": self.relative_residual,
                 "stopped": self.stopped, "negative_curvature": self.negative_curvature,
                 "removal_gradient_norm": self.removal_gradient_norm, "removal_curvature": self.removal_curvature,
@@ -242,6 +251,13 @@ class LeaveOutObjective:
             grads = torch.autograd.grad(batch_loss(pair_logits(u, v, self.scale)), self.params, allow_unused=True)
             total += self.flat([torch.zeros_like(p) if g is None else g for g, p in zip(grads, self.params)])
         return total
+
+    def full_batch_logits(self, index: int) -> torch.Tensor | None:
+        """Logits of batch `index` with every pair in it (the objective before acting on the set)."""
+        if len(self.batches[index].chosen) < 2:
+            return None
+        u, v = self._embeddings(index)
+        return pair_logits(u, v, self.scale)
 
     def curvature_product(self, vector: torch.Tensor) -> torch.Tensor:
         """The product CG uses: the exact Hessian's, or the Gauss-Newton matrix's (`curvature`)."""

@@ -7,7 +7,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, create_model
 
-from ecif_core.edit.settings import EDIT_SETTINGS, SettingSpec
+from ecif_core.edit.settings import EDIT_SETTINGS, METHODS, SettingSpec
 from ecif_core.data.manifest import MAX_PATTERN_CHARS
 from ecif_core.stages.table import SHARDED, STAGE_NAMES
 
@@ -119,6 +119,9 @@ class _EditRequestBase(BaseModel):
     action: Annotated[Literal["remove", "demote"] | None, Field(
         description="what to do with `ids` (default remove); with `remove` or `demote` it may only repeat that "
                     "field's name")] = None
+    method: Annotated[Literal[METHODS] | None, Field(
+        description="how the edit is found: replay (the default; the difference of two short runs of the training "
+                    "recipe from the model, with and without the set) or newton (one damped Newton step)")] = None
     keep: list[Annotated[str, Field(max_length=4096)]] | None = Field(
         None, description="ids reviewed and kept: taken out of the set whatever selects it (the result's "
                           "`kept_back` counts them)")

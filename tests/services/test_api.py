@@ -539,8 +539,8 @@ def test_edit_is_queued_computed_and_downloaded(api, keys, pg_url, finished_audi
         audit_dir = session.get(Audit, finished_audit).audit_dir
     before = _audit_files(audit_dir)
     zero_shot = [{**_zero_shot(data_root, i)} for i in range(4)]
-    response = api.post(f"/audits/{finished_audit}/edits", json={"remove": "top:8:self_influence", "max_iterations": 4,
-                                                                  "zero_shot": zero_shot}, headers=keys["alice"])
+    response = api.post(f"/audits/{finished_audit}/edits", json={"remove": "top:8:self_influence", "zero_shot": zero_shot},
+                        headers=keys["alice"])
     assert response.status_code == 202, response.text
     edit_id = response.json()["edit_id"]
     assert api.starter.edits[-1] == edit_id
@@ -551,7 +551,9 @@ def test_edit_is_queued_computed_and_downloaded(api, keys, pg_url, finished_audi
     run_edit(pg_url, edit_id)  # what the gpu worker runs
     status = api.get(status_url, headers=keys["alice"]).json()
     assert status["status"] == "succeeded", status["error"]
-    assert status["result"]["remove"]["pairs"] == 8 and status["result"]["result"]["cg_iterations"] >= 1
+    result = status["result"]["result"]  # the default method: the replay ran its whole recipe
+    assert status["result"]["remove"]["pairs"] == 8 and status["result"]["method"]["name"] == "replay"
+    assert result["stopped"] == "finished" and result["steps_done"] == result["replay_steps"] >= 1
     assert status["result"]["zero_shot"]["examples"] == 4 and 0 <= status["result"]["zero_shot"]["accuracy_after"] <= 1
     download = api.get(f"{status_url}/checkpoint", headers=keys["alice"])
     assert download.status_code == 200 and download.headers["content-type"] == "application/zip"
@@ -602,7 +604,8 @@ def test_edit_demotes_with_a_keep_list_and_a_time_budget(api, keys, pg_url, fini
     top = list(removal_set(audit_dir, "top:8:self_influence").ids)  # the set, as the edit's own parser selects it
     top_two = list(removal_set(audit_dir, "top:2:self_influence").ids)
     response = api.post(f"/audits/{finished_audit}/edits", json={"demote": "top:8:self_influence", "keep": top[:3],
-                                                                  "max_iterations": 3, "max_seconds": 600},
+                                                                  "method": "newton", "max_iterations": 3,
+                                                                  "max_seconds": 600},
                         headers=keys["alice"])
     assert response.status_code == 202, response.text
     edit_id = response.json()["edit_id"]
@@ -624,12 +627,15 @@ def test_edit_demotes_with_a_keep_list_and_a_time_budget(api, keys, pg_url, fini
     with session_scope(pg_url) as session:
         request = session.get(Edit, by_ids.json()["edit_id"]).request
     assert request["action"] == "demote" and request["demote"] == "ids:request_ids.txt" and "remove" not in request
+    assert request["method"] == "replay"  # the default, recorded with the request
     for body, field in [({"remove": "suspected", "demote": "suspected"}, "remove"),
                         ({"demote": "suspected", "action": "remove"}, "action"),
                         ({"demote": "top:0.1:nope"}, "demote"), ({"demote": "ids:/etc/passwd"}, "demote"),
                         ({"remove": "top:8:self_influence", "keep": ["no-such-pair"]}, "keep"),
                         ({"demote": "top:2:self_influence", "keep": top_two}, "demote"),
                         ({"remove": "random:0.1", "max_seconds": 0}, "max_seconds"),
+                        ({"remove": "random:0.1", "method": "gradient-descent"}, "method"),
+                        ({"remove": "random:0.1", "replay_lr": 0}, "replay_lr"),
                         ({"ids": top[:2], "action": "sideways"}, "action")]:
         response = api.post(f"/audits/{finished_audit}/edits", json=body, headers=keys["alice"])
         assert response.status_code == 422 and response.json()["field"] == field, (body, response.text)
@@ -845,7 +851,8 @@ def test_an_edit_whose_diagnostics_are_not_finite_succeeds_with_nulls(api, keys,
     monkeypatch.setattr(edit_audit_module, "validation_loss",
                         lambda model, batches, params=None: (float("nan"), real(model, batches, params)[1]))
     response = api.post(f"/audits/{finished_audit}/edits", json={"remove": "top:4:self_influence",
-                                                                  "max_iterations": 2}, headers=keys["alice"])
+                                                                  "method": "newton", "max_iterations": 2},
+                         headers=keys["alice"])
     assert response.status_code == 202, response.text
     run_edit(pg_url, response.json()["edit_id"])
     status = api.get(f"/audits/{finished_audit}/edits/{response.json()['edit_id']}", headers=keys["alice"]).json()
@@ -870,7 +877,8 @@ def test_an_edit_whose_parameter_change_is_not_finite_fails_with_the_reason(api,
 
     monkeypatch.setattr(edit_module, "conjugate_gradient", diverging)
     response = api.post(f"/audits/{finished_audit}/edits", json={"remove": "top:4:self_influence",
-                                                                  "max_iterations": 2}, headers=keys["alice"])
+                                                                  "method": "newton", "max_iterations": 2},
+                         headers=keys["alice"])
     assert response.status_code == 202, response.text
     run_edit(pg_url, response.json()["edit_id"])  # our own error: recorded, not raised
     status = api.get(f"/audits/{finished_audit}/edits/{response.json()['edit_id']}", headers=keys["alice"]).json()

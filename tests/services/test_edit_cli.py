@@ -61,7 +61,7 @@ def test_edit_writes_a_checkpoint_that_loads_and_audits_again(data_root, embedde
                  for r in rows]
     (data_root / "zero_shot.json").write_text(json.dumps(zero_shot))  # image paths relative to this file
     assert main(["edit", "--audit-dir", str(audit), "--remove", "top:0.1:self_influence", "--out", str(out),
-                 "--max-iterations", "8", "--zero-shot", str(data_root / "zero_shot.json")]) == 0
+                 "--method", "newton", "--max-iterations", "8", "--zero-shot", str(data_root / "zero_shot.json")]) == 0
     record = json.loads((out / "edit.json").read_text())
     assert _digest(audit) == before  # an edit never modifies the audit
     removed = (out / "removed_ids.txt").read_text().split()
@@ -214,12 +214,47 @@ def test_demote_with_a_keep_list_writes_the_demotion_and_counts_what_was_kept(em
 def test_a_tiny_time_budget_stops_the_edit_and_says_so(embedded_csv, tmp_path, capsys):
     out = tmp_path / "e"
     assert main(["edit", "--audit-dir", str(embedded_csv.parent), "--remove", "top:6:rank", "--out", str(out),
-                 "--max-seconds", "1e-9", "--tolerance", "1e-12"]) == 0
+                 "--method", "newton", "--max-seconds", "1e-9", "--tolerance", "1e-12"]) == 0
     result = json.loads((out / "edit.json").read_text())["result"]
     assert result["stopped"] == "time budget" and result["cg_iterations"] == 1
     assert result["cg_relative_residual"] > 0 and result["parameter_change_norm"] > 0  # the residual reached, reported
     assert json.loads((out / "edit.json").read_text())["method"]["max_seconds"] == 1e-9
     assert "stopped: time budget, after 1 CG iterations" in capsys.readouterr().err
+    # the replay (the default) stops both runs after the same step and says how far it got
+    assert main(["edit", "--audit-dir", str(embedded_csv.parent), "--remove", "top:6:rank", "--out", str(tmp_path / "r"),
+                 "--max-seconds", "1e-9"]) == 0
+    record = json.loads((tmp_path / "r" / "edit.json").read_text())
+    result = record["result"]
+    assert record["method"]["name"] == "replay" and result["stopped"] == "time budget"
+    assert result["steps_done"] == 1 < result["replay_steps"] and result["parameter_change_norm"] > 0
+    assert f"stopped: time budget, after 1 of {result['replay_steps']} steps of each run" in capsys.readouterr().err
+
+
+def test_the_replay_repeats_the_sidecars_recipe_or_asks_for_one(embedded_csv, data_root, tmp_path, capsys):
+    """The default edit reads epochs and lr from the checkpoint's training sidecar (edit.json says which);
+    flags override them; a checkpoint without a sidecar is refused in one sentence before any work."""
+    audit = embedded_csv.parent
+    sidecar = json.loads((data_root / "model.pt.json").read_text())
+    assert main(["edit", "--audit-dir", str(audit), "--remove", "top:4:rank", "--out", str(tmp_path / "a")]) == 0
+    record = json.loads((tmp_path / "a" / "edit.json").read_text())
+    assert record["method"]["recipe"]["epochs"] == sidecar["epochs"] and record["method"]["recipe"]["lr"] == sidecar["lr"]
+    batches = len({int(r["slot"]) // 8 for r in _ranked(audit)}) if "slot" in _ranked(audit)[0] else None
+    assert record["result"]["replay_steps"] == record["result"]["steps_done"]
+    assert batches is None or record["result"]["replay_steps"] == sidecar["epochs"] * batches
+    assert record["certificate"]["verdict"] in ("ok", "retrain recommended") and "damping" not in record["result"]
+    assert main(["edit", "--audit-dir", str(audit), "--remove", "top:4:rank", "--out", str(tmp_path / "b"),
+                 "--replay-epochs", "1", "--replay-lr", "0.002"]) == 0
+    recipe = json.loads((tmp_path / "b" / "edit.json").read_text())["method"]["recipe"]
+    assert (recipe["epochs"], recipe["lr"]) == (1, 0.002)
+    capsys.readouterr()
+    moved = tmp_path / "moved.pt.json"
+    (data_root / "model.pt.json").rename(moved)
+    try:
+        assert main(["edit", "--audit-dir", str(audit), "--remove", "top:4:rank", "--out", str(tmp_path / "c")]) == 2
+    finally:
+        moved.rename(data_root / "model.pt.json")
+    err = capsys.readouterr().err
+    assert "--replay-epochs and --replay-lr" in err and "Traceback" not in err and not (tmp_path / "c").exists()
 
 
 def test_remove_and_demote_are_one_or_the_other(embedded_csv, tmp_path, capsys):

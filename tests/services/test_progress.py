@@ -104,7 +104,7 @@ def test_edit_reports_each_cg_iteration_with_its_residual(embedded_csv, tmp_path
     from ecif_core.edit.from_audit import edit_audit
 
     seen = []
-    record = edit_audit(embedded_csv.parent, "top:4:rank", tmp_path / "e",
+    record = edit_audit(embedded_csv.parent, "top:4:rank", tmp_path / "e", method="newton",
                         progress=lambda unit, done, total, **detail: seen.append((unit, done, total, detail)))
     assert seen[0][:3] == ("iteration", 0, 50)  # before the removal gradient: the bar's clock starts with the edit
     iterations = seen[1:]
@@ -113,9 +113,24 @@ def test_edit_reports_each_cg_iteration_with_its_residual(embedded_csv, tmp_path
     assert all(unit == "iteration" and total == 50 and detail["residual"] > 0 for unit, _, total, detail in iterations)
     assert last_solve[-1][3]["residual"] == record["result"]["cg_relative_residual"]
     assert main(["edit", "--audit-dir", str(embedded_csv.parent), "--remove", "top:4:rank", "--out",
-                 str(tmp_path / "cli"), "--max-iterations", "5"]) == 0
+                 str(tmp_path / "cli"), "--method", "newton", "--max-iterations", "5"]) == 0
     err = capsys.readouterr().err
     assert re.search(r"edit \(CG\): +\d+%\|.*\| \d/5 iterations \[\d\d:\d\d<\d\d:\d\d, residual=", err), err
+
+
+def test_the_replay_reports_each_step_with_an_eta(embedded_csv, tmp_path, capsys):
+    from ecif_core.edit.from_audit import edit_audit
+
+    seen = []
+    record = edit_audit(embedded_csv.parent, "top:4:rank", tmp_path / "e",
+                        progress=lambda unit, done, total, **detail: seen.append((unit, done, total, detail)))
+    steps = record["result"]["replay_steps"]
+    assert [s[:3] for s in seen] == [("step", k, steps) for k in range(0, steps + 1)]  # 0: the clock starts
+    assert all(s[3]["eta_s"] >= 0 for s in seen[1:]) and seen[-1][3]["eta_s"] == 0
+    assert main(["edit", "--audit-dir", str(embedded_csv.parent), "--remove", "top:4:rank", "--out",
+                 str(tmp_path / "cli")]) == 0
+    err = capsys.readouterr().err
+    assert re.search(rf"edit \(replay\): 100%\|.*\| {steps}/{steps} steps", err), err
 
 
 def test_trace_reports_test_examples_then_shards_read(data_root, embedded_csv, tmp_path, capsys):

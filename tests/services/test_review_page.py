@@ -8,7 +8,6 @@ import html
 import math
 import re
 import sqlite3
-from pathlib import Path
 from types import SimpleNamespace
 from urllib.parse import unquote
 

@@ -9,10 +9,11 @@ from typing import Annotated
 from fastapi import APIRouter, HTTPException, Query, Request
 from fastapi.responses import StreamingResponse
 
-from ecif_core.edit.settings import EditSettings
+from ecif_core.edit.replay import recipe_of
+from ecif_core.edit.settings import METHODS, EditSettings
 from ecif_core.edit.from_audit import preview, removal_set, zero_shot_examples
 from ecif_core.errors import ConfigError
-from ecif_core.data.manifest import Manifest
+from ecif_core.data.manifest import Manifest, read_sidecar
 from ecif_core.models.check import check_theta
 from ecif_core.data.storage import files_under, location, remove_tree, write_text
 from ecif_core.values import check_json_values
@@ -84,6 +85,11 @@ def create(request: Request, audit_id: str, body: EditRequest, owner: OwnerDep, 
         check_theta(Manifest.from_json(audit.manifest), body.theta)
     zero_shot = _confined_zero_shot(body.zero_shot, settings_.resolved_roots())
     settings = EditSettings.from_mapping(body.model_dump(exclude_unset=True))  # old names: deprecated
+    method = body.method or METHODS[0]
+    if method == "replay":  # the recipe it repeats: from the settings or the training sidecar, else a 422 now
+        manifest = Manifest.from_json(audit.manifest)
+        recipe_of(read_sidecar(manifest.checkpoint, manifest.adapter), manifest.options.seed,
+                  settings.replay_epochs, settings.replay_lr)
     edit = repository.create_edit(session, audit, {})
     folder = location(edit.edit_dir)
     if body.ids is not None:
@@ -97,7 +103,7 @@ def create(request: Request, audit_id: str, body: EditRequest, owner: OwnerDep, 
     except ConfigError as exc:
         remove_tree(folder)
         raise ConfigError("ids", exc.message) if body.ids is not None and exc.field == action else exc
-    edit.request = {"action": action, action: spec, "pairs": len(chosen.ids), "kept_back": chosen.kept_back,
+    edit.request = {"action": action, action: spec, "method": method, "pairs": len(chosen.ids), "kept_back": chosen.kept_back,
                     "keep": None if body.keep is None else KEEP_IDS, "theta": body.theta, "zero_shot": zero_shot,
                     **settings.as_dict()}
     session.commit()
