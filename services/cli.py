@@ -633,8 +633,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "out of the set; edit.json counts them (kept_back)")
     p.add_argument("--out", required=True, help="folder for the edited checkpoint, its sidecars and edit.json")
     p.add_argument("--method", choices=METHODS, default=argparse.SUPPRESS,
-                   help="replay (default): the difference of two short runs of the training recipe from the model, "
-                   "with and without the set; newton: one damped Newton step (docs/METHOD.md)")
+                   help='replay (default): the difference of two short runs of the training recipe from the model, '
+                   'with and without the set (docs/METHOD.md, "The replay edit"); newton: one damped Newton step')
     _edit_setting_flags(p)
     p.add_argument("--theta", action="append", help="parameters to edit (fnmatch, or blocks:N for the last N "
                    "blocks + the projections; repeat); default the audit's theta")
