@@ -26,7 +26,8 @@ from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from ecif_core.edit.solver import CURVATURES, METHODS  # noqa: E402
+from ecif_core.edit.settings import METHODS  # noqa: E402
+from ecif_core.edit.solver import CURVATURES  # noqa: E402
 
 from .settings import ACTIONS, LISTS, PRESETS, FixSettings  # noqa: E402
 

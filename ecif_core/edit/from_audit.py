@@ -28,9 +28,9 @@ from ecif_core.data.batching import partition
 from ecif_core.data.images import load_batch, load_image
 from ecif_core.data.sources import read_pairs
 from ecif_core.edit.certificate import certificate
-from ecif_core.edit.settings import EditSettings
+from ecif_core.edit.settings import METHODS, EditSettings
 from ecif_core.edit.replay import recipe_of, replay_parameters
-from ecif_core.edit.solver import CURVATURES, METHODS, LeaveOutObjective, StreamedBatch, apply_delta, edit_parameters
+from ecif_core.edit.solver import CURVATURES, LeaveOutObjective, StreamedBatch, apply_delta, edit_parameters
 from ecif_core.errors import ConfigError
 from ecif_core.influence.losses import batch_loss, pair_logits
 from ecif_core.influence.gradients import embed, temperature_scale
@@ -204,11 +204,12 @@ def edit_audit(audit_dir: str | Path, spec: str, out: str | Path, settings: Edit
 
     `theta`: fnmatch patterns of the parameters to edit (default: the audit's theta). `zero_shot`:
     examples whose accuracy is measured before and after the edit. The audit is only read, never changed.
-    `progress`: the CG solve's iterations with their relative residual and ETA (solver.conjugate_gradient).
+    `progress`: the replay's steps with their ETA (replay.replay_parameters), or the CG solve's iterations
+    with their relative residual and ETA (solver.conjugate_gradient).
     `keep`: a file of ids (read against `base_dir`) taken out of the set whatever the spec selects.
     `curvature`: one of solver.CURVATURES: "hessian" (the exact Hessian; Newton's step) or "gauss-newton"
     (positive semi-definite; measured in bench.edit, not yet a CLI or API setting); method newton only.
-    `method`: one of solver.METHODS: "replay" (the difference of two short trainings with and without the
+    `method`: one of settings.METHODS: "replay" (the difference of two short trainings with and without the
     set: ecif_core.edit.replay) or "newton" (one damped Newton step: ecif_core.edit.solver).
     """
     if action not in ACTIONS:

@@ -66,10 +66,7 @@ def recipe_of(sidecar: dict, seed: int, epochs: int | None, lr: float | None) ->
 def _step_loss(objective: LeaveOutObjective, index: int, with_set: bool) -> tuple[torch.Tensor | None, int]:
     """(L_batch of batch `index`, pairs it holds): the full batch, or with the set acted on (removed,
     or demoted: objective.action); None when the batch adds nothing."""
-    if with_set:
-        found = objective.full_batch_logits(index)
-        return (batch_loss(found), found.shape[0]) if found is not None else (None, 0)
-    found = objective._batch_logits(index)
+    found = objective.batch_logits(index, acted=not with_set)
     if found is None:
         return None, 0
     logits, demoted = found

@@ -34,7 +34,7 @@ import torch
 
 from ecif_core.errors import ConfigError, NonFiniteResult
 from ecif_core.influence.gradients import embed, temperature_scale
-from ecif_core.edit.settings import METHODS, SETTING, EditSettings  # noqa: F401 (METHODS: the edit's methods)
+from ecif_core.edit.settings import SETTING, EditSettings
 from ecif_core.edit.removal import ACTIONS, Action
 from ecif_core.influence.losses import batch_loss, group_terms, pair_logits
 from ecif_core.edit.caches import HEAD_PARAMETERS, is_head_only, tower_features, trunk_outputs
@@ -252,12 +252,15 @@ class LeaveOutObjective:
             total += self.flat([torch.zeros_like(p) if g is None else g for g, p in zip(grads, self.params)])
         return total
 
-    def full_batch_logits(self, index: int) -> torch.Tensor | None:
-        """Logits of batch `index` with every pair in it (the objective before acting on the set)."""
+    def batch_logits(self, index: int, acted: bool = True) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+        """(logits, demoted mask or None) of batch `index` in the objective with the set acted on (`acted`),
+        or in the whole objective before it; None when the batch adds nothing."""
+        if acted:
+            return self._batch_logits(index)
         if len(self.batches[index].chosen) < 2:
             return None
         u, v = self._embeddings(index)
-        return pair_logits(u, v, self.scale)
+        return pair_logits(u, v, self.scale), None
 
     def curvature_product(self, vector: torch.Tensor) -> torch.Tensor:
         """The product CG uses: the exact Hessian's, or the Gauss-Newton matrix's (`curvature`)."""
