@@ -170,7 +170,7 @@ def _run_epochs(model, cfg: TrainConfig, batches, cached, n_used: int, l2_params
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=0.0)
     total_steps = cfg.epochs * len(batches)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg.warmup_steps, total_steps))
-    order_rng = np.random.Generator(np.random.PCG64(cfg.seed + 1))
+    order_rng = batch_order(cfg.seed)
     snapshots = snapshot_epochs(cfg.epochs, cfg.checkpoints)
     epoch_seconds, epoch_loss, history = [], float("nan"), []
     for epoch in range(cfg.epochs):
@@ -238,6 +238,12 @@ def _save(model, cfg: TrainConfig, data, out, pairs, all_ids, excluded, n_used, 
 def _relative(path: str | Path, home: Path) -> str:
     """`path` relative to the sidecar's folder (resolved first)."""
     return os.path.relpath(Path(path).resolve(), home)
+
+
+def batch_order(seed: int) -> np.random.Generator:
+    """The generator whose permutation, one per epoch, orders the batches of a run with this seed (the
+    trainer's, and the replay edit's, which repeats it)."""
+    return np.random.Generator(np.random.PCG64(seed + 1))
 
 
 def lr_factor(step: int, warmup: int, total: int) -> float:

@@ -26,14 +26,13 @@ import math
 import time
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
 from ecif_core.edit.solver import EditResult, LeaveOutObjective
 from ecif_core.errors import ConfigError, NonFiniteResult
 from ecif_core.influence.losses import batch_loss
 from ecif_core.progress import Progress
-from ecif_core.train import TrainConfig, lr_factor
+from ecif_core.train import TrainConfig, batch_order, lr_factor
 
 
 @dataclass(frozen=True)
@@ -93,7 +92,7 @@ def replay_parameters(objective: LeaveOutObjective, recipe: Recipe, progress: Pr
         used = sum(_pairs_trained(objective, i, with_set) for i in range(len(objective.batches)))
         runs[with_set] = {"state": [t.clone() for t in start], "pairs": max(used, 1),
                           "optimizer": torch.optim.AdamW(params, lr=recipe.lr, weight_decay=0.0)}
-    order_rng = np.random.Generator(np.random.PCG64(recipe.seed + 1))  # the trainer's batch order (train._run_epochs)
+    order_rng = batch_order(recipe.seed)  # the trainer's batch order
     deadline = None if max_seconds is None else started + max_seconds
     done, stopped = 0, "finished"
     try:
