@@ -50,6 +50,7 @@ from ecif_core.models.runtime import flush_denormals
 from ecif_core.stages import gradients as gradients_stage
 from ecif_core.stages import validation as validation_stage
 from ecif_core.stages.curvature import sums_pay
+from ecif_core.stages.prepare import model_shape
 from ecif_core.stages.table import STAGES
 
 DEFAULT_BATCHES = 3  # steady batches timed after the warm-up batch
@@ -127,7 +128,8 @@ class Estimate:
 
 
 def extrapolate(measured: Measured, pairs: int, validation_pairs: int, shard_batches: int, dim: int,
-                workers: int = 1, device: str = "cpu", threads: int = 1, models: int = 1) -> Estimate:
+                workers: int = 1, device: str = "cpu", threads: int = 1, models: int = 1,
+                feature_width: int = 0) -> Estimate:
     """Per-stage seconds for `pairs` training pairs (all usable) and `validation_pairs`:
     - prepare: startup_s + create_s + rows x prepare_row_s (a fresh process imports the libraries in prepare);
     - gradients: load + warm-up (once) + (pairs x pair_s + shards x fisher_shard_s when the shards
@@ -136,7 +138,8 @@ def extrapolate(measured: Measured, pairs: int, validation_pairs: int, shard_bat
     - validation: validation pairs x (prepare_row_s + validation_pair_s) (the model is already loaded);
     - scores: shards x score_shard_s / W; finalize: finalize_s + pairs x FINALIZE_PAIR_S;
     plus, for each sharded stage and curvature, shards x its store reads and writes per shard
-    (io_shard_s; / W when sharded)."""
+    (io_shard_s; / W when sharded). `feature_width`: the towers' feature widths the store keeps per pair
+    (store.written_bytes)."""
     size_b = measured.batch_size
     batches = batch_count(pairs, size_b)
     shards = max(1, math.ceil(batches / shard_batches))
@@ -160,7 +163,7 @@ def extrapolate(measured: Measured, pairs: int, validation_pairs: int, shard_bat
     rows = shards * shard_rows
     return Estimate(pairs=pairs, validation_pairs=validation_pairs, batch_size=size_b, shards=shards, dim=dim,
                     stages=seconds, fixed_s=measured.startup_s + load,
-                    store_bytes=written_bytes(rows, dim, shards, pays, in_batches, models), workers=workers, device=device,
+                    store_bytes=written_bytes(rows, dim, shards, pays, in_batches, models, feature_width), workers=workers, device=device,
                     threads=threads, measured=measured)
 
 
@@ -183,8 +186,10 @@ def estimate_audit(manifest: Manifest, roots: Sequence[Path] | None = None, oper
         validation_pairs = 0 if manifest.validation is None else count_rows(manifest.validation, "validation", roots)
     measured, dim = measure(manifest, roots, operator_hosts, batches=batches, validation_pairs=validation_pairs)
     measured.startup_s = startup_s
+    _, feature_dims = model_shape(manifest, roots)
     return extrapolate(measured, pairs, validation_pairs, manifest.options.shard_batches, dim, workers,
-                       default_device(), torch.get_num_threads(), 1 + (manifest.reference is not None))
+                       default_device(), torch.get_num_threads(), 1 + (manifest.reference is not None),
+                       sum(feature_dims or ()))
 
 
 def count_rows(value: str | dict, name: str, roots: Sequence[Path] | None = None) -> int:

@@ -23,7 +23,7 @@ from typing import Sequence
 
 import torch
 
-from ecif_core.edit.caches import without_projections
+from ecif_core.models.features import without_projections
 from ecif_core.influence.gradients import embed
 from ecif_core.influence.losses import group_terms, pair_logits
 from ecif_core.models.runtime import flush_denormals

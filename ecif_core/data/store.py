@@ -45,27 +45,34 @@ CURVATURE, EIGVALS, EIGVECS = "curvature", "curvature/eigvals", "curvature/eigve
 VALIDATION_GRAD, VALIDATION_EXAMPLES = "validation/grad", "validation/examples"
 # CLIP cosines of the validation pairs, clean and corrupted, per model (calibration.py's null and alternative)
 VALIDATION_COSINES = "validation/cosines"
+VALIDATION_FEATURES = "validation/features"  # the validation pairs' tower features, when the store keeps features
+# The towers' features of each pair (the projections' inputs; models.theta.tower_feature_dims), kept by the
+# gradients stage when theta lies within the projections: the edit reads them instead of decoding the images.
+FEATURE_TOWERS = ("image", "text")
+FEATURES = "features"
 # delta + lambda each scores shard used; audits made before the rename (CHANGELOG) hold it under the old key
 CURVATURE_SHIFT, OLD_CURVATURE_SHIFT = "done/curvature_shift", "done/scores_shift"
 
 
 def written_bytes(rows: int, dim: int, shards: int, partial_sums: bool, validation_pairs: int = 0,
-                  models: int = 1) -> int:
+                  models: int = 1, feature_width: int = 0) -> int:
     """Bytes (uncompressed) of the chunks a finished audit has written in its store: what `create`
     lays out for `rows` slots, `shards` shards and k = `dim`, less what is never written (the k x k
     partial sums of shards too small for them, score columns a validation set would fill), plus
     the curvature and validation arrays. Equals `AuditStore.written_bytes` of the finished store
     (Zarr skips a chunk equal to its fill value; terms and scores are compressed on disk, so the
     folder is somewhat smaller). `validation_pairs`: those in a validation batch of two or more;
-    `models`: 2 with a reference model (its validation cosines are kept too)."""
+    `models`: 2 with a reference model (its validation cosines are kept too); `feature_width`: the image and
+    text feature widths added up, when the store keeps the towers' features (`create`'s feature_dims)."""
     f32, f64 = 4, 8
     scores = len(SCORE_FIELDS) - (0 if validation_pairs else len(VALIDATION_SCORE_FIELDS))
-    total = rows * (len(GRADIENT_FIELDS) * dim * f32 + len(TERM_FIELDS) * f32 + scores * f64)
+    total = rows * (len(GRADIENT_FIELDS) * dim * f32 + len(TERM_FIELDS) * f32 + scores * f64 + feature_width * f32)
     total += shards * (partial_sums * dim * dim * f64 + len(STAGE_MARKERS) + f64)  # sums, markers, shifts
     total += dim * f64 + dim * dim * f64                                            # eigvals, eigvecs
     if validation_pairs:
         total += validation_pairs * dim * f32 + dim * f64                           # examples, mean
         total += models * (1 + len(CORRUPTIONS)) * validation_pairs * f64              # cosines: clean, corrupted
+        total += validation_pairs * feature_width * f32                                # features
     return total
 
 
@@ -87,9 +94,11 @@ class AuditStore:
         self._arrays: dict[str, zarr.Array] = {}
 
     # ------------------------------------------------------------------ layout
-    def create(self, rows: int, dim: int, shard_rows: int, shards: int, attrs: dict[str, Any]) -> None:
+    def create(self, rows: int, dim: int, shard_rows: int, shards: int, attrs: dict[str, Any],
+               feature_dims: tuple[int, int] | None = None) -> None:
         """Preallocate every array afresh (prepare calls this only before its plan exists, so
-        whatever a crashed earlier prepare left here is replaced)."""
+        whatever a crashed earlier prepare left here is replaced). `feature_dims`: (image, text) widths
+        of the towers' features to keep per pair; None keeps none."""
         self.root = zarr.open_group(self.url, mode="w", zarr_format=3)
         self._arrays = {}
         for name in GRADIENT_FIELDS:
@@ -106,6 +115,9 @@ class AuditStore:
                                fill_value=0.0, compressors=None)
         for stage in STAGE_MARKERS:
             self.root.create_array(marker_key(stage), shape=(shards,), chunks=(1,), dtype="uint8", fill_value=0)
+        for tower, width in zip(FEATURE_TOWERS, feature_dims or ()):
+            self.root.create_array(f"{FEATURES}/{tower}", shape=(rows, width), chunks=(shard_rows, width),
+                                   dtype="float32", fill_value=0.0, compressors=None)
         # delta + lambda each scores shard used (one chunk per shard, like the markers)
         self.root.create_array(CURVATURE_SHIFT, shape=(shards,), chunks=(1,), dtype="float64", fill_value=np.nan)
         self.root.attrs.update({"rows": rows, "dim": dim, "shard_rows": shard_rows, "shards": shards, **attrs})
@@ -145,6 +157,18 @@ class AuditStore:
         """Whole shard chunks of the gradient arrays named in `values` (GRADIENT_FIELDS)."""
         self._write_rows(GRADS, start, values)
 
+    def keeps_features(self) -> bool:
+        """The store holds the towers' features (theta within the projections, and made after they were kept)."""
+        return all(self._has(f"{FEATURES}/{tower}") for tower in FEATURE_TOWERS)
+
+    def write_features(self, start: int, image: np.ndarray, text: np.ndarray) -> None:
+        """Whole shard chunks of the (image, text) features."""
+        self._write_rows(FEATURES, start, dict(zip(FEATURE_TOWERS, (image, text))))
+
+    def features(self, start: int | None = None, stop: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(image, text) features of rows [start, stop) (float32; zero where no pair holds the slot)."""
+        return self._read(f"{FEATURES}/image", start, stop), self._read(f"{FEATURES}/text", start, stop)
+
     def term_fields(self) -> list[str]:
         """The term columns this store has."""
         return [name for name in TERM_FIELDS if self._has(f"{TERMS}/{name}")]
@@ -183,11 +207,17 @@ class AuditStore:
 
     # ------------------------------------------------------------------ validation stage
     def write_validation(self, examples: np.ndarray, grad: np.ndarray, attrs: dict[str, Any],
-                         cosines: dict[str, dict[str, np.ndarray]] | None = None) -> None:
+                         cosines: dict[str, dict[str, np.ndarray]] | None = None,
+                         features: tuple[np.ndarray, np.ndarray, list[int]] | None = None) -> None:
         """Per-example validation gradients, the CLIP cosines of clean and corrupted validation pairs
-        per model ({model: {kind: values}}), the mean gradient (with `attrs`: pairs, loss, evidence),
-        then the marker."""
+        per model ({model: {kind: values}}), the towers' (image, text) features of the pairs with the
+        sizes of their batches (when the store keeps features), the mean gradient (with `attrs`: pairs,
+        loss, evidence), then the marker."""
         self._write_whole(VALIDATION_EXAMPLES, examples)
+        if features is not None:
+            image, text, sizes = features
+            self._write_whole(f"{VALIDATION_FEATURES}/image", image, {"batch_sizes": [int(n) for n in sizes]})
+            self._write_whole(f"{VALIDATION_FEATURES}/text", text)
         if cosines:
             models, kinds = sorted(cosines), sorted(next(iter(cosines.values())))
             table = np.stack([np.stack([np.asarray(cosines[m][k], dtype=np.float64) for k in kinds]) for m in models])
@@ -205,6 +235,14 @@ class AuditStore:
     def validation_examples(self) -> np.ndarray | None:
         """Per-example validation gradients; None for stores made before they were kept."""
         return self._read(VALIDATION_EXAMPLES) if self._has(VALIDATION_EXAMPLES) else None
+
+    def validation_features(self) -> tuple[np.ndarray, np.ndarray, list[int]] | None:
+        """(image, text) features of the validation pairs in batch order, and the batches' sizes; None when
+        the store keeps no features (or was made before they were kept)."""
+        if not (self._has(f"{VALIDATION_FEATURES}/image") and self._has(f"{VALIDATION_FEATURES}/text")):
+            return None
+        image = self._array(f"{VALIDATION_FEATURES}/image")
+        return np.asarray(image[...]), self._read(f"{VALIDATION_FEATURES}/text"), list(image.attrs["batch_sizes"])
 
     def validation_cosines(self) -> dict[str, dict[str, np.ndarray]] | None:
         """{model: {kind: cosines}} of the validation pairs ("clean" and each corruption); None for

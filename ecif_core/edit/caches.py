@@ -3,13 +3,13 @@ towers' features when theta is within the two projections, or the output of the 
 (influence.trunk). Every product then runs only the part of the model that theta changes."""
 from __future__ import annotations
 
-import contextlib
-from typing import Iterator, Protocol, Sequence
+from typing import Protocol, Sequence
 
 import torch
 
 from ecif_core.influence.gradients import embed
 from ecif_core.influence.trunk import TrunkCache
+from ecif_core.models.features import projection_inputs, tower_feature_dims
 
 
 class TrainingBatch(Protocol):
@@ -20,37 +20,21 @@ class TrainingBatch(Protocol):
         """(images, tokens), read once per call."""
 
 
-HEAD_PARAMETERS = ("visual.proj", "text_projection")
-
-
 def is_head_only(model: torch.nn.Module, theta: Sequence[tuple[str, torch.nn.Parameter]]) -> bool:
-    names = {name for name, _ in theta}
-    return (names <= set(HEAD_PARAMETERS)
-            and isinstance(getattr(getattr(model, "visual", None), "proj", None), torch.nn.Parameter)
-            and isinstance(getattr(model, "text_projection", None), torch.nn.Parameter))
-
-
-@contextlib.contextmanager
-def without_projections(model: torch.nn.Module) -> Iterator[None]:
-    """encode_image / encode_text return the projections' inputs while inside (open_clip skips a None)."""
-    saved = model.visual.proj, model.text_projection
-    if not all(isinstance(p, torch.nn.Parameter) for p in saved):
-        raise TypeError("needs both projections as x @ W parameters (open_clip's default CLIP)")
-    model.visual.proj, model.text_projection = None, None
-    try:
-        yield
-    finally:
-        model.visual.proj, model.text_projection = saved
+    """theta lies within the two x @ W projections (models.features.tower_feature_dims)."""
+    return tower_feature_dims(model, [name for name, _ in theta]) is not None
 
 
 @torch.no_grad()
 def tower_features(model: torch.nn.Module, batches: Sequence[TrainingBatch]) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """(image features, text features) of every batch, before the projections."""
+    """(image features, text features) of every batch, before the projections: those the audit kept
+    (a batch's `stored_features`, when it has them: no image is decoded), else computed from its inputs."""
     out = []
-    with without_projections(model):
-        for b in batches:
-            text, image = embed(model, *b.inputs())
-            out.append((image.detach(), text.detach()))
+    device = model.logit_scale.device
+    for b in batches:
+        stored = getattr(b, "stored_features", None)
+        image, text = stored() if stored is not None else projection_inputs(model, *b.inputs())
+        out.append((image.to(device), text.to(device)))
     return out
 
 

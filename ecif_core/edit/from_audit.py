@@ -24,16 +24,14 @@ import torch
 from ecif_core.models.cache import model_files
 from ecif_core.stages.finalize import Ranking, final_ranking
 from ecif_core.stages.plan import image_access, load_plan, load_slots, manifest_of, open_store
-from ecif_core.data.batching import partition
 from ecif_core.data.images import load_batch, load_image
-from ecif_core.data.sources import read_pairs
 from ecif_core.edit.certificate import certificate
+from ecif_core.edit.validation_check import kept_validation_features, validation_batches, validation_loss
 from ecif_core.edit.settings import METHODS, EditSettings
 from ecif_core.edit.replay import recipe_of, replay_parameters
 from ecif_core.edit.solver import CURVATURES, LeaveOutObjective, StreamedBatch, apply_delta, edit_parameters
 from ecif_core.errors import ConfigError
-from ecif_core.influence.losses import batch_loss, pair_logits
-from ecif_core.influence.gradients import embed, temperature_scale
+from ecif_core.influence.gradients import embed
 from ecif_core.models.lora import TRAINING_SIDECAR, save_adapter
 from ecif_core.data.manifest import SIDECAR_SUFFIX, Manifest, read_sidecar
 from ecif_core.models.factory import ready_model
@@ -110,46 +108,41 @@ def preview(audit_dir: str | Path, spec: str, base_dir: str | Path | None = None
             "form": "sum of per-pair influence (stored); pairs sharing a batch are not grouped"}
 
 
-def training_batches_of(audit_dir: str | Path, chosen: set[str], preprocess, tokenizer) -> list[StreamedBatch]:
+class StoredFeatures:
+    """The towers' features the audit's gradients stage kept (store.features), read one shard at a time:
+    a shard owns whole batches, and the edit reads the batches in slot order."""
+
+    def __init__(self, audit_dir: str | Path, shard_rows: int):
+        self.store, self.shard_rows = open_store(audit_dir), shard_rows
+        self._shard: int | None = None
+        self._rows: tuple[np.ndarray, np.ndarray] | None = None
+
+    def of_slots(self, slots: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(image, text) features of one batch's slots, in that order."""
+        shard = slots[0] // self.shard_rows
+        if shard != self._shard:
+            self._rows, self._shard = self.store.features(shard * self.shard_rows, (shard + 1) * self.shard_rows), shard
+        local = np.asarray(slots) - shard * self.shard_rows
+        return torch.from_numpy(self._rows[0][local]), torch.from_numpy(self._rows[1][local])
+
+
+def training_batches_of(audit_dir: str | Path, chosen: set[str], preprocess, tokenizer,
+                        stored: bool = True) -> list[StreamedBatch]:
     """The audit's fixed partition (its row slots), with the pairs of the set marked; each batch's images
-    are read from their source when used (StreamedBatch), never all held at once."""
+    are read from their source when used (StreamedBatch), never all held at once. `stored`: give each
+    batch the towers' features the audit kept, where it kept them (a theta within the projections then
+    decodes no training image)."""
     plan = load_plan(audit_dir)
     access = image_access(plan, audit_dir)
     grouped: dict[int, list] = {}
     for slot, pair in load_slots(audit_dir):
-        grouped.setdefault(slot // plan.batch_size, []).append(pair)
-    return [StreamedBatch(functools.partial(load_batch, grouped[b], preprocess, tokenizer, access.fetch_dir,
-                                            access.roots), torch.tensor([p.id in chosen for p in grouped[b]]))
+        grouped.setdefault(slot // plan.batch_size, []).append((slot, pair))
+    kept = StoredFeatures(audit_dir, plan.shard_rows) if stored and open_store(audit_dir).keeps_features() else None
+    return [StreamedBatch(functools.partial(load_batch, [p for _, p in grouped[b]], preprocess, tokenizer,
+                                            access.fetch_dir, access.roots),
+                          torch.tensor([p.id in chosen for _, p in grouped[b]]),
+                          None if kept is None else functools.partial(kept.of_slots, [s for s, _ in grouped[b]]))
             for b in sorted(grouped)]
-
-
-def _validation_batches(audit_dir: str | Path, manifest: Manifest, preprocess, tokenizer) -> list[tuple]:
-    """The validation partition the audit used (same batch size and seed), batches of >= 2 pairs."""
-    access = image_access(load_plan(audit_dir), audit_dir)
-    pairs, _, _ = read_pairs(manifest.validation, field="validation", access=access)
-    by_id = {p.id: p for p in pairs}
-    return [load_batch([by_id[i] for i in ids], preprocess, tokenizer, access.fetch_dir, access.roots)
-            for ids in partition(by_id, manifest.options.batch_size, manifest.options.seed) if len(ids) >= 2]
-
-
-def validation_loss(model: torch.nn.Module, batches: list[tuple], params: list | None = None
-                    ) -> tuple[float, list[torch.Tensor] | None]:
-    """Mean contrastive loss per validation pair (the audit's L'), and its gradient in `params` when given."""
-    total, count = 0.0, 0
-    grads = None if params is None else [torch.zeros_like(p, dtype=torch.float64) for p in params]
-    scale = temperature_scale(model)
-    for images, tokens in batches:
-        with torch.set_grad_enabled(params is not None):
-            text, image = embed(model, images, tokens)
-            loss = batch_loss(pair_logits(text, image, scale))
-        if params is not None:
-            for g, part in zip(grads, torch.autograd.grad(loss, params, allow_unused=True)):
-                if part is not None:
-                    g += part.double()
-        total, count = total + float(loss.detach()), count + images.shape[0]
-    if count == 0:
-        raise ConfigError("validation", "no batch holds two usable pairs")
-    return total / count, None if grads is None else [g / count for g in grads]
 
 
 def zero_shot_examples(raw: object) -> list[TraceExample]:
@@ -183,6 +176,13 @@ def _curvature_description(curvature: str, action: Action) -> str:
     matrix, products = (("exact Hessian", "Hessian-vector products") if curvature == CURVATURES[0]
                         else ("Gauss-Newton matrix", "J^T H_z J products"))
     return f"{matrix} of the objective {'without' if action == 'remove' else 'demoting'} the set ({products})"
+
+
+def _feature_source(objective: LeaveOutObjective, batches: list[StreamedBatch]) -> str | None:
+    """edit.json's method.features_from: where the feature cache came from (None: no feature cache)."""
+    if not objective.uses_feature_cache:
+        return None
+    return "audit store" if batches and batches[0].stored_features is not None else "images"
 
 
 def _method_description(method: str, curvature: str, action: Action, recipe) -> dict:
@@ -248,11 +248,14 @@ def edit_audit(audit_dir: str | Path, spec: str, out: str | Path, settings: Edit
         seconds["stationarity_check"] = time.perf_counter() - started_check
         record_validation = None
         if manifest.validation is not None:
-            val = _validation_batches(audit_dir, manifest, loaded.preprocess, loaded.tokenizer)
-            before, grads = validation_loss(model, val, [p for _, p in params])
+            val = kept_validation_features(audit_dir) if objective.uses_feature_cache else None
+            from_features = val is not None  # no validation image decoded
+            if val is None:
+                val = validation_batches(audit_dir, manifest, loaded.preprocess, loaded.tokenizer)
+            before, grads = validation_loss(model, val, [p for _, p in params], from_features)
             predicted = float(sum((g * result.delta[name].double()).sum() for g, (name, _) in zip(grads, params)))
             apply_delta(params, result.delta)
-            after, _ = validation_loss(model, val)
+            after, _ = validation_loss(model, val, from_features=from_features)
             terms = "Pos(E) + Neg(E)" if action == "remove" else "Pos(E) alone: a demotion"
             record_validation = {"loss_before": before, "loss_after": after, "actual_change": after - before,
                                  "predicted_change": predicted, "form": f"group (exact {terms}), first order"}
@@ -272,6 +275,7 @@ def edit_audit(audit_dir: str | Path, spec: str, out: str | Path, settings: Edit
         "method": {"name": method, **(_method_description(method, curvature, action, recipe)),
                    "weight_decay": manifest.options.weight_decay,
                    "theta": [name for name, _ in params], "feature_cache": objective.uses_feature_cache,
+                   "features_from": _feature_source(objective, batches),
                    "trunk_cache": objective.uses_trunk_cache,
                    **asdict(settings)},
         "result": {**result.summary(), "seconds": seconds,

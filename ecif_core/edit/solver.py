@@ -37,8 +37,10 @@ from ecif_core.influence.gradients import embed, temperature_scale
 from ecif_core.edit.settings import SETTING, EditSettings
 from ecif_core.edit.removal import ACTIONS, Action
 from ecif_core.influence.losses import batch_loss, group_terms, pair_logits
-from ecif_core.edit.caches import HEAD_PARAMETERS, is_head_only, tower_features, trunk_outputs
+from ecif_core.edit.caches import is_head_only, tower_features, trunk_outputs
 from ecif_core.progress import Progress
+from ecif_core.models.features import projected
+from ecif_core.models.theta import PROJECTIONS
 
 
 @dataclass
@@ -57,10 +59,13 @@ class TrainingBatch:
 class StreamedBatch:
     """A TrainingBatch whose inputs are read from their source each time they are used (`inputs`), so the
     edit keeps no batch of images in memory: with the feature cache they are read once (the cache is built
-    batch by batch), otherwise once per conjugate-gradient product. `load` returns (images, tokens)."""
+    batch by batch), otherwise once per conjugate-gradient product; not at all when the audit kept the towers'
+    features (`stored_features`). `load` returns (images, tokens)."""
 
-    def __init__(self, load: Callable[[], tuple[torch.Tensor, torch.Tensor]], chosen: torch.Tensor):
+    def __init__(self, load: Callable[[], tuple[torch.Tensor, torch.Tensor]], chosen: torch.Tensor,
+                 stored_features: Callable[[], tuple[torch.Tensor, torch.Tensor]] | None = None):
         self.inputs, self.chosen = load, chosen
+        self.stored_features = stored_features  # (image, text) features the audit kept (caches.tower_features)
 
 
 STOPS = ("converged", "max iterations", "negative curvature", "time budget", "finished")  # why the solve ended
@@ -191,7 +196,7 @@ class LeaveOutObjective:
         self.scale = temperature_scale(model)
         head_only = is_head_only(model, self.theta)
         if use_feature_cache and not head_only:
-            raise ConfigError("edit.theta", f"the feature cache needs theta within {HEAD_PARAMETERS}")
+            raise ConfigError("edit.theta", f"the feature cache needs theta within {PROJECTIONS[:2]}")
         self._features = tower_features(model, self.batches) if head_only and use_feature_cache is not False else None
         self._trunk, self._trunk_outputs = None, None
         if self._features is None and use_feature_cache is not False:
@@ -224,8 +229,7 @@ class LeaveOutObjective:
                 return embed(self.model, *b.inputs())
             with self._trunk.replay_outputs(self._trunk_outputs[index]):
                 return embed(self.model, *b.inputs())
-        image_features, text_features = self._features[index]
-        return text_features @ self.model.text_projection, image_features @ self.model.visual.proj
+        return projected(self.model, *self._features[index])
 
     def removal_gradient(self) -> tuple[torch.Tensor, int]:
         """(grad of what acting on E takes out of the objective, summed over batches; batches touched):

@@ -49,6 +49,9 @@ class BatchGradients:
     clip_score: torch.Tensor  # (B,)    cosine of the pair's own embeddings
     clip: torch.Tensor        # (B, k)  C_n = grad [1 - cos(u_n, v_n)] (Algorithm 3; docs/METHOD.md, "Influence")
     dropped_mass: torch.Tensor | None = None  # (B,) softmax mass on dropped partners (partners.py); None = exact
+    # ((B, d_image), (B, d_text)): the projections' inputs (the towers' features), read from the head path's
+    # recorded uses when theta is the two projections; None on every other path
+    features: tuple[torch.Tensor, torch.Tensor] | None = None
 
 
 class Embeddings(NamedTuple):
@@ -93,6 +96,7 @@ def per_pair_gradients(model: torch.nn.Module, params: Sequence[torch.nn.Paramet
     """
     device = model.logit_scale.device
     size = len(tokens)
+    features = None
     if memory_limit is not None:
         from ecif_core.influence.memory import plan_for_batch
 
@@ -113,6 +117,7 @@ def per_pair_gradients(model: torch.nn.Module, params: Sequence[torch.nn.Paramet
         head = _head(method, recorder.uses, text_uses, params, projector, text_emb, image_emb, model, neg_term)
         if head is not None:
             flat, values = head[0].add(_zeros(size, projector, text_emb), recorder.uses, projector, 0, size), head[1]
+            features = _recorded_features([recorder.uses], text_uses)
         else:
             jac_u, jac_v, values = _all_cotangents(text_emb, image_emb, temperature_scale(model), neg_term)
             method = _resolve(method, recorder.uses, text_uses, projector, size, text_emb.shape[1])
@@ -123,7 +128,7 @@ def per_pair_gradients(model: torch.nn.Module, params: Sequence[torch.nn.Paramet
         trunk = TrunkCache(model, params)
         with torch.no_grad(), trunk.capture():
             text_emb, image_emb = embed(model, images, tokens)
-        flat, head = None, None
+        flat, head, sliced_uses = None, None, []
         for a in range(0, size, items):
             b = min(size, a + items)
             recorder = WeightUseRecorder(params)
@@ -142,18 +147,31 @@ def per_pair_gradients(model: torch.nn.Module, params: Sequence[torch.nn.Paramet
                     flat, values = _zeros(size, projector, text_emb), head[1]
             if head is not None:
                 head[0].add(flat, recorder.uses, projector, a, b)
+                sliced_uses.append(recorder.uses)
             else:
                 part = _gradients_of_slice(method, recorder.uses, text_uses, params, projector, part_u, part_v,
                                            jac_u[:, a:b], jac_v[:, a:b], chunk,
                                            None if bases is None else (bases[0].part(a, b), bases[1].part(a, b)))
                 flat = part if flat is None else flat.add_(part)
             del recorder, part_u, part_v
+        features = _recorded_features(sliced_uses, text_uses) if head is not None else None
     flat = flat.cpu()
     with torch.no_grad():
         clip_score = torch.nn.functional.cosine_similarity(text_emb, image_emb, dim=-1)
     values = values.detach().cpu()
     return BatchGradients(pos=flat[:size], neg=flat[size:2 * size], pos_terms=values[:size], neg_terms=values[size:],
-                          clip_score=clip_score.detach().cpu(), clip=flat[2 * size:])
+                          clip_score=clip_score.detach().cpu(), clip=flat[2 * size:],
+                          features=features)
+
+
+def _recorded_features(slices: Sequence[Sequence[Use]], text_uses: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(image, text) inputs of the two projections over the batch's slices, when theta is both projections,
+    each used once (text first); None otherwise (one projection only: the other's input is not recorded)."""
+    if text_uses != 1 or any(len(uses) != 2 for uses in slices) or not slices:
+        return None
+    image = torch.cat([uses[1].inputs.detach() for uses in slices]).cpu()
+    text = torch.cat([uses[0].inputs.detach() for uses in slices]).cpu()
+    return image, text
 
 
 CPU_SLICE_BYTES = 256 << 20  # theta-layer activations x cotangents per batched backward on CPU

@@ -12,6 +12,7 @@ from ecif_core.data.batching import hash_seed, rebatch_within
 from ecif_core.data.images import batch_tensors, load_batch_images
 from ecif_core.data.sources import Pair
 from ecif_core.influence.partners import batch_gradients
+from ecif_core.models.features import projection_inputs
 from ecif_core.influence.curvature import fisher_sum
 from ecif_core.data.manifest import Manifest
 from ecif_core.influence.memory import parse_bytes
@@ -59,11 +60,17 @@ def shard_gradients(audit_dir: str | Path, shard: int, models: ModelCache | None
     for name in ("reference_clip_score", "reference_negclip", "dropped_partner_mass"):
         if name in terms:
             terms[name][:] = np.nan  # no reference, exact path: empty in ranked.csv
+    features = None
+    if store.keeps_features():
+        widths = (loaded.model.visual.proj.shape[0], loaded.model.text_projection.shape[0])
+        features = tuple(np.zeros((rows, width), np.float32) for width in widths)
     with flush_denormals():
         _accumulate_shard(manifest, loaded, params, projector, start, shard, batches, out, terms, fetch_dir(audit_dir),
-                          roots_of(plan), reference, progress)
+                          roots_of(plan), reference, progress, features)
     store.write_gradients(start, out)
     store.write_terms(start, terms)
+    if features is not None:
+        store.write_features(start, *features)
     if store.has_fisher_partials() and curvature_stage.partial_sums_pay(plan):
         store.write_fisher_partial(shard, fisher_sum([torch.from_numpy(out["pos"])], plan.dim).numpy())
     store.mark_done("gradients", shard)  # last: the completion marker
@@ -73,8 +80,10 @@ def shard_gradients(audit_dir: str | Path, shard: int, models: ModelCache | None
 def _accumulate_shard(manifest: Manifest, loaded: LoadedModel, params: list, projector: Projector, start: int,
                       shard: int, batches: list[list[tuple[int, Pair]]], out: dict, terms: dict,
                       fetched: Path | None = None, roots: list[Path] | None = None,
-                      reference: LoadedModel | None = None, progress: Progress | None = None) -> None:
-    """Fill the shard's rows, averaging over the audit's partitions (r = 0 is the training one)."""
+                      reference: LoadedModel | None = None, progress: Progress | None = None,
+                      features: tuple[np.ndarray, np.ndarray] | None = None) -> None:
+    """Fill the shard's rows, averaging over the audit's partitions (r = 0 is the training one), and the
+    towers' (image, text) `features` of its pairs when the store keeps them."""
     o = manifest.options
     shard_pairs = [slot_pair for batch in batches for slot_pair in batch]
     passed = 0  # pairs through the model, over every partition
@@ -92,6 +101,9 @@ def _accumulate_shard(manifest: Manifest, loaded: LoadedModel, params: list, pro
             for name, values in (("pos", result.pos), ("neg", result.neg), ("clip", result.clip)):
                 if name in out:
                     out[name][local] += values.numpy() / o.partitions
+            if r == 0 and features is not None:
+                image, text = result.features or projection_inputs(loaded.model, images, tokens)  # (top-m: not recorded)
+                features[0][local], features[1][local] = image.cpu().numpy(), text.cpu().numpy()
             if r == 0:
                 terms["pos_terms"][local] = result.pos_terms.numpy()
                 terms["neg_terms"][local] = result.neg_terms.numpy()

@@ -24,6 +24,7 @@ from ecif_core.data.folder import AuditFolder
 from ecif_core.models.lora import inject_adapter
 from ecif_core.data.manifest import Manifest, renamed_options
 from ecif_core.models.factory import select_theta
+from ecif_core.models.features import tower_feature_dims
 from ecif_core.influence.projection import Projector
 from ecif_core.data.remote import private_opt_ins, remote_images_of
 from ecif_core.data import storage
@@ -102,7 +103,7 @@ def prepare(manifest: Manifest, audit_dir: str | Path, image_roots: list[Path] |
         writer = csv.writer(handle)
         writer.writerow(["row", "id", "reason"])
         writer.writerows([(r.row, r.id, r.reason) for r in rejected])
-    projector = _shape_projector(manifest, image_roots)
+    projector, feature_dims = model_shape(manifest, image_roots)
     shards = -(-len(batches) // o.shard_batches)
     plan = Plan(manifest=json.loads(json.dumps(manifest.to_json())), batch_size=o.batch_size,
                 n_batches=len(batches), shard_batches=o.shard_batches, shards=shards, dim=projector.dim,
@@ -112,7 +113,8 @@ def prepare(manifest: Manifest, audit_dir: str | Path, image_roots: list[Path] |
                 allow_hard_links=bool(getattr(image_roots, "allow_hard_links", False)),
                 pairs_usable=sum(len(b) for b in batches), private_image_hosts=sorted(opened))
     open_store(audit_dir).create(rows=shards * plan.shard_rows, dim=plan.dim, shard_rows=plan.shard_rows,
-                                 shards=shards, attrs={"versions": _library_versions(), "manifest": plan.manifest})
+                                 shards=shards, attrs={"versions": _library_versions(), "manifest": plan.manifest},
+                                 feature_dims=feature_dims)
     storage.write_text(folder.plan, json.dumps(plan.__dict__, indent=1))  # last: prepare is done
     return plan
 
@@ -187,9 +189,10 @@ def _library_versions() -> dict[str, str]:
             "zarr": zarr.__version__, "numpy": np.__version__}
 
 
-def _shape_projector(manifest: Manifest, roots: list[Path] | None = None) -> Projector:
-    """The projector's layout from parameter shapes alone (meta device: no weights loaded);
-    the config and adapter files are confined to `roots` when read."""
+def model_shape(manifest: Manifest, roots: Sequence[Path] | None = None) -> tuple[Projector, tuple[int, int] | None]:
+    """The projector's layout, and the widths of the towers' features the store keeps (None unless theta
+    lies within the projections: models.theta.tower_feature_dims), from parameter shapes alone (meta
+    device: no weights loaded); the config and adapter files are confined to `roots` when read."""
     from ecif_core.models.factory import build_model, resolve_model_config
 
     files = model_files(manifest, roots)
@@ -197,4 +200,6 @@ def _shape_projector(manifest: Manifest, roots: list[Path] | None = None) -> Pro
         model = build_model(resolve_model_config(manifest.model_arch, files.config))
         if files.adapter is not None:
             model = inject_adapter(model, files.adapter)
-    return Projector.for_theta(select_theta(model, manifest.options.theta), manifest.options.projection_spec())
+    theta = select_theta(model, manifest.options.theta)
+    return (Projector.for_theta(theta, manifest.options.projection_spec()),
+            tower_feature_dims(model, [name for name, _ in theta]))

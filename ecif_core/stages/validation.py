@@ -15,6 +15,7 @@ from ecif_core.evidence import CORRUPTIONS, corrupted_captions, separation
 from ecif_core.influence.gradients import per_pair_gradients
 from ecif_core.influence.memory import parse_bytes
 from ecif_core.models.factory import LoadedModel
+from ecif_core.models.features import projection_inputs
 from ecif_core.models.runtime import flush_denormals
 from ecif_core.progress import Progress
 from ecif_core.models.cache import ModelCache, ReferenceCache
@@ -44,6 +45,7 @@ def validation(audit_dir: str | Path, models: ModelCache | None = None,
     check_batchable("validation", len(pairs) + len(rejected), len(pairs), [r.reason for r in rejected])
     by_id = {p.id: p for p in pairs}
     examples, loss, count = [], 0.0, 0
+    features: list[tuple[torch.Tensor, torch.Tensor]] | None = [] if store.keeps_features() else None
     cosines: dict[str, dict[str, list[np.ndarray]]] = {}
     batches = list(partition(by_id, o.batch_size, o.seed))
     in_batches = sum(len(b) for b in batches if len(b) >= 2)
@@ -59,6 +61,8 @@ def validation(audit_dir: str | Path, models: ModelCache | None = None,
             result = per_pair_gradients(loaded.model, params, projector, images, tokens, o.neg_term, o.chunk,
                                         memory_limit=parse_bytes(o.memory_limit))
         examples.append(result.pos)
+        if features is not None:
+            features.append(result.features or projection_inputs(loaded.model, images, tokens))
         loss += float(result.pos_terms.double().sum())
         count += len(batch)
         corrupted = corrupted_captions([p.caption for p in batch], hash_seed(o.seed, number))
@@ -73,8 +77,11 @@ def validation(audit_dir: str | Path, models: ModelCache | None = None,
     per_example = torch.cat(examples)
     joined = {name: {kind: np.concatenate(values) for kind, values in parts.items()} for name, parts in cosines.items()}
     evidence = {name: separation(parts["clean"], {c: parts[c] for c in CORRUPTIONS}) for name, parts in joined.items()}
+    kept = None if features is None else (torch.cat([f[0] for f in features]).cpu().numpy(),
+                                          torch.cat([f[1] for f in features]).cpu().numpy(),
+                                          [len(f[0]) for f in features])
     store.write_validation(per_example.numpy(), (per_example.double().sum(0) / count).numpy(),
-                           {"pairs": count, "loss": loss / count, "evidence": evidence}, joined)
+                           {"pairs": count, "loss": loss / count, "evidence": evidence}, joined, kept)
     return True
 
 

@@ -143,11 +143,11 @@ def test_an_edit_of_a_lora_audit_writes_an_adapter_that_peft_and_the_audit_load(
     assert len(removed) == 6 and set(removed) <= set(sidecar["excluded"])
     # the edited adapter on the same base is what the record's validation loss was measured on
     reloaded = load_model(config=MICRO_CONFIG, checkpoint=workspace / "model.pt", adapter=folder)
-    from ecif_core.edit.from_audit import _validation_batches, validation_loss
+    from ecif_core.edit.validation_check import validation_batches, validation_loss
     from ecif_core.data.manifest import Manifest
 
     plan_manifest = Manifest.from_json(audit.load_plan(tmp_path / "audit").manifest)
-    val = _validation_batches(tmp_path / "audit", plan_manifest, reloaded.preprocess, reloaded.tokenizer)
+    val = validation_batches(tmp_path / "audit", plan_manifest, reloaded.preprocess, reloaded.tokenizer)
     assert validation_loss(reloaded.model, val)[0] == pytest.approx(record["validation"]["loss_after"], rel=1e-5)
     # a theta outside the adapters would be edited and then lost in the adapter folder: refused first
     from ecif_core.errors import ConfigError

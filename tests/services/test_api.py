@@ -849,7 +849,8 @@ def test_an_edit_whose_diagnostics_are_not_finite_succeeds_with_nulls(api, keys,
 
     real = edit_audit_module.validation_loss
     monkeypatch.setattr(edit_audit_module, "validation_loss",
-                        lambda model, batches, params=None: (float("nan"), real(model, batches, params)[1]))
+                        lambda model, batches, params=None, from_features=False: (
+                            float("nan"), real(model, batches, params, from_features)[1]))
     response = api.post(f"/audits/{finished_audit}/edits", json={"remove": "top:4:self_influence",
                                                                   "method": "newton", "max_iterations": 2},
                          headers=keys["alice"])

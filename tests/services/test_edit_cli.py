@@ -95,13 +95,13 @@ def test_edit_writes_a_checkpoint_that_loads_and_audits_again(data_root, embedde
     assert changed and all(k in record["method"]["theta"] for k in changed)
     # the validation loss the record reports is the written checkpoint's (recomputed independently)
     from ecif_core.stages import load_plan
-    from ecif_core.edit.from_audit import _validation_batches, validation_loss
+    from ecif_core.edit.validation_check import validation_batches, validation_loss
     from ecif_core.data.manifest import Manifest
     from ecif_core.models.factory import load_model
 
     manifest_of_audit = Manifest.from_json(load_plan(audit).manifest)
     reloaded = load_model(config=config, checkpoint=out / "model.pt")
-    val = _validation_batches(audit, manifest_of_audit, reloaded.preprocess, reloaded.tokenizer)
+    val = validation_batches(audit, manifest_of_audit, reloaded.preprocess, reloaded.tokenizer)
     assert validation_loss(reloaded.model, val)[0] == pytest.approx(validation["loss_after"], rel=1e-5)
     # zero-shot accuracy before / after, recomputed through open_clip's own forward (CLIP.forward)
     original_model = load_model(config=config, checkpoint=data_root / "model.pt")
