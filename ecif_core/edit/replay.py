@@ -66,6 +66,10 @@ def _step_loss(objective: LeaveOutObjective, index: int, with_set: bool) -> tupl
     """(L_batch of batch `index`, pairs it holds): the full batch, or with the set acted on (removed,
     or demoted: objective.action); None when the batch adds nothing."""
     found = objective.batch_logits(index, acted=not with_set)
+    chosen = objective.batches[index].chosen
+    if found is None and not with_set and objective.action == "demote" and bool(chosen.all()) and len(chosen) >= 2:
+        # every own term dropped: no loss left, but the trainer still steps on the batch (its L2 share)
+        return torch.zeros((), dtype=objective.params[0].dtype), int(chosen.numel())
     if found is None:
         return None, 0
     logits, demoted = found

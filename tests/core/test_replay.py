@@ -79,6 +79,25 @@ def test_the_replay_is_the_difference_of_two_trainer_runs_from_the_audited_model
     assert result.summary()["steps_done"] == result.iterations and "damping" not in result.summary()
 
 
+def test_a_batch_demoted_whole_still_takes_the_trainers_weight_decay_step(fine_tune, tmp_path):
+    """A batch whose every pair is demoted has no loss left, but the trainer still steps on it (its share of
+    the L2 term, and AdamW's moments move): the replay's run without the set does the same."""
+    objective, _ = _objective(fine_tune, set(), "demote")
+    whole = objective.batches[1]
+    whole.chosen = torch.ones_like(whole.chosen)
+    ids = _batch_ids(fine_tune)[1]
+    result = replay_parameters(objective, Recipe(epochs=2, lr=1e-3, seed=SEED))
+    without = _trained_theta(fine_tune, tmp_path / "without.pt", demote=tuple(ids))
+    with_set = _trained_theta(fine_tune, tmp_path / "with.pt")
+    for name in PROJECTIONS:
+        torch.testing.assert_close(result.delta[name], without[name] - with_set[name], rtol=1e-3, atol=2e-6)
+
+
+def _batch_ids(root: Path) -> list[list[str]]:
+    _, _, ids = read_pairs(root / "data" / "train.jsonl")
+    return training_batches(ids, BATCH, SEED)[0]
+
+
 def test_a_time_budget_stops_both_runs_after_the_same_step(fine_tune):
     objective, first_ids = _objective(fine_tune, set())
     objective.batches[0].chosen = torch.tensor([True] + [False] * (len(objective.batches[0].chosen) - 1))
