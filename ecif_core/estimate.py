@@ -45,7 +45,8 @@ from ecif_core.influence.memory import parse_bytes
 from ecif_core.influence.projection import Block
 from ecif_core.influence.scores import pair_scores
 from ecif_core.models.cache import ModelCache, ReferenceCache
-from ecif_core.models.factory import default_device
+from ecif_core.models.factory import default_device, select_theta
+from ecif_core.models.features import kept_feature_dims
 from ecif_core.models.runtime import flush_denormals
 from ecif_core.stages import gradients as gradients_stage
 from ecif_core.stages import validation as validation_stage
@@ -230,7 +231,8 @@ def measure(manifest: Manifest, roots: Sequence[Path] | None = None, operator_ho
         dim = projector.dim
         blocks = projector.blocks if o.curvature == "blocks" else None
         work = _shard_work(manifest, rows[1:] or rows, dim, blocks, o.shard_batches * o.batch_size, validation_pairs)
-        work.update(_store_work(work.pop("tiled"), work.pop("scores"), dim, o.shard_batches * o.batch_size))
+        work.update(_store_work(work.pop("tiled"), work.pop("scores"), dim, o.shard_batches * o.batch_size,
+                                _kept_widths(manifest, loaded)))
     return Measured(batch_size=o.batch_size, load_s=load_s, warmup_s=warmup, batch_s=steady,
                     prepare_row_s=prepare_row_s, validation_pair_s=validation_pair_s, **work), dim
 
@@ -266,11 +268,19 @@ def _time_batch(manifest: Manifest, loaded, params: list, projector, batch: list
     size = len(batch)
     out = {name: np.zeros((size, projector.dim), np.float32) for name in GRADIENT_FIELDS}
     terms = {name: np.full(size, np.nan, np.float32) for name in TERM_FIELDS}
+    widths = _kept_widths(manifest, loaded)
+    features = None if widths is None else tuple(np.zeros((size, width), np.float32) for width in widths)
     started = time.perf_counter()
     with flush_denormals():
         gradients_stage._accumulate_shard(manifest, loaded, params, projector, 0, 0, [list(enumerate(batch))], out,
-                                          terms, access.fetch_dir, access.roots, reference)
+                                          terms, access.fetch_dir, access.roots, reference, features=features)
     return time.perf_counter() - started, out
+
+
+def _kept_widths(manifest: Manifest, loaded) -> tuple[int, int] | None:
+    """The feature widths the audit's store keeps per pair (prepare.model_shape's rule, on the loaded model)."""
+    theta = select_theta(loaded.model, manifest.options.theta)
+    return kept_feature_dims(loaded.model, [name for name, _ in theta], manifest.adapter is not None)
 
 
 def _time_validation(manifest: Manifest, loaded, params: list, projector, batch: list[Pair], access: ImageAccess,
@@ -320,20 +330,23 @@ def _shard_work(manifest: Manifest, rows: list[dict[str, np.ndarray]], dim: int,
 
 
 def _store_work(tiled: dict[str, torch.Tensor], scores: dict[str, torch.Tensor], dim: int,
-                shard_rows: int) -> dict:
+                shard_rows: int, widths: tuple[int, int] | None = None) -> dict:
     """create_s and io_shard_s: a temporary store of one shard, written and read as each stage does
-    (the measured gradients and scores, so compression sees real values; a local folder)."""
+    (the measured gradients and scores, so compression sees real values; the towers' features of
+    `widths` when the audit keeps them; a local folder)."""
     io: dict[str, float] = {}
     pays = sums_pay(shard_rows, dim)
     with tempfile.TemporaryDirectory(prefix="ecif-estimate-store-") as folder:
         started = time.perf_counter()
         store = AuditStore(folder)
-        store.create(rows=shard_rows, dim=dim, shard_rows=shard_rows, shards=1, attrs={})
+        store.create(rows=shard_rows, dim=dim, shard_rows=shard_rows, shards=1, attrs={}, feature_dims=widths)
         create_s = time.perf_counter() - started
         started = time.perf_counter()
         store = AuditStore(folder)  # each stage task opens the store afresh
         store.write_gradients(0, {name: tiled[name].numpy() for name in store.gradient_fields()})
         store.write_terms(0, {name: np.zeros(shard_rows, np.float32) for name in store.term_fields()})
+        if widths is not None:
+            store.write_features(0, *(np.ones((shard_rows, width), np.float32) for width in widths))
         if pays:
             store.write_fisher_partial(0, np.eye(dim))
         store.mark_done("gradients", 0)

@@ -46,7 +46,7 @@ VALIDATION_GRAD, VALIDATION_EXAMPLES = "validation/grad", "validation/examples"
 # CLIP cosines of the validation pairs, clean and corrupted, per model (calibration.py's null and alternative)
 VALIDATION_COSINES = "validation/cosines"
 VALIDATION_FEATURES = "validation/features"  # the validation pairs' tower features, when the store keeps features
-# The towers' features of each pair (the projections' inputs; models.theta.tower_feature_dims), kept by the
+# The towers' features of each pair (the projections' inputs; models.features.kept_feature_dims), kept by the
 # gradients stage when theta lies within the projections: the edit reads them instead of decoding the images.
 FEATURE_TOWERS = ("image", "text")
 FEATURES = "features"
@@ -158,8 +158,16 @@ class AuditStore:
         self._write_rows(GRADS, start, values)
 
     def keeps_features(self) -> bool:
-        """The store holds the towers' features (theta within the projections, and made after they were kept)."""
+        """The store was laid out to keep the towers' features (theta within the projections, made after they
+        were kept); whether every shard wrote them is `features_complete`."""
         return all(self._has(f"{FEATURES}/{tower}") for tower in FEATURE_TOWERS)
+
+    def features_complete(self) -> bool:
+        """Every shard wrote its features (a shard's chunk is never all zero: it holds at least one batch), so
+        a shard written without them, by a worker of an earlier release say, is never read as zeros."""
+        shards = int(self.attrs["shards"])
+        return self.keeps_features() and all(self._array(f"{FEATURES}/{tower}").nchunks_initialized == shards
+                                             for tower in FEATURE_TOWERS)
 
     def write_features(self, start: int, image: np.ndarray, text: np.ndarray) -> None:
         """Whole shard chunks of the (image, text) features."""

@@ -30,11 +30,11 @@ def tower_features(model: torch.nn.Module, batches: Sequence[TrainingBatch]) -> 
     """(image features, text features) of every batch, before the projections: those the audit kept
     (a batch's `stored_features`, when it has them: no image is decoded), else computed from its inputs."""
     out = []
-    device = model.logit_scale.device
+    like = model.text_projection  # the projections' device and dtype (the audit keeps float32)
     for b in batches:
         stored = getattr(b, "stored_features", None)
         image, text = stored() if stored is not None else projection_inputs(model, *b.inputs())
-        out.append((image.to(device), text.to(device)))
+        out.append((image.to(like), text.to(like)))
     return out
 
 

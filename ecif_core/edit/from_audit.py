@@ -137,7 +137,7 @@ def training_batches_of(audit_dir: str | Path, chosen: set[str], preprocess, tok
     grouped: dict[int, list] = {}
     for slot, pair in load_slots(audit_dir):
         grouped.setdefault(slot // plan.batch_size, []).append((slot, pair))
-    kept = StoredFeatures(audit_dir, plan.shard_rows) if stored and open_store(audit_dir).keeps_features() else None
+    kept = StoredFeatures(audit_dir, plan.shard_rows) if stored and open_store(audit_dir).features_complete() else None
     return [StreamedBatch(functools.partial(load_batch, [p for _, p in grouped[b]], preprocess, tokenizer,
                                             access.fetch_dir, access.roots),
                           torch.tensor([p.id in chosen for _, p in grouped[b]]),

@@ -48,11 +48,11 @@ def validation_loss(model: torch.nn.Module, batches: list[tuple], params: list |
     total, count = 0.0, 0
     grads = None if params is None else [torch.zeros_like(p, dtype=torch.float64) for p in params]
     scale = temperature_scale(model)
-    device = model.logit_scale.device
     for images, tokens in batches:
         with torch.set_grad_enabled(params is not None):
             if from_features:
-                text, image = projected(model, images.to(device), tokens.to(device))
+                like = model.text_projection  # its device and dtype (the audit keeps float32)
+                text, image = projected(model, images.to(like), tokens.to(like))
             else:
                 text, image = embed(model, images, tokens)
             loss = batch_loss(pair_logits(text, image, scale))

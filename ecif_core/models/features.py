@@ -34,6 +34,12 @@ def tower_feature_dims(model: torch.nn.Module, names: Sequence[str]) -> tuple[in
     return int(model.visual.proj.shape[0]), int(model.text_projection.shape[0])
 
 
+def kept_feature_dims(model: torch.nn.Module, names: Sequence[str], lora: bool) -> tuple[int, int] | None:
+    """The widths the audit keeps per pair: tower_feature_dims, except for a LoRA audit (`lora`), whose edit
+    changes the adapters only (models.theta.check_edit_theta), so no edit would read them."""
+    return None if lora else tower_feature_dims(model, names)
+
+
 @contextlib.contextmanager
 def without_projections(model: torch.nn.Module) -> Iterator[None]:
     """encode_image / encode_text return the projections' inputs while inside (open_clip skips a None)."""

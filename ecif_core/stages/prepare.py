@@ -24,7 +24,7 @@ from ecif_core.data.folder import AuditFolder
 from ecif_core.models.lora import inject_adapter
 from ecif_core.data.manifest import Manifest, renamed_options
 from ecif_core.models.factory import select_theta
-from ecif_core.models.features import tower_feature_dims
+from ecif_core.models.features import kept_feature_dims
 from ecif_core.influence.projection import Projector
 from ecif_core.data.remote import private_opt_ins, remote_images_of
 from ecif_core.data import storage
@@ -191,7 +191,7 @@ def _library_versions() -> dict[str, str]:
 
 def model_shape(manifest: Manifest, roots: Sequence[Path] | None = None) -> tuple[Projector, tuple[int, int] | None]:
     """The projector's layout, and the widths of the towers' features the store keeps (None unless theta
-    lies within the projections: models.theta.tower_feature_dims), from parameter shapes alone (meta
+    lies within the projections, and never for a LoRA audit: models.features.kept_feature_dims), from parameter shapes alone (meta
     device: no weights loaded); the config and adapter files are confined to `roots` when read."""
     from ecif_core.models.factory import build_model, resolve_model_config
 
@@ -201,5 +201,5 @@ def model_shape(manifest: Manifest, roots: Sequence[Path] | None = None) -> tupl
         if files.adapter is not None:
             model = inject_adapter(model, files.adapter)
     theta = select_theta(model, manifest.options.theta)
-    return (Projector.for_theta(theta, manifest.options.projection_spec()),
-            tower_feature_dims(model, [name for name, _ in theta]))
+    widths = kept_feature_dims(model, [name for name, _ in theta], files.adapter is not None)
+    return Projector.for_theta(theta, manifest.options.projection_spec()), widths

@@ -62,7 +62,8 @@ def validation(audit_dir: str | Path, models: ModelCache | None = None,
                                         memory_limit=parse_bytes(o.memory_limit))
         examples.append(result.pos)
         if features is not None:
-            features.append(result.features or projection_inputs(loaded.model, images, tokens))
+            image, text = result.features or projection_inputs(loaded.model, images, tokens)
+            features.append((image.cpu(), text.cpu()))
         loss += float(result.pos_terms.double().sum())
         count += len(batch)
         corrupted = corrupted_captions([p.caption for p in batch], hash_seed(o.seed, number))
@@ -77,8 +78,8 @@ def validation(audit_dir: str | Path, models: ModelCache | None = None,
     per_example = torch.cat(examples)
     joined = {name: {kind: np.concatenate(values) for kind, values in parts.items()} for name, parts in cosines.items()}
     evidence = {name: separation(parts["clean"], {c: parts[c] for c in CORRUPTIONS}) for name, parts in joined.items()}
-    kept = None if features is None else (torch.cat([f[0] for f in features]).cpu().numpy(),
-                                          torch.cat([f[1] for f in features]).cpu().numpy(),
+    kept = None if features is None else (torch.cat([f[0] for f in features]).numpy(),
+                                          torch.cat([f[1] for f in features]).numpy(),
                                           [len(f[0]) for f in features])
     store.write_validation(per_example.numpy(), (per_example.double().sum(0) / count).numpy(),
                            {"pairs": count, "loss": loss / count, "evidence": evidence}, joined, kept)

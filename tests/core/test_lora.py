@@ -104,6 +104,22 @@ def test_a_lora_fine_tune_is_audited_over_its_adapter(workspace, adapter, tmp_pa
     assert len(rows) == 64 and all(map(lambda v: v == v, values)) and len(set(values)) == 64
 
 
+def test_a_lora_audit_keeps_no_tower_features_even_with_the_projections_as_theta(workspace, adapter, tmp_path):
+    """Its edit changes the adapters only, so features no edit reads are not stored (their bytes saved);
+    the same theta on the base checkpoint keeps them."""
+    from ecif_core.data.manifest import load_manifest
+    from ecif_core.stages import open_store
+    from ecif_core.stages.prepare import prepare
+
+    for adapter_folder, keeps in (("lora", False), (None, True)):
+        model = {"config": "cfg.json", "checkpoint": "model.pt", **({"adapter": adapter_folder} if adapter_folder else {})}
+        manifest = {"model": model, "train": "data/train.jsonl",
+                    "options": {**OPTIONS, "theta": ["visual.proj", "text_projection"]}}
+        out = tmp_path / f"audit-{keeps}"
+        prepare(load_manifest(manifest, base_dir=workspace), out)
+        assert open_store(out).keeps_features() is keeps
+
+
 def test_a_folder_that_is_not_an_adapter_names_the_field(workspace):
     manifest = {"model": {"config": "cfg.json", "checkpoint": "model.pt", "adapter": "data"},
                 "train": "data/train.jsonl"}

@@ -17,7 +17,7 @@ SCANNED = ("ecif_core", "services", "workers", "bench", "tests")
 # every top-level group of the layout, read from the store's own key constants
 GROUPS = sorted({key.split("/")[0] for key in (keys.POS_GRADIENTS, keys.FISHER_PARTIAL, keys.EIGVALS,
                                                  keys.VALIDATION_GRAD, keys.CURVATURE_SHIFT, keys.OLD_CURVATURE_SHIFT,
-                                                 keys.marker_key("scores"))} | {keys.TERMS, keys.SCORES})
+                                                 keys.marker_key("scores"))} | {keys.TERMS, keys.SCORES, keys.FEATURES})
 KEY_LITERAL = re.compile(rf"^({'|'.join(GROUPS)})/")
 
 

@@ -5,6 +5,7 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -115,6 +116,20 @@ def test_the_audit_keeps_the_validation_features_in_the_edits_partition(finished
         want_image, want_text = projection_inputs(ready.model, images, tokens)
         torch.testing.assert_close(image, want_image, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(text, want_text, rtol=1e-5, atol=1e-6)
+
+
+def test_a_shard_written_without_features_sends_the_edit_back_to_the_images(finished, tmp_path):
+    """A shard whose features chunk is missing (written by a worker of an earlier release, say) is never read
+    as zeros: the edit decodes the images instead."""
+    copy = tmp_path / "audit"
+    shutil.copytree(finished, copy)
+    store = audit.open_store(copy)
+    assert store.features_complete()
+    rows = audit.load_plan(copy).shard_rows
+    image, text = store.features(0, rows)
+    store.write_features(0, np.zeros_like(image), np.zeros_like(text))  # a chunk of fill values is not stored
+    assert store.keeps_features() and not audit.open_store(copy).features_complete()
+    assert all(b.stored_features is None for b in from_audit.training_batches_of(copy, set(), None, None))
 
 
 def test_the_edit_reads_the_kept_features_and_decodes_no_image(finished, tmp_path, monkeypatch):
