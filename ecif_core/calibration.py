@@ -12,6 +12,7 @@ pairs while their mean posterior (the expected precision) stays at or above the 
 """
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
@@ -170,7 +171,7 @@ def calibrate(scores: Mapping[str, np.ndarray], evidence: Mapping[str, Mapping[s
                               "checkpoint of this fine-tune)", details)
     # a reference never saw the training pairs: nothing to narrow; the audited model may have memorised its own
     scales, width = ((1.0,), REFERENCE_KERNEL_WIDTH) if alone else (MEMORISATION_SCALES, 1.0)
-    fit = fit_mixture(train, null, list(alternative.values()), scales=scales, kernel_width=width)
+    fit = _remembered_fit(train, null, list(alternative.values()), scales, width)
     details.update({"memorisation_shift": _round(fit.shift), "memorisation_scale": _round(fit.scale)})
     if fit.scale < MIN_MEMORISATION_SCALE:
         return _not_estimable(n, suspicion, target_precision,
@@ -302,6 +303,31 @@ def fit_mixture(train: np.ndarray, null: np.ndarray, alternatives: Sequence[np.n
             best = plain
     scale, shift = candidates[best]
     return MixtureFit(weights[best], float(shift), grid, densities, float(scale), centre)
+
+
+_RECENT_FITS: dict[bytes, MixtureFit] = {}
+_RECENT_FITS_KEPT = 4
+
+
+def _remembered_fit(train: np.ndarray, null: np.ndarray, alternatives: Sequence[np.ndarray],
+                    scales: Sequence[float], kernel_width: float) -> MixtureFit:
+    """fit_mixture, remembered by its inputs' bytes for the last few fits of this process: the final ranking
+    fits a competent reference's statistic once to weigh the audited model (training_evidence), then the same
+    statistic again for the estimate; the second is the first (MixtureFit is only read)."""
+    digest = hashlib.blake2b(digest_size=20)
+    settings = np.array([kernel_width, SCALE_EVIDENCE, MAX_SHIFT, GRID], dtype=np.float64)  # the module's, read now
+    for part in (train, null, *alternatives, np.asarray(scales, dtype=np.float64), settings):
+        array = np.ascontiguousarray(part, dtype=np.float64)
+        digest.update(str(array.shape).encode())
+        digest.update(array.tobytes())
+    key = digest.digest()
+    found = _RECENT_FITS.get(key)
+    if found is None:
+        found = fit_mixture(train, null, alternatives, scales=scales, kernel_width=kernel_width)
+        _RECENT_FITS[key] = found
+        while len(_RECENT_FITS) > _RECENT_FITS_KEPT:
+            _RECENT_FITS.pop(next(iter(_RECENT_FITS)))
+    return found
 
 
 def _unscaled(values: np.ndarray, shift: float, scale: float, centre: float) -> np.ndarray:

@@ -305,3 +305,23 @@ def test_the_audited_models_training_auroc_is_judged_by_the_reference_and_lowers
     weak = {**evidence, "reference_clip_score": {"mean": 0.65}}
     assert calibration.training_evidence(scores, weak, cosines) is None
     assert calibration.training_evidence(scores, evidence, None) is None
+
+
+def test_the_final_ranking_fits_a_competent_references_mixture_once(monkeypatch):
+    """finalize weighs the audited model by the reference's judgement (training_evidence), then estimates with
+    the same reference statistic: one mixture fit serves both, and the estimate is the one a fresh fit gives."""
+    scores, evidence, cosines, _ = _systematic(np.random.default_rng(14))
+    fresh = calibrate(scores, evidence, cosines, np.zeros(len(scores["clip_score_loo"])), interval=False)
+    calibration._RECENT_FITS.clear()
+    fits = []
+    real = calibration.fit_mixture
+    monkeypatch.setattr(calibration, "fit_mixture", lambda *a, **k: fits.append(1) or real(*a, **k))
+    training = calibration.training_evidence(scores, evidence, cosines)
+    final = calibrate(scores, {**evidence, "clip_score": {"mean": 0.99, "training": training}}, cosines,
+                      -scores["clip_score_loo"], interval=False)
+    assert len(fits) == 1 and final.details["statistic"] == calibration.ALONE
+    np.testing.assert_array_equal(final.probability, fresh.probability)
+    assert final.fraction == fresh.fraction
+    monkeypatch.setattr(calibration, "SCALE_EVIDENCE", 0.0)   # a changed rule is never served a remembered fit
+    calibrate(scores, evidence, cosines, np.zeros(len(scores["clip_score_loo"])), interval=False)
+    assert len(fits) == 2

@@ -154,3 +154,16 @@ def test_default_theta_is_the_projections_and_blocks_n_adds_the_last_n_blocks():
         select_theta(micro_model().model, ["nothing.*"])
     with pytest.raises(ConfigError, match="scalars"):
         select_theta(micro_model().model, ["logit_scale", "visual.proj"])
+
+
+def test_models_with_one_text_tower_share_one_tokenizer_and_another_gets_its_own():
+    """Building open_clip's tokenizer parses its vocabulary (a third of an edit's time): built once per text
+    tower config in a process; a tower with another context length gets its own (it pads to that length)."""
+    import copy
+
+    first, second = load_model(config=MICRO_CONFIG, seed=0), load_model(config=MICRO_CONFIG, seed=1)
+    longer = copy.deepcopy(MICRO_CONFIG)
+    longer["text_cfg"]["context_length"] = 12
+    other = load_model(config=longer, seed=0)
+    assert first.tokenizer is second.tokenizer and other.tokenizer is not first.tokenizer
+    assert first.tokenizer(["a cat"]).shape == (1, 8) and other.tokenizer(["a cat"]).shape == (1, 12)
