@@ -171,7 +171,6 @@ def load_model(arch: str | None = None, config: str | Path | dict | None = None,
                adapter: str | Path | None = None) -> LoadedModel:
     """Model + tokenizer + eval preprocess from local files (the single entry point), all three
     as open_clip's factory makes them; `adapter`: a peft LoRA folder applied on top of the checkpoint."""
-    import open_clip
 
     cfg = resolve_model_config(arch, config)
     with _open_clip_name(cfg) as name:
