@@ -12,13 +12,14 @@ pairs while their mean posterior (the expected precision) stays at or above the 
 """
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
 import numpy as np
 
 from ecif_core.metrics import auroc, soft_auroc
+from ecif_core.densities import kernel_density, robust_sd
+from ecif_core.recent import RecentResults
 from ecif_core.ranking import (DEFAULT_FLAG_PRECISION, EVIDENCE_RULE, SUSPECT_Z, SUSPICION_SIGN, evidence_terms,
                                suspected_flags)
 
@@ -278,10 +279,10 @@ def fit_mixture(train: np.ndarray, null: np.ndarray, alternatives: Sequence[np.n
     kernel density (the null's, then each alternative's: each simulated corruption, so the real one may be any
     mix of them) narrowed by `scale` towards the null's median and moved by `shift`. Weights by EM (the
     likelihood is concave in them), the shift and the scale on a grid."""
-    spread, centre = _robust_sd(null), float(np.median(null))
+    spread, centre = robust_sd(null), float(np.median(null))
     everything = np.concatenate([null, *alternatives])
     grid = np.linspace(everything.min() - 8 * spread, everything.max() + 8 * spread, GRID)
-    densities = [_density(null, grid, kernel_width)] + [_density(a, grid, kernel_width) for a in alternatives]
+    densities = [kernel_density(sample, grid, kernel_width) for sample in (null, *alternatives)]
     counts, edges = np.histogram(train, bins=GRID * 2, range=(train.min() - 1e-9, train.max() + 1e-9))
     centres, counts = (edges[:-1] + edges[1:]) / 2, counts.astype(np.float64)
     keep = counts > 0
@@ -305,29 +306,22 @@ def fit_mixture(train: np.ndarray, null: np.ndarray, alternatives: Sequence[np.n
     return MixtureFit(weights[best], float(shift), grid, densities, float(scale), centre)
 
 
-_RECENT_FITS: dict[bytes, MixtureFit] = {}
-_RECENT_FITS_KEPT = 4
+_RECENT_FITS: RecentResults[MixtureFit] = RecentResults(kept=4)  # ecif_core.recent
 
 
 def _remembered_fit(train: np.ndarray, null: np.ndarray, alternatives: Sequence[np.ndarray],
                     scales: Sequence[float], kernel_width: float) -> MixtureFit:
-    """fit_mixture, remembered by its inputs' bytes for the last few fits of this process: the final ranking
-    fits a competent reference's statistic once to weigh the audited model (training_evidence), then the same
-    statistic again for the estimate; the second is the first (MixtureFit is only read)."""
-    digest = hashlib.blake2b(digest_size=20)
-    settings = np.array([kernel_width, SCALE_EVIDENCE, MAX_SHIFT, GRID], dtype=np.float64)  # the module's, read now
-    for part in (train, null, *alternatives, np.asarray(scales, dtype=np.float64), settings):
-        array = np.ascontiguousarray(part, dtype=np.float64)
-        digest.update(str(array.shape).encode())
-        digest.update(array.tobytes())
-    key = digest.digest()
-    found = _RECENT_FITS.get(key)
-    if found is None:
-        found = fit_mixture(train, null, alternatives, scales=scales, kernel_width=kernel_width)
-        _RECENT_FITS[key] = found
-        while len(_RECENT_FITS) > _RECENT_FITS_KEPT:
-            _RECENT_FITS.pop(next(iter(_RECENT_FITS)))
-    return found
+    """fit_mixture, remembered by its inputs and this module's rule constants (a changed rule is refit): the
+    final ranking fits a competent reference's statistic to weigh the audited model (training_evidence), then
+    the same statistic for the estimate; the second is the first (MixtureFit is only read)."""
+    rule = np.array([kernel_width, SCALE_EVIDENCE, MAX_SHIFT, GRID, *scales], dtype=np.float64)
+    return _RECENT_FITS.get_or_compute((train, null, *alternatives, rule), lambda: fit_mixture(
+        train, null, alternatives, scales=scales, kernel_width=kernel_width))
+
+
+def forget_remembered_fits() -> None:
+    """Drop the remembered fits (benchmarks timing a fresh ranking; tests)."""
+    _RECENT_FITS.clear()
 
 
 def _unscaled(values: np.ndarray, shift: float, scale: float, centre: float) -> np.ndarray:
@@ -361,32 +355,6 @@ def _interval(train: np.ndarray, null: np.ndarray, alternatives: Sequence[np.nda
     tail = (1 - INTERVAL) / 2
     low, high = np.quantile(estimates, [tail, 1 - tail])
     return float(low), float(high)
-
-
-def _density(sample: np.ndarray, grid: np.ndarray, kernel_width: float = 1.0) -> np.ndarray:
-    """Gaussian kernel density on the grid (kernel_width x Silverman's bandwidth on the robust spread)."""
-    sample = sample[np.isfinite(sample)]
-    if len(sample) > 20000:
-        sample = np.random.default_rng(0).choice(sample, 20000, replace=False)
-    width = max(kernel_width * 1.06 * _robust_sd(sample) * len(sample) ** -0.2, 1e-6)
-    step = grid[1] - grid[0]
-    hist, _ = np.histogram(sample, bins=len(grid), range=(grid[0] - step / 2, grid[-1] + step / 2))
-    offsets = np.arange(-len(grid) + 1, len(grid)) * step
-    kernel = np.exp(-0.5 * (offsets / width) ** 2)
-    density = _convolve(hist, kernel)
-    return density / (density.sum() * step)
-
-
-def _convolve(hist: np.ndarray, kernel: np.ndarray) -> np.ndarray:
-    full = np.convolve(hist.astype(np.float64), kernel)
-    start = (len(kernel) - 1) // 2
-    return full[start:start + len(hist)]
-
-
-def _robust_sd(values: np.ndarray) -> float:
-    values = values[np.isfinite(values)]
-    mad = 1.4826 * np.median(np.abs(values - np.median(values)))
-    return float(mad if mad > 0 else (np.std(values) or 1.0))
 
 
 def _isotonic(values: np.ndarray, raw: np.ndarray) -> np.ndarray:

@@ -75,3 +75,13 @@ def _torch_threads_restored():
         os.environ.pop("ECIF_TORCH_THREADS", None)
     else:
         os.environ["ECIF_TORCH_THREADS"] = variable
+
+
+@pytest.fixture(autouse=True)
+def _remembered_fits_forgotten():
+    """calibration remembers its last mixture fits for the process (one fit per ranking); a test that patches
+    what a fit reads is never served an earlier test's fit."""
+    from ecif_core.calibration import forget_remembered_fits
+
+    forget_remembered_fits()
+    yield

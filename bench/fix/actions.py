@@ -20,6 +20,7 @@ from typing import Any
 
 from bench.quality.finetune.cells import CellSpec, train_config
 from bench.quality.finetune.evaluate import truth_labels
+from ecif_core.calibration import forget_remembered_fits
 from ecif_core.edit.from_audit import edit_audit, preview, removal_set
 from ecif_core.edit.settings import EditSettings
 from ecif_core.errors import ConfigError
@@ -146,6 +147,7 @@ def act(settings: FixSettings, out: Path, cell: CellSpec, name: str, action: str
     how, verb = action.split(":")
     scratch = path.parent / f"scratch-{name}-{how}-{verb}"
     shutil.rmtree(scratch, ignore_errors=True)
+    forget_remembered_fits()  # the final_ranking above is not the action's: it pays its own fit, as a fresh run does
     started = time.perf_counter()
     extra: dict[str, Any] = {}
     if how == "retrain":

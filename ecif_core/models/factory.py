@@ -152,18 +152,27 @@ def build_model(cfg: dict[str, Any], seed: int | None = None) -> torch.nn.Module
         return _create(name, seed, transforms=False)[0]
 
 
-_TOKENIZERS: dict[str, Callable[[Sequence[str]], torch.Tensor]] = {}
+_TOKENIZERS: dict[str, tuple[Callable[[Sequence[str]], torch.Tensor], dict | None]] = {}  # (parsed, its fresh memo)
 
 
 def _tokenizer_of(name: str, cfg: dict) -> Callable[[Sequence[str]], torch.Tensor]:
-    """open_clip's tokenizer for the config's text tower, built once per process: building one parses the BPE
-    vocabulary (about 0.3 s, a third of an edit); it keeps no state between calls but a memo of merges."""
+    """open_clip's tokenizer for the config's text tower. Building one parses the BPE vocabulary (about 0.3 s,
+    a third of an edit), so the parsed tables are built once per process and shared; each model gets its own
+    shallow copy with a fresh word memo (`cache`), which then lives and dies with that model. The key is the
+    whole text_cfg: `name` is always a temporary local-dir: folder holding `cfg` (_open_clip_name), and hub
+    tokenizers are refused (_reject_hub_towers), so nothing else decides the tokenizer."""
     import open_clip
 
-    key = json.dumps(cfg.get("text_cfg") or {}, sort_keys=True, default=str)
+    key = json.dumps(cfg.get("text_cfg") or {}, sort_keys=True)
     if key not in _TOKENIZERS:
-        _TOKENIZERS[key] = open_clip.get_tokenizer(name)
-    return _TOKENIZERS[key]
+        built = open_clip.get_tokenizer(name)
+        memo = getattr(built, "cache", None)  # SimpleTokenizer: its special tokens, as built
+        _TOKENIZERS[key] = (built, dict(memo) if isinstance(memo, dict) else None)
+    shared, fresh_memo = _TOKENIZERS[key]
+    own = copy.copy(shared)
+    if fresh_memo is not None:
+        own.cache = dict(fresh_memo)
+    return own
 
 
 def load_model(arch: str | None = None, config: str | Path | dict | None = None,

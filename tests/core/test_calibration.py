@@ -312,7 +312,7 @@ def test_the_final_ranking_fits_a_competent_references_mixture_once(monkeypatch)
     the same reference statistic: one mixture fit serves both, and the estimate is the one a fresh fit gives."""
     scores, evidence, cosines, _ = _systematic(np.random.default_rng(14))
     fresh = calibrate(scores, evidence, cosines, np.zeros(len(scores["clip_score_loo"])), interval=False)
-    calibration._RECENT_FITS.clear()
+    calibration.forget_remembered_fits()
     fits = []
     real = calibration.fit_mixture
     monkeypatch.setattr(calibration, "fit_mixture", lambda *a, **k: fits.append(1) or real(*a, **k))

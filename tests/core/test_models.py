@@ -156,7 +156,7 @@ def test_default_theta_is_the_projections_and_blocks_n_adds_the_last_n_blocks():
         select_theta(micro_model().model, ["logit_scale", "visual.proj"])
 
 
-def test_models_with_one_text_tower_share_one_tokenizer_and_another_gets_its_own():
+def test_models_with_one_text_tower_share_one_parsed_tokenizer_and_another_gets_its_own():
     """Building open_clip's tokenizer parses its vocabulary (a third of an edit's time): built once per text
     tower config in a process; a tower with another context length gets its own (it pads to that length)."""
     import copy
@@ -165,5 +165,7 @@ def test_models_with_one_text_tower_share_one_tokenizer_and_another_gets_its_own
     longer = copy.deepcopy(MICRO_CONFIG)
     longer["text_cfg"]["context_length"] = 12
     other = load_model(config=longer, seed=0)
-    assert first.tokenizer is second.tokenizer and other.tokenizer is not first.tokenizer
+    assert first.tokenizer.bpe_ranks is second.tokenizer.bpe_ranks          # the parsed vocabulary, shared
+    assert first.tokenizer.cache is not second.tokenizer.cache              # each model's own word memo
+    assert other.tokenizer.bpe_ranks is not first.tokenizer.bpe_ranks
     assert first.tokenizer(["a cat"]).shape == (1, 8) and other.tokenizer(["a cat"]).shape == (1, 12)
