@@ -641,6 +641,34 @@ def test_edit_demotes_with_a_keep_list_and_a_time_budget(api, keys, pg_url, fini
         assert response.status_code == 422 and response.json()["field"] == field, (body, response.text)
 
 
+def test_a_replay_of_a_checkpoint_without_its_recipe_is_refused_at_submit(api, keys, pg_url, finished_audit):
+    """The replay repeats the training recipe: with no training sidecar and no replay_epochs / replay_lr the
+    request is a 422 naming replay_epochs before anything is queued; given both, or asking for the Newton step,
+    it is accepted."""
+    from pathlib import Path
+
+    from services.db.models import Edit
+
+    with session_scope(pg_url) as session:
+        checkpoint = Path(session.get(Audit, finished_audit).manifest["model"]["checkpoint"])
+        edits_before = session.query(Edit).count()
+    sidecar = Path(f"{checkpoint}.json")
+    hidden = sidecar.with_name(sidecar.name + ".hidden")
+    sidecar.rename(hidden)
+    try:
+        refused = api.post(f"/audits/{finished_audit}/edits", json={"remove": "top:4:self_influence"},
+                           headers=keys["alice"])
+        assert refused.status_code == 422 and refused.json()["field"] == "replay_epochs", refused.text
+        with session_scope(pg_url) as session:
+            assert session.query(Edit).count() == edits_before      # nothing queued
+        for body in ({"remove": "top:4:self_influence", "replay_epochs": 1, "replay_lr": 1e-3},
+                     {"remove": "top:4:self_influence", "method": "newton", "max_iterations": 2}):
+            accepted = api.post(f"/audits/{finished_audit}/edits", json=body, headers=keys["alice"])
+            assert accepted.status_code == 202, (body, accepted.text)
+    finally:
+        hidden.rename(sidecar)
+
+
 # ------------------------------------------------------------------ faults that were 500s or silently accepted
 
 @pytest.fixture(scope="module")
