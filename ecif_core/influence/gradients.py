@@ -117,7 +117,7 @@ def per_pair_gradients(model: torch.nn.Module, params: Sequence[torch.nn.Paramet
         head = _head(method, recorder.uses, text_uses, params, projector, text_emb, image_emb, model, neg_term)
         if head is not None:
             flat, values = head[0].add(_zeros(size, projector, text_emb), recorder.uses, projector, 0, size), head[1]
-            features = _recorded_features([recorder.uses], text_uses)
+            features = recorded_features([recorder.uses], text_uses)
         else:
             jac_u, jac_v, values = _all_cotangents(text_emb, image_emb, temperature_scale(model), neg_term)
             method = _resolve(method, recorder.uses, text_uses, projector, size, text_emb.shape[1])
@@ -154,7 +154,7 @@ def per_pair_gradients(model: torch.nn.Module, params: Sequence[torch.nn.Paramet
                                            None if bases is None else (bases[0].part(a, b), bases[1].part(a, b)))
                 flat = part if flat is None else flat.add_(part)
             del recorder, part_u, part_v
-        features = _recorded_features(sliced_uses, text_uses) if head is not None else None
+        features = recorded_features(sliced_uses, text_uses) if head is not None else None
     flat = flat.cpu()
     with torch.no_grad():
         clip_score = torch.nn.functional.cosine_similarity(text_emb, image_emb, dim=-1)
@@ -164,7 +164,7 @@ def per_pair_gradients(model: torch.nn.Module, params: Sequence[torch.nn.Paramet
                           features=features)
 
 
-def _recorded_features(slices: Sequence[Sequence[Use]], text_uses: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+def recorded_features(slices: Sequence[Sequence[Use]], text_uses: int) -> tuple[torch.Tensor, torch.Tensor] | None:
     """(image, text) inputs of the two projections over the batch's slices, when theta is both projections,
     each used once (text first); None otherwise (one projection only: the other's input is not recorded)."""
     if text_uses != 1 or any(len(uses) != 2 for uses in slices) or not slices:

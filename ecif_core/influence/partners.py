@@ -124,8 +124,18 @@ def partner_gradients(model: torch.nn.Module, params: Sequence[torch.nn.Paramete
     device = model.logit_scale.device
     size = len(tokens)
     trunk = TrunkCache(model, params)
-    with torch.no_grad(), trunk.capture():
-        text_emb, image_emb = exact.embed(model, images, tokens)
+    features = None
+    if _is_both_projections(model, params):  # the towers' features come with this forward (the store keeps them)
+        recorder = WeightUseRecorder(params)
+        with torch.no_grad(), trunk.capture(), recorder:
+            text_emb = model.encode_text(tokens.to(device))
+            text_uses = len(recorder.uses)
+            image_emb = model.encode_image(images.to(device))
+        features = exact.recorded_features([recorder.uses], text_uses)
+        del recorder
+    else:
+        with torch.no_grad(), trunk.capture():
+            text_emb, image_emb = exact.embed(model, images, tokens)
     parts = softmax_parts(text_emb, image_emb, exact.temperature_scale(model), neg_term)  # once, for both
     support, dropped = partner_sets(parts, partners)
     kept_u, kept_v, values = kept_cotangents(parts, support)                                  # (3, B, W, D)
@@ -147,7 +157,15 @@ def partner_gradients(model: torch.nn.Module, params: Sequence[torch.nn.Paramete
         clip_score = torch.nn.functional.cosine_similarity(text_emb, image_emb, dim=-1)
     out, values = out.cpu(), values.detach().cpu()
     return exact.BatchGradients(pos=out[0], neg=out[1], pos_terms=values[:size], neg_terms=values[size:],
-                                clip_score=clip_score.detach().cpu(), clip=out[2], dropped_mass=dropped.cpu())
+                                clip_score=clip_score.detach().cpu(), clip=out[2], dropped_mass=dropped.cpu(),
+                                features=features)
+
+
+def _is_both_projections(model: torch.nn.Module, params: Sequence[torch.nn.Parameter]) -> bool:
+    """theta is exactly the two x @ W projections: their recorded inputs are the towers' features."""
+    heads = (getattr(getattr(model, "visual", None), "proj", None), getattr(model, "text_projection", None))
+    return len(params) == 2 and all(isinstance(h, torch.nn.Parameter) for h in heads) \
+        and {id(p) for p in params} == {id(h) for h in heads}
 
 
 def _kept_items_per_pair(model: torch.nn.Module, params: Sequence[torch.nn.Parameter], projector: Projector,

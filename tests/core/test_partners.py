@@ -154,3 +154,23 @@ def test_kept_cotangents_are_the_full_cotangents_on_the_kept_items(neg_term):
                 top = float(max(full_u.abs().max(), full_v.abs().max()))
                 torch.testing.assert_close(c_u[t, n, w], full_u[t * 8 + n, k], rtol=1e-10, atol=1e-12 * top)
                 torch.testing.assert_close(c_v[t, n, w], full_v[t * 8 + n, k], rtol=1e-10, atol=1e-12 * top)
+
+
+def test_with_theta_the_two_projections_the_partner_forward_records_the_tower_features():
+    """The store keeps the towers' features; on the top-m path they come from its one no-grad forward (no
+    second forward): equal to the towers' outputs below the projections, image first. With another theta
+    the path records none (the gradients stage then computes them)."""
+    from ecif_core.models.features import projection_inputs
+
+    loaded = _tiny_clip()
+    images, tokens = _tiny_batch(loaded, 7, seed=4)
+    for patterns, recorded in ((["visual.proj", "text_projection"], True), (BLOCKS, False)):
+        theta = select_theta(loaded.model, patterns)
+        restrict_grad_to(loaded.model, theta)
+        projector = Projector.for_theta(theta, ProjectionSpec(None, None))
+        result = partner_gradients(loaded.model, [p for _, p in theta], projector, images, tokens, "exact", 2)
+        assert (result.features is not None) is recorded
+        if recorded:
+            image, text = projection_inputs(loaded.model, images, tokens)
+            torch.testing.assert_close(result.features[0], image, rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(result.features[1], text, rtol=1e-5, atol=1e-6)
