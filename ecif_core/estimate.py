@@ -51,7 +51,6 @@ from ecif_core.models.runtime import flush_denormals
 from ecif_core.stages import gradients as gradients_stage
 from ecif_core.stages import validation as validation_stage
 from ecif_core.stages.curvature import sums_pay
-from ecif_core.stages.prepare import model_shape
 from ecif_core.stages.table import STAGES
 
 DEFAULT_BATCHES = 3  # steady batches timed after the warm-up batch
@@ -185,9 +184,9 @@ def estimate_audit(manifest: Manifest, roots: Sequence[Path] | None = None, oper
         pairs = count_rows(manifest.train, "train", roots)
     if validation_pairs is None:
         validation_pairs = 0 if manifest.validation is None else count_rows(manifest.validation, "validation", roots)
-    measured, dim = measure(manifest, roots, operator_hosts, batches=batches, validation_pairs=validation_pairs)
+    measured, dim, feature_dims = measure(manifest, roots, operator_hosts, batches=batches,
+                                          validation_pairs=validation_pairs)
     measured.startup_s = startup_s
-    _, feature_dims = model_shape(manifest, roots)
     return extrapolate(measured, pairs, validation_pairs, manifest.options.shard_batches, dim, workers,
                        default_device(), torch.get_num_threads(), 1 + (manifest.reference is not None),
                        sum(feature_dims or ()))
@@ -203,9 +202,11 @@ def count_rows(value: str | dict, name: str, roots: Sequence[Path] | None = None
 
 
 def measure(manifest: Manifest, roots: Sequence[Path] | None = None, operator_hosts: Sequence[str] | None = None,
-            *, batches: int = DEFAULT_BATCHES, validation_pairs: int = 0) -> tuple[Measured, int]:
-    """(what was timed, k) for the manifest on this machine; remote images are fetched into a
-    temporary folder, removed at the end. `validation_pairs`: how many the scores stage will see."""
+            *, batches: int = DEFAULT_BATCHES, validation_pairs: int = 0
+            ) -> tuple[Measured, int, tuple[int, int] | None]:
+    """(what was timed, k, the feature widths the store keeps per pair) for the manifest on this machine;
+    remote images are fetched into a temporary folder, removed at the end. `validation_pairs`: how many the
+    scores stage will see."""
     o = manifest.options
     with tempfile.TemporaryDirectory(prefix="ecif-estimate-") as fetched:
         access = _access(manifest, roots, operator_hosts, Path(fetched))
@@ -216,10 +217,12 @@ def measure(manifest: Manifest, roots: Sequence[Path] | None = None, operator_ho
         loaded, params, projector = ModelCache().get(manifest, roots)
         reference = None if manifest.reference is None else ReferenceCache().get(manifest.reference, roots)
         load_s = time.perf_counter() - started
+        theta = select_theta(loaded.model, o.theta)  # the store's rule (prepare.model_shape), on the loaded model
+        widths = kept_feature_dims(loaded.model, [name for name, _ in theta], manifest.adapter is not None)
         groups = [g for g in (train[i:i + o.batch_size] for i in range(0, len(train), o.batch_size)) if len(g) >= 2]
         times, rows = [], []
         for group in groups:
-            seconds, out = _time_batch(manifest, loaded, params, projector, group, access, reference)
+            seconds, out = _time_batch(manifest, loaded, params, projector, group, access, reference, widths)
             times.append(seconds / len(group) * o.batch_size)  # as a full batch (a short last one scaled)
             rows.append(out)
         steady = times[1:] or times  # one batch only: no warm-up to set apart (an overestimate)
@@ -231,10 +234,9 @@ def measure(manifest: Manifest, roots: Sequence[Path] | None = None, operator_ho
         dim = projector.dim
         blocks = projector.blocks if o.curvature == "blocks" else None
         work = _shard_work(manifest, rows[1:] or rows, dim, blocks, o.shard_batches * o.batch_size, validation_pairs)
-        work.update(_store_work(work.pop("tiled"), work.pop("scores"), dim, o.shard_batches * o.batch_size,
-                                _kept_widths(manifest, loaded)))
+        work.update(_store_work(work.pop("tiled"), work.pop("scores"), dim, o.shard_batches * o.batch_size, widths))
     return Measured(batch_size=o.batch_size, load_s=load_s, warmup_s=warmup, batch_s=steady,
-                    prepare_row_s=prepare_row_s, validation_pair_s=validation_pair_s, **work), dim
+                    prepare_row_s=prepare_row_s, validation_pair_s=validation_pair_s, **work), dim, widths
 
 
 def _access(manifest: Manifest, roots: Sequence[Path] | None, operator_hosts: Sequence[str] | None,
@@ -263,24 +265,18 @@ def _first_pairs(value: str | dict, name: str, access: ImageAccess, wanted: int)
 
 
 def _time_batch(manifest: Manifest, loaded, params: list, projector, batch: list[Pair], access: ImageAccess,
-                reference) -> tuple[float, dict[str, np.ndarray]]:
-    """Seconds of the gradients stage's own work on one batch (every partition), and its gradients."""
+                reference, widths: tuple[int, int] | None = None) -> tuple[float, dict[str, np.ndarray]]:
+    """Seconds of the gradients stage's own work on one batch (every partition, the towers' features of
+    `widths` when the store keeps them), and its gradients."""
     size = len(batch)
     out = {name: np.zeros((size, projector.dim), np.float32) for name in GRADIENT_FIELDS}
     terms = {name: np.full(size, np.nan, np.float32) for name in TERM_FIELDS}
-    widths = _kept_widths(manifest, loaded)
     features = None if widths is None else tuple(np.zeros((size, width), np.float32) for width in widths)
     started = time.perf_counter()
     with flush_denormals():
         gradients_stage._accumulate_shard(manifest, loaded, params, projector, 0, 0, [list(enumerate(batch))], out,
                                           terms, access.fetch_dir, access.roots, reference, features=features)
     return time.perf_counter() - started, out
-
-
-def _kept_widths(manifest: Manifest, loaded) -> tuple[int, int] | None:
-    """The feature widths the audit's store keeps per pair (prepare.model_shape's rule, on the loaded model)."""
-    theta = select_theta(loaded.model, manifest.options.theta)
-    return kept_feature_dims(loaded.model, [name for name, _ in theta], manifest.adapter is not None)
 
 
 def _time_validation(manifest: Manifest, loaded, params: list, projector, batch: list[Pair], access: ImageAccess,

@@ -162,6 +162,14 @@ class AuditStore:
         were kept); whether every shard wrote them is `features_complete`."""
         return all(self._has(f"{FEATURES}/{tower}") for tower in FEATURE_TOWERS)
 
+    def feature_widths(self) -> tuple[int, int] | None:
+        """(image, text) widths of the features the store keeps per pair, as `create` laid them out; None when
+        it keeps none."""
+        if not self.keeps_features():
+            return None
+        image, text = (self._array(f"{FEATURES}/{tower}").shape[1] for tower in FEATURE_TOWERS)
+        return int(image), int(text)
+
     def features_complete(self) -> bool:
         """Every shard wrote its features (a shard's chunk is never all zero: it holds at least one batch), so
         a shard written without them, by a worker of an earlier release say, is never read as zeros."""

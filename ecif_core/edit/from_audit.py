@@ -25,6 +25,7 @@ from ecif_core.models.cache import model_files
 from ecif_core.stages.finalize import Ranking, final_ranking
 from ecif_core.stages.plan import image_access, load_plan, load_slots, manifest_of, open_store
 from ecif_core.data.images import load_batch, load_image
+from ecif_core.data.store import AuditStore
 from ecif_core.edit.certificate import certificate
 from ecif_core.edit.validation_check import kept_validation_features, validation_batches, validation_loss
 from ecif_core.edit.settings import METHODS, EditSettings
@@ -112,8 +113,8 @@ class StoredFeatures:
     """The towers' features the audit's gradients stage kept (store.features), read one shard at a time:
     a shard owns whole batches, and the edit reads the batches in slot order."""
 
-    def __init__(self, audit_dir: str | Path, shard_rows: int):
-        self.store, self.shard_rows = open_store(audit_dir), shard_rows
+    def __init__(self, store: AuditStore, shard_rows: int):
+        self.store, self.shard_rows = store, shard_rows
         self._shard: int | None = None
         self._rows: tuple[np.ndarray, np.ndarray] | None = None
 
@@ -137,7 +138,8 @@ def training_batches_of(audit_dir: str | Path, chosen: set[str], preprocess, tok
     grouped: dict[int, list] = {}
     for slot, pair in load_slots(audit_dir):
         grouped.setdefault(slot // plan.batch_size, []).append((slot, pair))
-    kept = StoredFeatures(audit_dir, plan.shard_rows) if stored and open_store(audit_dir).features_complete() else None
+    store = open_store(audit_dir) if stored else None
+    kept = StoredFeatures(store, plan.shard_rows) if store is not None and store.features_complete() else None
     return [StreamedBatch(functools.partial(load_batch, [p for _, p in grouped[b]], preprocess, tokenizer,
                                             access.fetch_dir, access.roots),
                           torch.tensor([p.id in chosen for _, p in grouped[b]]),

@@ -63,16 +63,15 @@ def recipe_of(sidecar: dict, seed: int, epochs: int | None, lr: float | None) ->
 
 
 def _step_loss(objective: LeaveOutObjective, index: int, with_set: bool) -> tuple[torch.Tensor | None, int]:
-    """(L_batch of batch `index`, pairs it holds): the full batch, or with the set acted on (removed,
-    or demoted: objective.action); None when the batch adds nothing."""
-    found = objective.batch_logits(index, acted=not with_set)
-    chosen = objective.batches[index].chosen
-    if found is None and not with_set and objective.action == "demote" and bool(chosen.all()) and len(chosen) >= 2:
-        # every own term dropped: no loss left, but the trainer still steps on the batch (its L2 share)
-        return torch.zeros((), dtype=objective.params[0].dtype), int(chosen.numel())
+    """(L_batch of batch `index`, pairs it trains on) as the trainer computes it: the whole batch, with the set
+    demoted (its own terms masked in batch_loss: a batch demoted whole still steps, on its L2 share alone), or
+    with it removed (the kept pairs; None when fewer than two are left, as the trainer drops the batch)."""
+    removing = not with_set and objective.action == "remove"
+    found = objective.batch_logits(index, acted=removing)
     if found is None:
         return None, 0
-    logits, demoted = found
+    logits, _ = found
+    demoted = objective.batches[index].chosen if not with_set and not removing else None
     return batch_loss(logits, demoted=demoted), logits.shape[0]
 
 

@@ -26,6 +26,14 @@ from ecif_core.influence.logra import Use, project_side
 from ecif_core.influence.projection import Projector
 
 
+def are_the_projections(model: torch.nn.Module, params: Sequence[torch.nn.Parameter]) -> bool:
+    """`params` are exactly the towers' two x @ W projections (by identity): their recorded inputs are the
+    towers' features (gradients.recorded_features)."""
+    heads = (getattr(getattr(model, "visual", None), "proj", None), getattr(model, "text_projection", None))
+    return all(isinstance(h, torch.nn.Parameter) for h in heads) and len(params) == 2 \
+        and {id(p) for p in params} == {id(h) for h in heads}
+
+
 def head_ready(uses: Sequence[Use], text_uses: int, n_params: int, text_emb: torch.Tensor,
                image_emb: torch.Tensor) -> bool:
     """Every theta weight is used once, and its output is its tower's embedding itself."""

@@ -25,6 +25,7 @@ from typing import Sequence
 import torch
 
 from ecif_core.influence import gradients as exact
+from ecif_core.influence.head import are_the_projections
 from ecif_core.influence.cotangents import SoftmaxParts, _all_cotangents, _through_normalisation, softmax_parts
 from ecif_core.influence.losses import NegTerm
 from ecif_core.influence.logra import WeightUseRecorder
@@ -125,7 +126,7 @@ def partner_gradients(model: torch.nn.Module, params: Sequence[torch.nn.Paramete
     size = len(tokens)
     trunk = TrunkCache(model, params)
     features = None
-    if _is_both_projections(model, params):  # the towers' features come with this forward (the store keeps them)
+    if are_the_projections(model, params):  # the towers' features come with this forward (the store keeps them)
         recorder = WeightUseRecorder(params)
         with torch.no_grad(), trunk.capture(), recorder:
             text_emb = model.encode_text(tokens.to(device))
@@ -160,12 +161,6 @@ def partner_gradients(model: torch.nn.Module, params: Sequence[torch.nn.Paramete
                                 clip_score=clip_score.detach().cpu(), clip=out[2], dropped_mass=dropped.cpu(),
                                 features=features)
 
-
-def _is_both_projections(model: torch.nn.Module, params: Sequence[torch.nn.Parameter]) -> bool:
-    """theta is exactly the two x @ W projections: their recorded inputs are the towers' features."""
-    heads = (getattr(getattr(model, "visual", None), "proj", None), getattr(model, "text_projection", None))
-    return len(params) == 2 and all(isinstance(h, torch.nn.Parameter) for h in heads) \
-        and {id(p) for p in params} == {id(h) for h in heads}
 
 
 def _kept_items_per_pair(model: torch.nn.Module, params: Sequence[torch.nn.Parameter], projector: Projector,

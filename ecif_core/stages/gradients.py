@@ -60,10 +60,8 @@ def shard_gradients(audit_dir: str | Path, shard: int, models: ModelCache | None
     for name in ("reference_clip_score", "reference_negclip", "dropped_partner_mass"):
         if name in terms:
             terms[name][:] = np.nan  # no reference, exact path: empty in ranked.csv
-    features = None
-    if store.keeps_features():
-        widths = (loaded.model.visual.proj.shape[0], loaded.model.text_projection.shape[0])
-        features = tuple(np.zeros((rows, width), np.float32) for width in widths)
+    widths = store.feature_widths()
+    features = None if widths is None else tuple(np.zeros((rows, width), np.float32) for width in widths)
     with flush_denormals():
         _accumulate_shard(manifest, loaded, params, projector, start, shard, batches, out, terms, fetch_dir(audit_dir),
                           roots_of(plan), reference, progress, features)
