@@ -62,6 +62,13 @@ MIN_BELOW_QUARTILE = 0.175
 # null, and the memorisation scale then fits that widening as memorisation (a clean synthetic set read 0.25
 # for 0.21).
 REFERENCE_KERNEL_WIDTH = 1.5
+# How far towards aligned (robust sds) the null may move for a competent reference's statistic. The reference saw
+# neither the training nor the validation pairs, so nothing moves the training pairs towards aligned beyond
+# sampling and a small domain difference (its fitted shifts on bench.fix's cells: +0.08 to +0.14). The audited
+# model's MAX_SHIFT there let an alternative moved back by two sds stand in for the null: a clean set whose
+# corruptions sit two or three sds from it read as 100% misaligned (tests/core/test_calibration.py). The
+# bound is MAX_SHIFT / 4, the one the shift already has towards unaligned.
+REFERENCE_ALIGNED_SHIFT = MAX_SHIFT / 4
 BOOTSTRAP = 100
 GRID = 512                     # density grid points
 # The validation model each ranking term's training column is compared with.
@@ -171,8 +178,9 @@ def calibrate(scores: Mapping[str, np.ndarray], evidence: Mapping[str, Mapping[s
                               "trained on the audited pairs (for example the pretrained base, not an earlier "
                               "checkpoint of this fine-tune)", details)
     # a reference never saw the training pairs: nothing to narrow; the audited model may have memorised its own
-    scales, width = ((1.0,), REFERENCE_KERNEL_WIDTH) if alone else (MEMORISATION_SCALES, 1.0)
-    fit = _remembered_fit(train, null, list(alternative.values()), scales, width)
+    scales, width, reach = ((1.0,), REFERENCE_KERNEL_WIDTH, REFERENCE_ALIGNED_SHIFT) if alone else \
+        (MEMORISATION_SCALES, 1.0, MAX_SHIFT)
+    fit = _remembered_fit(train, null, list(alternative.values()), scales, width, reach)
     details.update({"memorisation_shift": _round(fit.shift), "memorisation_scale": _round(fit.scale)})
     if fit.scale < MIN_MEMORISATION_SCALE:
         return _not_estimable(n, suspicion, target_precision,
@@ -183,7 +191,8 @@ def calibrate(scores: Mapping[str, np.ndarray], evidence: Mapping[str, Mapping[s
                               details)
     probability = fit.posterior(train)
     flags = flags_for_target(probability, target_precision)
-    bounds = _interval(train, null, list(alternative.values()), seed, fit.scale, scales, width) if interval else None
+    bounds = _interval(train, null, list(alternative.values()), seed, fit.scale, scales, width, reach) \
+        if interval else None
     expected = probability.sum()
     details.update({"corruption_shares": {k: _round(w) for k, w in zip(alternative, fit.weights[1:])}})
     return Calibration(True, None, probability, flags, target_precision, fit.fraction,
@@ -274,11 +283,12 @@ class MixtureFit:
 
 def fit_mixture(train: np.ndarray, null: np.ndarray, alternatives: Sequence[np.ndarray],
                 shifts: int = 81, iterations: int = 300, scales: Sequence[float] = (1.0,),
-                kernel_width: float = 1.0) -> MixtureFit:
+                kernel_width: float = 1.0, aligned_shift: float = MAX_SHIFT) -> MixtureFit:
     """Maximum likelihood weights, shift and scale of train ~ w0 g0 + sum_k wk gk, where gk is component k's
     kernel density (the null's, then each alternative's: each simulated corruption, so the real one may be any
     mix of them) narrowed by `scale` towards the null's median and moved by `shift`. Weights by EM (the
-    likelihood is concave in them), the shift and the scale on a grid."""
+    likelihood is concave in them), the shift and the scale on a grid: `shifts` points from -MAX_SHIFT to
+    MAX_SHIFT / 4 robust sds of the null, those at least -`aligned_shift` tried (a subset of the same grid)."""
     spread, centre = robust_sd(null), float(np.median(null))
     everything = np.concatenate([null, *alternatives])
     grid = np.linspace(everything.min() - 8 * spread, everything.max() + 8 * spread, GRID)
@@ -287,7 +297,9 @@ def fit_mixture(train: np.ndarray, null: np.ndarray, alternatives: Sequence[np.n
     centres, counts = (edges[:-1] + edges[1:]) / 2, counts.astype(np.float64)
     keep = counts > 0
     centres, counts = centres[keep], counts[keep]
-    candidates = [(b, s) for b in scales for s in np.linspace(-MAX_SHIFT * spread, MAX_SHIFT / 4 * spread, shifts)]
+    moves = np.linspace(-MAX_SHIFT, MAX_SHIFT / 4, shifts)
+    moves = moves[moves >= -aligned_shift - 1e-9] * spread
+    candidates = [(b, s) for b in scales for s in moves]
     # component density at every bin centre, per candidate (scale, shift): (candidates, components, bins)
     table = np.stack([np.stack([np.interp(_unscaled(centres, s, b, centre), grid, d) / b
                                 for d in densities]) for b, s in candidates]) + 1e-300
@@ -310,13 +322,13 @@ _RECENT_FITS: RecentResults[MixtureFit] = RecentResults(kept=4)  # ecif_core.rec
 
 
 def _remembered_fit(train: np.ndarray, null: np.ndarray, alternatives: Sequence[np.ndarray],
-                    scales: Sequence[float], kernel_width: float) -> MixtureFit:
+                    scales: Sequence[float], kernel_width: float, aligned_shift: float = MAX_SHIFT) -> MixtureFit:
     """fit_mixture, remembered by its inputs and this module's rule constants (a changed rule is refit): the
     final ranking fits a competent reference's statistic to weigh the audited model (training_evidence), then
     the same statistic for the estimate; the second is the first (MixtureFit is only read)."""
-    rule = np.array([kernel_width, SCALE_EVIDENCE, MAX_SHIFT, GRID, *scales], dtype=np.float64)
+    rule = np.array([kernel_width, SCALE_EVIDENCE, MAX_SHIFT, aligned_shift, GRID, *scales], dtype=np.float64)
     return _RECENT_FITS.get_or_compute((train, null, *alternatives, rule), lambda: fit_mixture(
-        train, null, alternatives, scales=scales, kernel_width=kernel_width))
+        train, null, alternatives, scales=scales, kernel_width=kernel_width, aligned_shift=aligned_shift))
 
 
 def forget_remembered_fits() -> None:
@@ -341,7 +353,8 @@ def flags_for_target(probability: np.ndarray, target: float) -> np.ndarray:
 
 
 def _interval(train: np.ndarray, null: np.ndarray, alternatives: Sequence[np.ndarray], seed: int,
-              scale: float = 1.0, scales: Sequence[float] = (1.0,), kernel_width: float = 1.0) -> tuple[float, float]:
+              scale: float = 1.0, scales: Sequence[float] = (1.0,), kernel_width: float = 1.0,
+              aligned_shift: float = MAX_SHIFT) -> tuple[float, float]:
     """Bootstrap percentile interval of the fraction: training pairs, validation pairs and each
     corrupted copy resampled, the whole fit repeated (on a coarser shift grid, and with the scales next to
     the fitted `scale` only: the whole grid would cost 8x)."""
@@ -350,7 +363,7 @@ def _interval(train: np.ndarray, null: np.ndarray, alternatives: Sequence[np.nda
     near = [b for b in scales if abs(b - scale) <= step * 1.01]
     estimates = [fit_mixture(rng.choice(train, len(train)), rng.choice(null, len(null)),
                              [rng.choice(a, len(a)) for a in alternatives], shifts=21, iterations=150,
-                             scales=near, kernel_width=kernel_width).fraction
+                             scales=near, kernel_width=kernel_width, aligned_shift=aligned_shift).fraction
                  for _ in range(BOOTSTRAP)]
     tail = (1 - INTERVAL) / 2
     low, high = np.quantile(estimates, [tail, 1 - tail])

@@ -325,3 +325,52 @@ def test_the_final_ranking_fits_a_competent_references_mixture_once(monkeypatch)
     monkeypatch.setattr(calibration, "SCALE_EVIDENCE", 0.0)   # a changed rule is never served a remembered fit
     calibrate(scores, evidence, cosines, np.zeros(len(scores["clip_score_loo"])), interval=False)
     assert len(fits) == 2
+
+
+def test_a_narrowing_that_barely_beats_none_is_not_fitted():
+    """SCALE_EVIDENCE: the memorisation scale is one more parameter, kept only where it beats no narrowing by a
+    likelihood-ratio test. On this draw (a model that memorised nothing, 15% misaligned, 200 clean validation
+    pairs) a narrowing to 0.9 fits the kernel density's own widening a little better, by less than the test asks:
+    the rule keeps scale 1 and counts the truth; without the rule the count reads 0.03 high."""
+    rng = np.random.default_rng(4)
+    n, m = 1000, 200
+    bad = rng.random(n) < 0.15
+    train = np.where(bad, rng.normal(3.0, 1.0, n), rng.normal(0.0, 1.0, n))
+    null, alternative = rng.normal(0.0, 1.0, m), rng.normal(3.0, 1.0, 2 * m)
+    fit = fit_mixture(train, null, [alternative], scales=calibration.MEMORISATION_SCALES)
+    assert fit.scale == 1.0 and abs(fit.fraction - bad.mean()) < 0.01
+    calibration.SCALE_EVIDENCE, kept = 0.0, calibration.SCALE_EVIDENCE
+    try:   # the witness: without the test the narrowing wins, so this draw exercises the rule
+        free = fit_mixture(train, null, [alternative], scales=calibration.MEMORISATION_SCALES)
+    finally:
+        calibration.SCALE_EVIDENCE = kept
+    assert free.scale < 1.0 and free.fraction - bad.mean() > 0.02
+
+
+@pytest.mark.parametrize("seed", [1, 2, 7])
+def test_a_clean_set_read_through_a_competent_reference_stays_clean(seed, monkeypatch):
+    """REFERENCE_ALIGNED_SHIFT: a competent reference (validation AUROC about 0.95) whose corrupted validation
+    pairs score two to three sds below the clean ones, with the long low tail cosines have. On 6 of 16 such
+    draws (these three among them) the audited model's shift range, two sds towards aligned, let the corrupted
+    component, moved back, stand in for the null: the clean set read as 100% misaligned. A reference saw
+    neither set, so its shift is bounded, and the clean set reads clean (the issue's clean-control bar: at
+    most 0.02)."""
+    rng = np.random.default_rng(seed)
+    n, m = 3000, 300
+
+    def cosines(k, lower=0.0):   # 0.6 - lower, sd 0.05 x sqrt(3), a long low tail (Gamma(3), centred)
+        return 0.6 - lower - 0.05 * (rng.gamma(3.0, 1.0, k) - 3.0)
+
+    reference = cosines(n)
+    scores = {"clip_score_loo": rng.normal(0.8, 0.05, n), "reference_clip_score": reference}
+    validation = {"clip_score": {"clean": rng.normal(0.8, 0.05, m), "shuffle": rng.normal(0.6, 0.05, m),
+                                 "word_swap": rng.normal(0.65, 0.05, m)},
+                  "reference_clip_score": {"clean": cosines(m), "shuffle": cosines(m, 0.2),
+                                           "word_swap": cosines(m, 0.16)}}
+    evidence = {"clip_score": {"mean": 0.99}, "reference_clip_score": {"mean": 0.95}}
+    suspicion = -(reference - np.median(reference))
+    cal = calibrate(scores, evidence, validation, suspicion, interval=False)
+    assert cal.details["statistic"] == calibration.ALONE
+    assert cal.fraction <= 0.02 and cal.flags.mean() <= 0.01
+    monkeypatch.setattr(calibration, "REFERENCE_ALIGNED_SHIFT", calibration.MAX_SHIFT)   # the witness
+    assert calibrate(scores, evidence, validation, suspicion, interval=False).fraction > 0.5
