@@ -180,12 +180,26 @@ def parse_args(argv: list[str]) -> tuple[FixSettings, argparse.Namespace]:
     parser.add_argument("--edit-curvature", choices=CURVATURES, default=None, help="the edit's curvature (default hessian)")
     parser.add_argument("--edit-method", choices=METHODS, default=None, help="the edit's method (default replay)")
     parser.add_argument("--tag", default=None, help="records in OUT/fix-TAG (a variant on the same cells)")
+    parser.add_argument("--dev", action="store_true",
+                        help="bench.quality's development seeds instead of the test seeds, no clean control (choose here)")
+    parser.add_argument("--corruptions", nargs="+", default=None, help="only these corruptions (LoRA cells too)")
+    parser.add_argument("--no-lora", action="store_true", help="leave the LoRA fine-tunes out")
     parser.add_argument("--tables-only", action="store_true", help="write the tables of the finished records, run nothing")
     args = parser.parse_args(argv)
     settings = PRESETS[args.preset]()
     for name in ("lists", "actions", "edit_theta", "edit_curvature", "edit_method", "tag"):
         if getattr(args, name) is not None:
             setattr(settings, name, getattr(args, name))
+    if args.dev:
+        from bench.quality.finetune.settings import FinetuneSettings
+
+        settings.finetune.dev_seeds = FinetuneSettings().dev_seeds
+        settings.finetune.test_seeds, settings.clean_seeds = [], []
+    if args.corruptions is not None:
+        settings.finetune.corruptions = [c for c in settings.finetune.corruptions if c in args.corruptions]
+        settings.finetune.lora_corruptions = [c for c in settings.finetune.lora_corruptions if c in args.corruptions]
+    if args.no_lora:
+        settings.finetune.lora_corruptions = []
     args.out = args.out or ("bench/out/fix-quick" if args.preset == "quick" else "bench/out/fix")
     return settings, args
 

@@ -195,3 +195,16 @@ def test_quick_preset_end_to_end_and_resumable(tmp_path: Path, monkeypatch: pyte
     monkeypatch.setattr(actions, "edit_audit", must_not_run)
     again = runner.run(settings, out, workers=1, command="test")
     assert again["edit_gaps"] == results["edit_gaps"]
+
+
+def test_dev_flags_select_the_development_cells_only() -> None:
+    """`--dev` runs bench.quality's development seeds (where choices are made) and never a test seed or a
+    clean control; `--corruptions` and `--no-lora` narrow the grid; without them the preset's test cells run."""
+    settings, _ = runner.parse_args(["--dev", "--corruptions", "attribute", "shuffle", "--no-lora"])
+    cells = runner.cells_of(settings)
+    assert {(c.corruption, c.seed, c.split) for c in cells} == {
+        (corruption, seed, "dev") for corruption in ("attribute", "shuffle") for seed in (0, 1, 2)}
+    assert all(c.fraction > 0 and c.tuning == "full" for c in cells)
+    default, _ = runner.parse_args([])
+    assert {c.seed for c in runner.cells_of(default)} == {100, 101, 102}
+    assert all(c.split == "test" for c in runner.cells_of(default))
