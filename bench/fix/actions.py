@@ -28,7 +28,7 @@ from ecif_core.stages.finalize import Ranking, final_ranking
 from ecif_core.models.factory import LoadedModel, load_model
 from ecif_core.train import train
 
-from .evaluate import clean_metrics, test_split
+from .evaluate import clean_metrics, held_out_change, test_split
 from .settings import LISTS, NOISE_SEED_OFFSET, FixSettings
 
 
@@ -170,6 +170,9 @@ def act(settings: FixSettings, out: Path, cell: CellSpec, name: str, action: str
                                                      "negative_curvature", "steps_done", "parameter_change_norm",
                                                      "stationarity")},
                  "validation": edit["validation"]}
+        split, _ = test_split(settings.finetune, cell, folder)
+        extra["held_out"] = held_out_change(_load(cell, config, base, folder / _model_name(cell)), loaded, split,
+                                            settings.finetune.batch_size)
     metrics = _evaluate(settings, out, cell, loaded)
     shutil.rmtree(scratch, ignore_errors=True)
     return _write(settings, path, cell, {**head, "seconds": seconds, "metrics": metrics, **extra})

@@ -5,6 +5,9 @@
 - `t2i_top1`: each test caption against every test image, correct when the best image shows the caption's
   shape and colour (class level: many captions describe the same class).
 - `test_loss`: the mean contrastive loss per test pair, batches of the fine-tune's size in file order.
+
+`held_out_change` checks an edit's own first-order prediction on this split: the verdict is read on the
+audit's validation split, and whether it holds on data it never saw is what the issue measures.
 """
 from __future__ import annotations
 
@@ -33,6 +36,43 @@ def test_split(settings: FinetuneSettings, spec: CellSpec, cell_folder: Path) ->
     if len(rows) != len(test_items):
         raise ValueError(f"{path} has {len(rows)} rows; the cell's settings draw {len(test_items)} test items")
     return Split(path, [r["id"] for r in rows], test_items, [r["caption"] for r in rows]), vocab
+
+
+def _test_loss(loaded: LoadedModel, split: Split, batch_size: int) -> torch.Tensor:
+    """test_loss of clean_metrics, with the autograd graph kept (the caller chooses no_grad or not)."""
+    model = loaded.model
+    model.eval()
+    by_id = {p.id: p for p in read_pairs(split.path)[0]}
+    total = torch.zeros((), dtype=torch.float64)
+    for start in range(0, len(split.ids), batch_size):
+        pairs = [by_id[i] for i in split.ids[start:start + batch_size]]
+        image_tensors, tokens = load_batch(pairs, loaded.preprocess, loaded.tokenizer)
+        text_emb, image_emb = embed(model, image_tensors, tokens)
+        total = total + batch_loss(pair_logits(text_emb, image_emb, temperature_scale(model))).double()
+    return total / len(split.ids)
+
+
+def held_out_change(original: LoadedModel, edited: LoadedModel, split: Split, batch_size: int) -> dict[str, float]:
+    """The edit's first-order prediction of the clean test loss's change, g_test . delta (delta: every parameter
+    the edit changed, g_test the test loss's gradient at the original model), and the change measured."""
+    changed = dict(edited.model.named_parameters())
+    moved = [(p, (changed[name].detach() - p.detach())) for name, p in original.model.named_parameters()
+             if name in changed and not torch.equal(changed[name].detach(), p.detach())]
+    flags = [p.requires_grad for p, _ in moved]
+    with flush_denormals():
+        for p, _ in moved:
+            p.requires_grad_(True)
+        try:
+            before = _test_loss(original, split, batch_size)
+            grads = torch.autograd.grad(before, [p for p, _ in moved]) if moved else []
+        finally:
+            for (p, _), flag in zip(moved, flags):
+                p.requires_grad_(flag)
+        with torch.no_grad():
+            after = _test_loss(edited, split, batch_size)
+    predicted = float(sum((g.double() * d.double()).sum() for g, (_, d) in zip(grads, moved)))
+    before = before.detach()
+    return {"predicted_change": predicted, "actual_change": float(after - before)}
 
 
 @torch.no_grad()

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from bench.fix import actions, runner, tables
-from bench.fix.evaluate import clean_metrics
+from bench.fix.evaluate import clean_metrics, held_out_change
 from bench.fix.settings import LISTS, quick
 from bench.quality.finetune.base import model_config_path
 from bench.quality.finetune.generator import VOCAB_A, sample_items, write_split
@@ -92,6 +92,55 @@ def _records(i2t: dict[tuple[str, str], float], original: float = 0.80, noise: f
                     "metrics": metrics(top1, 1.0 - (top1 - original)), "seconds": (seconds or {}).get(action, 10.0),
                     "verdict": "ok"})
     return out
+
+
+def test_held_out_prediction_is_the_test_losss_slope_along_the_edit(tmp_path: Path) -> None:
+    """held_out_change's prediction is the directional derivative of the clean test loss along the edit's parameter
+    change: checked against a central finite difference of the loss itself, and its measured change
+    is the loss after minus the loss before."""
+    rng = np.random.default_rng(4)
+    split = write_split(tmp_path / "data", "test", VOCAB_A, sample_items(VOCAB_A, 12, rng), rng)
+    original = load_model(config=model_config_path(tmp_path), seed=5)
+    edited = load_model(config=model_config_path(tmp_path), seed=5)
+    generator = torch.Generator().manual_seed(0)
+    delta = {n: 1e-1 * torch.randn(p.shape, generator=generator, dtype=p.dtype)
+             for n, p in edited.model.named_parameters() if n in ("visual.proj", "text_projection")}
+    with torch.no_grad():
+        for n, p in edited.model.named_parameters():
+            if n in delta:
+                p.add_(delta[n])
+    got = held_out_change(original, edited, split, batch_size=4)
+
+    def loss_at(t: float) -> float:
+        probe = load_model(config=model_config_path(tmp_path), seed=5)
+        with torch.no_grad():
+            for n, p in probe.model.named_parameters():
+                if n in delta:
+                    p.add_(t * delta[n])
+        return clean_metrics(probe, split, VOCAB_A, batch_size=4)["test_loss"]
+    slope = (loss_at(0.05) - loss_at(-0.05)) / 0.1   # float32 losses: a step well above their rounding
+    assert abs(got["predicted_change"]) > 1e-3
+    assert got["predicted_change"] == pytest.approx(slope, rel=2e-2)
+    assert got["actual_change"] == pytest.approx(loss_at(1.0) - loss_at(0.0), rel=1e-4, abs=1e-6)
+
+
+def test_the_held_out_verdict_counts_self_contradicting_edits_and_false_alarms() -> None:
+    """The verdict's second reading: an edit whose clean-test change contradicts its own prediction must be
+    flagged; a flag on an edit that matched retraining is a false alarm."""
+    records = _records({("suspected", "retrain:remove"): 0.86, ("suspected", "edit:remove"): 0.85,   # matches
+                        ("audit_top10", "retrain:remove"): 0.86, ("audit_top10", "edit:remove"): 0.80})  # does not
+    holds, wrong = [r for r in records if r.get("action") == "edit:remove"]
+    wrong["held_out"] = {"predicted_change": -0.06, "actual_change": -0.01}   # under a third: contradicts
+    holds["held_out"] = {"predicted_change": -0.06, "actual_change": -0.05}
+
+    def target() -> dict:
+        (found,) = [t for t in tables.summarise(records)["targets"] if "clean test split" in t["target"]]
+        return found
+    assert target()["value"].startswith("0 of 1 self-contradicting") and not target()["met"]
+    wrong["verdict"] = "retrain recommended"
+    assert target()["value"].startswith("1 of 1") and target()["met"]
+    holds["verdict"] = "retrain recommended"   # a flag on the edit that matched retraining: a false alarm
+    assert "1 of 1 edits that matched retraining flagged" in target()["value"] and not target()["met"]
 
 
 def test_decision_and_recommendation_follow_clean_accuracy_and_cost() -> None:
@@ -185,6 +234,8 @@ def test_quick_preset_end_to_end_and_resumable(tmp_path: Path, monkeypatch: pyte
     assert len({m["audit_top10--retrain-remove.json"], m["audit_top10--retrain-demote.json"],
                 m["audit_top10--edit-remove.json"], m["audit_top10--edit-demote.json"], m["original.json"]}) == 5
     assert records["audit_top10--edit-demote.json"]["verdict"] in ("ok", "retrain recommended", "unverified")
+    held_out = records["audit_top10--edit-remove.json"]["held_out"]   # measured against the original's test loss
+    assert held_out["actual_change"] == pytest.approx(m["audit_top10--edit-remove.json"] - m["original.json"], abs=1e-5)
     assert records["noise.json"]["seed"] == cell.seed + 1000
     report = (out / "fix" / "RESULTS.md").read_text()
     assert len(results["edit_gaps"]) == 2 and sum(report.count(f"| audit_top10 | {a} |") for a in settings.actions) == 4
