@@ -125,6 +125,7 @@ def test_the_replays_certificate_judges_by_the_validation_change_alone():
     agreeing = {"predicted_change": -0.1, "actual_change": -0.08}
     replay = certificate(float("nan"), 3.0, agreeing, 0.0, None, method="replay")
     assert replay["verdict"] == "ok" and replay["warnings"] == []
+    assert "retraining without the set" in replay["reason"] and "can do more" in replay["reason"]
     newton = certificate(1e-5, 3.0, agreeing, 0.0, None)
     assert newton["verdict"] == "ok" and "not at a minimum" in newton["warnings"][0]
     assert certificate(float("nan"), 0.1, {"predicted_change": -0.1, "actual_change": 0.01}, 0.0, None,
