@@ -84,9 +84,13 @@ def _task(settings: FixSettings, out: Path, task: tuple, config: Path, base: Pat
 
 
 def all_records(out: Path, settings: FixSettings) -> list[dict]:
+    """The finished records of this run's cells: a folder shared by a `--dev` run and a test run tables each
+    run's own cells (a cell's key leaves its seed out, so the key alone would mix them)."""
     from .actions import cached, records_folder
 
-    return [r for path in sorted(records_folder(out, settings).glob("*/*.json")) if (r := cached(settings, path)) is not None]
+    names = {cell.name for cell in cells_of(settings)}
+    return [r for path in sorted(records_folder(out, settings).glob("*/*.json"))
+            if path.parent.name in names and (r := cached(settings, path)) is not None]
 
 
 def write_outputs(settings: FixSettings, out: Path, command: str) -> dict:

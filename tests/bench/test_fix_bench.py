@@ -248,7 +248,7 @@ def test_quick_preset_end_to_end_and_resumable(tmp_path: Path, monkeypatch: pyte
     assert again["edit_gaps"] == results["edit_gaps"]
 
 
-def test_dev_flags_select_the_development_cells_only() -> None:
+def test_dev_flags_select_the_development_cells_only(tmp_path: Path) -> None:
     """`--dev` runs bench.quality's development seeds (where choices are made) and never a test seed or a
     clean control; `--corruptions` and `--no-lora` narrow the grid; without them the preset's test cells run."""
     settings, _ = runner.parse_args(["--dev", "--corruptions", "attribute", "shuffle", "--no-lora"])
@@ -256,6 +256,12 @@ def test_dev_flags_select_the_development_cells_only() -> None:
     assert {(c.corruption, c.seed, c.split) for c in cells} == {
         (corruption, seed, "dev") for corruption in ("attribute", "shuffle") for seed in (0, 1, 2)}
     assert all(c.fraction > 0 and c.tuning == "full" for c in cells)
+    (tmp_path / "fix" / cells[0].name).mkdir(parents=True)   # a dev record beside a test one: each run reads its own
+    (tmp_path / "fix" / "same_domain-attribute-full-f20-s100").mkdir()
+    for folder in (cells[0].name, "same_domain-attribute-full-f20-s100"):
+        record = {"key": settings.action_key(), "cell": folder, "name": "original", "metrics": {}}
+        (tmp_path / "fix" / folder / "original.json").write_text(json.dumps(record))
+    assert [r["cell"] for r in runner.all_records(tmp_path, settings)] == [cells[0].name]
     default, _ = runner.parse_args([])
     assert {c.seed for c in runner.cells_of(default)} == {100, 101, 102}
     assert all(c.split == "test" for c in runner.cells_of(default))
