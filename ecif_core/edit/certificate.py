@@ -89,5 +89,5 @@ def certificate(relative_residual: float | None, stationarity: float | None, val
     reason = f"the validation loss changed by {measured:+.4g}, as predicted ({predicted:+.4g})"
     if method == "replay":  # measured on bench.fix: a replay that holds its prediction can still do much less
         reason += (": the edit did what it predicted; retraining without the set, which moves every weight, can "
-                   "do more (docs/METHOD.md, \"The replay edit\")")
+                   'do more (docs/METHOD.md, "The replay edit")')
     return {**base, "verdict": OK, "reason": reason}
