@@ -97,7 +97,9 @@ def test_a_worker_killed_mid_shard_loses_nothing(pg_url, data_root, tmp_path_fac
     "pool process": only the process running the shard dies; its parent re-queues the task at
     once (task_reject_on_worker_lost).
     """
-    options = {"projection": {"k_in": 4, "k_out": 4}, "shard_batches": 1}
+    # theta blocks:2 (as SLOW_SHARD_OPTIONS): with the projections a one-batch shard can finish between the
+    # poll that sees it running and the kill
+    options = {"projection": {"k_in": 4, "k_out": 4}, "shard_batches": 1, "theta": ["blocks:2"]}
     manifest = write_manifest(data_root / "kill-manifest.json", options)
     expected_text = run_audit(manifest, tmp_path_factory.mktemp("uninterrupted") / "audit").read_text()
     env = service_env(pg_url, _redis_db(2), tmp_path_factory.mktemp("store"), data_root, ECIF_HEARTBEAT_INTERVAL="2")
