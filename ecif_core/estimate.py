@@ -45,7 +45,7 @@ from ecif_core.influence.memory import parse_bytes
 from ecif_core.influence.projection import Block
 from ecif_core.influence.scores import pair_scores
 from ecif_core.models.cache import ModelCache, ReferenceCache
-from ecif_core.models.factory import default_device, select_theta
+from ecif_core.models.factory import default_device
 from ecif_core.models.features import kept_feature_dims
 from ecif_core.models.runtime import flush_denormals
 from ecif_core.stages import gradients as gradients_stage
@@ -217,8 +217,7 @@ def measure(manifest: Manifest, roots: Sequence[Path] | None = None, operator_ho
         loaded, params, projector = ModelCache().get(manifest, roots)
         reference = None if manifest.reference is None else ReferenceCache().get(manifest.reference, roots)
         load_s = time.perf_counter() - started
-        theta = select_theta(loaded.model, o.theta)  # the store's rule (prepare.model_shape), on the loaded model
-        widths = kept_feature_dims(loaded.model, [name for name, _ in theta], manifest.adapter is not None)
+        widths = kept_feature_dims(loaded.model, o.theta, manifest.adapter is not None)
         groups = [g for g in (train[i:i + o.batch_size] for i in range(0, len(train), o.batch_size)) if len(g) >= 2]
         times, rows = [], []
         for group in groups:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Iterator
 
 import torch
 
@@ -38,18 +39,23 @@ def test_split(settings: FinetuneSettings, spec: CellSpec, cell_folder: Path) ->
     return Split(path, [r["id"] for r in rows], test_items, [r["caption"] for r in rows]), vocab
 
 
-def _test_loss(loaded: LoadedModel, split: Split, batch_size: int) -> torch.Tensor:
-    """test_loss of clean_metrics, with the autograd graph kept (the caller chooses no_grad or not)."""
+def _batch_losses(loaded: LoadedModel, split: Split, batch_size: int
+                  ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """(caption embeddings, image embeddings, contrastive loss) of each batch of `batch_size` test pairs in file
+    order: test_loss's batches. Gradients are kept or not as the caller's context says."""
     model = loaded.model
     model.eval()
     by_id = {p.id: p for p in read_pairs(split.path)[0]}
-    total = torch.zeros((), dtype=torch.float64)
     for start in range(0, len(split.ids), batch_size):
         pairs = [by_id[i] for i in split.ids[start:start + batch_size]]
         image_tensors, tokens = load_batch(pairs, loaded.preprocess, loaded.tokenizer)
         text_emb, image_emb = embed(model, image_tensors, tokens)
-        total = total + batch_loss(pair_logits(text_emb, image_emb, temperature_scale(model))).double()
-    return total / len(split.ids)
+        yield text_emb, image_emb, batch_loss(pair_logits(text_emb, image_emb, temperature_scale(model)))
+
+
+def _test_loss(loaded: LoadedModel, split: Split, batch_size: int) -> torch.Tensor:
+    """test_loss of clean_metrics as a tensor, with the autograd graph kept when gradients are on."""
+    return sum(loss.double() for _, _, loss in _batch_losses(loaded, split, batch_size)) / len(split.ids)
 
 
 def held_out_change(original: LoadedModel, edited: LoadedModel, split: Split, batch_size: int) -> dict[str, float]:
@@ -71,23 +77,16 @@ def held_out_change(original: LoadedModel, edited: LoadedModel, split: Split, ba
         with torch.no_grad():
             after = _test_loss(edited, split, batch_size)
     predicted = float(sum((g.double() * d.double()).sum() for g, (_, d) in zip(grads, moved)))
-    before = before.detach()
-    return {"predicted_change": predicted, "actual_change": float(after - before)}
+    return {"predicted_change": predicted, "actual_change": float(after - before.detach())}
 
 
 @torch.no_grad()
 def clean_metrics(loaded: LoadedModel, split: Split, vocab: Vocabulary, batch_size: int) -> dict[str, float]:
     """i2t_top1, t2i_top1 and test_loss of a model on a clean split (module docstring)."""
-    model = loaded.model
-    model.eval()
-    by_id = {p.id: p for p in read_pairs(split.path)[0]}
     texts, images, loss = [], [], 0.0
     with flush_denormals():
-        for start in range(0, len(split.ids), batch_size):
-            pairs = [by_id[i] for i in split.ids[start:start + batch_size]]
-            image_tensors, tokens = load_batch(pairs, loaded.preprocess, loaded.tokenizer)
-            text_emb, image_emb = embed(model, image_tensors, tokens)
-            loss += float(batch_loss(pair_logits(text_emb, image_emb, temperature_scale(model))))
+        for text_emb, image_emb, batch in _batch_losses(loaded, split, batch_size):
+            loss += float(batch)
             texts.append(torch.nn.functional.normalize(text_emb, dim=-1))
             images.append(torch.nn.functional.normalize(image_emb, dim=-1))
     labels = [it.label for it in split.items]

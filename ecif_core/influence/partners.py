@@ -162,7 +162,6 @@ def partner_gradients(model: torch.nn.Module, params: Sequence[torch.nn.Paramete
                                 features=features)
 
 
-
 def _kept_items_per_pair(model: torch.nn.Module, params: Sequence[torch.nn.Parameter], projector: Projector,
                          images: torch.Tensor, tokens: torch.Tensor, neg_term: NegTerm, support: torch.Tensor,
                          chunk: int = 32) -> torch.Tensor:

@@ -13,7 +13,7 @@ from typing import Iterator, Sequence
 import torch
 
 from ecif_core.influence.gradients import embed
-from ecif_core.models.theta import PROJECTIONS
+from ecif_core.models.theta import PROJECTIONS, select_theta
 
 
 def head_parameters(model: torch.nn.Module) -> tuple[str, str] | None:
@@ -34,10 +34,12 @@ def tower_feature_dims(model: torch.nn.Module, names: Sequence[str]) -> tuple[in
     return int(model.visual.proj.shape[0]), int(model.text_projection.shape[0])
 
 
-def kept_feature_dims(model: torch.nn.Module, names: Sequence[str], lora: bool) -> tuple[int, int] | None:
-    """The widths the audit keeps per pair: tower_feature_dims, except for a LoRA audit (`lora`), whose edit
-    changes the adapters only (models.theta.check_edit_theta), so no edit would read them."""
-    return None if lora else tower_feature_dims(model, names)
+def kept_feature_dims(model: torch.nn.Module, theta: Sequence[str] | None, lora: bool) -> tuple[int, int] | None:
+    """The widths the audit keeps per pair for the options' `theta` patterns (None: the default): those of
+    tower_feature_dims, except for a LoRA audit (`lora`), whose edit changes the adapters only
+    (models.theta.check_edit_theta), so no edit would read them. The store's layout (stages.prepare) and the
+    cost estimate both read this."""
+    return None if lora else tower_feature_dims(model, [name for name, _ in select_theta(model, theta)])
 
 
 @contextlib.contextmanager

@@ -201,5 +201,5 @@ def model_shape(manifest: Manifest, roots: Sequence[Path] | None = None) -> tupl
         if files.adapter is not None:
             model = inject_adapter(model, files.adapter)
     theta = select_theta(model, manifest.options.theta)
-    widths = kept_feature_dims(model, [name for name, _ in theta], files.adapter is not None)
+    widths = kept_feature_dims(model, manifest.options.theta, files.adapter is not None)
     return Projector.for_theta(theta, manifest.options.projection_spec()), widths

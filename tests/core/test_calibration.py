@@ -327,7 +327,7 @@ def test_the_final_ranking_fits_a_competent_references_mixture_once(monkeypatch)
     assert len(fits) == 2
 
 
-def test_a_narrowing_that_barely_beats_none_is_not_fitted():
+def test_a_narrowing_that_barely_beats_none_is_not_fitted(monkeypatch):
     """SCALE_EVIDENCE: the memorisation scale is one more parameter, kept only where it beats no narrowing by a
     likelihood-ratio test. On this draw (a model that memorised nothing, 15% misaligned, 200 clean validation
     pairs) a narrowing to 0.9 fits the kernel density's own widening a little better, by less than the test asks:
@@ -339,11 +339,8 @@ def test_a_narrowing_that_barely_beats_none_is_not_fitted():
     null, alternative = rng.normal(0.0, 1.0, m), rng.normal(3.0, 1.0, 2 * m)
     fit = fit_mixture(train, null, [alternative], scales=calibration.MEMORISATION_SCALES)
     assert fit.scale == 1.0 and abs(fit.fraction - bad.mean()) < 0.01
-    calibration.SCALE_EVIDENCE, kept = 0.0, calibration.SCALE_EVIDENCE
-    try:   # the witness: without the test the narrowing wins, so this draw exercises the rule
-        free = fit_mixture(train, null, [alternative], scales=calibration.MEMORISATION_SCALES)
-    finally:
-        calibration.SCALE_EVIDENCE = kept
+    monkeypatch.setattr(calibration, "SCALE_EVIDENCE", 0.0)   # the witness: without the test the narrowing wins
+    free = fit_mixture(train, null, [alternative], scales=calibration.MEMORISATION_SCALES)
     assert free.scale < 1.0 and free.fraction - bad.mean() > 0.02
 
 
