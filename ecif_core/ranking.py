@@ -30,7 +30,8 @@ SUSPICION_SIGN: dict[str, int] = {
 # The evidence rule (chosen on the fine-tuning benchmark's development seeds, bench/RESULTS.md):
 # the robust z-score of the audited model's leave-own-out CLIP score (clip_score_loo, the seed's
 # Algorithm 3) and of the reference model's score (REFERENCE_TERM), averaged with weights 2 AUROC - 1 from
-# the evidence (evidence.py; model_auroc). It is also the statistic the `suspected` flag's fallback thresholds.
+# the evidence (evidence.py; model_auroc); the reference's alone where it judges the audited model's training
+# pairs (reference_judges). It is also the statistic the `suspected` flag's fallback thresholds.
 EVIDENCE_RULE = ("clip_score_loo", 1.0, "z")  # (audited column, weight power, scale)
 # The reference's term in that rule: its negCLIPLoss averaged over random batches (models/reference.py), which
 # ranked misaligned pairs better than its CLIP score in 16 of 18 groups of the fine-tuning benchmark
@@ -91,9 +92,8 @@ RULES: tuple[RankingRule, ...] = (
     RankingRule("evidence", (),
                 "robust z-scores of `clip_score_loo` and `reference_negclip`, averaged with weights "
                 "2 AUROC - 1 from the validation evidence (a model at chance on this domain gets weight 0; "
-                "with a reference that knows the domain, the audited model's AUROC is the lower of its "
-                "validation AUROC and its AUROC on its own training pairs judged by the reference; "
-                "without a reference, `clip_score_loo` alone; without a validation set, equal weights); "
+                "with a reference that knows the domain and never saw the training pairs, `reference_negclip` "
+                "alone; without a reference, `clip_score_loo` alone; without a validation set, equal weights); "
                 "this score is the `suspicion` column", _evidence),
     _single("self_influence"), _single("self_influence_clip"), _single("clip_score"), _single("clip_score_loo"),
     _single("influence", VALIDATION), _single("influence_per_example", VALIDATION),
@@ -141,12 +141,19 @@ def ranking(misalignment: torch.Tensor) -> torch.Tensor:
 
 def model_auroc(evidence: Mapping[str, float]) -> float | None:
     """The AUROC a model's term is weighted by: its validation evidence (`mean`, how well it tells clean from
-    corrupted unseen pairs) or, when lower, its `training` AUROC (how well it ranks its own training pairs by a
-    competent reference's posterior, calibration.training_evidence): a fine-tune that learned a wrong name
-    consistently scores those pairs as aligned, which no unseen pair can show."""
-    found = [evidence.get(key) for key in ("mean", "training")]
-    found = [value for value in found if value is not None and value == value]
-    return min(found) if found else None
+    corrupted unseen pairs)."""
+    value = evidence.get("mean")
+    return value if value is not None and value == value else None
+
+
+def reference_judges(evidence: Evidence | None) -> bool:
+    """A reference that knows the domain and never saw the training pairs judged the audited model's own
+    training pairs (finalize.ranking_evidence records that AUROC as the audited model's `training` evidence,
+    calibration.training_evidence, only then). The default ranking then reads the reference alone: a fine-tune
+    scores the misaligned pairs it learned as aligned, which no unseen pair shows (docs/METHOD.md, "Ranking
+    rules and the suspected flag")."""
+    training = ((evidence or {}).get("clip_score") or {}).get("training")
+    return training is not None and training == training
 
 
 def evidence_weight(auroc: float | None, power: float = 1.0) -> float:
@@ -161,8 +168,9 @@ class EvidenceTerm:
     """One term of an evidence-weighted score: `weight` x `values`, divided by the terms' total weight."""
 
     column: str                 # the ranked.csv column the term is computed from
-    auroc: float | None         # that model's AUROC (model_auroc: validation, or training when lower; None: no validation set)
-    weight: float               # evidence_weight(auroc) (1 for every term when all are 0); not yet normalised
+    auroc: float | None         # that model's validation AUROC (model_auroc; None: no validation set)
+    weight: float               # evidence_weight(auroc); 0 for the audited term when reference_judges; 1 for every
+                                # term when all are 0; not yet normalised
     values: torch.Tensor        # the column oriented and normalised (rank or robust z): higher = more suspicious
 
 
@@ -180,6 +188,8 @@ def evidence_terms(scores: Scores, audited: str, power: float, how: str,
             break
     aurocs = [model_auroc(evidence.get(model, {})) for _, model, _ in found]
     weights = [evidence_weight(auroc, power) for auroc in aurocs]
+    if len(found) > 1 and reference_judges(evidence):
+        weights[0] = 0.0
     if sum(weights) == 0:  # both at chance: nothing to weigh by, equal weights
         weights = [1.0] * len(found)
     normalise = _normalised_rank if how == "rank" else _robust_z

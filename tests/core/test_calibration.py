@@ -282,25 +282,28 @@ def _systematic(rng, n=3000, m=400, fraction=0.2, learned_wrongly=0.6):
     return {"clip_score_loo": audited, "reference_clip_score": reference}, evidence, cosines, bad
 
 
-def test_the_audited_models_training_auroc_is_judged_by_the_reference_and_lowers_its_weight():
+def test_a_judging_reference_ranks_alone_and_the_audited_models_training_auroc_is_measured():
     """A fine-tune that learned 60% of its misaligned pairs as aligned ranks its training pairs badly, which its
     validation evidence (0.99) cannot show; the reference's posterior can. training_evidence measures it
-    (a little below the truth), and the default ranking then weighs the audited term by it: a better ranking than with the
-    validation evidence alone. Without a competent reference there is no judge (None)."""
+    (a little below the truth, reported), and where a competent reference judges, the default ranking reads the
+    reference alone (ranking.reference_judges): on the benchmark's development cells that lost nothing beside
+    the audited term weighed by its training AUROC, and won up to 0.02 AUROC on systematic swaps. It fails when
+    the audited term keeps any weight. Without a competent reference there is no judge (None)."""
     import torch
 
     from ecif_core.metrics import auroc
-    from ecif_core.ranking import suspicion
+    from ecif_core.ranking import _robust_z, suspicion
 
     rng = np.random.default_rng(13)
     scores, evidence, cosines, bad = _systematic(rng)
     training = calibration.training_evidence(scores, evidence, cosines)
     truth = auroc(-scores["clip_score_loo"], bad)
-    # soft labels pull the estimate towards 0.5 where the posterior is unsure: a conservative (lower) weight
+    # soft labels pull the estimate towards 0.5 where the posterior is unsure: a conservative (lower) value
     assert truth - 0.1 < training <= truth + 0.02 and training < 0.8
     tensors = {k: torch.as_tensor(v) for k, v in scores.items()}
     validation_only = suspicion(tensors, evidence).numpy()
     judged = suspicion(tensors, {**evidence, "clip_score": {"mean": 0.99, "training": training}}).numpy()
+    np.testing.assert_allclose(judged, _robust_z(-tensors["reference_clip_score"]).numpy(), atol=1e-12)
     assert auroc(judged, bad) > auroc(validation_only, bad) + 0.01
     weak = {**evidence, "reference_clip_score": {"mean": 0.65}}
     assert calibration.training_evidence(scores, weak, cosines) is None
