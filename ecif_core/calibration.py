@@ -204,7 +204,8 @@ def calibrate(scores: Mapping[str, np.ndarray], evidence: Mapping[str, Mapping[s
 def training_evidence(scores: Mapping[str, np.ndarray], evidence: Mapping[str, Mapping[str, float]] | None,
                       cosines: Mapping[str, Mapping[str, np.ndarray]] | None) -> float | None:
     """How well the audited model's own column (EVIDENCE_RULE's) ranks its training pairs, judged by a competent
-    reference's posterior (soft AUROC), or None without such a reference. Validation pairs cannot show a name
+    reference's posterior (soft AUROC): NaN where that posterior puts every pair in one class, None without such
+    a reference. Validation pairs cannot show a name
     the fine-tune learned wrongly and consistently (it scores those training pairs as aligned, an unseen pair
     with that name as misaligned); a reference that never saw the pairs can. Where there is such a judge the
     default ranking reads the reference alone (ranking.reference_judges); this AUROC is reported
@@ -218,7 +219,7 @@ def training_evidence(scores: Mapping[str, np.ndarray], evidence: Mapping[str, M
     usable = np.isfinite(audited) & np.isfinite(probability)
     p = probability[usable]
     if not usable.any() or p.sum() <= 0 or (1 - p).sum() <= 0:
-        return None
+        return float("nan")  # a judge with nothing to judge by: still the ranking's judge
     return soft_auroc(audited[usable], p)
 
 

@@ -149,11 +149,10 @@ def model_auroc(evidence: Mapping[str, float]) -> float | None:
 def reference_judges(evidence: Evidence | None) -> bool:
     """A reference that knows the domain and never saw the training pairs judged the audited model's own
     training pairs (finalize.ranking_evidence records that AUROC as the audited model's `training` evidence,
-    calibration.training_evidence, only then). The default ranking then reads the reference alone: a fine-tune
-    scores the misaligned pairs it learned as aligned, which no unseen pair shows (docs/METHOD.md, "Ranking
-    rules and the suspected flag")."""
-    training = ((evidence or {}).get("clip_score") or {}).get("training")
-    return training is not None and training == training
+    calibration.training_evidence, only then; NaN when the reference's posterior has nothing to judge by). The
+    default ranking then reads the reference alone: a fine-tune scores the misaligned pairs it learned as
+    aligned, which no unseen pair shows (docs/METHOD.md, "Ranking rules and the suspected flag")."""
+    return ((evidence or {}).get("clip_score") or {}).get("training") is not None
 
 
 def evidence_weight(auroc: float | None, power: float = 1.0) -> float:

@@ -286,9 +286,10 @@ def test_a_judging_reference_ranks_alone_and_the_audited_models_training_auroc_i
     """A fine-tune that learned 60% of its misaligned pairs as aligned ranks its training pairs badly, which its
     validation evidence (0.99) cannot show; the reference's posterior can. training_evidence measures it
     (a little below the truth, reported), and where a competent reference judges, the default ranking reads the
-    reference alone (ranking.reference_judges): on the benchmark's development cells that lost nothing beside
-    the audited term weighed by its training AUROC, and won up to 0.02 AUROC on systematic swaps. It fails when
-    the audited term keeps any weight. Without a competent reference there is no judge (None)."""
+    reference alone (ranking.reference_judges): on the benchmark's development cells its worst group was 0.007
+    AUROC below the best single baseline, against 0.027 with the audited term weighed by its training AUROC
+    (systematic swaps). It fails when the audited term keeps any weight. Without a competent reference there
+    is no judge (None)."""
     import torch
 
     from ecif_core.metrics import auroc

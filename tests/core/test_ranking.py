@@ -81,3 +81,22 @@ def test_readme_table_of_rules_is_the_one_ranking_py_generates():
 def test_suspected_flags_are_suspicion_strictly_above_the_threshold_nan_never():
     values = np.array([SUSPECT_Z - 1e-9, SUSPECT_Z, SUSPECT_Z + 1e-9, np.nan, np.inf])
     assert suspected_flags(values).tolist() == [False, False, True, False, True]
+
+
+def test_a_judging_reference_ranks_alone_even_with_nothing_to_judge_by():
+    """`training` evidence marks a competent reference that judged the training pairs; NaN (its posterior put
+    every pair in one class) still marks it: the default score is then the reference's z-score alone, and
+    without the mark the audited term is weighed in."""
+    import torch
+
+    from ecif_core.ranking import _robust_z, reference_judges, suspicion
+
+    rng = np.random.default_rng(0)
+    scores = {"clip_score_loo": torch.as_tensor(rng.normal(0.8, 0.05, 200)),
+              "reference_negclip": torch.as_tensor(rng.normal(0.3, 0.05, 200))}
+    plain = {"clip_score": {"mean": 0.9}, "reference_clip_score": {"mean": 0.9}}
+    judged = {**plain, "clip_score": {"mean": 0.9, "training": float("nan")}}
+    assert reference_judges(judged) and not reference_judges(plain) and not reference_judges(None)
+    alone = _robust_z(-scores["reference_negclip"]).numpy()
+    np.testing.assert_allclose(suspicion(scores, judged).numpy(), alone, atol=1e-12)
+    assert not np.allclose(suspicion(scores, plain).numpy(), alone, atol=1e-3)
