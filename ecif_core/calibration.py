@@ -205,11 +205,10 @@ def training_evidence(scores: Mapping[str, np.ndarray], evidence: Mapping[str, M
                       cosines: Mapping[str, Mapping[str, np.ndarray]] | None) -> float | None:
     """How well the audited model's own column (EVIDENCE_RULE's) ranks its training pairs, judged by a competent
     reference's posterior (soft AUROC): NaN where that posterior puts every pair in one class, None without such
-    a reference. Validation pairs cannot show a name
-    the fine-tune learned wrongly and consistently (it scores those training pairs as aligned, an unseen pair
-    with that name as misaligned); a reference that never saw the pairs can. Where there is such a judge the
-    default ranking reads the reference alone (ranking.reference_judges); this AUROC is reported
-    (summary.json, details.audited_training_auroc)."""
+    a reference. Validation pairs cannot show a name the fine-tune learned wrongly and consistently (it scores
+    those training pairs as aligned, an unseen pair with that name as misaligned); a reference that never saw
+    the pairs can. Where there is such a judge the default ranking reads the reference alone
+    (ranking.reference_judges); this AUROC is reported (summary.json, details.audited_training_auroc)."""
     audited = SUSPICION_SIGN[EVIDENCE_RULE[0]] * np.asarray(scores[EVIDENCE_RULE[0]], dtype=np.float64)
     # the reference's own calibration, its checks included (a reference trained on the pairs is no judge)
     judged = calibrate(scores, evidence, cosines, np.zeros(len(audited)), interval=False)
