@@ -186,9 +186,15 @@ def groups_table(cells: list[dict[str, Any]]) -> tuple[str, dict[str, Any]]:
                  "mean_abs_error": _mean([abs(m["error"]) for m in estimable]),
                  "coverage": _mean([float(m["covered"]) for m in estimable]),
                  "mean_ece": _mean([m["ece"] for m in estimable]),
+                 # a clean control's flags are all wrong by construction: its bar is the share flagged, below
                  "precision_gap": _mean([abs(m["summary"]["estimated_flag_precision"] - m["measured_precision"])
                                          for m in estimable if m["measured_precision"] is not None
-                                         and m["summary"]["estimated_flag_precision"] is not None])}
+                                         and m["summary"]["estimated_flag_precision"] is not None
+                                         and m["true_fraction"] > 0]),
+                 "clean_max_estimate": max((m["summary"]["estimated_misaligned_fraction"] for m in estimable
+                                            if m["true_fraction"] == 0), default=None),
+                 "clean_max_flagged_fraction": max((m["flagged_fraction"] for m in learned_test
+                                                    if m["true_fraction"] == 0), default=None)}
     return "\n".join(lines), aggregate
 
 
