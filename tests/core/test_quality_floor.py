@@ -104,4 +104,5 @@ def test_a_judging_reference_ranks_alone(audited):
     np.testing.assert_allclose(stored, _robust_z(-tensors["reference_negclip"]).numpy(), rtol=1e-5, atol=1e-6)
     validation = audit_evidence(summary["audit_dir"])
     print(f"audited model: validation AUROC {validation['clip_score']['mean']:.3f}, training AUROC {training:.3f}")
+    assert training < validation["clip_score"]["mean"]   # measured 0.657 < 0.706 (seed 0)
     assert not np.allclose(stored, suspicion(tensors, validation).numpy(), atol=1e-6)

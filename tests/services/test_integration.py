@@ -16,7 +16,8 @@ from ecif_core.datasets.digits import class_prompts, label_of_caption
 from services.db.models import Shard
 from services.db.session import session_scope
 from services.embedded import run_audit
-from tests.services.conftest import REDIS_URL, assert_same_ranking, manifest_json, read_csv_rows, write_manifest
+from tests.services.conftest import (REDIS_URL, SLOW_SHARD_OPTIONS, assert_same_ranking, manifest_json, read_csv_rows,
+                                     write_manifest)
 from tests.services.processes import Service, service_env
 
 pytestmark = pytest.mark.slow
@@ -97,9 +98,8 @@ def test_a_worker_killed_mid_shard_loses_nothing(pg_url, data_root, tmp_path_fac
     "pool process": only the process running the shard dies; its parent re-queues the task at
     once (task_reject_on_worker_lost).
     """
-    # theta blocks:2 (as SLOW_SHARD_OPTIONS): with the projections a one-batch shard can finish between the
-    # poll that sees it running and the kill
-    options = {"projection": {"k_in": 4, "k_out": 4}, "shard_batches": 1, "theta": ["blocks:2"]}
+    # one-batch shards, slow enough that the kill lands while one is running (SLOW_SHARD_OPTIONS)
+    options = {**SLOW_SHARD_OPTIONS, "shard_batches": 1}
     manifest = write_manifest(data_root / "kill-manifest.json", options)
     expected_text = run_audit(manifest, tmp_path_factory.mktemp("uninterrupted") / "audit").read_text()
     env = service_env(pg_url, _redis_db(2), tmp_path_factory.mktemp("store"), data_root, ECIF_HEARTBEAT_INTERVAL="2")
